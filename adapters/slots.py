@@ -1,0 +1,98 @@
+"""The device slot table: which adapter version sits in which slot, who is using it, LRU order.
+
+The engine thread is its only user, so it holds no lock. A slot is pinned while any running
+request references it (refcount > 0) and is never evicted then; among unreferenced slots the
+least recently used one is reused first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+AdapterKey = tuple[str, int]  # (adapter id, version)
+
+
+@dataclass
+class SlotEntry:
+    key: AdapterKey
+    refcount: int = 0
+
+
+@dataclass(frozen=True)
+class SlotGrant:
+    """The result of acquiring a slot for an adapter."""
+
+    slot: int
+    needs_load: bool  # the slot does not hold this adapter yet: the caller must write weights
+    evicted: AdapterKey | None  # the adapter that was in the slot before, if any
+
+
+class SlotTable:
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self._entries: dict[int, SlotEntry] = {}
+        self._by_key: dict[AdapterKey, int] = {}
+        # Unreferenced resident slots, least recently used first.
+        self._lru: OrderedDict[int, None] = OrderedDict()
+
+    def lookup(self, key: AdapterKey) -> int | None:
+        return self._by_key.get(key)
+
+    def can_acquire(self, key: AdapterKey) -> bool:
+        """Whether `acquire(key)` would succeed now."""
+        return key in self._by_key or len(self._entries) < self.num_slots or bool(self._lru)
+
+    def acquire(self, key: AdapterKey) -> SlotGrant | None:
+        """Reference `key`'s slot, choosing (and evicting) one if it is not resident.
+
+        Returns None when every slot is referenced by running requests.
+        """
+        slot = self._by_key.get(key)
+        if slot is not None:
+            self._take(slot)
+            return SlotGrant(slot, needs_load=False, evicted=None)
+        evicted: AdapterKey | None = None
+        free = [s for s in range(self.num_slots) if s not in self._entries]
+        if free:
+            slot = free[0]
+        elif self._lru:
+            slot, _ = self._lru.popitem(last=False)
+            evicted = self._entries.pop(slot).key
+            del self._by_key[evicted]
+        else:
+            return None
+        self._entries[slot] = SlotEntry(key)
+        self._by_key[key] = slot
+        self._take(slot)
+        return SlotGrant(slot, needs_load=True, evicted=evicted)
+
+    def release(self, slot: int) -> None:
+        entry = self._entries[slot]
+        if entry.refcount <= 0:
+            raise RuntimeError(f"slot {slot} released more often than acquired")
+        entry.refcount -= 1
+        if entry.refcount == 0:
+            self._lru[slot] = None  # most recently used
+
+    def discard(self, slot: int) -> None:
+        """Forget a slot's adapter (e.g. its load failed). The slot must be unreferenced
+        except for the caller's single reference, which this drops."""
+        entry = self._entries.pop(slot)
+        del self._by_key[entry.key]
+        self._lru.pop(slot, None)
+
+    def refcount(self, slot: int) -> int:
+        entry = self._entries.get(slot)
+        return entry.refcount if entry else 0
+
+    def resident(self) -> dict[int, AdapterKey]:
+        """slot -> adapter key for every occupied slot."""
+        return {slot: e.key for slot, e in self._entries.items()}
+
+    def _take(self, slot: int) -> None:
+        entry = self._entries[slot]
+        entry.refcount += 1
+        self._lru.pop(slot, None)

@@ -1,0 +1,103 @@
+"""The gRPC server process: services, health, reflection, and the model loaded in the
+background so health can say NOT_SERVING until the model is loaded and warmed up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraplex.server.config import ServerConfig
+from loraplex.server.frontend import Frontend
+from loraplex.server.service import AdaptersServicer, InferenceServicer
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+)
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+class LoraplexServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.frontend: Frontend | None = None
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._ready = asyncio.Event()
+        self._load_task: asyncio.Task[None] | None = None
+        self.load_error: BaseException | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING); the model loads in the background."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(lambda: self.frontend), server
+        )
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(
+            AdaptersServicer(lambda: self.frontend), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"could not bind {address}")
+        await server.start()
+        self._server = server
+        log.info("listening on %s:%d; loading the model", self.config.host, self.port)
+        self._load_task = asyncio.create_task(self._load())
+        return self.port
+
+    async def _load(self) -> None:
+        try:
+            self.frontend = await asyncio.to_thread(Frontend.create, self.config)
+            await self.frontend.warmup()
+        except Exception as exc:
+            self.load_error = exc
+            log.exception("the model failed to load")
+            self._ready.set()
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", self.frontend.loaded.model_id)
+        self._ready.set()
+
+    async def wait_ready(self) -> None:
+        """Wait until the model is loaded (raises what stopped it loading, if anything)."""
+        await self._ready.wait()
+        if self.load_error is not None:
+            raise RuntimeError("the model failed to load") from self.load_error
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Say NOT_SERVING, finish in-flight RPCs within `grace` seconds, then stop the engine."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._load_task is not None:
+            await self._load_task
+        if self.frontend is not None:
+            await asyncio.to_thread(self.frontend.close)
+
+    async def _set_health(self, status: int) -> None:
+        await self._health.set("", status)
+        for name in SERVICES:
+            await self._health.set(name, status)

@@ -1,0 +1,213 @@
+"""The `loraplex` command: serve, generate, and manage adapters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from loraplex.server.config import DEFAULT_PORT, EngineConfig, ModelConfig, ServerConfig
+
+log = logging.getLogger("loraplex")
+
+DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
+
+
+def _home(arg: str | None) -> Path:
+    # The edge is the one place that reads the environment.
+    return Path(arg or os.environ.get("LORAPLEX_HOME") or "~/.cache/loraplex").expanduser()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the base model and its adapters over gRPC")
+    serve.add_argument("--model", help="HF model id or local path (default: embedded SmolLM2)")
+    serve.add_argument("--home", help="cache and adapter store ($LORAPLEX_HOME, ~/.cache/loraplex)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--quantization", choices=["nf4", "none"], default="nf4")
+    serve.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    serve.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size)
+    serve.add_argument(
+        "--max-loras",
+        type=int,
+        default=EngineConfig.max_loras,
+        help="adapters resident in device slots at once",
+    )
+    serve.add_argument("--max-lora-rank", type=int, default=EngineConfig.max_lora_rank)
+    serve.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=EngineConfig.default_max_new_tokens,
+        help="default when a request does not set max_new_tokens",
+    )
+    serve.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory adapters may be registered from (repeatable)",
+    )
+
+    gen = sub.add_parser("generate", help="generate text from a running server")
+    gen.add_argument("prompt", help="the prompt (a user message with --chat)")
+    gen.add_argument("--server", default=DEFAULT_ADDRESS)
+    gen.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
+
+    adapters = sub.add_parser("adapters", help="register, list, inspect and remove adapters")
+    adapters.add_argument("--server", default=DEFAULT_ADDRESS)
+    verbs = adapters.add_subparsers(dest="verb", required=True)
+    register = verbs.add_parser("register", help="register a PEFT LoRA directory")
+    register.add_argument("adapter_id")
+    register.add_argument("path", help="adapter directory, as the server sees it")
+    verbs.add_parser("list", help="list registered adapters")
+    get = verbs.add_parser("get", help="show one adapter")
+    get.add_argument("adapter_id")
+    rm = verbs.add_parser("rm", help="remove an adapter and all its versions")
+    rm.add_argument("adapter_id")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    from loraplex.server.app import LoraplexServer  # heavy imports only when serving
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        adapter_roots=tuple(Path(p).expanduser() for p in args.adapter_root),
+        model=ModelConfig(
+            model=args.model,
+            home=_home(args.home),
+            device=args.device,
+            quantization=args.quantization,
+            dtype=args.dtype,
+        ),
+        engine=EngineConfig(
+            max_batch_size=args.max_batch_size,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            default_max_new_tokens=args.max_new_tokens,
+        ),
+    )
+
+    async def run() -> None:
+        server = LoraplexServer(config)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.create_task(stop.wait())
+        ready = asyncio.create_task(server.wait_ready())
+        done, _ = await asyncio.wait({waiter, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready in done:
+            ready.result()  # raises if the model failed to load
+            await waiter
+        log.info("shutting down")
+        await server.stop(grace=10.0)
+
+    asyncio.run(run())
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from loraplex.server.client import LoraplexClient
+    from loraplex.v1 import inference_pb2
+
+    request = inference_pb2.GenerateRequest(
+        adapter_id=args.adapter,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        stop=args.stop,
+    )
+    if args.chat:
+        if args.system:
+            request.messages.add(role="system", content=args.system)
+        request.messages.add(role="user", content=args.prompt)
+    else:
+        request.prompt = args.prompt
+    if args.max_new_tokens is not None:
+        request.max_new_tokens = args.max_new_tokens
+    if args.top_p is not None:
+        request.top_p = args.top_p
+    if args.seed is not None:
+        request.seed = args.seed
+    with LoraplexClient(args.server) as client:
+        if args.stream:
+            for chunk in client.generate_stream(request):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            response = client.generate(request)
+            if args.json:
+                sys.stdout.write(json.dumps(_as_dict(response), indent=2) + "\n")
+            else:
+                sys.stdout.write(response.text + "\n")
+    return 0
+
+
+def adapters(args: argparse.Namespace) -> int:
+    from loraplex.server.client import LoraplexClient
+
+    with LoraplexClient(args.server) as client:
+        if args.verb == "register":
+            path = args.path if "://" in args.path else str(Path(args.path).expanduser().resolve())
+            result: object = _as_dict(client.register(args.adapter_id, path))
+        elif args.verb == "list":
+            result = [_as_dict(a) for a in client.list()]
+        elif args.verb == "get":
+            result = _as_dict(client.get(args.adapter_id))
+        else:
+            result = _as_dict(client.delete(args.adapter_id))
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _as_dict(message: object) -> dict:
+    return MessageToDict(
+        message,
+        preserving_proto_field_name=True,  # type: ignore[arg-type]
+        always_print_fields_with_no_presence=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    handlers = {"serve": serve, "generate": generate, "adapters": adapters}
+    try:
+        return handlers[args.command](args)
+    except grpc.RpcError as exc:
+        sys.stderr.write(f"error: {exc.code().name}: {exc.details()}\n")  # type: ignore[attr-defined]
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""A small synchronous client for the loraplex gRPC API (used by the CLI and tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+
+class LoraplexClient:
+    def __init__(self, address: str, timeout: float | None = None) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+        self.adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> LoraplexClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(self, request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateResponse:
+        return self.inference.Generate(request, timeout=self.timeout)
+
+    def generate_stream(
+        self, request: inference_pb2.GenerateRequest
+    ) -> Iterator[inference_pb2.GenerateResponse]:
+        return self.inference.GenerateStream(request, timeout=self.timeout)
+
+    def model_info(self) -> inference_pb2.ModelInfoResponse:
+        return self.inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=self.timeout)
+
+    def register(self, adapter_id: str, path: str) -> adapters_pb2.RegisterAdapterResponse:
+        request = adapters_pb2.RegisterAdapterRequest(adapter_id=adapter_id, path=path)
+        return self.adapters.RegisterAdapter(request, timeout=self.timeout)
+
+    def get(self, adapter_id: str) -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.GetAdapterRequest(adapter_id=adapter_id)
+        return self.adapters.GetAdapter(request, timeout=self.timeout)
+
+    def list(self) -> list[adapters_pb2.AdapterInfo]:
+        response = self.adapters.ListAdapters(
+            adapters_pb2.ListAdaptersRequest(), timeout=self.timeout
+        )
+        return list(response.adapters)
+
+    def delete(self, adapter_id: str) -> adapters_pb2.DeleteAdapterResponse:
+        request = adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id)
+        return self.adapters.DeleteAdapter(request, timeout=self.timeout)

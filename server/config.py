@@ -1,0 +1,81 @@
+"""Server configuration: frozen dataclasses built once at the edge (CLI) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None
+    """HF model id or local directory; None serves the embedded SmolLM2-135M-Instruct."""
+    home: Path = field(default_factory=lambda: Path("~/.cache/loraplex").expanduser())
+    """Where converted models and the adapter store live."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = CUDA when present, else CPU."""
+    quantization: Literal["nf4", "none"] = "nf4"
+    """nf4 = bitsandbytes 4-bit NF4 with double quantization; none = the compute dtype."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Compute dtype of the base model."""
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.quantization not in ("nf4", "none"):
+            raise ValueError(f"quantization must be nf4 or none, got {self.quantization!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    """Sequences decoded together in one step."""
+    max_loras: int = 8
+    """Device slots: distinct adapters resident (and batched together) at once."""
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted; slot stacks are sized for it."""
+    max_prefill_tokens: int = 4096
+    """Padded tokens (batch x longest prompt) one prefill forward may take."""
+    max_queue: int = 1024
+    """Requests waiting for admission; beyond it new requests are refused."""
+    default_max_new_tokens: int = 128
+    """max_new_tokens when a request does not set it."""
+    max_adapter_bytes: int = 1 << 30
+    """Largest adapter weights file accepted."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_batch_size",
+            "max_loras",
+            "max_lora_rank",
+            "max_prefill_tokens",
+            "max_queue",
+            "default_max_new_tokens",
+            "max_adapter_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to bind; loopback by default."""
+    port: int = DEFAULT_PORT
+    """gRPC port (0 picks a free one)."""
+    adapter_roots: tuple[Path, ...] = ()
+    """Directories adapters may be registered from; empty = the working directory, the
+    system temp directory and the loraplex home."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    @property
+    def store_dir(self) -> Path:
+        return self.model.home / "adapters"

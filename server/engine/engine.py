@@ -1,0 +1,241 @@
+"""The engine loop, on one thread that owns the model, the KV cache and the adapter slots:
+
+    admit waiting requests -> prefill them (joining the running batch) -> one decode step for
+    the whole batch -> emit new text, retire finished sequences and free their cache and slots.
+
+Everything else talks to it through `submit` (thread-safe) and the per-request `emit` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.adapters.lora import NO_ADAPTER
+from loraplex.adapters.slots import SlotTable
+from loraplex.adapters.store import AdapterVersion
+from loraplex.adapters.validate import AdapterWeights
+from loraplex.server.config import EngineConfig
+from loraplex.server.engine.batch import RunningBatch, Sequence
+from loraplex.server.engine.model_runner import ModelRunner
+from loraplex.server.engine.output import OutputProcessor
+from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
+from loraplex.server.engine.sampling import make_generator, sample
+from loraplex.server.engine.scheduler import Admission, Scheduler
+from loraplex.server.errors import NotReady
+
+log = logging.getLogger(__name__)
+
+WeightsLoader = Callable[[AdapterVersion], AdapterWeights]
+
+
+@dataclass
+class EngineStats:
+    """Counters the engine keeps (read by tests, benchmarks and, later, metrics)."""
+
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    max_batch_size: int = 0
+    mixed_adapter_steps: int = 0  # decode steps whose batch held more than one adapter (or base)
+    adapter_loads: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        load_weights: WeightsLoader,
+        tokenizer: object,
+        eos_token_ids: set[int],
+        config: EngineConfig,
+    ) -> None:
+        self.runner = runner
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.slots = SlotTable(config.max_loras)
+        self.scheduler = Scheduler(config, self.slots)
+        self.stats = EngineStats()
+        self._load_weights = load_weights
+        self._batch = RunningBatch()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the public, thread-safe side ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: EngineRequest) -> None:
+        if self._stopping.is_set():
+            raise NotReady("the engine is shutting down")
+        self.scheduler.add(request)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self.scheduler.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._batch)
+
+    # -- the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        log.info("engine started")
+        while not self._stopping.is_set():
+            try:
+                self._step()
+            except Exception as exc:  # keep serving: fail only the requests in this batch
+                log.exception("engine step failed; failing %d running requests", len(self._batch))
+                self._fail_all(exc)
+        self._fail_all(NotReady("the engine stopped"))
+        for request in self.scheduler.drain():
+            request.emit(NotReady("the engine stopped"))
+        log.info("engine stopped")
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        admitted, dropped = self.scheduler.admit(len(self._batch))
+        for request in dropped:
+            log.debug("request %s cancelled while waiting", request.request_id)
+        if not admitted and not self._batch.seqs:
+            self.scheduler.wait(timeout=0.5)
+            return
+        if admitted:
+            self._prefill(admitted)
+        if self._batch.seqs:
+            self._decode()
+
+    def _prefill(self, admitted: list[Admission]) -> None:
+        seqs = [s for s in (self._start_sequence(a) for a in admitted) if s is not None]
+        if not seqs:
+            return
+        try:
+            logits, kv = self.runner.prefill(
+                [s.request.prompt_ids for s in seqs], [s.slot for s in seqs]
+            )
+        except Exception as exc:  # fail the newcomers only; the running batch is untouched
+            log.exception("prefill of %d requests failed", len(seqs))
+            for s in seqs:
+                self._release(s)
+                s.request.emit(exc)
+            return
+        self.stats.prefill_steps += 1
+        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        keep = [
+            row
+            for row, (s, t) in enumerate(zip(seqs, tokens, strict=True))
+            if not self._advance(s, t)
+        ]
+        if keep:
+            self._batch.add(
+                [seqs[row] for row in keep], kv if len(keep) == len(seqs) else kv.select(keep)
+            )
+
+    def _decode(self) -> None:
+        batch = self._batch
+        assert batch.kv is not None
+        slots = batch.slots()
+        logits = self.runner.decode(batch.kv, [s.last_token for s in batch.seqs], slots)
+        self.stats.decode_steps += 1
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(batch))
+        if len(set(slots)) > 1:
+            self.stats.mixed_adapter_steps += 1
+        tokens = sample(
+            logits, [s.request.params for s in batch.seqs], [s.generator for s in batch.seqs]
+        )
+        keep = [
+            row
+            for row, (s, t) in enumerate(zip(batch.seqs, tokens, strict=True))
+            if not self._advance(s, t)
+        ]
+        batch.keep(keep)
+
+    def _start_sequence(self, admission: Admission) -> Sequence | None:
+        """Make a sequence of an admitted request, loading its adapter into its slot if needed."""
+        request = admission.request
+        grant = admission.grant
+        if grant is not None and grant.needs_load:
+            assert request.adapter is not None
+            try:
+                self.runner.load_adapter(grant.slot, self._load_weights(request.adapter))
+            except Exception as exc:
+                log.warning("loading adapter %s v%d failed: %s", *request.adapter.key, exc)
+                self.runner.clear_slot(grant.slot)
+                self.slots.discard(grant.slot)
+                request.emit(exc)
+                return None
+            self.stats.adapter_loads += 1
+            log.info("adapter %s v%d loaded into slot %d", *request.adapter.key, grant.slot)
+        return Sequence(
+            request=request,
+            slot=admission.slot,
+            output=OutputProcessor(self.tokenizer, request.params.stop),
+            generator=make_generator(request.params, self.runner.device),
+        )
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Feed one sampled token to a sequence and emit its news; True when it finished."""
+        seq.num_generated += 1
+        seq.last_token = token
+        self.stats.generated_tokens += 1
+        finish: str | None = None
+        stop_reason: str | None = None
+        if token in self.eos_token_ids:
+            text, finish = seq.output.finish(), "stop"
+        else:
+            step = seq.output.append(token)
+            text, stop_reason = step.delta, step.stop_reason
+            if stop_reason is not None:
+                finish = "stop"
+            elif (
+                seq.num_generated >= seq.request.params.max_new_tokens
+                or seq.num_tokens >= self.runner.max_context
+            ):
+                text, finish = text + seq.output.finish(), "length"
+        usage = None
+        if finish is not None:
+            usage = Usage(len(seq.request.prompt_ids), seq.num_generated)
+            self._release(seq)
+        seq.request.emit(RequestOutput(text, [token], finish, stop_reason, usage))
+        return finish is not None
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for row, seq in enumerate(self._batch.seqs):
+            if seq.request.cancelled.is_set():
+                self._release(seq)
+            else:
+                keep.append(row)
+        self._batch.keep(keep)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot != NO_ADAPTER:
+            self.slots.release(seq.slot)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for seq in self._batch.seqs:
+            self._release(seq)
+            seq.request.emit(exc)
+        self._batch = RunningBatch()
+
+
+def eos_ids_of(model: torch.nn.Module, tokenizer: object) -> set[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids.add(int(tok_eos))
+    return ids

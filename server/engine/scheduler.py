@@ -1,0 +1,90 @@
+"""Admission: which waiting requests join the running batch, under the batch, prefill and
+adapter-slot budgets. First come, first served: a request that cannot be admitted yet (its
+adapter needs a slot and every slot is busy) holds back those behind it, so none starves.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from loraplex.adapters.lora import NO_ADAPTER
+from loraplex.adapters.slots import SlotGrant, SlotTable
+from loraplex.server.config import EngineConfig
+from loraplex.server.engine.request import EngineRequest
+from loraplex.server.errors import QueueFull
+
+
+@dataclass(frozen=True)
+class Admission:
+    request: EngineRequest
+    grant: SlotGrant | None  # None for base-model requests
+
+    @property
+    def slot(self) -> int:
+        return self.grant.slot if self.grant else NO_ADAPTER
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, slots: SlotTable) -> None:
+        self.config = config
+        self.slots = slots
+        self._waiting: deque[EngineRequest] = deque()
+        self._cond = threading.Condition()
+
+    def add(self, request: EngineRequest) -> None:
+        """Thread-safe: queue a request, or raise QueueFull."""
+        with self._cond:
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting)")
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def num_waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def wait(self, timeout: float) -> None:
+        """Block until a request is queued (or `timeout` passes, or `wake` is called)."""
+        with self._cond:
+            if not self._waiting:
+                self._cond.wait(timeout)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def drain(self) -> list[EngineRequest]:
+        """Remove and return every waiting request."""
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            return waiting
+
+    def admit(self, num_running: int) -> tuple[list[Admission], list[EngineRequest]]:
+        """Pop the requests that start now; also returns cancelled ones dropped from the queue."""
+        admitted: list[Admission] = []
+        dropped: list[EngineRequest] = []
+        longest = 0
+        with self._cond:
+            while self._waiting and num_running + len(admitted) < self.config.max_batch_size:
+                request = self._waiting[0]
+                if request.cancelled.is_set():
+                    dropped.append(self._waiting.popleft())
+                    continue
+                longest_after = max(longest, len(request.prompt_ids))
+                if (
+                    admitted
+                    and longest_after * (len(admitted) + 1) > self.config.max_prefill_tokens
+                ):
+                    break  # the padded prefill would exceed its budget: next step
+                grant = None
+                if request.adapter is not None:
+                    grant = self.slots.acquire(request.adapter.key)
+                    if grant is None:
+                        break  # every slot is in use by running requests
+                self._waiting.popleft()
+                admitted.append(Admission(request, grant))
+                longest = longest_after
+        return admitted, dropped

@@ -1,0 +1,51 @@
+"""Domain errors of the server, and the one table that maps every error to a gRPC status."""
+
+from __future__ import annotations
+
+import grpc
+
+from loraplex.adapters.errors import (
+    AdapterNotFound,
+    AdapterSourceDenied,
+    InvalidAdapter,
+    InvalidAdapterId,
+)
+
+
+class LoraplexError(Exception):
+    """Base class of errors a client can act on."""
+
+
+class InvalidRequest(LoraplexError):
+    """A request field is out of range or malformed; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class QueueFull(LoraplexError):
+    """The engine's waiting queue is full."""
+
+
+class NotReady(LoraplexError):
+    """The model is still loading, or the server is shutting down."""
+
+
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidAdapterId, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidAdapter, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
+    (AdapterSourceDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code of a known error; None for anything else (an internal error)."""
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code
+    return None

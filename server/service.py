@@ -1,0 +1,207 @@
+"""gRPC servicers. They only translate: protobuf <-> domain dataclasses, and domain errors <->
+status codes (through `errors.status_for`, the one mapping). No torch here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from loraplex.adapters.store import AdapterVersion
+from loraplex.server.engine.request import RequestOutput
+from loraplex.server.errors import NotReady, status_for
+from loraplex.server.frontend import Frontend, GenerateInput
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FrontendGetter = Callable[[], Frontend | None]
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    code = status_for(exc)
+    if code is None:
+        log.exception("internal error", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    await context.abort(code, str(exc))
+
+
+def unary(fn: Handler) -> Handler:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(fn: Handler) -> Handler:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def generate_input(request: inference_pb2.GenerateRequest) -> GenerateInput:
+    return GenerateInput(
+        adapter_id=request.adapter_id,
+        prompt=request.prompt,
+        messages=tuple((m.role, m.content) for m in request.messages),
+        max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
+        temperature=request.temperature,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+    )
+
+
+def _response(
+    out: RequestOutput,
+    text: str,
+    token_ids: list[int],
+    adapter: AdapterVersion | None,
+    request_id: str,
+) -> inference_pb2.GenerateResponse:
+    response = inference_pb2.GenerateResponse(
+        text=text,
+        finish_reason=out.finish_reason or "",
+        stop_reason=out.stop_reason or "",
+        token_ids=token_ids,
+        adapter_id=adapter.adapter_id if adapter else "",
+        adapter_version=adapter.version if adapter else 0,
+        request_id=request_id,
+    )
+    if out.usage is not None:
+        u = out.usage
+        response.usage.CopyFrom(
+            inference_pb2.Usage(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                total_tokens=u.prompt_tokens + u.completion_tokens,
+            )
+        )
+    return response
+
+
+def _frontend(get: FrontendGetter) -> Frontend:
+    frontend = get()
+    if frontend is None:
+        raise NotReady("the model is still loading; retry shortly")
+    return frontend
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, frontend: FrontendGetter) -> None:
+        self._frontend = frontend
+
+    @unary
+    async def Generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> inference_pb2.GenerateResponse:
+        generation = await _frontend(self._frontend).generate(generate_input(request))
+        texts: list[str] = []
+        token_ids: list[int] = []
+        async for out in generation.outputs:
+            texts.append(out.text)
+            token_ids.extend(out.token_ids)
+            if out.finish_reason is not None:
+                return _response(
+                    out, "".join(texts), token_ids, generation.adapter, generation.request_id
+                )
+        raise RuntimeError("generation ended without a finish reason")
+
+    @streaming
+    async def GenerateStream(
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        generation = await _frontend(self._frontend).generate(generate_input(request))
+        async for out in generation.outputs:
+            if out.text or out.finish_reason is not None:
+                yield _response(
+                    out, out.text, out.token_ids, generation.adapter, generation.request_id
+                )
+
+    @unary
+    async def ModelInfo(
+        self,
+        request: inference_pb2.ModelInfoRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> inference_pb2.ModelInfoResponse:
+        info = _frontend(self._frontend).model_info()
+        return inference_pb2.ModelInfoResponse(**info.__dict__)
+
+
+def adapter_info(version: AdapterVersion, versions: list[int]) -> adapters_pb2.AdapterInfo:
+    return adapters_pb2.AdapterInfo(
+        adapter_id=version.adapter_id,
+        version=version.version,
+        digest=version.digest,
+        rank=version.rank,
+        lora_alpha=version.lora_alpha,
+        target_modules=list(version.target_modules),
+        size_bytes=version.size_bytes,
+        created_at=version.created_at,
+        source=version.source,
+        versions=versions,
+        base_model_fingerprint=version.base_model_fingerprint,
+    )
+
+
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, frontend: FrontendGetter) -> None:
+        self._frontend = frontend
+
+    @unary
+    async def RegisterAdapter(
+        self,
+        request: adapters_pb2.RegisterAdapterRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.RegisterAdapterResponse:
+        frontend = _frontend(self._frontend)
+        version, created = await frontend.register_adapter(request.adapter_id, request.path)
+        _, versions = frontend.get_adapter(version.adapter_id)
+        return adapters_pb2.RegisterAdapterResponse(
+            adapter=adapter_info(version, versions), created=created
+        )
+
+    @unary
+    async def GetAdapter(
+        self,
+        request: adapters_pb2.GetAdapterRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.AdapterInfo:
+        return adapter_info(*_frontend(self._frontend).get_adapter(request.adapter_id))
+
+    @unary
+    async def ListAdapters(
+        self,
+        request: adapters_pb2.ListAdaptersRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.ListAdaptersResponse:
+        listed = _frontend(self._frontend).list_adapters()
+        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(*a) for a in listed])
+
+    @unary
+    async def DeleteAdapter(
+        self,
+        request: adapters_pb2.DeleteAdapterRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.DeleteAdapterResponse:
+        versions = await _frontend(self._frontend).delete_adapter(request.adapter_id)
+        return adapters_pb2.DeleteAdapterResponse(deleted=True, versions=versions)
