@@ -69,6 +69,8 @@ class ServerConfig:
     adapter_roots: tuple[Path, ...] = ()
     """Directories adapters may be registered from; empty = the working directory, the
     system temp directory and the loraplex home."""
+    adapter_store: Path | None = None
+    """Adapter store directory; None = <home>/adapters."""
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -78,4 +80,4 @@ class ServerConfig:
 
     @property
     def store_dir(self) -> Path:
-        return self.model.home / "adapters"
+        return self.adapter_store or self.model.home / "adapters"

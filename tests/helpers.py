@@ -1,0 +1,79 @@
+"""Shared test helpers: the in-process server on a thread, and PEFT-made adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from loraplex.server.app import LoraplexServer
+from loraplex.server.config import ServerConfig
+
+MODEL_HOME = Path(os.environ.get("LORAPLEX_HOME") or "~/.cache/loraplex").expanduser()
+
+
+class ServerThread:
+    """A LoraplexServer running on its own event loop in a background thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.server = LoraplexServer(config)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self, ready: bool = True) -> ServerThread:
+        self._thread.start()
+        self.call(self.server.start())
+        if ready:
+            self.call(self.server.wait_ready(), timeout=600)
+        return self
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def engine(self):
+        return self.server.frontend.engine
+
+    def stop(self) -> None:
+        self.call(self.server.stop(grace=2.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def randomize_lora(model: torch.nn.Module, adapter_name: str, seed: int, b_std: float) -> None:
+    """Give an adapter random non-zero A and B (PEFT initialises B to zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." not in name or "lora_" not in name:
+            continue
+        with torch.no_grad():
+            if "lora_A" in name:
+                std = param.shape[1] ** -0.5
+            else:
+                std = b_std
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def add_peft_adapter(
+    model: torch.nn.Module | PeftModel,
+    name: str,
+    config: LoraConfig,
+    seed: int,
+    b_std: float = 0.02,
+) -> PeftModel:
+    """Add a randomly initialised LoRA adapter with stock PEFT; returns the PeftModel."""
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, config)
+    else:
+        model = get_peft_model(model, config, adapter_name=name)
+    randomize_lora(model, name, seed, b_std)
+    return model
