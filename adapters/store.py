@@ -119,7 +119,7 @@ class AdapterStore:
                 raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
             return list(versions)
 
-    def list(self) -> list[AdapterVersion]:
+    def latest_versions(self) -> list[AdapterVersion]:
         """The latest version of every adapter, by id."""
         with self._lock:
             return [self._adapters[a][-1] for a in sorted(self._adapters)]

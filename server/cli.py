@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="directory adapters may be registered from (repeatable)",
     )
+    serve.add_argument(
+        "--adapter-store", metavar="DIR", help="adapter store directory (default: HOME/adapters)"
+    )
 
     gen = sub.add_parser("generate", help="generate text from a running server")
     gen.add_argument("prompt", help="the prompt (a user message with --chat)")
@@ -97,6 +100,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         adapter_roots=tuple(Path(p).expanduser() for p in args.adapter_root),
+        adapter_store=Path(args.adapter_store).expanduser() if args.adapter_store else None,
         model=ModelConfig(
             model=args.model,
             home=_home(args.home),

@@ -183,7 +183,9 @@ class Frontend:
 
     def list_adapters(self) -> list[tuple[AdapterVersion, list[int]]]:
         store = self.registry.store
-        return [(v, [x.version for x in store.versions(v.adapter_id)]) for v in store.list()]
+        return [
+            (v, [x.version for x in store.versions(v.adapter_id)]) for v in store.latest_versions()
+        ]
 
     async def delete_adapter(self, adapter_id: str) -> list[int]:
         self.registry.resolve(adapter_id)  # validates the id, raises NotFound

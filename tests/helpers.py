@@ -56,10 +56,7 @@ def randomize_lora(model: torch.nn.Module, adapter_name: str, seed: int, b_std: 
         if f".{adapter_name}." not in name or "lora_" not in name:
             continue
         with torch.no_grad():
-            if "lora_A" in name:
-                std = param.shape[1] ** -0.5
-            else:
-                std = b_std
+            std = param.shape[1] ** (-0.5) if "lora_A" in name else b_std
             param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 

@@ -17,8 +17,12 @@ ADAPTERS = {
     "attn-r8": (LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION), 1),
     "all-r16": (LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), 2),
     "mix-r32": (
-        LoraConfig(r=32, lora_alpha=32, use_rslora=True,
-                   target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+        LoraConfig(
+            r=32,
+            lora_alpha=32,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        ),
         3,
     ),
 }

@@ -9,6 +9,7 @@ LOGIT_ATOL besides.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,6 +20,7 @@ from loraplex.v1 import inference_pb2 as pb
 from tests.integration.conftest import ADAPTERS
 
 pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
 
 NEW_TOKENS = 16
 TIE_GAP = 0.25  # logits: two bf16 steps at SmolLM2's logit scale (16-32)
@@ -45,15 +47,20 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 def peft_greedy(model, ids: list[int], adapter: str | None):
     """PEFT's greedy tokens and per-step top-1/top-2 gaps for one prompt, alone."""
     inputs = torch.tensor([ids])
-    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                  return_dict_in_generate=True, attention_mask=torch.ones_like(inputs))
+    kwargs = dict(
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        attention_mask=torch.ones_like(inputs),
+    )
     if adapter is None:
         with model.disable_adapter():
             out = model.generate(input_ids=inputs, **kwargs)
     else:
         model.set_adapter(adapter)
         out = model.generate(input_ids=inputs, **kwargs)
-    tokens = out.sequences[0, len(ids):].tolist()
+    tokens = out.sequences[0, len(ids) :].tolist()
     gaps = []
     for scores in out.scores:
         top2 = torch.topk(scores[0].float(), 2).values
@@ -64,7 +71,10 @@ def peft_greedy(model, ids: list[int], adapter: str | None):
 def agreeing_prefix(ours: list[int], ref: list[int], gaps: list[float]) -> tuple[int, int]:
     """(steps that must agree: up to the first near tie, steps that do agree)."""
     must = next((i for i, g in enumerate(gaps) if g < TIE_GAP), len(ref))
-    agree = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+    agree = next(
+        (i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b),
+        min(len(ours), len(ref)),
+    )
     return must, agree
 
 
@@ -86,10 +96,13 @@ def test_mixed_batch_matches_peft(server, peft_reference, registered):
     def run(case):
         adapter, prompt = case
         with LoraplexClient(server.address) as client:
-            return client.generate(pb.GenerateRequest(
-                adapter_id=adapter or "", max_new_tokens=NEW_TOKENS,
-                messages=[pb.ChatMessage(role="user", content=prompt)],
-            ))
+            return client.generate(
+                pb.GenerateRequest(
+                    adapter_id=adapter or "",
+                    max_new_tokens=NEW_TOKENS,
+                    messages=[pb.ChatMessage(role="user", content=prompt)],
+                )
+            )
 
     with ThreadPoolExecutor(len(cases)) as pool:  # one concurrent mixed batch
         responses = list(pool.map(run, cases))
@@ -132,15 +145,18 @@ def test_first_step_logits_match_peft(server, peft_reference, registered):
             model.set_adapter(adapter)
             ref = model(torch.tensor([ids])).logits[0, -1].float()
         # The engine thread is idle between tests; run its model runner directly.
-        other = next(engine.slots.lookup(frontend.registry.resolve(a).key)
-                     for a in ADAPTERS if a != adapter)
+        other = next(
+            engine.slots.lookup(frontend.registry.resolve(a).key) for a in ADAPTERS if a != adapter
+        )
         logits, _ = engine.runner.prefill([ids, ids[:-3]], [slot, other])
         diff = (logits[0].float() - ref).abs()
         with torch.inference_mode(), model.disable_adapter():
             base = model(torch.tensor([ids])).logits[0, -1].float()
         effect = (ref - base).abs()
-        print(f"{adapter}: engine vs PEFT max {diff.max():.3f} mean {diff.mean():.4f}; "
-              f"adapter vs base max {effect.max():.3f} mean {effect.mean():.4f}")
+        log.info(
+            f"{adapter}: engine vs PEFT max {diff.max():.3f} mean {diff.mean():.4f}; "
+            f"adapter vs base max {effect.max():.3f} mean {effect.mean():.4f}"
+        )
         assert diff.max() <= LOGIT_MAX_ATOL and diff.mean() <= LOGIT_MEAN_ATOL, (
             f"{adapter}: first-step logits differ from PEFT's by up to {diff.max():.3f} "
             f"(mean {diff.mean():.4f})"

@@ -1,0 +1,246 @@
+"""Adapter management over gRPC, restarts, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file, save_file
+
+from loraplex.server.client import LoraplexClient
+from loraplex.server.config import ModelConfig, ServerConfig
+from loraplex.v1 import inference_pb2 as pb
+from tests.helpers import ServerThread
+
+pytestmark = pytest.mark.integration
+
+ASK = [pb.ChatMessage(role="user", content="Name three colours.")]
+
+
+@pytest.fixture
+def client(server):
+    with LoraplexClient(server.address, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def adapter_dir(peft_reference, adapter_root, tmp_path_factory):
+    """A private copy of the r8 adapter under the allowed root, free to modify."""
+    _, _, dirs = peft_reference
+    path = adapter_root / f"copy-{tmp_path_factory.mktemp('n').name}"
+    shutil.copytree(dirs["attn-r8"], path)
+    return path
+
+
+def test_register_get_list_delete(client, adapter_dir):
+    response = client.register("colours", str(adapter_dir))
+    assert response.created and response.adapter.version == 1
+    info = response.adapter
+    assert info.rank == 8 and list(info.target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert info.digest.startswith("sha256:") and info.size_bytes > 0
+    again = client.register("colours", str(adapter_dir))
+    assert not again.created and again.adapter.digest == info.digest
+    assert client.get("colours").versions == [1]
+    assert "colours" in {a.adapter_id for a in client.list()}
+    out = client.generate(pb.GenerateRequest(adapter_id="colours", messages=ASK, max_new_tokens=8))
+    assert out.adapter_id == "colours" and out.adapter_version == 1
+    deleted = client.delete("colours")
+    assert deleted.deleted and list(deleted.versions) == [1]
+    for call in (
+        lambda: client.get("colours"),
+        lambda: client.delete("colours"),
+        lambda: client.generate(pb.GenerateRequest(adapter_id="colours", prompt="x")),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_new_content_becomes_next_version_and_serves(client, adapter_dir):
+    client.register("evolving", str(adapter_dir))
+    request = pb.GenerateRequest(adapter_id="evolving", messages=ASK, max_new_tokens=12)
+    before = client.generate(request)
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 3 if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    response = client.register("evolving", str(adapter_dir))
+    assert response.created and response.adapter.version == 2
+    assert list(response.adapter.versions) == [1, 2]
+    after = client.generate(request)
+    assert after.adapter_version == 2
+    assert after.token_ids != before.token_ids  # the new weights are what serve now
+    client.delete("evolving")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "needle"),
+    [
+        (lambda p: (p / "adapter_model.bin").write_bytes(b"\x80"), "INVALID_ARGUMENT", "pickle"),
+        (
+            lambda p: (p / "adapter_config.json").write_text(
+                json.dumps({**json.loads((p / "adapter_config.json").read_text()), "r": 512})
+            ),
+            "INVALID_ARGUMENT",
+            "max rank",
+        ),
+    ],
+)
+def test_bad_adapters_are_refused(client, adapter_dir, mutate, code, needle):
+    mutate(adapter_dir)
+    with pytest.raises(grpc.RpcError) as err:
+        client.register("refused", str(adapter_dir))
+    assert err.value.code().name == code and needle in err.value.details()
+    assert "refused" not in {a.adapter_id for a in client.list()}
+
+
+def test_paths_outside_the_allowed_roots_are_denied(client, tmp_path):
+    with pytest.raises(grpc.RpcError) as err:
+        client.register("outside", str(tmp_path))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        client.register("../../etc", "/etc")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_restart_restores_the_registry(model_home, adapter_root, adapter_dir, tmp_path):
+    config = ServerConfig(
+        port=0,
+        adapter_roots=(adapter_root,),
+        adapter_store=tmp_path / "store",
+        model=ModelConfig(home=model_home),
+    )
+    first = ServerThread(config).start()
+    with LoraplexClient(first.address, timeout=120) as c:
+        c.register("kept", str(adapter_dir))
+        request = pb.GenerateRequest(adapter_id="kept", messages=ASK, max_new_tokens=10)
+        before = c.generate(request)
+    first.stop()
+    shutil.rmtree(adapter_dir)  # the store holds its own copy
+
+    second = ServerThread(config).start(ready=False)
+    try:
+        with grpc.insecure_channel(second.address) as channel:  # still loading the model
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with LoraplexClient(second.address, timeout=120) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate(request)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            second.call(second.server.wait_ready(), timeout=600)
+            assert [a.adapter_id for a in c.list()] == ["kept"]
+            after = c.generate(request)
+        assert (after.adapter_version, after.text) == (1, before.text)
+    finally:
+        second.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "LORAPLEX_HOME": str(model_home)}
+    cli = [sys.executable, "-m", "loraplex.server.cli"]
+    server = subprocess.Popen(
+        [
+            *cli,
+            "serve",
+            "--port",
+            str(port),
+            "--adapter-root",
+            str(adapter_dir.parent),
+            "--adapter-store",
+            str(tmp_path / "store"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 300
+            while True:
+                assert server.poll() is None, server.stdout.read()
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "server did not become ready"
+                time.sleep(0.5)
+
+        def run(*args: str) -> str:
+            done = subprocess.run(
+                [*cli, *args], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        registered = json.loads(
+            run("adapters", "--server", address, "register", "cli-adapter", str(adapter_dir))
+        )
+        assert registered["adapter"]["adapter_id"] == "cli-adapter"
+        assert [
+            a["adapter_id"] for a in json.loads(run("adapters", "--server", address, "list"))
+        ] == ["cli-adapter"]
+        assert (
+            json.loads(run("adapters", "--server", address, "get", "cli-adapter"))["version"] == 1
+        )
+        out = json.loads(
+            run(
+                "generate",
+                "--server",
+                address,
+                "--adapter",
+                "cli-adapter",
+                "--chat",
+                "--max-new-tokens",
+                "8",
+                "--json",
+                "Name three colours.",
+            )
+        )
+        assert out["adapter_id"] == "cli-adapter" and out["usage"]["completion_tokens"] > 0
+        streamed = run(
+            "generate",
+            "--server",
+            address,
+            "--adapter",
+            "cli-adapter",
+            "--chat",
+            "--max-new-tokens",
+            "8",
+            "--stream",
+            "Name three colours.",
+        )
+        assert streamed.rstrip("\n") == out["text"]
+        assert json.loads(run("adapters", "--server", address, "rm", "cli-adapter"))["deleted"]
+        failed = subprocess.run(
+            [*cli, "generate", "--server", address, "--adapter", "cli-adapter", "hi"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert failed.returncode == 1 and "NOT_FOUND" in failed.stderr
+    finally:
+        server.send_signal(2)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert server.returncode == 0

@@ -1,0 +1,181 @@
+"""Behaviour a gRPC client sees: streaming, sampling, stop strings, errors, health, reflection."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from loraplex.server.client import LoraplexClient
+from loraplex.v1 import inference_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+PROMPT = [pb.ChatMessage(role="user", content="Tell me a short story about a robot.")]
+
+
+@pytest.fixture
+def client(server):
+    with LoraplexClient(server.address, timeout=120) as c:
+        yield c
+
+
+def stream_text(client, request) -> tuple[str, list[pb.GenerateResponse]]:
+    chunks = list(client.generate_stream(request))
+    return "".join(c.text for c in chunks), chunks
+
+
+def test_stream_equals_unary(client):
+    request = pb.GenerateRequest(messages=PROMPT, max_new_tokens=40)
+    unary = client.generate(request)
+    text, chunks = stream_text(client, request)
+    assert text == unary.text
+    assert len(chunks) > 5, "the stream should deliver text as it is generated"
+    assert all(c.finish_reason == "" for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.finish_reason == unary.finish_reason == "length"
+    assert last.usage.completion_tokens == unary.usage.completion_tokens == 40
+    assert last.usage.prompt_tokens == unary.usage.prompt_tokens > 0
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+
+
+def test_stream_deltas_are_whole_utf8(client):
+    request = pb.GenerateRequest(
+        prompt="Écris trois emojis et un mot en japonais: 🎉",
+        max_new_tokens=48,
+        temperature=1.0,
+        seed=7,
+    )
+    text, chunks = stream_text(client, request)
+    for chunk in chunks:
+        chunk.text.encode("utf-8")  # a lone surrogate or cut character would raise
+        assert "\ufffd" not in chunk.text or chunk is chunks[-1]
+    assert text == client.generate(request).text
+
+
+def test_seeded_sampling_reproduces(client):
+    def sample(seed: int) -> str:
+        return client.generate(
+            pb.GenerateRequest(
+                messages=PROMPT,
+                max_new_tokens=24,
+                temperature=1.0,
+                top_p=0.95,
+                top_k=50,
+                seed=seed,
+            )
+        ).text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    others = {sample(s) for s in (1, 2, 3)}
+    assert len(others | {first}) > 1, "different seeds should give different samples"
+
+
+def test_greedy_is_deterministic(client):
+    request = pb.GenerateRequest(messages=PROMPT, max_new_tokens=24)
+    assert client.generate(request).text == client.generate(request).text
+
+
+def test_stop_string_ends_generation(client):
+    request = pb.GenerateRequest(messages=PROMPT, max_new_tokens=48)
+    full = client.generate(request).text
+    words = full.split()
+    assert len(words) > 6
+    stop = " " + words[5]  # a stop string that occurs in the middle of the output
+    cut = full.index(stop)
+    request.stop.append(stop)
+    response = client.generate(request)
+    assert response.text == full[:cut]
+    assert response.finish_reason == "stop"
+    assert response.stop_reason == stop
+    assert response.usage.completion_tokens < 48
+    text, chunks = stream_text(client, request)
+    assert text == response.text  # held-back text is never streamed past a stop string
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_eos_finishes_with_stop(client):
+    response = client.generate(
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="Reply with just the word: yes")],
+            max_new_tokens=64,
+        )
+    )
+    assert response.finish_reason == "stop"
+    assert response.stop_reason == ""
+    assert response.usage.completion_tokens < 64
+
+
+@pytest.mark.parametrize(
+    ("fields", "field_name"),
+    [
+        ({"prompt": "hi", "max_new_tokens": -5}, "max_new_tokens"),
+        ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "hi", "top_p": 0.0}, "top_p"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "temperature": -1.0}, "temperature"),
+        ({"prompt": "hi", "top_k": -2}, "top_k"),
+        ({"prompt": "hi", "max_new_tokens": 10_000_000}, "max_new_tokens"),
+        ({}, "prompt"),
+        ({"prompt": "hi", "messages": [pb.ChatMessage(role="user", content="x")]}, "prompt"),
+        ({"messages": [pb.ChatMessage(role="wizard", content="x")]}, "messages[0].role"),
+        ({"prompt": "hi", "adapter_id": "../etc/passwd"}, "adapter_id"),
+    ],
+)
+def test_bad_arguments_are_invalid_argument(client, fields, field_name):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(pb.GenerateRequest(**fields))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # the stream says the same, before any chunk
+        list(client.generate_stream(pb.GenerateRequest(**fields)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_adapter_is_not_found(client):
+    for call in (client.generate, lambda r: list(client.generate_stream(r))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(pb.GenerateRequest(prompt="hi", adapter_id="no-such-adapter"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no-such-adapter" in err.value.details()
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert info.model_type == "llama"
+    assert info.quantization == "bnb-nf4-double-quant"
+    assert info.num_layers == 30 and info.vocab_size == 49152
+    assert "q_proj" in info.supported_target_modules
+    assert info.has_chat_template
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "loraplex.v1.Inference", "loraplex.v1.Adapters"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"loraplex.v1.Inference", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= names
+
+
+def test_cancelled_stream_stops_generation(server, client):
+    engine = server.engine
+    stream = client.generate_stream(pb.GenerateRequest(messages=PROMPT, max_new_tokens=2000))
+    next(stream)
+    stream.cancel()
+    generated = engine.stats.generated_tokens
+    for _ in range(100):  # the engine drops the sequence at its next step
+        if engine.num_running == 0:
+            break
+        time.sleep(0.05)
+    assert engine.num_running == 0
+    assert engine.stats.generated_tokens - generated < 50

@@ -1,0 +1,183 @@
+"""The engine on the tiny model: continuous batching of mixed adapters gives every request
+what it gets alone, slots are shared fairly, failures and cancels free what they held."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
+from loraplex.server.config import EngineConfig
+from loraplex.server.engine.engine import Engine, eos_ids_of
+from loraplex.server.engine.model_runner import ModelRunner
+from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
+from tests.helpers import add_peft_adapter
+
+
+class Collector:
+    """Gathers one request's outputs from the engine thread."""
+
+    def __init__(self) -> None:
+        self.outputs: list[RequestOutput] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.first = threading.Event()
+
+    def __call__(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+            self.done.set()
+            return
+        self.outputs.append(item)
+        self.first.set()
+        if item.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+
+@pytest.fixture
+def setup(load_tiny, tmp_path):
+    """An engine over the tiny model with two registered PEFT adapters."""
+
+    def build(**engine_kwargs):
+        loaded = load_tiny()
+        peft_base = copy.deepcopy(loaded.model)
+        runner = ModelRunner(loaded, num_slots=engine_kwargs.get("max_loras", 4), max_rank=8)
+        spec = BaseModelSpec(runner.target_shapes, max_rank=8, fingerprint="tiny")
+        registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
+        peft = add_peft_adapter(
+            peft_base, "one", LoraConfig(r=4, target_modules="all-linear"), seed=1, b_std=0.5
+        )
+        peft = add_peft_adapter(
+            peft, "two", LoraConfig(r=8, target_modules=["q_proj"]), seed=2, b_std=0.5
+        )
+        peft.save_pretrained(tmp_path / "peft", selected_adapters=["one", "two"])
+        versions = {n: registry.register(n, str(tmp_path / "peft" / n))[0] for n in ("one", "two")}
+        engine = Engine(
+            runner,
+            registry.load_weights,
+            loaded.tokenizer,
+            eos_ids_of(loaded.model, loaded.tokenizer),
+            EngineConfig(**engine_kwargs),
+        )
+        engine.eos_token_ids = set()  # a random model: run every request to max_new_tokens
+        engine.start()
+        return engine, versions
+
+    engines = []
+
+    def factory(**kwargs):
+        engine, versions = build(**kwargs)
+        engines.append(engine)
+        return engine, versions
+
+    yield factory
+    for engine in engines:
+        engine.stop()
+
+
+def submit(engine, prompt, adapter, max_new_tokens=12, **params) -> Collector:
+    collector = Collector()
+    request = EngineRequest(
+        f"r{id(collector)}", prompt, SamplingParams(max_new_tokens, **params), adapter, collector
+    )
+    engine.submit(request)
+    collector.request = request
+    return collector
+
+
+PROMPTS = [[5, 17, 300, 42, 7, 99], [9, 8, 7], [100, 200, 300, 400, 500, 600, 700, 800], [1, 2]]
+
+
+def test_joining_mixed_batch_equals_each_request_alone(setup):
+    engine, versions = setup()
+    adapters = [versions["one"], None, versions["two"], versions["one"]]
+    alone = []
+    for prompt, adapter in zip(PROMPTS, adapters, strict=True):
+        c = submit(engine, prompt, adapter)
+        assert c.done.wait(30)
+        alone.append(c.tokens)
+    # Staggered: the first request runs, the others join its batch mid-flight.
+    first = submit(engine, PROMPTS[0], adapters[0], max_new_tokens=40)
+    assert first.first.wait(30)
+    rest = [submit(engine, p, a) for p, a in zip(PROMPTS[1:], adapters[1:], strict=True)]
+    for c in [first, *rest]:
+        assert c.done.wait(60) and c.error is None
+    assert first.tokens[:12] == alone[0]
+    assert [c.tokens for c in rest] == alone[1:]
+    assert engine.stats.mixed_adapter_steps > 0 and engine.stats.max_batch_size >= 3
+    assert len({tuple(t) for t in alone[:2]}) == 2
+    assert all(o.usage for o in (c.outputs[-1] for c in rest))
+    assert engine.num_running == 0
+    assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
+
+
+def test_more_adapters_than_slots_wait_and_all_complete(setup):
+    engine, versions = setup(max_loras=1)
+    collectors = [
+        submit(engine, PROMPTS[i % 4], versions["one" if i % 2 else "two"]) for i in range(6)
+    ]
+    for c in collectors:
+        assert c.done.wait(60) and c.error is None
+        assert c.outputs[-1].finish_reason == "length"
+    assert engine.stats.adapter_loads >= 2  # the one slot was reloaded as adapters alternated
+
+
+def test_failed_adapter_load_errors_that_request_only(setup, tmp_path):
+    engine, versions = setup()
+    blob = AdapterStore(tmp_path / "store").blob_dir(versions["two"].digest)
+    for f in blob.iterdir():  # the blob vanished behind the registry's back
+        f.unlink()
+    bad = submit(engine, PROMPTS[0], versions["two"])
+    good = submit(engine, PROMPTS[1], versions["one"])
+    assert bad.done.wait(30) and bad.error is not None
+    assert good.done.wait(30) and good.error is None
+    assert versions["two"].key not in engine.slots.resident().values()
+
+
+def test_cancel_removes_the_sequence(setup):
+    engine, _ = setup()
+    c = submit(engine, PROMPTS[0], None, max_new_tokens=400)
+    assert c.first.wait(30)
+    c.request.cancel()
+    for _ in range(200):
+        if engine.num_running == 0:
+            break
+        threading.Event().wait(0.01)
+    assert engine.num_running == 0
+    assert len(c.tokens) < 400 and not c.done.is_set()
+
+
+def test_seeded_sampling_is_independent_of_batch_company(setup):
+    engine, versions = setup()
+    params = dict(temperature=1.0, seed=11)
+    alone = submit(engine, PROMPTS[0], versions["one"], **params)
+    assert alone.done.wait(30)
+    company = [submit(engine, PROMPTS[i], None, temperature=0.8, seed=i) for i in (1, 2)]
+    together = submit(engine, PROMPTS[0], versions["one"], **params)
+    for c in [*company, together]:
+        assert c.done.wait(30)
+    assert together.tokens == alone.tokens
+
+
+def test_nf4_tiny_model_serves_adapters(load_tiny, tmp_path):
+    """The 4-bit path end to end on the tiny model: outputs differ with and without adapter."""
+    loaded = load_tiny(quantization="nf4", dtype="bfloat16")
+    runner = ModelRunner(loaded, num_slots=2, max_rank=8)
+    assert any("4bit" in type(layer.base_layer).__name__ for layer in runner.lora_layers.values())
+    a = torch.randn(4, 64) * 0.5
+    b = torch.randn(64, 4) * 0.5
+    weights = AdapterWeights({"model.layers.0.self_attn.q_proj": (a, b)}, 4, 8.0, ("q_proj",))
+    runner.load_adapter(0, weights)
+    logits, _ = runner.prefill([PROMPTS[0], PROMPTS[0]], [0, -1])
+    assert torch.isfinite(logits).all()
+    assert (logits[0] - logits[1]).abs().max() > 0

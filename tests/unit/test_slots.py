@@ -1,0 +1,69 @@
+"""The slot table: exact contents, refcounts and LRU order."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex.adapters.slots import SlotGrant, SlotTable
+
+
+def test_acquire_loads_once_and_shares_a_slot():
+    table = SlotTable(2)
+    assert table.acquire(("a", 1)) == SlotGrant(0, needs_load=True, evicted=None)
+    assert table.acquire(("a", 1)) == SlotGrant(0, needs_load=False, evicted=None)
+    assert table.refcount(0) == 2
+    assert table.acquire(("b", 1)) == SlotGrant(1, needs_load=True, evicted=None)
+    assert table.resident() == {0: ("a", 1), 1: ("b", 1)}
+
+
+def test_versions_are_distinct_adapters():
+    table = SlotTable(2)
+    table.acquire(("a", 1))
+    assert table.acquire(("a", 2)).slot == 1
+
+
+def test_referenced_slots_are_never_evicted():
+    table = SlotTable(2)
+    table.acquire(("a", 1))
+    table.acquire(("b", 1))
+    assert not table.can_acquire(("c", 1))
+    assert table.acquire(("c", 1)) is None
+    assert table.resident() == {0: ("a", 1), 1: ("b", 1)}
+
+
+def test_least_recently_released_is_evicted_first():
+    table = SlotTable(2)
+    table.acquire(("a", 1))
+    table.acquire(("b", 1))
+    table.release(1)  # b released first: least recently used
+    table.release(0)
+    grant = table.acquire(("c", 1))
+    assert grant == SlotGrant(1, needs_load=True, evicted=("b", 1))
+    assert table.resident() == {0: ("a", 1), 1: ("c", 1)}
+    assert table.lookup(("b", 1)) is None
+    # a was idle but is reused without a load
+    assert table.acquire(("a", 1)) == SlotGrant(0, needs_load=False, evicted=None)
+
+
+def test_reacquired_slot_leaves_lru():
+    table = SlotTable(1)
+    table.acquire(("a", 1))
+    table.release(0)
+    table.acquire(("a", 1))  # in use again
+    assert table.acquire(("b", 1)) is None
+
+
+def test_release_more_than_acquired_is_an_error():
+    table = SlotTable(1)
+    table.acquire(("a", 1))
+    table.release(0)
+    with pytest.raises(RuntimeError):
+        table.release(0)
+
+
+def test_discard_frees_the_slot():
+    table = SlotTable(1)
+    table.acquire(("a", 1))
+    table.discard(0)
+    assert table.resident() == {}
+    assert table.acquire(("b", 1)) == SlotGrant(0, needs_load=True, evicted=None)
