@@ -33,9 +33,23 @@ class AdapterRegistry:
         self.allowed_roots = [r.resolve() for r in allowed_roots]
 
     def register(self, adapter_id: str, path: str) -> tuple[AdapterVersion, bool]:
+        """Check, validate and store an adapter in one go (on the calling thread)."""
+        source = self.check_source(adapter_id, path)
+        return self.add(adapter_id, source, load_adapter(source, self.spec))
+
+    def check_source(self, adapter_id: str, path: str) -> Path:
+        """The first, file-system-only step of registering: the id and the source directory."""
         check_adapter_id(adapter_id)
-        source = self._resolve_source(path)
-        weights = load_adapter(source, self.spec)
+        return self._resolve_source(path)
+
+    def validate(self, source: Path) -> AdapterWeights:
+        """The tensor step of registering (the server runs it on its engine thread)."""
+        return load_adapter(source, self.spec)
+
+    def add(
+        self, adapter_id: str, source: Path, weights: AdapterWeights
+    ) -> tuple[AdapterVersion, bool]:
+        """The last step: store the validated adapter under its content digest."""
         digest = digest_files(source)
         version, created = self.store.add(
             adapter_id,

@@ -17,7 +17,7 @@ from loraplex.adapters.store import AdapterStore, AdapterVersion
 from loraplex.adapters.validate import BaseModelSpec
 from loraplex.server import __version__
 from loraplex.server.config import ServerConfig
-from loraplex.server.engine.engine import Engine, eos_ids_of
+from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 from loraplex.server.errors import InvalidRequest
@@ -82,24 +82,23 @@ class Frontend:
 
     @classmethod
     def create(cls, config: ServerConfig) -> Frontend:
-        """Load the model and build everything behind the front end (blocking; seconds)."""
-        loaded = load_model(config.model)
+        """Load the model and build everything behind the front end (blocking; seconds). The
+        model is loaded on the engine thread, the one thread that runs tensor work."""
         ec = config.engine
-        runner = ModelRunner(loaded, num_slots=ec.max_loras, max_rank=ec.max_lora_rank)
+
+        def make_runner() -> ModelRunner:
+            loaded = load_model(config.model)
+            return ModelRunner(loaded, num_slots=ec.max_loras, max_rank=ec.max_lora_rank)
+
+        engine = Engine(make_runner, ec)
+        runner = engine.start()
         spec = BaseModelSpec(
-            runner.target_shapes, ec.max_lora_rank, loaded.fingerprint, ec.max_adapter_bytes
+            runner.target_shapes, ec.max_lora_rank, runner.loaded.fingerprint, ec.max_adapter_bytes
         )
         roots = list(config.adapter_roots) or default_adapter_roots(config)
         registry = AdapterRegistry(AdapterStore(config.store_dir), spec, roots)
-        engine = Engine(
-            runner,
-            registry.load_weights,
-            loaded.tokenizer,
-            eos_ids_of(loaded.model, loaded.tokenizer),
-            ec,
-        )
-        engine.start()
-        return cls(loaded, engine, registry, config)
+        engine.load_weights = registry.load_weights
+        return cls(runner.loaded, engine, registry, config)
 
     def close(self) -> None:
         self.engine.stop()
@@ -175,7 +174,11 @@ class Frontend:
 
     # -- adapters (file and tensor work runs off the event loop) -------------------------------
     async def register_adapter(self, adapter_id: str, path: str) -> tuple[AdapterVersion, bool]:
-        return await asyncio.to_thread(self.registry.register, adapter_id, path)
+        source = await asyncio.to_thread(self.registry.check_source, adapter_id, path)
+        weights = await asyncio.wrap_future(
+            self.engine.call(lambda: self.registry.validate(source))
+        )
+        return await asyncio.to_thread(self.registry.add, adapter_id, source, weights)
 
     def get_adapter(self, adapter_id: str) -> tuple[AdapterVersion, list[int]]:
         versions = self.registry.store.versions(self.registry.resolve(adapter_id).adapter_id)

@@ -22,6 +22,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

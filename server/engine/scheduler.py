@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraplex.adapters.lora import NO_ADAPTER
@@ -45,10 +46,11 @@ class Scheduler:
         with self._cond:
             return len(self._waiting)
 
-    def wait(self, timeout: float) -> None:
-        """Block until a request is queued (or `timeout` passes, or `wake` is called)."""
+    def wait(self, timeout: float, unless: Callable[[], bool] = lambda: False) -> None:
+        """Block until a request is queued, `wake` is called or `timeout` passes; return at once
+        when `unless()` holds (checked under the lock, so a wake-up cannot be missed)."""
         with self._cond:
-            if not self._waiting:
+            if not self._waiting and not unless():
                 self._cond.wait(timeout)
 
     def wake(self) -> None:

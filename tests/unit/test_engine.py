@@ -14,7 +14,7 @@ from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig
-from loraplex.server.engine.engine import Engine, eos_ids_of
+from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 from tests.helpers import add_peft_adapter
@@ -62,15 +62,8 @@ def setup(load_tiny, tmp_path):
         )
         peft.save_pretrained(tmp_path / "peft", selected_adapters=["one", "two"])
         versions = {n: registry.register(n, str(tmp_path / "peft" / n))[0] for n in ("one", "two")}
-        engine = Engine(
-            runner,
-            registry.load_weights,
-            loaded.tokenizer,
-            eos_ids_of(loaded.model, loaded.tokenizer),
-            EngineConfig(**engine_kwargs),
-        )
-        engine.eos_token_ids = set()  # a random model: run every request to max_new_tokens
-        engine.start()
+        engine = Engine(lambda: runner, EngineConfig(**engine_kwargs), registry.load_weights)
+        assert engine.start() is runner
         return engine, versions
 
     engines = []
@@ -87,9 +80,9 @@ def setup(load_tiny, tmp_path):
 
 def submit(engine, prompt, adapter, max_new_tokens=12, **params) -> Collector:
     collector = Collector()
-    request = EngineRequest(
-        f"r{id(collector)}", prompt, SamplingParams(max_new_tokens, **params), adapter, collector
-    )
+    # A random model may emit EOS anywhere: run every request to max_new_tokens.
+    params = SamplingParams(max_new_tokens, ignore_eos=True, **params)
+    request = EngineRequest(f"r{id(collector)}", prompt, params, adapter, collector)
     engine.submit(request)
     collector.request = request
     return collector
@@ -181,3 +174,21 @@ def test_nf4_tiny_model_serves_adapters(load_tiny, tmp_path):
     logits, _ = runner.prefill([PROMPTS[0], PROMPTS[0]], [0, -1])
     assert torch.isfinite(logits).all()
     assert (logits[0] - logits[1]).abs().max() > 0
+
+
+def test_calls_run_on_the_engine_thread_between_steps(setup):
+    engine, _ = setup()
+    busy = submit(engine, PROMPTS[0], None, max_new_tokens=30)
+    name = engine.call(lambda: threading.current_thread().name).result(10)
+    assert name == "loraplex-engine"
+    with pytest.raises(ZeroDivisionError):
+        engine.call(lambda: 1 / 0).result(10)
+    assert busy.done.wait(30) and busy.error is None  # a failing call disturbs no request
+
+
+def test_a_runner_that_fails_to_build_fails_start():
+    def broken():
+        raise OSError("no such model")
+
+    with pytest.raises(OSError, match="no such model"):
+        Engine(broken, EngineConfig()).start(timeout=10)
