@@ -66,15 +66,16 @@ class LoraplexServer:
 
     async def _load(self) -> None:
         try:
-            self.frontend = await asyncio.to_thread(Frontend.create, self.config)
-            await self.frontend.warmup()
+            frontend = await asyncio.to_thread(Frontend.create, self.config)
+            self.frontend = frontend
+            await frontend.warmup()
         except Exception as exc:
             self.load_error = exc
             log.exception("the model failed to load")
             self._ready.set()
             return
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s", self.frontend.loaded.model_id)
+        log.info("serving %s", frontend.loaded.model_id)
         self._ready.set()
 
     async def wait_ready(self) -> None:

@@ -133,7 +133,10 @@ class Frontend:
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
         def emit(item: RequestOutput | BaseException) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                request.cancel()
 
         request = EngineRequest(request_id, prompt_ids, params, adapter, emit)
         self.engine.submit(request)
