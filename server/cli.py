@@ -64,10 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-store", metavar="DIR", help="adapter store directory (default: HOME/adapters)"
     )
 
-    gen = sub.add_parser("generate", help="generate text from a running server")
+    # Client commands take --server anywhere on the line ($LORAPLEX_SERVER by default).
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument(
+        "--server",
+        "--address",
+        dest="server",
+        default=argparse.SUPPRESS,
+        help=f"server address (default: $LORAPLEX_SERVER or {DEFAULT_ADDRESS})",
+    )
+
+    gen = sub.add_parser("generate", parents=[remote], help="generate text from a running server")
     gen.add_argument("prompt", help="the prompt (a user message with --chat)")
-    gen.add_argument("--server", default=DEFAULT_ADDRESS)
-    gen.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    gen.add_argument(
+        "--adapter", "--adapter-id", default="", help="adapter id (default: the base model)"
+    )
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--system", help="system message (with --chat)")
     gen.add_argument("--max-new-tokens", type=int)
@@ -79,16 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
 
-    adapters = sub.add_parser("adapters", help="register, list, inspect and remove adapters")
-    adapters.add_argument("--server", default=DEFAULT_ADDRESS)
+    adapters = sub.add_parser(
+        "adapters", parents=[remote], help="register, list, inspect and remove adapters"
+    )
     verbs = adapters.add_subparsers(dest="verb", required=True)
-    register = verbs.add_parser("register", help="register a PEFT LoRA directory")
-    register.add_argument("adapter_id")
-    register.add_argument("path", help="adapter directory, as the server sees it")
-    verbs.add_parser("list", help="list registered adapters")
-    get = verbs.add_parser("get", help="show one adapter")
+    register = verbs.add_parser(
+        "register",
+        parents=[remote],
+        help="register a PEFT LoRA directory",
+        description="loraplex adapters register ID DIR, or register DIR [--name ID] "
+        "(the id defaults to the directory's name)",
+    )
+    register.add_argument("args", nargs="+", metavar="[ID] DIR")
+    register.add_argument("--name", help="adapter id (instead of a positional ID)")
+    verbs.add_parser("list", aliases=["ls"], parents=[remote], help="list registered adapters")
+    get = verbs.add_parser("get", parents=[remote], help="show one adapter")
     get.add_argument("adapter_id")
-    rm = verbs.add_parser("rm", help="remove an adapter and all its versions")
+    rm = verbs.add_parser(
+        "rm", aliases=["delete"], parents=[remote], help="remove an adapter and all its versions"
+    )
     rm.add_argument("adapter_id")
     return parser
 
@@ -158,7 +178,7 @@ def generate(args: argparse.Namespace) -> int:
         request.top_p = args.top_p
     if args.seed is not None:
         request.seed = args.seed
-    with LoraplexClient(args.server) as client:
+    with LoraplexClient(_server(args)) as client:
         if args.stream:
             for chunk in client.generate_stream(request):
                 sys.stdout.write(chunk.text)
@@ -173,14 +193,33 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> str:
+    return getattr(args, "server", None) or os.environ.get("LORAPLEX_SERVER") or DEFAULT_ADDRESS
+
+
+def _register_args(args: argparse.Namespace) -> tuple[str, str]:
+    """(adapter id, directory) from `register ID DIR`, `register DIR --name ID` or `register
+    DIR` (id = the directory's name, lower-cased)."""
+    positional: list[str] = args.args
+    if len(positional) == 2 and not args.name:
+        adapter_id, path = positional
+    elif len(positional) == 1:
+        path = positional[0]
+        adapter_id = args.name or Path(path).expanduser().resolve().name.lower()
+    else:
+        raise SystemExit("usage: loraplex adapters register [ID] DIR [--name ID]")
+    if "://" not in path:  # the server resolves paths itself: send an absolute one
+        path = str(Path(path).expanduser().resolve())
+    return adapter_id, path
+
+
 def adapters(args: argparse.Namespace) -> int:
     from loraplex.server.client import LoraplexClient
 
-    with LoraplexClient(args.server) as client:
+    with LoraplexClient(_server(args)) as client:
         if args.verb == "register":
-            path = args.path if "://" in args.path else str(Path(args.path).expanduser().resolve())
-            result: object = _as_dict(client.register(args.adapter_id, path))
-        elif args.verb == "list":
+            result: object = _as_dict(client.register(*_register_args(args)))
+        elif args.verb in ("list", "ls"):
             result = [_as_dict(a) for a in client.list()]
         elif args.verb == "get":
             result = _as_dict(client.get(args.adapter_id))

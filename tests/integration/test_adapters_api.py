@@ -191,7 +191,7 @@ def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
             return done.stdout
 
         registered = json.loads(
-            run("adapters", "--server", address, "register", "cli-adapter", str(adapter_dir))
+            run("adapters", "register", "cli-adapter", str(adapter_dir), "--server", address)
         )
         assert registered["adapter"]["adapter_id"] == "cli-adapter"
         assert [
@@ -228,6 +228,24 @@ def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
             "Name three colours.",
         )
         assert streamed.rstrip("\n") == out["text"]
+        # `register DIR --name ID` is the same content under a second id; `register DIR` names
+        # the adapter after its directory.
+        named = json.loads(
+            run(
+                "adapters",
+                "--server",
+                address,
+                "register",
+                str(adapter_dir),
+                "--name",
+                "cli-second",
+            )
+        )
+        assert named["adapter"]["digest"] == registered["adapter"]["digest"]
+        by_dir = json.loads(run("adapters", "--server", address, "register", str(adapter_dir)))
+        assert by_dir["adapter"]["adapter_id"] == adapter_dir.name
+        for adapter_id in ("cli-second", adapter_dir.name):
+            run("adapters", "rm", adapter_id, "--server", address)
         assert json.loads(run("adapters", "--server", address, "rm", "cli-adapter"))["deleted"]
         failed = subprocess.run(
             [*cli, "generate", "--server", address, "--adapter", "cli-adapter", "hi"],
