@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from loraplex.adapters.errors import AdapterSourceDenied, InvalidAdapter, InvalidAdapterId
-from loraplex.adapters.store import ADAPTER_FILES, AdapterStore, AdapterVersion, digest_files
-from loraplex.adapters.validate import AdapterWeights, BaseModelSpec, load_adapter
+from loraplex.adapters.errors import (
+    AdapterNotFound,
+    AdapterSourceDenied,
+    InvalidAdapter,
+    InvalidAdapterId,
+)
+from loraplex.adapters.store import ADAPTER_FILES, AdapterStore, AdapterVersion
+from loraplex.adapters.validate import (
+    AdapterWeights,
+    BaseModelSpec,
+    check_no_pickle,
+    load_adapter,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TensorRunner = Callable[[Callable[[], AdapterWeights]], AdapterWeights]
+
+
+def _on_this_thread(fn: Callable[[], T]) -> T:
+    return fn()
+
 
 ADAPTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -32,40 +52,36 @@ class AdapterRegistry:
         self.spec = spec
         self.allowed_roots = [r.resolve() for r in allowed_roots]
 
-    def register(self, adapter_id: str, path: str) -> tuple[AdapterVersion, bool]:
-        """Check, validate and store an adapter in one go (on the calling thread)."""
-        source = self.check_source(adapter_id, path)
-        return self.add(adapter_id, source, load_adapter(source, self.spec))
-
-    def check_source(self, adapter_id: str, path: str) -> Path:
-        """The first, file-system-only step of registering: the id and the source directory."""
-        check_adapter_id(adapter_id)
-        return self._resolve_source(path)
-
-    def validate(self, source: Path) -> AdapterWeights:
-        """The tensor step of registering (the server runs it on its engine thread)."""
-        return load_adapter(source, self.spec)
-
-    def add(
-        self, adapter_id: str, source: Path, weights: AdapterWeights
+    def register(
+        self, adapter_id: str, path: str, run: TensorRunner = _on_this_thread
     ) -> tuple[AdapterVersion, bool]:
-        """The last step: store the validated adapter under its content digest."""
-        digest = digest_files(source)
-        version, created = self.store.add(
-            adapter_id,
-            source,
-            digest,
-            rank=weights.rank,
-            lora_alpha=weights.lora_alpha,
-            target_modules=weights.target_modules,
-            base_model_fingerprint=self.spec.fingerprint,
-        )
+        """Check, stage, validate and keep an adapter; returns (version, created).
+
+        `run` executes the tensor work (validation): the server passes its engine thread's.
+        A failure at any step leaves nothing behind.
+        """
+        check_adapter_id(adapter_id)
+        source = self._resolve_source(path)
+        staged = self.store.stage(source)
+        try:
+            weights = run(lambda: load_adapter(staged, self.spec))
+            version, created = self.store.commit(
+                adapter_id,
+                staged,
+                rank=weights.rank,
+                lora_alpha=weights.lora_alpha,
+                target_modules=weights.target_modules,
+                base_model_fingerprint=self.spec.fingerprint,
+                source=str(source),
+            )
+        finally:
+            self.store.discard_staged(staged)  # a no-op once it moved into place
         log.info(
             "adapter %s version %d %s (%s, rank %d, %s)",
             adapter_id,
             version.version,
             "registered" if created else "already registered",
-            digest[:19],
+            version.digest[:19],
             weights.rank,
             ",".join(weights.target_modules),
         )
@@ -78,7 +94,17 @@ class AdapterRegistry:
 
     def load_weights(self, version: AdapterVersion) -> AdapterWeights:
         """Read a stored version's weights (validated again: the blob is read from disk)."""
-        return load_adapter(self.store.blob_dir(version.digest), self.spec)
+        blob = self.store.blob_dir(version.digest)
+        if not blob.is_dir():
+            raise AdapterNotFound(
+                f"adapter {version.adapter_id!r} version {version.version} was deleted"
+            )
+        try:
+            return load_adapter(blob, self.spec)
+        except InvalidAdapter as exc:  # the server's own copy is damaged: not the client's fault
+            raise RuntimeError(
+                f"stored adapter {version.adapter_id!r} v{version.version} is corrupt: {exc}"
+            ) from exc
 
     def _resolve_source(self, path: str) -> Path:
         if not path or "\0" in path:
@@ -90,6 +116,7 @@ class AdapterRegistry:
             )
         if not source.is_dir():
             raise InvalidAdapter(f"path {path!r} is not a directory")
+        check_no_pickle(source)  # only the safetensors files are staged: look at the source
         for name in ADAPTER_FILES:
             f = source / name
             if f.is_symlink() and not any(

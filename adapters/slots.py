@@ -78,9 +78,11 @@ class SlotTable:
             self._lru[slot] = None  # most recently used
 
     def discard(self, slot: int) -> None:
-        """Forget a slot's adapter (e.g. its load failed). The slot must be unreferenced
-        except for the caller's single reference, which this drops."""
-        entry = self._entries.pop(slot)
+        """Forget an unreferenced slot's adapter (e.g. its load failed): the slot is free."""
+        entry = self._entries[slot]
+        if entry.refcount != 0:
+            raise RuntimeError(f"slot {slot} is still referenced {entry.refcount} times")
+        del self._entries[slot]
         del self._by_key[entry.key]
         self._lru.pop(slot, None)
 

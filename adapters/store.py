@@ -2,11 +2,15 @@
 
 Layout under the store root:
 
-    registry.json                  {"adapters": {id: [version record, ...]}}
+    registry.json                  {"adapters": {id: [version record, ...]},
+                                    "last_version": {id: n}}  (versions are never reused)
     blobs/<sha256 hex>/            adapter_config.json + adapter_model.safetensors
+    blobs/.staging-*/              copies being validated; never referenced
 
-Every write goes to a temporary name first and is renamed into place, so a crash never
-leaves a half-registered adapter visible. The store is thread-safe.
+An adapter is copied into staging first, and what is validated, digested and kept is that
+copy, so a source changing underneath cannot slip in unvalidated bytes. Every write is
+fsynced and renamed into place: a crash never leaves a half-registered adapter visible.
+The store is thread-safe.
 """
 
 from __future__ import annotations
@@ -66,43 +70,59 @@ class AdapterStore:
         self._registry_path = root / "registry.json"
         self._lock = threading.Lock()
         self._blobs.mkdir(parents=True, exist_ok=True)
-        self._adapters: dict[str, list[AdapterVersion]] = self._read_registry()
+        self._adapters, self._last_version = self._read_registry()
 
     def blob_dir(self, digest: str) -> Path:
         return self._blobs / digest.removeprefix("sha256:")
 
-    def add(
+    def stage(self, src_dir: Path) -> Path:
+        """Copy an adapter's files into a private staging directory (fsynced)."""
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self._blobs))
+        for name in ADAPTER_FILES:
+            shutil.copyfile(src_dir / name, staging / name)
+            _fsync(staging / name)
+        return staging
+
+    def discard_staged(self, staged: Path) -> None:
+        shutil.rmtree(staged, ignore_errors=True)
+
+    def commit(
         self,
         adapter_id: str,
-        src_dir: Path,
-        digest: str,
+        staged: Path,
         rank: int,
         lora_alpha: float,
         target_modules: tuple[str, ...],
         base_model_fingerprint: str,
+        source: str,
     ) -> tuple[AdapterVersion, bool]:
-        """Store a validated adapter; returns (version, created). The same content under the
-        same id is a no-op; new content becomes the next version."""
+        """Keep a staged, validated adapter; returns (version, created). The same content under
+        the same id is a no-op; new content becomes the next version."""
+        digest = digest_files(staged)
         with self._lock:
             versions = self._adapters.get(adapter_id, [])
             if versions and versions[-1].digest == digest:
                 return versions[-1], False
-            self._write_blob(src_dir, digest)
+            blob = self.blob_dir(digest)
+            if not blob.exists():
+                os.replace(staged, blob)
+                _fsync(self._blobs)
             record = AdapterVersion(
                 adapter_id=adapter_id,
-                version=(versions[-1].version + 1) if versions else 1,
+                version=self._last_version.get(adapter_id, 0) + 1,
                 digest=digest,
                 rank=rank,
                 lora_alpha=lora_alpha,
                 target_modules=target_modules,
-                size_bytes=sum((src_dir / n).stat().st_size for n in ADAPTER_FILES),
+                size_bytes=sum((blob / n).stat().st_size for n in ADAPTER_FILES),
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                source=str(src_dir),
+                source=source,
                 base_model_fingerprint=base_model_fingerprint,
             )
-            updated = {**self._adapters, adapter_id: [*versions, record]}
-            self._write_registry(updated)
-            self._adapters = updated
+            adapters = {**self._adapters, adapter_id: [*versions, record]}
+            last_version = {**self._last_version, adapter_id: record.version}
+            self._write_registry(adapters, last_version)
+            self._adapters, self._last_version = adapters, last_version
             return record, True
 
     def latest(self, adapter_id: str) -> AdapterVersion:
@@ -132,41 +152,33 @@ class AdapterStore:
             if not versions:
                 raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
             updated = {k: v for k, v in self._adapters.items() if k != adapter_id}
-            self._write_registry(updated)
+            self._write_registry(updated, self._last_version)
             self._adapters = updated
             still_used = {v.digest for vs in updated.values() for v in vs}
             for digest in {v.digest for v in versions} - still_used:
                 shutil.rmtree(self.blob_dir(digest), ignore_errors=True)
             return [v.version for v in versions]
 
-    def _write_blob(self, src_dir: Path, digest: str) -> None:
-        target = self.blob_dir(digest)
-        if target.exists():
-            return
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self._blobs))
-        try:
-            for name in ADAPTER_FILES:
-                shutil.copyfile(src_dir / name, staging / name)
-            if digest_files(staging) != digest:
-                raise RuntimeError("adapter files changed while they were being registered")
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _read_registry(self) -> dict[str, list[AdapterVersion]]:
+    def _read_registry(self) -> tuple[dict[str, list[AdapterVersion]], dict[str, int]]:
         if not self._registry_path.exists():
-            return {}
+            return {}, {}
         data = json.loads(self._registry_path.read_text(encoding="utf-8"))
-        return {
+        adapters = {
             adapter_id: [
                 AdapterVersion(**{**r, "target_modules": tuple(r["target_modules"])})
                 for r in records
             ]
             for adapter_id, records in data["adapters"].items()
         }
+        return adapters, dict(data.get("last_version", {}))
 
-    def _write_registry(self, adapters: dict[str, list[AdapterVersion]]) -> None:
-        data = {"adapters": {k: [asdict(v) for v in vs] for k, vs in adapters.items()}}
+    def _write_registry(
+        self, adapters: dict[str, list[AdapterVersion]], last_version: dict[str, int]
+    ) -> None:
+        data = {
+            "adapters": {k: [asdict(v) for v in vs] for k, vs in adapters.items()},
+            "last_version": last_version,
+        }
         fd, tmp = tempfile.mkstemp(prefix=".registry-", dir=self.root)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -174,6 +186,16 @@ class AdapterStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._registry_path)
+            _fsync(self.root)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -45,6 +45,14 @@ class AdapterWeights:
     target_modules: tuple[str, ...]  # short names, e.g. ("q_proj", "v_proj")
 
 
+def check_no_pickle(adapter_dir: Path) -> None:
+    for name in PICKLE_FILES:
+        if (adapter_dir / name).exists():
+            raise InvalidAdapter(
+                f"{name} is a pickle file and is never loaded; save with safetensors"
+            )
+
+
 def read_config(adapter_dir: Path) -> dict:
     path = adapter_dir / CONFIG_FILE
     if not path.is_file():

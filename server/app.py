@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraplex.server.config import ServerConfig
+from loraplex.server.errors import NotReady
 from loraplex.server.frontend import Frontend
 from loraplex.server.service import AdaptersServicer, InferenceServicer
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -44,10 +45,10 @@ class LoraplexServer:
             ]
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(lambda: self.frontend), server
+            InferenceServicer(self._serving_frontend), server
         )
         adapters_pb2_grpc.add_AdaptersServicer_to_server(
-            AdaptersServicer(lambda: self.frontend), server
+            AdaptersServicer(self._serving_frontend), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -63,6 +64,13 @@ class LoraplexServer:
         log.info("listening on %s:%d; loading the model", self.config.host, self.port)
         self._load_task = asyncio.create_task(self._load())
         return self.port
+
+    def _serving_frontend(self) -> Frontend:
+        if self.frontend is not None and self._ready.is_set():
+            return self.frontend
+        if self.load_error is not None:
+            raise NotReady("the model failed to load; see the server log")
+        raise NotReady("the model is still loading; retry shortly")
 
     async def _load(self) -> None:
         try:

@@ -14,7 +14,13 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from loraplex.server.config import DEFAULT_PORT, EngineConfig, ModelConfig, ServerConfig
+from loraplex.server.config import (
+    DEFAULT_HOME,
+    DEFAULT_PORT,
+    EngineConfig,
+    ModelConfig,
+    ServerConfig,
+)
 
 log = logging.getLogger("loraplex")
 
@@ -23,7 +29,7 @@ DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
 
 def _home(arg: str | None) -> Path:
     # The edge is the one place that reads the environment.
-    return Path(arg or os.environ.get("LORAPLEX_HOME") or "~/.cache/loraplex").expanduser()
+    return Path(arg or os.environ.get("LORAPLEX_HOME") or DEFAULT_HOME).expanduser()
 
 
 def build_parser() -> argparse.ArgumentParser:

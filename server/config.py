@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 DEFAULT_PORT = 50051
+DEFAULT_HOME = Path("~/.cache/loraplex")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None
     """HF model id or local directory; None serves the embedded SmolLM2-135M-Instruct."""
-    home: Path = field(default_factory=lambda: Path("~/.cache/loraplex").expanduser())
+    home: Path = field(default_factory=DEFAULT_HOME.expanduser)
     """Where converted models and the adapter store live."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = CUDA when present, else CPU."""
@@ -67,8 +69,8 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     """gRPC port (0 picks a free one)."""
     adapter_roots: tuple[Path, ...] = ()
-    """Directories adapters may be registered from; empty = the working directory, the
-    system temp directory and the loraplex home."""
+    """Directories adapters may be registered from; empty = the defaults of
+    `allowed_adapter_roots`."""
     adapter_store: Path | None = None
     """Adapter store directory; None = <home>/adapters."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -77,6 +79,16 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    @property
+    def allowed_adapter_roots(self) -> tuple[Path, ...]:
+        """The configured roots, or by default the working directory (unless it is the file
+        system's root), the system temp directory and the loraplex home."""
+        if self.adapter_roots:
+            return self.adapter_roots
+        cwd = Path.cwd()
+        defaults = [Path(tempfile.gettempdir()), self.model.home]
+        return tuple(defaults if cwd == Path(cwd.anchor) else [cwd, *defaults])
 
     @property
     def store_dir(self) -> Path:

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.store import AdapterStore, AdapterVersion
-from loraplex.adapters.validate import BaseModelSpec
+from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
 from loraplex.server import __version__
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.engine import Engine
@@ -95,8 +93,9 @@ class Frontend:
         spec = BaseModelSpec(
             runner.target_shapes, ec.max_lora_rank, runner.loaded.fingerprint, ec.max_adapter_bytes
         )
-        roots = list(config.adapter_roots) or default_adapter_roots(config)
-        registry = AdapterRegistry(AdapterStore(config.store_dir), spec, roots)
+        registry = AdapterRegistry(
+            AdapterStore(config.store_dir), spec, list(config.allowed_adapter_roots)
+        )
         engine.load_weights = registry.load_weights
         return cls(runner.loaded, engine, registry, config)
 
@@ -177,11 +176,11 @@ class Frontend:
 
     # -- adapters (file and tensor work runs off the event loop) -------------------------------
     async def register_adapter(self, adapter_id: str, path: str) -> tuple[AdapterVersion, bool]:
-        source = await asyncio.to_thread(self.registry.check_source, adapter_id, path)
-        weights = await asyncio.wrap_future(
-            self.engine.call(lambda: self.registry.validate(source))
-        )
-        return await asyncio.to_thread(self.registry.add, adapter_id, source, weights)
+        # File work on a worker thread; the tensor validation hops onto the engine thread.
+        def on_engine(fn: Callable[[], AdapterWeights]) -> AdapterWeights:
+            return self.engine.call(fn).result()
+
+        return await asyncio.to_thread(self.registry.register, adapter_id, path, on_engine)
 
     def get_adapter(self, adapter_id: str) -> tuple[AdapterVersion, list[int]]:
         versions = self.registry.store.versions(self.registry.resolve(adapter_id).adapter_id)
@@ -235,7 +234,3 @@ async def _outputs(
     finally:
         if not finished:  # the consumer went away (client cancel, deadline): stop generating
             request.cancel()
-
-
-def default_adapter_roots(config: ServerConfig) -> list[Path]:
-    return [Path.cwd(), Path(tempfile.gettempdir()), config.model.home]

@@ -12,13 +12,13 @@ import grpc
 
 from loraplex.adapters.store import AdapterVersion
 from loraplex.server.engine.request import RequestOutput
-from loraplex.server.errors import NotReady, status_for
+from loraplex.server.errors import status_for
 from loraplex.server.frontend import Frontend, GenerateInput
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-FrontendGetter = Callable[[], Frontend | None]
+FrontendGetter = Callable[[], Frontend]  # raises NotReady until the model is served
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
@@ -95,13 +95,6 @@ def _response(
     return response
 
 
-def _frontend(get: FrontendGetter) -> Frontend:
-    frontend = get()
-    if frontend is None:
-        raise NotReady("the model is still loading; retry shortly")
-    return frontend
-
-
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, frontend: FrontendGetter) -> None:
         self._frontend = frontend
@@ -112,7 +105,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> inference_pb2.GenerateResponse:
-        generation = await _frontend(self._frontend).generate(generate_input(request))
+        generation = await self._frontend().generate(generate_input(request))
         texts: list[str] = []
         token_ids: list[int] = []
         async for out in generation.outputs:
@@ -130,9 +123,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        generation = await _frontend(self._frontend).generate(generate_input(request))
+        generation = await self._frontend().generate(generate_input(request))
         async for out in generation.outputs:
-            if out.text or out.finish_reason is not None:
+            # Also steps whose text is held back (half a character, a possible stop string):
+            # their token ids must reach the client.
+            if out.text or out.token_ids or out.finish_reason is not None:
                 yield _response(
                     out, out.text, out.token_ids, generation.adapter, generation.request_id
                 )
@@ -143,7 +138,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: inference_pb2.ModelInfoRequest,
         context: grpc.aio.ServicerContext,
     ) -> inference_pb2.ModelInfoResponse:
-        info = _frontend(self._frontend).model_info()
+        info = self._frontend().model_info()
         return inference_pb2.ModelInfoResponse(**info.__dict__)
 
 
@@ -173,7 +168,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.RegisterAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.RegisterAdapterResponse:
-        frontend = _frontend(self._frontend)
+        frontend = self._frontend()
         version, created = await frontend.register_adapter(request.adapter_id, request.path)
         _, versions = frontend.get_adapter(version.adapter_id)
         return adapters_pb2.RegisterAdapterResponse(
@@ -186,7 +181,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.GetAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.AdapterInfo:
-        return adapter_info(*_frontend(self._frontend).get_adapter(request.adapter_id))
+        return adapter_info(*self._frontend().get_adapter(request.adapter_id))
 
     @unary
     async def ListAdapters(
@@ -194,7 +189,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.ListAdaptersRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.ListAdaptersResponse:
-        listed = _frontend(self._frontend).list_adapters()
+        listed = self._frontend().list_adapters()
         return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(*a) for a in listed])
 
     @unary
@@ -203,5 +198,5 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.DeleteAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.DeleteAdapterResponse:
-        versions = await _frontend(self._frontend).delete_adapter(request.adapter_id)
+        versions = await self._frontend().delete_adapter(request.adapter_id)
         return adapters_pb2.DeleteAdapterResponse(deleted=True, versions=versions)

@@ -21,6 +21,7 @@ class Sequence:
     generator: torch.Generator | None  # None = greedy
     last_token: int = -1  # the token fed at the next decode step
     num_generated: int = 0
+    released: bool = False  # its adapter slot reference was dropped
 
     @property
     def num_tokens(self) -> int:

@@ -25,7 +25,7 @@ from loraplex.adapters.validate import AdapterWeights
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.batch import RunningBatch, Sequence
 from loraplex.server.engine.model_runner import ModelRunner
-from loraplex.server.engine.output import OutputProcessor
+from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
 from loraplex.server.engine.sampling import make_generator, sample
 from loraplex.server.engine.scheduler import Admission, Scheduler
@@ -75,6 +75,8 @@ class Engine:
         self._eos_token_ids: set[int] = set()
         self._batch = RunningBatch()
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._calls_lock = threading.Lock()
+        self._calls_closed = False  # under _calls_lock: no call is accepted once set
         self._started = Future[ModelRunner]()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,21 +95,23 @@ class Engine:
         return self._runner
 
     def submit(self, request: EngineRequest) -> None:
-        if self._stopping.is_set():
-            raise NotReady("the engine is shutting down")
+        """Queue a request (raises QueueFull, or NotReady once the engine is stopping)."""
         self.scheduler.add(request)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the engine thread between two steps; its result comes in the future."""
         future: Future[T] = Future()
-        if self._stopping.is_set():
-            future.set_exception(NotReady("the engine is shutting down"))
-            return future
-        self._calls.put((fn, future))
+        with self._calls_lock:
+            if self._calls_closed:
+                future.set_exception(NotReady("the engine is shutting down"))
+                return future
+            self._calls.put((fn, future))
         self.scheduler.wake()
         return future
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, fail those still queued or running, and join the thread."""
+        self.scheduler.close()
         self._stopping.set()
         self.scheduler.wake()
         if self._thread is not None:
@@ -124,6 +128,9 @@ class Engine:
             self._eos_token_ids = eos_ids_of(self._runner.model, self._runner.loaded.tokenizer)
         except BaseException as exc:
             self._started.set_exception(exc)
+            self.scheduler.close()
+            with self._calls_lock:
+                self._calls_closed = True
             return
         self._started.set_result(self._runner)
         log.info("engine started")
@@ -137,6 +144,8 @@ class Engine:
         self._fail_all(NotReady("the engine stopped"))
         for request in self.scheduler.drain():
             request.emit(NotReady("the engine stopped"))
+        with self._calls_lock:
+            self._calls_closed = True
         self._run_calls()
         log.info("engine stopped")
 
@@ -163,13 +172,15 @@ class Engine:
             self._decode()
 
     def _prefill(self, admitted: list[Admission]) -> None:
-        seqs = [s for s in (self._start_sequence(a) for a in admitted) if s is not None]
+        failed = self._load_adapters(admitted)
+        seqs = [self._new_sequence(a) for a in admitted if a.slot not in failed]
         if not seqs:
             return
         try:
             logits, kv = self.runner.prefill(
                 [s.request.prompt_ids for s in seqs], [s.slot for s in seqs]
             )
+            tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
         except Exception as exc:  # fail the newcomers only; the running batch is untouched
             log.exception("prefill of %d requests failed", len(seqs))
             for s in seqs:
@@ -177,7 +188,6 @@ class Engine:
                 s.request.emit(exc)
             return
         self.stats.prefill_steps += 1
-        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
         keep = [
             row
             for row, (s, t) in enumerate(zip(seqs, tokens, strict=True))
@@ -187,6 +197,32 @@ class Engine:
             self._batch.add(
                 [seqs[row] for row in keep], kv if len(keep) == len(seqs) else kv.select(keep)
             )
+
+    def _load_adapters(self, admitted: list[Admission]) -> set[int]:
+        """Write newly granted adapters into their slots; returns the slots whose load failed,
+        after failing every admitted request that shares them and freeing the slots."""
+        failed: dict[int, Exception] = {}
+        for admission in admitted:
+            grant, adapter = admission.grant, admission.request.adapter
+            if grant is None or not grant.needs_load or adapter is None:
+                continue
+            assert self.load_weights is not None, "set Engine.load_weights to serve adapters"
+            try:
+                self.runner.load_adapter(grant.slot, self.load_weights(adapter))
+            except Exception as exc:
+                log.warning("loading adapter %s v%d failed: %s", *adapter.key, exc)
+                self.runner.clear_slot(grant.slot)
+                failed[grant.slot] = exc
+                continue
+            self.stats.adapter_loads += 1
+            log.info("adapter %s v%d loaded into slot %d", *adapter.key, grant.slot)
+        for admission in admitted:
+            if admission.slot in failed:
+                self.slots.release(admission.slot)
+                admission.request.emit(failed[admission.slot])
+        for slot in failed:
+            self.slots.discard(slot)
+        return set(failed)
 
     def _decode(self) -> None:
         batch = self._batch
@@ -207,22 +243,8 @@ class Engine:
         ]
         batch.keep(keep)
 
-    def _start_sequence(self, admission: Admission) -> Sequence | None:
-        """Make a sequence of an admitted request, loading its adapter into its slot if needed."""
+    def _new_sequence(self, admission: Admission) -> Sequence:
         request = admission.request
-        grant = admission.grant
-        if grant is not None and grant.needs_load:
-            assert request.adapter is not None and self.load_weights is not None
-            try:
-                self.runner.load_adapter(grant.slot, self.load_weights(request.adapter))
-            except Exception as exc:
-                log.warning("loading adapter %s v%d failed: %s", *request.adapter.key, exc)
-                self.runner.clear_slot(grant.slot)
-                self.slots.discard(grant.slot)
-                request.emit(exc)
-                return None
-            self.stats.adapter_loads += 1
-            log.info("adapter %s v%d loaded into slot %d", *request.adapter.key, grant.slot)
         return Sequence(
             request=request,
             slot=admission.slot,
@@ -236,19 +258,20 @@ class Engine:
         seq.last_token = token
         self.stats.generated_tokens += 1
         finish: str | None = None
-        stop_reason: str | None = None
         if token in self._eos_token_ids and not seq.request.params.ignore_eos:
-            text, finish = seq.output.finish(), "stop"
+            step, finish = seq.output.finish(), "stop"
         else:
             step = seq.output.append(token)
-            text, stop_reason = step.delta, step.stop_reason
-            if stop_reason is not None:
+            if step.stop_reason is not None:
                 finish = "stop"
             elif (
                 seq.num_generated >= seq.request.params.max_new_tokens
                 or seq.num_tokens >= self.runner.max_context
             ):
-                text, finish = text + seq.output.finish(), "length"
+                rest = seq.output.finish()
+                step = StepText(step.delta + rest.delta, rest.stop_reason)
+                finish = "stop" if rest.stop_reason is not None else "length"
+        text, stop_reason = step.delta, step.stop_reason
         usage = None
         if finish is not None:
             usage = Usage(len(seq.request.prompt_ids), seq.num_generated)
@@ -266,7 +289,9 @@ class Engine:
         self._batch.keep(keep)
 
     def _release(self, seq: Sequence) -> None:
-        if seq.slot != NO_ADAPTER:
+        """Drop the sequence's reference to its adapter slot (once, whatever calls it)."""
+        if seq.slot != NO_ADAPTER and not seq.released:
+            seq.released = True
             self.slots.release(seq.slot)
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -33,20 +33,24 @@ class OutputProcessor:
     def append(self, token_id: int) -> StepText:
         """Add one generated (non-EOS) token; returns the text that became final."""
         self.token_ids.append(token_id)
-        start = max(0, len(self.text) - self._max_stop + 1)
-        self.text += self._decode_new(final=False)
+        return self._extend(self._decode_new(final=False), final=False)
+
+    def finish(self) -> StepText:
+        """Release everything still held back (the sequence ends for another reason); a stop
+        string completed by that last text still cuts it."""
+        return self._extend(self._decode_new(final=True), final=True)
+
+    def _extend(self, new_text: str, final: bool) -> StepText:
+        start = max(0, len(self.text) - self._max_stop + 1)  # a stop may span old and new text
+        self.text += new_text
         if self._stop:
             hit = self._find_stop(start)
             if hit is not None:
                 index, stop = hit
                 self.text = self.text[:index]
                 return StepText(self._release(len(self.text)), stop)
-        return StepText(self._release(len(self.text) - self._held_back()), None)
-
-    def finish(self) -> str:
-        """Release everything still held back (the sequence ended for another reason)."""
-        self.text += self._decode_new(final=True)
-        return self._release(len(self.text))
+        held = 0 if final else self._held_back()
+        return StepText(self._release(len(self.text) - held), None)
 
     def _decode_new(self, final: bool) -> str:
         decode = self._tokenizer.decode  # type: ignore[attr-defined]

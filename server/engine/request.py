@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from loraplex.adapters.store import AdapterVersion
 from loraplex.server.errors import InvalidRequest
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
@@ -43,7 +44,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows float32: decoding is greedy in effect.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         # Drop a token once the mass before it already reaches top_p (always keep the first).
-        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
-        logits = logits.index_put((order[drop],), torch.tensor(float("-inf")))
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())

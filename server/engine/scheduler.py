@@ -14,7 +14,7 @@ from loraplex.adapters.lora import NO_ADAPTER
 from loraplex.adapters.slots import SlotGrant, SlotTable
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.request import EngineRequest
-from loraplex.server.errors import QueueFull
+from loraplex.server.errors import NotReady, QueueFull
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,13 @@ class Scheduler:
         self.slots = slots
         self._waiting: deque[EngineRequest] = deque()
         self._cond = threading.Condition()
+        self._closed = False  # under _cond: set once, then every add is refused
 
     def add(self, request: EngineRequest) -> None:
-        """Thread-safe: queue a request, or raise QueueFull."""
+        """Thread-safe: queue a request, or raise QueueFull (or NotReady once closed)."""
         with self._cond:
+            if self._closed:
+                raise NotReady("the engine is shutting down")
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting)")
             self._waiting.append(request)
@@ -55,6 +58,12 @@ class Scheduler:
 
     def wake(self) -> None:
         with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse every later request; those already queued stay until drained."""
+        with self._cond:
+            self._closed = True
             self._cond.notify_all()
 
     def drain(self) -> list[EngineRequest]:

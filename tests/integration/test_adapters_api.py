@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -80,6 +80,26 @@ def test_new_content_becomes_next_version_and_serves(client, adapter_dir):
     client.delete("evolving")
 
 
+def test_delete_then_reregister_never_serves_the_old_weights(client, adapter_dir, tmp_path):
+    request = pb.GenerateRequest(adapter_id="phoenix", messages=ASK, max_new_tokens=12)
+    client.register("phoenix", str(adapter_dir))
+    old = client.generate(request)  # v1 is now resident in a slot
+    client.delete("phoenix")
+    weights = adapter_dir / "adapter_model.safetensors"
+    save_file({k: v * 3 if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
+    reborn = client.register("phoenix", str(adapter_dir))
+    assert reborn.adapter.version == 2  # versions are never reused
+    new = client.generate(request)
+    assert new.adapter_version == 2 and new.token_ids != old.token_ids
+    client.register("phoenix-twin", str(adapter_dir))
+    twin = client.generate(
+        pb.GenerateRequest(adapter_id="phoenix-twin", messages=ASK, max_new_tokens=12)
+    )
+    assert twin.token_ids == new.token_ids
+    client.delete("phoenix")
+    client.delete("phoenix-twin")
+
+
 @pytest.mark.parametrize(
     ("mutate", "code", "needle"),
     [
@@ -142,39 +162,46 @@ def test_restart_restores_the_registry(model_home, adapter_root, adapter_dir, tm
         second.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_for_port(log_path, server) -> int:
+    """The port the server bound (it logs it), once it does."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log_path.read_text()
+        match = re.search(r"listening on [^:]+:(\d+)", log_path.read_text())
+        if match:
+            return int(match.group(1))
+        time.sleep(0.2)
+    raise AssertionError("the server never said where it listens")
 
 
 def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     env = {**os.environ, "LORAPLEX_HOME": str(model_home)}
     cli = [sys.executable, "-m", "loraplex.server.cli"]
-    server = subprocess.Popen(
-        [
-            *cli,
-            "serve",
-            "--port",
-            str(port),
-            "--adapter-root",
-            str(adapter_dir.parent),
-            "--adapter-store",
-            str(tmp_path / "store"),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            [
+                *cli,
+                "serve",
+                "--port",
+                "0",
+                "--adapter-root",
+                str(adapter_dir.parent),
+                "--adapter-store",
+                str(tmp_path / "store"),
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
+        address = f"127.0.0.1:{wait_for_port(log_path, server)}"
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 300
             while True:
-                assert server.poll() is None, server.stdout.read()
+                assert server.poll() is None, log_path.read_text()
                 try:
                     if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
                         break

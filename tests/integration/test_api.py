@@ -53,7 +53,9 @@ def test_stream_deltas_are_whole_utf8(client):
     for chunk in chunks:
         chunk.text.encode("utf-8")  # a lone surrogate or cut character would raise
         assert "\ufffd" not in chunk.text or chunk is chunks[-1]
-    assert text == client.generate(request).text
+    unary = client.generate(request)
+    assert text == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
 
 
 def test_seeded_sampling_reproduces(client):
@@ -96,6 +98,7 @@ def test_stop_string_ends_generation(client):
     text, chunks = stream_text(client, request)
     assert text == response.text  # held-back text is never streamed past a stop string
     assert chunks[-1].finish_reason == "stop"
+    assert [t for c in chunks for t in c.token_ids] == list(response.token_ids)
 
 
 def test_eos_finishes_with_stop(client):
@@ -134,6 +137,7 @@ def test_bad_arguments_are_invalid_argument(client, fields, field_name):
     with pytest.raises(grpc.RpcError) as err:  # the stream says the same, before any chunk
         list(client.generate_stream(pb.GenerateRequest(**fields)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in err.value.details()
 
 
 def test_unknown_adapter_is_not_found(client):

@@ -10,7 +10,9 @@ LOGIT_ATOL besides.
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import torch
@@ -144,11 +146,12 @@ def test_first_step_logits_match_peft(server, peft_reference, registered):
         with torch.inference_mode():
             model.set_adapter(adapter)
             ref = model(torch.tensor([ids])).logits[0, -1].float()
-        # The engine thread is idle between tests; run its model runner directly.
         other = next(
             engine.slots.lookup(frontend.registry.resolve(a).key) for a in ADAPTERS if a != adapter
         )
-        logits, _ = engine.runner.prefill([ids, ids[:-3]], [slot, other])
+        # On the engine thread, which owns the model: between two of its steps.
+        run = partial(engine.runner.prefill, [ids, ids[:-3]], [slot, other])
+        logits, _ = engine.call(run).result()
         diff = (logits[0].float() - ref).abs()
         with torch.inference_mode(), model.disable_adapter():
             base = model(torch.tensor([ids])).logits[0, -1].float()
@@ -161,5 +164,10 @@ def test_first_step_logits_match_peft(server, peft_reference, registered):
             f"{adapter}: first-step logits differ from PEFT's by up to {diff.max():.3f} "
             f"(mean {diff.mean():.4f})"
         )
+        config = ADAPTERS[adapter][0]
+        scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
+        if math.log2(scale).is_integer():
+            # Folding alpha/r into B is exact for a power-of-two scale: so must the result be.
+            assert diff.max() == 0, f"{adapter}: not bit-exact with PEFT ({diff.max():.4f})"
         # The adapter's own effect dwarfs the difference, so the comparison means something.
         assert effect.mean() > 2 * LOGIT_MEAN_ATOL, f"{adapter} barely changes the logits"

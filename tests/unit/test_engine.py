@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
+from loraplex.adapters.errors import AdapterNotFound
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
@@ -17,6 +18,7 @@ from loraplex.server.config import EngineConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
+from loraplex.server.errors import NotReady, QueueFull
 from tests.helpers import add_peft_adapter
 
 
@@ -125,16 +127,44 @@ def test_more_adapters_than_slots_wait_and_all_complete(setup):
     assert engine.stats.adapter_loads >= 2  # the one slot was reloaded as adapters alternated
 
 
-def test_failed_adapter_load_errors_that_request_only(setup, tmp_path):
+def test_failed_adapter_load_fails_its_requests_only(setup, tmp_path):
     engine, versions = setup()
-    blob = AdapterStore(tmp_path / "store").blob_dir(versions["two"].digest)
-    for f in blob.iterdir():  # the blob vanished behind the registry's back
-        f.unlink()
-    bad = submit(engine, PROMPTS[0], versions["two"])
-    good = submit(engine, PROMPTS[1], versions["one"])
-    assert bad.done.wait(30) and bad.error is not None
+    AdapterStore(tmp_path / "store").delete("two")  # deleted while its requests are queued
+    # Two requests share the one failing load (admitted in the same step), one is unaffected.
+    collectors = [submit(engine, p, versions["two"]) for p in PROMPTS[:2]]
+    good = submit(engine, PROMPTS[2], versions["one"])
+    for bad in collectors:
+        assert bad.done.wait(30)
+        assert isinstance(bad.error, AdapterNotFound) and "deleted" in str(bad.error)
     assert good.done.wait(30) and good.error is None
     assert versions["two"].key not in engine.slots.resident().values()
+    assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
+    again = submit(engine, PROMPTS[0], versions["one"])  # the engine keeps serving
+    assert again.done.wait(30) and again.error is None
+
+
+def test_tiny_temperatures_decode_greedily(setup):
+    engine, versions = setup()
+    greedy = submit(engine, PROMPTS[0], versions["one"])
+    tiny = submit(engine, PROMPTS[0], versions["one"], temperature=1e-40, seed=1)
+    for c in (greedy, tiny):
+        assert c.done.wait(30) and c.error is None
+    assert tiny.tokens == greedy.tokens
+
+
+def test_full_queue_refuses_and_stopped_engine_refuses(setup):
+    engine, _ = setup(max_queue=1, max_batch_size=1)
+    running = submit(engine, PROMPTS[0], None, max_new_tokens=200)
+    assert running.first.wait(30)
+    submit(engine, PROMPTS[1], None)  # waits: the batch is full
+    with pytest.raises(QueueFull):
+        submit(engine, PROMPTS[2], None)
+    engine.stop()
+    with pytest.raises(NotReady):
+        submit(engine, PROMPTS[2], None)
+    assert isinstance(running.error, NotReady)  # nothing left hanging
+    with pytest.raises(NotReady):
+        engine.call(lambda: None).result(1)
 
 
 def test_cancel_removes_the_sequence(setup):

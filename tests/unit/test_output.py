@@ -30,7 +30,7 @@ def run(tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], st
             reason = step.stop_reason
             break
     else:
-        deltas.append(processor.finish())
+        deltas.append(processor.finish().delta)
     return deltas, reason, processor.text
 
 
@@ -66,4 +66,4 @@ def test_prefix_of_a_stop_string_is_held_back_then_released(tokenizer):
     for token in tokenizer("go STOP", add_special_tokens=False).input_ids:
         released += processor.append(token).delta
     assert released == "go "  # "STOP" could still become "STOPNOW"
-    assert processor.finish() == "STOP"
+    assert processor.finish().delta == "STOP"

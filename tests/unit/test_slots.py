@@ -61,9 +61,12 @@ def test_release_more_than_acquired_is_an_error():
         table.release(0)
 
 
-def test_discard_frees_the_slot():
+def test_discard_frees_the_slot_once_unreferenced():
     table = SlotTable(1)
     table.acquire(("a", 1))
+    with pytest.raises(RuntimeError):
+        table.discard(0)  # a running request still uses it
+    table.release(0)
     table.discard(0)
     assert table.resident() == {}
     assert table.acquire(("b", 1)) == SlotGrant(0, needs_load=True, evicted=None)
