@@ -4,6 +4,7 @@ what it gets alone, slots are shared fairly, failures and cancels free what they
 from __future__ import annotations
 
 import copy
+import random
 import threading
 
 import pytest
@@ -222,3 +223,30 @@ def test_a_runner_that_fails_to_build_fails_start():
 
     with pytest.raises(OSError, match="no such model"):
         Engine(broken, EngineConfig()).start(timeout=10)
+
+
+def test_random_traffic_with_cancels_leaves_nothing_behind(setup):
+    """Bounded soak: mixed adapters, lengths, sampling and cancels; every request ends (or is
+    cancelled), and the engine ends with no running sequence and no referenced slot."""
+    engine, versions = setup(max_loras=2, max_batch_size=4)
+    rng = random.Random(0)
+    choices = [None, versions["one"], versions["two"]]
+    collectors = []
+    for i in range(40):
+        params = {"temperature": rng.choice([0.0, 0.9]), "seed": i}
+        prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(1, 30))]
+        c = submit(engine, prompt, rng.choice(choices), rng.randint(1, 24), **params)
+        collectors.append(c)
+        if rng.random() < 0.25:
+            c.request.cancel()
+    for c in collectors:
+        if not c.request.cancelled.is_set():
+            assert c.done.wait(60), "a request hung"
+            assert c.error is None
+            assert c.outputs[-1].usage.completion_tokens == len(c.tokens)
+    for _ in range(200):
+        if engine.num_running == 0 and engine.scheduler.num_waiting() == 0:
+            break
+        threading.Event().wait(0.01)
+    assert engine.num_running == 0 and engine.scheduler.num_waiting() == 0
+    assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
