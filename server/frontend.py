@@ -122,6 +122,10 @@ class Frontend:
             stop=inp.stop,
         )
         limit = self.engine.runner.max_context
+        if len(prompt_ids) >= limit:
+            raise InvalidRequest(
+                "prompt", f"{len(prompt_ids)} tokens; the model's context is {limit} tokens"
+            )
         if len(prompt_ids) + max_new > limit:
             raise InvalidRequest(
                 "max_new_tokens",

@@ -123,6 +123,7 @@ def test_eos_finishes_with_stop(client):
         ({"prompt": "hi", "temperature": -1.0}, "temperature"),
         ({"prompt": "hi", "top_k": -2}, "top_k"),
         ({"prompt": "hi", "max_new_tokens": 10_000_000}, "max_new_tokens"),
+        ({"prompt": "word " * 9000}, "prompt"),  # longer than the 8192-token context
         ({}, "prompt"),
         ({"prompt": "hi", "messages": [pb.ChatMessage(role="user", content="x")]}, "prompt"),
         ({"messages": [pb.ChatMessage(role="wizard", content="x")]}, "messages[0].role"),
