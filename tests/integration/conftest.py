@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from peft import LoraConfig
 
+from loraplex.server.client import LoraplexClient
 from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
 from loraplex.server.model_loader import load_model
 from tests.helpers import ServerThread, add_peft_adapter
@@ -58,3 +59,9 @@ def server(model_home, adapter_root, tmp_path_factory):
     thread = ServerThread(config).start()
     yield thread
     thread.stop()
+
+
+@pytest.fixture
+def client(server):
+    with LoraplexClient(server.address, timeout=120) as c:
+        yield c

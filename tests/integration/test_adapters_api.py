@@ -26,12 +26,6 @@ ASK = [pb.ChatMessage(role="user", content="Name three colours.")]
 
 
 @pytest.fixture
-def client(server):
-    with LoraplexClient(server.address, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture
 def adapter_dir(peft_reference, adapter_root, tmp_path_factory):
     """A private copy of the r8 adapter under the allowed root, free to modify."""
     _, _, dirs = peft_reference
@@ -227,22 +221,7 @@ def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
         assert (
             json.loads(run("adapters", "--server", address, "get", "cli-adapter"))["version"] == 1
         )
-        out = json.loads(
-            run(
-                "generate",
-                "--server",
-                address,
-                "--adapter",
-                "cli-adapter",
-                "--chat",
-                "--max-new-tokens",
-                "8",
-                "--json",
-                "Name three colours.",
-            )
-        )
-        assert out["adapter_id"] == "cli-adapter" and out["usage"]["completion_tokens"] > 0
-        streamed = run(
+        ask = [
             "generate",
             "--server",
             address,
@@ -251,9 +230,11 @@ def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
             "--chat",
             "--max-new-tokens",
             "8",
-            "--stream",
             "Name three colours.",
-        )
+        ]
+        out = json.loads(run(*ask, "--json"))
+        assert out["adapter_id"] == "cli-adapter" and out["usage"]["completion_tokens"] > 0
+        streamed = run(*ask, "--stream")
         assert streamed.rstrip("\n") == out["text"]
         # `register DIR --name ID` is the same content under a second id; `register DIR` names
         # the adapter after its directory.

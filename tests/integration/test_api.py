@@ -9,18 +9,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from loraplex.server.client import LoraplexClient
 from loraplex.v1 import inference_pb2 as pb
 
 pytestmark = pytest.mark.integration
 
 PROMPT = [pb.ChatMessage(role="user", content="Tell me a short story about a robot.")]
-
-
-@pytest.fixture
-def client(server):
-    with LoraplexClient(server.address, timeout=120) as c:
-        yield c
 
 
 def stream_text(client, request) -> tuple[str, list[pb.GenerateResponse]]:
