@@ -127,6 +127,7 @@ def test_mixed_batch_matches_peft(server, peft_reference, registered):
             assert response.text == tokenizer.decode(ref_tokens, skip_special_tokens=True)
         outputs.setdefault(adapter, []).append(ref_tokens)
     # Most continuations match token for token; the rest only up to a near tie.
+    log.info("%d of %d continuations equal PEFT's token for token", exact, len(cases))
     assert exact >= len(cases) // 2, f"only {exact}/{len(cases)} matched PEFT exactly"
     for adapter in ADAPTERS:  # the adapters are not no-ops: the test would prove nothing
         assert outputs[adapter] != outputs[None], f"{adapter} generates what the base does"
