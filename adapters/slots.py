@@ -41,10 +41,6 @@ class SlotTable:
     def lookup(self, key: AdapterKey) -> int | None:
         return self._by_key.get(key)
 
-    def can_acquire(self, key: AdapterKey) -> bool:
-        """Whether `acquire(key)` would succeed now."""
-        return key in self._by_key or len(self._entries) < self.num_slots or bool(self._lru)
-
     def acquire(self, key: AdapterKey) -> SlotGrant | None:
         """Reference `key`'s slot, choosing (and evicting) one if it is not resident.
 

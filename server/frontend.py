@@ -45,7 +45,6 @@ class Generation:
 
     request_id: str
     adapter: AdapterVersion | None
-    prompt_tokens: int
     outputs: AsyncIterator[RequestOutput]
 
 
@@ -143,7 +142,7 @@ class Frontend:
 
         request = EngineRequest(request_id, prompt_ids, params, adapter, emit)
         self.engine.submit(request)
-        return Generation(request_id, adapter, len(prompt_ids), _outputs(queue, request))
+        return Generation(request_id, adapter, _outputs(queue, request))
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
         if inp.prompt and inp.messages:

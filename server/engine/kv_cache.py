@@ -20,10 +20,6 @@ class BatchKV:
     attention_mask: torch.Tensor  # (B, T) int64, 1 = real token, 0 = left padding
 
     @property
-    def batch_size(self) -> int:
-        return int(self.attention_mask.shape[0])
-
-    @property
     def length(self) -> int:
         return int(self.attention_mask.shape[1])
 
