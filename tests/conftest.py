@@ -20,45 +20,62 @@ def tokenizer_dir(model_home):
     return embedded_model_dir(model_home)
 
 
+TINY_FAMILIES = ("llama", "qwen2", "mistral")
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer_dir):
-    """A tiny random Llama (2 layers, hidden 64) with the embedded tokenizer: seconds to load."""
+def tiny_family_dir(tmp_path_factory, tokenizer_dir):
+    """tiny_family_dir(family): a tiny random decoder of that family (2 layers, hidden 64)
+    with the embedded tokenizer, saved once per session: seconds to load."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    made: dict[str, object] = {}
+
+    def make(family: str = "llama"):
+        if family not in made:
+            config = AutoConfig.for_model(
+                family,
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                tie_word_embeddings=True,
+                initializer_range=0.2,
+            )
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config)
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[family] = path
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_family_dir):
+    """The tiny random Llama."""
+    return tiny_family_dir("llama")
 
 
 @pytest.fixture
-def load_tiny(tiny_model_dir):
-    """Load a fresh copy of the tiny model (float32, unquantized unless asked: exact checks)."""
+def load_tiny(tiny_family_dir):
+    """Load a fresh copy of a tiny model (float32, unquantized unless asked: exact checks)."""
     from loraplex.server.config import ModelConfig
     from loraplex.server.model_loader import load_model
 
-    def load(quantization: str = "none", dtype: str = "float32"):
+    def load(quantization: str = "none", dtype: str = "float32", family: str = "llama"):
+        path = str(tiny_family_dir(family))
         return load_model(
-            ModelConfig(
-                model=str(tiny_model_dir), quantization=quantization, dtype=dtype, device="cpu"
-            )
+            ModelConfig(model=path, quantization=quantization, dtype=dtype, device="cpu")
         )
 
     return load

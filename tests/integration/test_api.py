@@ -142,7 +142,13 @@ def test_unknown_adapter_is_not_found(client):
         assert "no-such-adapter" in err.value.details()
 
 
-def test_model_info(client):
+def test_model_info_and_the_base_is_nf4_double_quantized(client, server):
+    layer = server.engine.runner.lora_layers["model.layers.0.self_attn.q_proj"].base_layer
+    assert type(layer).__name__ == "Linear4bit"
+    # compress_statistics = double quantization (bitsandbytes' CPU kernels may unpack the
+    # nested absmax after the first forward, so the quant state itself is not the witness).
+    assert layer.weight.quant_type == "nf4" and layer.weight.compress_statistics
+    assert server.engine.runner.model.config.quantization_config.bnb_4bit_use_double_quant
     info = client.model_info()
     assert info.model_type == "llama"
     assert info.quantization == "bnb-nf4-double-quant"

@@ -193,9 +193,11 @@ def test_seeded_sampling_is_independent_of_batch_company(setup):
     assert together.tokens == alone.tokens
 
 
-def test_nf4_tiny_model_serves_adapters(load_tiny, tmp_path):
-    """The 4-bit path end to end on the tiny model: outputs differ with and without adapter."""
-    loaded = load_tiny(quantization="nf4", dtype="bfloat16")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_nf4_tiny_model_serves_adapters(load_tiny, tmp_path, family):
+    """The 4-bit path end to end on a tiny model: outputs differ with and without adapter."""
+    loaded = load_tiny(quantization="nf4", dtype="bfloat16", family=family)
+    assert loaded.model.config.model_type == family
     runner = ModelRunner(loaded, num_slots=2, max_rank=8)
     assert any("4bit" in type(layer.base_layer).__name__ for layer in runner.lora_layers.values())
     a = torch.randn(4, 64) * 0.5

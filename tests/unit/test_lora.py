@@ -17,6 +17,7 @@ from loraplex.adapters.lora import (
 )
 from loraplex.adapters.validate import BaseModelSpec, load_adapter
 from loraplex.server.engine.model_runner import ModelRunner
+from tests.conftest import TINY_FAMILIES
 from tests.helpers import add_peft_adapter
 
 
@@ -70,9 +71,11 @@ def test_lora_linear_adds_delta_only_for_its_tokens():
     torch.testing.assert_close(layer(x), base(x))
 
 
-def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path):
-    """Two PEFT adapters (different ranks and targets) and the base, in one prefill batch."""
-    loaded = load_tiny()
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family):
+    """Two PEFT adapters (different ranks and targets) and the base, in one prefill batch, on
+    each supported model family (Qwen2's q/k/v carry biases)."""
+    loaded = load_tiny(family=family)
     reference = copy.deepcopy(loaded.model)
     configs = {
         "first": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
