@@ -12,7 +12,7 @@ import grpc
 
 from loraplex.adapters.store import AdapterVersion
 from loraplex.server.engine.request import RequestOutput
-from loraplex.server.errors import status_for
+from loraplex.server.errors import InvalidRequest, status_for
 from loraplex.server.frontend import Frontend, GenerateInput
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -142,9 +142,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.ModelInfoResponse(**info.__dict__)
 
 
+def adapter_id_of(request: Any) -> str:
+    """`adapter_id`, or its alias `name`; naming two different adapters is an error."""
+    if request.adapter_id and request.name and request.adapter_id != request.name:
+        raise InvalidRequest("name", "names another adapter than adapter_id: give one of them")
+    return str(request.adapter_id or request.name)
+
+
 def adapter_info(version: AdapterVersion, versions: list[int]) -> adapters_pb2.AdapterInfo:
     return adapters_pb2.AdapterInfo(
         adapter_id=version.adapter_id,
+        name=version.adapter_id,
         version=version.version,
         digest=version.digest,
         rank=version.rank,
@@ -169,7 +177,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.RegisterAdapterResponse:
         frontend = self._frontend()
-        version, created = await frontend.register_adapter(request.adapter_id, request.path)
+        version, created = await frontend.register_adapter(adapter_id_of(request), request.path)
         _, versions = frontend.get_adapter(version.adapter_id)
         return adapters_pb2.RegisterAdapterResponse(
             adapter=adapter_info(version, versions), created=created
@@ -181,7 +189,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.GetAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.AdapterInfo:
-        return adapter_info(*self._frontend().get_adapter(request.adapter_id))
+        return adapter_info(*self._frontend().get_adapter(adapter_id_of(request)))
 
     @unary
     async def ListAdapters(
@@ -198,5 +206,5 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.DeleteAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.DeleteAdapterResponse:
-        versions = await self._frontend().delete_adapter(request.adapter_id)
+        versions = await self._frontend().delete_adapter(adapter_id_of(request))
         return adapters_pb2.DeleteAdapterResponse(deleted=True, versions=versions)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from loraplex.server.client import LoraplexClient
 from loraplex.server.config import ModelConfig, ServerConfig
+from loraplex.v1 import adapters_pb2
 from loraplex.v1 import inference_pb2 as pb
 from tests.helpers import ServerThread
 
@@ -270,3 +271,16 @@ def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
     assert server.returncode == 0
+
+
+def test_name_is_an_alias_of_adapter_id(client, adapter_dir):
+    stub = client.adapters
+    registered = stub.RegisterAdapter(
+        adapters_pb2.RegisterAdapterRequest(name="aliased", path=str(adapter_dir))
+    )
+    assert registered.adapter.adapter_id == registered.adapter.name == "aliased"
+    assert stub.GetAdapter(adapters_pb2.GetAdapterRequest(name="aliased")).version == 1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetAdapter(adapters_pb2.GetAdapterRequest(adapter_id="aliased", name="other"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name" in err.value.details()
+    assert stub.DeleteAdapter(adapters_pb2.DeleteAdapterRequest(name="aliased")).deleted
