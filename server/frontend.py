@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.registry import AdapterRegistry, check_adapter_id
 from loraplex.adapters.store import AdapterStore, AdapterVersion
 from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
 from loraplex.server import __version__
@@ -186,7 +186,7 @@ class Frontend:
         return await asyncio.to_thread(self.registry.register, adapter_id, path, on_engine)
 
     def get_adapter(self, adapter_id: str) -> tuple[AdapterVersion, list[int]]:
-        versions = self.registry.store.versions(self.registry.resolve(adapter_id).adapter_id)
+        versions = self.registry.store.versions(check_adapter_id(adapter_id))
         return versions[-1], [v.version for v in versions]
 
     def list_adapters(self) -> list[tuple[AdapterVersion, list[int]]]:
@@ -196,8 +196,7 @@ class Frontend:
         ]
 
     async def delete_adapter(self, adapter_id: str) -> list[int]:
-        self.registry.resolve(adapter_id)  # validates the id, raises NotFound
-        return await asyncio.to_thread(self.registry.store.delete, adapter_id)
+        return await asyncio.to_thread(self.registry.store.delete, check_adapter_id(adapter_id))
 
     def model_info(self) -> ModelInfo:
         model = self.loaded.model

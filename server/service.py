@@ -24,10 +24,10 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     code = status_for(exc)
-    if code is None:
-        log.exception("internal error", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-    await context.abort(code, str(exc))
+    if code is not None:
+        await context.abort(code, str(exc))
+    log.exception("internal error", exc_info=exc)  # the trace stays in the log
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
 def unary(fn: Handler) -> Handler:
