@@ -36,6 +36,7 @@ test: install lint
 	$(PY) -m pytest -q -ra
 
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/throughput.py
 
 clean:
