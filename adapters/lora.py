@@ -1,48 +1,22 @@
-"""Mixed-adapter LoRA: every token of a batch carries the device slot of its adapter.
+"""Mixed-adapter LoRA: the math, and where the adapters' weights live on the device.
 
 For one linear layer with base weight W and the adapter in slot s:
 
     y = x @ W.T + (x @ A[s].T) @ B[s].T          A[s]: (r, in)   B[s]: (out, r)
 
 with PEFT's alpha/r (or alpha/sqrt(r) for rsLoRA) folded into B[s] at load time. Slot -1 means
-"no adapter" (the base model). Ranks may differ per slot; each slot's stacks are zero-padded to
-the table's max rank and only its first `ranks[s]` rows/columns are used.
+"no adapter" (the base model). Ranks may differ per slot: every slot's stacks are zero-padded to
+the table's max rank, and zero rows/columns add nothing, so a batch of mixed ranks runs at the
+largest rank present in it.
 
-`lora_delta_reference` is the spec; faster paths must keep its signature and equal it.
+`lora_delta_reference` is the spec; the fast paths (lora_ops.py) are tested equal to it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from torch import nn
 
 NO_ADAPTER = -1
-
-
-@dataclass
-class LoraBatchContext:
-    """The adapter layout of the batch being run, shared by every LoRA layer of the model.
-
-    Set once per forward by the model runner, so grouping tokens by slot is done once per step
-    rather than once per layer.
-    """
-
-    token_slots: torch.Tensor | None = None  # (N,) int64, slot of each flattened token
-    # (slot, row indices) for every slot present in the batch (base tokens excluded).
-    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-
-    def set_batch(self, token_slots: torch.Tensor) -> None:
-        self.token_slots = token_slots
-        self.groups = []
-        for slot in torch.unique(token_slots).tolist():
-            if slot != NO_ADAPTER:
-                self.groups.append((slot, torch.nonzero(token_slots == slot).squeeze(1)))
-
-    def clear(self) -> None:
-        self.token_slots = None
-        self.groups = []
 
 
 def lora_delta_reference(
@@ -67,109 +41,102 @@ def lora_delta_reference(
     return out
 
 
-def lora_delta_grouped(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    ranks: list[int],
-    groups: list[tuple[int, torch.Tensor]],
-) -> torch.Tensor | None:
-    """Segment-grouped LoRA: one shrink/expand matmul pair per adapter present in the batch.
+class LoraGroup:
+    """The LoRA stacks of k linear layers that read the same input (q/k/v, or gate/up), so that
+    one shrink serves all k of them:
 
-    Same math as `lora_delta_reference` (groups come from `LoraBatchContext.set_batch`);
-    returns None when no token of the batch uses an adapter targeting this layer.
-    """
-    out: torch.Tensor | None = None
-    for slot, rows in groups:
-        r = ranks[slot]
-        if r == 0:
-            continue
-        if out is None:
-            out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=lora_a.dtype, device=x.device)
-        xs = x.index_select(0, rows).to(lora_a.dtype)  # (n_s, in)
-        out.index_copy_(0, rows, (xs @ lora_a[slot, :r].T) @ lora_b[slot, :, :r].T)
-    return out
+        a:     (S, k, R, in)     A of every slot and member, rows beyond a slot's rank are 0
+        bt[j]: (S, R, out_j)     B.T of member j, scaled; stored transposed so that slicing the
+                                 rank is a view of whole rows
 
-
-class LoraLinear(nn.Module):
-    """A base linear layer (any kind: nn.Linear, bnb Linear4bit) plus per-slot LoRA stacks.
-
-    The model code never sees the difference: it calls the module as before.
+    One group per fused projection per decoder layer; a member an adapter does not target has
+    zeros in its slot (it adds nothing).
     """
 
     def __init__(
         self,
-        base_layer: nn.Module,
-        context: LoraBatchContext,
+        in_features: int,
+        out_features: list[int],
         num_slots: int,
         max_rank: int,
         dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.context = context
-        self.in_features: int = base_layer.in_features
-        self.out_features: int = base_layer.out_features
-        device = _weight_device(base_layer)
-        # Buffers, not parameters: they are served, never trained here.
-        self.register_buffer(
-            "lora_a", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
-        )
-        self.register_buffer(
-            "lora_b",
-            torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype, device=device),
-        )
+        self.in_features = in_features
+        self.out_features = out_features
+        k = len(out_features)
+        self.a = torch.zeros(num_slots, k, max_rank, in_features, dtype=dtype, device=device)
+        self.bt = [
+            torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device)
+            for out in out_features
+        ]
+
+    def set_slot(self, slot: int, member: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write one member's A (r, in) and scaled B (out, r) into `slot`."""
+        r = a.shape[0]
+        self.a[slot, member].zero_()
+        self.bt[member][slot].zero_()
+        self.a[slot, member, :r].copy_(a)
+        self.bt[member][slot, :r].copy_(b.T)
+
+    def clear_slot(self, slot: int) -> None:
+        self.a[slot].zero_()
+        for bt in self.bt:
+            bt[slot].zero_()
+
+    def reference_stacks(self, member: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (S, R, in), B (S, out, R)) of one member, in the layout `lora_delta_reference`
+        takes."""
+        return self.a[:, member], self.bt[member].transpose(1, 2)
+
+
+class LoraStacks:
+    """Every LoRA group of the model: groups[layer][group name], plus each slot's rank.
+
+    `modules` maps a PEFT module name (e.g. "model.layers.3.self_attn.k_proj") to its
+    (layer, group name, member) so an adapter's weights can be written where they belong.
+    """
+
+    def __init__(
+        self,
+        layout: list[dict[str, tuple[int, list[tuple[str, int]]]]],
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """layout[layer][group] = (in_features, [(module name, out_features), ...])."""
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.groups: list[dict[str, LoraGroup]] = []
+        self.modules: dict[str, tuple[int, str, int]] = {}
+        for layer, groups in enumerate(layout):
+            built = {}
+            for gname, (in_features, members) in groups.items():
+                outs = [out for _, out in members]
+                built[gname] = LoraGroup(in_features, outs, num_slots, max_rank, dtype, device)
+                for member, (module, _) in enumerate(members):
+                    self.modules[module] = (layer, gname, member)
+            self.groups.append(built)
         self.ranks: list[int] = [0] * num_slots
 
-    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Write one adapter's (scaled) weights into a slot; None clears the slot."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        if a is None or b is None:
-            self.ranks[slot] = 0
-            return
-        r = a.shape[0]
-        self.lora_a[slot, :r].copy_(a)
-        self.lora_b[slot, :, :r].copy_(b)
-        self.ranks[slot] = r
+    def load(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write an adapter ({module: (A (r, in), B (out, r) scaled)}) into `slot`; modules it
+        does not target get zeros there."""
+        self.clear(slot)
+        device = self.groups[0][next(iter(self.groups[0]))].a.device if self.groups else None
+        rank = 0
+        for module, (a, b) in modules.items():
+            layer, gname, member = self.modules[module]
+            self.groups[layer][gname].set_slot(
+                slot, member, a.to(device, self.dtype), b.to(device, self.dtype)
+            )
+            rank = max(rank, a.shape[0])
+        self.ranks[slot] = rank
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if not self.context.groups:
-            return y
-        delta = lora_delta_grouped(
-            x.reshape(-1, self.in_features),
-            self.lora_a,
-            self.lora_b,
-            self.ranks,
-            self.context.groups,
-        )
-        if delta is None:
-            return y
-        # As PEFT does: LoRA runs in the adapter dtype, then is cast and added to the base output.
-        return y + delta.to(y.dtype).view(y.shape)
-
-
-def _weight_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def inject_lora_layers(
-    model: nn.Module,
-    target_names: list[str],
-    context: LoraBatchContext,
-    num_slots: int,
-    max_rank: int,
-    dtype: torch.dtype,
-) -> dict[str, LoraLinear]:
-    """Swap every named module for a LoraLinear wrapping it; returns {module name: layer}."""
-    layers: dict[str, LoraLinear] = {}
-    for name in target_names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        wrapped = LoraLinear(getattr(parent, child), context, num_slots, max_rank, dtype)
-        setattr(parent, child, wrapped)
-        layers[name] = wrapped
-    return layers
+    def clear(self, slot: int) -> None:
+        for groups in self.groups:
+            for group in groups.values():
+                group.clear_slot(slot)
+        self.ranks[slot] = 0

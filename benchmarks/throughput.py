@@ -1,7 +1,9 @@
 """Offline throughput: the loraplex engine against its baselines, all measured in one run.
 
-N requests (chat prompts) x M new tokens each (EOS ignored, so every system does the same
-work), with K distinct all-linear LoRA adapters spread round-robin over the requests:
+N requests (chat prompts of 64-128 tokens) x M new tokens each (EOS ignored, so every system
+does the same work), with K distinct all-linear LoRA adapters spread round-robin over the
+requests (request i of repeat j uses adapter (i + N*j) mod K, so with K > N every adapter is
+used across repeats, at most N at once):
 
     loraplex mixed       the engine, requests for K adapters batched together
     loraplex base        the engine, no adapter
@@ -10,9 +12,10 @@ work), with K distinct all-linear LoRA adapters spread round-robin over the requ
     PEFT one at a time   set_adapter + generate per request (a sample, extrapolated)
 
 The machine is shared and noisy: each figure is the median of --repeats runs, and the table
-gives ratios to loraplex base-only and to the PEFT mixed batch from the same run.
+gives ratios to loraplex base-only, to HF generate and to the PEFT mixed batch from the same run.
+Peak RSS is read after the loraplex runs (before any baseline model is loaded) and at the end.
 
-    python benchmarks/throughput.py [--requests 16] [--new-tokens 32] [--adapters 1,4,16]
+    python benchmarks/throughput.py [--requests 64] [--new-tokens 64] [--adapters 1,8,32,128]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -30,7 +34,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from common import bench_prompts, make_adapters
+from peft import PeftModel
 
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.store import AdapterStore
@@ -42,54 +47,6 @@ from loraplex.server.engine.request import EngineRequest, RequestOutput, Samplin
 from loraplex.server.model_loader import load_model
 
 log = logging.getLogger("benchmark")
-
-TOPICS = [
-    "the ocean",
-    "a robot",
-    "the moon",
-    "coffee",
-    "a library",
-    "trains",
-    "winter",
-    "a garden",
-    "music",
-    "mountains",
-    "the city",
-    "a cat",
-    "rain",
-    "bread",
-    "stars",
-    "time",
-]
-
-
-def prompts(tokenizer: object, n: int) -> list[list[int]]:
-    out = []
-    for i in range(n):
-        text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-            [{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % 16]}."}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        out.append(tokenizer(text, add_special_tokens=False).input_ids)  # type: ignore[operator]
-    return out
-
-
-def make_adapters(model: torch.nn.Module, k: int, rank: int, out: Path) -> PeftModel:
-    """k random all-linear LoRA adapters made with PEFT on `model` (in place), saved to out/."""
-    names = [f"bench-{i}" for i in range(k)]
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-    peft_model = get_peft_model(model, config, adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.add_adapter(name, config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for pname, p in peft_model.named_parameters():
-            if "lora_B" in pname:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-    peft_model.save_pretrained(out, selected_adapters=names)
-    peft_model.eval()
-    return peft_model
 
 
 def run_engine(engine: Engine, requests: list[tuple[list[int], object]], new_tokens: int) -> float:
@@ -166,19 +123,28 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--adapters", default="1,4,16", help="distinct adapter counts to run")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--adapters", default="1,8,32,128", help="distinct adapter counts")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per loraplex figure")
+    parser.add_argument(
+        "--baseline-repeats", type=int, default=1, help="runs per HF/PEFT figure (slow)"
+    )
     parser.add_argument(
         "--single-sample",
         type=int,
-        default=4,
+        default=3,
         help="requests PEFT one-at-a-time actually runs (then extrapolated)",
     )
+    parser.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--skip-baselines", action="store_true", help="loraplex rows only")
     parser.add_argument("--home", default=os.environ.get("LORAPLEX_HOME", "~/.cache/loraplex"))
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     args = parser.parse_args()
@@ -191,12 +157,11 @@ def main() -> int:
         max_batch_size=n,
         max_loras=max(counts),
         max_lora_rank=args.rank,
-        max_prefill_tokens=n * 512,
+        lora_dtype=args.lora_dtype,
     )
     # Every system runs its tensor work on the engine's thread (one torch thread: see Engine).
     engine = Engine(
-        lambda: ModelRunner(load_model(ModelConfig(home=home)), config.max_loras, args.rank),
-        config,
+        lambda: ModelRunner.from_config(load_model(ModelConfig(home=home)), config), config
     )
     runner = engine.start()
 
@@ -205,9 +170,8 @@ def main() -> int:
 
     tokenizer = runner.loaded.tokenizer
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    batch = prompts(tokenizer, n)
+    batch = bench_prompts(tokenizer, n)
     work = tempfile.mkdtemp(prefix="loraplex-bench-")
-    plain = on_engine(lambda: load_model(ModelConfig(home=home)).model)  # HF, no PEFT wrapping
     peft_model = on_engine(
         lambda: make_adapters(
             load_model(ModelConfig(home=home)).model, max(counts), args.rank, Path(work) / "peft"
@@ -222,6 +186,8 @@ def main() -> int:
     )
     engine.load_weights = registry.load_weights
     run_engine(engine, [(batch[0], None)], 2)  # warm-up
+    for i in range(0, max(counts), n):  # load every adapter into its slot once
+        run_engine(engine, [(batch[0], v) for v in versions[i : i + n]], 1)
 
     tokens = n * m
     rows: list[dict] = []
@@ -238,62 +204,93 @@ def main() -> int:
         )
         log.info("%-22s K=%-3d %8.1f tok/s %s", system, k, tokens / seconds, note)
 
+    def mixed(k: int, repeat: int) -> list[tuple[list[int], object]]:
+        return [(p, versions[(i + n * repeat) % k]) for i, p in enumerate(batch)]
+
     record(
         "loraplex base",
         0,
         median_time(lambda: run_engine(engine, [(p, None) for p in batch], m), args.repeats),
     )
-    record(
-        "HF generate base",
-        0,
-        median_time(lambda: on_engine(lambda: hf_batch(plain, batch, m, pad, None)), args.repeats),
-    )
     for k in counts:
-        mix = [(p, versions[i % k]) for i, p in enumerate(batch)]
-        run_engine(engine, mix, 2)  # loads the adapters into their slots
+        times = [run_engine(engine, mixed(k, j), m) for j in range(args.repeats)]
+        in_flight = len({id(v) for _, v in mixed(k, 0)})
+        record("loraplex mixed", k, statistics.median(times), f"{in_flight} distinct per batch")
+    rss_loraplex = peak_rss_mib()
+    stats = engine.stats
+    log.info("engine: %s", stats)
+
+    if not args.skip_baselines:
+        plain = on_engine(lambda: load_model(ModelConfig(home=home)).model)  # HF, no PEFT
         record(
-            "loraplex mixed",
-            k,
-            median_time(lambda mix=mix: run_engine(engine, mix, m), args.repeats),
-        )
-        names = [f"bench-{i % k}" for i in range(n)]
-        record(
-            "PEFT mixed batch",
-            k,
+            "HF generate base",
+            0,
             median_time(
-                lambda names=names: on_engine(partial(hf_batch, peft_model, batch, m, pad, names)),
-                args.repeats,
+                lambda: on_engine(lambda: hf_batch(plain, batch, m, pad, None)),
+                args.baseline_repeats,
             ),
         )
-        s = min(args.single_sample, n)
-        sample = on_engine(partial(peft_one_at_a_time, peft_model, batch[:s], names[:s], m, pad))
-        record("PEFT one at a time", k, sample * n / s, f"{s} of {n} run, extrapolated")
+        del plain
+        for k in counts:
+            names = [f"bench-{i % k}" for i in range(n)]
+            record(
+                "PEFT mixed batch",
+                k,
+                median_time(
+                    lambda names=names: on_engine(
+                        partial(hf_batch, peft_model, batch, m, pad, names)
+                    ),
+                    args.baseline_repeats,
+                ),
+            )
+            s = min(args.single_sample, n)
+            sample = on_engine(
+                partial(peft_one_at_a_time, peft_model, batch[:s], names[:s], m, pad)
+            )
+            record("PEFT one at a time", k, sample * n / s, f"extrapolated: {s} of {n} run")
     engine.stop()
 
-    base = next(r for r in rows if r["system"] == "loraplex base")["tokens_per_s"]
-    for r in rows:
-        peft_mixed = next(
-            (
-                x["tokens_per_s"]
-                for x in rows
-                if x["system"] == "PEFT mixed batch" and x["adapters"] == r["adapters"]
-            ),
+    def rate(system: str, k: int) -> float | None:
+        return next(
+            (r["tokens_per_s"] for r in rows if r["system"] == system and r["adapters"] == k),
             None,
         )
-        r["vs_loraplex_base"] = r["tokens_per_s"] / base
+
+    base = rate("loraplex base", 0)
+    hf = rate("HF generate base", 0)
+    for r in rows:
+        peft_mixed = rate("PEFT mixed batch", r["adapters"])
+        r["vs_loraplex_base"] = r["tokens_per_s"] / base if base else None
+        r["vs_hf_generate"] = r["tokens_per_s"] / hf if hf else None
         r["vs_peft_mixed"] = r["tokens_per_s"] / peft_mixed if peft_mixed else None
-    header = f"{'system':<22}{'adapters':>9}{'tok/s':>10}{'x base':>9}{'x PEFT mix':>12}  note"
+
+    def ratio(x: float | None) -> str:
+        return f"{x:.2f}" if x else "-"
+
     lines = [
-        f"{n} requests x {m} new tokens, r={args.rank} all-linear, "
-        f"median of {args.repeats}, torch threads {torch.get_num_threads()}",
-        header,
+        f"{n} requests (prompts {min(map(len, batch))}-{max(map(len, batch))} tokens) x {m} new "
+        f"tokens, r={args.rank} all-linear, LoRA dtype {args.lora_dtype}, median of "
+        f"{args.repeats} (baselines {args.baseline_repeats}), torch threads "
+        f"{torch.get_num_threads()}",
+        f"{'system':<20}{'adapters':>9}{'tok/s':>9}{'x base':>8}{'x HF gen':>10}"
+        f"{'x PEFT mix':>12}  note",
     ]
     for r in rows:
-        vs_peft = f"{r['vs_peft_mixed']:.2f}" if r["vs_peft_mixed"] else "-"
         lines.append(
-            f"{r['system']:<22}{r['adapters']:>9}{r['tokens_per_s']:>10.1f}"
-            f"{r['vs_loraplex_base']:>9.2f}{vs_peft:>12}  {r['note']}"
+            f"{r['system']:<20}{r['adapters']:>9}{r['tokens_per_s']:>9.1f}"
+            f"{ratio(r['vs_loraplex_base']):>8}{ratio(r['vs_hf_generate']):>10}"
+            f"{ratio(r['vs_peft_mixed']):>12}  {r['note']}"
         )
+    first, last = rate("loraplex mixed", counts[0]), rate("loraplex mixed", counts[-1])
+    if first and last:
+        lines.append(
+            f"loraplex mixed, {counts[0]} -> {counts[-1]} adapters: "
+            f"{100 * (1 - last / first):+.1f}% throughput drop"
+        )
+    rss_end = peak_rss_mib()
+    lines.append(
+        f"peak RSS: {rss_loraplex:.0f} MiB after the loraplex runs, {rss_end:.0f} MiB at the end"
+    )
     sys.stdout.write("\n".join(lines) + "\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -302,8 +299,14 @@ def main() -> int:
             {
                 "requests": n,
                 "new_tokens": m,
+                "prompt_tokens": [len(p) for p in batch],
                 "rank": args.rank,
+                "lora_dtype": args.lora_dtype,
                 "repeats": args.repeats,
+                "baseline_repeats": args.baseline_repeats,
+                "torch_threads": torch.get_num_threads(),
+                "peak_rss_mib": {"loraplex": rss_loraplex, "end": rss_end},
+                "engine_stats": vars(stats),
                 "rows": rows,
             },
             indent=2,

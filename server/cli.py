@@ -54,6 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-lora-rank", type=int, default=EngineConfig.max_lora_rank)
     serve.add_argument(
+        "--lora-dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default=EngineConfig.lora_dtype,
+        help="LoRA weights and math (auto: the compute dtype; float32: as PEFT)",
+    )
+    serve.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=EngineConfig.max_prefill_tokens,
+        help="prompt tokens prefilled per step (chunked prefill)",
+    )
+    serve.add_argument("--max-model-len", type=int, default=EngineConfig.max_model_len)
+    serve.add_argument(
+        "--kv-cache-mb",
+        type=int,
+        default=EngineConfig.kv_cache_bytes >> 20,
+        help="KV cache budget in MiB",
+    )
+    serve.add_argument(
         "--max-new-tokens",
         type=int,
         default=EngineConfig.default_max_new_tokens,
@@ -138,6 +157,10 @@ def serve(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size,
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
+            lora_dtype=args.lora_dtype,
+            max_prefill_tokens=args.max_prefill_tokens,
+            max_model_len=args.max_model_len,
+            kv_cache_bytes=args.kv_cache_mb << 20,
             default_max_new_tokens=args.max_new_tokens,
         ),
     )

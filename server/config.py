@@ -33,14 +33,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 32
-    """Sequences decoded together in one step."""
+    max_batch_size: int = 64
+    """Sequences running at once (KV cache rows): decoded together, one token each per step."""
     max_loras: int = 8
     """Device slots: distinct adapters resident (and batched together) at once."""
     max_lora_rank: int = 64
     """Largest adapter rank accepted; slot stacks are sized for it."""
-    max_prefill_tokens: int = 4096
-    """Padded tokens (batch x longest prompt) one prefill forward may take."""
+    max_prefill_tokens: int = 512
+    """Prompt tokens prefilled per step beside the decodes (chunked prefill): a long prompt
+    takes several steps, and running decodes wait at most one chunk."""
+    max_model_len: int = 4096
+    """Longest sequence (prompt + new tokens), capped by the model's own context."""
+    kv_cache_bytes: int = 1 << 30
+    """KV cache budget: admission reserves prompt + max_new_tokens of it per request."""
+    lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the served LoRA weights and math; auto = the model's compute dtype (as vLLM
+    does); float32 = as PEFT computes them."""
     max_queue: int = 1024
     """Requests waiting for admission; beyond it new requests are refused."""
     default_max_new_tokens: int = 128
@@ -54,6 +62,8 @@ class EngineConfig:
             "max_loras",
             "max_lora_rank",
             "max_prefill_tokens",
+            "max_model_len",
+            "kv_cache_bytes",
             "max_queue",
             "default_max_new_tokens",
             "max_adapter_bytes",

@@ -84,8 +84,7 @@ class Frontend:
         ec = config.engine
 
         def make_runner() -> ModelRunner:
-            loaded = load_model(config.model)
-            return ModelRunner(loaded, num_slots=ec.max_loras, max_rank=ec.max_lora_rank)
+            return ModelRunner.from_config(load_model(config.model), ec)
 
         engine = Engine(make_runner, ec)
         runner = engine.start()

@@ -1,4 +1,9 @@
-"""The running batch: the sequences being decoded together and their shared KV cache."""
+"""The running sequences: each owns one KV cache row from admission to its end.
+
+A sequence first prefills its prompt (in chunks, over as many steps as the prefill budget
+needs), then decodes one token per step. Rows stay compact: when a sequence leaves, the one in
+the last row moves into its row (see KVCache.free).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraplex.server.engine.kv_cache import BatchKV
 from loraplex.server.engine.output import OutputProcessor
 from loraplex.server.engine.request import EngineRequest
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two sequences are never the same
 class Sequence:
     """One request while it runs."""
 
@@ -19,35 +23,47 @@ class Sequence:
     slot: int  # device slot of its adapter; -1 = base model
     output: OutputProcessor
     generator: torch.Generator | None  # None = greedy
+    row: int  # its KV cache row
+    reserved: int  # KV cache tokens reserved for it
+    num_cached: int = 0  # tokens whose keys/values are in the cache
     last_token: int = -1  # the token fed at the next decode step
     num_generated: int = 0
     released: bool = False  # its adapter slot reference was dropped
 
     @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_cached < self.prompt_len
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.request.prompt_ids) + self.num_generated
+        return self.prompt_len + self.num_generated
 
 
 @dataclass
 class RunningBatch:
-    """Row i of `kv` belongs to seqs[i]."""
+    """Every admitted sequence, in admission order (prefills are served first come, first
+    served); `by_row[r]` is the sequence in cache row r."""
 
     seqs: list[Sequence] = field(default_factory=list)
-    kv: BatchKV | None = None  # (B, H, T, D) per layer; None when empty
+    by_row: dict[int, Sequence] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def slots(self) -> list[int]:  # (B,) adapter slot per row
-        return [s.slot for s in self.seqs]
+    def add(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+        self.by_row[seq.row] = seq
 
-    def add(self, seqs: list[Sequence], kv: BatchKV) -> None:
-        self.kv = kv if self.kv is None else BatchKV.merge(self.kv, kv)
-        self.seqs.extend(seqs)
+    def remove(self, seq: Sequence) -> None:
+        self.seqs.remove(seq)
+        del self.by_row[seq.row]
 
-    def keep(self, rows: list[int]) -> None:
-        """Retain only `rows` (in order), freeing the cache of the others."""
-        if len(rows) == len(self.seqs):
-            return
-        self.seqs = [self.seqs[i] for i in rows]
-        self.kv = self.kv.select(rows) if rows and self.kv is not None else None
+    def move(self, old_row: int, new_row: int) -> None:
+        """The cache moved the sequence of `old_row` into `new_row`."""
+        seq = self.by_row.pop(old_row)
+        seq.row = new_row
+        self.by_row[new_row] = seq

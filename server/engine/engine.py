@@ -1,7 +1,8 @@
 """The engine loop, on one thread that owns the model, the KV cache and the adapter slots:
 
-    admit waiting requests -> prefill them (joining the running batch) -> one decode step for
-    the whole batch -> emit new text, retire finished sequences and free their cache and slots.
+    admit waiting requests (a KV cache row each) -> one forward: a decode token for every
+    decoding sequence plus a budget of prompt chunks -> sample, emit new text, retire finished
+    sequences and free their cache rows and adapter slots.
 
 Everything else talks to it through `submit` (thread-safe) and the per-request `emit` callback.
 """
@@ -24,7 +25,7 @@ from loraplex.adapters.store import AdapterVersion
 from loraplex.adapters.validate import AdapterWeights
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.batch import RunningBatch, Sequence
-from loraplex.server.engine.model_runner import ModelRunner
+from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
 from loraplex.server.engine.sampling import make_generator, sample
@@ -46,6 +47,8 @@ class EngineStats:
     generated_tokens: int = 0
     max_batch_size: int = 0
     mixed_adapter_steps: int = 0  # decode steps whose batch held more than one adapter (or base)
+    mixed_prefill_decode_steps: int = 0  # steps that decoded and prefilled in one forward
+    prefill_tokens: int = 0
     adapter_loads: int = 0
 
 
@@ -160,43 +163,87 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        admitted, dropped = self.scheduler.admit(len(self._batch))
+        admitted, dropped = self.scheduler.admit(self._allocate, self._unallocate)
         for request in dropped:
             log.debug("request %s cancelled while waiting", request.request_id)
-        if not admitted and not self._batch.seqs:
+        if admitted:
+            self._start(admitted)
+        if not self._batch.seqs:
             self.scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
             return
-        if admitted:
-            self._prefill(admitted)
-        if self._batch.seqs:
-            self._decode()
+        self._run_step()
 
-    def _prefill(self, admitted: list[Admission]) -> None:
+    # -- admission ----------------------------------------------------------------------------
+    def _reservation(self, request: EngineRequest) -> int:
+        """KV cache tokens a request may need: its prompt and every token it may generate."""
+        return len(request.prompt_ids) + request.params.max_new_tokens
+
+    def _allocate(self, request: EngineRequest) -> int | None:
+        cache = self.runner.cache
+        tokens = self._reservation(request)
+        return cache.allocate(tokens) if cache.can_admit(tokens) else None
+
+    def _unallocate(self, row: int, request: EngineRequest) -> None:
+        self.runner.cache.free(row, self._reservation(request), 0)  # the last row: nothing moves
+
+    def _start(self, admitted: list[Admission]) -> None:
         failed = self._load_adapters(admitted)
-        seqs = [self._new_sequence(a) for a in admitted if a.slot not in failed]
-        if not seqs:
-            return
-        try:
-            logits, kv = self.runner.prefill(
-                [s.request.prompt_ids for s in seqs], [s.slot for s in seqs]
-            )
-            tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
-        except Exception as exc:  # fail the newcomers only; the running batch is untouched
-            log.exception("prefill of %d requests failed", len(seqs))
-            for s in seqs:
-                self._release(s)
-                s.request.emit(exc)
-            return
-        self.stats.prefill_steps += 1
-        keep = [
-            row
-            for row, (s, t) in enumerate(zip(seqs, tokens, strict=True))
-            if not self._advance(s, t)
-        ]
-        if keep:
-            self._batch.add(
-                [seqs[row] for row in keep], kv if len(keep) == len(seqs) else kv.select(keep)
-            )
+        for admission in admitted:
+            if admission.slot not in failed:
+                self._batch.add(self._new_sequence(admission))
+        for admission in sorted(admitted, key=lambda a: -a.row):
+            if admission.slot in failed:
+                self._free_row(admission.row, self._reservation(admission.request))
+
+    # -- one step: every decode and a budget of prompt chunks in one forward ----------------
+    def _run_step(self) -> None:
+        """Chunked prefill: each step decodes every decoding sequence and prefills at most
+        max_prefill_tokens prompt tokens (first come, first served, a long prompt over several
+        steps), so a long prompt delays running decodes by one chunk's compute, not its own."""
+        decodes: list[DecodeWork] = []
+        prefills: list[PrefillWork] = []
+        decoding: list[Sequence] = []
+        chunked: list[tuple[Sequence, int]] = []
+        budget = self.config.max_prefill_tokens
+        for seq in self._batch.seqs:
+            if not seq.prefilling:
+                decodes.append(DecodeWork(seq.row, seq.slot, seq.last_token, seq.num_cached))
+                decoding.append(seq)
+            elif budget > 0:
+                n = min(budget, seq.prompt_len - seq.num_cached)
+                start = seq.num_cached
+                tokens = seq.request.prompt_ids[start : start + n]
+                done = start + n == seq.prompt_len
+                prefills.append(PrefillWork(seq.row, seq.slot, tokens, start, done))
+                chunked.append((seq, n))
+                budget -= n
+        logits = self.runner.step(decodes, prefills)
+        for seq in decoding:
+            seq.num_cached += 1
+        finishing = []
+        for seq, n in chunked:
+            seq.num_cached += n
+            if not seq.prefilling:
+                finishing.append(seq)
+        sampled = decoding + finishing  # the order of the logits rows
+        self._count_step(decoding, chunked)
+        tokens = sample(logits, [s.request.params for s in sampled], [s.generator for s in sampled])
+        for seq, token in zip(sampled, tokens, strict=True):
+            if self._advance(seq, token):
+                self._retire(seq)
+
+    def _count_step(self, decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> None:
+        stats = self.stats
+        if chunked:
+            stats.prefill_steps += 1
+            stats.prefill_tokens += sum(n for _, n in chunked)
+        if decoding:
+            stats.decode_steps += 1
+            stats.max_batch_size = max(stats.max_batch_size, len(decoding))
+            if len({s.slot for s in decoding}) > 1:
+                stats.mixed_adapter_steps += 1
+            if chunked:
+                stats.mixed_prefill_decode_steps += 1
 
     def _load_adapters(self, admitted: list[Admission]) -> set[int]:
         """Write newly granted adapters into their slots; returns the slots whose load failed,
@@ -224,25 +271,6 @@ class Engine:
             self.slots.discard(slot)
         return set(failed)
 
-    def _decode(self) -> None:
-        batch = self._batch
-        assert batch.kv is not None
-        slots = batch.slots()
-        logits = self.runner.decode(batch.kv, [s.last_token for s in batch.seqs], slots)
-        self.stats.decode_steps += 1
-        self.stats.max_batch_size = max(self.stats.max_batch_size, len(batch))
-        if len(set(slots)) > 1:
-            self.stats.mixed_adapter_steps += 1
-        tokens = sample(
-            logits, [s.request.params for s in batch.seqs], [s.generator for s in batch.seqs]
-        )
-        keep = [
-            row
-            for row, (s, t) in enumerate(zip(batch.seqs, tokens, strict=True))
-            if not self._advance(s, t)
-        ]
-        batch.keep(keep)
-
     def _new_sequence(self, admission: Admission) -> Sequence:
         request = admission.request
         return Sequence(
@@ -250,6 +278,8 @@ class Engine:
             slot=admission.slot,
             output=OutputProcessor(self.runner.loaded.tokenizer, request.params.stop),
             generator=make_generator(request.params, self.runner.device),
+            row=admission.row,
+            reserved=self._reservation(request),
         )
 
     def _advance(self, seq: Sequence, token: int) -> bool:
@@ -275,18 +305,26 @@ class Engine:
         usage = None
         if finish is not None:
             usage = Usage(len(seq.request.prompt_ids), seq.num_generated)
-            self._release(seq)
         seq.request.emit(RequestOutput(text, [token], finish, stop_reason, usage))
         return finish is not None
 
     def _drop_cancelled(self) -> None:
-        keep = []
-        for row, seq in enumerate(self._batch.seqs):
-            if seq.request.cancelled.is_set():
-                self._release(seq)
-            else:
-                keep.append(row)
-        self._batch.keep(keep)
+        for seq in [s for s in self._batch.seqs if s.request.cancelled.is_set()]:
+            self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Free a finished (or failed, or cancelled) sequence's cache row and adapter slot."""
+        self._release(seq)
+        self._batch.remove(seq)
+        self._free_row(seq.row, seq.reserved)
+
+    def _free_row(self, row: int, reserved: int) -> None:
+        """Give a row back to the cache; the sequence in the last row moves into it."""
+        cache = self.runner.cache
+        last = self._batch.by_row.get(cache.num_used_rows - 1)
+        moved = cache.free(row, reserved, last.num_cached if last else 0)
+        if moved is not None:
+            self._batch.move(moved, row)
 
     def _release(self, seq: Sequence) -> None:
         """Drop the sequence's reference to its adapter slot (once, whatever calls it)."""
@@ -295,10 +333,9 @@ class Engine:
             self.slots.release(seq.slot)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for seq in self._batch.seqs:
-            self._release(seq)
+        for seq in list(self._batch.seqs):
+            self._retire(seq)
             seq.request.emit(exc)
-        self._batch = RunningBatch()
 
 
 def eos_ids_of(model: torch.nn.Module, tokenizer: object) -> set[int]:

@@ -1,66 +1,139 @@
-"""The KV cache of the running batch: per layer keys/values (B, H_kv, T, D) left-padded to a
-common length T, with an attention mask (B, T) marking real tokens.
+"""The KV cache: a pool of rows, one per running sequence, each able to hold `max_len` tokens.
 
-Rows join (prefilled separately, then merged) and leave (selected out) between steps. Joining
-re-pads: the cost is one copy of the cache per join, paid only on steps where requests join.
+Per layer, keys and values are (rows, H_kv, max_len, D). A sequence keeps its row from
+admission to the end, so nothing is ever re-padded or copied when others join. Rows stay
+compact (0..n-1): when a sequence leaves, the last row's tokens move into its place (one copy
+of one sequence). Decode attention then reads the prefix view [:n, :, :L] of the pool, batched,
+with no gather: on a CPU, where no paged-attention kernel exists, gathering pages would copy the
+whole cache every step (HF's DynamicCache does as much with torch.cat).
+
+Why rows and not pages: rows make attention a plain batched matmul. Their cost, reserving
+max_len per sequence, is not paid in memory: on the CPU the pool is an anonymous mapping, whose
+pages the OS backs only once written, and a freed row's pages are handed back (MADV_DONTNEED).
+What bounds admission is the token budget: every admitted sequence reserves prompt +
+max_new_tokens (capped at max_len) of it, so a running sequence never runs out of cache and
+nothing is ever preempted. On CUDA the pool is allocated for real, sized to the budget.
 """
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 
-@dataclass
-class BatchKV:
-    cache: DynamicCache
-    attention_mask: torch.Tensor  # (B, T) int64, 1 = real token, 0 = left padding
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
 
     @property
-    def length(self) -> int:
-        return int(self.attention_mask.shape[1])
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
 
-    def next_positions(self) -> torch.Tensor:
-        """(B, 1) position id of each row's next token: the count of its real tokens."""
-        return self.attention_mask.sum(dim=1, keepdim=True)
 
-    def extend_mask(self) -> None:
-        """Mark one more real token per row (the one about to be decoded)."""
-        ones = torch.ones_like(self.attention_mask[:, :1])
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
-
-    def select(self, rows: list[int]) -> BatchKV:
-        """Keep only `rows`, and drop leading columns that became padding for every row."""
-        index = torch.tensor(rows, device=self.attention_mask.device)
-        mask = self.attention_mask.index_select(0, index)
-        first = int((mask.sum(dim=0) > 0).int().argmax()) if mask.numel() else 0
-        layers = [
-            (
-                layer.keys.index_select(0, index)[:, :, first:],
-                layer.values.index_select(0, index)[:, :, first:],
+class KVCache:
+    def __init__(
+        self,
+        shape: CacheShape,
+        num_rows: int,
+        max_len: int,
+        budget_bytes: int,
+        device: torch.device,
+    ) -> None:
+        self.shape = shape
+        self.max_len = max_len
+        self.device = device
+        self.token_budget = budget_bytes // shape.bytes_per_token
+        if self.token_budget < max_len:
+            raise ValueError(
+                f"the KV cache budget ({budget_bytes} bytes = {self.token_budget} tokens) must "
+                f"hold at least one sequence of max_len {max_len} tokens"
             )
-            for layer in self.cache.layers
-        ]
-        return BatchKV(DynamicCache(ddp_cache_data=layers), mask[:, first:])
+        if device.type != "cpu":  # allocated for real: no more rows than the budget holds
+            num_rows = max(1, min(num_rows, self.token_budget // max_len))
+        self.num_rows = num_rows
+        self._maps: list[mmap.mmap] = []
+        per_layer = (num_rows, shape.kv_heads, max_len, shape.head_dim)
+        self.keys = [self._alloc(per_layer) for _ in range(shape.num_layers)]
+        self.values = [self._alloc(per_layer) for _ in range(shape.num_layers)]
+        self.num_used_rows = 0
+        self.reserved_tokens = 0
 
-    @staticmethod
-    def merge(a: BatchKV, b: BatchKV) -> BatchKV:
-        """Rows of `a` then rows of `b`, left-padded to the longer length."""
-        t = max(a.length, b.length)
-        layers = []
-        for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
-            keys = torch.cat([_left_pad(la.keys, t), _left_pad(lb.keys, t)], dim=0)
-            values = torch.cat([_left_pad(la.values, t), _left_pad(lb.values, t)], dim=0)
-            layers.append((keys, values))
-        mask = torch.cat(
-            [F.pad(a.attention_mask, (t - a.length, 0)), F.pad(b.attention_mask, (t - b.length, 0))]
+    def _alloc(self, size: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return torch.zeros(size, dtype=self.shape.dtype, device=self.device)
+        count = 1
+        for n in size:
+            count *= n
+        itemsize = torch.empty((), dtype=self.shape.dtype).element_size()
+        region = mmap.mmap(-1, count * itemsize)  # zero pages, backed only once written
+        self._maps.append(region)
+        return torch.frombuffer(region, dtype=self.shape.dtype, count=count).view(size)
+
+    # -- admission ----------------------------------------------------------------------------
+    def can_admit(self, tokens: int) -> bool:
+        return (
+            self.num_used_rows < self.num_rows
+            and self.reserved_tokens + min(tokens, self.max_len) <= self.token_budget
         )
-        return BatchKV(DynamicCache(ddp_cache_data=layers), mask)
 
+    def allocate(self, tokens: int) -> int:
+        """Reserve `tokens` (capped at max_len) and return a free row."""
+        if not self.can_admit(tokens):
+            raise RuntimeError("the KV cache is full")
+        self.reserved_tokens += min(tokens, self.max_len)
+        row = self.num_used_rows
+        self.num_used_rows += 1
+        return row
 
-def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, H, T, D) -> (B, H, length, D) with zeros in front."""
-    return F.pad(x, (0, 0, length - x.shape[2], 0))
+    def free(self, row: int, tokens: int, last_row_length: int) -> int | None:
+        """Free `row` and its reservation. The last row moves into it (its first
+        `last_row_length` tokens are copied); returns that moved row's old index, or None."""
+        self.reserved_tokens -= min(tokens, self.max_len)
+        last = self.num_used_rows - 1
+        self.num_used_rows -= 1
+        moved = None
+        if row != last:
+            n = last_row_length
+            for cache in (*self.keys, *self.values):
+                cache[row, :, :n].copy_(cache[last, :, :n])
+            moved = last
+        self._release_pages(last)
+        return moved
+
+    def _release_pages(self, row: int) -> None:
+        """Hand a free row's memory back to the OS (it reads as zeros afterwards)."""
+        if not self._maps:
+            return
+        itemsize = torch.empty((), dtype=self.shape.dtype).element_size()
+        row_bytes = self.shape.kv_heads * self.max_len * self.shape.head_dim * itemsize
+        start, end = row * row_bytes, (row + 1) * row_bytes
+        offset = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the row only
+        length = end // mmap.PAGESIZE * mmap.PAGESIZE - offset
+        if length > 0:
+            for region in self._maps:
+                region.madvise(mmap.MADV_DONTNEED, offset, length)
+
+    @property
+    def usage(self) -> float:
+        """Reserved share of the token budget."""
+        return self.reserved_tokens / self.token_budget
+
+    def token_index(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(N * H_kv,) flat index of each token's (row, head, position) in a layer's
+        (rows * H_kv * max_len, D) view; computed once per step, used by every layer."""
+        heads = self.shape.kv_heads
+        base = (rows * heads).unsqueeze(1) + torch.arange(heads, device=rows.device)  # (N, H_kv)
+        return (base * self.max_len + positions.unsqueeze(1)).view(-1)
+
+    def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store N tokens' keys and values, k, v (N, H_kv, D), at `token_index` places (one
+        index_copy_ each: a two-index put is several times slower)."""
+        d = self.shape.head_dim
+        self.keys[layer].view(-1, d).index_copy_(0, index, k.reshape(-1, d))
+        self.values[layer].view(-1, d).index_copy_(0, index, v.reshape(-1, d))

@@ -1,19 +1,44 @@
-"""The model runner: forward passes of the base model with per-token adapter slots.
-
-It owns the (possibly 4-bit) HF model, whose target linears are wrapped in LoraLinear at
-start-up, and writes adapter weights into slots. Prefill takes new sequences left-padded into
-one forward; decode takes one token per running sequence.
+"""The model runner: owns the base model, the KV cache and the LoRA stacks, and turns one step's
+work (decode tokens and prompt chunks of running sequences) into a forward pass.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import DynamicCache
+from dataclasses import dataclass
 
-from loraplex.adapters.lora import LoraBatchContext, LoraLinear, inject_lora_layers
+import torch
+
+from loraplex.adapters.lora import NO_ADAPTER, LoraStacks
+from loraplex.adapters.lora_ops import plan_lora
 from loraplex.adapters.validate import AdapterWeights
-from loraplex.server.engine.kv_cache import BatchKV
+from loraplex.server.config import EngineConfig
+from loraplex.server.engine.forward import (
+    DecoderForward,
+    PromptChunk,
+    StepBatch,
+    cache_shape,
+    check_supported,
+    lora_layout,
+)
+from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.model_loader import LoadedModel, lora_target_shapes
+
+
+@dataclass(frozen=True)
+class DecodeWork:
+    row: int
+    slot: int
+    token: int  # the last sampled token, fed now
+    position: int
+
+
+@dataclass(frozen=True)
+class PrefillWork:
+    row: int
+    slot: int
+    tokens: list[int]  # the chunk
+    start: int  # position of its first token
+    wants_logits: bool  # the chunk ends the prompt: sample the first new token from it
 
 
 class ModelRunner:
@@ -22,75 +47,98 @@ class ModelRunner:
         loaded: LoadedModel,
         num_slots: int,
         max_rank: int,
-        lora_dtype: torch.dtype = torch.float32,
+        max_rows: int = 32,
+        max_model_len: int = 4096,
+        kv_cache_bytes: int = 1 << 30,
+        lora_dtype: torch.dtype | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
+        check_supported(self.model)
         self.target_shapes = lora_target_shapes(self.model)
-        self.context = LoraBatchContext()
-        # float32 LoRA as PEFT computes it by default (its adapter weights stay float32).
-        self.lora_layers: dict[str, LoraLinear] = inject_lora_layers(
-            self.model, list(self.target_shapes), self.context, num_slots, max_rank, lora_dtype
+        model_len = int(getattr(self.model.config, "max_position_embeddings", max_model_len))
+        self.max_context = min(model_len, max_model_len)
+        self.cache = KVCache(
+            cache_shape(self.model, loaded.dtype),
+            num_rows=max_rows,
+            max_len=self.max_context,
+            budget_bytes=kv_cache_bytes,
+            device=self.device,
         )
-        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.lora = LoraStacks(
+            lora_layout(self.model), num_slots, max_rank, lora_dtype or loaded.dtype, self.device
+        )
+        self.forward = DecoderForward(self.model, self.cache, self.lora)
+
+    @classmethod
+    def from_config(cls, loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
+        lora_dtype = None if config.lora_dtype == "auto" else getattr(torch, config.lora_dtype)
+        return cls(
+            loaded,
+            num_slots=config.max_loras,
+            max_rank=config.max_lora_rank,
+            max_rows=config.max_batch_size,
+            max_model_len=config.max_model_len,
+            kv_cache_bytes=config.kv_cache_bytes,
+            lora_dtype=lora_dtype,
+        )
 
     def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
         """Write an adapter into `slot`; layers it does not target get rank 0 there."""
-        for name, layer in self.lora_layers.items():
-            pair = weights.modules.get(name)
-            if pair is None:
-                layer.set_slot(slot, None, None)
-            else:
-                layer.set_slot(slot, pair[0].to(self.device), pair[1].to(self.device))
+        self.lora.load(slot, weights.modules)
 
     def clear_slot(self, slot: int) -> None:
-        for layer in self.lora_layers.values():
-            layer.set_slot(slot, None, None)
+        self.lora.clear(slot)
 
-    @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, BatchKV]:
-        """Run new sequences' prompts; returns last-position logits (B, V) and their cache."""
-        t = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), t, dtype=torch.long)
-        mask = torch.zeros(len(prompts), t, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, t - len(prompt) :] = torch.tensor(prompt)
-            mask[row, t - len(prompt) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        token_slots = torch.tensor(slots, device=self.device).repeat_interleave(t)  # (B*T,)
-        cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, token_slots)
-        return logits, BatchKV(cache, mask)
+    def step(self, decodes: list[DecodeWork], prefills: list[PrefillWork]) -> torch.Tensor:
+        """One forward over every decode token and prompt chunk (written into the cache).
+        Returns float32 logits (M, V): one row per decode, then one per prefill that wants
+        logits, in the order given."""
+        ids: list[int] = [d.token for d in decodes]
+        positions: list[int] = [d.position for d in decodes]
+        rows: list[int] = [d.row for d in decodes]
+        chunks: list[PromptChunk] = []
+        segments: list[tuple[int, int, int]] = []
+        logits_index: list[int] = list(range(len(decodes)))
+        for p in prefills:
+            offset, n = len(ids), len(p.tokens)
+            chunks.append(PromptChunk(p.row, p.start, offset, n))
+            segments.append((p.slot, offset, offset + n))
+            ids.extend(p.tokens)
+            positions.extend(range(p.start, p.start + n))
+            rows.extend([p.row] * n)
+            if p.wants_logits:
+                logits_index.append(offset + n - 1)
+        dev = self.device
+        decode_lengths = [d.position + 1 for d in decodes]
+        row_t = torch.tensor(rows, dtype=torch.long, device=dev)
+        position_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        batch = StepBatch(
+            ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=position_t,
+            rows=row_t,
+            cache_index=self.cache.token_index(row_t, position_t),
+            n_decode=len(decodes),
+            decode_lengths=torch.tensor(decode_lengths, dtype=torch.long, device=dev),
+            max_decode_length=max(decode_lengths, default=0),
+            num_rows=self.cache.num_used_rows,
+            chunks=chunks,
+            logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
+            lora=plan_lora([d.slot for d in decodes], segments, self.lora.ranks, dev),
+        )
+        return self.forward(batch)
 
-    @torch.inference_mode()
-    def decode(self, kv: BatchKV, tokens: list[int], slots: list[int]) -> torch.Tensor:
-        """One token for every row of `kv` (extended in place); returns logits (B, V)."""
-        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
-        positions = kv.next_positions()
-        kv.extend_mask()
-        token_slots = torch.tensor(slots, device=self.device)  # (B,): one token per row
-        return self._forward(ids, kv.attention_mask, positions, kv.cache, token_slots)
-
-    def _forward(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache: DynamicCache,
-        token_slots: torch.Tensor,
-    ) -> torch.Tensor:
-        self.context.set_batch(token_slots)
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Whole prompts in one step, each in a fresh cache row freed afterwards; returns their
+        last-position logits (B, V). For tests and tools; serving goes through `step`."""
+        cache = self.cache
+        work = []
+        for prompt, slot in zip(prompts, slots, strict=True):
+            row = cache.allocate(len(prompt))
+            work.append(PrefillWork(row, slot if slot is not None else NO_ADAPTER, prompt, 0, True))
         try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            return self.step([], work)
         finally:
-            self.context.clear()
-        return out.logits[:, -1, :]
+            for w in reversed(work):
+                cache.free(w.row, len(w.tokens), 0)

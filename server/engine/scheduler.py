@@ -1,6 +1,7 @@
-"""Admission: which waiting requests join the running batch, under the batch, prefill and
-adapter-slot budgets. First come, first served: a request that cannot be admitted yet (its
-adapter needs a slot and every slot is busy) holds back those behind it, so none starves.
+"""Admission: which waiting requests join the running batch, under the KV cache (rows and
+token budget) and adapter-slot budgets. First come, first served: a request that cannot be
+admitted yet (no room in the cache, or its adapter needs a slot and every slot is busy) holds
+back those behind it, so none starves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from loraplex.server.errors import NotReady, QueueFull
 class Admission:
     request: EngineRequest
     grant: SlotGrant | None  # None for base-model requests
+    row: int  # its KV cache row
 
     @property
     def slot(self) -> int:
@@ -73,29 +75,31 @@ class Scheduler:
             self._waiting.clear()
             return waiting
 
-    def admit(self, num_running: int) -> tuple[list[Admission], list[EngineRequest]]:
-        """Pop the requests that start now; also returns cancelled ones dropped from the queue."""
+    def admit(
+        self,
+        allocate: Callable[[EngineRequest], int | None],
+        unallocate: Callable[[int, EngineRequest], None],
+    ) -> tuple[list[Admission], list[EngineRequest]]:
+        """Pop the requests that start now, in order, while `allocate(request)` finds them a KV
+        cache row (None: no room) and an adapter slot can be had (if not, `unallocate` gives
+        the row back); also returns cancelled ones dropped from the queue."""
         admitted: list[Admission] = []
         dropped: list[EngineRequest] = []
-        longest = 0
         with self._cond:
-            while self._waiting and num_running + len(admitted) < self.config.max_batch_size:
+            while self._waiting:
                 request = self._waiting[0]
                 if request.cancelled.is_set():
                     dropped.append(self._waiting.popleft())
                     continue
-                longest_after = max(longest, len(request.prompt_ids))
-                if (
-                    admitted
-                    and longest_after * (len(admitted) + 1) > self.config.max_prefill_tokens
-                ):
-                    break  # the padded prefill would exceed its budget: next step
+                row = allocate(request)
+                if row is None:
+                    break  # the KV cache is full: wait for running sequences to finish
                 grant = None
                 if request.adapter is not None:
                     grant = self.slots.acquire(request.adapter.key)
                     if grant is None:
+                        unallocate(row, request)
                         break  # every slot is in use by running requests
                 self._waiting.popleft()
-                admitted.append(Admission(request, grant))
-                longest = longest_after
+                admitted.append(Admission(request, grant, row))
         return admitted, dropped

@@ -143,7 +143,7 @@ def test_unknown_adapter_is_not_found(client):
 
 
 def test_model_info_and_the_base_is_nf4_double_quantized(client, server):
-    layer = server.engine.runner.lora_layers["model.layers.0.self_attn.q_proj"].base_layer
+    layer = server.engine.runner.model.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == "Linear4bit"
     # compress_statistics = double quantization (bitsandbytes' CPU kernels may unpack the
     # nested absmax after the first forward, so the quant state itself is not the witness).

@@ -152,7 +152,7 @@ def test_first_step_logits_match_peft(server, peft_reference, registered):
         )
         # On the engine thread, which owns the model: between two of its steps.
         run = partial(engine.runner.prefill, [ids, ids[:-3]], [slot, other])
-        logits, _ = engine.call(run).result()
+        logits = engine.call(run).result()
         diff = (logits[0].float() - ref).abs()
         with torch.inference_mode(), model.disable_adapter():
             base = model(torch.tensor([ids])).logits[0, -1].float()

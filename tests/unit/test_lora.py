@@ -1,4 +1,4 @@
-"""The LoRA math: the grouped path equals the per-token spec, and served adapters equal PEFT."""
+"""The LoRA math: both fast paths equal the per-token spec, and served adapters equal PEFT."""
 
 from __future__ import annotations
 
@@ -8,67 +8,110 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-from loraplex.adapters.lora import (
-    NO_ADAPTER,
-    LoraBatchContext,
-    LoraLinear,
-    lora_delta_grouped,
-    lora_delta_reference,
-)
+from loraplex.adapters.lora import NO_ADAPTER, LoraGroup, LoraStacks, lora_delta_reference
+from loraplex.adapters.lora_ops import add_lora, plan_lora
 from loraplex.adapters.validate import BaseModelSpec, load_adapter
 from loraplex.server.engine.model_runner import ModelRunner
 from tests.conftest import TINY_FAMILIES
 from tests.helpers import add_peft_adapter
 
+D_IN, OUTS = 24, [40, 8, 8]  # a fused q/k/v-like group: three members read one input
+RANKS = [16, 4, 8, 0]  # mixed ranks (zero-padded to 16); slot 3 holds nothing
+
+
+def random_group(dtype: torch.dtype = torch.float32, ranks: list[int] = RANKS) -> LoraGroup:
+    group = LoraGroup(D_IN, OUTS, len(ranks), 16, dtype, torch.device("cpu"))
+    for slot, r in enumerate(ranks):
+        for member, out in enumerate(OUTS):
+            if r and not (slot == 2 and member == 1):  # slot 2 does not target member 1
+                group.set_slot(slot, member, torch.randn(r, D_IN), torch.randn(out, r))
+    return group
+
+
+def reference(x, group, ranks, token_slots):
+    """The spec, member by member."""
+    return [
+        lora_delta_reference(x, *group.reference_stacks(j), ranks, torch.tensor(token_slots))
+        for j in range(len(OUTS))
+    ]
+
+
+def run_fast(x, group, ranks, decode_slots, segments):
+    outs = [torch.zeros(x.shape[0], out, dtype=x.dtype) for out in OUTS]
+    add_lora(outs, x, group, plan_lora(decode_slots, segments, ranks, x.device))
+    return outs
+
 
 @pytest.mark.parametrize(
-    "token_slots",
+    "decode_slots",
     [
-        [0, 0, 0, 0],
-        [NO_ADAPTER] * 4,
-        [2, NO_ADAPTER, 0, 2, 1, 1, NO_ADAPTER, 3],  # slot 3 has rank 0 for this layer
+        [0, 0, 0, 0],  # one adapter: G = 4, no padding
+        [NO_ADAPTER] * 4,  # base only: nothing to add
+        [2, NO_ADAPTER, 0, 2, 1, 1, NO_ADAPTER, 3],  # padded groups, base and rank-0 tokens
+        [3, 1, 0, 2],  # every token its own adapter: G = 1
         [1],
     ],
 )
-def test_grouped_equals_reference(token_slots):
+def test_decode_gather_path_equals_reference(decode_slots):
     torch.manual_seed(0)
-    num_slots, max_rank, d_in, d_out = 4, 16, 24, 40
-    ranks = [16, 4, 8, 0]  # mixed ranks, zero-padded to max_rank
-    a = torch.zeros(num_slots, max_rank, d_in)
-    b = torch.zeros(num_slots, d_out, max_rank)
-    for s, r in enumerate(ranks):
-        a[s, :r] = torch.randn(r, d_in)
-        b[s, :, :r] = torch.randn(d_out, r)
-    x = torch.randn(len(token_slots), d_in, dtype=torch.bfloat16)
-    slots = torch.tensor(token_slots)
-    ctx = LoraBatchContext()
-    ctx.set_batch(slots)
-    ref = lora_delta_reference(x, a, b, ranks, slots)
-    fast = lora_delta_grouped(x, a, b, ranks, ctx.groups)
-    if fast is None:
-        assert torch.count_nonzero(ref) == 0
-    else:
-        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-    for i, s in enumerate(token_slots):  # base tokens and rank-0 slots get no delta
-        if s == NO_ADAPTER or ranks[s] == 0:
-            assert torch.count_nonzero(ref[i]) == 0
+    group = random_group()
+    x = torch.randn(len(decode_slots), D_IN, dtype=torch.bfloat16)
+    want = reference(x, group, RANKS, decode_slots)
+    got = run_fast(x.float(), group, RANKS, decode_slots, [])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
-def test_lora_linear_adds_delta_only_for_its_tokens():
+def test_prompt_segment_path_and_mixed_step_equal_reference():
+    """Decode tokens then prompt chunks in one plan (a chunked-prefill step)."""
     torch.manual_seed(0)
-    base = torch.nn.Linear(8, 6, bias=False)
-    ctx = LoraBatchContext()
-    layer = LoraLinear(base, ctx, num_slots=2, max_rank=4, dtype=torch.float32)
-    a, b = torch.randn(2, 8), torch.randn(6, 2)
-    layer.set_slot(1, a, b)
-    x = torch.randn(2, 3, 8)  # (batch, tokens, in)
-    ctx.set_batch(torch.tensor([NO_ADAPTER] * 3 + [1] * 3))  # row 0 base, row 1 slot 1
-    y = layer(x)
-    torch.testing.assert_close(y[0], base(x[0]))
-    torch.testing.assert_close(y[1], base(x[1]) + x[1] @ a.T @ b.T)
-    layer.set_slot(1, None, None)
-    assert layer.ranks[1] == 0
-    torch.testing.assert_close(layer(x), base(x))
+    group = random_group()
+    decode = [1, NO_ADAPTER, 0, 1]
+    # chunks: 5 tokens of slot 2, 3 of slot 2 (joined into one run), 4 base, 6 of slot 0
+    segments = [(2, 4, 9), (2, 9, 12), (NO_ADAPTER, 12, 16), (0, 16, 22)]
+    token_slots = decode + [s for s, a, b in segments for _ in range(a, b)]
+    x = torch.randn(len(token_slots), D_IN)
+    want = reference(x, group, RANKS, token_slots)
+    got = run_fast(x, group, RANKS, decode, segments)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+    assert plan_lora(decode, segments, RANKS, x.device).segments == [(2, 4, 12), (0, 16, 22)]
+
+
+def test_bf16_weights_stay_close_to_the_float32_spec():
+    torch.manual_seed(0)
+    group32 = random_group()
+    group16 = LoraGroup(D_IN, OUTS, len(RANKS), 16, torch.bfloat16, torch.device("cpu"))
+    group16.a.copy_(group32.a)
+    for b16, b32 in zip(group16.bt, group32.bt, strict=True):
+        b16.copy_(b32)
+    decode = [2, 0, 1, 0]
+    x = torch.randn(4, D_IN, dtype=torch.bfloat16)
+    want = reference(x, group32, RANKS, decode)
+    got = run_fast(x, group16, RANKS, decode, [])
+    for g, w in zip(got, want, strict=True):
+        scale = w.abs().max()
+        assert (g.float() - w).abs().max() <= 0.02 * scale
+
+
+def test_stacks_place_each_module_in_its_group_member():
+    layout = [
+        {"qkv": (D_IN, [("l0.q", OUTS[0]), ("l0.k", OUTS[1]), ("l0.v", OUTS[2])])},
+        {"qkv": (D_IN, [("l1.q", OUTS[0]), ("l1.k", OUTS[1]), ("l1.v", OUTS[2])])},
+    ]
+    stacks = LoraStacks(layout, num_slots=2, max_rank=8, dtype=torch.float32, device="cpu")
+    a, b = torch.randn(4, D_IN), torch.randn(OUTS[1], 4)
+    stacks.load(1, {"l1.k": (a, b)})
+    assert stacks.ranks == [0, 4]
+    group = stacks.groups[1]["qkv"]
+    torch.testing.assert_close(group.a[1, 1, :4], a)
+    torch.testing.assert_close(group.bt[1][1, :4], b.T)
+    assert (
+        torch.count_nonzero(group.a[1, 0]) == 0
+        and torch.count_nonzero(stacks.groups[0]["qkv"].a) == 0
+    )
+    stacks.clear(1)
+    assert stacks.ranks == [0, 0] and torch.count_nonzero(group.a) == 0
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -91,7 +134,7 @@ def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family
         runner.load_adapter(slot, load_adapter(tmp_path / name, spec))
     prompts = [[5, 17, 300, 42, 7], [9, 8, 7], [100, 200, 300, 400]]
     slots = [0, 1, NO_ADAPTER]
-    logits, _ = runner.prefill(prompts, slots)
+    logits = runner.prefill(prompts, slots)
     for prompt, slot, got in zip(prompts, slots, logits, strict=True):
         with torch.inference_mode():
             if slot == NO_ADAPTER:

@@ -1,0 +1,225 @@
+"""The decoder forward pass over one step's flat token batch, for the Llama family (Llama,
+Mistral, Qwen2), reading the HF model's own modules (4-bit or not) and weights.
+
+A step's N tokens are not padded: the first n_decode are one token per decoding sequence, then
+come prompt chunks, contiguous per sequence. Linear layers (and LoRA) run on all N tokens at
+once; attention reads the KV cache rows:
+
+    decode   q (n_decode, H, D) against the pool prefix view [:rows, :, :L], one batched matmul
+             (grouped-query: the g = H / H_kv query heads of a KV head share its keys, no copy)
+    prefill  per chunk, q (n, H, D) against its row's first start + n tokens, causal
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from bitsandbytes.functional import dequantize_4bit
+from torch import nn
+
+from loraplex.adapters.lora import LoraStacks
+from loraplex.adapters.lora_ops import LoraPlan, add_lora
+from loraplex.server.engine.kv_cache import CacheShape, KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DEQUANTIZE_MIN_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    row: int  # KV cache row of the sequence
+    start: int  # position of the chunk's first token in the sequence
+    offset: int  # index of its first token in the flat batch
+    length: int
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    ids: torch.Tensor  # (N,) token ids
+    positions: torch.Tensor  # (N,) position of each token in its sequence
+    rows: torch.Tensor  # (N,) KV cache row of each token
+    cache_index: torch.Tensor  # (N * H_kv,) where each token's keys/values go in the cache
+    n_decode: int
+    decode_lengths: torch.Tensor  # (n_decode,) cached tokens after this step = position + 1
+    max_decode_length: int
+    num_rows: int  # rows in use: decode attention reads rows [0, num_rows)
+    chunks: list[PromptChunk]
+    logits_index: torch.Tensor  # (M,) tokens whose next-token logits are wanted
+    lora: LoraPlan
+
+
+def lora_layout(model: nn.Module) -> list[dict[str, tuple[int, list[tuple[str, int]]]]]:
+    """The fused LoRA groups of every decoder layer: q/k/v share one shrink, gate/up another."""
+    layout = []
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+
+        def out(module: nn.Module) -> int:
+            return int(module.out_features)
+
+        sa, m = layer.self_attn, layer.mlp
+        layout.append(
+            {
+                "qkv": (
+                    int(sa.q_proj.in_features),
+                    [
+                        (f"{attn}.q_proj", out(sa.q_proj)),
+                        (f"{attn}.k_proj", out(sa.k_proj)),
+                        (f"{attn}.v_proj", out(sa.v_proj)),
+                    ],
+                ),
+                "o": (int(sa.o_proj.in_features), [(f"{attn}.o_proj", out(sa.o_proj))]),
+                "gate_up": (
+                    int(m.gate_proj.in_features),
+                    [(f"{mlp}.gate_proj", out(m.gate_proj)), (f"{mlp}.up_proj", out(m.up_proj))],
+                ),
+                "down": (int(m.down_proj.in_features), [(f"{mlp}.down_proj", out(m.down_proj))]),
+            }
+        )
+    return layout
+
+
+def cache_shape(model: nn.Module, dtype: torch.dtype) -> CacheShape:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return CacheShape(
+        num_layers=config.num_hidden_layers,
+        kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+
+
+def check_supported(model: nn.Module) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported; loraplex serves "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+class DecoderForward:
+    def __init__(self, model: nn.Module, cache: KVCache, lora: LoraStacks) -> None:
+        check_supported(model)
+        self.model = model
+        self.cache = cache
+        self.lora = lora
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = cache.shape.head_dim
+        self.group = self.num_heads // self.kv_heads
+        self.scaling = self.head_dim**-0.5
+
+    @torch.inference_mode()
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        """Runs the step, writing its keys/values into the cache; returns float32 logits (M, V)."""
+        inner = self.model.model
+        h = inner.embed_tokens(batch.ids)  # (N, hidden)
+        cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
+        for index, layer in enumerate(inner.layers):
+            groups = self.lora.groups[index]
+            x = layer.input_layernorm(h)
+            h = h + self._attention(index, layer.self_attn, x, cos, sin, batch, groups)
+            x = layer.post_attention_layernorm(h)
+            h = h + self._mlp(layer.mlp, x, batch.lora, groups)
+        h = inner.norm(h.index_select(0, batch.logits_index))  # (M, hidden)
+        return self.model.lm_head(h).float()
+
+    def _attention(
+        self,
+        index: int,
+        attn: nn.Module,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: StepBatch,
+        groups: dict,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = (
+            self._linear(attn.q_proj, x),
+            self._linear(attn.k_proj, x),
+            self._linear(attn.v_proj, x),
+        )
+        add_lora([q, k, v], x, groups["qkv"], batch.lora)
+        q = _rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
+        k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.kv_heads, self.head_dim)
+        self.cache.write(index, batch.cache_index, k, v)
+        out = torch.empty_like(q)  # (N, H, D)
+        if batch.n_decode:
+            out[: batch.n_decode] = self._decode_attention(index, q[: batch.n_decode], batch)
+        for chunk in batch.chunks:
+            span = slice(chunk.offset, chunk.offset + chunk.length)
+            out[span] = self._prefill_attention(index, q[span], chunk)
+        o_in = out.view(n, -1)
+        o = self._linear(attn.o_proj, o_in)
+        add_lora([o], o_in, groups["o"], batch.lora)
+        return o
+
+    def _decode_attention(self, index: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """q (B, H, D) of the decode tokens, sequence i in row rows[i]; returns (B, H, D)."""
+        b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
+        keys = self.cache.keys[index][:rows, :, :length]  # (rows, H_kv, L, D), a view
+        values = self.cache.values[index][:rows, :, :length]
+        decode_rows = batch.rows[:b]
+        qg = q.new_zeros(rows, self.kv_heads, self.group, self.head_dim)  # (rows, H_kv, g, D)
+        qg[decode_rows] = q.view(b, self.kv_heads, self.group, self.head_dim)
+        lengths = torch.ones(rows, dtype=torch.long, device=q.device)
+        lengths[decode_rows] = batch.decode_lengths
+        visible = torch.arange(length, device=q.device) < lengths.unsqueeze(1)  # (rows, L)
+        # K @ q.T rather than q @ K.T: the strided view is then the left operand, which the
+        # CPU bmm takes ~2x faster for these (g x D) @ (D x L) shapes.
+        scores = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2)  # (rows, H_kv, g, L)
+        scores = (
+            scores.float().mul_(self.scaling).masked_fill_(~visible[:, None, None, :], -torch.inf)
+        )
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # (rows, H_kv, g, D)
+        return out[decode_rows].view(b, self.num_heads, self.head_dim)
+
+    def _prefill_attention(self, index: int, q: torch.Tensor, chunk: PromptChunk) -> torch.Tensor:
+        """q (n, H, D) of one prompt chunk; causal over the row's first start + n tokens."""
+        n, total = chunk.length, chunk.start + chunk.length
+        keys = self.cache.keys[index][chunk.row, :, :total].unsqueeze(1)  # (H_kv, 1, T, D)
+        values = self.cache.values[index][chunk.row, :, :total].unsqueeze(1)
+        qg = q.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
+        scores = torch.matmul(qg, keys.transpose(-1, -2))  # (H_kv, g, n, T)
+        pos = torch.arange(chunk.start, total, device=q.device)
+        future = torch.arange(total, device=q.device) > pos.unsqueeze(1)  # (n, T)
+        scores = scores.float().mul_(self.scaling).masked_fill_(future, -torch.inf)
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # (H_kv, g, n, D)
+        return out.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
+
+    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A base linear layer on (N, in). For a 4-bit layer on the CPU with many tokens, the
+        weight is dequantized for this call and multiplied in the compute dtype: bitsandbytes'
+        CPU kernel is a matrix-vector loop, ~1.5x slower from ~64 tokens up (the weight stays
+        4-bit at rest; the dequantized copy lives for one matmul)."""
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if state is None or x.shape[0] < DEQUANTIZE_MIN_TOKENS or x.device.type != "cpu":
+            return module(x)
+        dense = dequantize_4bit(weight.data, state).to(x.dtype)  # (out, in)
+        return F.linear(x, dense, module.bias)
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor, plan: LoraPlan, groups: dict) -> torch.Tensor:
+        gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
+        add_lora([gate, up], x, groups["gate_up"], plan)
+        act = mlp.act_fn(gate) * up
+        down = self._linear(mlp.down_proj, act)
+        add_lora([down], act, groups["down"], plan)
+        return down
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as HF applies it: x (N, heads, D), cos/sin (N, 1, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
