@@ -71,6 +71,20 @@ class LoraGroup:
             for out in out_features
         ]
 
+    @property
+    def rank_capacity(self) -> int:
+        return self.a.shape[2]
+
+    def grow_rank(self, rank: int) -> None:
+        """Re-allocate the stacks for a larger rank, keeping what they hold."""
+        a = self.a.new_zeros(*self.a.shape[:2], rank, self.a.shape[3])
+        a[:, :, : self.rank_capacity] = self.a
+        self.a = a
+        for j, bt in enumerate(self.bt):
+            grown = bt.new_zeros(bt.shape[0], rank, bt.shape[2])
+            grown[:, : bt.shape[1]] = bt
+            self.bt[j] = grown
+
     def set_slot(self, slot: int, member: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one member's A (r, in) and scaled B (out, r) into `slot`."""
         r = a.shape[0]
@@ -109,13 +123,14 @@ class LoraStacks:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.dtype = dtype
+        self.rank_capacity = 0  # grows to the largest rank loaded (at most max_rank)
         self.groups: list[dict[str, LoraGroup]] = []
         self.modules: dict[str, tuple[int, str, int]] = {}
         for layer, groups in enumerate(layout):
             built = {}
             for gname, (in_features, members) in groups.items():
                 outs = [out for _, out in members]
-                built[gname] = LoraGroup(in_features, outs, num_slots, max_rank, dtype, device)
+                built[gname] = LoraGroup(in_features, outs, num_slots, 0, dtype, device)
                 for member, (module, _) in enumerate(members):
                     self.modules[module] = (layer, gname, member)
             self.groups.append(built)
@@ -124,15 +139,21 @@ class LoraStacks:
     def load(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an adapter ({module: (A (r, in), B (out, r) scaled)}) into `slot`; modules it
         does not target get zeros there."""
+        rank = max((a.shape[0] for a, _ in modules.values()), default=0)
+        if rank > self.max_rank:
+            raise ValueError(f"rank {rank} exceeds the stacks' max rank {self.max_rank}")
+        if rank > self.rank_capacity:
+            for groups in self.groups:
+                for group in groups.values():
+                    group.grow_rank(rank)
+            self.rank_capacity = rank
         self.clear(slot)
         device = self.groups[0][next(iter(self.groups[0]))].a.device if self.groups else None
-        rank = 0
         for module, (a, b) in modules.items():
             layer, gname, member = self.modules[module]
             self.groups[layer][gname].set_slot(
                 slot, member, a.to(device, self.dtype), b.to(device, self.dtype)
             )
-            rank = max(rank, a.shape[0])
         self.ranks[slot] = rank
 
     def clear(self, slot: int) -> None:

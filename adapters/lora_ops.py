@@ -23,12 +23,21 @@ from loraplex.adapters.lora import NO_ADAPTER, LoraGroup
 
 @dataclass(frozen=True)
 class DecodeLayout:
-    """Where the adapter tokens of the decode part go in the padded (U, G) block."""
+    """Where the adapter tokens of the decode part go in the padded (U, G) block.
 
-    slots: torch.Tensor  # (U,) distinct slots, ascending
+    Block u holds the tokens of slot slots[u] (or, for a range, of slot first + u). When the
+    slots present span a short range, the block covers the whole range, so the stacks are read
+    through a view of it instead of being gathered (copied) slot by slot; slots of the range
+    with no token get zero rows.
+    """
+
+    slots: torch.Tensor | None  # (U,) the slots to gather; None when `first` is used
+    first: int  # the range [first, first + U) when slots is None
+    num_blocks: int  # U
     group_size: int  # G
-    src: torch.Tensor  # (M,) decode-token index of every adapter token, grouped by slot
-    dst: torch.Tensor | None  # (M,) flat index u * G + j in the block; None when M == U * G
+    count: int  # M: decode tokens that carry an adapter
+    src: torch.Tensor | None  # (M,) decode-token index of each adapter token; None = 0..M-1
+    dst: torch.Tensor | None  # (M,) flat index u * G + j in the block; None = 0..M-1
 
 
 @dataclass(frozen=True)
@@ -51,31 +60,52 @@ def plan_lora(
 ) -> LoraPlan:
     """decode_slots: the slot of each decode token (tokens 0..n_decode-1); segments: (slot,
     start, end) of each prompt chunk (start >= n_decode). Slots of rank 0 and base tokens are
-    left out."""
-    n_decode = len(decode_slots)
+    left out. Decode tokens ordered by slot (as the engine orders them) need no reordering."""
     live = {s for s in decode_slots if s != NO_ADAPTER and ranks[s] > 0}
     segs = [(s, a, b) for s, a, b in segments if s != NO_ADAPTER and ranks[s] > 0 and b > a]
     live.update(s for s, _, _ in segs)
     rank = max((ranks[s] for s in live), default=0)
-    decode = None
+    return LoraPlan(
+        rank, len(decode_slots), _decode_layout(decode_slots, ranks, device), _merge_runs(segs)
+    )
+
+
+def _decode_layout(
+    decode_slots: list[int], ranks: list[int], device: torch.device
+) -> DecodeLayout | None:
     by_slot: dict[int, list[int]] = {}
     for i, s in enumerate(decode_slots):
         if s != NO_ADAPTER and ranks[s] > 0:
             by_slot.setdefault(s, []).append(i)
-    if by_slot:
-        order = sorted(by_slot)
-        g = max(len(v) for v in by_slot.values())
-        src = [i for s in order for i in by_slot[s]]
-        dst = [u * g + j for u, s in enumerate(order) for j in range(len(by_slot[s]))]
-        decode = DecodeLayout(
-            slots=torch.tensor(order, dtype=torch.long, device=device),
-            group_size=g,
-            src=torch.tensor(src, dtype=torch.long, device=device),
-            dst=None
-            if len(dst) == len(order) * g
-            else torch.tensor(dst, dtype=torch.long, device=device),
-        )
-    return LoraPlan(rank, n_decode, decode, _merge_runs(segs))
+    if not by_slot:
+        return None
+    present = sorted(by_slot)
+    g = max(len(v) for v in by_slot.values())
+    first, span = present[0], present[-1] - present[0] + 1
+    as_range = span <= 2 * len(present)  # a view of at most twice the slots needed
+    blocks = list(range(first, first + span)) if as_range else present
+    src = [i for s in present for i in by_slot[s]]
+    place = {s: u for u, s in enumerate(blocks)}
+    dst = [place[s] * g + j for s in present for j in range(len(by_slot[s]))]
+
+    def index(values: list[int]) -> torch.Tensor | None:
+        if values == list(range(len(values))):
+            return None
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return DecodeLayout(
+        slots=None if as_range else torch.tensor(present, dtype=torch.long, device=device),
+        first=first,
+        num_blocks=len(blocks),
+        group_size=g,
+        count=len(src),
+        src=index(src),
+        dst=(
+            torch.tensor(dst, dtype=torch.long, device=device)
+            if len(dst) < len(blocks) * g  # padded: some block rows stay empty
+            else None
+        ),
+    )
 
 
 def _merge_runs(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -104,21 +134,32 @@ def add_lora(
 def _add_decode(
     outputs: list[torch.Tensor], x: torch.Tensor, group: LoraGroup, r: int, lay: DecodeLayout
 ) -> None:
-    u, g, k = lay.slots.numel(), lay.group_size, len(group.bt)
+    u, g, k = lay.num_blocks, lay.group_size, len(group.bt)
     dtype = group.a.dtype
-    xs = x.index_select(0, lay.src).to(dtype)  # (M, in)
+    xs = x.index_select(0, lay.src) if lay.src is not None else x[: lay.count]
+    xs = xs.to(dtype)  # (M, in)
     if lay.dst is not None:  # pad each adapter's tokens to G rows
         padded = xs.new_zeros(u * g, x.shape[1])
         padded.index_copy_(0, lay.dst, xs)
         xs = padded
-    a = group.a[:, :, :r].index_select(0, lay.slots).reshape(u, k * r, -1)  # (U, k*R, in)
+    a = _stack(group.a, lay)[:, :, :r].reshape(u, k * r, -1)  # (U, k*R, in): a view if it can
     shrunk = torch.bmm(xs.view(u, g, -1), a.transpose(1, 2))  # (U, G, k*R)
     for j, out in enumerate(outputs):
-        bt = group.bt[j][:, :r].index_select(0, lay.slots)  # (U, R, out_j)
+        bt = _stack(group.bt[j], lay)[:, :r]  # (U, R, out_j)
         delta = torch.bmm(shrunk[:, :, j * r : (j + 1) * r], bt).view(u * g, -1)  # (U*G, out_j)
         if lay.dst is not None:
             delta = delta.index_select(0, lay.dst)
-        out.index_add_(0, lay.src, delta.to(out.dtype))
+        if lay.src is None:
+            out[: delta.shape[0]] += delta.to(out.dtype)
+        else:
+            out.index_add_(0, lay.src, delta.to(out.dtype))
+
+
+def _stack(stack: torch.Tensor, lay: DecodeLayout) -> torch.Tensor:
+    """The slots of the block: a view of a range, or a gather."""
+    if lay.slots is None:
+        return stack[lay.first : lay.first + lay.num_blocks]
+    return stack.index_select(0, lay.slots)
 
 
 def _add_segment(

@@ -207,7 +207,6 @@ class Engine:
         budget = self.config.max_prefill_tokens
         for seq in self._batch.seqs:
             if not seq.prefilling:
-                decodes.append(DecodeWork(seq.row, seq.slot, seq.last_token, seq.num_cached))
                 decoding.append(seq)
             elif budget > 0:
                 n = min(budget, seq.prompt_len - seq.num_cached)
@@ -217,6 +216,10 @@ class Engine:
                 prefills.append(PrefillWork(seq.row, seq.slot, tokens, start, done))
                 chunked.append((seq, n))
                 budget -= n
+        # In slot order: each adapter's decode tokens are then contiguous (see lora_ops).
+        decoding.sort(key=lambda seq: seq.slot)
+        for seq in decoding:
+            decodes.append(DecodeWork(seq.row, seq.slot, seq.last_token, seq.num_cached))
         logits = self.runner.step(decodes, prefills)
         for seq in decoding:
             seq.num_cached += 1

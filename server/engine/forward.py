@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from bitsandbytes.functional import dequantize_4bit
 from torch import nn
 
 from loraplex.adapters.lora import LoraStacks
@@ -24,7 +22,6 @@ from loraplex.adapters.lora_ops import LoraPlan, add_lora
 from loraplex.server.engine.kv_cache import CacheShape, KVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-DEQUANTIZE_MIN_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -142,9 +139,9 @@ class DecoderForward:
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = (
-            self._linear(attn.q_proj, x),
-            self._linear(attn.k_proj, x),
-            self._linear(attn.v_proj, x),
+            attn.q_proj(x),
+            attn.k_proj(x),
+            attn.v_proj(x),
         )
         add_lora([q, k, v], x, groups["qkv"], batch.lora)
         q = _rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
@@ -158,7 +155,7 @@ class DecoderForward:
             span = slice(chunk.offset, chunk.offset + chunk.length)
             out[span] = self._prefill_attention(index, q[span], chunk)
         o_in = out.view(n, -1)
-        o = self._linear(attn.o_proj, o_in)
+        o = attn.o_proj(o_in)
         add_lora([o], o_in, groups["o"], batch.lora)
         return o
 
@@ -197,23 +194,11 @@ class DecoderForward:
         out = torch.matmul(probs, values)  # (H_kv, g, n, D)
         return out.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
 
-    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """A base linear layer on (N, in). For a 4-bit layer on the CPU with many tokens, the
-        weight is dequantized for this call and multiplied in the compute dtype: bitsandbytes'
-        CPU kernel is a matrix-vector loop, ~1.5x slower from ~64 tokens up (the weight stays
-        4-bit at rest; the dequantized copy lives for one matmul)."""
-        weight = module.weight
-        state = getattr(weight, "quant_state", None)
-        if state is None or x.shape[0] < DEQUANTIZE_MIN_TOKENS or x.device.type != "cpu":
-            return module(x)
-        dense = dequantize_4bit(weight.data, state).to(x.dtype)  # (out, in)
-        return F.linear(x, dense, module.bias)
-
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, plan: LoraPlan, groups: dict) -> torch.Tensor:
-        gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         add_lora([gate, up], x, groups["gate_up"], plan)
         act = mlp.act_fn(gate) * up
-        down = self._linear(mlp.down_proj, act)
+        down = mlp.down_proj(act)
         add_lora([down], act, groups["down"], plan)
         return down
 

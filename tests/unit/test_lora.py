@@ -62,6 +62,27 @@ def test_decode_gather_path_equals_reference(decode_slots):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("decode_slots", "gathered"),
+    [
+        ([0, 0, 1, 1], False),  # in slot order: a view of slots 0-1, tokens in place
+        ([9, 0, 9, 0, 0], True),  # slots 0 and 9 only: gathered, not a 10-slot view
+        ([5, 4, 6, NO_ADAPTER, 5], False),  # a view of slots 4-6, reordered, padded
+    ],
+)
+def test_decode_range_view_and_gather_equal_reference(decode_slots, gathered):
+    torch.manual_seed(0)
+    ranks = [8] * 10
+    group = random_group(ranks=ranks)
+    x = torch.randn(len(decode_slots), D_IN)
+    plan = plan_lora(decode_slots, [], ranks, x.device)
+    assert plan.decode is not None and (plan.decode.slots is not None) == gathered
+    want = reference(x, group, ranks, decode_slots)
+    got = run_fast(x, group, ranks, decode_slots, [])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+
+
 def test_prompt_segment_path_and_mixed_step_equal_reference():
     """Decode tokens then prompt chunks in one plan (a chunked-prefill step)."""
     torch.manual_seed(0)
