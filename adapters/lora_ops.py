@@ -146,7 +146,12 @@ def _add_decode(
     shrunk = torch.bmm(xs.view(u, g, -1), a.transpose(1, 2))  # (U, G, k*R)
     for j, out in enumerate(outputs):
         bt = _stack(group.bt[j], lay)[:, :r]  # (U, R, out_j)
-        delta = torch.bmm(shrunk[:, :, j * r : (j + 1) * r], bt).view(u * g, -1)  # (U*G, out_j)
+        s_j = shrunk[:, :, j * r : (j + 1) * r]  # (U, G, R)
+        if lay.src is None and lay.dst is None and out.dtype == dtype:
+            # Tokens already in block order: accumulate in place, no temporary.
+            out[: u * g].view(u, g, -1).baddbmm_(s_j, bt)
+            continue
+        delta = torch.bmm(s_j, bt).view(u * g, -1)  # (U*G, out_j)
         if lay.dst is not None:
             delta = delta.index_select(0, lay.dst)
         if lay.src is None:
@@ -175,5 +180,8 @@ def _add_segment(
     k = len(group.bt)
     shrunk = xs @ group.a[slot, :, :r].reshape(k * r, -1).T  # (n, k*R)
     for j, out in enumerate(outputs):
-        delta = shrunk[:, j * r : (j + 1) * r] @ group.bt[j][slot, :r]  # (n, out_j)
-        out[start:end] += delta.to(out.dtype)
+        s_j, bt = shrunk[:, j * r : (j + 1) * r], group.bt[j][slot, :r]  # (n, R), (R, out_j)
+        if out.dtype == shrunk.dtype:
+            out[start:end].addmm_(s_j, bt)  # in place, no temporary
+        else:
+            out[start:end] += (s_j @ bt).to(out.dtype)

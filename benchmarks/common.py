@@ -1,13 +1,17 @@
 """What the benchmarks share: the workload (chat prompts of a given length range) and random
-all-linear LoRA adapters made with stock PEFT."""
+all-linear LoRA adapters in stock PEFT's format."""
 
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "adapter_model.safetensors"
 
 SENTENCES = [
     "The ocean keeps a slow rhythm against the old harbour wall.",
@@ -58,19 +62,36 @@ def _chat_ids(tokenizer: object, text: str) -> list[int]:
     return list(tokenizer(rendered, add_special_tokens=False).input_ids)  # type: ignore[operator]
 
 
-def make_adapters(model: torch.nn.Module, k: int, rank: int, out: Path) -> PeftModel:
-    """k random all-linear LoRA adapters `bench-0..k-1` made with PEFT on `model` (wrapped in
-    place), saved under out/; returns the PeftModel holding all of them."""
-    names = [f"bench-{i}" for i in range(k)]
+def make_adapters(model: torch.nn.Module, k: int, rank: int, out: Path) -> list[Path]:
+    """k random all-linear LoRA adapters `bench-0..k-1` in PEFT's format under out/ (PEFT lays
+    out one, the others are written with the same names and fresh random weights: adding
+    adapters to one PeftModel one by one is quadratic). Wraps `model` in place."""
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-    peft_model = get_peft_model(model, config, adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.add_adapter(name, config)
+    template = out / "bench-0"
+    get_peft_model(model, config, adapter_name="bench-0").save_pretrained(out)
+    names = list(load_file(template / WEIGHTS).keys())
+    shapes = {n: t.shape for n, t in load_file(template / WEIGHTS).items()}
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for pname, p in peft_model.named_parameters():
-            if "lora_B" in pname:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-    peft_model.save_pretrained(out, selected_adapters=names)
+    dirs = []
+    for i in range(k):
+        tensors = {}
+        for name in names:
+            shape = shapes[name]
+            std = shape[1] ** -0.5 if "lora_A" in name else 0.02  # B random, not PEFT's zeros
+            tensors[name] = torch.randn(shape, generator=generator) * std
+        path = out / f"bench-{i}"
+        path.mkdir(parents=True, exist_ok=True)
+        if i:
+            shutil.copy(template / "adapter_config.json", path / "adapter_config.json")
+        save_file(tensors, path / WEIGHTS)
+        dirs.append(path)
+    return dirs
+
+
+def load_into_peft(model: torch.nn.Module, dirs: list[Path]) -> PeftModel:
+    """Stock PEFT holding every adapter of `dirs` (named by directory), for the baselines."""
+    peft_model = PeftModel.from_pretrained(model, dirs[0], adapter_name=dirs[0].name)
+    for path in dirs[1:]:
+        peft_model.load_adapter(path, adapter_name=path.name)
     peft_model.eval()
     return peft_model

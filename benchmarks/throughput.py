@@ -13,7 +13,8 @@ used across repeats, at most N at once):
 
 The machine is shared and noisy: each figure is the median of --repeats runs, and the table
 gives ratios to loraplex base-only, to HF generate and to the PEFT mixed batch from the same run.
-Peak RSS is read after the loraplex runs (before any baseline model is loaded) and at the end.
+Peak RSS is read after the loraplex runs (before any baseline model is loaded; the adapter
+files are written by a child process) and at the end.
 
     python benchmarks/throughput.py [--requests 64] [--new-tokens 64] [--adapters 1,8,32,128]
 """
@@ -31,10 +32,11 @@ import tempfile
 import threading
 import time
 from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from common import bench_prompts, make_adapters
+from common import bench_prompts, load_into_peft, make_adapters
 from peft import PeftModel
 
 from loraplex.adapters.registry import AdapterRegistry
@@ -123,6 +125,12 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
+def write_adapters(home: str, k: int, rank: int, out: str) -> list[str]:
+    """In a child process: k random adapters under out/ (see common.make_adapters)."""
+    model = load_model(ModelConfig(home=Path(home))).model
+    return [str(p) for p in make_adapters(model, k, rank, Path(out))]
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -172,18 +180,12 @@ def main() -> int:
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     batch = bench_prompts(tokenizer, n)
     work = tempfile.mkdtemp(prefix="loraplex-bench-")
-    peft_model = on_engine(
-        lambda: make_adapters(
-            load_model(ModelConfig(home=home)).model, max(counts), args.rank, Path(work) / "peft"
-        )
-    )
+    # Adapter files are made in a child process: its model copy never counts in our peak RSS.
+    with get_context("spawn").Pool(1) as pool:
+        dirs = pool.apply(write_adapters, (str(home), max(counts), args.rank, f"{work}/peft"))
     spec = BaseModelSpec(runner.target_shapes, config.max_lora_rank, runner.loaded.fingerprint)
     registry = AdapterRegistry(AdapterStore(Path(work) / "store"), spec, [Path(work)])
-    versions = on_engine(
-        lambda: [
-            registry.register(f"bench-{i}", f"{work}/peft/bench-{i}")[0] for i in range(max(counts))
-        ]
-    )
+    versions = on_engine(lambda: [registry.register(Path(d).name, d)[0] for d in dirs])
     engine.load_weights = registry.load_weights
     run_engine(engine, [(batch[0], None)], 2)  # warm-up
     for i in range(0, max(counts), n):  # load every adapter into its slot once
@@ -221,6 +223,12 @@ def main() -> int:
     log.info("engine: %s", stats)
 
     if not args.skip_baselines:
+        log.info("loading %d adapters into PEFT for the baselines", len(dirs))
+        peft_model = on_engine(
+            lambda: load_into_peft(
+                load_model(ModelConfig(home=home)).model, [Path(d) for d in dirs]
+            )
+        )
         plain = on_engine(lambda: load_model(ModelConfig(home=home)).model)  # HF, no PEFT
         record(
             "HF generate base",

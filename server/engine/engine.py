@@ -181,7 +181,9 @@ class Engine:
     def _allocate(self, request: EngineRequest) -> int | None:
         cache = self.runner.cache
         tokens = self._reservation(request)
-        return cache.allocate(tokens) if cache.can_admit(tokens) else None
+        if cache.num_used_rows >= self.config.max_batch_size or not cache.can_admit(tokens):
+            return None
+        return cache.allocate(tokens)
 
     def _unallocate(self, row: int, request: EngineRequest) -> None:
         self.runner.cache.free(row, self._reservation(request), 0)  # the last row: nothing moves

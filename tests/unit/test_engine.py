@@ -54,7 +54,8 @@ def setup(load_tiny, tmp_path):
     def build(**engine_kwargs):
         loaded = load_tiny()
         peft_base = copy.deepcopy(loaded.model)
-        runner = ModelRunner(loaded, num_slots=engine_kwargs.get("max_loras", 4), max_rank=8)
+        config = EngineConfig(**{"max_loras": 4, "max_lora_rank": 8, **engine_kwargs})
+        runner = ModelRunner.from_config(loaded, config)
         spec = BaseModelSpec(runner.target_shapes, max_rank=8, fingerprint="tiny")
         registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
         peft = add_peft_adapter(
@@ -65,7 +66,7 @@ def setup(load_tiny, tmp_path):
         )
         peft.save_pretrained(tmp_path / "peft", selected_adapters=["one", "two"])
         versions = {n: registry.register(n, str(tmp_path / "peft" / n))[0] for n in ("one", "two")}
-        engine = Engine(lambda: runner, EngineConfig(**engine_kwargs), registry.load_weights)
+        engine = Engine(lambda: runner, config, registry.load_weights)
         assert engine.start() is runner
         return engine, versions
 
@@ -115,6 +116,46 @@ def test_joining_mixed_batch_equals_each_request_alone(setup):
     assert all(o.usage for o in (c.outputs[-1] for c in rest))
     assert engine.num_running == 0
     assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode(setup):
+    """Chunked prefill: a prompt five times the per-step budget takes several steps, each also
+    decoding the running request, and both outputs equal what each gets alone."""
+    engine, versions = setup(max_prefill_tokens=8)
+    long_prompt = [(7 * i) % 3000 + 50 for i in range(40)]
+    alone_long = submit(engine, long_prompt, versions["two"])
+    alone_short = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=30)
+    for c in (alone_long, alone_short):
+        assert c.done.wait(60) and c.error is None
+    stats = engine.stats
+    before = (stats.prefill_steps, stats.mixed_prefill_decode_steps)
+    running = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=30)
+    assert running.first.wait(30)
+    joining = submit(engine, long_prompt, versions["two"])
+    for c in (running, joining):
+        assert c.done.wait(60) and c.error is None
+    assert stats.prefill_steps - before[0] >= 5  # 40 prompt tokens, 8 per step
+    assert stats.mixed_prefill_decode_steps - before[1] >= 4  # the decode went on meanwhile
+    assert joining.tokens == alone_long.tokens
+    assert running.tokens == alone_short.tokens
+
+
+def test_kv_cache_budget_bounds_admission_and_queues_the_rest(setup):
+    """A budget for two sequences of this size: the others wait for cache and all complete;
+    rows freed out of order are compacted without disturbing the sequences that move."""
+    engine, versions = setup()
+    cache = engine.runner.cache
+    per_request = len(PROMPTS[2]) + 20  # prompt + max_new_tokens is what a request reserves
+    cache.token_budget = 2 * per_request + 5  # room for two at a time
+    alone = submit(engine, PROMPTS[2], versions["one"], max_new_tokens=20)
+    assert alone.done.wait(30)
+    lengths = [20, 5, 20, 9, 20, 14]  # finishing out of order moves rows around
+    collectors = [submit(engine, PROMPTS[2], versions["one"], max_new_tokens=n) for n in lengths]
+    for c, n in zip(collectors, lengths, strict=True):
+        assert c.done.wait(60) and c.error is None
+        assert c.tokens == alone.tokens[:n]
+    assert engine.stats.max_batch_size <= 2
+    assert cache.reserved_tokens == 0 and cache.num_used_rows == 0
 
 
 def test_more_adapters_than_slots_wait_and_all_complete(setup):
