@@ -65,13 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=EngineConfig.max_prefill_tokens,
         help="prompt tokens prefilled per step (chunked prefill)",
     )
-    serve.add_argument(
-        "--no-prefill-first",
-        dest="prefill_first",
-        action="store_false",
-        help="decode in every step (prompt chunks ride along) instead of prefilling new "
-        "requests in a step of their own",
-    )
     serve.add_argument("--max-model-len", type=int, default=EngineConfig.max_model_len)
     serve.add_argument(
         "--kv-cache-mb",
@@ -166,7 +159,6 @@ def serve(args: argparse.Namespace) -> int:
             max_lora_rank=args.max_lora_rank,
             lora_dtype=args.lora_dtype,
             max_prefill_tokens=args.max_prefill_tokens,
-            prefill_first=args.prefill_first,
             max_model_len=args.max_model_len,
             kv_cache_bytes=args.kv_cache_mb << 20,
             default_max_new_tokens=args.max_new_tokens,

@@ -42,9 +42,6 @@ class EngineConfig:
     max_prefill_tokens: int = 512
     """Prompt tokens prefilled per step beside the decodes (chunked prefill): a long prompt
     takes several steps, and running decodes wait at most one chunk."""
-    prefill_first: bool = True
-    """Interleave: a step of prompt chunks alone when new requests wait for their first token
-    (then a step with decodes); False = every step decodes, prompt chunks ride along."""
     max_model_len: int = 4096
     """Longest sequence (prompt + new tokens), capped by the model's own context."""
     kv_cache_bytes: int = 1 << 30

@@ -77,7 +77,6 @@ class Engine:
         self._runner: ModelRunner | None = None
         self._eos_token_ids: set[int] = set()
         self._batch = RunningBatch()
-        self._last_step_decoded = False  # for the interleaving policy (see _run_step)
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._calls_lock = threading.Lock()
         self._calls_closed = False  # under _calls_lock: no call is accepted once set
@@ -200,26 +199,20 @@ class Engine:
 
     # -- one step: every decode and a budget of prompt chunks in one forward ----------------
     def _run_step(self) -> None:
-        """Chunked prefill with interleaving. A step prefills at most max_prefill_tokens prompt
-        tokens (first come, first served; a long prompt over several steps). It also decodes
-        every decoding sequence, except that when newly admitted requests wait for their first
-        chunk and the previous step decoded, the step prefills only: their first token then
-        does not wait for a decode of the whole batch, and decodes still run every other step
-        at least, delayed by one chunk's compute at most."""
+        """Chunked prefill: each step decodes every decoding sequence and prefills at most
+        max_prefill_tokens prompt tokens (first come, first served, a long prompt over several
+        steps), so a long prompt delays running decodes by one chunk's compute, not its own.
+        Prompt chunks ride along with the decodes rather than taking steps of their own: on a
+        CPU a forward's fixed cost is a large part of a step, and prefill-only steps measured
+        worse for both TTFT and inter-token latency (see the README's benchmark notes)."""
         decodes: list[DecodeWork] = []
         prefills: list[PrefillWork] = []
         decoding: list[Sequence] = []
         chunked: list[tuple[Sequence, int]] = []
         budget = self.config.max_prefill_tokens
-        prefill_only = (
-            self.config.prefill_first
-            and self._last_step_decoded
-            and any(seq.num_cached == 0 for seq in self._batch.seqs)
-        )
         for seq in self._batch.seqs:
             if not seq.prefilling:
-                if not prefill_only:
-                    decoding.append(seq)
+                decoding.append(seq)
             elif budget > 0:
                 n = min(budget, seq.prompt_len - seq.num_cached)
                 start = seq.num_cached
@@ -228,7 +221,6 @@ class Engine:
                 prefills.append(PrefillWork(seq.row, seq.slot, tokens, start, done))
                 chunked.append((seq, n))
                 budget -= n
-        self._last_step_decoded = bool(decoding)
         # In slot order: each adapter's decode tokens are then contiguous (see lora_ops).
         decoding.sort(key=lambda seq: seq.slot)
         for seq in decoding:
