@@ -25,7 +25,12 @@ pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
 
 NEW_TOKENS = 16
-TIE_GAP = 0.25  # logits: two bf16 steps at SmolLM2's logit scale (16-32)
+# Logits: four bf16 steps at SmolLM2's logit scale (16-32). Near ties are decided by rounding:
+# the engine's forward is not HF's, and its 4-bit linears take bitsandbytes' kernel for small
+# steps but dequantize + one matmul for prompt chunks, so a prompt's first token may depend on
+# how many rows its step had (first-step logits differ from PEFT's by up to ~1.1 at the
+# vocabulary's worst token, ~0.1 on average; see test_first_step_logits_match_peft).
+TIE_GAP = 0.5
 # First-step logits over the whole vocabulary, bf16: the engine's own forward (attention as
 # batched matmuls, bf16 LoRA as vLLM serves it) rounds differently from HF's, and 30 layers
 # amplify it; measured: base mean 0.10, adapters 0.10-0.29.
