@@ -123,6 +123,7 @@ class LoraStacks:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.dtype = dtype
+        self.device = device
         self.rank_capacity = 0  # grows to the largest rank loaded (at most max_rank)
         self.groups: list[dict[str, LoraGroup]] = []
         self.modules: dict[str, tuple[int, str, int]] = {}
@@ -148,11 +149,10 @@ class LoraStacks:
                     group.grow_rank(rank)
             self.rank_capacity = rank
         self.clear(slot)
-        device = self.groups[0][next(iter(self.groups[0]))].a.device if self.groups else None
         for module, (a, b) in modules.items():
             layer, gname, member = self.modules[module]
             self.groups[layer][gname].set_slot(
-                slot, member, a.to(device, self.dtype), b.to(device, self.dtype)
+                slot, member, a.to(self.device, self.dtype), b.to(self.device, self.dtype)
             )
         self.ranks[slot] = rank
 

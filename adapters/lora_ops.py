@@ -43,7 +43,6 @@ class DecodeLayout:
 @dataclass(frozen=True)
 class LoraPlan:
     rank: int  # R: the largest rank of the slots present; 0 = nothing to add
-    n_decode: int
     decode: DecodeLayout | None
     segments: list[tuple[int, int, int]]  # (slot, start, end) token ranges, prompt part
 
@@ -65,9 +64,7 @@ def plan_lora(
     segs = [(s, a, b) for s, a, b in segments if s != NO_ADAPTER and ranks[s] > 0 and b > a]
     live.update(s for s, _, _ in segs)
     rank = max((ranks[s] for s in live), default=0)
-    return LoraPlan(
-        rank, len(decode_slots), _decode_layout(decode_slots, ranks, device), _merge_runs(segs)
-    )
+    return LoraPlan(rank, _decode_layout(decode_slots, ranks, device), _merge_runs(segs))
 
 
 def _decode_layout(

@@ -104,8 +104,7 @@ def check_supported(model: nn.Module) -> None:
 
 class DecoderForward:
     def __init__(self, model: nn.Module, cache: KVCache, lora: LoraStacks) -> None:
-        check_supported(model)
-        self.model = model
+        self.model = model  # a supported family: ModelRunner checks before building the cache
         self.cache = cache
         self.lora = lora
         config = model.config

@@ -31,9 +31,12 @@ class CacheShape:
     dtype: torch.dtype
 
     @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def bytes_per_token(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.itemsize
 
 
 class KVCache:
@@ -70,8 +73,7 @@ class KVCache:
         count = 1
         for n in size:
             count *= n
-        itemsize = torch.empty((), dtype=self.shape.dtype).element_size()
-        region = mmap.mmap(-1, count * itemsize)  # zero pages, backed only once written
+        region = mmap.mmap(-1, count * self.shape.itemsize)  # zero pages, backed only once written
         self._maps.append(region)
         return torch.frombuffer(region, dtype=self.shape.dtype, count=count).view(size)
 
@@ -110,19 +112,13 @@ class KVCache:
         """Hand a free row's memory back to the OS (it reads as zeros afterwards)."""
         if not self._maps:
             return
-        itemsize = torch.empty((), dtype=self.shape.dtype).element_size()
-        row_bytes = self.shape.kv_heads * self.max_len * self.shape.head_dim * itemsize
+        row_bytes = self.shape.kv_heads * self.max_len * self.shape.head_dim * self.shape.itemsize
         start, end = row * row_bytes, (row + 1) * row_bytes
         offset = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the row only
         length = end // mmap.PAGESIZE * mmap.PAGESIZE - offset
         if length > 0:
             for region in self._maps:
                 region.madvise(mmap.MADV_DONTNEED, offset, length)
-
-    @property
-    def usage(self) -> float:
-        """Reserved share of the token budget."""
-        return self.reserved_tokens / self.token_budget
 
     def token_index(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(N * H_kv,) flat index of each token's (row, head, position) in a layer's
