@@ -1,36 +1,21 @@
-"""Registration: an adapter id and a source directory in, a validated stored version out."""
+"""Registration: an adapter id and a source (directory, URI or upload) in, a validated stored
+version out; and the way back, a stored version's weights for the host cache."""
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
-from loraplex.adapters.errors import (
-    AdapterNotFound,
-    AdapterSourceDenied,
-    InvalidAdapter,
-    InvalidAdapterId,
-)
-from loraplex.adapters.store import ADAPTER_FILES, AdapterStore, AdapterVersion
-from loraplex.adapters.validate import (
-    AdapterWeights,
-    BaseModelSpec,
-    check_no_pickle,
-    load_adapter,
-)
+from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterId
+from loraplex.adapters.sources import Upload, is_uri, stage_directory, stage_uri
+from loraplex.adapters.store import AdapterStore, AdapterVersion
+from loraplex.adapters.validate import AdapterWeights, BaseModelSpec, load_adapter
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-TensorRunner = Callable[[Callable[[], AdapterWeights]], AdapterWeights]
-
-
-def _on_this_thread(fn: Callable[[], T]) -> T:
-    return fn()
-
 
 ADAPTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -45,37 +30,110 @@ def check_adapter_id(adapter_id: str) -> str:
 
 
 class AdapterRegistry:
-    """Validates adapters against the base model before storing them, and loads stored ones."""
+    """Validates adapters against the base model before they are stored. Thread-safe; its
+    methods block (file and network I/O): call them off the event loop."""
 
-    def __init__(self, store: AdapterStore, spec: BaseModelSpec, allowed_roots: list[Path]) -> None:
+    def __init__(
+        self,
+        store: AdapterStore,
+        spec: BaseModelSpec,
+        allowed_roots: Sequence[Path | str],
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.store = store
         self.spec = spec
-        self.allowed_roots = [r.resolve() for r in allowed_roots]
+        # Local roots for directories, URI prefixes for object stores (none: any URI).
+        self.allowed_roots = [Path(r).resolve() for r in allowed_roots if not is_uri(str(r))]
+        self.uri_roots = [str(r) for r in allowed_roots if is_uri(str(r))]
+        self.storage_options = dict(storage_options or {})
 
     def register(
-        self, adapter_id: str, path: str, run: TensorRunner = _on_this_thread
+        self, adapter_id: str, source: str, tenant: str = ""
     ) -> tuple[AdapterVersion, bool]:
-        """Check, stage, validate and keep an adapter; returns (version, created).
-
-        `run` executes the tensor work (validation): the server passes its engine thread's.
-        A failure at any step leaves nothing behind.
-        """
+        """Stage, validate and keep an adapter from a directory or URI; returns (version,
+        created). A failure at any step leaves nothing behind."""
         check_adapter_id(adapter_id)
-        source = self._resolve_source(path)
-        staged = self.store.stage(source)
+
+        def stage(staging: Path) -> str:
+            if is_uri(source):
+                return stage_uri(
+                    source, self.uri_roots, self.storage_options, staging, self.spec.max_bytes
+                )
+            return stage_directory(source, self.allowed_roots, staging)
+
+        return self._register(adapter_id, stage, tenant)
+
+    def new_upload(self) -> Upload:
+        return Upload(self.store.new_staging_dir(), self.spec.max_bytes)
+
+    def register_upload(
+        self, adapter_id: str, upload: Upload, tenant: str = ""
+    ) -> tuple[AdapterVersion, bool]:
+        """Validate and keep a finished upload (its staging directory is consumed)."""
+        check_adapter_id(adapter_id)
+
+        def staged(staging: Path) -> str:
+            upload.finish()
+            return "upload"
+
         try:
-            weights = run(lambda: load_adapter(staged, self.spec))
+            return self._register(adapter_id, staged, tenant, upload.staging)
+        finally:
+            self.discard_upload(upload)
+
+    def discard_upload(self, upload: Upload) -> None:
+        upload.close()
+        shutil.rmtree(upload.staging, ignore_errors=True)
+
+    def resolve(self, adapter_id: str) -> AdapterVersion:
+        """The version a new request for `adapter_id` is served with."""
+        check_adapter_id(adapter_id)
+        try:
+            return self.store.latest(adapter_id)
+        except AdapterNotFound:
+            self.store.refresh()  # another replica may have registered it
+            return self.store.latest(adapter_id)
+
+    def delete(self, adapter_id: str) -> list[AdapterVersion]:
+        return self.store.delete(check_adapter_id(adapter_id))
+
+    def load_weights(self, version: AdapterVersion) -> AdapterWeights:
+        """Read a stored version's weights: digest checked, validated again."""
+        try:
+            with self.store.open_blob(version.digest) as blob:
+                return load_adapter(blob, self.spec)
+        except FileNotFoundError:
+            raise AdapterNotFound(
+                f"adapter {version.adapter_id!r} version {version.version} was deleted"
+            ) from None
+        except InvalidAdapter as exc:  # the server's own copy is damaged: not the client's fault
+            raise RuntimeError(
+                f"stored adapter {version.adapter_id!r} v{version.version} is corrupt: {exc}"
+            ) from exc
+
+    def _register(
+        self,
+        adapter_id: str,
+        stage: Callable[[Path], str],
+        tenant: str,
+        staging: Path | None = None,
+    ) -> tuple[AdapterVersion, bool]:
+        staging = staging or self.store.new_staging_dir()
+        try:
+            source = stage(staging)
+            weights = load_adapter(staging, self.spec)
             version, created = self.store.commit(
                 adapter_id,
-                staged,
+                staging,
                 rank=weights.rank,
                 lora_alpha=weights.lora_alpha,
                 target_modules=weights.target_modules,
                 base_model_fingerprint=self.spec.fingerprint,
-                source=str(source),
+                source=source,
+                tenant=tenant,
             )
         finally:
-            self.store.discard_staged(staged)  # a no-op once it moved into place
+            shutil.rmtree(staging, ignore_errors=True)
         log.info(
             "adapter %s version %d %s (%s, rank %d, %s)",
             adapter_id,
@@ -86,41 +144,3 @@ class AdapterRegistry:
             ",".join(weights.target_modules),
         )
         return version, created
-
-    def resolve(self, adapter_id: str) -> AdapterVersion:
-        """The version a new request for `adapter_id` is served with."""
-        check_adapter_id(adapter_id)
-        return self.store.latest(adapter_id)
-
-    def load_weights(self, version: AdapterVersion) -> AdapterWeights:
-        """Read a stored version's weights (validated again: the blob is read from disk)."""
-        blob = self.store.blob_dir(version.digest)
-        if not blob.is_dir():
-            raise AdapterNotFound(
-                f"adapter {version.adapter_id!r} version {version.version} was deleted"
-            )
-        try:
-            return load_adapter(blob, self.spec)
-        except InvalidAdapter as exc:  # the server's own copy is damaged: not the client's fault
-            raise RuntimeError(
-                f"stored adapter {version.adapter_id!r} v{version.version} is corrupt: {exc}"
-            ) from exc
-
-    def _resolve_source(self, path: str) -> Path:
-        if not path or "\0" in path:
-            raise InvalidAdapter("path must name an adapter directory")
-        source = Path(path).expanduser().resolve()  # follows symlinks: checked below
-        if not any(source.is_relative_to(root) for root in self.allowed_roots):
-            raise AdapterSourceDenied(
-                f"path {path!r} is outside the server's allowed adapter roots"
-            )
-        if not source.is_dir():
-            raise InvalidAdapter(f"path {path!r} is not a directory")
-        check_no_pickle(source)  # only the safetensors files are staged: look at the source
-        for name in ADAPTER_FILES:
-            f = source / name
-            if f.is_symlink() and not any(
-                f.resolve().is_relative_to(root) for root in self.allowed_roots
-            ):
-                raise AdapterSourceDenied(f"{name} links outside the allowed adapter roots")
-        return source

@@ -1,14 +1,18 @@
 """The device slot table: which adapter version sits in which slot, who is using it, LRU order.
 
-The engine thread is its only user, so it holds no lock. A slot is pinned while any running
-request references it (refcount > 0) and is never evicted then; among unreferenced slots the
-least recently used one is reused first.
+The engine thread is its only user, so it holds no lock. A slot is held while any running
+request references it (refcount > 0) and is never evicted then; a pinned adapter holds one
+reference for as long as it is pinned. Among unreferenced slots the least recently used one is
+reused first.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Set
 from dataclasses import dataclass
+
+from loraplex.adapters.cache import TierStats
 
 AdapterKey = tuple[str, int]  # (adapter id, version)
 
@@ -37,6 +41,8 @@ class SlotTable:
         self._by_key: dict[AdapterKey, int] = {}
         # Unreferenced resident slots, least recently used first.
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self._pinned: set[int] = set()
+        self.stats = TierStats()
 
     def lookup(self, key: AdapterKey) -> int | None:
         return self._by_key.get(key)
@@ -49,21 +55,62 @@ class SlotTable:
         slot = self._by_key.get(key)
         if slot is not None:
             self._take(slot)
+            self.stats.hits += 1
             return SlotGrant(slot, needs_load=False, evicted=None)
+        grant = self._claim(key, protect=frozenset())
+        if grant is None:
+            return None
+        self.stats.misses += 1
+        self._take(grant.slot)
+        return grant
+
+    def prefetch(self, key: AdapterKey, protect: Set[AdapterKey]) -> SlotGrant | None:
+        """Place `key` (not resident) in a free slot, or in the least recently used
+        unreferenced one unless it holds an adapter in `protect` (wanted sooner). The slot
+        stays unreferenced: the most recently used, so next to be reused. None: no room."""
+        grant = self._claim(key, protect)
+        if grant is not None:
+            self._lru[grant.slot] = None
+        return grant
+
+    def _claim(self, key: AdapterKey, protect: Set[AdapterKey]) -> SlotGrant | None:
         evicted: AdapterKey | None = None
         free = [s for s in range(self.num_slots) if s not in self._entries]
         if free:
             slot = free[0]
-        elif self._lru:
-            slot, _ = self._lru.popitem(last=False)
+        else:
+            victim = next((s for s in self._lru if self._entries[s].key not in protect), None)
+            if victim is None:
+                return None
+            slot = victim
+            del self._lru[slot]
             evicted = self._entries.pop(slot).key
             del self._by_key[evicted]
-        else:
-            return None
+            self.stats.evictions += 1
         self._entries[slot] = SlotEntry(key)
         self._by_key[key] = slot
-        self._take(slot)
         return SlotGrant(slot, needs_load=True, evicted=evicted)
+
+    def pin(self, key: AdapterKey) -> SlotGrant | None:
+        """Hold `key` in a slot until `unpin` (at least one slot is left for the rest)."""
+        if key in self.pinned_keys():
+            raise ValueError(f"adapter {key[0]} v{key[1]} is already pinned")
+        if len(self._pinned) >= self.num_slots - 1:
+            return None
+        grant = self.acquire(key)
+        if grant is not None:
+            self._pinned.add(grant.slot)
+        return grant
+
+    def unpin(self, key: AdapterKey) -> None:
+        slot = self._by_key.get(key)
+        if slot is None or slot not in self._pinned:
+            raise ValueError(f"adapter {key[0]} v{key[1]} is not pinned")
+        self._pinned.discard(slot)
+        self.release(slot)
+
+    def pinned_keys(self) -> list[AdapterKey]:
+        return [self._entries[s].key for s in sorted(self._pinned)]
 
     def release(self, slot: int) -> None:
         entry = self._entries[slot]

@@ -1,16 +1,20 @@
-"""The adapter store: id -> versions, persisted, with content-addressed blobs.
+"""The adapter store: name -> versions, each a manifest over a content-addressed blob, on any
+fsspec file system (a local directory by default, or S3-compatible object storage that
+several replicas share).
 
-Layout under the store root:
+Layout under the store's root:
 
-    registry.json                  {"adapters": {id: [version record, ...]},
-                                    "last_version": {id: n}}  (versions are never reused)
-    blobs/<sha256 hex>/            adapter_config.json + adapter_model.safetensors
-    blobs/.staging-*/              copies being validated; never referenced
+    blobs/<sha256 hex>/adapter_config.json
+    blobs/<sha256 hex>/adapter_model.safetensors
+    manifests/<name>/v00000003.json     one per version: tenant, digest, rank, targets, bytes,
+                                        base-model fingerprint, source, time
+    manifests/<name>/deleted.json       tombstone: versions <= through_version are gone
 
-An adapter is copied into staging first, and what is validated, digested and kept is that
-copy, so a source changing underneath cannot slip in unvalidated bytes. Every write is
-fsynced and renamed into place: a crash never leaves a half-registered adapter visible.
-The store is thread-safe.
+Registration writes the blob's files, then the version's manifest in one atomic write (a
+rename on a local disk, a single PUT on S3). The manifest is the commit point: a crash before
+it leaves at most an orphan blob nobody can see (collected later), never a half-registered
+adapter. A delete writes the tombstone first, so versions never come back and are never
+reused. Manifests are immutable, so a refresh only reads the ones it has not seen.
 """
 
 from __future__ import annotations
@@ -18,22 +22,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
+import time
+from collections.abc import Iterator, Set
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from loraplex.adapters.errors import AdapterNotFound
+from loraplex.adapters.validate import ADAPTER_FILES
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+log = logging.getLogger(__name__)
+
+_VERSION_FILE = re.compile(r"^v(\d{8})\.json$")
+TOMBSTONE = "deleted.json"
+ORPHAN_MIN_AGE_S = 3600.0  # an orphan blob younger than this may be a replica's registration
 
 
 @dataclass(frozen=True)
 class AdapterVersion:
-    """One registered version of an adapter."""
+    """One registered version of an adapter: its manifest."""
 
     adapter_id: str
     version: int
@@ -45,6 +62,7 @@ class AdapterVersion:
     created_at: str  # RFC 3339, UTC
     source: str
     base_model_fingerprint: str
+    tenant: str = ""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -63,74 +81,60 @@ def digest_files(adapter_dir: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def open_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec file system, root path) for a directory or URL such as s3://bucket/prefix.
+
+    Instances are not shared and listings are not cached: replicas write behind our back."""
+    options = dict(storage_options or {})
+    if "://" not in url:
+        return LocalFileSystem(), str(Path(url).expanduser().resolve())
+    options.setdefault("skip_instance_cache", True)
+    if url.startswith("s3://"):
+        options.setdefault("use_listings_cache", False)
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    return fs, root.rstrip("/")
+
+
 class AdapterStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._blobs = root / "blobs"
-        self._registry_path = root / "registry.json"
-        self._lock = threading.Lock()
-        self._blobs.mkdir(parents=True, exist_ok=True)
-        self._adapters, self._last_version = self._read_registry()
+    """Thread-safe. The index of live versions is kept in memory; `refresh` re-reads it."""
 
-    def blob_dir(self, digest: str) -> Path:
-        return self._blobs / digest.removeprefix("sha256:")
-
-    def stage(self, src_dir: Path) -> Path:
-        """Copy an adapter's files into a private staging directory (fsynced)."""
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self._blobs))
-        for name in ADAPTER_FILES:
-            shutil.copyfile(src_dir / name, staging / name)
-            _fsync(staging / name)
-        return staging
-
-    def discard_staged(self, staged: Path) -> None:
-        shutil.rmtree(staged, ignore_errors=True)
-
-    def commit(
+    def __init__(
         self,
-        adapter_id: str,
-        staged: Path,
-        rank: int,
-        lora_alpha: float,
-        target_modules: tuple[str, ...],
-        base_model_fingerprint: str,
-        source: str,
-    ) -> tuple[AdapterVersion, bool]:
-        """Keep a staged, validated adapter; returns (version, created). The same content under
-        the same id is a no-op; new content becomes the next version."""
-        digest = digest_files(staged)
-        with self._lock:
-            versions = self._adapters.get(adapter_id, [])
-            if versions and versions[-1].digest == digest:
-                return versions[-1], False
-            blob = self.blob_dir(digest)
-            if not blob.exists():
-                os.replace(staged, blob)
-                _fsync(self._blobs)
-            record = AdapterVersion(
-                adapter_id=adapter_id,
-                version=self._last_version.get(adapter_id, 0) + 1,
-                digest=digest,
-                rank=rank,
-                lora_alpha=lora_alpha,
-                target_modules=target_modules,
-                size_bytes=sum((blob / n).stat().st_size for n in ADAPTER_FILES),
-                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                source=source,
-                base_model_fingerprint=base_model_fingerprint,
-            )
-            adapters = {**self._adapters, adapter_id: [*versions, record]}
-            last_version = {**self._last_version, adapter_id: record.version}
-            self._write_registry(adapters, last_version)
-            self._adapters, self._last_version = adapters, last_version
-            return record, True
+        url: str | Path,
+        storage_options: dict[str, Any] | None = None,
+        staging_dir: Path | None = None,
+    ) -> None:
+        self.url = str(url)
+        self.fs, self.root = open_filesystem(self.url, storage_options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        # Incoming adapters are staged on a local disk; for a local store on the same one, so
+        # a blob moves into place with a rename.
+        self.staging_dir = staging_dir or (
+            Path(self.root) / ".staging" if self.local else Path(tempfile.gettempdir())
+        )
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._seen: dict[str, AdapterVersion] = {}  # manifest path -> its (immutable) content
+        self._adapters: dict[str, list[AdapterVersion]] = {}
+        self._last_version: dict[str, int] = {}
+        self.fs.makedirs(self._path("blobs"), exist_ok=True)
+        self.fs.makedirs(self._path("manifests"), exist_ok=True)
+        self._migrate_registry_json()
+        self.refresh()
 
+    # -- paths ------------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    def _manifest_path(self, adapter_id: str, version: int) -> str:
+        return self._path("manifests", adapter_id, f"v{version:08d}.json")
+
+    def blob_path(self, digest: str) -> str:
+        return self._path("blobs", digest.removeprefix("sha256:"))
+
+    # -- reads --------------------------------------------------------------------------------
     def latest(self, adapter_id: str) -> AdapterVersion:
-        with self._lock:
-            versions = self._adapters.get(adapter_id)
-            if not versions:
-                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
-            return versions[-1]
+        return self.versions(adapter_id)[-1]
 
     def versions(self, adapter_id: str) -> list[AdapterVersion]:
         with self._lock:
@@ -144,52 +148,240 @@ class AdapterStore:
         with self._lock:
             return [self._adapters[a][-1] for a in sorted(self._adapters)]
 
-    def delete(self, adapter_id: str) -> list[int]:
-        """Remove an adapter and all its versions; returns the versions removed. Blobs no
-        other adapter references are removed too."""
+    def refresh(self) -> None:
+        """Re-read the manifests (new ones only: manifests never change)."""
         with self._lock:
-            versions = self._adapters.get(adapter_id)
-            if not versions:
-                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
-            updated = {k: v for k, v in self._adapters.items() if k != adapter_id}
-            self._write_registry(updated, self._last_version)
-            self._adapters = updated
-            still_used = {v.digest for vs in updated.values() for v in vs}
-            for digest in {v.digest for v in versions} - still_used:
-                shutil.rmtree(self.blob_dir(digest), ignore_errors=True)
-            return [v.version for v in versions]
+            self._refresh()
 
-    def _read_registry(self) -> tuple[dict[str, list[AdapterVersion]], dict[str, int]]:
-        if not self._registry_path.exists():
-            return {}, {}
-        data = json.loads(self._registry_path.read_text(encoding="utf-8"))
-        adapters = {
-            adapter_id: [
-                AdapterVersion(**{**r, "target_modules": tuple(r["target_modules"])})
-                for r in records
-            ]
-            for adapter_id, records in data["adapters"].items()
+    def _refresh(self) -> None:
+        by_name: dict[str, dict[int, str]] = {}
+        tombstones: dict[str, str] = {}
+        for path in self.fs.find(self._path("manifests")):
+            name, _, file = path[len(self._path("manifests")) + 1 :].rpartition("/")
+            if file == TOMBSTONE:
+                tombstones[name] = path
+            elif (m := _VERSION_FILE.match(file)) and "/" not in name:
+                by_name.setdefault(name, {})[int(m[1])] = path
+        through = {
+            name: int(json.loads(self.fs.cat_file(p))["through_version"])
+            for name, p in tombstones.items()
         }
-        return adapters, dict(data.get("last_version", {}))
+        live = [
+            p
+            for name, versions in by_name.items()
+            for v, p in versions.items()
+            if v > through.get(name, 0)
+        ]
+        unseen = [p for p in live if p not in self._seen]
+        contents = self.fs.cat(unseen) if unseen else {}
+        self._seen.update({p: _parse_manifest(data) for p, data in contents.items()})
+        adapters: dict[str, list[AdapterVersion]] = {}
+        for p in live:
+            record = self._seen[p]
+            adapters.setdefault(record.adapter_id, []).append(record)
+        for versions in adapters.values():
+            versions.sort(key=lambda r: r.version)
+        self._adapters = adapters
+        self._last_version = {
+            name: max([*vs, through.get(name, 0)]) for name, vs in by_name.items()
+        } | {name: n for name, n in through.items() if name not in by_name}
 
-    def _write_registry(
-        self, adapters: dict[str, list[AdapterVersion]], last_version: dict[str, int]
-    ) -> None:
-        data = {
-            "adapters": {k: [asdict(v) for v in vs] for k, vs in adapters.items()},
-            "last_version": last_version,
-        }
-        fd, tmp = tempfile.mkstemp(prefix=".registry-", dir=self.root)
+    @contextlib.contextmanager
+    def open_blob(self, digest: str) -> Iterator[Path]:
+        """A local directory holding the blob's files, checked against their digest."""
+        remote = self.blob_path(digest)
+        with contextlib.ExitStack() as stack:
+            if self.local:
+                local = Path(remote)
+            else:
+                local = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.staging_dir)))
+                for name in ADAPTER_FILES:
+                    self.fs.get_file(f"{remote}/{name}", str(local / name))
+            if not all((local / n).is_file() for n in ADAPTER_FILES):
+                raise FileNotFoundError(f"blob {digest} is missing from the store")
+            actual = digest_files(local)
+            if actual != digest:
+                raise RuntimeError(f"blob {digest} is corrupt: its content hashes to {actual}")
+            yield local
+
+    # -- writes -------------------------------------------------------------------------------
+    def new_staging_dir(self) -> Path:
+        """A private local directory for an incoming adapter's files."""
+        return Path(tempfile.mkdtemp(prefix="incoming-", dir=self.staging_dir))
+
+    def commit(
+        self,
+        adapter_id: str,
+        staged: Path,
+        *,
+        rank: int,
+        lora_alpha: float,
+        target_modules: tuple[str, ...],
+        base_model_fingerprint: str,
+        source: str,
+        tenant: str = "",
+    ) -> tuple[AdapterVersion, bool]:
+        """Keep a staged, validated adapter; returns (version, created). The same content under
+        the same id is a no-op; new content becomes the next version."""
+        digest = digest_files(staged)
+        with self._lock:
+            versions = self._adapters.get(adapter_id, [])
+            if versions and versions[-1].digest == digest:
+                return versions[-1], False
+            self._put_blob(staged, digest)
+            record = AdapterVersion(
+                adapter_id=adapter_id,
+                version=self._last_version.get(adapter_id, 0) + 1,
+                digest=digest,
+                rank=rank,
+                lora_alpha=lora_alpha,
+                target_modules=target_modules,
+                size_bytes=sum((staged / n).stat().st_size for n in ADAPTER_FILES),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                source=source,
+                base_model_fingerprint=base_model_fingerprint,
+                tenant=tenant,
+            )
+            path = self._manifest_path(adapter_id, record.version)
+            self._write(path, json.dumps(asdict(record), indent=1).encode(), exclusive=True)
+            self._seen[path] = record
+            self._adapters[adapter_id] = [*versions, record]
+            self._last_version[adapter_id] = record.version
+            return record, True
+
+    def delete(self, adapter_id: str) -> list[AdapterVersion]:
+        """Remove an adapter and all its versions; returns them. Blobs stay until
+        `remove_blobs` (requests may still be loading them)."""
+        with self._lock:
+            versions = self.versions(adapter_id)
+            through = self._last_version[adapter_id]
+            tombstone = json.dumps({"through_version": through}).encode()
+            self._write(self._path("manifests", adapter_id, TOMBSTONE), tombstone)
+            del self._adapters[adapter_id]
+            for v in versions:  # tidy: the tombstone already hides them
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self._manifest_path(adapter_id, v.version))
+            return versions
+
+    def remove_blobs(self, digests: Set[str], keep: Set[str] = frozenset()) -> list[str]:
+        """Remove the blobs of `digests` that no live version references and that are not in
+        `keep` (e.g. being loaded); returns those removed."""
+        with self._lock:
+            used = {v.digest for vs in self._adapters.values() for v in vs}
+        removed = []
+        for digest in sorted(digests - used - keep):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.blob_path(digest), recursive=True)
+                removed.append(digest)
+        return removed
+
+    def collect_orphans(self, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[str]:
+        """Remove blobs no manifest references (left by a crash before the commit point) once
+        they are older than `min_age_s`, and stale staging directories; returns the digests."""
+        with self._lock:
+            used = {v.digest.removeprefix("sha256:") for vs in self._adapters.values() for v in vs}
+        now = time.time()
+        orphans = []
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
+            blobs = self.fs.ls(self._path("blobs"), detail=False)
+        except FileNotFoundError:  # object stores have no empty directories
+            blobs = []
+        for path in blobs:
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name in used or now - self._mtime(path) < min_age_s:
+                continue
+            self.fs.rm(path, recursive=True)
+            orphans.append("sha256:" + name if not name.startswith(".") else name)
+        if self.local:
+            for stale in self.staging_dir.glob("incoming-*"):
+                if now - stale.stat().st_mtime >= min_age_s:
+                    shutil.rmtree(stale, ignore_errors=True)
+        if orphans:
+            log.info("removed %d orphan blobs from the adapter store", len(orphans))
+        return orphans
+
+    def _mtime(self, path: str) -> float:
+        if self.local:
+            return os.stat(path).st_mtime
+        # An S3 "directory" has no time of its own: the newest of its files.
+        times = [info.get("LastModified") for info in self.fs.find(path, detail=True).values()]
+        stamps = [t.timestamp() for t in times if t is not None]
+        return max(stamps, default=time.time())
+
+    def _put_blob(self, staged: Path, digest: str) -> None:
+        target = self.blob_path(digest)
+        if self.local:
+            if Path(target).is_dir():
+                return
+            # Fill a private directory, then rename it into place: all files or none.
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self._path("blobs")))
+            try:
+                for name in ADAPTER_FILES:
+                    shutil.copyfile(staged / name, tmp / name)
+                    _fsync(tmp / name)
+                os.replace(tmp, target)
+                _fsync(Path(self._path("blobs")))
+            except OSError:
+                if not Path(target).is_dir():
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
+        for name in ADAPTER_FILES:  # each PUT is atomic; the manifest comes after both
+            remote = f"{target}/{name}"
+            if not self.fs.exists(remote):
+                self.fs.put_file(str(staged / name), remote)
+
+    def _write(self, path: str, data: bytes, exclusive: bool = False) -> None:
+        """Write a small object atomically; with `exclusive`, fail if it exists."""
+        if not self.local:
+            if exclusive and self.fs.exists(path):
+                raise FileExistsError(f"{path} exists: another writer took this version")
+            self.fs.pipe_file(path, data)
+            return
+        directory = Path(path).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self._registry_path)
-            _fsync(self.root)
+            if exclusive:
+                os.link(tmp, path)  # atomic, and fails if another writer got there first
+            else:
+                os.replace(tmp, path)
+            _fsync(directory)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def _migrate_registry_json(self) -> None:
+        """Stores written by loraplex 0.1 kept one registry.json: turn it into manifests."""
+        old = Path(self.root) / "registry.json"
+        if not self.local or not old.is_file():
+            return
+        data = json.loads(old.read_text(encoding="utf-8"))
+        for records in data["adapters"].values():
+            for r in records:
+                record = AdapterVersion(**{**r, "target_modules": tuple(r["target_modules"])})
+                path = self._manifest_path(record.adapter_id, record.version)
+                if not Path(path).exists():
+                    self._write(path, json.dumps(asdict(record), indent=1).encode())
+        for name, last in data.get("last_version", {}).items():
+            if name not in data["adapters"]:
+                self._write(
+                    self._path("manifests", name, TOMBSTONE),
+                    json.dumps({"through_version": last}).encode(),
+                )
+        os.replace(old, old.with_suffix(".json.migrated"))
+        log.info("migrated %s to per-version manifests", old)
+
+
+def _parse_manifest(data: bytes) -> AdapterVersion:
+    record = json.loads(data)
+    record["target_modules"] = tuple(record["target_modules"])
+    return AdapterVersion(**record)
 
 
 def _fsync(path: Path) -> None:

@@ -34,6 +34,7 @@ class LoraplexServer:
         self._health = health.aio.HealthServicer()
         self._ready = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
         self.load_error: BaseException | None = None
 
     async def start(self) -> int:
@@ -77,6 +78,8 @@ class LoraplexServer:
             frontend = await asyncio.to_thread(Frontend.create, self.config)
             self.frontend = frontend
             await frontend.warmup()
+            for adapter_id in self.config.pinned_adapters:
+                await frontend.pin_adapter(adapter_id)
         except Exception as exc:
             self.load_error = exc
             log.exception("the model failed to load")
@@ -85,6 +88,16 @@ class LoraplexServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", frontend.loaded.model_id)
         self._ready.set()
+        self._refresh_task = asyncio.create_task(self._refresh_store(frontend))
+
+    async def _refresh_store(self, frontend: Frontend) -> None:
+        """Re-read the adapter store now and then: other replicas register into it too."""
+        while True:
+            await asyncio.sleep(self.config.store_refresh_s)
+            try:
+                await frontend.refresh_store()
+            except Exception:
+                log.exception("re-reading the adapter store failed; will retry")
 
     async def wait_ready(self) -> None:
         """Wait until the model is loaded (raises what stopped it loading, if anything)."""
@@ -103,6 +116,8 @@ class LoraplexServer:
             await self._server.stop(grace)
         if self._load_task is not None:
             await self._load_task
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
         if self.frontend is not None:
             await asyncio.to_thread(self.frontend.close)
 

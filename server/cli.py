@@ -86,7 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory adapters may be registered from (repeatable)",
     )
     serve.add_argument(
-        "--adapter-store", metavar="DIR", help="adapter store directory (default: HOME/adapters)"
+        "--adapter-store",
+        metavar="DIR|URL",
+        help="adapter store: a directory or s3://bucket/prefix shared by replicas "
+        "(default: HOME/adapters)",
+    )
+    serve.add_argument(
+        "--s3-endpoint-url",
+        help="S3-compatible endpoint for the store and s3:// sources (default: AWS)",
+    )
+    serve.add_argument(
+        "--host-cache-mb",
+        type=int,
+        default=ServerConfig.host_cache_bytes >> 20,
+        help="host-memory tier of the adapter cache, in MiB",
+    )
+    serve.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="adapter kept in a device slot from the start (repeatable)",
     )
 
     # Client commands take --server anywhere on the line ($LORAPLEX_SERVER by default).
@@ -128,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     register.add_argument("args", nargs="+", metavar="[ID] DIR")
     register.add_argument("--name", help="adapter id (instead of a positional ID)")
+    register.add_argument("--pin", action="store_true", help="keep it in a device slot")
+    push = verbs.add_parser(
+        "push",
+        parents=[remote],
+        help="upload a local PEFT LoRA directory to a (remote) server",
+        description="loraplex adapters push DIR [--name ID] (the id defaults to the "
+        "directory's name)",
+    )
+    push.add_argument("directory", metavar="DIR")
+    push.add_argument("--name", help="adapter id (default: the directory's name)")
+    push.add_argument("--pin", action="store_true", help="keep it in a device slot")
+    for verb, text in (("pin", "keep an adapter in a device slot"), ("unpin", "undo pin")):
+        pin = verbs.add_parser(verb, parents=[remote], help=text)
+        pin.add_argument("adapter_id")
+    verbs.add_parser("stats", parents=[remote], help="adapter cache counters per tier")
     verbs.add_parser("list", aliases=["ls"], parents=[remote], help="list registered adapters")
     get = verbs.add_parser("get", parents=[remote], help="show one adapter")
     get.add_argument("adapter_id")
@@ -144,8 +179,11 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        adapter_roots=tuple(Path(p).expanduser() for p in args.adapter_root),
-        adapter_store=Path(args.adapter_store).expanduser() if args.adapter_store else None,
+        adapter_roots=tuple(p if "://" in p else Path(p).expanduser() for p in args.adapter_root),
+        adapter_store=_store(args.adapter_store),
+        s3_endpoint_url=args.s3_endpoint_url,
+        host_cache_bytes=args.host_cache_mb << 20,
+        pinned_adapters=tuple(args.pin),
         model=ModelConfig(
             model=args.model,
             home=_home(args.home),
@@ -226,6 +264,12 @@ def _server(args: argparse.Namespace) -> str:
     return getattr(args, "server", None) or os.environ.get("LORAPLEX_SERVER") or DEFAULT_ADDRESS
 
 
+def _store(arg: str | None) -> Path | str | None:
+    if arg is None or "://" in arg:
+        return arg
+    return Path(arg).expanduser()
+
+
 def _register_args(args: argparse.Namespace) -> tuple[str, str]:
     """(adapter id, directory) from `register ID DIR`, `register DIR --name ID` or `register
     DIR` (id = the directory's name, lower-cased)."""
@@ -247,7 +291,19 @@ def adapters(args: argparse.Namespace) -> int:
 
     with LoraplexClient(_server(args)) as client:
         if args.verb == "register":
-            result: object = _as_dict(client.register(*_register_args(args)))
+            result: object = _as_dict(client.register(*_register_args(args), pin=args.pin))
+        elif args.verb == "push":
+            directory = Path(args.directory).expanduser().resolve()
+            if not directory.is_dir():
+                raise SystemExit(f"error: {args.directory} is not a directory")
+            adapter_id = args.name or directory.name.lower()
+            result = _as_dict(client.push(adapter_id, directory, pin=args.pin))
+        elif args.verb == "pin":
+            result = _as_dict(client.pin(args.adapter_id))
+        elif args.verb == "unpin":
+            result = _as_dict(client.unpin(args.adapter_id))
+        elif args.verb == "stats":
+            result = _as_dict(client.cache_stats())
         elif args.verb in ("list", "ls"):
             result = [_as_dict(a) for a in client.list()]
         elif args.verb == "get":

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+PUSH_CHUNK_BYTES = 1 << 20
+
+
+def push_requests(
+    adapter_id: str, directory: Path, pin: bool = False
+) -> Iterator[adapters_pb2.PushAdapterRequest]:
+    """A PushAdapter stream: every file of `directory` in 1 MiB pieces (the server decides
+    which files it accepts). Subdirectories are sent as names so the server can refuse them."""
+    yield adapters_pb2.PushAdapterRequest(adapter_id=adapter_id, pin=pin)
+    for path in sorted(directory.iterdir()):
+        if not path.is_file():
+            yield adapters_pb2.PushAdapterRequest(file_name=path.name + "/")
+            continue
+        with open(path, "rb") as f:
+            while chunk := f.read(PUSH_CHUNK_BYTES):
+                yield adapters_pb2.PushAdapterRequest(file_name=path.name, data=chunk)
+            if path.stat().st_size == 0:
+                yield adapters_pb2.PushAdapterRequest(file_name=path.name)
 
 
 class LoraplexClient:
@@ -36,9 +56,32 @@ class LoraplexClient:
     def model_info(self) -> inference_pb2.ModelInfoResponse:
         return self.inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=self.timeout)
 
-    def register(self, adapter_id: str, path: str) -> adapters_pb2.RegisterAdapterResponse:
-        request = adapters_pb2.RegisterAdapterRequest(adapter_id=adapter_id, path=path)
+    def register(
+        self, adapter_id: str, path: str, pin: bool = False
+    ) -> adapters_pb2.RegisterAdapterResponse:
+        request = adapters_pb2.RegisterAdapterRequest(adapter_id=adapter_id, path=path, pin=pin)
         return self.adapters.RegisterAdapter(request, timeout=self.timeout)
+
+    def push(
+        self, adapter_id: str, directory: Path, pin: bool = False
+    ) -> adapters_pb2.RegisterAdapterResponse:
+        """Upload a local adapter directory to the server (which may be remote)."""
+        return self.adapters.PushAdapter(
+            push_requests(adapter_id, directory, pin), timeout=self.timeout
+        )
+
+    def pin(self, adapter_id: str) -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.PinAdapterRequest(adapter_id=adapter_id)
+        return self.adapters.PinAdapter(request, timeout=self.timeout)
+
+    def unpin(self, adapter_id: str) -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.PinAdapterRequest(adapter_id=adapter_id)
+        return self.adapters.UnpinAdapter(request, timeout=self.timeout)
+
+    def cache_stats(self) -> adapters_pb2.CacheStats:
+        return self.adapters.GetCacheStats(
+            adapters_pb2.GetCacheStatsRequest(), timeout=self.timeout
+        )
 
     def get(self, adapter_id: str) -> adapters_pb2.AdapterInfo:
         request = adapters_pb2.GetAdapterRequest(adapter_id=adapter_id)

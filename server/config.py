@@ -78,20 +78,37 @@ class ServerConfig:
     """Address to bind; loopback by default."""
     port: int = DEFAULT_PORT
     """gRPC port (0 picks a free one)."""
-    adapter_roots: tuple[Path, ...] = ()
-    """Directories adapters may be registered from; empty = the defaults of
-    `allowed_adapter_roots`."""
-    adapter_store: Path | None = None
-    """Adapter store directory; None = <home>/adapters."""
+    adapter_roots: tuple[Path | str, ...] = ()
+    """Directories adapters may be registered from, and object-store prefixes (s3://...) when
+    URIs should be limited to some; empty = the defaults of `allowed_adapter_roots`."""
+    adapter_store: Path | str | None = None
+    """Adapter store: a directory or an object-store URL (s3://bucket/prefix) that replicas
+    share; None = <home>/adapters."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, ...) for the store and s3:// sources; None = AWS.
+    Credentials come from the usual AWS environment variables and files."""
+    host_cache_bytes: int = 2 << 30
+    """Host-memory tier of the adapter cache (validated weights, LRU)."""
+    pinned_adapters: tuple[str, ...] = ()
+    """Adapter ids pinned at start-up (kept in a device slot and host memory)."""
+    store_refresh_s: float = 30.0
+    """How often the store's index is re-read, to see what other replicas registered."""
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.host_cache_bytes < 0:
+            raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
+        if len(self.pinned_adapters) >= self.engine.max_loras:
+            raise ValueError(
+                f"{len(self.pinned_adapters)} pinned adapters need more than max_loras - 1 "
+                f"({self.engine.max_loras - 1}) slots"
+            )
 
     @property
-    def allowed_adapter_roots(self) -> tuple[Path, ...]:
+    def allowed_adapter_roots(self) -> tuple[Path | str, ...]:
         """The configured roots, or by default the working directory (unless it is the file
         system's root), the system temp directory and the loraplex home."""
         if self.adapter_roots:
@@ -101,5 +118,12 @@ class ServerConfig:
         return tuple(defaults if cwd == Path(cwd.anchor) else [cwd, *defaults])
 
     @property
-    def store_dir(self) -> Path:
-        return self.adapter_store or self.model.home / "adapters"
+    def store_url(self) -> str:
+        return str(self.adapter_store or self.model.home / "adapters")
+
+    @property
+    def storage_options(self) -> dict[str, object]:
+        """fsspec options for object storage (the store and s3:// sources)."""
+        if self.s3_endpoint_url:
+            return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
+        return {}

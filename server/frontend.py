@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from loraplex.adapters.cache import HostCache, Lease, TierStats
+from loraplex.adapters.errors import AdapterNotFound
 from loraplex.adapters.registry import AdapterRegistry, check_adapter_id
+from loraplex.adapters.sources import Upload
 from loraplex.adapters.store import AdapterStore, AdapterVersion
-from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
+from loraplex.adapters.validate import BaseModelSpec
 from loraplex.server import __version__
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.engine import Engine
@@ -49,6 +52,18 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class TierView:
+    """One cache tier's state and counters, as the API reports it."""
+
+    tier: str
+    resident: int
+    capacity: int
+    used_bytes: int
+    budget_bytes: int
+    stats: TierStats
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     model_id: str
     model_type: str
@@ -76,6 +91,9 @@ class Frontend:
         self.registry = registry
         self.config = config
         self.tokenizer = loaded.tokenizer
+        self.cache = HostCache(registry.load_weights, config.host_cache_bytes)
+        self._pins: dict[str, tuple[AdapterVersion, Lease]] = {}  # adapter id -> pinned version
+        self._pin_lock = asyncio.Lock()
 
     @classmethod
     def create(cls, config: ServerConfig) -> Frontend:
@@ -91,20 +109,23 @@ class Frontend:
         spec = BaseModelSpec(
             runner.target_shapes, ec.max_lora_rank, runner.loaded.fingerprint, ec.max_adapter_bytes
         )
+        store = AdapterStore(config.store_url, config.storage_options)
+        store.collect_orphans()
         registry = AdapterRegistry(
-            AdapterStore(config.store_dir), spec, list(config.allowed_adapter_roots)
+            store, spec, config.allowed_adapter_roots, config.storage_options
         )
         engine.load_weights = registry.load_weights
         return cls(runner.loaded, engine, registry, config)
 
     def close(self) -> None:
         self.engine.stop()
+        self.cache.close()
 
     async def generate(self, inp: GenerateInput, request_id: str | None = None) -> Generation:
         """Validate and submit a request. Errors about the request raise here, before any
         output; the returned iterator yields outputs until one carries a finish_reason."""
         request_id = request_id or uuid.uuid4().hex
-        adapter = self.registry.resolve(inp.adapter_id) if inp.adapter_id else None
+        adapter = await self._resolve(inp.adapter_id) if inp.adapter_id else None
         prompt_ids = await asyncio.to_thread(self._tokenize, inp)
         max_new = (
             self.config.engine.default_max_new_tokens
@@ -139,9 +160,26 @@ class Frontend:
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 request.cancel()
 
-        request = EngineRequest(request_id, prompt_ids, params, adapter, emit)
-        self.engine.submit(request)
-        return Generation(request_id, adapter, _outputs(queue, request))
+        # The host tier holds the adapter's weights while the request lives: loaded once
+        # however many requests want it, and fetched while the batch runs.
+        lease = await self.cache.lease(adapter) if adapter is not None else None
+        request = EngineRequest(
+            request_id, prompt_ids, params, adapter, emit, lease.weights if lease else None
+        )
+        try:
+            self.engine.submit(request)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        return Generation(request_id, adapter, _outputs(queue, request, lease))
+
+    async def _resolve(self, adapter_id: str) -> AdapterVersion:
+        try:
+            return self.registry.store.latest(check_adapter_id(adapter_id))  # in memory
+        except AdapterNotFound:
+            # Another replica may have registered it: re-read the store, off the event loop.
+            return await asyncio.to_thread(self.registry.resolve, adapter_id)
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
         if inp.prompt and inp.messages:
@@ -176,13 +214,37 @@ class Frontend:
         async for _ in generation.outputs:
             pass
 
-    # -- adapters (file and tensor work runs off the event loop) -------------------------------
-    async def register_adapter(self, adapter_id: str, path: str) -> tuple[AdapterVersion, bool]:
-        # File work on a worker thread; the tensor validation hops onto the engine thread.
-        def on_engine(fn: Callable[[], AdapterWeights]) -> AdapterWeights:
-            return self.engine.call(fn).result()
+    # -- adapters (file work runs off the event loop; validation needs no engine time) -------
+    async def register_adapter(
+        self, adapter_id: str, path: str, pin: bool = False
+    ) -> tuple[AdapterVersion, bool]:
+        version, created = await asyncio.to_thread(self.registry.register, adapter_id, path)
+        await self._after_register(version, pin)
+        return version, created
 
-        return await asyncio.to_thread(self.registry.register, adapter_id, path, on_engine)
+    async def push_adapter(
+        self, adapter_id: str, chunks: AsyncIterator[tuple[str, bytes]], pin: bool = False
+    ) -> tuple[AdapterVersion, bool]:
+        """Register an adapter whose files arrive as (file name, bytes) pieces."""
+        check_adapter_id(adapter_id)
+        upload: Upload = await asyncio.to_thread(self.registry.new_upload)
+        try:
+            async for file_name, data in chunks:
+                await asyncio.to_thread(upload.write, file_name, data)
+        except BaseException:
+            await asyncio.to_thread(self.registry.discard_upload, upload)
+            raise
+        version, created = await asyncio.to_thread(
+            self.registry.register_upload, adapter_id, upload
+        )
+        await self._after_register(version, pin)
+        return version, created
+
+    async def _after_register(self, version: AdapterVersion, pin: bool) -> None:
+        """A new version of a pinned adapter takes over its pin."""
+        pinned = self._pins.get(version.adapter_id)
+        if pin or (pinned is not None and pinned[0] != version):
+            await self.pin_adapter(version.adapter_id)
 
     def get_adapter(self, adapter_id: str) -> tuple[AdapterVersion, list[int]]:
         versions = self.registry.store.versions(check_adapter_id(adapter_id))
@@ -194,8 +256,76 @@ class Frontend:
             (v, [x.version for x in store.versions(v.adapter_id)]) for v in store.latest_versions()
         ]
 
+    def is_pinned(self, adapter_id: str) -> bool:
+        return adapter_id in self._pins
+
     async def delete_adapter(self, adapter_id: str) -> list[int]:
-        return await asyncio.to_thread(self.registry.store.delete, check_adapter_id(adapter_id))
+        """New requests get NOT_FOUND at once; those in flight hold the weights and finish.
+        Blobs go unless a load still needs them (those are collected as orphans later)."""
+        versions = await asyncio.to_thread(self.registry.delete, adapter_id)
+        if adapter_id in self._pins:
+            await self.unpin_adapter(adapter_id)
+        digests = {v.digest for v in versions}
+        self.cache.forget(digests)
+        keep = self.cache.in_use()
+        await asyncio.to_thread(self.registry.store.remove_blobs, digests, keep)
+        return [v.version for v in versions]
+
+    async def pin_adapter(self, adapter_id: str) -> AdapterVersion:
+        """Keep the latest version in a device slot and host memory (it replaces a pin on an
+        older version)."""
+        async with self._pin_lock:
+            version = await self._resolve(adapter_id)
+            old = self._pins.get(adapter_id)
+            if old is not None and old[0] == version:
+                return version
+            lease = await self.cache.lease(version)
+            try:
+                await asyncio.wrap_future(
+                    self.engine.call(lambda: self.engine.pin(version, lease.weights))
+                )
+            except BaseException:
+                lease.release()
+                raise
+            self.cache.pin(version.digest, True)
+            self._pins[adapter_id] = (version, lease)
+            if old is not None:
+                await self._unpin(old[0], old[1])
+            log.info("adapter %s v%d pinned", *version.key)
+            return version
+
+    async def unpin_adapter(self, adapter_id: str) -> AdapterVersion:
+        async with self._pin_lock:
+            check_adapter_id(adapter_id)
+            pinned = self._pins.pop(adapter_id, None)
+            if pinned is None:
+                self.registry.store.latest(adapter_id)  # NOT_FOUND for an unknown adapter
+                raise InvalidRequest("adapter_id", f"adapter {adapter_id!r} is not pinned")
+            await self._unpin(*pinned)
+            return pinned[0]
+
+    async def _unpin(self, version: AdapterVersion, lease: Lease) -> None:
+        await asyncio.wrap_future(self.engine.call(lambda: self.engine.unpin(version)))
+        if not any(v.digest == version.digest for v, _ in self._pins.values()):
+            self.cache.pin(version.digest, False)
+        lease.release()
+
+    def cache_stats(self) -> tuple[list[TierView], list[str]]:
+        """(tiers, pinned adapter ids)."""
+        slots = self.engine.slots
+        device = TierView("device", len(slots.resident()), slots.num_slots, 0, 0, slots.stats)
+        host = TierView(
+            "host",
+            self.cache.resident(),
+            0,
+            self.cache.used_bytes,
+            self.cache.budget_bytes,
+            self.cache.stats,
+        )
+        return [device, host], sorted(self._pins)
+
+    async def refresh_store(self) -> None:
+        await asyncio.to_thread(self.registry.store.refresh)
 
     def model_info(self) -> ModelInfo:
         model = self.loaded.model
@@ -221,7 +351,9 @@ class Frontend:
 
 
 async def _outputs(
-    queue: asyncio.Queue[RequestOutput | BaseException], request: EngineRequest
+    queue: asyncio.Queue[RequestOutput | BaseException],
+    request: EngineRequest,
+    lease: Lease | None,
 ) -> AsyncIterator[RequestOutput]:
     finished = False
     try:
@@ -235,3 +367,5 @@ async def _outputs(
     finally:
         if not finished:  # the consumer went away (client cancel, deadline): stop generating
             request.cancel()
+        if lease is not None:
+            lease.release()

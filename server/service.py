@@ -13,7 +13,7 @@ import grpc
 from loraplex.adapters.store import AdapterVersion
 from loraplex.server.engine.request import RequestOutput
 from loraplex.server.errors import InvalidRequest, status_for
-from loraplex.server.frontend import Frontend, GenerateInput
+from loraplex.server.frontend import Frontend, GenerateInput, TierView
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,9 @@ def adapter_id_of(request: Any) -> str:
     return str(request.adapter_id or request.name)
 
 
-def adapter_info(version: AdapterVersion, versions: list[int]) -> adapters_pb2.AdapterInfo:
+def adapter_info(
+    version: AdapterVersion, versions: list[int], pinned: bool = False
+) -> adapters_pb2.AdapterInfo:
     return adapters_pb2.AdapterInfo(
         adapter_id=version.adapter_id,
         name=version.adapter_id,
@@ -163,7 +165,43 @@ def adapter_info(version: AdapterVersion, versions: list[int]) -> adapters_pb2.A
         source=version.source,
         versions=versions,
         base_model_fingerprint=version.base_model_fingerprint,
+        tenant=version.tenant,
+        pinned=pinned,
     )
+
+
+def tier_stats(view: TierView) -> adapters_pb2.TierStats:
+    st = view.stats
+    return adapters_pb2.TierStats(
+        tier=view.tier,
+        resident=view.resident,
+        capacity=view.capacity,
+        used_bytes=view.used_bytes,
+        budget_bytes=view.budget_bytes,
+        hits=st.hits,
+        misses=st.misses,
+        loads=st.loads,
+        evictions=st.evictions,
+        load_seconds=st.load_seconds,
+        load_failures=st.load_failures,
+    )
+
+
+async def push_chunks(
+    first: adapters_pb2.PushAdapterRequest,
+    rest: AsyncIterator[adapters_pb2.PushAdapterRequest],
+) -> AsyncIterator[tuple[str, bytes]]:
+    """(file name, bytes) pieces of a PushAdapter stream."""
+    message = first
+    while True:
+        if message.data or message.file_name:
+            if not message.file_name:
+                raise InvalidRequest("file_name", "every piece of data names its file")
+            yield message.file_name, message.data
+        try:
+            message = await anext(rest)
+        except StopAsyncIteration:
+            return
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
@@ -177,11 +215,35 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.RegisterAdapterResponse:
         frontend = self._frontend()
-        version, created = await frontend.register_adapter(adapter_id_of(request), request.path)
-        _, versions = frontend.get_adapter(version.adapter_id)
-        return adapters_pb2.RegisterAdapterResponse(
-            adapter=adapter_info(version, versions), created=created
+        version, created = await frontend.register_adapter(
+            adapter_id_of(request), request.path, pin=request.pin
         )
+        return self._registered(frontend, version, created)
+
+    @unary
+    async def PushAdapter(
+        self,
+        request_iterator: AsyncIterator[adapters_pb2.PushAdapterRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.RegisterAdapterResponse:
+        frontend = self._frontend()
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            raise InvalidRequest("adapter_id", "the push stream is empty") from None
+        adapter_id = adapter_id_of(first)
+        version, created = await frontend.push_adapter(
+            adapter_id, push_chunks(first, aiter(request_iterator)), pin=first.pin
+        )
+        return self._registered(frontend, version, created)
+
+    @staticmethod
+    def _registered(
+        frontend: Frontend, version: AdapterVersion, created: bool
+    ) -> adapters_pb2.RegisterAdapterResponse:
+        _, versions = frontend.get_adapter(version.adapter_id)
+        info = adapter_info(version, versions, frontend.is_pinned(version.adapter_id))
+        return adapters_pb2.RegisterAdapterResponse(adapter=info, created=created)
 
     @unary
     async def GetAdapter(
@@ -189,7 +251,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.GetAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.AdapterInfo:
-        return adapter_info(*self._frontend().get_adapter(adapter_id_of(request)))
+        frontend = self._frontend()
+        version, versions = frontend.get_adapter(adapter_id_of(request))
+        return adapter_info(version, versions, frontend.is_pinned(version.adapter_id))
 
     @unary
     async def ListAdapters(
@@ -197,8 +261,13 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.ListAdaptersRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.ListAdaptersResponse:
-        listed = self._frontend().list_adapters()
-        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(*a) for a in listed])
+        frontend = self._frontend()
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[
+                adapter_info(v, vs, frontend.is_pinned(v.adapter_id))
+                for v, vs in frontend.list_adapters()
+            ]
+        )
 
     @unary
     async def DeleteAdapter(
@@ -208,3 +277,34 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> adapters_pb2.DeleteAdapterResponse:
         versions = await self._frontend().delete_adapter(adapter_id_of(request))
         return adapters_pb2.DeleteAdapterResponse(deleted=True, versions=versions)
+
+    @unary
+    async def PinAdapter(
+        self,
+        request: adapters_pb2.PinAdapterRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.AdapterInfo:
+        frontend = self._frontend()
+        version = await frontend.pin_adapter(adapter_id_of(request))
+        _, versions = frontend.get_adapter(version.adapter_id)
+        return adapter_info(version, versions, pinned=True)
+
+    @unary
+    async def UnpinAdapter(
+        self,
+        request: adapters_pb2.PinAdapterRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.AdapterInfo:
+        frontend = self._frontend()
+        version = await frontend.unpin_adapter(adapter_id_of(request))
+        _, versions = frontend.get_adapter(version.adapter_id)
+        return adapter_info(version, versions, pinned=False)
+
+    @unary
+    async def GetCacheStats(
+        self,
+        request: adapters_pb2.GetCacheStatsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.CacheStats:
+        tiers, pinned = self._frontend().cache_stats()
+        return adapters_pb2.CacheStats(tiers=[tier_stats(t) for t in tiers], pinned=pinned)

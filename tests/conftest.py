@@ -79,3 +79,46 @@ def load_tiny(tiny_family_dir):
         )
 
     return load
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible server on loopback (moto's server mode), once per session; the AWS
+    variables point at fake credentials so nothing can reach a real account."""
+    import logging
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    fake = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in fake}
+    os.environ.update(fake)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket: (s3://bucket URL, fsspec storage options)."""
+    import re
+
+    import fsspec
+
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"{name}-{id(request) % 100000}"
+    fsspec.filesystem("s3", skip_instance_cache=True, **options).mkdir(bucket)
+    return f"s3://{bucket}", options

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,12 +31,13 @@ from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
 from loraplex.server.engine.sampling import make_generator, sample
 from loraplex.server.engine.scheduler import Admission, Scheduler
-from loraplex.server.errors import NotReady
+from loraplex.server.errors import NotReady, QueueFull
 
 log = logging.getLogger(__name__)
 
 WeightsLoader = Callable[[AdapterVersion], AdapterWeights]
 T = TypeVar("T")
+PREFETCH_PER_STEP = 2  # device loads for queued requests per step (each pauses the step)
 
 
 @dataclass
@@ -168,6 +170,7 @@ class Engine:
             log.debug("request %s cancelled while waiting", request.request_id)
         if admitted:
             self._start(admitted)
+        self._prefetch()
         if not self._batch.seqs:
             self.scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
             return
@@ -258,19 +261,13 @@ class Engine:
         after failing every admitted request that shares them and freeing the slots."""
         failed: dict[int, Exception] = {}
         for admission in admitted:
-            grant, adapter = admission.grant, admission.request.adapter
-            if grant is None or not grant.needs_load or adapter is None:
+            grant, request = admission.grant, admission.request
+            if grant is None or not grant.needs_load:
                 continue
-            assert self.load_weights is not None, "set Engine.load_weights to serve adapters"
             try:
-                self.runner.load_adapter(grant.slot, self.load_weights(adapter))
+                self._load_slot(grant.slot, request.adapter, request.weights)
             except Exception as exc:
-                log.warning("loading adapter %s v%d failed: %s", *adapter.key, exc)
-                self.runner.clear_slot(grant.slot)
                 failed[grant.slot] = exc
-                continue
-            self.stats.adapter_loads += 1
-            log.info("adapter %s v%d loaded into slot %d", *adapter.key, grant.slot)
         for admission in admitted:
             if admission.slot in failed:
                 self.slots.release(admission.slot)
@@ -278,6 +275,70 @@ class Engine:
         for slot in failed:
             self.slots.discard(slot)
         return set(failed)
+
+    def _load_slot(
+        self, slot: int, adapter: AdapterVersion | None, weights: AdapterWeights | None
+    ) -> None:
+        """Write an adapter into `slot` (host -> device; weights None: read them with
+        `load_weights`); on failure the slot is cleared and the error raised."""
+        assert adapter is not None
+        start = time.perf_counter()
+        try:
+            if weights is None:
+                assert self.load_weights is not None, "set Engine.load_weights to serve adapters"
+                weights = self.load_weights(adapter)
+            self.runner.load_adapter(slot, weights)
+        except Exception as exc:
+            log.warning("loading adapter %s v%d failed: %s", *adapter.key, exc)
+            self.runner.clear_slot(slot)
+            self.slots.stats.load_failures += 1
+            raise
+        self.slots.stats.loads += 1
+        self.slots.stats.load_seconds += time.perf_counter() - start
+        self.stats.adapter_loads += 1
+        log.debug("adapter %s v%d loaded into slot %d", *adapter.key, slot)
+
+    def _prefetch(self) -> None:
+        """Load the adapters of queued requests into free (or idle) slots while they wait, so
+        they start without a load; slots wanted by requests further ahead are left alone."""
+        wanted: set[tuple[str, int]] = set()
+        loads = 0
+        for request in self.scheduler.peek(self.config.max_loras):
+            if request.adapter is None or request.cancelled.is_set():
+                continue
+            key = request.adapter.key
+            if key not in wanted and self.slots.lookup(key) is None:
+                grant = self.slots.prefetch(key, protect=wanted)
+                if grant is None:
+                    return
+                try:
+                    self._load_slot(grant.slot, request.adapter, request.weights)
+                except Exception:
+                    self.slots.discard(grant.slot)  # the request fails when admitted
+                    return
+                loads += 1
+                if loads >= PREFETCH_PER_STEP:
+                    return
+            wanted.add(key)
+
+    def pin(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
+        """Keep an adapter in a device slot until `unpin` (call on the engine thread)."""
+        grant = self.slots.pin(adapter.key)
+        if grant is None:
+            raise QueueFull(
+                "no device slot can be pinned: every slot is in use or pinned "
+                f"(max_loras={self.slots.num_slots}, one slot stays unpinned)"
+            )
+        if grant.needs_load:
+            try:
+                self._load_slot(grant.slot, adapter, weights)
+            except Exception:
+                self.slots.unpin(adapter.key)
+                self.slots.discard(grant.slot)
+                raise
+
+    def unpin(self, adapter: AdapterVersion) -> None:
+        self.slots.unpin(adapter.key)
 
     def _new_sequence(self, admission: Admission) -> Sequence:
         request = admission.request

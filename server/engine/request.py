@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex.adapters.store import AdapterVersion
+from loraplex.adapters.validate import AdapterWeights
 from loraplex.server.errors import InvalidRequest
 
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
@@ -74,6 +75,9 @@ class EngineRequest:
     # Called on the engine thread with each output, or with an exception that ends the
     # request; it must not block (the front end hands it to its event loop).
     emit: Callable[[RequestOutput | BaseException], None]
+    # The adapter's weights, held in the host cache while the request lives (None: the engine
+    # reads them through its `load_weights`).
+    weights: AdapterWeights | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:

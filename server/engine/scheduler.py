@@ -47,6 +47,11 @@ class Scheduler:
             self._waiting.append(request)
             self._cond.notify()
 
+    def peek(self, n: int) -> list[EngineRequest]:
+        """The first `n` waiting requests, in order (they stay queued)."""
+        with self._cond:
+            return [r for _, r in zip(range(n), self._waiting, strict=False)]
+
     def num_waiting(self) -> int:
         with self._cond:
             return len(self._waiting)

@@ -170,13 +170,15 @@ def test_registry_persists_across_restarts_and_delete(adapter_copy, tmp_path):
     registry = AdapterRegistry(AdapterStore(store_dir), spec, [tmp_path])
     v1, _ = registry.register("one", str(path))
     registry.register("two", str(path))  # same content, another id: one shared blob
-    reopened = AdapterStore(store_dir)
-    assert [v.adapter_id for v in reopened.latest_versions()] == ["one", "two"]
-    assert reopened.latest("one") == v1
-    assert reopened.delete("one") == [1]
-    assert reopened.blob_dir(v1.digest).exists()  # still used by "two"
+    reopened = AdapterRegistry(AdapterStore(store_dir), spec, [tmp_path])
+    assert [v.adapter_id for v in reopened.store.latest_versions()] == ["one", "two"]
+    assert reopened.resolve("one") == v1
+    assert [v.version for v in reopened.delete("one")] == [1]
+    assert reopened.store.remove_blobs({v1.digest}) == []  # still used by "two"
     reopened.delete("two")
-    assert not reopened.blob_dir(v1.digest).exists()
+    assert reopened.store.remove_blobs({v1.digest}) == [v1.digest]
+    with pytest.raises(AdapterNotFound):
+        reopened.load_weights(v1)
     with pytest.raises(AdapterNotFound):
         AdapterStore(store_dir).latest("one")
 
@@ -190,6 +192,7 @@ def test_failed_registration_leaves_nothing(adapter_copy, tmp_path):
         registry.register("bad", str(path))
     assert store.latest_versions() == []
     assert list((tmp_path / "store" / "blobs").iterdir()) == []
+    assert list(store.staging_dir.iterdir()) == []
 
 
 def test_sources_outside_the_allowed_roots_are_denied(adapter_copy, tmp_path):
@@ -204,3 +207,62 @@ def test_sources_outside_the_allowed_roots_are_denied(adapter_copy, tmp_path):
         registry.register("x", str(link))
     with pytest.raises(InvalidAdapter):
         registry.register("x", str(tmp_path / "allowed" / "missing"))
+
+
+def test_register_from_s3_into_an_s3_store(adapter_copy, s3_bucket, tmp_path):
+    """Replicas share an S3 store; adapters may also come from S3."""
+    import fsspec
+
+    path, spec = adapter_copy
+    url, options = s3_bucket
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    for f in path.iterdir():
+        fs.put_file(str(f), f"{url}/incoming/support/{f.name}")
+    registry = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, [tmp_path], options)
+    version, created = registry.register("support", f"{url}/incoming/support/")
+    assert created and version.source == f"{url}/incoming/support/"
+    replica = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, [], options)
+    assert replica.resolve("support") == version
+    local = load_adapter(path, spec)
+    loaded = replica.load_weights(version)
+    for module, (a, b) in local.modules.items():
+        torch.testing.assert_close(loaded.modules[module][0], a)
+        torch.testing.assert_close(loaded.modules[module][1], b)
+    with pytest.raises(InvalidAdapter, match="no adapter"):
+        registry.register("missing", f"{url}/nowhere")
+    fs.pipe(f"{url}/incoming/support/adapter_model.bin", b"\x80\x04")
+    with pytest.raises(InvalidAdapter, match="pickle"):
+        registry.register("pickled", f"{url}/incoming/support")
+    limited = AdapterRegistry(registry.store, spec, [f"{url}/trusted"], options)
+    with pytest.raises(AdapterSourceDenied):
+        limited.register("support", f"{url}/incoming/support")
+
+
+def test_upload_is_staged_within_limits(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [])
+    upload = registry.new_upload()
+    for f in sorted(path.iterdir()):  # README.md too: PEFT writes it, the server ignores it
+        data = f.read_bytes()
+        for i in range(0, len(data), 1000):
+            upload.write(f.name, data[i : i + 1000])
+    version, created = registry.register_upload("pushed", upload)
+    assert created and version.source == "upload"
+    assert not upload.staging.exists()
+
+    for bad in ["../evil", "a/b", "", "x\0y", ".."]:
+        with pytest.raises(InvalidAdapter, match="plain file name"):
+            registry.new_upload().write(bad, b"x")
+    small = AdapterRegistry(registry.store, BaseModelSpec(spec.linear_shapes, 8, "t", 10), [])
+    upload = small.new_upload()
+    with pytest.raises(InvalidAdapter, match="larger than the limit"):
+        upload.write("adapter_model.safetensors", b"x" * (4 << 20))
+    small.discard_upload(upload)
+    upload = registry.new_upload()
+    upload.write("adapter_config.json", (path / CONFIG).read_bytes())
+    upload.write("adapter_model.safetensors", (path / WEIGHTS).read_bytes())
+    upload.write("run.sh", b"#!/bin/sh")
+    with pytest.raises(InvalidAdapter, match=r"run\.sh"):
+        registry.register_upload("extra", upload)
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("extra")

@@ -172,7 +172,9 @@ def test_more_adapters_than_slots_wait_and_all_complete(setup):
 
 def test_failed_adapter_load_fails_its_requests_only(setup, tmp_path):
     engine, versions = setup()
-    AdapterStore(tmp_path / "store").delete("two")  # deleted while its requests are queued
+    store = AdapterStore(tmp_path / "store")
+    store.delete("two")  # deleted, blobs and all, while its requests are queued
+    store.remove_blobs({versions["two"].digest})
     # Two requests share the one failing load (admitted in the same step), one is unaffected.
     collectors = [submit(engine, p, versions["two"]) for p in PROMPTS[:2]]
     good = submit(engine, PROMPTS[2], versions["one"])
@@ -308,3 +310,30 @@ def test_random_traffic_with_cancels_leaves_nothing_behind(setup):
         threading.Event().wait(0.01)
     assert engine.num_running == 0 and engine.scheduler.num_waiting() == 0
     assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
+
+
+def test_adapters_of_queued_requests_are_prefetched_into_free_slots(setup):
+    engine, versions = setup(max_loras=2, max_batch_size=1)
+    first = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=16)
+    queued = submit(engine, PROMPTS[1], versions["two"])  # waits for the one batch row
+    for c in (first, queued):
+        assert c.done.wait(60) and c.error is None
+    stats = engine.slots.stats
+    # "two" was loaded while "one" ran, so its admission found it resident.
+    assert (stats.misses, stats.hits, stats.loads) == (1, 1, 2)
+
+
+def test_a_pinned_adapter_keeps_its_slot_while_others_churn(setup):
+    engine, versions = setup(max_loras=2)
+    engine.call(lambda: engine.pin(versions["one"])).result(30)
+    slot = engine.slots.lookup(versions["one"].key)
+    with pytest.raises(QueueFull, match="pinned"):  # the last slot stays for the rest
+        engine.call(lambda: engine.pin(versions["two"])).result(30)
+    collectors = [submit(engine, PROMPTS[i % 4], versions["two"]) for i in range(3)]
+    collectors += [submit(engine, PROMPTS[3], versions["one"])]
+    for c in collectors:
+        assert c.done.wait(60) and c.error is None
+    assert engine.slots.lookup(versions["one"].key) == slot
+    assert engine.slots.refcount(slot) == 1  # the pin's own reference
+    engine.call(lambda: engine.unpin(versions["one"])).result(30)
+    assert engine.slots.refcount(slot) == 0

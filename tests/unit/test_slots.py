@@ -69,3 +69,37 @@ def test_discard_frees_the_slot_once_unreferenced():
     table.discard(0)
     assert table.resident() == {}
     assert table.acquire(("b", 1)) == SlotGrant(0, needs_load=True, evicted=None)
+
+
+def test_pinned_adapters_stay_and_one_slot_is_left_for_the_rest():
+    table = SlotTable(3)
+    assert table.pin(("a", 1)).needs_load
+    assert table.pin(("b", 1)) is not None
+    assert table.pin(("c", 1)) is None  # the last slot stays unpinned
+    assert table.pinned_keys() == [("a", 1), ("b", 1)]
+    for key in [("x", 1), ("y", 1), ("z", 1)]:  # churn through the one free slot
+        grant = table.acquire(key)
+        assert grant is not None and grant.evicted not in {("a", 1), ("b", 1)}
+        table.release(grant.slot)
+    table.unpin(("a", 1))
+    grant = table.acquire(("w", 1))
+    table.release(grant.slot)
+    assert table.acquire(("q", 1)).evicted in {("a", 1), ("w", 1)}  # a is evictable again
+    with pytest.raises(ValueError):
+        table.unpin(("a", 1))
+
+
+def test_prefetch_fills_free_or_idle_slots_but_not_those_wanted_sooner():
+    table = SlotTable(2)
+    a = table.acquire(("a", 1))
+    table.release(a.slot)
+    b = table.acquire(("b", 1))  # b stays referenced
+    # The only idle slot holds a, which a request ahead wants: no prefetch.
+    assert table.prefetch(("c", 1), protect={("a", 1)}) is None
+    grant = table.prefetch(("c", 1), protect=set())
+    assert grant is not None and grant.slot == a.slot and grant.evicted == ("a", 1)
+    assert table.refcount(grant.slot) == 0  # unreferenced until its request is admitted
+    again = table.acquire(("c", 1))
+    assert not again.needs_load and table.stats.hits == 1
+    assert table.prefetch(("d", 1), protect=set()) is None  # both slots referenced
+    table.release(b.slot)

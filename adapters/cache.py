@@ -1,0 +1,205 @@
+"""The host tier of the adapter cache: validated weights in memory, least recently used first
+out under a byte budget, between the store and the device slots (slots.py).
+
+Single flight: however many requests ask for an adapter at once, it is read from the store
+once; they all wait on the same load. An entry that requests hold (or that is pinned) is never
+evicted; when only held entries remain, the tier runs over its budget rather than fail anyone.
+Loads run on a small pool of worker threads (file I/O and numpy, no torch compute), so they
+overlap the engine's steps: the adapters of queued requests are fetched while the batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from loraplex.adapters.store import AdapterVersion
+from loraplex.adapters.validate import AdapterWeights
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[AdapterVersion], AdapterWeights]
+
+
+@dataclass
+class TierStats:
+    """Counters of one cache tier (host or device)."""
+
+    hits: int = 0
+    misses: int = 0  # requests that waited for a load from the tier below
+    evictions: int = 0
+    loads: int = 0  # loads that completed (concurrent misses share one)
+    load_seconds: float = 0.0  # their total time
+    load_failures: int = 0
+
+
+@dataclass
+class _Entry:
+    future: Future[AdapterWeights]
+    nbytes: int = 0
+    refs: int = 0
+    pinned: bool = False
+    forgotten: bool = False  # its adapter was deleted: drop it once nobody holds it
+
+
+@dataclass
+class Lease:
+    """A reference to a host-tier entry; `release` it exactly once (extra calls are no-ops)."""
+
+    cache: HostCache
+    digest: str
+    weights: AdapterWeights
+    _released: bool = field(default=False, repr=False)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.cache.release(self.digest)
+
+
+class HostCache:
+    """Thread-safe. Keyed by content digest: two names with one content share an entry."""
+
+    def __init__(self, load: Loader, budget_bytes: int, workers: int = 2) -> None:
+        self._load = load
+        self.budget_bytes = budget_bytes
+        self.stats = TierStats()
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._lru: OrderedDict[str, None] = OrderedDict()  # loaded, unheld entries; oldest first
+        self._bytes = 0
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="loraplex-adapter-load")
+
+    # -- references ---------------------------------------------------------------------------
+    def acquire(self, version: AdapterVersion) -> Future[AdapterWeights]:
+        """Take a reference to `version`'s weights, loading them if needed. On success the
+        caller must `release(version.digest)` once; a failed load drops the reference itself."""
+        with self._lock:
+            entry = self._entries.get(version.digest)
+            if entry is not None:
+                entry.forgotten = False  # the same content registered again
+                entry.refs += 1
+                self._lru.pop(version.digest, None)
+                if entry.future.done():
+                    self.stats.hits += 1
+                else:
+                    self.stats.misses += 1  # joins the load under way
+                return entry.future
+            self.stats.misses += 1
+            entry = _Entry(Future(), refs=1)
+            self._entries[version.digest] = entry
+        entry.future.set_running_or_notify_cancel()
+        self._pool.submit(self._run_load, version, entry)
+        return entry.future
+
+    async def lease(self, version: AdapterVersion) -> Lease:
+        """`acquire` for a coroutine: the reference is dropped if the caller is cancelled."""
+        future = self.acquire(version)
+        try:
+            weights = await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.add_done_callback(
+                lambda f: None if f.exception() else self.release(version.digest)
+            )
+            raise
+        return Lease(self, version.digest, weights)
+
+    def release(self, digest: str) -> None:
+        with self._lock:
+            entry = self._entries[digest]
+            if entry.refs <= 0:
+                raise RuntimeError(f"adapter {digest} released more often than acquired")
+            entry.refs -= 1
+            if entry.refs == 0 and not entry.pinned:
+                if entry.forgotten:
+                    self._drop(digest)
+                else:
+                    self._lru[digest] = None
+                    self._evict()
+
+    def pin(self, digest: str, pinned: bool) -> None:
+        """Keep (or stop keeping) a loaded entry whatever the budget."""
+        with self._lock:
+            entry = self._entries[digest]
+            entry.pinned = pinned
+            if pinned:
+                self._lru.pop(digest, None)
+            elif entry.refs == 0 and entry.future.done():
+                self._lru[digest] = None
+                self._evict()
+
+    def forget(self, digests: set[str]) -> None:
+        """The adapters were deleted: drop their entries now, or when the last holder leaves."""
+        with self._lock:
+            for digest in digests:
+                entry = self._entries.get(digest)
+                if entry is None:
+                    continue
+                entry.forgotten = True
+                entry.pinned = False
+                if entry.refs == 0 and entry.future.done():
+                    self._drop(digest)
+
+    # -- views --------------------------------------------------------------------------------
+    def in_use(self) -> set[str]:
+        """Digests being loaded or held: their blobs must stay in the store."""
+        with self._lock:
+            return {d for d, e in self._entries.items() if e.refs or not e.future.done()}
+
+    def resident(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._entries.values() if e.future.done())
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _run_load(self, version: AdapterVersion, entry: _Entry) -> None:
+        start = time.perf_counter()
+        try:
+            weights = self._load(version)
+            nbytes = weights.nbytes
+        except BaseException as exc:
+            with self._lock:
+                self.stats.load_failures += 1
+                if self._entries.get(version.digest) is entry:
+                    del self._entries[version.digest]  # the next request tries again
+            entry.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - start
+        with self._lock:
+            entry.nbytes = nbytes
+            self._bytes += nbytes
+            self.stats.loads += 1
+            self.stats.load_seconds += seconds
+            # Every waiter holds a reference; the entry becomes evictable when they release.
+            self._evict()
+        log.info(
+            "adapter %s v%d loaded into host memory (%.1f MB, %.0f ms)",
+            *version.key,
+            nbytes / 1e6,
+            seconds * 1e3,
+        )
+        entry.future.set_result(weights)
+
+    def _evict(self) -> None:
+        """Under the lock: drop unheld entries, oldest first, while over budget."""
+        while self._bytes > self.budget_bytes and self._lru:
+            digest, _ = self._lru.popitem(last=False)
+            self._drop(digest)
+            self.stats.evictions += 1
+
+    def _drop(self, digest: str) -> None:
+        entry = self._entries.pop(digest)
+        self._lru.pop(digest, None)
+        self._bytes -= entry.nbytes
