@@ -35,12 +35,14 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q -ra
 
-# Offline throughput, then online latency through the gRPC server, then the plot
-# (benchmarks/results/: throughput.json, online.json, benchmark.png). About an hour on 2 cores.
+# Offline throughput, then online latency through the gRPC server, then the adapter lifecycle
+# (load tiers, churn over 1000 adapters, hot swap), then the plot (benchmarks/results/:
+# throughput.json, online.json, lifecycle.json, benchmark.png). Over an hour on 2 cores.
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/online.py --serve-args="--max-batch-size 64 --max-loras 32"
+	$(PY) benchmarks/lifecycle.py
 	$(PY) benchmarks/plot.py
 
 clean:
