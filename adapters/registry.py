@@ -4,8 +4,11 @@ version out; and the way back, a stored version's weights for the host cache."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,10 @@ from loraplex.adapters.validate import AdapterWeights, BaseModelSpec, load_adapt
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# An unknown id re-reads the store (a replica may have registered it); the same id again
+# within this many seconds does not.
+MISS_REFRESH_S = 2.0
+_MAX_MISSES_KEPT = 10_000
 
 
 def check_adapter_id(adapter_id: str) -> str:
@@ -46,6 +53,8 @@ class AdapterRegistry:
         self.allowed_roots = [Path(r).resolve() for r in allowed_roots if not is_uri(str(r))]
         self.uri_roots = [str(r) for r in allowed_roots if is_uri(str(r))]
         self.storage_options = dict(storage_options or {})
+        self._lock = threading.Lock()
+        self._misses: dict[str, float] = {}  # unknown id -> when it last made us re-read
 
     def register(
         self, adapter_id: str, source: str, tenant: str = ""
@@ -91,7 +100,14 @@ class AdapterRegistry:
         try:
             return self.store.latest(adapter_id)
         except AdapterNotFound:
-            self.store.refresh()  # another replica may have registered it
+            now = time.monotonic()
+            with self._lock:
+                if now - self._misses.get(adapter_id, -math.inf) < MISS_REFRESH_S:
+                    raise
+                if len(self._misses) >= _MAX_MISSES_KEPT:
+                    self._misses.clear()
+                self._misses[adapter_id] = now
+            self.store.refresh()  # a replica may have registered it
             return self.store.latest(adapter_id)
 
     def delete(self, adapter_id: str) -> list[AdapterVersion]:

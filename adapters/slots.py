@@ -109,6 +109,17 @@ class SlotTable:
         self._pinned.discard(slot)
         self.release(slot)
 
+    def drain_candidate(self, exclude: Set[int]) -> int | None:
+        """The referenced, unpinned slot with the fewest references (the lowest slot among
+        equals), not in `exclude`: the one to stop sending new requests to, so it frees
+        soonest for a waiting adapter. None when there is none."""
+        held = [
+            (entry.refcount, slot)
+            for slot, entry in self._entries.items()
+            if entry.refcount > 0 and slot not in self._pinned and slot not in exclude
+        ]
+        return min(held)[1] if held else None
+
     def pinned_keys(self) -> list[AdapterKey]:
         return [self._entries[s].key for s in sorted(self._pinned)]
 

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -46,6 +47,15 @@ log = logging.getLogger(__name__)
 _VERSION_FILE = re.compile(r"^v(\d{8})\.json$")
 TOMBSTONE = "deleted.json"
 ORPHAN_MIN_AGE_S = 3600.0  # an orphan blob younger than this may be a replica's registration
+
+
+@dataclass(frozen=True)
+class _Index:
+    """What a scan of the manifests found."""
+
+    live: list[str]  # manifest paths of live versions
+    parsed: dict[str, AdapterVersion]  # the ones not seen before, read
+    last_version: dict[str, int]  # per id, the highest version ever used
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,10 @@ class AdapterStore:
             Path(self.root) / ".staging" if self.local else Path(tempfile.gettempdir())
         )
         self.staging_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the index; never held across storage reads
+        self._refresh_lock = threading.Lock()
+        self._refreshed_at = -math.inf
+        self._writes = 0  # commits and deletes, so a refresh can tell it raced one
         self._seen: dict[str, AdapterVersion] = {}  # manifest path -> its (immutable) content
         self._adapters: dict[str, list[AdapterVersion]] = {}
         self._last_version: dict[str, int] = {}
@@ -149,15 +162,33 @@ class AdapterStore:
             return [self._adapters[a][-1] for a in sorted(self._adapters)]
 
     def refresh(self) -> None:
-        """Re-read the manifests (new ones only: manifests never change)."""
-        with self._lock:
-            self._refresh()
+        """Re-read the manifests (only new ones are fetched: manifests never change).
 
-    def _refresh(self) -> None:
+        A caller that waited for another's read gets a new one only if that read started
+        before the call. The read holds no lock that lookups take: they never wait on storage."""
+        requested = time.monotonic()
+        with self._refresh_lock:
+            if self._refreshed_at >= requested:
+                return
+            started = time.monotonic()
+            for _ in range(3):
+                writes = self._writes
+                index = self._scan()
+                with self._lock:
+                    if self._writes == writes:  # no commit or delete raced the read
+                        self._apply(index)
+                        break
+            else:
+                with self._lock:
+                    self._apply(self._scan())
+            self._refreshed_at = started
+
+    def _scan(self) -> _Index:
+        root = self._path("manifests")
         by_name: dict[str, dict[int, str]] = {}
         tombstones: dict[str, str] = {}
-        for path in self.fs.find(self._path("manifests")):
-            name, _, file = path[len(self._path("manifests")) + 1 :].rpartition("/")
+        for path in self.fs.find(root):
+            name, _, file = path[len(root) + 1 :].rpartition("/")
             if file == TOMBSTONE:
                 tombstones[name] = path
             elif (m := _VERSION_FILE.match(file)) and "/" not in name:
@@ -174,17 +205,23 @@ class AdapterStore:
         ]
         unseen = [p for p in live if p not in self._seen]
         contents = self.fs.cat(unseen) if unseen else {}
-        self._seen.update({p: _parse_manifest(data) for p, data in contents.items()})
+        parsed = {p: _parse_manifest(data) for p, data in contents.items()}
+        last_version = {name: max([*vs, through.get(name, 0)]) for name, vs in by_name.items()} | {
+            name: n for name, n in through.items() if name not in by_name
+        }
+        return _Index(live, parsed, last_version)
+
+    def _apply(self, index: _Index) -> None:
+        """Under the lock: make a scan's result the index."""
+        self._seen.update(index.parsed)
         adapters: dict[str, list[AdapterVersion]] = {}
-        for p in live:
+        for p in index.live:
             record = self._seen[p]
             adapters.setdefault(record.adapter_id, []).append(record)
         for versions in adapters.values():
             versions.sort(key=lambda r: r.version)
         self._adapters = adapters
-        self._last_version = {
-            name: max([*vs, through.get(name, 0)]) for name, vs in by_name.items()
-        } | {name: n for name, n in through.items() if name not in by_name}
+        self._last_version = index.last_version
 
     @contextlib.contextmanager
     def open_blob(self, digest: str) -> Iterator[Path]:
@@ -245,6 +282,7 @@ class AdapterStore:
             path = self._manifest_path(adapter_id, record.version)
             self._write(path, json.dumps(asdict(record), indent=1).encode(), exclusive=True)
             self._seen[path] = record
+            self._writes += 1
             self._adapters[adapter_id] = [*versions, record]
             self._last_version[adapter_id] = record.version
             return record, True
@@ -257,6 +295,7 @@ class AdapterStore:
             through = self._last_version[adapter_id]
             tombstone = json.dumps({"through_version": through}).encode()
             self._write(self._path("manifests", adapter_id, TOMBSTONE), tombstone)
+            self._writes += 1
             del self._adapters[adapter_id]
             for v in versions:  # tidy: the tombstone already hides them
                 with contextlib.suppress(FileNotFoundError):

@@ -1,7 +1,7 @@
 """Admission: which waiting requests join the running batch, under the KV cache (rows and
-token budget) and adapter-slot budgets. First come, first served: a request that cannot be
-admitted yet (no room in the cache, or its adapter needs a slot and every slot is busy) holds
-back those behind it, so none starves.
+token budget) and adapter-slot budgets. First come, first served: a request that finds no
+room in the KV cache holds back those behind it; one whose adapter needs a slot while every
+slot is busy gets the next slot that frees (see `Scheduler.admit`), and none starves.
 """
 
 from __future__ import annotations
@@ -85,26 +85,59 @@ class Scheduler:
         allocate: Callable[[EngineRequest], int | None],
         unallocate: Callable[[int, EngineRequest], None],
     ) -> tuple[list[Admission], list[EngineRequest]]:
-        """Pop the requests that start now, in order, while `allocate(request)` finds them a KV
-        cache row (None: no room) and an adapter slot can be had (if not, `unallocate` gives
-        the row back); also returns cancelled ones dropped from the queue."""
+        """Pop the requests that start now, in arrival order, while `allocate(request)` finds
+        them a KV cache row (None: no room, and the rest wait); also returns cancelled ones
+        dropped from the queue.
+
+        A request whose adapter needs a slot while every slot is held by running requests
+        waits, and one held slot is chosen to drain for it: no new request joins that slot,
+        so it frees once its requests finish and the waiting request takes it (it is first in
+        line). Requests behind it whose adapter is resident in another slot, or that want the
+        base model, go ahead meanwhile instead of idling; none waits longer than the requests
+        running in one slot take to finish.
+        """
         admitted: list[Admission] = []
         dropped: list[EngineRequest] = []
+        kept: list[EngineRequest] = []  # waiting on, ahead of those still queued
+        draining: set[int] = set()
+        wanting: set[tuple[str, int]] = set()  # adapters a slot drains for
         with self._cond:
             while self._waiting:
-                request = self._waiting[0]
+                request = self._waiting.popleft()
                 if request.cancelled.is_set():
-                    dropped.append(self._waiting.popleft())
+                    dropped.append(request)
                     continue
+                key = request.adapter.key if request.adapter is not None else None
+                if key is not None and kept:
+                    slot = self.slots.lookup(key)
+                    if slot is None or slot in draining:  # it needs a slot too: it waits
+                        self._drain_for(key, draining, wanting)
+                        kept.append(request)
+                        continue
                 row = allocate(request)
                 if row is None:
+                    kept.append(request)
                     break  # the KV cache is full: wait for running sequences to finish
                 grant = None
-                if request.adapter is not None:
-                    grant = self.slots.acquire(request.adapter.key)
+                if key is not None:
+                    grant = self.slots.acquire(key)
                     if grant is None:
                         unallocate(row, request)
-                        break  # every slot is in use by running requests
-                self._waiting.popleft()
+                        self._drain_for(key, draining, wanting)
+                        kept.append(request)
+                        continue
                 admitted.append(Admission(request, grant, row))
+            self._waiting.extendleft(reversed(kept))
         return admitted, dropped
+
+    def _drain_for(
+        self, key: tuple[str, int], draining: set[int], wanting: set[tuple[str, int]]
+    ) -> None:
+        """Choose a slot to drain for adapter `key` (one per adapter): the held slot with the
+        fewest running requests, if any is left."""
+        if key in wanting:
+            return
+        wanting.add(key)
+        slot = self.slots.drain_candidate(exclude=draining)
+        if slot is not None:
+            draining.add(slot)

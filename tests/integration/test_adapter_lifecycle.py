@@ -217,10 +217,17 @@ class Load:
                     self.results.append(outcome)
 
 
-def test_hot_swap_under_load_drops_nothing(server, client, adapter_dir):
+def test_hot_swap_under_load_drops_nothing(server, client, adapter_dir, tmp_path):
     client.push("swap", adapter_dir)
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter_dir, broken)
+    scale_b(broken, float("inf"))
     with Load(server.address, "swap") as load:
-        time.sleep(3)
+        time.sleep(2)
+        with pytest.raises(grpc.RpcError) as err:  # a failed registration disturbs nobody
+            client.push("swap", broken)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        time.sleep(1)
         scale_b(adapter_dir, 2.0)
         swapped_at = time.monotonic()
         assert client.push("swap", adapter_dir).adapter.version == 2

@@ -169,3 +169,54 @@ def test_a_registry_json_store_is_migrated(tmp_path):
     assert migrated.latest("a") == v1
     version, _ = migrated.commit("gone", staged(tmp_path, b"two"), **META)
     assert version.version == 5
+
+
+def test_refreshes_never_block_lookups(tmp_path, monkeypatch):
+    """Requests for unknown ids re-read the store; lookups meanwhile do not wait on it."""
+    import threading
+    import time
+
+    store = AdapterStore(tmp_path / "store")
+    store.commit("a", staged(tmp_path, b"one"), **META)
+    scans = []
+    gate = threading.Event()
+    real_scan = store._scan
+
+    def slow_scan():
+        scans.append(1)
+        gate.wait(5)
+        return real_scan()
+
+    monkeypatch.setattr(store, "_scan", slow_scan)
+    reader = threading.Thread(target=store.refresh)
+    reader.start()
+    deadline = time.monotonic() + 5
+    while not scans and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.latest("a").version == 1  # not blocked by the read in progress
+    gate.set()
+    reader.join(5)
+    assert len(scans) == 1
+
+
+def test_an_unknown_id_rereads_the_store_once_per_interval(adapter_free_registry):
+    registry, store = adapter_free_registry
+    reads = []
+    real = store.refresh
+    store.refresh = lambda: (reads.append(1), real())[1]
+    for _ in range(20):
+        with pytest.raises(AdapterNotFound):
+            registry.resolve("no-such-adapter")
+    assert len(reads) == 1
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("another")
+    assert len(reads) == 2
+
+
+@pytest.fixture
+def adapter_free_registry(tmp_path):
+    from loraplex.adapters.registry import AdapterRegistry
+    from loraplex.adapters.validate import BaseModelSpec
+
+    store = AdapterStore(tmp_path / "store")
+    return AdapterRegistry(store, BaseModelSpec({}, 8, "base"), []), store
