@@ -65,6 +65,7 @@ from online import (
     ServerProcess,
     latency_ms,
     peak_rss_bytes,
+    run,
     serve_command,
     stream_one,
     summarize,
@@ -809,19 +810,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run() -> int:
-    try:
-        return main()
-    except (RuntimeError, TimeoutError, OSError, grpc.RpcError) as exc:
-        if isinstance(exc, grpc.RpcError):
-            message = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-        else:
-            message = f"{type(exc).__name__}: {exc}"
-        log.error("benchmark failed: %s", message)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run(main))

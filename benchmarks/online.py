@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from multiprocessing import get_context
@@ -630,9 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run() -> int:
+def run(entry: Callable[[], int] | None = None) -> int:
+    """Run a benchmark's main (this one's by default): a failure is one logged line and
+    status 1, not a traceback."""
     try:
-        return main()
+        return (entry or main)()
     except (RuntimeError, TimeoutError, OSError, grpc.RpcError) as exc:
         if isinstance(exc, grpc.RpcError):
             message = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
