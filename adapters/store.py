@@ -314,11 +314,15 @@ class AdapterStore:
                 removed.append(digest)
         return removed
 
-    def collect_orphans(self, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[str]:
-        """Remove blobs no manifest references (left by a crash before the commit point) once
-        they are older than `min_age_s`, and stale staging directories; returns the digests."""
+    def collect_orphans(
+        self, min_age_s: float = ORPHAN_MIN_AGE_S, keep: Set[str] = frozenset()
+    ) -> list[str]:
+        """Remove blobs no manifest references (left by a crash before the commit point, or
+        kept at a delete for a load) once they are older than `min_age_s` and not in `keep`,
+        and stale staging directories; returns the digests."""
         with self._lock:
             used = {v.digest.removeprefix("sha256:") for vs in self._adapters.values() for v in vs}
+        used |= {d.removeprefix("sha256:") for d in keep}
         now = time.time()
         orphans = []
         try:

@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loraplex.adapters.store import ORPHAN_MIN_AGE_S
 from loraplex.server.config import ServerConfig
 from loraplex.server.errors import NotReady
 from loraplex.server.frontend import Frontend
@@ -91,13 +92,19 @@ class LoraplexServer:
         self._refresh_task = asyncio.create_task(self._refresh_store(frontend))
 
     async def _refresh_store(self, frontend: Frontend) -> None:
-        """Re-read the adapter store now and then: other replicas register into it too."""
+        """Re-read the adapter store now and then (other replicas register into it too), and
+        collect its orphan blobs about once an hour."""
+        loop = asyncio.get_running_loop()
+        collected_at = loop.time()
         while True:
             await asyncio.sleep(self.config.store_refresh_s)
             try:
                 await frontend.refresh_store()
+                if loop.time() - collected_at >= ORPHAN_MIN_AGE_S:
+                    collected_at = loop.time()
+                    await frontend.collect_orphans()
             except Exception:
-                log.exception("re-reading the adapter store failed; will retry")
+                log.exception("maintaining the adapter store failed; will retry")
 
     async def wait_ready(self) -> None:
         """Wait until the model is loaded (raises what stopped it loading, if anything)."""

@@ -327,6 +327,10 @@ class Frontend:
     async def refresh_store(self) -> None:
         await asyncio.to_thread(self.registry.store.refresh)
 
+    async def collect_orphans(self) -> None:
+        """Remove blobs nothing references any more (a load in progress keeps its own)."""
+        await asyncio.to_thread(self.registry.store.collect_orphans, keep=self.cache.in_use())
+
     def model_info(self) -> ModelInfo:
         model = self.loaded.model
         cfg = model.config

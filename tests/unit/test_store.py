@@ -220,3 +220,13 @@ def adapter_free_registry(tmp_path):
 
     store = AdapterStore(tmp_path / "store")
     return AdapterRegistry(store, BaseModelSpec({}, 8, "base"), []), store
+
+
+def test_orphan_collection_spares_blobs_a_load_still_needs(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    v1, _ = store.commit("a", staged(tmp_path, b"one"), **META)
+    store.delete("a")  # its blob stays: say a request is still loading it
+    assert store.collect_orphans(min_age_s=0, keep={v1.digest}) == []
+    with store.open_blob(v1.digest):
+        pass
+    assert store.collect_orphans(min_age_s=0) == [v1.digest]
