@@ -170,7 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
         "rm", aliases=["delete"], parents=[remote], help="remove an adapter and all its versions"
     )
     rm.add_argument("adapter_id")
+    keys = sub.add_parser("keys", help="API keys for the server's key file")
+    key_verbs = keys.add_subparsers(dest="verb", required=True)
+    new = key_verbs.add_parser(
+        "new", help="make an API key; prints it once, and the [[keys]] entry for the key file"
+    )
+    new.add_argument("--name", required=True, help="the key's name (shown in logs)")
+    new.add_argument("--tenant", required=True)
+    new.add_argument("--role", choices=["client", "admin"], default="client")
     return parser
+
+
+def keys(args: argparse.Namespace) -> int:
+    from loraplex.server.auth import hash_key, new_key
+
+    key = new_key()
+    sys.stdout.write(
+        f"# the key (give it to the client; it is not stored anywhere):\n# {key}\n"
+        f'[[keys]]\nname = "{args.name}"\ntenant = "{args.tenant}"\nrole = "{args.role}"\n'
+        f'sha256 = "{hash_key(key)}"\n'
+    )
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -327,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"serve": serve, "generate": generate, "adapters": adapters}
+    handlers = {"serve": serve, "generate": generate, "adapters": adapters, "keys": keys}
     try:
         return handlers[args.command](args)
     except grpc.RpcError as exc:
