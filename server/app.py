@@ -11,9 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraplex.adapters.store import ORPHAN_MIN_AGE_S
+from loraplex.server.auth import KeyRing
 from loraplex.server.config import ServerConfig
 from loraplex.server.errors import NotReady
 from loraplex.server.frontend import Frontend
+from loraplex.server.interceptor import AuthInterceptor
 from loraplex.server.service import AdaptersServicer, InferenceServicer
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -24,6 +26,18 @@ SERVICES = (
     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
 )
 MAX_MESSAGE_BYTES = 16 << 20
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS (mutual when a client CA is given) from the configured PEM files; None: plaintext."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 class LoraplexServer:
@@ -40,11 +54,23 @@ class LoraplexServer:
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); the model loads in the background."""
+        config = self.config
+        interceptors = []
+        if config.auth_keys is not None:
+            keys = KeyRing.from_file(config.auth_keys)
+            interceptors.append(AuthInterceptor(keys))
+            log.info("authentication on: %d API keys from %s", len(keys), config.auth_keys)
+        else:
+            log.warning(
+                "authentication is off (no --auth-keys)%s",
+                "" if config.insecure else ": serving loopback only",
+            )
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self._serving_frontend), server
@@ -57,8 +83,12 @@ class LoraplexServer:
             (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(address)
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if not self.port:
             raise OSError(f"could not bind {address}")
         await server.start()

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -21,6 +22,9 @@ from loraplex.server.config import (
     ModelConfig,
     ServerConfig,
 )
+
+if TYPE_CHECKING:
+    from loraplex.server.client import LoraplexClient
 
 log = logging.getLogger("loraplex")
 
@@ -102,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="host-memory tier of the adapter cache, in MiB",
     )
     serve.add_argument(
+        "--auth-keys",
+        metavar="FILE",
+        help="API key file (see `loraplex keys new`); without it only loopback is served",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback address without authentication",
+    )
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    serve.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)"
+    )
+    serve.add_argument(
         "--pin",
         action="append",
         default=[],
@@ -117,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest="server",
         default=argparse.SUPPRESS,
         help=f"server address (default: $LORAPLEX_SERVER or {DEFAULT_ADDRESS})",
+    )
+    remote.add_argument(
+        "--api-key",
+        default=argparse.SUPPRESS,
+        help="sent as 'authorization: Bearer KEY' (default: $LORAPLEX_API_KEY)",
+    )
+    remote.add_argument(
+        "--tls-ca",
+        default=argparse.SUPPRESS,
+        metavar="PEM",
+        help="use TLS, trusting this CA bundle (default: $LORAPLEX_TLS_CA; none: plaintext)",
     )
 
     gen = sub.add_parser("generate", parents=[remote], help="generate text from a running server")
@@ -204,6 +234,11 @@ def serve(args: argparse.Namespace) -> int:
         s3_endpoint_url=args.s3_endpoint_url,
         host_cache_bytes=args.host_cache_mb << 20,
         pinned_adapters=tuple(args.pin),
+        auth_keys=_path(args.auth_keys),
+        insecure=args.insecure,
+        tls_cert=_path(args.tls_cert),
+        tls_key=_path(args.tls_key),
+        tls_client_ca=_path(args.tls_client_ca),
         model=ModelConfig(
             model=args.model,
             home=_home(args.home),
@@ -244,7 +279,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from loraplex.server.client import LoraplexClient
     from loraplex.v1 import inference_pb2
 
     request = inference_pb2.GenerateRequest(
@@ -265,7 +299,7 @@ def generate(args: argparse.Namespace) -> int:
         request.top_p = args.top_p
     if args.seed is not None:
         request.seed = args.seed
-    with LoraplexClient(_server(args)) as client:
+    with _client(args) as client:
         if args.stream:
             for chunk in client.generate_stream(request):
                 sys.stdout.write(chunk.text)
@@ -282,6 +316,18 @@ def generate(args: argparse.Namespace) -> int:
 
 def _server(args: argparse.Namespace) -> str:
     return getattr(args, "server", None) or os.environ.get("LORAPLEX_SERVER") or DEFAULT_ADDRESS
+
+
+def _path(arg: str | None) -> Path | None:
+    return Path(arg).expanduser() if arg else None
+
+
+def _client(args: argparse.Namespace) -> LoraplexClient:
+    from loraplex.server.client import LoraplexClient
+
+    api_key = getattr(args, "api_key", None) or os.environ.get("LORAPLEX_API_KEY")
+    tls_ca = getattr(args, "tls_ca", None) or os.environ.get("LORAPLEX_TLS_CA")
+    return LoraplexClient(_server(args), api_key=api_key, tls_ca=_path(tls_ca))
 
 
 def _store(arg: str | None) -> Path | str | None:
@@ -307,9 +353,7 @@ def _register_args(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def adapters(args: argparse.Namespace) -> int:
-    from loraplex.server.client import LoraplexClient
-
-    with LoraplexClient(_server(args)) as client:
+    with _client(args) as client:
         if args.verb == "register":
             result: object = _as_dict(client.register(*_register_args(args), pin=args.pin))
         elif args.verb == "push":

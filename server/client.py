@@ -30,8 +30,21 @@ def push_requests(
 
 
 class LoraplexClient:
-    def __init__(self, address: str, timeout: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        api_key: str | None = None,
+        tls_ca: Path | None = None,
+    ) -> None:
+        """`api_key` is sent as `authorization: Bearer <key>`; `tls_ca` (a PEM bundle) turns on
+        TLS and verifies the server against it."""
+        if tls_ca is None:
+            self.channel = grpc.insecure_channel(address)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes())
+            self.channel = grpc.secure_channel(address, credentials)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
         self.timeout = timeout
@@ -46,53 +59,55 @@ class LoraplexClient:
         self.close()
 
     def generate(self, request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateResponse:
-        return self.inference.Generate(request, timeout=self.timeout)
+        return self.inference.Generate(request, timeout=self.timeout, metadata=self.metadata)
 
     def generate_stream(
         self, request: inference_pb2.GenerateRequest
     ) -> Iterator[inference_pb2.GenerateResponse]:
-        return self.inference.GenerateStream(request, timeout=self.timeout)
+        return self.inference.GenerateStream(request, timeout=self.timeout, metadata=self.metadata)
 
     def model_info(self) -> inference_pb2.ModelInfoResponse:
-        return self.inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=self.timeout)
+        return self.inference.ModelInfo(
+            inference_pb2.ModelInfoRequest(), timeout=self.timeout, metadata=self.metadata
+        )
 
     def register(
         self, adapter_id: str, path: str, pin: bool = False
     ) -> adapters_pb2.RegisterAdapterResponse:
         request = adapters_pb2.RegisterAdapterRequest(adapter_id=adapter_id, path=path, pin=pin)
-        return self.adapters.RegisterAdapter(request, timeout=self.timeout)
+        return self.adapters.RegisterAdapter(request, timeout=self.timeout, metadata=self.metadata)
 
     def push(
         self, adapter_id: str, directory: Path, pin: bool = False
     ) -> adapters_pb2.RegisterAdapterResponse:
         """Upload a local adapter directory to the server (which may be remote)."""
         return self.adapters.PushAdapter(
-            push_requests(adapter_id, directory, pin), timeout=self.timeout
+            push_requests(adapter_id, directory, pin), timeout=self.timeout, metadata=self.metadata
         )
 
     def pin(self, adapter_id: str) -> adapters_pb2.AdapterInfo:
         request = adapters_pb2.PinAdapterRequest(adapter_id=adapter_id)
-        return self.adapters.PinAdapter(request, timeout=self.timeout)
+        return self.adapters.PinAdapter(request, timeout=self.timeout, metadata=self.metadata)
 
     def unpin(self, adapter_id: str) -> adapters_pb2.AdapterInfo:
         request = adapters_pb2.PinAdapterRequest(adapter_id=adapter_id)
-        return self.adapters.UnpinAdapter(request, timeout=self.timeout)
+        return self.adapters.UnpinAdapter(request, timeout=self.timeout, metadata=self.metadata)
 
     def cache_stats(self) -> adapters_pb2.CacheStats:
         return self.adapters.GetCacheStats(
-            adapters_pb2.GetCacheStatsRequest(), timeout=self.timeout
+            adapters_pb2.GetCacheStatsRequest(), timeout=self.timeout, metadata=self.metadata
         )
 
     def get(self, adapter_id: str) -> adapters_pb2.AdapterInfo:
         request = adapters_pb2.GetAdapterRequest(adapter_id=adapter_id)
-        return self.adapters.GetAdapter(request, timeout=self.timeout)
+        return self.adapters.GetAdapter(request, timeout=self.timeout, metadata=self.metadata)
 
     def list(self) -> list[adapters_pb2.AdapterInfo]:
         response = self.adapters.ListAdapters(
-            adapters_pb2.ListAdaptersRequest(), timeout=self.timeout
+            adapters_pb2.ListAdaptersRequest(), timeout=self.timeout, metadata=self.metadata
         )
         return list(response.adapters)
 
     def delete(self, adapter_id: str) -> adapters_pb2.DeleteAdapterResponse:
         request = adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id)
-        return self.adapters.DeleteAdapter(request, timeout=self.timeout)
+        return self.adapters.DeleteAdapter(request, timeout=self.timeout, metadata=self.metadata)

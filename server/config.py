@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,15 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -93,6 +103,16 @@ class ServerConfig:
     """Adapter ids pinned at start-up (kept in a device slot and host memory)."""
     store_refresh_s: float = 30.0
     """How often the store's index is re-read, to see what other replicas registered."""
+    auth_keys: Path | None = None
+    """API key file (TOML, hashed keys per tenant and role; see server/auth.py). None: no
+    authentication, and then only a loopback address may be bound unless `insecure`."""
+    insecure: bool = False
+    """Allow serving without authentication on a non-loopback address."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: serve TLS (with `tls_key`)."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: require client certificates signed by it (mutual TLS)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -101,6 +121,15 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
+        if self.auth_keys is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"serving {self.host} without authentication: give an API key file "
+                "(--auth-keys) or, knowingly, --insecure"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("client certificates (mutual TLS) need TLS: give a certificate")
         if len(self.pinned_adapters) >= self.engine.max_loras:
             raise ValueError(
                 f"{len(self.pinned_adapters)} pinned adapters need more than max_loras - 1 "

@@ -13,6 +13,7 @@ from loraplex.server.auth import (
     hash_key,
     new_key,
 )
+from loraplex.server.config import ServerConfig
 
 
 def key_file(tmp_path, entries: str):
@@ -83,3 +84,12 @@ def test_missing_malformed_and_wrong_keys_are_refused(tmp_path, header, needle):
 def test_malformed_key_files_are_refused_at_start_up(tmp_path, entries, needle):
     with pytest.raises(AuthConfigError, match=needle):
         KeyRing.from_file(key_file(tmp_path, entries))
+
+
+def test_without_keys_only_loopback_is_served_unless_insecure():
+    with pytest.raises(ValueError, match="--insecure"):
+        ServerConfig(host="0.0.0.0")
+    assert ServerConfig(host="0.0.0.0", insecure=True).insecure
+    assert ServerConfig(host="::1").host == "::1"
+    with pytest.raises(ValueError, match="certificate"):
+        ServerConfig(tls_cert=None, tls_key=None, tls_client_ca=ServerConfig().model.home)
