@@ -3,8 +3,11 @@ status codes (through `errors.status_for`, the one mapping). No torch here."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
+import re
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -22,21 +25,45 @@ FrontendGetter = Callable[[], Frontend]  # raises NotReady until the model is se
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The id of the RPC being served: the client's x-request-id, or one made up. It goes back to
+# the client in the trailing metadata of every call (errors included) and in responses.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+
+def _start(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
+    """Take the call's request id (set REQUEST_ID); returns the trailing metadata to send."""
+    given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY)
+    request_id = given if isinstance(given, str) and _REQUEST_ID.match(given) else None
+    REQUEST_ID.set(request_id or uuid.uuid4().hex)
+    trailing = [(REQUEST_ID_KEY, REQUEST_ID.get())]
+    context.set_trailing_metadata(trailing)
+    return trailing
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, exc: Exception, trailing: list[tuple[str, str]]
+) -> None:
     code = status_for(exc)
     if code is not None:
-        await context.abort(code, str(exc))
-    log.exception("internal error", exc_info=exc)  # the trace stays in the log
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        await context.abort(code, str(exc), trailing_metadata=tuple(trailing))
+    log.exception("internal error in request %s", REQUEST_ID.get(), exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error (request id {REQUEST_ID.get()})",
+        trailing_metadata=tuple(trailing),
+    )
 
 
 def unary(fn: Handler) -> Handler:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        trailing = _start(context)
         try:
             return await fn(self, request, context)
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, trailing)
 
     return wrapper  # type: ignore[return-value]
 
@@ -44,11 +71,12 @@ def unary(fn: Handler) -> Handler:
 def streaming(fn: Handler) -> Handler:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        trailing = _start(context)
         try:
             async for item in fn(self, request, context):
                 yield item
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, trailing)
 
     return wrapper  # type: ignore[return-value]
 
@@ -105,7 +133,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> inference_pb2.GenerateResponse:
-        generation = await self._frontend().generate(generate_input(request))
+        generation = await self._frontend().generate(generate_input(request), REQUEST_ID.get())
         texts: list[str] = []
         token_ids: list[int] = []
         async for out in generation.outputs:
@@ -123,7 +151,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        generation = await self._frontend().generate(generate_input(request))
+        generation = await self._frontend().generate(generate_input(request), REQUEST_ID.get())
         async for out in generation.outputs:
             # Also steps whose text is held back (half a character, a possible stop string):
             # their token ids must reach the client.

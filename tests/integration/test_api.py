@@ -183,3 +183,25 @@ def test_cancelled_stream_stops_generation(server, client):
         time.sleep(0.05)
     assert engine.num_running == 0
     assert engine.stats.generated_tokens - generated < 50
+
+
+def test_request_ids_come_back_on_success_and_error(client):
+    request = pb.GenerateRequest(prompt="Hello", max_new_tokens=2)
+    metadata = (("x-request-id", "order-42.retry-1"),)
+    reply, call = client.inference.Generate.with_call(request, metadata=metadata)
+    assert reply.request_id == "order-42.retry-1"
+    assert ("x-request-id", "order-42.retry-1") in call.trailing_metadata()
+    chunks = list(client.inference.GenerateStream(request, metadata=metadata))
+    assert {c.request_id for c in chunks} == {"order-42.retry-1"}
+    with pytest.raises(grpc.RpcError) as err:
+        client.inference.Generate(
+            pb.GenerateRequest(adapter_id="nobody", prompt="x"), metadata=metadata
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert ("x-request-id", "order-42.retry-1") in err.value.trailing_metadata()
+    # Without one (or with one that is not an id), the server makes one up.
+    reply, call = client.inference.Generate.with_call(
+        request, metadata=(("x-request-id", "not an id " * 20),)
+    )
+    made = dict(call.trailing_metadata())["x-request-id"]
+    assert reply.request_id == made and len(made) == 32
