@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -169,6 +170,52 @@ def wait_for_port(log_path, server) -> int:
     raise AssertionError("the server never said where it listens")
 
 
+def wait_serving(log_path, server) -> str:
+    """The address of a `loraplex serve` subprocess, once its health says SERVING."""
+    address = f"127.0.0.1:{wait_for_port(log_path, server)}"
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return address
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.5)
+
+
+def test_sigterm_drains_streams_refuses_new_rpcs_and_exits_0(model_home, tmp_path):
+    env = {**os.environ, "LORAPLEX_HOME": str(model_home)}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "loraplex.server.cli", "serve", "--port", "0",
+             "--adapter-store", str(tmp_path / "store")],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        address = wait_serving(log_path, server)
+        with LoraplexClient(address, timeout=120) as client:
+            request = pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=40)
+            stream = client.generate_stream(request)
+            first = next(stream)  # in flight
+            server.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with LoraplexClient(address, timeout=10) as late, pytest.raises(grpc.RpcError) as err:
+                late.generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=2))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)  # the stream in flight finishes
+            assert rest[-1].finish_reason in ("stop", "length")
+            assert sum(len(c.token_ids) for c in [first, *rest]) == rest[-1].usage.completion_tokens
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
 def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
     env = {**os.environ, "LORAPLEX_HOME": str(model_home)}
     cli = [sys.executable, "-m", "loraplex.server.cli"]
@@ -191,19 +238,7 @@ def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
             text=True,
         )
     try:
-        address = f"127.0.0.1:{wait_for_port(log_path, server)}"
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 300
-            while True:
-                assert server.poll() is None, log_path.read_text()
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, "server did not become ready"
-                time.sleep(0.5)
+        address = wait_serving(log_path, server)
 
         def run(*args: str) -> str:
             done = subprocess.run(
