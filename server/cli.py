@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV cache budget in MiB",
     )
     serve.add_argument(
+        "--max-request-seconds",
+        type=float,
+        default=EngineConfig.max_request_seconds,
+        help="a request still running this long after it arrived ends (DEADLINE_EXCEEDED)",
+    )
+    serve.add_argument(
         "--max-new-tokens",
         type=int,
         default=EngineConfig.default_max_new_tokens,
@@ -255,6 +261,7 @@ def serve(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             kv_cache_bytes=args.kv_cache_mb << 20,
             default_max_new_tokens=args.max_new_tokens,
+            max_request_seconds=args.max_request_seconds,
         ),
     )
 

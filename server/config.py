@@ -56,6 +56,9 @@ class EngineConfig:
     """max_new_tokens when a request does not set it."""
     max_adapter_bytes: int = 1 << 30
     """Largest adapter weights file accepted."""
+    max_request_seconds: float = 600.0
+    """A request still queued or generating this long after it arrived ends with
+    DEADLINE_EXCEEDED (whatever deadline its client set), freeing its cache row and slot."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -68,6 +71,7 @@ class EngineConfig:
             "max_queue",
             "default_max_new_tokens",
             "max_adapter_bytes",
+            "max_request_seconds",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

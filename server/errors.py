@@ -28,6 +28,10 @@ class QueueFull(LoraplexError):
     """The engine's waiting queue is full."""
 
 
+class TooLong(LoraplexError):
+    """A request ran past the server's maximum time per request."""
+
+
 class NotReady(LoraplexError):
     """The model is still loading, or the server is shutting down."""
 
@@ -39,6 +43,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterSourceDenied, grpc.StatusCode.PERMISSION_DENIED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooLong, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
 )
 

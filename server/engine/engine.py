@@ -31,7 +31,7 @@ from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
 from loraplex.server.engine.sampling import make_generator, sample
 from loraplex.server.engine.scheduler import Admission, Scheduler
-from loraplex.server.errors import NotReady, QueueFull
+from loraplex.server.errors import NotReady, QueueFull, TooLong
 
 log = logging.getLogger(__name__)
 
@@ -378,8 +378,17 @@ class Engine:
         return finish is not None
 
     def _drop_cancelled(self) -> None:
+        """Retire cancelled sequences, and end those past the time limit (queued ones too)."""
         for seq in [s for s in self._batch.seqs if s.request.cancelled.is_set()]:
             self._retire(seq)
+        limit = self.config.max_request_seconds
+        too_old = time.monotonic() - limit
+        overdue = [s for s in self._batch.seqs if s.request.arrival < too_old]
+        for request in self.scheduler.remove_older_than(too_old):
+            overdue_request(request, limit)
+        for seq in overdue:
+            self._retire(seq)
+            overdue_request(seq.request, limit)
 
     def _retire(self, seq: Sequence) -> None:
         """Free a finished (or failed, or cancelled) sequence's cache row and adapter slot."""
@@ -405,6 +414,10 @@ class Engine:
         for seq in list(self._batch.seqs):
             self._retire(seq)
             seq.request.emit(exc)
+
+
+def overdue_request(request: EngineRequest, limit: float) -> None:
+    request.emit(TooLong(f"the request ran past the server's limit of {limit:g} s"))
 
 
 def eos_ids_of(model: torch.nn.Module, tokenizer: object) -> set[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,6 +80,7 @@ class EngineRequest:
     # reads them through its `load_weights`).
     weights: AdapterWeights | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrival: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops the request at its next step."""

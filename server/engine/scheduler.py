@@ -47,6 +47,14 @@ class Scheduler:
             self._waiting.append(request)
             self._cond.notify()
 
+    def remove_older_than(self, arrival: float) -> list[EngineRequest]:
+        """Take out the waiting requests that arrived before `arrival`."""
+        with self._cond:
+            old = [r for r in self._waiting if r.arrival < arrival]
+            if old:
+                self._waiting = deque(r for r in self._waiting if r.arrival >= arrival)
+            return old
+
     def peek(self, n: int) -> list[EngineRequest]:
         """The first `n` waiting requests, in order (they stay queued)."""
         with self._cond:

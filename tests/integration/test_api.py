@@ -185,6 +185,21 @@ def test_cancelled_stream_stops_generation(server, client):
     assert engine.stats.generated_tokens - generated < 50
 
 
+def test_a_client_deadline_stops_generation_on_the_server(server, client):
+    engine = server.engine
+    request = pb.GenerateRequest(messages=PROMPT, max_new_tokens=2000)
+    generated = engine.stats.generated_tokens
+    with pytest.raises(grpc.RpcError) as err:
+        client.inference.Generate(request, timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):  # the engine drops the sequence at its next step
+        if engine.num_running == 0:
+            break
+        time.sleep(0.05)
+    assert engine.num_running == 0
+    assert engine.stats.generated_tokens - generated < 200  # not the 2000 asked for
+
+
 def test_request_ids_come_back_on_success_and_error(client):
     request = pb.GenerateRequest(prompt="Hello", max_new_tokens=2)
     metadata = (("x-request-id", "order-42.retry-1"),)

@@ -337,3 +337,21 @@ def test_a_pinned_adapter_keeps_its_slot_while_others_churn(setup):
     assert engine.slots.refcount(slot) == 1  # the pin's own reference
     engine.call(lambda: engine.unpin(versions["one"])).result(30)
     assert engine.slots.refcount(slot) == 0
+
+
+def test_requests_past_the_time_limit_end_queued_or_running(setup):
+    from loraplex.server.errors import TooLong
+
+    engine, versions = setup(max_batch_size=1)
+    running = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=400)
+    queued = submit(engine, PROMPTS[1], None)  # waits: one batch row
+    assert running.first.wait(30)
+    queued.request.arrival -= 10_000  # as if they had been there for hours
+    running.request.arrival -= 10_000
+    for c in (running, queued):
+        assert c.done.wait(30) and isinstance(c.error, TooLong)
+    assert len(running.tokens) < 400 and queued.tokens == []
+    assert engine.num_running == 0 and engine.scheduler.num_waiting() == 0
+    assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
+    fresh = submit(engine, PROMPTS[2], versions["two"])  # the engine keeps serving
+    assert fresh.done.wait(30) and fresh.error is None
