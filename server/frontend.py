@@ -92,6 +92,9 @@ class Frontend:
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.cache = HostCache(registry.load_weights, config.host_cache_bytes)
+        self._special_tokens = sorted(
+            {str(t) for t in getattr(self.tokenizer, "all_special_tokens", ())} - {""}
+        )
         self._pins: dict[str, tuple[AdapterVersion, Lease]] = {}  # adapter id -> pinned version
         self._pin_lock = asyncio.Lock()
 
@@ -185,12 +188,18 @@ class Frontend:
         if inp.prompt and inp.messages:
             raise InvalidRequest("prompt", "give either prompt or messages, not both")
         if inp.messages:
-            for i, (role, _) in enumerate(inp.messages):
+            for i, (role, content) in enumerate(inp.messages):
                 if role not in CHAT_ROLES:
                     raise InvalidRequest(
                         f"messages[{i}].role",
                         f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
                     )
+                # A control token in the content would forge turns of the conversation.
+                for token in self._special_tokens:
+                    if token in content:
+                        raise InvalidRequest(
+                            f"messages[{i}].content", f"contains the special token {token!r}"
+                        )
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidRequest("messages", "the served model has no chat template")
             text = self.tokenizer.apply_chat_template(
@@ -200,7 +209,8 @@ class Frontend:
             )
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
         elif inp.prompt:
-            ids = self.tokenizer(inp.prompt).input_ids
+            # Raw text: special-token strings in it stay text, never control tokens.
+            ids = self.tokenizer(inp.prompt, split_special_tokens=True).input_ids
         else:
             raise InvalidRequest("prompt", "empty: give a prompt or messages")
         if not ids:
