@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import fsspec
-
 from loraplex.adapters.errors import AdapterSourceDenied, InvalidAdapter
+from loraplex.adapters.store import open_filesystem
 from loraplex.adapters.validate import (
     ADAPTER_FILES,
     IGNORED_FILES,
@@ -61,7 +60,7 @@ def stage_uri(
     if roots and not any(prefix == root or prefix.startswith(root + "/") for root in roots):
         raise AdapterSourceDenied(f"{uri!r} is outside the server's allowed adapter roots")
     try:
-        fs, path = fsspec.core.url_to_fs(prefix, skip_instance_cache=True, **storage_options)
+        fs, path = open_filesystem(prefix, storage_options)
         entries = fs.ls(path, detail=True)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         raise InvalidAdapter(f"no adapter directory at {uri!r}: {exc}") from None

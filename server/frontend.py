@@ -117,7 +117,6 @@ class Frontend:
         registry = AdapterRegistry(
             store, spec, config.allowed_adapter_roots, config.storage_options
         )
-        engine.load_weights = registry.load_weights
         return cls(runner.loaded, engine, registry, config)
 
     def close(self) -> None:

@@ -198,6 +198,12 @@ def adapter_info(
     )
 
 
+def current_info(frontend: Frontend, adapter_id: str) -> adapters_pb2.AdapterInfo:
+    """An adapter's latest version, every version held, and whether it is pinned."""
+    version, versions = frontend.get_adapter(adapter_id)
+    return adapter_info(version, versions, frontend.is_pinned(adapter_id))
+
+
 def tier_stats(view: TierView) -> adapters_pb2.TierStats:
     st = view.stats
     return adapters_pb2.TierStats(
@@ -269,8 +275,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def _registered(
         frontend: Frontend, version: AdapterVersion, created: bool
     ) -> adapters_pb2.RegisterAdapterResponse:
-        _, versions = frontend.get_adapter(version.adapter_id)
-        info = adapter_info(version, versions, frontend.is_pinned(version.adapter_id))
+        info = current_info(frontend, version.adapter_id)
         return adapters_pb2.RegisterAdapterResponse(adapter=info, created=created)
 
     @unary
@@ -279,9 +284,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.GetAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.AdapterInfo:
-        frontend = self._frontend()
-        version, versions = frontend.get_adapter(adapter_id_of(request))
-        return adapter_info(version, versions, frontend.is_pinned(version.adapter_id))
+        return current_info(self._frontend(), adapter_id_of(request))
 
     @unary
     async def ListAdapters(
@@ -314,8 +317,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> adapters_pb2.AdapterInfo:
         frontend = self._frontend()
         version = await frontend.pin_adapter(adapter_id_of(request))
-        _, versions = frontend.get_adapter(version.adapter_id)
-        return adapter_info(version, versions, pinned=True)
+        return current_info(frontend, version.adapter_id)
 
     @unary
     async def UnpinAdapter(
@@ -325,8 +327,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> adapters_pb2.AdapterInfo:
         frontend = self._frontend()
         version = await frontend.unpin_adapter(adapter_id_of(request))
-        _, versions = frontend.get_adapter(version.adapter_id)
-        return adapter_info(version, versions, pinned=False)
+        return current_info(frontend, version.adapter_id)
 
     @unary
     async def GetCacheStats(

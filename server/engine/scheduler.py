@@ -48,11 +48,12 @@ class Scheduler:
             self._cond.notify()
 
     def remove_older_than(self, arrival: float) -> list[EngineRequest]:
-        """Take out the waiting requests that arrived before `arrival`."""
+        """Take out the waiting requests at the head of the queue that arrived before `arrival`
+        (the queue is in submission order: the head holds the longest waiting)."""
         with self._cond:
-            old = [r for r in self._waiting if r.arrival < arrival]
-            if old:
-                self._waiting = deque(r for r in self._waiting if r.arrival >= arrival)
+            old = []
+            while self._waiting and self._waiting[0].arrival < arrival:  # oldest first
+                old.append(self._waiting.popleft())
             return old
 
     def peek(self, n: int) -> list[EngineRequest]:
