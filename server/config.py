@@ -52,6 +52,9 @@ class EngineConfig:
     does); float32 = as PEFT computes them."""
     max_queue: int = 1024
     """Requests waiting for admission; beyond it new requests are refused."""
+    max_queued_tokens: int = 1 << 18
+    """Prompt tokens waiting for admission; beyond it new requests are refused (a lone request
+    is always queued: its own size is bounded by the context)."""
     default_max_new_tokens: int = 128
     """max_new_tokens when a request does not set it."""
     max_adapter_bytes: int = 1 << 30
@@ -69,6 +72,7 @@ class EngineConfig:
             "max_model_len",
             "kv_cache_bytes",
             "max_queue",
+            "max_queued_tokens",
             "default_max_new_tokens",
             "max_adapter_bytes",
             "max_request_seconds",

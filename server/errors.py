@@ -24,8 +24,24 @@ class InvalidRequest(LoraplexError):
         self.field = field
 
 
-class QueueFull(LoraplexError):
+class Exhausted(LoraplexError):
+    """A bound was reached (the queue, a tenant's quota): the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(f"{message}; retry in {retry_after_s:.3g} s")
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Exhausted):
     """The engine's waiting queue is full."""
+
+
+class OverQuota(Exhausted):
+    """A tenant is over one of its limits (requests in flight, tokens per minute)."""
+
+
+class PermissionDenied(LoraplexError):
+    """The caller may not use what it named (another tenant's adapter, or none it can see)."""
 
 
 class TooLong(LoraplexError):
@@ -42,7 +58,8 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidAdapter, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterSourceDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (Exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooLong, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
 )

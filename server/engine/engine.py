@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,13 +32,14 @@ from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
 from loraplex.server.engine.sampling import make_generator, sample
 from loraplex.server.engine.scheduler import Admission, Scheduler
-from loraplex.server.errors import NotReady, QueueFull, TooLong
+from loraplex.server.errors import Exhausted, NotReady, TooLong
 
 log = logging.getLogger(__name__)
 
 WeightsLoader = Callable[[AdapterVersion], AdapterWeights]
 T = TypeVar("T")
 PREFETCH_PER_STEP = 2  # device loads for queued requests per step (each pauses the step)
+PIN_RETRY_S = 1.0  # the retry advice when no slot can be pinned now
 
 
 @dataclass
@@ -199,6 +201,7 @@ class Engine:
         for admission in sorted(admitted, key=lambda a: -a.row):
             if admission.slot in failed:
                 self._free_row(admission.row, self._reservation(admission.request))
+                self.scheduler.finished(admission.request)
 
     # -- one step: every decode and a budget of prompt chunks in one forward ----------------
     def _run_step(self) -> None:
@@ -239,9 +242,12 @@ class Engine:
         sampled = decoding + finishing  # the order of the logits rows
         self._count_step(decoding, chunked)
         tokens = sample(logits, [s.request.params for s in sampled], [s.generator for s in sampled])
+        generated: Counter[str] = Counter()
         for seq, token in zip(sampled, tokens, strict=True):
+            generated[seq.request.tenant] += 1
             if self._advance(seq, token):
                 self._retire(seq)
+        self.scheduler.charge(generated)
 
     def _count_step(self, decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> None:
         stats = self.stats
@@ -325,9 +331,10 @@ class Engine:
         """Keep an adapter in a device slot until `unpin` (call on the engine thread)."""
         grant = self.slots.pin(adapter.key)
         if grant is None:
-            raise QueueFull(
+            raise Exhausted(
                 "no device slot can be pinned: every slot is in use or pinned "
-                f"(max_loras={self.slots.num_slots}, one slot stays unpinned)"
+                f"(max_loras={self.slots.num_slots}, one slot stays unpinned)",
+                PIN_RETRY_S,
             )
         if grant.needs_load:
             try:
@@ -395,6 +402,7 @@ class Engine:
         self._release(seq)
         self._batch.remove(seq)
         self._free_row(seq.row, seq.reserved)
+        self.scheduler.finished(seq.request)
 
     def _free_row(self, row: int, reserved: int) -> None:
         """Give a row back to the cache; the sequence in the last row moves into it."""

@@ -79,6 +79,7 @@ class EngineRequest:
     # The adapter's weights, held in the host cache while the request lives (None: the engine
     # reads them through its `load_weights`).
     weights: AdapterWeights | None = None
+    tenant: str = ""  # whose request it is: admission shares the engine fairly between tenants
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.monotonic)
 

@@ -1,21 +1,30 @@
 """Admission: which waiting requests join the running batch, under the KV cache (rows and
-token budget) and adapter-slot budgets. First come, first served: a request that finds no
-room in the KV cache holds back those behind it; one whose adapter needs a slot while every
-slot is busy gets the next slot that frees (see `Scheduler.admit`), and none starves.
+token budget) and adapter-slot budgets, fairly between tenants.
+
+Each tenant's requests wait in arrival order; admission serves the tenant with the lowest
+virtual token counter first (see fairness.py), so one tenant's flood cannot starve another. A
+request that finds no room in the KV cache holds back everyone after it in that order; one
+whose adapter needs a slot while every slot is busy gets the next slot that frees (see
+`Scheduler.admit`), and none starves.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from loraplex.adapters.lora import NO_ADAPTER
 from loraplex.adapters.slots import SlotGrant, SlotTable
 from loraplex.server.config import EngineConfig
+from loraplex.server.engine.fairness import VirtualTokenCounter
 from loraplex.server.engine.request import EngineRequest
 from loraplex.server.errors import NotReady, QueueFull
+
+QUEUE_RETRY_S = 1.0  # the retry advice when the queue is full
 
 
 @dataclass(frozen=True)
@@ -33,43 +42,99 @@ class Scheduler:
     def __init__(self, config: EngineConfig, slots: SlotTable) -> None:
         self.config = config
         self.slots = slots
-        self._waiting: deque[EngineRequest] = deque()
+        self.fairness = VirtualTokenCounter()
+        self._queues: dict[str, deque[EngineRequest]] = {}  # tenant -> its waiting requests
+        self._num_waiting = 0
+        self._queued_tokens = 0  # prompt tokens waiting
+        self._arrivals = itertools.count()  # ties between tenants go to the earlier request
+        self._order: dict[int, int] = {}  # id(request) -> arrival number
         self._cond = threading.Condition()
         self._closed = False  # under _cond: set once, then every add is refused
 
     def add(self, request: EngineRequest) -> None:
         """Thread-safe: queue a request, or raise QueueFull (or NotReady once closed)."""
+        tokens = len(request.prompt_ids)
         with self._cond:
             if self._closed:
                 raise NotReady("the engine is shutting down")
-            if len(self._waiting) >= self.config.max_queue:
-                raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting)")
-            self._waiting.append(request)
+            if self._num_waiting >= self.config.max_queue:
+                raise QueueFull(
+                    f"the request queue is full ({self.config.max_queue} waiting)", QUEUE_RETRY_S
+                )
+            if self._num_waiting and self._queued_tokens + tokens > self.config.max_queued_tokens:
+                raise QueueFull(
+                    f"the request queue is full ({self._queued_tokens} prompt tokens waiting, "
+                    f"at most {self.config.max_queued_tokens})",
+                    QUEUE_RETRY_S,
+                )
+            self.fairness.arrive(request.tenant)
+            self._queues.setdefault(request.tenant, deque()).append(request)
+            self._order[id(request)] = next(self._arrivals)
+            self._num_waiting += 1
+            self._queued_tokens += tokens
             self._cond.notify()
 
+    def finished(self, request: EngineRequest) -> None:
+        """Thread-safe: an admitted request left the engine."""
+        with self._cond:
+            self.fairness.leave(request.tenant)
+
+    def charge(self, generated: dict[str, int]) -> None:
+        """Thread-safe: count tokens generated for each tenant (once per step)."""
+        with self._cond:
+            for tenant, n in generated.items():
+                self.fairness.charge(tenant, output_tokens=n)
+
+    def _take(self, request: EngineRequest) -> None:
+        """Account for a request leaving the queue (under _cond; the caller removes it)."""
+        self._num_waiting -= 1
+        self._queued_tokens -= len(request.prompt_ids)
+        del self._order[id(request)]
+
+    def _left(self, request: EngineRequest) -> None:
+        """A request left the queue without running (cancelled, overdue, drained)."""
+        self._take(request)
+        self.fairness.leave(request.tenant)
+
     def remove_older_than(self, arrival: float) -> list[EngineRequest]:
-        """Take out the waiting requests at the head of the queue that arrived before `arrival`
-        (the queue is in submission order: the head holds the longest waiting)."""
+        """Take out the waiting requests that arrived before `arrival` (each tenant's queue is
+        in arrival order: only the heads need looking at)."""
         with self._cond:
             old = []
-            while self._waiting and self._waiting[0].arrival < arrival:  # oldest first
-                old.append(self._waiting.popleft())
+            for queue in self._queues.values():
+                while queue and queue[0].arrival < arrival:
+                    old.append(queue.popleft())
+                    self._left(old[-1])
+            self._prune()
             return old
 
     def peek(self, n: int) -> list[EngineRequest]:
-        """The first `n` waiting requests, in order (they stay queued)."""
+        """About the first `n` requests admission will look at (they stay queued)."""
         with self._cond:
-            return [r for _, r in zip(range(n), self._waiting, strict=False)]
+            return list(itertools.islice(self._in_order(), n))
+
+    def _in_order(self) -> Iterator[EngineRequest]:
+        """Waiting requests, tenants with lower counters first (without charging any)."""
+        tenants = sorted(
+            self._queues,
+            key=lambda t: (self.fairness.counter(t), self._order[id(self._queues[t][0])]),
+        )
+        for tenant in tenants:
+            yield from self._queues[tenant]
 
     def num_waiting(self) -> int:
         with self._cond:
-            return len(self._waiting)
+            return self._num_waiting
+
+    def queued_tokens(self) -> int:
+        with self._cond:
+            return self._queued_tokens
 
     def wait(self, timeout: float, unless: Callable[[], bool] = lambda: False) -> None:
         """Block until a request is queued, `wake` is called or `timeout` passes; return at once
         when `unless()` holds (checked under the lock, so a wake-up cannot be missed)."""
         with self._cond:
-            if not self._waiting and not unless():
+            if not self._num_waiting and not unless():
                 self._cond.wait(timeout)
 
     def wake(self) -> None:
@@ -83,61 +148,111 @@ class Scheduler:
             self._cond.notify_all()
 
     def drain(self) -> list[EngineRequest]:
-        """Remove and return every waiting request."""
+        """Remove and return every waiting request, in arrival order."""
         with self._cond:
-            waiting = list(self._waiting)
-            self._waiting.clear()
+            waiting = sorted(
+                (r for q in self._queues.values() for r in q), key=lambda r: self._order[id(r)]
+            )
+            for request in waiting:
+                self._left(request)
+            self._queues.clear()
             return waiting
+
+    def _prune(self) -> None:
+        for tenant in [t for t, q in self._queues.items() if not q]:
+            del self._queues[tenant]
 
     def admit(
         self,
         allocate: Callable[[EngineRequest], int | None],
         unallocate: Callable[[int, EngineRequest], None],
     ) -> tuple[list[Admission], list[EngineRequest]]:
-        """Pop the requests that start now, in arrival order, while `allocate(request)` finds
-        them a KV cache row (None: no room, and the rest wait); also returns cancelled ones
-        dropped from the queue.
+        """Pop the requests that start now while `allocate(request)` finds them a KV cache row
+        (None: no room, and the rest wait); also returns cancelled ones dropped from the queue.
+
+        The order: the tenant with the lowest virtual token counter next (admitting a request
+        charges its prompt, so tenants take turns), each tenant's requests first come, first
+        served.
 
         A request whose adapter needs a slot while every slot is held by running requests
         waits, and one held slot is chosen to drain for it: no new request joins that slot,
         so it frees once its requests finish and the waiting request takes it (it is first in
-        line). Requests behind it whose adapter is resident in another slot, or that want the
+        line). Requests after it whose adapter is resident in another slot, or that want the
         base model, go ahead meanwhile instead of idling; none waits longer than the requests
         running in one slot take to finish.
         """
         admitted: list[Admission] = []
         dropped: list[EngineRequest] = []
-        kept: list[EngineRequest] = []  # waiting on, ahead of those still queued
+        leaving: set[int] = set()  # id() of the requests admitted or dropped
+        waited = False  # a request earlier in the order is waiting for a slot
         draining: set[int] = set()
         wanting: set[tuple[str, int]] = set()  # adapters a slot drains for
         with self._cond:
-            while self._waiting:
-                request = self._waiting.popleft()
-                if request.cancelled.is_set():
+            position = dict.fromkeys(self._queues, 0)
+            turns = [self._turn(t, 0) for t in self._queues]
+            heapq.heapify(turns)
+            while turns:
+                _, _, tenant = heapq.heappop(turns)
+                queue, i = self._queues[tenant], position[tenant]
+                request = queue[i]
+                position[tenant] = i + 1
+                outcome = self._try_admit(request, allocate, unallocate, waited, draining, wanting)
+                if outcome == "full":  # the KV cache is full: wait for sequences to finish
+                    break
+                if outcome == "dropped":
                     dropped.append(request)
-                    continue
-                key = request.adapter.key if request.adapter is not None else None
-                if key is not None and kept:
-                    slot = self.slots.lookup(key)
-                    if slot is None or slot in draining:  # it needs a slot too: it waits
-                        self._drain_for(key, draining, wanting)
-                        kept.append(request)
-                        continue
-                row = allocate(request)
-                if row is None:
-                    kept.append(request)
-                    break  # the KV cache is full: wait for running sequences to finish
-                grant = None
-                if key is not None:
-                    grant = self.slots.acquire(key)
-                    if grant is None:
-                        unallocate(row, request)
-                        self._drain_for(key, draining, wanting)
-                        kept.append(request)
-                        continue
-                admitted.append(Admission(request, grant, row))
-            self._waiting.extendleft(reversed(kept))
+                    leaving.add(id(request))
+                    self._left(request)
+                elif outcome == "waits":
+                    waited = True
+                else:
+                    admitted.append(outcome)
+                    leaving.add(id(request))
+                    self._take(request)
+                    self.fairness.charge(tenant, prompt_tokens=len(request.prompt_ids))
+                if i + 1 < len(queue):
+                    heapq.heappush(turns, self._turn(tenant, i + 1))
+            for tenant in position:
+                queue = self._queues[tenant]
+                if any(id(r) in leaving for r in queue):
+                    self._queues[tenant] = deque(r for r in queue if id(r) not in leaving)
+            self._prune()
         return admitted, dropped
+
+    def _turn(self, tenant: str, i: int) -> tuple[float, int, str]:
+        """Heap entry for the i-th waiting request of `tenant`: lowest counter first, then
+        the earlier arrival."""
+        return (self.fairness.counter(tenant), self._order[id(self._queues[tenant][i])], tenant)
+
+    def _try_admit(
+        self,
+        request: EngineRequest,
+        allocate: Callable[[EngineRequest], int | None],
+        unallocate: Callable[[int, EngineRequest], None],
+        waited: bool,
+        draining: set[int],
+        wanting: set[tuple[str, int]],
+    ) -> Admission | str:
+        """An Admission, or why not: "dropped" (cancelled), "waits" (for a slot), "full"."""
+        if request.cancelled.is_set():
+            return "dropped"
+        key = request.adapter.key if request.adapter is not None else None
+        if key is not None and waited:
+            slot = self.slots.lookup(key)
+            if slot is None or slot in draining:  # it needs a slot too: it waits
+                self._drain_for(key, draining, wanting)
+                return "waits"
+        row = allocate(request)
+        if row is None:
+            return "full"
+        grant = None
+        if key is not None:
+            grant = self.slots.acquire(key)
+            if grant is None:
+                unallocate(row, request)
+                self._drain_for(key, draining, wanting)
+                return "waits"
+        return Admission(request, grant, row)
 
     def _drain_for(
         self, key: tuple[str, int], draining: set[int], wanting: set[tuple[str, int]]

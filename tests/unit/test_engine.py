@@ -20,7 +20,7 @@ from loraplex.server.engine import forward as forward_module
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
-from loraplex.server.errors import NotReady, QueueFull
+from loraplex.server.errors import Exhausted, NotReady, QueueFull
 from tests.helpers import add_peft_adapter
 
 
@@ -327,7 +327,7 @@ def test_a_pinned_adapter_keeps_its_slot_while_others_churn(setup):
     engine, versions = setup(max_loras=2)
     engine.call(lambda: engine.pin(versions["one"])).result(30)
     slot = engine.slots.lookup(versions["one"].key)
-    with pytest.raises(QueueFull, match="pinned"):  # the last slot stays for the rest
+    with pytest.raises(Exhausted, match="pinned"):  # the last slot stays for the rest
         engine.call(lambda: engine.pin(versions["two"])).result(30)
     collectors = [submit(engine, PROMPTS[i % 4], versions["two"]) for i in range(3)]
     collectors += [submit(engine, PROMPTS[3], versions["one"])]

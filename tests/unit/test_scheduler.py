@@ -1,21 +1,27 @@
-"""Admission order: FCFS under the KV cache, and fair waiting for adapter slots."""
+"""Admission order: fair between tenants (VTC), FCFS within one, bounded, and fair waiting
+for adapter slots."""
 
 from __future__ import annotations
+
+import pytest
 
 from loraplex.adapters.slots import SlotTable
 from loraplex.adapters.store import AdapterVersion
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.request import EngineRequest, SamplingParams
 from loraplex.server.engine.scheduler import Scheduler
+from loraplex.server.errors import QueueFull
 
 
-def request(name: str, adapter: str | None) -> EngineRequest:
+def request(name: str, adapter: str | None, tenant: str = "", prompt_len: int = 3) -> EngineRequest:
     version = (
         AdapterVersion(adapter, 1, f"sha256:{adapter}", 4, 8.0, ("q_proj",), 0, "", "", "")
         if adapter
         else None
     )
-    return EngineRequest(name, [1, 2, 3], SamplingParams(4), version, lambda item: None)
+    return EngineRequest(
+        name, [1] * prompt_len, SamplingParams(4), version, lambda item: None, tenant=tenant
+    )
 
 
 class Rows:
@@ -102,3 +108,73 @@ def test_one_slot_drains_per_waiting_adapter():
     admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
     # Only a's slot drains (for c, twice wanted); b and e keep serving.
     assert names(admitted) == ["b1", "e1"]
+
+
+def test_tenants_take_turns_whoever_queued_first():
+    scheduler = Scheduler(EngineConfig(), SlotTable(2))
+    for i in range(6):
+        scheduler.add(request(f"a{i}", None, "flood"))
+    scheduler.add(request("b0", None, "quiet"))
+    scheduler.add(request("b1", None, "quiet"))
+    rows = Rows(4)
+    admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
+    # Both start at the same counter; each admission charges its prompt, so they alternate.
+    assert names(admitted) == ["a0", "b0", "a1", "b1"]
+    assert [r.request_id for r in scheduler.drain()] == ["a2", "a3", "a4", "a5"]
+
+
+def test_a_tenant_that_was_served_more_waits_behind_one_served_less():
+    scheduler = Scheduler(EngineConfig(), SlotTable(2))
+    rows = Rows(100)
+    scheduler.add(request("a0", None, "flood"))
+    scheduler.add(request("b0", None, "quiet"))
+    scheduler.admit(rows.allocate, rows.unallocate)
+    scheduler.charge({"flood": 50, "quiet": 5})  # a0 generated far more than b0 meanwhile
+    for i in range(1, 4):
+        scheduler.add(request(f"a{i}", None, "flood"))
+    scheduler.add(request("b1", None, "quiet"))
+    scheduler.add(request("b2", None, "quiet"))
+    admitted, _ = scheduler.admit(Rows(3).allocate, rows.unallocate)
+    assert names(admitted) == ["b1", "b2", "a1"]
+
+
+def test_idle_time_is_not_banked_as_credit():
+    scheduler = Scheduler(EngineConfig(), SlotTable(2))
+    rows = Rows(100)
+    scheduler.add(request("a0", None, "busy"))
+    scheduler.admit(rows.allocate, rows.unallocate)
+    scheduler.charge({"busy": 1000})
+    scheduler.add(request("b0", None, "back"))  # b was never served: it starts at a's counter
+    fairness = scheduler.fairness
+    assert fairness.counter("back") == fairness.counter("busy")
+    for i in range(1, 3):
+        scheduler.add(request(f"a{i}", None, "busy"))
+    scheduler.add(request("b1", None, "back"))
+    admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
+    assert names(admitted) == ["b0", "a1", "a2", "b1"]  # turns, not 1000 tokens of b first
+
+
+def test_the_queue_is_bounded_in_requests_and_in_prompt_tokens():
+    scheduler = Scheduler(EngineConfig(max_queue=3, max_queued_tokens=100), SlotTable(1))
+    scheduler.add(request("big", None, prompt_len=150))  # alone, any size is queued
+    with pytest.raises(QueueFull, match="prompt tokens") as err:
+        scheduler.add(request("more", None, prompt_len=1))
+    assert err.value.retry_after_s > 0
+    assert scheduler.drain()[0].request_id == "big" and scheduler.queued_tokens() == 0
+    for i in range(3):
+        scheduler.add(request(f"r{i}", None, prompt_len=10))
+    with pytest.raises(QueueFull, match="3 waiting"):
+        scheduler.add(request("r3", None, prompt_len=10))
+    assert scheduler.queued_tokens() == 30
+
+
+def test_counters_reset_once_nobody_is_active():
+    scheduler = Scheduler(EngineConfig(), SlotTable(1))
+    rows = Rows(4)
+    first = request("a0", None, "a")
+    scheduler.add(first)
+    scheduler.admit(rows.allocate, rows.unallocate)
+    scheduler.charge({"a": 10})
+    assert scheduler.fairness.counter("a") > 0
+    scheduler.finished(first)
+    assert scheduler.fairness.counter("a") == 0
