@@ -57,7 +57,7 @@ class AdapterRegistry:
         self._misses: dict[str, float] = {}  # unknown id -> when it last made us re-read
 
     def register(
-        self, adapter_id: str, source: str, tenant: str = ""
+        self, adapter_id: str, source: str, tenant: str = "", shared: bool = False
     ) -> tuple[AdapterVersion, bool]:
         """Stage, validate and keep an adapter from a directory or URI; returns (version,
         created). A failure at any step leaves nothing behind."""
@@ -70,13 +70,13 @@ class AdapterRegistry:
                 )
             return stage_directory(source, self.allowed_roots, staging)
 
-        return self._register(adapter_id, stage, tenant)
+        return self._register(adapter_id, stage, tenant, shared)
 
     def new_upload(self) -> Upload:
         return Upload(self.store.new_staging_dir(), self.spec.max_bytes)
 
     def register_upload(
-        self, adapter_id: str, upload: Upload, tenant: str = ""
+        self, adapter_id: str, upload: Upload, tenant: str = "", shared: bool = False
     ) -> tuple[AdapterVersion, bool]:
         """Validate and keep a finished upload (its staging directory is consumed)."""
         check_adapter_id(adapter_id)
@@ -86,7 +86,7 @@ class AdapterRegistry:
             return "upload"
 
         try:
-            return self._register(adapter_id, staged, tenant, upload.staging)
+            return self._register(adapter_id, staged, tenant, shared, upload.staging)
         finally:
             self.discard_upload(upload)
 
@@ -132,6 +132,7 @@ class AdapterRegistry:
         adapter_id: str,
         stage: Callable[[Path], str],
         tenant: str,
+        shared: bool,
         staging: Path | None = None,
     ) -> tuple[AdapterVersion, bool]:
         staging = staging or self.store.new_staging_dir()
@@ -147,6 +148,7 @@ class AdapterRegistry:
                 base_model_fingerprint=self.spec.fingerprint,
                 source=source,
                 tenant=tenant,
+                shared=shared,
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)

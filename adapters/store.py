@@ -72,7 +72,8 @@ class AdapterVersion:
     created_at: str  # RFC 3339, UTC
     source: str
     base_model_fingerprint: str
-    tenant: str = ""
+    tenant: str = ""  # the tenant that owns it
+    shared: bool = False  # every tenant may use it
 
     @property
     def key(self) -> tuple[str, int]:
@@ -257,13 +258,19 @@ class AdapterStore:
         base_model_fingerprint: str,
         source: str,
         tenant: str = "",
+        shared: bool = False,
     ) -> tuple[AdapterVersion, bool]:
-        """Keep a staged, validated adapter; returns (version, created). The same content under
-        the same id is a no-op; new content becomes the next version."""
+        """Keep a staged, validated adapter; returns (version, created). The same content and
+        owner under the same id is a no-op; new content (or a new owner or sharing) becomes the
+        next version."""
         digest = digest_files(staged)
         with self._lock:
             versions = self._adapters.get(adapter_id, [])
-            if versions and versions[-1].digest == digest:
+            if versions and (versions[-1].digest, versions[-1].tenant, versions[-1].shared) == (
+                digest,
+                tenant,
+                shared,
+            ):
                 return versions[-1], False
             self._put_blob(staged, digest)
             record = AdapterVersion(
@@ -278,6 +285,7 @@ class AdapterStore:
                 source=source,
                 base_model_fingerprint=base_model_fingerprint,
                 tenant=tenant,
+                shared=shared,
             )
             path = self._manifest_path(adapter_id, record.version)
             self._write(path, json.dumps(asdict(record), indent=1).encode(), exclusive=True)

@@ -15,7 +15,7 @@ from loraplex.server.auth import KeyRing
 from loraplex.server.config import ServerConfig
 from loraplex.server.errors import NotReady
 from loraplex.server.frontend import Frontend
-from loraplex.server.interceptor import AuthInterceptor
+from loraplex.server.interceptor import CallInterceptor
 from loraplex.server.service import AdaptersServicer, InferenceServicer
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -55,10 +55,9 @@ class LoraplexServer:
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); the model loads in the background."""
         config = self.config
-        interceptors = []
+        keys = None
         if config.auth_keys is not None:
             keys = KeyRing.from_file(config.auth_keys)
-            interceptors.append(AuthInterceptor(keys))
             log.info("authentication on: %d API keys from %s", len(keys), config.auth_keys)
         else:
             log.warning(
@@ -66,7 +65,7 @@ class LoraplexServer:
                 "" if config.insecure else ": serving loopback only",
             )
         server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[CallInterceptor(keys)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

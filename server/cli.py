@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from loraplex.server.admission import TenantLimits
 from loraplex.server.config import (
     DEFAULT_HOME,
     DEFAULT_PORT,
@@ -127,6 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)"
     )
     serve.add_argument(
+        "--tenant-max-concurrent",
+        type=int,
+        default=ServerConfig().tenant_limits.max_concurrent,
+        metavar="N",
+        help="requests in flight per tenant (0 = no limit; the key file may set its own)",
+    )
+    serve.add_argument(
+        "--tenant-tokens-per-minute",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prompt + max_new_tokens per tenant per minute (0 = no limit)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=EngineConfig.max_queue,
+        help="requests waiting for admission; beyond it RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=EngineConfig.max_queued_tokens,
+        help="prompt tokens waiting for admission; beyond it RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
         "--pin",
         action="append",
         default=[],
@@ -185,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("args", nargs="+", metavar="[ID] DIR")
     register.add_argument("--name", help="adapter id (instead of a positional ID)")
     register.add_argument("--pin", action="store_true", help="keep it in a device slot")
+    register.add_argument("--tenant", default="", help="owning tenant (default: the key's)")
+    register.add_argument("--shared", action="store_true", help="usable by every tenant")
     push = verbs.add_parser(
         "push",
         parents=[remote],
@@ -195,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("directory", metavar="DIR")
     push.add_argument("--name", help="adapter id (default: the directory's name)")
     push.add_argument("--pin", action="store_true", help="keep it in a device slot")
+    push.add_argument("--tenant", default="", help="owning tenant (default: the key's)")
+    push.add_argument("--shared", action="store_true", help="usable by every tenant")
     for verb, text in (("pin", "keep an adapter in a device slot"), ("unpin", "undo pin")):
         pin = verbs.add_parser(verb, parents=[remote], help=text)
         pin.add_argument("adapter_id")
@@ -245,6 +276,7 @@ def serve(args: argparse.Namespace) -> int:
         tls_cert=_path(args.tls_cert),
         tls_key=_path(args.tls_key),
         tls_client_ca=_path(args.tls_client_ca),
+        tenant_limits=TenantLimits(args.tenant_max_concurrent, args.tenant_tokens_per_minute),
         model=ModelConfig(
             model=args.model,
             home=_home(args.home),
@@ -262,6 +294,8 @@ def serve(args: argparse.Namespace) -> int:
             kv_cache_bytes=args.kv_cache_mb << 20,
             default_max_new_tokens=args.max_new_tokens,
             max_request_seconds=args.max_request_seconds,
+            max_queue=args.max_queue,
+            max_queued_tokens=args.max_queued_tokens,
         ),
     )
 
@@ -362,13 +396,21 @@ def _register_args(args: argparse.Namespace) -> tuple[str, str]:
 def adapters(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.verb == "register":
-            result: object = _as_dict(client.register(*_register_args(args), pin=args.pin))
+            result: object = _as_dict(
+                client.register(
+                    *_register_args(args), pin=args.pin, tenant=args.tenant, shared=args.shared
+                )
+            )
         elif args.verb == "push":
             directory = Path(args.directory).expanduser().resolve()
             if not directory.is_dir():
                 raise SystemExit(f"error: {args.directory} is not a directory")
             adapter_id = args.name or directory.name.lower()
-            result = _as_dict(client.push(adapter_id, directory, pin=args.pin))
+            result = _as_dict(
+                client.push(
+                    adapter_id, directory, pin=args.pin, tenant=args.tenant, shared=args.shared
+                )
+            )
         elif args.verb == "pin":
             result = _as_dict(client.pin(args.adapter_id))
         elif args.verb == "unpin":

@@ -13,11 +13,13 @@ PUSH_CHUNK_BYTES = 1 << 20
 
 
 def push_requests(
-    adapter_id: str, directory: Path, pin: bool = False
+    adapter_id: str, directory: Path, pin: bool = False, tenant: str = "", shared: bool = False
 ) -> Iterator[adapters_pb2.PushAdapterRequest]:
     """A PushAdapter stream: every file of `directory` in 1 MiB pieces (the server decides
     which files it accepts). Subdirectories are sent as names so the server can refuse them."""
-    yield adapters_pb2.PushAdapterRequest(adapter_id=adapter_id, pin=pin)
+    yield adapters_pb2.PushAdapterRequest(
+        adapter_id=adapter_id, pin=pin, tenant=tenant, shared=shared
+    )
     for path in sorted(directory.iterdir()):
         if not path.is_file():
             yield adapters_pb2.PushAdapterRequest(file_name=path.name + "/")
@@ -72,17 +74,27 @@ class LoraplexClient:
         )
 
     def register(
-        self, adapter_id: str, path: str, pin: bool = False
+        self, adapter_id: str, path: str, pin: bool = False, tenant: str = "", shared: bool = False
     ) -> adapters_pb2.RegisterAdapterResponse:
-        request = adapters_pb2.RegisterAdapterRequest(adapter_id=adapter_id, path=path, pin=pin)
+        """Register `path` as `adapter_id`, owned by `tenant` (default: the caller's)."""
+        request = adapters_pb2.RegisterAdapterRequest(
+            adapter_id=adapter_id, path=path, pin=pin, tenant=tenant, shared=shared
+        )
         return self.adapters.RegisterAdapter(request, timeout=self.timeout, metadata=self.metadata)
 
     def push(
-        self, adapter_id: str, directory: Path, pin: bool = False
+        self,
+        adapter_id: str,
+        directory: Path,
+        pin: bool = False,
+        tenant: str = "",
+        shared: bool = False,
     ) -> adapters_pb2.RegisterAdapterResponse:
         """Upload a local adapter directory to the server (which may be remote)."""
         return self.adapters.PushAdapter(
-            push_requests(adapter_id, directory, pin), timeout=self.timeout, metadata=self.metadata
+            push_requests(adapter_id, directory, pin, tenant, shared),
+            timeout=self.timeout,
+            metadata=self.metadata,
         )
 
     def pin(self, adapter_id: str) -> adapters_pb2.AdapterInfo:

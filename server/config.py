@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from loraplex.server.admission import TenantLimits
+
 DEFAULT_PORT = 50051
 DEFAULT_HOME = Path("~/.cache/loraplex")
 
@@ -121,6 +123,10 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     """PEM CA bundle: require client certificates signed by it (mutual TLS)."""
+    tenant_limits: TenantLimits = field(default_factory=lambda: TenantLimits(max_concurrent=256))
+    """Every tenant's limits (requests in flight, tokens per minute), unless the key file
+    sets its own; without keys every caller is one tenant. The default in-flight limit keeps
+    a single tenant from filling the queue (max_queue) on its own."""
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from loraplex.adapters.errors import (
     AdapterNotFound,
@@ -10,6 +12,8 @@ from loraplex.adapters.errors import (
     InvalidAdapter,
     InvalidAdapterId,
 )
+
+RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class LoraplexError(Exception):
@@ -63,6 +67,22 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TooLong, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
 )
+
+
+def retry_metadata(exc: BaseException) -> list[tuple[str, str | bytes]]:
+    """Trailing metadata that tells a client when to retry: gRPC's standard RetryInfo detail
+    (google.rpc.RetryInfo in grpc-status-details-bin) and a plain `retry-after-ms`."""
+    if not isinstance(exc, Exhausted):
+        return []
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(max(1, round(exc.retry_after_s * 1000)))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(exc), details=[detail])
+    return [
+        (RETRY_AFTER_KEY, str(delay.ToMilliseconds())),
+        ("grpc-status-details-bin", status.SerializeToString()),
+    ]
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:

@@ -17,16 +17,21 @@ from loraplex.adapters.sources import Upload
 from loraplex.adapters.store import AdapterStore, AdapterVersion
 from loraplex.adapters.validate import BaseModelSpec
 from loraplex.server import __version__
+from loraplex.server.admission import Quotas, Ticket, load_tenant_limits
+from loraplex.server.auth import Principal
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 from loraplex.server.errors import InvalidRequest
 from loraplex.server.model_loader import LORA_TARGETS, LoadedModel, load_model
+from loraplex.server.tenancy import check_use, may_use
 
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_TEXT_CHARS = 1 << 20  # prompt or messages, before tokenizing (the context bounds tokens)
+MAX_MESSAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ class Frontend:
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.cache = HostCache(registry.load_weights, config.host_cache_bytes)
+        per_tenant = load_tenant_limits(config.auth_keys) if config.auth_keys else {}
+        self.quotas = Quotas(config.tenant_limits, per_tenant)
         self._special_tokens = sorted(
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", ())} - {""}
         )
@@ -123,11 +130,18 @@ class Frontend:
         self.engine.stop()
         self.cache.close()
 
-    async def generate(self, inp: GenerateInput, request_id: str | None = None) -> Generation:
-        """Validate and submit a request. Errors about the request raise here, before any
-        output; the returned iterator yields outputs until one carries a finish_reason."""
+    async def generate(
+        self,
+        inp: GenerateInput,
+        request_id: str | None = None,
+        principal: Principal | None = None,
+    ) -> Generation:
+        """Validate, admit and submit a request. Errors about the request raise here, before
+        any output; the returned iterator yields outputs until one carries a finish_reason."""
         request_id = request_id or uuid.uuid4().hex
-        adapter = await self._resolve(inp.adapter_id) if inp.adapter_id else None
+        tenant = principal.tenant if principal is not None else ""
+        adapter = await self._resolve(inp.adapter_id, principal) if inp.adapter_id else None
+        check_sizes(inp)
         prompt_ids = await asyncio.to_thread(self._tokenize, inp)
         max_new = (
             self.config.engine.default_max_new_tokens
@@ -162,26 +176,42 @@ class Frontend:
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 request.cancel()
 
-        # The host tier holds the adapter's weights while the request lives: loaded once
-        # however many requests want it, and fetched while the batch runs.
-        lease = await self.cache.lease(adapter) if adapter is not None else None
-        request = EngineRequest(
-            request_id, prompt_ids, params, adapter, emit, lease.weights if lease else None
-        )
+        ticket = self.quotas.admit(tenant, len(prompt_ids) + max_new)
+        lease = None
         try:
+            # The host tier holds the adapter's weights while the request lives: loaded once
+            # however many requests want it, and fetched while the batch runs.
+            lease = await self.cache.lease(adapter) if adapter is not None else None
+            request = EngineRequest(
+                request_id,
+                prompt_ids,
+                params,
+                adapter,
+                emit,
+                lease.weights if lease else None,
+                tenant=tenant,
+            )
             self.engine.submit(request)
         except BaseException:
             if lease is not None:
                 lease.release()
+            ticket.release(ticket.tokens)
             raise
-        return Generation(request_id, adapter, _outputs(queue, request, lease))
+        return Generation(request_id, adapter, _outputs(queue, request, lease, ticket))
 
-    async def _resolve(self, adapter_id: str) -> AdapterVersion:
+    async def _resolve(self, adapter_id: str, principal: Principal | None = None) -> AdapterVersion:
+        """The version a new request for `adapter_id` gets, if `principal` may use it."""
         try:
-            return self.registry.store.latest(check_adapter_id(adapter_id))  # in memory
+            try:
+                version = self.registry.store.latest(check_adapter_id(adapter_id))  # in memory
+            except AdapterNotFound:
+                # Another replica may have registered it: re-read the store, off the loop.
+                version = await asyncio.to_thread(self.registry.resolve, adapter_id)
         except AdapterNotFound:
-            # Another replica may have registered it: re-read the store, off the event loop.
-            return await asyncio.to_thread(self.registry.resolve, adapter_id)
+            check_use(principal, adapter_id, None)
+            raise
+        check_use(principal, adapter_id, version)
+        return version
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
         if inp.prompt and inp.messages:
@@ -225,14 +255,27 @@ class Frontend:
 
     # -- adapters (file work runs off the event loop; validation needs no engine time) -------
     async def register_adapter(
-        self, adapter_id: str, path: str, pin: bool = False
+        self,
+        adapter_id: str,
+        path: str,
+        pin: bool = False,
+        tenant: str = "",
+        shared: bool = False,
     ) -> tuple[AdapterVersion, bool]:
-        version, created = await asyncio.to_thread(self.registry.register, adapter_id, path)
+        """Register an adapter owned by `tenant` (usable by every tenant when `shared`)."""
+        version, created = await asyncio.to_thread(
+            self.registry.register, adapter_id, path, tenant, shared
+        )
         await self._after_register(version, pin)
         return version, created
 
     async def push_adapter(
-        self, adapter_id: str, chunks: AsyncIterator[tuple[str, bytes]], pin: bool = False
+        self,
+        adapter_id: str,
+        chunks: AsyncIterator[tuple[str, bytes]],
+        pin: bool = False,
+        tenant: str = "",
+        shared: bool = False,
     ) -> tuple[AdapterVersion, bool]:
         """Register an adapter whose files arrive as (file name, bytes) pieces."""
         check_adapter_id(adapter_id)
@@ -244,7 +287,7 @@ class Frontend:
             await asyncio.to_thread(self.registry.discard_upload, upload)
             raise
         version, created = await asyncio.to_thread(
-            self.registry.register_upload, adapter_id, upload
+            self.registry.register_upload, adapter_id, upload, tenant, shared
         )
         await self._after_register(version, pin)
         return version, created
@@ -255,14 +298,27 @@ class Frontend:
         if pin or (pinned is not None and pinned[0] != version):
             await self.pin_adapter(version.adapter_id)
 
-    def get_adapter(self, adapter_id: str) -> tuple[AdapterVersion, list[int]]:
-        versions = self.registry.store.versions(check_adapter_id(adapter_id))
+    def get_adapter(
+        self, adapter_id: str, principal: Principal | None = None
+    ) -> tuple[AdapterVersion, list[int]]:
+        """An adapter's latest version and every version number held."""
+        try:
+            versions = self.registry.store.versions(check_adapter_id(adapter_id))
+        except AdapterNotFound:
+            check_use(principal, adapter_id, None)
+            raise
+        check_use(principal, adapter_id, versions[-1])
         return versions[-1], [v.version for v in versions]
 
-    def list_adapters(self) -> list[tuple[AdapterVersion, list[int]]]:
+    def list_adapters(
+        self, principal: Principal | None = None
+    ) -> list[tuple[AdapterVersion, list[int]]]:
+        """The adapters `principal` may use."""
         store = self.registry.store
         return [
-            (v, [x.version for x in store.versions(v.adapter_id)]) for v in store.latest_versions()
+            (v, [x.version for x in store.versions(v.adapter_id)])
+            for v in store.latest_versions()
+            if may_use(principal, v)
         ]
 
     def is_pinned(self, adapter_id: str) -> bool:
@@ -363,12 +419,25 @@ class Frontend:
         )
 
 
+def check_sizes(inp: GenerateInput) -> None:
+    """Bound the text before tokenizing it (tokens are bounded by the context afterwards)."""
+    if len(inp.prompt) > MAX_TEXT_CHARS:
+        raise InvalidRequest("prompt", f"{len(inp.prompt)} characters; at most {MAX_TEXT_CHARS}")
+    if len(inp.messages) > MAX_MESSAGES:
+        raise InvalidRequest("messages", f"{len(inp.messages)} messages; at most {MAX_MESSAGES}")
+    total = sum(len(content) for _, content in inp.messages)
+    if total > MAX_TEXT_CHARS:
+        raise InvalidRequest("messages", f"{total} characters; at most {MAX_TEXT_CHARS}")
+
+
 async def _outputs(
     queue: asyncio.Queue[RequestOutput | BaseException],
     request: EngineRequest,
     lease: Lease | None,
+    ticket: Ticket,
 ) -> AsyncIterator[RequestOutput]:
     finished = False
+    generated = 0
     try:
         while not finished:
             item = await queue.get()
@@ -376,9 +445,11 @@ async def _outputs(
                 finished = True
                 raise item
             finished = item.finish_reason is not None
+            generated += len(item.token_ids)
             yield item
     finally:
         if not finished:  # the consumer went away (client cancel, deadline): stop generating
             request.cancel()
         if lease is not None:
             lease.release()
+        ticket.release(request.params.max_new_tokens - generated)

@@ -1,18 +1,25 @@
-"""Authentication of every RPC, before any servicer runs.
+"""What every RPC goes through before its servicer runs: authentication and decoding.
 
-Every method needs a valid API key except health checks and server reflection; the methods
-that manage adapters or read the server's cache need an admin key. A method not listed here
-is a client method: a new RPC is authenticated by default, never exempt by omission.
+With an API key file, every method needs a valid key except health checks and server
+reflection; the methods that manage adapters or read the server's cache need an admin key. A
+method not listed here is a client method: a new RPC is authenticated by default, never exempt
+by omission. The caller's principal reaches the servicer in the PRINCIPAL context variable.
+
+Requests are decoded here rather than by gRPC, so that a message that does not parse (e.g. a
+string field holding invalid UTF-8) is INVALID_ARGUMENT instead of an internal error.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from loraplex.server.auth import KeyRing, Unauthenticated
+from loraplex.server.auth import KeyRing, Principal, Unauthenticated
+from loraplex.server.errors import InvalidRequest
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_METHODS = frozenset(
@@ -28,9 +35,16 @@ ADMIN_METHODS = frozenset(
 )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: KeyRing) -> None:
-        self.keys = keys
+# Who is calling; None when authentication is off.
+PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "principal", default=None
+)
+Decode = Callable[[bytes], Any]
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, keys: KeyRing | None) -> None:
+        self.keys = keys  # None: no authentication
 
     async def intercept_service(
         self,
@@ -41,16 +55,86 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method  # type: ignore[attr-defined]
         if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
-        metadata = dict(details.invocation_metadata or ())  # type: ignore[attr-defined]
-        try:
-            principal = self.keys.authenticate(metadata.get("authorization"))
-        except Unauthenticated as exc:
-            return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        if method in ADMIN_METHODS and not principal.is_admin:
-            return refusing(
-                handler, grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin key"
-            )
-        return handler
+        principal = None
+        if self.keys is not None:
+            metadata = dict(details.invocation_metadata or ())  # type: ignore[attr-defined]
+            try:
+                principal = self.keys.authenticate(metadata.get("authorization"))
+            except Unauthenticated as exc:
+                return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            if method in ADMIN_METHODS and not principal.is_admin:
+                return refusing(
+                    handler, grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin key"
+                )
+        return bound(handler, principal)
+
+
+def bound(handler: grpc.RpcMethodHandler, principal: Principal | None) -> grpc.RpcMethodHandler:
+    """`handler`, receiving raw bytes that it decodes itself, with PRINCIPAL set."""
+    decode: Decode = handler.request_deserializer or (lambda raw: raw)
+    serializers = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            PRINCIPAL.set(principal)
+            return await inner_uu(await _decode_or_abort(decode, raw, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
+    if handler.unary_stream:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            PRINCIPAL.set(principal)
+            request = await _decode_or_abort(decode, raw, context)
+            async for response in inner_us(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(
+            raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> Any:
+            PRINCIPAL.set(principal)
+            return await inner_su(_decoded(decode, raws), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(
+        raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        PRINCIPAL.set(principal)
+        async for response in inner_ss(_decoded(decode, raws), context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
+
+
+def _decode(decode: Decode, raw: bytes) -> Any:
+    try:
+        return decode(raw)
+    except DecodeError:
+        raise InvalidRequest(
+            "request", "the message does not parse (string fields must be valid UTF-8)"
+        ) from None
+
+
+async def _decode_or_abort(decode: Decode, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    try:
+        return _decode(decode, raw)
+    except InvalidRequest as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+async def _decoded(decode: Decode, raws: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+    """The messages of a client stream; one that does not parse raises InvalidRequest where
+    the servicer reads it (and its error mapping makes it INVALID_ARGUMENT)."""
+    async for raw in raws:
+        yield _decode(decode, raw)
 
 
 def refusing(
@@ -65,10 +149,8 @@ def refusing(
         await context.abort(code, message)
         yield  # makes this an async generator, as a streaming handler must be
 
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    # The request is never read: not decoding it spares an error about it.
+    serializers = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary, **serializers)
     if handler.unary_stream:

@@ -14,9 +14,12 @@ from typing import Any, TypeVar
 import grpc
 
 from loraplex.adapters.store import AdapterVersion
+from loraplex.server.auth import Principal
 from loraplex.server.engine.request import RequestOutput
-from loraplex.server.errors import InvalidRequest, status_for
+from loraplex.server.errors import InvalidRequest, retry_metadata, status_for
 from loraplex.server.frontend import Frontend, GenerateInput, TierView
+from loraplex.server.interceptor import PRINCIPAL
+from loraplex.server.tenancy import owner_for
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,8 @@ async def _abort(
 ) -> None:
     code = status_for(exc)
     if code is not None:
-        await context.abort(code, str(exc), trailing_metadata=tuple(trailing))
+        metadata = (*trailing, *retry_metadata(exc))
+        await context.abort(code, str(exc), trailing_metadata=metadata)
     log.exception("internal error in request %s", REQUEST_ID.get(), exc_info=exc)
     await context.abort(
         grpc.StatusCode.INTERNAL,
@@ -133,7 +137,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> inference_pb2.GenerateResponse:
-        generation = await self._frontend().generate(generate_input(request), REQUEST_ID.get())
+        generation = await self._frontend().generate(
+            generate_input(request), REQUEST_ID.get(), PRINCIPAL.get()
+        )
         texts: list[str] = []
         token_ids: list[int] = []
         async for out in generation.outputs:
@@ -151,7 +157,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        generation = await self._frontend().generate(generate_input(request), REQUEST_ID.get())
+        generation = await self._frontend().generate(
+            generate_input(request), REQUEST_ID.get(), PRINCIPAL.get()
+        )
         async for out in generation.outputs:
             # Also steps whose text is held back (half a character, a possible stop string):
             # their token ids must reach the client.
@@ -195,12 +203,15 @@ def adapter_info(
         base_model_fingerprint=version.base_model_fingerprint,
         tenant=version.tenant,
         pinned=pinned,
+        shared=version.shared,
     )
 
 
-def current_info(frontend: Frontend, adapter_id: str) -> adapters_pb2.AdapterInfo:
+def current_info(
+    frontend: Frontend, adapter_id: str, principal: Principal | None = None
+) -> adapters_pb2.AdapterInfo:
     """An adapter's latest version, every version held, and whether it is pinned."""
-    version, versions = frontend.get_adapter(adapter_id)
+    version, versions = frontend.get_adapter(adapter_id, principal)
     return adapter_info(version, versions, frontend.is_pinned(adapter_id))
 
 
@@ -250,7 +261,11 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> adapters_pb2.RegisterAdapterResponse:
         frontend = self._frontend()
         version, created = await frontend.register_adapter(
-            adapter_id_of(request), request.path, pin=request.pin
+            adapter_id_of(request),
+            request.path,
+            pin=request.pin,
+            tenant=owner_for(PRINCIPAL.get(), request.tenant),
+            shared=request.shared,
         )
         return self._registered(frontend, version, created)
 
@@ -267,7 +282,11 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             raise InvalidRequest("adapter_id", "the push stream is empty") from None
         adapter_id = adapter_id_of(first)
         version, created = await frontend.push_adapter(
-            adapter_id, push_chunks(first, aiter(request_iterator)), pin=first.pin
+            adapter_id,
+            push_chunks(first, aiter(request_iterator)),
+            pin=first.pin,
+            tenant=owner_for(PRINCIPAL.get(), first.tenant),
+            shared=first.shared,
         )
         return self._registered(frontend, version, created)
 
@@ -284,7 +303,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.GetAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.AdapterInfo:
-        return current_info(self._frontend(), adapter_id_of(request))
+        return current_info(self._frontend(), adapter_id_of(request), PRINCIPAL.get())
 
     @unary
     async def ListAdapters(
@@ -296,7 +315,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         return adapters_pb2.ListAdaptersResponse(
             adapters=[
                 adapter_info(v, vs, frontend.is_pinned(v.adapter_id))
-                for v, vs in frontend.list_adapters()
+                for v, vs in frontend.list_adapters(PRINCIPAL.get())
             ]
         )
 

@@ -205,7 +205,7 @@ class Scheduler:
                     self._left(request)
                 elif outcome == "waits":
                     waited = True
-                else:
+                elif isinstance(outcome, Admission):
                     admitted.append(outcome)
                     leaving.add(id(request))
                     self._take(request)

@@ -40,13 +40,17 @@ def test_versions_idempotence_and_restart(store_url, tmp_path):
     store = AdapterStore(url, options)
     v1, created = store.commit("support", staged(tmp_path, b"one"), tenant="acme", **META)
     assert created and v1.version == 1 and v1.tenant == "acme"
-    same, created = store.commit("support", staged(tmp_path, b"one"), **META)
+    same, created = store.commit("support", staged(tmp_path, b"one"), tenant="acme", **META)
     assert not created and same == v1
+    shared, created = store.commit(
+        "support", staged(tmp_path, b"one"), tenant="acme", shared=True, **META
+    )
+    assert created and shared.version == 2 and shared.shared and shared.digest == v1.digest
     v2, created = store.commit("support", staged(tmp_path, b"two"), **META)
-    assert created and v2.version == 2 and v2.digest != v1.digest
+    assert created and v2.version == 3 and v2.digest != v1.digest and v2.tenant == ""
     store.commit("billing", staged(tmp_path, b"one"), **META)  # shares v1's blob
     reopened = AdapterStore(url, options)  # a restart sees the same registry
-    assert [v.version for v in reopened.versions("support")] == [1, 2]
+    assert [v.version for v in reopened.versions("support")] == [1, 2, 3]
     assert reopened.latest("support") == v2
     assert [v.adapter_id for v in reopened.latest_versions()] == ["billing", "support"]
     with reopened.open_blob(v1.digest) as blob:

@@ -1,0 +1,37 @@
+"""Which adapters a caller may see and use.
+
+A tenant's client keys see and use its own adapters and those registered as shared; admin
+keys see every adapter; without authentication (no key file) there is one tenant and everyone
+sees everything. Naming an adapter a client may not use is PERMISSION_DENIED whether or not
+it exists, so the answer reveals nothing about other tenants' adapters (and a client never
+gets NOT_FOUND for an id: nothing it is allowed to see has that id either).
+"""
+
+from __future__ import annotations
+
+from loraplex.adapters.store import AdapterVersion
+from loraplex.server.auth import Principal
+from loraplex.server.errors import PermissionDenied
+
+
+def may_use(principal: Principal | None, version: AdapterVersion) -> bool:
+    if principal is None or principal.is_admin:
+        return True
+    return version.shared or version.tenant == principal.tenant
+
+
+def check_use(principal: Principal | None, adapter_id: str, version: AdapterVersion | None) -> None:
+    """Raise PermissionDenied unless `principal` may use `version` (None: no such adapter,
+    which only admins, or everyone without authentication, may learn)."""
+    if principal is None or principal.is_admin:
+        return
+    if version is None or not may_use(principal, version):
+        raise PermissionDenied(
+            f"adapter {adapter_id!r} is not available to tenant {principal.tenant!r} (only "
+            "its own adapters and shared ones are)"
+        )
+
+
+def owner_for(principal: Principal | None, requested: str) -> str:
+    """The tenant a new adapter belongs to: the one asked for, else the caller's."""
+    return requested or (principal.tenant if principal is not None else "")
