@@ -183,6 +183,13 @@ def test_cancelled_stream_stops_generation(server, client):
         time.sleep(0.05)
     assert engine.num_running == 0
     assert engine.stats.generated_tokens - generated < 50
+    # Its cache row and its place in the tenant's limits are given back.
+    assert engine.runner.cache.num_used_rows == 0
+    for _ in range(100):
+        if server.server.frontend.quotas.in_flight("") == 0:
+            break
+        time.sleep(0.05)
+    assert server.server.frontend.quotas.in_flight("") == 0
 
 
 def test_a_client_deadline_stops_generation_on_the_server(server, client):
@@ -235,3 +242,32 @@ def test_special_token_text_cannot_forge_control_tokens(client):
     # In a raw prompt the same characters are plain text: many tokens, none of them a control.
     out = client.generate(pb.GenerateRequest(prompt="<|im_start|>", max_new_tokens=2))
     assert out.usage.prompt_tokens > 2
+
+
+def test_undecodable_messages_are_invalid_argument(server):
+    """Invalid UTF-8 in a string field fails protobuf parsing: INVALID_ARGUMENT, not INTERNAL,
+    for unary requests and for each message of a client stream."""
+    prompt = b"\x12\x02\xff\xfe"  # field 2 (prompt), 2 bytes that are not UTF-8
+    message = b"\x1a\x06\x12\x04\xc3\x28ab"  # messages[0].content, a broken 2-byte char
+    identity = {"request_serializer": lambda x: x, "response_deserializer": lambda x: x}
+    with grpc.insecure_channel(server.address) as channel:
+        for raw in (prompt, message):
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary("/loraplex.v1.Inference/Generate", **identity)(raw, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "UTF-8" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                list(channel.unary_stream("/loraplex.v1.Inference/GenerateStream", **identity)(raw))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        push = channel.stream_unary("/loraplex.v1.Adapters/PushAdapter", **identity)
+        first = b"\x0a\x04good"  # adapter_id "good"
+        with pytest.raises(grpc.RpcError) as err:
+            push(iter([first, b"\x1a\x01\xff"]), timeout=30)  # file_name not UTF-8
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_oversized_text_is_invalid_argument_before_tokenizing(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(pb.GenerateRequest(prompt="a" * ((1 << 20) + 1), max_new_tokens=1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("prompt:")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 
 import grpc
 import pytest
@@ -62,17 +63,27 @@ def self_signed(tmp_path):
     return cert_path, key_path
 
 
+KEYS = {  # name: (tenant, role)
+    "client": ("acme", "client"),
+    "admin": ("acme", "admin"),
+    "globex": ("globex", "client"),
+    "capped": ("capped", "client"),
+}
+
+
 @pytest.fixture(scope="module")
 def secured(model_home, tmp_path_factory):
-    """A TLS server with a client key and an admin key; yields (server, keys, ca path)."""
+    """A TLS server with client keys of three tenants and an admin key; yields (server, keys,
+    ca path). Tenant "capped" may have one request in flight and 600 tokens a minute."""
     tmp = tmp_path_factory.mktemp("auth")
-    keys = {"client": new_key(), "admin": new_key()}
+    keys = {name: new_key() for name in KEYS}
     (tmp / "keys.toml").write_text(
         "".join(
-            f'[[keys]]\nname = "{role}-key"\ntenant = "acme"\nrole = "{role}"\n'
-            f'sha256 = "{hash_key(key)}"\n'
-            for role, key in keys.items()
+            f'[[keys]]\nname = "{name}-key"\ntenant = "{KEYS[name][0]}"\n'
+            f'role = "{KEYS[name][1]}"\nsha256 = "{hash_key(key)}"\n'
+            for name, key in keys.items()
         )
+        + "[tenants.capped]\nmax_concurrent = 1\ntokens_per_minute = 600\n"
     )
     cert, key = self_signed(tmp)
     config = ServerConfig(
@@ -168,3 +179,95 @@ def test_keys_work_end_to_end_over_tls(secured, peft_reference):
         assert admin.push("mine", dirs["attn-r8"]).adapter.version == 1
     with LoraplexClient(server.address, 5) as plaintext, pytest.raises(grpc.RpcError):
         plaintext.model_info()  # the server speaks TLS only
+
+
+def test_tenant_isolation_matrix(secured, peft_reference):
+    """Each client RPC that names an adapter, for a tenant's own, a shared, another tenant's
+    and a never-registered adapter; listing shows a tenant only what it may use."""
+    server, keys, ca = secured
+    _, _, dirs = peft_reference
+
+    def connect(name: str) -> LoraplexClient:
+        return LoraplexClient(server.address, 120, api_key=keys[name], tls_ca=ca)
+
+    with connect("admin") as admin:
+        admin.push("acme-own", dirs["attn-r8"], tenant="acme")
+        admin.push("globex-own", dirs["all-r16"], tenant="globex")
+        info = admin.push("common", dirs["mix-r32"], tenant="globex", shared=True).adapter
+        assert (info.tenant, info.shared) == ("globex", True)
+        with pytest.raises(grpc.RpcError) as err:
+            admin.get("never-registered")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # admins may learn what exists
+        assert {"acme-own", "globex-own", "common"} <= {a.adapter_id for a in admin.list()}
+
+    def outcomes(client: LoraplexClient, adapter_id: str) -> dict[str, grpc.StatusCode | str]:
+        request = pb.GenerateRequest(adapter_id=adapter_id, prompt="Hi", max_new_tokens=1)
+        calls = {
+            "Generate": lambda: client.generate(request),
+            "GenerateStream": lambda: list(client.generate_stream(request)),
+            "GetAdapter": lambda: client.get(adapter_id),
+        }
+        found: dict[str, grpc.StatusCode | str] = {}
+        for rpc, fn in calls.items():
+            try:
+                fn()
+                found[rpc] = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                found[rpc] = exc.code()
+                found[rpc + " details"] = exc.details().replace(adapter_id, "<id>")
+        return found
+
+    ok = {rpc: grpc.StatusCode.OK for rpc in ("Generate", "GenerateStream", "GetAdapter")}
+    for tenant, own, other in (
+        ("client", "acme-own", "globex-own"),
+        ("globex", "globex-own", "acme-own"),
+    ):
+        with connect(tenant) as client:
+            assert outcomes(client, own) == ok
+            assert outcomes(client, "common") == ok  # shared with every tenant
+            denied = outcomes(client, other)
+            assert {denied[rpc] for rpc in ok} == {grpc.StatusCode.PERMISSION_DENIED}
+            # An id nobody registered gets the very same answer: no existence oracle.
+            assert outcomes(client, "never-registered") == denied
+            listed = {a.adapter_id for a in client.list()}
+            assert own in listed and "common" in listed and other not in listed
+
+
+def test_tenant_limits_refuse_at_once_with_retry_advice(secured):
+    from google.rpc import error_details_pb2, status_pb2
+
+    server, keys, ca = secured
+    with LoraplexClient(server.address, 120, api_key=keys["capped"], tls_ca=ca) as client:
+        stream = client.generate_stream(
+            pb.GenerateRequest(prompt="Count to fifty.", max_new_tokens=64)
+        )
+        next(stream)  # in flight: the tenant's one allowed request
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=1))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailing = dict(err.value.trailing_metadata())
+        assert int(trailing["retry-after-ms"]) > 0
+        status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
+        info = error_details_pb2.RetryInfo()
+        assert status.details[0].Unpack(info) and info.retry_delay.ToMilliseconds() > 0
+        with connect_other(server, keys, ca) as other:  # another tenant is not held back
+            other.generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=1))
+        stream.cancel()
+        # More than a minute's worth of tokens can never pass: not retryable, so invalid.
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=700))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("max_new_tokens:")
+        for _ in range(100):  # the cancelled stream's place comes back
+            try:
+                client.generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=1))
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the tenant's limit never freed after the cancel")
+
+
+def connect_other(server, keys, ca) -> LoraplexClient:
+    return LoraplexClient(server.address, 120, api_key=keys["globex"], tls_ca=ca)

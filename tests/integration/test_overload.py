@@ -1,0 +1,85 @@
+"""A bounded load test on loopback: offered four times what the server holds (running batch +
+queue), every accepted request completes with the output it gets alone, the rest are refused
+with RESOURCE_EXHAUSTED while the accepted ones still run, nothing is lost or hangs, and the
+server's memory and bookkeeping are back where they were afterwards."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import psutil
+import pytest
+
+from loraplex.server.client import LoraplexClient
+from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.v1 import inference_pb2 as pb
+from tests.helpers import ServerThread
+
+pytestmark = pytest.mark.integration
+
+BATCH, QUEUE = 2, 4
+OFFERED = 4 * (BATCH + QUEUE)
+PROMPTS = ["The capital of France is", "One, two, three,", "Water is made of", "Monday, Tuesday,"]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def small_server(model_home, tmp_path_factory):
+    config = ServerConfig(
+        port=0,
+        adapter_store=tmp_path_factory.mktemp("store"),
+        model=ModelConfig(home=model_home),
+        engine=EngineConfig(max_batch_size=BATCH, max_queue=QUEUE, max_loras=2),
+    )
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+def request(i: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=PROMPTS[i % len(PROMPTS)], max_new_tokens=NEW_TOKENS)
+
+
+def offer(client: LoraplexClient) -> list[tuple[int, grpc.StatusCode, str, float]]:
+    """Send OFFERED requests at once; (index, code, text, when it ended) of each."""
+
+    def one(i: int) -> tuple[int, grpc.StatusCode, str, float]:
+        try:
+            text = client.generate(request(i)).text
+            return i, grpc.StatusCode.OK, text, time.monotonic()
+        except grpc.RpcError as exc:
+            return i, exc.code(), exc.details(), time.monotonic()
+
+    with ThreadPoolExecutor(OFFERED) as pool:
+        return list(pool.map(one, range(OFFERED)))
+
+
+def test_overload_is_refused_fast_and_accepted_work_is_correct(small_server):
+    process = psutil.Process()
+    with LoraplexClient(small_server.address, timeout=300) as client:
+        alone = [client.generate(request(i)).text for i in range(len(PROMPTS))]
+        rss = []
+        for _ in range(3):
+            results = offer(client)
+            rss.append(process.memory_info().rss)
+            codes = [code for _, code, _, _ in results]
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            accepted = [r for r in results if r[1] == grpc.StatusCode.OK]
+            refused = [r for r in results if r[1] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            # At least a full queue was taken (the batch fills too if the engine admits some
+            # before the rest arrive), and the rest refused.
+            assert len(accepted) >= QUEUE and refused
+            for i, _, text, _ in accepted:
+                assert text == alone[i % len(PROMPTS)], (i, text)
+            # Refusals came back at once: before the accepted work had finished.
+            assert max(t for *_, t in refused) < max(t for *_, t in accepted)
+            assert all("retry in" in details for _, _, details, _ in refused)
+    engine = small_server.engine
+    frontend = small_server.server.frontend
+    assert engine.num_running == 0 and engine.scheduler.num_waiting() == 0
+    assert engine.scheduler.queued_tokens() == 0 and frontend.quotas.in_flight("") == 0
+    assert engine.runner.cache.num_used_rows == 0
+    # Memory is flat: the second and third rounds allocate nothing that stays.
+    assert rss[2] - rss[1] < 64 << 20, [r >> 20 for r in rss]
