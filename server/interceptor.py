@@ -12,7 +12,9 @@ string field holding invalid UTF-8) is INVALID_ARGUMENT instead of an internal e
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -35,6 +37,11 @@ ADMIN_METHODS = frozenset(
 )
 
 
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The id of the RPC being served: the client's x-request-id, or one made up. It goes back to
+# the client in the trailing metadata of every call (errors included) and in responses.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
 # Who is calling; None when authentication is off.
 PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "principal", default=None
@@ -58,15 +65,21 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         principal = None
         if self.keys is not None:
             metadata = dict(details.invocation_metadata or ())  # type: ignore[attr-defined]
+            request_id = request_id_of(details.invocation_metadata)  # type: ignore[attr-defined]
             try:
                 principal = self.keys.authenticate(metadata.get("authorization"))
             except Unauthenticated as exc:
-                return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc), request_id)
             if method in ADMIN_METHODS and not principal.is_admin:
-                return refusing(
-                    handler, grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin key"
-                )
+                message = f"{method} needs an admin key"
+                return refusing(handler, grpc.StatusCode.PERMISSION_DENIED, message, request_id)
         return bound(handler, principal)
+
+
+def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The client's x-request-id when it is a sensible one, else a new id."""
+    given = dict(metadata or ()).get(REQUEST_ID_KEY)
+    return given if isinstance(given, str) and _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 def bound(handler: grpc.RpcMethodHandler, principal: Principal | None) -> grpc.RpcMethodHandler:
@@ -138,15 +151,16 @@ async def _decoded(decode: Decode, raws: AsyncIterator[bytes]) -> AsyncIterator[
 
 
 def refusing(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, request_id: str
 ) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that ends the call with `code`."""
+    trailing = ((REQUEST_ID_KEY, request_id),)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=trailing)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=trailing)
         yield  # makes this an async generator, as a streaming handler must be
 
     # The request is never read: not decoding it spares an error about it.

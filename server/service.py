@@ -3,11 +3,8 @@ status codes (through `errors.status_for`, the one mapping). No torch here."""
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import logging
-import re
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -18,7 +15,7 @@ from loraplex.server.auth import Principal
 from loraplex.server.engine.request import RequestOutput
 from loraplex.server.errors import InvalidRequest, retry_metadata, status_for
 from loraplex.server.frontend import Frontend, GenerateInput, TierView
-from loraplex.server.interceptor import PRINCIPAL
+from loraplex.server.interceptor import PRINCIPAL, REQUEST_ID, REQUEST_ID_KEY, request_id_of
 from loraplex.server.tenancy import owner_for
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -28,18 +25,9 @@ FrontendGetter = Callable[[], Frontend]  # raises NotReady until the model is se
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# The id of the RPC being served: the client's x-request-id, or one made up. It goes back to
-# the client in the trailing metadata of every call (errors included) and in responses.
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
-
-
 def _start(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
     """Take the call's request id (set REQUEST_ID); returns the trailing metadata to send."""
-    given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY)
-    request_id = given if isinstance(given, str) and _REQUEST_ID.match(given) else None
-    REQUEST_ID.set(request_id or uuid.uuid4().hex)
+    REQUEST_ID.set(request_id_of(context.invocation_metadata()))
     trailing = [(REQUEST_ID_KEY, REQUEST_ID.get())]
     context.set_trailing_metadata(trailing)
     return trailing

@@ -271,3 +271,14 @@ def test_tenant_limits_refuse_at_once_with_retry_advice(secured):
 
 def connect_other(server, keys, ca) -> LoraplexClient:
     return LoraplexClient(server.address, 120, api_key=keys["globex"], tls_ca=ca)
+
+
+def test_refusals_carry_the_request_id(secured):
+    server, keys, ca = secured
+    with LoraplexClient(server.address, 30, tls_ca=ca) as anonymous:
+        with pytest.raises(grpc.RpcError) as err:
+            anonymous.inference.ModelInfo(
+                pb.ModelInfoRequest(), metadata=(("x-request-id", "trace-7"),)
+            )
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert dict(err.value.trailing_metadata())["x-request-id"] == "trace-7"
