@@ -1,25 +1,25 @@
 """Tenant isolation through the real gRPC server: fairness under a flood, and overload.
 
-Each server is a `loraplex serve` subprocess (port 0, the embedded model, a temporary store)
-with an API key file made for the run; clients send `authorization: Bearer <key>` and stream
-base-model requests (raw short prompts, greedy) from closed loops in one asyncio event loop.
-A refused client (RESOURCE_EXHAUSTED) sleeps the server's retry-after-ms (x1-1.5, jittered),
-then sends again.
+Each server is a `loraplex serve` subprocess (port 0, the embedded model, a temporary store,
+an API key file made for the run). Clients stream base-model requests (short raw prompts,
+greedy) in closed loops from one asyncio event loop, with `authorization: Bearer <key>`; one
+refused (RESOURCE_EXHAUSTED) sleeps the server's retry-after-ms (x1-1.5), then sends again.
 
     1. fairness   --max-batch-size 16. Tenant B: --b-clients clients, --b-new-tokens each, for
                   --phase-seconds. "B alone": B only. "A floods + B": tenant A (max_concurrent
                   --a-limit in the key file) runs --flood-clients clients of --a-new-tokens,
                   started --ramp-seconds before B does exactly what it did alone. Then the same
-                  on a second server whose key file gives A no limit (max_concurrent 0): only
-                  the VTC fair scheduler protects B. B's TTFT (first streamed chunk with tokens)
-                  p99 in a flood should stay within 2x of B alone (measured on the first server).
+                  on a second server where A has no limit (max_concurrent 0): only the VTC fair
+                  scheduler protects B. B's p99 TTFT (first streamed chunk with tokens) in a
+                  flood should stay within 2x of B alone (measured on the first server).
     2. overload   --max-batch-size 4 --max-queue 8 (capacity 12 requests in the server), one
                   tenant without a per-tenant limit, --overload-factor x capacity closed-loop
                   clients for --overload-seconds, twice. Other errors and lost calls (still
                   open past their deadline, or DEADLINE_EXCEEDED) must be 0; the server's RSS
                   is read before, after round 1 and after round 2 (flat: the difference).
 
-tok/s counts every tenant's tokens received inside B's window (part 1) or the round (part 2).
+Request counts cover every request sent (A's from its ramp until B's last one ended); tok/s
+counts every tenant's tokens received inside B's window (part 1) or the round (part 2).
 
     python benchmarks/tenancy.py [--phase-seconds 60] [--flood-clients 32] [--a-limit 8]
         [--overload-seconds 45] [--overload-factor 4]
@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shlex
@@ -40,8 +41,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -57,8 +57,9 @@ from loraplex.v1 import inference_pb2, inference_pb2_grpc
 log = logging.getLogger("benchmark")
 
 TTFT_TARGET = 2.0  # B's p99 TTFT in a flood within 2x of B alone
-B_PROMPT = "Write a short note about the sea."
-A_PROMPT = "Tell a long story about a lighthouse keeper and the ships he watched at night."
+# Raw prompts the embedded model continues past 64 tokens greedily (no early EOS).
+B_PROMPT = "The history of the harbour town began"
+A_PROMPT = "Once upon a time, in a small village by the sea,"
 DEFAULT_RETRY_S = 0.5  # when a refusal carries no retry-after-ms
 MAX_BACKOFF_S = 5.0
 HANG_GRACE_S = 10.0  # a call still open this long past its deadline is lost
@@ -70,35 +71,15 @@ class Tenant:
     name: str
     key: str
 
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.key}"),)
-
 
 @dataclass
 class Call:
-    sent: float
     status: str = ""  # "OK", a gRPC status name, "NO_FINISH" or "LOST"
     detail: str = ""
     ttft: float | None = None
+    tokens: int = 0
     seconds: float = 0.0
     retry_after_s: float | None = None
-
-
-class Meter:
-    """Tokens received per tenant inside a window [start, end) of perf_counter time."""
-
-    def __init__(self) -> None:
-        self.start = self.end = float("inf")
-        self.tokens: Counter[str] = Counter()
-
-    def open(self, seconds: float) -> None:
-        self.start = time.perf_counter()
-        self.end = self.start + seconds
-
-    def add(self, tenant: str, n: int, now: float) -> None:
-        if self.start <= now < self.end:
-            self.tokens[tenant] += n
 
 
 def write_key_file(path: Path, tenants: list[Tenant], limits: dict[str, int]) -> None:
@@ -115,58 +96,67 @@ def request(prompt: str, new_tokens: int) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(prompt=prompt, max_new_tokens=new_tokens, temperature=0.0)
 
 
-async def call(
-    stub: inference_pb2_grpc.InferenceStub,
-    tenant: Tenant,
-    req: inference_pb2.GenerateRequest,
-    timeout: float,
-    meter: Meter,
-) -> Call:
-    start = time.perf_counter()
-    rec = Call(start)
-    finished = False
+@dataclass
+class Clients:
+    """One tenant's closed-loop clients on their own channel: each streams `req` back to back
+    until `stop`; after a refusal it sleeps the server's retry advice (jittered up). Tokens
+    received in `window` ([start, end) in perf_counter time, shared) are counted."""
 
-    async def consume() -> None:
-        nonlocal finished
-        async for chunk in stub.GenerateStream(req, timeout=timeout, metadata=tenant.metadata):
-            now = time.perf_counter()
-            if chunk.token_ids and rec.ttft is None:
-                rec.ttft = now - start
-            meter.add(tenant.name, len(chunk.token_ids), now)
-            finished = finished or bool(chunk.finish_reason)
+    channel: grpc.aio.Channel
+    tenant: Tenant
+    req: inference_pb2.GenerateRequest
+    window: list[float]
+    args: argparse.Namespace
+    calls: list[Call] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tokens_in_window: int = 0
 
-    try:
-        await asyncio.wait_for(consume(), timeout + HANG_GRACE_S)
-        rec.status = "OK" if finished else "NO_FINISH"
-    except grpc.aio.AioRpcError as exc:
-        rec.status, rec.detail = exc.code().name, exc.details() or ""
-        for key, value in exc.trailing_metadata() or ():
-            if key == RETRY_AFTER_KEY:
-                rec.retry_after_s = int(value) / 1000
-    except TimeoutError:
-        rec.status = "LOST"
-    rec.seconds = time.perf_counter() - start
-    return rec
+    def __post_init__(self) -> None:
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.timeout = self.args.request_timeout
+        self.rng = random.Random(f"{self.args.seed}{self.tenant.name}")
+        self.metadata = (("authorization", f"Bearer {self.tenant.key}"),)
 
+    async def call(self, req: inference_pb2.GenerateRequest) -> Call:
+        start, rec, finished = time.perf_counter(), Call(), False
 
-async def client(
-    stub: inference_pb2_grpc.InferenceStub,
-    tenant: Tenant,
-    req: inference_pb2.GenerateRequest,
-    stop: asyncio.Event,
-    calls: list[Call],
-    meter: Meter,
-    timeout: float,
-    rng: random.Random,
-) -> None:
-    """Send `req` back to back until `stop`; after a refusal, back off as the server says."""
-    while not stop.is_set():
-        rec = await call(stub, tenant, req, timeout, meter)
-        calls.append(rec)
-        if rec.status == "RESOURCE_EXHAUSTED":
-            delay = min((rec.retry_after_s or DEFAULT_RETRY_S) * rng.uniform(1, 1.5), MAX_BACKOFF_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+        async def consume() -> None:
+            nonlocal finished
+            stream = self.stub.GenerateStream(req, timeout=self.timeout, metadata=self.metadata)
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.token_ids and rec.ttft is None:
+                    rec.ttft = now - start
+                rec.tokens += len(chunk.token_ids)
+                if self.window[0] <= now < self.window[1]:
+                    self.tokens_in_window += len(chunk.token_ids)
+                finished = finished or bool(chunk.finish_reason)
+
+        try:
+            await asyncio.wait_for(consume(), self.timeout + HANG_GRACE_S)
+            rec.status = "OK" if finished else "NO_FINISH"
+        except grpc.aio.AioRpcError as exc:
+            rec.status, rec.detail = exc.code().name, exc.details() or ""
+            for key, value in exc.trailing_metadata() or ():
+                if key == RETRY_AFTER_KEY:
+                    rec.retry_after_s = int(value) / 1000
+        except TimeoutError:
+            rec.status = "LOST"
+        rec.seconds = time.perf_counter() - start
+        return rec
+
+    async def loop(self) -> None:
+        while not self.stop.is_set():
+            rec = await self.call(self.req)
+            self.calls.append(rec)
+            if rec.status == "RESOURCE_EXHAUSTED":
+                advice = rec.retry_after_s or DEFAULT_RETRY_S
+                with contextlib.suppress(TimeoutError):
+                    delay = min(advice * self.rng.uniform(1, 1.5), MAX_BACKOFF_S)
+                    await asyncio.wait_for(self.stop.wait(), delay)
+
+    def start(self, n: int) -> asyncio.Future[list[None]]:
+        return asyncio.gather(*(self.loop() for _ in range(n)))
 
 
 def summarize(calls: list[Call], tokens: int, seconds: float) -> dict:
@@ -182,6 +172,7 @@ def summarize(calls: list[Call], tokens: int, seconds: float) -> dict:
         "other_errors": len(other),
         "lost": len(lost),
         "error_samples": sorted({f"{c.status}: {c.detail}" for c in other + lost})[:3],
+        "mean_completion_tokens": sum(c.tokens for c in ok) / len(ok) if ok else None,
         "ttft_ms": latency_ms([c.ttft for c in ok if c.ttft is not None]),
         "e2e_ms": latency_ms([c.seconds for c in ok]),
         "refusal_ms": latency_ms([c.seconds for c in refused]),
@@ -191,60 +182,60 @@ def summarize(calls: list[Call], tokens: int, seconds: float) -> dict:
     }
 
 
+Group = tuple[Tenant, str, int, int]  # tenant, prompt, max_new_tokens, clients
+
+
+async def closed_loops(
+    address: str, groups: list[Group], seconds: float, args: argparse.Namespace
+) -> list[Clients]:
+    """Each group's clients on its own channel, after one short request each (not counted).
+    The first group sends for `seconds`, the window in which tokens are counted; the
+    others start --ramp-seconds before it and stop sending when its last request ends."""
+    window = [math.inf, math.inf]
+    channels = [grpc.aio.insecure_channel(address) for _ in groups]
+    try:
+        loads = []
+        for channel, (tenant, prompt, new_tokens, _) in zip(channels, groups, strict=True):
+            loads.append(Clients(channel, tenant, request(prompt, new_tokens), window, args))
+            warm = await loads[-1].call(request(prompt, 2))
+            if warm.status != "OK":
+                raise RuntimeError(f"warm-up of {tenant.name}: {warm.status}: {warm.detail}")
+        background = [load.start(g[3]) for load, g in zip(loads[1:], groups[1:], strict=True)]
+        if background:
+            await asyncio.sleep(args.ramp_seconds)
+        window[:] = [time.perf_counter(), time.perf_counter() + seconds]
+        asyncio.get_running_loop().call_later(seconds, loads[0].stop.set)
+        await loads[0].start(groups[0][3])
+        for load in loads[1:]:
+            load.stop.set()
+        await asyncio.gather(*background)
+    finally:
+        for channel in channels:
+            await channel.close()
+    return loads
+
+
 # -- 1. fairness -------------------------------------------------------------------------------
 async def fairness_phase(
     address: str, a: Tenant, b: Tenant, flood: bool, args: argparse.Namespace
 ) -> dict:
-    async with (
-        grpc.aio.insecure_channel(address) as channel_a,
-        grpc.aio.insecure_channel(address) as channel_b,
-    ):
-        stub_a = inference_pb2_grpc.InferenceStub(channel_a)
-        stub_b = inference_pb2_grpc.InferenceStub(channel_b)
-        meter, rng = Meter(), random.Random(args.seed)
-        for stub, tenant in ((stub_a, a), (stub_b, b)):  # connect; and both keys work
-            warm = await call(stub, tenant, request(B_PROMPT, 2), args.request_timeout, meter)
-            if warm.status != "OK":
-                raise RuntimeError(f"warm-up for {tenant.name}: {warm.status}: {warm.detail}")
-        a_calls: list[Call] = []
-        b_calls: list[Call] = []
-        stop_a, stop_b = asyncio.Event(), asyncio.Event()
-        req_a, req_b = request(A_PROMPT, args.a_new_tokens), request(B_PROMPT, args.b_new_tokens)
-        timeout = args.request_timeout
-        flooders = [
-            asyncio.create_task(client(stub_a, a, req_a, stop_a, a_calls, meter, timeout, rng))
-            for _ in range(args.flood_clients if flood else 0)
-        ]
-        if flooders:
-            await asyncio.sleep(args.ramp_seconds)
-        meter.open(args.phase_seconds)
-        asyncio.get_running_loop().call_later(args.phase_seconds, stop_b.set)
-        await asyncio.gather(
-            *(
-                client(stub_b, b, req_b, stop_b, b_calls, meter, timeout, rng)
-                for _ in range(args.b_clients)
-            )
-        )
-        stop_a.set()
-        await asyncio.gather(*flooders)
+    """B's clients for --phase-seconds; with `flood`, A's from --ramp-seconds before until B's
+    last request ends."""
+    groups = [(b, B_PROMPT, args.b_new_tokens, args.b_clients)]
+    if flood:
+        groups.append((a, A_PROMPT, args.a_new_tokens, args.flood_clients))
     window = args.phase_seconds
+    loads = await closed_loops(address, groups, window, args)
     result = {
-        "b": summarize(b_calls, meter.tokens[b.name], window),
-        "a": summarize(a_calls, meter.tokens[a.name], window) if flood else None,
-        "tokens_per_s": sum(meter.tokens.values()) / window,
+        "b": summarize(loads[0].calls, loads[0].tokens_in_window, window),
+        "a": summarize(loads[1].calls, loads[1].tokens_in_window, window) if flood else None,
+        "tokens_per_s": sum(load.tokens_in_window for load in loads) / window,
     }
-    log_phase(result)
-    return result
-
-
-def log_phase(result: dict) -> None:
-    b, a = result["b"], result["a"] or {}
-    ttft = b["ttft_ms"] or {}
+    ttft = result["b"]["ttft_ms"] or {}
     log.info(
-        "B: %d done, TTFT p50 %s ms p99 %s ms; A: %s done, %s refused; %.1f tok/s",
-        *(b["completed"], _num(ttft.get("p50"), ".0f", 0), _num(ttft.get("p99"), ".0f", 0)),
-        *(a.get("completed", "-"), a.get("resource_exhausted", "-"), result["tokens_per_s"]),
+        "B: %d done, TTFT p99 %s ms", result["b"]["completed"], _num(ttft.get("p99"), ".0f", 0)
     )
+    return result
 
 
 def run_fairness(
@@ -266,13 +257,9 @@ def run_fairness(
                     reply = c.model_info()
                 fields = ("model_id", "device", "dtype", "quantization", "max_batch_size")
                 info = {k: getattr(reply, k) for k in fields}
-                log.info(
-                    "phase B alone: %d B clients for %.0f s", args.b_clients, args.phase_seconds
-                )
+                log.info("B alone: %d clients for %.0f s", args.b_clients, args.phase_seconds)
                 phases["alone"] = asyncio.run(fairness_phase(address, a, b, False, args))
-            log.info(
-                "phase A floods + B, A max_concurrent %d: %d A clients", limit, args.flood_clients
-            )
+            log.info("A floods + B, A max_concurrent %d: %d A clients", limit, args.flood_clients)
             phases[name] = asyncio.run(fairness_phase(address, a, b, True, args))
             phases[name]["a_max_concurrent"] = limit
     alone = (phases["alone"]["b"]["ttft_ms"] or {}).get("p99")
@@ -286,22 +273,10 @@ def run_fairness(
 async def overload_round(
     address: str, tenant: Tenant, clients: int, args: argparse.Namespace
 ) -> dict:
-    calls: list[Call] = []
-    meter, stop, rng = Meter(), asyncio.Event(), random.Random(args.seed)
-    req = request(B_PROMPT, args.overload_new_tokens)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        await call(stub, tenant, request(B_PROMPT, 2), args.request_timeout, meter)  # connect
-        meter.open(args.overload_seconds)
-        asyncio.get_running_loop().call_later(args.overload_seconds, stop.set)
-        await asyncio.gather(
-            *(
-                client(stub, tenant, req, stop, calls, meter, args.request_timeout, rng)
-                for _ in range(clients)
-            )
-        )
-    row = summarize(calls, sum(meter.tokens.values()), args.overload_seconds)
-    row["attempts_per_s"] = len(calls) / args.overload_seconds
+    group = (tenant, B_PROMPT, args.overload_new_tokens, clients)
+    (load,) = await closed_loops(address, [group], args.overload_seconds, args)
+    row = summarize(load.calls, load.tokens_in_window, args.overload_seconds)
+    row["attempts_per_s"] = len(load.calls) / args.overload_seconds
     keys = ("sent", "completed", "resource_exhausted", "other_errors", "lost")
     log.info("overload: %s", ", ".join(f"{row[k]} {k.replace('_', ' ')}" for k in keys))
     return row
@@ -323,7 +298,7 @@ def run_overload(args: argparse.Namespace, home: Path, work: Path, tenant: Tenan
             log.info("overload round %d: %d clients for %.0f s", i, clients, args.overload_seconds)
             rounds.append(asyncio.run(overload_round(address, tenant, clients, args)))
             rss.append(process.memory_info().rss)
-        peak = peak_rss_bytes(proc.pid)
+        peak = peak_rss_bytes(proc.pid)  # VmHWM: model loading included
     return {
         "capacity": capacity,
         "clients": clients,
@@ -335,78 +310,81 @@ def run_overload(args: argparse.Namespace, home: Path, work: Path, tenant: Tenan
 
 
 # -- the report --------------------------------------------------------------------------------
-def _num(value: float | None, spec: str, width: int) -> str:
+def _num(value: object, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+def _table(cols: list[tuple[str, int, str]], rows: list[list[object]]) -> list[str]:
+    lines = [" ".join(f"{name:>{width}}" for name, width, _ in cols)]
+    for row in rows:
+        lines.append(" ".join(_num(v, s, w) for v, (_, w, s) in zip(row, cols, strict=True)))
+    return lines
+
+
+FAIR_COLS = [("phase", 28, "s"), ("B done", 6, "d"), ("TTFT p50", 8, ".0f")]
+FAIR_COLS += [("TTFT p99", 8, ".0f"), ("p99/alone", 9, ".2f"), ("A done", 6, "d")]
+FAIR_COLS += [("A refused", 9, "d"), ("tok/s", 6, ".1f"), ("errors", 6, "d")]
+OVER_COLS = [("round", 5, "d"), ("sent", 6, "d"), ("accepted", 8, "d"), ("completed", 9, "d")]
+OVER_COLS += [("refused", 7, "d"), ("other err", 9, "d"), ("lost", 4, "d")]
+OVER_COLS += [("refusal p50", 11, ".1f"), ("refusal p99", 11, ".1f"), ("tok/s", 6, ".1f")]
+
+
 def fairness_lines(fair: dict, cfg: dict) -> list[str]:
-    lines = [
-        f"1. fairness, {cfg['phase_seconds']:.0f} s per phase, --max-batch-size {cfg['batch']}: "
-        f"B = {cfg['b_clients']} clients x {cfg['b_new_tokens']} new tokens, A = "
-        f"{cfg['flood_clients']} clients x {cfg['a_new_tokens']} (greedy, base model); ms",
-        f"{'phase':<28} {'B done':>6} {'TTFT p50':>8} {'TTFT p99':>8} {'p99/alone':>9} "
-        f"{'A done':>6} {'A refused':>9} {'tok/s':>6} {'errors':>6}",
-    ]
     names = {
         "alone": "B alone",
         "capped": f"A floods + B (A cap {cfg['a_limit']})",
         "uncapped": "A floods + B (no cap, VTC)",
     }
+    rows, notes = [], []
     for key, label in names.items():
         row = fair[key]
         b, a = row["b"], row["a"] or {}
         ttft = b["ttft_ms"] or {}
         errors = b["other_errors"] + b["lost"] + a.get("other_errors", 0) + a.get("lost", 0)
-        lines.append(
-            f"{label:<28} {b['completed']:>6} {_num(ttft.get('p50'), '.0f', 8)} "
-            f"{_num(ttft.get('p99'), '.0f', 8)} {_num(row.get('b_ttft_p99_over_alone'), '.2f', 9)} "
-            f"{_num(a.get('completed'), 'd', 6)} {_num(a.get('resource_exhausted'), 'd', 9)} "
-            f"{row['tokens_per_s']:>6.1f} {errors:>6}"
-        )
-        for sample in b["error_samples"] + a.get("error_samples", []):
-            lines.append(f"  error: {sample}")
+        ratio, refused = row.get("b_ttft_p99_over_alone"), a.get("resource_exhausted")
+        cells = [b["completed"], ttft.get("p50"), ttft.get("p99"), ratio, a.get("completed")]
+        rows.append([label, *cells, refused, row["tokens_per_s"], errors])
+        notes += [f"  error: {e}" for e in b["error_samples"] + a.get("error_samples", [])]
     for key in ("capped", "uncapped"):
         ratio = fair[key]["b_ttft_p99_over_alone"]
         verdict = "?" if ratio is None else "met" if ratio <= TTFT_TARGET else "MISSED"
-        lines.append(
+        notes.append(
             f"  {names[key]}: B p99 TTFT {_num(ratio, '.2f', 0)}x alone "
             f"(target <= {TTFT_TARGET:.0f}x: {verdict})"
         )
-    return lines
+    head = (
+        f"1. fairness, {cfg['phase_seconds']:.0f} s per phase, --max-batch-size {cfg['batch']}: "
+        f"B = {cfg['b_clients']} clients x {cfg['b_new_tokens']} new tokens, A = "
+        f"{cfg['flood_clients']} clients x {cfg['a_new_tokens']} (greedy, base model); ms"
+    )
+    return [head, *_table(FAIR_COLS, rows), *notes]
 
 
 def overload_lines(over: dict, cfg: dict) -> list[str]:
-    mib = 2**20
-    lines = [
+    rows, notes = [], []
+    for i, row in enumerate(over["rounds"], 1):
+        refusal = row["refusal_ms"] or {}
+        counts = ("sent", "accepted", "completed", "resource_exhausted", "other_errors", "lost")
+        latency = (refusal.get("p50"), refusal.get("p99"), row["tokens_per_s"])
+        rows.append([i, *(row[k] for k in counts), *latency])
+        notes += [f"  error: {e}" for e in row["error_samples"]]
+    mib = {k: v / 2**20 for k, v in over["rss_bytes"].items()}
+    ok = all(r["other_errors"] == 0 and r["lost"] == 0 for r in over["rounds"])
+    head = (
         f"2. overload, {cfg['overload_seconds']:.0f} s per round: --max-batch-size "
         f"{cfg['overload_batch']} --max-queue {cfg['overload_queue']} (capacity "
         f"{over['capacity']}), {over['clients']} clients ({cfg['overload_factor']}x), "
-        f"{cfg['overload_new_tokens']} new tokens; ms",
-        f"{'round':<5} {'sent':>6} {'accepted':>8} {'completed':>9} {'refused':>7} "
-        f"{'other err':>9} {'lost':>4} {'refusal p50':>11} {'refusal p99':>11} {'tok/s':>6} "
-        f"{'RSS MiB':>7}",
-    ]
-    rss = over["rss_bytes"]
-    for i, (row, after) in enumerate(
-        zip(over["rounds"], [rss["after_round_1"], rss["after_round_2"]], strict=True), 1
-    ):
-        refusal = row["refusal_ms"] or {}
-        lines.append(
-            f"{i:<5} {row['sent']:>6} {row['accepted']:>8} {row['completed']:>9} "
-            f"{row['resource_exhausted']:>7} {row['other_errors']:>9} {row['lost']:>4} "
-            f"{_num(refusal.get('p50'), '.1f', 11)} {_num(refusal.get('p99'), '.1f', 11)} "
-            f"{row['tokens_per_s']:>6.1f} {after / mib:>7.0f}"
-        )
-        for sample in row["error_samples"]:
-            lines.append(f"  error: {sample}")
-    ok = all(r["other_errors"] == 0 and r["lost"] == 0 for r in over["rounds"])
-    lines.append(
-        f"  server RSS: before {rss['before'] / mib:.0f} MiB, after round 1 "
-        f"{rss['after_round_1'] / mib:.0f}, after round 2 {rss['after_round_2'] / mib:.0f} "
-        f"(round 2 - round 1: {over['rss_round_2_minus_round_1_bytes'] / mib:+.1f} MiB)"
+        f"{cfg['overload_new_tokens']} new tokens; ms"
     )
-    lines.append(f"  targets 0 other errors, 0 lost: {'met' if ok else 'MISSED'}")
-    return lines
+    return [
+        head,
+        *_table(OVER_COLS, rows),
+        *notes,
+        f"  server RSS: before {mib['before']:.0f} MiB, after round 1 {mib['after_round_1']:.0f}"
+        f", after round 2 {mib['after_round_2']:.0f} (round 2 - round 1: "
+        f"{mib['after_round_2'] - mib['after_round_1']:+.1f} MiB)",
+        f"  targets 0 other errors, 0 lost: {'met' if ok else 'MISSED'}",
+    ]
 
 
 # -- main --------------------------------------------------------------------------------------
