@@ -118,6 +118,10 @@ class KeyRing:
             raise Unauthenticated("invalid api key")
         return found
 
+    @property
+    def tenants(self) -> set[str]:
+        return {k.principal.tenant for k in self._keys}
+
     def __len__(self) -> int:
         return len(self._keys)
 

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt + max_new_tokens per tenant per minute (0 = no limit)",
     )
     serve.add_argument(
+        "--tenant-max-running",
+        type=int,
+        metavar="N",
+        help="rows of the batch one tenant may hold (0 = no limit; default: 3/4 of "
+        "--max-batch-size when the key file has several tenants)",
+    )
+    serve.add_argument(
         "--max-queue",
         type=int,
         default=EngineConfig.max_queue,
@@ -296,6 +303,7 @@ def serve(args: argparse.Namespace) -> int:
             max_request_seconds=args.max_request_seconds,
             max_queue=args.max_queue,
             max_queued_tokens=args.max_queued_tokens,
+            tenant_max_running=args.tenant_max_running,
         ),
     )
 

@@ -57,6 +57,10 @@ class EngineConfig:
     max_queued_tokens: int = 1 << 18
     """Prompt tokens waiting for admission; beyond it new requests are refused (a lone request
     is always queued: its own size is bounded by the context)."""
+    tenant_max_running: int | None = None
+    """Rows (running requests) one tenant may hold, so another tenant's request finds a row
+    at once instead of waiting for a flood to finish; 0 = no limit; None = automatic: 3/4 of
+    max_batch_size when the key file has more than one tenant, else no limit."""
     default_max_new_tokens: int = 128
     """max_new_tokens when a request does not set it."""
     max_adapter_bytes: int = 1 << 30
@@ -81,6 +85,8 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tenant_max_running is not None and self.tenant_max_running < 0:
+            raise ValueError(f"tenant_max_running must be >= 0, got {self.tenant_max_running}")
 
 
 def is_loopback(host: str) -> bool:

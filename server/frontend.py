@@ -5,6 +5,7 @@ adapter version), outputs as async iterators. The gRPC servicers only translate 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from loraplex.adapters.store import AdapterStore, AdapterVersion
 from loraplex.adapters.validate import BaseModelSpec
 from loraplex.server import __version__
 from loraplex.server.admission import Quotas, Ticket, load_tenant_limits
-from loraplex.server.auth import Principal
+from loraplex.server.auth import KeyRing, Principal
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
@@ -110,6 +111,10 @@ class Frontend:
         """Load the model and build everything behind the front end (blocking; seconds). The
         model is loaded on the engine thread, the one thread that runs tensor work."""
         ec = config.engine
+        if ec.tenant_max_running is None:  # automatic: headroom only when tenants share
+            tenants = KeyRing.from_file(config.auth_keys).tenants if config.auth_keys else set()
+            share = max(1, ec.max_batch_size * 3 // 4) if len(tenants) > 1 else 0
+            ec = dataclasses.replace(ec, tenant_max_running=share)
 
         def make_runner() -> ModelRunner:
             return ModelRunner.from_config(load_model(config.model), ec)

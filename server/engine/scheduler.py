@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -48,6 +48,7 @@ class Scheduler:
         self._queued_tokens = 0  # prompt tokens waiting
         self._arrivals = itertools.count()  # ties between tenants go to the earlier request
         self._order: dict[int, int] = {}  # id(request) -> arrival number
+        self._running: Counter[str] = Counter()  # tenant -> its admitted requests still running
         self._cond = threading.Condition()
         self._closed = False  # under _cond: set once, then every add is refused
 
@@ -78,6 +79,9 @@ class Scheduler:
         """Thread-safe: an admitted request left the engine."""
         with self._cond:
             self.fairness.leave(request.tenant)
+            self._running[request.tenant] -= 1
+            if self._running[request.tenant] <= 0:
+                del self._running[request.tenant]
 
     def charge(self, generated: dict[str, int]) -> None:
         """Thread-safe: count tokens generated for each tenant (once per step)."""
@@ -172,7 +176,8 @@ class Scheduler:
 
         The order: the tenant with the lowest virtual token counter next (admitting a request
         charges its prompt, so tenants take turns), each tenant's requests first come, first
-        served.
+        served. A tenant already running `tenant_max_running` requests is passed over, so the
+        rows it leaves are there for others the moment they send.
 
         A request whose adapter needs a slot while every slot is held by running requests
         waits, and one held slot is chosen to drain for it: no new request joins that slot,
@@ -196,6 +201,9 @@ class Scheduler:
                 queue, i = self._queues[tenant], position[tenant]
                 request = queue[i]
                 position[tenant] = i + 1
+                limit = self.config.tenant_max_running
+                if limit and self._running[tenant] >= limit:
+                    continue  # the tenant holds its share of rows: its requests wait
                 outcome = self._try_admit(request, allocate, unallocate, waited, draining, wanting)
                 if outcome == "full":  # the KV cache is full: wait for sequences to finish
                     break
@@ -209,6 +217,7 @@ class Scheduler:
                     admitted.append(outcome)
                     leaving.add(id(request))
                     self._take(request)
+                    self._running[tenant] += 1
                     self.fairness.charge(tenant, prompt_tokens=len(request.prompt_ids))
                 if i + 1 < len(queue):
                     heapq.heappush(turns, self._turn(tenant, i + 1))

@@ -274,7 +274,7 @@ def connect_other(server, keys, ca) -> LoraplexClient:
 
 
 def test_refusals_carry_the_request_id(secured):
-    server, keys, ca = secured
+    server, _, ca = secured
     with LoraplexClient(server.address, 30, tls_ca=ca) as anonymous:
         with pytest.raises(grpc.RpcError) as err:
             anonymous.inference.ModelInfo(

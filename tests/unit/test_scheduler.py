@@ -178,3 +178,18 @@ def test_counters_reset_once_nobody_is_active():
     assert scheduler.fairness.counter("a") > 0
     scheduler.finished(first)
     assert scheduler.fairness.counter("a") == 0
+
+
+def test_a_tenant_at_its_share_of_rows_leaves_the_rest_to_others():
+    scheduler = Scheduler(EngineConfig(tenant_max_running=2), SlotTable(1))
+    for i in range(4):
+        scheduler.add(request(f"a{i}", None, "flood"))
+    rows = Rows(4)
+    admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
+    assert names(admitted) == ["a0", "a1"] and rows.free == 2  # two rows stay free
+    scheduler.add(request("b0", None, "quiet"))
+    admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
+    assert names(admitted) == ["b0"]  # at once, not after the flood
+    scheduler.finished(request("a0", None, "flood"))  # one of a's requests ended
+    admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
+    assert names(admitted) == ["a2"]
