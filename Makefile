@@ -36,13 +36,15 @@ test: install lint
 	$(PY) -m pytest -q -ra
 
 # Offline throughput, then online latency through the gRPC server, then the adapter lifecycle
-# (load tiers, churn over 1000 adapters, hot swap), then the plot (benchmarks/results/:
-# throughput.json, online.json, lifecycle.json, benchmark.png). Over an hour on 2 cores.
+# (load tiers, churn over 1000 adapters, hot swap), then tenancy (fairness under a flood,
+# overload), then the plot (benchmarks/results/: throughput.json, online.json,
+# lifecycle.json, tenancy.json, benchmark.png). Over an hour on 2 cores.
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/online.py --serve-args="--max-batch-size 64 --max-loras 32"
 	$(PY) benchmarks/lifecycle.py
+	$(PY) benchmarks/tenancy.py
 	$(PY) benchmarks/plot.py
 
 clean:

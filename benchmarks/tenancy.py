@@ -9,9 +9,11 @@ refused (RESOURCE_EXHAUSTED) sleeps the server's retry-after-ms (x1-1.5), then s
                   --phase-seconds. "B alone": B only. "A floods + B": tenant A (max_concurrent
                   --a-limit in the key file) runs --flood-clients clients of --a-new-tokens,
                   started --ramp-seconds before B does exactly what it did alone. Then the same
-                  on a second server where A has no limit (max_concurrent 0): only the VTC fair
-                  scheduler protects B. B's p99 TTFT (first streamed chunk with tokens) in a
-                  flood should stay within 2x of B alone (measured on the first server).
+                  on a second server where A has no limit (max_concurrent 0): the VTC fair
+                  scheduler and the automatic row share (a tenant holds at most 3/4 of the
+                  batch rows when the key file has several tenants) protect B. B's p99 TTFT
+                  (first streamed chunk with tokens) in a flood should stay within 2x of B
+                  alone (measured on the first server).
     2. overload   --max-batch-size 4 --max-queue 8 (capacity 12 requests in the server), one
                   tenant without a per-tenant limit, --overload-factor x capacity closed-loop
                   clients for --overload-seconds, twice. Other errors and lost calls (still
@@ -333,7 +335,7 @@ def fairness_lines(fair: dict, cfg: dict) -> list[str]:
     names = {
         "alone": "B alone",
         "capped": f"A floods + B (A cap {cfg['a_limit']})",
-        "uncapped": "A floods + B (no cap, VTC)",
+        "uncapped": "A floods + B (no cap: VTC + row share)",
     }
     rows, notes = [], []
     for key, label in names.items():

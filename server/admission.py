@@ -119,7 +119,7 @@ class Quotas:
                 usage = self._usage[tenant] = _Usage(0, float(per_minute), now)
             if limits.max_concurrent and usage.in_flight >= limits.max_concurrent:
                 raise OverQuota(
-                    f"tenant {tenant!r} has {usage.in_flight} requests in flight, its limit",
+                    f"tenant {tenant!r} has {limits.max_concurrent} requests in flight, its limit",
                     CONCURRENCY_RETRY_S,
                 )
             if per_minute:
@@ -134,6 +134,16 @@ class Quotas:
                 usage.tokens -= tokens
             usage.in_flight += 1
         return Ticket(self, tenant, tokens)
+
+    def check(self, tenant: str) -> None:
+        """Raise OverQuota if the tenant is at its limit of requests in flight: a cheap check
+        before any work on a request (`admit` decides; this only refuses early)."""
+        limit = self.limits(tenant).max_concurrent
+        if limit and self.in_flight(tenant) >= limit:
+            raise OverQuota(
+                f"tenant {tenant!r} has {limit} requests in flight, its limit",
+                CONCURRENCY_RETRY_S,
+            )
 
     def in_flight(self, tenant: str) -> int:
         with self._lock:

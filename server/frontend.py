@@ -145,6 +145,10 @@ class Frontend:
         any output; the returned iterator yields outputs until one carries a finish_reason."""
         request_id = request_id or uuid.uuid4().hex
         tenant = principal.tenant if principal is not None else ""
+        # Refuse early what would be refused anyway, before tokenizing: under overload the
+        # refusals must cost the server (and the requests it runs) next to nothing.
+        self.quotas.check(tenant)
+        self.engine.scheduler.check()
         adapter = await self._resolve(inp.adapter_id, principal) if inp.adapter_id else None
         check_sizes(inp)
         prompt_ids = await asyncio.to_thread(self._tokenize, inp)

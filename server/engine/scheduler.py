@@ -52,16 +52,25 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False  # under _cond: set once, then every add is refused
 
+    def check(self) -> None:
+        """Raise QueueFull (or NotReady) if a request would be refused now: a cheap check
+        before any work on a request (`add` decides; this only refuses early)."""
+        with self._cond:
+            self._check()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise NotReady("the engine is shutting down")
+        if self._num_waiting >= self.config.max_queue:
+            raise QueueFull(
+                f"the request queue is full ({self.config.max_queue} waiting)", QUEUE_RETRY_S
+            )
+
     def add(self, request: EngineRequest) -> None:
         """Thread-safe: queue a request, or raise QueueFull (or NotReady once closed)."""
         tokens = len(request.prompt_ids)
         with self._cond:
-            if self._closed:
-                raise NotReady("the engine is shutting down")
-            if self._num_waiting >= self.config.max_queue:
-                raise QueueFull(
-                    f"the request queue is full ({self.config.max_queue} waiting)", QUEUE_RETRY_S
-                )
+            self._check()
             if self._num_waiting and self._queued_tokens + tokens > self.config.max_queued_tokens:
                 raise QueueFull(
                     f"the request queue is full ({self._queued_tokens} prompt tokens waiting, "
