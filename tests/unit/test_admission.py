@@ -23,6 +23,9 @@ def test_requests_in_flight_are_limited_per_tenant():
     with pytest.raises(OverQuota, match="2 requests in flight") as err:
         quotas.admit("small", 10)
     assert err.value.retry_after_s > 0
+    with pytest.raises(OverQuota):  # the early check, before a request is tokenized
+        quotas.check("small")
+    quotas.check("big")
     for _ in range(3):  # another tenant is not held back, and has its own limit
         quotas.admit("big", 10)
     tickets[0].release()
