@@ -119,8 +119,9 @@ class KeyRing:
         return found
 
     @property
-    def tenants(self) -> set[str]:
-        return {k.principal.tenant for k in self._keys}
+    def client_tenants(self) -> set[str]:
+        """Tenants that have client keys (those whose requests share the engine)."""
+        return {k.principal.tenant for k in self._keys if not k.principal.is_admin}
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from loraplex.adapters.cache import HostCache, Lease, TierStats
 from loraplex.adapters.errors import AdapterNotFound
-from loraplex.adapters.registry import AdapterRegistry, check_adapter_id
+from loraplex.adapters.registry import MISS_REFRESH_S, AdapterRegistry, check_adapter_id
 from loraplex.adapters.sources import Upload
 from loraplex.adapters.store import AdapterStore, AdapterVersion
 from loraplex.adapters.validate import BaseModelSpec
@@ -105,6 +107,8 @@ class Frontend:
         )
         self._pins: dict[str, tuple[AdapterVersion, Lease]] = {}  # adapter id -> pinned version
         self._pin_lock = asyncio.Lock()
+        self._refreshed_at = -math.inf  # when a client's unknown id last made us re-read
+        self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
     def create(cls, config: ServerConfig) -> Frontend:
@@ -112,7 +116,8 @@ class Frontend:
         model is loaded on the engine thread, the one thread that runs tensor work."""
         ec = config.engine
         if ec.tenant_max_running is None:  # automatic: headroom only when tenants share
-            tenants = KeyRing.from_file(config.auth_keys).tenants if config.auth_keys else set()
+            keys = KeyRing.from_file(config.auth_keys) if config.auth_keys else None
+            tenants = keys.client_tenants if keys is not None else set()
             share = max(1, ec.max_batch_size * 3 // 4) if len(tenants) > 1 else 0
             ec = dataclasses.replace(ec, tenant_max_running=share)
 
@@ -206,7 +211,8 @@ class Frontend:
                 lease.release()
             ticket.release(ticket.tokens)
             raise
-        return Generation(request_id, adapter, _outputs(queue, request, lease, ticket))
+        outputs = _outputs(queue, request, lease, ticket, self.engine.scheduler.remove)
+        return Generation(request_id, adapter, outputs)
 
     async def _resolve(self, adapter_id: str, principal: Principal | None = None) -> AdapterVersion:
         """The version a new request for `adapter_id` gets, if `principal` may use it."""
@@ -214,13 +220,37 @@ class Frontend:
             try:
                 version = self.registry.store.latest(check_adapter_id(adapter_id))  # in memory
             except AdapterNotFound:
-                # Another replica may have registered it: re-read the store, off the loop.
-                version = await asyncio.to_thread(self.registry.resolve, adapter_id)
+                if may_use(principal, None):
+                    # Another replica may have registered it: re-read the store, off the loop.
+                    version = await asyncio.to_thread(self.registry.resolve, adapter_id)
+                else:
+                    # A client is answered at once, as for another tenant's adapter (waiting
+                    # for the store would tell the two apart); the store is re-read behind,
+                    # so a retry finds an adapter another replica just registered.
+                    self._refresh_behind()
+                    raise
         except AdapterNotFound:
             check_use(principal, adapter_id, None)
             raise
         check_use(principal, adapter_id, version)
         return version
+
+    def _refresh_behind(self) -> None:
+        """Re-read the store in the background: one at a time, at most every MISS_REFRESH_S
+        (clients naming unknown ids cannot make the server scan the store repeatedly)."""
+        now = time.monotonic()
+        if now - self._refreshed_at < MISS_REFRESH_S:
+            return
+        self._refreshed_at = now
+        task = asyncio.create_task(self._refresh_logged())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh_store()
+        except Exception:
+            log.exception("re-reading the adapter store failed")
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
         if inp.prompt and inp.messages:
@@ -324,11 +354,14 @@ class Frontend:
     ) -> list[tuple[AdapterVersion, list[int]]]:
         """The adapters `principal` may use."""
         store = self.registry.store
-        return [
-            (v, [x.version for x in store.versions(v.adapter_id)])
-            for v in store.latest_versions()
-            if may_use(principal, v)
-        ]
+        found = []
+        for latest in store.latest_versions():
+            if may_use(principal, latest):
+                try:
+                    found.append((latest, [v.version for v in store.versions(latest.adapter_id)]))
+                except AdapterNotFound:  # deleted meanwhile
+                    continue
+        return found
 
     def is_pinned(self, adapter_id: str) -> bool:
         return adapter_id in self._pins
@@ -444,6 +477,7 @@ async def _outputs(
     request: EngineRequest,
     lease: Lease | None,
     ticket: Ticket,
+    unqueue: Callable[[EngineRequest], bool],
 ) -> AsyncIterator[RequestOutput]:
     finished = False
     generated = 0
@@ -458,7 +492,8 @@ async def _outputs(
             yield item
     finally:
         if not finished:  # the consumer went away (client cancel, deadline): stop generating
-            request.cancel()
+            request.cancel()  # running: the engine drops it at its next step
+            unqueue(request)  # queued: it leaves the queue now
         if lease is not None:
             lease.release()
         ticket.release(request.params.max_new_tokens - generated)

@@ -3,6 +3,7 @@ status codes (through `errors.status_for`, the one mapping). No torch here."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -130,13 +131,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         texts: list[str] = []
         token_ids: list[int] = []
-        async for out in generation.outputs:
-            texts.append(out.text)
-            token_ids.extend(out.token_ids)
-            if out.finish_reason is not None:
-                return _response(
-                    out, "".join(texts), token_ids, generation.adapter, generation.request_id
-                )
+        async with contextlib.aclosing(generation.outputs) as outputs:
+            async for out in outputs:
+                texts.append(out.text)
+                token_ids.extend(out.token_ids)
+                if out.finish_reason is not None:
+                    return _response(
+                        out, "".join(texts), token_ids, generation.adapter, generation.request_id
+                    )
         raise RuntimeError("generation ended without a finish reason")
 
     @streaming
@@ -148,13 +150,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         generation = await self._frontend().generate(
             generate_input(request), REQUEST_ID.get(), PRINCIPAL.get()
         )
-        async for out in generation.outputs:
-            # Also steps whose text is held back (half a character, a possible stop string):
-            # their token ids must reach the client.
-            if out.text or out.token_ids or out.finish_reason is not None:
-                yield _response(
-                    out, out.text, out.token_ids, generation.adapter, generation.request_id
-                )
+        # Closed however the call ends (a client gone mid-send included): the request is
+        # cancelled and what it holds given back at once, not when garbage is collected.
+        async with contextlib.aclosing(generation.outputs) as outputs:
+            async for out in outputs:
+                # Also steps whose text is held back (half a character, a possible stop
+                # string): their token ids must reach the client.
+                if out.text or out.token_ids or out.finish_reason is not None:
+                    yield _response(
+                        out, out.text, out.token_ids, generation.adapter, generation.request_id
+                    )
 
     @unary
     async def ModelInfo(

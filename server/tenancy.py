@@ -14,18 +14,18 @@ from loraplex.server.auth import Principal
 from loraplex.server.errors import PermissionDenied
 
 
-def may_use(principal: Principal | None, version: AdapterVersion) -> bool:
+def may_use(principal: Principal | None, version: AdapterVersion | None) -> bool:
+    """Whether `principal` may use `version` (None: no such adapter, which only admins, or
+    everyone without authentication, may learn)."""
     if principal is None or principal.is_admin:
         return True
-    return version.shared or version.tenant == principal.tenant
+    return version is not None and (version.shared or version.tenant == principal.tenant)
 
 
 def check_use(principal: Principal | None, adapter_id: str, version: AdapterVersion | None) -> None:
-    """Raise PermissionDenied unless `principal` may use `version` (None: no such adapter,
-    which only admins, or everyone without authentication, may learn)."""
-    if principal is None or principal.is_admin:
-        return
-    if version is None or not may_use(principal, version):
+    """Raise PermissionDenied unless `principal` may use `version` (see `may_use`)."""
+    if not may_use(principal, version):
+        assert principal is not None
         raise PermissionDenied(
             f"adapter {adapter_id!r} is not available to tenant {principal.tenant!r} (only "
             "its own adapters and shared ones are)"

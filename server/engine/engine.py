@@ -195,13 +195,23 @@ class Engine:
 
     def _start(self, admitted: list[Admission]) -> None:
         failed = self._load_adapters(admitted)
+        dropped = [a for a in admitted if a.slot in failed]
         for admission in admitted:
-            if admission.slot not in failed:
-                self._batch.add(self._new_sequence(admission))
-        for admission in sorted(admitted, key=lambda a: -a.row):
             if admission.slot in failed:
-                self._free_row(admission.row, self._reservation(admission.request))
-                self.scheduler.finished(admission.request)
+                continue
+            try:
+                seq = self._new_sequence(admission)
+            except Exception as exc:  # fail this request alone, leaving nothing held
+                log.exception("starting request %s failed", admission.request.request_id)
+                if admission.grant is not None:
+                    self.slots.release(admission.slot)
+                admission.request.emit(exc)
+                dropped.append(admission)
+                continue
+            self._batch.add(seq)
+        for admission in sorted(dropped, key=lambda a: -a.row):
+            self._free_row(admission.row, self._reservation(admission.request))
+            self.scheduler.finished(admission.request)
 
     # -- one step: every decode and a budget of prompt chunks in one forward ----------------
     def _run_step(self) -> None:

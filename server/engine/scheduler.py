@@ -84,6 +84,18 @@ class Scheduler:
             self._queued_tokens += tokens
             self._cond.notify()
 
+    def remove(self, request: EngineRequest) -> bool:
+        """Thread-safe: take a (cancelled) request out of the queue at once, so it holds no
+        place there; False if it is not queued (admitted already, or gone)."""
+        with self._cond:
+            queue = self._queues.get(request.tenant)
+            if queue is None or id(request) not in self._order:
+                return False
+            queue.remove(request)
+            self._left(request)
+            self._prune()
+            return True
+
     def finished(self, request: EngineRequest) -> None:
         """Thread-safe: an admitted request left the engine."""
         with self._cond:
@@ -211,7 +223,7 @@ class Scheduler:
                 request = queue[i]
                 position[tenant] = i + 1
                 limit = self.config.tenant_max_running
-                if limit and self._running[tenant] >= limit:
+                if limit and self._running[tenant] >= limit and not request.cancelled.is_set():
                     continue  # the tenant holds its share of rows: its requests wait
                 outcome = self._try_admit(request, allocate, unallocate, waited, draining, wanting)
                 if outcome == "full":  # the KV cache is full: wait for sequences to finish

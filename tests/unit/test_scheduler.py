@@ -193,3 +193,23 @@ def test_a_tenant_at_its_share_of_rows_leaves_the_rest_to_others():
     scheduler.finished(request("a0", None, "flood"))  # one of a's requests ended
     admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
     assert names(admitted) == ["a2"]
+
+
+def test_a_cancelled_request_leaves_the_queue_at_once():
+    scheduler = Scheduler(EngineConfig(max_queue=2, tenant_max_running=1), SlotTable(1))
+    rows = Rows(4)
+    scheduler.add(request("a0", None, "a"))
+    scheduler.admit(rows.allocate, rows.unallocate)  # a holds its one row
+    queued = [request(f"a{i}", None, "a") for i in (1, 2)]
+    for r in queued:
+        scheduler.add(r)
+    with pytest.raises(QueueFull):
+        scheduler.add(request("b0", None, "b"))
+    # Its client went away: admission would never reach it (a is at its share of rows), so
+    # it must not keep its place until then.
+    queued[0].cancel()
+    assert scheduler.remove(queued[0]) and not scheduler.remove(queued[0])
+    assert scheduler.num_waiting() == 1 and scheduler.queued_tokens() == 3
+    scheduler.add(request("b0", None, "b"))
+    admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
+    assert names(admitted) == ["b0"]
