@@ -37,6 +37,17 @@ class TierStats:
     loads: int = 0  # loads that completed (concurrent misses share one)
     load_seconds: float = 0.0  # their total time
     load_failures: int = 0
+    # Called with each completed load's time (metrics); must not block.
+    load_observers: list[Callable[[float], None]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+
+    def loaded(self, seconds: float) -> None:
+        """Count a completed load."""
+        self.loads += 1
+        self.load_seconds += seconds
+        for observe in self.load_observers:
+            observe(seconds)
 
 
 @dataclass
@@ -180,8 +191,7 @@ class HostCache:
         with self._lock:
             entry.nbytes = nbytes
             self._bytes += nbytes
-            self.stats.loads += 1
-            self.stats.load_seconds += seconds
+            self.stats.loaded(seconds)
             # Every waiter holds a reference; the entry becomes evictable when they release.
             self._evict()
         log.info(

@@ -16,6 +16,7 @@ from loraplex.server.config import ServerConfig
 from loraplex.server.errors import NotReady
 from loraplex.server.frontend import Frontend
 from loraplex.server.interceptor import CallInterceptor
+from loraplex.server.metrics import GrpcMetricsInterceptor, Metrics
 from loraplex.server.service import AdaptersServicer, InferenceServicer
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -45,6 +46,7 @@ class LoraplexServer:
         self.config = config
         self.frontend: Frontend | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None  # bound once started, when metrics are on
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._ready = asyncio.Event()
@@ -64,8 +66,10 @@ class LoraplexServer:
                 "authentication is off (no --auth-keys)%s",
                 "" if config.insecure else ": serving loopback only",
             )
+        self.metrics = Metrics(config.metrics_adapter_labels)
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(keys)],
+            # The metrics interceptor first: it sees every call, refused ones included.
+            interceptors=[GrpcMetricsInterceptor(self.metrics), CallInterceptor(keys)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -92,6 +96,8 @@ class LoraplexServer:
             raise OSError(f"could not bind {address}")
         await server.start()
         self._server = server
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
         log.info("listening on %s:%d; loading the model", self.config.host, self.port)
         self._load_task = asyncio.create_task(self._load())
         return self.port
@@ -107,6 +113,8 @@ class LoraplexServer:
         try:
             frontend = await asyncio.to_thread(Frontend.create, self.config)
             self.frontend = frontend
+            frontend.observers.observers.append(self.metrics)
+            self.metrics.watch(frontend)
             await frontend.warmup()
             for adapter_id in self.config.pinned_adapters:
                 await frontend.pin_adapter(adapter_id)

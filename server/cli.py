@@ -18,11 +18,13 @@ from google.protobuf.json_format import MessageToDict
 from loraplex.server.admission import TenantLimits
 from loraplex.server.config import (
     DEFAULT_HOME,
+    DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     EngineConfig,
     ModelConfig,
     ServerConfig,
 )
+from loraplex.server.logs import LOG_FORMATS, configure_logging
 
 if TYPE_CHECKING:
     from loraplex.server.client import LoraplexClient
@@ -40,6 +42,9 @@ def _home(arg: str | None) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="json: one object per line"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the base model and its adapters over gRPC")
@@ -126,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     serve.add_argument(
         "--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="HTTP port of the Prometheus /metrics exposition, on --host (0: any free port)",
+    )
+    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics")
+    serve.add_argument(
+        "--metrics-adapter-labels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="count requests per adapter for the first N adapters, the rest as 'other'",
+    )
+    serve.add_argument(
+        "--log-prompts",
+        action="store_true",
+        help="put prompts and outputs in the request log (never by default)",
     )
     serve.add_argument(
         "--tenant-max-concurrent",
@@ -283,6 +307,9 @@ def serve(args: argparse.Namespace) -> int:
         tls_cert=_path(args.tls_cert),
         tls_key=_path(args.tls_key),
         tls_client_ca=_path(args.tls_client_ca),
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        metrics_adapter_labels=args.metrics_adapter_labels,
+        log_prompts=args.log_prompts,
         tenant_limits=TenantLimits(args.tenant_max_concurrent, args.tenant_tokens_per_minute),
         model=ModelConfig(
             model=args.model,
@@ -445,9 +472,7 @@ def _as_dict(message: object) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     handlers = {"serve": serve, "generate": generate, "adapters": adapters, "keys": keys}
     try:
         return handlers[args.command](args)

@@ -11,6 +11,7 @@ from typing import Literal
 from loraplex.server.admission import TenantLimits
 
 DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9464  # `loraplex serve`'s /metrics port
 DEFAULT_HOME = Path("~/.cache/loraplex")
 
 
@@ -129,6 +130,13 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     """PEM CA bundle: require client certificates signed by it (mutual TLS)."""
+    metrics_port: int | None = None
+    """HTTP port of the Prometheus exposition (/metrics), on `host`; 0 picks a free one;
+    None = no metrics (`loraplex serve` defaults to 9464)."""
+    metrics_adapter_labels: int = 0
+    """Count requests per adapter for this many adapters (the rest as "other"); 0 = none."""
+    log_prompts: bool = False
+    """Put prompts and outputs in the request log lines (never by default)."""
     tenant_limits: TenantLimits = field(default_factory=lambda: TenantLimits(max_concurrent=256))
     """Every tenant's limits (requests in flight, tokens per minute), unless the key file
     sets its own; without keys every caller is one tenant. The default in-flight limit keeps
@@ -139,6 +147,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.metrics_adapter_labels < 0:
+            raise ValueError("metrics_adapter_labels must be >= 0")
         if self.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
         if self.auth_keys is None and not self.insecure and not is_loopback(self.host):

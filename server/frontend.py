@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loraplex.adapters.cache import HostCache, Lease, TierStats
@@ -28,6 +29,7 @@ from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 from loraplex.server.errors import InvalidRequest
 from loraplex.server.model_loader import LORA_TARGETS, LoadedModel, load_model
+from loraplex.server.telemetry import Observers, RequestLog, RequestRecord
 from loraplex.server.tenancy import check_use, may_use
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,16 @@ class TierView:
 
 
 @dataclass(frozen=True)
+class EngineState:
+    running: int
+    waiting: int
+    kv_cache_usage: float  # share of the KV cache's token budget reserved
+    running_adapters: list[str]
+    waiting_adapters: list[str]
+    max_lora: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     model_id: str
     model_type: str
@@ -107,6 +119,7 @@ class Frontend:
         )
         self._pins: dict[str, tuple[AdapterVersion, Lease]] = {}  # adapter id -> pinned version
         self._pin_lock = asyncio.Lock()
+        self.observers = Observers([RequestLog(config.log_prompts)])  # each request, at its end
         self._refreshed_at = -math.inf  # when a client's unknown id last made us re-read
         self._background: set[asyncio.Task[None]] = set()
 
@@ -148,15 +161,33 @@ class Frontend:
     ) -> Generation:
         """Validate, admit and submit a request. Errors about the request raise here, before
         any output; the returned iterator yields outputs until one carries a finish_reason."""
-        request_id = request_id or uuid.uuid4().hex
         tenant = principal.tenant if principal is not None else ""
+        record = RequestRecord(request_id or uuid.uuid4().hex, tenant, time.monotonic())
+        record.adapter_id = inp.adapter_id
+        if self.config.log_prompts:
+            record.prompt = inp.prompt or json.dumps(inp.messages, ensure_ascii=False)
+        try:
+            return await self._submit(inp, record, principal)
+        except BaseException as exc:  # refused: observed now (a started one when it ends)
+            record.fail(exc)
+            record.finished = time.monotonic()
+            self.observers.finished(record)
+            raise
+
+    async def _submit(
+        self, inp: GenerateInput, record: RequestRecord, principal: Principal | None
+    ) -> Generation:
+        request_id, tenant = record.request_id, record.tenant
         # Refuse early what would be refused anyway, before tokenizing: under overload the
         # refusals must cost the server (and the requests it runs) next to nothing.
         self.quotas.check(tenant)
         self.engine.scheduler.check()
         adapter = await self._resolve(inp.adapter_id, principal) if inp.adapter_id else None
+        if adapter is not None:
+            record.adapter_version = adapter.version
         check_sizes(inp)
         prompt_ids = await asyncio.to_thread(self._tokenize, inp)
+        record.prompt_tokens = len(prompt_ids)
         max_new = (
             self.config.engine.default_max_new_tokens
             if inp.max_new_tokens is None
@@ -211,8 +242,43 @@ class Frontend:
                 lease.release()
             ticket.release(ticket.tokens)
             raise
-        outputs = _outputs(queue, request, lease, ticket, self.engine.scheduler.remove)
+        outputs = self._outputs(queue, request, lease, ticket, record)
         return Generation(request_id, adapter, outputs)
+
+    async def _outputs(
+        self,
+        queue: asyncio.Queue[RequestOutput | BaseException],
+        request: EngineRequest,
+        lease: Lease | None,
+        ticket: Ticket,
+        record: RequestRecord,
+    ) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    record.fail(item)
+                    raise item
+                finished = item.finish_reason is not None
+                record.output(time.monotonic(), len(item.token_ids))
+                if self.config.log_prompts:
+                    record.text += item.text
+                if finished:
+                    record.finish_reason = item.finish_reason or ""
+                yield item
+        finally:
+            if not finished:  # the consumer went away (client cancel, deadline): stop now
+                request.cancel()  # running: the engine drops it at its next step
+                self.engine.scheduler.remove(request)  # queued: it leaves the queue now
+                record.code = "CANCELLED"
+            if lease is not None:
+                lease.release()
+            ticket.release(request.params.max_new_tokens - record.completion_tokens)
+            record.queued, record.admitted = request.arrival, request.admitted
+            record.finished = time.monotonic()
+            self.observers.finished(record)
 
     async def _resolve(self, adapter_id: str, principal: Principal | None = None) -> AdapterVersion:
         """The version a new request for `adapter_id` gets, if `principal` may use it."""
@@ -417,6 +483,23 @@ class Frontend:
             self.cache.pin(version.digest, False)
         lease.release()
 
+    def state(self) -> EngineState:
+        """What runs and waits now (read from another thread: a snapshot, not a transaction)."""
+        engine = self.engine
+        return EngineState(
+            running=engine.num_running,
+            waiting=engine.scheduler.num_waiting(),
+            kv_cache_usage=engine.runner.cache.usage,
+            running_adapters=engine.running_adapters(),
+            waiting_adapters=sorted(
+                {r.adapter.adapter_id for r in engine.scheduler.peek(1 << 20) if r.adapter}
+            ),
+            max_lora=self.config.engine.max_loras,
+        )
+
+    def tier_stats(self) -> dict[str, TierStats]:
+        return {"device": self.engine.slots.stats, "host": self.cache.stats}
+
     def cache_stats(self) -> tuple[list[TierView], list[str]]:
         """(tiers, pinned adapter ids)."""
         slots = self.engine.slots
@@ -470,30 +553,3 @@ def check_sizes(inp: GenerateInput) -> None:
     total = sum(len(content) for _, content in inp.messages)
     if total > MAX_TEXT_CHARS:
         raise InvalidRequest("messages", f"{total} characters; at most {MAX_TEXT_CHARS}")
-
-
-async def _outputs(
-    queue: asyncio.Queue[RequestOutput | BaseException],
-    request: EngineRequest,
-    lease: Lease | None,
-    ticket: Ticket,
-    unqueue: Callable[[EngineRequest], bool],
-) -> AsyncIterator[RequestOutput]:
-    finished = False
-    generated = 0
-    try:
-        while not finished:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                finished = True
-                raise item
-            finished = item.finish_reason is not None
-            generated += len(item.token_ids)
-            yield item
-    finally:
-        if not finished:  # the consumer went away (client cancel, deadline): stop generating
-            request.cancel()  # running: the engine drops it at its next step
-            unqueue(request)  # queued: it leaves the queue now
-        if lease is not None:
-            lease.release()
-        ticket.release(request.params.max_new_tokens - generated)

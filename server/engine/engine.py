@@ -128,6 +128,11 @@ class Engine:
     def num_running(self) -> int:
         return len(self._batch)
 
+    def running_adapters(self) -> list[str]:
+        """Ids of the adapters running requests use (safe from any thread: a snapshot)."""
+        seqs = list(self._batch.seqs)
+        return sorted({s.request.adapter.adapter_id for s in seqs if s.request.adapter})
+
     # -- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -208,6 +213,7 @@ class Engine:
                 admission.request.emit(exc)
                 dropped.append(admission)
                 continue
+            admission.request.admitted = time.monotonic()
             self._batch.add(seq)
         for admission in sorted(dropped, key=lambda a: -a.row):
             self._free_row(admission.row, self._reservation(admission.request))
@@ -309,8 +315,7 @@ class Engine:
             self.runner.clear_slot(slot)
             self.slots.stats.load_failures += 1
             raise
-        self.slots.stats.loads += 1
-        self.slots.stats.load_seconds += time.perf_counter() - start
+        self.slots.stats.loaded(time.perf_counter() - start)
         self.stats.adapter_loads += 1
         log.debug("adapter %s v%d loaded into slot %d", *adapter.key, slot)
 

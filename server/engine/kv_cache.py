@@ -67,6 +67,11 @@ class KVCache:
         self.num_used_rows = 0
         self.reserved_tokens = 0
 
+    @property
+    def usage(self) -> float:
+        """Share of the token budget reserved by the running sequences."""
+        return self.reserved_tokens / self.token_budget if self.token_budget else 0.0
+
     def _alloc(self, size: tuple[int, ...]) -> torch.Tensor:
         if self.device.type != "cpu":
             return torch.zeros(size, dtype=self.shape.dtype, device=self.device)

@@ -1,0 +1,307 @@
+"""Prometheus metrics, served over HTTP at /metrics (`--metrics-port`).
+
+Names follow Prometheus conventions (base units, `_seconds`, `_total`, prefix `loraplex_`) and
+vLLM's where one exists. Label sets stay bounded: no adapter or tenant id in any histogram;
+per-adapter request counts only behind `--metrics-adapter-labels N`, for the first N adapters
+seen, every other adapter counted as "other". Gauges and the adapter cache counters are read
+from the engine and caches when scraped, so serving requests does no extra work for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loraplex.server import __version__
+from loraplex.server.telemetry import RequestRecord
+
+if TYPE_CHECKING:
+    from loraplex.server.frontend import Frontend
+
+log = logging.getLogger(__name__)
+
+OTHER = "other"
+# Latency buckets, seconds: from a fast GPU token (~5 ms) to a long CPU generation.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 15, 20, 30, 60, 120, 300, 600)
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+
+class Metrics:
+    def __init__(self, adapter_labels: int = 0, registry: CollectorRegistry | None = None) -> None:
+        """`adapter_labels`: count requests per adapter for this many adapters (0 = none)."""
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "Time from a request's arrival to its first token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "loraplex_inter_token_latency_seconds",
+            "Time between a request's consecutive tokens.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "loraplex_e2e_request_latency_seconds",
+            "Time from a request's arrival to its last token.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "loraplex_request_queue_time_seconds",
+            "Time a request waited for admission to the running batch.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.adapter_load = Histogram(
+            "loraplex_adapter_load_seconds",
+            "Time to load an adapter into a cache tier from the one below.",
+            ["tier"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "loraplex_prompt_tokens", "Prompt tokens of requests that ran.", registry=r
+        )
+        self.generation_tokens = Counter(
+            "loraplex_generation_tokens", "Tokens generated.", registry=r
+        )
+        self.requests = Counter(
+            "loraplex_requests",
+            "Generate requests by final status code and finish reason.",
+            ["code", "finish_reason"],
+            registry=r,
+        )
+        self.adapter_requests = Counter(
+            "loraplex_adapter_requests",
+            f"Generate requests per adapter (the first --metrics-adapter-labels adapters; "
+            f'the rest as "{OTHER}").',
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_labels = adapter_labels
+        self._labelled: set[str] = set()
+        self.grpc_started = Counter(
+            "grpc_server_started", "RPCs started on the server.", GRPC_LABELS, registry=r
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            (*GRPC_LABELS, "grpc_code"),
+            registry=r,
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time RPCs took on the server, to their completion.",
+            GRPC_LABELS,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "loraplex_build_info",
+            "Version and served model (value 1).",
+            ["version", "model", "quantization", "device"],
+            registry=r,
+        )
+
+    # -- request telemetry (a RequestObserver) ------------------------------------------------
+    def finished(self, record: RequestRecord) -> None:
+        self.requests.labels(record.code, record.finish_reason).inc()
+        if self.adapter_labels and record.adapter_id:
+            self.adapter_requests.labels(self._adapter_label(record.adapter_id)).inc()
+        if record.admitted is None:  # refused or failed before it ran
+            return
+        self.queue_time.observe(record.admitted - (record.queued or record.arrival))
+        self.prompt_tokens.inc(record.prompt_tokens)
+        self.generation_tokens.inc(record.completion_tokens)
+        if record.first_token is not None:
+            self.ttft.observe(record.first_token - record.arrival)
+        for gap in record.token_gaps:
+            self.itl.observe(gap)
+        if record.finish_reason and record.last_token is not None:
+            self.e2e.observe(record.last_token - record.arrival)
+
+    def _adapter_label(self, adapter_id: str) -> str:
+        if adapter_id in self._labelled:
+            return adapter_id
+        if len(self._labelled) < self.adapter_labels:
+            self._labelled.add(adapter_id)
+            return adapter_id
+        return OTHER
+
+    # -- wiring -------------------------------------------------------------------------------
+    def watch(self, frontend: Frontend) -> None:
+        """Read the served model's state at every scrape, and time adapter loads."""
+        info = frontend.model_info()
+        self.build_info.labels(__version__, info.model_id, info.quantization, info.device).set(1)
+        self.registry.register(StateCollector(frontend))
+        for tier, stats in frontend.tier_stats().items():
+            stats.load_observers.append(self.adapter_load.labels(tier).observe)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics over HTTP on a background thread; returns the port bound."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(server.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+
+class StateCollector(Collector):
+    """Gauges and cache counters read from the engine and caches when Prometheus scrapes."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    def collect(self) -> Iterable[Metric]:
+        state = self.frontend.state()
+        yield GaugeMetricFamily(
+            "loraplex_num_requests_running", "Requests in the running batch.", state.running
+        )
+        yield GaugeMetricFamily(
+            "loraplex_num_requests_waiting", "Requests waiting for admission.", state.waiting
+        )
+        yield GaugeMetricFamily(
+            "loraplex_kv_cache_usage_ratio",
+            "Share of the KV cache's token budget reserved by running requests.",
+            state.kv_cache_usage,
+        )
+        info = GaugeMetricFamily(
+            "loraplex_lora_requests_info",
+            "Adapters of running and waiting requests (vLLM's lora_requests_info shape); the "
+            "value is when it was read (unix seconds).",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        info.add_metric(
+            [
+                ",".join(state.running_adapters),
+                ",".join(state.waiting_adapters),
+                str(state.max_lora),
+            ],
+            time.time(),
+        )
+        yield info
+        resident = GaugeMetricFamily(
+            "loraplex_adapters_resident", "Adapters held per cache tier.", labels=["tier"]
+        )
+        families = {
+            name: CounterMetricFamily(f"loraplex_adapter_cache_{name}", text, labels=["tier"])
+            for name, text in (
+                ("hits", "Requests whose adapter was in the tier."),
+                ("misses", "Requests that waited for a load into the tier."),
+                ("evictions", "Adapters evicted from the tier."),
+            )
+        }
+        for view in self.frontend.cache_stats()[0]:
+            resident.add_metric([view.tier], view.resident)
+            families["hits"].add_metric([view.tier], view.stats.hits)
+            families["misses"].add_metric([view.tier], view.stats.misses)
+            families["evictions"].add_metric([view.tier], view.stats.evictions)
+        yield resident
+        yield from families.values()
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """grpc_server_started_total, grpc_server_handled_total{grpc_code} and
+    grpc_server_handling_seconds for every RPC (the names of go-grpc-prometheus)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method: str = details.method  # type: ignore[attr-defined]
+        service, _, name = method.lstrip("/").rpartition("/")
+        return timed(handler, self.metrics, service, name)
+
+
+def timed(
+    handler: grpc.RpcMethodHandler, metrics: Metrics, service: str, name: str
+) -> grpc.RpcMethodHandler:
+    kind = (
+        "bidi_stream"
+        if handler.request_streaming and handler.response_streaming
+        else "client_stream"
+        if handler.request_streaming
+        else "server_stream"
+        if handler.response_streaming
+        else "unary"
+    )
+    labels = (kind, service, name)
+
+    def done(context: grpc.aio.ServicerContext, start: float, failed: BaseException | None) -> None:
+        code = context.code()
+        if code is None:  # not set by an abort: OK, or how the call failed
+            code = grpc.StatusCode.OK if failed is None else _failure_code(failed)
+        if isinstance(code, int):  # grpc.aio may hand back the raw integer
+            code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        metrics.grpc_handled.labels(*labels, code.name).inc()
+        metrics.grpc_seconds.labels(*labels).observe(time.perf_counter() - start)
+
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if not handler.response_streaming:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metrics.grpc_started.labels(*labels).inc()
+            start, failed = time.perf_counter(), None
+            try:
+                return await inner(request, context)
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                done(context, start, failed)
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        metrics.grpc_started.labels(*labels).inc()
+        start, failed = time.perf_counter(), None
+        try:
+            responses = inner_stream(request, context)
+            if inspect.isawaitable(responses):  # a handler that writes with context.write
+                await responses
+            else:
+                async for response in responses:
+                    yield response
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            done(context, start, failed)
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+    return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+
+
+def _failure_code(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,179 @@
+"""Prometheus metrics after real traffic: the exposition's values move as they should, it
+passes `promtool check metrics`, and a real Prometheus server scrapes and answers a query."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from loraplex.server.client import LoraplexClient
+from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.v1 import inference_pb2 as pb
+from tests.helpers import ServerThread
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def metered(model_home, adapter_root, tmp_path_factory):
+    config = ServerConfig(
+        port=0,
+        metrics_port=0,
+        metrics_adapter_labels=2,
+        adapter_roots=(adapter_root,),
+        adapter_store=tmp_path_factory.mktemp("store"),
+        model=ModelConfig(home=model_home),
+        engine=EngineConfig(max_loras=2, max_batch_size=8),
+    )
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+def scrape(server) -> str:
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def value(found, name: str, **labels: str) -> float:
+    """The sum over every series of `name` whose labels include `labels`."""
+    return sum(v for (n, ls), v in found.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_metrics_count_real_traffic(metered, peft_reference):
+    _, _, dirs = peft_reference
+    before = samples(scrape(metered))
+    with LoraplexClient(metered.address, timeout=120) as client:
+        for name in ("attn-r8", "all-r16", "mix-r32"):
+            client.register(name, str(dirs[name]))
+        replies = [
+            client.generate(pb.GenerateRequest(adapter_id=a, prompt="Hello", max_new_tokens=4))
+            for a in ("attn-r8", "all-r16", "mix-r32", "attn-r8")
+        ]
+        chunks = list(client.generate_stream(pb.GenerateRequest(prompt="Hi", max_new_tokens=3)))
+        replies.append(chunks[-1])
+        with pytest.raises(grpc.RpcError):
+            client.generate(pb.GenerateRequest(prompt="", max_new_tokens=1))
+    after = samples(scrape(metered))
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    ok = len(replies)
+    assert moved("loraplex_requests_total", code="OK") == ok
+    assert moved("loraplex_requests_total", code="INVALID_ARGUMENT") == 1
+    for name in (
+        "loraplex_time_to_first_token_seconds_count",
+        "loraplex_e2e_request_latency_seconds_count",
+        "loraplex_request_queue_time_seconds_count",
+    ):
+        assert moved(name) == ok, name
+    completion = sum(r.usage.completion_tokens for r in replies)
+    assert moved("loraplex_generation_tokens_total") == completion
+    assert moved("loraplex_prompt_tokens_total") == sum(r.usage.prompt_tokens for r in replies)
+    # Every token after the first has an inter-token gap.
+    assert moved("loraplex_inter_token_latency_seconds_count") == completion - ok
+    generate = {"grpc_service": "loraplex.v1.Inference", "grpc_method": "Generate"}
+    assert moved("grpc_server_started_total", **generate) == 5
+    assert moved("grpc_server_handled_total", grpc_code="OK", **generate) == 4
+    assert moved("grpc_server_handled_total", grpc_code="INVALID_ARGUMENT", **generate) == 1
+    assert moved("grpc_server_handling_seconds_count", grpc_type="server_stream") >= 1
+    # Three adapters through two device slots: at least one was evicted, each was loaded.
+    assert moved("loraplex_adapter_cache_evictions_total", tier="device") >= 1
+    assert moved("loraplex_adapter_cache_misses_total", tier="device") >= 3
+    assert (
+        moved("loraplex_adapter_cache_hits_total", tier="host")
+        + moved("loraplex_adapter_cache_misses_total", tier="host")
+        >= 4
+    )
+    assert moved("loraplex_adapter_load_seconds_count", tier="device") >= 3
+    assert moved("loraplex_adapter_load_seconds_count", tier="host") >= 3
+    # Per-adapter counts for the first two adapters, the third as "other".
+    assert moved("loraplex_adapter_requests_total", adapter="attn-r8") == 2
+    assert moved("loraplex_adapter_requests_total", adapter="other") == 1
+    # Idle again: gauges back at rest.
+    assert value(after, "loraplex_num_requests_running") == 0
+    assert value(after, "loraplex_num_requests_waiting") == 0
+    assert value(after, "loraplex_kv_cache_usage_ratio") == 0
+    assert value(after, "loraplex_adapters_resident", tier="device") == 2
+    assert value(after, "loraplex_build_info") == 1
+    assert value(after, "loraplex_lora_requests_info", max_lora="2") > 0
+
+
+def test_promtool_accepts_the_exposition(metered):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=scrape(metered), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_prometheus_scrapes_the_server(metered, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (Debian package prometheus)")
+    with LoraplexClient(metered.address, timeout=120) as client:
+        client.generate(pb.GenerateRequest(prompt="Hello", max_new_tokens=2))
+    config = tmp_path / "prometheus.yml"
+    target = f"127.0.0.1:{metered.server.metrics_port}"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: loraplex\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        query = urllib.parse.urlencode({"query": 'loraplex_requests_total{code="OK"}'})
+        result: list = []
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/v1/query?{query}", timeout=5
+                ) as reply:
+                    result = json.load(reply)["data"]["result"]
+            except OSError:
+                result = []
+            if result:
+                break
+            time.sleep(0.5)
+        assert result, "Prometheus never returned the loraplex series"
+        assert result[0]["metric"]["job"] == "loraplex"
+        assert float(result[0]["value"][1]) >= 1
+    finally:
+        process.terminate()
+        process.wait(30)
