@@ -530,6 +530,8 @@ def serve_command(args: argparse.Namespace, home: Path, work: Path) -> list[str]
         "serve",
         "--port",
         "0",
+        "--metrics-port",
+        "0",
         "--home",
         str(home),
         "--adapter-store",

@@ -193,7 +193,7 @@ def test_sigterm_drains_streams_refuses_new_rpcs_and_exits_0(model_home, tmp_pat
     with open(log_path, "w") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "loraplex.server.cli", "serve", "--port", "0",
-             "--adapter-store", str(tmp_path / "store")],
+             "--metrics-port", "0", "--adapter-store", str(tmp_path / "store")],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
@@ -226,6 +226,8 @@ def test_cli_serve_register_generate(model_home, adapter_dir, tmp_path):
                 *cli,
                 "serve",
                 "--port",
+                "0",
+                "--metrics-port",
                 "0",
                 "--adapter-root",
                 str(adapter_dir.parent),
