@@ -4,12 +4,15 @@ passes `promtool check metrics`, and a real Prometheus server scrapes and answer
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -177,3 +180,36 @@ def test_a_real_prometheus_scrapes_the_server(metered, tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def exprs(node: object) -> Iterator[str]:
+    """Every PromQL `expr` anywhere in a Grafana dashboard (panels, rows, templating)."""
+    if isinstance(node, dict):
+        for key, child in node.items():
+            if key in ("expr", "query") and isinstance(child, str):
+                yield child
+            else:
+                yield from exprs(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from exprs(child)
+
+
+def promql_metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\b(?:loraplex|grpc_server)_[a-z0-9_]+\b", text))
+
+
+def test_dashboard_and_alerts_use_only_exposed_metrics(metered):
+    """Every loraplex/gRPC metric the Grafana dashboard and the alert rules query exists in a
+    live exposition (after traffic, so labelled series are there too)."""
+    with LoraplexClient(metered.address, timeout=120) as client:
+        client.generate(pb.GenerateRequest(prompt="Hello", max_new_tokens=2))
+    exposed = {name for name, _ in samples(scrape(metered))}
+    root = Path(__file__).resolve().parents[2] / "deploy"
+    dashboard = json.loads((root / "grafana" / "dashboards" / "loraplex.json").read_text())
+    expressions = list(exprs(dashboard))
+    assert expressions, "the dashboard has no queries"
+    used = promql_metric_names("\n".join(expressions))
+    used |= promql_metric_names((root / "prometheus" / "alerts.yml").read_text())
+    assert used, "no loraplex metric is queried"
+    assert used <= exposed, sorted(used - exposed)
