@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="text", help="json: one object per line"
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("LORAPLEX_LOG_FORMAT", "text"),
+        help="json: one object per line ($LORAPLEX_LOG_FORMAT)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
