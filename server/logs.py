@@ -7,6 +7,8 @@ import json
 import logging
 from datetime import UTC, datetime
 
+from loraplex.server.interceptor import REQUEST_ID
+
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -19,6 +21,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = REQUEST_ID.get(None)  # logged while serving a call: which one
+        if request_id is not None:
+            entry["request_id"] = request_id
         entry.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

@@ -73,3 +73,17 @@ def test_a_refused_request_is_counted_but_not_timed():
     text = generate_latest(metrics.registry).decode()
     assert 'loraplex_requests_total{code="RESOURCE_EXHAUSTED",finish_reason=""} 1.0' in text
     assert "loraplex_time_to_first_token_seconds_count 0.0" in text
+
+
+def test_json_lines_logged_during_a_call_carry_its_request_id():
+    from loraplex.server.interceptor import REQUEST_ID
+
+    logger = logging.getLogger("loraplex.test")
+    record = logger.makeRecord("loraplex.test", logging.INFO, __file__, 1, "hello %s", ("x",), None)
+    assert "request_id" not in json.loads(JsonFormatter().format(record))
+    token = REQUEST_ID.set("call-9")
+    try:
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        REQUEST_ID.reset(token)
+    assert line["request_id"] == "call-9" and line["message"] == "hello x"
