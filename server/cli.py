@@ -25,6 +25,7 @@ from loraplex.server.config import (
     ServerConfig,
 )
 from loraplex.server.logs import LOG_FORMATS, configure_logging
+from loraplex.training.config import add_arguments as add_train_arguments
 
 if TYPE_CHECKING:
     from loraplex.server.client import LoraplexClient
@@ -271,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         "rm", aliases=["delete"], parents=[remote], help="remove an adapter and all its versions"
     )
     rm.add_argument("adapter_id")
+    train_parser = sub.add_parser(
+        "train",
+        help="train a LoRA/QLoRA adapter on a JSONL dataset (see training/config.py)",
+        description="Every key of the YAML config is also a flag; flags win.",
+    )
+    add_train_arguments(train_parser)
     keys = sub.add_parser("keys", help="API keys for the server's key file")
     key_verbs = keys.add_subparsers(dest="verb", required=True)
     new = key_verbs.add_parser(
@@ -280,6 +287,34 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--tenant", required=True)
     new.add_argument("--role", choices=["client", "admin"], default="client")
     return parser
+
+
+def train(args: argparse.Namespace) -> int:
+    from loraplex.training.config import from_args
+    from loraplex.training.train import train as run  # heavy imports only when training
+
+    try:
+        config = from_args(args)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    adapter = run(config)
+    if adapter is None or not config.register:
+        return 0
+    adapter_id = config.adapter_id or config.out.resolve().name.lower()
+    with LoraplexClientFor(config.register) as client:
+        reply = client.push(adapter_id, adapter)
+    sys.stdout.write(json.dumps(_as_dict(reply), indent=2) + "\n")
+    return 0
+
+
+def LoraplexClientFor(address: str) -> LoraplexClient:  # noqa: N802
+    """A client for `address` with the key and CA from the environment."""
+    from loraplex.server.client import LoraplexClient
+
+    ca = os.environ.get("LORAPLEX_TLS_CA")
+    return LoraplexClient(
+        address, 300, api_key=os.environ.get("LORAPLEX_API_KEY"), tls_ca=_path(ca)
+    )
 
 
 def keys(args: argparse.Namespace) -> int:
@@ -476,7 +511,13 @@ def _as_dict(message: object) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    handlers = {"serve": serve, "generate": generate, "adapters": adapters, "keys": keys}
+    handlers = {
+        "serve": serve,
+        "generate": generate,
+        "adapters": adapters,
+        "keys": keys,
+        "train": train,
+    }
     try:
         return handlers[args.command](args)
     except grpc.RpcError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -90,10 +91,23 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+# Config keys that say how the weights are computed with, not what they are: an adapter trained
+# with fp32 compute on a CPU serves on the same base with bf16 compute on a GPU.
+_COMPUTE_KEYS = ("dtype", "torch_dtype", "transformers_version")
+_QUANT_COMPUTE_KEYS = ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
+
+
 def fingerprint(model_dir: str, config_json: str) -> str:
-    """A cheap identity of the base weights: the config and the weight files' names and sizes
-    (hashing gigabytes of weights at every start would be too slow)."""
-    h = hashlib.sha256(config_json.encode())
+    """A cheap identity of the base weights: the config (less the compute dtype) and the weight
+    files' names and sizes (hashing gigabytes of weights at every start would be too slow)."""
+    config = json.loads(config_json)
+    for key in _COMPUTE_KEYS:
+        config.pop(key, None)
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict):
+        for key in _QUANT_COMPUTE_KEYS:
+            quantization.pop(key, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     path = Path(model_dir)
     if path.is_dir():
         for f in sorted(path.glob("*.safetensors")):
