@@ -57,6 +57,13 @@ class TrainConfig:
     logging_steps: int = 10
     early_stopping_patience: int = 3
     """Stop when eval loss has not improved for this many evaluations (0 = never)."""
+    eval_metric: Literal["exact", "contains", "json"] = "exact"
+    """How held-out answers are scored against the reference (see training/evaluate.py)."""
+    eval_json_keys: str = ""
+    """With eval_metric json: keys the answer must hold (comma-separated)."""
+    eval_generate: int = 64
+    """Held-out examples the base and the adapter both answer and are scored on (0 = none)."""
+    eval_max_new_tokens: int = 128
     seed: int = 0
     resume: str = ""
     """A checkpoint directory, or "latest" (the newest under output_dir/checkpoints)."""
@@ -72,7 +79,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_steps", "save_steps", "logging_steps"):
+        for name in ("eval_steps", "save_steps", "logging_steps", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:

@@ -50,6 +50,8 @@ from loraplex.training.data import (
     render_marked,
     split,
 )
+from loraplex.training.evaluate import Scorer, score_base_and_adapter
+from loraplex.training.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +218,9 @@ def train(config: TrainConfig) -> Path | None:
         dataloader_num_workers=0,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collator = DataCollatorWithFlattening() if config.packing else padded_collator(pad_id)
+    collator = TokenCounter(
+        DataCollatorWithFlattening() if config.packing else padded_collator(pad_id)
+    )
     interrupt = InterruptToCheckpoint()
     callbacks: list[Any] = [interrupt]
     if early:
@@ -238,14 +242,52 @@ def train(config: TrainConfig) -> Path | None:
         )
         return None
     metrics = dict(result.metrics)
+    runtime = metrics.get("train_runtime") or 0.0
+    metrics["train_tokens"] = collator.tokens
+    metrics["train_tokens_per_second"] = collator.tokens / runtime if runtime else 0.0
+    metrics["peak_memory_mb"] = peak_memory_mb()
     if has_eval:
         metrics.update(trainer.evaluate())
+    if not trainer.is_world_process_zero():
+        return None
+    scores = None
+    if config.eval_generate and prepared.eval_chats:
+        keys = tuple(k.strip() for k in config.eval_json_keys.split(",") if k.strip())
+        scores = score_base_and_adapter(
+            model,
+            tokenizer,
+            prepared.eval_chats[: config.eval_generate],
+            Scorer(config.eval_metric, keys),
+            config.eval_max_new_tokens,
+        )
+        metrics.update(base_score=scores.base_mean, adapter_score=scores.adapter_mean)
     adapter_dir = config.out / ADAPTER_DIR
-    if trainer.is_world_process_zero():
-        model.save_pretrained(str(adapter_dir))
-        write_manifest(adapter_dir, config, loaded, prepared, metrics, trainer)
-        log.info("adapter written to %s", adapter_dir)
+    model.save_pretrained(str(adapter_dir))
+    summary = write_manifest(adapter_dir, config, loaded, prepared, metrics, trainer)
+    write_report(config.out, summary, trainer.state.log_history, scores)
+    log.info("adapter written to %s; report in %s", adapter_dir, config.out / "report.md")
     return adapter_dir
+
+
+class TokenCounter:
+    """A collator that counts the tokens it hands to the model (padding excluded)."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+        self.tokens = 0
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.collate(features)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def write_manifest(
@@ -255,7 +297,8 @@ def write_manifest(
     prepared: Prepared,
     metrics: dict[str, Any],
     trainer: Any,
-) -> None:
+) -> dict[str, Any]:
+    """Write the adapter's training_manifest.json; returns it without the log history."""
     import bitsandbytes
     import peft
     import transformers
@@ -282,6 +325,7 @@ def write_manifest(
         },
     }
     (adapter_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return {k: v for k, v in manifest.items() if k != "log_history"}
 
 
 class InterruptToCheckpoint(TrainerCallback):

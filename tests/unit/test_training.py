@@ -14,6 +14,7 @@ from loraplex.adapters.validate import BaseModelSpec, load_adapter
 from loraplex.server.config import ModelConfig
 from loraplex.server.model_loader import load_model, lora_target_shapes
 from loraplex.training.config import TrainConfig, add_arguments, from_args
+from loraplex.training.evaluate import Scorer
 from loraplex.training.train import ADAPTER_DIR, MANIFEST, InterruptToCheckpoint, train
 
 
@@ -90,6 +91,14 @@ def test_qlora_run_writes_an_adapter_the_server_accepts(tiny_model_dir, dataset,
     losses = [e["loss"] for e in manifest["log_history"] if "loss" in e]
     assert len(losses) == 6 and "eval_loss" in manifest["metrics"]
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(manifest["versions"])
+    metrics = manifest["metrics"]
+    assert metrics["train_tokens"] > 0 and metrics["train_tokens_per_second"] > 0
+    assert 0 <= metrics["base_score"] <= 1 and 0 <= metrics["adapter_score"] <= 1
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["generation_eval"]["examples"] == manifest["eval_examples"]
+    assert "| adapter |" in (out / "report.md").read_text()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ctrl_c_leaves_a_checkpoint_that_resumes_on_the_same_trajectory(
@@ -118,3 +127,16 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes_on_the_same_trajectory(
         return [round(e["loss"], 5) for e in history if "loss" in e]
 
     assert losses(resumed) == losses(straight)
+
+
+def test_scorers():
+    exact, contains = Scorer("exact"), Scorer("contains")
+    assert exact(" yes ", "yes") == 1 and exact("yes.", "yes") == 0
+    assert contains("the answer is 42", "42") == 1 and contains("41", "42") == 0
+    keyed = Scorer("json", ("team", "urgency"))
+    want = '{"team": "billing", "urgency": "high"}'
+    assert keyed('{"team": "billing", "urgency": "high", "x": 1}', want) == 1
+    assert keyed('{"team": "billing", "urgency": "low"}', want) == 0
+    assert keyed('{"team": "billing"}', want) == 0  # a required key missing
+    assert keyed("not json", want) == 0
+    assert Scorer("json", ("a",))('{"a": 1}', "free text") == 1  # valid with its keys
