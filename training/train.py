@@ -51,6 +51,7 @@ from loraplex.training.data import (
     split,
 )
 from loraplex.training.evaluate import Scorer, score_base_and_adapter
+from loraplex.training.frozen_base import dequantize_frozen_base
 from loraplex.training.report import write_report
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ def train(config: TrainConfig) -> Path | None:
         dry_run(config, prepared, tokenizer)
         return None
     cuda = torch.cuda.is_available()
+    if config.quantization == "nf4" and not cuda:
+        dequantize_frozen_base(model, torch.float32)
     if config.quantization == "nf4":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
