@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -80,6 +81,8 @@ def file_sha256(*paths: Path) -> str:
 
 def load_base(config: TrainConfig) -> LoadedModel:
     cuda = torch.cuda.is_available()
+    if cuda and "LOCAL_RANK" in os.environ:  # data-parallel: each process on its own GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return load_model(
         ModelConfig(
             model=config.model or None,
@@ -219,13 +222,14 @@ def train(config: TrainConfig) -> Path | None:
         report_to=[],
         use_cpu=not cuda,
         dataloader_num_workers=0,
+        # Training tokens, summed over processes (padding-free batches have no padding).
+        include_num_input_tokens_seen="all" if config.packing else "non_padding",
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collator = TokenCounter(
-        DataCollatorWithFlattening() if config.packing else padded_collator(pad_id)
-    )
-    interrupt = InterruptToCheckpoint()
-    callbacks: list[Any] = [interrupt]
+    collator = DataCollatorWithFlattening() if config.packing else padded_collator(pad_id)
+    interrupt, start = InterruptToCheckpoint(), TokensAtStart()
+    callbacks: list[Any] = [interrupt, start]
     if early:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
     trainer = Trainer(
@@ -246,8 +250,9 @@ def train(config: TrainConfig) -> Path | None:
         return None
     metrics = dict(result.metrics)
     runtime = metrics.get("train_runtime") or 0.0
-    metrics["train_tokens"] = collator.tokens
-    metrics["train_tokens_per_second"] = collator.tokens / runtime if runtime else 0.0
+    tokens = trainer.state.num_input_tokens_seen - start.tokens  # this run's, not a resumed one's
+    metrics["train_tokens"] = tokens
+    metrics["train_tokens_per_second"] = tokens / runtime if runtime else 0.0
     metrics["peak_memory_mb"] = peak_memory_mb()
     if has_eval:
         metrics.update(trainer.evaluate())
@@ -270,18 +275,6 @@ def train(config: TrainConfig) -> Path | None:
     write_report(config.out, summary, trainer.state.log_history, scores)
     log.info("adapter written to %s; report in %s", adapter_dir, config.out / "report.md")
     return adapter_dir
-
-
-class TokenCounter:
-    """A collator that counts the tokens it hands to the model (padding excluded)."""
-
-    def __init__(self, collate: Any) -> None:
-        self.collate = collate
-        self.tokens = 0
-
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
-        self.tokens += sum(len(f["input_ids"]) for f in features)
-        return self.collate(features)
 
 
 def peak_memory_mb() -> float:
@@ -358,7 +351,25 @@ class InterruptToCheckpoint(TrainerCallback):
             signal.signal(signal.SIGINT, previous)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.interrupted:
+        stop = self.interrupted
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process stops at the same step, or the others would wait for it forever.
+            flag = torch.tensor(int(stop), device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = self.interrupted = bool(flag.item())
+        if stop:
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+
+class TokensAtStart(TrainerCallback):
+    """The tokens already seen when training (re)starts: a resumed run's throughput counts
+    only its own."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.tokens = state.num_input_tokens_seen
         return control
