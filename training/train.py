@@ -228,8 +228,8 @@ def train(config: TrainConfig) -> Path | None:
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collator = DataCollatorWithFlattening() if config.packing else padded_collator(pad_id)
-    interrupt, start = InterruptToCheckpoint(), TokensAtStart()
-    callbacks: list[Any] = [interrupt, start]
+    interrupt = InterruptToCheckpoint()
+    callbacks: list[Any] = [interrupt]
     if early:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
     trainer = Trainer(
@@ -240,8 +240,9 @@ def train(config: TrainConfig) -> Path | None:
         data_collator=collator,
         callbacks=callbacks,
     )
+    checkpoint = checkpoint_to_resume(config)
     with interrupt.installed():
-        result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     if interrupt.interrupted:
         log.warning(
             "interrupted: checkpoint saved in %s; resume with --resume latest",
@@ -250,7 +251,7 @@ def train(config: TrainConfig) -> Path | None:
         return None
     metrics = dict(result.metrics)
     runtime = metrics.get("train_runtime") or 0.0
-    tokens = trainer.state.num_input_tokens_seen - start.tokens  # this run's, not a resumed one's
+    tokens = trainer.state.num_input_tokens_seen - tokens_seen(checkpoint)  # this run's own
     metrics["train_tokens"] = tokens
     metrics["train_tokens_per_second"] = tokens / runtime if runtime else 0.0
     metrics["peak_memory_mb"] = peak_memory_mb()
@@ -275,6 +276,14 @@ def train(config: TrainConfig) -> Path | None:
     write_report(config.out, summary, trainer.state.log_history, scores)
     log.info("adapter written to %s; report in %s", adapter_dir, config.out / "report.md")
     return adapter_dir
+
+
+def tokens_seen(checkpoint: str | None) -> int:
+    """Training tokens a checkpoint had seen (0 without one)."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return int(state.get("num_input_tokens_seen", 0))
 
 
 def peak_memory_mb() -> float:
@@ -360,16 +369,4 @@ class InterruptToCheckpoint(TrainerCallback):
         if stop:
             control.should_save = True
             control.should_training_stop = True
-        return control
-
-
-class TokensAtStart(TrainerCallback):
-    """The tokens already seen when training (re)starts: a resumed run's throughput counts
-    only its own."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self.tokens = state.num_input_tokens_seen
         return control
