@@ -45,6 +45,7 @@ bench: install
 	$(PY) benchmarks/online.py --serve-args="--max-batch-size 64 --max-loras 32"
 	$(PY) benchmarks/lifecycle.py
 	$(PY) benchmarks/tenancy.py
+	$(PY) benchmarks/training.py
 	$(PY) benchmarks/plot.py
 
 clean:
