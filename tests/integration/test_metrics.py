@@ -75,7 +75,25 @@ def test_metrics_count_real_traffic(metered, peft_reference):
         replies.append(chunks[-1])
         with pytest.raises(grpc.RpcError):
             client.generate(pb.GenerateRequest(prompt="", max_new_tokens=1))
-    after = samples(scrape(metered))
+    # A call is counted as it completes on the server, which may be just after its client got
+    # the answer: scrape until all six calls are in (or give up and let the asserts say why).
+    generate = {"grpc_service": "loraplex.v1.Inference", "grpc_method": "Generate"}
+    stream = {"grpc_service": "loraplex.v1.Inference", "grpc_method": "GenerateStream"}
+    for _ in range(50):
+        after = samples(scrape(metered))
+        handled = value(after, "grpc_server_handled_total", **generate) + value(
+            after, "grpc_server_handled_total", **stream
+        )
+        previously = value(before, "grpc_server_handled_total", **generate) + value(
+            before, "grpc_server_handled_total", **stream
+        )
+        if (
+            handled - previously >= 6
+            and value(after, "loraplex_requests_total") - value(before, "loraplex_requests_total")
+            >= 6
+        ):
+            break
+        time.sleep(0.1)
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -94,7 +112,6 @@ def test_metrics_count_real_traffic(metered, peft_reference):
     assert moved("loraplex_prompt_tokens_total") == sum(r.usage.prompt_tokens for r in replies)
     # Every token after the first has an inter-token gap.
     assert moved("loraplex_inter_token_latency_seconds_count") == completion - ok
-    generate = {"grpc_service": "loraplex.v1.Inference", "grpc_method": "Generate"}
     assert moved("grpc_server_started_total", **generate) == 5
     assert moved("grpc_server_handled_total", grpc_code="OK", **generate) == 4
     assert moved("grpc_server_handled_total", grpc_code="INVALID_ARGUMENT", **generate) == 1
