@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)"
     )
     serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=10.0,
+        help="at SIGTERM, how long requests in flight may take to finish",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=int,
         default=DEFAULT_METRICS_PORT,
@@ -385,8 +391,8 @@ def serve(args: argparse.Namespace) -> int:
         if ready in done:
             ready.result()  # raises if the model failed to load
             await waiter
-        log.info("shutting down")
-        await server.stop(grace=10.0)
+        log.info("shutting down: in-flight requests get %g s", args.drain_seconds)
+        await server.stop(grace=args.drain_seconds)
 
     asyncio.run(run())
     return 0

@@ -193,13 +193,13 @@ def test_sigterm_drains_streams_refuses_new_rpcs_and_exits_0(model_home, tmp_pat
     with open(log_path, "w") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "loraplex.server.cli", "serve", "--port", "0",
-             "--metrics-port", "0", "--adapter-store", str(tmp_path / "store")],
+             "--metrics-port", "0", "--drain-seconds", "60",
+             "--adapter-store", str(tmp_path / "store")],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         address = wait_serving(log_path, server)
         with LoraplexClient(address, timeout=120) as client:
-            # Short enough to finish within the drain's grace on a loaded 2-core machine.
             request = pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=16)
             stream = client.generate_stream(request)
             first = next(stream)  # in flight
