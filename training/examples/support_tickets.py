@@ -9,9 +9,12 @@ typos, lower case, a subject line), and its answer follows from those parts alon
     product    the product's canonical name               however the ticket names it
     sentiment  negative | neutral | positive              the tone of the ticket
 
-The same seed gives the same files, byte for byte. Train and eval tickets never share a text.
+Records are chats: INSTRUCTION as the system message, the ticket as the user's, the JSON as
+the assistant's; ask the served adapter with the same system message (`loraplex generate
+--chat --system ...`). The same seed gives the same files, byte for byte; train and eval
+tickets never share a text (eval tickets are new combinations of the same phrase pools).
 
-    python training/examples/support_tickets.py --out support-tickets
+    python training/examples/support_tickets.py          # support-tickets/{train,eval}.jsonl
     loraplex train --config training/examples/support_tickets.yaml
 """
 
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true", help="log a few samples")
     args = parser.parse_args(argv)
+    if args.train < 1 or args.eval < 1:
+        parser.error("--train and --eval must be at least 1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
