@@ -85,46 +85,51 @@ def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 def bound(handler: grpc.RpcMethodHandler, principal: Principal | None) -> grpc.RpcMethodHandler:
     """`handler`, receiving raw bytes that it decodes itself, with PRINCIPAL set."""
     decode: Decode = handler.request_deserializer or (lambda raw: raw)
-    serializers = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    inner = behaviour(handler)
 
-    if handler.unary_unary:
-        inner_uu = handler.unary_unary
+    async def read(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return _decoded(decode, request)
+        return await _decode_or_abort(decode, request, context)
 
-        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            PRINCIPAL.set(principal)
-            return await inner_uu(await _decode_or_abort(decode, raw, context), context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
-    if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            PRINCIPAL.set(principal)
-            request = await _decode_or_abort(decode, raw, context)
-            async for response in inner_us(request, context):
-                yield response
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(
-            raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> Any:
-            PRINCIPAL.set(principal)
-            return await inner_su(_decoded(decode, raws), context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(
-        raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         PRINCIPAL.set(principal)
-        async for response in inner_ss(_decoded(decode, raws), context):
+        return await inner(await read(request, context), context)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        PRINCIPAL.set(principal)
+        async for response in inner(await read(request, context), context):
             yield response
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
+    return same_kind(handler, unary, streaming, request_deserializer=None)
+
+
+def behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The function that serves a handler's calls, whatever its kind."""
+    return (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+
+
+def same_kind(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[..., Any],
+    streaming: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind (request and response streaming alike) served by `unary`
+    when it answers one message, by `streaming` when it answers a stream."""
+    serializers = {
+        "request_deserializer": request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+    return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
 
 
 def _decode(decode: Decode, raw: bytes) -> Any:
@@ -164,11 +169,4 @@ def refusing(
         yield  # makes this an async generator, as a streaming handler must be
 
     # The request is never read: not decoding it spares an error about it.
-    serializers = {"request_deserializer": None, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
-    return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+    return same_kind(handler, unary, streaming, request_deserializer=None)

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loraplex.server import __version__
+from loraplex.server.interceptor import behaviour, same_kind
 from loraplex.server.telemetry import RequestRecord
 
 if TYPE_CHECKING:
@@ -257,34 +258,24 @@ def timed(
         metrics.grpc_handled.labels(*labels, code.name).inc()
         metrics.grpc_seconds.labels(*labels).observe(time.perf_counter() - start)
 
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if not handler.response_streaming:
-        inner = handler.unary_unary or handler.stream_unary
+    inner = behaviour(handler)
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics.grpc_started.labels(*labels).inc()
-            start, failed = time.perf_counter(), None
-            try:
-                return await inner(request, context)
-            except BaseException as exc:
-                failed = exc
-                raise
-            finally:
-                done(context, start, failed)
-
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
-    inner_stream = handler.unary_stream or handler.stream_stream
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metrics.grpc_started.labels(*labels).inc()
+        start, failed = time.perf_counter(), None
+        try:
+            return await inner(request, context)
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            done(context, start, failed)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         metrics.grpc_started.labels(*labels).inc()
         start, failed = time.perf_counter(), None
         try:
-            responses = inner_stream(request, context)
+            responses = inner(request, context)
             if inspect.isawaitable(responses):  # a handler that writes with context.write
                 await responses
             else:
@@ -296,9 +287,7 @@ def timed(
         finally:
             done(context, start, failed)
 
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
-    return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+    return same_kind(handler, unary, streaming, handler.request_deserializer)
 
 
 def _failure_code(exc: BaseException) -> grpc.StatusCode:
