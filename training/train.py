@@ -250,13 +250,19 @@ def train(config: TrainConfig) -> Path | None:
         )
         return None
     metrics = dict(result.metrics)
-    runtime = metrics.get("train_runtime") or 0.0
-    tokens = trainer.state.num_input_tokens_seen - tokens_seen(checkpoint)  # this run's own
+    # This run's own tokens and training time (not a resumed run's, not its evaluations).
+    before = checkpoint_state(checkpoint)
+    ours = [e for e in trainer.state.log_history if e.get("step", 0) > before.get("global_step", 0)]
+    runtime = (metrics.get("train_runtime") or 0.0) - sum(e.get("eval_runtime", 0) for e in ours)
+    tokens = trainer.state.num_input_tokens_seen - before.get("num_input_tokens_seen", 0)
     metrics["train_tokens"] = tokens
-    metrics["train_tokens_per_second"] = tokens / runtime if runtime else 0.0
+    metrics["train_tokens_per_second"] = tokens / runtime if runtime > 0 else 0.0
     metrics["peak_memory_mb"] = peak_memory_mb()
     if has_eval:
-        metrics.update(trainer.evaluate())
+        last = next((e for e in reversed(ours) if "eval_loss" in e), None)
+        if early or last is None or last["step"] != trainer.state.global_step:
+            last = trainer.evaluate()  # the best model was reloaded, or the end was not evaluated
+        metrics.update({k: v for k, v in last.items() if k.startswith("eval_")})
     if not trainer.is_world_process_zero():
         return None
     scores = None
@@ -278,12 +284,11 @@ def train(config: TrainConfig) -> Path | None:
     return adapter_dir
 
 
-def tokens_seen(checkpoint: str | None) -> int:
-    """Training tokens a checkpoint had seen (0 without one)."""
+def checkpoint_state(checkpoint: str | None) -> dict[str, Any]:
+    """The trainer state a checkpoint holds ({} without one)."""
     if checkpoint is None:
-        return 0
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return int(state.get("num_input_tokens_seen", 0))
+        return {}
+    return dict(json.loads((Path(checkpoint) / "trainer_state.json").read_text()))
 
 
 def peak_memory_mb() -> float:
