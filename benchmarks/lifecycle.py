@@ -56,13 +56,14 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from types import FrameType, SimpleNamespace
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from online import (
     Result,
     ServerProcess,
+    _terminate,
     latency_ms,
     peak_rss_bytes,
     run,
@@ -753,10 +754,6 @@ def run_churn(args: argparse.Namespace, home: Path, work: Path) -> tuple[dict, d
         pool.join()
     churn = {"registration": registration, "mixed": mixed, "base": base, "peft": peft}
     return churn, swap, rss
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks: servers are stopped
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,11 +45,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import grpc
 import psutil
-from online import ServerProcess, latency_ms, peak_rss_bytes, run, serve_command
+from online import ServerProcess, _terminate, latency_ms, peak_rss_bytes, run, serve_command
 
 from loraplex.server.auth import hash_key, new_key
 from loraplex.server.client import LoraplexClient
@@ -437,10 +436,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def server(args: argparse.Namespace, home: Path, work: Path, flags: list[str]) -> ServerProcess:
     argv = serve_command(argparse.Namespace(model=args.model, extra=flags + args.extra), home, work)
     return ServerProcess(argv, work / "server.log")
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks: servers are stopped
 
 
 def main(argv: list[str] | None = None) -> int:
