@@ -97,6 +97,7 @@ class AdapterWeights:
     rank: int
     lora_alpha: float
     target_modules: tuple[str, ...]  # short names, e.g. ("q_proj", "v_proj")
+    scaling: float = 1.0  # PEFT's alpha/r (or alpha/sqrt(r)), already folded into every B
 
     @property
     def nbytes(self) -> int:
@@ -302,7 +303,9 @@ def load_adapter(adapter_dir: Path, spec: BaseModelSpec) -> AdapterWeights:
         a, b = _check_pair(module, pair, spec.linear_shapes[module], rank)
         modules[module] = _load_pair(module, a, b, data, scaling)
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
-    return AdapterWeights(modules=modules, rank=rank, lora_alpha=alpha, target_modules=targets)
+    return AdapterWeights(
+        modules=modules, rank=rank, lora_alpha=alpha, target_modules=targets, scaling=scaling
+    )
 
 
 class _Tensor(NamedTuple):
