@@ -88,8 +88,11 @@ class HostCache:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="loraplex-adapter-load")
 
     # -- references ---------------------------------------------------------------------------
-    def acquire(self, version: AdapterVersion) -> Future[AdapterWeights]:
-        """Take a reference to `version`'s weights, loading them if needed. On success the
+    def acquire(
+        self, version: AdapterVersion, load: Callable[[], AdapterWeights] | None = None
+    ) -> Future[AdapterWeights]:
+        """Take a reference to `version`'s weights, loading them if needed (with `load`, when
+        given, instead of the cache's loader: e.g. building a composed adapter). On success the
         caller must `release(version.digest)` once; a failed load drops the reference itself."""
         with self._lock:
             entry = self._entries.get(version.digest)
@@ -106,12 +109,26 @@ class HostCache:
             entry = _Entry(Future(), refs=1)
             self._entries[version.digest] = entry
         entry.future.set_running_or_notify_cancel()
-        self._pool.submit(self._run_load, version, entry)
+        self._pool.submit(self._run_load, version, entry, load)
         return entry.future
 
-    async def lease(self, version: AdapterVersion) -> Lease:
+    def try_lease(self, version: AdapterVersion) -> Lease | None:
+        """A lease on `version` if its weights are loaded now (a hit), else None; never loads."""
+        with self._lock:
+            entry = self._entries.get(version.digest)
+            if entry is None or not entry.future.done() or entry.future.exception() is not None:
+                return None
+            entry.forgotten = False
+            entry.refs += 1
+            self._lru.pop(version.digest, None)
+            self.stats.hits += 1
+            return Lease(self, version.digest, entry.future.result())
+
+    async def lease(
+        self, version: AdapterVersion, load: Callable[[], AdapterWeights] | None = None
+    ) -> Lease:
         """`acquire` for a coroutine: the reference is dropped if the caller is cancelled."""
-        future = self.acquire(version)
+        future = self.acquire(version, load)
         try:
             weights = await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
@@ -175,10 +192,15 @@ class HostCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ----------------------------------------------------------------------------
-    def _run_load(self, version: AdapterVersion, entry: _Entry) -> None:
+    def _run_load(
+        self,
+        version: AdapterVersion,
+        entry: _Entry,
+        load: Callable[[], AdapterWeights] | None,
+    ) -> None:
         start = time.perf_counter()
         try:
-            weights = self._load(version)
+            weights = load() if load is not None else self._load(version)
             nbytes = weights.nbytes
         except BaseException as exc:
             with self._lock:

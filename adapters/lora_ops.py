@@ -117,19 +117,29 @@ def _merge_runs(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, in
 
 
 def add_lora(
-    outputs: list[torch.Tensor], x: torch.Tensor, group: LoraGroup, plan: LoraPlan
+    outputs: list[torch.Tensor],
+    x: torch.Tensor,
+    group: LoraGroup,
+    plan: LoraPlan,
+    scale: float = 1.0,
 ) -> None:
-    """outputs[j] (N, out_j) += LoRA delta of member j, in place. x: (N, in)."""
+    """outputs[j] (N, out_j) += scale * LoRA delta of member j, in place. x: (N, in).
+    (scale -1 takes an adapter merged into the base back out for the tokens of others.)"""
     if plan.empty:
         return
     if plan.decode is not None:
-        _add_decode(outputs, x, group, plan.rank, plan.decode)
+        _add_decode(outputs, x, group, plan.rank, plan.decode, scale)
     for slot, start, end in plan.segments:
-        _add_segment(outputs, x, group, plan.rank, slot, start, end)
+        _add_segment(outputs, x, group, plan.rank, slot, start, end, scale)
 
 
 def _add_decode(
-    outputs: list[torch.Tensor], x: torch.Tensor, group: LoraGroup, r: int, lay: DecodeLayout
+    outputs: list[torch.Tensor],
+    x: torch.Tensor,
+    group: LoraGroup,
+    r: int,
+    lay: DecodeLayout,
+    scale: float,
 ) -> None:
     u, g, k = lay.num_blocks, lay.group_size, len(group.bt)
     dtype = group.a.dtype
@@ -146,9 +156,11 @@ def _add_decode(
         s_j = shrunk[:, :, j * r : (j + 1) * r]  # (U, G, R)
         if lay.src is None and lay.dst is None and out.dtype == dtype:
             # Tokens already in block order: accumulate in place, no temporary.
-            out[: u * g].view(u, g, -1).baddbmm_(s_j, bt)
+            out[: u * g].view(u, g, -1).baddbmm_(s_j, bt, alpha=scale)
             continue
         delta = torch.bmm(s_j, bt).view(u * g, -1)  # (U*G, out_j)
+        if scale != 1.0:
+            delta = delta.mul_(scale)
         if lay.dst is not None:
             delta = delta.index_select(0, lay.dst)
         if lay.src is None:
@@ -172,6 +184,7 @@ def _add_segment(
     slot: int,
     start: int,
     end: int,
+    scale: float,
 ) -> None:
     xs = x[start:end].to(group.a.dtype)  # (n, in)
     k = len(group.bt)
@@ -179,6 +192,6 @@ def _add_segment(
     for j, out in enumerate(outputs):
         s_j, bt = shrunk[:, j * r : (j + 1) * r], group.bt[j][slot, :r]  # (n, R), (R, out_j)
         if out.dtype == shrunk.dtype:
-            out[start:end].addmm_(s_j, bt)  # in place, no temporary
+            out[start:end].addmm_(s_j, bt, alpha=scale)  # in place, no temporary
         else:
-            out[start:end] += (s_j @ bt).to(out.dtype)
+            out[start:end] += (s_j @ bt).mul_(scale).to(out.dtype)

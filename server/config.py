@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from loraplex.server.admission import TenantLimits
+from loraplex.server.engine.merging import MergeSettings
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464  # `loraplex serve`'s /metrics port
@@ -69,6 +70,8 @@ class EngineConfig:
     max_request_seconds: float = 600.0
     """A request still queued or generating this long after it arrived ends with
     DEADLINE_EXCEEDED (whatever deadline its client set), freeing its cache row and slot."""
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    """When an adapter that dominates the traffic is folded into the base weights."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -15,14 +15,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loraplex.adapters.cache import HostCache, Lease, TierStats
+from loraplex.adapters.compose import CompositionError, compose
 from loraplex.adapters.errors import AdapterNotFound
 from loraplex.adapters.registry import MISS_REFRESH_S, AdapterRegistry, check_adapter_id
 from loraplex.adapters.sources import Upload
 from loraplex.adapters.store import AdapterStore, AdapterVersion
-from loraplex.adapters.validate import BaseModelSpec
+from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
 from loraplex.server import __version__
 from loraplex.server.admission import Quotas, Ticket, load_tenant_limits
 from loraplex.server.auth import KeyRing, Principal
+from loraplex.server.compositions import (
+    Composition,
+    CompositionRequest,
+    Compositions,
+    describe,
+    is_composed_id,
+)
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
@@ -50,6 +58,7 @@ class GenerateInput:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    compose: CompositionRequest | None = None  # several adapters composed (not adapter_id)
 
 
 @dataclass
@@ -81,6 +90,22 @@ class EngineState:
     running_adapters: list[str]
     waiting_adapters: list[str]
     max_lora: int
+
+
+@dataclass(frozen=True)
+class MergeView:
+    """What is folded into the base now, and the merge policy's view of the traffic."""
+
+    adapter_id: str
+    version: int
+    pinned: bool
+    policy: str
+    token_share: float  # of the merged adapter, else of the leading one
+    leading_adapter_id: str
+    merges: int
+    unmerges: int
+    last_merge_seconds: float
+    last_unmerge_seconds: float
 
 
 @dataclass(frozen=True)
@@ -118,6 +143,8 @@ class Frontend:
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", ())} - {""}
         )
         self._pins: dict[str, tuple[AdapterVersion, Lease]] = {}  # adapter id -> pinned version
+        self.compositions = Compositions()
+        self._merge_pin: str | None = None  # the adapter id an operator merged
         self._pin_lock = asyncio.Lock()
         self.observers = Observers([RequestLog(config.log_prompts)])  # each request, at its end
         self._refreshed_at = -math.inf  # when a client's unknown id last made us re-read
@@ -182,7 +209,7 @@ class Frontend:
         # refusals must cost the server (and the requests it runs) next to nothing.
         self.quotas.check(tenant)
         self.engine.scheduler.check()
-        adapter = await self._resolve(inp.adapter_id, principal) if inp.adapter_id else None
+        adapter = await self._adapter_for(inp, principal)
         if adapter is not None:
             record.adapter_version = adapter.version
         check_sizes(inp)
@@ -226,7 +253,7 @@ class Frontend:
         try:
             # The host tier holds the adapter's weights while the request lives: loaded once
             # however many requests want it, and fetched while the batch runs.
-            lease = await self.cache.lease(adapter) if adapter is not None else None
+            lease = await self._lease(adapter) if adapter is not None else None
             request = EngineRequest(
                 request_id,
                 prompt_ids,
@@ -280,8 +307,112 @@ class Frontend:
             record.finished = time.monotonic()
             self.observers.finished(record)
 
+    async def _adapter_for(
+        self, inp: GenerateInput, principal: Principal | None
+    ) -> AdapterVersion | None:
+        """The adapter version serving a request: named, composed, or none (the base)."""
+        if inp.compose is None:
+            return await self._resolve(inp.adapter_id, principal) if inp.adapter_id else None
+        if inp.adapter_id:
+            raise InvalidRequest("compose", "give adapter_id or compose, not both")
+        request = inp.compose
+        request.check()
+        inputs = []
+        for i, (adapter_id, _) in enumerate(request.adapters):
+            if is_composed_id(adapter_id):
+                raise InvalidRequest(
+                    f"compose.adapters[{i}].adapter_id",
+                    "a composed adapter cannot be an input: compose its inputs directly",
+                )
+            inputs.append(await self._resolve(adapter_id, principal))
+        composition = describe(
+            request, inputs, self.loaded.fingerprint, self.config.engine.max_lora_rank
+        )
+        return self.compositions.add(composition).version
+
+    async def _lease(self, version: AdapterVersion) -> Lease:
+        """Hold an adapter's weights in the host tier: read from the store, or for a composed
+        adapter built from its inputs' (once; later requests find it cached)."""
+        composition = self.compositions.get(version.adapter_id)
+        if composition is None or composition.version != version:
+            return await self.cache.lease(version)
+        lease = self.cache.try_lease(version)
+        if lease is not None:
+            return lease
+        inputs: dict[str, Lease] = {}
+        try:
+            for v in composition.inputs:
+                if v.digest not in inputs:
+                    inputs[v.digest] = await self.cache.lease(v)
+            parts = [
+                (inputs[v.digest].weights, w)
+                for v, w in zip(composition.inputs, composition.weights, strict=True)
+            ]
+            return await self.cache.lease(version, load=lambda: self._build(composition, parts))
+        finally:
+            for held in inputs.values():
+                held.release()
+
+    def _build(self, composition: Composition, parts: list) -> AdapterWeights:
+        """Compose on the engine thread (the one thread that runs torch); called on a host
+        cache worker, which waits for it."""
+        start = time.perf_counter()
+        order = list(self.engine.runner.target_shapes)
+
+        def run() -> AdapterWeights:
+            return compose(
+                parts,
+                composition.method,
+                density=composition.density,
+                seed=composition.seed,
+                majority_sign_method=composition.majority_sign_method,
+                module_order=order,
+                max_rank=self.config.engine.max_lora_rank,
+            )
+
+        try:
+            weights = self.engine.call(run).result()
+        except CompositionError as exc:
+            raise InvalidRequest("compose", str(exc)) from None
+        log.info(
+            "composed %s (%s of %s) in %.0f ms",
+            composition.version.adapter_id,
+            composition.method,
+            ", ".join(
+                f"{v.adapter_id} v{v.version} x{w:g}"
+                for v, w in zip(composition.inputs, composition.weights, strict=True)
+            ),
+            (time.perf_counter() - start) * 1e3,
+        )
+        return weights
+
+    def composition_of(self, adapter_id: str) -> Composition | None:
+        return self.compositions.get(adapter_id) if is_composed_id(adapter_id) else None
+
+    def _composed(self, adapter_id: str, principal: Principal | None) -> AdapterVersion:
+        """A composed adapter named by its derived id, while this replica holds it and its
+        inputs are still registered; usable by whoever may use every input."""
+        composition = self.compositions.get(adapter_id)
+        if composition is None or not all(self._registered(v) for v in composition.inputs):
+            check_use(principal, adapter_id, None)
+            raise AdapterNotFound(
+                f"composed adapter {adapter_id!r} is not known here (compositions are kept per "
+                "server, and go when an input is deleted): send the composition itself"
+            )
+        for v in composition.inputs:
+            check_use(principal, adapter_id, v)
+        return composition.version
+
+    def _registered(self, version: AdapterVersion) -> bool:
+        try:
+            return version in self.registry.store.versions(version.adapter_id)
+        except AdapterNotFound:
+            return False
+
     async def _resolve(self, adapter_id: str, principal: Principal | None = None) -> AdapterVersion:
         """The version a new request for `adapter_id` gets, if `principal` may use it."""
+        if is_composed_id(adapter_id):
+            return self._composed(adapter_id, principal)
         try:
             try:
                 version = self.registry.store.latest(check_adapter_id(adapter_id))  # in memory
@@ -398,15 +529,61 @@ class Frontend:
         return version, created
 
     async def _after_register(self, version: AdapterVersion, pin: bool) -> None:
-        """A new version of a pinned adapter takes over its pin."""
+        """A new version of a pinned adapter takes over its pin (and its pinned merge)."""
         pinned = self._pins.get(version.adapter_id)
         if pin or (pinned is not None and pinned[0] != version):
             await self.pin_adapter(version.adapter_id)
+        if self._merge_pin == version.adapter_id:
+            await self.merge_adapter(version.adapter_id)
+
+    # -- merging into the base ---------------------------------------------------------------
+    async def merge_adapter(self, adapter_id: str) -> MergeView:
+        """Fold an adapter's latest version into the base and keep it there (the policy
+        leaves a pinned merge alone) until `unmerge_adapter`."""
+        version = await self._resolve(adapter_id)
+        lease = await self._lease(version)
+        try:
+            engine = self.engine
+            await asyncio.wrap_future(
+                engine.call(lambda: engine.merge_pinned(version, lease.weights))
+            )
+        finally:
+            lease.release()  # the device slot holds the weights now
+        self._merge_pin = adapter_id
+        return self.merge_state()
+
+    async def unmerge_adapter(self) -> MergeView:
+        """Undo the merge now, pinned or automatic."""
+        self._merge_pin = None
+        await asyncio.wrap_future(self.engine.call(self.engine.unmerge_pinned))
+        return self.merge_state()
+
+    def merge_state(self) -> MergeView:
+        merge = self.engine.merge  # read from another thread: a snapshot
+        key, leader = merge.key, merge.leader
+        return MergeView(
+            adapter_id=key[0] if key else "",
+            version=key[1] if key else 0,
+            pinned=merge.pinned,
+            policy=self.config.engine.merge.policy,
+            token_share=merge.merged_share if key else merge.leader_share,
+            leading_adapter_id=leader[0] if leader else "",
+            merges=merge.merges,
+            unmerges=merge.unmerges,
+            last_merge_seconds=merge.last_merge_s,
+            last_unmerge_seconds=merge.last_unmerge_s,
+        )
+
+    def is_merged(self, adapter_id: str) -> bool:
+        key = self.engine.merge.key
+        return key is not None and key[0] == adapter_id
 
     def get_adapter(
         self, adapter_id: str, principal: Principal | None = None
     ) -> tuple[AdapterVersion, list[int]]:
         """An adapter's latest version and every version number held."""
+        if is_composed_id(adapter_id):
+            return self._composed(adapter_id, principal), [1]
         try:
             versions = self.registry.store.versions(check_adapter_id(adapter_id))
         except AdapterNotFound:
@@ -438,8 +615,11 @@ class Frontend:
         versions = await asyncio.to_thread(self.registry.delete, adapter_id)
         if adapter_id in self._pins:
             await self.unpin_adapter(adapter_id)
+        if self._merge_pin == adapter_id:
+            await self.unmerge_adapter()
         digests = {v.digest for v in versions}
-        self.cache.forget(digests)
+        composed = {c.version.digest for c in self.compositions.forget_input(adapter_id)}
+        self.cache.forget(digests | composed)
         keep = self.cache.in_use()
         await asyncio.to_thread(self.registry.store.remove_blobs, digests, keep)
         return [v.version for v in versions]
@@ -448,6 +628,8 @@ class Frontend:
         """Keep the latest version in a device slot and host memory (it replaces a pin on an
         older version)."""
         async with self._pin_lock:
+            if is_composed_id(adapter_id):
+                raise InvalidRequest("adapter_id", "a composed adapter cannot be pinned")
             version = await self._resolve(adapter_id)
             old = self._pins.get(adapter_id)
             if old is not None and old[0] == version:

@@ -33,6 +33,9 @@ ADMIN_METHODS = frozenset(
         "PinAdapter",
         "UnpinAdapter",
         "GetCacheStats",
+        "MergeAdapter",
+        "UnmergeAdapter",
+        "GetMergeState",
     )
 )
 

@@ -13,6 +13,7 @@ import grpc
 
 from loraplex.adapters.store import AdapterVersion
 from loraplex.server.auth import Principal
+from loraplex.server.compositions import Composition, CompositionRequest
 from loraplex.server.engine.request import RequestOutput
 from loraplex.server.errors import InvalidRequest, retry_metadata, status_for
 from loraplex.server.frontend import Frontend, GenerateInput, TierView
@@ -85,7 +86,33 @@ def generate_input(request: inference_pb2.GenerateRequest) -> GenerateInput:
         top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop),
+        compose=composition_request(request.compose) if request.HasField("compose") else None,
     )
+
+
+def composition_request(message: adapters_pb2.AdapterComposition) -> CompositionRequest:
+    return CompositionRequest(
+        adapters=tuple((a.adapter_id, a.weight) for a in message.adapters),
+        method=message.method or "linear",
+        density=message.density if message.HasField("density") else None,
+        seed=message.seed,
+        majority_sign_method=message.majority_sign_method or "total",
+    )
+
+
+def composition_message(composition: Composition) -> adapters_pb2.AdapterComposition:
+    message = adapters_pb2.AdapterComposition(
+        adapters=[
+            adapters_pb2.WeightedAdapter(adapter_id=v.adapter_id, weight=w)
+            for v, w in zip(composition.inputs, composition.weights, strict=True)
+        ],
+        method=composition.method,
+        seed=composition.seed,
+        majority_sign_method=composition.majority_sign_method,
+    )
+    if composition.density is not None:
+        message.density = composition.density
+    return message
 
 
 def _response(
@@ -205,7 +232,13 @@ def current_info(
 ) -> adapters_pb2.AdapterInfo:
     """An adapter's latest version, every version held, and whether it is pinned."""
     version, versions = frontend.get_adapter(adapter_id, principal)
-    return adapter_info(version, versions, frontend.is_pinned(adapter_id))
+    info = adapter_info(version, versions, frontend.is_pinned(adapter_id))
+    info.merged = frontend.is_merged(adapter_id)
+    composition = frontend.composition_of(adapter_id)
+    if composition is not None:
+        info.composition.CopyFrom(composition_message(composition))
+        info.composed_versions.extend(v.version for v in composition.inputs)
+    return info
 
 
 def tier_stats(view: TierView) -> adapters_pb2.TierStats:
@@ -349,3 +382,29 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> adapters_pb2.CacheStats:
         tiers, pinned = self._frontend().cache_stats()
         return adapters_pb2.CacheStats(tiers=[tier_stats(t) for t in tiers], pinned=pinned)
+
+    @unary
+    async def MergeAdapter(
+        self,
+        request: adapters_pb2.MergeAdapterRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.MergeState:
+        view = await self._frontend().merge_adapter(adapter_id_of(request))
+        return adapters_pb2.MergeState(**view.__dict__)
+
+    @unary
+    async def UnmergeAdapter(
+        self,
+        request: adapters_pb2.UnmergeAdapterRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.MergeState:
+        view = await self._frontend().unmerge_adapter()
+        return adapters_pb2.MergeState(**view.__dict__)
+
+    @unary
+    async def GetMergeState(
+        self,
+        request: adapters_pb2.GetMergeStateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> adapters_pb2.MergeState:
+        return adapters_pb2.MergeState(**self._frontend().merge_state().__dict__)

@@ -27,6 +27,7 @@ from loraplex.adapters.store import AdapterVersion
 from loraplex.adapters.validate import AdapterWeights
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.batch import RunningBatch, Sequence
+from loraplex.server.engine.merging import AdapterKey, MergePolicy, TokenCounts
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
@@ -40,6 +41,8 @@ WeightsLoader = Callable[[AdapterVersion], AdapterWeights]
 T = TypeVar("T")
 PREFETCH_PER_STEP = 2  # device loads for queued requests per step (each pauses the step)
 PIN_RETRY_S = 1.0  # the retry advice when no slot can be pinned now
+MERGE_CHECK_S = 0.25  # how often the merge policy is asked
+MERGE_QUEUE_LOOKAHEAD = 64  # queued requests counted in the merge policy's token shares
 
 
 @dataclass
@@ -54,6 +57,22 @@ class EngineStats:
     mixed_prefill_decode_steps: int = 0  # steps that decoded and prefilled in one forward
     prefill_tokens: int = 0
     adapter_loads: int = 0
+
+
+@dataclass
+class MergeStatus:
+    """The adapter folded into the base, if any, and the merge counters."""
+
+    key: AdapterKey | None = None
+    slot: int | None = None
+    pinned: bool = False  # by an operator: the policy leaves it alone
+    merges: int = 0
+    unmerges: int = 0
+    last_merge_s: float = 0.0
+    last_unmerge_s: float = 0.0
+    leader: AdapterKey | None = None  # at the policy's last look
+    leader_share: float = 0.0
+    merged_share: float = 0.0
 
 
 class Engine:
@@ -77,6 +96,9 @@ class Engine:
         self.slots = SlotTable(config.max_loras)
         self.scheduler = Scheduler(config, self.slots)
         self.stats = EngineStats()
+        self.merge = MergeStatus()
+        self.merge_policy = MergePolicy(config.merge)
+        self._next_merge_check = 0.0
         self._make_runner = make_runner
         self._runner: ModelRunner | None = None
         self._eos_token_ids: set[int] = set()
@@ -182,6 +204,7 @@ class Engine:
             self.scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
             return
         self._run_step()
+        self._consider_merge()
 
     # -- admission ----------------------------------------------------------------------------
     def _reservation(self, request: EngineRequest) -> int:
@@ -258,6 +281,7 @@ class Engine:
         sampled = decoding + finishing  # the order of the logits rows
         self._count_step(decoding, chunked)
         tokens = sample(logits, [s.request.params for s in sampled], [s.generator for s in sampled])
+        self.merge_policy.observe(_token_counts(decoding, chunked))
         generated: Counter[str] = Counter()
         for seq, token in zip(sampled, tokens, strict=True):
             generated[seq.request.tenant] += 1
@@ -362,6 +386,90 @@ class Engine:
     def unpin(self, adapter: AdapterVersion) -> None:
         self.slots.unpin(adapter.key)
 
+    # -- merging an adapter into the base -----------------------------------------------------
+    def _consider_merge(self) -> None:
+        """Ask the merge policy (every MERGE_CHECK_S) and merge or unmerge as it says."""
+        now = time.monotonic()
+        if self.merge.pinned or now < self._next_merge_check:
+            return
+        self._next_merge_check = now + MERGE_CHECK_S
+        queued: TokenCounts = Counter()
+        for request in self.scheduler.peek(MERGE_QUEUE_LOOKAHEAD):
+            key = request.adapter.key if request.adapter is not None else None
+            queued[key] += len(request.prompt_ids) + request.params.max_new_tokens
+        policy = self.merge_policy
+        shares = policy.shares(self.merge.key, queued)
+        self.merge.leader, self.merge.leader_share = shares.leader, shares.leader_share
+        self.merge.merged_share = shares.merged_share
+        want = policy.decide(self.merge.key, queued)
+        if want == self.merge.key:
+            return
+        if self.merge.key is not None:
+            self._unmerge()
+        if want is not None:
+            slot = self.slots.lookup(want)
+            if slot is not None:  # resident (it leads the traffic, so it normally is)
+                grant = self.slots.acquire(want)
+                assert grant is not None and not grant.needs_load
+                self._merge_slot(want, slot)
+        policy.changed()
+
+    def _merge_slot(self, key: AdapterKey, slot: int) -> None:
+        """Fold the adapter in `slot` (the caller took a reference to it) into the base."""
+        start = time.perf_counter()
+        layers = self.runner.merge(slot)
+        seconds = time.perf_counter() - start
+        self.merge.key, self.merge.slot = key, slot
+        self.merge.merges += 1
+        self.merge.last_merge_s = seconds
+        log.info("adapter %s v%d merged into the base (%d layers, %.0f ms)", *key, layers,
+                 seconds * 1e3)  # fmt: skip
+
+    def _unmerge(self) -> None:
+        assert self.merge.key is not None and self.merge.slot is not None
+        start = time.perf_counter()
+        self.runner.unmerge()
+        self.slots.release(self.merge.slot)
+        seconds = time.perf_counter() - start
+        log.info("adapter %s v%d unmerged (%.1f ms)", *self.merge.key, seconds * 1e3)
+        self.merge.key, self.merge.slot, self.merge.pinned = None, None, False
+        self.merge.unmerges += 1
+        self.merge.last_unmerge_s = seconds
+
+    def merge_pinned(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
+        """Merge `adapter` into the base and keep it merged until `unmerge_pinned` (call on
+        the engine thread)."""
+        key = adapter.key
+        if self.merge.key == key:
+            self.merge.pinned = True
+            return
+        if self.merge.key is not None:
+            self._unmerge()
+        grant = self.slots.acquire(key)
+        if grant is None:
+            raise Exhausted(
+                "no device slot is free to hold the adapter to merge: every slot is in use "
+                f"(max_loras={self.slots.num_slots})",
+                PIN_RETRY_S,
+            )
+        if grant.needs_load:
+            try:
+                self._load_slot(grant.slot, adapter, weights)
+            except Exception:
+                self.slots.release(grant.slot)
+                self.slots.discard(grant.slot)
+                raise
+        self._merge_slot(key, grant.slot)
+        self.merge.pinned = True
+        self.merge_policy.changed()
+
+    def unmerge_pinned(self) -> None:
+        """Undo the merge, pinned or not (call on the engine thread); the policy decides
+        again after its minimum interval."""
+        if self.merge.key is not None:
+            self._unmerge()
+            self.merge_policy.changed()
+
     def _new_sequence(self, admission: Admission) -> Sequence:
         request = admission.request
         return Sequence(
@@ -437,6 +545,18 @@ class Engine:
         for seq in list(self._batch.seqs):
             self._retire(seq)
             seq.request.emit(exc)
+
+
+def _token_counts(decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> TokenCounts:
+    """Tokens of one step per adapter version (None: the base model)."""
+    counts: TokenCounts = Counter()
+    for seq in decoding:
+        adapter = seq.request.adapter
+        counts[adapter.key if adapter is not None else None] += 1
+    for seq, n in chunked:
+        adapter = seq.request.adapter
+        counts[adapter.key if adapter is not None else None] += n
+    return counts
 
 
 def overdue_request(request: EngineRequest, limit: float) -> None:

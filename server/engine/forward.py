@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from torch import nn
 
-from loraplex.adapters.lora import LoraStacks
+from loraplex.adapters.lora import LoraGroup, LoraStacks
 from loraplex.adapters.lora_ops import LoraPlan, add_lora
 from loraplex.server.engine.kv_cache import CacheShape, KVCache
 
@@ -49,6 +49,8 @@ class StepBatch:
     chunks: list[PromptChunk]
     logits_index: torch.Tensor  # (M,) tokens whose next-token logits are wanted
     lora: LoraPlan
+    # With an adapter merged into the base: its delta, subtracted for every other token.
+    unmerge: LoraPlan | None = None
 
 
 def lora_layout(model: nn.Module) -> list[dict[str, tuple[int, list[tuple[str, int]]]]]:
@@ -114,16 +116,56 @@ class DecoderForward:
         self.group = self.num_heads // self.kv_heads
         self.scaling = self.head_dim**-0.5
         self._unpacked = _stash_unpacked_4bit(model)
+        # Layers with an adapter folded in: W + B @ A, dense in the compute dtype (see merge).
+        self.merged: dict[nn.Module, torch.Tensor] = {}
 
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A base linear layer on (N, in). bitsandbytes' CPU kernel (its AVX512-BF16 packed
         format) is fast for a few rows but ~1.5x slower than dequantize + one bf16 matmul for
         prompt chunks; those use the stashed standard 4-bit copy, dequantized for one call."""
+        merged = self.merged.get(module)
+        if merged is not None:
+            return F.linear(x, merged, module.bias)
         stash = self._unpacked.get(module)
         if stash is None or x.shape[0] < DEQUANTIZE_MIN_TOKENS:
             return module(x)
         data, state = stash
         return F.linear(x, dequantize_4bit(data, state).to(x.dtype), module.bias)
+
+    def dense_weight(self, module: nn.Module) -> torch.Tensor:
+        """A base linear layer's weight (out, in) as the forward computes with it: 4-bit
+        weights dequantized (exactly what the prompt path uses), others as they are."""
+        stash = self._unpacked.get(module)
+        if stash is not None:
+            return dequantize_4bit(*stash)
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            return dequantize_4bit(weight.data, state)
+        return weight.data
+
+    def merge(self, slot: int) -> int:
+        """Fold the adapter in `slot` into the base: every layer it targets gets a dense copy
+        W + B @ A (the sum in float32, kept in the compute dtype: the higher-precision copy of
+        a 4-bit base, whose 4-bit weights stay untouched for unmerging). Returns the number of
+        layers merged. Requests for other adapters then subtract its delta (StepBatch.unmerge)."""
+        by_name = dict(self.model.named_modules())
+        merged: dict[nn.Module, torch.Tensor] = {}
+        for name, (layer, gname, member) in self.lora.modules.items():
+            group = self.lora.groups[layer][gname]
+            a, bt = group.a[slot, member], group.bt[member][slot]  # (R, in), (R, out)
+            if not bt.any():
+                continue  # not targeted by this adapter
+            module = by_name[name]
+            base = self.dense_weight(module)  # in the compute dtype
+            delta = bt.float().T @ a.float()  # (out, in)
+            merged[module] = (base.float() + delta).to(base.dtype)
+        self.merged = merged
+        return len(merged)
+
+    def unmerge(self) -> None:
+        """Back to the untouched base weights (the dense copies are dropped)."""
+        self.merged = {}
 
     @torch.inference_mode()
     def __call__(self, batch: StepBatch) -> torch.Tensor:
@@ -137,7 +179,7 @@ class DecoderForward:
             x = layer.input_layernorm(h)
             h = h + self._attention(index, layer.self_attn, x, cos, sin, batch, groups)
             x = layer.post_attention_layernorm(h)
-            h = h + self._mlp(layer.mlp, x, batch.lora, groups)
+            h = h + self._mlp(layer.mlp, x, batch, groups)
         h = inner.norm(h.index_select(0, batch.logits_index))  # (M, hidden)
         return self.model.lm_head(h).float()
 
@@ -157,7 +199,7 @@ class DecoderForward:
             self._linear(attn.k_proj, x),
             self._linear(attn.v_proj, x),
         )
-        add_lora([q, k, v], x, groups["qkv"], batch.lora)
+        _add_lora([q, k, v], x, groups["qkv"], batch)
         q = _rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
         k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(n, self.kv_heads, self.head_dim)
@@ -170,7 +212,7 @@ class DecoderForward:
             out[span] = self._prefill_attention(index, q[span], chunk)
         o_in = out.view(n, -1)
         o = self._linear(attn.o_proj, o_in)
-        add_lora([o], o_in, groups["o"], batch.lora)
+        _add_lora([o], o_in, groups["o"], batch)
         return o
 
     def _decode_attention(self, index: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -208,13 +250,22 @@ class DecoderForward:
         out = torch.matmul(probs, values)  # (H_kv, g, n, D)
         return out.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
 
-    def _mlp(self, mlp: nn.Module, x: torch.Tensor, plan: LoraPlan, groups: dict) -> torch.Tensor:
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor, batch: StepBatch, groups: dict) -> torch.Tensor:
         gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
-        add_lora([gate, up], x, groups["gate_up"], plan)
+        _add_lora([gate, up], x, groups["gate_up"], batch)
         act = mlp.act_fn(gate) * up
         down = self._linear(mlp.down_proj, act)
-        add_lora([down], act, groups["down"], plan)
+        _add_lora([down], act, groups["down"], batch)
         return down
+
+
+def _add_lora(
+    outputs: list[torch.Tensor], x: torch.Tensor, group: LoraGroup, batch: StepBatch
+) -> None:
+    """Each token's adapter delta; with a merged adapter, minus its delta for the others."""
+    add_lora(outputs, x, group, batch.lora)
+    if batch.unmerge is not None:
+        add_lora(outputs, x, group, batch.unmerge, scale=-1.0)
 
 
 def _stash_unpacked_4bit(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, object]]:

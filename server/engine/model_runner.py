@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.adapters.lora import NO_ADAPTER, LoraStacks
-from loraplex.adapters.lora_ops import plan_lora
+from loraplex.adapters.lora_ops import LoraPlan, plan_lora
 from loraplex.adapters.validate import AdapterWeights
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.forward import (
@@ -70,6 +70,7 @@ class ModelRunner:
             lora_layout(self.model), num_slots, max_rank, lora_dtype or loaded.dtype, self.device
         )
         self.forward = DecoderForward(self.model, self.cache, self.lora)
+        self.merged_slot: int | None = None  # the slot whose adapter is folded into the base
 
     @classmethod
     def from_config(cls, loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
@@ -91,6 +92,42 @@ class ModelRunner:
     def clear_slot(self, slot: int) -> None:
         self.lora.clear(slot)
 
+    def merge(self, slot: int) -> int:
+        """Fold the adapter in `slot` into the base (the slot must stay loaded and unchanged
+        while merged: the caller holds a reference to it). Returns the layers merged."""
+        self.unmerge()
+        layers = self.forward.merge(slot)
+        self.merged_slot = slot
+        return layers
+
+    def unmerge(self) -> None:
+        self.forward.unmerge()
+        self.merged_slot = None
+
+    def _plans(
+        self, decode_slots: list[int], segments: list[tuple[int, int, int]]
+    ) -> tuple[LoraPlan, LoraPlan | None]:
+        """The step's LoRA plan, and with a merged adapter M the plan that takes M's delta
+        back out: M's tokens need nothing on top of the merged base, every other token
+        (base requests included) needs its own delta minus M's."""
+        ranks, dev, m = self.lora.ranks, self.device, self.merged_slot
+        if m is None:
+            return plan_lora(decode_slots, segments, ranks, dev), None
+
+        def own(slot: int) -> int:
+            return NO_ADAPTER if slot == m else slot
+
+        def minus(slot: int) -> int:
+            return NO_ADAPTER if slot == m else m
+
+        lora = plan_lora(
+            [own(s) for s in decode_slots], [(own(s), a, b) for s, a, b in segments], ranks, dev
+        )
+        unmerge = plan_lora(
+            [minus(s) for s in decode_slots], [(minus(s), a, b) for s, a, b in segments], ranks, dev
+        )
+        return lora, (None if unmerge.empty else unmerge)
+
     def step(self, decodes: list[DecodeWork], prefills: list[PrefillWork]) -> torch.Tensor:
         """One forward over every decode token and prompt chunk (written into the cache).
         Returns float32 logits (M, V): one row per decode, then one per prefill that wants
@@ -111,6 +148,7 @@ class ModelRunner:
             if p.wants_logits:
                 logits_index.append(offset + n - 1)
         dev = self.device
+        lora, unmerge = self._plans([d.slot for d in decodes], segments)
         decode_lengths = [d.position + 1 for d in decodes]
         row_t = torch.tensor(rows, dtype=torch.long, device=dev)
         position_t = torch.tensor(positions, dtype=torch.long, device=dev)
@@ -125,7 +163,8 @@ class ModelRunner:
             num_rows=self.cache.num_used_rows,
             chunks=chunks,
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
-            lora=plan_lora([d.slot for d in decodes], segments, self.lora.ranks, dev),
+            lora=lora,
+            unmerge=unmerge,
         )
         return self.forward(batch)
 

@@ -3,25 +3,21 @@ what it gets alone, slots are shared fairly, failures and cancels free what they
 
 from __future__ import annotations
 
-import copy
 import random
 import threading
 
 import pytest
 import torch
-from peft import LoraConfig
 
 from loraplex.adapters.errors import AdapterNotFound
-from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.store import AdapterStore
-from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
+from loraplex.adapters.validate import AdapterWeights
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine import forward as forward_module
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 from loraplex.server.errors import Exhausted, NotReady, QueueFull
-from tests.helpers import add_peft_adapter
 
 
 class Collector:
@@ -46,41 +42,6 @@ class Collector:
     @property
     def tokens(self) -> list[int]:
         return [t for o in self.outputs for t in o.token_ids]
-
-
-@pytest.fixture
-def setup(load_tiny, tmp_path):
-    """An engine over the tiny model with two registered PEFT adapters."""
-
-    def build(**engine_kwargs):
-        loaded = load_tiny()
-        peft_base = copy.deepcopy(loaded.model)
-        config = EngineConfig(**{"max_loras": 4, "max_lora_rank": 8, **engine_kwargs})
-        runner = ModelRunner.from_config(loaded, config)
-        spec = BaseModelSpec(runner.target_shapes, max_rank=8, fingerprint="tiny")
-        registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
-        peft = add_peft_adapter(
-            peft_base, "one", LoraConfig(r=4, target_modules="all-linear"), seed=1, b_std=0.5
-        )
-        peft = add_peft_adapter(
-            peft, "two", LoraConfig(r=8, target_modules=["q_proj"]), seed=2, b_std=0.5
-        )
-        peft.save_pretrained(tmp_path / "peft", selected_adapters=["one", "two"])
-        versions = {n: registry.register(n, str(tmp_path / "peft" / n))[0] for n in ("one", "two")}
-        engine = Engine(lambda: runner, config, registry.load_weights)
-        assert engine.start() is runner
-        return engine, versions
-
-    engines = []
-
-    def factory(**kwargs):
-        engine, versions = build(**kwargs)
-        engines.append(engine)
-        return engine, versions
-
-    yield factory
-    for engine in engines:
-        engine.stop()
 
 
 def submit(engine, prompt, adapter, max_new_tokens=12, **params) -> Collector:
