@@ -120,6 +120,21 @@ class LoraplexClient:
         )
         return list(response.adapters)
 
+    def merge(self, adapter_id: str) -> adapters_pb2.MergeState:
+        """Fold `adapter_id` into the base and keep it there until `unmerge`."""
+        request = adapters_pb2.MergeAdapterRequest(adapter_id=adapter_id)
+        return self.adapters.MergeAdapter(request, timeout=self.timeout, metadata=self.metadata)
+
+    def unmerge(self) -> adapters_pb2.MergeState:
+        return self.adapters.UnmergeAdapter(
+            adapters_pb2.UnmergeAdapterRequest(), timeout=self.timeout, metadata=self.metadata
+        )
+
+    def merge_state(self) -> adapters_pb2.MergeState:
+        return self.adapters.GetMergeState(
+            adapters_pb2.GetMergeStateRequest(), timeout=self.timeout, metadata=self.metadata
+        )
+
     def delete(self, adapter_id: str) -> adapters_pb2.DeleteAdapterResponse:
         request = adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id)
         return self.adapters.DeleteAdapter(request, timeout=self.timeout, metadata=self.metadata)

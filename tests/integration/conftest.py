@@ -9,6 +9,7 @@ from peft import LoraConfig
 
 from loraplex.server.client import LoraplexClient
 from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.server.engine.merging import MergeSettings
 from loraplex.server.model_loader import load_model
 from tests.helpers import ServerThread, add_peft_adapter
 
@@ -54,11 +55,23 @@ def server(model_home, adapter_root, tmp_path_factory):
         adapter_roots=(adapter_root,),
         adapter_store=tmp_path_factory.mktemp("store"),
         model=ModelConfig(home=model_home),
-        engine=EngineConfig(max_loras=4, max_batch_size=32),
+        # Merges only when a test asks (MergeAdapter): an automatic merge in the middle of
+        # another test would change its outputs' bf16 rounding (tests/unit covers the policy).
+        engine=EngineConfig(max_loras=4, max_batch_size=32, merge=MergeSettings(policy="off")),
     )
     thread = ServerThread(config).start()
     yield thread
     thread.stop()
+
+
+@pytest.fixture(scope="module")
+def registered(server, peft_reference):
+    _, _, dirs = peft_reference
+    with LoraplexClient(server.address) as client:
+        for name, path in dirs.items():
+            response = client.register(name, str(path))
+            assert response.adapter.adapter_id == name
+    return dirs
 
 
 @pytest.fixture

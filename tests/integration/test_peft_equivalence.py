@@ -85,16 +85,6 @@ def agreeing_prefix(ours: list[int], ref: list[int], gaps: list[float]) -> tuple
     return must, agree
 
 
-@pytest.fixture(scope="module")
-def registered(server, peft_reference):
-    _, _, dirs = peft_reference
-    with LoraplexClient(server.address) as client:
-        for name, path in dirs.items():
-            response = client.register(name, str(path))
-            assert response.adapter.adapter_id == name
-    return dirs
-
-
 def test_mixed_batch_matches_peft(server, peft_reference, registered):
     model, tokenizer, _ = peft_reference
     cases = [(adapter, prompt) for adapter in [None, *ADAPTERS] for prompt in PROMPTS]
