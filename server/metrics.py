@@ -213,6 +213,18 @@ class StateCollector(Collector):
             families["evictions"].add_metric([view.tier], view.stats.evictions)
         yield resident
         yield from families.values()
+        merge = self.frontend.merge_state()
+        yield GaugeMetricFamily(
+            "loraplex_base_merged",
+            "1 while an adapter is folded into the base weights (see GetMergeState).",
+            1 if merge.adapter_id else 0,
+        )
+        yield CounterMetricFamily(
+            "loraplex_merges", "Adapters folded into the base weights.", merge.merges
+        )
+        yield CounterMetricFamily(
+            "loraplex_unmerges", "Merged adapters taken out of the base weights.", merge.unmerges
+        )
 
 
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.server.client import LoraplexClient
 from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.server.engine.merging import MergeSettings
 from loraplex.v1 import inference_pb2 as pb
 from tests.helpers import ServerThread
 
@@ -35,7 +36,7 @@ def metered(model_home, adapter_root, tmp_path_factory):
         adapter_roots=(adapter_root,),
         adapter_store=tmp_path_factory.mktemp("store"),
         model=ModelConfig(home=model_home),
-        engine=EngineConfig(max_loras=2, max_batch_size=8),
+        engine=EngineConfig(max_loras=2, max_batch_size=8, merge=MergeSettings(policy="off")),
     )
     thread = ServerThread(config).start()
     yield thread
@@ -136,6 +137,8 @@ def test_metrics_count_real_traffic(metered, peft_reference):
     assert value(after, "loraplex_adapters_resident", tier="device") == 2
     assert value(after, "loraplex_build_info") == 1
     assert value(after, "loraplex_lora_requests_info", max_lora="2") > 0
+    assert value(after, "loraplex_base_merged") == 0  # the policy is off in the test server
+    assert value(after, "loraplex_merges_total") == 0
 
 
 def test_promtool_accepts_the_exposition(metered):
