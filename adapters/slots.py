@@ -42,6 +42,9 @@ class SlotTable:
         # Unreferenced resident slots, least recently used first.
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._pinned: set[int] = set()
+        # Slots the engine holds for itself (the adapter merged into the base): a reference
+        # that does not end when requests do, so never worth draining.
+        self.held: set[int] = set()
         self.stats = TierStats()
 
     def lookup(self, key: AdapterKey) -> int | None:
@@ -116,7 +119,10 @@ class SlotTable:
         held = [
             (entry.refcount, slot)
             for slot, entry in self._entries.items()
-            if entry.refcount > 0 and slot not in self._pinned and slot not in exclude
+            if entry.refcount > 0
+            and slot not in self._pinned
+            and slot not in self.held
+            and slot not in exclude
         ]
         return min(held)[1] if held else None
 

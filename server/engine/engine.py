@@ -420,6 +420,7 @@ class Engine:
         layers = self.runner.merge(slot)
         seconds = time.perf_counter() - start
         self.merge.key, self.merge.slot = key, slot
+        self.slots.held = {slot}
         self.merge.merges += 1
         self.merge.last_merge_s = seconds
         log.info("adapter %s v%d merged into the base (%d layers, %.0f ms)", *key, layers,
@@ -429,6 +430,7 @@ class Engine:
         assert self.merge.key is not None and self.merge.slot is not None
         start = time.perf_counter()
         self.runner.unmerge()
+        self.slots.held = set()
         self.slots.release(self.merge.slot)
         seconds = time.perf_counter() - start
         log.info("adapter %s v%d unmerged (%.1f ms)", *self.merge.key, seconds * 1e3)

@@ -181,6 +181,7 @@ def test_engine_merges_dominant_traffic_and_outputs_stay_the_same(setup):
             break
     assert engine.merge.key == one.key and engine.merge.merges == 1
     assert engine.slots.refcount(engine.merge.slot) == 1  # held while merged
+    assert engine.slots.drain_candidate(exclude=set()) is None  # and never drained
     # Mixed requests while merged, then with the policy's view at hand: same outputs.
     engine.merge_policy = MergePolicy(MergeSettings(policy="off"))
     again = [submit(engine, p, a) for p, a in zip(PROMPTS, mixed, strict=True)]
