@@ -232,6 +232,27 @@ def test_tenant_isolation_matrix(secured, peft_reference):
             listed = {a.adapter_id for a in client.list()}
             assert own in listed and "common" in listed and other not in listed
 
+    # A composition may only use adapters the caller may use; its derived id likewise.
+    def composed(client: LoraplexClient, *inputs: str) -> pb.GenerateResponse:
+        request = pb.GenerateRequest(prompt="Hi", max_new_tokens=1)
+        request.compose.method = "cat"
+        for adapter_id in inputs:
+            request.compose.adapters.add(adapter_id=adapter_id, weight=0.5)
+        return client.generate(request)
+
+    with connect("client") as acme, connect("globex") as globex:
+        derived = composed(acme, "acme-own", "common").adapter_id
+        assert acme.get(derived).composition.method == "cat"
+        for client, inputs in (
+            (acme, ("acme-own", "globex-own")),
+            (globex, ("acme-own", "common")),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                composed(client, *inputs)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Another tenant naming the derived id: the same answer as for an id nobody has.
+        assert outcomes(globex, derived) == outcomes(globex, "never-registered")
+
 
 def test_tenant_limits_refuse_at_once_with_retry_advice(secured):
     from google.rpc import error_details_pb2, status_pb2
