@@ -278,6 +278,38 @@ def build_parser() -> argparse.ArgumentParser:
         "rm", aliases=["delete"], parents=[remote], help="remove an adapter and all its versions"
     )
     rm.add_argument("adapter_id")
+    export = verbs.add_parser(
+        "export",
+        help="write the base with one adapter merged in as a plain HF checkpoint (local)",
+        description="loraplex adapters export NAME --merged OUT: the served NF4 base, "
+        "dequantized, with the adapter's delta merged in float32, saved as safetensors that "
+        "AutoModelForCausalLM loads without bitsandbytes or PEFT. Runs here, on the store "
+        "the server uses; no server needed.",
+    )
+    export.add_argument("adapter", metavar="NAME", help="adapter id (a directory with --from-dir)")
+    export.add_argument("--merged", required=True, metavar="OUT", help="directory to write")
+    export.add_argument("--version", type=int, help="stored version (default: the latest)")
+    export.add_argument(
+        "--from-dir", action="store_true", help="NAME is a local PEFT LoRA directory"
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="dtype of the saved weights (the merge is float32)",
+    )
+    export.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    export.add_argument("--model", help="base model, as for serve (default: embedded SmolLM2)")
+    export.add_argument("--home", help="as for serve ($LORAPLEX_HOME, ~/.cache/loraplex)")
+    export.add_argument("--adapter-store", metavar="DIR|URL", help="as for serve")
+    export.add_argument("--s3-endpoint-url", help="as for serve")
+    export.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    export.add_argument(
+        "--quantization",
+        choices=["nf4", "none"],
+        default="nf4",
+        help="as the server serves the base (nf4: dequantized before the merge)",
+    )
     train_parser = sub.add_parser(
         "train",
         help="train a LoRA/QLoRA adapter on a JSONL dataset (see training/config.py)",
@@ -472,7 +504,41 @@ def _register_args(args: argparse.Namespace) -> tuple[str, str]:
     return adapter_id, path
 
 
+def export(args: argparse.Namespace) -> int:
+    """`adapters export`: local, so it builds the server's config the way serve does."""
+    from loraplex.adapters.errors import AdapterError
+    from loraplex.adapters.export import EXPORT_DTYPES, MANIFEST_FILE, export_adapter
+
+    try:
+        config = ServerConfig(
+            adapter_store=_store(args.adapter_store),
+            s3_endpoint_url=args.s3_endpoint_url,
+            model=ModelConfig(
+                model=args.model,
+                home=_home(args.home),
+                device=args.device,
+                quantization=args.quantization,
+            ),
+        )
+        out = export_adapter(
+            config,
+            args.adapter,
+            Path(args.merged),
+            EXPORT_DTYPES[args.dtype],
+            version=args.version,
+            from_dir=args.from_dir,
+            force=args.force,
+        )
+    except (AdapterError, OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    sys.stdout.write(json.dumps({"out": str(out), **manifest}, indent=2) + "\n")
+    return 0
+
+
 def adapters(args: argparse.Namespace) -> int:
+    if args.verb == "export":  # the one local verb: no server, no client
+        return export(args)
     with _client(args) as client:
         if args.verb == "register":
             result: object = _as_dict(
