@@ -24,11 +24,13 @@ from loraplex.server.config import (
     ModelConfig,
     ServerConfig,
 )
+from loraplex.server.engine.merging import MERGE_POLICIES, MergeSettings
 from loraplex.server.logs import LOG_FORMATS, configure_logging
 from loraplex.training.config import add_arguments as add_train_arguments
 
 if TYPE_CHECKING:
     from loraplex.server.client import LoraplexClient
+    from loraplex.v1 import adapters_pb2
 
 log = logging.getLogger("loraplex")
 
@@ -183,6 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-size when the key file has several tenants)",
     )
     serve.add_argument(
+        "--merge-policy",
+        choices=MERGE_POLICIES,
+        default=MergeSettings.policy,
+        help="auto: fold an adapter carrying most of the tokens into the base weights and "
+        "take it out when it no longer does; off: only `adapters merge` merges",
+    )
+    serve.add_argument(
+        "--merge-share",
+        type=float,
+        default=MergeSettings.merge_share,
+        metavar="F",
+        help="share of recent and queued tokens at which the policy merges an adapter",
+    )
+    serve.add_argument(
+        "--unmerge-share",
+        type=float,
+        default=MergeSettings.unmerge_share,
+        metavar="F",
+        help="share below which the merged adapter is taken out again (hysteresis)",
+    )
+    serve.add_argument(
         "--max-queue",
         type=int,
         default=EngineConfig.max_queue,
@@ -236,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument(
+        "--compose",
+        action="append",
+        default=[],
+        metavar="ID:WEIGHT",
+        help="compose adapters for this request (repeat: --compose a:0.7 --compose b:0.3)",
+    )
+    gen.add_argument("--method", default="linear", help="composition method (--compose)")
+    gen.add_argument("--density", type=float, help="ties and dare_*: share of weights kept")
+    gen.add_argument("--compose-seed", type=int, default=0, help="dare_*: the masks' seed")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
 
@@ -271,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
         pin = verbs.add_parser(verb, parents=[remote], help=text)
         pin.add_argument("adapter_id")
     verbs.add_parser("stats", parents=[remote], help="adapter cache counters per tier")
+    merge = verbs.add_parser(
+        "merge", parents=[remote], help="fold an adapter into the base weights until unmerge"
+    )
+    merge.add_argument("adapter_id")
+    verbs.add_parser("unmerge", parents=[remote], help="take the merged adapter out of the base")
+    verbs.add_parser(
+        "merge-state", parents=[remote], help="what is merged, and the merge policy's view"
+    )
     verbs.add_parser("list", aliases=["ls"], parents=[remote], help="list registered adapters")
     get = verbs.add_parser("get", parents=[remote], help="show one adapter")
     get.add_argument("adapter_id")
@@ -407,6 +448,11 @@ def serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_queued_tokens=args.max_queued_tokens,
             tenant_max_running=args.tenant_max_running,
+            merge=MergeSettings(
+                policy=args.merge_policy,
+                merge_share=args.merge_share,
+                unmerge_share=args.unmerge_share,
+            ),
         ),
     )
 
@@ -451,6 +497,8 @@ def generate(args: argparse.Namespace) -> int:
         request.top_p = args.top_p
     if args.seed is not None:
         request.seed = args.seed
+    if args.compose:
+        request.compose.CopyFrom(_composition(args))
     with _client(args) as client:
         if args.stream:
             for chunk in client.generate_stream(request):
@@ -464,6 +512,21 @@ def generate(args: argparse.Namespace) -> int:
             else:
                 sys.stdout.write(response.text + "\n")
     return 0
+
+
+def _composition(args: argparse.Namespace) -> adapters_pb2.AdapterComposition:
+    from loraplex.v1 import adapters_pb2
+
+    message = adapters_pb2.AdapterComposition(method=args.method, seed=args.compose_seed)
+    for item in args.compose:
+        adapter_id, sep, weight = item.rpartition(":")
+        try:
+            message.adapters.add(adapter_id=adapter_id if sep else item, weight=float(weight))
+        except ValueError:
+            raise SystemExit(f"--compose {item!r}: expected ID:WEIGHT, e.g. support:0.5") from None
+    if args.density is not None:
+        message.density = args.density
+    return message
 
 
 def _server(args: argparse.Namespace) -> str:
@@ -562,6 +625,12 @@ def adapters(args: argparse.Namespace) -> int:
             result = _as_dict(client.unpin(args.adapter_id))
         elif args.verb == "stats":
             result = _as_dict(client.cache_stats())
+        elif args.verb == "merge":
+            result = _as_dict(client.merge(args.adapter_id))
+        elif args.verb == "unmerge":
+            result = _as_dict(client.unmerge())
+        elif args.verb == "merge-state":
+            result = _as_dict(client.merge_state())
         elif args.verb in ("list", "ls"):
             result = [_as_dict(a) for a in client.list()]
         elif args.verb == "get":

@@ -19,12 +19,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from loraplex.adapters.compose import COMPOSE_METHODS, MAJORITY_SIGN_METHODS
 from loraplex.adapters.store import AdapterVersion
 from loraplex.server.errors import InvalidRequest
 
 COMPOSED_PREFIX = "composed-"
-COMPOSE_METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
-MAJORITY_SIGN_METHODS = ("total", "frequency")
 MAX_INPUTS = 16
 _USES_DENSITY = ("ties", "dare_linear", "dare_ties")
 _USES_SEED = ("dare_linear", "dare_ties")

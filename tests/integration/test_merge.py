@@ -4,9 +4,12 @@ MergeAdapter RPC) keeps every request's output what PEFT gives, its own and the 
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
+from loraplex.server.cli import main
 from loraplex.v1 import adapters_pb2
 from loraplex.v1 import inference_pb2 as pb
 from tests.integration.test_peft_equivalence import (
@@ -149,3 +152,18 @@ def test_merged_adapter_and_the_others_still_match_peft(client, server, peft_ref
     with pytest.raises(grpc.RpcError) as err:
         client.merge("no-such-adapter")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_composes_and_merges(server, registered, capsys):
+    def run(*argv: str) -> dict:
+        assert main(list(argv)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    address = ("--server", server.address)
+    composing = ("--compose", "all-r16:0.5", "--compose", "attn-r8:0.5", "--method", "cat")
+    reply = run("generate", *address, "Hello", "--max-new-tokens", "4", "--json", *composing)
+    assert reply["adapter_id"].startswith("composed-")
+    assert run("adapters", *address, "merge", "attn-r8")["adapter_id"] == "attn-r8"
+    state = run("adapters", *address, "merge-state")
+    assert state["adapter_id"] == "attn-r8" and state["pinned"] and state["policy"] == "off"
+    assert run("adapters", *address, "unmerge")["adapter_id"] == ""
