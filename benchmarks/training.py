@@ -2,14 +2,18 @@
 same model, data, LoRA config and optimizer settings, in one run.
 
 Both train QLoRA (the embedded SmolLM2 in NF4, fp32 compute on a CPU) for the same number of
-optimizer steps on the same examples (chat-rendered, loss on the answers). The baseline pads
-each batch to its longest example, as a plain Trainer script does; loraplex concatenates a
-batch's examples without padding. Throughput counts real (non-padding) tokens per second of
-training; each side runs in a fresh process, so peak memory is its own.
+optimizer steps on the same batches: the same file, deduplicated and chat-rendered alike (loss
+on the answers), in the file's order, drawn by the Trainer's sampler with the same seed, so
+both sides see the same examples in the same order (the token counts in the JSON match).
+The baseline pads each batch to its longest example, as a plain Trainer script does;
+loraplex concatenates a batch's examples without padding. Throughput counts real
+(non-padding) tokens per second of training; each side runs in a fresh process, so peak
+memory is its own, and the sides alternate so drift on a shared machine hits both.
 
     python benchmarks/training.py [--steps 8] [--batch-size 8] [--examples 400] [--repeats 1]
 
-(CPU training is slow: ~40 s per step of 8 examples on 2 cores; the defaults take ~15 min.)
+(CPU training is slow: ~10-15 s per step of 8 examples on 2 cores; the defaults take ~5 min
+a repeat.)
 """
 
 from __future__ import annotations
@@ -119,13 +123,11 @@ def run_peft(args: argparse.Namespace, data: Path, out: Path) -> dict:
     )  # fmt: skip
     chats, _ = dedup(read_jsonl(data))
     examples, _ = prepare(tokenizer, chats, args.max_length, eos_ids_of(model, tokenizer))
-    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
-    counted = {"tokens": 0}
+    rows = [
+        {"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+        for e in examples
+    ]
     pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-
-    def collate(features: list[dict]) -> dict:
-        counted["tokens"] += sum(len(f["input_ids"]) for f in features)
-        return pad([{**f, "attention_mask": [1] * len(f["input_ids"])} for f in features])
 
     targs = TrainingArguments(
         output_dir=str(out),
@@ -144,14 +146,18 @@ def run_peft(args: argparse.Namespace, data: Path, out: Path) -> dict:
         seed=args.seed,
         data_seed=args.seed,
         remove_unused_columns=False,
+        # The Trainer's count of the batches it trained on (counting in the collator would
+        # also count the batch the dataloader fetches ahead: one step's worth too many).
+        include_num_input_tokens_seen="non_padding",
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate)
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=pad)
     result = trainer.train()
     seconds = result.metrics["train_runtime"]
+    tokens = trainer.state.num_input_tokens_seen
     return {
-        "tokens": counted["tokens"],
+        "tokens": tokens,
         "seconds": seconds,
-        "tokens_per_second": counted["tokens"] / seconds,
+        "tokens_per_second": tokens / seconds,
         "loss": result.metrics["train_loss"],
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -214,16 +220,18 @@ def main(argv: list[str] | None = None) -> None:
     for side, label in (("peft", "PEFT + Trainer (padded)"), ("loraplex", "loraplex train")):
         tps = median(side, "tokens_per_second")
         rows.append((label, tps, tps / base_tps, median(side, "peak_rss_mb"),
-                     median(side, "seconds"), median(side, "loss")))  # fmt: skip
+                     median(side, "seconds"), median(side, "loss"),
+                     median(side, "tokens")))  # fmt: skip
     header = (
         f"{'system':<26}{'tokens/s':>10}{'x PEFT':>8}{'peak RSS MB':>13}{'train s':>9}{'loss':>8}"
+        f"{'tokens':>8}"
     )
     lines = [
         f"QLoRA on the embedded model, {args.steps} steps x batch {args.batch_size}, "
         f"{args.examples} examples, median of {args.repeats}",
         header,
         *(
-            f"{r[0]:<26}{r[1]:>10.1f}{r[2]:>8.2f}{r[3]:>13.0f}{r[4]:>9.1f}{r[5]:>8.3f}"
+            f"{r[0]:<26}{r[1]:>10.1f}{r[2]:>8.2f}{r[3]:>13.0f}{r[4]:>9.1f}{r[5]:>8.3f}{r[6]:>8.0f}"
             for r in rows
         ),
     ]

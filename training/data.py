@@ -143,9 +143,13 @@ def dedup(chats: list[list[dict[str, str]]]) -> tuple[list[list[dict[str, str]]]
 def split(
     chats: list[list[dict[str, str]]], eval_fraction: float, seed: int
 ) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
-    """(train, eval): a seeded shuffle, at least one eval example when eval_fraction > 0."""
+    """(train, eval): a seeded shuffle, at least one eval example when eval_fraction > 0.
+    With nothing held out the file's order is kept: the Trainer's seeded sampler shuffles
+    anyway, and a plain script given the same file and seed then sees the same batches."""
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0:
+        return list(chats), []
     order = list(range(len(chats)))
     random.Random(seed).shuffle(order)
     n_eval = 0 if eval_fraction == 0 else max(1, round(eval_fraction * len(chats)))

@@ -2,10 +2,10 @@
 
 The base is loaded exactly as the server loads it (same conversion, same NF4 quantization,
 same fingerprint), wrapped with PEFT's LoRA and trained by transformers' Trainer: padding-free
-batches (examples concatenated, kept apart by position ids), loss on assistant tokens only,
-eval loss with early stopping, checkpoints that resume on the same trajectory (adapter,
-optimizer, scheduler and RNG states), and Ctrl-C saving a checkpoint before it stops. Under
-`accelerate launch` (or torchrun) the same code trains data-parallel.
+batches (examples concatenated, each attended on its own: flattened_attention.py), loss on
+assistant tokens only, eval loss with early stopping, checkpoints that resume on the same
+trajectory (adapter, optimizer, scheduler and RNG states), and Ctrl-C saving a checkpoint
+before it stops. Under `accelerate launch` (or torchrun) the same code trains data-parallel.
 
 Writes output_dir/adapter (adapter_config.json, adapter_model.safetensors and
 training_manifest.json: base fingerprint, data sha256, config, metrics, library versions).
@@ -52,6 +52,7 @@ from loraplex.training.data import (
     split,
 )
 from loraplex.training.evaluate import Scorer, score_base_and_adapter
+from loraplex.training.flattened_attention import use_flattened_attention
 from loraplex.training.frozen_base import dequantize_frozen_base
 from loraplex.training.report import write_report
 
@@ -176,6 +177,8 @@ def train(config: TrainConfig) -> Path | None:
     cuda = torch.cuda.is_available()
     if config.quantization == "nf4" and not cuda:
         dequantize_frozen_base(model, torch.float32)
+    if config.packing:
+        use_flattened_attention(model)
     if config.quantization == "nf4":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
@@ -227,7 +230,12 @@ def train(config: TrainConfig) -> Path | None:
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collator = DataCollatorWithFlattening() if config.packing else padded_collator(pad_id)
+    # With the examples' boundaries, attention stays within each example (flattened_attention).
+    collator = (
+        DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+        if config.packing
+        else padded_collator(pad_id)
+    )
     interrupt = InterruptToCheckpoint()
     callbacks: list[Any] = [interrupt]
     if early:
