@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import torch
 
@@ -79,7 +79,37 @@ def compose(
     module_order: Sequence[str],
     max_rank: int | None = None,
 ) -> AdapterWeights:
-    """Compose `components` ((adapter, weight) in request order) into one adapter by `method`.
+    """`compose_steps` run to the end: the composed adapter."""
+    steps = compose_steps(
+        components,
+        method,
+        density=density,
+        seed=seed,
+        majority_sign_method=majority_sign_method,
+        module_order=module_order,
+        max_rank=max_rank,
+    )
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def compose_steps(
+    components: Components,
+    method: str,
+    *,
+    density: float | None = None,
+    seed: int = 0,
+    majority_sign_method: str = "total",
+    module_order: Sequence[str],
+    max_rank: int | None = None,
+) -> Generator[None, None, AdapterWeights]:
+    """Compose `components` ((adapter, weight) in request order) into one adapter by `method`,
+    one module per step: the generator yields after each, and returns the adapter. (The server
+    runs each step between two engine steps: ties and DARE take seconds on a large model,
+    which would otherwise stall every request for as long.)
 
     `density` (in (0, 1]) is required for ties and the DARE methods and ignored otherwise;
     `seed` seeds the DARE masks; `module_order` lists the base's modules in named_modules order
@@ -112,6 +142,7 @@ def compose(
                 f"{name}: the composed weights overflow float32; use smaller weights"
             )
         modules[name] = (a.contiguous(), b.contiguous())
+        yield
     log.debug(
         "composed %d adapters by %s: rank %d, %d modules in %.3f s",
         len(components),

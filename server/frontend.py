@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loraplex.adapters.cache import HostCache, Lease, TierStats
-from loraplex.adapters.compose import CompositionError, compose
+from loraplex.adapters.compose import CompositionError, compose_steps
 from loraplex.adapters.errors import AdapterNotFound
 from loraplex.adapters.registry import MISS_REFRESH_S, AdapterRegistry, check_adapter_id
 from loraplex.adapters.sources import Upload
@@ -354,24 +354,30 @@ class Frontend:
                 held.release()
 
     def _build(self, composition: Composition, parts: list) -> AdapterWeights:
-        """Compose on the engine thread (the one thread that runs torch); called on a host
-        cache worker, which waits for it."""
+        """Compose on the engine thread (the one thread that runs torch), one module between
+        two engine steps, so that a slow method (ties, DARE) delays steps a little instead of
+        stalling them all; called on a host cache worker, which waits for it."""
         start = time.perf_counter()
-        order = list(self.engine.runner.target_shapes)
+        steps = compose_steps(
+            parts,
+            composition.method,
+            density=composition.density,
+            seed=composition.seed,
+            majority_sign_method=composition.majority_sign_method,
+            module_order=list(self.engine.runner.target_shapes),
+            max_rank=self.config.engine.max_lora_rank,
+        )
 
-        def run() -> AdapterWeights:
-            return compose(
-                parts,
-                composition.method,
-                density=composition.density,
-                seed=composition.seed,
-                majority_sign_method=composition.majority_sign_method,
-                module_order=order,
-                max_rank=self.config.engine.max_lora_rank,
-            )
+        def advance() -> AdapterWeights | None:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            return None
 
         try:
-            weights = self.engine.call(run).result()
+            while (weights := self.engine.call(advance).result()) is None:
+                pass
         except CompositionError as exc:
             raise InvalidRequest("compose", str(exc)) from None
         log.info(
