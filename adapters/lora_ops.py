@@ -36,7 +36,8 @@ class DecodeLayout:
     num_blocks: int  # U
     group_size: int  # G
     count: int  # M: decode tokens that carry an adapter
-    src: torch.Tensor | None  # (M,) decode-token index of each adapter token; None = 0..M-1
+    src: torch.Tensor | None  # (M,) decode-token index of each adapter token; None: a range
+    start: int  # with src None: the adapter tokens are decode tokens start..start+M-1
     dst: torch.Tensor | None  # (M,) flat index u * G + j in the block; None = 0..M-1
 
 
@@ -85,10 +86,12 @@ def _decode_layout(
     place = {s: u for u, s in enumerate(blocks)}
     dst = [place[s] * g + j for s in present for j in range(len(by_slot[s]))]
 
-    def index(values: list[int]) -> torch.Tensor | None:
-        if values == list(range(len(values))):
+    def index(values: list[int], first: int = 0) -> torch.Tensor | None:
+        if values == list(range(first, first + len(values))):
             return None
         return torch.tensor(values, dtype=torch.long, device=device)
+
+    start = src[0]  # a run of consecutive tokens (e.g. after a merged adapter's) needs no index
 
     return DecodeLayout(
         slots=None if as_range else torch.tensor(present, dtype=torch.long, device=device),
@@ -96,7 +99,8 @@ def _decode_layout(
         num_blocks=len(blocks),
         group_size=g,
         count=len(src),
-        src=index(src),
+        src=index(src, start),
+        start=start,
         dst=(
             torch.tensor(dst, dtype=torch.long, device=device)
             if len(dst) < len(blocks) * g  # padded: some block rows stay empty
@@ -143,7 +147,8 @@ def _add_decode(
 ) -> None:
     u, g, k = lay.num_blocks, lay.group_size, len(group.bt)
     dtype = group.a.dtype
-    xs = x.index_select(0, lay.src) if lay.src is not None else x[: lay.count]
+    first = lay.start
+    xs = x.index_select(0, lay.src) if lay.src is not None else x[first : first + lay.count]
     xs = xs.to(dtype)  # (M, in)
     if lay.dst is not None:  # pad each adapter's tokens to G rows
         padded = xs.new_zeros(u * g, x.shape[1])
@@ -156,7 +161,7 @@ def _add_decode(
         s_j = shrunk[:, :, j * r : (j + 1) * r]  # (U, G, R)
         if lay.src is None and lay.dst is None and out.dtype == dtype:
             # Tokens already in block order: accumulate in place, no temporary.
-            out[: u * g].view(u, g, -1).baddbmm_(s_j, bt, alpha=scale)
+            out[first : first + u * g].view(u, g, -1).baddbmm_(s_j, bt, alpha=scale)
             continue
         delta = torch.bmm(s_j, bt).view(u * g, -1)  # (U*G, out_j)
         if scale != 1.0:
@@ -164,7 +169,7 @@ def _add_decode(
         if lay.dst is not None:
             delta = delta.index_select(0, lay.dst)
         if lay.src is None:
-            out[: delta.shape[0]] += delta.to(out.dtype)
+            out[first : first + delta.shape[0]] += delta.to(out.dtype)
         else:
             out.index_add_(0, lay.src, delta.to(out.dtype))
 

@@ -266,8 +266,10 @@ class Engine:
                 prefills.append(PrefillWork(seq.row, seq.slot, tokens, start, done))
                 chunked.append((seq, n))
                 budget -= n
-        # In slot order: each adapter's decode tokens are then contiguous (see lora_ops).
-        decoding.sort(key=lambda seq: seq.slot)
+        # In slot order: each adapter's decode tokens are then contiguous (see lora_ops); the
+        # merged adapter's first, so that everyone else's are one run (ModelRunner._plans).
+        merged = self.merge.slot
+        decoding.sort(key=lambda seq: (seq.slot != merged, seq.slot))
         for seq in decoding:
             decodes.append(DecodeWork(seq.row, seq.slot, seq.last_token, seq.num_cached))
         logits = self.runner.step(decodes, prefills)

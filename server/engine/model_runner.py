@@ -109,23 +109,25 @@ class ModelRunner:
     ) -> tuple[LoraPlan, LoraPlan | None]:
         """The step's LoRA plan, and with a merged adapter M the plan that takes M's delta
         back out: M's tokens need nothing on top of the merged base, every other token
-        (base requests included) needs its own delta minus M's."""
+        (base requests included) needs its own delta minus M's. The engine puts M's decode
+        tokens first, so the others are one run: M's delta comes out of them as one matmul
+        pair per run (segments), with no gather."""
         ranks, dev, m = self.lora.ranks, self.device, self.merged_slot
         if m is None:
             return plan_lora(decode_slots, segments, ranks, dev), None
-
-        def own(slot: int) -> int:
-            return NO_ADAPTER if slot == m else slot
-
-        def minus(slot: int) -> int:
-            return NO_ADAPTER if slot == m else m
-
-        lora = plan_lora(
-            [own(s) for s in decode_slots], [(own(s), a, b) for s, a, b in segments], ranks, dev
-        )
-        unmerge = plan_lora(
-            [minus(s) for s in decode_slots], [(minus(s), a, b) for s, a, b in segments], ranks, dev
-        )
+        own = [NO_ADAPTER if s == m else s for s in decode_slots]
+        lora = plan_lora(own, [(NO_ADAPTER if s == m else s, a, b) for s, a, b in segments],
+                         ranks, dev)  # fmt: skip
+        runs: list[tuple[int, int, int]] = []
+        for i, slot in enumerate(decode_slots):
+            if slot == m:
+                continue
+            if runs and runs[-1][2] == i:
+                runs[-1] = (m, runs[-1][1], i + 1)
+            else:
+                runs.append((m, i, i + 1))
+        runs += [(m, a, b) for s, a, b in segments if s != m]
+        unmerge = plan_lora([], runs, ranks, dev)
         return lora, (None if unmerge.empty else unmerge)
 
     def step(self, decodes: list[DecodeWork], prefills: list[PrefillWork]) -> torch.Tensor:
