@@ -128,6 +128,7 @@ def main() -> int:
 
     # -- composition: build times ------------------------------------------------------------
     builds = []
+    log.info("composition build times")
     for k in (2, 4, 8):
         parts = [(w, 1.0 / k) for w in weights[:k]]
         for method in METHODS:
@@ -156,6 +157,7 @@ def main() -> int:
     for name in composed:
         serving[name] = []
     run(engine, [(prompts[0], None, None)], 2)  # warm-up
+    log.info("serving composed adapters")
     for _ in range(args.repeats):
         seconds, _ = run(engine, [(p, plain, weights[0]) for p in prompts[:n]], m)
         serving["plain adapter"].append(n * m / seconds)
@@ -182,7 +184,8 @@ def main() -> int:
 
     rates: dict[str, list[float]] = {}
     merge_s, unmerge_s, auto_merged = [], [], {}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
+        log.info("dynamic merge, repeat %d of %d", repeat + 1, args.repeats)
         seconds, _ = run(engine, [(p, None, None) for p in prompts[:n]], m)
         rates.setdefault("base only", []).append(n * m / seconds)
         for share in (1.0, 0.9, 0.5):
