@@ -48,6 +48,7 @@ import logging
 import math
 import time
 from collections.abc import Generator, Sequence
+from typing import Any
 
 import torch
 
@@ -69,26 +70,9 @@ class CompositionError(ValueError):
     """The composition request cannot be honoured as given; the message says why."""
 
 
-def compose(
-    components: Components,
-    method: str,
-    *,
-    density: float | None = None,
-    seed: int = 0,
-    majority_sign_method: str = "total",
-    module_order: Sequence[str],
-    max_rank: int | None = None,
-) -> AdapterWeights:
-    """`compose_steps` run to the end: the composed adapter."""
-    steps = compose_steps(
-        components,
-        method,
-        density=density,
-        seed=seed,
-        majority_sign_method=majority_sign_method,
-        module_order=module_order,
-        max_rank=max_rank,
-    )
+def compose(components: Components, method: str, **options: Any) -> AdapterWeights:
+    """The composed adapter: `compose_steps` (same arguments) run to the end."""
+    steps = compose_steps(components, method, **options)
     while True:
         try:
             next(steps)
