@@ -30,6 +30,7 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 
+import torch
 from common import bench_prompts
 from throughput import write_adapters
 
@@ -83,6 +84,58 @@ def run(engine: Engine, jobs: list[Job], new_tokens: int, ignore_eos: bool = Tru
     return time.perf_counter() - start, outputs
 
 
+def merged_vs_unmerged(
+    engine: Engine, runner: ModelRunner, greedy: list[Job], new_tokens: int
+) -> tuple[dict, dict, str]:
+    """Greedy outputs of the same requests on adapter 0 unmerged and merged (identical, or where
+    they first differ), and the first-token logits' drift; and the lines that say so."""
+    adapter, weights = greedy[0][1], greedy[0][2]
+    assert adapter is not None
+    _, unmerged_out = run(engine, greedy, new_tokens, ignore_eos=False)
+    engine.call(lambda: engine.merge_pinned(adapter, weights)).result()
+    _, merged_out = run(engine, greedy, new_tokens, ignore_eos=False)
+    engine.call(engine.unmerge_pinned).result()
+    same = sum(a == b for a, b in zip(unmerged_out, merged_out, strict=True))
+    diverge = [
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        for a, b in zip(unmerged_out, merged_out, strict=True)
+        if a != b
+    ]
+    drift = first_step_drift(engine, runner, [p for p, _, _ in greedy], adapter)
+    line = (
+        f"greedy outputs merged vs unmerged: {same}/{len(greedy)} identical"
+        + (f", first divergence at tokens {diverge}" if diverge else "")
+        + "\nfirst-token logits merged vs unmerged: max |diff| {max_abs:.3f}, mean {mean_abs:.4f} "
+        "(logits up to {logit_scale:.1f}); same top token {same_top1}/{prompts}".format(**drift)
+    )
+    return {"prompts": len(greedy), "identical": same, "first_divergence": diverge}, drift, line
+
+
+def first_step_drift(
+    engine: Engine, runner: ModelRunner, prompts: list[list[int]], adapter: AdapterVersion
+) -> dict:
+    """First-token logits of each prompt on `adapter`, merged vs unmerged: |merged - unmerged|
+    (largest and mean over prompts and vocabulary), and how many prompts keep their top token."""
+
+    def logits() -> torch.Tensor:
+        slot = engine.slots.lookup(adapter.key)
+        assert slot is not None
+        return torch.cat([runner.prefill([p], [slot]) for p in prompts])
+
+    engine.call(lambda: engine.merge_pinned(adapter)).result()
+    merged = engine.call(logits).result()
+    engine.call(engine.unmerge_pinned).result()
+    unmerged = engine.call(logits).result()  # its slot stays resident: nothing else runs
+    diff = (merged - unmerged).abs()
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "logit_scale": float(unmerged.abs().max()),
+        "same_top1": int((merged.argmax(-1) == unmerged.argmax(-1)).sum()),
+        "prompts": len(prompts),
+    }
+
+
 def composed_version(name: str, weights: AdapterWeights) -> AdapterVersion:
     return AdapterVersion(name, 1, f"composed:{name}", weights.rank, weights.lora_alpha,
                           weights.target_modules, 0, "", "benchmark", "")  # fmt: skip
@@ -95,6 +148,9 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--greedy-prompts", type=int, default=20)
+    parser.add_argument(
+        "--drift-only", action="store_true", help="only merged vs unmerged outputs (quick)"
+    )
     parser.add_argument("--home", default=os.environ.get("LORAPLEX_HOME", "~/.cache/loraplex"))
     parser.add_argument("--out", default="benchmarks/results/merge.json")
     args = parser.parse_args()
@@ -125,6 +181,14 @@ def main() -> int:
     prompts = bench_prompts(runner.loaded.tokenizer, max(n, args.greedy_prompts))
     order = list(runner.target_shapes)
     result: dict = {"config": vars(args)}
+    greedy = [(p, versions[0], weights[0]) for p in prompts[: args.greedy_prompts]]
+    if args.drift_only:
+        result["greedy"], result["drift"], line = merged_vs_unmerged(engine, runner, greedy, m)
+        engine.stop()
+        sys.stdout.write(line + "\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return 0
 
     # -- composition: build times ------------------------------------------------------------
     builds = []
@@ -211,20 +275,8 @@ def main() -> int:
     result["merge_throughput"] = medians
     result["merge_seconds"] = statistics.median(merge_s)
     result["unmerge_seconds"] = statistics.median(unmerge_s)
+    result["greedy"], result["drift"], drift_line = merged_vs_unmerged(engine, runner, greedy, m)
 
-    # -- greedy outputs, merged vs unmerged ----------------------------------------------------
-    greedy = [(p, versions[0], weights[0]) for p in prompts[: args.greedy_prompts]]
-    _, unmerged_out = run(engine, greedy, m, ignore_eos=False)
-    merged(True)
-    _, merged_out = run(engine, greedy, m, ignore_eos=False)
-    merged(False)
-    same = sum(a == b for a, b in zip(unmerged_out, merged_out, strict=True))
-    diverge = [
-        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        for a, b in zip(unmerged_out, merged_out, strict=True)
-        if a != b
-    ]
-    result["greedy"] = {"prompts": len(greedy), "identical": same, "first_divergence": diverge}
     engine.stop()
 
     # -- tables ----------------------------------------------------------------------------------
@@ -252,9 +304,8 @@ def main() -> int:
     lines += [
         "",
         f"merge {result['merge_seconds'] * 1e3:.0f} ms, unmerge "
-        f"{result['unmerge_seconds'] * 1e3:.1f} ms (medians); greedy outputs merged vs "
-        f"unmerged: {same}/{len(greedy)} identical"
-        + (f", first divergence at tokens {diverge}" if diverge else ""),
+        f"{result['unmerge_seconds'] * 1e3:.1f} ms (medians)",
+        drift_line,
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
