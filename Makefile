@@ -37,8 +37,9 @@ test: install lint
 
 # Offline throughput, then online latency through the gRPC server, then the adapter lifecycle
 # (load tiers, churn over 1000 adapters, hot swap), then tenancy (fairness under a flood,
-# overload), then the plot (benchmarks/results/: throughput.json, online.json,
-# lifecycle.json, tenancy.json, benchmark.png). Over an hour on 2 cores.
+# overload), training (loraplex train vs PEFT + Trainer), merge (composition, dynamic
+# merge), then the plot (benchmarks/results/: throughput.json, online.json, lifecycle.json,
+# tenancy.json, training.json, merge.json, benchmark.png). Over an hour on 2 cores.
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/throughput.py
@@ -46,6 +47,7 @@ bench: install
 	$(PY) benchmarks/lifecycle.py
 	$(PY) benchmarks/tenancy.py
 	$(PY) benchmarks/training.py
+	$(PY) benchmarks/merge.py
 	$(PY) benchmarks/plot.py
 
 clean:
