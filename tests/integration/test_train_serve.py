@@ -9,6 +9,7 @@ import json
 import pytest
 from peft import PeftModel
 
+from loraplex.server.cli import main
 from loraplex.server.client import LoraplexClient
 from loraplex.training.config import TrainConfig
 from loraplex.training.train import MANIFEST, train
@@ -79,3 +80,19 @@ def test_a_trained_adapter_serves_what_peft_generates(server, peft_reference, tr
         assert agree >= must, (prompt, list(response.token_ids), ref)
         changed += ref != peft_greedy(model, ids, None)[0]
     assert changed, "the trained adapter generates what the base does: the test proves nothing"
+
+
+def test_train_register_pushes_the_adapter(server, trained, adapter_root, monkeypatch, capsys):
+    """`loraplex train --register ADDRESS` pushes what training wrote (training itself is the
+    fixture's: the CLI's train step is replaced by its result)."""
+    import loraplex.training.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda config: trained)
+    argv = ["train", "--data", str(adapter_root / "train-data.jsonl"),
+            "--output-dir", str(adapter_root / "cli-run"), "--register", server.address,
+            "--adapter-id", "cli-trained"]  # fmt: skip
+    assert main(argv) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["adapter"]["adapter_id"] == "cli-trained" and reply["created"]
+    with LoraplexClient(server.address) as client:
+        assert client.get("cli-trained").digest == reply["adapter"]["digest"]
