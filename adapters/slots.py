@@ -98,7 +98,7 @@ class SlotTable:
         """Hold `key` in a slot until `unpin` (at least one slot is left for the rest)."""
         if key in self.pinned_keys():
             raise ValueError(f"adapter {key[0]} v{key[1]} is already pinned")
-        if len(self._pinned) >= self.num_slots - 1:
+        if self.reserved() >= self.num_slots - 1:
             return None
         grant = self.acquire(key)
         if grant is not None:
@@ -125,6 +125,14 @@ class SlotTable:
             and slot not in exclude
         ]
         return min(held)[1] if held else None
+
+    def reserved(self) -> int:
+        """Slots kept from the rest for good: pinned, or held for the merged adapter."""
+        return len(self._pinned | self.held)
+
+    def has_room(self) -> bool:
+        """Whether an adapter not resident could get a slot now (free, or unreferenced)."""
+        return len(self._entries) < self.num_slots or bool(self._lru)
 
     def pinned_keys(self) -> list[AdapterKey]:
         return [self._entries[s].key for s in sorted(self._pinned)]

@@ -2,7 +2,8 @@
 does), with PEFT's `add_weighted_adapter` semantics (the math is adapters/compose.py).
 
 A composition is named by a derived id, "composed-" and a hash of what determines its weights:
-each input's content digest and weight, the method, and only the parameters that method reads.
+each input (owner, id and content digest) and weight, the method, and only the parameters that
+method reads.
 The same inputs give the same id, and (the build being deterministic, DARE's masks included)
 the same weights. The table of compositions is this replica's, in memory, least recently used
 out beyond `max_entries`; the weights live in the host cache like any adapter's (evictable,
@@ -116,7 +117,11 @@ def describe(
     seed = request.seed if method in _USES_SEED else 0
     sign = request.majority_sign_method if method in _USES_SIGN else "total"
     identity = {
-        "inputs": [[v.digest, w] for v, w in zip(inputs, weights, strict=True)],
+        # Whose adapters too, not only their content: two tenants composing identical
+        # adapters of their own get compositions of their own.
+        "inputs": [
+            [v.tenant, v.adapter_id, v.digest, w] for v, w in zip(inputs, weights, strict=True)
+        ],
         "method": method,
         "density": density,
         "seed": seed,

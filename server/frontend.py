@@ -335,6 +335,10 @@ class Frontend:
         adapter built from its inputs' (once; later requests find it cached)."""
         composition = self.compositions.get(version.adapter_id)
         if composition is None or composition.version != version:
+            if is_composed_id(version.adapter_id):  # dropped meanwhile (an input was deleted)
+                raise AdapterNotFound(
+                    f"composed adapter {version.adapter_id!r} is gone: an input was deleted"
+                )
             return await self.cache.lease(version)
         lease = self.cache.try_lease(version)
         if lease is not None:
@@ -353,7 +357,9 @@ class Frontend:
             for held in inputs.values():
                 held.release()
 
-    def _build(self, composition: Composition, parts: list) -> AdapterWeights:
+    def _build(
+        self, composition: Composition, parts: list[tuple[AdapterWeights, float]]
+    ) -> AdapterWeights:
         """Compose on the engine thread (the one thread that runs torch), one module between
         two engine steps, so that a slow method (ties, DARE) delays steps a little instead of
         stalling them all; called on a host cache worker, which waits for it."""
@@ -540,12 +546,18 @@ class Frontend:
         if pin or (pinned is not None and pinned[0] != version):
             await self.pin_adapter(version.adapter_id)
         if self._merge_pin == version.adapter_id:
-            await self.merge_adapter(version.adapter_id)
+            try:
+                await self.merge_adapter(version.adapter_id)
+            except Exception:  # registered all the same; the older version stays merged
+                log.exception("merging %s v%d in place of its older version failed",
+                              *version.key)  # fmt: skip
 
     # -- merging into the base ---------------------------------------------------------------
     async def merge_adapter(self, adapter_id: str) -> MergeView:
         """Fold an adapter's latest version into the base and keep it there (the policy
         leaves a pinned merge alone) until `unmerge_adapter`."""
+        if is_composed_id(adapter_id):
+            raise InvalidRequest("adapter_id", "a composed adapter cannot be merged")
         version = await self._resolve(adapter_id)
         lease = await self._lease(version)
         try:
@@ -565,7 +577,7 @@ class Frontend:
         return self.merge_state()
 
     def merge_state(self) -> MergeView:
-        merge = self.engine.merge  # read from another thread: a snapshot
+        merge = self.engine.merge  # read from another thread, field by field
         key, leader = merge.key, merge.leader
         return MergeView(
             adapter_id=key[0] if key else "",
@@ -621,7 +633,8 @@ class Frontend:
         versions = await asyncio.to_thread(self.registry.delete, adapter_id)
         if adapter_id in self._pins:
             await self.unpin_adapter(adapter_id)
-        if self._merge_pin == adapter_id:
+        merged = self.engine.merge.key
+        if self._merge_pin == adapter_id or (merged is not None and merged[0] == adapter_id):
             await self.unmerge_adapter()
         digests = {v.digest for v in versions}
         composed = {c.version.digest for c in self.compositions.forget_input(adapter_id)}

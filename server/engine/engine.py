@@ -200,11 +200,11 @@ class Engine:
         if admitted:
             self._start(admitted)
         self._prefetch()
+        self._consider_merge()
         if not self._batch.seqs:
             self.scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
             return
         self._run_step()
-        self._consider_merge()
 
     # -- admission ----------------------------------------------------------------------------
     def _reservation(self, request: EngineRequest) -> int:
@@ -390,30 +390,41 @@ class Engine:
 
     # -- merging an adapter into the base -----------------------------------------------------
     def _consider_merge(self) -> None:
-        """Ask the merge policy (every MERGE_CHECK_S) and merge or unmerge as it says."""
+        """Ask the merge policy (every MERGE_CHECK_S, idle or not) and merge or unmerge as it
+        says; unmerge at once when a queued request needs the slot the merge holds."""
         now = time.monotonic()
         if self.merge.pinned or now < self._next_merge_check:
             return
         self._next_merge_check = now + MERGE_CHECK_S
         queued: TokenCounts = Counter()
+        starved = False
         for request in self.scheduler.peek(MERGE_QUEUE_LOOKAHEAD):
             key = request.adapter.key if request.adapter is not None else None
             queued[key] += len(request.prompt_ids) + request.params.max_new_tokens
+            starved |= key is not None and self.slots.lookup(key) is None
+        starved = starved and self.merge.key is not None and not self.slots.has_room()
         policy = self.merge_policy
         shares = policy.shares(self.merge.key, queued)
         self.merge.leader, self.merge.leader_share = shares.leader, shares.leader_share
         self.merge.merged_share = shares.merged_share
-        want = policy.decide(self.merge.key, queued)
+        want = None if starved else policy.decide(self.merge.key, queued)
         if want == self.merge.key:
             return
         if self.merge.key is not None:
             self._unmerge()
-        if want is not None:
-            slot = self.slots.lookup(want)
-            if slot is not None:  # resident (it leads the traffic, so it normally is)
-                grant = self.slots.acquire(want)
-                assert grant is not None and not grant.needs_load
+        slot = self.slots.lookup(want) if want is not None else None
+        # Resident (it leads the traffic, so it normally is), and a slot stays for the rest.
+        if (
+            want is not None
+            and slot is not None
+            and self.slots.reserved() < self.slots.num_slots - 1
+        ):
+            self.slots.acquire(want)
+            try:
                 self._merge_slot(want, slot)
+            except Exception:
+                log.exception("merging adapter %s v%d failed; serving it unmerged", *want)
+                self.slots.release(slot)
         policy.changed()
 
     def _merge_slot(self, key: AdapterKey, slot: int) -> None:
@@ -442,28 +453,31 @@ class Engine:
 
     def merge_pinned(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
         """Merge `adapter` into the base and keep it merged until `unmerge_pinned` (call on
-        the engine thread)."""
+        the engine thread). What was merged before stays merged when no slot can be had or
+        the adapter fails to load."""
         key = adapter.key
         if self.merge.key == key:
             self.merge.pinned = True
             return
-        if self.merge.key is not None:
-            self._unmerge()
-        grant = self.slots.acquire(key)
+        taken = self.slots.reserved() - (1 if self.merge.key is not None else 0)
+        grant = self.slots.acquire(key) if taken < self.slots.num_slots - 1 else None
         if grant is None:
             raise Exhausted(
-                "no device slot is free to hold the adapter to merge: every slot is in use "
-                f"(max_loras={self.slots.num_slots})",
+                "no device slot can hold the adapter to merge: every slot is in use, pinned "
+                f"or merged (max_loras={self.slots.num_slots}, one slot stays for the rest)",
                 PIN_RETRY_S,
             )
-        if grant.needs_load:
-            try:
+        try:
+            if grant.needs_load:
                 self._load_slot(grant.slot, adapter, weights)
-            except Exception:
-                self.slots.release(grant.slot)
+            if self.merge.key is not None:
+                self._unmerge()
+            self._merge_slot(key, grant.slot)
+        except Exception:
+            self.slots.release(grant.slot)
+            if grant.needs_load:
                 self.slots.discard(grant.slot)
-                raise
-        self._merge_slot(key, grant.slot)
+            raise
         self.merge.pinned = True
         self.merge_policy.changed()
 

@@ -1,8 +1,9 @@
 """When to fold one adapter into the base weights (as dLoRA does), and when to take it out.
 
 Merged, the dominant adapter's requests run at base speed (no LoRA work at all for them) and
-every other request subtracts its delta again (model_runner.ModelRunner._plans): exact, but two
-LoRA products instead of one for those tokens. So merging pays when one adapter carries most of
+every other request subtracts its delta again (model_runner.ModelRunner._plans): the same math
+(the merged weights are rounded to the compute dtype once, so outputs move at that rounding's
+level), but one more LoRA product for those tokens. So merging pays when one adapter carries most of
 the tokens, and costs when traffic is mixed. The policy looks at the share of the last
 `window_tokens` tokens the engine processed (prompt and generated), plus the tokens the queued
 requests will bring (prompt + max_new_tokens: the queue mix of the near future), and keeps a

@@ -12,6 +12,7 @@ import torch
 from loraplex.adapters.validate import AdapterWeights
 from loraplex.server.engine.merging import MergePolicy, MergeSettings, TokenWindow
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
+from loraplex.server.errors import Exhausted
 from tests.unit.test_engine import PROMPTS, submit
 
 M, X = ("m", 1), ("x", 1)
@@ -197,4 +198,38 @@ def test_engine_merges_dominant_traffic_and_outputs_stay_the_same(setup):
     assert engine.merge.key == two.key
     engine.call(engine.unmerge_pinned).result(30)
     assert engine.merge.key is None and not engine.merge.pinned
+    assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
+
+
+def test_the_last_free_slot_is_never_merged_away(setup):
+    """With one slot, merging would leave no slot for any other adapter: the policy does not
+    merge, and a pinned merge is refused."""
+    engine, versions = setup(max_loras=1)
+    engine.merge_policy = MergePolicy(MergeSettings(window_tokens=8, min_interval_s=0.0))
+    c = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=30)
+    assert c.done.wait(30) and c.error is None
+    assert engine.merge.merges == 0
+    with pytest.raises(Exhausted):
+        engine.call(lambda: engine.merge_pinned(versions["two"])).result(30)
+    other = submit(engine, PROMPTS[1], versions["two"])
+    assert other.done.wait(30) and other.error is None
+
+
+def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch):
+    engine, versions = setup()
+    one = versions["one"]
+
+    def fail(slot: int) -> int:
+        raise MemoryError("no room for the dense copies")
+
+    monkeypatch.setattr(engine.runner, "merge", fail)
+    with pytest.raises(MemoryError):
+        engine.call(lambda: engine.merge_pinned(one)).result(30)
+    assert engine.merge.key is None and not engine.merge.pinned
+    assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
+    # The policy's attempt fails the same way, and requests are served unmerged meanwhile.
+    engine.merge_policy = MergePolicy(MergeSettings(window_tokens=8, min_interval_s=0.0))
+    c = submit(engine, PROMPTS[0], one, max_new_tokens=30)
+    assert c.done.wait(30) and c.error is None
+    assert engine.merge.key is None
     assert all(engine.slots.refcount(s) == 0 for s in engine.slots.resident())
