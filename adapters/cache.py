@@ -86,6 +86,9 @@ class HostCache:
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded, unheld entries; oldest first
         self._bytes = 0
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="loraplex-adapter-load")
+        # Loads given their own function (composed adapters, built step by step on the engine
+        # thread) wait long; they get threads of their own, so store loads never queue behind.
+        self._builds = ThreadPoolExecutor(workers, thread_name_prefix="loraplex-adapter-build")
 
     # -- references ---------------------------------------------------------------------------
     def acquire(
@@ -109,7 +112,7 @@ class HostCache:
             entry = _Entry(Future(), refs=1)
             self._entries[version.digest] = entry
         entry.future.set_running_or_notify_cancel()
-        self._pool.submit(self._run_load, version, entry, load)
+        (self._pool if load is None else self._builds).submit(self._run_load, version, entry, load)
         return entry.future
 
     def try_lease(self, version: AdapterVersion) -> Lease | None:
@@ -190,6 +193,7 @@ class HostCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._builds.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ----------------------------------------------------------------------------
     def _run_load(
