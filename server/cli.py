@@ -246,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="use TLS, trusting this CA bundle (default: $LORAPLEX_TLS_CA; none: plaintext)",
     )
 
+    on_ray = sub.add_parser(
+        "serve-ray",
+        parents=[serve],
+        conflict_handler="resolve",
+        help="serve on a Ray cluster: engine replicas routed by adapter, behind Ray's gRPC proxy",
+        description="Takes every `serve` flag (--port is the Ray gRPC proxy's port); each "
+        "replica is a whole loraplex server, and replicas share --adapter-store.",
+    )
+    on_ray.add_argument("--replicas", type=int, default=2, help="engine replicas")
+    on_ray.add_argument(
+        "--ray-address", default="", help="a running cluster's address (default: start one here)"
+    )
     gen = sub.add_parser("generate", parents=[remote], help="generate text from a running server")
     gen.add_argument("prompt", help="the prompt (a user message with --chat)")
     gen.add_argument(
@@ -386,6 +398,26 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_ray(args: argparse.Namespace) -> int:
+    import ray  # heavy imports only when serving
+    from ray import serve as ray_serve
+    from ray.serve.config import gRPCOptions
+
+    from loraplex.server.ray_serve import SERVICER_FUNCTIONS, build_app
+
+    config = server_config(args)
+    if config.auth_keys is None and not config.insecure:
+        # Ray's proxy listens on every interface: no key file means anyone may call it.
+        raise SystemExit("error: serve-ray needs --auth-keys (or --insecure to serve without)")
+    ray.init(address=args.ray_address or None)
+    ray_serve.start(
+        grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS)
+    )
+    log.info("loraplex on Ray Serve: %d replicas, gRPC on port %d", args.replicas, args.port)
+    ray_serve.run(build_app(config, args.replicas), name="loraplex", blocking=True)
+    return 0
+
+
 def LoraplexClientFor(address: str) -> LoraplexClient:  # noqa: N802
     """A client for `address` with the key and CA from the environment."""
     from loraplex.server.client import LoraplexClient
@@ -408,10 +440,9 @@ def keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace) -> int:
-    from loraplex.server.app import LoraplexServer  # heavy imports only when serving
-
-    config = ServerConfig(
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's configuration from `serve`'s flags."""
+    return ServerConfig(
         host=args.host,
         port=args.port,
         adapter_roots=tuple(p if "://" in p else Path(p).expanduser() for p in args.adapter_root),
@@ -455,6 +486,12 @@ def serve(args: argparse.Namespace) -> int:
             ),
         ),
     )
+
+
+def serve(args: argparse.Namespace) -> int:
+    from loraplex.server.app import LoraplexServer  # heavy imports only when serving
+
+    config = server_config(args)
 
     async def run() -> None:
         server = LoraplexServer(config)
@@ -654,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     handlers = {
         "serve": serve,
+        "serve-ray": serve_ray,
         "generate": generate,
         "adapters": adapters,
         "keys": keys,

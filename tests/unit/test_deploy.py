@@ -659,3 +659,22 @@ def test_service_monitor_and_budget_select_the_pods():
     budget = docs["PodDisruptionBudget"]
     assert matches(budget["spec"]["selector"], pod_labels)
     assert docs["Deployment"]["spec"]["replicas"] > budget["spec"]["maxUnavailable"]
+
+
+def test_ray_serve_config_names_the_app_and_services():
+    """deploy/ray/serve_config.yaml: Ray's gRPC proxy registers loraplex's services, and the
+    import path builds the application from `loraplex serve` flags."""
+    import importlib
+
+    from ray.serve import Application
+
+    from loraplex.server.ray_serve import SERVICER_FUNCTIONS
+
+    config = yaml.safe_load((DEPLOY / "ray" / "serve_config.yaml").read_text())
+    assert config["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
+    (app,) = config["applications"]
+    module, _, name = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    flags = [f if not f.startswith("s3://") else "/tmp/store" for f in app["args"]["serve_flags"]]
+    built = builder({**app["args"], "serve_flags": flags})
+    assert isinstance(built, Application)

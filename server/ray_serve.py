@@ -1,0 +1,205 @@
+"""loraplex on Ray Serve: replicas of the whole server behind Ray's gRPC proxy, routed by
+adapter so that each adapter's requests go where it is already loaded.
+
+    client --gRPC--> Ray proxy --> Ingress --handle(multiplexed_model_id=adapter)--> EngineReplica
+                                                                                       |
+                                                           a LoraplexServer on loopback, in-process
+
+Each replica runs a complete LoraplexServer (engine, adapter tiers, auth, tenancy, errors) and
+the ingress forwards every loraplex RPC to one replica as bytes, with the caller's metadata, and
+hands back the replica's answer, status and trailing metadata unchanged: everything a client
+sees is what a single server would say, so an existing loraplex client works against the
+cluster. Routing is Ray Serve's model multiplexing: the ingress names the request's adapter as
+its multiplexed model id, and Ray prefers a replica that already holds it (the replica's
+multiplexed "load" records that it does; the weights themselves move through the replica's own
+host and device tiers on first use). A client may also send the id as `multiplexed_model_id`
+metadata (e.g. to route compositions).
+
+Replicas share the adapter store (`--adapter-store s3://...` in production; a local directory
+on one machine), so an adapter registered through any replica is servable by all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import grpc
+from google.protobuf.message import Message
+from ray import serve
+from ray.serve.deployment import Deployment
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from loraplex.server.app import LoraplexServer
+from loraplex.server.config import ServerConfig
+from loraplex.v1 import adapters_pb2, inference_pb2
+
+log = logging.getLogger(__name__)
+
+ADAPTER_METADATA = "multiplexed_model_id"
+REPLICA_METADATA = "x-loraplex-replica"  # which replica answered (trailing metadata)
+LOADS_METADATA = "x-loraplex-replica-adapter-loads"  # its multiplexed adapter loads so far
+# Metadata Ray's proxy adds or reads itself; everything else is the caller's and goes on.
+_RAY_KEYS = {"application", ADAPTER_METADATA, "request_id", "user-agent"}
+Metadata = list[tuple[str, str]]
+Status = tuple[int, str, Metadata]  # (grpc status code value, details, trailing metadata)
+
+UNARY = {
+    "Generate": ("Inference", inference_pb2.GenerateResponse),
+    "ModelInfo": ("Inference", inference_pb2.ModelInfoResponse),
+    "RegisterAdapter": ("Adapters", adapters_pb2.RegisterAdapterResponse),
+    "GetAdapter": ("Adapters", adapters_pb2.AdapterInfo),
+    "ListAdapters": ("Adapters", adapters_pb2.ListAdaptersResponse),
+    "DeleteAdapter": ("Adapters", adapters_pb2.DeleteAdapterResponse),
+    "PinAdapter": ("Adapters", adapters_pb2.AdapterInfo),
+    "UnpinAdapter": ("Adapters", adapters_pb2.AdapterInfo),
+    "GetCacheStats": ("Adapters", adapters_pb2.CacheStats),
+    "MergeAdapter": ("Adapters", adapters_pb2.MergeState),
+    "UnmergeAdapter": ("Adapters", adapters_pb2.MergeState),
+    "GetMergeState": ("Adapters", adapters_pb2.MergeState),
+}
+SERVICER_FUNCTIONS = [
+    "loraplex.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "loraplex.v1.adapters_pb2_grpc.add_AdaptersServicer_to_server",
+]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class EngineReplica:
+    """One loraplex server, reached by the ingress through Ray handles (Ray Serve awaits an
+    async constructor: the model loads before the replica takes requests)."""
+
+    async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]
+        # Loopback only, no metrics port of its own: the replica is reached through Ray.
+        local = dataclasses.replace(config, host="127.0.0.1", port=0, metrics_port=None)
+        self.server = LoraplexServer(local)
+        await self.server.start()
+        await self.server.wait_ready()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.loads: dict[str, int] = {}
+
+    @serve.multiplexed(max_num_models_per_replica=8)
+    async def _adapter(self, adapter_id: str) -> str:
+        """Ray's record that this replica serves `adapter_id` (see the module docstring)."""
+        self.loads[adapter_id] = self.loads.get(adapter_id, 0) + 1
+        return adapter_id
+
+    async def _route(self) -> None:
+        adapter_id = serve.get_multiplexed_model_id()
+        if adapter_id:
+            await self._adapter(adapter_id)
+
+    async def unary(self, method: str, payload: bytes, metadata: Metadata) -> tuple[bytes, Status]:
+        await self._route()
+        call = self.channel.unary_unary(method)(payload, metadata=metadata)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            return b"", self._status(exc.code(), exc.details(), exc.trailing_metadata())
+        return response, self._status(grpc.StatusCode.OK, "", await call.trailing_metadata())
+
+    async def stream(
+        self, method: str, payload: bytes, metadata: Metadata
+    ) -> AsyncIterator[bytes | Status]:
+        """The response messages, then the status."""
+        await self._route()
+        call = self.channel.unary_stream(method)(payload, metadata=metadata)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            yield self._status(exc.code(), exc.details(), exc.trailing_metadata())
+            return
+        yield self._status(grpc.StatusCode.OK, "", await call.trailing_metadata())
+
+    def _status(self, code: grpc.StatusCode, details: str | None, trailing: Any) -> Status:
+        pairs = [(str(k), str(v)) for k, v in (trailing or ()) if not str(k).endswith("-bin")]
+        pairs.append((REPLICA_METADATA, self.replica_id))
+        pairs.append((LOADS_METADATA, str(sum(self.loads.values()))))
+        return code.value[0], details or "", pairs
+
+
+def _forwarded(grpc_context: Any) -> Metadata:
+    metadata: Sequence[tuple[str, Any]] = grpc_context.invocation_metadata() or ()
+    return [(k, v) for k, v in metadata if k not in _RAY_KEYS and not k.startswith(":")]
+
+
+def _adapter_of(request: Any, grpc_context: Any) -> str:
+    given = dict(grpc_context.invocation_metadata() or ()).get(ADAPTER_METADATA, "")
+    return str(getattr(request, "adapter_id", "") or getattr(request, "name", "") or given)
+
+
+def _answer(grpc_context: Any, status: Status) -> None:
+    code, details, trailing = status
+    grpc_context.set_code(_CODES[code])
+    if details:
+        grpc_context.set_details(details)
+    grpc_context.set_trailing_metadata(trailing)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
+    path = f"/loraplex.v1.{service}/{name}"
+
+    async def method(self: IngressReplica, request: Any, grpc_context: Any) -> Any:
+        handle = self.replica.options(multiplexed_model_id=_adapter_of(request, grpc_context))
+        payload, status = await handle.unary.remote(
+            path, request.SerializeToString(), _forwarded(grpc_context)
+        )
+        _answer(grpc_context, status)
+        return response_type.FromString(payload) if payload else response_type()
+
+    method.__name__ = name
+    return method
+
+
+class IngressReplica:
+    """Ray's gRPC proxy calls the ingress method named after each RPC: the unary ones are
+    added below from UNARY, GenerateStream is here."""
+
+    def __init__(self, replica: DeploymentHandle) -> None:
+        self.replica = replica
+
+    async def GenerateStream(  # noqa: N802 (the RPC's name)
+        self, request: inference_pb2.GenerateRequest, grpc_context: Any
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        handle = self.replica.options(
+            multiplexed_model_id=_adapter_of(request, grpc_context), stream=True
+        )
+        path = "/loraplex.v1.Inference/GenerateStream"
+        items = cast(
+            DeploymentResponseGenerator,
+            handle.stream.remote(path, request.SerializeToString(), _forwarded(grpc_context)),
+        )
+        async for item in items:
+            if isinstance(item, bytes):
+                yield inference_pb2.GenerateResponse.FromString(item)
+            else:
+                _answer(grpc_context, item)
+
+
+for _name, (_service, _response_type) in UNARY.items():
+    setattr(IngressReplica, _name, _unary_method(_name, _service, _response_type))
+Ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1})(IngressReplica)
+
+
+def build_app(config: ServerConfig, replicas: int = 2) -> Any:
+    """The application: an ingress and `replicas` engine replicas (run it with `serve.run`
+    after `serve.start(grpc_options=gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS))`)."""
+    engine = cast(Deployment, EngineReplica).options(num_replicas=replicas)
+    return Ingress.bind(engine.bind(config))
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For Ray Serve config files (`serve run` / `serve deploy`, KubeRay's RayService):
+    `args` holds `replicas` and `serve_flags`, the flags `loraplex serve` takes (a list)."""
+    from loraplex.server.cli import build_parser, server_config
+
+    flags = [str(f) for f in args.get("serve_flags", [])]
+    config = server_config(build_parser().parse_args(["serve", *flags]))
+    return build_app(config, int(args.get("replicas", 2)))
