@@ -16,17 +16,23 @@ host and device tiers on first use). A client may also send the id as `multiplex
 metadata (e.g. to route compositions).
 
 Replicas share the adapter store (`--adapter-store s3://...` in production; a local directory
-on one machine), so an adapter registered through any replica is servable by all of them.
+on one machine), so an adapter registered through any replica is servable by all of them. A
+registration or delete bumps a cluster-wide store generation (a small named actor); every
+request carries the generation the ingress saw, and a replica behind it re-reads the store
+before serving, so no replica serves a deleted adapter or an older version once the change
+has been answered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import grpc
+import ray
 from google.protobuf.message import Message
 from ray import serve
 from ray.serve.deployment import Deployment
@@ -60,10 +66,28 @@ UNARY = {
     "UnmergeAdapter": ("Adapters", adapters_pb2.MergeState),
     "GetMergeState": ("Adapters", adapters_pb2.MergeState),
 }
+# RPCs that change the store: once answered, every replica must see the change.
+STORE_CHANGES = {"RegisterAdapter", "PushAdapter", "DeleteAdapter"}
+GENERATION_ACTOR = "loraplex-store-generation"
 SERVICER_FUNCTIONS = [
     "loraplex.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
     "loraplex.v1.adapters_pb2_grpc.add_AdaptersServicer_to_server",
 ]
+
+
+@ray.remote(num_cpus=0)
+class StoreGeneration:
+    """A counter of store changes, shared by the ingress replicas."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def bump(self) -> int:
+        self.value += 1
+        return self.value
+
+    def get(self) -> int:
+        return self.value
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -80,6 +104,8 @@ class EngineReplica:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.loads: dict[str, int] = {}
+        self.generation = 0  # the store generation this replica has read
+        self._sync_lock = asyncio.Lock()
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def _adapter(self, adapter_id: str) -> str:
@@ -87,13 +113,20 @@ class EngineReplica:
         self.loads[adapter_id] = self.loads.get(adapter_id, 0) + 1
         return adapter_id
 
-    async def _route(self) -> None:
+    async def _route(self, generation: int) -> None:
+        if generation > self.generation:  # the store changed through another replica
+            async with self._sync_lock:
+                if generation > self.generation:
+                    await self.server.frontend.refresh_store()
+                    self.generation = generation
         adapter_id = serve.get_multiplexed_model_id()
         if adapter_id:
             await self._adapter(adapter_id)
 
-    async def unary(self, method: str, payload: bytes, metadata: Metadata) -> tuple[bytes, Status]:
-        await self._route()
+    async def unary(
+        self, method: str, payload: bytes, metadata: Metadata, generation: int = 0
+    ) -> tuple[bytes, Status]:
+        await self._route(generation)
         call = self.channel.unary_unary(method)(payload, metadata=metadata)
         try:
             response = await call
@@ -102,10 +135,10 @@ class EngineReplica:
         return response, self._status(grpc.StatusCode.OK, "", await call.trailing_metadata())
 
     async def stream(
-        self, method: str, payload: bytes, metadata: Metadata
+        self, method: str, payload: bytes, metadata: Metadata, generation: int = 0
     ) -> AsyncIterator[bytes | Status]:
         """The response messages, then the status."""
-        await self._route()
+        await self._route(generation)
         call = self.channel.unary_stream(method)(payload, metadata=metadata)
         try:
             async for message in call:
@@ -148,9 +181,12 @@ def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
 
     async def method(self: IngressReplica, request: Any, grpc_context: Any) -> Any:
         handle = self.replica.options(multiplexed_model_id=_adapter_of(request, grpc_context))
+        generation = await self.generation.get.remote()
         payload, status = await handle.unary.remote(
-            path, request.SerializeToString(), _forwarded(grpc_context)
+            path, request.SerializeToString(), _forwarded(grpc_context), generation
         )
+        if name in STORE_CHANGES and status[0] == grpc.StatusCode.OK.value[0]:
+            await self.generation.bump.remote()
         _answer(grpc_context, status)
         return response_type.FromString(payload) if payload else response_type()
 
@@ -164,6 +200,9 @@ class IngressReplica:
 
     def __init__(self, replica: DeploymentHandle) -> None:
         self.replica = replica
+        self.generation = StoreGeneration.options(  # type: ignore[attr-defined]
+            name=GENERATION_ACTOR, get_if_exists=True, lifetime="detached"
+        ).remote()
 
     async def GenerateStream(  # noqa: N802 (the RPC's name)
         self, request: inference_pb2.GenerateRequest, grpc_context: Any
@@ -172,9 +211,12 @@ class IngressReplica:
             multiplexed_model_id=_adapter_of(request, grpc_context), stream=True
         )
         path = "/loraplex.v1.Inference/GenerateStream"
+        generation = await self.generation.get.remote()
         items = cast(
             DeploymentResponseGenerator,
-            handle.stream.remote(path, request.SerializeToString(), _forwarded(grpc_context)),
+            handle.stream.remote(
+                path, request.SerializeToString(), _forwarded(grpc_context), generation
+            ),
         )
         async for item in items:
             if isinstance(item, bytes):

@@ -12,6 +12,7 @@ import pytest
 
 from loraplex.server.client import LoraplexClient
 from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.v1 import adapters_pb2
 from loraplex.v1 import inference_pb2 as pb
 
 ray = pytest.importorskip("ray", reason="Ray Serve is a dev dependency")
@@ -82,3 +83,34 @@ def test_a_stock_client_is_routed_by_adapter(cluster, peft_reference):
         assert counts.most_common(1)[0][1] >= 4, (name, dict(counts))
     # ...so the replicas loaded far fewer adapters than they served requests.
     assert sum(loads.values()) <= 12 < len(work), loads
+
+
+def test_new_versions_and_deletes_reach_every_replica(cluster, peft_reference):
+    """Once a registration or delete is answered, no replica shows the old state. ListAdapters
+    names no adapter, so Ray spreads it over both replicas."""
+    from loraplex.server.ray_serve import REPLICA_METADATA
+
+    _, _, dirs = peft_reference
+
+    def listings(client: LoraplexClient) -> list[tuple[dict[str, int], str]]:
+        found = []
+        for _ in range(16):
+            reply, call = client.adapters.ListAdapters.with_call(
+                adapters_pb2.ListAdaptersRequest(), timeout=60
+            )
+            replica = dict(call.trailing_metadata())[REPLICA_METADATA]
+            found.append(({a.adapter_id: a.version for a in reply.adapters}, replica))
+        return found
+
+    with LoraplexClient(cluster, timeout=120) as client:
+        for version, source in enumerate(dirs.values(), start=1):
+            assert client.register("moving", str(source)).adapter.version == version
+            seen = listings(client)
+            assert {held.get("moving") for held, _ in seen} == {version}
+            assert len({replica for _, replica in seen}) == 2  # both replicas were asked
+            assert generate(client, "moving")[0].adapter_version == version
+        client.delete("moving")
+        assert all("moving" not in held for held, _ in listings(client))
+        with pytest.raises(grpc.RpcError) as err:
+            generate(client, "moving")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
