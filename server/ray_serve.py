@@ -90,7 +90,13 @@ class StoreGeneration:
         return self.value
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+# Ray's default of 5 requests in flight per replica would keep an engine from batching (and
+# spill an adapter's requests to replicas that do not hold it); the engine queues and refuses
+# (RESOURCE_EXHAUSTED) by itself.
+MAX_ONGOING_REQUESTS = 1024
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=MAX_ONGOING_REQUESTS)
 class EngineReplica:
     """One loraplex server, reached by the ingress through Ray handles (Ray Serve awaits an
     async constructor: the model loads before the replica takes requests)."""
@@ -227,7 +233,9 @@ class IngressReplica:
 
 for _name, (_service, _response_type) in UNARY.items():
     setattr(IngressReplica, _name, _unary_method(_name, _service, _response_type))
-Ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1})(IngressReplica)
+Ingress = serve.deployment(
+    name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=MAX_ONGOING_REQUESTS
+)(IngressReplica)
 
 
 def build_app(config: ServerConfig, replicas: int = 2) -> Any:
