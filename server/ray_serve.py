@@ -238,18 +238,22 @@ Ingress = serve.deployment(
 )(IngressReplica)
 
 
-def build_app(config: ServerConfig, replicas: int = 2) -> Any:
-    """The application: an ingress and `replicas` engine replicas (run it with `serve.run`
-    after `serve.start(grpc_options=gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS))`)."""
+def build_app(config: ServerConfig, replicas: int | str = 2) -> Any:
+    """The application: an ingress and `replicas` engine replicas, or "auto": autoscaled (the
+    deployment's `autoscaling_config`, e.g. from deploy/ray/rayservice.yaml). Run it with
+    `serve.run` after `serve.start(grpc_options=gRPCOptions(grpc_servicer_functions=
+    SERVICER_FUNCTIONS))`."""
     engine = cast(Deployment, EngineReplica).options(num_replicas=replicas)
     return Ingress.bind(engine.bind(config))
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray Serve config files (`serve run` / `serve deploy`, KubeRay's RayService):
-    `args` holds `replicas` and `serve_flags`, the flags `loraplex serve` takes (a list)."""
+    `args` holds `replicas` (a number, or "auto") and `serve_flags`, the flags `loraplex serve`
+    takes (a list)."""
     from loraplex.server.cli import build_parser, server_config
 
     flags = [str(f) for f in args.get("serve_flags", [])]
     config = server_config(build_parser().parse_args(["serve", *flags]))
-    return build_app(config, int(args.get("replicas", 2)))
+    replicas = args.get("replicas", 2)
+    return build_app(config, "auto" if replicas == "auto" else int(replicas))

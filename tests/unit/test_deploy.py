@@ -421,7 +421,8 @@ def test_dockerfile_generates_the_grpc_stubs():
     runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN"]
     # A regular `pip install .` runs setup.py's build_py hook, which runs grpc_tools.protoc;
     # the build then imports the generated modules, so a missing stub fails the build.
-    assert any(re.search(r"pip install (--\S+ )*\.(\s|$)", run) for run in runs)
+    # (`.` itself, or `".[extra]"`: the image also carries the `ray` extra for KubeRay)
+    assert any(re.search(r"pip install (--\S+ )*\"?\.(\[[\w,]+\])?\"?(\s|$)", run) for run in runs)
     assert not any(re.search(r"pip install .*\s(-e|--editable)\s", run) for run in runs)
     setup = (REPO / "setup.py").read_text()
     assert "grpc_tools" in setup and '"build_py": ' in setup
@@ -678,3 +679,23 @@ def test_ray_serve_config_names_the_app_and_services():
     flags = [f if not f.startswith("s3://") else "/tmp/store" for f in app["args"]["serve_flags"]]
     built = builder({**app["args"], "serve_flags": flags})
     assert isinstance(built, Application)
+
+
+def test_ray_configs_are_valid_serve_configs():
+    """Both Ray Serve configs pass Ray's own schema; the RayService autoscales the engine
+    replicas and its application builds with replicas "auto"."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from loraplex.server.ray_serve import app_builder
+
+    plain = yaml.safe_load((DEPLOY / "ray" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(plain)
+    service = yaml.safe_load((DEPLOY / "ray" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(embedded)
+    (app,) = schema.applications
+    (engine,) = app.deployments
+    assert engine.name == "EngineReplica" and engine.autoscaling_config["max_replicas"] > 1
+    assert embedded["grpc_options"] == plain["grpc_options"]
+    assert app_builder({"replicas": "auto", "serve_flags": ["--insecure"]}) is not None
