@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from bitsandbytes.functional import dequantize_4bit
 from torch import nn
 
 from loraplex.adapters.errors import AdapterNotFound
@@ -48,7 +47,7 @@ from loraplex.adapters.validate import (
     load_adapter,
 )
 from loraplex.server.config import EngineConfig, ServerConfig
-from loraplex.server.model_loader import LoadedModel, load_model, lora_target_shapes
+from loraplex.server.model_loader import LoadedModel, dense_weight, load_model, lora_target_shapes
 
 log = logging.getLogger(__name__)
 
@@ -102,25 +101,11 @@ def _is_4bit(module: nn.Module) -> bool:
     return getattr(getattr(module, "weight", None), "quant_state", None) is not None
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) float32 weight the module computes with: a 4-bit weight dequantized (the
-    values bitsandbytes computes with), a plain one as it is."""
-    weight = module.weight
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{type(module).__name__} is not a linear layer")
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        return weight.detach().float()
-    if getattr(state, "packing_format_for_cpu", False):
-        raise RuntimeError("the 4-bit weights were repacked by a forward; export a fresh load")
-    return dequantize_4bit(weight.data, state).float()
-
-
 def _merged_linear(
     module: nn.Module, update: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype
 ) -> nn.Linear:
     """A plain linear with the module's weight, plus B @ A when given, rounded once to dtype."""
-    weight = _dense_weight(module)  # (out, in) float32
+    weight = dense_weight(module).float()  # (out, in)
     if update is not None:
         a, b = update  # A (r, in), B (out, r) with the scaling folded in; float32
         weight += b.to(weight.device) @ a.to(weight.device)

@@ -333,13 +333,13 @@ class Frontend:
     async def _lease(self, version: AdapterVersion) -> Lease:
         """Hold an adapter's weights in the host tier: read from the store, or for a composed
         adapter built from its inputs' (once; later requests find it cached)."""
-        composition = self.compositions.get(version.adapter_id)
-        if composition is None or composition.version != version:
-            if is_composed_id(version.adapter_id):  # dropped meanwhile (an input was deleted)
-                raise AdapterNotFound(
-                    f"composed adapter {version.adapter_id!r} is gone: an input was deleted"
-                )
+        if not is_composed_id(version.adapter_id):
             return await self.cache.lease(version)
+        composition = self.compositions.get(version.adapter_id)
+        if composition is None or composition.version != version:  # an input was deleted
+            raise AdapterNotFound(
+                f"composed adapter {version.adapter_id!r} is gone: an input was deleted"
+            )
         lease = self.cache.try_lease(version)
         if lease is not None:
             return lease

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bitsandbytes.functional import dequantize_4bit
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from loraplex.server.config import ModelConfig
@@ -146,6 +147,22 @@ def load_model(config: ModelConfig) -> LoadedModel:
         quantization="bnb-nf4-double-quant" if config.quantization == "nf4" else "none",
         fingerprint=fingerprint(source, model.config.to_json_string()),
     )
+
+
+def dense_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight (out, in) as it computes with it: a 4-bit weight dequantized
+    (in the compute dtype), a plain one as it is. A 4-bit weight bitsandbytes has repacked for
+    its CPU kernel (after a first forward) no longer dequantizes: callers that serve keep a copy
+    from before (forward.py)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} is not a linear layer")
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight.detach()
+    if getattr(state, "packing_format_for_cpu", False):
+        raise RuntimeError("the 4-bit weights were repacked for the CPU kernel by a forward")
+    return dequantize_4bit(weight.data, state)
 
 
 def lora_target_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

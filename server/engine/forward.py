@@ -23,6 +23,7 @@ from torch import nn
 from loraplex.adapters.lora import LoraGroup, LoraStacks
 from loraplex.adapters.lora_ops import LoraPlan, add_lora
 from loraplex.server.engine.kv_cache import CacheShape, KVCache
+from loraplex.server.model_loader import dense_weight
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEQUANTIZE_MIN_TOKENS = 128  # rows from which dequantize + matmul beats the 4-bit kernel
@@ -135,14 +136,8 @@ class DecoderForward:
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         """A base linear layer's weight (out, in) as the forward computes with it: 4-bit
         weights dequantized (exactly what the prompt path uses), others as they are."""
-        stash = self._unpacked.get(module)
-        if stash is not None:
-            return dequantize_4bit(*stash)
-        weight = module.weight
-        state = getattr(weight, "quant_state", None)
-        if state is not None:
-            return dequantize_4bit(weight.data, state)
-        return weight.data
+        stash = self._unpacked.get(module)  # the CPU copy from before any repacking
+        return dequantize_4bit(*stash) if stash is not None else dense_weight(module)
 
     def merge(self, slot: int) -> int:
         """Fold the adapter in `slot` into the base: every layer it targets gets a dense copy
