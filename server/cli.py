@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     on_ray.add_argument("--replicas", type=int, default=2, help="engine replicas")
     on_ray.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="CPUs (compute threads) per replica"
+    )
+    on_ray.add_argument(
         "--ray-address", default="", help="a running cluster's address (default: start one here)"
     )
     gen = sub.add_parser("generate", parents=[remote], help="generate text from a running server")
@@ -414,7 +417,8 @@ def serve_ray(args: argparse.Namespace) -> int:
         grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS)
     )
     log.info("loraplex on Ray Serve: %d replicas, gRPC on port %d", args.replicas, args.port)
-    ray_serve.run(build_app(config, args.replicas), name="loraplex", blocking=True)
+    app = build_app(config, args.replicas, args.replica_cpus)
+    ray_serve.run(app, name="loraplex", blocking=True)
     return 0
 
 

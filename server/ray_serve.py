@@ -49,7 +49,7 @@ REPLICA_METADATA = "x-loraplex-replica"  # which replica answered (trailing meta
 LOADS_METADATA = "x-loraplex-replica-adapter-loads"  # its multiplexed adapter loads so far
 # Metadata Ray's proxy adds or reads itself; everything else is the caller's and goes on.
 _RAY_KEYS = {"application", ADAPTER_METADATA, "request_id", "user-agent"}
-Metadata = list[tuple[str, str]]
+Metadata = list[tuple[str, str | bytes]]
 Status = tuple[int, str, Metadata]  # (grpc status code value, details, trailing metadata)
 
 UNARY = {
@@ -96,7 +96,7 @@ class StoreGeneration:
 MAX_ONGOING_REQUESTS = 1024
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=MAX_ONGOING_REQUESTS)
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 class EngineReplica:
     """One loraplex server, reached by the ingress through Ray handles (Ray Serve awaits an
     async constructor: the model loads before the replica takes requests)."""
@@ -108,16 +108,21 @@ class EngineReplica:
         await self.server.start()
         await self.server.wait_ready()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.blocking_channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.loads: dict[str, int] = {}
         self.generation = 0  # the store generation this replica has read
         self._sync_lock = asyncio.Lock()
 
-    @serve.multiplexed(max_num_models_per_replica=8)
-    async def _adapter(self, adapter_id: str) -> str:
-        """Ray's record that this replica serves `adapter_id` (see the module docstring)."""
-        self.loads[adapter_id] = self.loads.get(adapter_id, 0) + 1
-        return adapter_id
+        async def load(adapter_id: str) -> str:
+            """Ray's record that this replica serves `adapter_id` (see the module docstring)."""
+            self.loads[adapter_id] = self.loads.get(adapter_id, 0) + 1
+            return adapter_id
+
+        # As many adapters as the engine has device slots: Ray forgets the least recently used
+        # one when the engine would have evicted it too, and routes by what is resident.
+        slots = max(1, config.engine.max_loras)
+        self._adapter = serve.multiplexed(max_num_models_per_replica=slots)(load)
 
     async def _route(self, generation: int) -> None:
         if generation > self.generation:  # the store changed through another replica
@@ -130,15 +135,32 @@ class EngineReplica:
             await self._adapter(adapter_id)
 
     async def unary(
-        self, method: str, payload: bytes, metadata: Metadata, generation: int = 0
+        self, method: str, payload: bytes | list[bytes], metadata: Metadata, generation: int = 0
     ) -> tuple[bytes, Status]:
+        """A unary call, or a client-streaming one when `payload` is the list of messages."""
         await self._route(generation)
+        if isinstance(payload, list):
+            return await asyncio.to_thread(self._upload, method, payload, metadata)
         call = self.channel.unary_unary(method)(payload, metadata=metadata)
         try:
             response = await call
         except grpc.aio.AioRpcError as exc:
             return b"", self._status(exc.code(), exc.details(), exc.trailing_metadata())
         return response, self._status(grpc.StatusCode.OK, "", await call.trailing_metadata())
+
+    def _upload(
+        self, method: str, messages: list[bytes], metadata: Metadata
+    ) -> tuple[bytes, Status]:
+        """A client-streaming call, on a blocking channel: an asyncio one turns a server's
+        answer given before the upload ends (a refusal) into INTERNAL."""
+        try:
+            response, call = self.blocking_channel.stream_unary(method).with_call(
+                iter(messages), metadata=metadata
+            )
+        except grpc.RpcError as exc:
+            failed = cast(grpc.Call, exc)
+            return b"", self._status(failed.code(), failed.details(), failed.trailing_metadata())
+        return response, self._status(grpc.StatusCode.OK, "", call.trailing_metadata())
 
     async def stream(
         self, method: str, payload: bytes, metadata: Metadata, generation: int = 0
@@ -155,7 +177,9 @@ class EngineReplica:
         yield self._status(grpc.StatusCode.OK, "", await call.trailing_metadata())
 
     def _status(self, code: grpc.StatusCode, details: str | None, trailing: Any) -> Status:
-        pairs = [(str(k), str(v)) for k, v in (trailing or ()) if not str(k).endswith("-bin")]
+        pairs: Metadata = [
+            (str(k), v if str(k).endswith("-bin") else str(v)) for k, v in (trailing or ())
+        ]
         pairs.append((REPLICA_METADATA, self.replica_id))
         pairs.append((LOADS_METADATA, str(sum(self.loads.values()))))
         return code.value[0], details or "", pairs
@@ -182,17 +206,21 @@ def _answer(grpc_context: Any, status: Status) -> None:
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
+def _replica_lost(exc: ray.exceptions.RayActorError) -> Status:
+    """The answer for a request whose replica died under it: UNAVAILABLE, which clients retry
+    (Ray Serve starts a new replica; the others keep serving)."""
+    log.warning("engine replica lost with a request in flight: %s", exc)
+    return grpc.StatusCode.UNAVAILABLE.value[0], "engine replica lost; retry the request", []
+
+
 def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
     path = f"/loraplex.v1.{service}/{name}"
 
     async def method(self: IngressReplica, request: Any, grpc_context: Any) -> Any:
-        handle = self.replica.options(multiplexed_model_id=_adapter_of(request, grpc_context))
-        generation = await self.generation.get.remote()
-        payload, status = await handle.unary.remote(
-            path, request.SerializeToString(), _forwarded(grpc_context), generation
+        adapter_id = _adapter_of(request, grpc_context)
+        payload, status = await self.forward(
+            name, path, request.SerializeToString(), grpc_context, adapter_id
         )
-        if name in STORE_CHANGES and status[0] == grpc.StatusCode.OK.value[0]:
-            await self.generation.bump.remote()
         _answer(grpc_context, status)
         return response_type.FromString(payload) if payload else response_type()
 
@@ -202,13 +230,44 @@ def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
 
 class IngressReplica:
     """Ray's gRPC proxy calls the ingress method named after each RPC: the unary ones are
-    added below from UNARY, GenerateStream is here."""
+    added below from UNARY; PushAdapter (client streaming) and GenerateStream are here."""
 
     def __init__(self, replica: DeploymentHandle) -> None:
         self.replica = replica
         self.generation = StoreGeneration.options(  # type: ignore[attr-defined]
-            name=GENERATION_ACTOR, get_if_exists=True, lifetime="detached"
+            name=GENERATION_ACTOR, namespace="loraplex", get_if_exists=True, lifetime="detached"
         ).remote()
+
+    async def forward(
+        self, name: str, path: str, payload: bytes | list[bytes], grpc_context: Any, adapter_id: str
+    ) -> tuple[bytes, Status]:
+        """One unary (or, with a list of messages, client-streaming) call on a replica."""
+        handle = self.replica.options(multiplexed_model_id=adapter_id)
+        generation = await self.generation.get.remote()
+        try:
+            answer, status = await handle.unary.remote(
+                path, payload, _forwarded(grpc_context), generation
+            )
+        except ray.exceptions.RayActorError as exc:
+            return b"", _replica_lost(exc)
+        if name in STORE_CHANGES and status[0] == grpc.StatusCode.OK.value[0]:
+            await self.generation.bump.remote()
+        return answer, status
+
+    async def PushAdapter(  # noqa: N802 (the RPC's name)
+        self, requests: AsyncIterator[adapters_pb2.PushAdapterRequest], grpc_context: Any
+    ) -> adapters_pb2.RegisterAdapterResponse:
+        """The upload is gathered here, then sent to one replica in a single call (Ray handles
+        take no streamed arguments); the replica's server applies its own size limits."""
+        messages = [message.SerializeToString() async for message in requests]
+        first = adapters_pb2.PushAdapterRequest.FromString(messages[0] if messages else b"")
+        path = "/loraplex.v1.Adapters/PushAdapter"
+        adapter_id = _adapter_of(first, grpc_context)
+        payload, status = await self.forward(
+            "PushAdapter", path, messages, grpc_context, adapter_id
+        )
+        _answer(grpc_context, status)
+        return adapters_pb2.RegisterAdapterResponse.FromString(payload)
 
     async def GenerateStream(  # noqa: N802 (the RPC's name)
         self, request: inference_pb2.GenerateRequest, grpc_context: Any
@@ -224,11 +283,32 @@ class IngressReplica:
                 path, request.SerializeToString(), _forwarded(grpc_context), generation
             ),
         )
-        async for item in items:
-            if isinstance(item, bytes):
-                yield inference_pb2.GenerateResponse.FromString(item)
-            else:
-                _answer(grpc_context, item)
+        # Ray's proxy sends the call's status along with each message (and with nothing else),
+        # so the last message, the one with a finish reason, waits for the status that follows
+        # it at once; an error with no message left to carry it ends the stream by raising,
+        # which keeps its code and details (Ray drops trailing metadata there).
+        last = None
+        try:
+            async for item in items:
+                if not isinstance(item, bytes):
+                    _answer(grpc_context, item)
+                    if last is None and item[0] != grpc.StatusCode.OK.value[0]:
+                        raise StreamFailed(item[1])
+                    break
+                message = inference_pb2.GenerateResponse.FromString(item)
+                if message.finish_reason:
+                    last = message
+                else:
+                    yield message
+        except ray.exceptions.RayActorError as exc:
+            _answer(grpc_context, _replica_lost(exc))
+            raise StreamFailed("engine replica lost") from exc
+        if last is not None:
+            yield last
+
+
+class StreamFailed(Exception):
+    """Ends a forwarded stream with the status already set on its context."""
 
 
 for _name, (_service, _response_type) in UNARY.items():
@@ -238,22 +318,25 @@ Ingress = serve.deployment(
 )(IngressReplica)
 
 
-def build_app(config: ServerConfig, replicas: int | str = 2) -> Any:
-    """The application: an ingress and `replicas` engine replicas, or "auto": autoscaled (the
-    deployment's `autoscaling_config`, e.g. from deploy/ray/rayservice.yaml). Run it with
-    `serve.run` after `serve.start(grpc_options=gRPCOptions(grpc_servicer_functions=
-    SERVICER_FUNCTIONS))`."""
-    engine = cast(Deployment, EngineReplica).options(num_replicas=replicas)
+def build_app(config: ServerConfig, replicas: int | str = 2, replica_cpus: float = 1.0) -> Any:
+    """The application: an ingress and `replicas` engine replicas of `replica_cpus` CPUs each
+    (Ray gives a replica as many compute threads), or "auto": autoscaled (the deployment's
+    `autoscaling_config`, e.g. from deploy/ray/rayservice.yaml). Run it with `serve.run` after
+    `serve.start(grpc_options=gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS))`."""
+    engine = cast(Deployment, EngineReplica).options(
+        num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}
+    )
     return Ingress.bind(engine.bind(config))
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray Serve config files (`serve run` / `serve deploy`, KubeRay's RayService):
-    `args` holds `replicas` (a number, or "auto") and `serve_flags`, the flags `loraplex serve`
-    takes (a list)."""
+    `args` holds `replicas` (a number, or "auto"), `replica_cpus` and `serve_flags`, the flags
+    `loraplex serve` takes (a list)."""
     from loraplex.server.cli import build_parser, server_config
 
     flags = [str(f) for f in args.get("serve_flags", [])]
     config = server_config(build_parser().parse_args(["serve", *flags]))
     replicas = args.get("replicas", 2)
-    return build_app(config, "auto" if replicas == "auto" else int(replicas))
+    cpus = float(args.get("replica_cpus", 1))
+    return build_app(config, "auto" if replicas == "auto" else int(replicas), cpus)
