@@ -251,7 +251,8 @@ def retried(client: LoraplexClient, adapter_id: str, deadline_s: float = 180) ->
 
 def test_a_killed_replica_loses_only_its_requests(cluster, registered):
     """Streams run on both replicas; one replica is killed. Its streams end UNAVAILABLE (no
-    hang), the other replica's streams complete, retries succeed, and traffic goes on."""
+    hang), the other replica's streams complete, unary calls end OK or UNAVAILABLE, retries
+    succeed, and traffic goes on."""
     from loraplex.server.ray_serve import REPLICA_METADATA
 
     address, keys = cluster
@@ -266,6 +267,8 @@ def test_a_killed_replica_loses_only_its_requests(cluster, registered):
             stream = client.generate_stream(request)
             next(stream)  # running
             streams.append((name, stream))
+        pool = ThreadPoolExecutor(8)  # and unary requests, some still running at the kill
+        unary = [pool.submit(code_of, generate, client, name) for name in registered]
         actors = ray.util.list_named_actors(all_namespaces=True)
         [actor] = [a for a in actors if a["name"].endswith(f"EngineReplica#{victim}")]
         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
@@ -280,7 +283,10 @@ def test_a_killed_replica_loses_only_its_requests(cluster, registered):
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc  # nothing else
                 lost[name] += 1
+        codes = Counter(future.result(timeout=120) for future in unary)
+        pool.shutdown()
         assert time.monotonic() - started < 120  # nothing hung
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
         # The victim's streams in flight were lost (those that ended before the kill may have
         # completed), the other replica's streams completed.
         assert lost and sum(survived.values()) - survived[victim] > 0, (lost, survived)
