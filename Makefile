@@ -38,8 +38,9 @@ test: install lint
 # Offline throughput, then online latency through the gRPC server, then the adapter lifecycle
 # (load tiers, churn over 1000 adapters, hot swap), then tenancy (fairness under a flood,
 # overload), training (loraplex train vs PEFT + Trainer), merge (composition, dynamic
-# merge), then the plot (benchmarks/results/: throughput.json, online.json, lifecycle.json,
-# tenancy.json, training.json, merge.json, benchmark.png). Over an hour on 2 cores.
+# merge), ray_scale (Ray Serve replicas vs one server), then the plot (benchmarks/results/:
+# throughput.json, online.json, lifecycle.json, tenancy.json, training.json, merge.json,
+# ray_scale.json, benchmark.png). Over an hour on 2 cores.
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/throughput.py
@@ -48,6 +49,7 @@ bench: install
 	$(PY) benchmarks/tenancy.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/merge.py
+	$(PY) benchmarks/ray_scale.py
 	$(PY) benchmarks/plot.py
 
 clean:

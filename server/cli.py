@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the base model and its adapters over gRPC")
+    # Also after the verb (e.g. in a Ray Serve config's serve_flags); SUPPRESS keeps the values
+    # given before the verb when these are not repeated after it.
+    serve.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     serve.add_argument("--model", help="HF model id or local path (default: embedded SmolLM2)")
     serve.add_argument("--home", help="cache and adapter store ($LORAPLEX_HOME, ~/.cache/loraplex)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -417,7 +423,7 @@ def serve_ray(args: argparse.Namespace) -> int:
         grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS)
     )
     log.info("loraplex on Ray Serve: %d replicas, gRPC on port %d", args.replicas, args.port)
-    app = build_app(config, args.replicas, args.replica_cpus)
+    app = build_app(config, args.replicas, args.replica_cpus, (args.log_level, args.log_format))
     ray_serve.run(app, name="loraplex", blocking=True)
     return 0
 

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 import grpc
 import ray
+import torch
 from google.protobuf.message import Message
 from ray import serve
 from ray.serve.deployment import Deployment
@@ -40,6 +41,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from loraplex.server.app import LoraplexServer
 from loraplex.server.config import ServerConfig
+from loraplex.server.logs import configure_logging
 from loraplex.v1 import adapters_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,10 @@ class EngineReplica:
     """One loraplex server, reached by the ingress through Ray handles (Ray Serve awaits an
     async constructor: the model loads before the replica takes requests)."""
 
-    async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, config: ServerConfig, logs: tuple[str, str] = ("INFO", "text")
+    ) -> None:
+        configure_logging(*logs)  # the replica's own process: level and format as `serve`'s
         # Loopback only, no metrics port of its own: the replica is reached through Ray.
         local = dataclasses.replace(config, host="127.0.0.1", port=0, metrics_port=None)
         self.server = LoraplexServer(local)
@@ -110,6 +115,11 @@ class EngineReplica:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.blocking_channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        log.info(
+            "engine replica %s serving on %d compute threads",
+            self.replica_id,
+            torch.get_num_threads(),
+        )
         self.loads: dict[str, int] = {}
         self.generation = 0  # the store generation this replica has read
         self._sync_lock = asyncio.Lock()
@@ -318,15 +328,26 @@ Ingress = serve.deployment(
 )(IngressReplica)
 
 
-def build_app(config: ServerConfig, replicas: int | str = 2, replica_cpus: float = 1.0) -> Any:
+def build_app(
+    config: ServerConfig,
+    replicas: int | str = 2,
+    replica_cpus: float = 1.0,
+    logs: tuple[str, str] = ("INFO", "text"),
+) -> Any:
     """The application: an ingress and `replicas` engine replicas of `replica_cpus` CPUs each
     (Ray gives a replica as many compute threads), or "auto": autoscaled (the deployment's
-    `autoscaling_config`, e.g. from deploy/ray/rayservice.yaml). Run it with `serve.run` after
+    `autoscaling_config`, e.g. from deploy/ray/rayservice.yaml); `logs` is the replicas' log
+    (level, format). Run it with `serve.run` after
     `serve.start(grpc_options=gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS))`."""
+    if config.tls_cert or config.tls_client_ca:
+        raise ValueError(
+            "Ray Serve's gRPC proxy serves plaintext: terminate TLS in front of it (a load "
+            "balancer or Kubernetes ingress) and leave the --tls-* flags off"
+        )
     engine = cast(Deployment, EngineReplica).options(
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}
     )
-    return Ingress.bind(engine.bind(config))
+    return Ingress.bind(engine.bind(config, logs))
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -336,7 +357,10 @@ def app_builder(args: dict[str, Any]) -> Any:
     from loraplex.server.cli import build_parser, server_config
 
     flags = [str(f) for f in args.get("serve_flags", [])]
-    config = server_config(build_parser().parse_args(["serve", *flags]))
+    parsed = build_parser().parse_args(["serve", *flags])
     replicas = args.get("replicas", 2)
     cpus = float(args.get("replica_cpus", 1))
-    return build_app(config, "auto" if replicas == "auto" else int(replicas), cpus)
+    logs = (parsed.log_level, parsed.log_format)
+    return build_app(
+        server_config(parsed), "auto" if replicas == "auto" else int(replicas), cpus, logs
+    )

@@ -698,4 +698,7 @@ def test_ray_configs_are_valid_serve_configs():
     (engine,) = app.deployments
     assert engine.name == "EngineReplica" and engine.autoscaling_config["max_replicas"] > 1
     assert embedded["grpc_options"] == plain["grpc_options"]
-    assert app_builder({"replicas": "auto", "serve_flags": ["--insecure"]}) is not None
+    flags = [f if not f.startswith("s3://") else "/tmp/store" for f in app.args["serve_flags"]]
+    assert app_builder({**app.args, "serve_flags": flags}) is not None  # its flags parse
+    with pytest.raises(ValueError, match="terminate TLS in front"):  # Ray's proxy has no TLS
+        app_builder({"serve_flags": ["--insecure", "--tls-cert", "c.pem", "--tls-key", "k.pem"]})
