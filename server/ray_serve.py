@@ -201,8 +201,21 @@ def _forwarded(grpc_context: Any) -> Metadata:
 
 
 def _adapter_of(request: Any, grpc_context: Any) -> str:
-    given = dict(grpc_context.invocation_metadata() or ()).get(ADAPTER_METADATA, "")
-    return str(getattr(request, "adapter_id", "") or getattr(request, "name", "") or given)
+    """The adapter a request is routed by: the one it names, else the caller's
+    `multiplexed_model_id` metadata. A generate request that names none and composes none is
+    also served with the metadata's adapter (`_take_metadata_adapter`)."""
+    named = str(getattr(request, "adapter_id", "") or getattr(request, "name", ""))
+    return named or str(dict(grpc_context.invocation_metadata() or ()).get(ADAPTER_METADATA, ""))
+
+
+def _take_metadata_adapter(request: Any, adapter_id: str) -> None:
+    """The metadata is another way to give a generate request's `adapter_id`."""
+    if (
+        isinstance(request, inference_pb2.GenerateRequest)
+        and not request.adapter_id
+        and not request.HasField("compose")
+    ):
+        request.adapter_id = adapter_id
 
 
 def _answer(grpc_context: Any, status: Status) -> None:
@@ -228,6 +241,7 @@ def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
 
     async def method(self: IngressReplica, request: Any, grpc_context: Any) -> Any:
         adapter_id = _adapter_of(request, grpc_context)
+        _take_metadata_adapter(request, adapter_id)
         payload, status = await self.forward(
             name, path, request.SerializeToString(), grpc_context, adapter_id
         )
@@ -282,9 +296,9 @@ class IngressReplica:
     async def GenerateStream(  # noqa: N802 (the RPC's name)
         self, request: inference_pb2.GenerateRequest, grpc_context: Any
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        handle = self.replica.options(
-            multiplexed_model_id=_adapter_of(request, grpc_context), stream=True
-        )
+        adapter_id = _adapter_of(request, grpc_context)
+        _take_metadata_adapter(request, adapter_id)
+        handle = self.replica.options(multiplexed_model_id=adapter_id, stream=True)
         path = "/loraplex.v1.Inference/GenerateStream"
         generation = await self.generation.get.remote()
         items = cast(

@@ -108,6 +108,14 @@ def test_a_stock_client_is_routed_by_adapter(cluster, registered):
         request = pb.GenerateRequest(adapter_id=registered[0], prompt="Hi", max_new_tokens=3)
         stream = list(client.generate_stream(request))
         assert stream[-1].finish_reason and stream[-1].adapter_id == registered[0]
+        # The adapter may also come as `multiplexed_model_id` metadata instead of adapter_id.
+        named, _ = generate(client, registered[1])
+        unnamed = pb.GenerateRequest(prompt="Hello", max_new_tokens=3)
+        metadata = (*client.metadata, ("multiplexed_model_id", registered[1]))
+        reply = client.inference.Generate(unnamed, timeout=120, metadata=metadata)
+        assert (reply.adapter_id, reply.text) == (registered[1], named.text)
+        streamed = list(client.inference.GenerateStream(unnamed, timeout=120, metadata=metadata))
+        assert streamed[-1].adapter_id == registered[1]
     where: dict[str, Counter[str]] = defaultdict(Counter)
     loads: dict[str, int] = {}
     for name, response, trailing in replies:
