@@ -49,6 +49,25 @@ class ServerThread:
         self._thread.join(10)
 
 
+def write_key_file(
+    path: Path, roles: dict[str, tuple[str, str]], extra: str = ""
+) -> dict[str, str]:
+    """An API key file at `path` with a new key per name in `roles` (name: (tenant, role)),
+    then `extra` (e.g. [tenants.*] tables); returns the keys by name."""
+    from loraplex.server.auth import hash_key, new_key
+
+    keys = {name: new_key() for name in roles}
+    path.write_text(
+        "".join(
+            f'[[keys]]\nname = "{name}-key"\ntenant = "{roles[name][0]}"\n'
+            f'role = "{roles[name][1]}"\nsha256 = "{hash_key(key)}"\n'
+            for name, key in keys.items()
+        )
+        + extra
+    )
+    return keys
+
+
 def randomize_lora(model: torch.nn.Module, adapter_name: str, seed: int, b_std: float) -> None:
     """Give an adapter random non-zero A and B (PEFT initialises B to zero)."""
     generator = torch.Generator().manual_seed(seed)

@@ -14,12 +14,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from loraplex.server.auth import hash_key, new_key
 from loraplex.server.client import LoraplexClient
 from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
 from loraplex.server.interceptor import ADMIN_METHODS, EXEMPT_PREFIXES
 from loraplex.v1 import inference_pb2 as pb
-from tests.helpers import ServerThread
+from tests.helpers import ServerThread, write_key_file
 
 pytestmark = pytest.mark.integration
 
@@ -76,14 +75,8 @@ def secured(model_home, tmp_path_factory):
     """A TLS server with client keys of three tenants and an admin key; yields (server, keys,
     ca path). Tenant "capped" may have one request in flight and 600 tokens a minute."""
     tmp = tmp_path_factory.mktemp("auth")
-    keys = {name: new_key() for name in KEYS}
-    (tmp / "keys.toml").write_text(
-        "".join(
-            f'[[keys]]\nname = "{name}-key"\ntenant = "{KEYS[name][0]}"\n'
-            f'role = "{KEYS[name][1]}"\nsha256 = "{hash_key(key)}"\n'
-            for name, key in keys.items()
-        )
-        + "[tenants.capped]\nmax_concurrent = 1\ntokens_per_minute = 600\n"
+    keys = write_key_file(
+        tmp / "keys.toml", KEYS, "[tenants.capped]\nmax_concurrent = 1\ntokens_per_minute = 600\n"
     )
     cert, key = self_signed(tmp)
     config = ServerConfig(

@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from loraplex.server.auth import hash_key, new_key
+from loraplex.server.auth import new_key
 from loraplex.server.client import LoraplexClient
 from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
 from loraplex.v1 import adapters_pb2
 from loraplex.v1 import inference_pb2 as pb
+from tests.helpers import write_key_file
 
 ray = pytest.importorskip("ray", reason="Ray Serve is a dev dependency")
 pytestmark = pytest.mark.integration
@@ -48,15 +49,7 @@ def cluster(model_home, adapter_root, tmp_path_factory, peft_reference):
     from loraplex.server.ray_serve import SERVICER_FUNCTIONS, build_app
 
     tmp = tmp_path_factory.mktemp("ray")
-    keys = {name: new_key() for name in KEYS}
-    (tmp / "keys.toml").write_text(
-        "".join(
-            f'[[keys]]\nname = "{name}-key"\ntenant = "{KEYS[name][0]}"\n'
-            f'role = "{KEYS[name][1]}"\nsha256 = "{hash_key(key)}"\n'
-            for name, key in keys.items()
-        )
-        + "[tenants.capped]\nmax_concurrent = 1\n"
-    )
+    keys = write_key_file(tmp / "keys.toml", KEYS, "[tenants.capped]\nmax_concurrent = 1\n")
     config = ServerConfig(
         adapter_roots=(adapter_root,),
         adapter_store=tmp / "shared-store",
