@@ -7,20 +7,22 @@ adapter so that each adapter's requests go where it is already loaded.
 
 Each replica runs a complete LoraplexServer (engine, adapter tiers, auth, tenancy, errors) and
 the ingress forwards every loraplex RPC to one replica as bytes, with the caller's metadata, and
-hands back the replica's answer, status and trailing metadata unchanged: everything a client
-sees is what a single server would say, so an existing loraplex client works against the
-cluster. Routing is Ray Serve's model multiplexing: the ingress names the request's adapter as
-its multiplexed model id, and Ray prefers a replica that already holds it (the replica's
-multiplexed "load" records that it does; the weights themselves move through the replica's own
-host and device tiers on first use). A client may also send the id as `multiplexed_model_id`
-metadata (e.g. to route compositions).
+hands back the replica's answer, status and trailing metadata, so an existing loraplex client
+works against the cluster and hears what a single server would say. What a replica holds for
+itself (its cache counters, pins and merges) is that replica's: an RPC that names no adapter
+reaches the replica Ray picks. Routing is Ray Serve's model multiplexing: the ingress names the
+request's adapter as its multiplexed model id, and Ray prefers a replica that already holds it
+(the replica records that it does once it has served it; the weights themselves move through
+the replica's own host and device tiers on first use). A client may also send the id as
+`multiplexed_model_id` metadata (e.g. to route compositions).
 
 Replicas share the adapter store (`--adapter-store s3://...` in production; a local directory
-on one machine), so an adapter registered through any replica is servable by all of them. A
-registration or delete bumps a cluster-wide store generation (a small named actor); every
+on one machine), so an adapter registered through any replica is servable by all of them. Every
+registration, push or delete bumps a cluster-wide store generation (a small named actor); every
 request carries the generation the ingress saw, and a replica behind it re-reads the store
 before serving, so no replica serves a deleted adapter or an older version once the change
-has been answered.
+has been answered. A counter that is lost and started again begins a new epoch, which makes
+every replica re-read the store once.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import grpc
@@ -37,9 +41,12 @@ import torch
 from google.protobuf.message import Message
 from ray import serve
 from ray.serve.deployment import Deployment
+from ray.serve.grpc_util import gRPCInputStream
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from loraplex.adapters.sources import EXTRA_BYTES
 from loraplex.server.app import LoraplexServer
+from loraplex.server.auth import KeyRing, Unauthenticated
 from loraplex.server.config import ServerConfig
 from loraplex.server.logs import configure_logging
 from loraplex.v1 import adapters_pb2, inference_pb2
@@ -77,19 +84,31 @@ SERVICER_FUNCTIONS = [
 ]
 
 
-@ray.remote(num_cpus=0)
+Generation = tuple[str, int]  # (the counter's incarnation, store changes counted in it)
+UNKNOWN: Generation = ("", 0)  # the counter cannot be reached: re-read the store every time
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
 class StoreGeneration:
-    """A counter of store changes, shared by the ingress replicas."""
+    """A counter of store changes, shared by the ingress replicas. A restarted counter starts
+    a new epoch, which makes every replica re-read the store once."""
 
     def __init__(self) -> None:
+        self.epoch = uuid.uuid4().hex
         self.value = 0
 
-    def bump(self) -> int:
+    def bump(self) -> Generation:
         self.value += 1
-        return self.value
+        return self.epoch, self.value
 
-    def get(self) -> int:
-        return self.value
+    def get(self) -> Generation:
+        return self.epoch, self.value
+
+
+def _generation_actor() -> Any:
+    return StoreGeneration.options(  # type: ignore[attr-defined]
+        name=GENERATION_ACTOR, namespace="loraplex", get_if_exists=True, lifetime="detached"
+    ).remote()
 
 
 # Ray's default of 5 requests in flight per replica would keep an engine from batching (and
@@ -121,8 +140,11 @@ class EngineReplica:
             torch.get_num_threads(),
         )
         self.loads: dict[str, int] = {}
-        self.generation = 0  # the store generation this replica has read
+        self.generation: Generation = UNKNOWN  # the store generation this replica has read
         self._sync_lock = asyncio.Lock()
+        # Uploads block a thread each on the loopback server, whose own upload handling needs
+        # the event loop's default threads: a pool of their own keeps them from starving it.
+        self._uploads = ThreadPoolExecutor(4, thread_name_prefix="loraplex-upload")
 
         async def load(adapter_id: str) -> str:
             """Ray's record that this replica serves `adapter_id` (see the module docstring)."""
@@ -134,28 +156,43 @@ class EngineReplica:
         slots = max(1, config.engine.max_loras)
         self._adapter = serve.multiplexed(max_num_models_per_replica=slots)(load)
 
-    async def _route(self, generation: int) -> None:
-        if generation > self.generation:  # the store changed through another replica
-            async with self._sync_lock:
-                if generation > self.generation:
-                    await self.server.frontend.refresh_store()
-                    self.generation = generation
+    async def _sync(self, generation: Generation) -> None:
+        """Re-read the store if it changed through another replica since this one read it."""
+        epoch, count = generation
+        if epoch and epoch == self.generation[0] and count <= self.generation[1]:
+            return
+        async with self._sync_lock:
+            if not epoch or epoch != self.generation[0] or count > self.generation[1]:
+                await self.server.frontend.refresh_store()
+                self.generation = generation
+
+    async def _record(self) -> None:
+        """Tell Ray this replica serves the request's adapter (once the replica has served it:
+        an unknown or forbidden id never takes a place in Ray's table)."""
         adapter_id = serve.get_multiplexed_model_id()
         if adapter_id:
             await self._adapter(adapter_id)
 
     async def unary(
-        self, method: str, payload: bytes | list[bytes], metadata: Metadata, generation: int = 0
+        self,
+        method: str,
+        payload: bytes | list[bytes],
+        metadata: Metadata,
+        generation: Generation = UNKNOWN,
     ) -> tuple[bytes, Status]:
         """A unary call, or a client-streaming one when `payload` is the list of messages."""
-        await self._route(generation)
+        await self._sync(generation)
         if isinstance(payload, list):
-            return await asyncio.to_thread(self._upload, method, payload, metadata)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._uploads, self._upload, method, payload, metadata
+            )
         call = self.channel.unary_unary(method)(payload, metadata=metadata)
         try:
             response = await call
         except grpc.aio.AioRpcError as exc:
             return b"", self._status(exc.code(), exc.details(), exc.trailing_metadata())
+        await self._record()
         return response, self._status(grpc.StatusCode.OK, "", await call.trailing_metadata())
 
     def _upload(
@@ -173,13 +210,17 @@ class EngineReplica:
         return response, self._status(grpc.StatusCode.OK, "", call.trailing_metadata())
 
     async def stream(
-        self, method: str, payload: bytes, metadata: Metadata, generation: int = 0
+        self, method: str, payload: bytes, metadata: Metadata, generation: Generation = UNKNOWN
     ) -> AsyncIterator[bytes | Status]:
         """The response messages, then the status."""
-        await self._route(generation)
+        await self._sync(generation)
         call = self.channel.unary_stream(method)(payload, metadata=metadata)
         try:
+            first = True
             async for message in call:
+                if first:
+                    await self._record()
+                    first = False
                 yield message
         except grpc.aio.AioRpcError as exc:
             yield self._status(exc.code(), exc.details(), exc.trailing_metadata())
@@ -256,34 +297,91 @@ class IngressReplica:
     """Ray's gRPC proxy calls the ingress method named after each RPC: the unary ones are
     added below from UNARY; PushAdapter (client streaming) and GenerateStream are here."""
 
-    def __init__(self, replica: DeploymentHandle) -> None:
+    def __init__(self, replica: DeploymentHandle, config: ServerConfig) -> None:
         self.replica = replica
-        self.generation = StoreGeneration.options(  # type: ignore[attr-defined]
-            name=GENERATION_ACTOR, namespace="loraplex", get_if_exists=True, lifetime="detached"
-        ).remote()
+        self.generation = _generation_actor()
+        # An upload is gathered here before a replica sees it: only an admin's, and no larger
+        # than a replica would take.
+        self.keys = KeyRing.from_file(config.auth_keys) if config.auth_keys else None
+        self.max_upload_bytes = config.engine.max_adapter_bytes + EXTRA_BYTES
+
+    async def _generation(self) -> Generation:
+        try:
+            return cast(Generation, await self.generation.get.remote())
+        except ray.exceptions.RayActorError:  # gone for good: a new counter (a new epoch)
+            log.warning("the store generation counter was lost: starting a new one")
+            self.generation = _generation_actor()
+            try:
+                return cast(Generation, await self.generation.get.remote())
+            except ray.exceptions.RayActorError:
+                return UNKNOWN
+
+    async def _bump(self) -> None:
+        try:
+            await self.generation.bump.remote()
+        except ray.exceptions.RayActorError:  # the next request starts a new epoch
+            log.warning("the store generation counter was lost: starting a new one")
+            self.generation = _generation_actor()
 
     async def forward(
         self, name: str, path: str, payload: bytes | list[bytes], grpc_context: Any, adapter_id: str
     ) -> tuple[bytes, Status]:
         """One unary (or, with a list of messages, client-streaming) call on a replica."""
         handle = self.replica.options(multiplexed_model_id=adapter_id)
-        generation = await self.generation.get.remote()
+        generation = await self._generation()
         try:
-            answer, status = await handle.unary.remote(
-                path, payload, _forwarded(grpc_context), generation
+            return cast(
+                tuple[bytes, Status],
+                await handle.unary.remote(path, payload, _forwarded(grpc_context), generation),
             )
         except ray.exceptions.RayActorError as exc:
             return b"", _replica_lost(exc)
-        if name in STORE_CHANGES and status[0] == grpc.StatusCode.OK.value[0]:
-            await self.generation.bump.remote()
-        return answer, status
+        except ray.exceptions.RayTaskError as exc:
+            log.error("engine replica failed on %s: %s", name, exc)
+            return b"", (grpc.StatusCode.INTERNAL.value[0], f"{name} failed on its replica", [])
+        finally:
+            # A change may have reached the store even when its answer did not reach us (a
+            # lost replica, a cancelled call): every attempt counts as a change.
+            if name in STORE_CHANGES:
+                await asyncio.shield(self._bump())
+
+    def _refuse_upload(self, grpc_context: Any) -> Status | None:
+        """The interceptor's own answer to a caller who may not upload, given before the
+        upload is gathered."""
+        if self.keys is None:
+            return None
+        metadata = dict(grpc_context.invocation_metadata() or ())
+        try:
+            principal = self.keys.authenticate(metadata.get("authorization"))
+        except Unauthenticated as exc:
+            return grpc.StatusCode.UNAUTHENTICATED.value[0], str(exc), []
+        if not principal.is_admin:
+            denied = "/loraplex.v1.Adapters/PushAdapter needs an admin key"
+            return grpc.StatusCode.PERMISSION_DENIED.value[0], denied, []
+        return None
 
     async def PushAdapter(  # noqa: N802 (the RPC's name)
-        self, requests: AsyncIterator[adapters_pb2.PushAdapterRequest], grpc_context: Any
+        self, requests: gRPCInputStream, grpc_context: Any
     ) -> adapters_pb2.RegisterAdapterResponse:
         """The upload is gathered here, then sent to one replica in a single call (Ray handles
-        take no streamed arguments); the replica's server applies its own size limits."""
-        messages = [message.SerializeToString() async for message in requests]
+        take no streamed arguments)."""
+        refusal = self._refuse_upload(grpc_context)
+        messages, size = [], 0
+        if refusal is None:
+            async for message in requests:
+                size += len(message.data)
+                if size > self.max_upload_bytes:
+                    too_large = (
+                        f"the upload is larger than the limit of {self.max_upload_bytes} bytes"
+                    )
+                    refusal = grpc.StatusCode.INVALID_ARGUMENT.value[0], too_large, []
+                    break
+                messages.append(message.SerializeToString())
+        if refusal is None and requests.is_cancelled():
+            refusal = grpc.StatusCode.CANCELLED.value[0], "the upload was cancelled", []
+        if refusal is not None:
+            _answer(grpc_context, refusal)
+            return adapters_pb2.RegisterAdapterResponse()
         first = adapters_pb2.PushAdapterRequest.FromString(messages[0] if messages else b"")
         path = "/loraplex.v1.Adapters/PushAdapter"
         adapter_id = _adapter_of(first, grpc_context)
@@ -300,7 +398,7 @@ class IngressReplica:
         _take_metadata_adapter(request, adapter_id)
         handle = self.replica.options(multiplexed_model_id=adapter_id, stream=True)
         path = "/loraplex.v1.Inference/GenerateStream"
-        generation = await self.generation.get.remote()
+        generation = await self._generation()
         items = cast(
             DeploymentResponseGenerator,
             handle.stream.remote(
@@ -361,7 +459,7 @@ def build_app(
     engine = cast(Deployment, EngineReplica).options(
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}
     )
-    return Ingress.bind(engine.bind(config, logs))
+    return Ingress.bind(engine.bind(config, logs), config)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

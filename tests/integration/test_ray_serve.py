@@ -182,6 +182,7 @@ def test_auth_and_tenancy_hold_through_the_proxy(cluster, registered, peft_refer
         for who in (anonymous, stranger):
             assert code_of(who.model_info) == grpc.StatusCode.UNAUTHENTICATED
             assert code_of(generate, who, registered[0]) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(who.push, "anyone", source) == grpc.StatusCode.UNAUTHENTICATED
         # Operator RPCs are refused to client keys, the streamed upload included.
         denied = grpc.StatusCode.PERMISSION_DENIED
         assert code_of(acme.push, "acme-pushed", source) == denied
@@ -211,7 +212,7 @@ def test_backpressure_is_resource_exhausted_through_the_proxy(cluster):
         admitted, refused = [], []
         for _ in range(6):  # Ray spreads requests that name no adapter by queue length
             stream = client.generate_stream(
-                pb.GenerateRequest(prompt="Count to fifty.", max_new_tokens=96)
+                pb.GenerateRequest(prompt="1, 2, 3, 4, 5,", max_new_tokens=400)
             )
             try:
                 next(stream)
@@ -230,8 +231,19 @@ def test_backpressure_is_resource_exhausted_through_the_proxy(cluster):
                 break
         else:
             raise AssertionError("a one-at-a-time tenant ran a third request at once")
+        # A cancel reaches the replica's engine: the tenant's places come back long before
+        # the cancelled streams could have finished (up to 400 tokens each).
         for stream in admitted:
             stream.cancel()
+        started = time.monotonic()
+        while True:
+            try:
+                client.generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=1))
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == exhausted, exc
+                assert time.monotonic() - started < 10, "a cancelled stream kept its place"
+                time.sleep(0.2)
     assert int(trailing["retry-after-ms"]) > 0
     status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
     info = error_details_pb2.RetryInfo()
