@@ -19,3 +19,7 @@ class InvalidAdapterId(AdapterError):
 
 class AdapterSourceDenied(AdapterError):
     """The source path lies outside every allowed root."""
+
+
+class StoreConflict(AdapterError):
+    """Writers sharing the store kept taking the version number a commit wanted."""

@@ -39,10 +39,11 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from loraplex.adapters.errors import AdapterNotFound
+from loraplex.adapters.errors import AdapterNotFound, StoreConflict
 from loraplex.adapters.validate import ADAPTER_FILES
 
 log = logging.getLogger(__name__)
+COMMIT_TRIES = 8  # reads of the store a commit makes when other writers take its version
 
 _VERSION_FILE = re.compile(r"^v(\d{8})\.json$")
 TOMBSTONE = "deleted.json"
@@ -264,36 +265,47 @@ class AdapterStore:
         owner under the same id is a no-op; new content (or a new owner or sharing) becomes the
         next version."""
         digest = digest_files(staged)
-        with self._lock:
-            versions = self._adapters.get(adapter_id, [])
-            if versions and (versions[-1].digest, versions[-1].tenant, versions[-1].shared) == (
-                digest,
-                tenant,
-                shared,
-            ):
-                return versions[-1], False
-            self._put_blob(staged, digest)
-            record = AdapterVersion(
-                adapter_id=adapter_id,
-                version=self._last_version.get(adapter_id, 0) + 1,
-                digest=digest,
-                rank=rank,
-                lora_alpha=lora_alpha,
-                target_modules=target_modules,
-                size_bytes=sum((staged / n).stat().st_size for n in ADAPTER_FILES),
-                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                source=source,
-                base_model_fingerprint=base_model_fingerprint,
-                tenant=tenant,
-                shared=shared,
-            )
-            path = self._manifest_path(adapter_id, record.version)
-            self._write(path, json.dumps(asdict(record), indent=1).encode(), exclusive=True)
-            self._seen[path] = record
-            self._writes += 1
-            self._adapters[adapter_id] = [*versions, record]
-            self._last_version[adapter_id] = record.version
-            return record, True
+        for _ in range(COMMIT_TRIES):
+            with self._lock:
+                versions = self._adapters.get(adapter_id, [])
+                if versions and (versions[-1].digest, versions[-1].tenant, versions[-1].shared) == (
+                    digest,
+                    tenant,
+                    shared,
+                ):
+                    return versions[-1], False
+                self._put_blob(staged, digest)
+                record = AdapterVersion(
+                    adapter_id=adapter_id,
+                    version=self._last_version.get(adapter_id, 0) + 1,
+                    digest=digest,
+                    rank=rank,
+                    lora_alpha=lora_alpha,
+                    target_modules=target_modules,
+                    size_bytes=sum((staged / n).stat().st_size for n in ADAPTER_FILES),
+                    created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                    source=source,
+                    base_model_fingerprint=base_model_fingerprint,
+                    tenant=tenant,
+                    shared=shared,
+                )
+                path = self._manifest_path(adapter_id, record.version)
+                try:
+                    self._write(path, json.dumps(asdict(record), indent=1).encode(), exclusive=True)
+                except FileExistsError:
+                    # Another server sharing the store took this version since this one read
+                    # it: read again (outside the lock), then take the next one.
+                    log.info("%s v%d was taken by another writer", adapter_id, record.version)
+                else:
+                    self._seen[path] = record
+                    self._writes += 1
+                    self._adapters[adapter_id] = [*versions, record]
+                    self._last_version[adapter_id] = record.version
+                    return record, True
+            self.refresh()
+        raise StoreConflict(
+            f"{adapter_id!r}: other writers kept taking the next version; try again"
+        )
 
     def delete(self, adapter_id: str) -> list[AdapterVersion]:
         """Remove an adapter and all its versions; returns them. Blobs stay until

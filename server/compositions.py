@@ -190,5 +190,10 @@ class Compositions:
                 del self._entries[c.version.adapter_id]
             return gone
 
+    def input_ids(self) -> set[str]:
+        """The adapter ids the known compositions are made of."""
+        with self._lock:
+            return {v.adapter_id for c in self._entries.values() for v in c.inputs}
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -11,6 +11,7 @@ from loraplex.adapters.errors import (
     AdapterSourceDenied,
     InvalidAdapter,
     InvalidAdapterId,
+    StoreConflict,
 )
 
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -62,6 +63,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidAdapter, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterSourceDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (StoreConflict, grpc.StatusCode.ABORTED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooLong, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -631,8 +631,7 @@ class Frontend:
         """New requests get NOT_FOUND at once; those in flight hold the weights and finish.
         Blobs go unless a load still needs them (those are collected as orphans later)."""
         versions = await asyncio.to_thread(self.registry.delete, adapter_id)
-        if adapter_id in self._pins:
-            await self.unpin_adapter(adapter_id)
+        await self._drop_pin(adapter_id)
         merged = self.engine.merge.key
         if self._merge_pin == adapter_id or (merged is not None and merged[0] == adapter_id):
             await self.unmerge_adapter()
@@ -678,6 +677,13 @@ class Frontend:
             await self._unpin(*pinned)
             return pinned[0]
 
+    async def _drop_pin(self, adapter_id: str) -> None:
+        """Unpin `adapter_id` if it is pinned (quietly: a deleted adapter's pin goes)."""
+        async with self._pin_lock:
+            pinned = self._pins.pop(adapter_id, None)
+            if pinned is not None:
+                await self._unpin(*pinned)
+
     async def _unpin(self, version: AdapterVersion, lease: Lease) -> None:
         await asyncio.wrap_future(self.engine.call(lambda: self.engine.unpin(version)))
         if not any(v.digest == version.digest for v, _ in self._pins.values()):
@@ -717,6 +723,39 @@ class Frontend:
 
     async def refresh_store(self) -> None:
         await asyncio.to_thread(self.registry.store.refresh)
+        await self._follow_store()
+
+    async def _follow_store(self) -> None:
+        """What this server holds follows changes another server sharing the store made (as
+        its own register and delete do here): a newer version takes over a pin and a pinned
+        merge; a deleted adapter is unpinned, unmerged and its compositions forgotten."""
+        latest = {v.adapter_id: v for v in self.registry.store.latest_versions()}
+        for adapter_id, (version, _) in list(self._pins.items()):
+            newest = latest.get(adapter_id)
+            if newest == version:
+                continue
+            if newest is None:
+                await self._drop_pin(adapter_id)
+                continue
+            try:
+                await self.pin_adapter(adapter_id)
+            except AdapterNotFound:  # deleted again meanwhile
+                await self._drop_pin(adapter_id)
+        merged = self.engine.merge.key
+        if merged is not None and merged[0] not in latest:
+            await self.unmerge_adapter()
+        elif (
+            merged is not None
+            and self._merge_pin == merged[0]
+            and latest[merged[0]].version != merged[1]
+        ):
+            try:
+                await self.merge_adapter(merged[0])
+            except Exception:  # the older version stays merged, as after a register
+                log.exception("merging the newer version of %s failed", merged[0])
+        for adapter_id in self.compositions.input_ids() - latest.keys():
+            gone = self.compositions.forget_input(adapter_id)
+            self.cache.forget({c.version.digest for c in gone})
 
     async def collect_orphans(self) -> None:
         """Remove blobs nothing references any more (a load in progress keeps its own)."""

@@ -94,6 +94,20 @@ def test_a_replica_sees_registrations_after_refresh(store_url, tmp_path):
         mine.latest("x")
 
 
+def test_a_stale_writer_takes_the_next_version(store_url, tmp_path):
+    """A store that has not seen another writer's version commits the next one, not a clash;
+    the same content as that version is a no-op."""
+    url, options = store_url
+    mine, theirs = AdapterStore(url, options), AdapterStore(url, options)
+    theirs.commit("x", staged(tmp_path, b"one"), **META)
+    v2, created = mine.commit("x", staged(tmp_path, b"two"), **META)  # mine never refreshed
+    assert created and v2.version == 2
+    theirs.commit("x", staged(tmp_path, b"three"), **META)
+    again, created = AdapterStore(url, options).commit("x", staged(tmp_path, b"three"), **META)
+    assert not created and again.version == 3
+    assert [v.version for v in AdapterStore(url, options).versions("x")] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("crash_at", ["blob", "manifest"])
 def test_a_crash_before_the_manifest_leaves_nothing_visible(
     store_url, tmp_path, monkeypatch, crash_at
