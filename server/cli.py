@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request still running this long after it arrived ends (DEADLINE_EXCEEDED)",
     )
     serve.add_argument(
+        "--max-adapter-mb",
+        type=int,
+        default=EngineConfig.max_adapter_bytes >> 20,
+        help="largest adapter weights file taken (registered, pushed or loaded), MiB",
+    )
+    serve.add_argument(
         "--max-new-tokens",
         type=int,
         default=EngineConfig.default_max_new_tokens,
@@ -484,6 +490,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             max_prefill_tokens=args.max_prefill_tokens,
             max_model_len=args.max_model_len,
             kv_cache_bytes=args.kv_cache_mb << 20,
+            max_adapter_bytes=args.max_adapter_mb << 20,
             default_max_new_tokens=args.max_new_tokens,
             max_request_seconds=args.max_request_seconds,
             max_queue=args.max_queue,
