@@ -436,7 +436,11 @@ class StreamFailed(Exception):
 for _name, (_service, _response_type) in UNARY.items():
     setattr(IngressReplica, _name, _unary_method(_name, _service, _response_type))
 Ingress = serve.deployment(
-    name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=MAX_ONGOING_REQUESTS
+    # No CPU reserved (like Ray's own proxy): it forwards bytes, and a reservation could leave
+    # it unschedulable where the engine replicas take every core (e.g. 2 of 2).
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
 )(IngressReplica)
 
 
