@@ -40,11 +40,19 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ray
 from online import ADAPTER_PREFIX, ServerProcess, prepare
+from ray import serve
+from ray.serve.config import gRPCOptions
 
 from loraplex.server.client import LoraplexClient
 from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
-from loraplex.server.ray_serve import LOADS_METADATA, REPLICA_METADATA
+from loraplex.server.ray_serve import (
+    LOADS_METADATA,
+    REPLICA_METADATA,
+    SERVICER_FUNCTIONS,
+    build_app,
+)
 from loraplex.v1 import inference_pb2 as pb
 
 log = logging.getLogger("benchmark")
@@ -144,14 +152,7 @@ def plain_server(home: Path, work: Path, args) -> Iterator[str]:
 
 @contextmanager
 def ray_cluster(cpus: int) -> Iterator[None]:
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from loraplex.server.ray_serve import SERVICER_FUNCTIONS
-
-    # Logical CPUs: the replicas' cores, plus room for the ingress (0.1 each).
-    ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     serve.start(grpc_options=gRPCOptions(port=PORT, grpc_servicer_functions=SERVICER_FUNCTIONS))
     try:
         yield
@@ -162,10 +163,6 @@ def ray_cluster(cpus: int) -> Iterator[None]:
 
 def deploy(config: ServerConfig, replicas: int, cpus: float) -> float:
     """(Re)deploy the application; seconds until it is running."""
-    from ray import serve
-
-    from loraplex.server.ray_serve import build_app
-
     started = time.perf_counter()
     serve.run(build_app(config, replicas, cpus), name="loraplex")
     return time.perf_counter() - started
@@ -231,8 +228,6 @@ def scale_up(config: ServerConfig, args, address: str, source: Path, prompt: str
 
 
 def engine_replicas() -> list[str]:
-    import ray
-
     actors = ray.util.list_named_actors(all_namespaces=True)
     return [a["name"] for a in actors if "#EngineReplica#" in a["name"]]
 
@@ -282,16 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         with ray_cluster(cpus):
             for i, (name, replicas, per_replica) in enumerate(layouts):
                 if i:
-                    from ray import serve
-
                     serve.delete("loraplex")
                 started = deploy(config, replicas, per_replica)
                 log.info("%s running after %.1f s", name, started)
                 if i == 0:
                     register(address, ids, work)
                 report["systems"][name] = measure(address, ids, prompts, source, f"r{i}", args)
-            from ray import serve
-
             serve.delete("loraplex")
             deploy(config, 1, 1.0)
             report["scale_up"] = scale_up(config, args, address, source, prompts[0])

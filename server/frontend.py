@@ -631,13 +631,9 @@ class Frontend:
         """New requests get NOT_FOUND at once; those in flight hold the weights and finish.
         Blobs go unless a load still needs them (those are collected as orphans later)."""
         versions = await asyncio.to_thread(self.registry.delete, adapter_id)
-        await self._drop_pin(adapter_id)
-        merged = self.engine.merge.key
-        if self._merge_pin == adapter_id or (merged is not None and merged[0] == adapter_id):
-            await self.unmerge_adapter()
+        await self._follow_store()  # its pin, merge and compositions go
         digests = {v.digest for v in versions}
-        composed = {c.version.digest for c in self.compositions.forget_input(adapter_id)}
-        self.cache.forget(digests | composed)
+        self.cache.forget(digests)
         keep = self.cache.in_use()
         await asyncio.to_thread(self.registry.store.remove_blobs, digests, keep)
         return [v.version for v in versions]
@@ -741,8 +737,12 @@ class Frontend:
                 await self.pin_adapter(adapter_id)
             except AdapterNotFound:  # deleted again meanwhile
                 await self._drop_pin(adapter_id)
+            except Exception:  # e.g. no slot for the new version: the old one stays pinned
+                log.exception("pinning the newer version of %s failed", adapter_id)
         merged = self.engine.merge.key
-        if merged is not None and merged[0] not in latest:
+        if (merged is not None and merged[0] not in latest) or (
+            self._merge_pin is not None and self._merge_pin not in latest
+        ):
             await self.unmerge_adapter()
         elif (
             merged is not None

@@ -15,7 +15,7 @@ import contextvars
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -67,16 +67,31 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return handler
         principal = None
         if self.keys is not None:
-            metadata = dict(details.invocation_metadata or ())  # type: ignore[attr-defined]
-            request_id = request_id_of(details.invocation_metadata)  # type: ignore[attr-defined]
-            try:
-                principal = self.keys.authenticate(metadata.get("authorization"))
-            except Unauthenticated as exc:
-                return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc), request_id)
-            if method in ADMIN_METHODS and not principal.is_admin:
-                message = f"{method} needs an admin key"
-                return refusing(handler, grpc.StatusCode.PERMISSION_DENIED, message, request_id)
+            metadata = details.invocation_metadata  # type: ignore[attr-defined]
+            outcome = authorize(self.keys, method, metadata)
+            if isinstance(outcome, Refusal):
+                request_id = request_id_of(metadata)
+                return refusing(handler, outcome.code, outcome.message, request_id)
+            principal = outcome
         return bound(handler, principal)
+
+
+class Refusal(NamedTuple):
+    code: grpc.StatusCode
+    message: str
+
+
+def authorize(
+    keys: KeyRing, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
+) -> Principal | Refusal:
+    """The caller of `method` (a full path), or why it may not call it."""
+    try:
+        principal = keys.authenticate(dict(metadata or ()).get("authorization"))  # type: ignore[arg-type]
+    except Unauthenticated as exc:
+        return Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    if method in ADMIN_METHODS and not principal.is_admin:
+        return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin key")
+    return principal
 
 
 def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:

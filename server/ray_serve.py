@@ -46,8 +46,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from loraplex.adapters.sources import EXTRA_BYTES
 from loraplex.server.app import LoraplexServer
-from loraplex.server.auth import KeyRing, Unauthenticated
+from loraplex.server.auth import KeyRing
 from loraplex.server.config import ServerConfig
+from loraplex.server.interceptor import Refusal, authorize
 from loraplex.server.logs import configure_logging
 from loraplex.v1 import adapters_pb2, inference_pb2
 
@@ -77,6 +78,7 @@ UNARY = {
 }
 # RPCs that change the store: once answered, every replica must see the change.
 STORE_CHANGES = {"RegisterAdapter", "PushAdapter", "DeleteAdapter"}
+PUSH_PATH = "/loraplex.v1.Adapters/PushAdapter"
 GENERATION_ACTOR = "loraplex-store-generation"
 SERVICER_FUNCTIONS = [
     "loraplex.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
@@ -350,14 +352,9 @@ class IngressReplica:
         upload is gathered."""
         if self.keys is None:
             return None
-        metadata = dict(grpc_context.invocation_metadata() or ())
-        try:
-            principal = self.keys.authenticate(metadata.get("authorization"))
-        except Unauthenticated as exc:
-            return grpc.StatusCode.UNAUTHENTICATED.value[0], str(exc), []
-        if not principal.is_admin:
-            denied = "/loraplex.v1.Adapters/PushAdapter needs an admin key"
-            return grpc.StatusCode.PERMISSION_DENIED.value[0], denied, []
+        outcome = authorize(self.keys, PUSH_PATH, grpc_context.invocation_metadata())
+        if isinstance(outcome, Refusal):
+            return outcome.code.value[0], outcome.message, []
         return None
 
     async def PushAdapter(  # noqa: N802 (the RPC's name)
@@ -383,10 +380,9 @@ class IngressReplica:
             _answer(grpc_context, refusal)
             return adapters_pb2.RegisterAdapterResponse()
         first = adapters_pb2.PushAdapterRequest.FromString(messages[0] if messages else b"")
-        path = "/loraplex.v1.Adapters/PushAdapter"
         adapter_id = _adapter_of(first, grpc_context)
         payload, status = await self.forward(
-            "PushAdapter", path, messages, grpc_context, adapter_id
+            "PushAdapter", PUSH_PATH, messages, grpc_context, adapter_id
         )
         _answer(grpc_context, status)
         return adapters_pb2.RegisterAdapterResponse.FromString(payload)
