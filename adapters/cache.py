@@ -19,8 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from loraplex.adapters.store import AdapterVersion
-from loraplex.adapters.validate import AdapterWeights
+from loraplex.core.types import AdapterVersion, AdapterWeights
 
 log = logging.getLogger(__name__)
 

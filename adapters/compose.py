@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from loraplex.adapters.validate import AdapterWeights
+from loraplex.core.types import AdapterWeights
 
 log = logging.getLogger(__name__)
 

@@ -37,17 +37,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraplex.adapters.errors import AdapterNotFound
+from loraplex.adapters.config import DEFAULT_MAX_ADAPTER_BYTES, ExportConfig
 from loraplex.adapters.registry import AdapterRegistry, check_adapter_id
-from loraplex.adapters.store import AdapterStore, AdapterVersion, digest_files
-from loraplex.adapters.validate import (
-    AdapterWeights,
-    BaseModelSpec,
-    check_entries,
-    load_adapter,
-)
-from loraplex.server.config import EngineConfig, ServerConfig
-from loraplex.server.model_loader import LoadedModel, dense_weight, load_model, lora_target_shapes
+from loraplex.adapters.store import AdapterStore, digest_files
+from loraplex.adapters.validate import check_entries, load_adapter
+from loraplex.core.errors import AdapterNotFound
+from loraplex.core.model import LoadedModel, dense_weight, load_model, lora_target_shapes
+from loraplex.core.types import AdapterVersion, AdapterWeights, BaseModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +212,12 @@ def export_spec(loaded: LoadedModel) -> BaseModelSpec:
     merge: any rank up to the widest layer is accepted."""
     shapes = lora_target_shapes(loaded.model)
     widest = max((max(shape) for shape in shapes.values()), default=1)
-    return BaseModelSpec(shapes, widest, loaded.fingerprint, EngineConfig.max_adapter_bytes)
+    return BaseModelSpec(
+        linear_shapes=shapes,
+        max_rank=widest,
+        fingerprint=loaded.fingerprint,
+        max_bytes=DEFAULT_MAX_ADAPTER_BYTES,
+    )
 
 
 def stored_version(store: AdapterStore, adapter_id: str, version: int | None) -> AdapterVersion:
@@ -232,38 +233,29 @@ def stored_version(store: AdapterStore, adapter_id: str, version: int | None) ->
     raise AdapterNotFound(f"adapter {adapter_id!r} has no version {version} (live: {live})")
 
 
-def open_store(config: ServerConfig) -> AdapterStore:
+def open_store(config: ExportConfig) -> AdapterStore:
     """The server's adapter store; a local one must exist (an export never creates a store)."""
-    url = config.store_url
+    url = config.store.store_location(config.model.home)
     if "://" not in url and not Path(url).expanduser().is_dir():
         raise AdapterNotFound(f"no adapter store at {url} (see --home and --adapter-store)")
-    return AdapterStore(url, config.storage_options)
+    return AdapterStore(url, config.store.storage_options)
 
 
-def export_adapter(
-    config: ServerConfig,
-    adapter: str,
-    out: Path,
-    dtype: torch.dtype = torch.bfloat16,
-    *,
-    version: int | None = None,
-    from_dir: bool = False,
-    force: bool = False,
-) -> Path:
-    """The CLI's export: `adapter` names a stored adapter (or, with `from_dir`, is a PEFT
-    directory). What can be refused cheaply (OUT, the name, the directory) is refused before
-    the model loads."""
-    out = Path(out).expanduser().absolute()
-    check_out(out, force)
+def export_adapter(config: ExportConfig) -> Path:
+    """The CLI's export: `config.adapter` names a stored adapter (or, with `from_dir`, is a
+    PEFT directory). What can be refused cheaply (OUT, the name, the directory) is refused
+    before the model loads."""
+    out = Path(config.merged).expanduser().absolute()
+    check_out(out, config.force)
     store, stored = None, None
-    directory = Path(adapter).expanduser().absolute()
-    if from_dir:
-        if version is not None:
+    directory = Path(config.adapter).expanduser().absolute()
+    if config.from_dir:
+        if config.version is not None:
             raise ValueError("--version selects a stored version; it does not apply to --from-dir")
         check_entries(directory)
     else:
         store = open_store(config)
-        stored = stored_version(store, adapter, version)
+        stored = stored_version(store, config.adapter, config.version)
     # float32 compute: the NF4 values dequantized as they are, rounded once after the merge.
     loaded = load_model(dataclasses.replace(config.model, dtype="float32"))
     spec = export_spec(loaded)
@@ -272,7 +264,7 @@ def export_adapter(
     else:
         weights = load_adapter(directory, spec)
         origin = AdapterOrigin(directory.name, digest_files(directory), source=str(directory))
-    return export_merged(loaded, weights, out, dtype, origin, force)
+    return export_merged(loaded, weights, out, EXPORT_DTYPES[config.dtype], origin, config.force)
 
 
 def _stored_weights(

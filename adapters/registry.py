@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterId
 from loraplex.adapters.sources import Upload, is_uri, stage_directory, stage_uri
-from loraplex.adapters.store import AdapterStore, AdapterVersion
-from loraplex.adapters.validate import AdapterWeights, BaseModelSpec, load_adapter
+from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.validate import load_adapter
+from loraplex.core.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterId
+from loraplex.core.types import AdapterVersion, AdapterWeights, BaseModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from loraplex.adapters.errors import AdapterSourceDenied, InvalidAdapter
 from loraplex.adapters.store import open_filesystem
 from loraplex.adapters.validate import (
     ADAPTER_FILES,
@@ -21,6 +20,7 @@ from loraplex.adapters.validate import (
     MAX_EXTRA_BYTES,
     check_entries,
 )
+from loraplex.core.errors import AdapterSourceDenied, InvalidAdapter
 
 MAX_FILE_NAME = 255
 # Beyond the weights limit: the config and the ignored extras, at their own limits.

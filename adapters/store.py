@@ -39,8 +39,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from loraplex.adapters.errors import AdapterNotFound, StoreConflict
 from loraplex.adapters.validate import ADAPTER_FILES
+from loraplex.core.errors import AdapterNotFound, StoreConflict
+from loraplex.core.types import AdapterVersion
 
 log = logging.getLogger(__name__)
 COMMIT_TRIES = 8  # reads of the store a commit makes when other writers take its version
@@ -57,28 +58,6 @@ class _Index:
     live: list[str]  # manifest paths of live versions
     parsed: dict[str, AdapterVersion]  # the ones not seen before, read
     last_version: dict[str, int]  # per id, the highest version ever used
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    """One registered version of an adapter: its manifest."""
-
-    adapter_id: str
-    version: int
-    digest: str  # "sha256:<hex>" over the adapter files
-    rank: int
-    lora_alpha: float
-    target_modules: tuple[str, ...]
-    size_bytes: int
-    created_at: str  # RFC 3339, UTC
-    source: str
-    base_model_fingerprint: str
-    tenant: str = ""  # the tenant that owns it
-    shared: bool = False  # every tenant may use it
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.adapter_id, self.version)
 
 
 def digest_files(adapter_dir: Path) -> str:

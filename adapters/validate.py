@@ -27,7 +27,6 @@ import re
 import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +34,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from loraplex.adapters.errors import InvalidAdapter
+from loraplex.core.errors import InvalidAdapter
+from loraplex.core.types import AdapterWeights, BaseModelSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -77,32 +77,6 @@ _UNSUPPORTED = {
     "monteclora_config": "MonteCLoRA adapters (monteclora_config) are not supported",
 }
 _ALL_LINEAR = "all-linear"  # PEFT's shorthand; save_pretrained normally expands it to names
-
-
-@dataclass(frozen=True)
-class BaseModelSpec:
-    """What an adapter must fit: the base's LoRA-capable linear layers and the server's limits."""
-
-    linear_shapes: dict[str, tuple[int, int]]  # module name -> (in_features, out_features)
-    max_rank: int
-    fingerprint: str
-    max_bytes: int = 1 << 30  # of adapter_model.safetensors
-
-
-@dataclass(frozen=True)
-class AdapterWeights:
-    """A validated adapter: per module (A (r, in), B (out, r) scaled), float32, contiguous."""
-
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    rank: int
-    lora_alpha: float
-    target_modules: tuple[str, ...]  # short names, e.g. ("q_proj", "v_proj")
-    scaling: float = 1.0  # PEFT's alpha/r (or alpha/sqrt(r)), already folded into every B
-
-    @property
-    def nbytes(self) -> int:
-        """Host memory held by the tensors (the host cache's size of this adapter)."""
-        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
 
 # -- the directory ------------------------------------------------------------------------------

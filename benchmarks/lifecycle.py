@@ -76,7 +76,7 @@ from loraplex.server.client import LoraplexClient
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 if TYPE_CHECKING:
-    from loraplex.server.model_loader import LoadedModel
+    from loraplex.core.model import LoadedModel
 
 log = logging.getLogger("benchmark")
 
@@ -98,8 +98,8 @@ COUNTERS = ("hits", "misses", "loads", "evictions", "load_seconds", "load_failur
 def _child_setup(home: str, model: str | None) -> LoadedModel:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from loraplex.server.config import ModelConfig
-    from loraplex.server.model_loader import load_model
+    from loraplex.core.config import ModelConfig
+    from loraplex.core.model import load_model
 
     return load_model(ModelConfig(model=model, home=Path(home)))
 

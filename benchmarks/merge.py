@@ -36,14 +36,15 @@ from throughput import write_adapters
 
 from loraplex.adapters.compose import compose
 from loraplex.adapters.registry import AdapterRegistry
-from loraplex.adapters.store import AdapterStore, AdapterVersion
-from loraplex.adapters.validate import AdapterWeights, BaseModelSpec
-from loraplex.server.config import EngineConfig, ModelConfig
+from loraplex.adapters.store import AdapterStore
+from loraplex.core.config import ModelConfig
+from loraplex.core.model import load_model
+from loraplex.core.types import AdapterVersion, AdapterWeights, BaseModelSpec
+from loraplex.server.config import EngineConfig, MergeSettings
 from loraplex.server.engine.engine import Engine
-from loraplex.server.engine.merging import MergePolicy, MergeSettings
+from loraplex.server.engine.merging import MergePolicy
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
-from loraplex.server.model_loader import load_model
 
 log = logging.getLogger("benchmark")
 

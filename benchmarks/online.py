@@ -68,8 +68,8 @@ def prepare(home: str, model: str | None, k: int, rank: int, n_prompts: int, out
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import bench_prompts, make_adapters
 
-    from loraplex.server.config import ModelConfig
-    from loraplex.server.model_loader import load_model
+    from loraplex.core.config import ModelConfig
+    from loraplex.core.model import load_model
 
     loaded = load_model(ModelConfig(model=model, home=Path(home)))
     if k:

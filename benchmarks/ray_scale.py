@@ -45,8 +45,9 @@ from online import ADAPTER_PREFIX, ServerProcess, prepare
 from ray import serve
 from ray.serve.config import gRPCOptions
 
+from loraplex.core.config import ModelConfig
 from loraplex.server.client import LoraplexClient
-from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.server.config import EngineConfig, ServerConfig
 from loraplex.server.ray_serve import (
     LOADS_METADATA,
     REPLICA_METADATA,

@@ -50,9 +50,9 @@ import grpc
 import psutil
 from online import ServerProcess, _terminate, latency_ms, peak_rss_bytes, run, serve_command
 
-from loraplex.server.auth import hash_key, new_key
 from loraplex.server.client import LoraplexClient
-from loraplex.server.errors import RETRY_AFTER_KEY
+from loraplex.server.grpc_api.status import RETRY_AFTER_KEY
+from loraplex.server.runtime.auth import hash_key, new_key
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("benchmark")

@@ -41,12 +41,13 @@ from peft import PeftModel
 
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.store import AdapterStore
-from loraplex.adapters.validate import BaseModelSpec
-from loraplex.server.config import EngineConfig, ModelConfig
+from loraplex.core.config import ModelConfig
+from loraplex.core.model import load_model
+from loraplex.core.types import BaseModelSpec
+from loraplex.server.config import EngineConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
-from loraplex.server.model_loader import load_model
 
 log = logging.getLogger("benchmark")
 

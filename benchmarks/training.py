@@ -97,8 +97,7 @@ def run_peft(args: argparse.Namespace, data: Path, out: Path) -> dict:
         set_seed,
     )
 
-    from loraplex.server.engine.engine import eos_ids_of
-    from loraplex.server.model_loader import embedded_model_dir
+    from loraplex.core.model import embedded_model_dir, eos_ids_of
     from loraplex.training.data import dedup, prepare, read_jsonl
 
     set_seed(args.seed)

@@ -37,7 +37,7 @@ def main() -> int:
         parser.error("--home or $LORAPLEX_HOME is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # The server's own conversion, so the result is exactly what `loraplex serve` reads.
-    from loraplex.server.model_loader import embedded_model_dir
+    from loraplex.core.model import embedded_model_dir
 
     home = Path(args.home)
     try:

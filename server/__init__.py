@@ -1,3 +1,9 @@
-"""The loraplex server: gRPC services in front of one engine thread that owns the model."""
+"""The loraplex server: protocol front ends (gRPC) over a protocol-neutral runtime, over one
+engine thread that owns the model.
 
-__version__ = "0.1.0"
+    cli, app, ray_serve    the process: flags, wiring, scale-out
+    grpc_api/              the gRPC front end: translation only (protobuf, status codes, auth)
+    runtime/               protocol-neutral: requests, adapters, tenancy, quotas, telemetry
+    engine/                the engine thread: scheduling, KV cache, forward, LoRA, sampling
+    config, logs, metrics  settings, log output, Prometheus
+"""

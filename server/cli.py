@@ -15,17 +15,16 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from loraplex.server.admission import TenantLimits
+from loraplex.adapters.config import ExportConfig
+from loraplex.core.options import add_options, build
 from loraplex.server.config import (
-    DEFAULT_HOME,
-    DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
-    EngineConfig,
-    ModelConfig,
+    LogConfig,
+    RayConfig,
     ServerConfig,
+    add_serve_options,
 )
-from loraplex.server.engine.merging import MERGE_POLICIES, MergeSettings
-from loraplex.server.logs import LOG_FORMATS, configure_logging
+from loraplex.server.logs import configure_logging
 from loraplex.training.config import add_arguments as add_train_arguments
 
 if TYPE_CHECKING:
@@ -35,207 +34,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraplex")
 
 DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
-
-
-def _home(arg: str | None) -> Path:
-    # The edge is the one place that reads the environment.
-    return Path(arg or os.environ.get("LORAPLEX_HOME") or DEFAULT_HOME).expanduser()
+HELP_COLUMNS = 100  # docs/options.md is --help at this width
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=os.environ.get("LORAPLEX_LOG_FORMAT", "text"),
-        help="json: one object per line ($LORAPLEX_LOG_FORMAT)",
-    )
+    add_options(parser, LogConfig)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the base model and its adapters over gRPC")
-    # Also after the verb (e.g. in a Ray Serve config's serve_flags); SUPPRESS keeps the values
-    # given before the verb when these are not repeated after it.
-    serve.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    serve.add_argument(
-        "--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    serve = sub.add_parser(
+        "serve",
+        help="serve the base model and its adapters over gRPC",
+        description="Serve the base model and its adapters over gRPC. Every flag is a field "
+        "of loraplex.server.config.ServerConfig.",
     )
-    serve.add_argument("--model", help="HF model id or local path (default: embedded SmolLM2)")
-    serve.add_argument("--home", help="cache and adapter store ($LORAPLEX_HOME, ~/.cache/loraplex)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    serve.add_argument("--quantization", choices=["nf4", "none"], default="nf4")
-    serve.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    serve.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size)
-    serve.add_argument(
-        "--max-loras",
-        type=int,
-        default=EngineConfig.max_loras,
-        help="adapters resident in device slots at once",
+    add_serve_options(serve)
+    on_ray = sub.add_parser(
+        "serve-ray",
+        help="serve on a Ray cluster: engine replicas routed by adapter, behind Ray's gRPC proxy",
+        description="Takes every `serve` flag (--port is the Ray gRPC proxy's port); each "
+        "replica is a whole loraplex server, and replicas share --adapter-store.",
     )
-    serve.add_argument("--max-lora-rank", type=int, default=EngineConfig.max_lora_rank)
-    serve.add_argument(
-        "--lora-dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default=EngineConfig.lora_dtype,
-        help="LoRA weights and math (auto: the compute dtype; float32: as PEFT)",
-    )
-    serve.add_argument(
-        "--max-prefill-tokens",
-        type=int,
-        default=EngineConfig.max_prefill_tokens,
-        help="prompt tokens prefilled per step (chunked prefill)",
-    )
-    serve.add_argument("--max-model-len", type=int, default=EngineConfig.max_model_len)
-    serve.add_argument(
-        "--kv-cache-mb",
-        type=int,
-        default=EngineConfig.kv_cache_bytes >> 20,
-        help="KV cache budget in MiB",
-    )
-    serve.add_argument(
-        "--max-request-seconds",
-        type=float,
-        default=EngineConfig.max_request_seconds,
-        help="a request still running this long after it arrived ends (DEADLINE_EXCEEDED)",
-    )
-    serve.add_argument(
-        "--max-adapter-mb",
-        type=int,
-        default=EngineConfig.max_adapter_bytes >> 20,
-        help="largest adapter weights file taken (registered, pushed or loaded), MiB",
-    )
-    serve.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=EngineConfig.default_max_new_tokens,
-        help="default when a request does not set max_new_tokens",
-    )
-    serve.add_argument(
-        "--adapter-root",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="directory adapters may be registered from (repeatable)",
-    )
-    serve.add_argument(
-        "--adapter-store",
-        metavar="DIR|URL",
-        help="adapter store: a directory or s3://bucket/prefix shared by replicas "
-        "(default: HOME/adapters)",
-    )
-    serve.add_argument(
-        "--s3-endpoint-url",
-        help="S3-compatible endpoint for the store and s3:// sources (default: AWS)",
-    )
-    serve.add_argument(
-        "--host-cache-mb",
-        type=int,
-        default=ServerConfig.host_cache_bytes >> 20,
-        help="host-memory tier of the adapter cache, in MiB",
-    )
-    serve.add_argument(
-        "--auth-keys",
-        metavar="FILE",
-        help="API key file (see `loraplex keys new`); without it only loopback is served",
-    )
-    serve.add_argument(
-        "--insecure",
-        action="store_true",
-        help="serve a non-loopback address without authentication",
-    )
-    serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
-    serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
-    serve.add_argument(
-        "--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)"
-    )
-    serve.add_argument(
-        "--drain-seconds",
-        type=float,
-        default=10.0,
-        help="at SIGTERM, how long requests in flight may take to finish",
-    )
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        default=DEFAULT_METRICS_PORT,
-        help="HTTP port of the Prometheus /metrics exposition, on --host (0: any free port)",
-    )
-    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics")
-    serve.add_argument(
-        "--metrics-adapter-labels",
-        type=int,
-        default=0,
-        metavar="N",
-        help="count requests per adapter for the first N adapters, the rest as 'other'",
-    )
-    serve.add_argument(
-        "--log-prompts",
-        action="store_true",
-        help="put prompts and outputs in the request log (never by default)",
-    )
-    serve.add_argument(
-        "--tenant-max-concurrent",
-        type=int,
-        default=ServerConfig().tenant_limits.max_concurrent,
-        metavar="N",
-        help="requests in flight per tenant (0 = no limit; the key file may set its own)",
-    )
-    serve.add_argument(
-        "--tenant-tokens-per-minute",
-        type=int,
-        default=0,
-        metavar="N",
-        help="prompt + max_new_tokens per tenant per minute (0 = no limit)",
-    )
-    serve.add_argument(
-        "--tenant-max-running",
-        type=int,
-        metavar="N",
-        help="rows of the batch one tenant may hold (0 = no limit; default: 3/4 of "
-        "--max-batch-size when the key file has several tenants)",
-    )
-    serve.add_argument(
-        "--merge-policy",
-        choices=MERGE_POLICIES,
-        default=MergeSettings.policy,
-        help="auto: fold an adapter carrying most of the tokens into the base weights and "
-        "take it out when it no longer does; off: only `adapters merge` merges",
-    )
-    serve.add_argument(
-        "--merge-share",
-        type=float,
-        default=MergeSettings.merge_share,
-        metavar="F",
-        help="share of recent and queued tokens at which the policy merges an adapter",
-    )
-    serve.add_argument(
-        "--unmerge-share",
-        type=float,
-        default=MergeSettings.unmerge_share,
-        metavar="F",
-        help="share below which the merged adapter is taken out again (hysteresis)",
-    )
-    serve.add_argument(
-        "--max-queue",
-        type=int,
-        default=EngineConfig.max_queue,
-        help="requests waiting for admission; beyond it RESOURCE_EXHAUSTED",
-    )
-    serve.add_argument(
-        "--max-queued-tokens",
-        type=int,
-        default=EngineConfig.max_queued_tokens,
-        help="prompt tokens waiting for admission; beyond it RESOURCE_EXHAUSTED",
-    )
-    serve.add_argument(
-        "--pin",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="adapter kept in a device slot from the start (repeatable)",
-    )
+    add_serve_options(on_ray)
+    add_options(on_ray, RayConfig)
 
     # Client commands take --server anywhere on the line ($LORAPLEX_SERVER by default).
     remote = argparse.ArgumentParser(add_help=False)
@@ -258,21 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="use TLS, trusting this CA bundle (default: $LORAPLEX_TLS_CA; none: plaintext)",
     )
 
-    on_ray = sub.add_parser(
-        "serve-ray",
-        parents=[serve],
-        conflict_handler="resolve",
-        help="serve on a Ray cluster: engine replicas routed by adapter, behind Ray's gRPC proxy",
-        description="Takes every `serve` flag (--port is the Ray gRPC proxy's port); each "
-        "replica is a whole loraplex server, and replicas share --adapter-store.",
-    )
-    on_ray.add_argument("--replicas", type=int, default=2, help="engine replicas")
-    on_ray.add_argument(
-        "--replica-cpus", type=float, default=1.0, help="CPUs (compute threads) per replica"
-    )
-    on_ray.add_argument(
-        "--ray-address", default="", help="a running cluster's address (default: start one here)"
-    )
     gen = sub.add_parser("generate", parents=[remote], help="generate text from a running server")
     gen.add_argument("prompt", help="the prompt (a user message with --chat)")
     gen.add_argument(
@@ -354,30 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoModelForCausalLM loads without bitsandbytes or PEFT. Runs here, on the store "
         "the server uses; no server needed.",
     )
-    export.add_argument("adapter", metavar="NAME", help="adapter id (a directory with --from-dir)")
-    export.add_argument("--merged", required=True, metavar="OUT", help="directory to write")
-    export.add_argument("--version", type=int, help="stored version (default: the latest)")
-    export.add_argument(
-        "--from-dir", action="store_true", help="NAME is a local PEFT LoRA directory"
-    )
-    export.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float16", "float32"],
-        default="bfloat16",
-        help="dtype of the saved weights (the merge is float32)",
-    )
-    export.add_argument("--force", action="store_true", help="replace a non-empty OUT")
-    export.add_argument("--model", help="base model, as for serve (default: embedded SmolLM2)")
-    export.add_argument("--home", help="as for serve ($LORAPLEX_HOME, ~/.cache/loraplex)")
-    export.add_argument("--adapter-store", metavar="DIR|URL", help="as for serve")
-    export.add_argument("--s3-endpoint-url", help="as for serve")
-    export.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    export.add_argument(
-        "--quantization",
-        choices=["nf4", "none"],
-        default="nf4",
-        help="as the server serves the base (nf4: dequantized before the merge)",
-    )
+    add_options(export, ExportConfig)
     train_parser = sub.add_parser(
         "train",
         help="train a LoRA/QLoRA adapter on a JSONL dataset (see training/config.py)",
@@ -421,15 +204,17 @@ def serve_ray(args: argparse.Namespace) -> int:
     from loraplex.server.ray_serve import SERVICER_FUNCTIONS, build_app
 
     config = server_config(args)
+    ray_config = build(RayConfig, args)
     if config.auth_keys is None and not config.insecure:
         # Ray's proxy listens on every interface: no key file means anyone may call it.
         raise SystemExit("error: serve-ray needs --auth-keys (or --insecure to serve without)")
-    ray.init(address=args.ray_address or None)
+    ray.init(address=ray_config.ray_address or None)
     ray_serve.start(
-        grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS)
+        grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=SERVICER_FUNCTIONS)
     )
-    log.info("loraplex on Ray Serve: %d replicas, gRPC on port %d", args.replicas, args.port)
-    app = build_app(config, args.replicas, args.replica_cpus, (args.log_level, args.log_format))
+    log.info("loraplex on Ray Serve: %d replicas, gRPC on port %d", ray_config.replicas,
+             config.port)  # fmt: skip
+    app = build_app(config, ray_config.replicas, ray_config.replica_cpus, build(LogConfig, args))
     ray_serve.run(app, name="loraplex", blocking=True)
     return 0
 
@@ -445,7 +230,7 @@ def LoraplexClientFor(address: str) -> LoraplexClient:  # noqa: N802
 
 
 def keys(args: argparse.Namespace) -> int:
-    from loraplex.server.auth import hash_key, new_key
+    from loraplex.server.runtime.auth import hash_key, new_key
 
     key = new_key()
     sys.stdout.write(
@@ -457,52 +242,11 @@ def keys(args: argparse.Namespace) -> int:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-    """The server's configuration from `serve`'s flags."""
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        adapter_roots=tuple(p if "://" in p else Path(p).expanduser() for p in args.adapter_root),
-        adapter_store=_store(args.adapter_store),
-        s3_endpoint_url=args.s3_endpoint_url,
-        host_cache_bytes=args.host_cache_mb << 20,
-        pinned_adapters=tuple(args.pin),
-        auth_keys=_path(args.auth_keys),
-        insecure=args.insecure,
-        tls_cert=_path(args.tls_cert),
-        tls_key=_path(args.tls_key),
-        tls_client_ca=_path(args.tls_client_ca),
-        metrics_port=None if args.no_metrics else args.metrics_port,
-        metrics_adapter_labels=args.metrics_adapter_labels,
-        log_prompts=args.log_prompts,
-        tenant_limits=TenantLimits(args.tenant_max_concurrent, args.tenant_tokens_per_minute),
-        model=ModelConfig(
-            model=args.model,
-            home=_home(args.home),
-            device=args.device,
-            quantization=args.quantization,
-            dtype=args.dtype,
-        ),
-        engine=EngineConfig(
-            max_batch_size=args.max_batch_size,
-            max_loras=args.max_loras,
-            max_lora_rank=args.max_lora_rank,
-            lora_dtype=args.lora_dtype,
-            max_prefill_tokens=args.max_prefill_tokens,
-            max_model_len=args.max_model_len,
-            kv_cache_bytes=args.kv_cache_mb << 20,
-            max_adapter_bytes=args.max_adapter_mb << 20,
-            default_max_new_tokens=args.max_new_tokens,
-            max_request_seconds=args.max_request_seconds,
-            max_queue=args.max_queue,
-            max_queued_tokens=args.max_queued_tokens,
-            tenant_max_running=args.tenant_max_running,
-            merge=MergeSettings(
-                policy=args.merge_policy,
-                merge_share=args.merge_share,
-                unmerge_share=args.unmerge_share,
-            ),
-        ),
-    )
+    """The server's configuration from `serve`'s flags (the edge: the environment is read)."""
+    try:
+        return build(ServerConfig, args, os.environ)  # type: ignore[no-any-return]
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -523,8 +267,8 @@ def serve(args: argparse.Namespace) -> int:
         if ready in done:
             ready.result()  # raises if the model failed to load
             await waiter
-        log.info("shutting down: in-flight requests get %g s", args.drain_seconds)
-        await server.stop(grace=args.drain_seconds)
+        log.info("shutting down: in-flight requests get %g s", config.drain_seconds)
+        await server.stop(grace=config.drain_seconds)
 
     asyncio.run(run())
     return 0
@@ -599,12 +343,6 @@ def _client(args: argparse.Namespace) -> LoraplexClient:
     return LoraplexClient(_server(args), api_key=api_key, tls_ca=_path(tls_ca))
 
 
-def _store(arg: str | None) -> Path | str | None:
-    if arg is None or "://" in arg:
-        return arg
-    return Path(arg).expanduser()
-
-
 def _register_args(args: argparse.Namespace) -> tuple[str, str]:
     """(adapter id, directory) from `register ID DIR`, `register DIR --name ID` or `register
     DIR` (id = the directory's name, lower-cased)."""
@@ -622,30 +360,12 @@ def _register_args(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def export(args: argparse.Namespace) -> int:
-    """`adapters export`: local, so it builds the server's config the way serve does."""
-    from loraplex.adapters.errors import AdapterError
-    from loraplex.adapters.export import EXPORT_DTYPES, MANIFEST_FILE, export_adapter
+    """`adapters export`: local, on the store the server uses; no server needed."""
+    from loraplex.adapters.export import MANIFEST_FILE, export_adapter
+    from loraplex.core.errors import AdapterError
 
     try:
-        config = ServerConfig(
-            adapter_store=_store(args.adapter_store),
-            s3_endpoint_url=args.s3_endpoint_url,
-            model=ModelConfig(
-                model=args.model,
-                home=_home(args.home),
-                device=args.device,
-                quantization=args.quantization,
-            ),
-        )
-        out = export_adapter(
-            config,
-            args.adapter,
-            Path(args.merged),
-            EXPORT_DTYPES[args.dtype],
-            version=args.version,
-            from_dir=args.from_dir,
-            force=args.force,
-        )
+        out = export_adapter(build(ExportConfig, args, os.environ))
     except (AdapterError, OSError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -705,7 +425,11 @@ def _as_dict(message: object) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+    try:
+        logs = build(LogConfig, args, os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    configure_logging(logs)
     handlers = {
         "serve": serve,
         "serve-ray": serve_ray,

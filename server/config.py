@@ -1,39 +1,70 @@
-"""Server configuration: frozen dataclasses built once at the edge (CLI) and passed down."""
+"""Server configuration: frozen dataclasses built once at the edge (the CLI) and passed down.
+
+Every field is also a flag of `loraplex serve` (and `serve-ray`), named after the field unless
+its metadata says otherwise, with the docstring under it as its help (core/options.py); so an
+option is documented here once, and docs/options.md is generated from --help.
+"""
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from loraplex.server.admission import TenantLimits
-from loraplex.server.engine.merging import MergeSettings
+from loraplex.adapters.config import DEFAULT_MAX_ADAPTER_BYTES, StoreConfig, path_or_url
+from loraplex.core.config import ModelConfig
+from loraplex.core.options import add_options, build
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464  # `loraplex serve`'s /metrics port
-DEFAULT_HOME = Path("~/.cache/loraplex")
+MiB = 1 << 20
+MERGE_POLICIES = ("auto", "off")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    model: str | None = None
-    """HF model id or local directory; None serves the embedded SmolLM2-135M-Instruct."""
-    home: Path = field(default_factory=DEFAULT_HOME.expanduser)
-    """Where converted models and the adapter store live."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto = CUDA when present, else CPU."""
-    quantization: Literal["nf4", "none"] = "nf4"
-    """nf4 = bitsandbytes 4-bit NF4 with double quantization; none = the compute dtype."""
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Compute dtype of the base model."""
+class MergeSettings:
+    policy: Literal["auto", "off"] = "auto"
+    """auto: fold an adapter carrying most of the tokens into the base weights and take it
+    out when it no longer does; off: only `adapters merge` (MergeAdapter) merges."""
+    merge_share: float = field(default=0.9, metadata={"flag": "--merge-share", "metavar": "F"})
+    """Merge the adapter with at least this share of recent (and queued) tokens."""
+    unmerge_share: float = field(default=0.75, metadata={"flag": "--unmerge-share", "metavar": "F"})
+    """Unmerge it when its share falls below this (below merge_share: hysteresis)."""
+    window_tokens: int = 4096
+    """Recent tokens the shares are taken over."""
+    min_interval_s: float = 5.0
+    """Least time between two changes (a merge costs a pass over the targeted layers)."""
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.quantization not in ("nf4", "none"):
-            raise ValueError(f"quantization must be nf4 or none, got {self.quantization!r}")
+        if self.policy not in MERGE_POLICIES:
+            raise ValueError(f"merge policy must be auto or off, got {self.policy!r}")
+        if not 0 < self.unmerge_share <= self.merge_share <= 1:
+            raise ValueError(
+                "need 0 < unmerge_share <= merge_share <= 1, got "
+                f"{self.unmerge_share} and {self.merge_share}"
+            )
+        if self.window_tokens < 1 or self.min_interval_s < 0:
+            raise ValueError("window_tokens must be >= 1 and min_interval_s >= 0")
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    max_concurrent: int = field(default=0, metadata={"metavar": "N"})
+    """Requests in flight (queued or running) per tenant; 0 = no limit (the key file may set
+    each tenant's own)."""
+    tokens_per_minute: int = field(default=0, metadata={"metavar": "N"})
+    """Prompt + max_new_tokens reserved per tenant per minute; 0 = no limit."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{f.name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -49,28 +80,31 @@ class EngineConfig:
     takes several steps, and running decodes wait at most one chunk."""
     max_model_len: int = 4096
     """Longest sequence (prompt + new tokens), capped by the model's own context."""
-    kv_cache_bytes: int = 1 << 30
-    """KV cache budget: admission reserves prompt + max_new_tokens of it per request."""
+    kv_cache_bytes: int = field(default=1 << 30, metadata={"flag": "--kv-cache-mb", "scale": MiB})
+    """KV cache budget, in MiB: admission reserves prompt + max_new_tokens of it per request."""
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the served LoRA weights and math; auto = the model's compute dtype (as vLLM
     does); float32 = as PEFT computes them."""
     max_queue: int = 1024
-    """Requests waiting for admission; beyond it new requests are refused."""
+    """Requests waiting for admission; beyond it new requests are refused
+    (RESOURCE_EXHAUSTED)."""
     max_queued_tokens: int = 1 << 18
     """Prompt tokens waiting for admission; beyond it new requests are refused (a lone request
     is always queued: its own size is bounded by the context)."""
-    tenant_max_running: int | None = None
+    tenant_max_running: int | None = field(default=None, metadata={"metavar": "N"})
     """Rows (running requests) one tenant may hold, so another tenant's request finds a row
-    at once instead of waiting for a flood to finish; 0 = no limit; None = automatic: 3/4 of
+    at once instead of waiting for a flood to finish; 0 = no limit; default: 3/4 of
     max_batch_size when the key file has more than one tenant, else no limit."""
-    default_max_new_tokens: int = 128
+    default_max_new_tokens: int = field(default=128, metadata={"flag": "--max-new-tokens"})
     """max_new_tokens when a request does not set it."""
-    max_adapter_bytes: int = 1 << 30
-    """Largest adapter weights file accepted."""
+    max_adapter_bytes: int = field(
+        default=DEFAULT_MAX_ADAPTER_BYTES, metadata={"flag": "--max-adapter-mb", "scale": MiB}
+    )
+    """Largest adapter weights file taken (registered, pushed or loaded), in MiB."""
     max_request_seconds: float = 600.0
     """A request still queued or generating this long after it arrived ends with
     DEADLINE_EXCEEDED (whatever deadline its client set), freeing its cache row and slot."""
-    merge: MergeSettings = field(default_factory=MergeSettings)
+    merge: MergeSettings = field(default_factory=MergeSettings, metadata={"prefix": "merge-"})
     """When an adapter that dominates the traffic is folded into the base weights."""
 
     def __post_init__(self) -> None:
@@ -103,49 +137,64 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(StoreConfig):
     host: str = "127.0.0.1"
     """Address to bind; loopback by default."""
     port: int = DEFAULT_PORT
     """gRPC port (0 picks a free one)."""
-    adapter_roots: tuple[Path | str, ...] = ()
-    """Directories adapters may be registered from, and object-store prefixes (s3://...) when
-    URIs should be limited to some; empty = the defaults of `allowed_adapter_roots`."""
-    adapter_store: Path | str | None = None
-    """Adapter store: a directory or an object-store URL (s3://bucket/prefix) that replicas
-    share; None = <home>/adapters."""
-    s3_endpoint_url: str | None = None
-    """S3-compatible endpoint (MinIO, Ceph, ...) for the store and s3:// sources; None = AWS.
-    Credentials come from the usual AWS environment variables and files."""
-    host_cache_bytes: int = 2 << 30
-    """Host-memory tier of the adapter cache (validated weights, LRU)."""
-    pinned_adapters: tuple[str, ...] = ()
-    """Adapter ids pinned at start-up (kept in a device slot and host memory)."""
+    adapter_roots: tuple[Path | str, ...] = field(
+        default=(), metadata={"flag": "--adapter-root", "parse": path_or_url, "metavar": "DIR"}
+    )
+    """Directory adapters may be registered from, or an object-store prefix (s3://...) that
+    URIs must start with (repeatable); none given = the working directory (unless it is /),
+    the temp directory and the loraplex home."""
+    host_cache_bytes: int = field(
+        default=2 << 30, metadata={"flag": "--host-cache-mb", "scale": MiB}
+    )
+    """Host-memory tier of the adapter cache (validated weights, LRU), in MiB."""
+    pinned_adapters: tuple[str, ...] = field(
+        default=(), metadata={"flag": "--pin", "metavar": "ID"}
+    )
+    """Adapter kept in a device slot and host memory from the start (repeatable)."""
     store_refresh_s: float = 30.0
     """How often the store's index is re-read, to see what other replicas registered."""
-    auth_keys: Path | None = None
-    """API key file (TOML, hashed keys per tenant and role; see server/auth.py). None: no
-    authentication, and then only a loopback address may be bound unless `insecure`."""
+    auth_keys: Path | None = field(default=None, metadata={"metavar": "FILE"})
+    """API key file (TOML, hashed keys per tenant and role; `loraplex keys new` makes entries).
+    Without it there is no authentication, and only a loopback address is served unless
+    --insecure."""
     insecure: bool = False
-    """Allow serving without authentication on a non-loopback address."""
-    tls_cert: Path | None = None
-    """PEM certificate chain: serve TLS (with `tls_key`)."""
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    """PEM CA bundle: require client certificates signed by it (mutual TLS)."""
-    metrics_port: int | None = None
-    """HTTP port of the Prometheus exposition (/metrics), on `host`; 0 picks a free one;
-    None = no metrics (`loraplex serve` defaults to 9464)."""
-    metrics_adapter_labels: int = 0
-    """Count requests per adapter for this many adapters (the rest as "other"); 0 = none."""
+    """Serve a non-loopback address without authentication."""
+    tls_cert: Path | None = field(default=None, metadata={"metavar": "PEM"})
+    """Serve TLS with this certificate chain (with --tls-key)."""
+    tls_key: Path | None = field(default=None, metadata={"metavar": "PEM"})
+    """The certificate's private key."""
+    tls_client_ca: Path | None = field(default=None, metadata={"metavar": "PEM"})
+    """Require client certificates signed by this CA bundle (mutual TLS)."""
+    metrics_port: int | None = field(
+        default=None,
+        metadata={
+            "cli_default": DEFAULT_METRICS_PORT,
+            "off_flag": "--no-metrics",
+            "off_help": "serve no metrics",
+        },
+    )
+    """HTTP port of the Prometheus exposition (/metrics), on --host; 0 picks a free one."""
+    metrics_adapter_labels: int = field(default=0, metadata={"metavar": "N"})
+    """Count requests per adapter for the first N adapters, the rest as "other"; 0 = none."""
     log_prompts: bool = False
     """Put prompts and outputs in the request log lines (never by default)."""
-    tenant_limits: TenantLimits = field(default_factory=lambda: TenantLimits(max_concurrent=256))
-    """Every tenant's limits (requests in flight, tokens per minute), unless the key file
-    sets its own; without keys every caller is one tenant. The default in-flight limit keeps
-    a single tenant from filling the queue (max_queue) on its own."""
+    drain_seconds: float = 10.0
+    """At SIGTERM, how long requests in flight may take to finish."""
+    tenant_limits: TenantLimits = field(
+        default_factory=lambda: TenantLimits(max_concurrent=256), metadata={"prefix": "tenant-"}
+    )
+    """Every tenant's limits, unless the key file sets its own; without keys every caller is
+    one tenant. The default in-flight limit keeps a single tenant from filling the queue
+    (max_queue) on its own."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model: which, where it is cached, and how it computes."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    """The engine: the batch, adapter slots, KV cache, queue and per-request limits."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -183,11 +232,53 @@ class ServerConfig:
 
     @property
     def store_url(self) -> str:
-        return str(self.adapter_store or self.model.home / "adapters")
+        return self.store_location(self.model.home)
 
-    @property
-    def storage_options(self) -> dict[str, object]:
-        """fsspec options for object storage (the store and s3:// sources)."""
-        if self.s3_endpoint_url:
-            return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
-        return {}
+
+@dataclass(frozen=True)
+class RayConfig:
+    """`loraplex serve-ray`: how many engine replicas, and where."""
+
+    replicas: int = 2
+    """Engine replicas, each a whole loraplex server."""
+    replica_cpus: float = 1.0
+    """CPUs (compute threads) per replica."""
+    ray_address: str = ""
+    """A running cluster's address (default: start one here)."""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.replica_cpus <= 0:
+            raise ValueError("need replicas >= 1 and replica_cpus > 0")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = field(default="INFO", metadata={"flag": "--log-level"})
+    """DEBUG, INFO, WARNING or ERROR."""
+    format: Literal["text", "json"] = field(
+        default="text",
+        metadata={"flag": "--log-format", "env": "LORAPLEX_LOG_FORMAT", "shown": "text"},
+    )
+    """json: one object per line, for log pipelines."""
+
+    def __post_init__(self) -> None:
+        if self.format not in LOG_FORMATS:
+            raise ValueError(f"log format must be one of {LOG_FORMATS}, got {self.format!r}")
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """`loraplex serve`'s flags, one per ServerConfig field. The log flags are also taken after
+    the verb (e.g. in a Ray Serve config's serve_flags), keeping those given before it
+    otherwise."""
+    add_options(parser, ServerConfig)
+    add_options(parser, LogConfig, suppressed=True)
+
+
+def parse_serve_flags(
+    flags: Sequence[str], environ: Mapping[str, str] | None = None
+) -> tuple[ServerConfig, LogConfig]:
+    """The configuration `loraplex serve FLAGS` would run with."""
+    parser = argparse.ArgumentParser(prog="loraplex serve")
+    add_serve_options(parser)
+    args = parser.parse_args(list(flags))
+    return build(ServerConfig, args, environ), build(LogConfig, args, environ)

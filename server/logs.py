@@ -1,16 +1,20 @@
 """Log output: plain text for a terminal, or one JSON object per line for log pipelines
-(`--log-format json`). Request lines carry their fields (see telemetry.RequestLog)."""
+(`--log-format json`). Request lines carry their fields (see runtime/telemetry.RequestLog), and
+every line logged while a request is served carries its id (REQUEST_ID, set by the front end
+that took the request)."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 from datetime import UTC, datetime
 
-from loraplex.server.interceptor import REQUEST_ID
+from loraplex.server.config import LogConfig
 
-LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The id of the request being served: the client's x-request-id, or one made up.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,11 +34,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    if fmt not in LOG_FORMATS:
-        raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
+def configure_logging(config: LogConfig) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(
+        JsonFormatter() if config.format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(config.level.upper())

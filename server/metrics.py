@@ -9,24 +9,20 @@ from the engine and caches when scraped, so serving requests does no extra work 
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loraplex.server import __version__
-from loraplex.server.interceptor import behaviour, same_kind
-from loraplex.server.telemetry import RequestRecord
+from loraplex.core import __version__
+from loraplex.server.runtime.telemetry import RequestRecord
 
 if TYPE_CHECKING:
-    from loraplex.server.frontend import Frontend
+    from loraplex.server.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +32,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 15, 20, 30, 60, 120, 300, 600)
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+SCRAPE_WAIT_S = 5.0  # how long a scrape waits for the engine's snapshot (between two steps)
 
 
 class Metrics:
@@ -96,22 +92,6 @@ class Metrics:
         )
         self.adapter_labels = adapter_labels
         self._labelled: set[str] = set()
-        self.grpc_started = Counter(
-            "grpc_server_started", "RPCs started on the server.", GRPC_LABELS, registry=r
-        )
-        self.grpc_handled = Counter(
-            "grpc_server_handled",
-            "RPCs completed on the server, by status code.",
-            (*GRPC_LABELS, "grpc_code"),
-            registry=r,
-        )
-        self.grpc_seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "Time RPCs took on the server, to their completion.",
-            GRPC_LABELS,
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
         self.build_info = Gauge(
             "loraplex_build_info",
             "Version and served model (value 1).",
@@ -145,13 +125,13 @@ class Metrics:
         return OTHER
 
     # -- wiring -------------------------------------------------------------------------------
-    def watch(self, frontend: Frontend) -> None:
+    def watch(self, runtime: Runtime) -> None:
         """Read the served model's state at every scrape, and time adapter loads."""
-        info = frontend.model_info()
+        info = runtime.model_info()
         self.build_info.labels(__version__, info.model_id, info.quantization, info.device).set(1)
-        self.registry.register(StateCollector(frontend))
-        for tier, stats in frontend.tier_stats().items():
-            stats.load_observers.append(self.adapter_load.labels(tier).observe)
+        self.registry.register(StateCollector(runtime))
+        for tier in ("device", "host"):
+            runtime.observe_adapter_loads(tier, self.adapter_load.labels(tier).observe)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP on a background thread; returns the port bound."""
@@ -164,11 +144,15 @@ class Metrics:
 class StateCollector(Collector):
     """Gauges and cache counters read from the engine and caches when Prometheus scrapes."""
 
-    def __init__(self, frontend: Frontend) -> None:
-        self.frontend = frontend
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
     def collect(self) -> Iterable[Metric]:
-        state = self.frontend.state()
+        try:  # built by the engine thread between two steps
+            state = self.runtime.engine.snapshot().result(SCRAPE_WAIT_S)
+        except Exception as exc:  # stopping, or a step longer than a scrape should wait
+            log.warning("no engine state for this scrape: %r", exc)
+            return
         yield GaugeMetricFamily(
             "loraplex_num_requests_running", "Requests in the running batch.", state.running
         )
@@ -190,7 +174,7 @@ class StateCollector(Collector):
             [
                 ",".join(state.running_adapters),
                 ",".join(state.waiting_adapters),
-                str(state.max_lora),
+                str(state.num_slots),
             ],
             time.time(),
         )
@@ -206,18 +190,18 @@ class StateCollector(Collector):
                 ("evictions", "Adapters evicted from the tier."),
             )
         }
-        for view in self.frontend.cache_stats()[0]:
+        for view in self.runtime.adapters.cache_view_of(state).tiers:
             resident.add_metric([view.tier], view.resident)
             families["hits"].add_metric([view.tier], view.stats.hits)
             families["misses"].add_metric([view.tier], view.stats.misses)
             families["evictions"].add_metric([view.tier], view.stats.evictions)
         yield resident
         yield from families.values()
-        merge = self.frontend.merge_state()
+        merge = state.merge
         yield GaugeMetricFamily(
             "loraplex_base_merged",
             "1 while an adapter is folded into the base weights (see GetMergeState).",
-            1 if merge.adapter_id else 0,
+            1 if merge.adapter else 0,
         )
         yield CounterMetricFamily(
             "loraplex_merges", "Adapters folded into the base weights.", merge.merges
@@ -225,84 +209,3 @@ class StateCollector(Collector):
         yield CounterMetricFamily(
             "loraplex_unmerges", "Merged adapters taken out of the base weights.", merge.unmerges
         )
-
-
-class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """grpc_server_started_total, grpc_server_handled_total{grpc_code} and
-    grpc_server_handling_seconds for every RPC (the names of go-grpc-prometheus)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method: str = details.method  # type: ignore[attr-defined]
-        service, _, name = method.lstrip("/").rpartition("/")
-        return timed(handler, self.metrics, service, name)
-
-
-def timed(
-    handler: grpc.RpcMethodHandler, metrics: Metrics, service: str, name: str
-) -> grpc.RpcMethodHandler:
-    kind = (
-        "bidi_stream"
-        if handler.request_streaming and handler.response_streaming
-        else "client_stream"
-        if handler.request_streaming
-        else "server_stream"
-        if handler.response_streaming
-        else "unary"
-    )
-    labels = (kind, service, name)
-
-    def done(context: grpc.aio.ServicerContext, start: float, failed: BaseException | None) -> None:
-        code = context.code()
-        if code is None:  # not set by an abort: OK, or how the call failed
-            code = grpc.StatusCode.OK if failed is None else _failure_code(failed)
-        if isinstance(code, int):  # grpc.aio may hand back the raw integer
-            code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-        metrics.grpc_handled.labels(*labels, code.name).inc()
-        metrics.grpc_seconds.labels(*labels).observe(time.perf_counter() - start)
-
-    inner = behaviour(handler)
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        metrics.grpc_started.labels(*labels).inc()
-        start, failed = time.perf_counter(), None
-        try:
-            return await inner(request, context)
-        except BaseException as exc:
-            failed = exc
-            raise
-        finally:
-            done(context, start, failed)
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        metrics.grpc_started.labels(*labels).inc()
-        start, failed = time.perf_counter(), None
-        try:
-            responses = inner(request, context)
-            if inspect.isawaitable(responses):  # a handler that writes with context.write
-                await responses
-            else:
-                async for response in responses:
-                    yield response
-        except BaseException as exc:
-            failed = exc
-            raise
-        finally:
-            done(context, start, failed)
-
-    return same_kind(handler, unary, streaming, handler.request_deserializer)
-
-
-def _failure_code(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN

@@ -46,10 +46,10 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from loraplex.adapters.sources import EXTRA_BYTES
 from loraplex.server.app import LoraplexServer
-from loraplex.server.auth import KeyRing
-from loraplex.server.config import ServerConfig
-from loraplex.server.interceptor import Refusal, authorize
+from loraplex.server.config import LogConfig, ServerConfig, parse_serve_flags
+from loraplex.server.grpc_api.interceptor import Refusal, authorize
 from loraplex.server.logs import configure_logging
+from loraplex.server.runtime.auth import KeyRing
 from loraplex.v1 import adapters_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,9 @@ class EngineReplica:
     async constructor: the model loads before the replica takes requests)."""
 
     async def __init__(  # type: ignore[misc]
-        self, config: ServerConfig, logs: tuple[str, str] = ("INFO", "text")
+        self, config: ServerConfig, logs: LogConfig | None = None
     ) -> None:
-        configure_logging(*logs)  # the replica's own process: level and format as `serve`'s
+        configure_logging(logs or LogConfig())  # the replica's own process: as `serve`'s
         # Loopback only, no metrics port of its own: the replica is reached through Ray.
         local = dataclasses.replace(config, host="127.0.0.1", port=0, metrics_port=None)
         self.server = LoraplexServer(local)
@@ -165,7 +165,7 @@ class EngineReplica:
             return
         async with self._sync_lock:
             if not epoch or epoch != self.generation[0] or count > self.generation[1]:
-                await self.server.frontend.refresh_store()
+                await self.server.runtime.adapters.refresh_store()  # type: ignore[union-attr]
                 self.generation = generation
 
     async def _record(self) -> None:
@@ -444,7 +444,7 @@ def build_app(
     config: ServerConfig,
     replicas: int | str = 2,
     replica_cpus: float = 1.0,
-    logs: tuple[str, str] = ("INFO", "text"),
+    logs: LogConfig | None = None,
 ) -> Any:
     """The application: an ingress and `replicas` engine replicas of `replica_cpus` CPUs each
     (Ray gives a replica as many compute threads), or "auto": autoscaled (the deployment's
@@ -466,13 +466,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     """For Ray Serve config files (`serve run` / `serve deploy`, KubeRay's RayService):
     `args` holds `replicas` (a number, or "auto"), `replica_cpus` and `serve_flags`, the flags
     `loraplex serve` takes (a list)."""
-    from loraplex.server.cli import build_parser, server_config
-
-    flags = [str(f) for f in args.get("serve_flags", [])]
-    parsed = build_parser().parse_args(["serve", *flags])
+    config, logs = parse_serve_flags([str(f) for f in args.get("serve_flags", [])])
     replicas = args.get("replicas", 2)
     cpus = float(args.get("replica_cpus", 1))
-    logs = (parsed.log_level, parsed.log_format)
-    return build_app(
-        server_config(parsed), "auto" if replicas == "auto" else int(replicas), cpus, logs
-    )
+    return build_app(config, "auto" if replicas == "auto" else int(replicas), cpus, logs)

@@ -1,8 +1,13 @@
+"""Fixtures every kind of test shares: the model cache, tiny random models of each supported
+family, the embedded model's PEFT reference with three adapters, and S3 on loopback."""
+
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import MODEL_HOME
+from tests.helpers import ADAPTERS, MODEL_HOME, add_peft_adapter
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +20,7 @@ def model_home():
 @pytest.fixture(scope="session")
 def tokenizer_dir(model_home):
     """The embedded model's checkpoint dir (its tokenizer serves the tiny test models too)."""
-    from loraplex.server.model_loader import embedded_model_dir
+    from loraplex.core.model import embedded_model_dir
 
     return embedded_model_dir(model_home)
 
@@ -69,8 +74,8 @@ def tiny_model_dir(tiny_family_dir):
 @pytest.fixture
 def load_tiny(tiny_family_dir):
     """Load a fresh copy of a tiny model (float32, unquantized unless asked: exact checks)."""
-    from loraplex.server.config import ModelConfig
-    from loraplex.server.model_loader import load_model
+    from loraplex.core.config import ModelConfig
+    from loraplex.core.model import load_model
 
     def load(quantization: str = "none", dtype: str = "float32", family: str = "llama"):
         path = str(tiny_family_dir(family))
@@ -122,3 +127,24 @@ def s3_bucket(s3_endpoint, request):
     bucket = f"{name}-{id(request) % 100000}"
     fsspec.filesystem("s3", skip_instance_cache=True, **options).mkdir(bucket)
     return f"s3://{bucket}", options
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="session")
+def peft_reference(model_home, adapter_root):
+    """Stock PEFT on its own NF4 copy of the base, holding the three adapters (saved to disk)."""
+    from loraplex.core.config import ModelConfig
+    from loraplex.core.model import load_model
+
+    loaded = load_model(ModelConfig(home=model_home))
+    model = loaded.model
+    for name, (config, seed) in ADAPTERS.items():
+        model = add_peft_adapter(model, name, config, seed=seed, b_std=0.03)
+    model.eval()
+    model.save_pretrained(adapter_root / "peft", selected_adapters=list(ADAPTERS))
+    dirs = {name: adapter_root / "peft" / name for name in ADAPTERS}
+    return model, loaded.tokenizer, dirs

@@ -40,8 +40,16 @@ class ServerThread:
         return f"127.0.0.1:{self.server.port}"
 
     @property
+    def runtime(self):
+        return self.server.runtime
+
+    @property
     def engine(self):
-        return self.server.frontend.engine
+        return self.server.runtime.engine
+
+    def state(self):
+        """The engine's state, as its thread sees it between two steps."""
+        return self.engine.snapshot().result(30)
 
     def stop(self) -> None:
         self.call(self.server.stop(grace=2.0))
@@ -54,7 +62,7 @@ def write_key_file(
 ) -> dict[str, str]:
     """An API key file at `path` with a new key per name in `roles` (name: (tenant, role)),
     then `extra` (e.g. [tenants.*] tables); returns the keys by name."""
-    from loraplex.server.auth import hash_key, new_key
+    from loraplex.server.runtime.auth import hash_key, new_key
 
     keys = {name: new_key() for name in roles}
     path.write_text(
@@ -93,3 +101,20 @@ def add_peft_adapter(
         model = get_peft_model(model, config, adapter_name=name)
     randomize_lora(model, name, seed, b_std)
     return model
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Three adapters of different ranks and targets, as tenants would bring them.
+ADAPTERS = {
+    "attn-r8": (LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION), 1),
+    "all-r16": (LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), 2),
+    "mix-r32": (
+        LoraConfig(
+            r=32,
+            lora_alpha=32,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        ),
+        3,
+    ),
+}

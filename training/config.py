@@ -6,15 +6,14 @@ a CPU), gradient checkpointing, paged AdamW on CUDA, padding-free batches."""
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import itertools
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal
 
 import yaml
+
+from loraplex.core.options import add_options, given
 
 
 @dataclass(frozen=True)
@@ -105,18 +104,7 @@ class TrainConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config FILE` and one flag per field (unset flags leave the file's value)."""
     parser.add_argument("--config", metavar="YAML", help="a YAML file of the keys below")
-    hints = get_type_hints(TrainConfig)
-    docs = _field_docs()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        doc = docs.get(f.name)
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
-        elif getattr(kind, "__origin__", None) is Literal:
-            parser.add_argument(flag, choices=get_args(kind), default=None, help=doc)
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=doc)
+    add_options(parser, TrainConfig, overrides_only=True)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
@@ -130,10 +118,7 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
         if unknown:
             raise ValueError(f"{args.config}: unknown keys {unknown}")
         values.update(loaded)
-    for f in fields(TrainConfig):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
+    values.update(given(TrainConfig, args))
     config = TrainConfig(**values)
     if not config.data:
         raise ValueError("no training data: give --data FILE (or data: in the config)")
@@ -142,19 +127,3 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def _field_docs() -> dict[str, str]:
-    """The docstrings under the fields (argparse help)."""
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, following in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-        ):
-            docs[node.target.id] = str(following.value.value).replace("%", "%%")
-    return docs

@@ -37,9 +37,8 @@ from transformers import (
     set_seed,
 )
 
-from loraplex.server.config import ModelConfig
-from loraplex.server.engine.engine import eos_ids_of
-from loraplex.server.model_loader import LoadedModel, load_model
+from loraplex.core.config import ModelConfig
+from loraplex.core.model import LoadedModel, eos_ids_of, load_model
 from loraplex.training.config import TrainConfig, to_dict
 from loraplex.training.data import (
     IGNORE_INDEX,
@@ -321,7 +320,7 @@ def write_manifest(
     import peft
     import transformers
 
-    from loraplex.server import __version__
+    from loraplex.core import __version__
 
     manifest = {
         "base_model": loaded.model_id,

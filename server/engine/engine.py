@@ -4,36 +4,38 @@
     decoding sequence plus a budget of prompt chunks -> sample, emit new text, retire finished
     sequences and free their cache rows and adapter slots.
 
-Everything else talks to it through `submit` (thread-safe) and the per-request `emit` callback.
+The engine is sealed: other threads act on it only through its thread-safe methods (`submit`,
+`cancel`, `call` and the slot and merge operations, which run between two steps) and see its
+state only through `info` and the snapshots the engine thread builds (`snapshot`); outputs
+leave through each request's `emit` callback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
-from loraplex.adapters.lora import NO_ADAPTER
-from loraplex.adapters.slots import SlotTable
-from loraplex.adapters.store import AdapterVersion
-from loraplex.adapters.validate import AdapterWeights
-from loraplex.server.config import EngineConfig
+from loraplex.core.errors import Exhausted, NotReady, TooLong
+from loraplex.core.model import eos_ids_of
+from loraplex.core.types import AdapterVersion, AdapterWeights
+from loraplex.server.config import EngineConfig, MergeSettings
 from loraplex.server.engine.batch import RunningBatch, Sequence
-from loraplex.server.engine.merging import AdapterKey, MergePolicy, TokenCounts
+from loraplex.server.engine.lora import NO_ADAPTER
+from loraplex.server.engine.merging import MergeControl, TokenCounts
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
 from loraplex.server.engine.sampling import make_generator, sample
 from loraplex.server.engine.scheduler import Admission, Scheduler
-from loraplex.server.errors import Exhausted, NotReady, TooLong
+from loraplex.server.engine.slots import SlotTable
+from loraplex.server.engine.state import EngineInfo, EngineSnapshot, EngineStats, SlotView
 
 log = logging.getLogger(__name__)
 
@@ -41,43 +43,11 @@ WeightsLoader = Callable[[AdapterVersion], AdapterWeights]
 T = TypeVar("T")
 PREFETCH_PER_STEP = 2  # device loads for queued requests per step (each pauses the step)
 PIN_RETRY_S = 1.0  # the retry advice when no slot can be pinned now
-MERGE_CHECK_S = 0.25  # how often the merge policy is asked
-MERGE_QUEUE_LOOKAHEAD = 64  # queued requests counted in the merge policy's token shares
-
-
-@dataclass
-class EngineStats:
-    """Counters the engine keeps (read by tests, benchmarks and, later, metrics)."""
-
-    prefill_steps: int = 0
-    decode_steps: int = 0
-    generated_tokens: int = 0
-    max_batch_size: int = 0
-    mixed_adapter_steps: int = 0  # decode steps whose batch held more than one adapter (or base)
-    mixed_prefill_decode_steps: int = 0  # steps that decoded and prefilled in one forward
-    prefill_tokens: int = 0
-    adapter_loads: int = 0
-
-
-@dataclass
-class MergeStatus:
-    """The adapter folded into the base, if any, and the merge counters."""
-
-    key: AdapterKey | None = None
-    slot: int | None = None
-    pinned: bool = False  # by an operator: the policy leaves it alone
-    merges: int = 0
-    unmerges: int = 0
-    last_merge_s: float = 0.0
-    last_unmerge_s: float = 0.0
-    leader: AdapterKey | None = None  # at the policy's last look
-    leader_share: float = 0.0
-    merged_share: float = 0.0
 
 
 class Engine:
     """Owns one thread on which ALL of its tensor work runs: loading the model (`make_runner`),
-    the steps, and whatever `call` hands it (e.g. validating an adapter).
+    the steps, and whatever `call` hands it (e.g. composing adapters).
 
     Why one thread: torch's OpenMP runtime (libgomp) stops spin-waiting once more OpenMP threads
     exist than cores, and each thread that runs a parallel op gets a pool of its own; a second
@@ -91,41 +61,51 @@ class Engine:
         load_weights: WeightsLoader | None = None,
     ) -> None:
         self.config = config
-        # Reads an adapter version's weights from the store; set before adapters are served.
-        self.load_weights = load_weights
-        self.slots = SlotTable(config.max_loras)
-        self.scheduler = Scheduler(config, self.slots)
-        self.stats = EngineStats()
-        self.merge = MergeStatus()
-        self.merge_policy = MergePolicy(config.merge)
-        self._next_merge_check = 0.0
+        # Reads an adapter version's weights from the store, for requests that bring none.
+        self._load_weights = load_weights
+        self._slots = SlotTable(config.max_loras)
+        self._scheduler = Scheduler(config, self._slots)
+        self._stats = EngineStats()
+        self._merges = MergeControl(config.merge, self._slots, self._model, self._load_slot)
         self._make_runner = make_runner
         self._runner: ModelRunner | None = None
+        self._info: EngineInfo | None = None
         self._eos_token_ids: set[int] = set()
         self._batch = RunningBatch()
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._calls_lock = threading.Lock()
         self._calls_closed = False  # under _calls_lock: no call is accepted once set
-        self._started = Future[ModelRunner]()
+        self._started = Future[EngineInfo]()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- the public, thread-safe side ---------------------------------------------------------
-    def start(self, timeout: float | None = None) -> ModelRunner:
-        """Start the engine thread; returns once it built the model runner (or raises why not)."""
+    def start(self, timeout: float | None = None) -> EngineInfo:
+        """Start the engine thread; returns once it loaded the model (or raises why not)."""
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._thread.start()
         return self._started.result(timeout)
 
     @property
-    def runner(self) -> ModelRunner:
-        if self._runner is None:
+    def info(self) -> EngineInfo:
+        if self._info is None:
             raise NotReady("the engine has not started")
-        return self._runner
+        return self._info
+
+    def check(self) -> None:
+        """Raise QueueFull (or NotReady) if a request would be refused now: a cheap check
+        before any work on a request (`submit` decides; this only refuses early)."""
+        self._scheduler.check()
 
     def submit(self, request: EngineRequest) -> None:
         """Queue a request (raises QueueFull, or NotReady once the engine is stopping)."""
-        self.scheduler.add(request)
+        self._scheduler.add(request)
+
+    def cancel(self, request: EngineRequest) -> None:
+        """Stop a request: a queued one leaves the queue now, a running one is dropped at the
+        next step (its outputs stop; nothing more is emitted but what is under way)."""
+        request.cancel()
+        self._scheduler.remove(request)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the engine thread between two steps; its result comes in the future."""
@@ -135,38 +115,70 @@ class Engine:
                 future.set_exception(NotReady("the engine is shutting down"))
                 return future
             self._calls.put((fn, future))
-        self.scheduler.wake()
+        self._scheduler.wake()
         return future
+
+    def with_model(self, fn: Callable[[ModelRunner], T]) -> Future[T]:
+        """Run `fn(model runner)` on the engine thread between two steps (tools and tests that
+        need the model itself, e.g. one prefill's logits)."""
+        return self.call(lambda: fn(self._model()))
+
+    def snapshot(self) -> Future[EngineSnapshot]:
+        """The engine's state, built on the engine thread between two steps."""
+        return self.call(self._snapshot)
+
+    def pin(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> Future[None]:
+        """Keep an adapter in a device slot until `unpin` (Exhausted when no slot can be
+        pinned: one always stays unpinned)."""
+        return self.call(lambda: self._pin(adapter, weights))
+
+    def unpin(self, adapter: AdapterVersion) -> Future[None]:
+        return self.call(lambda: self._slots.unpin(adapter.key))
+
+    def merge(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> Future[None]:
+        """Fold an adapter into the base and keep it there until `unmerge` (the merge policy
+        leaves a merge made here alone)."""
+        return self.call(lambda: self._merges.merge_pinned(adapter, weights))
+
+    def unmerge(self) -> Future[None]:
+        """Undo the merge, whoever made it."""
+        return self.call(self._merges.unmerge_pinned)
+
+    def configure_merges(self, settings: MergeSettings) -> Future[None]:
+        """Replace the merge policy's settings (its token window starts empty)."""
+        return self.call(lambda: self._merges.configure(settings))
+
+    def observe_adapter_loads(self, observer: Callable[[float], None]) -> None:
+        """Call `observer(seconds)` on the engine thread after each adapter load into a slot
+        (it must not block)."""
+        self._slots.stats.load_observers.append(observer)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new requests, fail those still queued or running, and join the thread."""
-        self.scheduler.close()
+        self._scheduler.close()
         self._stopping.set()
-        self.scheduler.wake()
+        self._scheduler.wake()
         if self._thread is not None:
             self._thread.join(timeout)
 
-    @property
-    def num_running(self) -> int:
-        return len(self._batch)
-
-    def running_adapters(self) -> list[str]:
-        """Ids of the adapters running requests use (safe from any thread: a snapshot)."""
-        seqs = list(self._batch.seqs)
-        return sorted({s.request.adapter.adapter_id for s in seqs if s.request.adapter})
-
     # -- the engine thread --------------------------------------------------------------------
+    def _model(self) -> ModelRunner:
+        if self._runner is None:
+            raise NotReady("the engine has not started")
+        return self._runner
+
     def _run(self) -> None:
         try:
-            self._runner = self._make_runner()
-            self._eos_token_ids = eos_ids_of(self._runner.model, self._runner.loaded.tokenizer)
+            runner = self._runner = self._make_runner()
+            self._eos_token_ids = eos_ids_of(runner.model, runner.loaded.tokenizer)
+            self._info = engine_info(runner)
         except BaseException as exc:
             self._started.set_exception(exc)
-            self.scheduler.close()
+            self._scheduler.close()
             with self._calls_lock:
                 self._calls_closed = True
             return
-        self._started.set_result(self._runner)
+        self._started.set_result(self._info)
         log.info("engine started")
         while not self._stopping.is_set():
             try:
@@ -176,7 +188,7 @@ class Engine:
                 log.exception("engine step failed; failing %d running requests", len(self._batch))
                 self._fail_all(exc)
         self._fail_all(NotReady("the engine stopped"))
-        for request in self.scheduler.drain():
+        for request in self._scheduler.drain():
             request.emit(NotReady("the engine stopped"))
         with self._calls_lock:
             self._calls_closed = True
@@ -194,17 +206,40 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        admitted, dropped = self.scheduler.admit(self._allocate, self._unallocate)
+        admitted, dropped = self._scheduler.admit(self._allocate, self._unallocate)
         for request in dropped:
             log.debug("request %s cancelled while waiting", request.request_id)
         if admitted:
             self._start(admitted)
         self._prefetch()
-        self._consider_merge()
+        self._merges.consider(self._scheduler.peek)
         if not self._batch.seqs:
-            self.scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
+            self._scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
             return
         self._run_step()
+
+    def _snapshot(self) -> EngineSnapshot:
+        cache, slots = self._model().cache, self._slots
+        pinned = set(slots.pinned_keys())
+        seqs = self._batch.seqs
+        waiting = self._scheduler.peek(self.config.max_queue)
+        return EngineSnapshot(
+            running=len(seqs),
+            waiting=self._scheduler.num_waiting(),
+            queued_tokens=self._scheduler.queued_tokens(),
+            running_adapters=_adapter_ids(s.request for s in seqs),
+            waiting_adapters=_adapter_ids(waiting),
+            kv_cache_usage=cache.usage,
+            kv_rows_used=cache.num_used_rows,
+            num_slots=slots.num_slots,
+            slots=tuple(
+                SlotView(slot, key, slots.refcount(slot), key in pinned)
+                for slot, key in sorted(slots.resident().items())
+            ),
+            device_tier=dataclasses.replace(slots.stats, load_observers=[]),
+            merge=self._merges.state(),
+            stats=dataclasses.replace(self._stats),
+        )
 
     # -- admission ----------------------------------------------------------------------------
     def _reservation(self, request: EngineRequest) -> int:
@@ -212,14 +247,14 @@ class Engine:
         return len(request.prompt_ids) + request.params.max_new_tokens
 
     def _allocate(self, request: EngineRequest) -> int | None:
-        cache = self.runner.cache
+        cache = self._model().cache
         tokens = self._reservation(request)
         if cache.num_used_rows >= self.config.max_batch_size or not cache.can_admit(tokens):
             return None
         return cache.allocate(tokens)
 
     def _unallocate(self, row: int, request: EngineRequest) -> None:
-        self.runner.cache.free(row, self._reservation(request), 0)  # the last row: nothing moves
+        self._model().cache.free(row, self._reservation(request), 0)  # the last row: nothing moves
 
     def _start(self, admitted: list[Admission]) -> None:
         failed = self._load_adapters(admitted)
@@ -232,7 +267,7 @@ class Engine:
             except Exception as exc:  # fail this request alone, leaving nothing held
                 log.exception("starting request %s failed", admission.request.request_id)
                 if admission.grant is not None:
-                    self.slots.release(admission.slot)
+                    self._slots.release(admission.slot)
                 admission.request.emit(exc)
                 dropped.append(admission)
                 continue
@@ -240,7 +275,7 @@ class Engine:
             self._batch.add(seq)
         for admission in sorted(dropped, key=lambda a: -a.row):
             self._free_row(admission.row, self._reservation(admission.request))
-            self.scheduler.finished(admission.request)
+            self._scheduler.finished(admission.request)
 
     # -- one step: every decode and a budget of prompt chunks in one forward ----------------
     def _run_step(self) -> None:
@@ -268,11 +303,11 @@ class Engine:
                 budget -= n
         # In slot order: each adapter's decode tokens are then contiguous (see lora_ops); the
         # merged adapter's first, so that everyone else's are one run (ModelRunner._plans).
-        merged = self.merge.slot
+        merged = self._merges.slot
         decoding.sort(key=lambda seq: (seq.slot != merged, seq.slot))
         for seq in decoding:
             decodes.append(DecodeWork(seq.row, seq.slot, seq.last_token, seq.num_cached))
-        logits = self.runner.step(decodes, prefills)
+        logits = self._model().step(decodes, prefills)
         for seq in decoding:
             seq.num_cached += 1
         finishing = []
@@ -283,16 +318,16 @@ class Engine:
         sampled = decoding + finishing  # the order of the logits rows
         self._count_step(decoding, chunked)
         tokens = sample(logits, [s.request.params for s in sampled], [s.generator for s in sampled])
-        self.merge_policy.observe(_token_counts(decoding, chunked))
+        self._merges.observe(_token_counts(decoding, chunked))
         generated: Counter[str] = Counter()
         for seq, token in zip(sampled, tokens, strict=True):
             generated[seq.request.tenant] += 1
             if self._advance(seq, token):
                 self._retire(seq)
-        self.scheduler.charge(generated)
+        self._scheduler.charge(generated)
 
     def _count_step(self, decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> None:
-        stats = self.stats
+        stats = self._stats
         if chunked:
             stats.prefill_steps += 1
             stats.prefill_tokens += sum(n for _, n in chunked)
@@ -318,10 +353,10 @@ class Engine:
                 failed[grant.slot] = exc
         for admission in admitted:
             if admission.slot in failed:
-                self.slots.release(admission.slot)
+                self._slots.release(admission.slot)
                 admission.request.emit(failed[admission.slot])
         for slot in failed:
-            self.slots.discard(slot)
+            self._slots.discard(slot)
         return set(failed)
 
     def _load_slot(
@@ -333,16 +368,16 @@ class Engine:
         start = time.perf_counter()
         try:
             if weights is None:
-                assert self.load_weights is not None, "set Engine.load_weights to serve adapters"
-                weights = self.load_weights(adapter)
-            self.runner.load_adapter(slot, weights)
+                assert self._load_weights is not None, "give the Engine load_weights"
+                weights = self._load_weights(adapter)
+            self._model().load_adapter(slot, weights)
         except Exception as exc:
             log.warning("loading adapter %s v%d failed: %s", *adapter.key, exc)
-            self.runner.clear_slot(slot)
-            self.slots.stats.load_failures += 1
+            self._model().clear_slot(slot)
+            self._slots.stats.load_failures += 1
             raise
-        self.slots.stats.loaded(time.perf_counter() - start)
-        self.stats.adapter_loads += 1
+        self._slots.stats.loaded(time.perf_counter() - start)
+        self._stats.adapter_loads += 1
         log.debug("adapter %s v%d loaded into slot %d", *adapter.key, slot)
 
     def _prefetch(self) -> None:
@@ -350,151 +385,47 @@ class Engine:
         they start without a load; slots wanted by requests further ahead are left alone."""
         wanted: set[tuple[str, int]] = set()
         loads = 0
-        for request in self.scheduler.peek(self.config.max_loras):
+        for request in self._scheduler.peek(self.config.max_loras):
             if request.adapter is None or request.cancelled.is_set():
                 continue
             key = request.adapter.key
-            if key not in wanted and self.slots.lookup(key) is None:
-                grant = self.slots.prefetch(key, protect=wanted)
+            if key not in wanted and self._slots.lookup(key) is None:
+                grant = self._slots.prefetch(key, protect=wanted)
                 if grant is None:
                     return
                 try:
                     self._load_slot(grant.slot, request.adapter, request.weights)
                 except Exception:
-                    self.slots.discard(grant.slot)  # the request fails when admitted
+                    self._slots.discard(grant.slot)  # the request fails when admitted
                     return
                 loads += 1
                 if loads >= PREFETCH_PER_STEP:
                     return
             wanted.add(key)
 
-    def pin(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
-        """Keep an adapter in a device slot until `unpin` (call on the engine thread)."""
-        grant = self.slots.pin(adapter.key)
+    def _pin(self, adapter: AdapterVersion, weights: AdapterWeights | None) -> None:
+        grant = self._slots.pin(adapter.key)
         if grant is None:
             raise Exhausted(
                 "no device slot can be pinned: every slot is in use or pinned "
-                f"(max_loras={self.slots.num_slots}, one slot stays unpinned)",
+                f"(max_loras={self._slots.num_slots}, one slot stays unpinned)",
                 PIN_RETRY_S,
             )
         if grant.needs_load:
             try:
                 self._load_slot(grant.slot, adapter, weights)
             except Exception:
-                self.slots.unpin(adapter.key)
-                self.slots.discard(grant.slot)
+                self._slots.unpin(adapter.key)
+                self._slots.discard(grant.slot)
                 raise
-
-    def unpin(self, adapter: AdapterVersion) -> None:
-        self.slots.unpin(adapter.key)
-
-    # -- merging an adapter into the base -----------------------------------------------------
-    def _consider_merge(self) -> None:
-        """Ask the merge policy (every MERGE_CHECK_S, idle or not) and merge or unmerge as it
-        says; unmerge at once when a queued request needs the slot the merge holds."""
-        now = time.monotonic()
-        if self.merge.pinned or now < self._next_merge_check:
-            return
-        self._next_merge_check = now + MERGE_CHECK_S
-        queued: TokenCounts = Counter()
-        starved = False
-        for request in self.scheduler.peek(MERGE_QUEUE_LOOKAHEAD):
-            key = request.adapter.key if request.adapter is not None else None
-            queued[key] += len(request.prompt_ids) + request.params.max_new_tokens
-            starved |= key is not None and self.slots.lookup(key) is None
-        starved = starved and self.merge.key is not None and not self.slots.has_room()
-        policy = self.merge_policy
-        shares = policy.shares(self.merge.key, queued)
-        self.merge.leader, self.merge.leader_share = shares.leader, shares.leader_share
-        self.merge.merged_share = shares.merged_share
-        want = None if starved else policy.decide(self.merge.key, queued)
-        if want == self.merge.key:
-            return
-        if self.merge.key is not None:
-            self._unmerge()
-        slot = self.slots.lookup(want) if want is not None else None
-        # Resident (it leads the traffic, so it normally is), and a slot stays for the rest.
-        if (
-            want is not None
-            and slot is not None
-            and self.slots.reserved() < self.slots.num_slots - 1
-        ):
-            self.slots.acquire(want)
-            try:
-                self._merge_slot(want, slot)
-            except Exception:
-                log.exception("merging adapter %s v%d failed; serving it unmerged", *want)
-                self.slots.release(slot)
-        policy.changed()
-
-    def _merge_slot(self, key: AdapterKey, slot: int) -> None:
-        """Fold the adapter in `slot` (the caller took a reference to it) into the base."""
-        start = time.perf_counter()
-        layers = self.runner.merge(slot)
-        seconds = time.perf_counter() - start
-        self.merge.key, self.merge.slot = key, slot
-        self.slots.held = {slot}
-        self.merge.merges += 1
-        self.merge.last_merge_s = seconds
-        log.info("adapter %s v%d merged into the base (%d layers, %.0f ms)", *key, layers,
-                 seconds * 1e3)  # fmt: skip
-
-    def _unmerge(self) -> None:
-        assert self.merge.key is not None and self.merge.slot is not None
-        start = time.perf_counter()
-        self.runner.unmerge()
-        self.slots.held = set()
-        self.slots.release(self.merge.slot)
-        seconds = time.perf_counter() - start
-        log.info("adapter %s v%d unmerged (%.1f ms)", *self.merge.key, seconds * 1e3)
-        self.merge.key, self.merge.slot, self.merge.pinned = None, None, False
-        self.merge.unmerges += 1
-        self.merge.last_unmerge_s = seconds
-
-    def merge_pinned(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
-        """Merge `adapter` into the base and keep it merged until `unmerge_pinned` (call on
-        the engine thread). What was merged before stays merged when no slot can be had or
-        the adapter fails to load."""
-        key = adapter.key
-        if self.merge.key == key:
-            self.merge.pinned = True
-            return
-        taken = self.slots.reserved() - (1 if self.merge.key is not None else 0)
-        grant = self.slots.acquire(key) if taken < self.slots.num_slots - 1 else None
-        if grant is None:
-            raise Exhausted(
-                "no device slot can hold the adapter to merge: every slot is in use, pinned "
-                f"or merged (max_loras={self.slots.num_slots}, one slot stays for the rest)",
-                PIN_RETRY_S,
-            )
-        try:
-            if grant.needs_load:
-                self._load_slot(grant.slot, adapter, weights)
-            if self.merge.key is not None:
-                self._unmerge()
-            self._merge_slot(key, grant.slot)
-        except Exception:
-            self.slots.release(grant.slot)
-            if grant.needs_load:
-                self.slots.discard(grant.slot)
-            raise
-        self.merge.pinned = True
-        self.merge_policy.changed()
-
-    def unmerge_pinned(self) -> None:
-        """Undo the merge, pinned or not (call on the engine thread); the policy decides
-        again after its minimum interval."""
-        if self.merge.key is not None:
-            self._unmerge()
-            self.merge_policy.changed()
 
     def _new_sequence(self, admission: Admission) -> Sequence:
         request = admission.request
         return Sequence(
             request=request,
             slot=admission.slot,
-            output=OutputProcessor(self.runner.loaded.tokenizer, request.params.stop),
-            generator=make_generator(request.params, self.runner.device),
+            output=OutputProcessor(self._model().loaded.tokenizer, request.params.stop),
+            generator=make_generator(request.params, self._model().device),
             row=admission.row,
             reserved=self._reservation(request),
         )
@@ -503,7 +434,7 @@ class Engine:
         """Feed one sampled token to a sequence and emit its news; True when it finished."""
         seq.num_generated += 1
         seq.last_token = token
-        self.stats.generated_tokens += 1
+        self._stats.generated_tokens += 1
         finish: str | None = None
         if token in self._eos_token_ids and not seq.request.params.ignore_eos:
             step, finish = seq.output.finish(), "stop"
@@ -513,7 +444,7 @@ class Engine:
                 finish = "stop"
             elif (
                 seq.num_generated >= seq.request.params.max_new_tokens
-                or seq.num_tokens >= self.runner.max_context
+                or seq.num_tokens >= self._model().max_context
             ):
                 rest = seq.output.finish()
                 step = StepText(step.delta + rest.delta, rest.stop_reason)
@@ -532,7 +463,7 @@ class Engine:
         limit = self.config.max_request_seconds
         too_old = time.monotonic() - limit
         overdue = [s for s in self._batch.seqs if s.request.arrival < too_old]
-        for request in self.scheduler.remove_older_than(too_old):
+        for request in self._scheduler.remove_older_than(too_old):
             overdue_request(request, limit)
         for seq in overdue:
             self._retire(seq)
@@ -543,11 +474,11 @@ class Engine:
         self._release(seq)
         self._batch.remove(seq)
         self._free_row(seq.row, seq.reserved)
-        self.scheduler.finished(seq.request)
+        self._scheduler.finished(seq.request)
 
     def _free_row(self, row: int, reserved: int) -> None:
         """Give a row back to the cache; the sequence in the last row moves into it."""
-        cache = self.runner.cache
+        cache = self._model().cache
         last = self._batch.by_row.get(cache.num_used_rows - 1)
         moved = cache.free(row, reserved, last.num_cached if last else 0)
         if moved is not None:
@@ -557,7 +488,7 @@ class Engine:
         """Drop the sequence's reference to its adapter slot (once, whatever calls it)."""
         if seq.slot != NO_ADAPTER and not seq.released:
             seq.released = True
-            self.slots.release(seq.slot)
+            self._slots.release(seq.slot)
 
     def _fail_all(self, exc: BaseException) -> None:
         for seq in list(self._batch.seqs):
@@ -581,15 +512,22 @@ def overdue_request(request: EngineRequest, limit: float) -> None:
     request.emit(TooLong(f"the request ran past the server's limit of {limit:g} s"))
 
 
-def eos_ids_of(model: torch.nn.Module, tokenizer: object) -> set[int]:
-    """End-of-sequence ids from the generation config and the tokenizer."""
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    return ids
+def _adapter_ids(requests: Iterable[EngineRequest]) -> tuple[str, ...]:
+    return tuple(sorted({r.adapter.adapter_id for r in requests if r.adapter is not None}))
+
+
+def engine_info(runner: ModelRunner) -> EngineInfo:
+    loaded, config = runner.loaded, runner.model.config
+    return EngineInfo(
+        model_id=loaded.model_id,
+        model_type=str(getattr(config, "model_type", "")),
+        quantization=loaded.quantization,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        vocab_size=int(config.vocab_size),
+        num_layers=int(config.num_hidden_layers),
+        fingerprint=loaded.fingerprint,
+        max_context=runner.max_context,
+        target_shapes=dict(runner.target_shapes),
+        tokenizer=loaded.tokenizer,
+    )

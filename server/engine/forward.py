@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from torch import nn
 
-from loraplex.adapters.lora import LoraGroup, LoraStacks
-from loraplex.adapters.lora_ops import LoraPlan, add_lora
+from loraplex.core.model import dense_weight
 from loraplex.server.engine.kv_cache import CacheShape, KVCache
-from loraplex.server.model_loader import dense_weight
+from loraplex.server.engine.lora import LoraGroup, LoraStacks
+from loraplex.server.engine.lora_ops import LoraPlan, add_lora
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEQUANTIZE_MIN_TOKENS = 128  # rows from which dequantize + matmul beats the 4-bit kernel

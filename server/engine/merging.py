@@ -15,45 +15,39 @@ near a threshold does not flap:
 
 An operator can pin a merge (the MergeAdapter RPC), which the policy leaves alone, or turn the
 policy off (`--merge-policy off`).
+
+`MergePolicy` decides; `MergeControl` acts on it, on the engine thread, between two steps: it
+owns what is merged, asks the policy every MERGE_CHECK_S (idle or not), and carries out an
+operator's pinned merge. A merged adapter holds a reference to its device slot for as long as
+it is merged, and one slot always stays for the rest of the traffic.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
-AdapterKey = tuple[str, int]  # (adapter id, version)
+from loraplex.core.errors import Exhausted
+from loraplex.core.types import AdapterKey, AdapterVersion, AdapterWeights
+from loraplex.server.config import MergeSettings
+from loraplex.server.engine.request import EngineRequest
+from loraplex.server.engine.slots import SlotTable
+from loraplex.server.engine.state import MergeState
+
+if TYPE_CHECKING:
+    from loraplex.server.engine.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
 TokenCounts = Counter[AdapterKey | None]  # None: the base model's tokens
-MERGE_POLICIES = ("auto", "off")
-
-
-@dataclass(frozen=True)
-class MergeSettings:
-    policy: Literal["auto", "off"] = "auto"
-    """auto: merge a dominant adapter and unmerge it when it no longer dominates; off: only
-    an operator's MergeAdapter call merges."""
-    merge_share: float = 0.9
-    """Merge the adapter with at least this share of recent (and queued) tokens."""
-    unmerge_share: float = 0.75
-    """Unmerge it when its share falls below this (below merge_share: hysteresis)."""
-    window_tokens: int = 4096
-    """Recent tokens the shares are taken over."""
-    min_interval_s: float = 5.0
-    """Least time between two changes (a merge costs a pass over the targeted layers)."""
-
-    def __post_init__(self) -> None:
-        if self.policy not in MERGE_POLICIES:
-            raise ValueError(f"merge policy must be auto or off, got {self.policy!r}")
-        if not 0 < self.unmerge_share <= self.merge_share <= 1:
-            raise ValueError(
-                "need 0 < unmerge_share <= merge_share <= 1, got "
-                f"{self.unmerge_share} and {self.merge_share}"
-            )
-        if self.window_tokens < 1 or self.min_interval_s < 0:
-            raise ValueError("window_tokens must be >= 1 and min_interval_s >= 0")
+MERGE_CHECK_S = 0.25  # how often the merge policy is asked
+MERGE_QUEUE_LOOKAHEAD = 64  # queued requests counted in the merge policy's token shares
+SLOT_RETRY_S = 1.0  # the retry advice when no slot can hold the adapter to merge
+SlotLoader = Callable[[int, AdapterVersion, AdapterWeights | None], None]
 
 
 class TokenWindow:
@@ -132,3 +126,139 @@ class MergePolicy:
     def changed(self) -> None:
         """The engine merged or unmerged: start the minimum interval."""
         self._changed_at = self._clock()
+
+
+class MergeControl:
+    """What is merged into the base, and every change to it (engine thread only)."""
+
+    def __init__(
+        self,
+        settings: MergeSettings,
+        slots: SlotTable,
+        runner: Callable[[], ModelRunner],
+        load_slot: SlotLoader,
+    ) -> None:
+        self.policy = MergePolicy(settings)
+        self._slots = slots
+        self._runner = runner
+        self._load_slot = load_slot  # writes an adapter into a slot (clears it on failure)
+        self.key: AdapterKey | None = None
+        self.slot: int | None = None  # the merged adapter's slot (its reference is held)
+        self.pinned = False  # by an operator: the policy leaves it alone
+        self.merges = 0
+        self.unmerges = 0
+        self.last_merge_s = 0.0
+        self.last_unmerge_s = 0.0
+        self._shares = Shares(None, 0.0, 0.0)  # at the policy's last look
+        self._next_check = 0.0
+
+    def configure(self, settings: MergeSettings) -> None:
+        """A new policy (its window starts empty); what is merged stays until it decides."""
+        self.policy = MergePolicy(settings)
+
+    def observe(self, step: TokenCounts) -> None:
+        self.policy.observe(step)
+
+    def consider(self, peek: Callable[[int], list[EngineRequest]]) -> None:
+        """Ask the policy (every MERGE_CHECK_S) and merge or unmerge as it says; unmerge at
+        once when a queued request (`peek(n)`: the first n in line) needs the merged slot."""
+        now = time.monotonic()
+        if self.pinned or now < self._next_check:
+            return
+        self._next_check = now + MERGE_CHECK_S
+        slots = self._slots
+        queued: TokenCounts = Counter()
+        starved = False
+        for request in peek(MERGE_QUEUE_LOOKAHEAD):
+            key = request.adapter.key if request.adapter is not None else None
+            queued[key] += len(request.prompt_ids) + request.params.max_new_tokens
+            starved |= key is not None and slots.lookup(key) is None
+        starved = starved and self.key is not None and not slots.has_room()
+        self._shares = self.policy.shares(self.key, queued)
+        want = None if starved else self.policy.decide(self.key, queued)
+        if want == self.key:
+            return
+        if self.key is not None:
+            self._unmerge()
+        slot = slots.lookup(want) if want is not None else None
+        # Resident (it leads the traffic, so it normally is), and a slot stays for the rest.
+        if want is not None and slot is not None and slots.reserved() < slots.num_slots - 1:
+            slots.acquire(want)
+            try:
+                self._merge_slot(want, slot)
+            except Exception:
+                log.exception("merging adapter %s v%d failed; serving it unmerged", *want)
+                slots.release(slot)
+        self.policy.changed()
+
+    def merge_pinned(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
+        """Merge `adapter` into the base and keep it merged until `unmerge_pinned`. What was
+        merged before stays merged when no slot can be had or the adapter fails to load."""
+        key, slots = adapter.key, self._slots
+        if self.key == key:
+            self.pinned = True
+            return
+        taken = slots.reserved() - (1 if self.key is not None else 0)
+        grant = slots.acquire(key) if taken < slots.num_slots - 1 else None
+        if grant is None:
+            raise Exhausted(
+                "no device slot can hold the adapter to merge: every slot is in use, pinned "
+                f"or merged (max_loras={slots.num_slots}, one slot stays for the rest)",
+                SLOT_RETRY_S,
+            )
+        try:
+            if grant.needs_load:
+                self._load_slot(grant.slot, adapter, weights)
+            if self.key is not None:
+                self._unmerge()
+            self._merge_slot(key, grant.slot)
+        except Exception:
+            slots.release(grant.slot)
+            if grant.needs_load:
+                slots.discard(grant.slot)
+            raise
+        self.pinned = True
+        self.policy.changed()
+
+    def unmerge_pinned(self) -> None:
+        """Undo the merge, pinned or not; the policy decides again after its minimum interval."""
+        if self.key is not None:
+            self._unmerge()
+            self.policy.changed()
+
+    def state(self) -> MergeState:
+        return MergeState(
+            adapter=self.key,
+            pinned=self.pinned,
+            merges=self.merges,
+            unmerges=self.unmerges,
+            last_merge_s=self.last_merge_s,
+            last_unmerge_s=self.last_unmerge_s,
+            leader=self._shares.leader,
+            leader_share=self._shares.leader_share,
+            merged_share=self._shares.merged_share,
+        )
+
+    def _merge_slot(self, key: AdapterKey, slot: int) -> None:
+        """Fold the adapter in `slot` (the caller took a reference to it) into the base."""
+        start = time.perf_counter()
+        layers = self._runner().merge(slot)
+        seconds = time.perf_counter() - start
+        self.key, self.slot = key, slot
+        self._slots.held = {slot}
+        self.merges += 1
+        self.last_merge_s = seconds
+        log.info("adapter %s v%d merged into the base (%d layers, %.0f ms)", *key, layers,
+                 seconds * 1e3)  # fmt: skip
+
+    def _unmerge(self) -> None:
+        assert self.key is not None and self.slot is not None
+        start = time.perf_counter()
+        self._runner().unmerge()
+        self._slots.held = set()
+        self._slots.release(self.slot)
+        seconds = time.perf_counter() - start
+        log.info("adapter %s v%d unmerged (%.1f ms)", *self.key, seconds * 1e3)
+        self.key, self.slot, self.pinned = None, None, False
+        self.unmerges += 1
+        self.last_unmerge_s = seconds

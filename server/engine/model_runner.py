@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.adapters.lora import NO_ADAPTER, LoraStacks
-from loraplex.adapters.lora_ops import LoraPlan, plan_lora
-from loraplex.adapters.validate import AdapterWeights
+from loraplex.core.model import LoadedModel, lora_target_shapes
+from loraplex.core.types import AdapterWeights
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.forward import (
     DecoderForward,
@@ -21,7 +20,8 @@ from loraplex.server.engine.forward import (
     lora_layout,
 )
 from loraplex.server.engine.kv_cache import KVCache
-from loraplex.server.model_loader import LoadedModel, lora_target_shapes
+from loraplex.server.engine.lora import NO_ADAPTER, LoraStacks
+from loraplex.server.engine.lora_ops import LoraPlan, plan_lora
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loraplex.adapters.store import AdapterVersion
-from loraplex.adapters.validate import AdapterWeights
-from loraplex.server.errors import InvalidRequest
+from loraplex.core.errors import InvalidRequest
+from loraplex.core.types import AdapterVersion, AdapterWeights
 
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
 MAX_STOP_STRINGS = 16

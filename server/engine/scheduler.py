@@ -17,12 +17,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from loraplex.adapters.lora import NO_ADAPTER
-from loraplex.adapters.slots import SlotGrant, SlotTable
+from loraplex.core.errors import NotReady, QueueFull
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.fairness import VirtualTokenCounter
+from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.request import EngineRequest
-from loraplex.server.errors import NotReady, QueueFull
+from loraplex.server.engine.slots import SlotGrant, SlotTable
 
 QUEUE_RETRY_S = 1.0  # the retry advice when the queue is full
 

@@ -17,8 +17,9 @@ import grpc
 import pytest
 from safetensors.torch import load_file, save_file
 
+from loraplex.core.config import ModelConfig
 from loraplex.server.client import LoraplexClient
-from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.server.config import EngineConfig, ServerConfig
 from loraplex.v1 import inference_pb2 as pb
 from tests.helpers import ServerThread
 
@@ -159,14 +160,13 @@ def test_pin_keeps_an_adapter_in_a_slot(server, client, adapter_dir):
     client.push("vip", adapter_dir, pin=True)
     assert client.get("vip").pinned and stats(client)["device"].resident >= 1
     assert list(client.cache_stats().pinned) == ["vip"]
-    slots = server.engine.slots
-    key = ("vip", 1)
-    slot = slots.lookup(key)
-    assert slot is not None and slots.refcount(slot) == 1
+    refcounts = {s.adapter: s.refcount for s in server.state().slots}
+    assert refcounts.get(("vip", 1)) == 1
     scale_b(adapter_dir, 2.0)
     client.push("vip", adapter_dir)  # the new version takes over the pin
-    assert slots.lookup(("vip", 2)) is not None and slots.refcount(slots.lookup(("vip", 2))) == 1
-    assert ("vip", 1) not in slots.pinned_keys()
+    state = server.state()
+    assert {s.adapter: s.refcount for s in state.slots}.get(("vip", 2)) == 1
+    assert ("vip", 1) not in [s.adapter for s in state.slots if s.pinned]
     assert not client.unpin("vip").pinned
     with pytest.raises(grpc.RpcError) as err:
         client.unpin("vip")
@@ -254,7 +254,7 @@ def test_delete_under_load_finishes_in_flight_and_refuses_new(server, client, ad
     assert all(started > deleted_at - 5 for _, _, started in refused)
     assert all(status == "NOT_FOUND" for _, status, s in load.results if s > deleted_at + 0.01)
     # Nothing of it is left behind once the last request finished.
-    assert server.server.frontend.cache.in_use() == set()
+    assert server.runtime.cache.in_use() == set()
 
 
 def test_replicas_share_an_s3_store(model_home, adapter_dir, s3_bucket):

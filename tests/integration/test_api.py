@@ -143,12 +143,13 @@ def test_unknown_adapter_is_not_found(client):
 
 
 def test_model_info_and_the_base_is_nf4_double_quantized(client, server):
-    layer = server.engine.runner.model.model.layers[0].self_attn.q_proj
+    model = server.engine.with_model(lambda runner: runner.model).result()
+    layer = model.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == "Linear4bit"
     # compress_statistics = double quantization (bitsandbytes' CPU kernels may unpack the
     # nested absmax after the first forward, so the quant state itself is not the witness).
     assert layer.weight.quant_type == "nf4" and layer.weight.compress_statistics
-    assert server.engine.runner.model.config.quantization_config.bnb_4bit_use_double_quant
+    assert model.config.quantization_config.bnb_4bit_use_double_quant
     info = client.model_info()
     assert info.model_type == "llama"
     assert info.quantization == "bnb-nf4-double-quant"
@@ -172,39 +173,39 @@ def test_health_and_reflection(server):
 
 
 def test_cancelled_stream_stops_generation(server, client):
-    engine = server.engine
     stream = client.generate_stream(pb.GenerateRequest(messages=PROMPT, max_new_tokens=2000))
     next(stream)
     stream.cancel()
-    generated = engine.stats.generated_tokens
+    generated = server.state().stats.generated_tokens
     for _ in range(100):  # the engine drops the sequence at its next step
-        if engine.num_running == 0:
+        if server.state().running == 0:
             break
         time.sleep(0.05)
-    assert engine.num_running == 0
-    assert engine.stats.generated_tokens - generated < 50
+    state = server.state()
+    assert state.running == 0
+    assert state.stats.generated_tokens - generated < 50
     # Its cache row and its place in the tenant's limits are given back.
-    assert engine.runner.cache.num_used_rows == 0
+    assert state.kv_rows_used == 0
     for _ in range(100):
-        if server.server.frontend.quotas.in_flight("") == 0:
+        if server.runtime.quotas.in_flight("") == 0:
             break
         time.sleep(0.05)
-    assert server.server.frontend.quotas.in_flight("") == 0
+    assert server.runtime.quotas.in_flight("") == 0
 
 
 def test_a_client_deadline_stops_generation_on_the_server(server, client):
-    engine = server.engine
     request = pb.GenerateRequest(messages=PROMPT, max_new_tokens=2000)
-    generated = engine.stats.generated_tokens
+    generated = server.state().stats.generated_tokens
     with pytest.raises(grpc.RpcError) as err:
         client.inference.Generate(request, timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(100):  # the engine drops the sequence at its next step
-        if engine.num_running == 0:
+        if server.state().running == 0:
             break
         time.sleep(0.05)
-    assert engine.num_running == 0
-    assert engine.stats.generated_tokens - generated < 200  # not the 2000 asked for
+    state = server.state()
+    assert state.running == 0
+    assert state.stats.generated_tokens - generated < 200  # not the 2000 asked for
 
 
 def test_request_ids_come_back_on_success_and_error(client):

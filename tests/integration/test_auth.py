@@ -14,9 +14,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from loraplex.core.config import ModelConfig
 from loraplex.server.client import LoraplexClient
-from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
-from loraplex.server.interceptor import ADMIN_METHODS, EXEMPT_PREFIXES
+from loraplex.server.config import EngineConfig, ServerConfig
+from loraplex.server.grpc_api.interceptor import ADMIN_METHODS, EXEMPT_PREFIXES
 from loraplex.v1 import inference_pb2 as pb
 from tests.helpers import ServerThread, write_key_file
 

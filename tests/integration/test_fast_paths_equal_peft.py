@@ -9,13 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.adapters.lora import NO_ADAPTER
-from loraplex.adapters.validate import BaseModelSpec, load_adapter
-from loraplex.server.config import EngineConfig, ModelConfig
+from loraplex.adapters.validate import load_adapter
+from loraplex.core.config import ModelConfig
+from loraplex.core.model import load_model
+from loraplex.core.types import BaseModelSpec
+from loraplex.server.config import EngineConfig
+from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
-from loraplex.server.model_loader import load_model
-from tests.helpers import add_peft_adapter
-from tests.integration.conftest import ADAPTERS
+from tests.helpers import ADAPTERS, add_peft_adapter
 from tests.integration.test_peft_equivalence import PROMPTS, chat_ids
 
 pytestmark = pytest.mark.integration

@@ -148,7 +148,7 @@ def test_merged_adapter_and_the_others_still_match_peft(client, server, peft_ref
         state = client.unmerge()
     assert state.adapter_id == "" and not state.pinned and state.unmerges >= 1
     assert not client.get("all-r16").merged
-    assert server.engine.merge.key is None
+    assert server.state().merge.adapter is None
     with pytest.raises(grpc.RpcError) as err:
         client.merge("no-such-adapter")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

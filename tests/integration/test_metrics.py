@@ -18,9 +18,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loraplex.core.config import ModelConfig
 from loraplex.server.client import LoraplexClient
-from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
-from loraplex.server.engine.merging import MergeSettings
+from loraplex.server.config import EngineConfig, MergeSettings, ServerConfig
 from loraplex.v1 import inference_pb2 as pb
 from tests.helpers import ServerThread
 

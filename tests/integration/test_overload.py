@@ -12,8 +12,9 @@ import grpc
 import psutil
 import pytest
 
+from loraplex.core.config import ModelConfig
 from loraplex.server.client import LoraplexClient
-from loraplex.server.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.server.config import EngineConfig, ServerConfig
 from loraplex.v1 import inference_pb2 as pb
 from tests.helpers import ServerThread
 
@@ -76,10 +77,9 @@ def test_overload_is_refused_fast_and_accepted_work_is_correct(small_server):
             # Refusals came back at once: before the accepted work had finished.
             assert max(t for *_, t in refused) < max(t for *_, t in accepted)
             assert all("retry in" in details for _, _, details, _ in refused)
-    engine = small_server.engine
-    frontend = small_server.server.frontend
-    assert engine.num_running == 0 and engine.scheduler.num_waiting() == 0
-    assert engine.scheduler.queued_tokens() == 0 and frontend.quotas.in_flight("") == 0
-    assert engine.runner.cache.num_used_rows == 0
+    state = small_server.state()
+    assert state.running == 0 and state.waiting == 0
+    assert state.queued_tokens == 0 and small_server.runtime.quotas.in_flight("") == 0
+    assert state.kv_rows_used == 0
     # Memory is flat: the second and third rounds allocate nothing that stays.
     assert rss[2] - rss[1] < 64 << 20, [r >> 20 for r in rss]

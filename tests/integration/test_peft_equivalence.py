@@ -16,10 +16,11 @@ from functools import partial
 import pytest
 import torch
 
-from loraplex.adapters.lora import NO_ADAPTER
 from loraplex.server.client import LoraplexClient
+from loraplex.server.engine.lora import NO_ADAPTER
+from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.v1 import inference_pb2 as pb
-from tests.integration.conftest import ADAPTERS
+from tests.helpers import ADAPTERS
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def agreeing_prefix(ours: list[int], ref: list[int], gaps: list[float]) -> tuple
 def test_mixed_batch_matches_peft(server, peft_reference, registered):
     model, tokenizer, _ = peft_reference
     cases = [(adapter, prompt) for adapter in [None, *ADAPTERS] for prompt in PROMPTS]
-    stats_before = server.engine.stats.mixed_adapter_steps
+    stats_before = server.state().stats.mixed_adapter_steps
 
     def run(case):
         adapter, prompt = case
@@ -103,7 +104,7 @@ def test_mixed_batch_matches_peft(server, peft_reference, registered):
 
     with ThreadPoolExecutor(len(cases)) as pool:  # one concurrent mixed batch
         responses = list(pool.map(run, cases))
-    assert server.engine.stats.mixed_adapter_steps > stats_before, "requests were not batched"
+    assert server.state().stats.mixed_adapter_steps > stats_before, "requests were not batched"
 
     outputs: dict[str | None, list[list[int]]] = {}
     exact = 0
@@ -136,28 +137,25 @@ def test_first_step_logits_match_peft(server, peft_reference, registered):
     that adapter than PEFT's logits without it. Exact equality is tested in float32
     (test_fast_paths_equal_peft.py)."""
     model, tokenizer, _ = peft_reference
-    engine = server.engine
+    engine, registry = server.engine, server.runtime.registry
     ids = chat_ids(tokenizer, PROMPTS[1])
-    frontend = server.server.frontend
     with torch.inference_mode(), model.disable_adapter():
         peft_base = model(torch.tensor([ids])).logits[0, -1].float()
-    ours_base = engine.call(partial(engine.runner.prefill, [ids], [NO_ADAPTER])).result()[0]
+    ours_base = engine.with_model(lambda runner: runner.prefill([ids], [NO_ADAPTER])).result()[0]
+    state = server.state()
     noise = (ours_base - peft_base).abs()
     log.info(f"base: engine vs HF max {noise.max():.3f} mean {noise.mean():.4f}")
     assert noise.max() <= LOGIT_MAX_ATOL and noise.mean() <= LOGIT_MEAN_ATOL
     for adapter in ADAPTERS:
-        version = frontend.registry.resolve(adapter)
-        slot = engine.slots.lookup(version.key)
+        slot = state.slot_of(registry.resolve(adapter).key)
         assert slot is not None, "the adapter should be resident after the mixed batch"
         with torch.inference_mode():
             model.set_adapter(adapter)
             ref = model(torch.tensor([ids])).logits[0, -1].float()
-        other = next(
-            engine.slots.lookup(frontend.registry.resolve(a).key) for a in ADAPTERS if a != adapter
-        )
+        other = next(state.slot_of(registry.resolve(a).key) for a in ADAPTERS if a != adapter)
         # On the engine thread, which owns the model: between two of its steps.
-        run = partial(engine.runner.prefill, [ids, ids[:-3]], [slot, other])
-        logits = engine.call(run).result()
+        run = partial(ModelRunner.prefill, prompts=[ids, ids[:-3]], slots=[slot, other])
+        logits = engine.with_model(run).result()
         diff = (logits[0].float() - ref).abs()
         off_base = (logits[0].float() - peft_base).abs()
         log.info(

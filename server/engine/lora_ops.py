@@ -1,0 +1,202 @@
+"""Fast mixed-adapter LoRA for one step's flat token batch (N tokens, in = input width):
+
+    tokens [0, n_decode)   one per decoding sequence: the BGMV-like gather path. Tokens are
+                           grouped by slot into a padded (U, G, in) block, U = distinct adapters,
+                           G = most tokens of one adapter; one bmm shrinks, one bmm per member
+                           expands, and only the U adapters present are read.
+    tokens [n_decode, N)   prompt chunks, contiguous per sequence: the SGMV-like segment path,
+                           one matmul pair per (adapter, run of tokens).
+
+`LoraPlan` is built once per step and shared by every layer; the rank used is the largest of the
+slots present (smaller ranks are zero-padded, which adds nothing). Both paths equal
+`lora.lora_delta_reference` (tests/unit/test_lora.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """Where the adapter tokens of the decode part go in the padded (U, G) block.
+
+    Block u holds the tokens of slot slots[u] (or, for a range, of slot first + u). When the
+    slots present span a short range, the block covers the whole range, so the stacks are read
+    through a view of it instead of being gathered (copied) slot by slot; slots of the range
+    with no token get zero rows.
+    """
+
+    slots: torch.Tensor | None  # (U,) the slots to gather; None when `first` is used
+    first: int  # the range [first, first + U) when slots is None
+    num_blocks: int  # U
+    group_size: int  # G
+    count: int  # M: decode tokens that carry an adapter
+    src: torch.Tensor | None  # (M,) decode-token index of each adapter token; None: a range
+    start: int  # with src None: the adapter tokens are decode tokens start..start+M-1
+    dst: torch.Tensor | None  # (M,) flat index u * G + j in the block; None = 0..M-1
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    rank: int  # R: the largest rank of the slots present; 0 = nothing to add
+    decode: DecodeLayout | None
+    segments: list[tuple[int, int, int]]  # (slot, start, end) token ranges, prompt part
+
+    @property
+    def empty(self) -> bool:
+        return self.rank == 0
+
+
+def plan_lora(
+    decode_slots: list[int],
+    segments: list[tuple[int, int, int]],
+    ranks: list[int],
+    device: torch.device,
+) -> LoraPlan:
+    """decode_slots: the slot of each decode token (tokens 0..n_decode-1); segments: (slot,
+    start, end) of each prompt chunk (start >= n_decode). Slots of rank 0 and base tokens are
+    left out. Decode tokens ordered by slot (as the engine orders them) need no reordering."""
+    live = {s for s in decode_slots if s != NO_ADAPTER and ranks[s] > 0}
+    segs = [(s, a, b) for s, a, b in segments if s != NO_ADAPTER and ranks[s] > 0 and b > a]
+    live.update(s for s, _, _ in segs)
+    rank = max((ranks[s] for s in live), default=0)
+    return LoraPlan(rank, _decode_layout(decode_slots, ranks, device), _merge_runs(segs))
+
+
+def _decode_layout(
+    decode_slots: list[int], ranks: list[int], device: torch.device
+) -> DecodeLayout | None:
+    by_slot: dict[int, list[int]] = {}
+    for i, s in enumerate(decode_slots):
+        if s != NO_ADAPTER and ranks[s] > 0:
+            by_slot.setdefault(s, []).append(i)
+    if not by_slot:
+        return None
+    present = sorted(by_slot)
+    g = max(len(v) for v in by_slot.values())
+    first, span = present[0], present[-1] - present[0] + 1
+    as_range = span <= 2 * len(present)  # a view of at most twice the slots needed
+    blocks = list(range(first, first + span)) if as_range else present
+    src = [i for s in present for i in by_slot[s]]
+    place = {s: u for u, s in enumerate(blocks)}
+    dst = [place[s] * g + j for s in present for j in range(len(by_slot[s]))]
+
+    def index(values: list[int], first: int = 0) -> torch.Tensor | None:
+        if values == list(range(first, first + len(values))):
+            return None
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    start = src[0]  # a run of consecutive tokens (e.g. after a merged adapter's) needs no index
+
+    return DecodeLayout(
+        slots=None if as_range else torch.tensor(present, dtype=torch.long, device=device),
+        first=first,
+        num_blocks=len(blocks),
+        group_size=g,
+        count=len(src),
+        src=index(src, start),
+        start=start,
+        dst=(
+            torch.tensor(dst, dtype=torch.long, device=device)
+            if len(dst) < len(blocks) * g  # padded: some block rows stay empty
+            else None
+        ),
+    )
+
+
+def _merge_runs(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Join adjacent ranges of one slot, so each becomes one matmul pair."""
+    out: list[tuple[int, int, int]] = []
+    for s, a, b in sorted(segments, key=lambda t: t[1]):
+        if out and out[-1][0] == s and out[-1][2] == a:
+            out[-1] = (s, out[-1][1], b)
+        else:
+            out.append((s, a, b))
+    return out
+
+
+def add_lora(
+    outputs: list[torch.Tensor],
+    x: torch.Tensor,
+    group: LoraGroup,
+    plan: LoraPlan,
+    scale: float = 1.0,
+) -> None:
+    """outputs[j] (N, out_j) += scale * LoRA delta of member j, in place. x: (N, in).
+    (scale -1 takes an adapter merged into the base back out for the tokens of others.)"""
+    if plan.empty:
+        return
+    if plan.decode is not None:
+        _add_decode(outputs, x, group, plan.rank, plan.decode, scale)
+    for slot, start, end in plan.segments:
+        _add_segment(outputs, x, group, plan.rank, slot, start, end, scale)
+
+
+def _add_decode(
+    outputs: list[torch.Tensor],
+    x: torch.Tensor,
+    group: LoraGroup,
+    r: int,
+    lay: DecodeLayout,
+    scale: float,
+) -> None:
+    u, g, k = lay.num_blocks, lay.group_size, len(group.bt)
+    dtype = group.a.dtype
+    first = lay.start
+    xs = x.index_select(0, lay.src) if lay.src is not None else x[first : first + lay.count]
+    xs = xs.to(dtype)  # (M, in)
+    if lay.dst is not None:  # pad each adapter's tokens to G rows
+        padded = xs.new_zeros(u * g, x.shape[1])
+        padded.index_copy_(0, lay.dst, xs)
+        xs = padded
+    a = _stack(group.a, lay)[:, :, :r].reshape(u, k * r, -1)  # (U, k*R, in): a view if it can
+    shrunk = torch.bmm(xs.view(u, g, -1), a.transpose(1, 2))  # (U, G, k*R)
+    for j, out in enumerate(outputs):
+        bt = _stack(group.bt[j], lay)[:, :r]  # (U, R, out_j)
+        s_j = shrunk[:, :, j * r : (j + 1) * r]  # (U, G, R)
+        if lay.src is None and lay.dst is None and out.dtype == dtype:
+            # Tokens already in block order: accumulate in place, no temporary.
+            out[first : first + u * g].view(u, g, -1).baddbmm_(s_j, bt, alpha=scale)
+            continue
+        delta = torch.bmm(s_j, bt).view(u * g, -1)  # (U*G, out_j)
+        if scale != 1.0:
+            delta = delta.mul_(scale)
+        if lay.dst is not None:
+            delta = delta.index_select(0, lay.dst)
+        if lay.src is None:
+            out[first : first + delta.shape[0]] += delta.to(out.dtype)
+        else:
+            out.index_add_(0, lay.src, delta.to(out.dtype))
+
+
+def _stack(stack: torch.Tensor, lay: DecodeLayout) -> torch.Tensor:
+    """The slots of the block: a view of a range, or a gather."""
+    if lay.slots is None:
+        return stack[lay.first : lay.first + lay.num_blocks]
+    return stack.index_select(0, lay.slots)
+
+
+def _add_segment(
+    outputs: list[torch.Tensor],
+    x: torch.Tensor,
+    group: LoraGroup,
+    r: int,
+    slot: int,
+    start: int,
+    end: int,
+    scale: float,
+) -> None:
+    xs = x[start:end].to(group.a.dtype)  # (n, in)
+    k = len(group.bt)
+    shrunk = xs @ group.a[slot, :, :r].reshape(k * r, -1).T  # (n, k*R)
+    for j, out in enumerate(outputs):
+        s_j, bt = shrunk[:, j * r : (j + 1) * r], group.bt[j][slot, :r]  # (n, R), (R, out_j)
+        if out.dtype == shrunk.dtype:
+            out[start:end].addmm_(s_j, bt, alpha=scale)  # in place, no temporary
+        else:
+            out[start:end] += (s_j @ bt).mul_(scale).to(out.dtype)

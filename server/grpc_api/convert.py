@@ -1,0 +1,210 @@
+"""protobuf <-> runtime types, one explicit function per message: a field added on either side
+is added here, by name (tests/server/grpc_api/test_convert.py checks that every field of each
+view reaches its message)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from loraplex.adapters.compositions import Composition, CompositionRequest, WeightedAdapter
+from loraplex.core.errors import InvalidRequest
+from loraplex.core.types import AdapterVersion
+from loraplex.server.engine.request import RequestOutput
+from loraplex.server.runtime.requests import ChatMessage, GenerateInput
+from loraplex.server.runtime.views import (
+    AdapterView,
+    CacheView,
+    MergeView,
+    ModelInfo,
+    Registration,
+    TierView,
+)
+from loraplex.v1 import adapters_pb2, inference_pb2
+
+
+# -- requests -----------------------------------------------------------------------------------
+def generate_input(request: inference_pb2.GenerateRequest) -> GenerateInput:
+    return GenerateInput(
+        adapter_id=request.adapter_id,
+        prompt=request.prompt,
+        messages=tuple(ChatMessage(role=m.role, content=m.content) for m in request.messages),
+        max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
+        temperature=request.temperature,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+        compose=composition_request(request.compose) if request.HasField("compose") else None,
+    )
+
+
+def composition_request(message: adapters_pb2.AdapterComposition) -> CompositionRequest:
+    return CompositionRequest(
+        adapters=tuple(
+            WeightedAdapter(adapter_id=a.adapter_id, weight=a.weight) for a in message.adapters
+        ),
+        method=message.method or "linear",
+        density=message.density if message.HasField("density") else None,
+        seed=message.seed,
+        majority_sign_method=message.majority_sign_method or "total",
+    )
+
+
+def adapter_id_of(request: object) -> str:
+    """`adapter_id`, or its alias `name`; naming two different adapters is an error."""
+    adapter_id, name = getattr(request, "adapter_id", ""), getattr(request, "name", "")
+    if adapter_id and name and adapter_id != name:
+        raise InvalidRequest("name", "names another adapter than adapter_id: give one of them")
+    return str(adapter_id or name)
+
+
+async def push_chunks(
+    first: adapters_pb2.PushAdapterRequest,
+    rest: AsyncIterator[adapters_pb2.PushAdapterRequest],
+) -> AsyncIterator[tuple[str, bytes]]:
+    """(file name, bytes) pieces of a PushAdapter stream."""
+    message = first
+    while True:
+        if message.data or message.file_name:
+            if not message.file_name:
+                raise InvalidRequest("file_name", "every piece of data names its file")
+            yield message.file_name, message.data
+        try:
+            message = await anext(rest)
+        except StopAsyncIteration:
+            return
+
+
+# -- responses ----------------------------------------------------------------------------------
+def generate_response(
+    out: RequestOutput,
+    text: str,
+    token_ids: list[int],
+    adapter: AdapterVersion | None,
+    request_id: str,
+) -> inference_pb2.GenerateResponse:
+    """One response (a stream chunk, or with the whole text a unary answer) for `out`."""
+    response = inference_pb2.GenerateResponse(
+        text=text,
+        finish_reason=out.finish_reason or "",
+        stop_reason=out.stop_reason or "",
+        token_ids=token_ids,
+        adapter_id=adapter.adapter_id if adapter else "",
+        adapter_version=adapter.version if adapter else 0,
+        request_id=request_id,
+    )
+    if out.usage is not None:
+        u = out.usage
+        response.usage.CopyFrom(
+            inference_pb2.Usage(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                total_tokens=u.prompt_tokens + u.completion_tokens,
+            )
+        )
+    return response
+
+
+def model_info_message(info: ModelInfo) -> inference_pb2.ModelInfoResponse:
+    return inference_pb2.ModelInfoResponse(
+        model_id=info.model_id,
+        model_type=info.model_type,
+        quantization=info.quantization,
+        device=info.device,
+        dtype=info.dtype,
+        max_context_length=info.max_context_length,
+        vocab_size=info.vocab_size,
+        num_layers=info.num_layers,
+        supported_target_modules=list(info.supported_target_modules),
+        max_lora_rank=info.max_lora_rank,
+        max_loras=info.max_loras,
+        max_batch_size=info.max_batch_size,
+        base_model_fingerprint=info.base_model_fingerprint,
+        version=info.version,
+        has_chat_template=info.has_chat_template,
+    )
+
+
+def composition_message(composition: Composition) -> adapters_pb2.AdapterComposition:
+    message = adapters_pb2.AdapterComposition(
+        adapters=[
+            adapters_pb2.WeightedAdapter(adapter_id=v.adapter_id, weight=w)
+            for v, w in zip(composition.inputs, composition.weights, strict=True)
+        ],
+        method=composition.method,
+        seed=composition.seed,
+        majority_sign_method=composition.majority_sign_method,
+    )
+    if composition.density is not None:
+        message.density = composition.density
+    return message
+
+
+def adapter_info(view: AdapterView) -> adapters_pb2.AdapterInfo:
+    version = view.version
+    info = adapters_pb2.AdapterInfo(
+        adapter_id=version.adapter_id,
+        name=version.adapter_id,
+        version=version.version,
+        digest=version.digest,
+        rank=version.rank,
+        lora_alpha=version.lora_alpha,
+        target_modules=list(version.target_modules),
+        size_bytes=version.size_bytes,
+        created_at=version.created_at,
+        source=version.source,
+        versions=list(view.versions),
+        base_model_fingerprint=version.base_model_fingerprint,
+        tenant=version.tenant,
+        pinned=view.pinned,
+        shared=version.shared,
+        merged=view.merged,
+    )
+    if view.composition is not None:
+        info.composition.CopyFrom(composition_message(view.composition))
+        info.composed_versions.extend(v.version for v in view.composition.inputs)
+    return info
+
+
+def registration_message(registration: Registration) -> adapters_pb2.RegisterAdapterResponse:
+    return adapters_pb2.RegisterAdapterResponse(
+        adapter=adapter_info(registration.adapter), created=registration.created
+    )
+
+
+def tier_stats_message(view: TierView) -> adapters_pb2.TierStats:
+    st = view.stats
+    return adapters_pb2.TierStats(
+        tier=view.tier,
+        resident=view.resident,
+        capacity=view.capacity,
+        used_bytes=view.used_bytes,
+        budget_bytes=view.budget_bytes,
+        hits=st.hits,
+        misses=st.misses,
+        loads=st.loads,
+        evictions=st.evictions,
+        load_seconds=st.load_seconds,
+        load_failures=st.load_failures,
+    )
+
+
+def cache_stats_message(view: CacheView) -> adapters_pb2.CacheStats:
+    return adapters_pb2.CacheStats(
+        tiers=[tier_stats_message(t) for t in view.tiers], pinned=list(view.pinned)
+    )
+
+
+def merge_state_message(view: MergeView) -> adapters_pb2.MergeState:
+    return adapters_pb2.MergeState(
+        adapter_id=view.adapter_id,
+        version=view.version,
+        pinned=view.pinned,
+        policy=view.policy,
+        token_share=view.token_share,
+        leading_adapter_id=view.leading_adapter_id,
+        merges=view.merges,
+        unmerges=view.unmerges,
+        last_merge_seconds=view.last_merge_seconds,
+        last_unmerge_seconds=view.last_unmerge_seconds,
+    )

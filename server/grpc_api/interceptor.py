@@ -1,0 +1,187 @@
+"""What every RPC goes through before its servicer runs: authentication and decoding.
+
+With an API key file, every method needs a valid key except health checks and server
+reflection; the methods that manage adapters or read the server's cache need an admin key. A
+method not listed here is a client method: a new RPC is authenticated by default, never exempt
+by omission. The caller's principal reaches the servicer in the PRINCIPAL context variable.
+
+Requests are decoded here rather than by gRPC, so that a message that does not parse (e.g. a
+string field holding invalid UTF-8) is INVALID_ARGUMENT instead of an internal error.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from loraplex.core.errors import InvalidRequest
+from loraplex.server.runtime.auth import KeyRing, Principal, Unauthenticated
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+ADMIN_METHODS = frozenset(
+    f"/loraplex.v1.Adapters/{name}"
+    for name in (
+        "RegisterAdapter",
+        "PushAdapter",
+        "DeleteAdapter",
+        "PinAdapter",
+        "UnpinAdapter",
+        "GetCacheStats",
+        "MergeAdapter",
+        "UnmergeAdapter",
+        "GetMergeState",
+    )
+)
+
+
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Who is calling; None when authentication is off.
+PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "principal", default=None
+)
+Decode = Callable[[bytes], Any]
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, keys: KeyRing | None) -> None:
+        self.keys = keys  # None: no authentication
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        principal = None
+        if self.keys is not None:
+            metadata = details.invocation_metadata  # type: ignore[attr-defined]
+            outcome = authorize(self.keys, method, metadata)
+            if isinstance(outcome, Refusal):
+                request_id = request_id_of(metadata)
+                return refusing(handler, outcome.code, outcome.message, request_id)
+            principal = outcome
+        return bound(handler, principal)
+
+
+class Refusal(NamedTuple):
+    code: grpc.StatusCode
+    message: str
+
+
+def authorize(
+    keys: KeyRing, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
+) -> Principal | Refusal:
+    """The caller of `method` (a full path), or why it may not call it."""
+    try:
+        principal = keys.authenticate(dict(metadata or ()).get("authorization"))  # type: ignore[arg-type]
+    except Unauthenticated as exc:
+        return Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    if method in ADMIN_METHODS and not principal.is_admin:
+        return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin key")
+    return principal
+
+
+def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The client's x-request-id when it is a sensible one, else a new id."""
+    given = dict(metadata or ()).get(REQUEST_ID_KEY)
+    return given if isinstance(given, str) and _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def bound(handler: grpc.RpcMethodHandler, principal: Principal | None) -> grpc.RpcMethodHandler:
+    """`handler`, receiving raw bytes that it decodes itself, with PRINCIPAL set."""
+    decode: Decode = handler.request_deserializer or (lambda raw: raw)
+    inner = behaviour(handler)
+
+    async def read(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return _decoded(decode, request)
+        return await _decode_or_abort(decode, request, context)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        PRINCIPAL.set(principal)
+        return await inner(await read(request, context), context)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        PRINCIPAL.set(principal)
+        async for response in inner(await read(request, context), context):
+            yield response
+
+    return same_kind(handler, unary, streaming, request_deserializer=None)
+
+
+def behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The function that serves a handler's calls, whatever its kind."""
+    return (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+
+
+def same_kind(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[..., Any],
+    streaming: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind (request and response streaming alike) served by `unary`
+    when it answers one message, by `streaming` when it answers a stream."""
+    serializers = {
+        "request_deserializer": request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+    return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+
+
+def _decode(decode: Decode, raw: bytes) -> Any:
+    try:
+        return decode(raw)
+    except DecodeError:
+        raise InvalidRequest(
+            "request", "the message does not parse (string fields must be valid UTF-8)"
+        ) from None
+
+
+async def _decode_or_abort(decode: Decode, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    try:
+        return _decode(decode, raw)
+    except InvalidRequest as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+async def _decoded(decode: Decode, raws: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+    """The messages of a client stream; one that does not parse raises InvalidRequest where
+    the servicer reads it (and its error mapping makes it INVALID_ARGUMENT)."""
+    async for raw in raws:
+        yield _decode(decode, raw)
+
+
+def refusing(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, request_id: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that ends the call with `code`."""
+    trailing = ((REQUEST_ID_KEY, request_id),)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message, trailing_metadata=trailing)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, message, trailing_metadata=trailing)
+        yield  # makes this an async generator, as a streaming handler must be
+
+    # The request is never read: not decoding it spares an error about it.
+    return same_kind(handler, unary, streaming, request_deserializer=None)

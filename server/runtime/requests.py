@@ -1,0 +1,272 @@
+"""The request path, whatever protocol a request came by:
+
+    a GenerateInput comes in -> refused early if the tenant or the queue is full -> resolved to
+    an adapter version the caller may use -> sizes checked, tokenized (chat template applied)
+    -> admitted under the tenant's quotas -> the adapter's weights held in the host tier ->
+    submitted to the engine -> its outputs streamed back, until one carries a finish reason.
+
+Errors about the request raise from `generate` before any output (a front end answers them as
+errors, not as a started stream); an error after that ends the outputs. Whatever way the
+outputs end (finished, failed, or the consumer gone), the request's quota, host-tier lease and
+engine resources are given back, and it is observed once (metrics, the request log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from loraplex.adapters.cache import Lease
+from loraplex.adapters.compositions import CompositionRequest
+from loraplex.core.errors import CANCELLED, InvalidRequest
+from loraplex.core.types import AdapterVersion
+from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
+from loraplex.server.runtime.auth import Principal
+from loraplex.server.runtime.quotas import Quotas, Ticket
+from loraplex.server.runtime.resolver import AdapterResolver
+from loraplex.server.runtime.telemetry import Observers, RequestRecord
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_TEXT_CHARS = 1 << 20  # prompt or messages, before tokenizing (the context bounds tokens)
+MAX_MESSAGES = 1024
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """A generate request in domain terms (what every front end translates to)."""
+
+    adapter_id: str = ""  # "" = the base model
+    prompt: str = ""
+    messages: tuple[ChatMessage, ...] = ()  # the model's chat template is applied
+    max_new_tokens: int | None = None  # None = the server's default
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    compose: CompositionRequest | None = None  # several adapters composed (not adapter_id)
+
+
+@dataclass
+class Generation:
+    """A submitted request: what serves it, and its outputs as they come."""
+
+    request_id: str
+    adapter: AdapterVersion | None
+    outputs: AsyncIterator[RequestOutput]
+
+
+class Requests:
+    def __init__(
+        self,
+        engine: Engine,
+        resolver: AdapterResolver,
+        quotas: Quotas,
+        observers: Observers,
+        default_max_new_tokens: int,
+        log_prompts: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.resolver = resolver
+        self.quotas = quotas
+        self.observers = observers
+        self.default_max_new_tokens = default_max_new_tokens
+        self.log_prompts = log_prompts
+        self.tokenizer = engine.info.tokenizer
+        self._special_tokens = sorted(
+            {str(t) for t in getattr(self.tokenizer, "all_special_tokens", ())} - {""}
+        )
+
+    async def generate(
+        self,
+        inp: GenerateInput,
+        request_id: str | None = None,
+        principal: Principal | None = None,
+    ) -> Generation:
+        """Validate, admit and submit a request. Errors about the request raise here, before
+        any output; the returned iterator yields outputs until one carries a finish_reason."""
+        tenant = principal.tenant if principal is not None else ""
+        record = RequestRecord(
+            request_id=request_id or uuid.uuid4().hex,
+            tenant=tenant,
+            arrival=time.monotonic(),
+            adapter_id=inp.adapter_id,
+        )
+        if self.log_prompts:
+            record.prompt = inp.prompt or json.dumps(
+                [(m.role, m.content) for m in inp.messages], ensure_ascii=False
+            )
+        try:
+            return await self._submit(inp, record, principal)
+        except BaseException as exc:  # refused: observed now (a started one when it ends)
+            record.fail(exc)
+            record.finished = time.monotonic()
+            self.observers.finished(record)
+            raise
+
+    async def _submit(
+        self, inp: GenerateInput, record: RequestRecord, principal: Principal | None
+    ) -> Generation:
+        request_id, tenant = record.request_id, record.tenant
+        # Refuse early what would be refused anyway, before tokenizing: under overload the
+        # refusals must cost the server (and the requests it runs) next to nothing.
+        self.quotas.check(tenant)
+        self.engine.check()
+        adapter = await self.resolver.for_request(inp.adapter_id, inp.compose, principal)
+        if adapter is not None:
+            record.adapter_version = adapter.version
+        check_sizes(inp)
+        prompt_ids = await asyncio.to_thread(self._tokenize, inp)
+        record.prompt_tokens = len(prompt_ids)
+        max_new = self.default_max_new_tokens if inp.max_new_tokens is None else inp.max_new_tokens
+        params = SamplingParams(
+            max_new_tokens=max_new,
+            temperature=inp.temperature,
+            top_p=inp.top_p,
+            top_k=inp.top_k,
+            seed=inp.seed,
+            stop=inp.stop,
+        )
+        check_context(len(prompt_ids), max_new, self.engine.info.max_context)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def emit(item: RequestOutput | BaseException) -> None:  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                request.cancel()
+
+        ticket = self.quotas.admit(tenant, len(prompt_ids) + max_new)
+        lease = None
+        try:
+            # The host tier holds the adapter's weights while the request lives: loaded once
+            # however many requests want it, and fetched while the batch runs.
+            lease = await self.resolver.lease(adapter) if adapter is not None else None
+            request = EngineRequest(
+                request_id=request_id,
+                prompt_ids=prompt_ids,
+                params=params,
+                adapter=adapter,
+                emit=emit,
+                weights=lease.weights if lease else None,
+                tenant=tenant,
+            )
+            self.engine.submit(request)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            ticket.release(ticket.tokens)
+            raise
+        outputs = self._outputs(queue, request, lease, ticket, record)
+        return Generation(request_id, adapter, outputs)
+
+    async def _outputs(
+        self,
+        queue: asyncio.Queue[RequestOutput | BaseException],
+        request: EngineRequest,
+        lease: Lease | None,
+        ticket: Ticket,
+        record: RequestRecord,
+    ) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    record.fail(item)
+                    raise item
+                finished = item.finish_reason is not None
+                record.output(time.monotonic(), len(item.token_ids))
+                if self.log_prompts:
+                    record.text += item.text
+                if finished:
+                    record.finish_reason = item.finish_reason or ""
+                yield item
+        finally:
+            if not finished:  # the consumer went away (client cancel, deadline): stop now
+                self.engine.cancel(request)
+                record.code = CANCELLED
+            if lease is not None:
+                lease.release()
+            ticket.release(request.params.max_new_tokens - record.completion_tokens)
+            record.queued, record.admitted = request.arrival, request.admitted
+            record.finished = time.monotonic()
+            self.observers.finished(record)
+
+    def _tokenize(self, inp: GenerateInput) -> list[int]:
+        if inp.prompt and inp.messages:
+            raise InvalidRequest("prompt", "give either prompt or messages, not both")
+        if inp.messages:
+            for i, message in enumerate(inp.messages):
+                if message.role not in CHAT_ROLES:
+                    raise InvalidRequest(
+                        f"messages[{i}].role",
+                        f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}",
+                    )
+                # A control token in the content would forge turns of the conversation.
+                for token in self._special_tokens:
+                    if token in message.content:
+                        raise InvalidRequest(
+                            f"messages[{i}].content", f"contains the special token {token!r}"
+                        )
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidRequest("messages", "the served model has no chat template")
+            text = self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+                [{"role": m.role, "content": m.content} for m in inp.messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+        elif inp.prompt:
+            # Raw text: special-token strings in it stay text, never control tokens.
+            ids = self.tokenizer(inp.prompt, split_special_tokens=True).input_ids  # type: ignore[operator]
+        else:
+            raise InvalidRequest("prompt", "empty: give a prompt or messages")
+        if not ids:
+            raise InvalidRequest("prompt", "tokenizes to no tokens")
+        return list(ids)
+
+    async def warmup(self) -> None:
+        """One tiny generation through the whole path, so the first client is not the one
+        who pays for lazy initialisation."""
+        generation = await self.generate(GenerateInput(prompt="Hello", max_new_tokens=2))
+        async for _ in generation.outputs:
+            pass
+
+
+def check_sizes(inp: GenerateInput) -> None:
+    """Bound the text before tokenizing it (tokens are bounded by the context afterwards)."""
+    if len(inp.prompt) > MAX_TEXT_CHARS:
+        raise InvalidRequest("prompt", f"{len(inp.prompt)} characters; at most {MAX_TEXT_CHARS}")
+    if len(inp.messages) > MAX_MESSAGES:
+        raise InvalidRequest("messages", f"{len(inp.messages)} messages; at most {MAX_MESSAGES}")
+    total = sum(len(m.content) for m in inp.messages)
+    if total > MAX_TEXT_CHARS:
+        raise InvalidRequest("messages", f"{total} characters; at most {MAX_TEXT_CHARS}")
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
+    """The prompt and what it may generate must fit the model's context."""
+    if prompt_tokens >= limit:
+        raise InvalidRequest(
+            "prompt", f"{prompt_tokens} tokens; the model's context is {limit} tokens"
+        )
+    if prompt_tokens + max_new_tokens > limit:
+        raise InvalidRequest(
+            "max_new_tokens",
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {limit} tokens",
+        )

@@ -1,0 +1,133 @@
+"""The runtime: one engine and the adapter tiers behind it, wired once, and the two services the
+front ends call (`requests`, `adapters`). See this package's docstring for how a front end
+uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from loraplex.adapters.cache import HostCache
+from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.store import AdapterStore
+from loraplex.core import __version__
+from loraplex.core.model import LORA_TARGETS, load_model
+from loraplex.core.types import BaseModelSpec
+from loraplex.server.config import ServerConfig
+from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.model_runner import ModelRunner
+from loraplex.server.engine.state import EngineInfo, EngineSnapshot
+from loraplex.server.runtime.adapters import AdapterService
+from loraplex.server.runtime.auth import KeyRing
+from loraplex.server.runtime.quotas import Quotas, load_tenant_limits
+from loraplex.server.runtime.requests import Requests
+from loraplex.server.runtime.resolver import AdapterResolver
+from loraplex.server.runtime.telemetry import Observers, RequestLog
+from loraplex.server.runtime.views import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, engine: Engine, registry: AdapterRegistry, config: ServerConfig) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.config = config
+        self.info: EngineInfo = engine.info
+        self.cache = HostCache(registry.load_weights, config.host_cache_bytes)
+        per_tenant = load_tenant_limits(config.auth_keys) if config.auth_keys else {}
+        self.quotas = Quotas(config.tenant_limits, per_tenant)
+        self.observers = Observers([RequestLog(config.log_prompts)])  # each request, at its end
+        self.resolver = AdapterResolver(
+            registry,
+            self.cache,
+            engine,
+            max_rank=config.engine.max_lora_rank,
+            refresh_store=self._refresh_store,
+        )
+        self.adapters = AdapterService(
+            registry, self.cache, engine, self.resolver, config.engine.merge.policy
+        )
+        self.requests = Requests(
+            engine,
+            self.resolver,
+            self.quotas,
+            self.observers,
+            default_max_new_tokens=config.engine.default_max_new_tokens,
+            log_prompts=config.log_prompts,
+        )
+
+    @classmethod
+    def create(cls, config: ServerConfig) -> Runtime:
+        """Load the model and build everything behind the front ends (blocking; seconds). The
+        model is loaded on the engine thread, the one thread that runs tensor work."""
+        ec = config.engine
+        if ec.tenant_max_running is None:  # automatic: headroom only when tenants share
+            keys = KeyRing.from_file(config.auth_keys) if config.auth_keys else None
+            tenants = keys.client_tenants if keys is not None else set()
+            share = max(1, ec.max_batch_size * 3 // 4) if len(tenants) > 1 else 0
+            ec = dataclasses.replace(ec, tenant_max_running=share)
+
+        def make_runner() -> ModelRunner:
+            return ModelRunner.from_config(load_model(config.model), ec)
+
+        engine = Engine(make_runner, ec)
+        info = engine.start()
+        spec = BaseModelSpec(
+            linear_shapes=info.target_shapes,
+            max_rank=ec.max_lora_rank,
+            fingerprint=info.fingerprint,
+            max_bytes=ec.max_adapter_bytes,
+        )
+        store = AdapterStore(config.store_url, config.storage_options)
+        store.collect_orphans()
+        registry = AdapterRegistry(
+            store, spec, config.allowed_adapter_roots, config.storage_options
+        )
+        return cls(engine, registry, config)
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.cache.close()
+
+    async def _refresh_store(self) -> None:
+        await self.adapters.refresh_store()
+
+    async def start(self) -> None:
+        """Warm the request path up and pin the adapters the configuration names."""
+        await self.requests.warmup()
+        for adapter_id in self.config.pinned_adapters:
+            await self.adapters.pins.pin(adapter_id)
+
+    def model_info(self) -> ModelInfo:
+        info, ec = self.info, self.config.engine
+        return ModelInfo(
+            model_id=info.model_id,
+            model_type=info.model_type,
+            quantization=info.quantization,
+            device=info.device,
+            dtype=info.dtype,
+            max_context_length=info.max_context,
+            vocab_size=info.vocab_size,
+            num_layers=info.num_layers,
+            supported_target_modules=LORA_TARGETS,
+            max_lora_rank=ec.max_lora_rank,
+            max_loras=ec.max_loras,
+            max_batch_size=ec.max_batch_size,
+            base_model_fingerprint=info.fingerprint,
+            version=__version__,
+            has_chat_template=bool(getattr(info.tokenizer, "chat_template", None)),
+        )
+
+    async def snapshot(self) -> EngineSnapshot:
+        return await asyncio.wrap_future(self.engine.snapshot())
+
+    def observe_adapter_loads(self, tier: str, observer: Callable[[float], None]) -> None:
+        """Call `observer(seconds)` after each adapter load into `tier` ("device": a slot,
+        "host": host memory); it must not block."""
+        if tier == "device":
+            self.engine.observe_adapter_loads(observer)
+        else:
+            self.cache.stats.load_observers.append(observer)

@@ -1,0 +1,269 @@
+"""Adapter validation against the base, the persistent store and registration."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from loraplex.adapters.registry import AdapterRegistry, check_adapter_id
+from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.validate import load_adapter
+from loraplex.core.errors import (
+    AdapterNotFound,
+    AdapterSourceDenied,
+    InvalidAdapter,
+    InvalidAdapterId,
+)
+from loraplex.core.model import lora_target_shapes
+from loraplex.core.types import BaseModelSpec
+from tests.helpers import add_peft_adapter
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory, tiny_model_dir):
+    """A PEFT LoRA (r=4 on q/v) saved for the tiny model, and the spec of that model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    spec = BaseModelSpec(lora_target_shapes(model), max_rank=8, fingerprint="tiny")
+    peft_model = add_peft_adapter(
+        model,
+        "default",
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        seed=0,
+    )
+    path = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(path)
+    return path, spec
+
+
+@pytest.fixture
+def adapter_copy(tiny_adapter, tmp_path):
+    src, spec = tiny_adapter
+    dst = tmp_path / "adapter"
+    shutil.copytree(src, dst)
+    return dst, spec
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / CONFIG).read_text())
+    config.update(changes)
+    (path / CONFIG).write_text(json.dumps(config))
+
+
+def edit_tensors(path, fn):
+    tensors = load_file(path / WEIGHTS)
+    fn(tensors)
+    save_file(tensors, path / WEIGHTS)
+
+
+def test_valid_adapter_loads_with_scaling_folded(tiny_adapter):
+    path, spec = tiny_adapter
+    weights = load_adapter(path, spec)
+    assert weights.rank == 4 and weights.target_modules == ("q_proj", "v_proj")
+    assert len(weights.modules) == 4  # 2 layers x q, v
+    tensors = load_file(path / WEIGHTS)
+    a, b = weights.modules["model.layers.0.self_attn.q_proj"]
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(a, tensors[f"{prefix}.lora_A.weight"].float())
+    torch.testing.assert_close(b, tensors[f"{prefix}.lora_B.weight"].float() * 2.0)  # 8 / 4
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda p: edit_config(p, peft_type="PREFIX_TUNING"), "peft_type"),
+        (lambda p: edit_config(p, r=16), "exceeds the server's max rank"),
+        (lambda p: edit_config(p, r=2), "shape"),
+        (lambda p: edit_config(p, use_dora=True), "DoRA"),
+        (lambda p: edit_config(p, modules_to_save=["lm_head"]), "modules_to_save"),
+        (lambda p: edit_config(p, lora_alpha="big"), "lora_alpha"),
+        (lambda p: (p / CONFIG).write_text("{not json"), "not valid JSON"),
+        (lambda p: (p / CONFIG).unlink(), "adapter_config.json is missing"),
+        (lambda p: (p / WEIGHTS).unlink(), "adapter_model.safetensors is missing"),
+        (lambda p: (p / WEIGHTS).write_bytes(b"garbage"), "not a readable safetensors"),
+        (lambda p: (p / "adapter_model.bin").write_bytes(b"\x80\x04"), "pickle"),
+        (
+            lambda p: edit_tensors(
+                p,
+                lambda t: t.update(
+                    {k: torch.full_like(v, float("nan")) for k, v in t.items() if "lora_B" in k}
+                ),
+            ),
+            "NaN or Inf",
+        ),
+        (
+            lambda p: edit_tensors(
+                p, lambda t: t.update({k: v.to(torch.int8) for k, v in t.items() if "lora_A" in k})
+            ),
+            "float dtype",
+        ),
+        (
+            lambda p: edit_tensors(
+                p,
+                lambda t: t.update(
+                    {k: v[:, :-1].contiguous() for k, v in t.items() if "lora_A" in k}
+                ),
+            ),
+            "shape",
+        ),
+        (
+            lambda p: edit_tensors(p, lambda t: [t.pop(k) for k in list(t) if "lora_B" in k]),
+            "lora_B weight is missing",
+        ),
+        (
+            lambda p: edit_tensors(
+                p,
+                lambda t: t.update(
+                    {"base_model.model.model.layers.0.mlp.nope.lora_A.weight": torch.zeros(4, 64)}
+                ),
+            ),
+            "not a supported layer",
+        ),
+        (
+            lambda p: edit_tensors(p, lambda t: t.update({"extra.weight": torch.zeros(2)})),
+            "unexpected tensor",
+        ),
+    ],
+)
+def test_invalid_adapters_are_rejected_with_the_reason(adapter_copy, break_it, message):
+    path, spec = adapter_copy
+    break_it(path)
+    with pytest.raises(InvalidAdapter, match=message):
+        load_adapter(path, spec)
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "/etc/passwd", "a/b", "UPPER", "a\0b", "x" * 64, "."])
+def test_adapter_ids_are_identifiers_not_paths(bad):
+    with pytest.raises(InvalidAdapterId):
+        check_adapter_id(bad)
+
+
+def test_register_is_idempotent_and_versions_new_content(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
+    v1, created = registry.register("tenant-a.support", str(path))
+    assert created and v1.version == 1 and v1.digest.startswith("sha256:")
+    again, created = registry.register("tenant-a.support", str(path))
+    assert not created and again == v1
+    edit_tensors(path, lambda t: t.update({k: v * 2 for k, v in t.items()}))
+    v2, created = registry.register("tenant-a.support", str(path))
+    assert created and v2.version == 2 and v2.digest != v1.digest
+    assert registry.resolve("tenant-a.support") == v2
+    # Each version's blob is what was registered, independent of the source directory.
+    assert registry.load_weights(v1).modules.keys() == registry.load_weights(v2).modules.keys()
+    a1 = next(iter(registry.load_weights(v1).modules.values()))[0]
+    a2 = next(iter(registry.load_weights(v2).modules.values()))[0]
+    torch.testing.assert_close(a2, a1 * 2)
+
+
+def test_registry_persists_across_restarts_and_delete(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    store_dir = tmp_path / "store"
+    registry = AdapterRegistry(AdapterStore(store_dir), spec, [tmp_path])
+    v1, _ = registry.register("one", str(path))
+    registry.register("two", str(path))  # same content, another id: one shared blob
+    reopened = AdapterRegistry(AdapterStore(store_dir), spec, [tmp_path])
+    assert [v.adapter_id for v in reopened.store.latest_versions()] == ["one", "two"]
+    assert reopened.resolve("one") == v1
+    assert [v.version for v in reopened.delete("one")] == [1]
+    assert reopened.store.remove_blobs({v1.digest}) == []  # still used by "two"
+    reopened.delete("two")
+    assert reopened.store.remove_blobs({v1.digest}) == [v1.digest]
+    with pytest.raises(AdapterNotFound):
+        reopened.load_weights(v1)
+    with pytest.raises(AdapterNotFound):
+        AdapterStore(store_dir).latest("one")
+
+
+def test_failed_registration_leaves_nothing(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    store = AdapterStore(tmp_path / "store")
+    registry = AdapterRegistry(store, spec, [tmp_path])
+    edit_config(path, r=32)
+    with pytest.raises(InvalidAdapter):
+        registry.register("bad", str(path))
+    assert store.latest_versions() == []
+    assert list((tmp_path / "store" / "blobs").iterdir()) == []
+    assert list(store.staging_dir.iterdir()) == []
+
+
+def test_sources_outside_the_allowed_roots_are_denied(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path / "allowed"])
+    (tmp_path / "allowed").mkdir()
+    with pytest.raises(AdapterSourceDenied):
+        registry.register("x", str(path))
+    link = tmp_path / "allowed" / "sneaky"
+    link.symlink_to(path)  # a symlink inside the root that leads out of it
+    with pytest.raises(AdapterSourceDenied):
+        registry.register("x", str(link))
+    with pytest.raises(InvalidAdapter):
+        registry.register("x", str(tmp_path / "allowed" / "missing"))
+
+
+def test_register_from_s3_into_an_s3_store(adapter_copy, s3_bucket, tmp_path):
+    """Replicas share an S3 store; adapters may also come from S3."""
+    import fsspec
+
+    path, spec = adapter_copy
+    url, options = s3_bucket
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    for f in path.iterdir():
+        fs.put_file(str(f), f"{url}/incoming/support/{f.name}")
+    registry = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, [tmp_path], options)
+    version, created = registry.register("support", f"{url}/incoming/support/")
+    assert created and version.source == f"{url}/incoming/support/"
+    replica = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, [], options)
+    assert replica.resolve("support") == version
+    local = load_adapter(path, spec)
+    loaded = replica.load_weights(version)
+    for module, (a, b) in local.modules.items():
+        torch.testing.assert_close(loaded.modules[module][0], a)
+        torch.testing.assert_close(loaded.modules[module][1], b)
+    with pytest.raises(InvalidAdapter, match="no adapter"):
+        registry.register("missing", f"{url}/nowhere")
+    fs.pipe(f"{url}/incoming/support/adapter_model.bin", b"\x80\x04")
+    with pytest.raises(InvalidAdapter, match="pickle"):
+        registry.register("pickled", f"{url}/incoming/support")
+    limited = AdapterRegistry(registry.store, spec, [f"{url}/trusted"], options)
+    with pytest.raises(AdapterSourceDenied):
+        limited.register("support", f"{url}/incoming/support")
+
+
+def test_upload_is_staged_within_limits(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [])
+    upload = registry.new_upload()
+    for f in sorted(path.iterdir()):  # README.md too: PEFT writes it, the server ignores it
+        data = f.read_bytes()
+        for i in range(0, len(data), 1000):
+            upload.write(f.name, data[i : i + 1000])
+    version, created = registry.register_upload("pushed", upload)
+    assert created and version.source == "upload"
+    assert not upload.staging.exists()
+
+    for bad in ["../evil", "a/b", "", "x\0y", ".."]:
+        with pytest.raises(InvalidAdapter, match="plain file name"):
+            registry.new_upload().write(bad, b"x")
+    small = AdapterRegistry(registry.store, BaseModelSpec(spec.linear_shapes, 8, "t", 10), [])
+    upload = small.new_upload()
+    with pytest.raises(InvalidAdapter, match="larger than the limit"):
+        upload.write("adapter_model.safetensors", b"x" * (4 << 20))
+    small.discard_upload(upload)
+    upload = registry.new_upload()
+    upload.write("adapter_config.json", (path / CONFIG).read_bytes())
+    upload.write("adapter_model.safetensors", (path / WEIGHTS).read_bytes())
+    upload.write("run.sh", b"#!/bin/sh")
+    with pytest.raises(InvalidAdapter, match=r"run\.sh"):
+        registry.register_upload("extra", upload)
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("extra")

@@ -1,0 +1,471 @@
+"""Validation of adapter directories: the directory's entries, the config, and the safetensors
+file parsed without torch. A hand-built spec of a 2-layer base; no model is loaded."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraplex.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, check_entries, load_adapter
+from loraplex.core.errors import InvalidAdapter
+from loraplex.core.types import BaseModelSpec
+
+HIDDEN = 16
+SHAPES = {  # module -> (in_features, out_features)
+    f"model.layers.{i}.{name}": shape
+    for i in range(2)
+    for name, shape in (
+        ("self_attn.q_proj", (HIDDEN, HIDDEN)),
+        ("self_attn.v_proj", (HIDDEN, 8)),
+        ("mlp.gate_proj", (HIDDEN, 32)),
+    )
+}
+SPEC = BaseModelSpec(SHAPES, max_rank=8, fingerprint="test")
+RANK, ALPHA = 4, 8
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def peft_config(**changes) -> dict:
+    """What PEFT's save_pretrained writes (the fields that matter here)."""
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "target_modules": ["q_proj", "v_proj"],
+        "exclude_modules": None,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lora_bias": False,
+    }
+    config.update(changes)
+    return config
+
+
+def lora_tensors(
+    dtype: torch.dtype = torch.float32, modules: tuple[str, ...] = ("q_proj", "v_proj")
+) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, (in_features, out_features) in SHAPES.items():
+        if name.rsplit(".", 1)[-1] in modules:
+            prefix = f"base_model.model.{name}"
+            a = torch.randn(RANK, in_features, generator=generator)
+            b = torch.randn(out_features, RANK, generator=generator)
+            tensors[f"{prefix}.lora_A.weight"] = a.to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = b.to(dtype)
+    return tensors
+
+
+def write_adapter(path, tensors=None, **config_changes):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(json.dumps(peft_config(**config_changes)))
+    save_file(lora_tensors() if tensors is None else tensors, path / WEIGHTS_FILE)
+    return path
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    return write_adapter(tmp_path / "adapter")
+
+
+def rejected(path, fragment: str, spec: BaseModelSpec = SPEC) -> None:
+    with pytest.raises(InvalidAdapter) as info:
+        load_adapter(path, spec)
+    assert fragment in str(info.value)
+
+
+# -- what passes --------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_valid_adapter_loads_as_float32_with_scaling_folded(tmp_path, dtype):
+    path = write_adapter(tmp_path / "adapter", lora_tensors(dtype))
+    weights = load_adapter(path, SPEC)
+    assert weights.rank == RANK and weights.lora_alpha == ALPHA
+    assert weights.target_modules == ("q_proj", "v_proj")
+    assert sorted(weights.modules) == sorted(n for n in SHAPES if "gate" not in n)
+    expected = load_file(path / WEIGHTS_FILE)
+    for module, (a, b) in weights.modules.items():
+        prefix = f"base_model.model.{module}"
+        for t in (a, b):
+            assert t.dtype == torch.float32 and t.is_contiguous()
+        assert torch.equal(a, expected[f"{prefix}.lora_A.weight"].float())
+        assert torch.equal(b, expected[f"{prefix}.lora_B.weight"].float() * (ALPHA / RANK))
+    assert weights.nbytes == sum(4 * (a.numel() + b.numel()) for a, b in weights.modules.values())
+
+
+def test_rslora_scales_by_alpha_over_sqrt_rank(tmp_path):
+    path = write_adapter(tmp_path / "adapter", use_rslora=True)
+    _, b = load_adapter(path, SPEC).modules["model.layers.1.self_attn.v_proj"]
+    expected = load_file(path / WEIGHTS_FILE)[
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    ]
+    assert torch.equal(b, expected * (ALPHA / RANK**0.5))
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        None,  # missing: the tensors decide
+        ["self_attn.q_proj", "v_proj"],  # a dotted suffix
+        ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "v_proj"],
+        r".*\.(q_proj|v_proj)",  # a string is a regex, fullmatched
+        "all-linear",
+    ],
+)
+def test_target_modules_in_peft_forms_are_accepted(tmp_path, targets):
+    path = write_adapter(tmp_path / "adapter", target_modules=targets)
+    assert load_adapter(path, SPEC).target_modules == ("q_proj", "v_proj")
+
+
+def test_readme_and_training_manifest_are_ignored(adapter):
+    (adapter / "README.md").write_text("# model card\n")
+    (adapter / "training_manifest.json").write_text("{}")
+    assert len(load_adapter(adapter, SPEC).modules) == 4
+
+
+# -- the config ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"peft_type": "PREFIX_TUNING"}, "not a LoRA adapter: peft_type is 'PREFIX_TUNING'"),
+        ({"peft_type": "lora"}, "not a LoRA adapter"),
+        ({"r": 16}, "rank 16 exceeds the server's max rank 8"),
+        ({"r": 0}, "r must be a positive integer"),
+        ({"lora_alpha": "big"}, "lora_alpha must be a finite number"),
+        ({"target_modules": ["q_proj", "c_attn"]}, "target module 'c_attn' matches no supported"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "target module 'lm_head' matches no supported"),
+        ({"target_modules": ["embed_tokens"]}, "'embed_tokens' matches no supported"),
+        ({"target_modules": ".*lm_head"}, "regex '.*lm_head' matches no supported"),
+        ({"target_modules": "(q_proj"}, "target_modules is not a valid regex"),
+        ({"target_modules": []}, "target_modules is empty"),
+        ({"target_modules": [1]}, "target_modules must be a string or a list"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save is not supported"),
+        ({"use_dora": True}, "DoRA adapters are not supported"),
+        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern is not supported"),
+        ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern is not supported"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"bias": "all"}, "bias must be 'none'"),
+        ({"lora_bias": True}, "LoRA bias terms"),
+        ({"layers_to_transform": 0}, "layers_to_transform is not supported"),
+        ({"layers_to_transform": [0]}, "layers_to_transform is not supported"),
+        ({"layers_pattern": "layers"}, "layers_pattern is not supported"),
+        ({"layer_replication": [[0, 2]]}, "layer_replication is not supported"),
+        ({"alora_invocation_tokens": [1, 2]}, "activated LoRA"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+    ],
+)
+def test_invalid_configs_are_rejected(tmp_path, changes, fragment):
+    rejected(write_adapter(tmp_path / "adapter", **changes), fragment)
+
+
+def test_tensors_of_modules_the_config_does_not_target_are_rejected(tmp_path):
+    path = write_adapter(tmp_path / "adapter", target_modules=["q_proj"])
+    rejected(path, "v_proj' is not selected by target_modules")
+    path = write_adapter(tmp_path / "excluded", exclude_modules=["model.layers.1.self_attn.v_proj"])
+    rejected(path, "module 'model.layers.1.self_attn.v_proj' is not selected by target_modules")
+
+
+def test_config_over_the_size_limit_is_rejected(adapter):
+    config = peft_config(padding="x" * (1 << 20))
+    (adapter / CONFIG_FILE).write_text(json.dumps(config))
+    rejected(adapter, "adapter_config.json is")
+    rejected(adapter, "bytes, over the limit of 1048576")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"{not json", "adapter_config.json is not valid JSON"),
+        (b"\xff", "adapter_config.json is not valid JSON"),
+        (b"[" * 100_000, "adapter_config.json is not valid JSON"),  # too deep to parse
+        (b"[1, 2]", "adapter_config.json must hold a JSON object"),
+    ],
+)
+def test_config_that_is_not_a_json_object_is_rejected(adapter, content, fragment):
+    (adapter / CONFIG_FILE).write_bytes(content)
+    rejected(adapter, fragment)
+
+
+# -- the tensors --------------------------------------------------------------------------------
+def edited(path, fn):
+    tensors = load_file(path / WEIGHTS_FILE)
+    fn(tensors)
+    save_file(tensors, path / WEIGHTS_FILE)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f"{Q0}.lora_A.default.weight",  # an adapter name: PEFT does not save one
+        f"{Q0}.lora_magnitude_vector",  # DoRA
+        "base_model.model.model.embed_tokens.lora_embedding_A",
+        "model.layers.0.self_attn.q_proj.weight",  # a base weight
+    ],
+)
+def test_tensors_not_named_as_peft_saves_lora_weights_are_rejected(adapter, name):
+    edited(adapter, lambda t: t.update({name: torch.zeros(RANK, HIDDEN)}))
+    rejected(adapter, f"unexpected tensor {name!r}")
+
+
+def test_tensor_for_a_layer_the_base_lacks_is_rejected(adapter):
+    name = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    edited(adapter, lambda t: t.update({name: torch.zeros(RANK, 32)}))
+    rejected(adapter, "target module 'model.layers.0.mlp.down_proj' is not a supported layer")
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "fragment"),
+    [
+        ("lora_A", (RANK, HIDDEN - 1), "q_proj.lora_A has shape (4, 15), expected (4, 16)"),
+        ("lora_A", (RANK, HIDDEN, 1), "q_proj.lora_A has shape (4, 16, 1)"),
+        ("lora_B", (HIDDEN, RANK + 1), "q_proj.lora_B has shape (16, 5), expected (16, 4)"),
+        ("lora_B", (RANK, HIDDEN), "q_proj.lora_B has shape (4, 16), expected (16, 4)"),
+    ],
+)
+def test_wrong_shapes_are_rejected(adapter, kind, shape, fragment):
+    edited(adapter, lambda t: t.update({f"{Q0}.{kind}.weight": torch.zeros(shape)}))
+    rejected(adapter, fragment)
+
+
+@pytest.mark.parametrize("kind", ["lora_A", "lora_B"])
+def test_a_module_needs_both_a_and_b(adapter, kind):
+    edited(adapter, lambda t: t.pop(f"{Q0}.{kind}.weight"))
+    rejected(adapter, f"model.layers.0.self_attn.q_proj: {kind} weight is missing")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "code"),
+    [(torch.int8, "I8"), (torch.int32, "I32"), (torch.bool, "BOOL"), (torch.float64, "F64")],
+)
+def test_non_float_dtypes_are_rejected(adapter, dtype, code):
+    edited(
+        adapter, lambda t: t.update({f"{Q0}.lora_A.weight": torch.ones(RANK, HIDDEN, dtype=dtype)})
+    )
+    rejected(adapter, f"tensor '{Q0}.lora_A.weight' has dtype '{code}', expected a float dtype")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_rejected(tmp_path, dtype, value):
+    tensors = lora_tensors(dtype)
+    tensors[f"{Q0}.lora_B.weight"][3, 1] = value
+    rejected(write_adapter(tmp_path / "adapter", tensors), "q_proj.lora_B contains NaN or Inf")
+
+
+def test_b_that_overflows_when_scaled_is_rejected(tmp_path):
+    tensors = lora_tensors()
+    tensors[f"{Q0}.lora_B.weight"][0, 0] = 3e38  # finite, but not once doubled
+    rejected(write_adapter(tmp_path / "adapter", tensors), "q_proj.lora_B overflows float32")
+
+
+def test_file_without_tensors_is_rejected(tmp_path):
+    rejected(write_adapter(tmp_path / "adapter", {}), "holds no LoRA weights")
+
+
+def test_weights_over_the_size_limit_are_rejected(adapter):
+    size = (adapter / WEIGHTS_FILE).stat().st_size
+    small = BaseModelSpec(SHAPES, max_rank=8, fingerprint="test", max_bytes=size - 1)
+    rejected(adapter, f"adapter_model.safetensors is {size} bytes, larger than the limit", small)
+
+
+# -- the safetensors format ---------------------------------------------------------------------
+A_BYTES, B_BYTES = RANK * HIDDEN * 4, HIDDEN * RANK * 4  # q_proj's A and B in F32
+
+
+def raw_weights(path, header: dict, data: bytes, header_len: int | None = None) -> None:
+    encoded = json.dumps(header).encode()
+    length = len(encoded) if header_len is None else header_len
+    (path / WEIGHTS_FILE).write_bytes(struct.pack("<Q", length) + encoded + data)
+
+
+def q0_header(a=(0, A_BYTES), b=(A_BYTES, A_BYTES + B_BYTES), **extra) -> dict:
+    return {
+        f"{Q0}.lora_A.weight": {"dtype": "F32", "shape": [RANK, HIDDEN], "data_offsets": list(a)},
+        f"{Q0}.lora_B.weight": {"dtype": "F32", "shape": [HIDDEN, RANK], "data_offsets": list(b)},
+        **extra,
+    }
+
+
+@pytest.fixture
+def q0_adapter(tmp_path):
+    """An adapter on layer 0's q_proj whose safetensors file the tests write byte by byte."""
+    return write_adapter(
+        tmp_path / "adapter", {}, target_modules=["model.layers.0.self_attn.q_proj"]
+    )
+
+
+def test_hand_written_safetensors_file_loads(q0_adapter):
+    data = struct.pack("<64f", *range(64)) + struct.pack("<64f", *range(64, 128))
+    raw_weights(q0_adapter, {"__metadata__": {"format": "pt"}, **q0_header()}, data)
+    a, b = load_adapter(q0_adapter, SPEC).modules["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(a, torch.arange(64.0).reshape(RANK, HIDDEN))
+    assert torch.equal(b, torch.arange(64.0, 128.0).reshape(HIDDEN, RANK) * (ALPHA / RANK))
+
+
+ZEROS = bytes(A_BYTES + B_BYTES)
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "header_len", "fragment"),
+    [
+        ({}, b"", 1 << 40, "header length 1099511627776 is invalid"),
+        (q0_header(), ZEROS, 10, "header is not valid JSON"),
+        ([1, 2], b"", None, "header is not a JSON object"),
+        (q0_header(a=(0, A_BYTES + 8)), ZEROS, None, "spans 264 bytes; F32 [4, 16] needs 256"),
+        (q0_header(b=(A_BYTES, A_BYTES + B_BYTES + 4)), ZEROS, None, "are outside the 512-byte"),
+        (q0_header(b=(A_BYTES, -1)), ZEROS, None, "invalid data_offsets"),
+        (q0_header(b=(A_BYTES, 512.0)), ZEROS, None, "invalid data_offsets"),
+        (q0_header(a=(0, A_BYTES), b=(8, 8 + B_BYTES)), ZEROS, None, "overlaps another tensor"),
+        (q0_header(b=(A_BYTES + 4, A_BYTES + 4 + B_BYTES)), ZEROS + bytes(4), None, "no tensor"),
+        (q0_header(), ZEROS + b"junk", None, "4 trailing bytes after the last tensor"),
+        ({"__metadata__": {"n": 1}, **q0_header()}, ZEROS, None, "__metadata__ must map"),
+        (
+            q0_header(**{"x": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0], "y": 1}}),
+            ZEROS,
+            None,
+            "entry 'x' must have exactly dtype, shape and data_offsets",
+        ),
+        (q0_header(**{"x": {"dtype": "F32", "shape": [True]}}), ZEROS, None, "entry 'x' must"),
+    ],
+)
+def test_malformed_safetensors_files_are_rejected(q0_adapter, header, data, header_len, fragment):
+    raw_weights(q0_adapter, header, data, header_len)
+    rejected(q0_adapter, "adapter_model.safetensors is not a readable safetensors file")
+    rejected(q0_adapter, fragment)
+
+
+def test_invalid_shape_in_header_is_rejected(q0_adapter):
+    header = q0_header()
+    header[f"{Q0}.lora_A.weight"]["shape"] = [RANK, True]
+    raw_weights(q0_adapter, header, ZEROS)
+    rejected(q0_adapter, f"tensor '{Q0}.lora_A.weight' has an invalid shape [4, True]")
+
+
+def test_duplicate_tensor_names_are_rejected(q0_adapter):
+    entry = json.dumps({"dtype": "F32", "shape": [RANK, HIDDEN], "data_offsets": [0, A_BYTES]})
+    text = f'{{"{Q0}.lora_A.weight": {entry}, "{Q0}.lora_A.weight": {entry}}}'.encode()
+    (q0_adapter / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(text)) + text + bytes(A_BYTES))
+    rejected(q0_adapter, "duplicate keys")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x01\x02\x03"])
+def test_file_too_short_for_a_header_is_rejected(adapter, content):
+    (adapter / WEIGHTS_FILE).write_bytes(content)
+    rejected(adapter, "too short for a header")
+
+
+# -- the directory ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name",
+    ["adapter_model.bin", "pytorch_model.bin", "model.pt", "model.pth", "x.pkl", "last.ckpt"],
+)
+def test_pickle_files_are_refused_unopened(adapter, monkeypatch, name):
+    pickle = adapter / name
+    pickle.write_bytes(b"\x80\x04 this would fail to unpickle")
+    pickle.chmod(0)
+    opened = []
+
+    def recording(real):
+        def open_(file, *args, **kwargs):
+            opened.append(str(file))
+            return real(file, *args, **kwargs)
+
+        return open_
+
+    monkeypatch.setattr(os, "open", recording(os.open))
+    monkeypatch.setattr(builtins, "open", recording(builtins.open))
+    rejected(adapter, f"{name} is a pickle file and is never loaded")
+    assert not [p for p in opened if p.endswith(name)]
+
+
+def test_unexpected_file_is_rejected(adapter):
+    (adapter / "notes.txt").write_text("hello")
+    rejected(adapter, "unexpected file 'notes.txt'")
+
+
+def test_subdirectory_is_rejected(adapter):
+    (adapter / "checkpoint-100").mkdir()
+    rejected(adapter, "unexpected directory 'checkpoint-100'")
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE, "README.md"])
+def test_executable_files_are_rejected(adapter, name):
+    (adapter / name).touch()
+    (adapter / name).chmod(0o744)
+    rejected(adapter, f"{name} is executable")
+
+
+def test_fifo_is_rejected_without_being_read(adapter):
+    (adapter / "README.md").unlink(missing_ok=True)
+    os.mkfifo(adapter / "README.md")
+    rejected(adapter, "README.md is not a regular file")
+
+
+def test_extra_over_the_size_limit_is_rejected(adapter):
+    (adapter / "README.md").write_bytes(b"x" * ((1 << 20) + 1))
+    rejected(adapter, "README.md is 1048577 bytes, over the limit of 1048576")
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE])
+def test_missing_adapter_files_are_rejected(adapter, name):
+    (adapter / name).unlink()
+    rejected(adapter, f"{name} is missing from 'adapter'")
+
+
+def test_missing_directory_is_rejected(tmp_path):
+    rejected(tmp_path / "nowhere", "'nowhere' is not a readable directory")
+
+
+@pytest.fixture
+def linked(tmp_path):
+    """An adapter under root/ whose weights file is a symlink to root/blobs/weights."""
+    root = tmp_path / "root"
+    path = write_adapter(root / "adapter")
+    (root / "blobs").mkdir()
+    target = root / "blobs" / "weights.safetensors"
+    (path / WEIGHTS_FILE).rename(target)
+    (path / WEIGHTS_FILE).symlink_to(target)
+    return root, path
+
+
+def test_any_symlink_is_rejected_without_allowed_roots(linked):
+    _, path = linked
+    rejected(path, "adapter_model.safetensors is a symlink")
+    with pytest.raises(InvalidAdapter, match="is a symlink"):
+        check_entries(path)
+
+
+def test_symlink_inside_the_allowed_roots_is_accepted(linked):
+    root, path = linked
+    check_entries(path, [root])
+
+
+def test_symlink_leaving_the_allowed_roots_is_rejected(linked):
+    root, path = linked
+    with pytest.raises(InvalidAdapter, match="links outside the allowed roots"):
+        check_entries(path, [root / "adapter"])
+
+
+def test_symlink_to_a_directory_or_nothing_is_rejected(linked):
+    root, path = linked
+    (path / "README.md").symlink_to(root / "blobs")
+    with pytest.raises(InvalidAdapter, match=r"README\.md is not a regular file"):
+        check_entries(path, [root])
+    (path / "README.md").unlink()
+    (path / "README.md").symlink_to(root / "missing")
+    with pytest.raises(InvalidAdapter, match=r"README\.md is a broken symlink"):
+        check_entries(path, [root])

@@ -1,0 +1,310 @@
+"""loraplex on Ray Serve: two engine replicas behind Ray's gRPC proxy, a stock loraplex client,
+eight adapters in a shared store, API keys of three tenants.
+
+- Requests are routed by adapter: each adapter's requests land on the replica that loaded it,
+  so replicas load far fewer adapters than they serve requests.
+- Registrations, pushes and deletes reach every replica.
+- Auth, tenancy and backpressure are the single server's, answered through the proxy.
+- A replica killed under load loses only its own requests (UNAVAILABLE, retryable); the
+  cluster keeps serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from loraplex.core.config import ModelConfig
+from loraplex.server.client import LoraplexClient
+from loraplex.server.config import EngineConfig, ServerConfig
+from loraplex.server.runtime.auth import new_key
+from loraplex.v1 import adapters_pb2
+from loraplex.v1 import inference_pb2 as pb
+from tests.helpers import write_key_file
+
+ray = pytest.importorskip("ray", reason="Ray Serve is a dev dependency")
+pytestmark = pytest.mark.e2e
+
+PORT = 9613
+KEYS = {  # name: (tenant, role)
+    "admin": ("acme", "admin"),
+    "client": ("acme", "client"),
+    "globex": ("globex", "client"),
+    "capped": ("capped", "client"),
+}
+NAMES = [f"tenant-adapter-{i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def cluster(model_home, adapter_root, tmp_path_factory, peft_reference):
+    """(proxy address, API keys by name). Tenant "capped" may run one request at a time (per
+    replica: tenant limits are each replica's own)."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from loraplex.server.ray_serve import SERVICER_FUNCTIONS, build_app
+
+    tmp = tmp_path_factory.mktemp("ray")
+    keys = write_key_file(tmp / "keys.toml", KEYS, "[tenants.capped]\nmax_concurrent = 1\n")
+    config = ServerConfig(
+        adapter_roots=(adapter_root,),
+        adapter_store=tmp / "shared-store",
+        auth_keys=tmp / "keys.toml",
+        model=ModelConfig(home=model_home),
+        engine=EngineConfig(max_loras=6, max_batch_size=8),
+    )
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(grpc_options=gRPCOptions(port=PORT, grpc_servicer_functions=SERVICER_FUNCTIONS))
+    serve.run(build_app(config, replicas=2), name="loraplex")
+    yield f"localhost:{PORT}", keys
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def registered(cluster, peft_reference) -> list[str]:
+    """The eight adapters, registered (through whichever replica) from the three PEFT dirs."""
+    address, keys = cluster
+    sources = list(peft_reference[2].values())
+    with LoraplexClient(address, timeout=120, api_key=keys["admin"]) as admin:
+        for i, name in enumerate(NAMES):
+            assert admin.register(name, str(sources[i % len(sources)])).adapter.version == 1
+    return NAMES
+
+
+def generate(client: LoraplexClient, adapter_id: str) -> tuple[pb.GenerateResponse, dict]:
+    request = pb.GenerateRequest(adapter_id=adapter_id, prompt="Hello", max_new_tokens=3)
+    response, call = client.inference.Generate.with_call(
+        request, timeout=120, metadata=client.metadata
+    )
+    return response, dict(call.trailing_metadata())
+
+
+def test_a_stock_client_is_routed_by_adapter(cluster, registered):
+    from loraplex.server.ray_serve import LOADS_METADATA, REPLICA_METADATA
+
+    address, keys = cluster
+    with LoraplexClient(address, timeout=120, api_key=keys["admin"]) as client:
+        assert client.model_info().model_id  # an unchanged client, through the proxy
+        with pytest.raises(grpc.RpcError) as err:
+            client.get("never-registered")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # the replica's own status
+        for name in registered:  # first request of each adapter: a replica loads it
+            generate(client, name)
+        work = [name for name in registered for _ in range(5)]
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda n: (n, *generate(client, n)), work))
+        request = pb.GenerateRequest(adapter_id=registered[0], prompt="Hi", max_new_tokens=3)
+        stream = list(client.generate_stream(request))
+        assert stream[-1].finish_reason and stream[-1].adapter_id == registered[0]
+        # The adapter may also come as `multiplexed_model_id` metadata instead of adapter_id.
+        named, _ = generate(client, registered[1])
+        unnamed = pb.GenerateRequest(prompt="Hello", max_new_tokens=3)
+        metadata = (*client.metadata, ("multiplexed_model_id", registered[1]))
+        reply = client.inference.Generate(unnamed, timeout=120, metadata=metadata)
+        assert (reply.adapter_id, reply.text) == (registered[1], named.text)
+        streamed = list(client.inference.GenerateStream(unnamed, timeout=120, metadata=metadata))
+        assert streamed[-1].adapter_id == registered[1]
+    where: dict[str, Counter[str]] = defaultdict(Counter)
+    loads: dict[str, int] = {}
+    for name, response, trailing in replies:
+        assert response.adapter_id == name and response.usage.completion_tokens >= 1
+        replica = trailing[REPLICA_METADATA]
+        where[name][replica] += 1
+        loads[replica] = max(loads.get(replica, 0), int(trailing[LOADS_METADATA]))
+    assert len(loads) == 2, f"only one replica served: {dict(where)}"
+    # Affinity: each adapter's requests land (mostly) on one replica...
+    for name, counts in where.items():
+        assert counts.most_common(1)[0][1] >= 4, (name, dict(counts))
+    # ...so the replicas loaded far fewer adapters than they served requests.
+    assert sum(loads.values()) <= 12 < len(work), loads
+
+
+def listings(client: LoraplexClient) -> list[tuple[dict[str, int], str]]:
+    """ListAdapters 16 times: (adapter id -> version, replica) of each answer. ListAdapters
+    names no adapter, so Ray spreads it over both replicas."""
+    from loraplex.server.ray_serve import REPLICA_METADATA
+
+    found = []
+    for _ in range(16):
+        reply, call = client.adapters.ListAdapters.with_call(
+            adapters_pb2.ListAdaptersRequest(), timeout=60, metadata=client.metadata
+        )
+        replica = dict(call.trailing_metadata())[REPLICA_METADATA]
+        found.append(({a.adapter_id: a.version for a in reply.adapters}, replica))
+    return found
+
+
+def test_new_versions_and_deletes_reach_every_replica(cluster, peft_reference):
+    """Once a registration, push or delete is answered, no replica shows the old state."""
+    address, keys = cluster
+    _, _, dirs = peft_reference
+    sources = list(dirs.values())
+    with LoraplexClient(address, timeout=120, api_key=keys["admin"]) as client:
+        for version, source in enumerate(sources, start=1):
+            if version == 2:  # PushAdapter (client streaming) through the proxy
+                assert client.push("moving", source).adapter.version == version
+            else:
+                assert client.register("moving", str(source)).adapter.version == version
+            seen = listings(client)
+            assert {held.get("moving") for held, _ in seen} == {version}
+            assert len({replica for _, replica in seen}) == 2  # both replicas were asked
+            assert generate(client, "moving")[0].adapter_version == version
+        client.delete("moving")
+        assert all("moving" not in held for held, _ in listings(client))
+        with pytest.raises(grpc.RpcError) as err:
+            generate(client, "moving")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def code_of(call, *args, **kwargs) -> grpc.StatusCode:
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_auth_and_tenancy_hold_through_the_proxy(cluster, registered, peft_reference):
+    address, keys = cluster
+    source = next(iter(peft_reference[2].values()))  # the dir behind tenant-adapter-0
+    with (
+        LoraplexClient(address, 120) as anonymous,
+        LoraplexClient(address, 120, api_key=new_key()) as stranger,
+        LoraplexClient(address, 120, api_key=keys["client"]) as acme,
+        LoraplexClient(address, 120, api_key=keys["globex"]) as globex,
+        LoraplexClient(address, 120, api_key=keys["admin"]) as admin,
+    ):
+        for who in (anonymous, stranger):
+            assert code_of(who.model_info) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(generate, who, registered[0]) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(who.push, "anyone", source) == grpc.StatusCode.UNAUTHENTICATED
+        # Operator RPCs are refused to client keys, the streamed upload included.
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(acme.push, "acme-pushed", source) == denied
+        assert code_of(acme.register, "acme-registered", str(source)) == denied
+        assert code_of(acme.cache_stats) == denied
+        # An admin pushes an adapter for tenant acme: acme's clients use it, globex's cannot
+        # see it, and it serves what the same weights registered from the directory serve.
+        pushed = admin.push("acme-pushed", source, tenant="acme")
+        assert pushed.created and pushed.adapter.version == 1
+        text = generate(acme, "acme-pushed")[0].text
+        assert text == generate(admin, registered[0])[0].text
+        assert code_of(generate, globex, "acme-pushed") == denied
+        assert code_of(globex.get, "acme-pushed") == denied
+        assert all("acme-pushed" not in held for held, _ in listings(globex))
+        assert all(held.get("acme-pushed") == 1 for held, _ in listings(admin))
+
+
+def test_backpressure_is_resource_exhausted_through_the_proxy(cluster):
+    """Tenant "capped" may run one request per replica: with a stream running on each replica,
+    a third request is refused with RESOURCE_EXHAUSTED and retry advice. A stream's refusal
+    keeps its code and details through Ray's proxy; a unary one also its trailing metadata."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    address, keys = cluster
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    with LoraplexClient(address, 120, api_key=keys["capped"]) as client:
+        admitted, refused = [], []
+        for _ in range(6):  # Ray spreads requests that name no adapter by queue length
+            stream = client.generate_stream(
+                pb.GenerateRequest(prompt="1, 2, 3, 4, 5,", max_new_tokens=400)
+            )
+            try:
+                next(stream)
+                admitted.append(stream)
+            except grpc.RpcError as exc:
+                refused.append(exc)
+        assert len(admitted) <= 2 and refused, (len(admitted), refused)
+        assert {exc.code() for exc in refused} == {exhausted}, refused
+        assert all("retry in" in exc.details() for exc in refused)
+        for _ in range(4):  # while both replicas are busy (once both hold a stream)
+            try:
+                client.generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=1))
+            except grpc.RpcError as exc:
+                assert exc.code() == exhausted, exc
+                trailing = dict(exc.trailing_metadata())
+                break
+        else:
+            raise AssertionError("a one-at-a-time tenant ran a third request at once")
+        # A cancel reaches the replica's engine: the tenant's places come back long before
+        # the cancelled streams could have finished (up to 400 tokens each).
+        for stream in admitted:
+            stream.cancel()
+        started = time.monotonic()
+        while True:
+            try:
+                client.generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=1))
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == exhausted, exc
+                assert time.monotonic() - started < 10, "a cancelled stream kept its place"
+                time.sleep(0.2)
+    assert int(trailing["retry-after-ms"]) > 0
+    status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info) and info.retry_delay.ToMilliseconds() > 0
+
+
+def retried(client: LoraplexClient, adapter_id: str, deadline_s: float = 180) -> str:
+    """Generate, retrying UNAVAILABLE (what a client does when a replica is lost)."""
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            return generate(client, adapter_id)[0].text
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > give_up:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_killed_replica_loses_only_its_requests(cluster, registered):
+    """Streams run on both replicas; one replica is killed. Its streams end UNAVAILABLE (no
+    hang), the other replica's streams complete, unary calls end OK or UNAVAILABLE, retries
+    succeed, and traffic goes on."""
+    from loraplex.server.ray_serve import REPLICA_METADATA
+
+    address, keys = cluster
+    with LoraplexClient(address, timeout=120, api_key=keys["admin"]) as client:
+        home = {name: generate(client, name)[1][REPLICA_METADATA] for name in registered}
+        victim = Counter(home.values()).most_common(1)[0][0]
+        streams = []
+        for name in registered * 2:
+            request = pb.GenerateRequest(
+                adapter_id=name, prompt="Count from one to a hundred:", max_new_tokens=96
+            )
+            stream = client.generate_stream(request)
+            next(stream)  # running
+            streams.append((name, stream))
+        pool = ThreadPoolExecutor(8)  # and unary requests, some still running at the kill
+        unary = [pool.submit(code_of, generate, client, name) for name in registered]
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        [actor] = [a for a in actors if a["name"].endswith(f"EngineReplica#{victim}")]
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+        survived, lost = Counter(), Counter()
+        started = time.monotonic()
+        for name, stream in streams:
+            try:
+                last = list(stream)[-1]
+                survived[dict(stream.trailing_metadata())[REPLICA_METADATA]] += 1
+                assert last.finish_reason, last  # a stream that ended OK ended whole
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc  # nothing else
+                lost[name] += 1
+        codes = Counter(future.result(timeout=120) for future in unary)
+        pool.shutdown()
+        assert time.monotonic() - started < 120  # nothing hung
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+        # The victim's streams in flight were lost (those that ended before the kill may have
+        # completed), the other replica's streams completed.
+        assert lost and sum(survived.values()) - survived[victim] > 0, (lost, survived)
+        assert retried(client, next(iter(lost)))  # the client's retry is served
+        # Traffic goes on for every adapter (the victim's go to the survivor or the new one).
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(lambda name: retried(client, name), registered))

@@ -1,0 +1,172 @@
+"""The LoRA math: both fast paths equal the per-token spec, and served adapters equal PEFT."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+
+from loraplex.adapters.validate import load_adapter
+from loraplex.core.types import BaseModelSpec
+from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup, LoraStacks, lora_delta_reference
+from loraplex.server.engine.lora_ops import add_lora, plan_lora
+from loraplex.server.engine.model_runner import ModelRunner
+from tests.conftest import TINY_FAMILIES
+from tests.helpers import add_peft_adapter
+
+D_IN, OUTS = 24, [40, 8, 8]  # a fused q/k/v-like group: three members read one input
+RANKS = [16, 4, 8, 0]  # mixed ranks (zero-padded to 16); slot 3 holds nothing
+
+
+def random_group(dtype: torch.dtype = torch.float32, ranks: list[int] = RANKS) -> LoraGroup:
+    group = LoraGroup(D_IN, OUTS, len(ranks), 16, dtype, torch.device("cpu"))
+    for slot, r in enumerate(ranks):
+        for member, out in enumerate(OUTS):
+            if r and not (slot == 2 and member == 1):  # slot 2 does not target member 1
+                group.set_slot(slot, member, torch.randn(r, D_IN), torch.randn(out, r))
+    return group
+
+
+def reference(x, group, ranks, token_slots):
+    """The spec, member by member."""
+    return [
+        lora_delta_reference(x, *group.reference_stacks(j), ranks, torch.tensor(token_slots))
+        for j in range(len(OUTS))
+    ]
+
+
+def run_fast(x, group, ranks, decode_slots, segments):
+    outs = [torch.zeros(x.shape[0], out, dtype=x.dtype) for out in OUTS]
+    add_lora(outs, x, group, plan_lora(decode_slots, segments, ranks, x.device))
+    return outs
+
+
+@pytest.mark.parametrize(
+    "decode_slots",
+    [
+        [0, 0, 0, 0],  # one adapter: G = 4, no padding
+        [NO_ADAPTER] * 4,  # base only: nothing to add
+        [2, NO_ADAPTER, 0, 2, 1, 1, NO_ADAPTER, 3],  # padded groups, base and rank-0 tokens
+        [3, 1, 0, 2],  # every token its own adapter: G = 1
+        [1],
+    ],
+)
+def test_decode_gather_path_equals_reference(decode_slots):
+    torch.manual_seed(0)
+    group = random_group()
+    x = torch.randn(len(decode_slots), D_IN, dtype=torch.bfloat16)
+    want = reference(x, group, RANKS, decode_slots)
+    got = run_fast(x.float(), group, RANKS, decode_slots, [])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("decode_slots", "gathered"),
+    [
+        ([0, 0, 1, 1], False),  # in slot order: a view of slots 0-1, tokens in place
+        ([9, 0, 9, 0, 0], True),  # slots 0 and 9 only: gathered, not a 10-slot view
+        ([5, 4, 6, NO_ADAPTER, 5], False),  # a view of slots 4-6, reordered, padded
+    ],
+)
+def test_decode_range_view_and_gather_equal_reference(decode_slots, gathered):
+    torch.manual_seed(0)
+    ranks = [8] * 10
+    group = random_group(ranks=ranks)
+    x = torch.randn(len(decode_slots), D_IN)
+    plan = plan_lora(decode_slots, [], ranks, x.device)
+    assert plan.decode is not None and (plan.decode.slots is not None) == gathered
+    want = reference(x, group, ranks, decode_slots)
+    got = run_fast(x, group, ranks, decode_slots, [])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+
+
+def test_prompt_segment_path_and_mixed_step_equal_reference():
+    """Decode tokens then prompt chunks in one plan (a chunked-prefill step)."""
+    torch.manual_seed(0)
+    group = random_group()
+    decode = [1, NO_ADAPTER, 0, 1]
+    # chunks: 5 tokens of slot 2, 3 of slot 2 (joined into one run), 4 base, 6 of slot 0
+    segments = [(2, 4, 9), (2, 9, 12), (NO_ADAPTER, 12, 16), (0, 16, 22)]
+    token_slots = decode + [s for s, a, b in segments for _ in range(a, b)]
+    x = torch.randn(len(token_slots), D_IN)
+    want = reference(x, group, RANKS, token_slots)
+    got = run_fast(x, group, RANKS, decode, segments)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+    assert plan_lora(decode, segments, RANKS, x.device).segments == [(2, 4, 12), (0, 16, 22)]
+
+
+def test_bf16_weights_stay_close_to_the_float32_spec():
+    torch.manual_seed(0)
+    group32 = random_group()
+    group16 = LoraGroup(D_IN, OUTS, len(RANKS), 16, torch.bfloat16, torch.device("cpu"))
+    group16.a.copy_(group32.a)
+    for b16, b32 in zip(group16.bt, group32.bt, strict=True):
+        b16.copy_(b32)
+    decode = [2, 0, 1, 0]
+    x = torch.randn(4, D_IN, dtype=torch.bfloat16)
+    want = reference(x, group32, RANKS, decode)
+    got = run_fast(x, group16, RANKS, decode, [])
+    for g, w in zip(got, want, strict=True):
+        scale = w.abs().max()
+        assert (g.float() - w).abs().max() <= 0.02 * scale
+
+
+def test_stacks_place_each_module_in_its_group_member():
+    layout = [
+        {"qkv": (D_IN, [("l0.q", OUTS[0]), ("l0.k", OUTS[1]), ("l0.v", OUTS[2])])},
+        {"qkv": (D_IN, [("l1.q", OUTS[0]), ("l1.k", OUTS[1]), ("l1.v", OUTS[2])])},
+    ]
+    stacks = LoraStacks(layout, num_slots=2, max_rank=8, dtype=torch.float32, device="cpu")
+    a, b = torch.randn(4, D_IN), torch.randn(OUTS[1], 4)
+    stacks.load(1, {"l1.k": (a, b)})
+    assert stacks.ranks == [0, 4]
+    group = stacks.groups[1]["qkv"]
+    torch.testing.assert_close(group.a[1, 1, :4], a)
+    torch.testing.assert_close(group.bt[1][1, :4], b.T)
+    assert (
+        torch.count_nonzero(group.a[1, 0]) == 0
+        and torch.count_nonzero(stacks.groups[0]["qkv"].a) == 0
+    )
+    stacks.clear(1)
+    assert stacks.ranks == [0, 0] and torch.count_nonzero(group.a) == 0
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family):
+    """Two PEFT adapters (different ranks and targets) and the base, in one prefill batch, on
+    each supported model family (Qwen2's q/k/v carry biases)."""
+    loaded = load_tiny(family=family)
+    reference = copy.deepcopy(loaded.model)
+    configs = {
+        "first": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "second": LoraConfig(r=8, lora_alpha=3, use_rslora=True, target_modules="all-linear"),
+    }
+    for i, (name, config) in enumerate(configs.items()):
+        reference = add_peft_adapter(reference, name, config, seed=i, b_std=0.5)
+    reference.save_pretrained(tmp_path, selected_adapters=list(configs))
+
+    runner = ModelRunner(loaded, num_slots=3, max_rank=8)
+    spec = BaseModelSpec(runner.target_shapes, max_rank=8, fingerprint="tiny")
+    for slot, name in enumerate(configs):
+        runner.load_adapter(slot, load_adapter(tmp_path / name, spec))
+    prompts = [[5, 17, 300, 42, 7], [9, 8, 7], [100, 200, 300, 400]]
+    slots = [0, 1, NO_ADAPTER]
+    logits = runner.prefill(prompts, slots)
+    for prompt, slot, got in zip(prompts, slots, logits, strict=True):
+        with torch.inference_mode():
+            if slot == NO_ADAPTER:
+                with reference.disable_adapter():
+                    want = reference(torch.tensor([prompt])).logits[0, -1]
+            else:
+                reference.set_adapter(list(configs)[slot])
+                want = reference(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode(), reference.disable_adapter():
+        base = reference(torch.tensor([prompts[0]])).logits[0, -1]
+    assert (logits[0] - base).abs().max() > 1e-2  # the adapter really changed the output
+    assert isinstance(reference, PeftModel)

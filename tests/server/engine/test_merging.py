@@ -1,0 +1,255 @@
+"""Merging an adapter into the base: the policy's decisions (hysteresis, interval, queue mix),
+and serving while merged: the merged adapter's requests and everyone else's get what they get
+unmerged (exactly on a float32 model, to bf16 rounding on the 4-bit one)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from loraplex.core.errors import Exhausted
+from loraplex.core.types import AdapterWeights
+from loraplex.server.config import MergeSettings
+from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.merging import MergePolicy, TokenWindow
+from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
+from loraplex.server.engine.state import EngineSnapshot, MergeState
+from tests.server.engine.test_engine import PROMPTS, submit
+
+M, X = ("m", 1), ("x", 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def policy(**kwargs) -> tuple[MergePolicy, Clock]:
+    clock = Clock()
+    settings = MergeSettings(**{"window_tokens": 100, "min_interval_s": 5.0, **kwargs})
+    return MergePolicy(settings, clock), clock
+
+
+def feed(p: MergePolicy, counts: dict, steps: int = 10) -> None:
+    for _ in range(steps):
+        p.observe(Counter(counts))
+
+
+def test_window_keeps_the_last_tokens():
+    window = TokenWindow(10)
+    for _ in range(5):
+        window.add(Counter({M: 4}))
+    window.add(Counter({X: 6}))
+    assert window.total >= 10 and window.counts[X] == 6 and window.counts[M] <= 8
+    assert window.total - 4 < 10  # the oldest step left once the rest covered the window
+
+
+def test_merges_a_dominant_adapter_and_not_a_half_share():
+    p, _ = policy()
+    feed(p, {M: 5, X: 5})
+    assert p.decide(None, Counter()) is None  # 50%: never worth it
+    p, _ = policy()
+    feed(p, {M: 19, None: 1})
+    assert p.decide(None, Counter()) == M  # 95%
+
+
+def test_too_few_tokens_seen_decide_nothing():
+    p, _ = policy()
+    p.observe(Counter({M: 10}))
+    assert p.decide(None, Counter()) is None
+
+
+def test_hysteresis_and_minimum_interval():
+    p, clock = policy()
+    feed(p, {M: 19, X: 1})
+    assert p.decide(None, Counter()) == M
+    p.changed()  # merged at t=0
+    feed(p, {M: 8, X: 2})  # 80%: below the merge share, above the unmerge share
+    clock.now = 10.0
+    assert p.decide(M, Counter()) == M  # stays merged
+    assert p.decide(None, Counter()) is None  # and would not merge from unmerged
+    p.changed()  # (say it changed at t=10)
+    feed(p, {M: 5, X: 5})
+    clock.now = 12.0
+    assert p.decide(M, Counter()) == M  # within the minimum interval of the last change
+    clock.now = 15.0
+    assert p.decide(M, Counter()) is None  # 50% < 75%: unmerge
+
+
+def test_queued_tokens_count_and_a_new_leader_takes_over():
+    p, clock = policy()
+    feed(p, {M: 10})
+    clock.now = 100.0
+    # What is queued is about to run: mostly another adapter.
+    assert p.decide(M, Counter({X: 2000})) == X
+    assert p.decide(None, Counter({X: 50, M: 50})) is None
+
+
+def test_policy_off_never_changes_anything():
+    p, clock = policy(policy="off")
+    feed(p, {M: 100})
+    clock.now = 100.0
+    assert p.decide(None, Counter()) is None
+    assert p.decide(X, Counter()) == X
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="unmerge_share"):
+        MergeSettings(merge_share=0.5, unmerge_share=0.8)
+    with pytest.raises(ValueError, match="auto or off"):
+        MergeSettings(policy="always")  # type: ignore[arg-type]
+
+
+def _runner(load_tiny, quantization: str, dtype: str) -> ModelRunner:
+    loaded = load_tiny(quantization=quantization, dtype=dtype)
+    runner = ModelRunner(loaded, num_slots=3, max_rank=8)
+    gen = torch.Generator().manual_seed(0)
+    for slot, targets in ((0, None), (1, ("q_proj", "down_proj"))):
+        modules = {}
+        for name, (fan_in, fan_out) in runner.target_shapes.items():
+            if targets is None or name.rsplit(".", 1)[-1] in targets:
+                a = torch.randn(8, fan_in, generator=gen) * 0.3
+                b = torch.randn(fan_out, 8, generator=gen) * 0.05
+                modules[name] = (a, b)
+        runner.load_adapter(slot, AdapterWeights(modules, 8, 16.0, ("all",)))
+    return runner
+
+
+def _step(runner: ModelRunner, slots: list[int]) -> torch.Tensor:
+    """A prefill of every prompt, then one decode step of each: logits of both steps."""
+    cache = runner.cache
+    prompts = PROMPTS[: len(slots)]
+    rows = [cache.allocate(len(p) + 1) for p in prompts]
+    try:
+        prefill = runner.step(
+            [],
+            [PrefillWork(r, s, p, 0, True) for r, s, p in zip(rows, slots, prompts, strict=True)],
+        )
+        decode = runner.step(
+            [
+                DecodeWork(r, s, int(prefill[i].argmax()), len(p))
+                for i, (r, s, p) in enumerate(zip(rows, slots, prompts, strict=True))
+            ],
+            [],
+        )
+    finally:
+        for row, prompt in reversed(list(zip(rows, prompts, strict=True))):
+            cache.free(row, len(prompt) + 1, 0)
+    return torch.cat([prefill, decode])
+
+
+@pytest.mark.parametrize(
+    ("quantization", "dtype", "tolerance"),
+    [("none", "float32", 1e-4), ("nf4", "bfloat16", 0.05)],
+)
+def test_merged_base_serves_every_adapter_as_unmerged(load_tiny, quantization, dtype, tolerance):
+    """Merged adapter (slot 0), another adapter (slot 1) and the base, prefill and decode in
+    one batch: the same logits as without the merge. Tolerance: float32 rounding; for the
+    4-bit base in bf16, bf16 rounding of the merged weights (relative to the logits' range)."""
+    runner = _runner(load_tiny, quantization, dtype)
+    slots = [0, 1, -1, 0]
+    unmerged = _step(runner, slots)
+    layers = runner.merge(0)
+    assert layers == len(runner.target_shapes)  # slot 0 targets every layer
+    merged = _step(runner, slots)
+    scale = unmerged.abs().max()
+    assert (merged - unmerged).abs().max() <= tolerance * scale
+    assert (merged.argmax(-1) == unmerged.argmax(-1)).all()
+    runner.merge(1)  # another adapter: only the layers it targets get a dense copy
+    assert len(runner.forward.merged) == 2 * len(runner.model.model.layers)
+    assert (_step(runner, slots) - unmerged).abs().max() <= tolerance * scale
+    runner.unmerge()
+    assert runner.forward.merged == {} and runner.merged_slot is None
+    assert torch.equal(_step(runner, slots), unmerged)  # the 4-bit weights were never touched
+
+
+def test_engine_merges_dominant_traffic_and_outputs_stay_the_same(setup):
+    """The policy on: traffic all on one adapter merges it, requests keep their outputs; a
+    pinned merge holds against the policy; unmerging gives the slot back."""
+    engine, versions = setup()
+    one, two = versions["one"], versions["two"]
+    mixed = [one, None, two, one]
+    alone = [submit(engine, p, a) for p, a in zip(PROMPTS, mixed, strict=True)]
+    for c in alone:
+        assert c.done.wait(30) and c.error is None
+    engine.configure_merges(MergeSettings(window_tokens=32, min_interval_s=0.0)).result(30)
+    c = submit(engine, PROMPTS[0], one, max_new_tokens=30)  # dominant traffic on "one"
+    assert c.done.wait(30) and c.error is None
+    deadline = time.monotonic() + 10  # the policy looks every MERGE_CHECK_S, idle or not
+    while merge_of(engine).adapter != one.key and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = engine.snapshot().result(30)
+    assert state.merge.adapter == one.key and state.merge.merges == 1
+    assert refcounts(state)[state.slot_of(one.key)] == 1  # held while merged
+    never_drained = engine.call(lambda: engine._slots.drain_candidate(exclude=set()))
+    assert never_drained.result(30) is None
+    # Mixed requests while merged, then with the policy's view at hand: same outputs.
+    engine.configure_merges(MergeSettings(policy="off")).result(30)
+    again = [submit(engine, p, a) for p, a in zip(PROMPTS, mixed, strict=True)]
+    for c, ref in zip(again, alone, strict=True):
+        assert c.done.wait(30) and c.error is None
+        assert c.tokens == ref.tokens
+    # Pin "two" instead; the policy (even eager) leaves a pinned merge alone.
+    engine.merge(two).result(30)
+    merge = merge_of(engine)
+    assert merge.adapter == two.key and merge.pinned and merge.unmerges == 1
+    engine.configure_merges(MergeSettings(window_tokens=8, min_interval_s=0.0)).result(30)
+    c = submit(engine, PROMPTS[0], one, max_new_tokens=20)
+    assert c.done.wait(30) and c.tokens[:12] == alone[0].tokens
+    assert merge_of(engine).adapter == two.key
+    # Off first: an eager policy would merge "one" again the moment the pin is gone.
+    engine.configure_merges(MergeSettings(policy="off")).result(30)
+    engine.unmerge().result(30)
+    state = engine.snapshot().result(30)
+    assert state.merge.adapter is None and not state.merge.pinned
+    assert all(s.refcount == 0 for s in state.slots)
+
+
+def test_the_last_free_slot_is_never_merged_away(setup):
+    """With one slot, merging would leave no slot for any other adapter: the policy does not
+    merge, and a pinned merge is refused."""
+    engine, versions = setup(max_loras=1)
+    engine.configure_merges(MergeSettings(window_tokens=8, min_interval_s=0.0)).result(30)
+    c = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=30)
+    assert c.done.wait(30) and c.error is None
+    assert merge_of(engine).merges == 0
+    with pytest.raises(Exhausted):
+        engine.merge(versions["two"]).result(30)
+    other = submit(engine, PROMPTS[1], versions["two"])
+    assert other.done.wait(30) and other.error is None
+
+
+def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch):
+    engine, versions = setup()
+    one = versions["one"]
+
+    def fail(runner: ModelRunner, slot: int) -> int:
+        raise MemoryError("no room for the dense copies")
+
+    monkeypatch.setattr(ModelRunner, "merge", fail)
+    with pytest.raises(MemoryError):
+        engine.merge(one).result(30)
+    state = engine.snapshot().result(30)
+    assert state.merge.adapter is None and not state.merge.pinned
+    assert all(s.refcount == 0 for s in state.slots)
+    # The policy's attempt fails the same way, and requests are served unmerged meanwhile.
+    engine.configure_merges(MergeSettings(window_tokens=8, min_interval_s=0.0)).result(30)
+    c = submit(engine, PROMPTS[0], one, max_new_tokens=30)
+    assert c.done.wait(30) and c.error is None
+    state = engine.snapshot().result(30)  # built on the engine thread, between its steps
+    assert all(s.refcount == 0 for s in state.slots)
+    assert state.merge.adapter is None
+
+
+def merge_of(engine: Engine) -> MergeState:
+    return engine.snapshot().result(30).merge
+
+
+def refcounts(state: EngineSnapshot) -> dict[int, int]:
+    return {s.slot: s.refcount for s in state.slots}
