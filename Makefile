@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 50051
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto serve test lint unit integration bench clean
+.PHONY: install proto serve test lint docs bench clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,20 @@ proto: $(STAMP)
 serve: install
 	$(VENV)/bin/loraplex serve --port $(PORT)
 
+# Style, types, and the import contracts (pyproject.toml: dependencies point one way).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 test: install lint
 	$(PY) -m pytest -q -ra
+
+# docs/options.md is every verb's --help (tests/server/test_cli.py fails when it is stale).
+docs: install
+	$(PY) -c "from loraplex.server.cli import options_markdown; print(options_markdown(), end='')" \
+		> docs/options.md
 
 # Offline throughput, then online latency through the gRPC server, then the adapter lifecycle
 # (load tiers, churn over 1000 adapters, hot swap), then tenancy (fairness under a flood,

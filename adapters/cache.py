@@ -19,34 +19,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from loraplex.core.types import AdapterVersion, AdapterWeights
+from loraplex.core.types import AdapterVersion, AdapterWeights, TierStats
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[AdapterVersion], AdapterWeights]
-
-
-@dataclass
-class TierStats:
-    """Counters of one cache tier (host or device)."""
-
-    hits: int = 0
-    misses: int = 0  # requests that waited for a load from the tier below
-    evictions: int = 0
-    loads: int = 0  # loads that completed (concurrent misses share one)
-    load_seconds: float = 0.0  # their total time
-    load_failures: int = 0
-    # Called with each completed load's time (metrics); must not block.
-    load_observers: list[Callable[[float], None]] = field(
-        default_factory=list, repr=False, compare=False
-    )
-
-    def loaded(self, seconds: float) -> None:
-        """Count a completed load."""
-        self.loads += 1
-        self.load_seconds += seconds
-        for observe in self.load_observers:
-            observe(seconds)
 
 
 @dataclass
@@ -124,7 +101,7 @@ class HostCache:
             entry.refs += 1
             self._lru.pop(version.digest, None)
             self.stats.hits += 1
-            return Lease(self, version.digest, entry.future.result())
+            return Lease(cache=self, digest=version.digest, weights=entry.future.result())
 
     async def lease(
         self, version: AdapterVersion, load: Callable[[], AdapterWeights] | None = None
@@ -138,7 +115,7 @@ class HostCache:
                 lambda f: None if f.exception() else self.release(version.digest)
             )
             raise
-        return Lease(self, version.digest, weights)
+        return Lease(cache=self, digest=version.digest, weights=weights)
 
     def release(self, digest: str) -> None:
         with self._lock:

@@ -278,14 +278,14 @@ def _task_arithmetic(
     majority_sign_method: str,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """linear, ties and DARE: A and B merged separately, A first (PEFT's RNG order), with
+    """linear, ties and DARE: A and B combined separately, A first (PEFT's RNG order), with
     sqrt|w s| on each and the sign of w s on A."""
     roots = [math.sqrt(abs(w * adapter.scaling)) for w, adapter in present]
     signs = [1.0 if w * adapter.scaling >= 0 else -1.0 for w, adapter in present]
     # float32 weight vectors, rounded from float64 like PEFT's torch.tensor(list of floats).
     weights_a = torch.tensor([r * s for r, s in zip(roots, signs, strict=True)])
     weights_b = torch.tensor(roots)
-    a = _merge(
+    a = _combine_factor(
         [adapter.modules[name][0] for _, adapter in present],
         weights_a,
         method,
@@ -293,7 +293,7 @@ def _task_arithmetic(
         majority_sign_method,
         generator,
     )
-    b = _merge(
+    b = _combine_factor(
         [_raw_b(adapter, name) for _, adapter in present],
         weights_b,
         method,
@@ -304,7 +304,7 @@ def _task_arithmetic(
     return a, b
 
 
-def _merge(
+def _combine_factor(
     tensors: list[torch.Tensor],
     weights: torch.Tensor,
     method: str,
@@ -312,7 +312,7 @@ def _merge(
     majority_sign_method: str,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """One factor (all A's or all B's of a module, each (r, d)) merged into one (r, d)."""
+    """One factor (all A's or all B's of a module, each (r, d)) combined into one (r, d)."""
     if method in _DARE:
         assert density is not None and generator is not None
         tensors = [_drop_random(t, density, generator) for t in tensors]

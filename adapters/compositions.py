@@ -149,7 +149,15 @@ def describe(
         source=f"composed:{method}",
         base_model_fingerprint=fingerprint,
     )
-    return Composition(tuple(inputs), weights, method, density, seed, sign, version)
+    return Composition(
+        inputs=tuple(inputs),
+        weights=weights,
+        method=method,
+        density=density,
+        seed=seed,
+        majority_sign_method=sign,
+        version=version,
+    )
 
 
 def is_composed_id(adapter_id: str) -> bool:

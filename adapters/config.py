@@ -55,6 +55,7 @@ class ExportConfig:
     force: bool = False
     """Replace a non-empty OUT."""
     store: StoreConfig = field(default_factory=StoreConfig)
+    """The adapter store, as `serve` is given it."""
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"exclude": ("dtype",)})
     """The base as the server serves it (nf4: dequantized before the merge); its compute
     dtype is float32 here."""

@@ -263,7 +263,9 @@ def export_adapter(config: ExportConfig) -> Path:
         weights, origin = _stored_weights(store, stored, spec)
     else:
         weights = load_adapter(directory, spec)
-        origin = AdapterOrigin(directory.name, digest_files(directory), source=str(directory))
+        origin = AdapterOrigin(
+            adapter_id=directory.name, digest=digest_files(directory), source=str(directory)
+        )
     return export_merged(loaded, weights, out, EXPORT_DTYPES[config.dtype], origin, config.force)
 
 
@@ -283,10 +285,10 @@ def _stored_weights(
         )
     weights = AdapterRegistry(store, spec, ()).load_weights(stored)
     origin = AdapterOrigin(
-        stored.adapter_id,
-        stored.digest,
-        stored.version,
-        stored.source,
-        stored.base_model_fingerprint,
+        adapter_id=stored.adapter_id,
+        digest=stored.digest,
+        version=stored.version,
+        source=stored.source,
+        base_model_fingerprint=stored.base_model_fingerprint,
     )
     return weights, origin

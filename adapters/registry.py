@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.adapters.sources import Upload, is_uri, stage_directory, stage_uri
-from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.store import AdapterStore, Registered
 from loraplex.adapters.validate import load_adapter
 from loraplex.core.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterId
 from loraplex.core.types import AdapterVersion, AdapterWeights, BaseModelSpec
@@ -59,7 +59,7 @@ class AdapterRegistry:
 
     def register(
         self, adapter_id: str, source: str, tenant: str = "", shared: bool = False
-    ) -> tuple[AdapterVersion, bool]:
+    ) -> Registered:
         """Stage, validate and keep an adapter from a directory or URI; returns (version,
         created). A failure at any step leaves nothing behind."""
         check_adapter_id(adapter_id)
@@ -78,7 +78,7 @@ class AdapterRegistry:
 
     def register_upload(
         self, adapter_id: str, upload: Upload, tenant: str = "", shared: bool = False
-    ) -> tuple[AdapterVersion, bool]:
+    ) -> Registered:
         """Validate and keep a finished upload (its staging directory is consumed)."""
         check_adapter_id(adapter_id)
 
@@ -135,7 +135,7 @@ class AdapterRegistry:
         tenant: str,
         shared: bool,
         staging: Path | None = None,
-    ) -> tuple[AdapterVersion, bool]:
+    ) -> Registered:
         staging = staging or self.store.new_staging_dir()
         try:
             source = stage(staging)
@@ -162,4 +162,4 @@ class AdapterRegistry:
             weights.rank,
             ",".join(weights.target_modules),
         )
-        return version, created
+        return Registered(version, created)

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Set
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -49,6 +49,11 @@ COMMIT_TRIES = 8  # reads of the store a commit makes when other writers take it
 _VERSION_FILE = re.compile(r"^v(\d{8})\.json$")
 TOMBSTONE = "deleted.json"
 ORPHAN_MIN_AGE_S = 3600.0  # an orphan blob younger than this may be a replica's registration
+
+
+class Registered(NamedTuple):
+    version: AdapterVersion
+    created: bool  # False: the same content was already the latest version (nothing changed)
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,7 @@ class AdapterStore:
         source: str,
         tenant: str = "",
         shared: bool = False,
-    ) -> tuple[AdapterVersion, bool]:
+    ) -> Registered:
         """Keep a staged, validated adapter; returns (version, created). The same content and
         owner under the same id is a no-op; new content (or a new owner or sharing) becomes the
         next version."""
@@ -252,7 +257,7 @@ class AdapterStore:
                     tenant,
                     shared,
                 ):
-                    return versions[-1], False
+                    return Registered(versions[-1], created=False)
                 self._put_blob(staged, digest)
                 record = AdapterVersion(
                     adapter_id=adapter_id,
@@ -280,7 +285,7 @@ class AdapterStore:
                     self._writes += 1
                     self._adapters[adapter_id] = [*versions, record]
                     self._last_version[adapter_id] = record.version
-                    return record, True
+                    return Registered(record, created=True)
             self.refresh()
         raise StoreConflict(
             f"{adapter_id!r}: other writers kept taking the next version; try again"

@@ -18,91 +18,55 @@ Dynamic merge (the engine, offline; N requests x M new tokens, EOS ignored):
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import statistics
-import sys
-import tempfile
-import threading
 import time
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from common import bench_prompts
-from throughput import write_adapters
+from harness import (
+    EngineBench,
+    Job,
+    add_common_args,
+    bench_prompts,
+    emit_table,
+    in_child,
+    machine_facts,
+    make_parser,
+    setup_logging,
+    work_dir,
+    write_adapters,
+    write_json,
+)
 
 from loraplex.adapters.compose import compose
-from loraplex.adapters.registry import AdapterRegistry
-from loraplex.adapters.store import AdapterStore
-from loraplex.core.config import ModelConfig
-from loraplex.core.model import load_model
-from loraplex.core.types import AdapterVersion, AdapterWeights, BaseModelSpec
+from loraplex.core.types import AdapterVersion, AdapterWeights
 from loraplex.server.config import EngineConfig, MergeSettings
-from loraplex.server.engine.engine import Engine
-from loraplex.server.engine.merging import MergePolicy
-from loraplex.server.engine.model_runner import ModelRunner
-from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 
 log = logging.getLogger("benchmark")
 
-Job = tuple[list[int], AdapterVersion | None, AdapterWeights | None]
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
 
 
-def run(engine: Engine, jobs: list[Job], new_tokens: int, ignore_eos: bool = True) -> tuple:
-    """Submit every job at once; (seconds until the last finished, tokens of each job)."""
-    outputs: list[list[int]] = [[] for _ in jobs]
-    remaining = len(jobs)
-    done = threading.Event()
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def emitter(i: int):
-        def emit(item: RequestOutput | BaseException) -> None:
-            nonlocal remaining
-            if isinstance(item, BaseException):
-                errors.append(item)
-                done.set()
-                return
-            outputs[i].extend(item.token_ids)
-            if item.finish_reason is not None:
-                with lock:
-                    remaining -= 1
-                    if remaining == 0:
-                        done.set()
-
-        return emit
-
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=ignore_eos)
-    start = time.perf_counter()
-    for i, (ids, adapter, weights) in enumerate(jobs):
-        engine.submit(EngineRequest(f"m{i}", ids, params, adapter, emitter(i), weights))
-    if not done.wait(3600) or errors:
-        raise RuntimeError(f"the engine failed: {errors[:1]}")
-    return time.perf_counter() - start, outputs
-
-
 def merged_vs_unmerged(
-    engine: Engine, runner: ModelRunner, greedy: list[Job], new_tokens: int
+    bench: EngineBench, greedy: list[Job], new_tokens: int
 ) -> tuple[dict, dict, str]:
     """Greedy outputs of the same requests on adapter 0 unmerged and merged (identical, or where
     they first differ), and the first-token logits' drift; and the lines that say so."""
-    adapter, weights = greedy[0][1], greedy[0][2]
+    adapter, weights = greedy[0].adapter, greedy[0].weights
     assert adapter is not None
-    _, unmerged_out = run(engine, greedy, new_tokens, ignore_eos=False)
-    engine.call(lambda: engine.merge_pinned(adapter, weights)).result()
-    _, merged_out = run(engine, greedy, new_tokens, ignore_eos=False)
-    engine.call(engine.unmerge_pinned).result()
+    engine = bench.engine
+    _, unmerged_out = bench.run(greedy, new_tokens, ignore_eos=False)
+    engine.merge(adapter, weights).result()
+    _, merged_out = bench.run(greedy, new_tokens, ignore_eos=False)
+    engine.unmerge().result()
     same = sum(a == b for a, b in zip(unmerged_out, merged_out, strict=True))
     diverge = [
         next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         for a, b in zip(unmerged_out, merged_out, strict=True)
         if a != b
     ]
-    drift = first_step_drift(engine, runner, [p for p, _, _ in greedy], adapter)
+    drift = first_step_drift(bench, [job.prompt for job in greedy], adapter)
     line = (
         f"greedy outputs merged vs unmerged: {same}/{len(greedy)} identical"
         + (f", first divergence at tokens {diverge}" if diverge else "")
@@ -112,21 +76,23 @@ def merged_vs_unmerged(
     return {"prompts": len(greedy), "identical": same, "first_divergence": diverge}, drift, line
 
 
-def first_step_drift(
-    engine: Engine, runner: ModelRunner, prompts: list[list[int]], adapter: AdapterVersion
-) -> dict:
+def first_step_drift(bench: EngineBench, prompts: list[list[int]], adapter: AdapterVersion) -> dict:
     """First-token logits of each prompt on `adapter`, merged vs unmerged: |merged - unmerged|
     (largest and mean over prompts and vocabulary), and how many prompts keep their top token."""
+    engine = bench.engine
 
     def logits() -> torch.Tensor:
-        slot = engine.slots.lookup(adapter.key)
+        # Nothing else runs between these calls: the adapter's slot stays where it is.
+        slot = bench.snapshot().slot_of(adapter.key)
         assert slot is not None
-        return torch.cat([runner.prefill([p], [slot]) for p in prompts])
+        return engine.with_model(
+            lambda runner: torch.cat([runner.prefill([p], [slot]) for p in prompts])
+        ).result()
 
-    engine.call(lambda: engine.merge_pinned(adapter)).result()
-    merged = engine.call(logits).result()
-    engine.call(engine.unmerge_pinned).result()
-    unmerged = engine.call(logits).result()  # its slot stays resident: nothing else runs
+    engine.merge(adapter).result()
+    merged = logits()
+    engine.unmerge().result()
+    unmerged = logits()  # its slot stays resident: nothing else runs
     diff = (merged - unmerged).abs()
     return {
         "max_abs": float(diff.max()),
@@ -138,12 +104,22 @@ def first_step_drift(
 
 
 def composed_version(name: str, weights: AdapterWeights) -> AdapterVersion:
-    return AdapterVersion(name, 1, f"composed:{name}", weights.rank, weights.lora_alpha,
-                          weights.target_modules, 0, "", "benchmark", "")  # fmt: skip
+    return AdapterVersion(
+        adapter_id=name,
+        version=1,
+        digest=f"composed:{name}",
+        rank=weights.rank,
+        lora_alpha=weights.lora_alpha,
+        target_modules=weights.target_modules,
+        size_bytes=0,
+        created_at="",
+        source="benchmark",
+        base_model_fingerprint="",
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
@@ -152,44 +128,41 @@ def main() -> int:
     parser.add_argument(
         "--drift-only", action="store_true", help="only merged vs unmerged outputs (quick)"
     )
-    parser.add_argument("--home", default=os.environ.get("LORAPLEX_HOME", "~/.cache/loraplex"))
-    parser.add_argument("--out", default="benchmarks/results/merge.json")
+    add_common_args(parser, "merge")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    n, m, home = args.requests, args.new_tokens, Path(args.home).expanduser()
+    setup_logging()
+    home = Path(args.home).expanduser()
     config = EngineConfig(
-        max_batch_size=n,
+        max_batch_size=args.requests,
         max_loras=8,
         max_lora_rank=8 * args.rank,
         merge=MergeSettings(policy="off"),
     )
-    engine = Engine(
-        lambda: ModelRunner.from_config(load_model(ModelConfig(home=home)), config), config
-    )
-    runner = engine.start()
+    with work_dir("loraplex-merge-bench-") as work, EngineBench(config, home, work) as bench:
+        result = measure(args, bench, home, work)
+    result["machine"] = machine_facts()
+    write_json(args.out, result)
+    return 0
 
-    def on_engine(fn):
-        return engine.call(fn).result()
 
-    work = tempfile.mkdtemp(prefix="loraplex-merge-bench-")
-    with get_context("spawn").Pool(1) as pool:
-        dirs = pool.apply(write_adapters, (str(home), 8, args.rank, f"{work}/peft"))
-    spec = BaseModelSpec(runner.target_shapes, config.max_lora_rank, runner.loaded.fingerprint)
-    registry = AdapterRegistry(AdapterStore(Path(work) / "store"), spec, [Path(work)])
-    versions = on_engine(lambda: [registry.register(Path(d).name, d)[0] for d in dirs])
-    weights = [registry.load_weights(v) for v in versions]
-    engine.load_weights = registry.load_weights
-    prompts = bench_prompts(runner.loaded.tokenizer, max(n, args.greedy_prompts))
-    order = list(runner.target_shapes)
+def measure(args, bench: EngineBench, home: Path, work: Path) -> dict:
+    """Every measurement (only the greedy outputs and drift with --drift-only); the results,
+    the tables printed."""
+    n, m = args.requests, args.new_tokens
+    info = bench.start()
+    engine, on_engine = bench.engine, bench.on_engine
+    dirs = in_child(write_adapters, str(home), 8, args.rank, str(work / "peft"))
+    versions = bench.register(dirs)
+    weights = [bench.load_weights(v) for v in versions]
+    prompts = bench_prompts(info.tokenizer, max(n, args.greedy_prompts))
+    order = list(info.target_shapes)
     result: dict = {"config": vars(args)}
-    greedy = [(p, versions[0], weights[0]) for p in prompts[: args.greedy_prompts]]
+    greedy = [Job(p, versions[0], weights[0]) for p in prompts[: args.greedy_prompts]]
     if args.drift_only:
-        result["greedy"], result["drift"], line = merged_vs_unmerged(engine, runner, greedy, m)
-        engine.stop()
-        sys.stdout.write(line + "\n")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        return 0
+        result["greedy"], result["drift"], line = merged_vs_unmerged(bench, greedy, m)
+        bench.stop()
+        emit_table(line)
+        return result
 
     # -- composition: build times ------------------------------------------------------------
     builds = []
@@ -221,14 +194,14 @@ def main() -> int:
     serving: dict[str, list[float]] = {"plain adapter": []}
     for name in composed:
         serving[name] = []
-    run(engine, [(prompts[0], None, None)], 2)  # warm-up
+    bench.run([Job(prompts[0])], 2)  # warm-up
     log.info("serving composed adapters")
     for _ in range(args.repeats):
-        seconds, _ = run(engine, [(p, plain, weights[0]) for p in prompts[:n]], m)
+        seconds, _ = bench.run([Job(p, plain, weights[0]) for p in prompts[:n]], m)
         serving["plain adapter"].append(n * m / seconds)
         for name, w in composed.items():
             version = composed_version(name.replace(" ", "-"), w)
-            seconds, _ = run(engine, [(p, version, w) for p in prompts[:n]], m)
+            seconds, _ = bench.run([Job(p, version, w) for p in prompts[:n]], m)
             serving[name].append(n * m / seconds)
     result["compose_serving"] = {k: statistics.median(v) for k, v in serving.items()}
 
@@ -238,47 +211,42 @@ def main() -> int:
         on_top = round(share * n)
         for i, p in enumerate(prompts[:n]):
             k = 0 if i < on_top else 1 + i % 3
-            jobs.append((p, versions[k], weights[k]))
+            jobs.append(Job(p, versions[k], weights[k]))
         return jobs
-
-    def merged(on: bool) -> None:
-        if on:
-            on_engine(lambda: engine.merge_pinned(versions[0], weights[0]))
-        else:
-            on_engine(engine.unmerge_pinned)
 
     rates: dict[str, list[float]] = {}
     merge_s, unmerge_s, auto_merged = [], [], {}
     for repeat in range(args.repeats):
         log.info("dynamic merge, repeat %d of %d", repeat + 1, args.repeats)
-        seconds, _ = run(engine, [(p, None, None) for p in prompts[:n]], m)
+        seconds, _ = bench.run([Job(p) for p in prompts[:n]], m)
         rates.setdefault("base only", []).append(n * m / seconds)
         for share in (1.0, 0.9, 0.5):
             jobs = workload(share)
             for system in ("never merged", "merged", "auto policy"):
-                merged(False)
-                engine.merge_policy = MergePolicy(
+                engine.unmerge().result()
+                engine.configure_merges(
                     MergeSettings() if system == "auto policy" else MergeSettings(policy="off")
-                )
+                ).result()
                 if system == "merged":
-                    merged(True)
-                    merge_s.append(engine.merge.last_merge_s)
-                before = engine.merge.merges
-                seconds, _ = run(engine, jobs, m)
+                    engine.merge(versions[0], weights[0]).result()
+                    merge_s.append(bench.snapshot().merge.last_merge_s)
+                before = bench.snapshot().merge.merges
+                seconds, _ = bench.run(jobs, m)
                 rates.setdefault(f"{share:.0%} {system}", []).append(n * m / seconds)
+                after = bench.snapshot().merge
                 if system == "auto policy":  # merges the policy made in this run (last repeat)
-                    auto_merged[f"{share:.0%}"] = engine.merge.merges - before
-                if engine.merge.key is not None:
-                    merged(False)
-                    unmerge_s.append(engine.merge.last_unmerge_s)
-    engine.merge_policy = MergePolicy(MergeSettings(policy="off"))
+                    auto_merged[f"{share:.0%}"] = after.merges - before
+                if after.adapter is not None:
+                    engine.unmerge().result()
+                    unmerge_s.append(bench.snapshot().merge.last_unmerge_s)
+    engine.configure_merges(MergeSettings(policy="off")).result()
     medians = {k: statistics.median(v) for k, v in rates.items()}
     result["merge_throughput"] = medians
     result["merge_seconds"] = statistics.median(merge_s)
     result["unmerge_seconds"] = statistics.median(unmerge_s)
-    result["greedy"], result["drift"], drift_line = merged_vs_unmerged(engine, runner, greedy, m)
+    result["greedy"], result["drift"], drift_line = merged_vs_unmerged(bench, greedy, m)
 
-    engine.stop()
+    bench.stop()
 
     # -- tables ----------------------------------------------------------------------------------
     lines = [f"Composition build time (ms, median of {args.repeats}), rank-{args.rank} inputs"]
@@ -308,10 +276,8 @@ def main() -> int:
         f"{result['unmerge_seconds'] * 1e3:.1f} ms (medians)",
         drift_line,
     ]
-    sys.stdout.write("\n".join(lines) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
+    emit_table(lines)
+    return result
 
 
 if __name__ == "__main__":

@@ -21,60 +21,40 @@ files are written by a child process) and at the end.
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import logging
-import os
-import resource
 import statistics
 import sys
-import tempfile
-import threading
 import time
+from collections.abc import Callable
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
-from common import bench_prompts, load_into_peft, make_adapters
+from harness import (
+    EngineBench,
+    Job,
+    add_common_args,
+    bench_prompts,
+    emit_table,
+    in_child,
+    load_into_peft,
+    machine_facts,
+    make_parser,
+    peak_rss_mib,
+    setup_logging,
+    work_dir,
+    write_adapters,
+    write_json,
+)
 from peft import PeftModel
 
-from loraplex.adapters.registry import AdapterRegistry
-from loraplex.adapters.store import AdapterStore
 from loraplex.core.config import ModelConfig
 from loraplex.core.model import load_model
-from loraplex.core.types import BaseModelSpec
 from loraplex.server.config import EngineConfig
-from loraplex.server.engine.engine import Engine
-from loraplex.server.engine.model_runner import ModelRunner
-from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 
 log = logging.getLogger("benchmark")
-
-
-def run_engine(engine: Engine, requests: list[tuple[list[int], object]], new_tokens: int) -> float:
-    """Submit every request at once; seconds until the last one finished."""
-    remaining = len(requests)
-    done = threading.Event()
-    lock = threading.Lock()
-
-    def emit(item: RequestOutput | BaseException) -> None:
-        nonlocal remaining
-        if isinstance(item, BaseException):
-            raise item
-        if item.finish_reason is not None:
-            with lock:
-                remaining -= 1
-                if remaining == 0:
-                    done.set()
-
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    for i, (ids, adapter) in enumerate(requests):
-        engine.submit(EngineRequest(f"b{i}", ids, params, adapter, emit))  # type: ignore[arg-type]
-    if not done.wait(3600):
-        raise TimeoutError("the engine did not finish")
-    return time.perf_counter() - start
 
 
 def hf_batch(
@@ -122,22 +102,12 @@ def peft_one_at_a_time(
     return time.perf_counter() - start
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(fn: Callable[[], float], repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
-def write_adapters(home: str, k: int, rank: int, out: str) -> list[str]:
-    """In a child process: k random adapters under out/ (see common.make_adapters)."""
-    model = load_model(ModelConfig(home=Path(home))).model
-    return [str(p) for p in make_adapters(model, k, rank, Path(out))]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--adapters", default="1,8,32,128", help="distinct adapter counts")
@@ -154,43 +124,36 @@ def main() -> int:
     )
     parser.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--skip-baselines", action="store_true", help="loraplex rows only")
-    parser.add_argument("--home", default=os.environ.get("LORAPLEX_HOME", "~/.cache/loraplex"))
-    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    add_common_args(parser, "throughput")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging()
     counts = [int(k) for k in args.adapters.split(",")]
-    n, m = args.requests, args.new_tokens
     home = Path(args.home).expanduser()
-
     config = EngineConfig(
-        max_batch_size=n,
+        max_batch_size=args.requests,
         max_loras=max(counts),
         max_lora_rank=args.rank,
         lora_dtype=args.lora_dtype,
     )
     # Every system runs its tensor work on the engine's thread (one torch thread: see Engine).
-    engine = Engine(
-        lambda: ModelRunner.from_config(load_model(ModelConfig(home=home)), config), config
-    )
-    runner = engine.start()
+    with work_dir("loraplex-bench-") as work, EngineBench(config, home, work) as bench:
+        info = bench.start()
+        return run_systems(args, bench, info.tokenizer, counts, home, work)
 
-    def on_engine(fn):
-        return engine.call(fn).result()
 
-    tokenizer = runner.loaded.tokenizer
+def run_systems(
+    args, bench: EngineBench, tokenizer: Any, counts: list[int], home: Path, work: Path
+) -> int:
+    n, m = args.requests, args.new_tokens
+    on_engine = bench.on_engine
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     batch = bench_prompts(tokenizer, n)
-    work = tempfile.mkdtemp(prefix="loraplex-bench-")
     # Adapter files are made in a child process: its model copy never counts in our peak RSS.
-    with get_context("spawn").Pool(1) as pool:
-        dirs = pool.apply(write_adapters, (str(home), max(counts), args.rank, f"{work}/peft"))
-    spec = BaseModelSpec(runner.target_shapes, config.max_lora_rank, runner.loaded.fingerprint)
-    registry = AdapterRegistry(AdapterStore(Path(work) / "store"), spec, [Path(work)])
-    versions = on_engine(lambda: [registry.register(Path(d).name, d)[0] for d in dirs])
-    engine.load_weights = registry.load_weights
-    run_engine(engine, [(batch[0], None)], 2)  # warm-up
+    dirs = in_child(write_adapters, str(home), max(counts), args.rank, str(work / "peft"))
+    versions = bench.register(dirs)
+    bench.run([Job(batch[0])], 2)  # warm-up
     for i in range(0, max(counts), n):  # load every adapter into its slot once
-        run_engine(engine, [(batch[0], v) for v in versions[i : i + n]], 1)
+        bench.run([Job(batch[0], v) for v in versions[i : i + n]], 1)
 
     tokens = n * m
     rows: list[dict] = []
@@ -207,20 +170,20 @@ def main() -> int:
         )
         log.info("%-22s K=%-3d %8.1f tok/s %s", system, k, tokens / seconds, note)
 
-    def mixed(k: int, repeat: int) -> list[tuple[list[int], object]]:
-        return [(p, versions[(i + n * repeat) % k]) for i, p in enumerate(batch)]
+    def mixed(k: int, repeat: int) -> list[Job]:
+        return [Job(p, versions[(i + n * repeat) % k]) for i, p in enumerate(batch)]
 
     record(
         "loraplex base",
         0,
-        median_time(lambda: run_engine(engine, [(p, None) for p in batch], m), args.repeats),
+        median_time(lambda: bench.run([Job(p) for p in batch], m)[0], args.repeats),
     )
     for k in counts:
-        times = [run_engine(engine, mixed(k, j), m) for j in range(args.repeats)]
-        in_flight = len({id(v) for _, v in mixed(k, 0)})
+        times = [bench.run(mixed(k, j), m)[0] for j in range(args.repeats)]
+        in_flight = len({id(job.adapter) for job in mixed(k, 0)})
         record("loraplex mixed", k, statistics.median(times), f"{in_flight} distinct per batch")
     rss_loraplex = peak_rss_mib()
-    stats = engine.stats
+    stats = bench.snapshot().stats
     log.info("engine: %s", stats)
 
     if not args.skip_baselines:
@@ -257,7 +220,7 @@ def main() -> int:
                 partial(peft_one_at_a_time, peft_model, batch[:s], names[:s], m, pad)
             )
             record("PEFT one at a time", k, sample * n / s, f"extrapolated: {s} of {n} run")
-    engine.stop()
+    bench.stop()
 
     def rate(system: str, k: int) -> float | None:
         return next(
@@ -300,28 +263,24 @@ def main() -> int:
     lines.append(
         f"peak RSS: {rss_loraplex:.0f} MiB after the loraplex runs, {rss_end:.0f} MiB at the end"
     )
-    sys.stdout.write("\n".join(lines) + "\n")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "requests": n,
-                "new_tokens": m,
-                "prompt_tokens": [len(p) for p in batch],
-                "rank": args.rank,
-                "lora_dtype": args.lora_dtype,
-                "repeats": args.repeats,
-                "baseline_repeats": args.baseline_repeats,
-                "torch_threads": torch.get_num_threads(),
-                "peak_rss_mib": {"loraplex": rss_loraplex, "end": rss_end},
-                "engine_stats": vars(stats),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    emit_table(lines)
+    write_json(
+        args.out,
+        {
+            "requests": n,
+            "new_tokens": m,
+            "prompt_tokens": [len(p) for p in batch],
+            "rank": args.rank,
+            "lora_dtype": args.lora_dtype,
+            "repeats": args.repeats,
+            "baseline_repeats": args.baseline_repeats,
+            "torch_threads": torch.get_num_threads(),
+            "machine": machine_facts(),
+            "peak_rss_mib": {"loraplex": rss_loraplex, "end": rss_end},
+            "engine_stats": dataclasses.asdict(stats),
+            "rows": rows,
+        },
     )
-    log.info("wrote %s", out)
     return 0
 
 

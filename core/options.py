@@ -6,7 +6,7 @@ docs/options.md is their --help.
 A field's metadata (`dataclasses.field(metadata=...)`) adjusts its flag where the field alone
 cannot say it:
 
-    flag         the flag (default: --field-name)
+    flag         the flag, whole (default: --field-name, after its config's prefix)
     scale        the flag counts in these units of the field's (e.g. MiB of a field in bytes)
     env          an environment variable that gives the default (read here, at the edge)
     metavar      the value's name in --help
@@ -39,6 +39,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+_NO_DEFAULT = object()  # a required field
+
 
 @dataclass(frozen=True)
 class Option:
@@ -48,10 +50,11 @@ class Option:
     group: tuple[str, str]  # (title, description) of the nested config it is in; ("", "") at top
     field: Field[Any]
     kind: Any  # the annotated type, Optional unwrapped
-    optional: bool  # the annotation admits None
     flag: str
     help: str
-    prefix: str
+    default: (
+        Any  # its value in the default config (a nested config's default counts), or _NO_DEFAULT
+    )
 
     @property
     def dest(self) -> str:
@@ -64,7 +67,7 @@ class Option:
 
 def options(cls: type) -> Iterator[Option]:
     """Every leaf field of `cls`, nested configs flattened, in declaration order."""
-    yield from _options(cls, (), ("", ""), "", ())
+    yield from _options(cls, (), ("", ""), "", (), None)
 
 
 def _options(
@@ -73,26 +76,35 @@ def _options(
     group: tuple[str, str],
     prefix: str,
     exclude: tuple[str, ...],
+    defaults: Any,  # the default instance of `cls` where it is nested, else None
 ) -> Iterator[Option]:
     hints = get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude or f.metadata.get("hidden"):
             continue
-        kind, optional = _unwrap(hints[f.name])
+        kind = _unwrap(hints[f.name])
+        default = getattr(defaults, f.name) if defaults is not None else _field_default(f)
         if dataclasses.is_dataclass(kind):
-            title = f.name.replace("_", " ")
             yield from _options(
                 kind,  # type: ignore[arg-type]
                 (*path, f.name),
-                (title, " ".join(docs.get(f.name, "").split())),
+                (f.name.replace("_", " "), " ".join(docs.get(f.name, "").split())),
                 prefix + f.metadata.get("prefix", ""),
                 tuple(f.metadata.get("exclude", ())),
+                default,
             )
             continue
         flag = f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
-        yield Option((*path, f.name), group, f, kind, optional, flag, help_text, prefix)
+        yield Option(
+            path=(*path, f.name),
+            group=group,
+            field=f,
+            kind=kind,
+            flag=flag,
+            help=docs.get(f.name, ""),
+            default=default,
+        )
 
 
 def add_options(
@@ -102,9 +114,10 @@ def add_options(
     overrides_only: bool = False,
     suppressed: bool = False,
 ) -> None:
-    """One argument per leaf field of `cls`. With `overrides_only`, unset flags stay None (a
-    config file or the caller fills them) and bools get --x/--no-x. `suppressed` flags are
-    accepted but neither shown nor defaulted (e.g. global flags repeated after a verb)."""
+    """One argument per leaf field of `cls`; a nested config's fields make a group. With
+    `overrides_only`, unset flags stay None (a config file or the caller fills them) and bools
+    get --x/--no-x. `suppressed` flags are accepted but neither shown nor defaulted (e.g. global
+    flags repeated after a verb)."""
     groups: dict[tuple[str, str], Any] = {}
     for option in options(cls):
         target: Any = parser
@@ -121,15 +134,11 @@ def add_options(
             _add(target, option, overrides_only)
 
 
-def build(
-    cls: type,
-    args: argparse.Namespace,
-    environ: Mapping[str, str] | None = None,
-    **fixed: Any,
-) -> Any:
-    """An instance of `cls` from parsed `args` (values in the fields' units); nested configs
-    are built too. Keyword arguments are taken as given (fields with no flag)."""
-    return _build(cls, (), args, os.environ if environ is None else environ, fixed)
+def build(cls: type, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
+    """An instance of `cls` from parsed `args` (values in the fields' units): a flag not given
+    leaves the default config's value (an environment variable's, where the field names one)."""
+    by_path = {o.path: o for o in options(cls)}
+    return _build(cls, (), None, args, os.environ if environ is None else environ, by_path)
 
 
 def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -145,31 +154,31 @@ def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
 def _build(
     cls: type,
     path: tuple[str, ...],
+    defaults: Any,
     args: argparse.Namespace,
     environ: Mapping[str, str],
-    fixed: Mapping[str, Any],
+    by_path: dict[tuple[str, ...], Option],
 ) -> Any:
     hints = get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if not path and f.name in fixed:
-            values[f.name] = fixed[f.name]
-            continue
-        kind, _ = _unwrap(hints[f.name])
+        kind = _unwrap(hints[f.name])
         if dataclasses.is_dataclass(kind):
-            values[f.name] = _build(kind, (*path, f.name), args, environ, {})  # type: ignore[arg-type]
+            nested = getattr(defaults, f.name) if defaults is not None else _field_default(f)
+            values[f.name] = _build(kind, (*path, f.name), nested, args, environ, by_path)  # type: ignore[arg-type]
             continue
-        dest = "__".join((*path, f.name))
-        if not hasattr(args, dest):  # no flag (hidden or excluded): the field's default
+        option = by_path.get((*path, f.name))
+        if option is None:  # no flag (hidden or excluded): the default config's value
             continue
-        value = getattr(args, dest)
-        env = f.metadata.get("env")
+        value = getattr(args, option.dest, None)
+        env = option.meta.get("env")
         if value is None and env and environ.get(env):
             value = environ[env]
-        if value is None and f.metadata.get("cli_default") is None and _has_default(f):
-            continue  # not given: the field's own default
-        option = next(o for o in _options(cls, path, ("", ""), "", ()) if o.path[-1] == f.name)
+        if value is None and "cli_default" not in option.meta:
+            continue  # not given: the default config's value (None from --no-x is given)
         values[f.name] = None if value is None else _from_flag(option, value)
+    if defaults is not None and defaults is not _NO_DEFAULT:
+        return dataclasses.replace(defaults, **values)
     return cls(**values)
 
 
@@ -190,8 +199,12 @@ def _one(option: Option, value: Any) -> Any:
     return value * scale if scale and isinstance(value, int | float) else value
 
 
-def _has_default(f: Field[Any]) -> bool:
-    return f.default is not MISSING or f.default_factory is not MISSING
+def _field_default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return _NO_DEFAULT
 
 
 def _add(parser: Any, option: Option, overrides_only: bool) -> None:
@@ -200,11 +213,10 @@ def _add(parser: Any, option: Option, overrides_only: bool) -> None:
     repeated = get_origin(kind) is tuple
     element = get_args(kind)[0] if repeated else kind
     if element is bool:
-        if overrides_only or _default(option) is True:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["action"] = "store_true"
-        kwargs["default"] = None if overrides_only else _default(option)
+        default = _default(option)
+        bool_action = overrides_only or default is True
+        kwargs["action"] = argparse.BooleanOptionalAction if bool_action else "store_true"
+        kwargs["default"] = None if overrides_only else default
     else:
         if get_origin(element) is Literal:
             kwargs["choices"] = get_args(element)
@@ -216,7 +228,7 @@ def _add(parser: Any, option: Option, overrides_only: bool) -> None:
             )
         if repeated:
             kwargs["action"] = "append"
-        if overrides_only or meta.get("env"):
+        if overrides_only or meta.get("env") or repeated:
             kwargs["default"] = None  # resolved in `build` (a config file, or the environment)
         else:
             kwargs["default"] = _flag_default(option)
@@ -226,7 +238,7 @@ def _add(parser: Any, option: Option, overrides_only: bool) -> None:
         kwargs.pop("default", None)
         parser.add_argument(option.dest, **kwargs)
     else:
-        required = not _has_default(option.field) and not overrides_only
+        required = option.default is _NO_DEFAULT and not overrides_only
         parser.add_argument(option.flag, required=required, **kwargs)
     off = meta.get("off_flag")
     if off:
@@ -236,21 +248,15 @@ def _add(parser: Any, option: Option, overrides_only: bool) -> None:
 
 
 def _default(option: Option) -> Any:
-    f = option.field
-    if "cli_default" in f.metadata:
-        return f.metadata["cli_default"]
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None
+    """The command line's default, in the field's units (None: none)."""
+    if "cli_default" in option.meta:
+        return option.meta["cli_default"]
+    return None if option.default is _NO_DEFAULT else option.default
 
 
 def _flag_default(option: Option) -> Any:
-    """The default in the flag's units (a repeated flag starts empty: argparse appends)."""
+    """The default in the flag's units."""
     value = _default(option)
-    if get_origin(option.kind) is tuple:
-        return None
     scale = option.meta.get("scale")
     if scale and isinstance(value, int):
         return value // scale
@@ -263,27 +269,21 @@ def _help(option: Option, overrides_only: bool) -> str:
         return text
     env = option.meta.get("env")
     if env:
-        return f"{text} (default: ${env}, else {_shown(option.field.metadata.get('shown'))})"
+        return f"{text} (default: ${env}, else {option.meta.get('shown', _default(option))})"
     value = _flag_default(option)
     if option.meta.get("positional") or value is None or value is False or value == ():
         return text
-    return f"{text} (default: {_shown(value)})"
+    return f"{text} (default: {value})"
 
 
-def _shown(value: Any) -> str:
-    return str(value) if value is not None else "none"
-
-
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """(type, admits None) of an annotation such as `int | None`."""
+def _unwrap(annotation: Any) -> Any:
+    """The type of an annotation such as `int | None` (None unwrapped)."""
     origin = get_origin(annotation)
     if origin is Union or origin is types.UnionType:
         args = [a for a in get_args(annotation) if a is not type(None)]
-        optional = len(args) < len(get_args(annotation))
         if len(args) == 1:
-            return args[0], optional
-        return annotation, optional  # e.g. Path | str: the field's `parse` builds it
-    return annotation, False
+            return args[0]
+    return annotation  # e.g. Path | str: the field's `parse` builds it
 
 
 @cache

@@ -1,9 +1,11 @@
 """The domain types every part shares: an adapter version (a manifest in the store), its
-validated weights, and what an adapter must fit to serve on the base model."""
+validated weights, what an adapter must fit to serve on the base model, and the counters of an
+adapter cache tier (host memory or device slots)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -62,3 +64,26 @@ class BaseModelSpec:
     max_rank: int
     fingerprint: str
     max_bytes: int = 1 << 30  # of adapter_model.safetensors
+
+
+@dataclass
+class TierStats:
+    """Counters of one cache tier (host or device)."""
+
+    hits: int = 0
+    misses: int = 0  # requests that waited for a load from the tier below
+    evictions: int = 0
+    loads: int = 0  # loads that completed (concurrent misses share one)
+    load_seconds: float = 0.0  # their total time
+    load_failures: int = 0
+    # Called with each completed load's time (metrics); must not block.
+    load_observers: list[Callable[[float], None]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+
+    def loaded(self, seconds: float) -> None:
+        """Count a completed load."""
+        self.loads += 1
+        self.load_seconds += seconds
+        for observe in self.load_observers:
+            observe(seconds)

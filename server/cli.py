@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraplex")
 
 DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
-HELP_COLUMNS = 100  # docs/options.md is --help at this width
+HELP_WIDTH = 100  # docs/options.md is --help at this width
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,6 +423,33 @@ def _as_dict(message: object) -> dict:
         preserving_proto_field_name=True,  # type: ignore[arg-type]
         always_print_fields_with_no_presence=True,
     )
+
+
+def options_markdown() -> str:
+    """docs/options.md: the --help of every verb (`make docs` writes it; a test checks it)."""
+    sections = [
+        "# Command-line options\n\n"
+        "Generated from `loraplex --help` by `make docs` (a test fails when it is stale). The\n"
+        "flags of `serve`, `serve-ray` and `adapters export` are the fields of their config\n"
+        "dataclasses (loraplex.server.config, loraplex.adapters.config, loraplex.core.config):\n"
+        "the help of each is the docstring under its field.\n"
+    ]
+    for prog, parser in _parsers(build_parser()):
+        parser.formatter_class = functools.partial(argparse.HelpFormatter, width=HELP_WIDTH)
+        sections.append(f"## `{prog}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    return "\n".join(sections)
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """`parser` and its subcommands' parsers, depth first (aliases once)."""
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen: set[int] = set()
+            for sub in action.choices.values():
+                if id(sub) not in seen:
+                    seen.add(id(sub))
+                    yield from _parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

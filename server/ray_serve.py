@@ -33,7 +33,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import grpc
 import ray
@@ -60,7 +60,15 @@ LOADS_METADATA = "x-loraplex-replica-adapter-loads"  # its multiplexed adapter l
 # Metadata Ray's proxy adds or reads itself; everything else is the caller's and goes on.
 _RAY_KEYS = {"application", ADAPTER_METADATA, "request_id", "user-agent"}
 Metadata = list[tuple[str, str | bytes]]
-Status = tuple[int, str, Metadata]  # (grpc status code value, details, trailing metadata)
+
+
+class Status(NamedTuple):
+    """A call's outcome as it crosses Ray (which carries no grpc objects)."""
+
+    code: int  # the grpc status code's value
+    details: str
+    trailing: Metadata
+
 
 UNARY = {
     "Generate": ("Inference", inference_pb2.GenerateResponse),
@@ -86,8 +94,12 @@ SERVICER_FUNCTIONS = [
 ]
 
 
-Generation = tuple[str, int]  # (the counter's incarnation, store changes counted in it)
-UNKNOWN: Generation = ("", 0)  # the counter cannot be reached: re-read the store every time
+class Generation(NamedTuple):
+    epoch: str  # the counter's incarnation
+    changes: int  # store changes counted in it
+
+
+UNKNOWN = Generation(epoch="", changes=0)  # the counter cannot be reached: re-read every time
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -101,10 +113,10 @@ class StoreGeneration:
 
     def bump(self) -> Generation:
         self.value += 1
-        return self.epoch, self.value
+        return Generation(self.epoch, self.value)
 
     def get(self) -> Generation:
-        return self.epoch, self.value
+        return Generation(self.epoch, self.value)
 
 
 def _generation_actor() -> Any:
@@ -133,6 +145,8 @@ class EngineReplica:
         self.server = LoraplexServer(local)
         await self.server.start()
         await self.server.wait_ready()
+        assert self.server.runtime is not None  # ready: the model is loaded
+        self.runtime = self.server.runtime
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.blocking_channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -161,11 +175,11 @@ class EngineReplica:
     async def _sync(self, generation: Generation) -> None:
         """Re-read the store if it changed through another replica since this one read it."""
         epoch, count = generation
-        if epoch and epoch == self.generation[0] and count <= self.generation[1]:
+        if epoch and epoch == self.generation.epoch and count <= self.generation.changes:
             return
         async with self._sync_lock:
-            if not epoch or epoch != self.generation[0] or count > self.generation[1]:
-                await self.server.runtime.adapters.refresh_store()  # type: ignore[union-attr]
+            if not epoch or epoch != self.generation.epoch or count > self.generation.changes:
+                await self.runtime.adapters.refresh_store()
                 self.generation = generation
 
     async def _record(self) -> None:
@@ -235,7 +249,7 @@ class EngineReplica:
         ]
         pairs.append((REPLICA_METADATA, self.replica_id))
         pairs.append((LOADS_METADATA, str(sum(self.loads.values()))))
-        return code.value[0], details or "", pairs
+        return Status(code.value[0], details or "", pairs)
 
 
 def _forwarded(grpc_context: Any) -> Metadata:
@@ -276,7 +290,9 @@ def _replica_lost(exc: ray.exceptions.RayActorError) -> Status:
     """The answer for a request whose replica died under it: UNAVAILABLE, which clients retry
     (Ray Serve starts a new replica; the others keep serving)."""
     log.warning("engine replica lost with a request in flight: %s", exc)
-    return grpc.StatusCode.UNAVAILABLE.value[0], "engine replica lost; retry the request", []
+    return Status(
+        grpc.StatusCode.UNAVAILABLE.value[0], "engine replica lost; retry the request", []
+    )
 
 
 def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
@@ -340,7 +356,8 @@ class IngressReplica:
             return b"", _replica_lost(exc)
         except ray.exceptions.RayTaskError as exc:
             log.error("engine replica failed on %s: %s", name, exc)
-            return b"", (grpc.StatusCode.INTERNAL.value[0], f"{name} failed on its replica", [])
+            failed = Status(grpc.StatusCode.INTERNAL.value[0], f"{name} failed on its replica", [])
+            return b"", failed
         finally:
             # A change may have reached the store even when its answer did not reach us (a
             # lost replica, a cancelled call): every attempt counts as a change.
@@ -354,7 +371,7 @@ class IngressReplica:
             return None
         outcome = authorize(self.keys, PUSH_PATH, grpc_context.invocation_metadata())
         if isinstance(outcome, Refusal):
-            return outcome.code.value[0], outcome.message, []
+            return Status(outcome.code.value[0], outcome.message, [])
         return None
 
     async def PushAdapter(  # noqa: N802 (the RPC's name)
@@ -371,11 +388,11 @@ class IngressReplica:
                     too_large = (
                         f"the upload is larger than the limit of {self.max_upload_bytes} bytes"
                     )
-                    refusal = grpc.StatusCode.INVALID_ARGUMENT.value[0], too_large, []
+                    refusal = Status(grpc.StatusCode.INVALID_ARGUMENT.value[0], too_large, [])
                     break
                 messages.append(message.SerializeToString())
         if refusal is None and requests.is_cancelled():
-            refusal = grpc.StatusCode.CANCELLED.value[0], "the upload was cancelled", []
+            refusal = Status(grpc.StatusCode.CANCELLED.value[0], "the upload was cancelled", [])
         if refusal is not None:
             _answer(grpc_context, refusal)
             return adapters_pb2.RegisterAdapterResponse()
@@ -410,8 +427,8 @@ class IngressReplica:
             async for item in items:
                 if not isinstance(item, bytes):
                     _answer(grpc_context, item)
-                    if last is None and item[0] != grpc.StatusCode.OK.value[0]:
-                        raise StreamFailed(item[1])
+                    if last is None and item.code != grpc.StatusCode.OK.value[0]:
+                        raise StreamFailed(item.details)
                     break
                 message = inference_pb2.GenerateResponse.FromString(item)
                 if message.finish_reason:

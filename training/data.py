@@ -185,7 +185,9 @@ def tokenize_chat(
         for token, (start, _) in zip(ids, encoded["offset_mapping"], strict=True)
     ]
     truncated = len(ids) > max_length
-    return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
+    return TokenizedExample(
+        input_ids=ids[:max_length], labels=labels[:max_length], truncated=truncated
+    )
 
 
 def prepare(

@@ -107,7 +107,13 @@ def prepare_data(config: TrainConfig, tokenizer: Any, eos_ids: set[int]) -> Prep
     train, report = prepare(tokenizer, train_chats, config.max_length, eos_ids)
     report.duplicates = duplicates
     evaluation = prepare(tokenizer, eval_chats, config.max_length, eos_ids)[0] if eval_chats else []
-    return Prepared(train, evaluation, eval_chats, report, file_sha256(*sources))
+    return Prepared(
+        train=train,
+        eval=evaluation,
+        eval_chats=eval_chats,
+        report=report,
+        data_sha256=file_sha256(*sources),
+    )
 
 
 def dry_run(config: TrainConfig, prepared: Prepared, tokenizer: Any) -> None:

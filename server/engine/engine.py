@@ -233,7 +233,9 @@ class Engine:
             kv_rows_used=cache.num_used_rows,
             num_slots=slots.num_slots,
             slots=tuple(
-                SlotView(slot, key, slots.refcount(slot), key in pinned)
+                SlotView(
+                    slot=slot, adapter=key, refcount=slots.refcount(slot), pinned=key in pinned
+                )
                 for slot, key in sorted(slots.resident().items())
             ),
             device_tier=dataclasses.replace(slots.stats, load_observers=[]),
@@ -298,7 +300,11 @@ class Engine:
                 start = seq.num_cached
                 tokens = seq.request.prompt_ids[start : start + n]
                 done = start + n == seq.prompt_len
-                prefills.append(PrefillWork(seq.row, seq.slot, tokens, start, done))
+                prefills.append(
+                    PrefillWork(
+                        row=seq.row, slot=seq.slot, tokens=tokens, start=start, wants_logits=done
+                    )
+                )
                 chunked.append((seq, n))
                 budget -= n
         # In slot order: each adapter's decode tokens are then contiguous (see lora_ops); the
@@ -306,7 +312,11 @@ class Engine:
         merged = self._merges.slot
         decoding.sort(key=lambda seq: (seq.slot != merged, seq.slot))
         for seq in decoding:
-            decodes.append(DecodeWork(seq.row, seq.slot, seq.last_token, seq.num_cached))
+            decodes.append(
+                DecodeWork(
+                    row=seq.row, slot=seq.slot, token=seq.last_token, position=seq.num_cached
+                )
+            )
         logits = self._model().step(decodes, prefills)
         for seq in decoding:
             seq.num_cached += 1
@@ -447,13 +457,23 @@ class Engine:
                 or seq.num_tokens >= self._model().max_context
             ):
                 rest = seq.output.finish()
-                step = StepText(step.delta + rest.delta, rest.stop_reason)
+                step = StepText(delta=step.delta + rest.delta, stop_reason=rest.stop_reason)
                 finish = "stop" if rest.stop_reason is not None else "length"
         text, stop_reason = step.delta, step.stop_reason
         usage = None
         if finish is not None:
-            usage = Usage(len(seq.request.prompt_ids), seq.num_generated)
-        seq.request.emit(RequestOutput(text, [token], finish, stop_reason, usage))
+            usage = Usage(
+                prompt_tokens=len(seq.request.prompt_ids), completion_tokens=seq.num_generated
+            )
+        seq.request.emit(
+            RequestOutput(
+                text=text,
+                token_ids=[token],
+                finish_reason=finish,
+                stop_reason=stop_reason,
+                usage=usage,
+            )
+        )
         return finish is not None
 
     def _drop_cancelled(self) -> None:

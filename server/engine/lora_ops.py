@@ -15,6 +15,7 @@ slots present (smaller ranks are zero-padded, which adds nothing). Both paths eq
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -41,11 +42,19 @@ class DecodeLayout:
     dst: torch.Tensor | None  # (M,) flat index u * G + j in the block; None = 0..M-1
 
 
+class Segment(NamedTuple):
+    """A run of prompt tokens of one adapter: tokens [start, end) of the step use `slot`."""
+
+    slot: int
+    start: int
+    end: int
+
+
 @dataclass(frozen=True)
 class LoraPlan:
     rank: int  # R: the largest rank of the slots present; 0 = nothing to add
     decode: DecodeLayout | None
-    segments: list[tuple[int, int, int]]  # (slot, start, end) token ranges, prompt part
+    segments: list[Segment]  # token ranges of the prompt part
 
     @property
     def empty(self) -> bool:
@@ -54,7 +63,7 @@ class LoraPlan:
 
 def plan_lora(
     decode_slots: list[int],
-    segments: list[tuple[int, int, int]],
+    segments: list[Segment],
     ranks: list[int],
     device: torch.device,
 ) -> LoraPlan:
@@ -62,10 +71,12 @@ def plan_lora(
     start, end) of each prompt chunk (start >= n_decode). Slots of rank 0 and base tokens are
     left out. Decode tokens ordered by slot (as the engine orders them) need no reordering."""
     live = {s for s in decode_slots if s != NO_ADAPTER and ranks[s] > 0}
-    segs = [(s, a, b) for s, a, b in segments if s != NO_ADAPTER and ranks[s] > 0 and b > a]
+    segs = [g for g in segments if g.slot != NO_ADAPTER and ranks[g.slot] > 0 and g.end > g.start]
     live.update(s for s, _, _ in segs)
     rank = max((ranks[s] for s in live), default=0)
-    return LoraPlan(rank, _decode_layout(decode_slots, ranks, device), _merge_runs(segs))
+    return LoraPlan(
+        rank=rank, decode=_decode_layout(decode_slots, ranks, device), segments=_join_runs(segs)
+    )
 
 
 def _decode_layout(
@@ -109,14 +120,14 @@ def _decode_layout(
     )
 
 
-def _merge_runs(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def _join_runs(segments: list[Segment]) -> list[Segment]:
     """Join adjacent ranges of one slot, so each becomes one matmul pair."""
-    out: list[tuple[int, int, int]] = []
-    for s, a, b in sorted(segments, key=lambda t: t[1]):
-        if out and out[-1][0] == s and out[-1][2] == a:
-            out[-1] = (s, out[-1][1], b)
+    out: list[Segment] = []
+    for seg in sorted(segments, key=lambda g: g.start):
+        if out and out[-1].slot == seg.slot and out[-1].end == seg.start:
+            out[-1] = out[-1]._replace(end=seg.end)
         else:
-            out.append((s, a, b))
+            out.append(seg)
     return out
 
 

@@ -98,11 +98,11 @@ class MergePolicy:
         counts = self.window.counts + queued
         total = sum(counts.values())
         if total == 0:
-            return Shares(None, 0.0, 0.0)
+            return Shares(leader=None, leader_share=0.0, merged_share=0.0)
         adapters = [(n, key) for key, n in counts.items() if key is not None]
         leader = max(adapters, default=(0, None))
         merged_share = counts[merged] / total if merged is not None else 0.0
-        return Shares(leader[1], leader[0] / total, merged_share)
+        return Shares(leader=leader[1], leader_share=leader[0] / total, merged_share=merged_share)
 
     def decide(self, merged: AdapterKey | None, queued: TokenCounts) -> AdapterKey | None:
         """The adapter that should be merged now (None: none), given what is merged now and
@@ -149,7 +149,9 @@ class MergeControl:
         self.unmerges = 0
         self.last_merge_s = 0.0
         self.last_unmerge_s = 0.0
-        self._shares = Shares(None, 0.0, 0.0)  # at the policy's last look
+        self._shares = Shares(
+            leader=None, leader_share=0.0, merged_share=0.0
+        )  # at the policy's last look
         self._next_check = 0.0
 
     def configure(self, settings: MergeSettings) -> None:

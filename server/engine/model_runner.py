@@ -21,7 +21,7 @@ from loraplex.server.engine.forward import (
 )
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.lora import NO_ADAPTER, LoraStacks
-from loraplex.server.engine.lora_ops import LoraPlan, plan_lora
+from loraplex.server.engine.lora_ops import LoraPlan, Segment, plan_lora
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class ModelRunner:
         self.merged_slot = None
 
     def _plans(
-        self, decode_slots: list[int], segments: list[tuple[int, int, int]]
+        self, decode_slots: list[int], segments: list[Segment]
     ) -> tuple[LoraPlan, LoraPlan | None]:
         """The step's LoRA plan, and with a merged adapter M the plan that takes M's delta
         back out: M's tokens need nothing on top of the merged base, every other token
@@ -116,17 +116,17 @@ class ModelRunner:
         if m is None:
             return plan_lora(decode_slots, segments, ranks, dev), None
         own = [NO_ADAPTER if s == m else s for s in decode_slots]
-        lora = plan_lora(own, [(NO_ADAPTER if s == m else s, a, b) for s, a, b in segments],
-                         ranks, dev)  # fmt: skip
-        runs: list[tuple[int, int, int]] = []
+        own_segments = [g._replace(slot=NO_ADAPTER) if g.slot == m else g for g in segments]
+        lora = plan_lora(own, own_segments, ranks, dev)
+        runs: list[Segment] = []
         for i, slot in enumerate(decode_slots):
             if slot == m:
                 continue
-            if runs and runs[-1][2] == i:
-                runs[-1] = (m, runs[-1][1], i + 1)
+            if runs and runs[-1].end == i:
+                runs[-1] = runs[-1]._replace(end=i + 1)
             else:
-                runs.append((m, i, i + 1))
-        runs += [(m, a, b) for s, a, b in segments if s != m]
+                runs.append(Segment(slot=m, start=i, end=i + 1))
+        runs += [g._replace(slot=m) for g in segments if g.slot != m]
         unmerge = plan_lora([], runs, ranks, dev)
         return lora, (None if unmerge.empty else unmerge)
 
@@ -138,12 +138,12 @@ class ModelRunner:
         positions: list[int] = [d.position for d in decodes]
         rows: list[int] = [d.row for d in decodes]
         chunks: list[PromptChunk] = []
-        segments: list[tuple[int, int, int]] = []
+        segments: list[Segment] = []
         logits_index: list[int] = list(range(len(decodes)))
         for p in prefills:
             offset, n = len(ids), len(p.tokens)
-            chunks.append(PromptChunk(p.row, p.start, offset, n))
-            segments.append((p.slot, offset, offset + n))
+            chunks.append(PromptChunk(row=p.row, start=p.start, offset=offset, length=n))
+            segments.append(Segment(slot=p.slot, start=offset, end=offset + n))
             ids.extend(p.tokens)
             positions.extend(range(p.start, p.start + n))
             rows.extend([p.row] * n)
@@ -177,7 +177,15 @@ class ModelRunner:
         work = []
         for prompt, slot in zip(prompts, slots, strict=True):
             row = cache.allocate(len(prompt))
-            work.append(PrefillWork(row, slot if slot is not None else NO_ADAPTER, prompt, 0, True))
+            work.append(
+                PrefillWork(
+                    row=row,
+                    slot=slot if slot is not None else NO_ADAPTER,
+                    tokens=prompt,
+                    start=0,
+                    wants_logits=True,
+                )
+            )
         try:
             return self.step([], work)
         finally:

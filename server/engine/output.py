@@ -48,9 +48,9 @@ class OutputProcessor:
             if hit is not None:
                 index, stop = hit
                 self.text = self.text[:index]
-                return StepText(self._release(len(self.text)), stop)
+                return StepText(delta=self._release(len(self.text)), stop_reason=stop)
         held = 0 if final else self._held_back()
-        return StepText(self._release(len(self.text) - held), None)
+        return StepText(delta=self._release(len(self.text) - held), stop_reason=None)
 
     def _decode_new(self, final: bool) -> str:
         decode = self._tokenizer.decode  # type: ignore[attr-defined]

@@ -282,7 +282,7 @@ class Scheduler:
                 unallocate(row, request)
                 self._drain_for(key, draining, wanting)
                 return "waits"
-        return Admission(request, grant, row)
+        return Admission(request=request, grant=grant, row=row)
 
     def _drain_for(
         self, key: tuple[str, int], draining: set[int], wanting: set[tuple[str, int]]

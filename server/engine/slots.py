@@ -12,8 +12,7 @@ from collections import OrderedDict
 from collections.abc import Set
 from dataclasses import dataclass
 
-from loraplex.adapters.cache import TierStats
-from loraplex.core.types import AdapterKey
+from loraplex.core.types import AdapterKey, TierStats
 
 
 @dataclass
@@ -58,7 +57,7 @@ class SlotTable:
         if slot is not None:
             self._take(slot)
             self.stats.hits += 1
-            return SlotGrant(slot, needs_load=False, evicted=None)
+            return SlotGrant(slot=slot, needs_load=False, evicted=None)
         grant = self._claim(key, protect=frozenset())
         if grant is None:
             return None
@@ -91,7 +90,7 @@ class SlotTable:
             self.stats.evictions += 1
         self._entries[slot] = SlotEntry(key)
         self._by_key[key] = slot
-        return SlotGrant(slot, needs_load=True, evicted=evicted)
+        return SlotGrant(slot=slot, needs_load=True, evicted=evicted)
 
     def pin(self, key: AdapterKey) -> SlotGrant | None:
         """Hold `key` in a slot until `unpin` (at least one slot is left for the rest)."""

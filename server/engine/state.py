@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loraplex.adapters.cache import TierStats
-from loraplex.core.types import AdapterKey
+from loraplex.core.types import AdapterKey, TierStats
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ class AdapterService:
             except Exception:  # registered all the same; the older version stays merged
                 log.exception("merging %s v%d in place of its older version failed",
                               *version.key)  # fmt: skip
-        return Registration(await self.get(version.adapter_id), created)
+        return Registration(adapter=await self.get(version.adapter_id), created=created)
 
     # -- lookups ------------------------------------------------------------------------------
     async def get(self, adapter_id: str, principal: Principal | None = None) -> AdapterView:

@@ -99,7 +99,7 @@ class KeyRing:
                 raise AuthConfigError(f"{where}: duplicate name or key")
             names.add(name)
             digests.add(digest)
-            keys.append((digest, Principal(tenant, role, name)))
+            keys.append((digest, Principal(tenant=tenant, role=role, key_name=name)))
         return cls(keys)
 
     def authenticate(self, authorization: str | None) -> Principal:

@@ -59,7 +59,7 @@ class Pins:
                 lease.release()
                 raise
             self.cache.pin(version.digest, True)
-            self._pins[adapter_id] = Pin(version, lease)
+            self._pins[adapter_id] = Pin(version=version, lease=lease)
             if old is not None:
                 await self._unpin(old)
             log.info("adapter %s v%d pinned", *version.key)

@@ -57,7 +57,7 @@ class _Usage:
 
 
 class Ticket:
-    """A request's admission; `release` it once the request ends."""
+    """A request's place under its tenant's quotas; `release` it once the request ends."""
 
     def __init__(self, quotas: Quotas, tenant: str, tokens: int) -> None:
         self._quotas = quotas

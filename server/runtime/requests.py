@@ -170,7 +170,7 @@ class Requests:
             ticket.release(ticket.tokens)
             raise
         outputs = self._outputs(queue, request, lease, ticket, record)
-        return Generation(request_id, adapter, outputs)
+        return Generation(request_id=request_id, adapter=adapter, outputs=outputs)
 
     async def _outputs(
         self,

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraplex.adapters.cache import TierStats
 from loraplex.adapters.compositions import Composition
-from loraplex.core.types import AdapterVersion
+from loraplex.core.types import AdapterVersion, TierStats
 
 
 @dataclass(frozen=True)

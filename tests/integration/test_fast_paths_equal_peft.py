@@ -63,14 +63,14 @@ def test_prompt_and_decode_paths_equal_peft_in_float32(float32_pair):
         runner.step(
             [],
             [
-                PrefillWork(r, s, ids[:h], 0, False)
+                PrefillWork(row=r, slot=s, tokens=ids[:h], start=0, wants_logits=False)
                 for r, s, ids, h in zip(rows, slots, seqs, half, strict=True)
             ],
         )
         logits = runner.step(
             [],
             [
-                PrefillWork(r, s, ids[h:], h, True)
+                PrefillWork(row=r, slot=s, tokens=ids[h:], start=h, wants_logits=True)
                 for r, s, ids, h in zip(rows, slots, seqs, half, strict=True)
             ],
         )
@@ -87,7 +87,7 @@ def test_prompt_and_decode_paths_equal_peft_in_float32(float32_pair):
                 for ids, a in zip(seqs, adapters, strict=True)
             ]
             work = [
-                DecodeWork(r, s, t, len(ids))
+                DecodeWork(row=r, slot=s, token=t, position=len(ids))
                 for r, s, t, ids in zip(rows, slots, tokens, seqs, strict=True)
             ]
             logits = runner.step(work, [])

@@ -4,6 +4,8 @@ what it gets alone, slots are shared fairly, failures and cancels free what they
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -332,3 +334,17 @@ def test_requests_past_the_time_limit_end_queued_or_running(setup):
 
 def refcounts(state: EngineSnapshot) -> dict[int, int]:
     return {s.slot: s.refcount for s in state.slots}
+
+
+def test_the_engine_and_everything_below_the_front_ends_import_without_grpc():
+    """grpc and protobuf are the gRPC front end's: with them unimportable, the engine, the
+    runtime, the adapter tiers and training still import (the lint step's import contracts
+    check the same statically)."""
+    code = (
+        "import sys\n"
+        "for name in ('grpc', 'google.protobuf', 'loraplex.v1'): sys.modules[name] = None\n"
+        "import loraplex.server.engine.engine, loraplex.server.runtime.runtime\n"
+        "import loraplex.adapters.export, loraplex.training.train\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel
 from loraplex.adapters.validate import load_adapter
 from loraplex.core.types import BaseModelSpec
 from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup, LoraStacks, lora_delta_reference
-from loraplex.server.engine.lora_ops import add_lora, plan_lora
+from loraplex.server.engine.lora_ops import Segment, add_lora, plan_lora
 from loraplex.server.engine.model_runner import ModelRunner
 from tests.conftest import TINY_FAMILIES
 from tests.helpers import add_peft_adapter
@@ -90,7 +90,8 @@ def test_prompt_segment_path_and_mixed_step_equal_reference():
     group = random_group()
     decode = [1, NO_ADAPTER, 0, 1]
     # chunks: 5 tokens of slot 2, 3 of slot 2 (joined into one run), 4 base, 6 of slot 0
-    segments = [(2, 4, 9), (2, 9, 12), (NO_ADAPTER, 12, 16), (0, 16, 22)]
+    runs = [(2, 4, 9), (2, 9, 12), (NO_ADAPTER, 12, 16), (0, 16, 22)]
+    segments = [Segment(slot, start, end) for slot, start, end in runs]
     token_slots = decode + [s for s, a, b in segments for _ in range(a, b)]
     x = torch.randn(len(token_slots), D_IN)
     want = reference(x, group, RANKS, token_slots)

@@ -129,11 +129,14 @@ def _step(runner: ModelRunner, slots: list[int]) -> torch.Tensor:
     try:
         prefill = runner.step(
             [],
-            [PrefillWork(r, s, p, 0, True) for r, s, p in zip(rows, slots, prompts, strict=True)],
+            [
+                PrefillWork(row=r, slot=s, tokens=p, start=0, wants_logits=True)
+                for r, s, p in zip(rows, slots, prompts, strict=True)
+            ],
         )
         decode = runner.step(
             [
-                DecodeWork(r, s, int(prefill[i].argmax()), len(p))
+                DecodeWork(row=r, slot=s, token=int(prefill[i].argmax()), position=len(p))
                 for i, (r, s, p) in enumerate(zip(rows, slots, prompts, strict=True))
             ],
             [],

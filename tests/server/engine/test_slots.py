@@ -9,10 +9,10 @@ from loraplex.server.engine.slots import SlotGrant, SlotTable
 
 def test_acquire_loads_once_and_shares_a_slot():
     table = SlotTable(2)
-    assert table.acquire(("a", 1)) == SlotGrant(0, needs_load=True, evicted=None)
-    assert table.acquire(("a", 1)) == SlotGrant(0, needs_load=False, evicted=None)
+    assert table.acquire(("a", 1)) == SlotGrant(slot=0, needs_load=True, evicted=None)
+    assert table.acquire(("a", 1)) == SlotGrant(slot=0, needs_load=False, evicted=None)
     assert table.refcount(0) == 2
-    assert table.acquire(("b", 1)) == SlotGrant(1, needs_load=True, evicted=None)
+    assert table.acquire(("b", 1)) == SlotGrant(slot=1, needs_load=True, evicted=None)
     assert table.resident() == {0: ("a", 1), 1: ("b", 1)}
 
 
@@ -37,11 +37,11 @@ def test_least_recently_released_is_evicted_first():
     table.release(1)  # b released first: least recently used
     table.release(0)
     grant = table.acquire(("c", 1))
-    assert grant == SlotGrant(1, needs_load=True, evicted=("b", 1))
+    assert grant == SlotGrant(slot=1, needs_load=True, evicted=("b", 1))
     assert table.resident() == {0: ("a", 1), 1: ("c", 1)}
     assert table.lookup(("b", 1)) is None
     # a was idle but is reused without a load
-    assert table.acquire(("a", 1)) == SlotGrant(0, needs_load=False, evicted=None)
+    assert table.acquire(("a", 1)) == SlotGrant(slot=0, needs_load=False, evicted=None)
 
 
 def test_reacquired_slot_leaves_lru():
@@ -68,7 +68,7 @@ def test_discard_frees_the_slot_once_unreferenced():
     table.release(0)
     table.discard(0)
     assert table.resident() == {}
-    assert table.acquire(("b", 1)) == SlotGrant(0, needs_load=True, evicted=None)
+    assert table.acquire(("b", 1)) == SlotGrant(slot=0, needs_load=True, evicted=None)
 
 
 def test_pinned_adapters_stay_and_one_slot_is_left_for_the_rest():

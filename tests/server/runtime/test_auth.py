@@ -42,7 +42,9 @@ sha256 = "{hash_key(ops)}"
 """,
         )
     )
-    assert ring.authenticate(f"Bearer {app}") == Principal("acme", "client", "acme-app")
+    assert ring.authenticate(f"Bearer {app}") == Principal(
+        tenant="acme", role="client", key_name="acme-app"
+    )
     principal = ring.authenticate(f"bearer  {ops} ")
     assert principal.is_admin and principal.tenant == "platform"
     # The file holds hashes only: the key itself is not in it.
@@ -60,7 +62,7 @@ sha256 = "{hash_key(ops)}"
     ],
 )
 def test_missing_malformed_and_wrong_keys_are_refused(tmp_path, header, needle):
-    ring = KeyRing([(hash_key(new_key()), Principal("acme", "client", "k"))])
+    ring = KeyRing([(hash_key(new_key()), Principal(tenant="acme", role="client", key_name="k"))])
     with pytest.raises(Unauthenticated, match=needle):
         ring.authenticate(header)
 

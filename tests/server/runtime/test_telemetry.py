@@ -14,7 +14,9 @@ from loraplex.server.runtime.telemetry import RequestLog, RequestRecord, code_na
 
 
 def record(**fields) -> RequestRecord:
-    r = RequestRecord("req-1", "acme", arrival=10.0, adapter_id="support", adapter_version=3)
+    r = RequestRecord(
+        request_id="req-1", tenant="acme", arrival=10.0, adapter_id="support", adapter_version=3
+    )
     r.prompt_tokens, r.queued, r.admitted = 7, 10.1, 10.2
     r.output(10.5, 1)
     r.output(10.7, 1)
@@ -67,7 +69,7 @@ def test_per_adapter_counts_are_capped_with_an_other_bucket():
 
 def test_a_refused_request_is_counted_but_not_timed():
     metrics = Metrics()
-    refused = RequestRecord("req-2", "acme", arrival=1.0)
+    refused = RequestRecord(request_id="req-2", tenant="acme", arrival=1.0)
     refused.code = "RESOURCE_EXHAUSTED"
     metrics.finished(refused)
     text = generate_latest(metrics.registry).decode()

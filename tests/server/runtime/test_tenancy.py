@@ -14,9 +14,9 @@ def version(tenant: str, shared: bool = False) -> AdapterVersion:
     return AdapterVersion("x", 1, "sha256:0", 4, 8.0, ("q_proj",), 0, "", "", "", tenant, shared)
 
 
-ACME = Principal("acme", "client", "k1")
-GLOBEX = Principal("globex", "client", "k2")
-ADMIN = Principal("ops", "admin", "k3")
+ACME = Principal(tenant="acme", role="client", key_name="k1")
+GLOBEX = Principal(tenant="globex", role="client", key_name="k2")
+ADMIN = Principal(tenant="ops", role="admin", key_name="k3")
 
 
 def test_a_client_uses_its_own_and_shared_adapters_only():

@@ -1,0 +1,207 @@
+"""protobuf <-> runtime types: every field of each view reaches the message field of the same
+name (with distinct values, so a swapped or forgotten field fails), and every request field
+reaches the runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from loraplex.adapters.compositions import Composition, CompositionRequest, WeightedAdapter
+from loraplex.core.types import AdapterVersion, TierStats
+from loraplex.server.engine.request import RequestOutput, Usage
+from loraplex.server.grpc_api import convert
+from loraplex.server.runtime.requests import ChatMessage, GenerateInput
+from loraplex.server.runtime.views import (
+    AdapterView,
+    CacheView,
+    MergeView,
+    ModelInfo,
+    Registration,
+    TierView,
+)
+from loraplex.v1 import adapters_pb2, inference_pb2
+
+
+def fields_of(message) -> set[str]:
+    return {f.name for f in message.DESCRIPTOR.fields}
+
+
+def assert_same_fields(view, message, renamed: dict[str, str] | None = None) -> None:
+    """Each field of `view` equals the message's field of that name (or of its new name), and
+    the message has no field the view does not fill."""
+    renamed = renamed or {}
+    names = {renamed.get(f.name, f.name) for f in dataclasses.fields(view)}
+    assert names == fields_of(message), names ^ fields_of(message)
+    for f in dataclasses.fields(view):
+        got = getattr(message, renamed.get(f.name, f.name))
+        want = getattr(view, f.name)
+        if isinstance(want, tuple):
+            got, want = list(got), list(want)
+        if isinstance(want, float):
+            assert abs(got - want) < 1e-6, f.name
+        else:
+            assert got == want, f.name
+
+
+VERSION = AdapterVersion(
+    adapter_id="support",
+    version=3,
+    digest="sha256:ab",
+    rank=16,
+    lora_alpha=32.0,
+    target_modules=("q_proj", "v_proj"),
+    size_bytes=1234,
+    created_at="2026-01-02T03:04:05Z",
+    source="s3://bucket/support",
+    base_model_fingerprint="sha256:base",
+    tenant="acme",
+    shared=True,
+)
+
+
+def test_model_info_fields_map_one_to_one():
+    info = ModelInfo(
+        model_id="m",
+        model_type="llama",
+        quantization="bnb-nf4-double-quant",
+        device="cpu",
+        dtype="bfloat16",
+        max_context_length=4096,
+        vocab_size=49152,
+        num_layers=30,
+        supported_target_modules=("q_proj", "down_proj"),
+        max_lora_rank=64,
+        max_loras=8,
+        max_batch_size=65,
+        base_model_fingerprint="sha256:f",
+        version="0.1.0",
+        has_chat_template=True,
+    )
+    assert_same_fields(info, convert.model_info_message(info))
+
+
+def test_merge_view_fields_map_one_to_one():
+    view = MergeView(
+        adapter_id="support",
+        version=3,
+        pinned=True,
+        policy="auto",
+        token_share=0.75,
+        leading_adapter_id="other",
+        merges=5,
+        unmerges=4,
+        last_merge_seconds=0.25,
+        last_unmerge_seconds=0.125,
+    )
+    assert_same_fields(view, convert.merge_state_message(view))
+
+
+def test_tier_and_cache_views_map_with_their_counters():
+    stats = TierStats(hits=1, misses=2, evictions=3, loads=4, load_seconds=5.5, load_failures=6)
+    view = TierView(tier="host", resident=7, capacity=8, used_bytes=9, budget_bytes=10, stats=stats)
+    message = convert.tier_stats_message(view)
+    counters = {f.name for f in dataclasses.fields(stats)} - {"load_observers"}
+    tier_fields = {f.name for f in dataclasses.fields(view)} - {"stats"}
+    assert fields_of(message) == tier_fields | counters
+    for name in tier_fields:
+        assert getattr(message, name) == getattr(view, name), name
+    for name in counters:
+        assert getattr(message, name) == getattr(stats, name), name
+    cache = convert.cache_stats_message(CacheView(tiers=(view,), pinned=("a", "b")))
+    assert list(cache.pinned) == ["a", "b"] and cache.tiers[0] == message
+
+
+def test_adapter_view_fills_every_adapter_info_field():
+    other = dataclasses.replace(VERSION, adapter_id="tone", version=2)
+    composition = Composition(
+        inputs=(VERSION, other),
+        weights=(0.7, 0.3),
+        method="ties",
+        density=0.5,
+        seed=9,
+        majority_sign_method="frequency",
+        version=dataclasses.replace(VERSION, adapter_id="composed-x", version=1),
+    )
+    view = AdapterView(
+        version=VERSION, versions=(1, 3), pinned=True, merged=True, composition=composition
+    )
+    info = convert.adapter_info(view)
+    version_fields = {f.name for f in dataclasses.fields(VERSION)}
+    view_fields = {"versions", "pinned", "merged", "composition"}
+    assert fields_of(info) == version_fields | view_fields | {"name", "composed_versions"}
+    for name in version_fields:
+        want, got = getattr(VERSION, name), getattr(info, name)
+        if isinstance(want, tuple):
+            want, got = list(want), list(got)
+        assert got == want, name
+    assert info.name == "support" and list(info.versions) == [1, 3]
+    assert info.pinned and info.merged and list(info.composed_versions) == [3, 2]
+    c = info.composition
+    weighted = [(a.adapter_id, round(a.weight, 6)) for a in c.adapters]
+    assert weighted == [("support", 0.7), ("tone", 0.3)]
+    assert (c.method, c.density, c.seed, c.majority_sign_method) == ("ties", 0.5, 9, "frequency")
+    registered = convert.registration_message(Registration(adapter=view, created=True))
+    assert registered.created and registered.adapter == info
+
+
+def test_every_generate_request_field_reaches_the_runtime():
+    request = inference_pb2.GenerateRequest(
+        adapter_id="support",
+        prompt="hello",
+        messages=[inference_pb2.ChatMessage(role="user", content="hi")],
+        max_new_tokens=7,
+        temperature=0.5,
+        top_p=0.75,
+        top_k=3,
+        seed=11,
+        stop=["\n\n", "END"],
+        compose=adapters_pb2.AdapterComposition(
+            adapters=[adapters_pb2.WeightedAdapter(adapter_id="a", weight=0.5)],
+            method="cat",
+            density=0.25,
+            seed=4,
+            majority_sign_method="frequency",
+        ),
+    )
+    got = convert.generate_input(request)
+    assert {f.name for f in dataclasses.fields(GenerateInput)} == fields_of(request)
+    assert got == GenerateInput(
+        adapter_id="support",
+        prompt="hello",
+        messages=(ChatMessage(role="user", content="hi"),),
+        max_new_tokens=7,
+        temperature=0.5,
+        top_p=0.75,
+        top_k=3,
+        seed=11,
+        stop=("\n\n", "END"),
+        compose=CompositionRequest(
+            adapters=(WeightedAdapter(adapter_id="a", weight=0.5),),
+            method="cat",
+            density=0.25,
+            seed=4,
+            majority_sign_method="frequency",
+        ),
+    )
+    unset = convert.generate_input(inference_pb2.GenerateRequest())
+    assert unset == GenerateInput()  # unset optional fields are the runtime's defaults
+
+
+def test_a_final_output_becomes_a_response_with_usage():
+    out = RequestOutput(
+        text="x",
+        token_ids=[5],
+        finish_reason="stop",
+        stop_reason="END",
+        usage=Usage(prompt_tokens=3, completion_tokens=4),
+    )
+    response = convert.generate_response(out, "all text", [1, 5], VERSION, "req-9")
+    assert (response.text, response.finish_reason, response.stop_reason) == ("all text", "stop",
+                                                                             "END")  # fmt: skip
+    assert (response.adapter_id, response.adapter_version, response.request_id) == (
+        "support",
+        3,
+        "req-9",
+    )
+    assert list(response.token_ids) == [1, 5]
+    assert (response.usage.prompt_tokens, response.usage.total_tokens) == (3, 7)

@@ -1,0 +1,74 @@
+"""The `loraplex` command's options: generated from the config dataclasses, each documented by
+its field's docstring, and docs/options.md is their --help."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from loraplex.adapters.config import ExportConfig
+from loraplex.core.config import ModelConfig
+from loraplex.core.options import options
+from loraplex.server.cli import build_parser, options_markdown, server_config
+from loraplex.server.config import (
+    DEFAULT_METRICS_PORT,
+    EngineConfig,
+    LogConfig,
+    MergeSettings,
+    RayConfig,
+    ServerConfig,
+    TenantLimits,
+    parse_serve_flags,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_docs_options_md_is_the_current_help():
+    written = (REPO / "docs" / "options.md").read_text()
+    assert written == options_markdown(), "docs/options.md is stale: run `make docs`"
+
+
+def test_every_option_is_documented_by_its_field():
+    for cls in (ServerConfig, RayConfig, LogConfig, ExportConfig):
+        for option in options(cls):
+            assert option.help.strip(), f"{cls.__name__}.{'.'.join(option.path)} has no docstring"
+
+
+def test_serve_without_flags_runs_the_default_config():
+    config, logs = parse_serve_flags([], environ={})
+    assert config == dataclasses.replace(ServerConfig(), metrics_port=DEFAULT_METRICS_PORT)
+    assert logs == LogConfig()
+
+
+def test_serve_flags_set_the_fields_they_name():
+    args = build_parser().parse_args(
+        ["serve", "--kv-cache-mb", "512", "--max-loras", "3", "--max-new-tokens", "9",
+         "--tenant-max-concurrent", "7", "--tenant-tokens-per-minute", "100",
+         "--merge-policy", "off", "--merge-share", "0.8", "--unmerge-share", "0.5",
+         "--no-metrics", "--pin", "a", "--pin", "b", "--adapter-root", "s3://bucket/p",
+         "--adapter-root", "~/d", "--adapter-store", "s3://bucket/store", "--home", "/h",
+         "--host-cache-mb", "64", "--max-adapter-mb", "2", "--tenant-max-running", "0",
+         "--drain-seconds", "3", "--dtype", "float32"]
+    )  # fmt: skip
+    config = server_config(args)
+    assert config.engine == EngineConfig(
+        kv_cache_bytes=512 << 20,
+        max_loras=3,
+        default_max_new_tokens=9,
+        max_adapter_bytes=2 << 20,
+        tenant_max_running=0,
+        merge=MergeSettings(policy="off", merge_share=0.8, unmerge_share=0.5),
+    )
+    assert config.tenant_limits == TenantLimits(max_concurrent=7, tokens_per_minute=100)
+    assert config.metrics_port is None and config.pinned_adapters == ("a", "b")
+    assert config.adapter_roots == ("s3://bucket/p", Path("~/d").expanduser())
+    assert config.adapter_store == "s3://bucket/store" and config.host_cache_bytes == 64 << 20
+    assert config.model == ModelConfig(home=Path("/h"), dtype="float32")
+    assert config.drain_seconds == 3
+
+
+def test_log_flags_are_taken_before_and_after_the_verb():
+    _, before = parse_serve_flags([], environ={"LORAPLEX_LOG_FORMAT": "json"})
+    _, after = parse_serve_flags(["--log-format", "json", "--log-level", "DEBUG"], environ={})
+    assert before.format == "json" and after == LogConfig(level="DEBUG", format="json")
