@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from loraplex.core.errors import Exhausted, NotReady, TooLong
+from loraplex.core.errors import NotReady, TooLong
 from loraplex.core.model import eos_ids_of
 from loraplex.core.types import AdapterVersion, AdapterWeights
 from loraplex.server.config import EngineConfig, MergeSettings
@@ -34,15 +34,13 @@ from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
 from loraplex.server.engine.sampling import make_generator, sample
 from loraplex.server.engine.scheduler import Admission, Scheduler
+from loraplex.server.engine.slot_loader import SlotLoader, WeightsLoader
 from loraplex.server.engine.slots import SlotTable
 from loraplex.server.engine.state import EngineInfo, EngineSnapshot, EngineStats, SlotView
 
 log = logging.getLogger(__name__)
 
-WeightsLoader = Callable[[AdapterVersion], AdapterWeights]
 T = TypeVar("T")
-PREFETCH_PER_STEP = 2  # device loads for queued requests per step (each pauses the step)
-PIN_RETRY_S = 1.0  # the retry advice when no slot can be pinned now
 
 
 class Engine:
@@ -61,12 +59,11 @@ class Engine:
         load_weights: WeightsLoader | None = None,
     ) -> None:
         self.config = config
-        # Reads an adapter version's weights from the store, for requests that bring none.
-        self._load_weights = load_weights
         self._slots = SlotTable(config.max_loras)
         self._scheduler = Scheduler(config, self._slots)
         self._stats = EngineStats()
-        self._merges = MergeControl(config.merge, self._slots, self._model, self._load_slot)
+        self._loader = SlotLoader(self._slots, self._model, self._stats, load_weights)
+        self._merges = MergeControl(config.merge, self._slots, self._model, self._loader.load)
         self._make_runner = make_runner
         self._runner: ModelRunner | None = None
         self._info: EngineInfo | None = None
@@ -130,7 +127,7 @@ class Engine:
     def pin(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> Future[None]:
         """Keep an adapter in a device slot until `unpin` (Exhausted when no slot can be
         pinned: one always stays unpinned)."""
-        return self.call(lambda: self._pin(adapter, weights))
+        return self.call(lambda: self._loader.pin(adapter, weights))
 
     def unpin(self, adapter: AdapterVersion) -> Future[None]:
         return self.call(lambda: self._slots.unpin(adapter.key))
@@ -211,7 +208,7 @@ class Engine:
             log.debug("request %s cancelled while waiting", request.request_id)
         if admitted:
             self._start(admitted)
-        self._prefetch()
+        self._loader.prefetch(self._scheduler.peek(self.config.max_loras))
         self._merges.consider(self._scheduler.peek)
         if not self._batch.seqs:
             self._scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
@@ -259,7 +256,7 @@ class Engine:
         self._model().cache.free(row, self._reservation(request), 0)  # the last row: nothing moves
 
     def _start(self, admitted: list[Admission]) -> None:
-        failed = self._load_adapters(admitted)
+        failed = self._loader.load_admitted(admitted)
         dropped = [a for a in admitted if a.slot in failed]
         for admission in admitted:
             if admission.slot in failed:
@@ -348,86 +345,6 @@ class Engine:
                 stats.mixed_adapter_steps += 1
             if chunked:
                 stats.mixed_prefill_decode_steps += 1
-
-    def _load_adapters(self, admitted: list[Admission]) -> set[int]:
-        """Write newly granted adapters into their slots; returns the slots whose load failed,
-        after failing every admitted request that shares them and freeing the slots."""
-        failed: dict[int, Exception] = {}
-        for admission in admitted:
-            grant, request = admission.grant, admission.request
-            if grant is None or not grant.needs_load:
-                continue
-            try:
-                self._load_slot(grant.slot, request.adapter, request.weights)
-            except Exception as exc:
-                failed[grant.slot] = exc
-        for admission in admitted:
-            if admission.slot in failed:
-                self._slots.release(admission.slot)
-                admission.request.emit(failed[admission.slot])
-        for slot in failed:
-            self._slots.discard(slot)
-        return set(failed)
-
-    def _load_slot(
-        self, slot: int, adapter: AdapterVersion | None, weights: AdapterWeights | None
-    ) -> None:
-        """Write an adapter into `slot` (host -> device; weights None: read them with
-        `load_weights`); on failure the slot is cleared and the error raised."""
-        assert adapter is not None
-        start = time.perf_counter()
-        try:
-            if weights is None:
-                assert self._load_weights is not None, "give the Engine load_weights"
-                weights = self._load_weights(adapter)
-            self._model().load_adapter(slot, weights)
-        except Exception as exc:
-            log.warning("loading adapter %s v%d failed: %s", *adapter.key, exc)
-            self._model().clear_slot(slot)
-            self._slots.stats.load_failures += 1
-            raise
-        self._slots.stats.loaded(time.perf_counter() - start)
-        self._stats.adapter_loads += 1
-        log.debug("adapter %s v%d loaded into slot %d", *adapter.key, slot)
-
-    def _prefetch(self) -> None:
-        """Load the adapters of queued requests into free (or idle) slots while they wait, so
-        they start without a load; slots wanted by requests further ahead are left alone."""
-        wanted: set[tuple[str, int]] = set()
-        loads = 0
-        for request in self._scheduler.peek(self.config.max_loras):
-            if request.adapter is None or request.cancelled.is_set():
-                continue
-            key = request.adapter.key
-            if key not in wanted and self._slots.lookup(key) is None:
-                grant = self._slots.prefetch(key, protect=wanted)
-                if grant is None:
-                    return
-                try:
-                    self._load_slot(grant.slot, request.adapter, request.weights)
-                except Exception:
-                    self._slots.discard(grant.slot)  # the request fails when admitted
-                    return
-                loads += 1
-                if loads >= PREFETCH_PER_STEP:
-                    return
-            wanted.add(key)
-
-    def _pin(self, adapter: AdapterVersion, weights: AdapterWeights | None) -> None:
-        grant = self._slots.pin(adapter.key)
-        if grant is None:
-            raise Exhausted(
-                "no device slot can be pinned: every slot is in use or pinned "
-                f"(max_loras={self._slots.num_slots}, one slot stays unpinned)",
-                PIN_RETRY_S,
-            )
-        if grant.needs_load:
-            try:
-                self._load_slot(grant.slot, adapter, weights)
-            except Exception:
-                self._slots.unpin(adapter.key)
-                self._slots.discard(grant.slot)
-                raise
 
     def _new_sequence(self, admission: Admission) -> Sequence:
         request = admission.request

@@ -9,7 +9,7 @@
 
 `LoraPlan` is built once per step and shared by every layer; the rank used is the largest of the
 slots present (smaller ranks are zero-padded, which adds nothing). Both paths equal
-`lora.lora_delta_reference` (tests/unit/test_lora.py).
+`lora.lora_delta_reference` (tests/server/engine/test_lora.py).
 """
 
 from __future__ import annotations
