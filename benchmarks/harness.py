@@ -14,14 +14,14 @@ peak RSS: neither may carry libraries it does not use.
     adapters     WEIGHTS, ADAPTER_PREFIX, RandomAdapters, make_adapters, write_adapters,
                  make_adapters_and_prompts, load_base, load_into_peft
     engine       Job, EngineBench: the engine in this process with a registry of adapters
-    server       ServerDied, ServerProcess, serve_command, register_adapters, StreamResult,
-                 stream_one, summarize_streams
+    server       ServerDied, ServerProcess, serve_command, server_process, register_adapters,
+                 StreamResult, stream_one, summarize_streams
     statistics   percentile, latency_ms
     memory       peak_rss_bytes, peak_rss_mib
     machine      machine_facts: what every result records of the machine it ran on
-    running      make_parser, add_common_args, add_server_args, server_flags, setup_logging,
-                 exit_on_sigterm, run_main, work_dir, child_pool, in_child
-    output       cell, format_table, emit_table, prepare_output, write_json
+    running      make_parser, add_common_args, add_server_args, SERVER_OWNED, server_flags,
+                 setup_logging, exit_on_sigterm, run_main, work_dir, child_pool, in_child
+    output       cell, format_table, emit_table, prepare_output, write_json, publish
 
 `python benchmarks/harness.py` prints this machine's facts (machine_facts) as JSON.
 """
@@ -144,7 +144,7 @@ class RandomAdapters:
         from peft import get_peft_model
         from safetensors.torch import load_file
 
-        get_peft_model(model, config, adapter_name=template).save_pretrained(out)
+        get_peft_model(model, config, adapter_name=template).save_pretrained(str(out))
         self.out = out
         self.template = out / template
         self.shapes = {name: t.shape for name, t in load_file(self.template / WEIGHTS).items()}
@@ -278,6 +278,7 @@ class EngineBench:
         return self.on_engine(lambda: [registry.register(Path(d).name, str(d))[0] for d in dirs])
 
     def load_weights(self, version: AdapterVersion) -> AdapterWeights:
+        """A registered version's weights from the store (read on the engine thread)."""
         return self.on_engine(lambda: self.registry.load_weights(version))
 
     def snapshot(self) -> EngineSnapshot:
@@ -315,11 +316,15 @@ class EngineBench:
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=ignore_eos)
         start = time.perf_counter()
         for i, job in enumerate(jobs):
-            self.engine.submit(
-                EngineRequest(
-                    f"bench-{i}", job.prompt, params, job.adapter, emitter(i), job.weights
-                )
+            request = EngineRequest(
+                request_id=f"bench-{i}",
+                prompt_ids=job.prompt,
+                params=params,
+                adapter=job.adapter,
+                emit=emitter(i),
+                weights=job.weights,
             )
+            self.engine.submit(request)
         if not done.wait(3600) or errors:
             raise RuntimeError(f"the engine failed: {errors[:1] or 'no answer within an hour'}")
         return time.perf_counter() - start, outputs
@@ -465,6 +470,18 @@ def serve_command(
     if model:
         argv += ["--model", model]
     return argv + list(flags)
+
+
+def server_process(
+    home: Path,
+    work: Path,
+    flags: Sequence[str] = (),
+    model: str | None = None,
+    store: Path | None = None,
+    log_name: str = "server.log",
+) -> ServerProcess:
+    """ServerProcess of serve_command (same arguments), logging to work/log_name."""
+    return ServerProcess(serve_command(home, work, flags, model, store), work / log_name)
 
 
 def register_adapters(client: LoraplexClient, root: Path, ids: Sequence[str]) -> None:
@@ -797,6 +814,17 @@ def write_json(path: str | Path, data: Any) -> Path:
     out.write_text(json.dumps(data, indent=2) + "\n")
     log.info("wrote %s", out)
     return out
+
+
+def publish(
+    report: dict[str, Any], table: str | Sequence[str], out: str | Path, fresh_process: bool = False
+) -> Path:
+    """A benchmark's end: the machine's facts into report["machine"] (machine_facts; read after
+    any peak RSS, since they may import torch here), the table on stdout, the report as JSON
+    at `out`."""
+    report["machine"] = machine_facts(fresh_process)
+    emit_table(table)
+    return write_json(out, report)
 
 
 if __name__ == "__main__":

@@ -42,41 +42,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import random
-import shlex
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-from online import (
-    Result,
-    ServerProcess,
-    _terminate,
-    latency_ms,
-    peak_rss_bytes,
-    run,
-    serve_command,
-    stream_one,
-    summarize,
-)
 
 from loraplex.server.client import LoraplexClient
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-if TYPE_CHECKING:
-    from loraplex.core.model import LoadedModel
+from harness import (
+    ADAPTER_PREFIX,
+    WEIGHTS,
+    RandomAdapters,
+    StreamResult,
+    add_common_args,
+    add_server_args,
+    cell,
+    child_pool,
+    in_child,
+    latency_ms,
+    load_base,
+    make_adapters,
+    make_parser,
+    peak_rss_bytes,
+    prompt_texts,
+    publish,
+    register_adapters,
+    run_main,
+    server_flags,
+    server_process,
+    setup_logging,
+    stream_one,
+    summarize_streams,
+    work_dir,
+)
 
 log = logging.getLogger("benchmark")
 
@@ -95,69 +101,37 @@ COUNTERS = ("hits", "misses", "loads", "evictions", "load_seconds", "load_failur
 
 
 # -- set-up in child processes (the base model they load never weighs on this process) ---------
-def _child_setup(home: str, model: str | None) -> LoadedModel:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from loraplex.core.config import ModelConfig
-    from loraplex.core.model import load_model
-
-    return load_model(ModelConfig(model=model, home=Path(home)))
-
-
-def _prompts(tokenizer: Any, n: int) -> list[str]:
-    from common import bench_prompts
-
+def short_prompts(tokenizer: Any, n: int) -> list[str]:
     # Short chat prompts: SmolLM2's template with its system prompt and one sentence is ~65
-    # tokens already. The server tokenizes the text as is (the special tokens stay).
-    return [tokenizer.decode(ids) for ids in bench_prompts(tokenizer, n, 48, 80)]
+    # tokens already.
+    return prompt_texts(tokenizer, n, 48, 80)
 
 
 def prepare_load(home: str, model: str | None, out: str) -> tuple[str, int]:
     """The cold/warm adapters bench-0..5 under out/; returns a prompt and one file's size."""
-    from common import WEIGHTS, make_adapters
-
-    loaded = _child_setup(home, model)
+    loaded = load_base(home, model)
     dirs = make_adapters(loaded.model, LOAD_ADAPTERS, LOAD_RANK, Path(out))
-    return _prompts(loaded.tokenizer, 1)[0], (dirs[0] / WEIGHTS).stat().st_size
+    return short_prompts(loaded.tokenizer, 1)[0], (dirs[0] / WEIGHTS).stat().st_size
 
 
 def prepare_churn(home: str, model: str | None, n: int, out: str, n_prompts: int) -> list[str]:
     """n small adapters tenant-0000.. , swap-i/a and swap-i/b (B halved: new content), and flip
-    under out/; returns n_prompts prompts. PEFT lays out one template; the rest are written
-    directly with fresh random weights (adding n adapters to one PeftModel is quadratic)."""
-    import torch
-    from common import WEIGHTS
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file, save_file
+    under out/; returns n_prompts prompts. (RandomAdapters: PEFT lays out one template, the
+    rest are written directly with fresh random weights.)"""
+    from peft import LoraConfig
 
-    loaded = _child_setup(home, model)
+    loaded = load_base(home, model)
     root = Path(out)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    get_peft_model(loaded.model, config, adapter_name="template").save_pretrained(root)
-    template = load_file(root / "template" / WEIGHTS)
-    generator = torch.Generator().manual_seed(1)
-
-    def write(name: str, tensors: dict[str, torch.Tensor]) -> None:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / "template" / "adapter_config.json", root / name)
-        save_file(tensors, root / name / WEIGHTS)
-
-    def random_weights() -> dict[str, torch.Tensor]:
-        # As common.make_adapters: A scaled like PEFT's init, B random (not PEFT's zeros).
-        return {
-            key: torch.randn(t.shape, generator=generator)
-            * (t.shape[1] ** -0.5 if "lora_A" in key else 0.02)
-            for key, t in template.items()
-        }
-
+    adapters = RandomAdapters(loaded.model, config, root, "template", seed=1)
     log.info("writing %d random r=4 q_proj,v_proj adapters under %s", n, root)
     for i in range(n):
-        write(f"tenant-{i:04d}", random_weights())
+        adapters.write(f"tenant-{i:04d}", adapters.random_weights())
     for name in [*SWAP_IDS, FLIP]:
-        first = random_weights()
-        write(f"{name}/a", first)
-        write(f"{name}/b", {k: t * 0.5 if "lora_B" in k else t for k, t in first.items()})
-    return _prompts(loaded.tokenizer, n_prompts)
+        first = adapters.random_weights()
+        adapters.write(f"{name}/a", first)
+        adapters.write(f"{name}/b", {k: t * 0.5 if "lora_B" in k else t for k, t in first.items()})
+    return short_prompts(loaded.tokenizer, n_prompts)
 
 
 def peft_baseline(
@@ -167,7 +141,7 @@ def peft_baseline(
     import torch
     from peft import PeftModel
 
-    loaded = _child_setup(home, model)
+    loaded = load_base(home, model)
     torch.set_num_threads(1)  # as the server's engine thread
     tokenizer: Any = loaded.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -325,7 +299,7 @@ async def closed_loop(
 ) -> dict:
     """The sequence's requests from --concurrency clients, each sending its next request when
     the last one ends; summary plus distinct adapters served and the tier counter deltas."""
-    results: list[Result] = []
+    results: list[StreamResult] = []
     pending = iter(enumerate(sequence))
     async with grpc.aio.insecure_channel(address) as channel:
         infer = inference_pb2_grpc.InferenceStub(channel)
@@ -346,7 +320,7 @@ async def closed_loop(
         before = await tier_counters(admin)
         await asyncio.gather(*(client() for _ in range(args.concurrency)))
         tiers = counter_delta(before, await tier_counters(admin))
-    row = summarize(results)
+    row = summarize_streams(results)
     row["distinct_adapters"] = len({r.adapter_id for r in results if r.error is None} - {""})
     row["tiers"] = tiers
     return row
@@ -523,10 +497,6 @@ def swap_summary(records: list[SwapRecord], registered: int) -> dict:
 
 
 # -- the report --------------------------------------------------------------------------------
-def _num(value: float | None, spec: str, width: int) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
-
-
 def table(report: dict) -> str:
     cfg, info = report["config"], report["config"]["model_info"]
     lines = [
@@ -564,8 +534,8 @@ def load_lines(load: dict) -> list[str]:
         lines.append(f"  {name:<32} {row['n']:>3} {row['ttft_ms_p50']:>9.1f} {row['x_base']:>7.2f}")
     sh, hd = load["store_to_host"], load["host_to_device"]
     lines.append(
-        f"  mean load: store -> host {_num(sh['mean_ms'], '.1f', 0)} ms ({sh['loads']} loads), "
-        f"host -> device {_num(hd['mean_ms'], '.1f', 0)} ms ({hd['loads']} loads)"
+        f"  mean load: store -> host {cell(sh['mean_ms'], '.1f', 0)} ms ({sh['loads']} loads), "
+        f"host -> device {cell(hd['mean_ms'], '.1f', 0)} ms ({hd['loads']} loads)"
     )
     if load["case_mismatches"]:
         lines.append(f"  {len(load['case_mismatches'])} requests were not the cache case meant")
@@ -593,9 +563,9 @@ def churn_lines(churn: dict, cfg: dict) -> list[str]:
             f"  {name:<26} {row['requests']:>5} {row['errors']:>4} "
             f"{row.get('distinct_adapters', row['requests']):>8} "
             f"{row['output_tokens_per_s']:>7.1f} {row['requests_per_s']:>6.2f} "
-            f"{_num(ttft.get('p50'), '.0f', 9)} {_num(ttft.get('p99'), '.0f', 9)} "
+            f"{cell(ttft.get('p50'), '.0f', 9)} {cell(ttft.get('p99'), '.0f', 9)} "
             f"{row['output_tokens_per_s'] / base['output_tokens_per_s']:>12.2f} "
-            + _num(ttft["p50"] / base["ttft_ms"]["p50"] if ttft else None, ".2f", 11)
+            + cell(ttft["p50"] / base["ttft_ms"]["p50"] if ttft else None, ".2f", 11)
         )
     mixed, peft = churn["mixed"], churn["peft"]
     lines.append(
@@ -605,7 +575,7 @@ def churn_lines(churn: dict, cfg: dict) -> list[str]:
     lines.append(
         "  cache over the mixed run: "
         + "; ".join(
-            f"{tier} hit rate {_num(t['hit_rate'], '.3f', 0)} ({t['hits']} hits, "
+            f"{tier} hit rate {cell(t['hit_rate'], '.3f', 0)} ({t['hits']} hits, "
             f"{t['misses']} misses, {t['loads']} loads, {t['evictions']} evictions)"
             for tier, t in churn["mixed"]["tiers"].items()
         )
@@ -624,7 +594,7 @@ def swap_lines(swap: dict, cfg: dict) -> list[str]:
         f"(deleted for {FLIP_GAP:.0f} s every {FLIP_PERIOD:.0f} s)",
         f"  sent {swap['sent']}, completed {swap['completed']}, failed {swap['failed']}, "
         f"refused ({FLIP} NOT_FOUND) {swap['refused']}, lost {swap['lost']}; "
-        f"TTFT p50 {_num((swap['ttft_ms'] or {}).get('p50'), '.0f', 0)}",
+        f"TTFT p50 {cell((swap['ttft_ms'] or {}).get('p50'), '.0f', 0)}",
         f"  versions registered {swap['versions_registered']}, distinct versions seen "
         f"{swap['distinct_versions_seen']}; streams naming exactly one version "
         f"{swap['one_version_streams']}/{swap['completed']}, served by an older version than "
@@ -642,11 +612,7 @@ FULL = {"adapters": 1000, "requests": 1000, "swap_seconds": 30.0, "peft_sample":
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.split("\n")[2:]) if __doc__ else None,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--adapters", type=int, help="churn adapters (1000; --quick 60)")
     parser.add_argument("--requests", type=int, help="Zipf draws after each adapter once (1000)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent s")
@@ -656,13 +622,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peft-sample", type=int, help="requests PEFT runs (16)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: everything smaller")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", help="served model (default: the embedded SmolLM2)")
-    parser.add_argument("--home", default=os.environ.get("LORAPLEX_HOME", "~/.cache/loraplex"))
-    parser.add_argument("--out", default="benchmarks/results/lifecycle.json")
-    parser.add_argument("--serve-args", default="", help="extra `loraplex serve` flags")
-    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    add_common_args(parser, "lifecycle")
+    add_server_args(parser)
     parser.add_argument("--request-timeout", type=float, default=600.0)
-    parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -672,37 +634,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.requests < 0 or args.swap_seconds <= 0:
         parser.error("--requests must be >= 0 and --swap-seconds > 0")
-    args.extra = shlex.split(args.serve_args)
-    owned = {"--port", "--home", "--adapter-store", "--adapter-root", "--model"}
-    clash = [a for a in args.extra if a.split("=", 1)[0] in owned]
-    if clash:
-        parser.error(f"set by the benchmark, not through the server's flags: {' '.join(clash)}")
+    args.extra = server_flags(parser, args.serve_args)
     return args
-
-
-def server(args: argparse.Namespace, home: Path, work: Path, flags: list[str]) -> ServerProcess:
-    """A server whose store and allowed root are under `work`; extra flags come last."""
-    argv = serve_command(SimpleNamespace(model=args.model, extra=flags + args.extra), home, work)
-    return ServerProcess(argv, work / "server.log")
 
 
 def run_load(args: argparse.Namespace, home: Path, work: Path) -> tuple[dict, dict, int | None]:
     """Phase 1 on its own server: (results, model info, server peak RSS)."""
     work.mkdir()
-    with (
-        get_context("spawn").Pool(1) as pool,
-        server(args, home, work, ["--max-loras", str(LOAD_SLOTS)]) as proc,
-    ):
+    flags = ["--max-loras", str(LOAD_SLOTS), *args.extra]
+    with child_pool() as pool, server_process(home, work, flags, args.model) as proc:
         made = pool.apply_async(prepare_load, (str(home), args.model, str(work / "peft")))
         address = proc.wait_ready(args.startup_timeout)
         prompt, size = made.get(args.startup_timeout)
         pool.close()
         pool.join()
-        ids = [f"bench-{i}" for i in range(LOAD_ADAPTERS)]
+        ids = [f"{ADAPTER_PREFIX}{i}" for i in range(LOAD_ADAPTERS)]
         with LoraplexClient(address, timeout=600) as client:
             info = client.model_info()
-            for adapter_id in ids:
-                client.register(adapter_id, str(work / "peft" / adapter_id))
+            register_adapters(client, work / "peft", ids)
         log.info("cold vs warm: %d adapters of %.1f MB", len(ids), size / 1e6)
         result = asyncio.run(load_phase(address, ids, prompt, args))
         result["adapter_bytes"] = size
@@ -720,10 +669,8 @@ def run_churn(args: argparse.Namespace, home: Path, work: Path) -> tuple[dict, d
     root = work / "peft"
     ids = [f"tenant-{i:04d}" for i in range(args.adapters)]
     sequence = churn_sequence(ids, args.requests, args.zipf, args.seed)
-    with (
-        get_context("spawn").Pool(1) as pool,
-        server(args, home, work, CHURN_FLAGS) as proc,
-    ):
+    flags = CHURN_FLAGS + args.extra
+    with child_pool() as pool, server_process(home, work, flags, args.model) as proc:
         made = pool.apply_async(
             prepare_churn, (str(home), args.model, args.adapters, str(root), 64)
         )
@@ -748,29 +695,19 @@ def run_churn(args: argparse.Namespace, home: Path, work: Path) -> tuple[dict, d
     step = max(1, len(sequence) // args.peft_sample)
     picks = range(0, step * args.peft_sample, step)
     sample = [(str(root / sequence[i]), prompts[i % len(prompts)]) for i in picks]
-    with get_context("spawn").Pool(1) as pool:
-        peft = pool.apply(peft_baseline, (str(home), args.model, sample, CHURN_NEW_TOKENS))
-        pool.close()
-        pool.join()
+    peft = in_child(peft_baseline, str(home), args.model, sample, CHURN_NEW_TOKENS)
     churn = {"registration": registration, "mixed": mixed, "base": base, "peft": peft}
     return churn, swap, rss
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _terminate)
+    setup_logging()
     home = Path(args.home).expanduser()
-    work = Path(tempfile.mkdtemp(prefix="loraplex-lifecycle-"))
     start = time.perf_counter()
-    try:
+    with work_dir("loraplex-lifecycle-", args.keep_work) as work:
         load, model_info, load_rss = run_load(args, home, work / "load")
         churn, swap, churn_rss = run_churn(args, home, work / "churn")
-    finally:
-        if args.keep_work:
-            log.info("kept %s", work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     report = {
         "config": {
             "adapters": args.adapters,
@@ -797,15 +734,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_seconds": time.perf_counter() - start,
     }
-    sys.stdout.write(table(report))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("wrote %s (%.0f s in all)", out, report["wall_seconds"])
+    # The machine as a fresh process sees it, as the servers started (this one has no torch).
+    publish(report, table(report), args.out, fresh_process=True)
+    log.info("%.0f s in all", report["wall_seconds"])
     if swap["failed"] or swap["lost"]:
         log.error("hot swap: %d failed and %d lost requests", swap["failed"], swap["lost"])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run_main(main))

@@ -24,24 +24,23 @@ import time
 from pathlib import Path
 
 import torch
+
+from loraplex.adapters.compose import compose
+from loraplex.core.types import AdapterVersion, AdapterWeights
+from loraplex.server.config import EngineConfig, MergeSettings
+
 from harness import (
     EngineBench,
     Job,
     add_common_args,
     bench_prompts,
-    emit_table,
     in_child,
-    machine_facts,
     make_parser,
+    publish,
     setup_logging,
     work_dir,
     write_adapters,
-    write_json,
 )
-
-from loraplex.adapters.compose import compose
-from loraplex.core.types import AdapterVersion, AdapterWeights
-from loraplex.server.config import EngineConfig, MergeSettings
 
 log = logging.getLogger("benchmark")
 
@@ -139,15 +138,14 @@ def main() -> int:
         merge=MergeSettings(policy="off"),
     )
     with work_dir("loraplex-merge-bench-") as work, EngineBench(config, home, work) as bench:
-        result = measure(args, bench, home, work)
-    result["machine"] = machine_facts()
-    write_json(args.out, result)
+        result, lines = measure(args, bench, home, work)
+    publish(result, lines, args.out)
     return 0
 
 
-def measure(args, bench: EngineBench, home: Path, work: Path) -> dict:
-    """Every measurement (only the greedy outputs and drift with --drift-only); the results,
-    the tables printed."""
+def measure(args, bench: EngineBench, home: Path, work: Path) -> tuple[dict, list[str]]:
+    """Every measurement (only the greedy outputs and drift with --drift-only): the results
+    and the lines of the tables."""
     n, m = args.requests, args.new_tokens
     info = bench.start()
     engine, on_engine = bench.engine, bench.on_engine
@@ -160,9 +158,7 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> dict:
     greedy = [Job(p, versions[0], weights[0]) for p in prompts[: args.greedy_prompts]]
     if args.drift_only:
         result["greedy"], result["drift"], line = merged_vs_unmerged(bench, greedy, m)
-        bench.stop()
-        emit_table(line)
-        return result
+        return result, [line]
 
     # -- composition: build times ------------------------------------------------------------
     builds = []
@@ -246,8 +242,6 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> dict:
     result["unmerge_seconds"] = statistics.median(unmerge_s)
     result["greedy"], result["drift"], drift_line = merged_vs_unmerged(bench, greedy, m)
 
-    bench.stop()
-
     # -- tables ----------------------------------------------------------------------------------
     lines = [f"Composition build time (ms, median of {args.repeats}), rank-{args.rank} inputs"]
     lines.append(f"{'inputs':<8}" + "".join(f"{mth:>13}" for mth in METHODS))
@@ -262,13 +256,13 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> dict:
     lines += ["", f"Dynamic merge ({n} requests x {m} tokens, median of {args.repeats})"]
     lines.append(f"{'workload':<24}{'tok/s':>9}{'x base':>8}{'x never':>9}")
     lines.append(f"{'base only':<24}{base:>9.1f}{1.0:>8.2f}")
-    for share in ("100%", "90%", "50%"):
-        never = medians[f"{share} never merged"]
+    for percent in ("100%", "90%", "50%"):
+        never = medians[f"{percent} never merged"]
         for system in ("never merged", "merged", "auto policy"):
-            rate = medians[f"{share} {system}"]
-            label = f"{share} {system}"
+            rate = medians[f"{percent} {system}"]
+            label = f"{percent} {system}"
             if system == "auto policy":
-                label += f" ({auto_merged[share]} merge)"
+                label += f" ({auto_merged[percent]} merge)"
             lines.append(f"{label:<24}{rate:>9.1f}{rate / base:>8.2f}{rate / never:>9.2f}")
     lines += [
         "",
@@ -276,8 +270,7 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> dict:
         f"{result['unmerge_seconds'] * 1e3:.1f} ms (medians)",
         drift_line,
     ]
-    emit_table(lines)
-    return result
+    return result, lines
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ A missing results file leaves its panels out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from harness import make_parser, prepare_output, setup_logging
 
 matplotlib.use("Agg")  # before pyplot: no display needed
 
@@ -201,14 +202,26 @@ def online_caption(data: dict[str, Any]) -> str:
     return "online: " + "; ".join(parts)
 
 
+def machine_caption(data: dict[str, Any]) -> str | None:
+    """The machine a result was measured on (its "machine" record), in one line."""
+    machine = data.get("machine") if isinstance(data, dict) else None
+    if not machine:
+        return None
+    return (
+        f"{machine.get('cpu_model', '?')}, {machine.get('cpus', '?')} CPUs "
+        f"({machine.get('cpu_capability', '?')}), torch {machine.get('torch', '?')} with "
+        f"{machine.get('torch_threads', '?')} threads"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = make_parser(__doc__)
     parser.add_argument("--throughput", default="benchmarks/results/throughput.json")
     parser.add_argument("--online", default="benchmarks/results/online.json")
     parser.add_argument("--out", default="benchmarks/results/benchmark.png")
     parser.add_argument("--dpi", type=int, default=120)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
 
     offline = load_json(Path(args.throughput))
     online = load_json(Path(args.online))
@@ -225,11 +238,21 @@ def main(argv: list[str] | None = None) -> int:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.8), squeeze=False)
     for ax, draw in zip(axes[0], panels, strict=True):
         draw(ax, offline if draw is plot_offline else online)
-    if online is not None:
-        fig.text(0.5, 0.01, online_caption(online), ha="center", fontsize=8, color="dimgray")
-    fig.tight_layout(rect=(0, 0.03 if online is not None else 0, 1, 1))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    captions = [online_caption(online)] if online is not None else []
+    machines = {
+        name: machine_caption(data)
+        for name, data in (("offline", offline), ("online", online))
+        if data is not None
+    }
+    if len(set(machines.values())) == 1 and None not in machines.values():
+        captions.append(f"machine: {next(iter(machines.values()))}")
+    else:
+        captions += [f"{name} machine: {line}" for name, line in machines.items() if line]
+    if captions:
+        text = "\n".join(captions)
+        fig.text(0.5, 0.01, text, ha="center", va="bottom", fontsize=8, color="dimgray")
+    fig.tight_layout(rect=(0, 0.03 * len(captions), 1, 1))
+    out = prepare_output(args.out)
     fig.savefig(out, dpi=args.dpi)
     plt.close(fig)
     log.info("wrote %s", out)

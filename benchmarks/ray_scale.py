@@ -1,7 +1,7 @@
 """Scale-out on Ray Serve against one plain server, on this machine, in one run.
 
 Every system serves the embedded model in NF4 with the same K random all-linear adapters
-(benchmarks/common.py), and takes the same closed-loop workload from a stock loraplex client:
+(benchmarks/harness.py), and takes the same closed-loop workload from a stock loraplex client:
 --requests chat prompts of 64-128 tokens, adapters round-robin, --concurrency at once, greedy,
 --new-tokens at most (the tokens received are what is counted).
 
@@ -22,26 +22,18 @@ the model) and a cold adapter served by a new replica.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from multiprocessing import get_context
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ray
-from online import ADAPTER_PREFIX, ServerProcess, prepare
 from ray import serve
 from ray.serve.config import gRPCOptions
 
@@ -55,6 +47,19 @@ from loraplex.server.ray_serve import (
     build_app,
 )
 from loraplex.v1 import inference_pb2 as pb
+
+from harness import (
+    ADAPTER_PREFIX,
+    add_common_args,
+    in_child,
+    make_adapters_and_prompts,
+    make_parser,
+    publish,
+    register_adapters,
+    server_process,
+    setup_logging,
+    work_dir,
+)
 
 log = logging.getLogger("benchmark")
 PORT = 9710
@@ -141,13 +146,10 @@ def measure(
 
 @contextmanager
 def plain_server(home: Path, work: Path, args) -> Iterator[str]:
-    script = Path(sys.executable).parent / "loraplex"
-    base = [str(script)] if script.exists() else [sys.executable, "-m", "loraplex.server.cli"]
-    argv = [*base, "serve", "--port", "0", "--home", str(home)]
-    argv += ["--adapter-store", str(work / "store-plain"), "--adapter-root", str(work)]
-    argv += ["--max-loras", str(args.max_loras), "--max-batch-size", str(args.concurrency)]
-    argv += ["--merge-policy", "off"]
-    with ServerProcess(argv, work / "plain.log") as server:
+    flags = ["--max-loras", str(args.max_loras), "--max-batch-size", str(args.concurrency)]
+    flags += ["--merge-policy", "off"]
+    store = work / "store-plain"
+    with server_process(home, work, flags, store=store, log_name="plain.log") as server:
         yield server.wait_ready(900)
 
 
@@ -171,8 +173,7 @@ def deploy(config: ServerConfig, replicas: int, cpus: float) -> float:
 
 def register(address: str, ids: list[str], work: Path) -> None:
     with LoraplexClient(address, timeout=600) as client:
-        for adapter_id in ids:
-            client.register(adapter_id, str(work / "peft" / adapter_id))
+        register_adapters(client, work / "peft", ids)
 
 
 def table(report: dict) -> str:
@@ -234,9 +235,7 @@ def engine_replicas() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
@@ -246,20 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", type=int, default=5, help="fresh adapters timed cold and warm")
     parser.add_argument("--replicas", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--max-loras", type=int, default=8)
-    parser.add_argument("--home", default=os.environ.get("LORAPLEX_HOME", "~/.cache/loraplex"))
-    parser.add_argument("--out", default="benchmarks/results/ray_scale.json")
+    add_common_args(parser, "ray_scale")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     home = Path(args.home).expanduser()
     cpus = os.cpu_count() or 2
-    work = Path(tempfile.mkdtemp(prefix="loraplex-ray-scale-"))
     ids = [f"{ADAPTER_PREFIX}{i}" for i in range(args.adapters)]
     report: dict = {"config": vars(args) | {"cpus": cpus}, "systems": {}}
-    try:
-        with get_context("spawn").Pool(1) as pool:
-            prompts = pool.apply(
-                prepare, (str(home), None, args.adapters, args.rank, 64, str(work / "peft"))
-            )
+    with work_dir("loraplex-ray-scale-") as work:
+        peft = str(work / "peft")
+        prompts = in_child(
+            make_adapters_and_prompts, str(home), None, args.adapters, args.rank, 64, peft
+        )
         source = work / "peft" / ids[0]
         with plain_server(home, work, args) as address:
             register(address, ids, work)
@@ -287,12 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             serve.delete("loraplex")
             deploy(config, 1, 1.0)
             report["scale_up"] = scale_up(config, args, address, source, prompts[0])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    text = table(report)
-    sys.stdout.write(text + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    # The machine as a fresh process sees it, as the plain server started (Ray's replicas log
+    # their own torch threads).
+    publish(report, table(report), args.out, fresh_process=True)
     return 0
 
 

@@ -32,28 +32,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
 import random
-import shlex
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import psutil
-from online import ServerProcess, _terminate, latency_ms, peak_rss_bytes, run, serve_command
 
 from loraplex.server.client import LoraplexClient
 from loraplex.server.grpc_api.status import RETRY_AFTER_KEY
 from loraplex.server.runtime.auth import hash_key, new_key
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
+
+from harness import (
+    add_common_args,
+    add_server_args,
+    cell,
+    format_table,
+    latency_ms,
+    make_parser,
+    peak_rss_bytes,
+    publish,
+    run_main,
+    server_flags,
+    server_process,
+    setup_logging,
+    work_dir,
+)
 
 log = logging.getLogger("benchmark")
 
@@ -234,7 +244,7 @@ async def fairness_phase(
     }
     ttft = result["b"]["ttft_ms"] or {}
     log.info(
-        "B: %d done, TTFT p99 %s ms", result["b"]["completed"], _num(ttft.get("p99"), ".0f", 0)
+        "B: %d done, TTFT p99 %s ms", result["b"]["completed"], cell(ttft.get("p99"), ".0f", 0)
     )
     return result
 
@@ -251,7 +261,7 @@ def run_fairness(
         where.mkdir()
         write_key_file(where / "keys.toml", tenants, {a.name: limit})
         flags = ["--auth-keys", str(where / "keys.toml"), "--max-batch-size", str(args.batch)]
-        with server(args, home, where, flags) as proc:
+        with server_process(home, where, flags + args.extra, args.model) as proc:
             address = proc.wait_ready(args.startup_timeout)
             if name == "capped":
                 with LoraplexClient(address, timeout=60, api_key=b.key) as c:
@@ -290,7 +300,7 @@ def run_overload(args: argparse.Namespace, home: Path, work: Path, tenant: Tenan
     clients = args.overload_factor * capacity
     flags = ["--auth-keys", str(work / "keys.toml"), "--max-batch-size", str(args.overload_batch)]
     flags += ["--max-queue", str(args.overload_queue)]
-    with server(args, home, work, flags) as proc:
+    with server_process(home, work, flags + args.extra, args.model) as proc:
         address = proc.wait_ready(args.startup_timeout)
         process = psutil.Process(proc.pid)
         rss = [process.memory_info().rss]
@@ -311,17 +321,6 @@ def run_overload(args: argparse.Namespace, home: Path, work: Path, tenant: Tenan
 
 
 # -- the report --------------------------------------------------------------------------------
-def _num(value: object, spec: str, width: int) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
-
-
-def _table(cols: list[tuple[str, int, str]], rows: list[list[object]]) -> list[str]:
-    lines = [" ".join(f"{name:>{width}}" for name, width, _ in cols)]
-    for row in rows:
-        lines.append(" ".join(_num(v, s, w) for v, (_, w, s) in zip(row, cols, strict=True)))
-    return lines
-
-
 FAIR_COLS = [("phase", 28, "s"), ("B done", 6, "d"), ("TTFT p50", 8, ".0f")]
 FAIR_COLS += [("TTFT p99", 8, ".0f"), ("p99/alone", 9, ".2f"), ("A done", 6, "d")]
 FAIR_COLS += [("A refused", 9, "d"), ("tok/s", 6, ".1f"), ("errors", 6, "d")]
@@ -350,7 +349,7 @@ def fairness_lines(fair: dict, cfg: dict) -> list[str]:
         ratio = fair[key]["b_ttft_p99_over_alone"]
         verdict = "?" if ratio is None else "met" if ratio <= TTFT_TARGET else "MISSED"
         notes.append(
-            f"  {names[key]}: B p99 TTFT {_num(ratio, '.2f', 0)}x alone "
+            f"  {names[key]}: B p99 TTFT {cell(ratio, '.2f', 0)}x alone "
             f"(target <= {TTFT_TARGET:.0f}x: {verdict})"
         )
     head = (
@@ -358,7 +357,7 @@ def fairness_lines(fair: dict, cfg: dict) -> list[str]:
         f"B = {cfg['b_clients']} clients x {cfg['b_new_tokens']} new tokens, A = "
         f"{cfg['flood_clients']} clients x {cfg['a_new_tokens']} (greedy, base model); ms"
     )
-    return [head, *_table(FAIR_COLS, rows), *notes]
+    return [head, *format_table(FAIR_COLS, rows), *notes]
 
 
 def overload_lines(over: dict, cfg: dict) -> list[str]:
@@ -379,7 +378,7 @@ def overload_lines(over: dict, cfg: dict) -> list[str]:
     )
     return [
         head,
-        *_table(OVER_COLS, rows),
+        *format_table(OVER_COLS, rows),
         *notes,
         f"  server RSS: before {mib['before']:.0f} MiB, after round 1 {mib['after_round_1']:.0f}"
         f", after round 2 {mib['after_round_2']:.0f} (round 2 - round 1: "
@@ -390,11 +389,7 @@ def overload_lines(over: dict, cfg: dict) -> list[str]:
 
 # -- main --------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.split("\n")[2:]) if __doc__ else None,
-    )
+    parser = make_parser(__doc__)
     add = parser.add_argument
     add("--phase-seconds", type=float, default=60.0, help="length of each fairness phase")
     add("--ramp-seconds", type=float, default=5.0, help="A floods this long before B starts")
@@ -411,12 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--overload-new-tokens", type=int, default=32)
     add("--request-timeout", type=float, default=120.0, help="each call's deadline")
     add("--seed", type=int, default=0, help="seed of the back-off jitter")
-    add("--model", help="served model (default: the embedded SmolLM2)")
-    add("--home", default=os.environ.get("LORAPLEX_HOME", "~/.cache/loraplex"))
-    add("--out", default="benchmarks/results/tenancy.json")
-    add("--serve-args", default="", help="extra `loraplex serve` flags, for every server")
-    add("--startup-timeout", type=float, default=900.0)
-    add("--keep-work", action="store_true", help="keep the temporary directory")
+    add_common_args(parser, "tenancy")
+    add_server_args(parser, "extra `loraplex serve` flags, for every server")
     args = parser.parse_args(argv)
     counts = ("b_clients", "flood_clients", "a_limit", "batch", "overload_batch", "overload_queue")
     for name in (*counts, "overload_factor", "b_new_tokens", "a_new_tokens"):
@@ -424,36 +415,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.phase_seconds, args.overload_seconds, args.request_timeout) <= 0:
         parser.error("durations must be > 0")
-    args.extra = shlex.split(args.serve_args)
-    owned = {"--port", "--home", "--adapter-store", "--adapter-root", "--model", "--auth-keys"}
-    owned |= {"--max-batch-size", "--max-queue"}
-    clash = [a for a in args.extra if a.split("=", 1)[0] in owned]
-    if clash:
-        parser.error(f"set by the benchmark, not through the server's flags: {' '.join(clash)}")
+    owned = ("--auth-keys", "--max-batch-size", "--max-queue")
+    args.extra = server_flags(parser, args.serve_args, owned=owned)
     return args
-
-
-def server(args: argparse.Namespace, home: Path, work: Path, flags: list[str]) -> ServerProcess:
-    argv = serve_command(argparse.Namespace(model=args.model, extra=flags + args.extra), home, work)
-    return ServerProcess(argv, work / "server.log")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _terminate)
+    setup_logging()
     home = Path(args.home).expanduser()
-    work = Path(tempfile.mkdtemp(prefix="loraplex-tenancy-"))
     tenants = [Tenant(name, new_key()) for name in ("tenant-a", "tenant-b", "tenant-c")]
     start = time.perf_counter()
-    try:
+    with work_dir("loraplex-tenancy-", args.keep_work) as work:
         fair, info = run_fairness(args, home, work, tenants)
         over = run_overload(args, home, work / "overload", tenants[2])
-    finally:
-        if args.keep_work:
-            log.info("kept %s", work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     config = {k: v for k, v in vars(args).items() if k not in ("home", "out", "keep_work", "extra")}
     config.update(serve_args=args.extra, model_info=info, cpus=os.cpu_count())
     report = {
@@ -463,15 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark_client_peak_rss_bytes": peak_rss_bytes(),
         "wall_seconds": time.perf_counter() - start,
     }
-    sys.stdout.write(
-        "\n".join([*fairness_lines(fair, config), "", *overload_lines(over, config)]) + "\n"
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("wrote %s (%.0f s in all)", out, report["wall_seconds"])
+    # The machine as a fresh process sees it, as the servers started (this one has no torch).
+    lines = [*fairness_lines(fair, config), "", *overload_lines(over, config)]
+    publish(report, lines, args.out, fresh_process=True)
+    log.info("%.0f s in all", report["wall_seconds"])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run_main(main))

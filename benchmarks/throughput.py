@@ -32,27 +32,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import (
-    EngineBench,
-    Job,
-    add_common_args,
-    bench_prompts,
-    emit_table,
-    in_child,
-    load_into_peft,
-    machine_facts,
-    make_parser,
-    peak_rss_mib,
-    setup_logging,
-    work_dir,
-    write_adapters,
-    write_json,
-)
 from peft import PeftModel
 
 from loraplex.core.config import ModelConfig
 from loraplex.core.model import load_model
 from loraplex.server.config import EngineConfig
+
+from harness import (
+    EngineBench,
+    Job,
+    add_common_args,
+    bench_prompts,
+    in_child,
+    load_into_peft,
+    make_parser,
+    peak_rss_mib,
+    publish,
+    setup_logging,
+    work_dir,
+    write_adapters,
+)
 
 log = logging.getLogger("benchmark")
 
@@ -220,7 +219,6 @@ def run_systems(
                 partial(peft_one_at_a_time, peft_model, batch[:s], names[:s], m, pad)
             )
             record("PEFT one at a time", k, sample * n / s, f"extrapolated: {s} of {n} run")
-    bench.stop()
 
     def rate(system: str, k: int) -> float | None:
         return next(
@@ -263,9 +261,7 @@ def run_systems(
     lines.append(
         f"peak RSS: {rss_loraplex:.0f} MiB after the loraplex runs, {rss_end:.0f} MiB at the end"
     )
-    emit_table(lines)
-    write_json(
-        args.out,
+    publish(
         {
             "requests": n,
             "new_tokens": m,
@@ -275,11 +271,12 @@ def run_systems(
             "repeats": args.repeats,
             "baseline_repeats": args.baseline_repeats,
             "torch_threads": torch.get_num_threads(),
-            "machine": machine_facts(),
             "peak_rss_mib": {"loraplex": rss_loraplex, "end": rss_end},
             "engine_stats": dataclasses.asdict(stats),
             "rows": rows,
         },
+        lines,
+        args.out,
     )
     return 0
 

@@ -21,14 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import (
+    add_common_args,
+    make_parser,
+    peak_rss_mib,
+    publish,
+    setup_logging,
+)
 
 log = logging.getLogger("benchmark")
 
@@ -47,10 +53,6 @@ def make_dataset(path: Path, n: int, seed: int) -> None:
             )
             row = {"instruction": f"#{i} Help with {topic}: {words}", "output": answer}
             f.write(json.dumps(row) + "\n")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_loraplex(args: argparse.Namespace, data: Path, out: Path) -> dict:
@@ -79,7 +81,7 @@ def run_loraplex(args: argparse.Namespace, data: Path, out: Path) -> dict:
         "seconds": metrics["train_runtime"],
         "tokens_per_second": metrics["train_tokens_per_second"],
         "loss": metrics["train_loss"],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mib(),
     }
 
 
@@ -158,7 +160,7 @@ def run_peft(args: argparse.Namespace, data: Path, out: Path) -> dict:
         "seconds": seconds,
         "tokens_per_second": tokens / seconds,
         "loss": result.metrics["train_loss"],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mib(),
     }
 
 
@@ -171,7 +173,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=400)
@@ -180,12 +182,11 @@ def main(argv: list[str] | None = None) -> None:
                         default=True)  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side (median)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--home", default=os.environ.get("LORAPLEX_HOME", "~/.cache/loraplex"))
-    parser.add_argument("--out", default="benchmarks/results/training.json")
+    add_common_args(parser, "training")
     parser.add_argument("--only", choices=["loraplex", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     if args.only:
         child(args)
         return
@@ -234,9 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             for r in rows
         ),
     ]
-    sys.stdout.write("\n".join(lines) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"config": vars(args), "runs": results}, indent=1))
+    # The machine as a fresh process sees it, as each side started (this one has no torch).
+    publish({"config": vars(args), "runs": results}, lines, args.out, fresh_process=True)
 
 
 if __name__ == "__main__":
