@@ -192,7 +192,7 @@ def train(args: argparse.Namespace) -> int:
     if adapter is None or not config.register:
         return 0
     adapter_id = config.adapter_id or config.out.resolve().name.lower()
-    with LoraplexClientFor(config.register) as client:
+    with _client_for(config.register) as client:
         reply = client.push(adapter_id, adapter)
     sys.stdout.write(json.dumps(_as_dict(reply), indent=2) + "\n")
     return 0
@@ -221,7 +221,7 @@ def serve_ray(args: argparse.Namespace) -> int:
     return 0
 
 
-def LoraplexClientFor(address: str) -> LoraplexClient:  # noqa: N802
+def _client_for(address: str) -> LoraplexClient:
     """A client for `address` with the key and CA from the environment."""
     from loraplex.server.client import LoraplexClient
 
