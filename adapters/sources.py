@@ -10,7 +10,7 @@ import contextlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from loraplex.adapters.store import open_filesystem
 from loraplex.adapters.validate import (
@@ -93,6 +93,13 @@ def check_file_name(name: str) -> str:
     ):
         raise InvalidAdapter(f"file name {name[:80]!r} is not a plain file name")
     return name
+
+
+class FileChunk(NamedTuple):
+    """A piece of one file of an adapter being uploaded."""
+
+    file_name: str
+    data: bytes
 
 
 class Upload:

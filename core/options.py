@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 _NO_DEFAULT = object()  # a required field
+OFF = "__off"  # the dest suffix of an off_flag
 
 
 @dataclass(frozen=True)
@@ -170,13 +171,18 @@ def _build(
         option = by_path.get((*path, f.name))
         if option is None:  # no flag (hidden or excluded): the default config's value
             continue
+        if getattr(args, option.dest + OFF, False):  # --no-x wins wherever it stands
+            values[f.name] = None
+            continue
         value = getattr(args, option.dest, None)
+        if value == "" and option.kind is not str:
+            value = None  # an empty path or number is no value: as if not given
         env = option.meta.get("env")
         if value is None and env and environ.get(env):
             value = environ[env]
-        if value is None and "cli_default" not in option.meta:
-            continue  # not given: the default config's value (None from --no-x is given)
-        values[f.name] = None if value is None else _from_flag(option, value)
+        if value is None:
+            continue  # not given: the default config's value
+        values[f.name] = _from_flag(option, value)
     if defaults is not None and defaults is not _NO_DEFAULT:
         return dataclasses.replace(defaults, **values)
     return cls(**values)
@@ -243,7 +249,7 @@ def _add(parser: Any, option: Option, overrides_only: bool) -> None:
     off = meta.get("off_flag")
     if off:
         parser.add_argument(
-            off, dest=option.dest, action="store_const", const=None, help=meta.get("off_help")
+            off, dest=option.dest + OFF, action="store_true", help=meta.get("off_help")
         )
 
 

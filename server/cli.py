@@ -427,12 +427,13 @@ def _as_dict(message: object) -> dict:
 
 def options_markdown() -> str:
     """docs/options.md: the --help of every verb (`make docs` writes it; a test checks it)."""
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
     sections = [
         "# Command-line options\n\n"
-        "Generated from `loraplex --help` by `make docs` (a test fails when it is stale). The\n"
-        "flags of `serve`, `serve-ray` and `adapters export` are the fields of their config\n"
-        "dataclasses (loraplex.server.config, loraplex.adapters.config, loraplex.core.config):\n"
-        "the help of each is the docstring under its field.\n"
+        f"Generated from `loraplex --help` by `make docs` with Python {python} (a test fails\n"
+        "when it is stale). The flags of `serve`, `serve-ray` and `adapters export` are the\n"
+        "fields of their config dataclasses (loraplex.server.config, loraplex.adapters.config,\n"
+        "loraplex.core.config): the help of each is the docstring under its field.\n"
     ]
     for prog, parser in _parsers(build_parser()):
         parser.formatter_class = functools.partial(argparse.HelpFormatter, width=HELP_WIDTH)

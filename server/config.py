@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from loraplex.adapters.config import DEFAULT_MAX_ADAPTER_BYTES, StoreConfig, path_or_url
 from loraplex.core.config import ModelConfig
@@ -274,11 +274,16 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     add_options(parser, LogConfig, suppressed=True)
 
 
+class ServeOptions(NamedTuple):
+    server: ServerConfig
+    logs: LogConfig
+
+
 def parse_serve_flags(
     flags: Sequence[str], environ: Mapping[str, str] | None = None
-) -> tuple[ServerConfig, LogConfig]:
+) -> ServeOptions:
     """The configuration `loraplex serve FLAGS` would run with."""
     parser = argparse.ArgumentParser(prog="loraplex serve")
     add_serve_options(parser)
     args = parser.parse_args(list(flags))
-    return build(ServerConfig, args, environ), build(LogConfig, args, environ)
+    return ServeOptions(build(ServerConfig, args, environ), build(LogConfig, args, environ))

@@ -22,6 +22,7 @@ from loraplex.core import __version__
 from loraplex.server.runtime.telemetry import RequestRecord
 
 if TYPE_CHECKING:
+    from loraplex.server.engine.state import EngineSnapshot
     from loraplex.server.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,12 @@ class StateCollector(Collector):
         self.runtime = runtime
 
     def collect(self) -> Iterable[Metric]:
+        engine = self.runtime.engine
         try:  # built by the engine thread between two steps
-            state = self.runtime.engine.snapshot().result(SCRAPE_WAIT_S)
-        except Exception as exc:  # stopping, or a step longer than a scrape should wait
-            log.warning("no engine state for this scrape: %r", exc)
+            state: EngineSnapshot | None = engine.snapshot().result(SCRAPE_WAIT_S)
+        except Exception:  # stopped, or a step longer than a scrape waits: the last one built
+            state = engine.last_snapshot
+        if state is None:
             return
         yield GaugeMetricFamily(
             "loraplex_num_requests_running", "Requests in the running batch.", state.running

@@ -94,6 +94,13 @@ SERVICER_FUNCTIONS = [
 ]
 
 
+class Answer(NamedTuple):
+    """A unary (or client-streaming) call's answer as it crosses Ray."""
+
+    payload: bytes  # the serialized response; b"" when the call failed
+    status: Status
+
+
 class Generation(NamedTuple):
     epoch: str  # the counter's incarnation
     changes: int  # store changes counted in it
@@ -195,7 +202,7 @@ class EngineReplica:
         payload: bytes | list[bytes],
         metadata: Metadata,
         generation: Generation = UNKNOWN,
-    ) -> tuple[bytes, Status]:
+    ) -> Answer:
         """A unary call, or a client-streaming one when `payload` is the list of messages."""
         await self._sync(generation)
         if isinstance(payload, list):
@@ -207,13 +214,12 @@ class EngineReplica:
         try:
             response = await call
         except grpc.aio.AioRpcError as exc:
-            return b"", self._status(exc.code(), exc.details(), exc.trailing_metadata())
+            return Answer(b"", self._status(exc.code(), exc.details(), exc.trailing_metadata()))
         await self._record()
-        return response, self._status(grpc.StatusCode.OK, "", await call.trailing_metadata())
+        trailing = await call.trailing_metadata()
+        return Answer(response, self._status(grpc.StatusCode.OK, "", trailing))
 
-    def _upload(
-        self, method: str, messages: list[bytes], metadata: Metadata
-    ) -> tuple[bytes, Status]:
+    def _upload(self, method: str, messages: list[bytes], metadata: Metadata) -> Answer:
         """A client-streaming call, on a blocking channel: an asyncio one turns a server's
         answer given before the upload ends (a refusal) into INTERNAL."""
         try:
@@ -222,8 +228,9 @@ class EngineReplica:
             )
         except grpc.RpcError as exc:
             failed = cast(grpc.Call, exc)
-            return b"", self._status(failed.code(), failed.details(), failed.trailing_metadata())
-        return response, self._status(grpc.StatusCode.OK, "", call.trailing_metadata())
+            status = self._status(failed.code(), failed.details(), failed.trailing_metadata())
+            return Answer(b"", status)
+        return Answer(response, self._status(grpc.StatusCode.OK, "", call.trailing_metadata()))
 
     async def stream(
         self, method: str, payload: bytes, metadata: Metadata, generation: Generation = UNKNOWN
@@ -325,12 +332,13 @@ class IngressReplica:
 
     async def _generation(self) -> Generation:
         try:
-            return cast(Generation, await self.generation.get.remote())
+            # Whatever the counter hands back (a counter of an older release: a plain tuple).
+            return Generation(*await self.generation.get.remote())
         except ray.exceptions.RayActorError:  # gone for good: a new counter (a new epoch)
             log.warning("the store generation counter was lost: starting a new one")
             self.generation = _generation_actor()
             try:
-                return cast(Generation, await self.generation.get.remote())
+                return Generation(*await self.generation.get.remote())
             except ray.exceptions.RayActorError:
                 return UNKNOWN
 
@@ -343,21 +351,21 @@ class IngressReplica:
 
     async def forward(
         self, name: str, path: str, payload: bytes | list[bytes], grpc_context: Any, adapter_id: str
-    ) -> tuple[bytes, Status]:
+    ) -> Answer:
         """One unary (or, with a list of messages, client-streaming) call on a replica."""
         handle = self.replica.options(multiplexed_model_id=adapter_id)
         generation = await self._generation()
         try:
             return cast(
-                tuple[bytes, Status],
+                Answer,
                 await handle.unary.remote(path, payload, _forwarded(grpc_context), generation),
             )
         except ray.exceptions.RayActorError as exc:
-            return b"", _replica_lost(exc)
+            return Answer(b"", _replica_lost(exc))
         except ray.exceptions.RayTaskError as exc:
             log.error("engine replica failed on %s: %s", name, exc)
             failed = Status(grpc.StatusCode.INTERNAL.value[0], f"{name} failed on its replica", [])
-            return b"", failed
+            return Answer(b"", failed)
         finally:
             # A change may have reached the store even when its answer did not reach us (a
             # lost replica, a cancelled call): every attempt counts as a change.

@@ -75,6 +75,7 @@ class Engine:
         self._started = Future[EngineInfo]()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_snapshot: EngineSnapshot | None = None
 
     # -- the public, thread-safe side ---------------------------------------------------------
     def start(self, timeout: float | None = None) -> EngineInfo:
@@ -105,8 +106,15 @@ class Engine:
         self._scheduler.remove(request)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
-        """Run `fn` on the engine thread between two steps; its result comes in the future."""
+        """Run `fn` on the engine thread between two steps; its result comes in the future.
+        Called on the engine thread itself (from inside a call), `fn` runs at once."""
         future: Future[T] = Future()
+        if threading.current_thread() is self._thread:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+            return future
         with self._calls_lock:
             if self._calls_closed:
                 future.set_exception(NotReady("the engine is shutting down"))
@@ -123,6 +131,12 @@ class Engine:
     def snapshot(self) -> Future[EngineSnapshot]:
         """The engine's state, built on the engine thread between two steps."""
         return self.call(self._snapshot)
+
+    @property
+    def last_snapshot(self) -> EngineSnapshot | None:
+        """The latest snapshot built (for a reader that cannot wait for the next step: it may
+        be a step or more old); None before the first."""
+        return self._last_snapshot
 
     def pin(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> Future[None]:
         """Keep an adapter in a device slot until `unpin` (Exhausted when no slot can be
@@ -145,10 +159,10 @@ class Engine:
         """Replace the merge policy's settings (its token window starts empty)."""
         return self.call(lambda: self._merges.configure(settings))
 
-    def observe_adapter_loads(self, observer: Callable[[float], None]) -> None:
+    def observe_adapter_loads(self, observer: Callable[[float], None]) -> Future[None]:
         """Call `observer(seconds)` on the engine thread after each adapter load into a slot
-        (it must not block)."""
-        self._slots.stats.load_observers.append(observer)
+        (it must not block); from the next step on."""
+        return self.call(lambda: self._slots.stats.load_observers.append(observer))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new requests, fail those still queued or running, and join the thread."""
@@ -220,7 +234,7 @@ class Engine:
         pinned = set(slots.pinned_keys())
         seqs = self._batch.seqs
         waiting = self._scheduler.peek(self.config.max_queue)
-        return EngineSnapshot(
+        self._last_snapshot = EngineSnapshot(
             running=len(seqs),
             waiting=self._scheduler.num_waiting(),
             queued_tokens=self._scheduler.queued_tokens(),
@@ -239,6 +253,7 @@ class Engine:
             merge=self._merges.state(),
             stats=dataclasses.replace(self._stats),
         )
+        return self._last_snapshot
 
     # -- admission ----------------------------------------------------------------------------
     def _reservation(self, request: EngineRequest) -> int:

@@ -47,7 +47,7 @@ TokenCounts = Counter[AdapterKey | None]  # None: the base model's tokens
 MERGE_CHECK_S = 0.25  # how often the merge policy is asked
 MERGE_QUEUE_LOOKAHEAD = 64  # queued requests counted in the merge policy's token shares
 SLOT_RETRY_S = 1.0  # the retry advice when no slot can hold the adapter to merge
-SlotLoader = Callable[[int, AdapterVersion, AdapterWeights | None], None]
+LoadSlot = Callable[[int, AdapterVersion, AdapterWeights | None], None]
 
 
 class TokenWindow:
@@ -136,7 +136,7 @@ class MergeControl:
         settings: MergeSettings,
         slots: SlotTable,
         runner: Callable[[], ModelRunner],
-        load_slot: SlotLoader,
+        load_slot: LoadSlot,
     ) -> None:
         self.policy = MergePolicy(settings)
         self._slots = slots

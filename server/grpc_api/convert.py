@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from loraplex.adapters.compositions import Composition, CompositionRequest, WeightedAdapter
+from loraplex.adapters.sources import FileChunk
 from loraplex.core.errors import InvalidRequest
 from loraplex.core.types import AdapterVersion
 from loraplex.server.engine.request import RequestOutput
@@ -61,14 +62,14 @@ def adapter_id_of(request: object) -> str:
 async def push_chunks(
     first: adapters_pb2.PushAdapterRequest,
     rest: AsyncIterator[adapters_pb2.PushAdapterRequest],
-) -> AsyncIterator[tuple[str, bytes]]:
-    """(file name, bytes) pieces of a PushAdapter stream."""
+) -> AsyncIterator[FileChunk]:
+    """The file pieces of a PushAdapter stream."""
     message = first
     while True:
         if message.data or message.file_name:
             if not message.file_name:
                 raise InvalidRequest("file_name", "every piece of data names its file")
-            yield message.file_name, message.data
+            yield FileChunk(file_name=message.file_name, data=message.data)
         try:
             message = await anext(rest)
         except StopAsyncIteration:

@@ -12,8 +12,6 @@ string field holding invalid UTF-8) is INVALID_ARGUMENT instead of an internal e
 from __future__ import annotations
 
 import contextvars
-import re
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -22,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from loraplex.core.errors import InvalidRequest
 from loraplex.server.runtime.auth import KeyRing, Principal, Unauthenticated
+from loraplex.server.runtime.telemetry import request_id
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_METHODS = frozenset(
@@ -41,7 +40,6 @@ ADMIN_METHODS = frozenset(
 
 
 REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Who is calling; None when authentication is off.
 PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "principal", default=None
@@ -93,8 +91,7 @@ def authorize(
 
 def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     """The client's x-request-id when it is a sensible one, else a new id."""
-    given = dict(metadata or ()).get(REQUEST_ID_KEY)
-    return given if isinstance(given, str) and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return request_id(dict(metadata or ()).get(REQUEST_ID_KEY))
 
 
 def bound(handler: grpc.RpcMethodHandler, principal: Principal | None) -> grpc.RpcMethodHandler:

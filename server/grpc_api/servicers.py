@@ -27,7 +27,6 @@ from loraplex.server.grpc_api.interceptor import PRINCIPAL, REQUEST_ID_KEY, requ
 from loraplex.server.grpc_api.status import retry_metadata, status_for
 from loraplex.server.logs import REQUEST_ID
 from loraplex.server.runtime.runtime import Runtime
-from loraplex.server.runtime.tenancy import owner_for
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -97,17 +96,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         generation = await self._runtime().requests.generate(
             generate_input(request), REQUEST_ID.get(), PRINCIPAL.get()
         )
-        texts: list[str] = []
-        token_ids: list[int] = []
-        async with contextlib.aclosing(generation.outputs) as outputs:
-            async for out in outputs:
-                texts.append(out.text)
-                token_ids.extend(out.token_ids)
-                if out.finish_reason is not None:
-                    return generate_response(
-                        out, "".join(texts), token_ids, generation.adapter, generation.request_id
-                    )
-        raise RuntimeError("generation ended without a finish reason")
+        done = await generation.complete()
+        return generate_response(
+            done.last, done.text, done.token_ids, generation.adapter, generation.request_id
+        )
 
     @streaming
     async def GenerateStream(
@@ -120,7 +112,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         # Closed however the call ends (a client gone mid-send included): the request is
         # cancelled and what it holds given back at once, not when garbage is collected.
-        async with contextlib.aclosing(generation.outputs) as outputs:
+        async with contextlib.aclosing(generation) as outputs:
             async for out in outputs:
                 # Also steps whose text is held back (half a character, a possible stop
                 # string): their token ids must reach the client.
@@ -152,8 +144,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             adapter_id_of(request),
             request.path,
             pin=request.pin,
-            tenant=owner_for(PRINCIPAL.get(), request.tenant),
+            tenant=request.tenant,
             shared=request.shared,
+            principal=PRINCIPAL.get(),
         )
         return registration_message(registration)
 
@@ -172,8 +165,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             adapter_id_of(first),
             push_chunks(first, aiter(request_iterator)),
             pin=first.pin,
-            tenant=owner_for(PRINCIPAL.get(), first.tenant),
+            tenant=first.tenant,
             shared=first.shared,
+            principal=PRINCIPAL.get(),
         )
         return registration_message(registration)
 
@@ -201,7 +195,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.DeleteAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.DeleteAdapterResponse:
-        versions = await self._runtime().adapters.delete(adapter_id_of(request))
+        versions = await self._runtime().adapters.delete(adapter_id_of(request), PRINCIPAL.get())
         return adapters_pb2.DeleteAdapterResponse(deleted=True, versions=versions)
 
     @unary
@@ -210,7 +204,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.PinAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.AdapterInfo:
-        return adapter_info(await self._runtime().adapters.pin(adapter_id_of(request)))
+        view = await self._runtime().adapters.pin(adapter_id_of(request), PRINCIPAL.get())
+        return adapter_info(view)
 
     @unary
     async def UnpinAdapter(
@@ -218,7 +213,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.PinAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.AdapterInfo:
-        return adapter_info(await self._runtime().adapters.unpin(adapter_id_of(request)))
+        view = await self._runtime().adapters.unpin(adapter_id_of(request), PRINCIPAL.get())
+        return adapter_info(view)
 
     @unary
     async def GetCacheStats(
@@ -226,7 +222,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.GetCacheStatsRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.CacheStats:
-        return cache_stats_message(await self._runtime().adapters.cache_view())
+        return cache_stats_message(await self._runtime().adapters.cache_view(PRINCIPAL.get()))
 
     @unary
     async def MergeAdapter(
@@ -234,7 +230,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.MergeAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.MergeState:
-        view = await self._runtime().adapters.merge(adapter_id_of(request))
+        view = await self._runtime().adapters.merge(adapter_id_of(request), PRINCIPAL.get())
         return merge_state_message(view)
 
     @unary
@@ -243,7 +239,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.UnmergeAdapterRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.MergeState:
-        return merge_state_message(await self._runtime().adapters.unmerge())
+        return merge_state_message(await self._runtime().adapters.unmerge(PRINCIPAL.get()))
 
     @unary
     async def GetMergeState(
@@ -251,4 +247,4 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request: adapters_pb2.GetMergeStateRequest,
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.MergeState:
-        return merge_state_message(await self._runtime().adapters.merge_state())
+        return merge_state_message(await self._runtime().adapters.merge_state(PRINCIPAL.get()))

@@ -1,6 +1,7 @@
 """Adapter management as the API offers it: register (from a path or URI, or uploaded), look up,
-list, delete, pin, merge into the base, and the cache's view. File work runs off the event loop;
-validation needs no engine time.
+list, delete, pin, merge into the base, and the cache's view. Looking up and listing follow
+tenancy; everything else needs an admin key (`principal` None: no authentication, or the server
+itself). File work runs off the event loop; validation needs no engine time.
 
 Servers may share one store (replicas behind Ray Serve, or several plain servers on S3): what
 this server holds follows the store, whoever changed it. A newer version takes over a pin and
@@ -17,15 +18,15 @@ from collections.abc import AsyncIterator
 from loraplex.adapters.cache import HostCache
 from loraplex.adapters.compositions import is_composed_id
 from loraplex.adapters.registry import AdapterRegistry, check_adapter_id
-from loraplex.adapters.sources import Upload
-from loraplex.core.errors import AdapterNotFound, InvalidRequest
+from loraplex.adapters.sources import FileChunk, Upload
+from loraplex.core.errors import AdapterNotFound, InvalidRequest, NotReady
 from loraplex.core.types import AdapterVersion
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.state import EngineSnapshot
 from loraplex.server.runtime.auth import Principal
 from loraplex.server.runtime.pins import Pins
 from loraplex.server.runtime.resolver import AdapterResolver
-from loraplex.server.runtime.tenancy import check_use, may_use
+from loraplex.server.runtime.tenancy import check_admin, check_use, may_use, owner_for
 from loraplex.server.runtime.views import (
     AdapterView,
     CacheView,
@@ -35,6 +36,8 @@ from loraplex.server.runtime.views import (
 )
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_WAIT_S = 5.0  # how long a view waits for the engine's next step boundary
 
 
 class AdapterService:
@@ -59,35 +62,44 @@ class AdapterService:
         self,
         adapter_id: str,
         path: str,
+        *,
         pin: bool = False,
         tenant: str = "",
         shared: bool = False,
+        principal: Principal | None = None,
     ) -> Registration:
-        """Register an adapter owned by `tenant` (usable by every tenant when `shared`)."""
+        """Register an adapter owned by `tenant` (default: the caller's; usable by every
+        tenant when `shared`)."""
+        check_admin(principal, "registering an adapter")
+        owner = owner_for(principal, tenant)
         version, created = await asyncio.to_thread(
-            self.registry.register, adapter_id, path, tenant, shared
+            self.registry.register, adapter_id, path, owner, shared
         )
         return await self._registered(version, created, pin)
 
     async def push(
         self,
         adapter_id: str,
-        chunks: AsyncIterator[tuple[str, bytes]],
+        chunks: AsyncIterator[FileChunk],
+        *,
         pin: bool = False,
         tenant: str = "",
         shared: bool = False,
+        principal: Principal | None = None,
     ) -> Registration:
-        """Register an adapter whose files arrive as (file name, bytes) pieces."""
+        """Register an adapter whose files arrive in pieces (as `register` does a path)."""
+        check_admin(principal, "uploading an adapter")
+        owner = owner_for(principal, tenant)
         check_adapter_id(adapter_id)
         upload: Upload = await asyncio.to_thread(self.registry.new_upload)
         try:
-            async for file_name, data in chunks:
-                await asyncio.to_thread(upload.write, file_name, data)
+            async for chunk in chunks:
+                await asyncio.to_thread(upload.write, chunk.file_name, chunk.data)
         except BaseException:
             await asyncio.to_thread(self.registry.discard_upload, upload)
             raise
         version, created = await asyncio.to_thread(
-            self.registry.register_upload, adapter_id, upload, tenant, shared
+            self.registry.register_upload, adapter_id, upload, owner, shared
         )
         return await self._registered(version, created, pin)
 
@@ -145,7 +157,8 @@ class AdapterService:
             composition=self.resolver.composition_of(version.adapter_id),
         )
 
-    async def cache_view(self) -> CacheView:
+    async def cache_view(self, principal: Principal | None = None) -> CacheView:
+        check_admin(principal, "reading the cache statistics")
         return self.cache_view_of(await self._snapshot())
 
     def cache_view_of(self, snapshot: EngineSnapshot) -> CacheView:
@@ -169,9 +182,10 @@ class AdapterService:
         return CacheView(tiers=(device, host), pinned=self.pins.ids())
 
     # -- removal ------------------------------------------------------------------------------
-    async def delete(self, adapter_id: str) -> list[int]:
+    async def delete(self, adapter_id: str, principal: Principal | None = None) -> list[int]:
         """New requests get NOT_FOUND at once; those in flight hold the weights and finish.
         Blobs go unless a load still needs them (those are collected as orphans later)."""
+        check_admin(principal, "deleting an adapter")
         versions = await asyncio.to_thread(self.registry.delete, adapter_id)
         await self.follow_store()  # its pin, merge and compositions go
         digests = {v.digest for v in versions}
@@ -185,18 +199,21 @@ class AdapterService:
         await asyncio.to_thread(self.registry.store.collect_orphans, keep=self.cache.in_use())
 
     # -- pins ---------------------------------------------------------------------------------
-    async def pin(self, adapter_id: str) -> AdapterView:
+    async def pin(self, adapter_id: str, principal: Principal | None = None) -> AdapterView:
+        check_admin(principal, "pinning an adapter")
         version = await self.pins.pin(adapter_id)
         return await self.get(version.adapter_id)
 
-    async def unpin(self, adapter_id: str) -> AdapterView:
+    async def unpin(self, adapter_id: str, principal: Principal | None = None) -> AdapterView:
+        check_admin(principal, "unpinning an adapter")
         version = await self.pins.unpin(adapter_id)
         return await self.get(version.adapter_id)
 
     # -- merging into the base ----------------------------------------------------------------
-    async def merge(self, adapter_id: str) -> MergeView:
+    async def merge(self, adapter_id: str, principal: Principal | None = None) -> MergeView:
         """Fold an adapter's latest version into the base and keep it there (the policy
         leaves a pinned merge alone) until `unmerge`."""
+        check_admin(principal, "merging an adapter")
         if is_composed_id(adapter_id):
             raise InvalidRequest("adapter_id", "a composed adapter cannot be merged")
         version = await self.resolver.resolve(adapter_id)
@@ -208,13 +225,15 @@ class AdapterService:
         self._merge_pin = adapter_id
         return await self.merge_state()
 
-    async def unmerge(self) -> MergeView:
+    async def unmerge(self, principal: Principal | None = None) -> MergeView:
         """Undo the merge now, pinned or automatic."""
+        check_admin(principal, "unmerging")
         self._merge_pin = None
         await asyncio.wrap_future(self.engine.unmerge())
         return await self.merge_state()
 
-    async def merge_state(self) -> MergeView:
+    async def merge_state(self, principal: Principal | None = None) -> MergeView:
+        check_admin(principal, "reading the merge state")
         return self.merge_view_of(await self._snapshot())
 
     def merge_view_of(self, snapshot: EngineSnapshot) -> MergeView:
@@ -271,4 +290,13 @@ class AdapterService:
         self.resolver.forget_compositions(set(latest))
 
     async def _snapshot(self) -> EngineSnapshot:
-        return await asyncio.wrap_future(self.engine.snapshot())
+        """The engine's state at its next step boundary; the last one it built when that takes
+        longer than SNAPSHOT_WAIT_S (a long step) or the engine has stopped."""
+        try:
+            future = asyncio.wrap_future(self.engine.snapshot())
+            return await asyncio.wait_for(future, SNAPSHOT_WAIT_S)
+        except (TimeoutError, NotReady):
+            last = self.engine.last_snapshot
+            if last is None:
+                raise
+            return last

@@ -14,11 +14,11 @@ engine resources are given back, and it is observed once (metrics, the request l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from loraplex.adapters.cache import Lease
 from loraplex.adapters.compositions import CompositionRequest
@@ -30,6 +30,7 @@ from loraplex.server.runtime.auth import Principal
 from loraplex.server.runtime.quotas import Quotas, Ticket
 from loraplex.server.runtime.resolver import AdapterResolver
 from loraplex.server.runtime.telemetry import Observers, RequestRecord
+from loraplex.server.runtime.telemetry import request_id as new_request_id
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_TEXT_CHARS = 1 << 20  # prompt or messages, before tokenizing (the context bounds tokens)
@@ -58,13 +59,45 @@ class GenerateInput:
     compose: CompositionRequest | None = None  # several adapters composed (not adapter_id)
 
 
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation: its text and tokens, and the last output (finish reason, usage)."""
+
+    text: str
+    token_ids: list[int]
+    last: RequestOutput
+
+
 @dataclass
 class Generation:
-    """A submitted request: what serves it, and its outputs as they come."""
+    """A submitted request: what serves it, and its outputs as they come (iterate over it).
+    Close it (`aclose`, e.g. with contextlib.aclosing) however the caller stops: a request not
+    finished is cancelled, and its quota, lease and engine resources are given back, even if
+    no output was read."""
 
     request_id: str
     adapter: AdapterVersion | None
-    outputs: AsyncIterator[RequestOutput]
+    outputs: AsyncGenerator[RequestOutput, None]
+    _abandon: Callable[[], None] = field(repr=False)  # ends it if its outputs never started
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self.outputs
+
+    async def aclose(self) -> None:
+        await self.outputs.aclose()  # a started iteration ends itself
+        self._abandon()  # one never started is ended here (after the above: a no-op)
+
+    async def complete(self) -> Completion:
+        """Read every output (a unary answer); the generation is closed afterwards."""
+        texts: list[str] = []
+        token_ids: list[int] = []
+        async with contextlib.aclosing(self):
+            async for out in self:
+                texts.append(out.text)
+                token_ids.extend(out.token_ids)
+                if out.finish_reason is not None:
+                    return Completion(text="".join(texts), token_ids=token_ids, last=out)
+        raise RuntimeError("generation ended without a finish reason")
 
 
 class Requests:
@@ -98,7 +131,7 @@ class Requests:
         any output; the returned iterator yields outputs until one carries a finish_reason."""
         tenant = principal.tenant if principal is not None else ""
         record = RequestRecord(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or new_request_id(),
             tenant=tenant,
             arrival=time.monotonic(),
             adapter_id=inp.adapter_id,
@@ -169,17 +202,20 @@ class Requests:
                 lease.release()
             ticket.release(ticket.tokens)
             raise
-        outputs = self._outputs(queue, request, lease, ticket, record)
-        return Generation(request_id=request_id, adapter=adapter, outputs=outputs)
+        end = self._ending(request, lease, ticket, record)
+        return Generation(
+            request_id=request_id,
+            adapter=adapter,
+            outputs=self._outputs(queue, record, end),
+            _abandon=lambda: end(False),
+        )
 
     async def _outputs(
         self,
         queue: asyncio.Queue[RequestOutput | BaseException],
-        request: EngineRequest,
-        lease: Lease | None,
-        ticket: Ticket,
         record: RequestRecord,
-    ) -> AsyncIterator[RequestOutput]:
+        end: Callable[[bool], None],
+    ) -> AsyncGenerator[RequestOutput, None]:
         finished = False
         try:
             while not finished:
@@ -196,7 +232,22 @@ class Requests:
                     record.finish_reason = item.finish_reason or ""
                 yield item
         finally:
-            if not finished:  # the consumer went away (client cancel, deadline): stop now
+            end(finished)
+
+    def _ending(
+        self, request: EngineRequest, lease: Lease | None, ticket: Ticket, record: RequestRecord
+    ) -> Callable[[bool], None]:
+        """What ends a request, once whatever ends it: unfinished, it is cancelled (the
+        consumer went away: a client cancel, a deadline); what it holds is given back, and it
+        is observed."""
+        ended = False
+
+        def end(finished: bool) -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            if not finished:
                 self.engine.cancel(request)
                 record.code = CANCELLED
             if lease is not None:
@@ -205,6 +256,8 @@ class Requests:
             record.queued, record.admitted = request.arrival, request.admitted
             record.finished = time.monotonic()
             self.observers.finished(record)
+
+        return end
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
         if inp.prompt and inp.messages:
@@ -243,8 +296,7 @@ class Requests:
         """One tiny generation through the whole path, so the first client is not the one
         who pays for lazy initialisation."""
         generation = await self.generate(GenerateInput(prompt="Hello", max_new_tokens=2))
-        async for _ in generation.outputs:
-            pass
+        await generation.complete()
 
 
 def check_sizes(inp: GenerateInput) -> None:

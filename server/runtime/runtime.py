@@ -4,7 +4,6 @@ uses it."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from loraplex.core.types import BaseModelSpec
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
-from loraplex.server.engine.state import EngineInfo, EngineSnapshot
+from loraplex.server.engine.state import EngineInfo
 from loraplex.server.runtime.adapters import AdapterService
 from loraplex.server.runtime.auth import KeyRing
 from loraplex.server.runtime.quotas import Quotas, load_tenant_limits
@@ -120,9 +119,6 @@ class Runtime:
             version=__version__,
             has_chat_template=bool(getattr(info.tokenizer, "chat_template", None)),
         )
-
-    async def snapshot(self) -> EngineSnapshot:
-        return await asyncio.wrap_future(self.engine.snapshot())
 
     def observe_adapter_loads(self, tier: str, observer: Callable[[float], None]) -> None:
         """Call `observer(seconds)` after each adapter load into `tier` ("device": a slot,

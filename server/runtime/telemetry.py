@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -12,6 +14,13 @@ from typing import Protocol
 from loraplex.core.errors import CANCELLED, INTERNAL, OK, status_code
 
 request_log = logging.getLogger("loraplex.requests")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id(given: object = None) -> str:
+    """The id a caller gave its request (e.g. x-request-id) when it is a sensible one, else a
+    new one: it goes into logs and back to the caller."""
+    return given if isinstance(given, str) and _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Which adapters a caller may see and use.
+"""Which adapters a caller may see and use, and who may manage them.
 
 A tenant's client keys see and use its own adapters and those registered as shared; admin
 keys see every adapter; without authentication (no key file) there is one tenant and everyone
@@ -30,6 +30,13 @@ def check_use(principal: Principal | None, adapter_id: str, version: AdapterVers
             f"adapter {adapter_id!r} is not available to tenant {principal.tenant!r} (only "
             "its own adapters and shared ones are)"
         )
+
+
+def check_admin(principal: Principal | None, operation: str) -> None:
+    """Raise PermissionDenied unless `principal` may manage adapters and read the server's
+    caches: an admin key (or no authentication at all)."""
+    if principal is not None and not principal.is_admin:
+        raise PermissionDenied(f"{operation} needs an admin key")
 
 
 def owner_for(principal: Principal | None, requested: str) -> str:

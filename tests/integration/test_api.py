@@ -143,13 +143,21 @@ def test_unknown_adapter_is_not_found(client):
 
 
 def test_model_info_and_the_base_is_nf4_double_quantized(client, server):
-    model = server.engine.with_model(lambda runner: runner.model).result()
-    layer = model.model.layers[0].self_attn.q_proj
-    assert type(layer).__name__ == "Linear4bit"
-    # compress_statistics = double quantization (bitsandbytes' CPU kernels may unpack the
-    # nested absmax after the first forward, so the quant state itself is not the witness).
-    assert layer.weight.quant_type == "nf4" and layer.weight.compress_statistics
-    assert model.config.quantization_config.bnb_4bit_use_double_quant
+    def read(runner):  # on the engine thread, which owns the model
+        layer = runner.model.model.layers[0].self_attn.q_proj
+        # compress_statistics = double quantization (bitsandbytes' CPU kernels may unpack the
+        # nested absmax after the first forward, so the quant state itself is not the witness).
+        return (
+            type(layer).__name__,
+            layer.weight.quant_type,
+            layer.weight.compress_statistics,
+            runner.model.config.quantization_config.bnb_4bit_use_double_quant,
+        )
+
+    kind, quant_type, compressed, double_quant = server.engine.with_model(read).result(30)
+    assert kind == "Linear4bit"
+    assert quant_type == "nf4" and compressed
+    assert double_quant
     info = client.model_info()
     assert info.model_type == "llama"
     assert info.quantization == "bnb-nf4-double-quant"

@@ -359,3 +359,8 @@ def test_the_engine_and_everything_below_the_front_ends_import_without_grpc():
         for name in [n for n in sys.modules if n not in before]:
             del sys.modules[name]
         sys.modules.update(before)
+        for name, module in before.items():  # and each package's attribute for its submodule
+            parent, _, child = name.rpartition(".")
+            if name.startswith("loraplex.") and parent in sys.modules:
+                setattr(sys.modules[parent], child, module)
+    assert importlib.import_module("loraplex.core").types is sys.modules["loraplex.core.types"]

@@ -7,7 +7,7 @@ import pytest
 from loraplex.core.errors import PermissionDenied
 from loraplex.core.types import AdapterVersion
 from loraplex.server.runtime.auth import Principal
-from loraplex.server.runtime.tenancy import check_use, owner_for
+from loraplex.server.runtime.tenancy import check_admin, check_use, owner_for
 
 
 def version(tenant: str, shared: bool = False) -> AdapterVersion:
@@ -40,3 +40,10 @@ def test_new_adapters_belong_to_the_tenant_asked_for_else_the_callers():
     assert owner_for(ADMIN, "acme") == "acme"
     assert owner_for(ADMIN, "") == "ops"
     assert owner_for(None, "") == ""
+
+
+def test_managing_adapters_needs_an_admin_key_or_no_authentication():
+    check_admin(ADMIN, "deleting an adapter")
+    check_admin(None, "deleting an adapter")
+    with pytest.raises(PermissionDenied, match="deleting an adapter needs an admin key"):
+        check_admin(ACME, "deleting an adapter")

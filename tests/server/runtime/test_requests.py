@@ -1,0 +1,122 @@
+"""The runtime on its own, with no protocol in front: the tiny model served through the request
+path and the adapter service directly (what any front end calls), with tenancy, admin rights,
+refusals before any output, and cleanup however a generation is closed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+from peft import LoraConfig
+
+from loraplex.core.config import ModelConfig
+from loraplex.core.errors import InvalidRequest, PermissionDenied
+from loraplex.server.config import EngineConfig, MergeSettings, ServerConfig
+from loraplex.server.runtime.auth import Principal
+from loraplex.server.runtime.requests import ChatMessage, GenerateInput
+from loraplex.server.runtime.runtime import Runtime
+from tests.helpers import add_peft_adapter
+
+ADMIN = Principal(tenant="ops", role="admin", key_name="ops-key")
+ACME = Principal(tenant="acme", role="client", key_name="acme-key")
+GLOBEX = Principal(tenant="globex", role="client", key_name="globex-key")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    """(runtime, its event loop, an adapter directory) on the tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("runtime")
+    peft = add_peft_adapter(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        "tone",
+        LoraConfig(r=4, target_modules="all-linear"),
+        seed=1,
+        b_std=0.5,
+    )
+    peft.save_pretrained(root / "peft", selected_adapters=["tone"])
+    config = ServerConfig(
+        adapter_roots=(root,),
+        adapter_store=root / "store",
+        model=ModelConfig(
+            model=str(tiny_model_dir), quantization="none", dtype="float32", device="cpu"
+        ),
+        engine=EngineConfig(max_loras=2, max_lora_rank=8, merge=MergeSettings(policy="off")),
+    )
+    runtime = Runtime.create(config)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(runtime.start())
+        yield runtime, loop, root / "peft" / "tone"
+    finally:
+        runtime.close()
+        loop.close()
+
+
+def test_a_generation_and_an_adapter_without_any_protocol(served):
+    runtime, loop, adapter_dir = served
+
+    async def scenario():
+        registration = await runtime.adapters.register(
+            "tone", str(adapter_dir), tenant="acme", principal=ADMIN
+        )
+        assert registration.created and registration.adapter.version.tenant == "acme"
+        ask = GenerateInput(messages=(ChatMessage(role="user", content="hi"),), max_new_tokens=6)
+        base = await (await runtime.requests.generate(ask, principal=ACME)).complete()
+        generation = await runtime.requests.generate(
+            GenerateInput(adapter_id="tone", messages=ask.messages, max_new_tokens=6),
+            principal=ACME,
+        )
+        tuned = await generation.complete()
+        assert generation.adapter is not None and generation.adapter.version == 1
+        assert base.last.finish_reason == "length" and len(base.token_ids) == 6
+        assert tuned.last.usage is not None and tuned.last.usage.completion_tokens == 6
+        assert tuned.token_ids != base.token_ids  # the adapter is no no-op
+        views = await runtime.adapters.available(GLOBEX)
+        assert views == []  # another tenant's adapter is not listed
+
+    loop.run_until_complete(scenario())
+
+
+def test_tenancy_admin_rights_and_bad_input_refuse_before_any_output(served):
+    runtime, loop, adapter_dir = served
+
+    async def scenario():
+        with pytest.raises(PermissionDenied, match="admin"):
+            await runtime.adapters.register("mine", str(adapter_dir), principal=ACME)
+        with pytest.raises(PermissionDenied, match="admin"):
+            await runtime.adapters.merge_state(ACME)
+        with pytest.raises(PermissionDenied):
+            await runtime.requests.generate(
+                GenerateInput(adapter_id="tone", prompt="hi"), principal=GLOBEX
+            )
+        with pytest.raises(InvalidRequest, match="top_p"):
+            await runtime.requests.generate(GenerateInput(prompt="hi", top_p=2.0))
+
+    loop.run_until_complete(scenario())
+    assert runtime.quotas.in_flight("globex") == 0 and runtime.quotas.in_flight("") == 0
+
+
+def test_closing_a_generation_before_reading_it_gives_everything_back(served):
+    runtime, loop, _ = served
+    finished = []
+    runtime.observers.observers.append(type("Seen", (), {"finished": finished.append})())
+
+    async def scenario():
+        generation = await runtime.requests.generate(
+            GenerateInput(prompt="Once upon a time", max_new_tokens=200), principal=ACME
+        )
+        assert runtime.quotas.in_flight("acme") == 1
+        async with contextlib.aclosing(generation):
+            pass  # closed before its first output
+
+    loop.run_until_complete(scenario())
+    assert runtime.quotas.in_flight("acme") == 0
+    assert [r.code for r in finished] == ["CANCELLED"]
+    deadline = time.monotonic() + 30
+    while (state := runtime.engine.snapshot().result(30)).running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.running == 0 and state.waiting == 0
