@@ -4,9 +4,14 @@ reaches the runtime."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
+import pytest
+
 from loraplex.adapters.compositions import Composition, CompositionRequest, WeightedAdapter
+from loraplex.adapters.sources import FileChunk
+from loraplex.core.errors import InvalidRequest
 from loraplex.core.types import AdapterVersion, TierStats
 from loraplex.server.engine.request import RequestOutput, Usage
 from loraplex.server.grpc_api import convert
@@ -205,3 +210,33 @@ def test_a_final_output_becomes_a_response_with_usage():
     )
     assert list(response.token_ids) == [1, 5]
     assert (response.usage.prompt_tokens, response.usage.total_tokens) == (3, 7)
+
+
+def test_adapter_requests_name_one_adapter_and_uploads_arrive_as_file_chunks():
+    assert convert.adapter_id_of(adapters_pb2.GetAdapterRequest(name="tone")) == "tone"
+    same = adapters_pb2.GetAdapterRequest(adapter_id="tone", name="tone")
+    assert convert.adapter_id_of(same) == "tone"
+    with pytest.raises(InvalidRequest, match="name"):
+        convert.adapter_id_of(adapters_pb2.GetAdapterRequest(adapter_id="tone", name="other"))
+
+    first = adapters_pb2.PushAdapterRequest(adapter_id="tone", pin=True)
+    rest = [
+        adapters_pb2.PushAdapterRequest(file_name="adapter_config.json", data=b"{}"),
+        adapters_pb2.PushAdapterRequest(file_name="empty"),
+        adapters_pb2.PushAdapterRequest(data=b"orphan"),
+    ]
+
+    async def chunks():
+        async def stream():
+            for message in rest:
+                yield message
+
+        return [c async for c in convert.push_chunks(first, stream())]
+
+    with pytest.raises(InvalidRequest, match="file_name"):  # data must name its file
+        asyncio.run(chunks())
+    rest.pop()
+    assert asyncio.run(chunks()) == [
+        FileChunk(file_name="adapter_config.json", data=b"{}"),
+        FileChunk(file_name="empty", data=b""),
+    ]
