@@ -53,9 +53,7 @@ class Option:
     kind: Any  # the annotated type, Optional unwrapped
     flag: str
     help: str
-    default: (
-        Any  # its value in the default config (a nested config's default counts), or _NO_DEFAULT
-    )
+    default: Any  # in the default config (a nested config's own default), or _NO_DEFAULT
 
     @property
     def dest(self) -> str:

@@ -22,7 +22,6 @@ from loraplex.core import __version__
 from loraplex.server.runtime.telemetry import RequestRecord
 
 if TYPE_CHECKING:
-    from loraplex.server.engine.state import EngineSnapshot
     from loraplex.server.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,6 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 15, 20, 30, 60, 120, 300, 600)
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-SCRAPE_WAIT_S = 5.0  # how long a scrape waits for the engine's snapshot (between two steps)
 
 
 class Metrics:
@@ -149,11 +147,7 @@ class StateCollector(Collector):
         self.runtime = runtime
 
     def collect(self) -> Iterable[Metric]:
-        engine = self.runtime.engine
-        try:  # built by the engine thread between two steps
-            state: EngineSnapshot | None = engine.snapshot().result(SCRAPE_WAIT_S)
-        except Exception:  # stopped, or a step longer than a scrape waits: the last one built
-            state = engine.last_snapshot
+        state = self.runtime.engine.recent_snapshot()  # built by the engine thread
         if state is None:
             return
         yield GaugeMetricFamily(

@@ -41,6 +41,7 @@ from loraplex.server.engine.state import EngineInfo, EngineSnapshot, EngineStats
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+SNAPSHOT_WAIT_S = 5.0  # how long recent_snapshot waits for the next step boundary
 
 
 class Engine:
@@ -132,11 +133,14 @@ class Engine:
         """The engine's state, built on the engine thread between two steps."""
         return self.call(self._snapshot)
 
-    @property
-    def last_snapshot(self) -> EngineSnapshot | None:
-        """The latest snapshot built (for a reader that cannot wait for the next step: it may
-        be a step or more old); None before the first."""
-        return self._last_snapshot
+    def recent_snapshot(self, wait_s: float = SNAPSHOT_WAIT_S) -> EngineSnapshot | None:
+        """Blocking: the state at the next step boundary, or, when that takes longer than
+        `wait_s` (a long step) or the engine has stopped, the last snapshot it built (a step or
+        more old; None if it never built one). For readers that must answer regardless."""
+        try:
+            return self.snapshot().result(wait_s)
+        except (TimeoutError, NotReady):
+            return self._last_snapshot
 
     def pin(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> Future[None]:
         """Keep an adapter in a device slot until `unpin` (Exhausted when no slot can be

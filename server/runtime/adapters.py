@@ -37,8 +37,6 @@ from loraplex.server.runtime.views import (
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_WAIT_S = 5.0  # how long a view waits for the engine's next step boundary
-
 
 class AdapterService:
     def __init__(
@@ -290,13 +288,8 @@ class AdapterService:
         self.resolver.forget_compositions(set(latest))
 
     async def _snapshot(self) -> EngineSnapshot:
-        """The engine's state at its next step boundary; the last one it built when that takes
-        longer than SNAPSHOT_WAIT_S (a long step) or the engine has stopped."""
-        try:
-            future = asyncio.wrap_future(self.engine.snapshot())
-            return await asyncio.wait_for(future, SNAPSHOT_WAIT_S)
-        except (TimeoutError, NotReady):
-            last = self.engine.last_snapshot
-            if last is None:
-                raise
-            return last
+        """The engine's state for a view (see Engine.recent_snapshot), off the event loop."""
+        snapshot = await asyncio.to_thread(self.engine.recent_snapshot)
+        if snapshot is None:
+            raise NotReady("the engine is not serving")
+        return snapshot
