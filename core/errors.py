@@ -89,7 +89,6 @@ _CODES: tuple[tuple[type[Exception], str], ...] = (
     (TooLong, "DEADLINE_EXCEEDED"),
     (NotReady, "UNAVAILABLE"),
 )
-CODES = frozenset(code for _, code in _CODES)
 
 
 def status_code(exc: BaseException) -> str | None:
