@@ -9,6 +9,7 @@ from typing import Literal
 DEFAULT_HOME = Path("~/.cache/loraplex")
 HOME_ENV = "LORAPLEX_HOME"
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("nf4", "none")
 
 
@@ -25,11 +26,14 @@ class ModelConfig:
     """auto = CUDA when present, else CPU."""
     quantization: Literal["nf4", "none"] = "nf4"
     """nf4 = bitsandbytes 4-bit NF4 with double quantization; none = the compute dtype."""
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Compute dtype of the base model."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Compute dtype of the base model; auto = bf16 on CUDA, and on a CPU bf16 unless float32
+    matmuls are measured much faster (CPUs without native bf16), cached per machine."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be nf4 or none, got {self.quantization!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 from bitsandbytes.functional import dequantize_4bit
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from loraplex.core.config import ModelConfig
+from loraplex.core.machine import TuningCache, choose_dtype
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class LoadedModel:
     dtype: torch.dtype
     quantization: str
     fingerprint: str
+    dtype_reason: str = "--dtype"  # why this compute dtype (auto: what was measured)
 
 
 def embedded_gguf() -> Path:
@@ -121,7 +123,14 @@ def fingerprint(model_dir: str, config_json: str) -> str:
 def load_model(config: ModelConfig) -> LoadedModel:
     source = str(embedded_model_dir(config.home)) if config.model is None else config.model
     device = pick_device(config.device)
-    dtype = getattr(torch, config.dtype)
+    dtype_name, dtype_reason = config.dtype, f"--dtype {config.dtype}"
+    if dtype_name == "auto":
+        model_config = AutoConfig.from_pretrained(source)
+        hidden = int(model_config.hidden_size)
+        widths = (hidden, int(getattr(model_config, "intermediate_size", 4 * hidden)))
+        choice = choose_dtype(device, widths, TuningCache(config.home / "tuning"))
+        dtype_name, dtype_reason = choice.dtype, f"auto: {choice.reason}"
+    dtype = getattr(torch, dtype_name)
     kwargs: dict = {"dtype": dtype}
     if config.quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -134,7 +143,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         )
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index}
-    log.info("loading %s (%s, %s) on %s", source, config.quantization, config.dtype, device)
+    log.info("loading %s (%s) on %s", source, config.quantization, device)
+    log.info("compute dtype %s (%s)", dtype_name, dtype_reason)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)  # CPU unless device_map
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -146,6 +156,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         dtype=dtype,
         quantization="bnb-nf4-double-quant" if config.quantization == "nf4" else "none",
         fingerprint=fingerprint(source, model.config.to_json_string()),
+        dtype_reason=dtype_reason,
     )
 
 

@@ -87,3 +87,13 @@ class TierStats:
         self.load_seconds += seconds
         for observe in self.load_observers:
             observe(seconds)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """What a group of layers of one shape uses from `min_rows` rows up (for ModelInfo)."""
+
+    shape: tuple[int, int]  # (in, out)
+    min_rows: int
+    kernel: str
+    layers: int

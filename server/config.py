@@ -82,6 +82,16 @@ class EngineConfig:
     """Longest sequence (prompt + new tokens), capped by the model's own context."""
     kv_cache_bytes: int = field(default=1 << 30, metadata={"flag": "--kv-cache-mb", "scale": MiB})
     """KV cache budget, in MiB: admission reserves prompt + max_new_tokens of it per request."""
+    base_kernel: Literal["auto", "bitsandbytes", "lut", "dense"] = "auto"
+    """How the 4-bit base layers multiply: auto = the fastest of the others, measured per layer
+    shape and batch size at start (cached per machine); bitsandbytes = its 4-bit kernel; lut =
+    dequantize by table lookup per call; dense = dense copies (within --dense-cache-mb)."""
+    dense_cache_bytes: int | None = field(
+        default=None, metadata={"flag": "--dense-cache-mb", "scale": MiB, "metavar": "MB"}
+    )
+    """Memory for dense copies of 4-bit base layers where they are faster, in MiB (the 4-bit
+    weights stay loaded: merges and exports read them); 0 = none; default: half the memory
+    available at start."""
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the served LoRA weights and math; auto = the model's compute dtype (as vLLM
     does); float32 = as PEFT computes them."""
@@ -123,6 +133,8 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dense_cache_bytes is not None and self.dense_cache_bytes < 0:
+            raise ValueError(f"dense_cache_bytes must be >= 0, got {self.dense_cache_bytes}")
         if self.tenant_max_running is not None and self.tenant_max_running < 0:
             raise ValueError(f"tenant_max_running must be >= 0, got {self.tenant_max_running}")
 

@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from loraplex.core.errors import NotReady, TooLong
+from loraplex.core.machine import machine_key
 from loraplex.core.model import eos_ids_of
 from loraplex.core.types import AdapterVersion, AdapterWeights
 from loraplex.server.config import EngineConfig, MergeSettings
@@ -486,4 +487,8 @@ def engine_info(runner: ModelRunner) -> EngineInfo:
         max_context=runner.max_context,
         target_shapes=dict(runner.target_shapes),
         tokenizer=loaded.tokenizer,
+        dtype_choice=loaded.dtype_reason,
+        machine=machine_key(loaded.device),
+        base_kernels=tuple(runner.linears.choices()),
+        dense_cache_bytes=runner.linears.dense_bytes,
     )

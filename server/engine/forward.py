@@ -12,21 +12,19 @@ once; attention reads the KV cache rows:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from bitsandbytes.functional import dequantize_4bit
 from torch import nn
 
 from loraplex.core.model import dense_weight
 from loraplex.server.engine.kv_cache import CacheShape, KVCache
+from loraplex.server.engine.linear import BaseLinears
 from loraplex.server.engine.lora import LoraGroup, LoraStacks
 from loraplex.server.engine.lora_ops import LoraPlan, add_lora
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-DEQUANTIZE_MIN_TOKENS = 128  # rows from which dequantize + matmul beats the 4-bit kernel
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,9 @@ def check_supported(model: nn.Module) -> None:
 
 
 class DecoderForward:
-    def __init__(self, model: nn.Module, cache: KVCache, lora: LoraStacks) -> None:
+    def __init__(
+        self, model: nn.Module, cache: KVCache, lora: LoraStacks, linears: BaseLinears
+    ) -> None:
         self.model = model  # a supported family: ModelRunner checks before building the cache
         self.cache = cache
         self.lora = lora
@@ -116,28 +116,22 @@ class DecoderForward:
         self.head_dim = cache.shape.head_dim
         self.group = self.num_heads // self.kv_heads
         self.scaling = self.head_dim**-0.5
-        self._unpacked = _stash_unpacked_4bit(model)
+        self.linears = linears
         # Layers with an adapter folded in: W + B @ A, dense in the compute dtype (see merge).
         self.merged: dict[nn.Module, torch.Tensor] = {}
 
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """A base linear layer on (N, in). bitsandbytes' CPU kernel (its AVX512-BF16 packed
-        format) is fast for a few rows but ~1.5x slower than dequantize + one bf16 matmul for
-        prompt chunks; those use the stashed standard 4-bit copy, dequantized for one call."""
+        """A base linear layer on (N, in): its merged copy, else its chosen kernel."""
         merged = self.merged.get(module)
         if merged is not None:
             return F.linear(x, merged, module.bias)
-        stash = self._unpacked.get(module)
-        if stash is None or x.shape[0] < DEQUANTIZE_MIN_TOKENS:
-            return module(x)
-        data, state = stash
-        return F.linear(x, dequantize_4bit(data, state).to(x.dtype), module.bias)
+        return self.linears(module, x)
 
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         """A base linear layer's weight (out, in) as the forward computes with it: 4-bit
-        weights dequantized (exactly what the prompt path uses), others as they are."""
-        stash = self._unpacked.get(module)  # the CPU copy from before any repacking
-        return dequantize_4bit(*stash) if stash is not None else dense_weight(module)
+        weights dequantized in the compute dtype, others as they are."""
+        weight = self.linears.weight(module)
+        return weight if weight is not None else dense_weight(module)
 
     def merge(self, slot: int) -> int:
         """Fold the adapter in `slot` into the base: every layer it targets gets a dense copy
@@ -261,24 +255,6 @@ def _add_lora(
     add_lora(outputs, x, group, batch.lora)
     if batch.unmerge is not None:
         add_lora(outputs, x, group, batch.unmerge, scale=-1.0)
-
-
-def _stash_unpacked_4bit(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, object]]:
-    """On the CPU, a copy of every 4-bit linear's weight and quant state in bitsandbytes'
-    standard layout (double-quantized NF4, ~0.5 byte per weight), taken before the first
-    forward repacks the weights for its CPU kernel."""
-    stash: dict[nn.Module, tuple[torch.Tensor, object]] = {}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if (
-            state is None
-            or weight.device.type != "cpu"
-            or getattr(state, "packing_format_for_cpu", False)
-        ):
-            continue
-        stash[module] = (weight.data.clone(), copy.deepcopy(state))
-    return stash
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,12 @@ work (decode tokens and prompt chunks of running sequences) into a forward pass.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from loraplex.core.machine import TuningCache, available_memory_bytes
 from loraplex.core.model import LoadedModel, lora_target_shapes
 from loraplex.core.types import AdapterWeights
 from loraplex.server.config import EngineConfig
@@ -20,8 +22,11 @@ from loraplex.server.engine.forward import (
     lora_layout,
 )
 from loraplex.server.engine.kv_cache import KVCache
+from loraplex.server.engine.linear import BaseLinears
 from loraplex.server.engine.lora import NO_ADAPTER, LoraStacks
 from loraplex.server.engine.lora_ops import LoraPlan, Segment, plan_lora
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class ModelRunner:
         max_model_len: int = 4096,
         kv_cache_bytes: int = 1 << 30,
         lora_dtype: torch.dtype | None = None,
+        base_kernel: str = "auto",
+        dense_cache_bytes: int | None = None,
+        tuning: TuningCache | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -69,11 +77,19 @@ class ModelRunner:
         self.lora = LoraStacks(
             lora_layout(self.model), num_slots, max_rank, lora_dtype or loaded.dtype, self.device
         )
-        self.forward = DecoderForward(self.model, self.cache, self.lora)
+        if dense_cache_bytes is None:  # half of what the system can still give
+            dense_cache_bytes = available_memory_bytes() // 2
+        self.linears = BaseLinears(
+            self.model, loaded.dtype, self.device, base_kernel, dense_cache_bytes, tuning
+        )
+        log.info("base kernels: %s", self.linears.describe())
+        self.forward = DecoderForward(self.model, self.cache, self.lora, self.linears)
         self.merged_slot: int | None = None  # the slot whose adapter is folded into the base
 
     @classmethod
-    def from_config(cls, loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
+    def from_config(
+        cls, loaded: LoadedModel, config: EngineConfig, tuning: TuningCache | None = None
+    ) -> ModelRunner:
         lora_dtype = None if config.lora_dtype == "auto" else getattr(torch, config.lora_dtype)
         return cls(
             loaded,
@@ -83,6 +99,9 @@ class ModelRunner:
             max_model_len=config.max_model_len,
             kv_cache_bytes=config.kv_cache_bytes,
             lora_dtype=lora_dtype,
+            base_kernel=config.base_kernel,
+            dense_cache_bytes=config.dense_cache_bytes,
+            tuning=tuning,
         )
 
     def load_adapter(self, slot: int, weights: AdapterWeights) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loraplex.core.types import AdapterKey, TierStats
+from loraplex.core.types import AdapterKey, KernelChoice, TierStats
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class EngineInfo:
     max_context: int  # longest sequence served: prompt + new tokens
     target_shapes: dict[str, tuple[int, int]]  # LoRA-capable module -> (in, out), model order
     tokenizer: object  # a transformers tokenizer
+    dtype_choice: str = ""  # why this compute dtype (the flag, or what auto measured)
+    machine: str = ""  # what measured choices are for: capability, torch, threads
+    base_kernels: tuple[KernelChoice, ...] = ()  # the 4-bit layers' kernels
+    dense_cache_bytes: int = 0  # held by dense copies of 4-bit layers
 
 
 @dataclass

@@ -123,6 +123,19 @@ def model_info_message(info: ModelInfo) -> inference_pb2.ModelInfoResponse:
         base_model_fingerprint=info.base_model_fingerprint,
         version=info.version,
         has_chat_template=info.has_chat_template,
+        dtype_choice=info.dtype_choice,
+        machine=info.machine,
+        base_kernels=[
+            inference_pb2.BaseKernel(
+                in_features=k.shape[0],
+                out_features=k.shape[1],
+                min_rows=k.min_rows,
+                kernel=k.kernel,
+                layers=k.layers,
+            )
+            for k in info.base_kernels
+        ],
+        dense_cache_bytes=info.dense_cache_bytes,
     )
 
 

@@ -12,6 +12,7 @@ from loraplex.adapters.cache import HostCache
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.store import AdapterStore
 from loraplex.core import __version__
+from loraplex.core.machine import TuningCache
 from loraplex.core.model import LORA_TARGETS, load_model
 from loraplex.core.types import BaseModelSpec
 from loraplex.server.config import ServerConfig
@@ -70,7 +71,8 @@ class Runtime:
             ec = dataclasses.replace(ec, tenant_max_running=share)
 
         def make_runner() -> ModelRunner:
-            return ModelRunner.from_config(load_model(config.model), ec)
+            tuning = TuningCache(config.model.home / "tuning")
+            return ModelRunner.from_config(load_model(config.model), ec, tuning)
 
         engine = Engine(make_runner, ec)
         info = engine.start()
@@ -118,6 +120,10 @@ class Runtime:
             base_model_fingerprint=info.fingerprint,
             version=__version__,
             has_chat_template=bool(getattr(info.tokenizer, "chat_template", None)),
+            dtype_choice=info.dtype_choice,
+            machine=info.machine,
+            base_kernels=info.base_kernels,
+            dense_cache_bytes=info.dense_cache_bytes,
         )
 
     def observe_adapter_loads(self, tier: str, observer: Callable[[float], None]) -> None:

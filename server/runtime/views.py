@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraplex.adapters.compositions import Composition
-from loraplex.core.types import AdapterVersion, TierStats
+from loraplex.core.types import AdapterVersion, KernelChoice, TierStats
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,7 @@ class ModelInfo:
     base_model_fingerprint: str
     version: str
     has_chat_template: bool
+    dtype_choice: str = ""
+    machine: str = ""
+    base_kernels: tuple[KernelChoice, ...] = ()
+    dense_cache_bytes: int = 0

@@ -97,6 +97,7 @@ def cli(*args: str | Path) -> None:
     assert main(["adapters", "export", *map(str, args)]) == 0
 
 
+@pytest.mark.cpu_isa
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_the_export_loads_stock_and_computes_what_peft_does(
     tiny_dir, adapter_dirs, references, tmp_path, name
@@ -160,6 +161,7 @@ def test_a_non_empty_out_is_refused_and_a_failure_leaves_nothing(
     assert (out / "config.json").is_file() and (out / MANIFEST_FILE).is_file()
 
 
+@pytest.mark.cpu_isa
 def test_cli_exports_a_directory_in_bfloat16(tiny_dir, adapter_dirs, tmp_path, capsys):
     out = tmp_path / "merged"
     adapter = adapter_dirs["qv-down"]

@@ -101,6 +101,7 @@ def test_prompt_segment_path_and_mixed_step_equal_reference():
     assert plan_lora(decode, segments, RANKS, x.device).segments == [(2, 4, 12), (0, 16, 22)]
 
 
+@pytest.mark.cpu_isa
 def test_bf16_weights_stay_close_to_the_float32_spec():
     torch.manual_seed(0)
     group32 = random_group()
@@ -137,6 +138,7 @@ def test_stacks_place_each_module_in_its_group_member():
     assert stacks.ranks == [0, 0] and torch.count_nonzero(group.a) == 0
 
 
+@pytest.mark.cpu_isa
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family):
     """Two PEFT adapters (different ranks and targets) and the base, in one prefill batch, on

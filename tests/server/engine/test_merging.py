@@ -121,8 +121,10 @@ def _runner(load_tiny, quantization: str, dtype: str) -> ModelRunner:
     return runner
 
 
-def _step(runner: ModelRunner, slots: list[int]) -> torch.Tensor:
-    """A prefill of every prompt, then one decode step of each: logits of both steps."""
+def _step(runner: ModelRunner, slots: list[int], fed: list[int] | None = None) -> torch.Tensor:
+    """A prefill of every prompt, then one decode step of each: logits of both steps. The
+    decode step feeds `fed` (default: each prefill's argmax), so two runs compared logit by
+    logit decode the same tokens even where a near-tie sends their argmax different ways."""
     cache = runner.cache
     prompts = PROMPTS[: len(slots)]
     rows = [cache.allocate(len(p) + 1) for p in prompts]
@@ -136,8 +138,10 @@ def _step(runner: ModelRunner, slots: list[int]) -> torch.Tensor:
         )
         decode = runner.step(
             [
-                DecodeWork(row=r, slot=s, token=int(prefill[i].argmax()), position=len(p))
-                for i, (r, s, p) in enumerate(zip(rows, slots, prompts, strict=True))
+                DecodeWork(row=r, slot=s, token=token, position=len(p))
+                for r, s, p, token in zip(
+                    rows, slots, prompts, fed or prefill.argmax(-1).tolist(), strict=True
+                )
             ],
             [],
         )
@@ -147,29 +151,40 @@ def _step(runner: ModelRunner, slots: list[int]) -> torch.Tensor:
     return torch.cat([prefill, decode])
 
 
+@pytest.mark.cpu_isa
 @pytest.mark.parametrize(
     ("quantization", "dtype", "tolerance"),
-    [("none", "float32", 1e-4), ("nf4", "bfloat16", 0.05)],
+    [("none", "float32", 1e-4), ("nf4", "bfloat16", 0.08)],
 )
 def test_merged_base_serves_every_adapter_as_unmerged(load_tiny, quantization, dtype, tolerance):
     """Merged adapter (slot 0), another adapter (slot 1) and the base, prefill and decode in
     one batch: the same logits as without the merge. Tolerance: float32 rounding; for the
-    4-bit base in bf16, bf16 rounding of the merged weights (relative to the logits' range)."""
+    4-bit base in bf16, bf16 rounding (of the merged weights and of every activation),
+    relative to the logits' range: seen up to 0.052 (on an AVX2 CPU, and with dense kernels)."""
     runner = _runner(load_tiny, quantization, dtype)
     slots = [0, 1, -1, 0]
     unmerged = _step(runner, slots)
+    fed = unmerged[: len(slots)].argmax(-1).tolist()
+    scale = unmerged.abs().max()
     layers = runner.merge(0)
     assert layers == len(runner.target_shapes)  # slot 0 targets every layer
-    merged = _step(runner, slots)
-    scale = unmerged.abs().max()
+    merged = _step(runner, slots, fed)
     assert (merged - unmerged).abs().max() <= tolerance * scale
-    assert (merged.argmax(-1) == unmerged.argmax(-1)).all()
+    _assert_same_choice(merged, unmerged, tolerance * scale)
     runner.merge(1)  # another adapter: only the layers it targets get a dense copy
     assert len(runner.forward.merged) == 2 * len(runner.model.model.layers)
-    assert (_step(runner, slots) - unmerged).abs().max() <= tolerance * scale
+    assert (_step(runner, slots, fed) - unmerged).abs().max() <= tolerance * scale
     runner.unmerge()
     assert runner.forward.merged == {} and runner.merged_slot is None
     assert torch.equal(_step(runner, slots), unmerged)  # the 4-bit weights were never touched
+
+
+def _assert_same_choice(logits: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
+    """Greedy picks the same token, or one the reference scores within `tolerance` of its best
+    (a near-tie that rounding may break either way: on an AVX2 CPU the bf16 rounding differs)."""
+    picked = logits.argmax(-1, keepdim=True)
+    best = reference.max(-1).values
+    assert (reference.gather(-1, picked).squeeze(-1) >= best - tolerance).all()
 
 
 def test_engine_merges_dominant_traffic_and_outputs_stay_the_same(setup):

@@ -1,0 +1,163 @@
+"""What this machine computes fastest, measured rather than assumed, and remembered per machine.
+
+The same server is fast or slow depending on the CPU under it: where the CPU has AVX512-BF16 a
+bf16 matmul is as fast as float32 and bitsandbytes has a packed 4-bit kernel; where it has only
+AVX2, bf16 matmuls are emulated (about 10x slower than float32) and bitsandbytes dequantizes
+the whole weight on every call. So the choices that depend on it (the compute dtype here, the
+base layers' kernels in server/engine/linear.py) are measured at start and cached under the
+loraplex home, keyed by what decides them: the device's capability and the thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+TUNING_VERSION = 1  # bump when what is measured (or how) changes: old entries are ignored
+DTYPE_ROWS = (8, 128)  # rows the compute dtypes are compared at: decoding, and a prompt chunk
+BF16_SLOWDOWN_OK = 1.25  # bf16 is kept unless float32 is this much faster (it halves memory)
+
+
+def capability(device: torch.device) -> str:
+    """What decides the fast paths: e.g. "cpu-AVX512-bf16", "cpu-AVX2", "cuda-sm90"."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}"
+    name = f"cpu-{torch.backends.cpu.get_cpu_capability()}"
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        if has_avx512bf16():  # what bitsandbytes' packed CPU kernel needs
+            name += "-bf16"
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        pass
+    return name
+
+
+def machine_key(device: torch.device) -> str:
+    """The capability, torch's version and the threads a measurement ran with."""
+    return f"{capability(device)}-torch{torch.__version__}-t{torch.get_num_threads()}"
+
+
+class TuningCache:
+    """Measured choices as small JSON files under `<home>/tuning/`, one per machine key and
+    subject; a missing, stale or unreadable file just means measuring again."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+
+    def _path(self, subject: str, key: dict[str, Any]) -> Path | None:
+        if self.directory is None:
+            return None
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.directory / f"{subject}-{digest}.json"
+
+    def get(self, subject: str, key: dict[str, Any]) -> Any | None:
+        path = self._path(subject, key)
+        if path is None or not path.exists():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if saved.get("key") != json.loads(json.dumps({**key, "version": TUNING_VERSION})):
+            return None
+        return saved.get("value")
+
+    def put(self, subject: str, key: dict[str, Any], value: Any) -> None:
+        path = self._path(subject, key)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_suffix(f".{os.getpid()}.tmp")
+            body = {"key": {**key, "version": TUNING_VERSION}, "value": value}
+            staging.write_text(json.dumps(body, indent=1, sort_keys=True))
+            os.replace(staging, path)  # atomic: two servers starting at once both read whole files
+        except OSError as exc:  # a read-only home still serves, measuring at each start
+            log.warning("could not cache the measurements in %s: %s", path.parent, exc)
+
+
+def median_seconds(
+    fn: Callable[[], object], device: torch.device, budget_s: float = 0.05, most: int = 7
+) -> float:
+    """The median time of `fn()` after one warm-up call: at least 3 runs, then more while the
+    budget lasts (up to `most`)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < 3 or (len(times) < most and spent < budget_s):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str  # "bfloat16", "float16" or "float32"
+    reason: str  # why, for the log and ModelInfo
+
+
+def choose_dtype(
+    device: torch.device, widths: tuple[int, int], cache: TuningCache | None = None
+) -> DtypeChoice:
+    """The compute dtype for `--dtype auto`: on CUDA bf16 (fp16 where the GPU lacks bf16); on
+    a CPU bf16 unless float32 matmuls of the model's widths (hidden, intermediate) run more
+    than BF16_SLOWDOWN_OK times faster, as they do where bf16 is emulated."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice("bfloat16", "CUDA with bf16")
+        return DtypeChoice("float16", "CUDA without bf16")
+    key = {"machine": machine_key(device), "widths": list(widths)}
+    saved = (cache or TuningCache(None)).get("dtype", key)
+    if saved is not None:
+        return DtypeChoice(saved["dtype"], saved["reason"] + " (cached)")
+    times: dict[torch.dtype, float] = {}
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        weight = torch.randn(widths[1], widths[0], generator=generator).to(dtype)
+        total = 0.0
+        for rows in DTYPE_ROWS:
+            x = torch.randn(rows, widths[0], generator=generator).to(dtype)
+            total += median_seconds(functools.partial(F.linear, x, weight), device)
+        times[dtype] = total
+    ratio = times[torch.bfloat16] / times[torch.float32]
+    name = "float32" if ratio > BF16_SLOWDOWN_OK else "bfloat16"
+    reason = f"bf16 matmuls take {ratio:.2f}x float32's on {capability(device)}"
+    if cache is not None:
+        cache.put("dtype", key, {"dtype": name, "reason": reason})
+    return DtypeChoice(name, reason)
+
+
+def available_memory_bytes() -> int:
+    """Memory the system can still give (MemAvailable on Linux), or 0 where it cannot say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0

@@ -1,0 +1,267 @@
+"""The base model's linear layers: one 4-bit weight, several ways to multiply by it, and the
+fastest chosen per layer shape and batch size by measuring them on this machine.
+
+    bitsandbytes  the 4-bit module itself: on a CPU with AVX512-BF16 a packed kernel, fast for
+                  a few rows; elsewhere it dequantizes the whole weight at every call
+    lut           dequantize by table lookup, then one matmul: two bytes of NF4 codes index a
+                  65536 x 4 table, and the double-quantized block scales are expanded to float32
+                  once at load (about 4x cheaper than bitsandbytes' scalar fallback on AVX2)
+    dense         a dense copy of the weight in the compute dtype, kept in memory: the fastest
+                  wherever memory allows, a cache under `--dense-cache-mb`, never the only copy
+
+The 4-bit weights stay what is loaded, merged from (`weight`) and exported. `--base-kernel auto`
+measures the three per (in, out) shape at a few row counts (ROW_BUCKETS), caches the times per
+machine (core/machine.py), and gives dense copies to the layers whose shape gains the most per
+byte until the budget is spent; the rest take their fastest other path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from bitsandbytes.functional import dequantize_blockwise, get_4bit_type
+from torch import nn
+
+from loraplex.core.machine import TuningCache, machine_key, median_seconds
+from loraplex.core.types import KernelChoice
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("bitsandbytes", "lut", "dense")
+KERNEL_CHOICES = ("auto", *KERNELS)
+ROW_BUCKETS = (1, 8, 32, 128, 512)  # rows measured; a call uses the nearest (log scale)
+_BOUNDS = [math.sqrt(a * b) for a, b in itertools.pairwise(ROW_BUCKETS)]
+
+
+def bucket(rows: int) -> int:
+    """The index in ROW_BUCKETS nearest to `rows` on a log scale."""
+    return bisect.bisect_left(_BOUNDS, rows)
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """The NF4 lookup table, by two packed bytes: entry v holds the 4 weights of the little-
+    endian uint16 v (high nibble first in each byte, as bitsandbytes packs)."""
+
+    quad: torch.Tensor  # (65536, 4) float32
+
+    @classmethod
+    def build(cls, device: torch.device) -> _Tables:
+        table = get_4bit_type("nf4", device="cpu").float()
+        v = torch.arange(1 << 16)
+        lo, hi = v & 0xFF, v >> 8
+        quad = torch.stack([table[lo >> 4], table[lo & 15], table[hi >> 4], table[hi & 15]], 1)
+        return cls(quad.contiguous().to(device))
+
+
+class Nf4Weight:
+    """A bitsandbytes NF4 weight in its standard layout, taken before any forward (the CPU
+    kernel repacks it in place), with its block scales expanded to float32 once."""
+
+    def __init__(self, module: nn.Module, tables: _Tables) -> None:
+        weight: Any = module.weight
+        state: Any = weight.quant_state
+        if state.quant_type != "nf4" or (state.blocksize % 4) or math.prod(state.shape) % 4:
+            raise ValueError(f"unsupported 4-bit layout: {state.quant_type}, {state.blocksize}")
+        self.shape = tuple(state.shape)  # (out, in)
+        self.blocksize = int(state.blocksize)
+        data = weight.data.contiguous().view(torch.uint8).reshape(-1).clone()
+        self.codes = data.view(torch.int16)  # two bytes (four weights) per entry
+        absmax = state.absmax
+        if state.nested:
+            absmax = dequantize_blockwise(absmax, state.state2) + state.offset
+        self.absmax = absmax.float().reshape(-1, 1)  # (blocks, 1)
+        self.tables = tables
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * 2 + self.absmax.numel() * 4
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (out, in), exactly as bitsandbytes dequantizes it (float32 products,
+        rounded once to `dtype`)."""
+        index = self.codes.to(torch.int32).bitwise_and_(0xFFFF)
+        values = F.embedding(index, self.tables.quad).view(-1, self.blocksize)
+        return values.mul_(self.absmax).view(self.shape).to(dtype)
+
+
+class _Layer:
+    """One 4-bit linear layer and the kernel to use per row bucket."""
+
+    __slots__ = ("_run", "choice", "dense", "module", "nf4")
+
+    def __init__(self, module: nn.Module, nf4: Nf4Weight) -> None:
+        self.module = module
+        self.nf4 = nf4
+        self.dense: torch.Tensor | None = None
+        self.choice: tuple[str, ...] = ("bitsandbytes",) * len(ROW_BUCKETS)
+        self._run: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
+        self.set_choice(self.choice)
+
+    def set_choice(self, choice: tuple[str, ...]) -> None:
+        if "dense" in choice and self.dense is None:
+            raise ValueError("a dense kernel needs the dense copy")
+        self.choice = choice
+        self._run = tuple(self._kernel(k) for k in choice)
+
+    def _kernel(self, kernel: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        module: Any = self.module
+        bias, dense = module.bias, self.dense
+        if kernel == "bitsandbytes":
+            return module
+        if kernel == "lut":
+            return lambda x: F.linear(x, self.nf4.dequantize(x.dtype), bias)
+        if dense is None:
+            raise ValueError("a dense kernel needs the dense copy")
+        return lambda x: F.linear(x, dense, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run[bucket(x.shape[0])](x)
+
+
+class BaseLinears:
+    """The model's 4-bit linear layers with their chosen kernels; a layer that is not 4-bit
+    (an unquantized model, the LM head) runs as it is."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        device: torch.device,
+        kernel: str = "auto",
+        dense_budget_bytes: int = 0,
+        cache: TuningCache | None = None,
+    ) -> None:
+        if kernel not in KERNEL_CHOICES:
+            raise ValueError(f"base kernel must be one of {', '.join(KERNEL_CHOICES)}")
+        self.dtype, self.device = dtype, device
+        self.layers: dict[nn.Module, _Layer] = {}
+        tables: _Tables | None = None
+        for module in model.modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is None or getattr(state, "packing_format_for_cpu", False):
+                continue
+            tables = tables or _Tables.build(state.absmax.device)
+            self.layers[module] = _Layer(module, Nf4Weight(module, tables))
+        self.dense_bytes = 0
+        self.reason = "no 4-bit layers"
+        if not self.layers:
+            return
+        if kernel == "auto":
+            times = self._measure(cache)
+            self._assign(times, dense_budget_bytes)
+            self.reason = f"measured on {machine_key(device)}"
+        else:
+            fixed = (kernel,) * len(ROW_BUCKETS)
+            for layer in self.layers.values():
+                if kernel == "dense":
+                    self._give_dense(layer)
+                layer.set_choice(fixed)
+            self.reason = f"--base-kernel {kernel}"
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers.get(module)
+        return module(x) if layer is None else layer(x)
+
+    def weight(self, module: nn.Module) -> torch.Tensor | None:
+        """A 4-bit layer's weight (out, in) dequantized in the compute dtype (None: not 4-bit)."""
+        layer = self.layers.get(module)
+        if layer is None:
+            return None
+        if layer.dense is not None:
+            return layer.dense
+        return layer.nf4.dequantize(self.dtype)
+
+    def choices(self) -> list[KernelChoice]:
+        """Per shape, the kernel from each row count up (runs of one kernel joined)."""
+        groups: dict[tuple[tuple[int, int], tuple[str, ...]], int] = {}
+        for layer in self.layers.values():
+            out, fan_in = layer.nf4.shape
+            key = ((fan_in, out), layer.choice)
+            groups[key] = groups.get(key, 0) + 1
+        result = []
+        for (shape, choice), count in sorted(groups.items()):
+            for i, kernel in enumerate(choice):
+                if i == 0 or choice[i - 1] != kernel:
+                    result.append(KernelChoice(shape, ROW_BUCKETS[i], kernel, count))
+        return result
+
+    def describe(self) -> str:
+        parts = [
+            f"{c.shape[0]}x{c.shape[1]} x{c.layers} from {c.min_rows} rows: {c.kernel}"
+            for c in self.choices()
+        ]
+        dense = f"dense copies {self.dense_bytes / 2**20:.0f} MiB"
+        return f"{'; '.join(parts)} ({dense}; {self.reason})"
+
+    def _give_dense(self, layer: _Layer) -> None:
+        layer.dense = layer.nf4.dequantize(self.dtype)
+        self.dense_bytes += layer.dense.numel() * layer.dense.element_size()
+
+    def _measure(self, cache: TuningCache | None) -> dict[tuple[int, int], list[dict[str, float]]]:
+        """Seconds per call of each kernel at each row bucket, per (out, in) shape: measured on
+        one layer of the shape (or read from the cache)."""
+        by_shape: dict[tuple[int, int], _Layer] = {}
+        for layer in self.layers.values():
+            by_shape.setdefault(layer.nf4.shape, layer)
+        key = {
+            "machine": machine_key(self.device),
+            "dtype": str(self.dtype),
+            "shapes": sorted(by_shape),
+            "buckets": list(ROW_BUCKETS),
+        }
+        saved = cache.get("kernels", key) if cache is not None else None
+        if saved is not None:
+            return {tuple(s): t for s, t in saved}  # type: ignore[misc]
+        times: dict[tuple[int, int], list[dict[str, float]]] = {}
+        for shape, layer in by_shape.items():
+            probe = _Layer(layer.module, layer.nf4)
+            probe.dense = layer.nf4.dequantize(self.dtype)
+            generator = torch.Generator().manual_seed(0)
+            rows_times = []
+            for rows in ROW_BUCKETS:
+                x = torch.randn(rows, shape[1], generator=generator).to(self.device, self.dtype)
+                run = {k: probe._kernel(k) for k in KERNELS}
+                with torch.inference_mode():
+                    rows_times.append(
+                        {
+                            k: median_seconds(functools.partial(f, x), self.device)
+                            for k, f in run.items()
+                        }
+                    )
+            times[shape] = rows_times
+        if cache is not None:
+            cache.put("kernels", key, [[list(s), t] for s, t in times.items()])
+        return times
+
+    def _assign(self, times: dict[tuple[int, int], list[dict[str, float]]], budget: int) -> None:
+        """Dense copies first to the shapes that save the most time per byte, while the budget
+        lasts; every layer then takes its fastest kernel per bucket among those it has."""
+
+        def best(t: dict[str, float], dense: bool) -> str:
+            allowed = [k for k in KERNELS if dense or k != "dense"]
+            return min(allowed, key=lambda k: t[k])
+
+        def gain_per_byte(shape: tuple[int, int]) -> float:
+            saved = sum(t[best(t, False)] - t[best(t, True)] for t in times[shape])
+            return saved / (shape[0] * shape[1])
+
+        layers = sorted(self.layers.values(), key=lambda lay: -gain_per_byte(lay.nf4.shape))
+        element = torch.empty((), dtype=self.dtype).element_size()
+        for layer in layers:
+            shape = layer.nf4.shape
+            wants_dense = gain_per_byte(shape) > 0
+            size = shape[0] * shape[1] * element
+            if wants_dense and self.dense_bytes + size <= budget:
+                self._give_dense(layer)
+            dense = layer.dense is not None
+            layer.set_choice(tuple(best(t, dense) for t in times[shape]))

@@ -1,0 +1,151 @@
+"""The base layers' kernels: each computes what the 4-bit weight says (the lookup-table
+dequantization bit for bit as bitsandbytes'), whole forwards agree on every kernel, and the
+measured choice respects the dense budget and is cached per machine."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from bitsandbytes.functional import dequantize_4bit
+from peft import PeftModel
+
+from loraplex.adapters.validate import load_adapter
+from loraplex.core.machine import TuningCache
+from loraplex.core.types import BaseModelSpec
+from loraplex.server.engine import linear as linear_module
+from loraplex.server.engine.linear import KERNELS, ROW_BUCKETS, BaseLinears, bucket
+from loraplex.server.engine.lora import NO_ADAPTER
+from loraplex.server.engine.model_runner import ModelRunner
+from tests.helpers import add_peft_adapter
+from tests.server.engine.test_engine import PROMPTS
+
+
+def four_bit_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+
+
+def test_rows_go_to_the_nearest_measured_bucket():
+    assert [ROW_BUCKETS[bucket(n)] for n in (1, 2, 3, 8, 15, 17, 100, 181, 4096)] == [
+        1, 1, 8, 8, 8, 32, 128, 128, 512,
+    ]  # fmt: skip
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lookup_table_dequantizes_as_bitsandbytes_does(load_tiny, dtype):
+    loaded = load_tiny(quantization="nf4", dtype=dtype)
+    modules = four_bit_modules(loaded.model)
+    expected = {m: dequantize_4bit(m.weight.data, m.weight.quant_state) for m in modules}
+    linears = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut")
+    assert set(linears.layers) == set(modules)
+    for module, want in expected.items():
+        got = linears.weight(module)
+        assert got is not None and got.dtype == want.dtype == loaded.dtype
+        assert torch.equal(got, want)
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_kernel_computes_the_same_layer(load_tiny, dtype):
+    """At a decode's and a prompt chunk's row counts, before and after bitsandbytes' first
+    forward (which may repack its weights for its CPU kernel)."""
+    loaded = load_tiny(quantization="nf4", dtype=dtype)
+    module = four_bit_modules(loaded.model)[0]
+    reference = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    kernels = {k: BaseLinears(loaded.model, loaded.dtype, loaded.device, k) for k in KERNELS}
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 40, 1, 600):
+        x = torch.randn(rows, module.in_features, generator=generator).to(loaded.dtype)
+        want = x.float() @ reference.T
+        for kernel, linears in kernels.items():
+            with torch.inference_mode():
+                got = linears(module, x).float()
+            exact = dtype == "float32" and kernel != "bitsandbytes"  # its CPU kernel rounds to bf16
+            tolerance = 1e-5 if exact else 2e-2
+            assert (got - want).abs().max() <= tolerance * want.abs().max(), (kernel, rows)
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_served_adapters_equal_peft_on_a_4bit_base_with_every_kernel(load_tiny, tmp_path, kernel):
+    """The float32 reference is PEFT over the same 4-bit weights dequantized: lut and dense
+    equal it to float32 rounding; bitsandbytes' kernel to its own bf16 rounding."""
+    loaded = load_tiny(quantization="nf4", dtype="float32")
+    reference = copy.deepcopy(loaded.model).dequantize()
+    reference = add_peft_adapter(reference, "one", _all_linear(), seed=0, b_std=0.5)
+    reference.save_pretrained(tmp_path, selected_adapters=["one"])
+    runner = ModelRunner(loaded, num_slots=2, max_rank=8, base_kernel=kernel)
+    spec = BaseModelSpec(runner.target_shapes, max_rank=8, fingerprint="tiny")
+    runner.load_adapter(0, load_adapter(tmp_path / "one", spec))
+    prompts, slots = [PROMPTS[0], PROMPTS[1]], [0, NO_ADAPTER]
+    logits = runner.prefill(prompts, slots)
+    assert isinstance(reference, PeftModel)
+    tolerance = 2e-2 if kernel == "bitsandbytes" else 1e-4
+    for prompt, slot, got in zip(prompts, slots, logits, strict=True):
+        with torch.inference_mode():
+            if slot == NO_ADAPTER:
+                with reference.disable_adapter():
+                    want = reference(torch.tensor([prompt])).logits[0, -1]
+            else:
+                want = reference(torch.tensor([prompt])).logits[0, -1]
+        assert (got - want).abs().max() <= tolerance * want.abs().max()
+
+
+def _all_linear():
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+
+
+def test_dense_copies_stay_within_the_budget_and_the_4bit_weights_stay(load_tiny):
+    loaded = load_tiny(quantization="nf4", dtype="bfloat16")
+    modules = four_bit_modules(loaded.model)
+    sizes = sorted(m.weight.quant_state.shape.numel() * 2 for m in modules)
+    budget = sizes[0] + sizes[1]  # two of the smallest layers fit, not more
+    times = {
+        tuple(m.weight.quant_state.shape): [
+            {"bitsandbytes": 3.0, "lut": 2.0, "dense": 1.0} for _ in ROW_BUCKETS
+        ]
+        for m in modules
+    }
+    linears = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut")
+    linears._assign(times, budget)  # type: ignore[arg-type]
+    dense = [layer for layer in linears.layers.values() if layer.dense is not None]
+    assert 1 <= len(dense) <= 2 and linears.dense_bytes <= budget
+    for layer in linears.layers.values():
+        want = "dense" if layer.dense is not None else "lut"
+        assert layer.choice == (want,) * len(ROW_BUCKETS)
+        assert hasattr(layer.module.weight, "quant_state")  # the 4-bit weight is still there
+    described = linears.describe()
+    assert "dense" in described and "lut" in described
+    none = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut")
+    none._assign(times, 0)  # type: ignore[arg-type]
+    assert none.dense_bytes == 0 and all(lay.dense is None for lay in none.layers.values())
+
+
+def test_measurements_are_cached_per_machine(load_tiny, tmp_path, monkeypatch):
+    loaded = load_tiny(quantization="nf4", dtype="bfloat16")
+    cache = TuningCache(tmp_path)
+    first = BaseLinears(loaded.model, loaded.dtype, loaded.device, "auto", 1 << 30, cache)
+    assert list(tmp_path.glob("kernels-*.json"))
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(linear_module, "median_seconds", no_measuring)
+    fresh = load_tiny(quantization="nf4", dtype="bfloat16")  # (the first may have been repacked)
+    second = BaseLinears(fresh.model, fresh.dtype, fresh.device, "auto", 1 << 30, cache)
+    assert second.choices() == first.choices()
+    with pytest.raises(ValueError, match="base kernel"):
+        BaseLinears(loaded.model, loaded.dtype, loaded.device, "fast")
+
+
+def test_an_unquantized_model_has_no_4bit_layers(load_tiny):
+    loaded = load_tiny()
+    linears = BaseLinears(loaded.model, loaded.dtype, loaded.device, "auto", 1 << 30)
+    assert linears.layers == {} and linears.choices() == []
+    module = loaded.model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, module.in_features)
+    assert torch.equal(linears(module, x), module(x))
