@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 PORT ?= 50051
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto serve test lint docs bench clean
+SHELL := /bin/bash
+AVX2_CPU ?= EPYC-Rome
+
+.PHONY: install proto serve test test-avx2 lint docs bench clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +39,21 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q -ra
+	$(MAKE) --no-print-directory test-avx2
+
+# The tests whose results depend on the CPU's instructions (marker cpu_isa: bf16 and 4-bit
+# kernels), again on an emulated AVX2 CPU without AVX-512 (QEMU user mode, Debian qemu-user),
+# as on many cloud machines. Emulation is slow: a few minutes for this subset.
+test-avx2: install
+	@if command -v qemu-x86_64 >/dev/null; then \
+		set -o pipefail; echo "the cpu_isa tests on an emulated $(AVX2_CPU) (AVX2) CPU:"; \
+		qemu-x86_64 -cpu $(AVX2_CPU) $(PY) -m pytest -q -ra -m cpu_isa -p no:cacheprovider \
+			2> >(grep -v "^qemu-x86_64: warning" >&2); \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "qemu-x86_64 (Debian qemu-user) is needed for the emulated AVX2 tests" >&2; exit 1; \
+	else \
+		echo "note: qemu-x86_64 (Debian qemu-user) is not installed: emulated AVX2 tests skipped"; \
+	fi
 
 # docs/options.md is every verb's --help (tests/server/test_cli.py fails when it is stale).
 docs: install

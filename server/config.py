@@ -26,6 +26,16 @@ MERGE_POLICIES = ("auto", "off")
 LOG_FORMATS = ("text", "json")
 
 
+def parse_auto_int(text: str) -> int | None:
+    """A count, or "auto" (None: the server chooses)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class MergeSettings:
     policy: Literal["auto", "off"] = "auto"
@@ -71,8 +81,12 @@ class TenantLimits:
 class EngineConfig:
     max_batch_size: int = 64
     """Sequences running at once (KV cache rows): decoded together, one token each per step."""
-    max_loras: int = 8
-    """Device slots: distinct adapters resident (and batched together) at once."""
+    max_loras: int | None = field(
+        default=None, metadata={"parse": parse_auto_int, "metavar": "N|auto", "cli_default": "auto"}
+    )
+    """Device slots: distinct adapters resident (and batched together) at once; auto = as
+    many as a quarter of the memory available at start holds at --max-lora-rank, at most one
+    per batch row (--max-batch-size)."""
     max_lora_rank: int = 64
     """Largest adapter rank accepted; slot stacks are sized for it."""
     max_prefill_tokens: int = 512
@@ -118,9 +132,10 @@ class EngineConfig:
     """When an adapter that dominates the traffic is folded into the base weights."""
 
     def __post_init__(self) -> None:
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1 or auto, got {self.max_loras}")
         for name in (
             "max_batch_size",
-            "max_loras",
             "max_lora_rank",
             "max_prefill_tokens",
             "max_model_len",
@@ -226,10 +241,11 @@ class ServerConfig(StoreConfig):
             raise ValueError("TLS needs both a certificate and its key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("client certificates (mutual TLS) need TLS: give a certificate")
-        if len(self.pinned_adapters) >= self.engine.max_loras:
+        slots = self.engine.max_loras
+        if slots is not None and len(self.pinned_adapters) >= slots:
             raise ValueError(
                 f"{len(self.pinned_adapters)} pinned adapters need more than max_loras - 1 "
-                f"({self.engine.max_loras - 1}) slots"
+                f"({slots - 1}) slots"
             )
 
     @property

@@ -176,7 +176,7 @@ class EngineReplica:
 
         # As many adapters as the engine has device slots: Ray forgets the least recently used
         # one when the engine would have evicted it too, and routes by what is resident.
-        slots = max(1, config.engine.max_loras)
+        slots = max(1, self.runtime.info.max_loras)
         self._adapter = serve.multiplexed(max_num_models_per_replica=slots)(load)
 
     async def _sync(self, generation: Generation) -> None:

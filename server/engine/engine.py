@@ -61,7 +61,7 @@ class Engine:
         load_weights: WeightsLoader | None = None,
     ) -> None:
         self.config = config
-        self._slots = SlotTable(config.max_loras)
+        self._slots = SlotTable(config.max_loras or 1)  # auto: sized once the runner is built
         self._scheduler = Scheduler(config, self._slots)
         self._stats = EngineStats()
         self._loader = SlotLoader(self._slots, self._model, self._stats, load_weights)
@@ -186,6 +186,7 @@ class Engine:
     def _run(self) -> None:
         try:
             runner = self._runner = self._make_runner()
+            self._slots.resize(runner.lora.num_slots)
             self._eos_token_ids = eos_ids_of(runner.model, runner.loaded.tokenizer)
             self._info = engine_info(runner)
         except BaseException as exc:
@@ -227,7 +228,7 @@ class Engine:
             log.debug("request %s cancelled while waiting", request.request_id)
         if admitted:
             self._start(admitted)
-        self._loader.prefetch(self._scheduler.peek(self.config.max_loras))
+        self._loader.prefetch(self._scheduler.peek(self._slots.num_slots))
         self._merges.consider(self._scheduler.peek)
         if not self._batch.seqs:
             self._scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
@@ -491,4 +492,6 @@ def engine_info(runner: ModelRunner) -> EngineInfo:
         machine=machine_key(loaded.device),
         base_kernels=tuple(runner.linears.choices()),
         dense_cache_bytes=runner.linears.dense_bytes,
+        max_loras=runner.lora.num_slots,
+        max_loras_choice=runner.slots_choice,
     )

@@ -104,6 +104,18 @@ class LoraGroup:
         return self.a[:, member], self.bt[member].transpose(1, 2)
 
 
+def slot_bytes(
+    layout: list[dict[str, tuple[int, list[tuple[str, int]]]]], rank: int, dtype: torch.dtype
+) -> int:
+    """Device memory one slot takes in LoraStacks at `rank` (A and B of every group member)."""
+    per_rank = sum(
+        len(members) * in_features + sum(out for _, out in members)
+        for groups in layout
+        for in_features, members in groups.values()
+    )
+    return per_rank * rank * torch.empty((), dtype=dtype).element_size()
+
+
 class LoraStacks:
     """Every LoRA group of the model: groups[layer][group name], plus each slot's rank.
 

@@ -23,10 +23,13 @@ from loraplex.server.engine.forward import (
 )
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.linear import BaseLinears
-from loraplex.server.engine.lora import NO_ADAPTER, LoraStacks
+from loraplex.server.engine.lora import NO_ADAPTER, LoraStacks, slot_bytes
 from loraplex.server.engine.lora_ops import LoraPlan, Segment, plan_lora
 
 log = logging.getLogger(__name__)
+
+SLOT_MEMORY_SHARE = 4  # --max-loras auto: slots fill at most 1/4 of the memory available
+MIN_AUTO_SLOTS = 2  # one for the traffic, one to load into (or hold a merge)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class ModelRunner:
     def __init__(
         self,
         loaded: LoadedModel,
-        num_slots: int,
+        num_slots: int | None,
         max_rank: int,
         max_rows: int = 32,
         max_model_len: int = 4096,
@@ -74,9 +77,15 @@ class ModelRunner:
             budget_bytes=kv_cache_bytes,
             device=self.device,
         )
-        self.lora = LoraStacks(
-            lora_layout(self.model), num_slots, max_rank, lora_dtype or loaded.dtype, self.device
-        )
+        layout = lora_layout(self.model)
+        lora_dtype = lora_dtype or loaded.dtype
+        self.slots_choice = f"--max-loras {num_slots}"
+        if num_slots is None:
+            num_slots, self.slots_choice = auto_slots(
+                slot_bytes(layout, max_rank, lora_dtype), max_rows, self.device
+            )
+        log.info("adapter slots: %d (%s)", num_slots, self.slots_choice)
+        self.lora = LoraStacks(layout, num_slots, max_rank, lora_dtype, self.device)
         if dense_cache_bytes is None:  # half of what the system can still give
             dense_cache_bytes = available_memory_bytes() // 2
         self.linears = BaseLinears(
@@ -210,3 +219,19 @@ class ModelRunner:
         finally:
             for w in reversed(work):
                 cache.free(w.row, len(w.tokens), 0)
+
+
+def auto_slots(per_slot: int, max_rows: int, device: torch.device) -> tuple[int, str]:
+    """--max-loras auto: as many slots as 1/SLOT_MEMORY_SHARE of the memory available now
+    holds at the largest rank accepted (the stacks only grow to the largest rank loaded, so
+    adapters of smaller ranks take less), at most one per batch row (more are never used by
+    one step), at least MIN_AUTO_SLOTS."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = available_memory_bytes()
+    fit = free // SLOT_MEMORY_SHARE // max(per_slot, 1)
+    slots = max(MIN_AUTO_SLOTS, min(max_rows, fit))
+    bound = "one per batch row" if fit >= max_rows else f"1/{SLOT_MEMORY_SHARE} of free memory"
+    reason = f"auto: {bound}; {per_slot / 2**20:.1f} MiB per slot at the largest rank"
+    return slots, reason

@@ -45,6 +45,15 @@ class SlotTable:
         self.held: set[int] = set()
         self.stats = TierStats()
 
+    def resize(self, num_slots: int) -> None:
+        """Set the number of slots before any is used (the engine learns it from its model
+        runner once that is built)."""
+        if self._entries:
+            raise RuntimeError("the slot table is in use")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+
     def lookup(self, key: AdapterKey) -> int | None:
         return self._by_key.get(key)
 

@@ -29,6 +29,8 @@ class EngineInfo:
     machine: str = ""  # what measured choices are for: capability, torch, threads
     base_kernels: tuple[KernelChoice, ...] = ()  # the 4-bit layers' kernels
     dense_cache_bytes: int = 0  # held by dense copies of 4-bit layers
+    max_loras: int = 0  # device slots
+    max_loras_choice: str = ""  # why that many (the flag, or what auto found)
 
 
 @dataclass

@@ -136,6 +136,7 @@ def model_info_message(info: ModelInfo) -> inference_pb2.ModelInfoResponse:
             for k in info.base_kernels
         ],
         dense_cache_bytes=info.dense_cache_bytes,
+        max_loras_choice=info.max_loras_choice,
     )
 
 

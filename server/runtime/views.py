@@ -82,3 +82,4 @@ class ModelInfo:
     machine: str = ""
     base_kernels: tuple[KernelChoice, ...] = ()
     dense_cache_bytes: int = 0
+    max_loras_choice: str = ""
