@@ -11,7 +11,7 @@ counts, the median time of one call of:
 and what the server's own measurement picks (server/engine/linear.py). Run it natively and with
 benchmarks/avx2 (see its sitecustomize.py) for the AVX2 columns (emulated).
 
-    python benchmarks/kernels.py [--rows 1,64,512]
+    python benchmarks/base_kernels.py [--rows 1,64,512]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _choice(c: dict) -> str:
 def main() -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--rows", default="1,64,512")
-    add_common_args(parser, "kernels")
+    add_common_args(parser, "base_kernels")
     args = parser.parse_args()
     setup_logging()
     rows_list = [int(r) for r in args.rows.split(",")]
