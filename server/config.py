@@ -105,7 +105,7 @@ class EngineConfig:
     )
     """Memory for dense copies of 4-bit base layers where they are faster, in MiB (the 4-bit
     weights stay loaded: merges and exports read them); 0 = none; default: half the memory
-    available at start."""
+    available at start (a quarter of a GPU's free memory)."""
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the served LoRA weights and math; auto = the model's compute dtype (as vLLM
     does); float32 = as PEFT computes them."""

@@ -29,6 +29,7 @@ from loraplex.server.engine.lora_ops import LoraPlan, Segment, plan_lora
 log = logging.getLogger(__name__)
 
 SLOT_MEMORY_SHARE = 4  # --max-loras auto: slots fill at most 1/4 of the memory available
+DENSE_MEMORY_SHARE = (2, 4)  # --dense-cache-mb default: 1/2 of free memory on a CPU, 1/4 on CUDA
 MIN_AUTO_SLOTS = 2  # one for the traffic, one to load into (or hold a merge)
 
 
@@ -86,8 +87,10 @@ class ModelRunner:
             )
         log.info("adapter slots: %d (%s)", num_slots, self.slots_choice)
         self.lora = LoraStacks(layout, num_slots, max_rank, lora_dtype, self.device)
-        if dense_cache_bytes is None:  # half of what the system can still give
-            dense_cache_bytes = available_memory_bytes() // 2
+        if dense_cache_bytes is None:  # half the free memory (a quarter of a GPU's)
+            dense_cache_bytes = (
+                free_memory_bytes(self.device) // DENSE_MEMORY_SHARE[self.device.type == "cuda"]
+            )
         self.linears = BaseLinears(
             self.model, loaded.dtype, self.device, base_kernel, dense_cache_bytes, tuning
         )
@@ -226,12 +229,15 @@ def auto_slots(per_slot: int, max_rows: int, device: torch.device) -> tuple[int,
     holds at the largest rank accepted (the stacks only grow to the largest rank loaded, so
     adapters of smaller ranks take less), at most one per batch row (more are never used by
     one step), at least MIN_AUTO_SLOTS."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = available_memory_bytes()
-    fit = free // SLOT_MEMORY_SHARE // max(per_slot, 1)
+    fit = free_memory_bytes(device) // SLOT_MEMORY_SHARE // max(per_slot, 1)
     slots = max(MIN_AUTO_SLOTS, min(max_rows, fit))
     bound = "one per batch row" if fit >= max_rows else f"1/{SLOT_MEMORY_SHARE} of free memory"
     reason = f"auto: {bound}; {per_slot / 2**20:.1f} MiB per slot at the largest rank"
     return slots, reason
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What the device can still give: a GPU's free memory, or the system's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_memory_bytes()

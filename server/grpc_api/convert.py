@@ -36,6 +36,7 @@ def generate_input(request: inference_pb2.GenerateRequest) -> GenerateInput:
         seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop),
         compose=composition_request(request.compose) if request.HasField("compose") else None,
+        ignore_eos=request.ignore_eos,
     )
 
 

@@ -57,6 +57,7 @@ class GenerateInput:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     compose: CompositionRequest | None = None  # several adapters composed (not adapter_id)
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class Requests:
             top_k=inp.top_k,
             seed=inp.seed,
             stop=inp.stop,
+            ignore_eos=inp.ignore_eos,
         )
         check_context(len(prompt_ids), max_new, self.engine.info.max_context)
         loop = asyncio.get_running_loop()

@@ -104,6 +104,15 @@ def test_eos_finishes_with_stop(client):
     assert response.finish_reason == "stop"
     assert response.stop_reason == ""
     assert response.usage.completion_tokens < 64
+    fixed = client.generate(
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="Reply with just the word: yes")],
+            max_new_tokens=64,
+            ignore_eos=True,
+        )
+    )
+    assert fixed.finish_reason == "length" and fixed.usage.completion_tokens == 64
+    assert fixed.token_ids[: len(response.token_ids) - 1] == response.token_ids[:-1]
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,7 @@ def test_every_generate_request_field_reaches_the_runtime():
             seed=4,
             majority_sign_method="frequency",
         ),
+        ignore_eos=True,
     )
     got = convert.generate_input(request)
     assert {f.name for f in dataclasses.fields(GenerateInput)} == fields_of(request)
@@ -187,6 +188,7 @@ def test_every_generate_request_field_reaches_the_runtime():
             seed=4,
             majority_sign_method="frequency",
         ),
+        ignore_eos=True,
     )
     unset = convert.generate_input(inference_pb2.GenerateRequest())
     assert unset == GenerateInput()  # unset optional fields are the runtime's defaults
