@@ -60,7 +60,7 @@ docs: install
 	$(PY) -c "from loraplex.server.cli import options_markdown; print(options_markdown(), end='')" \
 		> docs/options.md
 
-# Offline throughput, then online latency through the gRPC server, then the adapter lifecycle
+# Offline throughput, then online latency through the gRPC server (default flags), then the adapter lifecycle
 # (load tiers, churn over 1000 adapters, hot swap), then tenancy (fairness under a flood,
 # overload), training (loraplex train vs PEFT + Trainer), merge (composition, dynamic
 # merge), ray_scale (Ray Serve replicas vs one server), then the plot (benchmarks/results/:
@@ -69,7 +69,7 @@ docs: install
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/throughput.py
-	$(PY) benchmarks/online.py --serve-args="--max-batch-size 64 --max-loras 32"
+	$(PY) benchmarks/online.py
 	$(PY) benchmarks/lifecycle.py
 	$(PY) benchmarks/tenancy.py
 	$(PY) benchmarks/training.py
