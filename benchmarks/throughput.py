@@ -122,6 +122,9 @@ def main() -> int:
         help="requests PEFT one-at-a-time actually runs (then extrapolated)",
     )
     parser.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument(
+        "--base-kernel", default="auto", choices=["auto", "bitsandbytes", "lut", "dense"]
+    )
     parser.add_argument("--skip-baselines", action="store_true", help="loraplex rows only")
     add_common_args(parser, "throughput")
     args = parser.parse_args()
@@ -133,6 +136,7 @@ def main() -> int:
         max_loras=max(counts),
         max_lora_rank=args.rank,
         lora_dtype=args.lora_dtype,
+        base_kernel=args.base_kernel,
     )
     # Every system runs its tensor work on the engine's thread (one torch thread: see Engine).
     with work_dir("loraplex-bench-") as work, EngineBench(config, home, work) as bench:
@@ -239,7 +243,8 @@ def run_systems(
 
     lines = [
         f"{n} requests (prompts {min(map(len, batch))}-{max(map(len, batch))} tokens) x {m} new "
-        f"tokens, r={args.rank} all-linear, LoRA dtype {args.lora_dtype}, median of "
+        f"tokens, r={args.rank} all-linear, LoRA dtype {args.lora_dtype}, base kernel "
+        f"{args.base_kernel}, median of "
         f"{args.repeats} (baselines {args.baseline_repeats}), torch threads "
         f"{torch.get_num_threads()}",
         f"{'system':<20}{'adapters':>9}{'tok/s':>9}{'x base':>8}{'x HF gen':>10}"

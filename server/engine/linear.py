@@ -108,8 +108,6 @@ class _Layer:
         self.set_choice(self.choice)
 
     def set_choice(self, choice: tuple[str, ...]) -> None:
-        if "dense" in choice and self.dense is None:
-            raise ValueError("a dense kernel needs the dense copy")
         self.choice = choice
         self._run = tuple(self._kernel(k) for k in choice)
 
