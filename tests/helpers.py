@@ -103,6 +103,16 @@ def add_peft_adapter(
     return model
 
 
+def peft_logits(reference: PeftModel, ids: list[int], adapter: str | None) -> torch.Tensor:
+    """Stock PEFT's float32 next-token logits after `ids`, with `adapter` (None: the base)."""
+    with torch.inference_mode():
+        if adapter is None:
+            with reference.disable_adapter():
+                return reference(torch.tensor([ids])).logits[0, -1].float()
+        reference.set_adapter(adapter)
+        return reference(torch.tensor([ids])).logits[0, -1].float()
+
+
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Three adapters of different ranks and targets, as tenants would bring them.
 ADAPTERS = {

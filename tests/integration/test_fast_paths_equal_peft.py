@@ -7,7 +7,6 @@ base. The served NF4/bf16 configuration is compared with PEFT in test_peft_equiv
 from __future__ import annotations
 
 import pytest
-import torch
 
 from loraplex.adapters.validate import load_adapter
 from loraplex.core.config import ModelConfig
@@ -16,7 +15,7 @@ from loraplex.core.types import BaseModelSpec
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
-from tests.helpers import ADAPTERS, add_peft_adapter
+from tests.helpers import ADAPTERS, add_peft_adapter, peft_logits
 from tests.integration.test_peft_equivalence import PROMPTS, chat_ids
 
 pytestmark = pytest.mark.integration
@@ -40,15 +39,6 @@ def float32_pair(model_home, tmp_path_factory):
     for slot, name in enumerate(ADAPTERS):
         runner.load_adapter(slot, load_adapter(out / name, spec))
     return runner, reference, loaded.tokenizer
-
-
-def peft_logits(reference, ids: list[int], adapter: str | None) -> torch.Tensor:
-    with torch.inference_mode():
-        if adapter is None:
-            with reference.disable_adapter():
-                return reference(torch.tensor([ids])).logits[0, -1].float()
-        reference.set_adapter(adapter)
-        return reference(torch.tensor([ids])).logits[0, -1].float()
 
 
 def test_prompt_and_decode_paths_equal_peft_in_float32(float32_pair):

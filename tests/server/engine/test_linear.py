@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 
 from loraplex.adapters.validate import load_adapter
 from loraplex.core.machine import TuningCache
@@ -18,7 +18,7 @@ from loraplex.server.engine import linear as linear_module
 from loraplex.server.engine.linear import KERNELS, ROW_BUCKETS, BaseLinears, bucket
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.model_runner import ModelRunner
-from tests.helpers import add_peft_adapter
+from tests.helpers import add_peft_adapter, peft_logits
 from tests.server.engine.test_engine import PROMPTS
 
 
@@ -74,7 +74,8 @@ def test_served_adapters_equal_peft_on_a_4bit_base_with_every_kernel(load_tiny, 
     equal it to float32 rounding; bitsandbytes' kernel to its own bf16 rounding."""
     loaded = load_tiny(quantization="nf4", dtype="float32")
     reference = copy.deepcopy(loaded.model).dequantize()
-    reference = add_peft_adapter(reference, "one", _all_linear(), seed=0, b_std=0.5)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    reference = add_peft_adapter(reference, "one", config, seed=0, b_std=0.5)
     reference.save_pretrained(tmp_path, selected_adapters=["one"])
     runner = ModelRunner(loaded, num_slots=2, max_rank=8, base_kernel=kernel)
     spec = BaseModelSpec(runner.target_shapes, max_rank=8, fingerprint="tiny")
@@ -84,19 +85,8 @@ def test_served_adapters_equal_peft_on_a_4bit_base_with_every_kernel(load_tiny, 
     assert isinstance(reference, PeftModel)
     tolerance = 2e-2 if kernel == "bitsandbytes" else 1e-4
     for prompt, slot, got in zip(prompts, slots, logits, strict=True):
-        with torch.inference_mode():
-            if slot == NO_ADAPTER:
-                with reference.disable_adapter():
-                    want = reference(torch.tensor([prompt])).logits[0, -1]
-            else:
-                want = reference(torch.tensor([prompt])).logits[0, -1]
+        want = peft_logits(reference, prompt, None if slot == NO_ADAPTER else "one")
         assert (got - want).abs().max() <= tolerance * want.abs().max()
-
-
-def _all_linear():
-    from peft import LoraConfig
-
-    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
 
 
 def test_dense_copies_stay_within_the_budget_and_the_4bit_weights_stay(load_tiny):

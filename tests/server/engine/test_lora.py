@@ -14,7 +14,7 @@ from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup, LoraStacks, lora_
 from loraplex.server.engine.lora_ops import Segment, add_lora, plan_lora
 from loraplex.server.engine.model_runner import ModelRunner
 from tests.conftest import TINY_FAMILIES
-from tests.helpers import add_peft_adapter
+from tests.helpers import add_peft_adapter, peft_logits
 
 D_IN, OUTS = 24, [40, 8, 8]  # a fused q/k/v-like group: three members read one input
 RANKS = [16, 4, 8, 0]  # mixed ranks (zero-padded to 16); slot 3 holds nothing
@@ -161,13 +161,7 @@ def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family
     slots = [0, 1, NO_ADAPTER]
     logits = runner.prefill(prompts, slots)
     for prompt, slot, got in zip(prompts, slots, logits, strict=True):
-        with torch.inference_mode():
-            if slot == NO_ADAPTER:
-                with reference.disable_adapter():
-                    want = reference(torch.tensor([prompt])).logits[0, -1]
-            else:
-                reference.set_adapter(list(configs)[slot])
-                want = reference(torch.tensor([prompt])).logits[0, -1]
+        want = peft_logits(reference, prompt, None if slot == NO_ADAPTER else list(configs)[slot])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with torch.inference_mode(), reference.disable_adapter():
         base = reference(torch.tensor([prompts[0]])).logits[0, -1]
