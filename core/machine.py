@@ -148,6 +148,13 @@ def choose_dtype(
     return DtypeChoice(name, reason)
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """What the device can still give: a GPU's free memory, or the system's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_memory_bytes()
+
+
 def available_memory_bytes() -> int:
     """Memory the system can still give (MemAvailable on Linux), or 0 where it cannot say."""
     try:

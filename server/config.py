@@ -99,7 +99,8 @@ class EngineConfig:
     base_kernel: Literal["auto", "bitsandbytes", "lut", "dense"] = "auto"
     """How the 4-bit base layers multiply: auto = the fastest of the others, measured per layer
     shape and batch size at start (cached per machine); bitsandbytes = its 4-bit kernel; lut =
-    dequantize by table lookup per call; dense = dense copies (within --dense-cache-mb)."""
+    dequantize by table lookup per call; dense = a dense copy of every 4-bit layer (whatever
+    --dense-cache-mb says)."""
     dense_cache_bytes: int | None = field(
         default=None, metadata={"flag": "--dense-cache-mb", "scale": MiB, "metavar": "MB"}
     )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.core.machine import TuningCache, available_memory_bytes
+from loraplex.core.machine import TuningCache, free_memory_bytes
 from loraplex.core.model import LoadedModel, lora_target_shapes
 from loraplex.core.types import AdapterWeights
 from loraplex.server.config import EngineConfig
@@ -234,10 +234,3 @@ def auto_slots(per_slot: int, max_rows: int, device: torch.device) -> tuple[int,
     bound = "one per batch row" if fit >= max_rows else f"1/{SLOT_MEMORY_SHARE} of free memory"
     reason = f"auto: {bound}; {per_slot / 2**20:.1f} MiB per slot at the largest rank"
     return slots, reason
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """What the device can still give: a GPU's free memory, or the system's available memory."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return available_memory_bytes()
