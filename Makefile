@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SHELL := /bin/bash
 AVX2_CPU ?= EPYC-Rome
 
-.PHONY: install proto serve test test-avx2 lint docs bench clean
+.PHONY: install proto runtime-libs serve test test-avx2 lint docs bench clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,23 @@ proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto proto/loraplex/v1/*.proto
 
-serve: install
+serve: install runtime-libs
 	$(VENV)/bin/loraplex serve --port $(PORT)
+
+# tcmalloc, which `loraplex serve` preloads with Intel OpenMP (a dependency) for faster CPU
+# steps (server/preload.py): the system's, else Debian's package unpacked into the venv; without
+# either the server runs with glibc's allocator.
+runtime-libs: $(VENV)/.runtime-libs
+$(VENV)/.runtime-libs: $(STAMP)
+	@if ! ldconfig -p 2>/dev/null | grep -q 'libtcmalloc_minimal\.so\.4 '; then \
+		tmp=$$(mktemp -d); \
+		( cd $$tmp && { apt-get download libtcmalloc-minimal4t64 || apt-get download libtcmalloc-minimal4; } \
+			&& dpkg -x libtcmalloc-minimal4*.deb root \
+			&& cp -L root/usr/lib/*/libtcmalloc_minimal.so.4 $(abspath $(VENV))/lib/ ) >/dev/null 2>&1 \
+			|| echo "note: no tcmalloc (Debian libtcmalloc-minimal4): the server uses glibc's allocator"; \
+		rm -rf $$tmp; \
+	fi
+	touch $@
 
 # Style, types, and the import contracts (pyproject.toml: dependencies point one way).
 lint: install

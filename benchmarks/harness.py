@@ -15,7 +15,7 @@ peak RSS: neither may carry libraries it does not use.
                  make_adapters_and_prompts, load_base, load_into_peft
     engine       Job, EngineBench: the engine in this process with a registry of adapters
     server       ServerDied, ServerProcess, serve_command, server_process, register_adapters,
-                 StreamResult, stream_one, summarize_streams
+                 StreamResult, stream_one, summarize_streams, burst_rate
     statistics   percentile, latency_ms
     memory       peak_rss_bytes, peak_rss_mib
     machine      machine_facts: what every result records of the machine it ran on
@@ -578,6 +578,34 @@ def summarize_streams(results: list[StreamResult]) -> dict[str, Any]:
         "itl_ms": latency_ms([x for r in ok for x in r.itls]),
         "e2e_ms": latency_ms([r.e2e for r in ok if r.e2e is not None]),
     }
+
+
+def burst_rate(address: str, prompts: Sequence[str], ids: Sequence[str], new_tokens: int) -> float:
+    """len(prompts) GenerateStream calls sent at once (greedy, end of sequence ignored; request
+    i for adapter ids[i % len(ids)], the base without ids); output tokens per second from the
+    first send to the last end."""
+    import asyncio
+
+    import grpc
+
+    from loraplex.v1 import inference_pb2, inference_pb2_grpc
+
+    async def burst() -> list[StreamResult]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            requests = [
+                inference_pb2.GenerateRequest(
+                    adapter_id=ids[i % len(ids)] if ids else "",
+                    prompt=p,
+                    max_new_tokens=new_tokens,
+                    temperature=0.0,
+                    ignore_eos=True,
+                )
+                for i, p in enumerate(prompts)
+            ]
+            return await asyncio.gather(*(stream_one(stub, r, 900.0) for r in requests))
+
+    return float(summarize_streams(asyncio.run(burst()))["output_tokens_per_s"])
 
 
 # -- statistics --------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ Each figure is output tokens / wall time from the first send to the last end, th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -36,13 +35,12 @@ from typing import Any
 
 from loraplex.core.model import EMBEDDED_NAME
 from loraplex.server.client import LoraplexClient
-from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
 from harness import (
     ADAPTER_PREFIX,
-    StreamResult,
     add_common_args,
     add_server_args,
+    burst_rate,
     child_pool,
     format_table,
     make_adapters_and_prompts,
@@ -53,8 +51,6 @@ from harness import (
     server_flags,
     server_process,
     setup_logging,
-    stream_one,
-    summarize_streams,
     work_dir,
 )
 
@@ -62,28 +58,6 @@ log = logging.getLogger("benchmark")
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "vllm-cpu"
 Burst = Callable[[list[str], list[str], int], float]  # (prompts, adapter ids, new tokens) -> tok/s
 VLLM_PYTHON = Path.home() / ".cache" / "loraplex-peers" / "vllm" / "venv" / "bin" / "python"
-
-
-def loraplex_burst(address: str, prompts: list[str], ids: list[str], new_tokens: int) -> float:
-    """One burst of len(prompts) streams; output tokens per second."""
-    import grpc
-
-    async def burst() -> list[StreamResult]:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = inference_pb2_grpc.InferenceStub(channel)
-            requests = [
-                inference_pb2.GenerateRequest(
-                    adapter_id=ids[i % len(ids)] if ids else "",
-                    prompt=p,
-                    max_new_tokens=new_tokens,
-                    temperature=0.0,
-                    ignore_eos=True,
-                )
-                for i, p in enumerate(prompts)
-            ]
-            return await asyncio.gather(*(stream_one(stub, r, 900.0) for r in requests))
-
-    return float(summarize_streams(asyncio.run(burst()))["output_tokens_per_s"])
 
 
 def vllm_burst(port: int, prompts: list[str], ids: list[str], new_tokens: int) -> float:
@@ -188,7 +162,7 @@ def main() -> int:
             with LoraplexClient(address, timeout=600) as client:
                 info = client.model_info()
                 register_adapters(client, work / "peft", ids)
-            measure("loraplex", partial(loraplex_burst, address), counts)
+            measure("loraplex", partial(burst_rate, address), counts)
         python = Path(args.vllm_python)
         if python.exists():
             model_dir = Path(args.model) if args.model else home / "models" / EMBEDDED_NAME

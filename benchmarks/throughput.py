@@ -1,22 +1,29 @@
-"""Offline throughput: the loraplex engine against its baselines, all measured in one run.
+"""Throughput: loraplex against its baselines, all measured in one run.
 
 N requests (chat prompts of 64-128 tokens) x M new tokens each (EOS ignored, so every system
 does the same work), with K distinct all-linear LoRA adapters spread round-robin over the
 requests (request i of repeat j uses adapter (i + N*j) mod K, so with K > N every adapter is
 used across repeats, at most N at once):
 
-    loraplex mixed       the engine, requests for K adapters batched together
-    loraplex base        the engine, no adapter
-    HF generate base     transformers generate on one left-padded batch, no adapter
+    loraplex mixed       requests for K adapters batched together
+    loraplex base        no adapter
+    HF generate base     transformers generate on one left-padded batch, no adapter, in the
+                         dtype loraplex's --dtype auto measures fastest on this machine
     PEFT mixed batch     PEFT generate(adapter_names=...) on one batch
     PEFT one at a time   set_adapter + generate per request (a sample, extrapolated)
 
+--via server (the default) measures loraplex as users see it: `loraplex serve` with its default
+flags (plus --serve-args), all N requests sent at once over gRPC (GenerateStream), tokens per
+second from the first send to the last end. --via engine drives the engine in this process
+with the same workload (no protocol, no server defaults: --base-kernel, --lora-dtype apply).
+
 The machine is shared and noisy: each figure is the median of --repeats runs, and the table
 gives ratios to loraplex base-only, to HF generate and to the PEFT mixed batch from the same run.
-Peak RSS is read after the loraplex runs (before any baseline model is loaded; the adapter
-files are written by a child process) and at the end.
+Peak RSS is loraplex's (the server process, or this one before any baseline model is loaded;
+adapter files are written by a child process) and this process's at the end.
 
-    python benchmarks/throughput.py [--requests 64] [--new-tokens 64] [--adapters 1,8,32,128]
+    python benchmarks/throughput.py [--via server] [--requests 64] [--new-tokens 64]
+        [--adapters 1,8,32,128]
 """
 
 from __future__ import annotations
@@ -34,20 +41,27 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from loraplex.core.config import ModelConfig
-from loraplex.core.model import load_model
 from loraplex.server.config import EngineConfig
 
 from harness import (
+    ADAPTER_PREFIX,
     EngineBench,
     Job,
     add_common_args,
+    add_server_args,
     bench_prompts,
+    burst_rate,
     in_child,
+    load_base,
     load_into_peft,
     make_parser,
     peak_rss_mib,
+    prompt_texts,
     publish,
+    register_adapters,
+    run_main,
+    server_flags,
+    server_process,
     setup_logging,
     work_dir,
     write_adapters,
@@ -107,6 +121,9 @@ def median_time(fn: Callable[[], float], repeats: int) -> float:
 
 def main() -> int:
     parser = make_parser(__doc__)
+    parser.add_argument(
+        "--via", default="server", choices=["server", "engine"], help="how loraplex is driven"
+    )
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--adapters", default="1,8,32,128", help="distinct adapter counts")
@@ -121,108 +138,185 @@ def main() -> int:
         default=3,
         help="requests PEFT one-at-a-time actually runs (then extrapolated)",
     )
-    parser.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument(
-        "--base-kernel", default="auto", choices=["auto", "bitsandbytes", "lut", "dense"]
+        "--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="engine"
+    )
+    parser.add_argument(
+        "--base-kernel",
+        default="auto",
+        choices=["auto", "bitsandbytes", "lut", "dense"],
+        help="engine",
     )
     parser.add_argument("--skip-baselines", action="store_true", help="loraplex rows only")
+    add_server_args(parser, "extra `loraplex serve` flags, --via server (default: none)")
     add_common_args(parser, "throughput")
     args = parser.parse_args()
+    extra = server_flags(parser, args.serve_args)
     setup_logging()
     counts = [int(k) for k in args.adapters.split(",")]
     home = Path(args.home).expanduser()
+    with work_dir("loraplex-bench-", args.keep_work) as work:
+        # Adapter files are made in a child process: its model copy never counts in our RSS.
+        dirs = in_child(write_adapters, str(home), max(counts), args.rank, str(work / "peft"))
+        if args.via == "server":
+            run = via_server(args, extra, counts, home, work)
+        else:
+            run = via_engine(args, counts, home, work, dirs)
+        if not args.skip_baselines:
+            run.rows += baselines(args, counts, home, dirs)
+    return report(args, counts, run)
+
+
+@dataclasses.dataclass
+class LoraplexRun:
+    rows: list[dict]
+    prompt_lengths: list[int]
+    peak_rss_mib: float
+    setup: str  # how loraplex ran, for the table's heading
+    facts: dict[str, Any]
+
+
+def row(system: str, k: int, tokens_per_s: float, tokens: int, note: str = "") -> dict:
+    log.info("%-22s K=%-3d %8.1f tok/s %s", system, k, tokens_per_s, note)
+    return {
+        "system": system,
+        "adapters": k,
+        "seconds": tokens / tokens_per_s,
+        "tokens_per_s": tokens_per_s,
+        "note": note,
+    }
+
+
+def rotation(items: list[Any], k: int, n: int, repeat: int) -> list[Any]:
+    """What request i of `repeat` uses: items[(i + n * repeat) % k]."""
+    return [items[(i + n * repeat) % k] for i in range(n)]
+
+
+def via_server(
+    args: Any, extra: list[str], counts: list[int], home: Path, work: Path
+) -> LoraplexRun:
+    from loraplex.server.client import LoraplexClient
+
+    n, m = args.requests, args.new_tokens
+    ids = [f"{ADAPTER_PREFIX}{i}" for i in range(max(counts))]
+    prompts = in_child(prompt_texts_for, str(home), args.model, n)
+    rows = []
+    with server_process(home, work, extra, args.model) as server:
+        address = server.wait_ready(args.startup_timeout)
+        with LoraplexClient(address, timeout=600) as client:
+            register_adapters(client, work / "peft", ids)
+            info = client.model_info()
+        burst = partial(burst_rate, address, prompts)
+        burst([], 2)  # warm-up
+        for i in range(0, len(ids), n):  # load every adapter once (from the store)
+            burst(ids[i : i + n], 1)
+        rates = [burst([], m) for _ in range(args.repeats)]
+        rows.append(row("loraplex base", 0, statistics.median(rates), n * m))
+        for k in counts:
+            rates = [burst(rotation(ids, k, n, j), m) for j in range(args.repeats)]
+            note = f"{min(k, n)} distinct per batch"
+            rows.append(row("loraplex mixed", k, statistics.median(rates), n * m, note))
+        rss = (server.peak_rss_bytes() or 0) / 2**20
+    setup = (
+        f"`loraplex serve` {' '.join(extra) or '(default flags)'} over gRPC: {info.dtype} "
+        f"({info.dtype_choice}), max_loras {info.max_loras} ({info.max_loras_choice})"
+    )
+    facts = {
+        "dtype": info.dtype,
+        "dtype_choice": info.dtype_choice,
+        "max_loras": info.max_loras,
+        "max_loras_choice": info.max_loras_choice,
+        "machine": info.machine,
+        "dense_cache_bytes": info.dense_cache_bytes,
+    }
+    return LoraplexRun(rows, [], rss, setup, facts)
+
+
+def prompt_texts_for(home: str, model: str | None, n: int) -> list[str]:
+    """In a child: the benchmark's prompts as text (they tokenize back to bench_prompts)."""
+    return prompt_texts(load_base(home, model).tokenizer, n)
+
+
+def via_engine(
+    args: Any, counts: list[int], home: Path, work: Path, dirs: list[str]
+) -> LoraplexRun:
+    n, m = args.requests, args.new_tokens
     config = EngineConfig(
-        max_batch_size=args.requests,
+        max_batch_size=n,
         max_loras=max(counts),
         max_lora_rank=args.rank,
         lora_dtype=args.lora_dtype,
         base_kernel=args.base_kernel,
     )
+    rows = []
     # Every system runs its tensor work on the engine's thread (one torch thread: see Engine).
-    with work_dir("loraplex-bench-") as work, EngineBench(config, home, work) as bench:
+    with EngineBench(config, home, work) as bench:
         info = bench.start()
-        return run_systems(args, bench, info.tokenizer, counts, home, work)
-
-
-def run_systems(
-    args, bench: EngineBench, tokenizer: Any, counts: list[int], home: Path, work: Path
-) -> int:
-    n, m = args.requests, args.new_tokens
-    on_engine = bench.on_engine
-    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    batch = bench_prompts(tokenizer, n)
-    # Adapter files are made in a child process: its model copy never counts in our peak RSS.
-    dirs = in_child(write_adapters, str(home), max(counts), args.rank, str(work / "peft"))
-    versions = bench.register(dirs)
-    bench.run([Job(batch[0])], 2)  # warm-up
-    for i in range(0, max(counts), n):  # load every adapter into its slot once
-        bench.run([Job(batch[0], v) for v in versions[i : i + n]], 1)
-
-    tokens = n * m
-    rows: list[dict] = []
-
-    def record(system: str, k: int, seconds: float, note: str = "") -> None:
-        rows.append(
-            {
-                "system": system,
-                "adapters": k,
-                "seconds": seconds,
-                "tokens_per_s": tokens / seconds,
-                "note": note,
-            }
+        batch = bench_prompts(info.tokenizer, n)
+        versions = bench.register(dirs)
+        bench.run([Job(batch[0])], 2)  # warm-up
+        for i in range(0, max(counts), n):  # load every adapter into its slot once
+            bench.run([Job(batch[0], v) for v in versions[i : i + n]], 1)
+        seconds = statistics.median(
+            bench.run([Job(p) for p in batch], m)[0] for _ in range(args.repeats)
         )
-        log.info("%-22s K=%-3d %8.1f tok/s %s", system, k, tokens / seconds, note)
-
-    def mixed(k: int, repeat: int) -> list[Job]:
-        return [Job(p, versions[(i + n * repeat) % k]) for i, p in enumerate(batch)]
-
-    record(
-        "loraplex base",
-        0,
-        median_time(lambda: bench.run([Job(p) for p in batch], m)[0], args.repeats),
-    )
-    for k in counts:
-        times = [bench.run(mixed(k, j), m)[0] for j in range(args.repeats)]
-        in_flight = len({id(job.adapter) for job in mixed(k, 0)})
-        record("loraplex mixed", k, statistics.median(times), f"{in_flight} distinct per batch")
-    rss_loraplex = peak_rss_mib()
-    stats = bench.snapshot().stats
+        rows.append(row("loraplex base", 0, n * m / seconds, n * m))
+        for k in counts:
+            times = [
+                bench.run(
+                    [Job(p, v) for p, v in zip(batch, rotation(versions, k, n, j), strict=True)], m
+                )[0]
+                for j in range(args.repeats)
+            ]
+            note = f"{min(k, n)} distinct per batch"
+            rows.append(row("loraplex mixed", k, n * m / statistics.median(times), n * m, note))
+        stats = bench.snapshot().stats
     log.info("engine: %s", stats)
+    setup = (
+        f"the engine in-process: LoRA dtype {args.lora_dtype}, base kernel {args.base_kernel}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    facts = {"engine_stats": dataclasses.asdict(stats)}
+    return LoraplexRun(rows, [len(p) for p in batch], peak_rss_mib(), setup, facts)
 
-    if not args.skip_baselines:
-        log.info("loading %d adapters into PEFT for the baselines", len(dirs))
-        peft_model = on_engine(
-            lambda: load_into_peft(
-                load_model(ModelConfig(home=home)).model, [Path(d) for d in dirs]
-            )
-        )
-        plain = on_engine(lambda: load_model(ModelConfig(home=home)).model)  # HF, no PEFT
-        record(
+
+def baselines(args: Any, counts: list[int], home: Path, dirs: list[str]) -> list[dict]:
+    """HF generate base and PEFT's mixed batch and one-at-a-time, on the same prompts."""
+    n, m = args.requests, args.new_tokens
+    loaded = load_base(str(home), args.model)
+    batch = bench_prompts(loaded.tokenizer, n)
+    tok = loaded.tokenizer
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    rows = [
+        row(
             "HF generate base",
             0,
-            median_time(
-                lambda: on_engine(lambda: hf_batch(plain, batch, m, pad, None)),
-                args.baseline_repeats,
+            n
+            * m
+            / median_time(
+                lambda: hf_batch(loaded.model, batch, m, pad, None), args.baseline_repeats
             ),
+            n * m,
+            f"{loaded.dtype}".removeprefix("torch."),
         )
-        del plain
-        for k in counts:
-            names = [f"bench-{i % k}" for i in range(n)]
-            record(
-                "PEFT mixed batch",
-                k,
-                median_time(
-                    lambda names=names: on_engine(
-                        partial(hf_batch, peft_model, batch, m, pad, names)
-                    ),
-                    args.baseline_repeats,
-                ),
-            )
-            s = min(args.single_sample, n)
-            sample = on_engine(
-                partial(peft_one_at_a_time, peft_model, batch[:s], names[:s], m, pad)
-            )
-            record("PEFT one at a time", k, sample * n / s, f"extrapolated: {s} of {n} run")
+    ]
+    log.info("loading %d adapters into PEFT for the baselines", len(dirs))
+    peft_model = load_into_peft(loaded.model, [Path(d) for d in dirs])
+    for k in counts:
+        names = [f"{ADAPTER_PREFIX}{i % k}" for i in range(n)]
+        seconds = median_time(
+            partial(hf_batch, peft_model, batch, m, pad, names), args.baseline_repeats
+        )
+        rows.append(row("PEFT mixed batch", k, n * m / seconds, n * m))
+        s = min(args.single_sample, n)
+        sample = peft_one_at_a_time(peft_model, batch[:s], names[:s], m, pad)
+        note = f"extrapolated: {s} of {n} run"
+        rows.append(row("PEFT one at a time", k, n * m * s / (sample * n), n * m, note))
+    return rows
+
+
+def report(args: Any, counts: list[int], run: LoraplexRun) -> int:
+    rows, n, m = run.rows, args.requests, args.new_tokens
 
     def rate(system: str, k: int) -> float | None:
         return next(
@@ -242,11 +336,8 @@ def run_systems(
         return f"{x:.2f}" if x else "-"
 
     lines = [
-        f"{n} requests (prompts {min(map(len, batch))}-{max(map(len, batch))} tokens) x {m} new "
-        f"tokens, r={args.rank} all-linear, LoRA dtype {args.lora_dtype}, base kernel "
-        f"{args.base_kernel}, median of "
-        f"{args.repeats} (baselines {args.baseline_repeats}), torch threads "
-        f"{torch.get_num_threads()}",
+        f"{n} requests x {m} new tokens (EOS ignored), r={args.rank} all-linear; loraplex: "
+        f"{run.setup}; median of {args.repeats} (baselines {args.baseline_repeats})",
         f"{'system':<20}{'adapters':>9}{'tok/s':>9}{'x base':>8}{'x HF gen':>10}"
         f"{'x PEFT mix':>12}  note",
     ]
@@ -263,21 +354,17 @@ def run_systems(
             f"{100 * (1 - last / first):+.1f}% throughput drop"
         )
     rss_end = peak_rss_mib()
-    lines.append(
-        f"peak RSS: {rss_loraplex:.0f} MiB after the loraplex runs, {rss_end:.0f} MiB at the end"
-    )
+    lines.append(f"peak RSS: loraplex {run.peak_rss_mib:.0f} MiB, this process {rss_end:.0f} MiB")
     publish(
         {
+            "via": args.via,
             "requests": n,
             "new_tokens": m,
-            "prompt_tokens": [len(p) for p in batch],
             "rank": args.rank,
-            "lora_dtype": args.lora_dtype,
             "repeats": args.repeats,
             "baseline_repeats": args.baseline_repeats,
-            "torch_threads": torch.get_num_threads(),
-            "peak_rss_mib": {"loraplex": rss_loraplex, "end": rss_end},
-            "engine_stats": dataclasses.asdict(stats),
+            "loraplex": run.facts | {"setup": run.setup},
+            "peak_rss_mib": {"loraplex": run.peak_rss_mib, "end": rss_end},
             "rows": rows,
         },
         lines,
@@ -287,4 +374,4 @@ def run_systems(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -27,6 +27,7 @@ from loraplex.server.config import (
     add_serve_options,
 )
 from loraplex.server.logs import configure_logging
+from loraplex.server.preload import loaded_runtime_libraries, reexec_with_runtime_libraries
 from loraplex.training.config import add_arguments as add_train_arguments
 
 if TYPE_CHECKING:
@@ -252,9 +253,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
+    config = server_config(args)
+    if config.preload:  # before torch loads: the allocator and OpenMP runtime come first
+        reexec_with_runtime_libraries()
     from loraplex.server.app import LoraplexServer  # heavy imports only when serving
 
-    config = server_config(args)
+    log.info("preloaded: %s", ", ".join(loaded_runtime_libraries()) or "nothing")
 
     async def run() -> None:
         server = LoraplexServer(config)

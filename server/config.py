@@ -85,10 +85,11 @@ class EngineConfig:
         default=None, metadata={"parse": parse_auto_int, "metavar": "N|auto", "cli_default": "auto"}
     )
     """Device slots: distinct adapters resident (and batched together) at once; auto = as
-    many as a quarter of the memory available at start holds at --max-lora-rank, at most one
-    per batch row (--max-batch-size)."""
+    many as a quarter of the memory available at start holds at the rank of the largest
+    adapter loaded (rounded up to a power of two), at most one per batch row
+    (--max-batch-size): more slots for small adapters, fewer once a large one loads."""
     max_lora_rank: int = 64
-    """Largest adapter rank accepted; slot stacks are sized for it."""
+    """Largest adapter rank accepted (slots take only the rank their adapters need)."""
     max_prefill_tokens: int = 512
     """Prompt tokens prefilled per step beside the decodes (chunked prefill): a long prompt
     takes several steps, and running decodes wait at most one chunk."""
@@ -213,6 +214,9 @@ class ServerConfig(StoreConfig):
     """Put prompts and outputs in the request log lines (never by default)."""
     drain_seconds: float = 10.0
     """At SIGTERM, how long requests in flight may take to finish."""
+    preload: bool = True
+    """Run with tcmalloc and Intel OpenMP preloaded where they are installed (the server
+    re-executes itself once with LD_PRELOAD; faster CPU steps: see docs/operations.md)."""
     tenant_limits: TenantLimits = field(
         default_factory=lambda: TenantLimits(max_concurrent=256), metadata={"prefix": "tenant-"}
     )

@@ -143,6 +143,11 @@ class Engine:
         except (TimeoutError, NotReady):
             return self._last_snapshot
 
+    def slot_limit(self) -> tuple[int, str]:
+        """The number of adapter slots now and why (--max-loras auto follows the adapters'
+        ranks: see ModelRunner.slot_limit); any thread."""
+        return self._loader.limit
+
     def pin(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> Future[None]:
         """Keep an adapter in a device slot until `unpin` (Exhausted when no slot can be
         pinned: one always stays unpinned)."""
@@ -186,7 +191,7 @@ class Engine:
     def _run(self) -> None:
         try:
             runner = self._runner = self._make_runner()
-            self._slots.resize(runner.lora.num_slots)
+            self._loader.fit()
             self._eos_token_ids = eos_ids_of(runner.model, runner.loaded.tokenizer)
             self._info = engine_info(runner)
         except BaseException as exc:
@@ -492,6 +497,6 @@ def engine_info(runner: ModelRunner) -> EngineInfo:
         machine=machine_key(loaded.device),
         base_kernels=tuple(runner.linears.choices()),
         dense_cache_bytes=runner.linears.dense_bytes,
-        max_loras=runner.lora.num_slots,
-        max_loras_choice=runner.slots_choice,
+        max_loras=runner.slot_limit()[0],
+        max_loras_choice=runner.slot_limit()[1],
     )

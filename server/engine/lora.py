@@ -75,15 +75,17 @@ class LoraGroup:
     def rank_capacity(self) -> int:
         return self.a.shape[2]
 
-    def grow_rank(self, rank: int) -> None:
-        """Re-allocate the stacks for a larger rank, keeping what they hold."""
-        a = self.a.new_zeros(*self.a.shape[:2], rank, self.a.shape[3])
-        a[:, :, : self.rank_capacity] = self.a
+    def reshape(self, num_slots: int, rank: int) -> None:
+        """Re-allocate the stacks for `num_slots` slots at rank capacity `rank`, keeping what
+        the slots and ranks that remain hold."""
+        s, r = min(num_slots, self.a.shape[0]), min(rank, self.rank_capacity)
+        a = self.a.new_zeros(num_slots, self.a.shape[1], rank, self.a.shape[3])
+        a[:s, :, :r] = self.a[:s, :, :r]
         self.a = a
         for j, bt in enumerate(self.bt):
-            grown = bt.new_zeros(bt.shape[0], rank, bt.shape[2])
-            grown[:, : bt.shape[1]] = bt
-            self.bt[j] = grown
+            kept = bt.new_zeros(num_slots, rank, bt.shape[2])
+            kept[:s, :r] = bt[:s, :r]
+            self.bt[j] = kept
 
     def set_slot(self, slot: int, member: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one member's A (r, in) and scaled B (out, r) into `slot`."""
@@ -116,38 +118,50 @@ def slot_bytes(
     return per_rank * rank * torch.empty((), dtype=dtype).element_size()
 
 
+def rank_bucket(rank: int, max_rank: int) -> int:
+    """The rank capacity that holds `rank`: the next power of two (so that adapters of close
+    ranks share one allocation), at most max_rank; 0 for 0."""
+    return 0 if rank <= 0 else min(max_rank, 1 << (rank - 1).bit_length())
+
+
 class LoraStacks:
     """Every LoRA group of the model: groups[layer][group name], plus each slot's rank.
 
     `modules` maps a PEFT module name (e.g. "model.layers.3.self_attn.k_proj") to its
     (layer, group name, member) so an adapter's weights can be written where they belong.
+
+    Storage follows the adapters actually loaded, not the limits: the stacks hold as many
+    slots as the highest slot written so far needs (doubling, up to `max_slots`) at the rank
+    bucket of the largest adapter loaded (not --max-lora-rank), and `fit` gives memory back
+    when the adapters that needed it are gone.
     """
 
     def __init__(
         self,
         layout: list[dict[str, tuple[int, list[tuple[str, int]]]]],
-        num_slots: int,
+        max_slots: int,
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         """layout[layer][group] = (in_features, [(module name, out_features), ...])."""
-        self.num_slots = num_slots
+        self.max_slots = max_slots
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
-        self.rank_capacity = 0  # grows to the largest rank loaded (at most max_rank)
+        self.num_slots = 0  # slots allocated (grows as higher slots are written)
+        self.rank_capacity = 0  # the rank bucket allocated (grows with the largest rank loaded)
         self.groups: list[dict[str, LoraGroup]] = []
         self.modules: dict[str, tuple[int, str, int]] = {}
         for layer, groups in enumerate(layout):
             built = {}
             for gname, (in_features, members) in groups.items():
                 outs = [out for _, out in members]
-                built[gname] = LoraGroup(in_features, outs, num_slots, 0, dtype, device)
+                built[gname] = LoraGroup(in_features, outs, 0, 0, dtype, device)
                 for member, (module, _) in enumerate(members):
                     self.modules[module] = (layer, gname, member)
             self.groups.append(built)
-        self.ranks: list[int] = [0] * num_slots
+        self.ranks: list[int] = []
 
     def load(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an adapter ({module: (A (r, in), B (out, r) scaled)}) into `slot`; modules it
@@ -155,11 +169,13 @@ class LoraStacks:
         rank = max((a.shape[0] for a, _ in modules.values()), default=0)
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the stacks' max rank {self.max_rank}")
-        if rank > self.rank_capacity:
-            for groups in self.groups:
-                for group in groups.values():
-                    group.grow_rank(rank)
-            self.rank_capacity = rank
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} is outside 0..{self.max_slots - 1}")
+        if slot >= self.num_slots or rank > self.rank_capacity:
+            slots = self.num_slots
+            if slot >= slots:
+                slots = min(self.max_slots, max(slot + 1, 2 * slots))
+            self.fit(slots, max(self.rank_capacity, rank_bucket(rank, self.max_rank)))
         self.clear(slot)
         for module, (a, b) in modules.items():
             layer, gname, member = self.modules[module]
@@ -168,7 +184,25 @@ class LoraStacks:
             )
         self.ranks[slot] = rank
 
+    def fit(self, num_slots: int, rank: int) -> None:
+        """Re-allocate for `num_slots` slots at rank capacity `rank`: slots beyond are dropped,
+        ranks beyond are cut (the caller keeps every adapter still wanted within both)."""
+        if (num_slots, rank) == (self.num_slots, self.rank_capacity):
+            return
+        for groups in self.groups:
+            for group in groups.values():
+                group.reshape(num_slots, rank)
+        self.ranks = (self.ranks + [0] * num_slots)[:num_slots]
+        self.num_slots, self.rank_capacity = num_slots, rank
+
+    def nbytes(self) -> int:
+        return sum(
+            g.a.nbytes + sum(bt.nbytes for bt in g.bt) for gs in self.groups for g in gs.values()
+        )
+
     def clear(self, slot: int) -> None:
+        if slot >= self.num_slots:
+            return  # never written
         for groups in self.groups:
             for group in groups.values():
                 group.clear_slot(slot)

@@ -5,6 +5,7 @@ work (decode tokens and prompt chunks of running sequences) into a forward pass.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from loraplex.server.engine.forward import (
 )
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.linear import BaseLinears
-from loraplex.server.engine.lora import NO_ADAPTER, LoraStacks, slot_bytes
+from loraplex.server.engine.lora import NO_ADAPTER, LoraStacks, rank_bucket, slot_bytes
 from loraplex.server.engine.lora_ops import LoraPlan, Segment, plan_lora
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 SLOT_MEMORY_SHARE = 4  # --max-loras auto: slots fill at most 1/4 of the memory available
 DENSE_MEMORY_SHARE = (2, 4)  # --dense-cache-mb default: 1/2 of free memory on a CPU, 1/4 on CUDA
 MIN_AUTO_SLOTS = 2  # one for the traffic, one to load into (or hold a merge)
+MIN_SLOT_RANK = 8  # --max-loras auto sizes slots at least at this rank (before any is loaded)
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,15 @@ class ModelRunner:
         )
         layout = lora_layout(self.model)
         lora_dtype = lora_dtype or loaded.dtype
-        self.slots_choice = f"--max-loras {num_slots}"
+        # --max-loras auto: the slots share this budget at the rank the adapters loaded need.
+        self.max_rows = max_rows
+        self.slot_budget: int | None = None
+        self.rank_bytes = slot_bytes(layout, 1, lora_dtype)  # one slot at rank 1
         if num_slots is None:
-            num_slots, self.slots_choice = auto_slots(
-                slot_bytes(layout, max_rank, lora_dtype), max_rows, self.device
-            )
-        log.info("adapter slots: %d (%s)", num_slots, self.slots_choice)
-        self.lora = LoraStacks(layout, num_slots, max_rank, lora_dtype, self.device)
+            self.slot_budget = free_memory_bytes(self.device) // SLOT_MEMORY_SHARE
+        self.lora = LoraStacks(
+            layout, num_slots or max(max_rows, MIN_AUTO_SLOTS), max_rank, lora_dtype, self.device
+        )
         if dense_cache_bytes is None:  # half the free memory (a quarter of a GPU's)
             dense_cache_bytes = (
                 free_memory_bytes(self.device) // DENSE_MEMORY_SHARE[self.device.type == "cuda"]
@@ -119,6 +123,34 @@ class ModelRunner:
     def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
         """Write an adapter into `slot`; layers it does not target get rank 0 there."""
         self.lora.load(slot, weights.modules)
+
+    def slot_limit(self) -> tuple[int, str]:
+        """How many adapter slots there are now, and why: --max-loras as given, or (auto) as
+        many as the slot budget holds at the rank the stacks hold now (the smallest bucket
+        before any adapter is loaded), at most one per batch row (one step never uses more),
+        at least MIN_AUTO_SLOTS."""
+        if self.slot_budget is None:
+            return self.lora.max_slots, f"--max-loras {self.lora.max_slots}"
+        rank = max(self.lora.rank_capacity, MIN_SLOT_RANK)
+        per_slot = self.rank_bytes * rank
+        fit = self.slot_budget // per_slot
+        slots = max(MIN_AUTO_SLOTS, min(self.max_rows, fit))
+        bound = "one per batch row" if fit >= self.max_rows else f"1/{SLOT_MEMORY_SHARE} of memory"
+        return slots, f"auto: {bound}; {per_slot / 2**20:.1f} MiB per slot at rank {rank}"
+
+    def fit_lora(self, resident: Iterable[int]) -> None:
+        """Give back adapter memory no resident adapter needs: slots beyond the highest
+        resident one, rank beyond the largest resident rank's bucket (each only once it would
+        halve, so that churn between adapters does not re-allocate every load)."""
+        lora, slots = self.lora, set(resident)
+        need_slots = max((s + 1 for s in slots), default=0)
+        top = max((lora.ranks[s] for s in slots if s < lora.num_slots), default=0)
+        need_rank = rank_bucket(top, lora.max_rank)
+        new_slots = need_slots if need_slots <= lora.num_slots // 2 else lora.num_slots
+        new_rank = need_rank if need_rank <= lora.rank_capacity // 2 else lora.rank_capacity
+        if (new_slots, new_rank) != (lora.num_slots, lora.rank_capacity):
+            lora.fit(new_slots, new_rank)
+            log.debug("adapter stacks: %d slots at rank %d", new_slots, new_rank)
 
     def clear_slot(self, slot: int) -> None:
         self.lora.clear(slot)
@@ -222,15 +254,3 @@ class ModelRunner:
         finally:
             for w in reversed(work):
                 cache.free(w.row, len(w.tokens), 0)
-
-
-def auto_slots(per_slot: int, max_rows: int, device: torch.device) -> tuple[int, str]:
-    """--max-loras auto: as many slots as 1/SLOT_MEMORY_SHARE of the memory available now
-    holds at the largest rank accepted (the stacks only grow to the largest rank loaded, so
-    adapters of smaller ranks take less), at most one per batch row (more are never used by
-    one step), at least MIN_AUTO_SLOTS."""
-    fit = free_memory_bytes(device) // SLOT_MEMORY_SHARE // max(per_slot, 1)
-    slots = max(MIN_AUTO_SLOTS, min(max_rows, fit))
-    bound = "one per batch row" if fit >= max_rows else f"1/{SLOT_MEMORY_SHARE} of free memory"
-    reason = f"auto: {bound}; {per_slot / 2**20:.1f} MiB per slot at the largest rank"
-    return slots, reason

@@ -37,6 +37,7 @@ class SlotLoader:
         self._stats = stats
         # Reads an adapter version's weights from the store, for requests that bring none.
         self._load_weights = load_weights
+        self.limit: tuple[int, str] = (slots.num_slots, "")  # the slots now, and why (fit)
 
     def load(self, slot: int, adapter: AdapterVersion, weights: AdapterWeights | None) -> None:
         """Write an adapter into `slot` (weights None: read them with `load_weights`); on
@@ -55,6 +56,18 @@ class SlotLoader:
         self._slots.stats.loaded(time.perf_counter() - start)
         self._stats.adapter_loads += 1
         log.debug("adapter %s v%d loaded into slot %d", *adapter.key, slot)
+        self.fit()
+
+    def fit(self) -> None:
+        """The slot limit for the rank the stacks hold now (--max-loras auto: larger adapters,
+        fewer slots), then give back the memory that no resident adapter needs."""
+        runner = self._runner()
+        limit = runner.slot_limit()
+        if limit[0] != self._slots.num_slots:
+            log.info("adapter slots: %d (%s)", *limit)
+            self._slots.set_limit(limit[0])
+        self.limit = limit
+        runner.fit_lora(self._slots.resident())
 
     def load_admitted(self, admitted: list[Admission]) -> set[int]:
         """Write newly granted adapters into their slots; returns the slots whose load failed,

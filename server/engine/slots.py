@@ -45,14 +45,22 @@ class SlotTable:
         self.held: set[int] = set()
         self.stats = TierStats()
 
-    def resize(self, num_slots: int) -> None:
-        """Set the number of slots before any is used (the engine learns it from its model
-        runner once that is built)."""
-        if self._entries:
-            raise RuntimeError("the slot table is in use")
+    def set_limit(self, num_slots: int) -> None:
+        """Change the number of slots (--max-loras auto follows the memory the adapters
+        loaded need). Fewer: unreferenced adapters in the slots beyond are evicted now,
+        referenced ones when their last reference is released; nothing new goes there."""
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.num_slots = num_slots
+        for slot in [s for s in self._lru if s >= num_slots]:
+            self._evict(slot)
+
+    def _evict(self, slot: int) -> AdapterKey:
+        self._lru.pop(slot, None)
+        key = self._entries.pop(slot).key
+        del self._by_key[key]
+        self.stats.evictions += 1
+        return key
 
     def lookup(self, key: AdapterKey) -> int | None:
         return self._by_key.get(key)
@@ -93,10 +101,7 @@ class SlotTable:
             if victim is None:
                 return None
             slot = victim
-            del self._lru[slot]
-            evicted = self._entries.pop(slot).key
-            del self._by_key[evicted]
-            self.stats.evictions += 1
+            evicted = self._evict(slot)
         self._entries[slot] = SlotEntry(key)
         self._by_key[key] = slot
         return SlotGrant(slot=slot, needs_load=True, evicted=evicted)
@@ -139,7 +144,7 @@ class SlotTable:
 
     def has_room(self) -> bool:
         """Whether an adapter not resident could get a slot now (free, or unreferenced)."""
-        return len(self._entries) < self.num_slots or bool(self._lru)
+        return any(s not in self._entries for s in range(self.num_slots)) or bool(self._lru)
 
     def pinned_keys(self) -> list[AdapterKey]:
         return [self._entries[s].key for s in sorted(self._pinned)]
@@ -151,6 +156,8 @@ class SlotTable:
         entry.refcount -= 1
         if entry.refcount == 0:
             self._lru[slot] = None  # most recently used
+            if slot >= self.num_slots:  # beyond the limit, which fell while it was in use
+                self._evict(slot)
 
     def discard(self, slot: int) -> None:
         """Forget an unreferenced slot's adapter (e.g. its load failed): the slot is free."""

@@ -104,6 +104,7 @@ class Runtime:
 
     def model_info(self) -> ModelInfo:
         info, ec = self.info, self.config.engine
+        max_loras, max_loras_choice = self.engine.slot_limit()
         return ModelInfo(
             model_id=info.model_id,
             model_type=info.model_type,
@@ -115,8 +116,8 @@ class Runtime:
             num_layers=info.num_layers,
             supported_target_modules=LORA_TARGETS,
             max_lora_rank=ec.max_lora_rank,
-            max_loras=info.max_loras,
-            max_loras_choice=info.max_loras_choice,
+            max_loras=max_loras,
+            max_loras_choice=max_loras_choice,
             max_batch_size=ec.max_batch_size,
             base_model_fingerprint=info.fingerprint,
             version=__version__,

@@ -10,7 +10,13 @@ from peft import LoraConfig, PeftModel
 
 from loraplex.adapters.validate import load_adapter
 from loraplex.core.types import BaseModelSpec
-from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup, LoraStacks, lora_delta_reference
+from loraplex.server.engine.lora import (
+    NO_ADAPTER,
+    LoraGroup,
+    LoraStacks,
+    lora_delta_reference,
+    rank_bucket,
+)
 from loraplex.server.engine.lora_ops import Segment, add_lora, plan_lora
 from loraplex.server.engine.model_runner import ModelRunner
 from tests.conftest import TINY_FAMILIES
@@ -123,7 +129,7 @@ def test_stacks_place_each_module_in_its_group_member():
         {"qkv": (D_IN, [("l0.q", OUTS[0]), ("l0.k", OUTS[1]), ("l0.v", OUTS[2])])},
         {"qkv": (D_IN, [("l1.q", OUTS[0]), ("l1.k", OUTS[1]), ("l1.v", OUTS[2])])},
     ]
-    stacks = LoraStacks(layout, num_slots=2, max_rank=8, dtype=torch.float32, device="cpu")
+    stacks = LoraStacks(layout, max_slots=2, max_rank=8, dtype=torch.float32, device="cpu")
     a, b = torch.randn(4, D_IN), torch.randn(OUTS[1], 4)
     stacks.load(1, {"l1.k": (a, b)})
     assert stacks.ranks == [0, 4]
@@ -167,3 +173,56 @@ def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family
         base = reference(torch.tensor([prompts[0]])).logits[0, -1]
     assert (logits[0] - base).abs().max() > 1e-2  # the adapter really changed the output
     assert isinstance(reference, PeftModel)
+
+
+def test_rank_buckets_are_powers_of_two_up_to_the_max_rank():
+    assert [rank_bucket(r, 64) for r in (0, 1, 3, 8, 9, 16, 33, 64)] == [0, 1, 4, 8, 16, 16, 64, 64]
+    assert rank_bucket(40, 48) == 48
+
+
+def test_stacks_hold_the_slots_and_rank_loaded_not_the_limits():
+    layout = [{"qkv": (D_IN, [("l0.q", OUTS[0]), ("l0.k", OUTS[1]), ("l0.v", OUTS[2])])}]
+    stacks = LoraStacks(layout, max_slots=16, max_rank=64, dtype=torch.float32, device="cpu")
+    assert stacks.nbytes() == 0
+    a4, b4 = torch.randn(4, D_IN), torch.randn(OUTS[0], 4)
+    stacks.load(2, {"l0.q": (a4, b4)})
+    assert (stacks.num_slots, stacks.rank_capacity) == (3, 4)
+    per_slot_rank = D_IN * 3 + sum(OUTS)  # A of three members, B.T of each, per unit of rank
+    assert stacks.nbytes() == 3 * 4 * per_slot_rank * 4
+    a12, b12 = torch.randn(12, D_IN), torch.randn(OUTS[2], 12)
+    stacks.load(4, {"l0.v": (a12, b12)})
+    assert (stacks.num_slots, stacks.rank_capacity) == (6, 16)  # doubled; rank bucket 16
+    group = stacks.groups[0]["qkv"]
+    torch.testing.assert_close(group.a[2, 0, :4], a4)  # kept through the re-allocation
+    torch.testing.assert_close(group.bt[2][4, :12], b12.T)
+    stacks.fit(3, 4)  # slot 4 and the ranks beyond 4 go
+    assert stacks.ranks == [0, 0, 4] and group.a.shape == (3, 3, 4, D_IN)
+    torch.testing.assert_close(group.bt[0][2, :4], b4.T)
+    with pytest.raises(ValueError, match="slot 16"):
+        stacks.load(16, {"l0.q": (a4, b4)})
+
+
+def test_auto_slots_follow_the_rank_loaded_and_give_memory_back(load_tiny, tmp_path):
+    """--max-loras auto: the slot budget holds more slots of small adapters than of large
+    ones, and the stacks shrink back once the large adapter is gone."""
+    loaded = load_tiny()
+    runner = ModelRunner(loaded, num_slots=None, max_rank=32, max_rows=16)
+    runner.slot_budget = runner.rank_bytes * 8 * 6  # six slots at rank 8
+    assert runner.slot_limit()[0] == 6 and "rank 8" in runner.slot_limit()[1]
+    spec = BaseModelSpec(runner.target_shapes, max_rank=32, fingerprint="tiny")
+    weights = {}
+    for name, rank in (("small", 4), ("large", 32)):
+        peft = add_peft_adapter(
+            copy.deepcopy(loaded.model), name, LoraConfig(r=rank, target_modules="all-linear"), 1
+        )
+        peft.save_pretrained(tmp_path, selected_adapters=[name])
+        weights[name] = load_adapter(tmp_path / name, spec)
+    runner.load_adapter(0, weights["small"])
+    assert runner.slot_limit()[0] == 6
+    runner.load_adapter(1, weights["large"])
+    assert runner.lora.rank_capacity == 32 and runner.slot_limit()[0] == 2  # 6 * 8 // 32 = 1
+    runner.fit_lora({0})  # the large adapter left slot 1
+    assert (runner.lora.num_slots, runner.lora.rank_capacity) == (1, 4)
+    assert runner.slot_limit()[0] == 6
+    runner.slot_budget = None  # an explicit --max-loras: the limit is the flag
+    assert runner.slot_limit()[0] == runner.lora.max_slots == 16

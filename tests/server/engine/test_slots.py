@@ -103,3 +103,22 @@ def test_prefetch_fills_free_or_idle_slots_but_not_those_wanted_sooner():
     assert not again.needs_load and table.stats.hits == 1
     assert table.prefetch(("d", 1), protect=set()) is None  # both slots referenced
     table.release(b.slot)
+
+
+def test_a_lower_limit_evicts_idle_slots_beyond_it_and_retires_busy_ones_on_release():
+    table = SlotTable(4)
+    for name in "abcd":
+        table.acquire((name, 1))
+    table.release(1)  # b idle; a, c, d busy
+    table.release(3)  # d idle
+    table.set_limit(2)
+    assert table.resident() == {0: ("a", 1), 1: ("b", 1), 2: ("c", 1)}  # d evicted, c busy
+    assert table.acquire(("c", 1)).slot == 2  # still resident: shared while it lasts
+    table.release(2)
+    table.release(2)
+    assert table.lookup(("c", 1)) is None  # retired on its last release
+    grant = table.acquire(("e", 1))
+    assert grant is not None and grant.slot == 1 and grant.evicted == ("b", 1)  # never beyond
+    assert not table.has_room()
+    table.set_limit(3)
+    assert table.has_room() and table.acquire(("f", 1)).slot == 2
