@@ -207,9 +207,11 @@ class DecoderForward:
     def _decode_attention(self, index: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """q (B, H, D) of the decode tokens, sequence i in row rows[i]; returns (B, H, D)."""
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
+        decode_rows = batch.rows[:b]
+        if 2 * b <= rows:  # few rows decode (a prefill step): read only theirs
+            return self._decode_attention_gathered(index, q, batch)
         keys = self.cache.keys[index][:rows, :, :length]  # (rows, H_kv, L, D), a view
         values = self.cache.values[index][:rows, :, :length]
-        decode_rows = batch.rows[:b]
         qg = q.new_zeros(rows, self.kv_heads, self.group, self.head_dim)  # (rows, H_kv, g, D)
         qg[decode_rows] = q.view(b, self.kv_heads, self.group, self.head_dim)
         lengths = torch.ones(rows, dtype=torch.long, device=q.device)
@@ -224,6 +226,26 @@ class DecoderForward:
         probs = scores.softmax(dim=-1).to(values.dtype)
         out = torch.matmul(probs, values)  # (rows, H_kv, g, D)
         return out[decode_rows].view(b, self.num_heads, self.head_dim)
+
+    def _decode_attention_gathered(
+        self, index: int, q: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        """_decode_attention over copies of the decoding rows only: cheaper than the whole
+        pool's view (which the batched matmul copies anyway) when they are at most half."""
+        b, length = batch.n_decode, batch.max_decode_length
+        decode_rows = batch.rows[:b]
+        keys = self.cache.keys[index][:, :, :length].index_select(0, decode_rows)  # (B, H_kv, L, D)
+        values = self.cache.values[index][:, :, :length].index_select(0, decode_rows)
+        qg = q.view(b, self.kv_heads, self.group, self.head_dim)
+        visible = torch.arange(length, device=q.device) < batch.decode_lengths.unsqueeze(1)
+        # The same products as the pool's path (K @ q.T), so a row's result does not depend on
+        # which path its step took.
+        scores = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2)  # (B, H_kv, g, L)
+        scores = (
+            scores.float().mul_(self.scaling).masked_fill_(~visible[:, None, None, :], -torch.inf)
+        )
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).view(b, self.num_heads, self.head_dim)
 
     def _prefill_attention(self, index: int, q: torch.Tensor, chunk: PromptChunk) -> torch.Tensor:
         """q (n, H, D) of one prompt chunk; causal over the row's first start + n tokens."""

@@ -31,8 +31,13 @@ def small_server(model_home, tmp_path_factory):
     config = ServerConfig(
         port=0,
         adapter_store=tmp_path_factory.mktemp("store"),
-        model=ModelConfig(home=model_home),
-        engine=EngineConfig(max_batch_size=BATCH, max_queue=QUEUE, max_loras=2),
+        # float32 and one kernel for every row count: a request's greedy output must not
+        # depend on its batch company, which bf16 and per-row-count kernels do not promise
+        # (their rounding differs with the number of rows, and near ties flip).
+        model=ModelConfig(home=model_home, dtype="float32"),
+        engine=EngineConfig(
+            max_batch_size=BATCH, max_queue=QUEUE, max_loras=2, base_kernel="dense"
+        ),
     )
     thread = ServerThread(config).start()
     yield thread

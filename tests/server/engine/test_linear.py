@@ -15,7 +15,13 @@ from loraplex.adapters.validate import load_adapter
 from loraplex.core.machine import TuningCache
 from loraplex.core.types import BaseModelSpec
 from loraplex.server.engine import linear as linear_module
-from loraplex.server.engine.linear import KERNELS, ROW_BUCKETS, BaseLinears, bucket
+from loraplex.server.engine.linear import (
+    KERNELS,
+    ROW_BUCKETS,
+    BaseLinears,
+    bucket,
+    packing_available,
+)
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.model_runner import ModelRunner
 from tests.helpers import add_peft_adapter, peft_logits
@@ -54,7 +60,11 @@ def test_every_kernel_computes_the_same_layer(load_tiny, dtype):
     loaded = load_tiny(quantization="nf4", dtype=dtype)
     module = four_bit_modules(loaded.model)[0]
     reference = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-    kernels = {k: BaseLinears(loaded.model, loaded.dtype, loaded.device, k) for k in KERNELS}
+    available = [
+        k for k in KERNELS if k != "packed" or packing_available(loaded.device, loaded.dtype)
+    ]
+    assert "packed" in available or dtype == "bfloat16"  # oneDNN packs float32 on any x86 CPU
+    kernels = {k: BaseLinears(loaded.model, loaded.dtype, loaded.device, k) for k in available}
     generator = torch.Generator().manual_seed(0)
     for rows in (1, 40, 1, 600):
         x = torch.randn(rows, module.in_features, generator=generator).to(loaded.dtype)
@@ -139,3 +149,36 @@ def test_an_unquantized_model_has_no_4bit_layers(load_tiny):
     module = loaded.model.model.layers[0].mlp.up_proj
     x = torch.randn(3, module.in_features)
     assert torch.equal(linears(module, x), module(x))
+
+
+def test_each_shape_takes_the_faster_copy_and_merges_read_the_plain_weight(load_tiny):
+    """Where the packed copy is faster it is the one kept (one copy per layer, under the same
+    budget); the weight merges read stays the plain dequantized one."""
+    loaded = load_tiny(quantization="nf4", dtype="bfloat16")
+    modules = four_bit_modules(loaded.model)
+    packed_shape = tuple(modules[0].weight.quant_state.shape)
+    times = {
+        tuple(m.weight.quant_state.shape): [
+            {"bitsandbytes": 3.0, "lut": 2.0, "dense": 1.0, "packed": 0.5}
+            if tuple(m.weight.quant_state.shape) == packed_shape
+            else {"bitsandbytes": 3.0, "lut": 2.0, "dense": 1.0, "packed": 1.5}
+            for _ in ROW_BUCKETS
+        ]
+        for m in modules
+    }
+    linears = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut")
+    linears._assign(times, 1 << 30)  # type: ignore[arg-type]
+    x = torch.randn(3, modules[0].in_features).to(loaded.dtype)
+    for module in modules:
+        layer = linears.layers[module]
+        want = "dense"
+        if tuple(module.weight.quant_state.shape) == packed_shape and "packed" in linears.kernels:
+            want = "packed"  # bf16 packing needs AVX-512 (or AVX-NE-CONVERT)
+        assert layer.copy == want and layer.choice == (want,) * len(ROW_BUCKETS)
+        plain = layer.nf4.dequantize(loaded.dtype)
+        torch.testing.assert_close(linears.weight(module), plain, rtol=0, atol=0)
+    first = modules[0]
+    with torch.inference_mode():
+        got = linears(first, x).float()
+    want_out = x.float() @ linears.weight(first).float().T
+    assert (got - want_out).abs().max() <= 2e-2 * want_out.abs().max()
