@@ -205,7 +205,6 @@ def via_server(
         address = server.wait_ready(args.startup_timeout)
         with LoraplexClient(address, timeout=600) as client:
             register_adapters(client, work / "peft", ids)
-            info = client.model_info()
         burst = partial(burst_rate, address, prompts)
         burst([], 2)  # warm-up
         for i in range(0, len(ids), n):  # load every adapter once (from the store)
@@ -216,6 +215,8 @@ def via_server(
             rates = [burst(rotation(ids, k, n, j), m) for j in range(args.repeats)]
             note = f"{min(k, n)} distinct per batch"
             rows.append(row("loraplex mixed", k, statistics.median(rates), n * m, note))
+        with LoraplexClient(address, timeout=600) as client:
+            info = client.model_info()  # after the loads: the slot count for their rank
         rss = (server.peak_rss_bytes() or 0) / 2**20
     setup = (
         f"`loraplex serve` {' '.join(extra) or '(default flags)'} over gRPC: {info.dtype} "
