@@ -7,6 +7,7 @@ counts, the median time of one call of:
     bnb dequant fp32      bitsandbytes' dequantize_4bit, then one float32 matmul
     lut fp32 / lut bf16   loraplex's lookup-table dequantization, then one matmul
     dense bf16 / fp32     a dense copy of the weight: one matmul
+    packed bf16 / fp32    the copy in oneDNN's blocked layout (where this CPU can pack it)
 
 and what the server's own measurement picks (server/engine/linear.py). Run it natively and with
 benchmarks/avx2 (see its sitecustomize.py) for the AVX2 columns (emulated).
@@ -30,14 +31,21 @@ from bitsandbytes.functional import dequantize_4bit
 from loraplex.core.config import ModelConfig
 from loraplex.core.machine import capability, median_seconds
 from loraplex.core.model import load_model
-from loraplex.server.engine.linear import BaseLinears, Nf4Weight, _Tables
+from loraplex.server.engine.linear import (
+    BaseLinears,
+    Nf4Weight,
+    _Tables,
+    pack,
+    packed_linear,
+    packing_available,
+)
 
 from harness import add_common_args, format_table, make_parser, publish, run_main, setup_logging
 
 log = logging.getLogger("benchmark")
 
 SYSTEMS = ("bnb bf16", "bnb fp32", "bnb dequant fp32", "lut fp32", "lut bf16", "dense bf16",
-           "dense fp32")  # fmt: skip
+           "dense fp32", "packed bf16", "packed fp32")  # fmt: skip
 
 
 def first_of_each_shape(model: torch.nn.Module) -> dict[tuple[int, int], torch.nn.Module]:
@@ -96,6 +104,9 @@ def main() -> int:
                 "dense bf16": partial(F.linear, x16, dense16),
                 "dense fp32": partial(F.linear, x32, dense32),
             }
+            for name, x, dense in (("packed bf16", x16, dense16), ("packed fp32", x32, dense32)):
+                if packing_available(device, dense.dtype):
+                    calls[name] = partial(packed_linear, x, pack(dense), None)
             with torch.inference_mode():
                 ms = {
                     k: 1e3 * median_seconds(f, device, budget_s=0.3, most=15)
@@ -110,7 +121,7 @@ def main() -> int:
         chosen[dtype] = [dataclasses.asdict(c) for c in linears.choices()]
     cols = [("in x out", 9, ""), ("rows", 5, ""), *((s, max(9, len(s)), ".3f") for s in SYSTEMS)]
     table_rows = [
-        [f"{r['shape'][0]}x{r['shape'][1]}", r["rows"], *(r["ms"][s] for s in SYSTEMS)]
+        [f"{r['shape'][0]}x{r['shape'][1]}", r["rows"], *(r["ms"].get(s) for s in SYSTEMS)]
         for r in rows_out
     ]
     lines = [

@@ -1,6 +1,6 @@
 """Draw the benchmark figure from the JSON results, one PNG:
 
-    offline     tok/s against distinct adapters in the batch (benchmarks/throughput.py);
+    throughput  tok/s against distinct adapters in the batch (benchmarks/throughput.py);
                 base-only systems as horizontal lines, PEFT one at a time dashed (extrapolated)
     online      TTFT p50/p99 and ITL p50/p99 against offered load (benchmarks/online.py),
                 with the unloaded latency and the 3x-unloaded TTFT target for reference
@@ -90,7 +90,8 @@ def plot_offline(ax: Axes, data: Any) -> None:
     ax.set_ylim(0, top * 1.12 if top > 0 else None)
     ax.set_xlabel("distinct adapters in the batch")
     ax.set_ylabel("output tokens / s")
-    title = "Offline throughput"
+    engine = isinstance(data, dict) and data.get("via") == "engine"
+    title = "Throughput" + (" (in-process engine)" if engine else "")
     if isinstance(data, dict) and "requests" in data and "new_tokens" in data:
         title += f"\n{data['requests']} requests x {data['new_tokens']} new tokens"
         if "rank" in data:
