@@ -481,6 +481,7 @@ def _adapter_ids(requests: Iterable[EngineRequest]) -> tuple[str, ...]:
 
 def engine_info(runner: ModelRunner) -> EngineInfo:
     loaded, config = runner.loaded, runner.model.config
+    slots, slots_choice = runner.slot_limit()
     return EngineInfo(
         model_id=loaded.model_id,
         model_type=str(getattr(config, "model_type", "")),
@@ -497,6 +498,6 @@ def engine_info(runner: ModelRunner) -> EngineInfo:
         machine=machine_key(loaded.device),
         base_kernels=tuple(runner.linears.choices()),
         dense_cache_bytes=runner.linears.dense_bytes,
-        max_loras=runner.slot_limit()[0],
-        max_loras_choice=runner.slot_limit()[1],
+        max_loras=slots,
+        max_loras_choice=slots_choice,
     )

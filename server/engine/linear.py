@@ -151,6 +151,12 @@ class _Layer:
         self._run: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
         self.set_choice(self.choice)
 
+    def hold_copy(self, copy: str, dtype: torch.dtype) -> int:
+        """Keep a copy of the weight (one of COPIES) in `dtype`; returns its bytes."""
+        dense = self.nf4.dequantize(dtype)
+        self.dense, self.copy = (pack(dense) if copy == "packed" else dense), copy
+        return dense.numel() * dense.element_size()
+
     def set_choice(self, choice: tuple[str, ...]) -> None:
         self.choice = choice
         self._run = tuple(self._kernel(k) for k in choice)
@@ -255,9 +261,7 @@ class BaseLinears:
         return f"{'; '.join(parts)} ({dense}; {self.reason})"
 
     def _give_copy(self, layer: _Layer, copy: str) -> None:
-        dense = layer.nf4.dequantize(self.dtype)
-        self.dense_bytes += dense.numel() * dense.element_size()
-        layer.dense, layer.copy = (pack(dense) if copy == "packed" else dense), copy
+        self.dense_bytes += layer.hold_copy(copy, self.dtype)
 
     def _measure(self, cache: TuningCache | None) -> dict[tuple[int, int], list[dict[str, float]]]:
         """Seconds per call of each kernel at each row bucket, per (out, in) shape: measured on
@@ -281,8 +285,7 @@ class BaseLinears:
             for copy in (None, *(k for k in COPIES if k in self.kernels)):
                 probe = probes[copy] = _Layer(layer.module, layer.nf4)
                 if copy is not None:
-                    dense = layer.nf4.dequantize(self.dtype)
-                    probe.dense, probe.copy = (pack(dense) if copy == "packed" else dense), copy
+                    probe.hold_copy(copy, self.dtype)
             generator = torch.Generator().manual_seed(0)
             rows_times = []
             for rows in ROW_BUCKETS:
