@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from loraplex.core.config import ModelConfig
+from loraplex.core.machine import DtypeChoice
 from loraplex.core.model import LoadedModel, eos_ids_of, load_model
 from loraplex.training.config import TrainConfig, to_dict
 from loraplex.training.data import (
@@ -52,7 +53,7 @@ from loraplex.training.data import (
 )
 from loraplex.training.evaluate import Scorer, score_base_and_adapter
 from loraplex.training.flattened_attention import use_flattened_attention
-from loraplex.training.frozen_base import dequantize_frozen_base
+from loraplex.training.frozen_base import dequantize_frozen_base, frozen_base_dtype
 from loraplex.training.report import write_report
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,11 @@ def train(config: TrainConfig) -> Path | None:
         dry_run(config, prepared, tokenizer)
         return None
     cuda = torch.cuda.is_available()
+    base_dtype: DtypeChoice | None = None
     if config.quantization == "nf4" and not cuda:
-        dequantize_frozen_base(model, torch.float32)
+        base_dtype = frozen_base_dtype(model, Path(config.home).expanduser())
+        log.info("frozen base in %s (%s)", base_dtype.dtype, base_dtype.reason)
+        dequantize_frozen_base(model, getattr(torch, base_dtype.dtype))
     if config.packing:
         use_flattened_attention(model)
     if config.quantization == "nf4":
@@ -291,7 +295,7 @@ def train(config: TrainConfig) -> Path | None:
         metrics.update(base_score=scores.base_mean, adapter_score=scores.adapter_mean)
     adapter_dir = config.out / ADAPTER_DIR
     model.save_pretrained(str(adapter_dir))
-    summary = write_manifest(adapter_dir, config, loaded, prepared, metrics, trainer)
+    summary = write_manifest(adapter_dir, config, loaded, prepared, metrics, trainer, base_dtype)
     write_report(config.out, summary, trainer.state.log_history, scores)
     log.info("adapter written to %s; report in %s", adapter_dir, config.out / "report.md")
     return adapter_dir
@@ -320,6 +324,7 @@ def write_manifest(
     prepared: Prepared,
     metrics: dict[str, Any],
     trainer: Any,
+    frozen_base: DtypeChoice | None = None,
 ) -> dict[str, Any]:
     """Write the adapter's training_manifest.json; returns it without the log history."""
     import bitsandbytes
@@ -332,6 +337,9 @@ def write_manifest(
         "base_model": loaded.model_id,
         "base_model_fingerprint": loaded.fingerprint,
         "quantization": loaded.quantization,
+        # A CPU's frozen 4-bit base, dequantized once: its dtype and why (None: as loaded).
+        "frozen_base_dtype": None if frozen_base is None else frozen_base.dtype,
+        "frozen_base_dtype_reason": None if frozen_base is None else frozen_base.reason,
         "data_sha256": prepared.data_sha256,
         "train_examples": len(prepared.train),
         "eval_examples": len(prepared.eval),

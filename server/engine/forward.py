@@ -142,7 +142,7 @@ class DecoderForward:
         merged: dict[nn.Module, torch.Tensor] = {}
         for name, (layer, gname, member) in self.lora.modules.items():
             group = self.lora.groups[layer][gname]
-            a, bt = group.a[slot, member], group.bt[member][slot]  # (R, in), (R, out)
+            a, bt = group.a(slot, member), group.bt[member][slot]  # (R, in), (R, out)
             if not bt.any():
                 continue  # not targeted by this adapter
             module = by_name[name]
@@ -165,11 +165,11 @@ class DecoderForward:
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
         for index, layer in enumerate(inner.layers):
             groups = self.lora.groups[index]
-            x = layer.input_layernorm(h)
-            h = h + self._attention(index, layer.self_attn, x, cos, sin, batch, groups)
-            x = layer.post_attention_layernorm(h)
-            h = h + self._mlp(layer.mlp, x, batch, groups)
-        h = inner.norm(h.index_select(0, batch.logits_index))  # (M, hidden)
+            x = _rms_norm(layer.input_layernorm, h)
+            h += self._attention(index, layer.self_attn, x, cos, sin, batch, groups)
+            x = _rms_norm(layer.post_attention_layernorm, h)
+            h += self._mlp(layer.mlp, x, batch, groups)
+        h = _rms_norm(inner.norm, h.index_select(0, batch.logits_index))  # (M, hidden)
         return self.model.lm_head(h).float()
 
     def _attention(
@@ -277,6 +277,12 @@ def _add_lora(
     add_lora(outputs, x, group, batch.lora)
     if batch.unmerge is not None:
         add_lora(outputs, x, group, batch.unmerge, scale=-1.0)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The family's RMSNorm module (weight, variance_epsilon) as torch's fused kernel, one op
+    instead of about seven: HF's values in float32, within one rounding in bf16 (tested)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

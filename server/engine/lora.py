@@ -45,7 +45,10 @@ class LoraGroup:
     """The LoRA stacks of k linear layers that read the same input (q/k/v, or gate/up), so that
     one shrink serves all k of them:
 
-        a:     (S, k, R, in)     A of every slot and member, rows beyond a slot's rank are 0
+        at:    (S, in, k, R)     A.T of every slot and member, columns beyond a slot's rank are
+                                 0; transposed so that a slot's shrink is one (in, k*R) matrix
+                                 with unit stride along it (the CPU bmm then runs ~1.5x faster
+                                 than on A's transposed view)
         bt[j]: (S, R, out_j)     B.T of member j, scaled; stored transposed so that slicing the
                                  rank is a view of whole rows
 
@@ -65,7 +68,7 @@ class LoraGroup:
         self.in_features = in_features
         self.out_features = out_features
         k = len(out_features)
-        self.a = torch.zeros(num_slots, k, max_rank, in_features, dtype=dtype, device=device)
+        self.at = torch.zeros(num_slots, in_features, k, max_rank, dtype=dtype, device=device)
         self.bt = [
             torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device)
             for out in out_features
@@ -73,15 +76,20 @@ class LoraGroup:
 
     @property
     def rank_capacity(self) -> int:
-        return self.a.shape[2]
+        return self.at.shape[3]
+
+    def a(self, slot: int, member: int) -> torch.Tensor:
+        """A (R, in) of one slot and member, a view."""
+        return self.at[slot, :, member].T
 
     def reshape(self, num_slots: int, rank: int) -> None:
         """Re-allocate the stacks for `num_slots` slots at rank capacity `rank`, keeping what
         the slots and ranks that remain hold."""
-        s, r = min(num_slots, self.a.shape[0]), min(rank, self.rank_capacity)
-        a = self.a.new_zeros(num_slots, self.a.shape[1], rank, self.a.shape[3])
-        a[:s, :, :r] = self.a[:s, :, :r]
-        self.a = a
+        s, r = min(num_slots, self.at.shape[0]), min(rank, self.rank_capacity)
+        _, fan_in, k, _ = self.at.shape
+        at = self.at.new_zeros(num_slots, fan_in, k, rank)
+        at[:s, :, :, :r] = self.at[:s, :, :, :r]
+        self.at = at
         for j, bt in enumerate(self.bt):
             kept = bt.new_zeros(num_slots, rank, bt.shape[2])
             kept[:s, :r] = bt[:s, :r]
@@ -90,20 +98,20 @@ class LoraGroup:
     def set_slot(self, slot: int, member: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one member's A (r, in) and scaled B (out, r) into `slot`."""
         r = a.shape[0]
-        self.a[slot, member].zero_()
+        self.at[slot, :, member].zero_()
         self.bt[member][slot].zero_()
-        self.a[slot, member, :r].copy_(a)
+        self.at[slot, :, member, :r].copy_(a.T)
         self.bt[member][slot, :r].copy_(b.T)
 
     def clear_slot(self, slot: int) -> None:
-        self.a[slot].zero_()
+        self.at[slot].zero_()
         for bt in self.bt:
             bt[slot].zero_()
 
     def reference_stacks(self, member: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (S, R, in), B (S, out, R)) of one member, in the layout `lora_delta_reference`
         takes."""
-        return self.a[:, member], self.bt[member].transpose(1, 2)
+        return self.at[:, :, member].transpose(1, 2), self.bt[member].transpose(1, 2)
 
 
 def slot_bytes(
@@ -197,7 +205,7 @@ class LoraStacks:
 
     def nbytes(self) -> int:
         return sum(
-            g.a.nbytes + sum(bt.nbytes for bt in g.bt) for gs in self.groups for g in gs.values()
+            g.at.nbytes + sum(bt.nbytes for bt in g.bt) for gs in self.groups for g in gs.values()
         )
 
     def clear(self, slot: int) -> None:

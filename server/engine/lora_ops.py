@@ -156,8 +156,8 @@ def _add_decode(
     lay: DecodeLayout,
     scale: float,
 ) -> None:
-    u, g, k = lay.num_blocks, lay.group_size, len(group.bt)
-    dtype = group.a.dtype
+    u, g, cap = lay.num_blocks, lay.group_size, group.rank_capacity
+    dtype = group.at.dtype
     first = lay.start
     xs = x.index_select(0, lay.src) if lay.src is not None else x[first : first + lay.count]
     xs = xs.to(dtype)  # (M, in)
@@ -165,11 +165,13 @@ def _add_decode(
         padded = xs.new_zeros(u * g, x.shape[1])
         padded.index_copy_(0, lay.dst, xs)
         xs = padded
-    a = _stack(group.a, lay)[:, :, :r].reshape(u, k * r, -1)  # (U, k*R, in): a view if it can
-    shrunk = torch.bmm(xs.view(u, g, -1), a.transpose(1, 2))  # (U, G, k*R)
+    # All k members at the full rank capacity C (a column slice of the rank would make the
+    # bmm copy its operand); columns beyond a slot's rank are zeros.
+    at = _stack(group.at, lay).flatten(2)  # (U, in, k*C): a view for a range of slots
+    shrunk = torch.bmm(xs.view(u, g, -1), at)  # (U, G, k*C)
     for j, out in enumerate(outputs):
         bt = _stack(group.bt[j], lay)[:, :r]  # (U, R, out_j)
-        s_j = shrunk[:, :, j * r : (j + 1) * r]  # (U, G, R)
+        s_j = shrunk[:, :, j * cap : j * cap + r]  # (U, G, R)
         if lay.src is None and lay.dst is None and out.dtype == dtype:
             # Tokens already in block order: accumulate in place, no temporary.
             out[first : first + u * g].view(u, g, -1).baddbmm_(s_j, bt, alpha=scale)
@@ -202,11 +204,11 @@ def _add_segment(
     end: int,
     scale: float,
 ) -> None:
-    xs = x[start:end].to(group.a.dtype)  # (n, in)
-    k = len(group.bt)
-    shrunk = xs @ group.a[slot, :, :r].reshape(k * r, -1).T  # (n, k*R)
+    xs = x[start:end].to(group.at.dtype)  # (n, in)
+    cap = group.rank_capacity
+    shrunk = xs @ group.at[slot].flatten(1)  # (n, k*C), as in _add_decode
     for j, out in enumerate(outputs):
-        s_j, bt = shrunk[:, j * r : (j + 1) * r], group.bt[j][slot, :r]  # (n, R), (R, out_j)
+        s_j, bt = shrunk[:, j * cap : j * cap + r], group.bt[j][slot, :r]  # (n, R), (R, out_j)
         if out.dtype == shrunk.dtype:
             out[start:end].addmm_(s_j, bt, alpha=scale)  # in place, no temporary
         else:

@@ -92,6 +92,9 @@ def test_qlora_run_writes_an_adapter_the_server_accepts(tiny_model_dir, dataset,
     losses = [e["loss"] for e in manifest["log_history"] if "loss" in e]
     assert len(losses) == 6 and "eval_loss" in manifest["metrics"]
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(manifest["versions"])
+    # On a CPU the frozen 4-bit base computes in the dtype measured fastest here.
+    assert manifest["frozen_base_dtype"] in ("bfloat16", "float32")
+    assert "float32's" in manifest["frozen_base_dtype_reason"]
     metrics = manifest["metrics"]
     assert metrics["train_tokens"] > 0 and metrics["train_tokens_per_second"] > 0
     assert 0 <= metrics["base_score"] <= 1 and 0 <= metrics["adapter_score"] <= 1

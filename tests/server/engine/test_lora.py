@@ -112,7 +112,7 @@ def test_bf16_weights_stay_close_to_the_float32_spec():
     torch.manual_seed(0)
     group32 = random_group()
     group16 = LoraGroup(D_IN, OUTS, len(RANKS), 16, torch.bfloat16, torch.device("cpu"))
-    group16.a.copy_(group32.a)
+    group16.at.copy_(group32.at)
     for b16, b32 in zip(group16.bt, group32.bt, strict=True):
         b16.copy_(b32)
     decode = [2, 0, 1, 0]
@@ -134,14 +134,14 @@ def test_stacks_place_each_module_in_its_group_member():
     stacks.load(1, {"l1.k": (a, b)})
     assert stacks.ranks == [0, 4]
     group = stacks.groups[1]["qkv"]
-    torch.testing.assert_close(group.a[1, 1, :4], a)
+    torch.testing.assert_close(group.a(1, 1)[:4], a)
     torch.testing.assert_close(group.bt[1][1, :4], b.T)
     assert (
-        torch.count_nonzero(group.a[1, 0]) == 0
-        and torch.count_nonzero(stacks.groups[0]["qkv"].a) == 0
+        torch.count_nonzero(group.a(1, 0)) == 0
+        and torch.count_nonzero(stacks.groups[0]["qkv"].at) == 0
     )
     stacks.clear(1)
-    assert stacks.ranks == [0, 0] and torch.count_nonzero(group.a) == 0
+    assert stacks.ranks == [0, 0] and torch.count_nonzero(group.at) == 0
 
 
 @pytest.mark.cpu_isa
@@ -193,10 +193,10 @@ def test_stacks_hold_the_slots_and_rank_loaded_not_the_limits():
     stacks.load(4, {"l0.v": (a12, b12)})
     assert (stacks.num_slots, stacks.rank_capacity) == (6, 16)  # doubled; rank bucket 16
     group = stacks.groups[0]["qkv"]
-    torch.testing.assert_close(group.a[2, 0, :4], a4)  # kept through the re-allocation
+    torch.testing.assert_close(group.a(2, 0)[:4], a4)  # kept through the re-allocation
     torch.testing.assert_close(group.bt[2][4, :12], b12.T)
     stacks.fit(3, 4)  # slot 4 and the ranks beyond 4 go
-    assert stacks.ranks == [0, 0, 4] and group.a.shape == (3, 3, 4, D_IN)
+    assert stacks.ranks == [0, 0, 4] and group.at.shape == (3, D_IN, 3, 4)
     torch.testing.assert_close(group.bt[0][2, :4], b4.T)
     with pytest.raises(ValueError, match="slot 16"):
         stacks.load(16, {"l0.q": (a4, b4)})
