@@ -103,6 +103,46 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _DecodeMask:
+    gathered: bool  # attention reads copies of the decoding rows, not the pool's view
+    bias: torch.Tensor  # (rows or B, 1, 1, L) float32: 0 where a row sees a key, else -inf
+
+
+@dataclass(frozen=True)
+class _AttentionMasks:
+    """A step's attention masks, the same in every layer: built once per step."""
+
+    decode: _DecodeMask
+    chunks: list[torch.Tensor]  # per prompt chunk, (n, T) float32: 0, or -inf for the future
+
+    @classmethod
+    def of(cls, batch: StepBatch) -> _AttentionMasks:
+        b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
+        device = batch.ids.device
+        gathered = 2 * b <= rows
+        if gathered:
+            lengths = batch.decode_lengths
+        else:  # every row of the pool's view; rows not decoding see their first key only
+            lengths = torch.ones(rows, dtype=torch.long, device=device)
+            lengths[batch.rows[:b]] = batch.decode_lengths
+        hidden = torch.arange(length, device=device) >= lengths.unsqueeze(1)  # (rows, L)
+        decode = _DecodeMask(gathered, _additive(hidden)[:, None, None, :])
+        chunks = []
+        for chunk in batch.chunks:
+            total = chunk.start + chunk.length
+            pos = torch.arange(chunk.start, total, device=device)
+            chunks.append(_additive(torch.arange(total, device=device) > pos.unsqueeze(1)))
+        return cls(decode, chunks)
+
+
+def _additive(hidden: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True: not seen) as float32 0 / -inf, to add to attention scores."""
+    return torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device).masked_fill_(
+        hidden, -torch.inf
+    )
+
+
 class DecoderForward:
     def __init__(
         self, model: nn.Module, cache: KVCache, lora: LoraStacks, linears: BaseLinears
@@ -163,10 +203,11 @@ class DecoderForward:
         h = inner.embed_tokens(batch.ids)  # (N, hidden)
         cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
+        masks = _AttentionMasks.of(batch)  # the same for every layer: built once per step
         for index, layer in enumerate(inner.layers):
             groups = self.lora.groups[index]
             x = _rms_norm(layer.input_layernorm, h)
-            h += self._attention(index, layer.self_attn, x, cos, sin, batch, groups)
+            h += self._attention(index, layer.self_attn, x, cos, sin, batch, groups, masks)
             x = _rms_norm(layer.post_attention_layernorm, h)
             h += self._mlp(layer.mlp, x, batch, groups)
         h = _rms_norm(inner.norm, h.index_select(0, batch.logits_index))  # (M, hidden)
@@ -181,6 +222,7 @@ class DecoderForward:
         sin: torch.Tensor,
         batch: StepBatch,
         groups: dict,
+        masks: _AttentionMasks,
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = (
@@ -195,40 +237,38 @@ class DecoderForward:
         self.cache.write(index, batch.cache_index, k, v)
         out = torch.empty_like(q)  # (N, H, D)
         if batch.n_decode:
-            out[: batch.n_decode] = self._decode_attention(index, q[: batch.n_decode], batch)
-        for chunk in batch.chunks:
+            out[: batch.n_decode] = self._decode_attention(
+                index, q[: batch.n_decode], batch, masks.decode
+            )
+        for chunk, future in zip(batch.chunks, masks.chunks, strict=True):
             span = slice(chunk.offset, chunk.offset + chunk.length)
-            out[span] = self._prefill_attention(index, q[span], chunk)
+            out[span] = self._prefill_attention(index, q[span], chunk, future)
         o_in = out.view(n, -1)
         o = self._linear(attn.o_proj, o_in)
         _add_lora([o], o_in, groups["o"], batch)
         return o
 
-    def _decode_attention(self, index: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+    def _decode_attention(
+        self, index: int, q: torch.Tensor, batch: StepBatch, mask: _DecodeMask
+    ) -> torch.Tensor:
         """q (B, H, D) of the decode tokens, sequence i in row rows[i]; returns (B, H, D)."""
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
         decode_rows = batch.rows[:b]
-        if 2 * b <= rows:  # few rows decode (a prefill step): read only theirs
-            return self._decode_attention_gathered(index, q, batch)
+        if mask.gathered:  # few rows decode (a prefill step): read only theirs
+            return self._decode_attention_gathered(index, q, batch, mask)
         keys = self.cache.keys[index][:rows, :, :length]  # (rows, H_kv, L, D), a view
         values = self.cache.values[index][:rows, :, :length]
         qg = q.new_zeros(rows, self.kv_heads, self.group, self.head_dim)  # (rows, H_kv, g, D)
         qg[decode_rows] = q.view(b, self.kv_heads, self.group, self.head_dim)
-        lengths = torch.ones(rows, dtype=torch.long, device=q.device)
-        lengths[decode_rows] = batch.decode_lengths
-        visible = torch.arange(length, device=q.device) < lengths.unsqueeze(1)  # (rows, L)
         # K @ q.T rather than q @ K.T: the strided view is then the left operand, which the
         # CPU bmm takes ~2x faster for these (g x D) @ (D x L) shapes.
         scores = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2)  # (rows, H_kv, g, L)
-        scores = (
-            scores.float().mul_(self.scaling).masked_fill_(~visible[:, None, None, :], -torch.inf)
-        )
-        probs = scores.softmax(dim=-1).to(values.dtype)
+        probs = self._probs(scores, mask.bias).to(values.dtype)
         out = torch.matmul(probs, values)  # (rows, H_kv, g, D)
         return out[decode_rows].view(b, self.num_heads, self.head_dim)
 
     def _decode_attention_gathered(
-        self, index: int, q: torch.Tensor, batch: StepBatch
+        self, index: int, q: torch.Tensor, batch: StepBatch, mask: _DecodeMask
     ) -> torch.Tensor:
         """_decode_attention over copies of the decoding rows only: cheaper than the whole
         pool's view (which the batched matmul copies anyway) when they are at most half."""
@@ -237,27 +277,28 @@ class DecoderForward:
         keys = self.cache.keys[index][:, :, :length].index_select(0, decode_rows)  # (B, H_kv, L, D)
         values = self.cache.values[index][:, :, :length].index_select(0, decode_rows)
         qg = q.view(b, self.kv_heads, self.group, self.head_dim)
-        visible = torch.arange(length, device=q.device) < batch.decode_lengths.unsqueeze(1)
         # The same products as the pool's path (K @ q.T), so a row's result does not depend on
         # which path its step took.
         scores = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2)  # (B, H_kv, g, L)
-        scores = (
-            scores.float().mul_(self.scaling).masked_fill_(~visible[:, None, None, :], -torch.inf)
-        )
-        probs = scores.softmax(dim=-1).to(values.dtype)
+        probs = self._probs(scores, mask.bias).to(values.dtype)
         return torch.matmul(probs, values).view(b, self.num_heads, self.head_dim)
 
-    def _prefill_attention(self, index: int, q: torch.Tensor, chunk: PromptChunk) -> torch.Tensor:
-        """q (n, H, D) of one prompt chunk; causal over the row's first start + n tokens."""
+    def _probs(self, scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Softmax of scaled scores plus an additive mask (0 or -inf, float32): the float32
+        cast, the scaling and the mask are one op (the same values as masking after)."""
+        return torch.add(bias, scores, alpha=self.scaling).softmax(dim=-1)
+
+    def _prefill_attention(
+        self, index: int, q: torch.Tensor, chunk: PromptChunk, future: torch.Tensor
+    ) -> torch.Tensor:
+        """q (n, H, D) of one prompt chunk; causal over the row's first start + n tokens
+        (`future`: the chunk's (n, T) additive mask)."""
         n, total = chunk.length, chunk.start + chunk.length
         keys = self.cache.keys[index][chunk.row, :, :total].unsqueeze(1)  # (H_kv, 1, T, D)
         values = self.cache.values[index][chunk.row, :, :total].unsqueeze(1)
         qg = q.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(qg, keys.transpose(-1, -2))  # (H_kv, g, n, T)
-        pos = torch.arange(chunk.start, total, device=q.device)
-        future = torch.arange(total, device=q.device) > pos.unsqueeze(1)  # (n, T)
-        scores = scores.float().mul_(self.scaling).masked_fill_(future, -torch.inf)
-        probs = scores.softmax(dim=-1).to(values.dtype)
+        probs = self._probs(scores, future).to(values.dtype)
         out = torch.matmul(probs, values)  # (H_kv, g, n, D)
         return out.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
 
