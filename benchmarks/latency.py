@@ -43,7 +43,6 @@ from harness import (
     add_server_args,
     child_pool,
     format_table,
-    latency_ms,
     make_adapters_and_prompts,
     make_parser,
     publish,
@@ -53,6 +52,7 @@ from harness import (
     server_process,
     setup_logging,
     stream_one,
+    summarize_streams,
     work_dir,
 )
 
@@ -144,24 +144,21 @@ def llama_streams(
 
 
 def summarize(results: list[StreamResult]) -> dict[str, Any]:
-    ok = [r for r in results if r.error is None and r.ttft is not None and r.e2e is not None]
-    if not ok:
-        raise RuntimeError(f"every request failed, e.g. {results[0].error}")
+    """harness.summarize_streams' figures, plus each stream's own decode rate."""
+    summary = summarize_streams(results)
     per_stream = [
-        (r.tokens - 1) / (r.e2e - r.ttft)  # type: ignore[operator]
-        for r in ok
-        if r.tokens > 1 and r.e2e > r.ttft  # type: ignore[operator]
-    ]
-    first = min(r.sent for r in results)
-    wall = max(r.sent + (r.e2e or 0.0) for r in ok) - first
-    itl = latency_ms([x for r in ok for x in r.itls]) or {}
-    ttft = latency_ms([r.ttft for r in ok if r.ttft is not None]) or {}
+        (r.tokens - 1) / (r.e2e - r.ttft)
+        for r in results
+        if r.error is None and r.ttft is not None and r.e2e is not None and r.e2e > r.ttft
+        and r.tokens > 1
+    ]  # fmt: skip
+    itl, ttft = summary["itl_ms"] or {}, summary["ttft_ms"] or {}
     return {
-        "requests": len(results),
-        "errors": len(results) - len(ok),
-        "tokens": sum(r.tokens for r in ok),
+        "requests": summary["requests"],
+        "errors": summary["errors"],
+        "tokens": summary["completion_tokens"],
         "stream_tokens_per_s": statistics.median(per_stream) if per_stream else None,
-        "aggregate_tokens_per_s": sum(r.tokens for r in ok) / wall,
+        "aggregate_tokens_per_s": summary["output_tokens_per_s"],
         "itl_p50_ms": itl.get("p50"),
         "itl_p99_ms": itl.get("p99"),
         "ttft_p50_ms": ttft.get("p50"),

@@ -117,6 +117,12 @@ class DtypeChoice:
     reason: str  # why, for the log and ModelInfo
 
 
+def model_widths(model_config: Any) -> tuple[int, int]:
+    """A transformers config's (hidden, intermediate) widths: the shapes choose_dtype times."""
+    hidden = int(model_config.hidden_size)
+    return hidden, int(getattr(model_config, "intermediate_size", 4 * hidden))
+
+
 def choose_dtype(
     device: torch.device, widths: tuple[int, int], cache: TuningCache | None = None
 ) -> DtypeChoice:

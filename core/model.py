@@ -22,7 +22,7 @@ from bitsandbytes.functional import dequantize_4bit
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from loraplex.core.config import ModelConfig
-from loraplex.core.machine import TuningCache, choose_dtype
+from loraplex.core.machine import TuningCache, choose_dtype, model_widths
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     device = pick_device(config.device)
     dtype_name, dtype_reason = config.dtype, f"--dtype {config.dtype}"
     if dtype_name == "auto":
-        model_config = AutoConfig.from_pretrained(source)
-        hidden = int(model_config.hidden_size)
-        widths = (hidden, int(getattr(model_config, "intermediate_size", 4 * hidden)))
+        widths = model_widths(AutoConfig.from_pretrained(source))
         choice = choose_dtype(device, widths, TuningCache(config.home / "tuning"))
         dtype_name, dtype_reason = choice.dtype, f"auto: {choice.reason}"
     dtype = getattr(torch, dtype_name)

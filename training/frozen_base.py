@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from torch import nn
 
-from loraplex.core.machine import DtypeChoice, TuningCache, choose_dtype
+from loraplex.core.machine import DtypeChoice, TuningCache, choose_dtype, model_widths
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 def frozen_base_dtype(model: nn.Module, home: Path) -> DtypeChoice:
     """The dtype the frozen base computes in on a CPU: what `--dtype auto` picks for serving
     (measured on the model's widths, cached under the loraplex home)."""
-    hidden = int(model.config.hidden_size)
-    widths = (hidden, int(getattr(model.config, "intermediate_size", 4 * hidden)))
+    widths = model_widths(model.config)
     return choose_dtype(torch.device("cpu"), widths, TuningCache(home / "tuning"))
 
 
@@ -49,6 +48,8 @@ def dequantize_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
             raise RuntimeError("the 4-bit weights were already repacked by a forward")
         dense = dequantize_4bit(weight.data, state).to(dtype)
         module.register_buffer("dense_weight", dense, persistent=False)
+        bias = None if module.bias is None else module.bias.detach().to(dtype)
+        module.register_buffer("dense_bias", bias, persistent=False)
         module.forward = types.MethodType(_dense_forward, module)
         changed += 1
     if changed:
@@ -61,5 +62,4 @@ def dequantize_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
 def _dense_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """In the frozen weight's dtype, out in the input's (the casts carry gradients)."""
     weight = self.dense_weight
-    bias = None if self.bias is None else self.bias.to(weight.dtype)
-    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+    return F.linear(x.to(weight.dtype), weight, self.dense_bias).to(x.dtype)

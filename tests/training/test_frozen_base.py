@@ -14,9 +14,10 @@ def _four_bit(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # Qwen2's q/k/v carry biases
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_frozen_layers_compute_the_4bit_weight_in_the_chosen_dtype(load_tiny, dtype):
-    loaded = load_tiny(quantization="nf4", dtype="float32")
+def test_frozen_layers_compute_the_4bit_weight_in_the_chosen_dtype(load_tiny, dtype, family):
+    loaded = load_tiny(quantization="nf4", dtype="float32", family=family)
     modules = _four_bit(loaded.model)
     module = modules[0]
     weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
@@ -26,6 +27,8 @@ def test_frozen_layers_compute_the_4bit_weight_in_the_chosen_dtype(load_tiny, dt
     got = module(x)
     assert got.dtype == torch.float32  # the model's own dtype flows on
     want = x.detach() @ weight.T
+    if module.bias is not None:
+        want = want + module.bias.detach()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.detach() - want).abs().max() <= tolerance * want.abs().max()
     got.sum().backward()
