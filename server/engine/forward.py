@@ -12,6 +12,7 @@ once; attention reads the KV cache rows:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.core.model import dense_weight
-from loraplex.server.engine.kv_cache import CacheShape, KVCache
+from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
 from loraplex.server.engine.linear import BaseLinears
 from loraplex.server.engine.lora import LoraGroup, LoraStacks
 from loraplex.server.engine.lora_ops import LoraPlan, add_lora
@@ -143,6 +144,50 @@ def _additive(hidden: torch.Tensor) -> torch.Tensor:
     )
 
 
+class _LayerParts:
+    """One decoder layer as the forward reads it, resolved once: its norms, the kernel of each
+    linear layer (BaseLinears' choice, or a merged copy while an adapter is merged), its KV
+    cache and its LoRA groups."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        linears: BaseLinears,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        groups: dict[str, LoraGroup],
+    ) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm = _Norm(layer.input_layernorm)
+        self.post_norm = _Norm(layer.post_attention_layernorm)
+        self.modules: dict[str, nn.Module] = {
+            "q": attn.q_proj,
+            "k": attn.k_proj,
+            "v": attn.v_proj,
+            "o": attn.o_proj,
+            "gate": mlp.gate_proj,
+            "up": mlp.up_proj,
+            "down": mlp.down_proj,
+        }
+        self.linear: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            name: linears.kernel(module) for name, module in self.modules.items()
+        }
+        self.act: Callable[[torch.Tensor], torch.Tensor] = mlp.act_fn
+        self.keys, self.values = keys, values
+        self.groups = groups
+
+
+class _Norm:
+    """An RMSNorm module's weight and epsilon (the family's own, read once)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        self.weight: torch.Tensor = norm.weight
+        self.eps = float(norm.variance_epsilon)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(self.weight, self.eps, x)
+
+
 class DecoderForward:
     def __init__(
         self, model: nn.Module, cache: KVCache, lora: LoraStacks, linears: BaseLinears
@@ -157,15 +202,14 @@ class DecoderForward:
         self.group = self.num_heads // self.kv_heads
         self.scaling = self.head_dim**-0.5
         self.linears = linears
+        inner = model.model
+        self.layers = [
+            _LayerParts(layer, linears, cache.keys[i], cache.values[i], lora.groups[i])
+            for i, layer in enumerate(inner.layers)
+        ]
+        self.final_norm = _Norm(inner.norm)
         # Layers with an adapter folded in: W + B @ A, dense in the compute dtype (see merge).
         self.merged: dict[nn.Module, torch.Tensor] = {}
-
-    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """A base linear layer on (N, in): its merged copy, else its chosen kernel."""
-        merged = self.merged.get(module)
-        if merged is not None:
-            return F.linear(x, merged, module.bias)
-        return self.linears(module, x)
 
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         """A base linear layer's weight (out, in) as the forward computes with it: 4-bit
@@ -176,8 +220,9 @@ class DecoderForward:
     def merge(self, slot: int) -> int:
         """Fold the adapter in `slot` into the base: every layer it targets gets a dense copy
         W + B @ A (the sum in float32, kept in the compute dtype: the higher-precision copy of
-        a 4-bit base, whose 4-bit weights stay untouched for unmerging). Returns the number of
-        layers merged. Requests for other adapters then subtract its delta (StepBatch.unmerge)."""
+        a 4-bit base, whose 4-bit weights stay untouched for unmerging), laid out as the
+        layer's own copy (packed where it is). Returns the number of layers merged. Requests
+        for other adapters then subtract its delta (StepBatch.unmerge)."""
         by_name = dict(self.model.named_modules())
         merged: dict[nn.Module, torch.Tensor] = {}
         for name, (layer, gname, member) in self.lora.modules.items():
@@ -189,12 +234,20 @@ class DecoderForward:
             base = self.dense_weight(module)  # in the compute dtype
             delta = bt.float().T @ a.float()  # (out, in)
             merged[module] = (base.float() + delta).to(base.dtype)
+        self.unmerge()
         self.merged = merged
+        for parts in self.layers:
+            for key, module in parts.modules.items():
+                if module in merged:
+                    parts.linear[key] = self.linears.merged(module, merged[module])
         return len(merged)
 
     def unmerge(self) -> None:
         """Back to the untouched base weights (the dense copies are dropped)."""
         self.merged = {}
+        for parts in self.layers:
+            for key, module in parts.modules.items():
+                parts.linear[key] = self.linears.kernel(module)
 
     @torch.inference_mode()
     def __call__(self, batch: StepBatch) -> torch.Tensor:
@@ -204,60 +257,66 @@ class DecoderForward:
         cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
         masks = _AttentionMasks.of(batch)  # the same for every layer: built once per step
-        for index, layer in enumerate(inner.layers):
-            groups = self.lora.groups[index]
-            x = _rms_norm(layer.input_layernorm, h)
-            h += self._attention(index, layer.self_attn, x, cos, sin, batch, groups, masks)
-            x = _rms_norm(layer.post_attention_layernorm, h)
-            h += self._mlp(layer.mlp, x, batch, groups)
-        h = _rms_norm(inner.norm, h.index_select(0, batch.logits_index))  # (M, hidden)
+        for parts in self.layers:
+            h = self.layer(parts, h, cos, sin, batch, masks)
+        h = self.final_norm(h.index_select(0, batch.logits_index))  # (M, hidden)
         return self.model.lm_head(h).float()
+
+    def layer(
+        self,
+        parts: _LayerParts,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: StepBatch,
+        masks: _AttentionMasks,
+    ) -> torch.Tensor:
+        """One decoder layer on the step's hidden states h (N, hidden), updated in place."""
+        x = parts.input_norm(h)
+        h += self._attention(parts, x, cos, sin, batch, masks)
+        x = parts.post_norm(h)
+        h += self._mlp(parts, x, batch)
+        return h
 
     def _attention(
         self,
-        index: int,
-        attn: nn.Module,
+        parts: _LayerParts,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: StepBatch,
-        groups: dict,
         masks: _AttentionMasks,
     ) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = (
-            self._linear(attn.q_proj, x),
-            self._linear(attn.k_proj, x),
-            self._linear(attn.v_proj, x),
-        )
+        n, linear, groups = x.shape[0], parts.linear, parts.groups
+        q, k, v = linear["q"](x), linear["k"](x), linear["v"](x)
         _add_lora([q, k, v], x, groups["qkv"], batch)
         q = _rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
         k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(n, self.kv_heads, self.head_dim)
-        self.cache.write(index, batch.cache_index, k, v)
+        write_layer(parts.keys, parts.values, batch.cache_index, k, v)
         out = torch.empty_like(q)  # (N, H, D)
         if batch.n_decode:
             out[: batch.n_decode] = self._decode_attention(
-                index, q[: batch.n_decode], batch, masks.decode
+                parts, q[: batch.n_decode], batch, masks.decode
             )
         for chunk, future in zip(batch.chunks, masks.chunks, strict=True):
             span = slice(chunk.offset, chunk.offset + chunk.length)
-            out[span] = self._prefill_attention(index, q[span], chunk, future)
+            out[span] = self._prefill_attention(parts, q[span], chunk, future)
         o_in = out.view(n, -1)
-        o = self._linear(attn.o_proj, o_in)
+        o = linear["o"](o_in)
         _add_lora([o], o_in, groups["o"], batch)
         return o
 
     def _decode_attention(
-        self, index: int, q: torch.Tensor, batch: StepBatch, mask: _DecodeMask
+        self, parts: _LayerParts, q: torch.Tensor, batch: StepBatch, mask: _DecodeMask
     ) -> torch.Tensor:
         """q (B, H, D) of the decode tokens, sequence i in row rows[i]; returns (B, H, D)."""
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
         decode_rows = batch.rows[:b]
         if mask.gathered:  # few rows decode (a prefill step): read only theirs
-            return self._decode_attention_gathered(index, q, batch, mask)
-        keys = self.cache.keys[index][:rows, :, :length]  # (rows, H_kv, L, D), a view
-        values = self.cache.values[index][:rows, :, :length]
+            return self._decode_attention_gathered(parts, q, batch, mask)
+        keys = parts.keys[:rows, :, :length]  # (rows, H_kv, L, D), a view
+        values = parts.values[:rows, :, :length]
         qg = q.new_zeros(rows, self.kv_heads, self.group, self.head_dim)  # (rows, H_kv, g, D)
         qg[decode_rows] = q.view(b, self.kv_heads, self.group, self.head_dim)
         # K @ q.T rather than q @ K.T: the strided view is then the left operand, which the
@@ -268,14 +327,14 @@ class DecoderForward:
         return out[decode_rows].view(b, self.num_heads, self.head_dim)
 
     def _decode_attention_gathered(
-        self, index: int, q: torch.Tensor, batch: StepBatch, mask: _DecodeMask
+        self, parts: _LayerParts, q: torch.Tensor, batch: StepBatch, mask: _DecodeMask
     ) -> torch.Tensor:
         """_decode_attention over copies of the decoding rows only: cheaper than the whole
         pool's view (which the batched matmul copies anyway) when they are at most half."""
         b, length = batch.n_decode, batch.max_decode_length
         decode_rows = batch.rows[:b]
-        keys = self.cache.keys[index][:, :, :length].index_select(0, decode_rows)  # (B, H_kv, L, D)
-        values = self.cache.values[index][:, :, :length].index_select(0, decode_rows)
+        keys = parts.keys[:, :, :length].index_select(0, decode_rows)  # (B, H_kv, L, D)
+        values = parts.values[:, :, :length].index_select(0, decode_rows)
         qg = q.view(b, self.kv_heads, self.group, self.head_dim)
         # The same products as the pool's path (K @ q.T), so a row's result does not depend on
         # which path its step took.
@@ -289,24 +348,25 @@ class DecoderForward:
         return torch.add(bias, scores, alpha=self.scaling).softmax(dim=-1)
 
     def _prefill_attention(
-        self, index: int, q: torch.Tensor, chunk: PromptChunk, future: torch.Tensor
+        self, parts: _LayerParts, q: torch.Tensor, chunk: PromptChunk, future: torch.Tensor
     ) -> torch.Tensor:
         """q (n, H, D) of one prompt chunk; causal over the row's first start + n tokens
         (`future`: the chunk's (n, T) additive mask)."""
         n, total = chunk.length, chunk.start + chunk.length
-        keys = self.cache.keys[index][chunk.row, :, :total].unsqueeze(1)  # (H_kv, 1, T, D)
-        values = self.cache.values[index][chunk.row, :, :total].unsqueeze(1)
+        keys = parts.keys[chunk.row, :, :total].unsqueeze(1)  # (H_kv, 1, T, D)
+        values = parts.values[chunk.row, :, :total].unsqueeze(1)
         qg = q.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(qg, keys.transpose(-1, -2))  # (H_kv, g, n, T)
         probs = self._probs(scores, future).to(values.dtype)
         out = torch.matmul(probs, values)  # (H_kv, g, n, D)
         return out.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
 
-    def _mlp(self, mlp: nn.Module, x: torch.Tensor, batch: StepBatch, groups: dict) -> torch.Tensor:
-        gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
+    def _mlp(self, parts: _LayerParts, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        linear, groups = parts.linear, parts.groups
+        gate, up = linear["gate"](x), linear["up"](x)
         _add_lora([gate, up], x, groups["gate_up"], batch)
-        act = mlp.act_fn(gate) * up
-        down = self._linear(mlp.down_proj, act)
+        act = parts.act(gate) * up
+        down = linear["down"](act)
         _add_lora([down], act, groups["down"], batch)
         return down
 
@@ -320,10 +380,10 @@ def _add_lora(
         add_lora(outputs, x, group, batch.unmerge, scale=-1.0)
 
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The family's RMSNorm module (weight, variance_epsilon) as torch's fused kernel, one op
-    instead of about seven: HF's values in float32, within one rounding in bf16 (tested)."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+def _rms_norm(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor:
+    """The family's RMSNorm as torch's fused kernel, one op instead of about seven: HF's
+    values in float32, within one rounding in bf16 (tested)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -133,8 +133,15 @@ class KVCache:
         return (base * self.max_len + positions.unsqueeze(1)).view(-1)
 
     def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store N tokens' keys and values, k, v (N, H_kv, D), at `token_index` places (one
-        index_copy_ each: a two-index put is several times slower)."""
-        d = self.shape.head_dim
-        self.keys[layer].view(-1, d).index_copy_(0, index, k.reshape(-1, d))
-        self.values[layer].view(-1, d).index_copy_(0, index, v.reshape(-1, d))
+        """Store N tokens' keys and values, k, v (N, H_kv, D), at `token_index` places."""
+        write_layer(self.keys[layer], self.values[layer], index, k, v)
+
+
+def write_layer(
+    keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """One layer's write of `KVCache.write`: keys/values are its (rows, H_kv, max_len, D)
+    pool (one index_copy_ each: a two-index put is several times slower)."""
+    d = k.shape[-1]
+    keys.view(-1, d).index_copy_(0, index, k.reshape(-1, d))
+    values.view(-1, d).index_copy_(0, index, v.reshape(-1, d))

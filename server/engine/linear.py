@@ -90,6 +90,23 @@ def bucket(rows: int) -> int:
     return bisect.bisect_left(_BOUNDS, rows)
 
 
+class DenseLinear:
+    """A linear layer held as a dense weight (out, in) in the compute dtype, or packed by
+    `pack`: an unquantized layer, or a base layer with an adapter merged in."""
+
+    __slots__ = ("bias", "packed", "weight")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool) -> None:
+        self.weight = pack(weight) if packed else weight
+        self.bias = bias
+        self.packed = packed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return packed_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass(frozen=True)
 class _Tables:
     """The NF4 lookup table, by two packed bytes: entry v holds the 4 weights of the little-
@@ -226,8 +243,19 @@ class BaseLinears:
             self.reason = f"--base-kernel {kernel}"
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(module)(x)
+
+    def kernel(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What multiplies by `module`'s weight: its 4-bit layer with the chosen kernels, or
+        (not 4-bit: an unquantized model) the module itself."""
         layer = self.layers.get(module)
-        return module(x) if layer is None else layer(x)
+        return module if layer is None else layer
+
+    def merged(self, module: nn.Module, weight: torch.Tensor) -> DenseLinear:
+        """A dense copy of `module` with an adapter merged in (`weight`, in the compute
+        dtype), packed like the layer's own copy: merged serving keeps the layer's speed."""
+        layer, bias = self.layers.get(module), getattr(module, "bias", None)
+        return DenseLinear(weight, bias, packed=layer is not None and layer.copy == "packed")
 
     def weight(self, module: nn.Module) -> torch.Tensor | None:
         """A 4-bit layer's weight (out, in) dequantized in the compute dtype (None: not 4-bit)."""
