@@ -142,8 +142,13 @@ def add_lora(
     (scale -1 takes an adapter merged into the base back out for the tokens of others.)"""
     if plan.empty:
         return
-    if plan.decode is not None:
-        _add_decode(outputs, x, group, plan.rank, plan.decode, scale)
+    lay = plan.decode
+    if lay is not None and lay.num_blocks == 1 and lay.src is None and lay.dst is None:
+        # One adapter's run of tokens (a lone stream, or one tenant's batch): plain matmuls.
+        end = lay.start + lay.count
+        _add_segment(outputs, x, group, plan.rank, lay.first, lay.start, end, scale)
+    elif lay is not None:
+        _add_decode(outputs, x, group, plan.rank, lay, scale)
     for slot, start, end in plan.segments:
         _add_segment(outputs, x, group, plan.rank, slot, start, end, scale)
 
@@ -181,8 +186,8 @@ def _add_decode(
             delta = delta.mul_(scale)
         if lay.dst is not None:
             delta = delta.index_select(0, lay.dst)
-        if lay.src is None:
-            out[first : first + delta.shape[0]] += delta.to(out.dtype)
+        if lay.src is None:  # (a float32 delta on bf16 activations is rounded once, here)
+            out[first : first + delta.shape[0]].add_(delta)
         else:
             out.index_add_(0, lay.src, delta.to(out.dtype))
 
@@ -211,5 +216,5 @@ def _add_segment(
         s_j, bt = shrunk[:, j * cap : j * cap + r], group.bt[j][slot, :r]  # (n, R), (R, out_j)
         if out.dtype == shrunk.dtype:
             out[start:end].addmm_(s_j, bt, alpha=scale)  # in place, no temporary
-        else:
-            out[start:end] += (s_j @ bt).mul_(scale).to(out.dtype)
+        else:  # float32 LoRA on bf16 activations: rounded once, as it is added
+            out[start:end].add_(s_j @ bt, alpha=scale)

@@ -226,3 +226,19 @@ def test_auto_slots_follow_the_rank_loaded_and_give_memory_back(load_tiny, tmp_p
     assert runner.slot_limit()[0] == 6
     runner.slot_budget = None  # an explicit --max-loras: the limit is the flag
     assert runner.slot_limit()[0] == runner.lora.max_slots == 16
+
+
+@pytest.mark.parametrize("decode_slots", [[1, 1, 1], [0, 2, NO_ADAPTER]])
+def test_float32_adapters_add_into_bf16_activations(decode_slots):
+    """--lora-dtype float32 under a bf16 base: the delta is computed in float32 and added
+    into the bf16 outputs (one adapter's run takes plain matmuls, several the gather path)."""
+    torch.manual_seed(0)
+    group = random_group()
+    x = torch.randn(len(decode_slots), D_IN, dtype=torch.bfloat16)
+    base = [torch.randn(len(decode_slots), out).bfloat16() for out in OUTS]
+    outs = [b.clone() for b in base]
+    add_lora(outs, x, group, plan_lora(decode_slots, [], RANKS, x.device))
+    want = reference(x.float(), group, RANKS, decode_slots)
+    for o, b, w in zip(outs, base, want, strict=True):
+        assert o.dtype == torch.bfloat16
+        torch.testing.assert_close(o.float(), b.float() + w, rtol=8e-3, atol=1e-2)
