@@ -47,6 +47,9 @@ class MergeSettings:
     """Unmerge it when its share falls below this (below merge_share: hysteresis)."""
     window_tokens: int = 4096
     """Recent tokens the shares are taken over."""
+    window_seconds: float = 10.0
+    """...and only those of the last this many seconds: under light load (a lone stream)
+    the shares follow the traffic of now."""
     min_interval_s: float = 5.0
     """Least time between two changes (a merge costs a pass over the targeted layers)."""
 
@@ -58,8 +61,10 @@ class MergeSettings:
                 "need 0 < unmerge_share <= merge_share <= 1, got "
                 f"{self.unmerge_share} and {self.merge_share}"
             )
-        if self.window_tokens < 1 or self.min_interval_s < 0:
-            raise ValueError("window_tokens must be >= 1 and min_interval_s >= 0")
+        if self.window_tokens < 1 or self.min_interval_s < 0 or self.window_seconds <= 0:
+            raise ValueError(
+                "window_tokens must be >= 1, window_seconds > 0 and min_interval_s >= 0"
+            )
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ every other request subtracts its delta again (model_runner.ModelRunner._plans):
 (the merged weights are rounded to the compute dtype once, so outputs move at that rounding's
 level), but one more LoRA product for those tokens. So merging pays when one adapter carries most of
 the tokens, and costs when traffic is mixed. The policy looks at the share of the last
-`window_tokens` tokens the engine processed (prompt and generated), plus the tokens the queued
-requests will bring (prompt + max_new_tokens: the queue mix of the near future), and keeps a
-gap between its thresholds (hysteresis) and a minimum time between changes, so a share hovering
-near a threshold does not flap:
+`window_tokens` tokens the engine processed (prompt and generated) within the last
+`window_seconds`, plus the tokens the queued requests will bring (prompt + max_new_tokens: the
+queue mix of the near future), and keeps a gap between its thresholds (hysteresis) and a
+minimum time between changes, so a share hovering near a threshold does not flap:
 
-    merge M      when M's share >= merge_share     (and the window holds enough tokens)
+    merge M      when M's share >= merge_share     (and the window holds enough to judge)
     unmerge M    when M's share <  unmerge_share   (or another adapter leads with >= merge_share)
 
 An operator can pin a merge (the MergeAdapter RPC), which the policy leaves alone, or turn the
@@ -51,24 +51,36 @@ LoadSlot = Callable[[int, AdapterVersion, AdapterWeights | None], None]
 
 
 class TokenWindow:
-    """Tokens per adapter over the last `size` tokens (whole steps: it may hold a step more)."""
+    """Tokens per adapter over the last `size` tokens (whole steps: it may hold a step more)
+    and, with `seconds`, over that much time only: under light load the window follows what
+    runs now, not what ran minutes ago."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seconds: float = float("inf")) -> None:
         self.size = size
+        self.seconds = seconds
         self.counts: TokenCounts = Counter()
         self.total = 0
-        self._steps: deque[TokenCounts] = deque()
+        self._steps: deque[tuple[float, TokenCounts]] = deque()
 
-    def add(self, step: TokenCounts) -> None:
+    def add(self, step: TokenCounts, now: float = 0.0) -> None:
         if not step:
             return
-        self._steps.append(step)
+        self._steps.append((now, step))
         self.counts.update(step)
         self.total += sum(step.values())
-        while self._steps and self.total - sum(self._steps[0].values()) >= self.size:
-            old = self._steps.popleft()
-            self.counts.subtract(old)
-            self.total -= sum(old.values())
+        while self._steps and self.total - sum(self._steps[0][1].values()) >= self.size:
+            self._drop()
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Drop the steps older than `seconds`."""
+        while self._steps and now - self._steps[0][0] > self.seconds:
+            self._drop()
+
+    def _drop(self) -> None:
+        _, old = self._steps.popleft()
+        self.counts.subtract(old)
+        self.total -= sum(old.values())
         self.counts = +self.counts  # drop zeros
 
 
@@ -86,13 +98,22 @@ class MergePolicy:
         self, settings: MergeSettings, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.settings = settings
-        self.window = TokenWindow(settings.window_tokens)
+        self.window = TokenWindow(settings.window_tokens, settings.window_seconds)
         self._clock = clock
         self._changed_at = -float("inf")
+        self._since = clock()  # when observing began
 
     def observe(self, step: TokenCounts) -> None:
         """The tokens one engine step processed, per adapter."""
-        self.window.add(step)
+        self.window.add(step, self._clock())
+
+    def _enough_seen(self, now: float, queued: TokenCounts) -> bool:
+        """Half a window of tokens (seen or queued), or (light load: that many may never
+        come) half the window's time observed, with tokens to judge by."""
+        s = self.settings
+        tokens = self.window.total + sum(queued.values())
+        half_time = now - self._since >= s.window_seconds / 2
+        return tokens >= s.window_tokens // 2 or (half_time and tokens > 0)
 
     def shares(self, merged: AdapterKey | None, queued: TokenCounts) -> Shares:
         counts = self.window.counts + queued
@@ -107,10 +128,11 @@ class MergePolicy:
     def decide(self, merged: AdapterKey | None, queued: TokenCounts) -> AdapterKey | None:
         """The adapter that should be merged now (None: none), given what is merged now and
         the tokens queued requests will bring. Returns `merged` to leave things as they are."""
-        s = self.settings
-        if s.policy == "off" or self._clock() - self._changed_at < s.min_interval_s:
+        s, now = self.settings, self._clock()
+        if s.policy == "off" or now - self._changed_at < s.min_interval_s:
             return merged
-        if self.window.total < s.window_tokens // 2:  # too little seen to judge
+        self.window.expire(now)
+        if not self._enough_seen(now, queued):  # too little seen to judge
             return merged
         shares = self.shares(merged, queued)
         want = merged

@@ -65,6 +65,21 @@ def test_too_few_tokens_seen_decide_nothing():
     assert p.decide(None, Counter()) is None
 
 
+def test_under_light_load_the_window_follows_the_last_seconds():
+    """A lone stream never brings half a window of tokens: after half the window's time the
+    policy judges what it has, and tokens older than the window's time no longer count."""
+    p, clock = policy(window_seconds=10.0)
+    feed(p, {X: 40})  # 400 tokens of X at t=0 (the window holds the last 100)
+    clock.now = 20.0  # then only M, a little, for a while: X has aged out
+    feed(p, {M: 2}, steps=5)
+    assert p.window.counts[X] == 0 and p.decide(None, Counter()) == M
+    p, clock = policy(window_seconds=10.0)
+    feed(p, {M: 2}, steps=5)  # 10 tokens: too few to judge at once...
+    assert p.decide(None, Counter()) is None
+    clock.now = 6.0  # ...but enough once half the window's time has passed
+    assert p.decide(None, Counter()) == M
+
+
 def test_hysteresis_and_minimum_interval():
     p, clock = policy()
     feed(p, {M: 19, X: 1})
