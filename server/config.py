@@ -47,7 +47,7 @@ class MergeSettings:
     """Unmerge it when its share falls below this (below merge_share: hysteresis)."""
     window_tokens: int = 4096
     """Recent tokens the shares are taken over."""
-    window_seconds: float = 10.0
+    window_seconds: float = 5.0
     """...and only those of the last this many seconds: under light load (a lone stream)
     the shares follow the traffic of now."""
     min_interval_s: float = 5.0

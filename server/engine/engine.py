@@ -331,9 +331,10 @@ class Engine:
                 chunked.append((seq, n))
                 budget -= n
         # In slot order: each adapter's decode tokens are then contiguous (see lora_ops); the
-        # merged adapter's first, so that everyone else's are one run (ModelRunner._plans).
+        # merged adapter's first, so that everyone else's are one run (ModelRunner._plans);
+        # in row order within a slot (base-only steps then read the cache rows in place).
         merged = self._merges.slot
-        decoding.sort(key=lambda seq: (seq.slot != merged, seq.slot))
+        decoding.sort(key=lambda seq: (seq.slot != merged, seq.slot, seq.row))
         for seq in decoding:
             decodes.append(
                 DecodeWork(

@@ -26,6 +26,7 @@ from loraplex.server.engine.lora import LoraGroup, LoraStacks
 from loraplex.server.engine.lora_ops import LoraPlan, add_lora
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SMALL_ATTENTION_TOKENS = 512  # decode attention over at most this many cached tokens: float32
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class StepBatch:
     lora: LoraPlan
     # With an adapter merged into the base: its delta, subtracted for every other token.
     unmerge: LoraPlan | None = None
+    # Decode token i is in cache row i, and every row in use decodes (n_decode == num_rows).
+    rows_in_order: bool = False
 
 
 def lora_layout(model: nn.Module) -> list[dict[str, tuple[int, list[tuple[str, int]]]]]:
@@ -317,13 +320,13 @@ class DecoderForward:
             return self._decode_attention_gathered(parts, q, batch, mask)
         keys = parts.keys[:rows, :, :length]  # (rows, H_kv, L, D), a view
         values = parts.values[:rows, :, :length]
+        if batch.rows_in_order:  # decode token i is in row i, for every row: no scatter
+            qg = q.view(b, self.kv_heads, self.group, self.head_dim)
+            out = attend(qg, keys, values, mask.bias, self.scaling)
+            return out.view(b, self.num_heads, self.head_dim)
         qg = q.new_zeros(rows, self.kv_heads, self.group, self.head_dim)  # (rows, H_kv, g, D)
         qg[decode_rows] = q.view(b, self.kv_heads, self.group, self.head_dim)
-        # K @ q.T rather than q @ K.T: the strided view is then the left operand, which the
-        # CPU bmm takes ~2x faster for these (g x D) @ (D x L) shapes.
-        scores = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2)  # (rows, H_kv, g, L)
-        probs = self._probs(scores, mask.bias).to(values.dtype)
-        out = torch.matmul(probs, values)  # (rows, H_kv, g, D)
+        out = attend(qg, keys, values, mask.bias, self.scaling)  # (rows, H_kv, g, D)
         return out[decode_rows].view(b, self.num_heads, self.head_dim)
 
     def _decode_attention_gathered(
@@ -336,16 +339,8 @@ class DecoderForward:
         keys = parts.keys[:, :, :length].index_select(0, decode_rows)  # (B, H_kv, L, D)
         values = parts.values[:, :, :length].index_select(0, decode_rows)
         qg = q.view(b, self.kv_heads, self.group, self.head_dim)
-        # The same products as the pool's path (K @ q.T), so a row's result does not depend on
-        # which path its step took.
-        scores = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2)  # (B, H_kv, g, L)
-        probs = self._probs(scores, mask.bias).to(values.dtype)
-        return torch.matmul(probs, values).view(b, self.num_heads, self.head_dim)
-
-    def _probs(self, scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Softmax of scaled scores plus an additive mask (0 or -inf, float32): the float32
-        cast, the scaling and the mask are one op (the same values as masking after)."""
-        return torch.add(bias, scores, alpha=self.scaling).softmax(dim=-1)
+        out = attend(qg, keys, values, mask.bias, self.scaling)
+        return out.view(b, self.num_heads, self.head_dim)
 
     def _prefill_attention(
         self, parts: _LayerParts, q: torch.Tensor, chunk: PromptChunk, future: torch.Tensor
@@ -357,7 +352,7 @@ class DecoderForward:
         values = parts.values[chunk.row, :, :total].unsqueeze(1)
         qg = q.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(qg, keys.transpose(-1, -2))  # (H_kv, g, n, T)
-        probs = self._probs(scores, future).to(values.dtype)
+        probs = probs_of(scores, future, self.scaling).to(values.dtype)
         out = torch.matmul(probs, values)  # (H_kv, g, n, D)
         return out.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
 
@@ -369,6 +364,33 @@ class DecoderForward:
         down = linear["down"](act)
         _add_lora([down], act, groups["down"], batch)
         return down
+
+
+def attend(
+    qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """softmax(q K.T * scaling + bias) V of decode queries qg (R, H_kv, g, D) against
+    keys and values (R, H_kv, L, D); returns (R, H_kv, g, D) in the cache's dtype.
+
+    A few cached tokens in all (R * L <= SMALL_ATTENTION_TOKENS: one stream, or a few
+    short ones) on a CPU: in float32, as a bf16 matmul this small costs more in oneDNN's
+    fixed overhead than the conversion (126 -> 45 us per layer for one 100-token row)."""
+    dtype = values.dtype
+    small = keys.shape[0] * keys.shape[2] <= SMALL_ATTENTION_TOKENS
+    if small and dtype != torch.float32 and keys.device.type == "cpu":
+        keys, values = keys.float(), values.float()
+        scores = torch.matmul(qg.float(), keys.transpose(-1, -2))  # (R, H_kv, g, L)
+        return torch.matmul(probs_of(scores, bias, scaling), values).to(dtype)
+    # K @ q.T rather than q @ K.T: the strided view is then the left operand, which the
+    # CPU bmm takes ~2x faster for these (g x D) @ (D x L) shapes.
+    scores = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2)
+    return torch.matmul(probs_of(scores, bias, scaling).to(dtype), values)
+
+
+def probs_of(scores: torch.Tensor, bias: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax of scaled scores plus an additive mask (0 or -inf, float32): the float32
+    cast, the scaling and the mask are one op (the same values as masking after)."""
+    return torch.add(bias, scores, alpha=scaling).softmax(dim=-1)
 
 
 def _add_lora(

@@ -230,6 +230,10 @@ class ModelRunner:
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
             lora=lora,
             unmerge=unmerge,
+            rows_in_order=(
+                len(decodes) == self.cache.num_used_rows
+                and all(d.row == i for i, d in enumerate(decodes))
+            ),
         )
         return self.forward(batch)
 
