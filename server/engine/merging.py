@@ -101,19 +101,23 @@ class MergePolicy:
         self.window = TokenWindow(settings.window_tokens, settings.window_seconds)
         self._clock = clock
         self._changed_at = -float("inf")
-        self._since = clock()  # when observing began
+        self._since: float | None = None  # when the first step was observed
 
     def observe(self, step: TokenCounts) -> None:
         """The tokens one engine step processed, per adapter."""
-        self.window.add(step, self._clock())
+        now = self._clock()
+        if self._since is None and step:
+            self._since = now
+        self.window.add(step, now)
 
     def _enough_seen(self, now: float, queued: TokenCounts) -> bool:
         """Half a window of tokens (seen or queued), or (light load: that many may never
-        come) half the window's time observed, with tokens to judge by."""
+        come) steps observed for half the window's time and some in the window now."""
         s = self.settings
-        tokens = self.window.total + sum(queued.values())
-        half_time = now - self._since >= s.window_seconds / 2
-        return tokens >= s.window_tokens // 2 or (half_time and tokens > 0)
+        if self.window.total + sum(queued.values()) >= s.window_tokens // 2:
+            return True
+        observed = self._since is not None and now - self._since >= s.window_seconds / 2
+        return observed and self.window.total > 0
 
     def shares(self, merged: AdapterKey | None, queued: TokenCounts) -> Shares:
         counts = self.window.counts + queued

@@ -74,9 +74,11 @@ def test_under_light_load_the_window_follows_the_last_seconds():
     feed(p, {M: 2}, steps=5)
     assert p.window.counts[X] == 0 and p.decide(None, Counter()) == M
     p, clock = policy(window_seconds=10.0)
-    feed(p, {M: 2}, steps=5)  # 10 tokens: too few to judge at once...
+    clock.now = 100.0  # (a while after start: the model loaded, say)
+    feed(p, {M: 2}, steps=5)  # 10 tokens: too few to judge at once, queued ones or not...
     assert p.decide(None, Counter()) is None
-    clock.now = 6.0  # ...but enough once half the window's time has passed
+    assert p.decide(None, Counter({M: 20})) is None
+    clock.now = 106.0  # ...but enough once steps were observed for half the window's time
     assert p.decide(None, Counter()) == M
 
 
