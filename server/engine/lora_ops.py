@@ -74,9 +74,13 @@ def plan_lora(
     segs = [g for g in segments if g.slot != NO_ADAPTER and ranks[g.slot] > 0 and g.end > g.start]
     live.update(s for s, _, _ in segs)
     rank = max((ranks[s] for s in live), default=0)
-    return LoraPlan(
-        rank=rank, decode=_decode_layout(decode_slots, ranks, device), segments=_join_runs(segs)
-    )
+    decode = _decode_layout(decode_slots, ranks, device)
+    if decode is not None and decode.num_blocks == 1 and decode.src is None and decode.dst is None:
+        # One adapter's run of decode tokens (a lone stream, or one tenant's batch) is a
+        # segment: plain matmuls, no block, no bmm (and joined with a prompt run after it).
+        segs.append(Segment(decode.first, decode.start, decode.start + decode.count))
+        decode = None
+    return LoraPlan(rank=rank, decode=decode, segments=_join_runs(segs))
 
 
 def _decode_layout(
@@ -142,13 +146,8 @@ def add_lora(
     (scale -1 takes an adapter merged into the base back out for the tokens of others.)"""
     if plan.empty:
         return
-    lay = plan.decode
-    if lay is not None and lay.num_blocks == 1 and lay.src is None and lay.dst is None:
-        # One adapter's run of tokens (a lone stream, or one tenant's batch): plain matmuls.
-        end = lay.start + lay.count
-        _add_segment(outputs, x, group, plan.rank, lay.first, lay.start, end, scale)
-    elif lay is not None:
-        _add_decode(outputs, x, group, plan.rank, lay, scale)
+    if plan.decode is not None:
+        _add_decode(outputs, x, group, plan.rank, plan.decode, scale)
     for slot, start, end in plan.segments:
         _add_segment(outputs, x, group, plan.rank, slot, start, end, scale)
 

@@ -120,6 +120,7 @@ class MergePolicy:
         return observed and self.window.total > 0
 
     def shares(self, merged: AdapterKey | None, queued: TokenCounts) -> Shares:
+        self.window.expire(self._clock())
         counts = self.window.counts + queued
         total = sum(counts.values())
         if total == 0:

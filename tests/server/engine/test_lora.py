@@ -242,3 +242,12 @@ def test_float32_adapters_add_into_bf16_activations(decode_slots):
     for o, b, w in zip(outs, base, want, strict=True):
         assert o.dtype == torch.bfloat16
         torch.testing.assert_close(o.float(), b.float() + w, rtol=8e-3, atol=1e-2)
+
+
+def test_one_adapters_run_of_decode_tokens_is_planned_as_a_segment():
+    """A lone stream (or one tenant's batch) needs no padded block: its decode tokens are a
+    segment, joined with a prompt run of the same adapter right after them."""
+    plan = plan_lora([1, 1, 1], [Segment(1, 3, 5)], RANKS, torch.device("cpu"))
+    assert plan.decode is None and plan.segments == [(1, 0, 5)]
+    mixed = plan_lora([0, 1], [], RANKS, torch.device("cpu"))
+    assert mixed.decode is not None and mixed.segments == []
