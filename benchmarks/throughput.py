@@ -144,7 +144,7 @@ def main() -> int:
     parser.add_argument(
         "--base-kernel",
         default="auto",
-        choices=["auto", "bitsandbytes", "lut", "dense", "packed"],
+        choices=["auto", "bitsandbytes", "lut", "nf4", "dense", "packed"],
         help="engine",
     )
     parser.add_argument("--skip-baselines", action="store_true", help="loraplex rows only")

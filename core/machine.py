@@ -60,6 +60,11 @@ class TuningCache:
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
 
+    @property
+    def build_dir(self) -> Path | None:
+        """Where code compiled for this machine lives (native kernels), beside the tuning."""
+        return None if self.directory is None else self.directory.parent / "kernels"
+
     def _path(self, subject: str, key: dict[str, Any]) -> Path | None:
         if self.directory is None:
             return None
@@ -93,22 +98,51 @@ class TuningCache:
 
 
 def median_seconds(
-    fn: Callable[[], object], device: torch.device, budget_s: float = 0.05, most: int = 7
+    fn: Callable[[], object],
+    device: torch.device,
+    budget_s: float = 0.05,
+    most: int = 7,
+    before: Callable[[], object] | None = None,
 ) -> float:
     """The median time of `fn()` after one warm-up call: at least 3 runs, then more while the
-    budget lasts (up to `most`)."""
+    budget lasts (up to `most`); `before` runs untimed ahead of each."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     sync()
     times: list[float] = []
     spent = 0.0
     while len(times) < 3 or (len(times) < most and spent < budget_s):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
         spent += times[-1]
     return statistics.median(times)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size (Linux sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
+class CacheEvictor:
+    """Called before a timed run, pushes what the last run touched out of the CPU's caches
+    (rewrites a buffer twice the last-level cache), so the run reads its data from memory."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.zeros(2 * last_level_cache_bytes() // 4, dtype=torch.int32)
+
+    def __call__(self) -> None:
+        self.buffer.add_(1)
 
 
 @dataclass(frozen=True)

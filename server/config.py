@@ -102,11 +102,13 @@ class EngineConfig:
     """Longest sequence (prompt + new tokens), capped by the model's own context."""
     kv_cache_bytes: int = field(default=1 << 30, metadata={"flag": "--kv-cache-mb", "scale": MiB})
     """KV cache budget, in MiB: admission reserves prompt + max_new_tokens of it per request."""
-    base_kernel: Literal["auto", "bitsandbytes", "lut", "dense", "packed"] = "auto"
+    base_kernel: Literal["auto", "bitsandbytes", "lut", "nf4", "dense", "packed"] = "auto"
     """How the 4-bit base layers multiply: auto = the fastest of the others, measured per layer
     shape and batch size at start (cached per machine); bitsandbytes = its 4-bit kernel; lut =
-    dequantize by table lookup per call; dense = a dense copy of every 4-bit layer (whatever
-    --dense-cache-mb says); packed = the same in oneDNN's blocked layout (CPU)."""
+    dequantize by table lookup per call; nf4 = loraplex's native kernel, straight from the
+    4-bit codes (CPU, built with the C compiler at first start); dense = a dense copy of every
+    4-bit layer (whatever --dense-cache-mb says); packed = the same in oneDNN's blocked layout
+    (CPU)."""
     dense_cache_bytes: int | None = field(
         default=None, metadata={"flag": "--dense-cache-mb", "scale": MiB, "metavar": "MB"}
     )

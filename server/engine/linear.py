@@ -6,6 +6,9 @@ fastest chosen per layer shape and batch size by measuring them on this machine.
     lut           dequantize by table lookup, then one matmul: two bytes of NF4 codes index a
                   65536 x 4 table, and the double-quantized block scales are expanded to float32
                   once at load (about 4x cheaper than bitsandbytes' scalar fallback on AVX2)
+    nf4           loraplex's native kernel (nf4_native.py): multiplies straight from the codes
+                  and those scales, a quarter of a bf16 copy's bytes; the fastest for a few rows,
+                  where a step is bound by memory (CPUs, with a C compiler at first start)
     dense         a dense copy of the weight in the compute dtype, kept in memory: the fastest
                   wherever memory allows, a cache under `--dense-cache-mb`, never the only copy
     packed        the dense copy in oneDNN's blocked layout, reordered once at load (a CPU
@@ -13,10 +16,11 @@ fastest chosen per layer shape and batch size by measuring them on this machine.
                   few rows, about 1.15x at 64); CPUs with oneDNN, bf16 or float32
 
 The 4-bit weights stay what is loaded, merged from (`weight`) and exported. `--base-kernel auto`
-measures each per (in, out) shape at a few row counts (ROW_BUCKETS), caches the times per
-machine (core/machine.py), and gives a copy (dense or packed, whichever is faster for the
-shape) to the layers whose shape gains the most per byte until the budget is spent; the rest
-take their fastest other path.
+measures each per (in, out) shape at a few row counts (ROW_BUCKETS), with the weights out of
+the CPU's caches when the model's layers do not fit in them (as in a step, which reads each
+weight once), caches the times per machine (core/machine.py), and gives a copy (dense or
+packed, whichever is faster for the shape) to the layers whose shape gains the most per byte
+until the budget is spent; the rest take their fastest other path.
 """
 
 from __future__ import annotations
@@ -35,16 +39,24 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_blockwise, get_4bit_type
 from torch import nn
 
-from loraplex.core.machine import TuningCache, machine_key, median_seconds
+from loraplex.core.machine import (
+    CacheEvictor,
+    TuningCache,
+    last_level_cache_bytes,
+    machine_key,
+    median_seconds,
+)
 from loraplex.core.types import KernelChoice
+from loraplex.server.engine import nf4_native
+from loraplex.server.engine.nf4_native import Nf4Library
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("bitsandbytes", "lut", "dense", "packed")
+KERNELS = ("bitsandbytes", "lut", "nf4", "dense", "packed")
 COPIES = ("dense", "packed")  # the kernels that keep a copy of the weight (under the budget)
 KERNEL_CHOICES = ("auto", *KERNELS)
 PACK_ROWS = 64  # the row count oneDNN blocks a packed weight for (any count runs)
-ROW_BUCKETS = (1, 8, 32, 128, 512)  # rows measured; a call uses the nearest (log scale)
+ROW_BUCKETS = (1, 4, 8, 32, 128, 512)  # rows measured; a call uses the nearest (log scale)
 _BOUNDS = [math.sqrt(a * b) for a, b in itertools.pairwise(ROW_BUCKETS)]
 
 
@@ -157,11 +169,13 @@ class Nf4Weight:
 class _Layer:
     """One 4-bit linear layer and the kernel to use per row bucket."""
 
-    __slots__ = ("_run", "choice", "copy", "dense", "module", "nf4")
+    __slots__ = ("_run", "choice", "copy", "dense", "module", "native", "nf4")
 
-    def __init__(self, module: nn.Module, nf4: Nf4Weight) -> None:
+    def __init__(self, module: nn.Module, nf4: Nf4Weight, native: Nf4Library | None) -> None:
         self.module = module
         self.nf4 = nf4
+        takes = native is not None and native.supports(nf4.shape, nf4.blocksize)
+        self.native = native if takes else None
         self.dense: torch.Tensor | None = None  # the copy: plain (out, in), or packed
         self.copy: str | None = None  # which of COPIES `dense` is
         self.choice: tuple[str, ...] = ("bitsandbytes",) * len(ROW_BUCKETS)
@@ -185,6 +199,8 @@ class _Layer:
             return module
         if kernel == "lut":
             return lambda x: F.linear(x, self.nf4.dequantize(x.dtype), bias)
+        if kernel == "nf4":
+            return self._native(bias)
         if dense is None or kernel != self.copy:
             raise ValueError(
                 f"the {kernel} kernel needs a {kernel} copy (the layer has {self.copy})"
@@ -192,6 +208,19 @@ class _Layer:
         if kernel == "packed":
             return lambda x: packed_linear(x, dense, bias)
         return lambda x: F.linear(x, dense, bias)
+
+    def offers(self, kernel: str) -> bool:
+        """Whether `kernel` can run this layer (given a copy where it needs one)."""
+        return kernel != "nf4" or self.native is not None
+
+    def _native(self, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        native, nf4 = self.native, self.nf4
+        if native is None:
+            raise ValueError(f"the nf4 kernel does not take this layer ({nf4.shape})")
+        codes, absmax, shape, blocksize = nf4.codes, nf4.absmax, nf4.shape, nf4.blocksize
+        if bias is None:
+            return lambda x: native.linear(x, codes, absmax, shape, blocksize)
+        return lambda x: native.linear(x, codes, absmax, shape, blocksize).add_(bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._run[bucket(x.shape[0])](x)
@@ -212,20 +241,30 @@ class BaseLinears:
     ) -> None:
         if kernel not in KERNEL_CHOICES:
             raise ValueError(f"base kernel must be one of {', '.join(KERNEL_CHOICES)}")
+        self.dtype, self.device = dtype, device
+        states = {
+            module: state
+            for module in model.modules()
+            if (state := getattr(getattr(module, "weight", None), "quant_state", None)) is not None
+            and not getattr(state, "packing_format_for_cpu", False)
+        }
+        quantized = list(states)
+        native = None
+        if quantized and device.type == "cpu" and dtype in nf4_native.DTYPES:
+            native = nf4_native.load(cache.build_dir if cache is not None else None)
         self.kernels = tuple(
-            k for k in KERNELS if k != "packed" or packing_available(device, dtype)
+            k
+            for k in KERNELS
+            if (k != "packed" or packing_available(device, dtype))
+            and (k != "nf4" or native is not None)
         )
         if kernel != "auto" and kernel not in self.kernels:
             raise ValueError(f"base kernel {kernel} is not available on {device} in {dtype}")
-        self.dtype, self.device = dtype, device
         self.layers: dict[nn.Module, _Layer] = {}
-        tables: _Tables | None = None
-        for module in model.modules():
-            state = getattr(getattr(module, "weight", None), "quant_state", None)
-            if state is None or getattr(state, "packing_format_for_cpu", False):
-                continue
-            tables = tables or _Tables.build(state.absmax.device)
-            self.layers[module] = _Layer(module, Nf4Weight(module, tables))
+        if quantized:
+            tables = _Tables.build(states[quantized[0]].absmax.device)
+            for module in quantized:
+                self.layers[module] = _Layer(module, Nf4Weight(module, tables), native)
         self.dense_bytes = 0
         self.reason = "no 4-bit layers"
         if not self.layers:
@@ -235,11 +274,12 @@ class BaseLinears:
             self._assign(times, dense_budget_bytes)
             self.reason = f"measured on {machine_key(device)}"
         else:
-            fixed = (kernel,) * len(ROW_BUCKETS)
             for layer in self.layers.values():
                 if kernel in COPIES:
                     self._give_copy(layer, kernel)
-                layer.set_choice(fixed)
+                # a layer the native kernel does not take (its block size) dequantizes instead
+                fixed = kernel if layer.offers(kernel) else "lut"
+                layer.set_choice((fixed,) * len(ROW_BUCKETS))
             self.reason = f"--base-kernel {kernel}"
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -293,36 +333,45 @@ class BaseLinears:
 
     def _measure(self, cache: TuningCache | None) -> dict[tuple[int, int], list[dict[str, float]]]:
         """Seconds per call of each kernel at each row bucket, per (out, in) shape: measured on
-        one layer of the shape (or read from the cache)."""
+        one layer of the shape (or read from the cache). When the model's layers in the compute
+        dtype would not fit in the CPU's last-level cache, every call starts with its weights
+        out of the caches, as in a step; timed in a loop they would stay cached and the
+        kernels that read more bytes would look as fast as those that read fewer."""
         by_shape: dict[tuple[int, int], _Layer] = {}
         for layer in self.layers.values():
             by_shape.setdefault(layer.nf4.shape, layer)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        model_bytes = sum(math.prod(layer.nf4.shape) * element for layer in self.layers.values())
+        cold = self.device.type == "cpu" and model_bytes > last_level_cache_bytes()
         key = {
             "machine": machine_key(self.device),
             "dtype": str(self.dtype),
             "shapes": sorted(by_shape),
             "buckets": list(ROW_BUCKETS),
             "kernels": list(self.kernels),
+            "cold": cold,
         }
         saved = cache.get("kernels", key) if cache is not None else None
         if saved is not None:
             return {tuple(s): t for s, t in saved}  # type: ignore[misc]
+        evict = CacheEvictor() if cold else None
         times: dict[tuple[int, int], list[dict[str, float]]] = {}
         for shape, layer in by_shape.items():
             probes = {}
             for copy in (None, *(k for k in COPIES if k in self.kernels)):
-                probe = probes[copy] = _Layer(layer.module, layer.nf4)
+                probe = probes[copy] = _Layer(layer.module, layer.nf4, layer.native)
                 if copy is not None:
                     probe.hold_copy(copy, self.dtype)
+            offered = [k for k in self.kernels if layer.offers(k)]
             generator = torch.Generator().manual_seed(0)
             rows_times = []
             for rows in ROW_BUCKETS:
                 x = torch.randn(rows, shape[1], generator=generator).to(self.device, self.dtype)
-                run = {k: probes[k if k in COPIES else None]._kernel(k) for k in self.kernels}
+                run = {k: probes[k if k in COPIES else None]._kernel(k) for k in offered}
                 with torch.inference_mode():
                     rows_times.append(
                         {
-                            k: median_seconds(functools.partial(f, x), self.device)
+                            k: median_seconds(functools.partial(f, x), self.device, before=evict)
                             for k, f in run.items()
                         }
                     )

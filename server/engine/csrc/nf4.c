@@ -1,0 +1,258 @@
+/* y = x @ W.T for a bitsandbytes NF4 weight W (out, in), read in its 4-bit codes: no dense copy.
+ *
+ * A decode step on a CPU is memory-bound: a bf16 copy of the weights is read whole for every
+ * step, 4x the bytes of the codes. This kernel reads the codes (two per byte, high nibble first,
+ * bitsandbytes' layout) and the block scales (float32, expanded from the double quantization once
+ * at load), looks the 16 NF4 values up in a vector register, and accumulates in float32, one block
+ * at a time, for up to TILE rows of x per pass over the weight.
+ *
+ * x is first rearranged once per call: within each group of G weights the codes of the even
+ * positions sit in the high nibbles and the odd ones in the low nibbles, so x's even and odd
+ * entries are stored apart and both halves multiply straight from a register.
+ *
+ * Runtime dispatch: AVX-512 (16 lanes), AVX2 + FMA (8 lanes), else portable C. Output rows are
+ * split across the caller's OpenMP threads (the same runtime as torch's, by soname).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <immintrin.h>
+
+#define TILE 4
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* x (rows, in) as bf16 or float32 -> xp (rows, in) float32, split even/odd per group of g. */
+static void rearrange(const void *x, int x_bf16, int64_t rows, int64_t in, int64_t g, float *xp) {
+    int64_t half = g / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t base = 0; base < in; base += g) {
+            float *dst = xp + r * in + base;
+            for (int64_t j = 0; j < half; j++) {
+                int64_t even = r * in + base + 2 * j, odd = even + 1;
+                if (x_bf16) {
+                    dst[j] = bf16_to_f32(((const uint16_t *)x)[even]);
+                    dst[half + j] = bf16_to_f32(((const uint16_t *)x)[odd]);
+                } else {
+                    dst[j] = ((const float *)x)[even];
+                    dst[half + j] = ((const float *)x)[odd];
+                }
+            }
+        }
+    }
+}
+
+static inline void store(void *y, int y_bf16, int64_t index, float v) {
+    if (y_bf16)
+        ((uint16_t *)y)[index] = f32_to_bf16(v);
+    else
+        ((float *)y)[index] = v;
+}
+
+/* ---- AVX-512: groups of 32 weights (16 bytes), 16 lanes ----
+ * Each group's block scale multiplies the 16-entry table (one multiply per 32 weights), so the
+ * looked-up values come out scaled and the products accumulate straight into float32 sums: four
+ * per row of x (two groups in flight, high and low nibbles apart), independent chains. */
+
+#define AVX512_GROUP(NR, k, s, A0, A1)                                                             \
+    do {                                                                                        \
+        const __m512 lut_s = _mm512_mul_ps(lut, _mm512_set1_ps(s));                           \
+        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (k) / 2)));    \
+        __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut_s);                      \
+        __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(q, low), lut_s);                     \
+        for (int t = 0; t < NR; t++) {                                                          \
+            const float *xr = xp + t * in + (k);                                                \
+            acc[t][A0] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr), acc[t][A0]);                  \
+            acc[t][A1] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr + 16), acc[t][A1]);             \
+        }                                                                                       \
+    } while (0)
+
+#define DEFINE_AVX512(NR)                                                                       \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void               \
+        rows_avx512_##NR(const float *xp, int64_t in, int64_t out, int64_t o0, int64_t o1,       \
+                         const uint8_t *codes, const float *absmax, int64_t bs,                 \
+                         const float *table, void *y, int y_bf16) {                             \
+        const __m512 lut = _mm512_loadu_ps(table);                                              \
+        const __m512i low = _mm512_set1_epi32(15);                                              \
+        for (int64_t o = o0; o < o1; o++) {                                                     \
+            const uint8_t *row = codes + o * (in / 2);                                          \
+            const float *scales = absmax + o * (in / bs);                                       \
+            __m512 acc[NR][4];                                                                  \
+            for (int t = 0; t < NR; t++)                                                        \
+                for (int a = 0; a < 4; a++) acc[t][a] = _mm512_setzero_ps();                    \
+            int64_t k = 0;                                                                      \
+            for (; k + 64 <= in; k += 64) {                                                     \
+                AVX512_GROUP(NR, k, scales[k / bs], 0, 1);                                          \
+                AVX512_GROUP(NR, k + 32, scales[(k + 32) / bs], 2, 3);                              \
+            }                                                                                   \
+            if (k < in) AVX512_GROUP(NR, k, scales[k / bs], 0, 1);                                  \
+            for (int t = 0; t < NR; t++) {                                                      \
+                __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),                 \
+                                           _mm512_add_ps(acc[t][2], acc[t][3]));                \
+                store(y, y_bf16, t * out + o, _mm512_reduce_add_ps(sum));                       \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+DEFINE_AVX512(1)
+DEFINE_AVX512(2)
+DEFINE_AVX512(3)
+DEFINE_AVX512(4)
+
+/* ---- AVX2 + FMA: groups of 16 weights (8 bytes), 8 lanes; the 16-entry lookup is two 8-entry
+ * permutes blended on the code's bit 3 ---- */
+
+__attribute__((target("avx2,fma")))
+static inline __m256 lookup_avx2(__m256i q, __m256 lut_lo, __m256 lut_hi) {
+    __m256 a = _mm256_permutevar8x32_ps(lut_lo, q);
+    __m256 b = _mm256_permutevar8x32_ps(lut_hi, q);
+    __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));
+    return _mm256_blendv_ps(a, b, pick);
+}
+
+__attribute__((target("avx2,fma")))
+static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define AVX2_GROUP(NR, k, s, A0, A1)                                                              \
+    do {                                                                                        \
+        const __m256 scale = _mm256_set1_ps(s);                                                 \
+        const __m256 lo_s = _mm256_mul_ps(lut_lo, scale), hi_s = _mm256_mul_ps(lut_hi, scale);  \
+        __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + (k) / 2)));    \
+        __m256 hi = lookup_avx2(_mm256_srli_epi32(q, 4), lo_s, hi_s);                           \
+        __m256 lo = lookup_avx2(_mm256_and_si256(q, low), lo_s, hi_s);                          \
+        for (int t = 0; t < NR; t++) {                                                          \
+            const float *xr = xp + t * in + (k);                                                \
+            acc[t][A0] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr), acc[t][A0]);                  \
+            acc[t][A1] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr + 8), acc[t][A1]);              \
+        }                                                                                       \
+    } while (0)
+
+#define DEFINE_AVX2(NR)                                                                         \
+    __attribute__((target("avx2,fma"))) static void rows_avx2_##NR(                             \
+        const float *xp, int64_t in, int64_t out, int64_t o0, int64_t o1, const uint8_t *codes, \
+        const float *absmax, int64_t bs, const float *table, void *y, int y_bf16) {             \
+        const __m256 lut_lo = _mm256_loadu_ps(table), lut_hi = _mm256_loadu_ps(table + 8);      \
+        const __m256i low = _mm256_set1_epi32(15);                                              \
+        for (int64_t o = o0; o < o1; o++) {                                                     \
+            const uint8_t *row = codes + o * (in / 2);                                          \
+            const float *scales = absmax + o * (in / bs);                                       \
+            __m256 acc[NR][4];                                                                  \
+            for (int t = 0; t < NR; t++)                                                        \
+                for (int a = 0; a < 4; a++) acc[t][a] = _mm256_setzero_ps();                    \
+            for (int64_t k = 0; k < in; k += 32) {                                              \
+                float s = scales[k / bs];                                                       \
+                AVX2_GROUP(NR, k, s, 0, 1);                                                         \
+                AVX2_GROUP(NR, k + 16, s, 2, 3);                                                    \
+            }                                                                                   \
+            for (int t = 0; t < NR; t++) {                                                      \
+                __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]),                 \
+                                           _mm256_add_ps(acc[t][2], acc[t][3]));                \
+                store(y, y_bf16, t * out + o, hsum_avx2(sum));                                  \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+DEFINE_AVX2(1)
+DEFINE_AVX2(2)
+DEFINE_AVX2(3)
+DEFINE_AVX2(4)
+
+/* ---- portable: groups of 2 ---- */
+
+static void rows_portable(const float *xp, int64_t nrows, int64_t in, int64_t out, int64_t o0,
+                          int64_t o1, const uint8_t *codes, const float *absmax, int64_t bs,
+                          const float *table, void *y, int y_bf16) {
+    int64_t blocks = in / bs;
+    for (int64_t o = o0; o < o1; o++) {
+        const uint8_t *row = codes + o * (in / 2);
+        for (int64_t t = 0; t < nrows; t++) {
+            const float *xr = xp + t * in;
+            float total = 0.0f;
+            for (int64_t b = 0; b < blocks; b++) {
+                float acc = 0.0f;
+                for (int64_t k = b * bs; k < (b + 1) * bs; k += 2) {
+                    uint8_t q = row[k / 2];
+                    acc += table[q >> 4] * xr[k] + table[q & 15] * xr[k + 1];
+                }
+                total += acc * absmax[o * blocks + b];
+            }
+            store(y, y_bf16, t * out + o, total);
+        }
+    }
+}
+
+typedef void (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const uint8_t *,
+                        const float *, int64_t, const float *, void *, int);
+
+#define DEFINE_PORTABLE(NR)                                                                     \
+    static void rows_portable_##NR(const float *xp, int64_t in, int64_t out, int64_t o0,        \
+                                   int64_t o1, const uint8_t *codes, const float *absmax,       \
+                                   int64_t bs, const float *table, void *y, int y_bf16) {       \
+        rows_portable(xp, NR, in, out, o0, o1, codes, absmax, bs, table, y, y_bf16);            \
+    }
+
+DEFINE_PORTABLE(1)
+DEFINE_PORTABLE(2)
+DEFINE_PORTABLE(3)
+DEFINE_PORTABLE(4)
+
+static const rows_fn KERNELS[3][TILE] = {
+    {rows_portable_1, rows_portable_2, rows_portable_3, rows_portable_4},
+    {rows_avx2_1, rows_avx2_2, rows_avx2_3, rows_avx2_4},
+    {rows_avx512_1, rows_avx512_2, rows_avx512_3, rows_avx512_4},
+};
+
+/* The instruction set this process uses: 2 = AVX-512, 1 = AVX2 + FMA, 0 = portable. */
+int nf4_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+/* y (rows, out) = x (rows, in) @ W.T. Returns 0, or -1 when the shape is not supported
+ * (in a multiple of the block size, the block size a multiple of 32) or memory runs out. */
+int nf4_linear(const void *x, int x_bf16, int64_t rows, int64_t in, const uint8_t *codes,
+               const float *absmax, int64_t out, int64_t bs, const float *table, void *y,
+               int y_bf16, int isa) {
+    if (bs <= 0 || bs % 32 || in % bs) return -1;
+    if (isa < 0 || isa > 2) return -1;
+    int64_t g = isa == 2 ? 32 : isa == 1 ? 16 : 2;
+    float *xp = malloc((size_t)(rows * in) * sizeof(float));
+    if (xp == NULL) return -1;
+    rearrange(x, x_bf16, rows, in, g, xp);
+    int64_t tiles = (rows + TILE - 1) / TILE;
+    int64_t chunk = 16; /* output rows per task: a few cache lines of y per thread */
+    int64_t chunks = (out + chunk - 1) / chunk;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t o0 = c * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
+            int64_t r0 = t * TILE, n = rows - r0 < TILE ? rows - r0 : TILE;
+            KERNELS[isa][n - 1](xp + r0 * in, in, out, o0, o1, codes, absmax, bs, table,
+               y_bf16 ? (void *)((uint16_t *)y + r0 * out) : (void *)((float *)y + r0 * out),
+               y_bf16);
+        }
+    }
+    free(xp);
+    return 0;
+}

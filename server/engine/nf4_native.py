@@ -1,0 +1,152 @@
+"""The native NF4 kernel (csrc/nf4.c): x @ W.T read straight from the 4-bit codes.
+
+A decode step on a CPU streams every weight once, so at a few rows it is bound by memory, and
+a bf16 copy is 4x the bytes of the NF4 codes. The kernel looks the codes up in a vector register
+and accumulates in float32 (AVX-512, AVX2 + FMA, or portable C, chosen at run time), splitting
+the output rows over torch's OpenMP threads.
+
+It is compiled from source at first use with the system's C compiler (a second or two) into the
+kernel directory beside the tuning files, keyed by the source and the compiler; where there is
+no compiler, or the build fails, the kernel is simply not offered (`load` returns None) and the
+other kernels serve.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from bitsandbytes.functional import get_4bit_type
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "nf4.c"
+FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC")
+ISAS = ("portable", "avx2", "avx512")  # nf4_isa()'s answers, in order
+DTYPES = (torch.bfloat16, torch.float32)  # what x and y may be
+
+
+class Nf4Library:
+    """The compiled kernel: `linear(x, codes, absmax, shape, blocksize)`."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        lib.nf4_isa.restype = ctypes.c_int
+        lib.nf4_isa.argtypes = []
+        lib.nf4_linear.restype = ctypes.c_int
+        i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.nf4_linear.argtypes = [ptr, flag, i64, i64, ptr, ptr, i64, i64, ptr, ptr, flag, flag]
+        self._linear = lib.nf4_linear
+        self.isa = ISAS[lib.nf4_isa()]
+        self._isa = ISAS.index(self.isa)
+        self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
+
+    def supports(self, shape: tuple[int, int], blocksize: int) -> bool:
+        """Whether the kernel takes an (out, in) weight with this block size: blocks that do
+        not straddle rows, in groups of 32 weights."""
+        return blocksize > 0 and blocksize % 32 == 0 and shape[1] % blocksize == 0
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        absmax: torch.Tensor,
+        shape: tuple[int, int],
+        blocksize: int,
+        isa: str | None = None,
+    ) -> torch.Tensor:
+        """x (..., in) @ W.T for the NF4 weight W (out, in) given by its packed `codes` and
+        float32 block scales `absmax` (bitsandbytes' layout); in x's dtype (bf16 or float32).
+        `isa` forces an instruction set below the machine's (for tests)."""
+        out_features, in_features = shape
+        if x.dtype not in DTYPES or x.device.type != "cpu" or x.shape[-1] != in_features:
+            raise ValueError(f"the NF4 kernel takes CPU bf16/float32 (..., {in_features}) input")
+        level = self._isa if isa is None else ISAS.index(isa)
+        if level > self._isa:
+            raise ValueError(f"this CPU cannot run the {isa} kernel (it has {self.isa})")
+        x2 = x.reshape(-1, in_features).contiguous()
+        y = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
+        bf16 = int(x.dtype == torch.bfloat16)
+        rc = self._linear(
+            x2.data_ptr(),
+            bf16,
+            x2.shape[0],
+            in_features,
+            codes.data_ptr(),
+            absmax.data_ptr(),
+            out_features,
+            blocksize,
+            self.table.data_ptr(),
+            y.data_ptr(),
+            bf16,
+            level,
+        )
+        if rc != 0:
+            raise RuntimeError(f"the NF4 kernel refused a {shape} weight (block {blocksize})")
+        return y.view(*x.shape[:-1], out_features)
+
+
+def load(directory: Path | None) -> Nf4Library | None:
+    """The kernel, built into `directory` (a temporary one when None) if not there yet; None
+    where it cannot be built here."""
+    return _load(str(directory) if directory is not None else None)
+
+
+@functools.cache
+def _load(directory: str | None) -> Nf4Library | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no NF4 kernel: no C compiler (cc) on this machine")
+        return None
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as exc:
+        log.info("no NF4 kernel: %s does not run (%s)", compiler, exc)
+        return None
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()
+    where = Path(directory) if directory is not None else Path(tempfile.gettempdir()) / "loraplex"
+    path = where / f"nf4-{digest[:16]}.so"
+    if not path.exists():
+        try:
+            _build(compiler, path)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.info("no NF4 kernel: the build failed (%s)", exc)
+            return None
+    try:
+        library = Nf4Library(path)
+    except OSError as exc:
+        log.info("no NF4 kernel: %s does not load (%s)", path, exc)
+        return None
+    log.info("NF4 kernel: %s (%s)", library.isa, path)
+    return library
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile into a temporary file and move it into place: processes building at the same
+    time each finish with a whole library. OpenMP where the compiler has it, else one thread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        for openmp in (("-fopenmp",), ()):
+            command = [compiler, *FLAGS, *openmp, str(SOURCE), "-o", partial]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                break
+        else:
+            raise subprocess.SubprocessError(result.stderr.strip()[-500:])
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)

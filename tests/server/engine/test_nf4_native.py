@@ -1,0 +1,80 @@
+"""The native NF4 kernel: on every instruction set this CPU has (the emulated AVX2 run covers
+AVX2 alone), at every row count a tile can hold and past it, in float32 and bf16, it computes
+x @ W.T for W given by its 4-bit codes and block scales, and it is built once per machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.server.engine import nf4_native
+from loraplex.server.engine.nf4_native import ISAS
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    built = nf4_native.load(tmp_path_factory.mktemp("kernels"))
+    assert built is not None, "the NF4 kernel did not build with this machine's C compiler"
+    return built
+
+
+def random_weight(out_features: int, in_features: int, blocksize: int, seed: int):
+    """Packed codes (two per byte, high nibble first), float32 block scales, and the dense
+    float32 weight they stand for."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (out_features * in_features,), generator=generator)
+    packed = (codes[0::2] << 4 | codes[1::2]).to(torch.uint8)
+    absmax = torch.rand(out_features * in_features // blocksize, 1, generator=generator) + 0.1
+    values = _nf4_table()[codes].view(-1, blocksize) * absmax
+    return packed, absmax, values.view(out_features, in_features)
+
+
+def _nf4_table() -> torch.Tensor:
+    from bitsandbytes.functional import get_4bit_type
+
+    return get_4bit_type("nf4", device="cpu").float()
+
+
+@pytest.mark.cpu_isa
+def test_the_kernel_uses_the_instruction_set_torch_sees(library):
+    """torch's "AVX512" needs AVX-512 F/BW/DQ/VL, more than the kernel asks; "AVX2" has FMA."""
+    want = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability())
+    assert library.isa == (want or library.isa) and library.isa in ISAS
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "blocksize"), [((37, 96), 32), ((64, 128), 64), ((3, 256), 128)])
+def test_every_instruction_set_computes_the_layer(library, dtype, shape, blocksize):
+    packed, absmax, weight = random_weight(*shape, blocksize, seed=shape[0])
+    assert library.supports(shape, blocksize)
+    generator = torch.Generator().manual_seed(1)
+    for isa in ISAS[: ISAS.index(library.isa) + 1]:
+        for rows in (1, 2, 3, 4, 5, 9):
+            x = torch.randn(rows, shape[1], generator=generator).to(dtype)
+            want = x.float() @ weight.T
+            got = library.linear(x, packed, absmax, shape, blocksize, isa=isa)
+            assert got.dtype == dtype and got.shape == (rows, shape[0])
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+            assert (got.float() - want).abs().max() <= tolerance * want.abs().max(), (isa, rows)
+
+
+def test_leading_dimensions_are_kept_and_bad_input_is_refused(library):
+    packed, absmax, weight = random_weight(32, 64, 64, seed=0)
+    x = torch.randn(2, 3, 64)
+    got = library.linear(x, packed, absmax, (32, 64), 64)
+    assert got.shape == (2, 3, 32)
+    assert torch.allclose(got, x @ weight.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="takes CPU"):
+        library.linear(torch.randn(2, 63), packed, absmax, (32, 64), 64)
+    with pytest.raises(ValueError, match="takes CPU"):
+        library.linear(x.half(), packed, absmax, (32, 64), 64)
+    assert not library.supports((32, 96), 64)  # a block would straddle two rows
+    assert not library.supports((32, 64), 16)
+
+
+def test_built_once_per_machine_and_source(tmp_path):
+    first = nf4_native.load(tmp_path)
+    assert first is not None and first is nf4_native.load(tmp_path)
+    built = list(tmp_path.glob("nf4-*.so"))
+    assert len(built) == 1 and list(tmp_path.iterdir()) == built  # no partial files left
