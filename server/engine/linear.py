@@ -250,7 +250,7 @@ class BaseLinears:
         }
         quantized = list(states)
         native = None
-        if quantized and device.type == "cpu" and dtype in nf4_native.DTYPES:
+        if device.type == "cpu" and dtype in nf4_native.DTYPES:
             native = nf4_native.load(cache.build_dir if cache is not None else None)
         self.kernels = tuple(
             k
@@ -260,6 +260,7 @@ class BaseLinears:
         )
         if kernel != "auto" and kernel not in self.kernels:
             raise ValueError(f"base kernel {kernel} is not available on {device} in {dtype}")
+        self.native = native  # the native kernel, where it is built (also serves LoRA)
         self.layers: dict[nn.Module, _Layer] = {}
         if quantized:
             tables = _Tables.build(states[quantized[0]].absmax.device)
@@ -305,6 +306,16 @@ class BaseLinears:
         if layer.copy == "dense" and layer.dense is not None:
             return layer.dense
         return layer.nf4.dequantize(self.dtype)
+
+    def copies_serve(self, rows: int) -> bool:
+        """Whether most of the 4-bit weights (by size) run no faster than a dense copy at
+        this many rows: true unless the native kernel, which reads the codes, serves them."""
+        b, native, total = bucket(rows), 0, 0
+        for layer in self.layers.values():
+            size = math.prod(layer.nf4.shape)
+            total += size
+            native += size if layer.choice[b] == "nf4" else 0
+        return 2 * native <= total
 
     def choices(self) -> list[KernelChoice]:
         """Per shape, the kernel from each row count up (runs of one kernel joined)."""

@@ -7,6 +7,10 @@
     tokens [n_decode, N)   prompt chunks, contiguous per sequence: the SGMV-like segment path,
                            one matmul pair per (adapter, run of tokens).
 
+A step of a few tokens (at most NATIVE_MAX_TOKENS, e.g. one stream or a few) on a CPU with the
+native kernel (nf4_native.py) instead runs one call per group, whatever the adapters: there a
+LoRA is a few hundred thousand multiply-adds and torch's per-op cost is most of its time.
+
 `LoraPlan` is built once per step and shared by every layer; the rank used is the largest of the
 slots present (smaller ranks are zero-padded, which adds nothing). Both paths equal
 `lora.lora_delta_reference` (tests/server/engine/test_lora.py).
@@ -20,6 +24,9 @@ from typing import NamedTuple
 import torch
 
 from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup
+from loraplex.server.engine.nf4_native import DTYPES, Nf4Library
+
+NATIVE_MAX_TOKENS = 4  # steps of up to this many tokens take the native kernel where it is
 
 
 @dataclass(frozen=True)
@@ -51,10 +58,19 @@ class Segment(NamedTuple):
 
 
 @dataclass(frozen=True)
+class NativeLora:
+    """A small step's LoRA in the native kernel: every token's slot (-1: none)."""
+
+    library: Nf4Library
+    slots: torch.Tensor  # (N,) int64
+
+
+@dataclass(frozen=True)
 class LoraPlan:
     rank: int  # R: the largest rank of the slots present; 0 = nothing to add
     decode: DecodeLayout | None
     segments: list[Segment]  # token ranges of the prompt part
+    native: NativeLora | None = None  # set: the whole step in the native kernel instead
 
     @property
     def empty(self) -> bool:
@@ -66,14 +82,26 @@ def plan_lora(
     segments: list[Segment],
     ranks: list[int],
     device: torch.device,
+    native: Nf4Library | None = None,
+    num_tokens: int = 0,
 ) -> LoraPlan:
     """decode_slots: the slot of each decode token (tokens 0..n_decode-1); segments: (slot,
     start, end) of each prompt chunk (start >= n_decode). Slots of rank 0 and base tokens are
-    left out. Decode tokens ordered by slot (as the engine orders them) need no reordering."""
+    left out. Decode tokens ordered by slot (as the engine orders them) need no reordering.
+    With `native` (CPU stacks in bf16 or float32) a step of `num_tokens` <= NATIVE_MAX_TOKENS
+    tokens goes to the native kernel."""
     live = {s for s in decode_slots if s != NO_ADAPTER and ranks[s] > 0}
     segs = [g for g in segments if g.slot != NO_ADAPTER and ranks[g.slot] > 0 and g.end > g.start]
     live.update(s for s, _, _ in segs)
     rank = max((ranks[s] for s in live), default=0)
+    if native is not None and rank and 0 < num_tokens <= NATIVE_MAX_TOKENS:
+        slots = [NO_ADAPTER] * num_tokens
+        for i, s in enumerate(decode_slots):
+            slots[i] = s if s != NO_ADAPTER and ranks[s] > 0 else NO_ADAPTER
+        for g in segs:
+            slots[g.start : g.end] = [g.slot] * (g.end - g.start)
+        table = torch.tensor(slots, dtype=torch.long)
+        return LoraPlan(rank=rank, decode=None, segments=[], native=NativeLora(native, table))
     decode = _decode_layout(decode_slots, ranks, device)
     if decode is not None and decode.num_blocks == 1 and decode.src is None and decode.dst is None:
         # One adapter's run of decode tokens (a lone stream, or one tenant's batch) is a
@@ -145,6 +173,11 @@ def add_lora(
     """outputs[j] (N, out_j) += scale * LoRA delta of member j, in place. x: (N, in).
     (scale -1 takes an adapter merged into the base back out for the tokens of others.)"""
     if plan.empty:
+        return
+    if plan.native is not None and group.at.dtype in DTYPES:
+        plan.native.library.lora_add(
+            outputs, x, group.at, group.bt, plan.rank, plan.native.slots, scale
+        )
         return
     if plan.decode is not None:
         _add_decode(outputs, x, group, plan.rank, plan.decode, scale)

@@ -13,6 +13,11 @@ minimum time between changes, so a share hovering near a threshold does not flap
     merge M      when M's share >= merge_share     (and the window holds enough to judge)
     unmerge M    when M's share <  unmerge_share   (or another adapter leads with >= merge_share)
 
+Merging also needs the merged layers to be no slower than the base at the batch sizes that run:
+a merged layer is a dense copy, and where the base reads its 4-bit codes faster than a copy (a
+few rows on a CPU: linear.py's nf4 kernel) the adapter is cheaper left unmerged. The policy asks
+the model runner about the median tokens per step in its window.
+
 An operator can pin a merge (the MergeAdapter RPC), which the policy leaves alone, or turn the
 policy off (`--merge-policy off`).
 
@@ -25,6 +30,7 @@ it is merged, and one slot always stays for the rest of the traffic.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -72,6 +78,12 @@ class TokenWindow:
             self._drop()
         self.expire(now)
 
+    def step_tokens(self) -> float:
+        """The median tokens of the steps in the window (0 when empty)."""
+        if not self._steps:
+            return 0.0
+        return float(statistics.median(sum(step.values()) for _, step in self._steps))
+
     def expire(self, now: float) -> None:
         """Drop the steps older than `seconds`."""
         while self._steps and now - self._steps[0][0] > self.seconds:
@@ -95,11 +107,17 @@ class MergePolicy:
     """Decides; the engine acts (it owns the slots and the weights)."""
 
     def __init__(
-        self, settings: MergeSettings, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: MergeSettings,
+        clock: Callable[[], float] = time.monotonic,
+        pays: Callable[[float], bool] = lambda step_tokens: True,
     ) -> None:
+        """`pays(step_tokens)`: whether merged layers are as fast as the base's at steps of
+        that many tokens."""
         self.settings = settings
         self.window = TokenWindow(settings.window_tokens, settings.window_seconds)
         self._clock = clock
+        self._pays = pays
         self._changed_at = -float("inf")
         self._since: float | None = None  # when the first step was observed
 
@@ -148,6 +166,8 @@ class MergePolicy:
             want = None
         if want is None and shares.leader is not None and shares.leader_share >= s.merge_share:
             want = shares.leader
+        if want is not None and not self._pays(self.window.step_tokens()):
+            want = None  # the base is faster than a merged copy at these batch sizes
         return want
 
     def changed(self) -> None:
@@ -165,7 +185,7 @@ class MergeControl:
         runner: Callable[[], ModelRunner],
         load_slot: LoadSlot,
     ) -> None:
-        self.policy = MergePolicy(settings)
+        self.policy = MergePolicy(settings, pays=self._pays)
         self._slots = slots
         self._runner = runner
         self._load_slot = load_slot  # writes an adapter into a slot (clears it on failure)
@@ -183,7 +203,10 @@ class MergeControl:
 
     def configure(self, settings: MergeSettings) -> None:
         """A new policy (its window starts empty); what is merged stays until it decides."""
-        self.policy = MergePolicy(settings)
+        self.policy = MergePolicy(settings, pays=self._pays)
+
+    def _pays(self, step_tokens: float) -> bool:
+        return self._runner().merge_pays(step_tokens)
 
     def observe(self, step: TokenCounts) -> None:
         self.policy.observe(step)

@@ -120,6 +120,11 @@ class ModelRunner:
             tuning=tuning,
         )
 
+    def merge_pays(self, step_tokens: float) -> bool:
+        """Whether merged layers (dense copies) run as fast as the base's at steps of this
+        many tokens: not where the base reads its 4-bit codes faster than a copy."""
+        return self.linears.copies_serve(max(1, round(step_tokens)))
+
     def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
         """Write an adapter into `slot`; layers it does not target get rank 0 there."""
         self.lora.load(slot, weights.modules)
@@ -176,11 +181,12 @@ class ModelRunner:
         tokens first, so the others are one run: M's delta comes out of them as one matmul
         pair per run (segments), with no gather."""
         ranks, dev, m = self.lora.ranks, self.device, self.merged_slot
+        native, n = self.linears.native, max([len(decode_slots), *(g.end for g in segments)])
         if m is None:
-            return plan_lora(decode_slots, segments, ranks, dev), None
+            return plan_lora(decode_slots, segments, ranks, dev, native, n), None
         own = [NO_ADAPTER if s == m else s for s in decode_slots]
         own_segments = [g._replace(slot=NO_ADAPTER) if g.slot == m else g for g in segments]
-        lora = plan_lora(own, own_segments, ranks, dev)
+        lora = plan_lora(own, own_segments, ranks, dev, native, n)
         runs: list[Segment] = []
         for i, slot in enumerate(decode_slots):
             if slot == m:
@@ -190,7 +196,7 @@ class ModelRunner:
             else:
                 runs.append(Segment(slot=m, start=i, end=i + 1))
         runs += [g._replace(slot=m) for g in segments if g.slot != m]
-        unmerge = plan_lora([], runs, ranks, dev)
+        unmerge = plan_lora([], runs, ranks, dev, native, n)
         return lora, (None if unmerge.empty else unmerge)
 
     def step(self, decodes: list[DecodeWork], prefills: list[PrefillWork]) -> torch.Tensor:

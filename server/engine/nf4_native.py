@@ -45,6 +45,12 @@ class Nf4Library:
         i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.nf4_linear.argtypes = [ptr, flag, i64, i64, ptr, ptr, i64, i64, ptr, ptr, flag, flag]
         self._linear = lib.nf4_linear
+        lib.lora_add.restype = ctypes.c_int
+        lib.lora_add.argtypes = [
+            *(ptr, flag, i64, i64, ptr),  # x, bf16, rows, in, slots
+            *(ptr, flag, i64, i64, ptr, flag, ctypes.c_float),  # at, bf16, C, r, args, bf16, scale
+        ]
+        self._lora_add = lib.lora_add
         self.isa = ISAS[lib.nf4_isa()]
         self._isa = ISAS.index(self.isa)
         self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
@@ -92,6 +98,50 @@ class Nf4Library:
         if rc != 0:
             raise RuntimeError(f"the NF4 kernel refused a {shape} weight (block {blocksize})")
         return y.view(*x.shape[:-1], out_features)
+
+    def lora_add(
+        self,
+        outputs: list[torch.Tensor],
+        x: torch.Tensor,
+        at: torch.Tensor,
+        bts: list[torch.Tensor],
+        rank: int,
+        slots: torch.Tensor,
+        scale: float = 1.0,
+    ) -> None:
+        """outputs[j][i] += scale * (x[i] @ A[slots[i]].T) @ B_j[slots[i]].T in place, for the
+        rows i whose slot is not -1 (LoraGroup's stacks: `at` (S, in, k, C), `bts[j]`
+        (S, C, out_j); the first `rank` ranks used). x (N, in) and the outputs (N, out_j) rows
+        of unit stride, all in one dtype; the stacks in bf16 or float32; slots int64 (N,)."""
+        dtype = x.dtype
+        if not (
+            x.is_contiguous()
+            and at.is_contiguous()
+            and slots.dtype == torch.int64
+            and at.dtype in DTYPES
+            and all(o.dtype == dtype and o.stride(-1) == 1 for o in outputs)
+            and all(b.is_contiguous() and b.dtype == at.dtype for b in bts)
+        ):
+            raise ValueError("lora_add takes contiguous rows in bf16 or float32")
+        args: list[int] = [len(outputs)]
+        for out, bt in zip(outputs, bts, strict=True):
+            args += [out.data_ptr(), out.stride(0), bt.data_ptr(), bt.shape[2]]
+        rc = self._lora_add(
+            x.data_ptr(),
+            int(dtype == torch.bfloat16),
+            x.shape[0],
+            x.shape[1],
+            slots.data_ptr(),
+            at.data_ptr(),
+            int(at.dtype == torch.bfloat16),
+            at.shape[3],
+            rank,
+            (ctypes.c_int64 * len(args))(*args),
+            int(dtype == torch.bfloat16),
+            scale,
+        )
+        if rc != 0:
+            raise RuntimeError("the native LoRA kernel refused these sizes")
 
 
 def load(directory: Path | None) -> Nf4Library | None:

@@ -256,3 +256,92 @@ int nf4_linear(const void *x, int x_bf16, int64_t rows, int64_t in, const uint8_
     free(xp);
     return 0;
 }
+
+/* ---- LoRA: out_j[i] += scale * (x[i] @ A[s_i].T) @ B_j[s_i].T for each row i whose slot s_i is
+ * not -1, for the k members j of a group that share one input (one shrink serves them all).
+ *
+ * The stacks are LoraGroup's: at (S, in, k, C) holds A.T of every slot and member, bt_j
+ * (S, C, out_j) holds B.T; C is the rank capacity, r <= C the rank the step uses. Weights and
+ * activations in bf16 or float32, sums in float32, each output rounded once. A few rows' LoRA
+ * is a few hundred thousand multiply-adds: as torch ops it costs more in dispatch than in
+ * arithmetic. The loops are plain C, vectorized by the compiler for each instruction set. ---- */
+
+#define LORA_MAX_COLUMNS 8192 /* k * C */
+#define LORA_MAX_WIDTH 65536  /* out_j */
+
+static inline float load_any(const void *p, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void lora_row(const float *xr, int64_t in, const void *at, int w_bf16, int64_t kc,
+                     float *shrunk) {
+    for (int64_t c = 0; c < kc; c++) shrunk[c] = 0.0f;
+    if (w_bf16) {
+        const uint16_t *a = at;
+        for (int64_t i = 0; i < in; i++) {
+            float xi = xr[i];
+            const uint16_t *row = a + i * kc;
+            for (int64_t c = 0; c < kc; c++) shrunk[c] += xi * bf16_to_f32(row[c]);
+        }
+    } else {
+        const float *a = at;
+        for (int64_t i = 0; i < in; i++) {
+            float xi = xr[i];
+            const float *row = a + i * kc;
+            for (int64_t c = 0; c < kc; c++) shrunk[c] += xi * row[c];
+        }
+    }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void lora_expand(const float *s, int64_t r, const void *bt, int w_bf16, int64_t width,
+                        float *acc) {
+    for (int64_t o = 0; o < width; o++) acc[o] = 0.0f;
+    for (int64_t t = 0; t < r; t++) {
+        float st = s[t];
+        if (w_bf16) {
+            const uint16_t *row = (const uint16_t *)bt + t * width;
+            for (int64_t o = 0; o < width; o++) acc[o] += st * bf16_to_f32(row[o]);
+        } else {
+            const float *row = (const float *)bt + t * width;
+            for (int64_t o = 0; o < width; o++) acc[o] += st * row[o];
+        }
+    }
+}
+
+/* args: k, then per member j: out pointer, out row stride (elements), bt pointer, width out_j.
+ * Returns 0, or -1 for sizes past the buffers. */
+int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t *slots,
+             const void *at, int w_bf16, int64_t cap, int64_t r, const int64_t *args, int y_bf16,
+             float scale) {
+    int64_t k = args[0];
+    int64_t kc = k * cap, slot_a = in * kc;
+    if (kc > LORA_MAX_COLUMNS || r > cap) return -1;
+    for (int64_t j = 0; j < k; j++)
+        if (args[1 + 4 * j + 3] > LORA_MAX_WIDTH) return -1;
+    int64_t work = rows * (slot_a + r * kc);
+#pragma omp parallel for schedule(static) if (work > (1 << 18))
+    for (int64_t i = 0; i < rows; i++) {
+        int64_t slot = slots[i];
+        if (slot < 0) continue;
+        float xr_buf[in];
+        float shrunk[kc];
+        for (int64_t c = 0; c < in; c++) xr_buf[c] = load_any(x, x_bf16, i * in + c);
+        int64_t esize = w_bf16 ? 2 : 4;
+        lora_row(xr_buf, in, (const char *)at + slot * slot_a * esize, w_bf16, kc, shrunk);
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t *m = args + 1 + 4 * j;
+            void *out = (void *)m[0];
+            int64_t stride = m[1], width = m[3];
+            const char *bt = (const char *)m[2] + slot * cap * width * esize;
+            float acc[width];
+            lora_expand(shrunk + j * cap, r, bt, w_bf16, width, acc);
+            for (int64_t o = 0; o < width; o++) {
+                int64_t index = i * stride + o;
+                store(out, y_bf16, index, load_any(out, y_bf16, index) + scale * acc[o]);
+            }
+        }
+    }
+    return 0;
+}

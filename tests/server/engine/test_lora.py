@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel
 
 from loraplex.adapters.validate import load_adapter
 from loraplex.core.types import BaseModelSpec
+from loraplex.server.engine import nf4_native
 from loraplex.server.engine.lora import (
     NO_ADAPTER,
     LoraGroup,
@@ -17,7 +18,7 @@ from loraplex.server.engine.lora import (
     lora_delta_reference,
     rank_bucket,
 )
-from loraplex.server.engine.lora_ops import Segment, add_lora, plan_lora
+from loraplex.server.engine.lora_ops import NATIVE_MAX_TOKENS, Segment, add_lora, plan_lora
 from loraplex.server.engine.model_runner import ModelRunner
 from tests.conftest import TINY_FAMILIES
 from tests.helpers import add_peft_adapter, peft_logits
@@ -251,3 +252,54 @@ def test_one_adapters_run_of_decode_tokens_is_planned_as_a_segment():
     assert plan.decode is None and plan.segments == [(1, 0, 5)]
     mixed = plan_lora([0, 1], [], RANKS, torch.device("cpu"))
     assert mixed.decode is not None and mixed.segments == []
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    library = nf4_native.load(tmp_path_factory.mktemp("kernels"))
+    assert library is not None, "the native kernel did not build with this machine's C compiler"
+    return library
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize(
+    ("decode_slots", "segments"),
+    [
+        ([1], []),  # a lone stream
+        ([0, 2, NO_ADAPTER, 3], []),  # mixed ranks, a base token, a rank-0 slot
+        ([2], [Segment(0, 1, 4)]),  # a decode token and a short prompt of another adapter
+        ([], [Segment(NO_ADAPTER, 0, 2), Segment(1, 2, 4)]),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_few_tokens_take_the_native_kernel_and_equal_the_spec(
+    native, decode_slots, segments, dtype
+):
+    torch.manual_seed(0)
+    group = random_group(dtype)
+    n = max([len(decode_slots), *(g.end for g in segments)])
+    token_slots = decode_slots + [NO_ADAPTER] * (n - len(decode_slots))
+    for g in segments:
+        token_slots[g.start : g.end] = [g.slot] * (g.end - g.start)
+    x = torch.randn(n, D_IN).to(dtype)
+    plan = plan_lora(decode_slots, segments, RANKS, x.device, native, n)
+    assert plan.native is not None and plan.decode is None and not plan.segments
+    want = reference(x.float(), group, RANKS, token_slots)
+    base = [torch.randn(n, out).to(dtype) for out in OUTS]
+    for scale in (1.0, -1.0):  # -1: a merged adapter's delta taken back out
+        outs = [b.clone() for b in base]
+        add_lora(outs, x, group, plan, scale=scale)
+        for o, b, w in zip(outs, base, want, strict=True):
+            expected = b.float() + scale * w
+            if dtype == torch.float32:
+                torch.testing.assert_close(o, expected, rtol=1e-5, atol=1e-4)
+            else:  # bf16 stacks against the float32 spec of the same (rounded) weights
+                torch.testing.assert_close(o.float(), expected, rtol=2e-2, atol=0.15)
+
+
+def test_more_tokens_than_the_native_kernel_takes_keep_the_torch_paths(native):
+    slots = [0, 1] * (NATIVE_MAX_TOKENS // 2 + 1)
+    plan = plan_lora(slots, [], RANKS, torch.device("cpu"), native, len(slots))
+    assert plan.native is None and plan.decode is not None
+    base_only = plan_lora([NO_ADAPTER], [], RANKS, torch.device("cpu"), native, 1)
+    assert base_only.empty and base_only.native is None

@@ -14,6 +14,7 @@ from loraplex.core.errors import Exhausted
 from loraplex.core.types import AdapterWeights
 from loraplex.server.config import MergeSettings
 from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.linear import ROW_BUCKETS, BaseLinears
 from loraplex.server.engine.merging import MergePolicy, TokenWindow
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.state import EngineSnapshot, MergeState
@@ -288,3 +289,39 @@ def merge_of(engine: Engine) -> MergeState:
 
 def refcounts(state: EngineSnapshot) -> dict[int, int]:
     return {s.slot: s.refcount for s in state.slots}
+
+
+def test_no_merge_where_the_base_is_faster_than_a_merged_copy_at_the_steps_that_run():
+    """Small steps on a CPU read the 4-bit codes (the native kernel) faster than any dense
+    copy: a dominant adapter is then left unmerged, and a merge made for big steps comes out
+    when the steps shrink."""
+    clock = Clock()
+    settings = MergeSettings(window_tokens=100, min_interval_s=0.0, window_seconds=1e9)
+    asked: list[float] = []
+
+    def pays(step_tokens: float) -> bool:
+        asked.append(step_tokens)
+        return step_tokens >= 8
+
+    p = MergePolicy(settings, clock, pays=pays)
+    feed(p, {M: 1}, steps=60)  # a lone stream: one token per step
+    assert p.decide(None, Counter()) is None and asked[-1] == 1
+    feed(p, {M: 15, None: 1}, steps=60)  # a busy tenant: 16 tokens per step
+    assert p.decide(None, Counter()) == M and asked[-1] == 16
+    feed(p, {M: 1}, steps=200)
+    assert p.decide(M, Counter()) is None  # the steps shrank: unmerge
+
+
+def test_copies_serve_unless_the_native_kernel_reads_most_weights(load_tiny):
+    loaded = load_tiny(quantization="nf4", dtype="bfloat16")
+    linears = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut")
+    assert linears.copies_serve(1)  # lut: a merged copy is faster
+    times = {
+        layer.nf4.shape: [
+            {"lut": 3.0, "nf4": 1.0 if rows <= 4 else 4.0, "dense": 2.0} for rows in ROW_BUCKETS
+        ]
+        for layer in linears.layers.values()
+    }
+    linears._assign(times, budget=1 << 30)  # type: ignore[arg-type]
+    assert not linears.copies_serve(1) and not linears.copies_serve(3)
+    assert linears.copies_serve(8) and linears.copies_serve(64)
