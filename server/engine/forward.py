@@ -27,6 +27,7 @@ from loraplex.server.engine.lora_ops import LoraPlan, add_lora
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SMALL_ATTENTION_TOKENS = 512  # decode attention over at most this many cached tokens: float32
+NATIVE_ATTENTION_TOKENS = 512  # ... and there the native kernel instead, where it is built
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ class DecoderForward:
         self.group = self.num_heads // self.kv_heads
         self.scaling = self.head_dim**-0.5
         self.linears = linears
+        self.native = linears.native  # the native CPU kernels (None: not built, or a GPU)
         inner = model.model
         self.layers = [
             _LayerParts(layer, linears, cache.keys[i], cache.values[i], lora.groups[i])
@@ -318,6 +320,11 @@ class DecoderForward:
         """q (B, H, D) of the decode tokens, sequence i in row rows[i]; returns (B, H, D)."""
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
         decode_rows = batch.rows[:b]
+        if self.native is not None and b * length <= NATIVE_ATTENTION_TOKENS:
+            # each token's own row and length, read in place: no copy, no mask
+            return self.native.decode_attention(
+                q, parts.keys, parts.values, decode_rows, batch.decode_lengths, self.scaling
+            )
         if mask.gathered:  # few rows decode (a prefill step): read only theirs
             return self._decode_attention_gathered(parts, q, batch, mask)
         keys = parts.keys[:rows, :, :length]  # (rows, H_kv, L, D), a view

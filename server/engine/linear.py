@@ -6,7 +6,7 @@ fastest chosen per layer shape and batch size by measuring them on this machine.
     lut           dequantize by table lookup, then one matmul: two bytes of NF4 codes index a
                   65536 x 4 table, and the double-quantized block scales are expanded to float32
                   once at load (about 4x cheaper than bitsandbytes' scalar fallback on AVX2)
-    nf4           loraplex's native kernel (nf4_native.py): multiplies straight from the codes
+    nf4           loraplex's native kernel (cpu_kernels.py): multiplies straight from the codes
                   and those scales, a quarter of a bf16 copy's bytes; the fastest for a few rows,
                   where a step is bound by memory (CPUs, with a C compiler at first start)
     dense         a dense copy of the weight in the compute dtype, kept in memory: the fastest
@@ -47,8 +47,8 @@ from loraplex.core.machine import (
     median_seconds,
 )
 from loraplex.core.types import KernelChoice
-from loraplex.server.engine import nf4_native
-from loraplex.server.engine.nf4_native import Nf4Library
+from loraplex.server.engine import cpu_kernels
+from loraplex.server.engine.cpu_kernels import CpuKernels
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class _Layer:
 
     __slots__ = ("_run", "choice", "copy", "dense", "module", "native", "nf4")
 
-    def __init__(self, module: nn.Module, nf4: Nf4Weight, native: Nf4Library | None) -> None:
+    def __init__(self, module: nn.Module, nf4: Nf4Weight, native: CpuKernels | None) -> None:
         self.module = module
         self.nf4 = nf4
         takes = native is not None and native.supports(nf4.shape, nf4.blocksize)
@@ -250,8 +250,8 @@ class BaseLinears:
         }
         quantized = list(states)
         native = None
-        if device.type == "cpu" and dtype in nf4_native.DTYPES:
-            native = nf4_native.load(cache.build_dir if cache is not None else None)
+        if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
+            native = cpu_kernels.load(cache.build_dir if cache is not None else None)
         self.kernels = tuple(
             k
             for k in KERNELS

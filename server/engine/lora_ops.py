@@ -8,7 +8,7 @@
                            one matmul pair per (adapter, run of tokens).
 
 A step of a few tokens (at most NATIVE_MAX_TOKENS, e.g. one stream or a few) on a CPU with the
-native kernel (nf4_native.py) instead runs one call per group, whatever the adapters: there a
+native kernel (cpu_kernels.py) instead runs one call per group, whatever the adapters: there a
 LoRA is a few hundred thousand multiply-adds and torch's per-op cost is most of its time.
 
 `LoraPlan` is built once per step and shared by every layer; the rank used is the largest of the
@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels
 from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup
-from loraplex.server.engine.nf4_native import DTYPES, Nf4Library
 
 NATIVE_MAX_TOKENS = 4  # steps of up to this many tokens take the native kernel where it is
 
@@ -61,7 +61,7 @@ class Segment(NamedTuple):
 class NativeLora:
     """A small step's LoRA in the native kernel: every token's slot (-1: none)."""
 
-    library: Nf4Library
+    library: CpuKernels
     slots: torch.Tensor  # (N,) int64
 
 
@@ -82,7 +82,7 @@ def plan_lora(
     segments: list[Segment],
     ranks: list[int],
     device: torch.device,
-    native: Nf4Library | None = None,
+    native: CpuKernels | None = None,
     num_tokens: int = 0,
 ) -> LoraPlan:
     """decode_slots: the slot of each decode token (tokens 0..n_decode-1); segments: (slot,

@@ -55,7 +55,7 @@ def test_decode_attention_equals_the_float64_softmax_on_either_path(rows, length
 def test_rows_in_order_reads_the_cache_in_place_with_the_same_result(load_tiny):
     """Decode tokens in rows 0..n-1, every row decoding: the step reads the cache rows in place
     (no scatter of the queries, no gather of the outputs) and the logits are those of the
-    general path."""
+    general path, and of the native kernel's (which reads every token's own row in place)."""
     from dataclasses import replace
 
     from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
@@ -83,9 +83,12 @@ def test_rows_in_order_reads_the_cache_in_place_with_the_same_result(load_tiny):
         DecodeWork(row=r, slot=-1, token=3, position=len(p))
         for r, p in zip(rows, prompts, strict=True)
     ]
-    in_place = runner.step(decodes, [])
+    native = runner.step(decodes, [])  # the native decode attention, where it is built
     batch = seen["batch"]
-    assert batch.rows_in_order
-    # Again through the general path (it writes the same keys and values at the same places).
+    assert batch.rows_in_order and forward.native is not None
+    # Again through torch's paths (the step writes the same keys and values at the same places).
+    forward.native = None
+    in_place = forward_call(batch)
     general = forward_call(replace(batch, rows_in_order=False))
     torch.testing.assert_close(in_place, general, rtol=0, atol=0)
+    torch.testing.assert_close(native, general, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel
 
 from loraplex.adapters.validate import load_adapter
 from loraplex.core.types import BaseModelSpec
-from loraplex.server.engine import nf4_native
+from loraplex.server.engine import cpu_kernels
 from loraplex.server.engine.lora import (
     NO_ADAPTER,
     LoraGroup,
@@ -256,7 +256,7 @@ def test_one_adapters_run_of_decode_tokens_is_planned_as_a_segment():
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
-    library = nf4_native.load(tmp_path_factory.mktemp("kernels"))
+    library = cpu_kernels.load(tmp_path_factory.mktemp("kernels"))
     assert library is not None, "the native kernel did not build with this machine's C compiler"
     return library
 

@@ -345,3 +345,75 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
     }
     return 0;
 }
+
+/* ---- Decode attention: out[i, h] = softmax(q[i, h] . K[row_i, h / g, :L_i] * scaling)
+ * . V[row_i, h / g, :L_i], for decode tokens i, each in its own cache row, reading the cache in
+ * place (the g query heads of a KV head share its keys), in float32 whatever the cache holds.
+ * A few rows' attention over a few hundred cached tokens is a few hundred thousand multiply-
+ * adds: torch's matmuls, conversions and softmax cost more in dispatch than that. ---- */
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void attend_head(const float *q, int64_t g, int64_t d, const void *k, const void *v,
+                        int cache_bf16, int64_t length, float scaling, float *scores,
+                        float *acc) {
+    /* scores (g, length); acc (g, d) */
+    for (int64_t t = 0; t < length; t++) {
+        float kt[d];
+        for (int64_t e = 0; e < d; e++) kt[e] = load_any(k, cache_bf16, t * d + e);
+        for (int64_t h = 0; h < g; h++) {
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t e = 0; e < d; e++) s += q[h * d + e] * kt[e];
+            scores[h * length + t] = s * scaling;
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        float *row = scores + h * length, top = row[0], sum = 0.0f;
+        for (int64_t t = 1; t < length; t++) top = row[t] > top ? row[t] : top;
+        for (int64_t t = 0; t < length; t++) {
+            row[t] = __builtin_expf(row[t] - top);
+            sum += row[t];
+        }
+        float inv = 1.0f / sum;
+        for (int64_t t = 0; t < length; t++) row[t] *= inv;
+        for (int64_t e = 0; e < d; e++) acc[h * d + e] = 0.0f;
+    }
+    for (int64_t t = 0; t < length; t++) {
+        float vt[d];
+        for (int64_t e = 0; e < d; e++) vt[e] = load_any(v, cache_bf16, t * d + e);
+        for (int64_t h = 0; h < g; h++) {
+            float p = scores[h * length + t];
+            for (int64_t e = 0; e < d; e++) acc[h * d + e] += p * vt[e];
+        }
+    }
+}
+
+/* q, out (b, heads, d) in the compute dtype; keys, values (rows, kv_heads, max_len, d), the
+ * layer's cache. Returns 0, or -1 when memory runs out. */
+int decode_attention(const void *q, int q_bf16, int64_t b, int64_t heads, int64_t kv_heads,
+                     int64_t d, const void *keys, const void *values, int cache_bf16,
+                     int64_t max_len, const int64_t *rows, const int64_t *lengths, float scaling,
+                     void *out) {
+    int64_t g = heads / kv_heads, esize = cache_bf16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel for collapse(2) schedule(static) reduction(| : failed)
+    for (int64_t i = 0; i < b; i++) {
+        for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
+            int64_t length = lengths[i];
+            float *scores = malloc((size_t)(g * length) * sizeof(float));
+            if (scores == NULL) {
+                failed = 1;
+                continue;
+            }
+            float qh[g * d], acc[g * d];
+            int64_t first = (i * heads + kvh * g) * d;
+            for (int64_t e = 0; e < g * d; e++) qh[e] = load_any(q, q_bf16, first + e);
+            int64_t at = ((rows[i] * kv_heads + kvh) * max_len) * d * esize;
+            attend_head(qh, g, d, (const char *)keys + at, (const char *)values + at, cache_bf16,
+                        length, scaling, scores, acc);
+            for (int64_t e = 0; e < g * d; e++) store(out, q_bf16, first + e, acc[e]);
+            free(scores);
+        }
+    }
+    return failed ? -1 : 0;
+}

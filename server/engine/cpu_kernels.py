@@ -1,14 +1,20 @@
-"""The native NF4 kernel (csrc/nf4.c): x @ W.T read straight from the 4-bit codes.
+"""loraplex's native CPU kernels (csrc/cpu_kernels.c), for the small steps of light load, where
+torch's fixed cost per op is most of the time:
+
+    nf4_linear        x @ W.T read straight from the NF4 codes (linear.py's nf4 kernel)
+    lora_add          a few tokens' LoRA for one group, any mix of adapters (lora_ops.py)
+    decode_attention  a few decode tokens' attention over their cache rows, in place (forward.py)
 
 A decode step on a CPU streams every weight once, so at a few rows it is bound by memory, and
-a bf16 copy is 4x the bytes of the NF4 codes. The kernel looks the codes up in a vector register
-and accumulates in float32 (AVX-512, AVX2 + FMA, or portable C, chosen at run time), splitting
-the output rows over torch's OpenMP threads.
+a bf16 copy is 4x the bytes of the NF4 codes. nf4_linear looks the codes up in a vector
+register and accumulates in float32 (AVX-512, AVX2 + FMA, or portable C, chosen at run time);
+the others are plain C loops the compiler vectorizes per instruction set. Work is split over
+torch's OpenMP threads.
 
-It is compiled from source at first use with the system's C compiler (a second or two) into the
-kernel directory beside the tuning files, keyed by the source and the compiler; where there is
-no compiler, or the build fails, the kernel is simply not offered (`load` returns None) and the
-other kernels serve.
+They are compiled from source at first use with the system's C compiler (a second or two) into
+the kernel directory beside the tuning files, keyed by the source and the compiler; where there
+is no compiler, or the build fails, they are simply not offered (`load` returns None) and the
+torch paths serve.
 """
 
 from __future__ import annotations
@@ -28,14 +34,14 @@ from bitsandbytes.functional import get_4bit_type
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "nf4.c"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC")
 ISAS = ("portable", "avx2", "avx512")  # nf4_isa()'s answers, in order
 DTYPES = (torch.bfloat16, torch.float32)  # what x and y may be
 
 
-class Nf4Library:
-    """The compiled kernel: `linear(x, codes, absmax, shape, blocksize)`."""
+class CpuKernels:
+    """The compiled kernels."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
@@ -51,6 +57,12 @@ class Nf4Library:
             *(ptr, flag, i64, i64, ptr, flag, ctypes.c_float),  # at, bf16, C, r, args, bf16, scale
         ]
         self._lora_add = lib.lora_add
+        lib.decode_attention.restype = ctypes.c_int
+        lib.decode_attention.argtypes = [
+            *(ptr, flag, i64, i64, i64, i64),  # q, bf16, tokens, heads, kv heads, head dim
+            *(ptr, ptr, flag, i64, ptr, ptr, ctypes.c_float, ptr),  # cache, rows, ..., out
+        ]
+        self._decode_attention = lib.decode_attention
         self.isa = ISAS[lib.nf4_isa()]
         self._isa = ISAS.index(self.isa)
         self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
@@ -143,42 +155,88 @@ class Nf4Library:
         if rc != 0:
             raise RuntimeError("the native LoRA kernel refused these sizes")
 
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        lengths: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        """softmax(q K.T * scaling) V for decode queries q (B, H, D), token i against the first
+        lengths[i] positions of cache row rows[i] of keys and values (R, H_kv, max_len, D),
+        read in place; float32 inside, returned in q's dtype."""
+        b, heads, d = q.shape
+        _, kv_heads, max_len, _ = keys.shape
+        if not (
+            q.is_contiguous()
+            and keys.is_contiguous()
+            and values.is_contiguous()
+            and q.dtype in DTYPES
+            and keys.dtype in DTYPES
+            and values.dtype == keys.dtype
+            and rows.dtype == lengths.dtype == torch.int64
+            and heads % kv_heads == 0
+        ):
+            raise ValueError("decode_attention takes contiguous bf16 or float32 tensors")
+        out = torch.empty_like(q)
+        rc = self._decode_attention(
+            q.data_ptr(),
+            int(q.dtype == torch.bfloat16),
+            b,
+            heads,
+            kv_heads,
+            d,
+            keys.data_ptr(),
+            values.data_ptr(),
+            int(keys.dtype == torch.bfloat16),
+            max_len,
+            rows.data_ptr(),
+            lengths.data_ptr(),
+            scaling,
+            out.data_ptr(),
+        )
+        if rc != 0:
+            raise MemoryError("decode attention: out of memory")
+        return out
 
-def load(directory: Path | None) -> Nf4Library | None:
+
+def load(directory: Path | None) -> CpuKernels | None:
     """The kernel, built into `directory` (a temporary one when None) if not there yet; None
     where it cannot be built here."""
     return _load(str(directory) if directory is not None else None)
 
 
 @functools.cache
-def _load(directory: str | None) -> Nf4Library | None:
+def _load(directory: str | None) -> CpuKernels | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no NF4 kernel: no C compiler (cc) on this machine")
+        log.info("no native kernels: no C compiler (cc) on this machine")
         return None
     try:
         version = subprocess.run(
             [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
         ).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError) as exc:
-        log.info("no NF4 kernel: %s does not run (%s)", compiler, exc)
+        log.info("no native kernels: %s does not run (%s)", compiler, exc)
         return None
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()
     where = Path(directory) if directory is not None else Path(tempfile.gettempdir()) / "loraplex"
-    path = where / f"nf4-{digest[:16]}.so"
+    path = where / f"cpu-kernels-{digest[:16]}.so"
     if not path.exists():
         try:
             _build(compiler, path)
         except (OSError, subprocess.SubprocessError) as exc:
-            log.info("no NF4 kernel: the build failed (%s)", exc)
+            log.info("no native kernels: the build failed (%s)", exc)
             return None
     try:
-        library = Nf4Library(path)
+        library = CpuKernels(path)
     except OSError as exc:
-        log.info("no NF4 kernel: %s does not load (%s)", path, exc)
+        log.info("no native kernels: %s does not load (%s)", path, exc)
         return None
-    log.info("NF4 kernel: %s (%s)", library.isa, path)
+    log.info("native CPU kernels: %s (%s)", library.isa, path)
     return library
 
 

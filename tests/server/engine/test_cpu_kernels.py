@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.server.engine import nf4_native
-from loraplex.server.engine.nf4_native import ISAS
+from loraplex.server.engine import cpu_kernels
+from loraplex.server.engine.cpu_kernels import ISAS
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    built = nf4_native.load(tmp_path_factory.mktemp("kernels"))
+    built = cpu_kernels.load(tmp_path_factory.mktemp("kernels"))
     assert built is not None, "the NF4 kernel did not build with this machine's C compiler"
     return built
 
@@ -74,7 +74,32 @@ def test_leading_dimensions_are_kept_and_bad_input_is_refused(library):
 
 
 def test_built_once_per_machine_and_source(tmp_path):
-    first = nf4_native.load(tmp_path)
-    assert first is not None and first is nf4_native.load(tmp_path)
-    built = list(tmp_path.glob("nf4-*.so"))
+    first = cpu_kernels.load(tmp_path)
+    assert first is not None and first is cpu_kernels.load(tmp_path)
+    built = list(tmp_path.glob("cpu-kernels-*.so"))
     assert len(built) == 1 and list(tmp_path.iterdir()) == built  # no partial files left
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_reads_each_tokens_row_and_length(library, dtype):
+    """Tokens in any rows (not in order, rows left out), of different lengths, grouped-query
+    heads: each equals softmax(q K.T * scaling) V over its own row's first `length` keys."""
+    generator = torch.Generator().manual_seed(0)
+    num_rows, kv_heads, group, max_len, d = 6, 2, 3, 40, 16
+    keys = torch.randn(num_rows, kv_heads, max_len, d, generator=generator).to(dtype)
+    values = torch.randn(num_rows, kv_heads, max_len, d, generator=generator).to(dtype)
+    rows = torch.tensor([4, 0, 5, 2])
+    lengths = torch.tensor([1, 17, 40, 9])
+    q = torch.randn(len(rows), kv_heads * group, d, generator=generator).to(dtype)
+    scaling = d**-0.5
+    got = library.decode_attention(q, keys, values, rows, lengths, scaling)
+    assert got.dtype == dtype and got.shape == q.shape
+    for i, (row, length) in enumerate(zip(rows.tolist(), lengths.tolist(), strict=True)):
+        for h in range(kv_heads * group):
+            k = keys[row, h // group, :length].double()
+            v = values[row, h // group, :length].double()
+            p = torch.softmax(k @ q[i, h].double() * scaling, dim=0)
+            want = p @ v
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+            assert (got[i, h].double() - want).abs().max() <= tolerance * max(1.0, want.abs().max())
