@@ -102,18 +102,15 @@ def median_seconds(
     device: torch.device,
     budget_s: float = 0.05,
     most: int = 7,
-    before: Callable[[], object] | None = None,
 ) -> float:
     """The median time of `fn()` after one warm-up call: at least 3 runs, then more while the
-    budget lasts (up to `most`); `before` runs untimed ahead of each."""
+    budget lasts (up to `most`)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     sync()
     times: list[float] = []
     spent = 0.0
     while len(times) < 3 or (len(times) < most and spent < budget_s):
-        if before is not None:
-            before()
         start = time.perf_counter()
         fn()
         sync()
@@ -132,17 +129,6 @@ def last_level_cache_bytes() -> int:
         except (OSError, ValueError):
             continue
     return max(sizes, default=32 << 20)
-
-
-class CacheEvictor:
-    """Called before a timed run, pushes what the last run touched out of the CPU's caches
-    (rewrites a buffer twice the last-level cache), so the run reads its data from memory."""
-
-    def __init__(self) -> None:
-        self.buffer = torch.zeros(2 * last_level_cache_bytes() // 4, dtype=torch.int32)
-
-    def __call__(self) -> None:
-        self.buffer.add_(1)
 
 
 @dataclass(frozen=True)

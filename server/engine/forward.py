@@ -27,7 +27,7 @@ from loraplex.server.engine.lora_ops import LoraPlan, add_lora
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SMALL_ATTENTION_TOKENS = 512  # decode attention over at most this many cached tokens: float32
-NATIVE_ATTENTION_TOKENS = 512  # ... and there the native kernel instead, where it is built
+NATIVE_ATTENTION_TOKENS = 1024  # ... and there the native kernel instead, where it is built
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,12 @@ until the budget is spent; the rest take their fastest other path.
 from __future__ import annotations
 
 import bisect
+import copy
 import functools
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,6 @@ from bitsandbytes.functional import dequantize_blockwise, get_4bit_type
 from torch import nn
 
 from loraplex.core.machine import (
-    CacheEvictor,
     TuningCache,
     last_level_cache_bytes,
     machine_key,
@@ -57,6 +57,7 @@ COPIES = ("dense", "packed")  # the kernels that keep a copy of the weight (unde
 KERNEL_CHOICES = ("auto", *KERNELS)
 PACK_ROWS = 64  # the row count oneDNN blocks a packed weight for (any count runs)
 ROW_BUCKETS = (1, 4, 8, 32, 128, 512)  # rows measured; a call uses the nearest (log scale)
+MAX_PROBES = 64  # most weights of one shape a measurement cycles through (to keep them cold)
 _BOUNDS = [math.sqrt(a * b) for a, b in itertools.pairwise(ROW_BUCKETS)]
 
 
@@ -158,6 +159,12 @@ class Nf4Weight:
     def nbytes(self) -> int:
         return self.codes.numel() * 2 + self.absmax.numel() * 4
 
+    def clone(self) -> Nf4Weight:
+        """The same weight in memory of its own."""
+        twin = copy.copy(self)
+        twin.codes, twin.absmax = self.codes.clone(), self.absmax.clone()
+        return twin
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out, in), exactly as bitsandbytes dequantizes it (float32 products,
         rounded once to `dtype`)."""
@@ -224,6 +231,10 @@ class _Layer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._run[bucket(x.shape[0])](x)
+
+
+def _call_next(calls: Iterator[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> None:
+    next(calls)(x)
 
 
 class BaseLinears:
@@ -343,17 +354,20 @@ class BaseLinears:
         self.dense_bytes += layer.hold_copy(copy, self.dtype)
 
     def _measure(self, cache: TuningCache | None) -> dict[tuple[int, int], list[dict[str, float]]]:
-        """Seconds per call of each kernel at each row bucket, per (out, in) shape: measured on
-        one layer of the shape (or read from the cache). When the model's layers in the compute
-        dtype would not fit in the CPU's last-level cache, every call starts with its weights
-        out of the caches, as in a step; timed in a loop they would stay cached and the
-        kernels that read more bytes would look as fast as those that read fewer."""
-        by_shape: dict[tuple[int, int], _Layer] = {}
+        """Seconds per call of each kernel at each row bucket, per (out, in) shape (or read
+        from the cache). A step reads each weight once, so when the model's layers in the
+        compute dtype do not fit in the CPU's last-level cache, each timed call reads a weight
+        the last calls did not touch: the kernel runs in turn over enough layers of the shape
+        (distinct copies where a kernel needs one) to fill twice that cache. Timed on one
+        layer in a loop, a weight stays cached and a kernel that reads four times the bytes
+        looks as fast as one that reads a quarter."""
+        by_shape: dict[tuple[int, int], list[_Layer]] = {}
         for layer in self.layers.values():
-            by_shape.setdefault(layer.nf4.shape, layer)
+            by_shape.setdefault(layer.nf4.shape, []).append(layer)
         element = torch.empty((), dtype=self.dtype).element_size()
         model_bytes = sum(math.prod(layer.nf4.shape) * element for layer in self.layers.values())
-        cold = self.device.type == "cpu" and model_bytes > last_level_cache_bytes()
+        llc = last_level_cache_bytes()
+        cold = self.device.type == "cpu" and model_bytes > llc
         key = {
             "machine": machine_key(self.device),
             "dtype": str(self.dtype),
@@ -365,27 +379,36 @@ class BaseLinears:
         saved = cache.get("kernels", key) if cache is not None else None
         if saved is not None:
             return {tuple(s): t for s, t in saved}  # type: ignore[misc]
-        evict = CacheEvictor() if cold else None
         times: dict[tuple[int, int], list[dict[str, float]]] = {}
-        for shape, layer in by_shape.items():
-            probes = {}
-            for copy in (None, *(k for k in COPIES if k in self.kernels)):
-                probe = probes[copy] = _Layer(layer.module, layer.nf4, layer.native)
-                if copy is not None:
-                    probe.hold_copy(copy, self.dtype)
-            offered = [k for k in self.kernels if layer.offers(k)]
+        for shape, layers in by_shape.items():
+            count = min(MAX_PROBES, -(-2 * llc // (math.prod(shape) * element))) if cold else 1
+            chosen = [layers[i % len(layers)] for i in range(count)]
+            probes: dict[str | None, list[_Layer]] = {}
+            for kind in (None, *(k for k in COPIES if k in self.kernels)):
+                probes[kind] = []
+                for i, layer in enumerate(chosen):
+                    # a layer seen again (fewer layers than probes) gets its own codes
+                    nf4 = layer.nf4 if i < len(layers) else layer.nf4.clone()
+                    probe = _Layer(layer.module, nf4, layer.native)
+                    if kind is not None:
+                        probe.hold_copy(kind, self.dtype)
+                    probes[kind].append(probe)
+            offered = [k for k in self.kernels if layers[0].offers(k)]
             generator = torch.Generator().manual_seed(0)
             rows_times = []
             for rows in ROW_BUCKETS:
                 x = torch.randn(rows, shape[1], generator=generator).to(self.device, self.dtype)
-                run = {k: probes[k if k in COPIES else None]._kernel(k) for k in offered}
-                with torch.inference_mode():
-                    rows_times.append(
-                        {
-                            k: median_seconds(functools.partial(f, x), self.device, before=evict)
-                            for k, f in run.items()
-                        }
+                measured = {}
+                for kernel in offered:
+                    calls = itertools.cycle(
+                        [p._kernel(kernel) for p in probes[kernel if kernel in COPIES else None]]
                     )
+                    with torch.inference_mode():
+                        measured[kernel] = median_seconds(
+                            functools.partial(_call_next, calls, x), self.device
+                        )
+                rows_times.append(measured)
+            del probes
             times[shape] = rows_times
         if cache is not None:
             cache.put("kernels", key, [[list(s), t] for s, t in times.items()])
