@@ -4,6 +4,8 @@ torch's fixed cost per op is most of the time:
     nf4_linear        x @ W.T read straight from the NF4 codes (linear.py's nf4 kernel)
     lora_add          a few tokens' LoRA for one group, any mix of adapters (lora_ops.py)
     decode_attention  a few decode tokens' attention over their cache rows, in place (forward.py)
+    rope_qk           the rotary embedding of a few tokens' q and k, in place (forward.py)
+    add_rms_norm      a residual add and the RMSNorm after it, for a few tokens (forward.py)
 
 A decode step on a CPU streams every weight once, so at a few rows it is bound by memory, and
 a bf16 copy is 4x the bytes of the NF4 codes. nf4_linear looks the codes up in a vector
@@ -63,6 +65,12 @@ class CpuKernels:
             *(ptr, ptr, flag, i64, ptr, ptr, ctypes.c_float, ptr),  # cache, rows, ..., out
         ]
         self._decode_attention = lib.decode_attention
+        lib.rope_qk.restype = ctypes.c_int
+        lib.rope_qk.argtypes = [ptr, ptr, flag, i64, i64, i64, i64, ptr, ptr]
+        self._rope_qk = lib.rope_qk
+        lib.add_rms_norm.restype = ctypes.c_int
+        lib.add_rms_norm.argtypes = [ptr, ptr, flag, i64, i64, ptr, ctypes.c_float, ptr]
+        self._add_rms_norm = lib.add_rms_norm
         self.isa = ISAS[lib.nf4_isa()]
         self._isa = ISAS.index(self.isa)
         self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
@@ -199,6 +207,55 @@ class CpuKernels:
         )
         if rc != 0:
             raise MemoryError("decode attention: out of memory")
+        return out
+
+    def rope_qk(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None:
+        """Rotate q (N, H, D) and k (N, H_kv, D) in place by cos, sin (N, 1, D), as HF's
+        apply_rotary_pos_emb (each product rounded to the dtype, then the sum)."""
+        n, hq, d = q.shape
+        if not (
+            q.is_contiguous()
+            and k.is_contiguous()
+            and cos.is_contiguous()
+            and sin.is_contiguous()
+            and q.dtype in DTYPES
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and cos.shape[0] == n
+        ):
+            raise ValueError("rope_qk takes contiguous tensors of one dtype, bf16 or float32")
+        bf16 = int(q.dtype == torch.bfloat16)
+        rc = self._rope_qk(
+            q.data_ptr(), k.data_ptr(), bf16, n, hq, k.shape[1], d, cos.data_ptr(), sin.data_ptr()
+        )
+        if rc != 0:
+            raise ValueError(f"rope_qk takes an even head size up to 1024, not {d}")
+
+    def add_rms_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """h (N, W) += delta in place (when given), then HF's RMSNorm of h with `weight`."""
+        n, width = h.shape
+        if not (
+            h.is_contiguous()
+            and weight.is_contiguous()
+            and h.dtype in DTYPES
+            and h.dtype == weight.dtype
+            and (delta is None or (delta.is_contiguous() and delta.dtype == h.dtype))
+        ):
+            raise ValueError("add_rms_norm takes contiguous tensors of one dtype")
+        out = torch.empty_like(h)
+        self._add_rms_norm(
+            h.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            int(h.dtype == torch.bfloat16),
+            n,
+            width,
+            weight.data_ptr(),
+            eps,
+            out.data_ptr(),
+        )
         return out
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.core.model import dense_weight
+from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels
 from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
 from loraplex.server.engine.linear import BaseLinears
 from loraplex.server.engine.lora import LoraGroup, LoraStacks
@@ -28,6 +29,7 @@ from loraplex.server.engine.lora_ops import LoraPlan, add_lora
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SMALL_ATTENTION_TOKENS = 512  # decode attention over at most this many cached tokens: float32
 NATIVE_ATTENTION_TOKENS = 1024  # ... and there the native kernel instead, where it is built
+NATIVE_ELEMENTWISE_TOKENS = 16  # steps this small: rotary and add + RMSNorm in native kernels
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,8 @@ class _LayerParts:
         groups: dict[str, LoraGroup],
     ) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.input_norm = _Norm(layer.input_layernorm)
-        self.post_norm = _Norm(layer.post_attention_layernorm)
+        self.input_norm = _Norm(layer.input_layernorm, linears.native)
+        self.post_norm = _Norm(layer.post_attention_layernorm, linears.native)
         self.modules: dict[str, nn.Module] = {
             "q": attn.q_proj,
             "k": attn.k_proj,
@@ -184,14 +186,27 @@ class _LayerParts:
 class _Norm:
     """An RMSNorm module's weight and epsilon (the family's own, read once)."""
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, native: CpuKernels | None = None) -> None:
         self.weight: torch.Tensor = norm.weight
         self.eps = float(norm.variance_epsilon)
+        self.native = native if self.weight.dtype in DTYPES else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """torch's fused kernel, one op instead of about seven: HF's values in float32,
         within one rounding in bf16 (tested)."""
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def after(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """h += delta (the residual add, when given) in place, then the norm of h: one native
+        call for a few tokens."""
+        native = self.native
+        if native is not None and h.shape[0] <= NATIVE_ELEMENTWISE_TOKENS:
+            ready = h.dtype == self.weight.dtype and h.is_contiguous()
+            if ready and (delta is None or delta.is_contiguous()):
+                return native.add_rms_norm(h, delta, self.weight, self.eps)
+        if delta is not None:
+            h += delta
+        return self(h)
 
 
 class DecoderForward:
@@ -264,8 +279,11 @@ class DecoderForward:
         cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
         masks = _AttentionMasks.of(batch)  # the same for every layer: built once per step
+        delta: torch.Tensor | None = None  # the last layer's output, added with the next norm
         for parts in self.layers:
-            h = self.layer(parts, h, cos, sin, batch, masks)
+            delta = self.layer(parts, h, delta, cos, sin, batch, masks)
+        if delta is not None:
+            h += delta
         h = self.final_norm(h.index_select(0, batch.logits_index))  # (M, hidden)
         return self.model.lm_head(h).float()
 
@@ -273,17 +291,19 @@ class DecoderForward:
         self,
         parts: _LayerParts,
         h: torch.Tensor,
+        delta: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: StepBatch,
         masks: _AttentionMasks,
     ) -> torch.Tensor:
-        """One decoder layer on the step's hidden states h (N, hidden), updated in place."""
-        x = parts.input_norm(h)
-        h += self._attention(parts, x, cos, sin, batch, masks)
-        x = parts.post_norm(h)
-        h += self._mlp(parts, x, batch)
-        return h
+        """One decoder layer on the step's hidden states h (N, hidden), updated in place: the
+        previous layer's output `delta` is added first (with this layer's first norm, one
+        kernel for a few tokens); returns this layer's MLP output, for the next to add."""
+        x = parts.input_norm.after(h, delta)
+        attention = self._attention(parts, x, cos, sin, batch, masks)
+        x = parts.post_norm.after(h, attention)
+        return self._mlp(parts, x, batch)
 
     def _attention(
         self,
@@ -297,9 +317,20 @@ class DecoderForward:
         n, linear, groups = x.shape[0], parts.linear, parts.groups
         q, k, v = linear["q"](x), linear["k"](x), linear["v"](x)
         _add_lora([q, k, v], x, groups["qkv"], batch)
-        q = _rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
-        k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.kv_heads, self.head_dim)
         v = v.view(n, self.kv_heads, self.head_dim)
+        native = self.native
+        if (
+            native is not None
+            and n <= NATIVE_ELEMENTWISE_TOKENS
+            and q.dtype == cos.dtype
+            and q.is_contiguous()
+            and k.is_contiguous()
+        ):
+            native.rope_qk(q, k, cos, sin)  # in place
+        else:
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         write_layer(parts.keys, parts.values, batch.cache_index, k, v)
         out = torch.empty_like(q)  # (N, H, D)
         if batch.n_decode:

@@ -417,3 +417,67 @@ int decode_attention(const void *q, int q_bf16, int64_t b, int64_t heads, int64_
     }
     return failed ? -1 : 0;
 }
+
+/* ---- Elementwise steps of a decoder layer for a few tokens, one call each instead of several
+ * torch ops: rotary embedding of q and k in place, and the residual add with the RMSNorm that
+ * follows it. Rounded as HF's Llama computes them in the model's dtype. ---- */
+
+static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+/* q (n, hq, d) and k (n, hk, d) rotated in place by cos, sin (n, d): x * cos + rotate_half(x) *
+ * sin, with rotate_half(x) = (-x[d/2:], x[:d/2]); each product rounded, then the sum. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+int rope_qk(void *q, void *k, int bf16, int64_t n, int64_t hq, int64_t hk, int64_t d,
+            const void *cos, const void *sin) {
+    int64_t half = d / 2;
+    if (d % 2 || d > 1024) return -1;
+    for (int64_t t = 0; t < n; t++) {
+        float c[d], s[d];
+        for (int64_t e = 0; e < d; e++) {
+            c[e] = load_any(cos, bf16, t * d + e);
+            s[e] = load_any(sin, bf16, t * d + e);
+        }
+        for (int64_t which = 0; which < 2; which++) {
+            void *x = which ? k : q;
+            int64_t heads = which ? hk : hq;
+            for (int64_t h = 0; h < heads; h++) {
+                int64_t at = (t * heads + h) * d;
+                float v[d];
+                for (int64_t e = 0; e < d; e++) v[e] = load_any(x, bf16, at + e);
+                for (int64_t e = 0; e < half; e++) {
+                    float a = v[e], b = v[e + half];
+                    store(x, bf16, at + e,
+                          round_to(a * c[e], bf16) + round_to(-b * s[e], bf16));
+                    store(x, bf16, at + e + half,
+                          round_to(b * c[e + half], bf16) + round_to(a * s[e + half], bf16));
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* h (n, width) += delta (when not NULL), rounded; then out = weight * round(h * rsqrt(mean(h^2)
+ * + eps)), the mean in float32. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+int add_rms_norm(void *h, const void *delta, int bf16, int64_t n, int64_t width,
+                 const void *weight, float eps, void *out) {
+    for (int64_t t = 0; t < n; t++) {
+        float v[width];
+        float sum = 0.0f;
+        for (int64_t e = 0; e < width; e++) {
+            float x = load_any(h, bf16, t * width + e);
+            if (delta != NULL) x = round_to(x + load_any(delta, bf16, t * width + e), bf16);
+            v[e] = x;
+        }
+        if (delta != NULL)
+            for (int64_t e = 0; e < width; e++) store(h, bf16, t * width + e, v[e]);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t e = 0; e < width; e++) sum += v[e] * v[e];
+        float r = 1.0f / __builtin_sqrtf(sum / (float)width + eps);
+        for (int64_t e = 0; e < width; e++)
+            store(out, bf16, t * width + e,
+                  load_any(weight, bf16, e) * round_to(v[e] * r, bf16));
+    }
+    return 0;
+}

@@ -103,3 +103,43 @@ def test_decode_attention_reads_each_tokens_row_and_length(library, dtype):
             want = p @ v
             tolerance = 1e-5 if dtype == torch.float32 else 1e-2
             assert (got[i, h].double() - want).abs().max() <= tolerance * max(1.0, want.abs().max())
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_and_add_norm_round_as_hf_does(library, dtype):
+    """Rotary in place equals HF's apply_rotary_pos_emb (bit for bit in bf16, where each
+    product and the sum are rounded as torch rounds them); the residual add and RMSNorm equal
+    HF's LlamaRMSNorm of the rounded sum, to one rounding of the output."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(0)
+    n, heads, kv_heads, d, width = 3, 6, 2, 16, 48
+    q = torch.randn(n, heads, d, generator=generator).to(dtype)
+    k = torch.randn(n, kv_heads, d, generator=generator).to(dtype)
+    angles = torch.rand(n, 1, d // 2, generator=generator) * 6
+    cos, sin = (
+        torch.cat([angles.cos()] * 2, -1).to(dtype),
+        torch.cat([angles.sin()] * 2, -1).to(dtype),
+    )
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos[:, 0], sin[:, 0], unsqueeze_dim=1)
+    got_q, got_k = q.clone(), k.clone()
+    library.rope_qk(got_q, got_k, cos, sin)
+    exact = {"rtol": 0, "atol": 0} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(got_q, want_q, **exact)
+    torch.testing.assert_close(got_k, want_k, **exact)
+
+    norm = LlamaRMSNorm(width, eps=1e-5)
+    norm.weight.data = torch.rand(width, generator=generator) + 0.5
+    norm = norm.to(dtype)
+    h = torch.randn(n, width, generator=generator).to(dtype)
+    delta = torch.randn(n, width, generator=generator).to(dtype)
+    summed = h + delta
+    got_h = h.clone()
+    got = library.add_rms_norm(got_h, delta, norm.weight.data, 1e-5)
+    torch.testing.assert_close(got_h, summed, rtol=0, atol=0)
+    with torch.no_grad():
+        want = norm(summed)
+    torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    alone = library.add_rms_norm(summed.clone(), None, norm.weight.data, 1e-5)
+    torch.testing.assert_close(alone, got, rtol=0, atol=0)
