@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-TUNING_VERSION = 1  # bump when what is measured (or how) changes: old entries are ignored
+TUNING_VERSION = 2  # bump when what is measured (or how) changes: old entries are ignored
 DTYPE_ROWS = (8, 128)  # rows the compute dtypes are compared at: decoding, and a prompt chunk
 BF16_SLOWDOWN_OK = 1.25  # bf16 is kept unless float32 is this much faster (it halves memory)
 
