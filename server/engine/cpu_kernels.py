@@ -71,8 +71,11 @@ class CpuKernels:
         lib.add_rms_norm.restype = ctypes.c_int
         lib.add_rms_norm.argtypes = [ptr, ptr, flag, i64, i64, ptr, ctypes.c_float, ptr]
         self._add_rms_norm = lib.add_rms_norm
-        self.isa = ISAS[lib.nf4_isa()]
-        self._isa = ISAS.index(self.isa)
+        # The CPU's, capped at what torch was told to use (ATEN_CPU_CAPABILITY=avx2 makes an
+        # AVX-512 machine stand in for an AVX2 one).
+        ceiling = {"AVX512": 2, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 2)
+        self._isa = min(lib.nf4_isa(), ceiling)
+        self.isa = ISAS[self._isa]
         self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
 
     def supports(self, shape: tuple[int, int], blocksize: int) -> bool:
