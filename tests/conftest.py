@@ -11,10 +11,15 @@ from tests.helpers import ADAPTERS, MODEL_HOME, add_peft_adapter
 
 
 @pytest.fixture(scope="session")
-def model_home():
-    """Shared cache of converted models (the embedded GGUF is converted once per machine)."""
-    MODEL_HOME.mkdir(parents=True, exist_ok=True)
-    return MODEL_HOME
+def model_home(tmp_path_factory):
+    """The test session's loraplex home: its models are the machine's shared cache (the
+    embedded GGUF is converted once per machine), its tuning and built kernels its own, so
+    kernel timings taken under the suite's load never reach a real server's home."""
+    models = MODEL_HOME / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    home = tmp_path_factory.mktemp("home")
+    (home / "models").symlink_to(models, target_is_directory=True)
+    return home
 
 
 @pytest.fixture(scope="session")
