@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -122,6 +123,37 @@ class CpuKernels:
             raise RuntimeError(f"the NF4 kernel refused a {shape} weight (block {blocksize})")
         return y.view(*x.shape[:-1], out_features)
 
+    def nf4_layer(
+        self, codes: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], blocksize: int
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`linear` bound to one weight, for the hot path (a few microseconds less per call):
+        2-D contiguous input goes straight to the kernel, anything else through `linear`."""
+        out_features, in_features = shape
+        kernel, level, table = self._linear, self._isa, self.table.data_ptr()
+        codes_at, absmax_at = codes.data_ptr(), absmax.data_ptr()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            dtype = x.dtype
+            if (
+                x.dim() != 2
+                or x.shape[1] != in_features
+                or not x.is_contiguous()
+                or dtype not in DTYPES
+                or x.device.type != "cpu"
+            ):
+                return self.linear(x, codes, absmax, shape, blocksize)
+            rows = x.shape[0]
+            y = torch.empty((rows, out_features), dtype=dtype)
+            bf16 = dtype == torch.bfloat16
+            # fmt: off
+            if kernel(x.data_ptr(), bf16, rows, in_features, codes_at, absmax_at, out_features,
+                      blocksize, table, y.data_ptr(), bf16, level):
+                raise RuntimeError(f"the NF4 kernel refused a {shape} weight (block {blocksize})")
+            # fmt: on
+            return y
+
+        return run
+
     def lora_add(
         self,
         outputs: list[torch.Tensor],
@@ -136,19 +168,16 @@ class CpuKernels:
         rows i whose slot is not -1 (LoraGroup's stacks: `at` (S, in, k, C), `bts[j]`
         (S, C, out_j); the first `rank` ranks used). x (N, in) and the outputs (N, out_j) rows
         of unit stride, all in one dtype; the stacks in bf16 or float32; slots int64 (N,)."""
-        dtype = x.dtype
-        if not (
-            x.is_contiguous()
-            and at.is_contiguous()
-            and slots.dtype == torch.int64
-            and at.dtype in DTYPES
-            and all(o.dtype == dtype and o.stride(-1) == 1 for o in outputs)
-            and all(b.is_contiguous() and b.dtype == at.dtype for b in bts)
-        ):
-            raise ValueError("lora_add takes contiguous rows in bf16 or float32")
+        dtype, w_dtype = x.dtype, at.dtype
+        ok = x.is_contiguous() and at.is_contiguous() and slots.dtype == torch.int64
+        ok = ok and dtype in DTYPES and w_dtype in DTYPES
         args: list[int] = [len(outputs)]
         for out, bt in zip(outputs, bts, strict=True):
-            args += [out.data_ptr(), out.stride(0), bt.data_ptr(), bt.shape[2]]
+            ok = ok and out.dtype == dtype and out.stride(1) == 1
+            ok = ok and bt.dtype == w_dtype and bt.is_contiguous()
+            args += (out.data_ptr(), out.stride(0), bt.data_ptr(), bt.shape[2])
+        if not ok:
+            raise ValueError("lora_add takes contiguous rows in bf16 or float32")
         rc = self._lora_add(
             x.data_ptr(),
             int(dtype == torch.bfloat16),

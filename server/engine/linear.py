@@ -224,10 +224,8 @@ class _Layer:
         native, nf4 = self.native, self.nf4
         if native is None:
             raise ValueError(f"the nf4 kernel does not take this layer ({nf4.shape})")
-        codes, absmax, shape, blocksize = nf4.codes, nf4.absmax, nf4.shape, nf4.blocksize
-        if bias is None:
-            return lambda x: native.linear(x, codes, absmax, shape, blocksize)
-        return lambda x: native.linear(x, codes, absmax, shape, blocksize).add_(bias)
+        run = native.nf4_layer(nf4.codes, nf4.absmax, nf4.shape, nf4.blocksize)
+        return run if bias is None else (lambda x: run(x).add_(bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._run[bucket(x.shape[0])](x)
