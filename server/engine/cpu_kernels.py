@@ -38,7 +38,7 @@ from bitsandbytes.functional import get_4bit_type
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC")
+FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fno-strict-aliasing")
 ISAS = ("portable", "avx2", "avx512")  # nf4_isa()'s answers, in order
 DTYPES = (torch.bfloat16, torch.float32)  # what x and y may be
 

@@ -273,41 +273,54 @@ static inline float load_any(const void *p, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void lora_row(const float *xr, int64_t in, const void *at, int w_bf16, int64_t kc,
-                     float *shrunk) {
-    for (int64_t c = 0; c < kc; c++) shrunk[c] = 0.0f;
-    if (w_bf16) {
-        const uint16_t *a = at;
-        for (int64_t i = 0; i < in; i++) {
-            float xi = xr[i];
-            const uint16_t *row = a + i * kc;
-            for (int64_t c = 0; c < kc; c++) shrunk[c] += xi * bf16_to_f32(row[c]);
-        }
-    } else {
-        const float *a = at;
-        for (int64_t i = 0; i < in; i++) {
-            float xi = xr[i];
-            const float *row = a + i * kc;
-            for (int64_t c = 0; c < kc; c++) shrunk[c] += xi * row[c];
-        }
+/* A row of n values in bf16 or float32 to float32 and back, in loops the compiler vectorizes
+ * (bf16 is the high half of a float32: a shift, and round-to-nearest-even on the way back). */
+static inline void load_row(const void *src, int bf16, int64_t n, float *dst) {
+    if (!bf16) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
     }
+    const uint16_t *s = src;
+    uint32_t *d = (uint32_t *)dst;
+    for (int64_t i = 0; i < n; i++) d[i] = (uint32_t)s[i] << 16;
+}
+
+static inline void store_row(void *dst, int bf16, int64_t n, const float *src) {
+    if (!bf16) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    const uint32_t *s = (const uint32_t *)src;
+    uint16_t *d = dst;
+    for (int64_t i = 0; i < n; i++) d[i] = (uint16_t)((s[i] + 0x7fffu + ((s[i] >> 16) & 1u)) >> 16);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
+static void lora_row(const float *xr, int64_t in, const void *at, int w_bf16, int64_t kc,
+                     float *shrunk) {
+    float a[kc];
+    for (int64_t c = 0; c < kc; c++) shrunk[c] = 0.0f;
+    for (int64_t i = 0; i < in; i++) {
+        float xi = xr[i];
+        load_row((const char *)at + i * kc * (w_bf16 ? 2 : 4), w_bf16, kc, a);
+        for (int64_t c = 0; c < kc; c++) shrunk[c] += xi * a[c];
+    }
+}
+
+/* out (width) += scale * s (r) @ bt (r, width), rounded once. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
 static void lora_expand(const float *s, int64_t r, const void *bt, int w_bf16, int64_t width,
-                        float *acc) {
+                        float scale, void *out, int y_bf16) {
+    float acc[width], b[width];
     for (int64_t o = 0; o < width; o++) acc[o] = 0.0f;
     for (int64_t t = 0; t < r; t++) {
         float st = s[t];
-        if (w_bf16) {
-            const uint16_t *row = (const uint16_t *)bt + t * width;
-            for (int64_t o = 0; o < width; o++) acc[o] += st * bf16_to_f32(row[o]);
-        } else {
-            const float *row = (const float *)bt + t * width;
-            for (int64_t o = 0; o < width; o++) acc[o] += st * row[o];
-        }
+        load_row((const char *)bt + t * width * (w_bf16 ? 2 : 4), w_bf16, width, b);
+        for (int64_t o = 0; o < width; o++) acc[o] += st * b[o];
     }
+    load_row(out, y_bf16, width, b);
+    for (int64_t o = 0; o < width; o++) b[o] += scale * acc[o];
+    store_row(out, y_bf16, width, b);
 }
 
 /* args: k, then per member j: out pointer, out row stride (elements), bt pointer, width out_j.
@@ -327,7 +340,7 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
         if (slot < 0) continue;
         float xr_buf[in];
         float shrunk[kc];
-        for (int64_t c = 0; c < in; c++) xr_buf[c] = load_any(x, x_bf16, i * in + c);
+        load_row((const char *)x + i * in * (x_bf16 ? 2 : 4), x_bf16, in, xr_buf);
         int64_t esize = w_bf16 ? 2 : 4;
         lora_row(xr_buf, in, (const char *)at + slot * slot_a * esize, w_bf16, kc, shrunk);
         for (int64_t j = 0; j < k; j++) {
@@ -335,12 +348,8 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
             void *out = (void *)m[0];
             int64_t stride = m[1], width = m[3];
             const char *bt = (const char *)m[2] + slot * cap * width * esize;
-            float acc[width];
-            lora_expand(shrunk + j * cap, r, bt, w_bf16, width, acc);
-            for (int64_t o = 0; o < width; o++) {
-                int64_t index = i * stride + o;
-                store(out, y_bf16, index, load_any(out, y_bf16, index) + scale * acc[o]);
-            }
+            char *row = (char *)out + i * stride * (y_bf16 ? 2 : 4);
+            lora_expand(shrunk + j * cap, r, bt, w_bf16, width, scale, row, y_bf16);
         }
     }
     return 0;
