@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels
+from loraplex.server.engine.cpu_kernels import CpuKernels
 from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup
 
 NATIVE_MAX_TOKENS = 4  # steps of up to this many tokens take the native kernel where it is
@@ -88,8 +88,8 @@ def plan_lora(
     """decode_slots: the slot of each decode token (tokens 0..n_decode-1); segments: (slot,
     start, end) of each prompt chunk (start >= n_decode). Slots of rank 0 and base tokens are
     left out. Decode tokens ordered by slot (as the engine orders them) need no reordering.
-    With `native` (CPU stacks in bf16 or float32) a step of `num_tokens` <= NATIVE_MAX_TOKENS
-    tokens goes to the native kernel."""
+    With `native` (given for stacks in bf16 or float32 only: its lora_add refuses others) a
+    step of `num_tokens` <= NATIVE_MAX_TOKENS tokens goes to the native kernel."""
     live = {s for s in decode_slots if s != NO_ADAPTER and ranks[s] > 0}
     segs = [g for g in segments if g.slot != NO_ADAPTER and ranks[g.slot] > 0 and g.end > g.start]
     live.update(s for s, _, _ in segs)
@@ -174,7 +174,7 @@ def add_lora(
     (scale -1 takes an adapter merged into the base back out for the tokens of others.)"""
     if plan.empty:
         return
-    if plan.native is not None and group.at.dtype in DTYPES:
+    if plan.native is not None:
         plan.native.library.lora_add(
             outputs, x, group.at, group.bt, plan.rank, plan.native.slots, scale
         )

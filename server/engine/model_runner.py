@@ -14,6 +14,7 @@ from loraplex.core.machine import TuningCache, free_memory_bytes
 from loraplex.core.model import LoadedModel, lora_target_shapes
 from loraplex.core.types import AdapterWeights
 from loraplex.server.config import EngineConfig
+from loraplex.server.engine.cpu_kernels import DTYPES
 from loraplex.server.engine.forward import (
     DecoderForward,
     PromptChunk,
@@ -181,7 +182,10 @@ class ModelRunner:
         tokens first, so the others are one run: M's delta comes out of them as one matmul
         pair per run (segments), with no gather."""
         ranks, dev, m = self.lora.ranks, self.device, self.merged_slot
-        native, n = self.linears.native, max([len(decode_slots), *(g.end for g in segments)])
+        # the native LoRA kernel takes stacks in bf16 or float32 (an explicit --lora-dtype
+        # float16 keeps the torch paths)
+        native = self.linears.native if self.lora.dtype in DTYPES else None
+        n = max([len(decode_slots), *(g.end for g in segments)])
         if m is None:
             return plan_lora(decode_slots, segments, ranks, dev, native, n), None
         own = [NO_ADAPTER if s == m else s for s in decode_slots]

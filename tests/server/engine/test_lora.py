@@ -303,3 +303,19 @@ def test_more_tokens_than_the_native_kernel_takes_keep_the_torch_paths(native):
     assert plan.native is None and plan.decode is not None
     base_only = plan_lora([NO_ADAPTER], [], RANKS, torch.device("cpu"), native, 1)
     assert base_only.empty and base_only.native is None
+
+
+def test_stacks_the_native_kernel_cannot_take_keep_the_torch_paths(load_tiny):
+    """float16 stacks (an explicit --lora-dtype float16) are planned on torch's paths, so a
+    small step still adds its LoRA; bf16/float32 stacks go to the native kernel."""
+    loaded = load_tiny()
+    for dtype, native in ((torch.float32, True), (torch.float16, False)):
+        runner = ModelRunner(loaded, num_slots=2, max_rank=8, lora_dtype=dtype)
+        name, (layer, gname, member) = next(iter(runner.lora.modules.items()))
+        group = runner.lora.groups[layer][gname]
+        a = torch.randn(4, group.in_features)
+        b = torch.randn(group.out_features[member], 4)
+        runner.lora.load(0, {name: (a, b)})
+        plan, _ = runner._plans([0], [])
+        assert not plan.empty and (plan.native is not None) == native
+        assert native or plan.segments == [(0, 0, 1)]
