@@ -257,7 +257,6 @@ class BaseLinears:
             if (state := getattr(getattr(module, "weight", None), "quant_state", None)) is not None
             and not getattr(state, "packing_format_for_cpu", False)
         }
-        quantized = list(states)
         native = None
         if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
             native = cpu_kernels.load(cache.build_dir if cache is not None else None)
@@ -271,9 +270,9 @@ class BaseLinears:
             raise ValueError(f"base kernel {kernel} is not available on {device} in {dtype}")
         self.native = native  # the native kernel, where it is built (also serves LoRA)
         self.layers: dict[nn.Module, _Layer] = {}
-        if quantized:
-            tables = _Tables.build(states[quantized[0]].absmax.device)
-            for module in quantized:
+        if states:
+            tables = _Tables.build(next(iter(states.values())).absmax.device)
+            for module in states:
                 self.layers[module] = _Layer(module, Nf4Weight(module, tables), native)
         self.dense_bytes = 0
         self.reason = "no 4-bit layers"
