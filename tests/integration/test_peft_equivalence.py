@@ -32,11 +32,14 @@ NEW_TOKENS = 16
 # how many rows its step had (first-step logits differ from PEFT's by up to ~1.1 at the
 # vocabulary's worst token, ~0.1 on average; see test_first_step_logits_match_peft).
 TIE_GAP = 0.5
-# First-step logits over the whole vocabulary, bf16: the engine's own forward (attention as
-# batched matmuls, bf16 LoRA as vLLM serves it) rounds differently from HF's, and 30 layers
-# amplify it; measured: base mean 0.10, adapters 0.10-0.29.
-LOGIT_MAX_ATOL = 1.5  # max |difference|
-LOGIT_MEAN_ATOL = 0.35  # mean |difference|
+# First-step logits over the whole vocabulary, bf16. Two correct bf16 forwards each round away
+# from the exact (float32) result by an amount that 30 layers amplify and that depends on the
+# prompt and on the kernels chosen (measured against float32 PEFT: HF's bf16 forward 0.08-0.25
+# mean |diff|, the engine's kernels 0.06-0.39), so the engine is held to the exact result, within
+# a multiple of the distance at which HF's own bf16 forward lands from it.
+NOISE_FACTOR = 2.0  # the engine's mean |diff| from float32: at most this times HF bf16's ...
+NOISE_FLOOR = 0.05  # ... plus this
+LOGIT_MAX_ATOL = 1.5  # and no logit further than this
 PROMPTS = [
     "What is the capital of France?",
     "List the days of the week.",
@@ -129,42 +132,79 @@ def test_mixed_batch_matches_peft(server, peft_reference, registered):
         assert outputs[adapter] != outputs[None], f"{adapter} generates what the base does"
 
 
-def test_first_step_logits_match_peft(server, peft_reference, registered):
+@pytest.fixture(scope="module")
+def peft_float32(model_home, registered):
+    """The exact reference: PEFT in float32 on the same NF4 base (dequantized exactly), holding
+    the adapters the server serves."""
+    from peft import PeftModel
+
+    from loraplex.core.config import ModelConfig
+    from loraplex.core.model import load_model
+
+    model = load_model(ModelConfig(home=model_home, dtype="float32")).model
+    names = list(registered)
+    model = PeftModel.from_pretrained(model, registered[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(registered[name], adapter_name=name)
+    return model.eval()
+
+
+def _logits(model, ids: list[int], adapter: str | None) -> torch.Tensor:
+    """The last position's logits of one prompt, alone, in float32."""
+    with torch.inference_mode():
+        if adapter is None:
+            with model.disable_adapter():
+                return model(torch.tensor([ids])).logits[0, -1].float()
+        model.set_adapter(adapter)
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+def _check_within_noise(cases: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """For each case (ours, PEFT's, exact logits): our bf16 logits are nowhere far from the
+    exact ones, and on average as near them as PEFT's bf16 logits are over all the cases (the
+    noise level, pooled: one prompt's rounding is a single draw), within NOISE_FACTOR and
+    NOISE_FLOOR."""
+    errors = {
+        name: ((ours - exact).abs(), (peft - exact).abs())
+        for name, (ours, peft, exact) in cases.items()
+    }
+    noise = sum(float(peft_err.mean()) for _, peft_err in errors.values()) / len(errors)
+    bound = NOISE_FACTOR * noise + NOISE_FLOOR
+    for name, (err, peft_err) in errors.items():
+        log.info(
+            f"{name}: engine vs float32 max {err.max():.3f} mean {err.mean():.4f}; "
+            f"PEFT bf16 vs float32 max {peft_err.max():.3f} mean {peft_err.mean():.4f}"
+        )
+        assert err.max() <= LOGIT_MAX_ATOL and err.mean() <= bound, (
+            f"{name}: first-step logits differ from the exact ones by up to {err.max():.3f} "
+            f"(mean {err.mean():.4f}, bound {bound:.4f}: PEFT's bf16 forward is off by "
+            f"{noise:.4f} on average)"
+        )
+
+
+def test_first_step_logits_match_peft(server, peft_reference, registered, peft_float32):
     """Teacher-forced check on the served bf16/NF4 configuration: the engine's prefill logits
-    for each adapter against PEFT's, while a different adapter shares the batch. Two bf16
-    forwards differ by rounding that 30 layers amplify (the base alone: mean |diff| ~0.1), so
-    the bound is that noise, and the engine's logits must sit much nearer PEFT's logits for
-    that adapter than PEFT's logits without it. Exact equality is tested in float32
+    for each adapter, while a different adapter shares the batch, against float32 PEFT's for
+    that adapter alone, within the bf16 noise PEFT's own bf16 forward shows; and much nearer
+    them than float32 PEFT's logits without the adapter. Exact equality is tested in float32
     (test_fast_paths_equal_peft.py)."""
     model, tokenizer, _ = peft_reference
     engine, registry = server.engine, server.runtime.registry
     ids = chat_ids(tokenizer, PROMPTS[1])
-    with torch.inference_mode(), model.disable_adapter():
-        peft_base = model(torch.tensor([ids])).logits[0, -1].float()
+    exact_base = _logits(peft_float32, ids, None)
     ours_base = engine.with_model(lambda runner: runner.prefill([ids], [NO_ADAPTER])).result()[0]
+    cases = {"base": (ours_base, _logits(model, ids, None), exact_base)}
     state = server.state()
-    noise = (ours_base - peft_base).abs()
-    log.info(f"base: engine vs HF max {noise.max():.3f} mean {noise.mean():.4f}")
-    assert noise.max() <= LOGIT_MAX_ATOL and noise.mean() <= LOGIT_MEAN_ATOL
     for adapter in ADAPTERS:
         slot = state.slot_of(registry.resolve(adapter).key)
         assert slot is not None, "the adapter should be resident after the mixed batch"
-        with torch.inference_mode():
-            model.set_adapter(adapter)
-            ref = model(torch.tensor([ids])).logits[0, -1].float()
         other = next(state.slot_of(registry.resolve(a).key) for a in ADAPTERS if a != adapter)
         # On the engine thread, which owns the model: between two of its steps.
         run = partial(ModelRunner.prefill, prompts=[ids, ids[:-3]], slots=[slot, other])
-        logits = engine.with_model(run).result()
-        diff = (logits[0].float() - ref).abs()
-        off_base = (logits[0].float() - peft_base).abs()
-        log.info(
-            f"{adapter}: engine vs PEFT max {diff.max():.3f} mean {diff.mean():.4f}; "
-            f"engine vs PEFT without the adapter max {off_base.max():.3f} "
-            f"mean {off_base.mean():.4f}"
-        )
-        assert diff.max() <= LOGIT_MAX_ATOL and diff.mean() <= LOGIT_MEAN_ATOL, (
-            f"{adapter}: first-step logits differ from PEFT's by up to {diff.max():.3f} "
-            f"(mean {diff.mean():.4f})"
-        )
+        ours = engine.with_model(run).result()[0].float()
+        exact = _logits(peft_float32, ids, adapter)
+        cases[adapter] = (ours, _logits(model, ids, adapter), exact)
+        off_base = (ours - exact_base).abs()
+        diff = (ours - exact).abs()
         assert diff.mean() < 0.5 * off_base.mean(), f"{adapter}: the adapter's effect is lost"
+    _check_within_noise(cases)
