@@ -2,7 +2,8 @@
 torch's fixed cost per op is most of the time:
 
     nf4_linear        x @ W.T read straight from the NF4 codes (linear.py's nf4 kernel)
-    lora_add          a few tokens' LoRA for one group, any mix of adapters (lora_ops.py)
+    lora_add          a group's LoRA for tokens of any mix of adapters, each adapter's weights
+                      read once for its tokens (lora_ops.py)
     decode_attention  a few decode tokens' attention over their cache rows, in place (forward.py)
     rope_qk           the rotary embedding of a few tokens' q and k, in place (forward.py)
     add_rms_norm      a residual add and the RMSNorm after it, for a few tokens (forward.py)
@@ -58,6 +59,7 @@ class CpuKernels:
         lib.lora_add.argtypes = [
             *(ptr, flag, i64, i64, ptr),  # x, bf16, rows, in, slots
             *(ptr, flag, i64, i64, ptr, flag, ctypes.c_float),  # at, bf16, C, r, args, bf16, scale
+            flag,  # instruction set
         ]
         self._lora_add = lib.lora_add
         lib.decode_attention.restype = ctypes.c_int
@@ -78,6 +80,13 @@ class CpuKernels:
         self._isa = min(lib.nf4_isa(), ceiling)
         self.isa = ISAS[self._isa]
         self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
+
+    def _level(self, isa: str | None) -> int:
+        """The instruction set to run: the machine's, or (tests) one below it."""
+        level = self._isa if isa is None else ISAS.index(isa)
+        if level > self._isa:
+            raise ValueError(f"this CPU cannot run the {isa} kernel (it has {self.isa})")
+        return level
 
     def supports(self, shape: tuple[int, int], blocksize: int) -> bool:
         """Whether the kernel takes an (out, in) weight with this block size: blocks that do
@@ -109,9 +118,7 @@ class CpuKernels:
         """`linear` bound to one weight, its pointers and sizes read once: the hot path's
         (a few microseconds less per call than binding them at every call)."""
         out_features, in_features = shape
-        level = self._isa if isa is None else ISAS.index(isa)
-        if level > self._isa:
-            raise ValueError(f"this CPU cannot run the {isa} kernel (it has {self.isa})")
+        level = self._level(isa)
         kernel, table = self._linear, self.table.data_ptr()
         codes_at, absmax_at = codes.data_ptr(), absmax.data_ptr()
 
@@ -145,11 +152,15 @@ class CpuKernels:
         rank: int,
         slots: torch.Tensor,
         scale: float = 1.0,
+        isa: str | None = None,
     ) -> None:
         """outputs[j][i] += scale * (x[i] @ A[slots[i]].T) @ B_j[slots[i]].T in place, for the
         rows i whose slot is not -1 (LoraGroup's stacks: `at` (S, in, k, C), `bts[j]`
         (S, C, out_j); the first `rank` ranks used). x (N, in) and the outputs (N, out_j) rows
-        of unit stride, all in one dtype; the stacks in bf16 or float32; slots int64 (N,)."""
+        of unit stride, all in one dtype; the stacks in bf16 or float32; slots int64 (N,).
+        Rows of one slot next to each other share each read of its weights. `isa` forces an
+        instruction set below the machine's (for tests)."""
+        level = self._level(isa)
         dtype, w_dtype = x.dtype, at.dtype
         ok = x.is_contiguous() and at.is_contiguous() and slots.dtype == torch.int64
         ok = ok and dtype in DTYPES and w_dtype in DTYPES
@@ -173,6 +184,7 @@ class CpuKernels:
             (ctypes.c_int64 * len(args))(*args),
             int(dtype == torch.bfloat16),
             scale,
+            level,
         )
         if rc != 0:
             raise RuntimeError("the native LoRA kernel refused these sizes")

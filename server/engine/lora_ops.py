@@ -7,9 +7,12 @@
     tokens [n_decode, N)   prompt chunks, contiguous per sequence: the SGMV-like segment path,
                            one matmul pair per (adapter, run of tokens).
 
-A step of a few tokens (at most NATIVE_MAX_TOKENS, e.g. one stream or a few) on a CPU with the
-native kernel (cpu_kernels.py) instead runs one call per group, whatever the adapters: there a
-LoRA is a few hundred thousand multiply-adds and torch's per-op cost is most of its time.
+On a CPU with the native kernel (cpu_kernels.py), tokens whose adapter has at most
+NATIVE_RUN_TOKENS of them in the step (decode tokens, short prompt chunks) instead take one call
+per group, whatever the adapters: it reads each adapter's weights once for its tokens and sums in
+registers, where the paths above pay torch's per-op cost and a copy or two per adapter (a mixed
+64-token decode: about 2x faster; one stream: about 4x). Longer runs of one adapter (prompts)
+keep the matmuls, which oneDNN blocks better.
 
 `LoraPlan` is built once per step and shared by every layer; the rank used is the largest of the
 slots present (smaller ranks are zero-padded, which adds nothing). Both paths equal
@@ -26,7 +29,7 @@ import torch
 from loraplex.server.engine.cpu_kernels import CpuKernels
 from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup
 
-NATIVE_MAX_TOKENS = 4  # steps of up to this many tokens take the native kernel where it is
+NATIVE_RUN_TOKENS = 64  # an adapter's tokens in a step, up to this many: the native kernel
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Segment(NamedTuple):
 
 @dataclass(frozen=True)
 class NativeLora:
-    """A small step's LoRA in the native kernel: every token's slot (-1: none)."""
+    """The native kernel's part of a step: the slot of every token it takes (-1: not its)."""
 
     library: CpuKernels
     slots: torch.Tensor  # (N,) int64
@@ -70,7 +73,7 @@ class LoraPlan:
     rank: int  # R: the largest rank of the slots present; 0 = nothing to add
     decode: DecodeLayout | None
     segments: list[Segment]  # token ranges of the prompt part
-    native: NativeLora | None = None  # set: the whole step in the native kernel instead
+    native: NativeLora | None = None  # the tokens the native kernel takes (the rest: above)
 
     @property
     def empty(self) -> bool:
@@ -88,27 +91,41 @@ def plan_lora(
     """decode_slots: the slot of each decode token (tokens 0..n_decode-1); segments: (slot,
     start, end) of each prompt chunk (start >= n_decode). Slots of rank 0 and base tokens are
     left out. Decode tokens ordered by slot (as the engine orders them) need no reordering.
-    With `native` (given for stacks in bf16 or float32 only: its lora_add refuses others) a
-    step of `num_tokens` <= NATIVE_MAX_TOKENS tokens goes to the native kernel."""
+    With `native` (given for stacks in bf16 or float32 only: its lora_add refuses others), the
+    decode tokens (when no adapter has more than NATIVE_RUN_TOKENS of them) and prompt chunks
+    of at most NATIVE_RUN_TOKENS go to the native kernel; `num_tokens` is the step's size."""
     live = {s for s in decode_slots if s != NO_ADAPTER and ranks[s] > 0}
     segs = [g for g in segments if g.slot != NO_ADAPTER and ranks[g.slot] > 0 and g.end > g.start]
     live.update(s for s, _, _ in segs)
     rank = max((ranks[s] for s in live), default=0)
-    if native is not None and rank and 0 < num_tokens <= NATIVE_MAX_TOKENS:
-        slots = [NO_ADAPTER] * num_tokens
-        for i, s in enumerate(decode_slots):
-            slots[i] = s if s != NO_ADAPTER and ranks[s] > 0 else NO_ADAPTER
+    table: list[int] | None = None
+    if native is not None and rank:
+        table = [NO_ADAPTER] * max([num_tokens, len(decode_slots), *(g.end for g in segs)])
+        counts: dict[int, int] = {}
+        for s in decode_slots:
+            if s in live:
+                counts[s] = counts.get(s, 0) + 1
+        if max(counts.values(), default=0) <= NATIVE_RUN_TOKENS:
+            for i, s in enumerate(decode_slots):
+                table[i] = s if s in live else NO_ADAPTER
+            decode_slots = []
+        long_segs = []
         for g in segs:
-            slots[g.start : g.end] = [g.slot] * (g.end - g.start)
-        table = torch.tensor(slots, dtype=torch.long)
-        return LoraPlan(rank=rank, decode=None, segments=[], native=NativeLora(native, table))
+            if g.end - g.start <= NATIVE_RUN_TOKENS:
+                table[g.start : g.end] = [g.slot] * (g.end - g.start)
+            else:
+                long_segs.append(g)
+        segs = long_segs
+        if all(s == NO_ADAPTER for s in table):
+            table = None
+    nat = None if table is None else NativeLora(native, torch.tensor(table, dtype=torch.long))
     decode = _decode_layout(decode_slots, ranks, device)
     if decode is not None and decode.num_blocks == 1 and decode.src is None and decode.dst is None:
         # One adapter's run of decode tokens (a lone stream, or one tenant's batch) is a
         # segment: plain matmuls, no block, no bmm (and joined with a prompt run after it).
         segs.append(Segment(decode.first, decode.start, decode.start + decode.count))
         decode = None
-    return LoraPlan(rank=rank, decode=decode, segments=_join_runs(segs))
+    return LoraPlan(rank=rank, decode=decode, segments=_join_runs(segs), native=nat)
 
 
 def _decode_layout(
@@ -178,7 +195,6 @@ def add_lora(
         plan.native.library.lora_add(
             outputs, x, group.at, group.bt, plan.rank, plan.native.slots, scale
         )
-        return
     if plan.decode is not None:
         _add_decode(outputs, x, group, plan.rank, plan.decode, scale)
     for slot, start, end in plan.segments:

@@ -295,63 +295,217 @@ static inline void store_row(void *dst, int bf16, int64_t n, const float *src) {
     for (int64_t i = 0; i < n; i++) d[i] = (uint16_t)((s[i] + 0x7fffu + ((s[i] >> 16) & 1u)) >> 16);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void lora_row(const float *xr, int64_t in, const void *at, int w_bf16, int64_t kc,
-                     float *shrunk) {
-    float a[kc];
-    for (int64_t c = 0; c < kc; c++) shrunk[c] = 0.0f;
-    for (int64_t i = 0; i < in; i++) {
-        float xi = xr[i];
-        load_row((const char *)at + i * kc * (w_bf16 ? 2 : 4), w_bf16, kc, a);
-        for (int64_t c = 0; c < kc; c++) shrunk[c] += xi * a[c];
-    }
+#define LORA_TOKENS 4 /* rows of one slot that share a pass over its A and B (registers) */
+
+/* The vector paths: NR rows (1-4) at a time, NB vectors of columns per pass, the sums in
+ * registers. Weights in bf16 are widened in the register (a bf16 is a float32's high half); a
+ * bf16 output is rounded to nearest even. They return the columns done (whole vectors); the
+ * portable loops below take the rest. */
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+static inline __m512 load16(const void *p, int bf16, int64_t i) {
+    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* out (width) += scale * s (r) @ bt (r, width), rounded once. */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void lora_expand(const float *s, int64_t r, const void *bt, int w_bf16, int64_t width,
-                        float scale, void *out, int y_bf16) {
-    float acc[width], b[width];
-    for (int64_t o = 0; o < width; o++) acc[o] = 0.0f;
-    for (int64_t t = 0; t < r; t++) {
-        float st = s[t];
-        load_row((const char *)bt + t * width * (w_bf16 ? 2 : 4), w_bf16, width, b);
-        for (int64_t o = 0; o < width; o++) acc[o] += st * b[o];
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+static inline void store16(void *p, int bf16, int64_t i, __m512 v) {
+    if (!bf16) {
+        _mm512_storeu_ps((float *)p + i, v);
+        return;
     }
-    load_row(out, y_bf16, width, b);
-    for (int64_t o = 0; o < width; o++) b[o] += scale * acc[o];
-    store_row(out, y_bf16, width, b);
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(u));
+}
+
+__attribute__((target("avx2,fma")))
+static inline __m256 load8(const void *p, int bf16, int64_t i) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2,fma")))
+static inline void store8(void *p, int bf16, int64_t i, __m256 v) {
+    if (!bf16) {
+        _mm256_storeu_ps((float *)p + i, v);
+        return;
+    }
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
+}
+
+/* shrunk (NR, kc) = xr (NR, in) @ at (in, kc), columns [c0, c1) */
+#define LORA_SHRINK(ISA, VEC, LANES, ZERO, SET1, FMA, LOAD, STORE, NR, NB)                         \
+    static void shrink_##ISA##_##NR##_##NB(const float *xr, int64_t in, const void *at, int wb,    \
+                                          int64_t kc, int64_t c0, float *shrunk) {              \
+        VEC acc[NR][NB];                                                                        \
+        for (int t = 0; t < NR; t++)                                                            \
+            for (int v = 0; v < NB; v++) acc[t][v] = ZERO();                                    \
+        for (int64_t i = 0; i < in; i++) {                                                      \
+            VEC a[NB];                                                                          \
+            for (int v = 0; v < NB; v++) a[v] = LOAD(at, wb, i * kc + c0 + v * LANES);          \
+            for (int t = 0; t < NR; t++) {                                                      \
+                VEC xv = SET1(xr[t * in + i]);                                                  \
+                for (int v = 0; v < NB; v++) acc[t][v] = FMA(xv, a[v], acc[t][v]);             \
+            }                                                                                   \
+        }                                                                                       \
+        for (int t = 0; t < NR; t++)                                                            \
+            for (int v = 0; v < NB; v++) STORE(shrunk, 0, t * kc + c0 + v * LANES, acc[t][v]);  \
+    }
+
+/* out rows t (NR, `stride` apart) += scale * s[t] (r, kc apart) @ bt (r, width), columns
+ * [o0, o0 + NB * LANES), each rounded once */
+#define LORA_EXPAND(ISA, VEC, LANES, ZERO, SET1, FMA, LOAD, STORE, NR, NB)                         \
+    static void expand_##ISA##_##NR##_##NB(const float *s, int64_t kc, int64_t r, const void *bt, \
+                                          int wb, int64_t width, int64_t o0, float scale,       \
+                                          char *out, int64_t stride, int yb) {                  \
+        VEC acc[NR][NB];                                                                        \
+        for (int t = 0; t < NR; t++)                                                            \
+            for (int v = 0; v < NB; v++) acc[t][v] = ZERO();                                    \
+        for (int64_t q = 0; q < r; q++) {                                                       \
+            VEC b[NB];                                                                          \
+            for (int v = 0; v < NB; v++) b[v] = LOAD(bt, wb, q * width + o0 + v * LANES);       \
+            for (int t = 0; t < NR; t++) {                                                      \
+                VEC sv = SET1(s[t * kc + q]);                                                   \
+                for (int v = 0; v < NB; v++) acc[t][v] = FMA(sv, b[v], acc[t][v]);             \
+            }                                                                                   \
+        }                                                                                       \
+        VEC sc = SET1(scale);                                                                   \
+        for (int t = 0; t < NR; t++) {                                                          \
+            char *row = out + t * stride * (yb ? 2 : 4);                                        \
+            for (int v = 0; v < NB; v++) {                                                      \
+                int64_t o = o0 + v * LANES;                                                     \
+                STORE(row, yb, o, FMA(sc, acc[t][v], LOAD(row, yb, o)));                       \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+#define LORA_AVX512(NR, NB)                                                                      \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))                           \
+    LORA_SHRINK(avx512, __m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, load16,  \
+                store16, NR, NB)                                                                \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))                           \
+    LORA_EXPAND(avx512, __m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, load16,  \
+                store16, NR, NB)
+#define LORA_AVX2(NR, NB)                                                                        \
+    __attribute__((target("avx2,fma")))                                                         \
+    LORA_SHRINK(avx2, __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, load8,      \
+                store8, NR, NB)                                                                 \
+    __attribute__((target("avx2,fma")))                                                         \
+    LORA_EXPAND(avx2, __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, load8,      \
+                store8, NR, NB)
+
+LORA_AVX512(1, 4) LORA_AVX512(2, 4) LORA_AVX512(3, 4) LORA_AVX512(4, 4)
+LORA_AVX512(1, 1) LORA_AVX512(2, 1) LORA_AVX512(3, 1) LORA_AVX512(4, 1)
+LORA_AVX2(1, 2) LORA_AVX2(2, 2) LORA_AVX2(3, 2) LORA_AVX2(4, 2)
+LORA_AVX2(1, 1) LORA_AVX2(2, 1) LORA_AVX2(3, 1) LORA_AVX2(4, 1)
+
+typedef void (*shrink_fn)(const float *, int64_t, const void *, int, int64_t, int64_t, float *);
+typedef void (*expand_fn)(const float *, int64_t, int64_t, const void *, int, int64_t, int64_t,
+                          float, char *, int64_t, int);
+/* [isa - 1][wide][rows - 1]: wide = NB vectors per pass (4 for AVX-512, 2 for AVX2), else 1 */
+static const shrink_fn SHRINK[2][2][LORA_TOKENS] = {
+    {{shrink_avx2_1_1, shrink_avx2_2_1, shrink_avx2_3_1, shrink_avx2_4_1},
+     {shrink_avx2_1_2, shrink_avx2_2_2, shrink_avx2_3_2, shrink_avx2_4_2}},
+    {{shrink_avx512_1_1, shrink_avx512_2_1, shrink_avx512_3_1, shrink_avx512_4_1},
+     {shrink_avx512_1_4, shrink_avx512_2_4, shrink_avx512_3_4, shrink_avx512_4_4}}};
+static const expand_fn EXPAND[2][2][LORA_TOKENS] = {
+    {{expand_avx2_1_1, expand_avx2_2_1, expand_avx2_3_1, expand_avx2_4_1},
+     {expand_avx2_1_2, expand_avx2_2_2, expand_avx2_3_2, expand_avx2_4_2}},
+    {{expand_avx512_1_1, expand_avx512_2_1, expand_avx512_3_1, expand_avx512_4_1},
+     {expand_avx512_1_4, expand_avx512_2_4, expand_avx512_3_4, expand_avx512_4_4}}};
+static const int64_t LANES[3] = {1, 8, 16}, WIDE[3] = {1, 2, 4};
+
+/* shrunk (n, kc) = xr (n, in) @ at (in, kc): each row of A.T read once for the n rows. */
+static void lora_shrink(const float *xr, int64_t n, int64_t in, const void *at, int w_bf16,
+                        int64_t kc, float *shrunk, int isa) {
+    int64_t c = 0;
+    if (isa > 0) {
+        int64_t lanes = LANES[isa], wide = WIDE[isa] * lanes;
+        for (; c + wide <= kc; c += wide) SHRINK[isa - 1][1][n - 1](xr, in, at, w_bf16, kc, c, shrunk);
+        for (; c + lanes <= kc; c += lanes) SHRINK[isa - 1][0][n - 1](xr, in, at, w_bf16, kc, c, shrunk);
+    }
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t j = c; j < kc; j++) {
+            float sum = 0.0f;
+            for (int64_t i = 0; i < in; i++) sum += xr[t * in + i] * load_any(at, w_bf16, i * kc + j);
+            shrunk[t * kc + j] = sum;
+        }
+}
+
+/* out rows t (n of them, `stride` apart) += scale * s[t] (r, kc apart) @ bt (r, width), each
+ * rounded once: each row of B.T read once for the n rows. */
+static void lora_expand(const float *s, int64_t n, int64_t kc, int64_t r, const void *bt,
+                        int w_bf16, int64_t width, float scale, char *out, int64_t stride,
+                        int y_bf16, int isa) {
+    int64_t o = 0;
+    if (isa > 0) {
+        int64_t lanes = LANES[isa], wide = WIDE[isa] * lanes;
+        for (; o + wide <= width; o += wide)
+            EXPAND[isa - 1][1][n - 1](s, kc, r, bt, w_bf16, width, o, scale, out, stride, y_bf16);
+        for (; o + lanes <= width; o += lanes)
+            EXPAND[isa - 1][0][n - 1](s, kc, r, bt, w_bf16, width, o, scale, out, stride, y_bf16);
+    }
+    int64_t ysize = y_bf16 ? 2 : 4;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t j = o; j < width; j++) {
+            float acc = 0.0f;
+            for (int64_t q = 0; q < r; q++) acc += s[t * kc + q] * load_any(bt, w_bf16, q * width + j);
+            char *row = out + t * stride * ysize;
+            store(row, y_bf16, j, load_any(row, y_bf16, j) + scale * acc);
+        }
 }
 
 /* args: k, then per member j: out pointer, out row stride (elements), bt pointer, width out_j.
- * Returns 0, or -1 for sizes past the buffers. */
+ * Rows with one slot next to each other (the engine orders a step's tokens by adapter) are
+ * taken LORA_TOKENS at a time, reading that slot's weights once for them all: the weights of
+ * the adapters present are most of the bytes a mixed step's LoRA moves. Returns 0, or -1 for
+ * sizes past the buffers. */
 int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t *slots,
              const void *at, int w_bf16, int64_t cap, int64_t r, const int64_t *args, int y_bf16,
-             float scale) {
+             float scale, int isa) {
     int64_t k = args[0];
     int64_t kc = k * cap, slot_a = in * kc;
-    if (kc > LORA_MAX_COLUMNS || r > cap) return -1;
+    if (kc > LORA_MAX_COLUMNS || r > cap || rows < 0 || isa < 0 || isa > 2) return -1;
     for (int64_t j = 0; j < k; j++)
         if (args[1 + 4 * j + 3] > LORA_MAX_WIDTH) return -1;
-    int64_t work = rows * (slot_a + r * kc);
-#pragma omp parallel for schedule(static) if (work > (1 << 18))
+    /* work items: runs of one slot, at most LORA_TOKENS rows each */
+    int64_t *item = malloc((size_t)(rows + 1) * sizeof(int64_t));
+    if (item == NULL) return -1;
+    int64_t items = 0;
     for (int64_t i = 0; i < rows; i++) {
-        int64_t slot = slots[i];
-        if (slot < 0) continue;
-        float xr_buf[in];
-        float shrunk[kc];
-        load_row((const char *)x + i * in * (x_bf16 ? 2 : 4), x_bf16, in, xr_buf);
-        int64_t esize = w_bf16 ? 2 : 4;
-        lora_row(xr_buf, in, (const char *)at + slot * slot_a * esize, w_bf16, kc, shrunk);
+        if (slots[i] < 0) continue;
+        int64_t first = items ? item[items - 1] : -1;
+        if (first < 0 || slots[i - 1] != slots[i] || i - first >= LORA_TOKENS) item[items++] = i;
+    }
+    int64_t work = rows * (slot_a + r * kc);
+    int64_t esize = w_bf16 ? 2 : 4, xsize = x_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(dynamic, 1) if (work > (1 << 18) && items > 1)
+    for (int64_t it = 0; it < items; it++) {
+        int64_t i0 = item[it], slot = slots[i0], n = 1;
+        while (n < LORA_TOKENS && i0 + n < rows && slots[i0 + n] == slot) n++;
+        float xr[n * in];
+        float shrunk[n * kc];
+        for (int64_t t = 0; t < n; t++)
+            load_row((const char *)x + (i0 + t) * in * xsize, x_bf16, in, xr + t * in);
+        lora_shrink(xr, n, in, (const char *)at + slot * slot_a * esize, w_bf16, kc, shrunk, isa);
         for (int64_t j = 0; j < k; j++) {
             const int64_t *m = args + 1 + 4 * j;
-            void *out = (void *)m[0];
             int64_t stride = m[1], width = m[3];
             const char *bt = (const char *)m[2] + slot * cap * width * esize;
-            char *row = (char *)out + i * stride * (y_bf16 ? 2 : 4);
-            lora_expand(shrunk + j * cap, r, bt, w_bf16, width, scale, row, y_bf16);
+            char *out = (char *)m[0] + i0 * stride * (y_bf16 ? 2 : 4);
+            lora_expand(shrunk + j * cap, n, kc, r, bt, w_bf16, width, scale, out, stride,
+                        y_bf16, isa);
         }
     }
+    free(item);
     return 0;
 }
 

@@ -18,7 +18,7 @@ from loraplex.server.engine.lora import (
     lora_delta_reference,
     rank_bucket,
 )
-from loraplex.server.engine.lora_ops import NATIVE_MAX_TOKENS, Segment, add_lora, plan_lora
+from loraplex.server.engine.lora_ops import NATIVE_RUN_TOKENS, Segment, add_lora, plan_lora
 from loraplex.server.engine.model_runner import ModelRunner
 from tests.conftest import TINY_FAMILIES
 from tests.helpers import add_peft_adapter, peft_logits
@@ -297,12 +297,51 @@ def test_a_few_tokens_take_the_native_kernel_and_equal_the_spec(
                 torch.testing.assert_close(o.float(), expected, rtol=2e-2, atol=0.15)
 
 
-def test_more_tokens_than_the_native_kernel_takes_keep_the_torch_paths(native):
-    slots = [0, 1] * (NATIVE_MAX_TOKENS // 2 + 1)
-    plan = plan_lora(slots, [], RANKS, torch.device("cpu"), native, len(slots))
-    assert plan.native is None and plan.decode is not None
-    base_only = plan_lora([NO_ADAPTER], [], RANKS, torch.device("cpu"), native, 1)
+def test_long_runs_of_one_adapter_keep_the_matmuls(native):
+    """Decode tokens go to the native kernel unless one adapter has more than
+    NATIVE_RUN_TOKENS of them; prompt chunks that long keep the matmul path, shorter ones join
+    the native kernel's tokens."""
+    cpu, n = torch.device("cpu"), NATIVE_RUN_TOKENS
+    mixed = [0] * n + [1] * n
+    plan = plan_lora(mixed, [Segment(2, 2 * n, 3 * n + 1)], RANKS, cpu, native, 3 * n + 1)
+    assert plan.native is not None and plan.decode is None
+    assert plan.native.slots.tolist() == mixed + [NO_ADAPTER] * (n + 1)
+    assert plan.segments == [(2, 2 * n, 3 * n + 1)]
+    crowd = plan_lora([0] * (n + 1) + [1], [Segment(1, n + 2, n + 5)], RANKS, cpu, native, n + 5)
+    assert crowd.decode is not None and crowd.native is not None
+    assert crowd.native.slots.tolist() == [NO_ADAPTER] * (n + 2) + [1] * 3
+    base_only = plan_lora([NO_ADAPTER], [], RANKS, cpu, native, 1)
     assert base_only.empty and base_only.native is None
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_kernel_shares_each_adapters_weights_across_its_tokens(native, dtype):
+    """Every instruction set the machine has, against the spec: runs of one adapter longer than
+    a tile of rows, adapters interleaved, base tokens between, and widths that take the wide
+    vector passes, single vectors and the scalar tail."""
+    torch.manual_seed(0)
+    d_in, outs, ranks = 80, [600, 130], [32, 5, 17]
+    group = LoraGroup(d_in, outs, len(ranks), 32, dtype, torch.device("cpu"))
+    for slot, r in enumerate(ranks):
+        for member, out in enumerate(outs):
+            group.set_slot(slot, member, torch.randn(r, d_in) / 4, torch.randn(out, r) / 4)
+    slots = [0] * 7 + [1] * 2 + [NO_ADAPTER] + [1] * 3 + [2] * 5 + [0]
+    x = torch.randn(len(slots), d_in).to(dtype)
+    want = [  # the float32 spec of the same (rounded) weights
+        lora_delta_reference(
+            x.float(), *(w.float() for w in group.reference_stacks(j)), ranks, torch.tensor(slots)
+        )
+        for j in range(len(outs))
+    ]
+    for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
+        got = [torch.ones(len(slots), out, dtype=dtype) for out in outs]
+        native.lora_add(got, x, group.at, group.bt, 32, torch.tensor(slots), -1.0, isa=isa)
+        for g, w in zip(got, want, strict=True):
+            if dtype == torch.float32:
+                torch.testing.assert_close(g, 1 - w, rtol=1e-5, atol=1e-4, msg=isa)
+            else:  # the sums are float32, each output rounded once to bf16
+                torch.testing.assert_close(g.float(), 1 - w, rtol=8e-3, atol=1e-2, msg=isa)
 
 
 def test_stacks_the_native_kernel_cannot_take_keep_the_torch_paths(load_tiny):
