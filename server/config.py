@@ -115,6 +115,10 @@ class EngineConfig:
     """Memory for dense copies of 4-bit base layers where they are faster, in MiB (the 4-bit
     weights stay loaded: merges and exports read them); 0 = none; default: half the memory
     available at start (a quarter of a GPU's free memory)."""
+    compile: bool = True
+    """Capture decode steps of a few tokens (light load) once per batch size and replay them
+    in one native call, without Python between the kernels (CPU, with the native kernels;
+    --no-compile: every step op by op)."""
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the served LoRA weights and math; auto = the model's compute dtype (as vLLM
     does); float32 = as PEFT computes them."""

@@ -7,6 +7,9 @@ torch's fixed cost per op is most of the time:
     decode_attention  a few decode tokens' attention over their cache rows, in place (forward.py)
     rope_qk           the rotary embedding of a few tokens' q and k, in place (forward.py)
     add_rms_norm      a residual add and the RMSNorm after it, for a few tokens (forward.py)
+    silu_mul          the MLP's silu(gate) * up, for a few tokens (forward.py)
+    run_step          a captured decode step: the kernels above in order, from one list
+                      (step_program.py)
 
 A decode step on a CPU streams every weight once, so at a few rows it is bound by memory, and
 a bf16 copy is 4x the bytes of the NF4 codes. nf4_linear looks the codes up in a vector
@@ -74,6 +77,12 @@ class CpuKernels:
         lib.add_rms_norm.restype = ctypes.c_int
         lib.add_rms_norm.argtypes = [ptr, ptr, flag, i64, i64, ptr, ctypes.c_float, ptr]
         self._add_rms_norm = lib.add_rms_norm
+        lib.silu_mul.restype = ctypes.c_int
+        lib.silu_mul.argtypes = [ptr, ptr, i64, flag, ptr]
+        self._silu_mul = lib.silu_mul
+        lib.run_step.restype = ctypes.c_int
+        lib.run_step.argtypes = [ptr, i64]
+        self._run_step = lib.run_step
         # The CPU's, capped at what torch was told to use (ATEN_CPU_CAPABILITY=avx2 makes an
         # AVX-512 machine stand in for an AVX2 one).
         ceiling = {"AVX512": 2, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 2)
@@ -283,6 +292,32 @@ class CpuKernels:
             out.data_ptr(),
         )
         return out
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up, rounded as torch rounds the two ops (the silu, then the product)."""
+        if not (
+            gate.is_contiguous()
+            and up.is_contiguous()
+            and gate.dtype in DTYPES
+            and gate.dtype == up.dtype
+            and gate.shape == up.shape
+        ):
+            raise ValueError("silu_mul takes two contiguous tensors of one shape and dtype")
+        out = torch.empty_like(gate)
+        bf16 = int(gate.dtype == torch.bfloat16)
+        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), bf16, out.data_ptr())
+        return out
+
+    def run_step(self, records: torch.Tensor) -> None:
+        """Run a captured step: `records` (n, STEP_WORDS) int64, built by step_program.py."""
+        failed = self._run_step(records.data_ptr(), records.shape[0])
+        if failed:
+            raise RuntimeError(f"a captured step failed at record {failed - 1}")
+
+    @property
+    def isa_level(self) -> int:
+        """The instruction set the kernels run (an index in ISAS), for captured records."""
+        return self._isa
 
 
 def load(directory: Path | None) -> CpuKernels | None:

@@ -12,6 +12,7 @@ once; attention reads the KV cache rows:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,11 +26,16 @@ from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
 from loraplex.server.engine.linear import BaseLinears
 from loraplex.server.engine.lora import LoraGroup, LoraStacks
 from loraplex.server.engine.lora_ops import LoraPlan, add_lora
+from loraplex.server.engine.step_program import DecodeProgram, capture, replayable
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SMALL_ATTENTION_TOKENS = 512  # decode attention over at most this many cached tokens: float32
 NATIVE_ATTENTION_TOKENS = 1024  # ... and there the native kernel instead, where it is built
-NATIVE_ELEMENTWISE_TOKENS = 16  # steps this small: rotary and add + RMSNorm in native kernels
+NATIVE_ELEMENTWISE_TOKENS = 16  # steps this small: rotary, add + RMSNorm, silu * up natively
+SILU_MODULES = ("SiLU", "SiLUActivation")  # the MLP activations that are x * sigmoid(x)
+DYNAMIC_ROPE = ("dynamic", "longrope")  # rotary types whose frequencies follow the length
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,7 @@ class _LayerParts:
             name: linears.kernel(module) for name, module in self.modules.items()
         }
         self.act: Callable[[torch.Tensor], torch.Tensor] = mlp.act_fn
+        self.silu = type(mlp.act_fn).__name__ in SILU_MODULES
         self.keys, self.values = keys, values
         self.groups = groups
 
@@ -211,7 +218,12 @@ class _Norm:
 
 class DecoderForward:
     def __init__(
-        self, model: nn.Module, cache: KVCache, lora: LoraStacks, linears: BaseLinears
+        self,
+        model: nn.Module,
+        cache: KVCache,
+        lora: LoraStacks,
+        linears: BaseLinears,
+        compile: bool = True,
     ) -> None:
         self.model = model  # a supported family: ModelRunner checks before building the cache
         self.cache = cache
@@ -223,7 +235,14 @@ class DecoderForward:
         self.group = self.num_heads // self.kv_heads
         self.scaling = self.head_dim**-0.5
         self.linears = linears
+        self.dtype = linears.dtype
         self.native = linears.native  # the native CPU kernels (None: not built, or a GPU)
+        # cos and sin (max_len, D) of every position, computed once by the model's own rotary
+        # module (None for rotary types that change with the length: computed per step)
+        self.rope_table = _rope_table(model, cache.max_len, linears.dtype, cache.device)
+        # captured decode steps by token count (step_program.py); --no-compile: none
+        self.compile = compile and self.native is not None
+        self.programs: dict[int, DecodeProgram | None] = {}
         inner = model.model
         self.layers = [
             _LayerParts(layer, linears, cache.keys[i], cache.values[i], lora.groups[i])
@@ -274,18 +293,46 @@ class DecoderForward:
     @torch.inference_mode()
     def __call__(self, batch: StepBatch) -> torch.Tensor:
         """Runs the step, writing its keys/values into the cache; returns float32 logits (M, V)."""
+        program = self._program(batch) if self.compile else None
+        h = program.run(batch) if program is not None else self.eager(batch)
+        h = self.final_norm(h.index_select(0, batch.logits_index))  # (M, hidden)
+        return self.model.lm_head(h).float()
+
+    def _program(self, batch: StepBatch) -> DecodeProgram | None:
+        """The captured program for this step, captured at its first use (well under a
+        millisecond), or None where the step runs eagerly."""
+        if not replayable(self, batch):
+            return None
+        n = batch.ids.shape[0]
+        program = self.programs.get(n)
+        key = (self.lora.num_slots, self.lora.rank_capacity)
+        if program is not None and program.lora_key != key:  # the LoRA stacks were re-allocated
+            program = None
+        if program is None and (n not in self.programs or self.programs[n] is not None):
+            program = capture(self, n)
+            self.programs[n] = program
+            log.debug("decode step of %d tokens: %s", n, "captured" if program else "eager")
+        return program
+
+    def eager(self, batch: StepBatch) -> torch.Tensor:
+        """The step op by op (the reference, and every step a program does not take): writes
+        its keys/values into the cache; returns the hidden states (N, hidden) after the last
+        layer, before the final norm."""
         inner = self.model.model
         h = inner.embed_tokens(batch.ids)  # (N, hidden)
-        cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
+        if self.rope_table is not None:
+            cos = self.rope_table[0].index_select(0, batch.positions).unsqueeze(1)  # (N, 1, D)
+            sin = self.rope_table[1].index_select(0, batch.positions).unsqueeze(1)
+        else:
+            cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
+            cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
         masks = _AttentionMasks.of(batch)  # the same for every layer: built once per step
         delta: torch.Tensor | None = None  # the last layer's output, added with the next norm
         for parts in self.layers:
             delta = self.layer(parts, h, delta, cos, sin, batch, masks)
         if delta is not None:
             h += delta
-        h = self.final_norm(h.index_select(0, batch.logits_index))  # (M, hidden)
-        return self.model.lm_head(h).float()
+        return h
 
     def layer(
         self,
@@ -400,7 +447,11 @@ class DecoderForward:
         linear, groups = parts.linear, parts.groups
         gate, up = linear["gate"](x), linear["up"](x)
         _add_lora([gate, up], x, groups["gate_up"], batch)
-        act = parts.act(gate) * up
+        native = self.native
+        if native is not None and parts.silu and x.shape[0] <= NATIVE_ELEMENTWISE_TOKENS:
+            act = native.silu_mul(gate, up)
+        else:
+            act = parts.act(gate) * up
         down = linear["down"](act)
         _add_lora([down], act, groups["down"], batch)
         return down
@@ -440,6 +491,21 @@ def _add_lora(
     add_lora(outputs, x, group, batch.lora)
     if batch.unmerge is not None:
         add_lora(outputs, x, group, batch.unmerge, scale=-1.0)
+
+
+def _rope_table(
+    model: nn.Module, max_len: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos and sin (max_len, D) of every position as the model's rotary module gives them, or
+    None where its frequencies change with the length."""
+    rotary = model.model.rotary_emb
+    if getattr(rotary, "rope_type", "default") in DYNAMIC_ROPE:
+        return None
+    with torch.inference_mode():
+        x = torch.zeros(1, 1, 1, dtype=dtype, device=device)
+        positions = torch.arange(max_len, device=device).unsqueeze(0)
+        cos, sin = rotary(x, positions)
+    return cos[0].contiguous(), sin[0].contiguous()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -294,6 +294,14 @@ class BaseLinears:
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(module)(x)
 
+    def nf4_weight(self, module: nn.Module, rows: int) -> Nf4Weight | None:
+        """`module`'s 4-bit weight where a call of `rows` rows runs the native kernel on it
+        (its measured choice there, no bias), else None."""
+        layer = self.layers.get(module)
+        if layer is None or layer.native is None or getattr(module, "bias", None) is not None:
+            return None
+        return layer.nf4 if layer.choice[bucket(rows)] == "nf4" else None
+
     def kernel(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """What multiplies by `module`'s weight: its 4-bit layer with the chosen kernels, or
         (not 4-bit: an unquantized model) the module itself."""

@@ -66,6 +66,7 @@ class ModelRunner:
         base_kernel: str = "auto",
         dense_cache_bytes: int | None = None,
         tuning: TuningCache | None = None,
+        compile: bool = True,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -100,7 +101,9 @@ class ModelRunner:
             self.model, loaded.dtype, self.device, base_kernel, dense_cache_bytes, tuning
         )
         log.info("base kernels: %s", self.linears.describe())
-        self.forward = DecoderForward(self.model, self.cache, self.lora, self.linears)
+        self.forward = DecoderForward(
+            self.model, self.cache, self.lora, self.linears, compile=compile
+        )
         self.merged_slot: int | None = None  # the slot whose adapter is folded into the base
 
     @classmethod
@@ -119,6 +122,7 @@ class ModelRunner:
             base_kernel=config.base_kernel,
             dense_cache_bytes=config.dense_cache_bytes,
             tuning=tuning,
+            compile=config.compile,
         )
 
     def merge_pays(self, step_tokens: float) -> bool:

@@ -644,3 +644,106 @@ int add_rms_norm(void *h, const void *delta, int bf16, int64_t n, int64_t width,
     }
     return 0;
 }
+
+/* ---- silu(gate) * up, rounded as torch rounds it: the silu to the dtype, then the product ---- */
+
+int silu_mul(const void *gate, const void *up, int64_t count, int bf16, void *out) {
+#pragma omp parallel for schedule(static) if (count > (1 << 16))
+    for (int64_t i = 0; i < count; i++) {
+        float g = load_any(gate, bf16, i), u = load_any(up, bf16, i);
+        float s = round_to(g / (1.0f + __builtin_expf(-g)), bf16);
+        store(out, bf16, i, s * u);
+    }
+    return 0;
+}
+
+/* ---- A captured decode step: the kernels above, called in order from one list of records,
+ * on buffers fixed when the list was built (step_program.py), with no Python between them.
+ * Each record is STEP_WORDS int64 words: an opcode, then its arguments (pointers as integers,
+ * floats as their float32 bits). run_step returns 0, or 1 + the index of the record that
+ * failed. ---- */
+
+#define STEP_WORDS 16
+enum {
+    OP_GATHER = 1,   /* src, row bytes, index (int64), n, dst: dst[t] = src[index[t]] */
+    OP_ADD_NORM,     /* add_rms_norm's arguments */
+    OP_NF4,          /* nf4_linear's arguments */
+    OP_LORA,         /* lora_add's, with the rank read from a cell (0: nothing to add) */
+    OP_ROPE,         /* rope_qk's */
+    OP_KV_WRITE,     /* k, v, keys, values, kv heads, max len, head dim, element size, rows,
+                        positions, n: token t's keys and values into its row at its position */
+    OP_ATTEND,       /* decode_attention's */
+    OP_SILU_MUL,     /* silu_mul's */
+    OP_ADD,          /* h, delta, count, bf16: h += delta, rounded once */
+};
+
+static inline float bits_f32(int64_t w) {
+    uint32_t u = (uint32_t)w;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#define P(i) ((void *)(intptr_t)op[i])
+
+int run_step(const int64_t *ops, int64_t count) {
+    for (int64_t n = 0; n < count; n++) {
+        const int64_t *op = ops + n * STEP_WORDS;
+        int rc = 0;
+        switch (op[0]) {
+        case OP_GATHER: {
+            const int64_t *index = P(3);
+            for (int64_t t = 0; t < op[4]; t++)
+                memcpy((char *)P(5) + t * op[2], (const char *)P(1) + index[t] * op[2],
+                       (size_t)op[2]);
+            break;
+        }
+        case OP_ADD_NORM:
+            rc = add_rms_norm(P(1), P(2), (int)op[3], op[4], op[5], P(6), bits_f32(op[7]), P(8));
+            break;
+        case OP_NF4:
+            rc = nf4_linear(P(1), (int)op[2], op[3], op[4], P(5), P(6), op[7], op[8], P(9), P(10),
+                            (int)op[2], (int)op[11]);
+            break;
+        case OP_LORA: {
+            int64_t rank = *(const int64_t *)P(9);
+            if (rank > 0)
+                rc = lora_add(P(1), (int)op[2], op[3], op[4], P(5), P(6), (int)op[7], op[8], rank,
+                              P(10), (int)op[2], bits_f32(op[11]), (int)op[12]);
+            break;
+        }
+        case OP_ROPE:
+            rc = rope_qk(P(1), P(2), (int)op[3], op[4], op[5], op[6], op[7], P(8), P(9));
+            break;
+        case OP_KV_WRITE: {
+            const int64_t *rows = P(9), *pos = P(10);
+            int64_t heads = op[5], max_len = op[6], d = op[7], esize = op[8];
+            for (int64_t t = 0; t < op[11]; t++)
+                for (int64_t h = 0; h < heads; h++) {
+                    int64_t at = ((rows[t] * heads + h) * max_len + pos[t]) * d * esize;
+                    int64_t from = (t * heads + h) * d * esize;
+                    memcpy((char *)P(3) + at, (const char *)P(1) + from, (size_t)(d * esize));
+                    memcpy((char *)P(4) + at, (const char *)P(2) + from, (size_t)(d * esize));
+                }
+            break;
+        }
+        case OP_ATTEND:
+            rc = decode_attention(P(1), (int)op[2], op[3], op[4], op[5], op[6], P(7), P(8),
+                                  (int)op[2], op[9], P(10), P(11), bits_f32(op[12]), P(13));
+            break;
+        case OP_SILU_MUL:
+            rc = silu_mul(P(1), P(2), op[3], (int)op[4], P(5));
+            break;
+        case OP_ADD: {
+            int bf16 = (int)op[4];
+            for (int64_t i = 0; i < op[3]; i++)
+                store(P(1), bf16, i, load_any(P(1), bf16, i) + load_any(P(2), bf16, i));
+            break;
+        }
+        default:
+            rc = -1;
+        }
+        if (rc != 0) return (int)(n + 1);
+    }
+    return 0;
+}

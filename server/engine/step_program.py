@@ -1,0 +1,274 @@
+"""A captured decode step: the CPU's answer to a CUDA graph (`--compile`, the default).
+
+One stream, or a few, decodes a step in a few milliseconds on a CPU, and with the native kernels
+(cpu_kernels.py) every op of it is already one C call: what is left is Python between them,
+about 7 calls per linear layer's worth of dispatch, checks and allocation, a millisecond or more
+per step. So a step of B decode tokens is captured once per B into a list of records, each one
+kernel call on buffers fixed at capture (the hidden states, q/k/v, the MLP's, the step's token
+ids, positions, rows, lengths and adapter slots), and replayed by one call into C (`run_step`):
+the embedding and rotary tables gathered, then per layer add + RMSNorm, the q/k/v, o,
+gate/up and down projections from the 4-bit codes, their LoRA, rotary, the KV cache write,
+attention and silu * up. The final norm and the LM head stay in torch.
+
+Why not torch.compile: the step's cost here is the dispatch between kernels that are already
+native, and an inductor graph still calls each of them (as opaque ops) through its wrapper; a
+capture of C calls has no wrapper at all, builds in well under a millisecond (nothing to
+compile, nothing to cache beyond the kernels' own build) and runs exactly the kernels the eager
+path runs, so its outputs equal the eager path's bit for bit (tested).
+
+A step is replayed only where the eager path would run the same kernels: decode tokens only, at
+most NATIVE_ELEMENTWISE_TOKENS of them, the base's kernel at that size the native one for every
+layer, no merged adapter, the LoRA in the native kernel, attention within
+NATIVE_ATTENTION_TOKENS. Anything else runs eagerly, the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels
+from loraplex.server.engine.lora import LoraGroup
+
+if TYPE_CHECKING:
+    from loraplex.server.engine.forward import DecoderForward, StepBatch
+
+log = logging.getLogger(__name__)
+
+STEP_WORDS = 16  # int64 words per record (csrc/cpu_kernels.c)
+(
+    OP_GATHER,
+    OP_ADD_NORM,
+    OP_NF4,
+    OP_LORA,
+    OP_ROPE,
+    OP_KV_WRITE,
+    OP_ATTEND,
+    OP_SILU_MUL,
+    OP_ADD,
+) = range(1, 10)
+
+
+def _bits(value: float) -> int:
+    """A float as its float32 bits, for a record."""
+    return int(struct.unpack("<I", struct.pack("<f", value))[0])
+
+
+class DecodeProgram:
+    """The records of one decode step of `tokens` tokens, and the buffers they read and write.
+    Built by `capture` (None where a step of that size cannot be captured)."""
+
+    def __init__(self, forward: DecoderForward, tokens: int, lora_key: tuple[int, int]) -> None:
+        native = forward.native
+        assert native is not None
+        self.native: CpuKernels = native
+        self.tokens = tokens
+        self.lora_key = lora_key
+        model, dtype = forward.model, forward.dtype
+        hidden = int(model.config.hidden_size)
+        inner = forward.layers[0]
+        b, d = tokens, forward.head_dim
+
+        def buffer(width: int, kind: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(b, width, dtype=kind)
+
+        # the step's inputs, written before each replay
+        self.ids, self.positions = buffer(1, torch.long)[:, 0], buffer(1, torch.long)[:, 0]
+        self.rows, self.lengths = buffer(1, torch.long)[:, 0], buffer(1, torch.long)[:, 0]
+        self.slots = buffer(1, torch.long)[:, 0]
+        self.rank = torch.zeros(1, dtype=torch.long)
+        # the activations, reused by every layer
+        self.h, x = buffer(hidden), buffer(hidden)
+        q_width = forward.num_heads * d
+        kv_width = forward.kv_heads * d
+        q, k, v, attn = buffer(q_width), buffer(kv_width), buffer(kv_width), buffer(q_width)
+        o = buffer(hidden)
+        mlp = int(inner.modules["gate"].out_features)
+        gate, up, act, down = buffer(mlp), buffer(mlp), buffer(mlp), buffer(hidden)
+        cos, sin = buffer(d), buffer(d)
+        self._keep: list[object] = []  # the LoRA argument blocks the records point into
+        bf16 = int(dtype == torch.bfloat16)
+        rec: list[list[int]] = []
+        p = torch.Tensor.data_ptr
+        embed = model.model.embed_tokens.weight
+        row_bytes = hidden * embed.element_size()
+        rec.append([OP_GATHER, p(embed), row_bytes, p(self.ids), b, p(self.h)])
+        assert forward.rope_table is not None
+        table_cos, table_sin = forward.rope_table
+        rec.append(
+            [OP_GATHER, p(table_cos), d * table_cos.element_size(), p(self.positions), b, p(cos)]
+        )
+        rec.append(
+            [OP_GATHER, p(table_sin), d * table_sin.element_size(), p(self.positions), b, p(sin)]
+        )
+        level = native.isa_level
+        lora = forward.lora.dtype in DTYPES and forward.lora.num_slots > 0
+
+        def nf4(src: torch.Tensor, module: nn.Module, dst: torch.Tensor) -> None:
+            weight = forward.linears.nf4_weight(module, b)
+            assert weight is not None
+            out_f, in_f = weight.shape
+            rec.append(
+                [
+                    OP_NF4, p(src), bf16, b, in_f, p(weight.codes), p(weight.absmax), out_f,
+                    weight.blocksize, p(native.table), p(dst), level,
+                ]
+            )  # fmt: skip
+
+        def add_lora(src: torch.Tensor, group: LoraGroup, outs: list[torch.Tensor]) -> None:
+            if not lora:
+                return
+            words = [len(outs)]
+            for out, bt in zip(outs, group.bt, strict=True):
+                words += [p(out), out.shape[1], p(bt), bt.shape[2]]
+            args = (ctypes.c_int64 * len(words))(*words)
+            self._keep.append(args)
+            rec.append(
+                [
+                    OP_LORA, p(src), bf16, b, src.shape[1], p(self.slots), p(group.at),
+                    int(group.at.dtype == torch.bfloat16), group.rank_capacity, p(self.rank),
+                    ctypes.addressof(args), _bits(1.0), level,
+                ]
+            )  # fmt: skip
+
+        delta = 0  # the previous layer's MLP output, added with the next norm
+        eps_of = _bits
+        for parts in forward.layers:
+            norm = parts.input_norm
+            rec.append(
+                [
+                    OP_ADD_NORM,
+                    p(self.h),
+                    delta,
+                    bf16,
+                    b,
+                    hidden,
+                    p(norm.weight),
+                    eps_of(norm.eps),
+                    p(x),
+                ]
+            )
+            for name, dst in (("q", q), ("k", k), ("v", v)):
+                nf4(x, parts.modules[name], dst)
+            add_lora(x, parts.groups["qkv"], [q, k, v])
+            rec.append(
+                [
+                    OP_ROPE,
+                    p(q),
+                    p(k),
+                    bf16,
+                    b,
+                    forward.num_heads,
+                    forward.kv_heads,
+                    d,
+                    p(cos),
+                    p(sin),
+                ]
+            )
+            max_len = parts.keys.shape[2]
+            rec.append(
+                [
+                    OP_KV_WRITE, p(k), p(v), p(parts.keys), p(parts.values), forward.kv_heads,
+                    max_len, d, parts.keys.element_size(), p(self.rows), p(self.positions), b,
+                ]
+            )  # fmt: skip
+            rec.append(
+                [
+                    OP_ATTEND, p(q), bf16, b, forward.num_heads, forward.kv_heads, d,
+                    p(parts.keys), p(parts.values), max_len, p(self.rows), p(self.lengths),
+                    _bits(forward.scaling), p(attn),
+                ]
+            )  # fmt: skip
+            nf4(attn, parts.modules["o"], o)
+            add_lora(attn, parts.groups["o"], [o])
+            norm = parts.post_norm
+            rec.append(
+                [
+                    OP_ADD_NORM,
+                    p(self.h),
+                    p(o),
+                    bf16,
+                    b,
+                    hidden,
+                    p(norm.weight),
+                    eps_of(norm.eps),
+                    p(x),
+                ]
+            )
+            nf4(x, parts.modules["gate"], gate)
+            nf4(x, parts.modules["up"], up)
+            add_lora(x, parts.groups["gate_up"], [gate, up])
+            rec.append([OP_SILU_MUL, p(gate), p(up), b * mlp, bf16, p(act)])
+            nf4(act, parts.modules["down"], down)
+            add_lora(act, parts.groups["down"], [down])
+            delta = p(down)
+        rec.append([OP_ADD, p(self.h), delta, b * hidden, bf16])
+        records = torch.zeros(len(rec), STEP_WORDS, dtype=torch.long)
+        for i, words in enumerate(rec):
+            records[i, : len(words)] = torch.tensor(words, dtype=torch.long)
+        self.records = records
+        # the tensors the records point into stay alive with the program
+        self._keep += [x, q, k, v, attn, o, gate, up, act, down, cos, sin]
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """Replay the step for `batch` (its KV cache written); returns the hidden states
+        (B, hidden) after the last layer, before the final norm."""
+        self.ids.copy_(batch.ids)
+        self.positions.copy_(batch.positions)
+        self.rows.copy_(batch.rows)
+        self.lengths.copy_(batch.decode_lengths)
+        plan = batch.lora
+        if plan.native is not None:
+            self.slots.copy_(plan.native.slots)
+            self.rank[0] = plan.rank
+        else:
+            self.rank[0] = 0
+        self.native.run_step(self.records)
+        return self.h
+
+
+def replayable(forward: DecoderForward, batch: StepBatch) -> bool:
+    """Whether the eager path would run this step all in the native kernels a program holds."""
+    from loraplex.server.engine.forward import NATIVE_ATTENTION_TOKENS, NATIVE_ELEMENTWISE_TOKENS
+
+    n = batch.ids.shape[0]
+    plan = batch.lora
+    return (
+        0 < n <= NATIVE_ELEMENTWISE_TOKENS
+        and batch.n_decode == n
+        and not batch.chunks
+        and batch.unmerge is None
+        and not forward.merged
+        and n * batch.max_decode_length <= NATIVE_ATTENTION_TOKENS
+        and (plan.empty or (plan.native is not None and plan.decode is None and not plan.segments))
+    )
+
+
+def capture(forward: DecoderForward, tokens: int) -> DecodeProgram | None:
+    """The program of a `tokens`-token decode step, or None where one cannot be captured: no
+    native kernels or rotary table, or some linear layer that does not run the native 4-bit
+    kernel at this size (its measured choice, a bias, a layer that is not 4-bit)."""
+    if forward.native is None or forward.rope_table is None or forward.dtype not in DTYPES:
+        return None
+    linears = forward.linears
+    for parts in forward.layers:
+        for module in parts.modules.values():
+            if linears.nf4_weight(module, tokens) is None:
+                return None
+        if not parts.silu:
+            return None
+        for norm in (parts.input_norm, parts.post_norm):
+            if norm.native is None or norm.weight.dtype != forward.dtype:
+                return None
+        if not (parts.keys.is_contiguous() and parts.keys.dtype == forward.dtype):
+            return None
+    embed = forward.model.model.embed_tokens.weight
+    if embed.dtype != forward.dtype or not embed.is_contiguous():
+        return None
+    key = (forward.lora.num_slots, forward.lora.rank_capacity)
+    return DecodeProgram(forward, tokens, key)
