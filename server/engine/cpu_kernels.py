@@ -29,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -45,6 +46,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fno-strict-aliasing")
 ISAS = ("portable", "avx2", "avx512")  # nf4_isa()'s answers, in order
 DTYPES = (torch.bfloat16, torch.float32)  # what x and y may be
+NATIVE_ATTENTION_TOKENS = 1024  # decode attention over at most this many row-tokens: native
 
 
 class CpuKernels:
@@ -69,6 +71,7 @@ class CpuKernels:
         lib.decode_attention.argtypes = [
             *(ptr, flag, i64, i64, i64, i64),  # q, bf16, tokens, heads, kv heads, head dim
             *(ptr, ptr, flag, i64, ptr, ptr, ctypes.c_float, ptr),  # cache, rows, ..., out
+            flag,  # instruction set
         ]
         self._decode_attention = lib.decode_attention
         lib.rope_qk.restype = ctypes.c_int
@@ -96,6 +99,12 @@ class CpuKernels:
         if level > self._isa:
             raise ValueError(f"this CPU cannot run the {isa} kernel (it has {self.isa})")
         return level
+
+    def attention_limit(self, head_dim: int) -> float:
+        """The most cached tokens over a step's decode tokens (rows x length) for which the
+        native decode attention beats torch's batched matmuls: any number where it has a
+        vector version of its own (AVX-512, heads of 64 or 128), else about a thousand."""
+        return math.inf if self._isa == 2 and head_dim in (64, 128) else NATIVE_ATTENTION_TOKENS
 
     def supports(self, shape: tuple[int, int], blocksize: int) -> bool:
         """Whether the kernel takes an (out, in) weight with this block size: blocks that do
@@ -206,10 +215,13 @@ class CpuKernels:
         rows: torch.Tensor,
         lengths: torch.Tensor,
         scaling: float,
+        isa: str | None = None,
     ) -> torch.Tensor:
         """softmax(q K.T * scaling) V for decode queries q (B, H, D), token i against the first
         lengths[i] positions of cache row rows[i] of keys and values (R, H_kv, max_len, D),
-        read in place; float32 inside, returned in q's dtype."""
+        read in place; float32 inside, returned in q's dtype. `isa` forces an instruction set
+        below the machine's (for tests)."""
+        level = self._level(isa)
         b, heads, d = q.shape
         _, kv_heads, max_len, _ = keys.shape
         if not (
@@ -239,6 +251,7 @@ class CpuKernels:
             lengths.data_ptr(),
             scaling,
             out.data_ptr(),
+            level,
         )
         if rc != 0:
             raise MemoryError("decode attention: out of memory")

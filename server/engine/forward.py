@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SMALL_ATTENTION_TOKENS = 512  # decode attention over at most this many cached tokens: float32
-NATIVE_ATTENTION_TOKENS = 1024  # ... and there the native kernel instead, where it is built
 NATIVE_ELEMENTWISE_TOKENS = 16  # steps this small: rotary, add + RMSNorm, silu * up natively
 SILU_MODULES = ("SiLU", "SiLUActivation")  # the MLP activations that are x * sigmoid(x)
 DYNAMIC_ROPE = ("dynamic", "longrope")  # rotary types whose frequencies follow the length
@@ -237,6 +236,10 @@ class DecoderForward:
         self.linears = linears
         self.dtype = linears.dtype
         self.native = linears.native  # the native CPU kernels (None: not built, or a GPU)
+        # decode attention natively up to this many row-tokens (b x L)
+        self.attention_limit = (
+            self.native.attention_limit(self.head_dim) if self.native is not None else 0.0
+        )
         # cos and sin (max_len, D) of every position, computed once by the model's own rotary
         # module (None for rotary types that change with the length: computed per step)
         self.rope_table = _rope_table(model, cache.max_len, linears.dtype, cache.device)
@@ -398,7 +401,7 @@ class DecoderForward:
         """q (B, H, D) of the decode tokens, sequence i in row rows[i]; returns (B, H, D)."""
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
         decode_rows = batch.rows[:b]
-        if self.native is not None and b * length <= NATIVE_ATTENTION_TOKENS:
+        if self.native is not None and b * length <= self.attention_limit:
             # each token's own row and length, read in place: no copy, no mask
             return self.native.decode_attention(
                 q, parts.keys, parts.values, decode_rows, batch.decode_lengths, self.scaling

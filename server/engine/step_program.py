@@ -18,8 +18,8 @@ path runs, so its outputs equal the eager path's bit for bit (tested).
 
 A step is replayed only where the eager path would run the same kernels: decode tokens only, at
 most NATIVE_ELEMENTWISE_TOKENS of them, the base's kernel at that size the native one for every
-layer, no merged adapter, the LoRA in the native kernel, attention within
-NATIVE_ATTENTION_TOKENS. Anything else runs eagerly, the reference.
+layer, no merged adapter, the LoRA in the native kernel, attention within the native kernel's
+limit. Anything else runs eagerly, the reference.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class DecodeProgram:
                 [
                     OP_ATTEND, p(q), bf16, b, forward.num_heads, forward.kv_heads, d,
                     p(parts.keys), p(parts.values), max_len, p(self.rows), p(self.lengths),
-                    _bits(forward.scaling), p(attn),
+                    _bits(forward.scaling), p(attn), level,
                 ]
             )  # fmt: skip
             nf4(attn, parts.modules["o"], o)
@@ -234,7 +234,7 @@ class DecodeProgram:
 
 def replayable(forward: DecoderForward, batch: StepBatch) -> bool:
     """Whether the eager path would run this step all in the native kernels a program holds."""
-    from loraplex.server.engine.forward import NATIVE_ATTENTION_TOKENS, NATIVE_ELEMENTWISE_TOKENS
+    from loraplex.server.engine.forward import NATIVE_ELEMENTWISE_TOKENS
 
     n = batch.ids.shape[0]
     plan = batch.lora
@@ -244,7 +244,7 @@ def replayable(forward: DecoderForward, batch: StepBatch) -> bool:
         and not batch.chunks
         and batch.unmerge is None
         and not forward.merged
-        and n * batch.max_decode_length <= NATIVE_ATTENTION_TOKENS
+        and n * batch.max_decode_length <= forward.attention_limit
         and (plan.empty or (plan.native is not None and plan.decode is None and not plan.segments))
     )
 

@@ -551,12 +551,53 @@ static void attend_head(const float *q, int64_t g, int64_t d, const void *k, con
     }
 }
 
+/* The AVX-512 version for head sizes of NV vectors (64 and 128): each cached key and value row
+ * is loaded (and widened) once for the g query heads that share it, the q . k dot products and
+ * the weighted sum of values in registers. */
+#define ATTEND_AVX512(NV)                                                                         \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void                \
+        attend_head_avx512_##NV(const float *q, int64_t g, const void *k, const void *v,          \
+                                int bf16, int64_t length, float scaling, float *scores,          \
+                                float *acc) {                                                     \
+        const int64_t d = NV * 16;                                                              \
+        for (int64_t t = 0; t < length; t++) {                                                  \
+            __m512 kt[NV];                                                                      \
+            for (int j = 0; j < NV; j++) kt[j] = load16(k, bf16, t * d + 16 * j);              \
+            for (int64_t h = 0; h < g; h++) {                                                   \
+                __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q + h * d), kt[0]);                   \
+                for (int j = 1; j < NV; j++)                                                    \
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + 16 * j), kt[j], s);        \
+                scores[h * length + t] = _mm512_reduce_add_ps(s) * scaling;                    \
+            }                                                                                   \
+        }                                                                                       \
+        for (int64_t h = 0; h < g; h++) {                                                       \
+            float *row = scores + h * length, top = row[0], sum = 0.0f;                         \
+            for (int64_t t = 1; t < length; t++) top = row[t] > top ? row[t] : top;             \
+            for (int64_t t = 0; t < length; t++) {                                              \
+                row[t] = __builtin_expf(row[t] - top);                                          \
+                sum += row[t];                                                                  \
+            }                                                                                   \
+            __m512 a[NV];                                                                       \
+            for (int j = 0; j < NV; j++) a[j] = _mm512_setzero_ps();                            \
+            for (int64_t t = 0; t < length; t++) {                                              \
+                __m512 pt = _mm512_set1_ps(row[t]);                                             \
+                for (int j = 0; j < NV; j++)                                                    \
+                    a[j] = _mm512_fmadd_ps(pt, load16(v, bf16, t * d + 16 * j), a[j]);          \
+            }                                                                                   \
+            __m512 inv = _mm512_set1_ps(1.0f / sum);                                            \
+            for (int j = 0; j < NV; j++) _mm512_storeu_ps(acc + h * d + 16 * j, _mm512_mul_ps(a[j], inv)); \
+        }                                                                                       \
+    }
+
+ATTEND_AVX512(4)
+ATTEND_AVX512(8)
+
 /* q, out (b, heads, d) in the compute dtype; keys, values (rows, kv_heads, max_len, d), the
  * layer's cache. Returns 0, or -1 when memory runs out. */
 int decode_attention(const void *q, int q_bf16, int64_t b, int64_t heads, int64_t kv_heads,
                      int64_t d, const void *keys, const void *values, int cache_bf16,
                      int64_t max_len, const int64_t *rows, const int64_t *lengths, float scaling,
-                     void *out) {
+                     void *out, int isa) {
     int64_t g = heads / kv_heads, esize = cache_bf16 ? 2 : 4;
     int failed = 0;
 #pragma omp parallel for collapse(2) schedule(static) reduction(| : failed)
@@ -572,8 +613,13 @@ int decode_attention(const void *q, int q_bf16, int64_t b, int64_t heads, int64_
             int64_t first = (i * heads + kvh * g) * d;
             for (int64_t e = 0; e < g * d; e++) qh[e] = load_any(q, q_bf16, first + e);
             int64_t at = ((rows[i] * kv_heads + kvh) * max_len) * d * esize;
-            attend_head(qh, g, d, (const char *)keys + at, (const char *)values + at, cache_bf16,
-                        length, scaling, scores, acc);
+            const char *k = (const char *)keys + at, *v = (const char *)values + at;
+            if (isa == 2 && d == 64)
+                attend_head_avx512_4(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
+            else if (isa == 2 && d == 128)
+                attend_head_avx512_8(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
+            else
+                attend_head(qh, g, d, k, v, cache_bf16, length, scaling, scores, acc);
             for (int64_t e = 0; e < g * d; e++) store(out, q_bf16, first + e, acc[e]);
             free(scores);
         }
@@ -729,7 +775,8 @@ int run_step(const int64_t *ops, int64_t count) {
         }
         case OP_ATTEND:
             rc = decode_attention(P(1), (int)op[2], op[3], op[4], op[5], op[6], P(7), P(8),
-                                  (int)op[2], op[9], P(10), P(11), bits_f32(op[12]), P(13));
+                                  (int)op[2], op[9], P(10), P(11), bits_f32(op[12]), P(13),
+                                  (int)op[14]);
             break;
         case OP_SILU_MUL:
             rc = silu_mul(P(1), P(2), op[3], (int)op[4], P(5));

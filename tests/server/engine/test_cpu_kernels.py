@@ -82,27 +82,31 @@ def test_built_once_per_machine_and_source(tmp_path):
 
 @pytest.mark.cpu_isa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_reads_each_tokens_row_and_length(library, dtype):
+@pytest.mark.parametrize("d", [16, 64, 128])  # 64 and 128 have AVX-512 versions of their own
+def test_decode_attention_reads_each_tokens_row_and_length(library, dtype, d):
     """Tokens in any rows (not in order, rows left out), of different lengths, grouped-query
-    heads: each equals softmax(q K.T * scaling) V over its own row's first `length` keys."""
+    heads: each equals softmax(q K.T * scaling) V over its own row's first `length` keys, on
+    every instruction set the machine has."""
     generator = torch.Generator().manual_seed(0)
-    num_rows, kv_heads, group, max_len, d = 6, 2, 3, 40, 16
+    num_rows, kv_heads, group, max_len = 6, 2, 3, 40
     keys = torch.randn(num_rows, kv_heads, max_len, d, generator=generator).to(dtype)
     values = torch.randn(num_rows, kv_heads, max_len, d, generator=generator).to(dtype)
     rows = torch.tensor([4, 0, 5, 2])
     lengths = torch.tensor([1, 17, 40, 9])
     q = torch.randn(len(rows), kv_heads * group, d, generator=generator).to(dtype)
     scaling = d**-0.5
-    got = library.decode_attention(q, keys, values, rows, lengths, scaling)
-    assert got.dtype == dtype and got.shape == q.shape
-    for i, (row, length) in enumerate(zip(rows.tolist(), lengths.tolist(), strict=True)):
-        for h in range(kv_heads * group):
-            k = keys[row, h // group, :length].double()
-            v = values[row, h // group, :length].double()
-            p = torch.softmax(k @ q[i, h].double() * scaling, dim=0)
-            want = p @ v
-            tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-            assert (got[i, h].double() - want).abs().max() <= tolerance * max(1.0, want.abs().max())
+    for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(library.isa) + 1]:
+        got = library.decode_attention(q, keys, values, rows, lengths, scaling, isa=isa)
+        assert got.dtype == dtype and got.shape == q.shape
+        for i, (row, length) in enumerate(zip(rows.tolist(), lengths.tolist(), strict=True)):
+            for h in range(kv_heads * group):
+                k = keys[row, h // group, :length].double()
+                v = values[row, h // group, :length].double()
+                p = torch.softmax(k @ q[i, h].double() * scaling, dim=0)
+                want = p @ v
+                tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+                error = (got[i, h].double() - want).abs().max()
+                assert error <= tolerance * max(1.0, want.abs().max()), (isa, i, h)
 
 
 @pytest.mark.cpu_isa
