@@ -8,6 +8,7 @@ torch's fixed cost per op is most of the time:
     rope_qk           the rotary embedding of a few tokens' q and k, in place (forward.py)
     add_rms_norm      a residual add and the RMSNorm after it, for a few tokens (forward.py)
     silu_mul          the MLP's silu(gate) * up, for a few tokens (forward.py)
+    kv_write          a layer's keys and values into the cache (forward.py)
     run_step          a captured decode step: the kernels above in order, from one list
                       (step_program.py)
 
@@ -83,6 +84,9 @@ class CpuKernels:
         lib.silu_mul.restype = ctypes.c_int
         lib.silu_mul.argtypes = [ptr, ptr, i64, flag, ptr]
         self._silu_mul = lib.silu_mul
+        lib.kv_write.restype = ctypes.c_int
+        lib.kv_write.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64]
+        self._kv_write = lib.kv_write
         lib.run_step.restype = ctypes.c_int
         lib.run_step.argtypes = [ptr, i64]
         self._run_step = lib.run_step
@@ -320,6 +324,36 @@ class CpuKernels:
         bf16 = int(gate.dtype == torch.bfloat16)
         self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), bf16, out.data_ptr())
         return out
+
+    def kv_write(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Token t's k and v (N, H_kv, D) into cache row rows[t] at positions[t] of keys and
+        values (R, H_kv, max_len, D): KVCache.write's layer write, without index tensors."""
+        n, heads, d = k.shape
+        if not (
+            keys.is_contiguous()
+            and values.is_contiguous()
+            and k.is_contiguous()
+            and v.is_contiguous()
+            and k.dtype == v.dtype == keys.dtype == values.dtype
+            and v.shape == k.shape
+            and keys.shape[1] == heads
+            and keys.shape[3] == d
+            and rows.dtype == positions.dtype == torch.int64
+            and rows.shape[0] == positions.shape[0] == n
+        ):
+            raise ValueError("kv_write takes contiguous tensors of one dtype and int64 indices")
+        self._kv_write(
+            k.data_ptr(), v.data_ptr(), keys.data_ptr(), values.data_ptr(), heads,
+            keys.shape[2], d, keys.element_size(), rows.data_ptr(), positions.data_ptr(), n,
+        )  # fmt: skip
 
     def run_step(self, records: torch.Tensor) -> None:
         """Run a captured step: `records` (n, STEP_WORDS) int64, built by step_program.py."""

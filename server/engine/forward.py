@@ -381,7 +381,15 @@ class DecoderForward:
             native.rope_qk(q, k, cos, sin)  # in place
         else:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        write_layer(parts.keys, parts.values, batch.cache_index, k, v)
+        if (
+            native is not None
+            and k.is_contiguous()
+            and v.is_contiguous()
+            and k.dtype == parts.keys.dtype
+        ):
+            native.kv_write(parts.keys, parts.values, k, v, batch.rows, batch.positions)
+        else:
+            write_layer(parts.keys, parts.values, batch.cache_index, k, v)
         out = torch.empty_like(q)  # (N, H, D)
         if batch.n_decode:
             out[: batch.n_decode] = self._decode_attention(

@@ -31,9 +31,9 @@ static inline float bf16_to_f32(uint16_t v) {
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
+    uint32_t nan = (u >> 16) | 0x40;                      /* a quiet NaN stays one */
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* round to nearest even */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded); /* no branch: vectorizes */
 }
 
 /* x (rows, in) as bf16 or float32 -> xp (rows, in) float32, split even/odd per group of g. */
@@ -691,15 +691,81 @@ int add_rms_norm(void *h, const void *delta, int bf16, int64_t n, int64_t width,
     return 0;
 }
 
-/* ---- silu(gate) * up, rounded as torch rounds it: the silu to the dtype, then the product ---- */
+/* ---- silu(gate) * up, rounded as torch rounds it: the silu to the dtype, then the product ----
+ * exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf, within
+ * about one unit in the last place), in plain float arithmetic the compiler vectorizes; a libm
+ * call per element would cost ten times the rest. */
+
+static inline float exp_poly(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* k = round(x / ln2), by adding 1.5 * 2^23: the sum's low bits are k */
+    float shifted = x * 1.44269504088896341f + 12582912.0f;
+    float k = shifted - 12582912.0f;
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* bf16: widened a block at a time, the float32 loop, then rounded (each loop vectorizes) */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void silu_mul_bf16(const uint16_t *restrict g, const uint16_t *restrict u, int64_t count,
+                          uint16_t *restrict y) {
+    float a[256], b[256];
+    for (int64_t at = 0; at < count; at += 256) {
+        int64_t n = count - at < 256 ? count - at : 256;
+        load_row(g + at, 1, n, a);
+        for (int64_t i = 0; i < n; i++) a[i] = a[i] / (1.0f + exp_poly(-a[i]));
+        store_row(y + at, 1, n, a); /* the silu, rounded */
+        load_row(y + at, 1, n, a);
+        load_row(u + at, 1, n, b);
+        for (int64_t i = 0; i < n; i++) a[i] *= b[i];
+        store_row(y + at, 1, n, a);
+    }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void silu_mul_f32(const float *restrict g, const float *restrict u, int64_t count,
+                         float *restrict y) {
+    for (int64_t i = 0; i < count; i++) y[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
+}
 
 int silu_mul(const void *gate, const void *up, int64_t count, int bf16, void *out) {
-#pragma omp parallel for schedule(static) if (count > (1 << 16))
-    for (int64_t i = 0; i < count; i++) {
-        float g = load_any(gate, bf16, i), u = load_any(up, bf16, i);
-        float s = round_to(g / (1.0f + __builtin_expf(-g)), bf16);
-        store(out, bf16, i, s * u);
+    int64_t chunk = 1 << 14, chunks = (count + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t at = c * chunk, n = count - at < chunk ? count - at : chunk;
+        if (bf16)
+            silu_mul_bf16((const uint16_t *)gate + at, (const uint16_t *)up + at, n,
+                          (uint16_t *)out + at);
+        else
+            silu_mul_f32((const float *)gate + at, (const float *)up + at, n, (float *)out + at);
     }
+    return 0;
+}
+
+/* ---- The KV cache write: token t's keys and values (n, heads, d) into cache row rows[t] at
+ * position pos[t] of keys and values (rows, heads, max_len, d); esize bytes an element. ---- */
+
+int kv_write(const void *k, const void *v, void *keys, void *values, int64_t heads,
+             int64_t max_len, int64_t d, int64_t esize, const int64_t *rows, const int64_t *pos,
+             int64_t n) {
+    size_t bytes = (size_t)(d * esize);
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t h = 0; h < heads; h++) {
+            int64_t at = ((rows[t] * heads + h) * max_len + pos[t]) * d * esize;
+            int64_t from = (t * heads + h) * d * esize;
+            memcpy((char *)keys + at, (const char *)k + from, bytes);
+            memcpy((char *)values + at, (const char *)v + from, bytes);
+        }
     return 0;
 }
 
@@ -716,8 +782,7 @@ enum {
     OP_NF4,          /* nf4_linear's arguments */
     OP_LORA,         /* lora_add's, with the rank read from a cell (0: nothing to add) */
     OP_ROPE,         /* rope_qk's */
-    OP_KV_WRITE,     /* k, v, keys, values, kv heads, max len, head dim, element size, rows,
-                        positions, n: token t's keys and values into its row at its position */
+    OP_KV_WRITE,     /* kv_write's */
     OP_ATTEND,       /* decode_attention's */
     OP_SILU_MUL,     /* silu_mul's */
     OP_ADD,          /* h, delta, count, bf16: h += delta, rounded once */
@@ -761,18 +826,9 @@ int run_step(const int64_t *ops, int64_t count) {
         case OP_ROPE:
             rc = rope_qk(P(1), P(2), (int)op[3], op[4], op[5], op[6], op[7], P(8), P(9));
             break;
-        case OP_KV_WRITE: {
-            const int64_t *rows = P(9), *pos = P(10);
-            int64_t heads = op[5], max_len = op[6], d = op[7], esize = op[8];
-            for (int64_t t = 0; t < op[11]; t++)
-                for (int64_t h = 0; h < heads; h++) {
-                    int64_t at = ((rows[t] * heads + h) * max_len + pos[t]) * d * esize;
-                    int64_t from = (t * heads + h) * d * esize;
-                    memcpy((char *)P(3) + at, (const char *)P(1) + from, (size_t)(d * esize));
-                    memcpy((char *)P(4) + at, (const char *)P(2) + from, (size_t)(d * esize));
-                }
+        case OP_KV_WRITE:
+            rc = kv_write(P(1), P(2), P(3), P(4), op[5], op[6], op[7], op[8], P(9), P(10), op[11]);
             break;
-        }
         case OP_ATTEND:
             rc = decode_attention(P(1), (int)op[2], op[3], op[4], op[5], op[6], P(7), P(8),
                                   (int)op[2], op[9], P(10), P(11), bits_f32(op[12]), P(13),

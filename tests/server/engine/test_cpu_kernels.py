@@ -147,3 +147,40 @@ def test_rotary_and_add_norm_round_as_hf_does(library, dtype):
     torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
     alone = library.add_rms_norm(summed.clone(), None, norm.weight.data, 1e-5)
     torch.testing.assert_close(alone, got, rtol=0, atol=0)
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_rounds_as_torch_does(library, dtype):
+    """silu(gate) * up as the MLP computes it in torch (the silu rounded to the dtype, then the
+    product), within one rounding of the exp: over a range that covers the saturated tails,
+    and a length that leaves a partial vector and spans blocks."""
+    generator = torch.Generator().manual_seed(0)
+    gate = (torch.randn(3, 700, generator=generator) * 6).to(dtype)
+    gate[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).to(dtype)
+    up = torch.randn(3, 700, generator=generator).to(dtype)
+    got = library.silu_mul(gate, up)
+    want = torch.nn.functional.silu(gate) * up
+    assert got.dtype == dtype and got.shape == gate.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:  # a one-unit difference in the silu's float32 value can move one bf16 rounding
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_puts_each_token_where_the_cache_index_does(library, dtype):
+    from loraplex.server.engine.kv_cache import write_layer
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (5, 2, 12, 8)  # rows, kv heads, max_len, head dim
+    keys, values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    want_keys, want_values = keys.clone(), values.clone()
+    rows, positions = torch.tensor([3, 0, 0, 4]), torch.tensor([7, 0, 1, 11])
+    k = torch.randn(4, 2, 8, generator=generator).to(dtype)
+    v = torch.randn(4, 2, 8, generator=generator).to(dtype)
+    index = ((rows[:, None] * 2 + torch.arange(2)) * 12 + positions[:, None]).reshape(-1)
+    write_layer(want_keys, want_values, index, k, v)
+    library.kv_write(keys, values, k, v, rows, positions)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    assert keys.count_nonzero() == k.numel()
