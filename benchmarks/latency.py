@@ -3,18 +3,19 @@
 Through each system's real server with its default flags, the same prompts (chat, 64-128
 tokens), greedy, end of sequence ignored, --new-tokens per request. At each concurrency C of
 --concurrency, C requests are sent at once (for C = 1, --single-runs of them one after another),
-on the base and on one adapter (a random r16 all-linear PEFT adapter):
+on the base and on one adapter (a random r16 all-linear PEFT adapter), and at the highest C on
+--mixed adapters at once (request i on adapter i mod K):
 
     loraplex    `loraplex serve`, gRPC GenerateStream (adapter_id)
     llama.cpp   `llama-server -t <threads> -np <max C>` on the embedded model's own Q4_1 GGUF,
-                the adapter converted with llama.cpp's convert_lora_to_gguf.py and chosen per
-                request (`lora`: scale 1 for the adapter, 0 for the base); built by
+                the adapters converted with llama.cpp's convert_lora_to_gguf.py and chosen per
+                request (`lora`: scale 1 for its adapter, 0 for the others); built by
                 ../shared/peers/llama-cpp/setup.sh (or --llama-server / --llama-src)
 
 Per row: stream tok/s (median over the streams of (tokens - 1) / (end - first token)),
 aggregate tok/s (all tokens / wall time), inter-token latency p50 / p99, TTFT p50.
 
-    python benchmarks/latency.py [--concurrency 1,4,16,64] [--new-tokens 128]
+    python benchmarks/latency.py [--concurrency 1,4,16,64] [--new-tokens 128] [--mixed 8]
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ SYSTEMS = ("loraplex", "llama.cpp")
 
 
 def loraplex_streams(
-    address: str, prompts: list[str], adapter: str, new_tokens: int
+    address: str, prompts: list[str], adapters: list[str], new_tokens: int
 ) -> list[StreamResult]:
-    """len(prompts) GenerateStream calls sent at once, on `adapter` ("" for the base)."""
+    """len(prompts) GenerateStream calls sent at once, prompt i on adapters[i] ("" for the
+    base)."""
     import grpc
 
     from loraplex.v1 import inference_pb2, inference_pb2_grpc
@@ -80,15 +82,16 @@ def loraplex_streams(
                     temperature=0.0,
                     ignore_eos=True,
                 )
-                for p in prompts
+                for p, adapter in zip(prompts, adapters, strict=True)
             ]
             return list(await asyncio.gather(*(stream_one(stub, r, 900.0) for r in requests)))
 
     return asyncio.run(run())
 
 
-def llama_stream(port: int, prompt: str, lora_scale: float, new_tokens: int) -> StreamResult:
-    """One streamed /v1/chat/completions call to llama-server (one token per SSE chunk)."""
+def llama_stream(port: int, prompt: str, scales: list[float], new_tokens: int) -> StreamResult:
+    """One streamed /v1/chat/completions call to llama-server (one token per SSE chunk), with
+    each loaded adapter at its scale (every one named: an empty list applies them all)."""
     body = {
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": new_tokens,
@@ -96,7 +99,7 @@ def llama_stream(port: int, prompt: str, lora_scale: float, new_tokens: int) -> 
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "lora": [{"id": 0, "scale": lora_scale}],
+        "lora": [{"id": i, "scale": scale} for i, scale in enumerate(scales)],
     }
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -104,7 +107,7 @@ def llama_stream(port: int, prompt: str, lora_scale: float, new_tokens: int) -> 
         headers={"Content-Type": "application/json"},
     )
     start = time.perf_counter()
-    result = StreamResult("adapter" if lora_scale else "", start)
+    result = StreamResult("adapter" if any(scales) else "", start)
     last: float | None = None
     try:
         with urllib.request.urlopen(request, timeout=900) as response:
@@ -134,11 +137,13 @@ def llama_stream(port: int, prompt: str, lora_scale: float, new_tokens: int) -> 
 
 
 def llama_streams(
-    port: int, prompts: list[str], adapter: str, new_tokens: int
+    port: int, loaded: list[str], prompts: list[str], adapters: list[str], new_tokens: int
 ) -> list[StreamResult]:
+    """Prompt i on adapters[i] ("" for the base) of the `loaded` ones, all at once."""
     with ThreadPoolExecutor(len(prompts)) as pool:
         jobs = [
-            pool.submit(llama_stream, port, p, 1.0 if adapter else 0.0, new_tokens) for p in prompts
+            pool.submit(llama_stream, port, p, [float(a == name) for name in loaded], new_tokens)
+            for p, a in zip(prompts, adapters, strict=True)
         ]
         return [j.result() for j in jobs]
 
@@ -169,22 +174,31 @@ def measure(
     system: str,
     run: Any,
     prompts: list[str],
-    adapter: str,
+    adapters: list[str],
+    on: str,
     levels: list[int],
     args: Any,
     rows: list[dict[str, Any]],
 ) -> None:
-    run(prompts[:1], adapter, 8)  # warm-up (and, for an adapter, its load)
+    """Each level's burst, request i on adapters[i % len(adapters)]; `on` names the case."""
+    run(prompts[: len(adapters)], adapters, 8)  # warm-up (and the adapters' loads)
     for c in levels:
         if c == 1:
             results = [
                 r
                 for i in range(args.single_runs)
-                for r in run([prompts[i]], adapter, args.new_tokens)
+                for r in run([prompts[i]], adapters[:1], args.new_tokens)
             ]
         else:
-            results = run(prompts[:c], adapter, args.new_tokens)
-        row = {"system": system, "adapter": bool(adapter), "concurrency": c, **summarize(results)}
+            wanted = [adapters[i % len(adapters)] for i in range(c)]
+            results = run(prompts[:c], wanted, args.new_tokens)
+        row = {
+            "system": system,
+            "on": on,
+            "adapter": any(adapters),
+            "concurrency": c,
+            **summarize(results),
+        }
         rows.append(row)
         log.info("%s", row)
 
@@ -210,13 +224,15 @@ def llama_paths(args: Any) -> tuple[Path, Path] | None:
 
 
 def start_llama(
-    binary: Path, lora: Path, slots: int, context: int, threads: int, log_path: Path
+    binary: Path, loras: list[Path], slots: int, context: int, threads: int, log_path: Path
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """llama-server with every adapter in one comma-separated --lora (a repeated --lora keeps
+    only the last)."""
     port = free_port()
     argv = [
         str(binary), "-m", str(embedded_gguf()), "-t", str(threads), "-np", str(slots),
-        "-c", str(context), "--jinja", "--lora", str(lora), "--host", "127.0.0.1",
-        "--port", str(port),
+        "-c", str(context), "--jinja", "--lora", ",".join(str(p) for p in loras),
+        "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
@@ -245,6 +261,9 @@ def main() -> int:
     parser.add_argument("--llama-server", help="a llama-server binary (default: setup.sh's)")
     parser.add_argument("--llama-src", help="its llama.cpp source (convert_lora_to_gguf.py)")
     parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument(
+        "--mixed", type=int, default=8, help="adapters mixed at the highest C (0: none)"
+    )
     add_server_args(parser, "extra `loraplex serve` flags (default: none)")
     add_common_args(parser, "latency")
     args = parser.parse_args()
@@ -253,46 +272,53 @@ def main() -> int:
     home = Path(args.home).expanduser()
     levels = [int(c) for c in args.concurrency.split(",")]
     wanted = max(max(levels), args.single_runs)
-    adapter = f"{ADAPTER_PREFIX}0"
+    names = [f"{ADAPTER_PREFIX}{i}" for i in range(max(1, args.mixed))]
+    adapter = names[0]
+    cases = [([""], "base", levels), ([adapter], "adapter", levels)]
+    if args.mixed > 1:
+        cases.append((names, f"{args.mixed} mixed", [max(levels)]))
     rows: list[dict[str, Any]] = []
     with work_dir("loraplex-latency-", args.keep_work) as work:
         with child_pool() as pool, server_process(home, work, extra, args.model) as server:
             made = pool.apply_async(
                 make_adapters_and_prompts,
-                (str(home), args.model, 1, args.rank, wanted, str(work / "peft")),
+                (str(home), args.model, len(names), args.rank, wanted, str(work / "peft")),
             )
             address = server.wait_ready(args.startup_timeout)
             prompts = made.get(args.startup_timeout)
             with LoraplexClient(address, timeout=600) as client:
                 info = client.model_info()
-                register_adapters(client, work / "peft", [adapter])
+                register_adapters(client, work / "peft", names)
 
-            def run_loraplex(ps: list[str], a: str, n: int) -> list[StreamResult]:
+            def run_loraplex(ps: list[str], a: list[str], n: int) -> list[StreamResult]:
                 return loraplex_streams(address, ps, a, n)
 
-            for a in ("", adapter):
-                measure("loraplex", run_loraplex, prompts, a, levels, args, rows)
+            for adapters, on, at in cases:
+                measure("loraplex", run_loraplex, prompts, adapters, on, at, args, rows)
         paths = None if args.skip_llama or args.model else llama_paths(args)
         if paths is not None:
             binary, src = paths
-            lora = work / "adapter.gguf"
-            subprocess.run(
-                [sys.executable, str(src / "convert_lora_to_gguf.py"), "--base",
-                 str(home / "models" / EMBEDDED_NAME), "--outtype", "f16", "--outfile",
-                 str(lora), str(work / "peft" / adapter)],
-                check=True, capture_output=True,
-            )  # fmt: skip
+            loras = [work / f"{name}.gguf" for name in names]
+            for name, lora in zip(names, loras, strict=True):
+                subprocess.run(
+                    [sys.executable, str(src / "convert_lora_to_gguf.py"), "--base",
+                     str(home / "models" / EMBEDDED_NAME), "--outtype", "f16", "--outfile",
+                     str(lora), str(work / "peft" / name)],
+                    check=True, capture_output=True,
+                )  # fmt: skip
             # Each slot gets context / slots tokens: room for a prompt and its new tokens.
             slots = max(levels)
             context = slots * (160 + args.new_tokens)
-            proc, port = start_llama(binary, lora, slots, context, args.threads, work / "llama.log")
+            proc, port = start_llama(
+                binary, loras, slots, context, args.threads, work / "llama.log"
+            )
             try:
 
-                def run_llama(ps: list[str], a: str, n: int) -> list[StreamResult]:
-                    return llama_streams(port, ps, a, n)
+                def run_llama(ps: list[str], a: list[str], n: int) -> list[StreamResult]:
+                    return llama_streams(port, names, ps, a, n)
 
-                for a in ("", adapter):
-                    measure("llama.cpp", run_llama, prompts, a, levels, args, rows)
+                for adapters, on, at in cases:
+                    measure("llama.cpp", run_llama, prompts, adapters, on, at, args, rows)
             finally:
                 proc.terminate()
                 proc.wait(60)
@@ -301,9 +327,9 @@ def main() -> int:
 
     def peer(row: dict[str, Any], key: str) -> float | None:
         for r in rows:
-            if (r["system"], r["adapter"], r["concurrency"]) == (
+            if (r["system"], r["on"], r["concurrency"]) == (
                 "llama.cpp",
-                row["adapter"],
+                row["on"],
                 row["concurrency"],
             ):
                 return r[key]
@@ -314,12 +340,12 @@ def main() -> int:
             other = peer(r, key)
             r[f"{key}_vs_llama"] = r[key] / other if other and r[key] else None
     cols = [
-        ("system", 9, ""), ("on", 7, ""), ("C", 3, ""), ("stream tok/s", 12, ".1f"),
+        ("system", 9, ""), ("on", 8, ""), ("C", 3, ""), ("stream tok/s", 12, ".1f"),
         ("x llama", 7, ".2f"), ("total tok/s", 11, ".1f"), ("x llama", 7, ".2f"),
         ("ITL p50 ms", 10, ".1f"), ("ITL p99 ms", 10, ".1f"), ("TTFT p50 ms", 11, ".0f"),
     ]  # fmt: skip
     table = [
-        [r["system"], "adapter" if r["adapter"] else "base", r["concurrency"],
+        [r["system"], r["on"], r["concurrency"],
          r["stream_tokens_per_s"], r["stream_tokens_per_s_vs_llama"],
          r["aggregate_tokens_per_s"], r["aggregate_tokens_per_s_vs_llama"],
          r["itl_p50_ms"], r["itl_p99_ms"], r["ttft_p50_ms"]]
