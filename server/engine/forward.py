@@ -302,7 +302,7 @@ class DecoderForward:
         return self.model.lm_head(h).float()
 
     def _program(self, batch: StepBatch) -> DecodeProgram | None:
-        """The captured program for this step, captured at its first use (well under a
+        """The captured program for this step, captured at its first use (about a
         millisecond), or None where the step runs eagerly."""
         if not replayable(self, batch):
             return None
