@@ -5,10 +5,11 @@ One stream, or a few, decodes a step in a few milliseconds on a CPU, and with th
 dispatch, checks and allocation around about 400 kernel calls, a quarter of a one-row step
 (7.5 -> 5.5 ms on the embedded model). So a step of B decode tokens is captured once per B
 into a list of records, each one kernel call on buffers fixed at capture (the hidden states,
-q/k/v, the MLP's, the step's token ids, positions, rows, lengths and adapter slots), replayed by one call into C (`run_step`):
-the embedding and rotary tables gathered, then per layer add + RMSNorm, the q/k/v, o,
-gate/up and down projections from the 4-bit codes, their LoRA, rotary, the KV cache write,
-attention and silu * up. The final norm and the LM head stay in torch.
+q/k/v, the MLP's, the step's token ids, positions, rows, lengths and adapter slots), replayed
+by one call into C (`run_step`): the embedding and rotary tables gathered, then per layer
+add + RMSNorm, the q/k/v, o, gate/up and down projections from the 4-bit codes, their LoRA,
+rotary, the KV cache write, attention and silu * up. The final norm and the LM head stay in
+torch.
 
 Why not torch.compile: the step's cost here is the dispatch between kernels that are already
 native, and an inductor graph still calls each of them (as opaque ops) through its wrapper; a
