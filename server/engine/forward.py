@@ -308,9 +308,8 @@ class DecoderForward:
             return None
         n = batch.ids.shape[0]
         program = self.programs.get(n)
-        key = (self.lora.num_slots, self.lora.rank_capacity)
-        if program is not None and program.lora_key != key:  # the LoRA stacks were re-allocated
-            program = None
+        if program is not None and program.lora_generation != self.lora.generation:
+            program = None  # the LoRA stacks were re-allocated since
         if program is None and (n not in self.programs or self.programs[n] is not None):
             program = capture(self, n)
             self.programs[n] = program

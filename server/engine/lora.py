@@ -159,6 +159,7 @@ class LoraStacks:
         self.device = device
         self.num_slots = 0  # slots allocated (grows as higher slots are written)
         self.rank_capacity = 0  # the rank bucket allocated (grows with the largest rank loaded)
+        self.generation = 0  # bumped at every re-allocation: what holds their addresses re-reads
         self.groups: list[dict[str, LoraGroup]] = []
         self.modules: dict[str, tuple[int, str, int]] = {}
         for layer, groups in enumerate(layout):
@@ -202,6 +203,7 @@ class LoraStacks:
                 group.reshape(num_slots, rank)
         self.ranks = (self.ranks + [0] * num_slots)[:num_slots]
         self.num_slots, self.rank_capacity = num_slots, rank
+        self.generation += 1
 
     def nbytes(self) -> int:
         return sum(

@@ -26,7 +26,6 @@ limit. Anything else runs eagerly, the reference.
 from __future__ import annotations
 
 import ctypes
-import logging
 import struct
 from typing import TYPE_CHECKING
 
@@ -38,8 +37,6 @@ from loraplex.server.engine.lora import LoraGroup
 
 if TYPE_CHECKING:
     from loraplex.server.engine.forward import DecoderForward, StepBatch
-
-log = logging.getLogger(__name__)
 
 STEP_WORDS = 16  # int64 words per record (csrc/cpu_kernels.c)
 (
@@ -64,12 +61,12 @@ class DecodeProgram:
     """The records of one decode step of `tokens` tokens, and the buffers they read and write.
     Built by `capture` (None where a step of that size cannot be captured)."""
 
-    def __init__(self, forward: DecoderForward, tokens: int, lora_key: tuple[int, int]) -> None:
+    def __init__(self, forward: DecoderForward, tokens: int) -> None:
         native = forward.native
         assert native is not None
         self.native: CpuKernels = native
-        self.tokens = tokens
-        self.lora_key = lora_key
+        # the LoRA stacks' allocation the records point into (a re-allocation: capture again)
+        self.lora_generation = forward.lora.generation
         model, dtype = forward.model, forward.dtype
         hidden = int(model.config.hidden_size)
         inner = forward.layers[0]
@@ -138,7 +135,6 @@ class DecodeProgram:
             )  # fmt: skip
 
         delta = 0  # the previous layer's MLP output, added with the next norm
-        eps_of = _bits
         for parts in forward.layers:
             norm = parts.input_norm
             rec.append(
@@ -150,7 +146,7 @@ class DecodeProgram:
                     b,
                     hidden,
                     p(norm.weight),
-                    eps_of(norm.eps),
+                    _bits(norm.eps),
                     p(x),
                 ]
             )
@@ -197,7 +193,7 @@ class DecodeProgram:
                     b,
                     hidden,
                     p(norm.weight),
-                    eps_of(norm.eps),
+                    _bits(norm.eps),
                     p(x),
                 ]
             )
@@ -270,5 +266,4 @@ def capture(forward: DecoderForward, tokens: int) -> DecodeProgram | None:
     embed = forward.model.model.embed_tokens.weight
     if embed.dtype != forward.dtype or not embed.is_contiguous():
         return None
-    key = (forward.lora.num_slots, forward.lora.rank_capacity)
-    return DecodeProgram(forward, tokens, key)
+    return DecodeProgram(forward, tokens)

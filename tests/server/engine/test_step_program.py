@@ -15,6 +15,12 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18]]
 def _runner(load_tiny, dtype: str, compile: bool, family: str = "llama") -> ModelRunner:
     loaded = load_tiny(quantization="nf4", dtype=dtype, family=family)
     runner = ModelRunner(loaded, num_slots=3, max_rank=16, base_kernel="nf4", compile=compile)
+    _load_adapters(runner)
+    return runner
+
+
+def _load_adapters(runner: ModelRunner) -> None:
+    """Random adapters of ranks 4 and 8 in slots 0 and 1 (the same ones every call)."""
     generator = torch.Generator().manual_seed(1)
     for slot, rank in ((0, 4), (1, 8)):
         weights = {}
@@ -24,7 +30,6 @@ def _runner(load_tiny, dtype: str, compile: bool, family: str = "llama") -> Mode
             b = torch.randn(group.out_features[member], rank, generator=generator) * 0.3
             weights[name] = (a, b)
         runner.lora.load(slot, weights)
-    return runner
 
 
 def _generate(runner: ModelRunner, slots: list[int], steps: int) -> list[torch.Tensor]:
@@ -108,6 +113,25 @@ def test_a_reallocated_lora_stack_is_captured_again(load_tiny):
     eager = _runner(load_tiny, "float32", compile=False)
     eager.lora.load(2, weights)
     got, want = _generate(runner, [2, 0, 1, 2], steps=2), _generate(eager, [2, 0, 1, 2], steps=2)
+    assert runner.forward.programs[1] is not first
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_stacks_reallocated_back_to_the_same_size_are_captured_again(load_tiny):
+    """Shrunk and grown back (eviction, then a load): the same slots and rank, new memory; the
+    program must not replay into the old stacks."""
+    runner = _runner(load_tiny, "float32", compile=True)
+    eager = _runner(load_tiny, "float32", compile=False)
+    _generate(runner, [0, 1, 0, 1], steps=1)
+    first = runner.forward.programs[1]
+    assert first is not None
+    size = (runner.lora.num_slots, runner.lora.rank_capacity)
+    runner.lora.fit(1, size[1])
+    runner.lora.fit(*size)
+    _load_adapters(runner)
+    assert (runner.lora.num_slots, runner.lora.rank_capacity) == size
+    got, want = _generate(runner, [0, 1, 0, 1], steps=2), _generate(eager, [0, 1, 0, 1], steps=2)
     assert runner.forward.programs[1] is not first
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
