@@ -20,7 +20,7 @@ from loraplex.server.client import LoraplexClient
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.v1 import inference_pb2 as pb
-from tests.helpers import ADAPTERS
+from tests.helpers import ADAPTERS, peft_logits
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -149,16 +149,6 @@ def peft_float32(model_home, registered):
     return model.eval()
 
 
-def _logits(model, ids: list[int], adapter: str | None) -> torch.Tensor:
-    """The last position's logits of one prompt, alone, in float32."""
-    with torch.inference_mode():
-        if adapter is None:
-            with model.disable_adapter():
-                return model(torch.tensor([ids])).logits[0, -1].float()
-        model.set_adapter(adapter)
-        return model(torch.tensor([ids])).logits[0, -1].float()
-
-
 def _check_within_noise(cases: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """For each case (ours, PEFT's, exact logits): our bf16 logits are nowhere far from the
     exact ones, and on average as near them as PEFT's bf16 logits are over all the cases (the
@@ -191,9 +181,9 @@ def test_first_step_logits_match_peft(server, peft_reference, registered, peft_f
     model, tokenizer, _ = peft_reference
     engine, registry = server.engine, server.runtime.registry
     ids = chat_ids(tokenizer, PROMPTS[1])
-    exact_base = _logits(peft_float32, ids, None)
+    exact_base = peft_logits(peft_float32, ids, None)
     ours_base = engine.with_model(lambda runner: runner.prefill([ids], [NO_ADAPTER])).result()[0]
-    cases = {"base": (ours_base, _logits(model, ids, None), exact_base)}
+    cases = {"base": (ours_base, peft_logits(model, ids, None), exact_base)}
     state = server.state()
     for adapter in ADAPTERS:
         slot = state.slot_of(registry.resolve(adapter).key)
@@ -202,8 +192,8 @@ def test_first_step_logits_match_peft(server, peft_reference, registered, peft_f
         # On the engine thread, which owns the model: between two of its steps.
         run = partial(ModelRunner.prefill, prompts=[ids, ids[:-3]], slots=[slot, other])
         ours = engine.with_model(run).result()[0].float()
-        exact = _logits(peft_float32, ids, adapter)
-        cases[adapter] = (ours, _logits(model, ids, adapter), exact)
+        exact = peft_logits(peft_float32, ids, adapter)
+        cases[adapter] = (ours, peft_logits(model, ids, adapter), exact)
         off_base = (ours - exact_base).abs()
         diff = (ours - exact).abs()
         assert diff.mean() < 0.5 * off_base.mean(), f"{adapter}: the adapter's effect is lost"
