@@ -380,12 +380,7 @@ class DecoderForward:
             native.rope_qk(q, k, cos, sin)  # in place
         else:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        if (
-            native is not None
-            and k.is_contiguous()
-            and v.is_contiguous()
-            and k.dtype == parts.keys.dtype
-        ):
+        if native is not None:  # k (rotated) and v are whole rows in the cache's dtype
             native.kv_write(parts.keys, parts.values, k, v, batch.rows, batch.positions)
         else:
             write_layer(parts.keys, parts.values, batch.cache_index, k, v)
