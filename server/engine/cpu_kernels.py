@@ -298,7 +298,7 @@ class CpuKernels:
         ):
             raise ValueError("add_rms_norm takes contiguous tensors of one dtype")
         out = torch.empty_like(h)
-        self._add_rms_norm(
+        rc = self._add_rms_norm(
             h.data_ptr(),
             None if delta is None else delta.data_ptr(),
             int(h.dtype == torch.bfloat16),
@@ -308,6 +308,8 @@ class CpuKernels:
             eps,
             out.data_ptr(),
         )
+        if rc != 0:
+            raise ValueError(f"add_rms_norm takes rows of up to 16384 values, not {width}")
         return out
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SMALL_ATTENTION_TOKENS = 512  # decode attention over at most this many cached tokens: float32
-NATIVE_ELEMENTWISE_TOKENS = 16  # steps this small: rotary, add + RMSNorm, silu * up natively
 SILU_MODULES = ("SiLU", "SiLUActivation")  # the MLP activations that are x * sigmoid(x)
 DYNAMIC_ROPE = ("dynamic", "longrope")  # rotary types whose frequencies follow the length
 
@@ -204,9 +203,9 @@ class _Norm:
 
     def after(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         """h += delta (the residual add, when given) in place, then the norm of h: one native
-        call for a few tokens."""
+        call where the kernels are built."""
         native = self.native
-        if native is not None and h.shape[0] <= NATIVE_ELEMENTWISE_TOKENS:
+        if native is not None:
             ready = h.dtype == self.weight.dtype and h.is_contiguous()
             if ready and (delta is None or delta.is_contiguous()):
                 return native.add_rms_norm(h, delta, self.weight, self.eps)
@@ -252,6 +251,7 @@ class DecoderForward:
             for i, layer in enumerate(inner.layers)
         ]
         self.final_norm = _Norm(inner.norm)
+        self.lm_head = linears.head(model.lm_head)
         # Layers with an adapter folded in: W + B @ A, dense in the compute dtype (see merge).
         self.merged: dict[nn.Module, torch.Tensor] = {}
 
@@ -299,7 +299,7 @@ class DecoderForward:
         program = self._program(batch) if self.compile else None
         h = program.run(batch) if program is not None else self.eager(batch)
         h = self.final_norm(h.index_select(0, batch.logits_index))  # (M, hidden)
-        return self.model.lm_head(h).float()
+        return self.lm_head(h).float()
 
     def _program(self, batch: StepBatch) -> DecodeProgram | None:
         """The captured program for this step, captured at its first use (about a
@@ -370,13 +370,7 @@ class DecoderForward:
         k = k.view(n, self.kv_heads, self.head_dim)
         v = v.view(n, self.kv_heads, self.head_dim)
         native = self.native
-        if (
-            native is not None
-            and n <= NATIVE_ELEMENTWISE_TOKENS
-            and q.dtype == cos.dtype
-            and q.is_contiguous()
-            and k.is_contiguous()
-        ):
+        if native is not None and q.dtype == cos.dtype and q.is_contiguous() and k.is_contiguous():
             native.rope_qk(q, k, cos, sin)  # in place
         else:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
@@ -453,7 +447,7 @@ class DecoderForward:
         gate, up = linear["gate"](x), linear["up"](x)
         _add_lora([gate, up], x, groups["gate_up"], batch)
         native = self.native
-        if native is not None and parts.silu and x.shape[0] <= NATIVE_ELEMENTWISE_TOKENS:
+        if native is not None and parts.silu:
             act = native.silu_mul(gate, up)
         else:
             act = parts.act(gate) * up

@@ -275,6 +275,7 @@ class BaseLinears:
             for module in states:
                 self.layers[module] = _Layer(module, Nf4Weight(module, tables), native)
         self.dense_bytes = 0
+        self.head_packed = False  # the LM head held packed (`head`)
         self.reason = "no 4-bit layers"
         if not self.layers:
             return
@@ -307,6 +308,20 @@ class BaseLinears:
         (not 4-bit: an unquantized model) the module itself."""
         layer = self.layers.get(module)
         return module if layer is None else layer
+
+    def head(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What multiplies by the LM head: a 4-bit head as the other 4-bit layers; a dense
+        one packed in oneDNN's layout where packing works here (a copy beside the weight,
+        which stays the embedding's when tied: 2x faster for one row, 1.2x at 64 in bf16,
+        3x and 1.7x in float32 on AVX2), else the module itself."""
+        weight = getattr(module, "weight", None)
+        if module in self.layers or not isinstance(module, nn.Linear) or weight is None:
+            return self.kernel(module)
+        if weight.dtype != self.dtype or not packing_available(self.device, self.dtype):
+            return module
+        self.dense_bytes += weight.numel() * weight.element_size()
+        self.head_packed = True
+        return DenseLinear(weight.detach(), module.bias, packed=True)
 
     def merged(self, module: nn.Module, weight: torch.Tensor) -> DenseLinear:
         """A dense copy of `module` with an adapter merged in (`weight`, in the compute
@@ -353,6 +368,8 @@ class BaseLinears:
             for c in self.choices()
         ]
         dense = f"dense copies {self.dense_bytes / 2**20:.0f} MiB"
+        if self.head_packed:
+            dense += ", the LM head's packed"
         return f"{'; '.join(parts)} ({dense}; {self.reason})"
 
     def _give_copy(self, layer: _Layer, copy: str) -> None:

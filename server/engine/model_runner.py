@@ -100,10 +100,10 @@ class ModelRunner:
         self.linears = BaseLinears(
             self.model, loaded.dtype, self.device, base_kernel, dense_cache_bytes, tuning
         )
-        log.info("base kernels: %s", self.linears.describe())
         self.forward = DecoderForward(
             self.model, self.cache, self.lora, self.linears, compile=compile
         )
+        log.info("base kernels: %s", self.linears.describe())
         self.merged_slot: int | None = None  # the slot whose adapter is folded into the base
 
     @classmethod

@@ -18,7 +18,7 @@ compile, nothing to cache beyond the kernels' own build) and runs exactly the ke
 path runs, so its outputs equal the eager path's bit for bit (tested).
 
 A step is replayed only where the eager path would run the same kernels: decode tokens only, at
-most NATIVE_ELEMENTWISE_TOKENS of them, the base's kernel at that size the native one for every
+most CAPTURE_TOKENS of them, the base's kernel at that size the native one for every
 layer, no merged adapter, the LoRA in the native kernel, attention within the native kernel's
 limit. Anything else runs eagerly, the reference.
 """
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from loraplex.server.engine.forward import DecoderForward, StepBatch
 
 STEP_WORDS = 16  # int64 words per record (csrc/cpu_kernels.c)
+CAPTURE_TOKENS = 16  # the largest step captured (larger ones run their linears in oneDNN)
 (
     OP_GATHER,
     OP_ADD_NORM,
@@ -230,12 +231,10 @@ class DecodeProgram:
 
 def replayable(forward: DecoderForward, batch: StepBatch) -> bool:
     """Whether the eager path would run this step all in the native kernels a program holds."""
-    from loraplex.server.engine.forward import NATIVE_ELEMENTWISE_TOKENS
-
     n = batch.ids.shape[0]
     plan = batch.lora
     return (
-        0 < n <= NATIVE_ELEMENTWISE_TOKENS
+        0 < n <= CAPTURE_TOKENS
         and batch.n_decode == n
         and not batch.chunks
         and batch.unmerge is None

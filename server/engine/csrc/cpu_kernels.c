@@ -627,66 +627,99 @@ int decode_attention(const void *q, int q_bf16, int64_t b, int64_t heads, int64_
     return failed ? -1 : 0;
 }
 
-/* ---- Elementwise steps of a decoder layer for a few tokens, one call each instead of several
- * torch ops: rotary embedding of q and k in place, and the residual add with the RMSNorm that
- * follows it. Rounded as HF's Llama computes them in the model's dtype. ---- */
+/* ---- Elementwise steps of a decoder layer, one call each instead of several torch ops:
+ * rotary embedding of q and k in place, and the residual add with the RMSNorm that follows it.
+ * Rounded as HF's Llama computes them in the model's dtype. Each row is widened to float32 once
+ * (load_row), computed in plain loops the compiler vectorizes, and rounded back once
+ * (store_row); rows are split over the OpenMP threads when there are enough of them. ---- */
 
-static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+/* Below this many elements a call runs on one thread: waking the others costs more. */
+#define PARALLEL_ELEMENTS (1 << 15)
+#define ROW_MAX 16384 /* the widest row these kernels take (head size, hidden size) */
 
-/* q (n, hq, d) and k (n, hk, d) rotated in place by cos, sin (n, d): x * cos + rotate_half(x) *
- * sin, with rotate_half(x) = (-x[d/2:], x[:d/2]); each product rounded, then the sum. */
+/* v rounded to bf16 and widened back: the rounding of an op whose result is bf16 */
+static inline float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+/* one head of d values x rotated by c, s (d each): x * c + rotate_half(x) * s, with
+ * rotate_half(x) = (-x[d/2:], x[:d/2]); in bf16 each product is rounded, then the sum */
 __attribute__((target_clones("avx512f", "avx2", "default")))
+static void rope_head(float *restrict y, const float *restrict x, const float *restrict c,
+                      const float *restrict s, int64_t d, int bf16) {
+    int64_t half = d / 2;
+    if (bf16) {
+        for (int64_t e = 0; e < half; e++) {
+            y[e] = bf16_round(x[e] * c[e]) + bf16_round(-x[e + half] * s[e]);
+            y[e + half] = bf16_round(x[e + half] * c[e + half]) + bf16_round(x[e] * s[e + half]);
+        }
+    } else {
+        for (int64_t e = 0; e < half; e++) {
+            y[e] = x[e] * c[e] - x[e + half] * s[e];
+            y[e + half] = x[e + half] * c[e + half] + x[e] * s[e + half];
+        }
+    }
+}
+
+/* q (n, hq, d) and k (n, hk, d) rotated in place by cos, sin (n, d) */
 int rope_qk(void *q, void *k, int bf16, int64_t n, int64_t hq, int64_t hk, int64_t d,
             const void *cos, const void *sin) {
-    int64_t half = d / 2;
     if (d % 2 || d > 1024) return -1;
+    int64_t esize = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (n * (hq + hk) * d >= PARALLEL_ELEMENTS)
     for (int64_t t = 0; t < n; t++) {
-        float c[d], s[d];
-        for (int64_t e = 0; e < d; e++) {
-            c[e] = load_any(cos, bf16, t * d + e);
-            s[e] = load_any(sin, bf16, t * d + e);
-        }
+        float c[d], s[d], x[d], y[d];
+        load_row((const char *)cos + t * d * esize, bf16, d, c);
+        load_row((const char *)sin + t * d * esize, bf16, d, s);
         for (int64_t which = 0; which < 2; which++) {
-            void *x = which ? k : q;
+            char *base = which ? k : q;
             int64_t heads = which ? hk : hq;
             for (int64_t h = 0; h < heads; h++) {
-                int64_t at = (t * heads + h) * d;
-                float v[d];
-                for (int64_t e = 0; e < d; e++) v[e] = load_any(x, bf16, at + e);
-                for (int64_t e = 0; e < half; e++) {
-                    float a = v[e], b = v[e + half];
-                    store(x, bf16, at + e,
-                          round_to(a * c[e], bf16) + round_to(-b * s[e], bf16));
-                    store(x, bf16, at + e + half,
-                          round_to(b * c[e + half], bf16) + round_to(a * s[e + half], bf16));
-                }
+                char *at = base + (t * heads + h) * d * esize;
+                load_row(at, bf16, d, x);
+                rope_head(y, x, c, s, d, bf16);
+                store_row(at, bf16, d, y);
             }
         }
     }
     return 0;
 }
 
-/* h (n, width) += delta (when not NULL), rounded; then out = weight * round(h * rsqrt(mean(h^2)
- * + eps)), the mean in float32. */
+/* one row: v += delta (rounded in bf16), and out = weight * round(v * r) for r = rsqrt(mean(v^2)
+ * + eps), the mean in float32; returns nothing, v keeps the sum */
 __attribute__((target_clones("avx512f", "avx2", "default")))
+static void add_norm_row(float *restrict v, const float *restrict delta, const float *restrict w,
+                         int64_t width, float eps, int bf16, float *restrict y) {
+    if (delta != NULL) {
+        if (bf16)
+            for (int64_t e = 0; e < width; e++) v[e] = bf16_round(v[e] + delta[e]);
+        else
+            for (int64_t e = 0; e < width; e++) v[e] += delta[e];
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t e = 0; e < width; e++) sum += v[e] * v[e];
+    float r = 1.0f / __builtin_sqrtf(sum / (float)width + eps);
+    if (bf16)
+        for (int64_t e = 0; e < width; e++) y[e] = w[e] * bf16_round(v[e] * r);
+    else
+        for (int64_t e = 0; e < width; e++) y[e] = w[e] * (v[e] * r);
+}
+
+/* h (n, width) += delta (when not NULL), rounded; then out = HF's RMSNorm of h with weight */
 int add_rms_norm(void *h, const void *delta, int bf16, int64_t n, int64_t width,
                  const void *weight, float eps, void *out) {
+    if (width > ROW_MAX) return -1;
+    int64_t esize = bf16 ? 2 : 4;
+    float w[width];
+    load_row(weight, bf16, width, w);
+#pragma omp parallel for schedule(static) if (n * width >= PARALLEL_ELEMENTS)
     for (int64_t t = 0; t < n; t++) {
-        float v[width];
-        float sum = 0.0f;
-        for (int64_t e = 0; e < width; e++) {
-            float x = load_any(h, bf16, t * width + e);
-            if (delta != NULL) x = round_to(x + load_any(delta, bf16, t * width + e), bf16);
-            v[e] = x;
-        }
-        if (delta != NULL)
-            for (int64_t e = 0; e < width; e++) store(h, bf16, t * width + e, v[e]);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t e = 0; e < width; e++) sum += v[e] * v[e];
-        float r = 1.0f / __builtin_sqrtf(sum / (float)width + eps);
-        for (int64_t e = 0; e < width; e++)
-            store(out, bf16, t * width + e,
-                  load_any(weight, bf16, e) * round_to(v[e] * r, bf16));
+        float v[width], dl[width], y[width];
+        char *row = (char *)h + t * width * esize;
+        load_row(row, bf16, width, v);
+        if (delta != NULL) load_row((const char *)delta + t * width * esize, bf16, width, dl);
+        add_norm_row(v, delta != NULL ? dl : NULL, w, width, eps, bf16, y);
+        if (delta != NULL) store_row(row, bf16, width, v);
+        store_row((char *)out + t * width * esize, bf16, width, y);
     }
     return 0;
 }
@@ -759,6 +792,7 @@ int kv_write(const void *k, const void *v, void *keys, void *values, int64_t hea
              int64_t max_len, int64_t d, int64_t esize, const int64_t *rows, const int64_t *pos,
              int64_t n) {
     size_t bytes = (size_t)(d * esize);
+#pragma omp parallel for schedule(static) if (n * heads * d >= PARALLEL_ELEMENTS)
     for (int64_t t = 0; t < n; t++)
         for (int64_t h = 0; h < heads; h++) {
             int64_t at = ((rows[t] * heads + h) * max_len + pos[t]) * d * esize;

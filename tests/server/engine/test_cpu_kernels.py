@@ -111,14 +111,15 @@ def test_decode_attention_reads_each_tokens_row_and_length(library, dtype, d):
 
 @pytest.mark.cpu_isa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_and_add_norm_round_as_hf_does(library, dtype):
+@pytest.mark.parametrize("n", [3, 700])  # 700 tokens: the rows split over the threads
+def test_rotary_and_add_norm_round_as_hf_does(library, dtype, n):
     """Rotary in place equals HF's apply_rotary_pos_emb (bit for bit in bf16, where each
     product and the sum are rounded as torch rounds them); the residual add and RMSNorm equal
     HF's LlamaRMSNorm of the rounded sum, to one rounding of the output."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
     generator = torch.Generator().manual_seed(0)
-    n, heads, kv_heads, d, width = 3, 6, 2, 16, 48
+    heads, kv_heads, d, width = 6, 2, 16, 48
     q = torch.randn(n, heads, d, generator=generator).to(dtype)
     k = torch.randn(n, kv_heads, d, generator=generator).to(dtype)
     angles = torch.rand(n, 1, d // 2, generator=generator) * 6
@@ -169,17 +170,21 @@ def test_silu_mul_rounds_as_torch_does(library, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kv_write_puts_each_token_where_the_cache_index_does(library, dtype):
+@pytest.mark.parametrize("n", [4, 2048])  # 2048 tokens: split over the threads
+def test_kv_write_puts_each_token_where_the_cache_index_does(library, dtype, n):
     from loraplex.server.engine.kv_cache import write_layer
 
     generator = torch.Generator().manual_seed(0)
-    shape = (5, 2, 12, 8)  # rows, kv heads, max_len, head dim
+    shape = (5, 2, 2048, 8)  # rows, kv heads, max_len, head dim
     keys, values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
     want_keys, want_values = keys.clone(), values.clone()
-    rows, positions = torch.tensor([3, 0, 0, 4]), torch.tensor([7, 0, 1, 11])
-    k = torch.randn(4, 2, 8, generator=generator).to(dtype)
-    v = torch.randn(4, 2, 8, generator=generator).to(dtype)
-    index = ((rows[:, None] * 2 + torch.arange(2)) * 12 + positions[:, None]).reshape(-1)
+    if n == 4:
+        rows, positions = torch.tensor([3, 0, 0, 4]), torch.tensor([7, 0, 1, 11])
+    else:  # a whole prompt in one row
+        rows, positions = torch.full((n,), 2), torch.arange(n)
+    k = torch.randn(n, 2, 8, generator=generator).to(dtype)
+    v = torch.randn(n, 2, 8, generator=generator).to(dtype)
+    index = ((rows[:, None] * 2 + torch.arange(2)) * 2048 + positions[:, None]).reshape(-1)
     write_layer(want_keys, want_values, index, k, v)
     library.kv_write(keys, values, k, v, rows, positions)
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)

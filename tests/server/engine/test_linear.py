@@ -19,7 +19,9 @@ from loraplex.server.engine.linear import (
     KERNELS,
     ROW_BUCKETS,
     BaseLinears,
+    DenseLinear,
     bucket,
+    packing_available,
 )
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.model_runner import ModelRunner
@@ -147,6 +149,29 @@ def test_an_unquantized_model_has_no_4bit_layers(load_tiny):
     module = loaded.model.model.layers[0].mlp.up_proj
     x = torch.randn(3, module.in_features)
     assert torch.equal(linears(module, x), module(x))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_lm_head_is_held_packed_beside_its_weight(load_tiny, dtype):
+    """The LM head multiplies from a packed copy (counted with the dense copies) and gives
+    the module's logits; the module's weight, tied to the embedding, is untouched."""
+    loaded = load_tiny(quantization="nf4", dtype=dtype)
+    linears = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut")
+    module = loaded.model.lm_head
+    before = module.weight.detach().clone()
+    head = linears.head(module)
+    if not packing_available(loaded.device, loaded.dtype):
+        assert head is module
+        return
+    assert isinstance(head, DenseLinear) and head.packed and linears.head_packed
+    assert linears.dense_bytes == module.weight.numel() * module.weight.element_size()
+    assert "LM head" in linears.describe()
+    x = torch.randn(5, module.in_features).to(loaded.dtype)
+    with torch.inference_mode():
+        got, want = head(x).float(), module(x).float()
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max())
+    assert torch.equal(module.weight, before)
 
 
 def test_each_shape_takes_the_faster_copy_and_merges_read_the_plain_weight(load_tiny):
