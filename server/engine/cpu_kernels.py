@@ -70,22 +70,22 @@ class CpuKernels:
         self._lora_add = lib.lora_add
         lib.decode_attention.restype = ctypes.c_int
         lib.decode_attention.argtypes = [
-            *(ptr, flag, i64, i64, i64, i64),  # q, bf16, tokens, heads, kv heads, head dim
+            *(ptr, i64, flag, i64, i64, i64, i64),  # q, stride, bf16, tokens, heads, kv, dim
             *(ptr, ptr, flag, i64, ptr, ptr, ctypes.c_float, ptr),  # cache, rows, ..., out
             flag,  # instruction set
         ]
         self._decode_attention = lib.decode_attention
         lib.rope_qk.restype = ctypes.c_int
-        lib.rope_qk.argtypes = [ptr, ptr, flag, i64, i64, i64, i64, ptr, ptr]
+        lib.rope_qk.argtypes = [ptr, i64, ptr, i64, flag, i64, i64, i64, i64, ptr, ptr]
         self._rope_qk = lib.rope_qk
         lib.add_rms_norm.restype = ctypes.c_int
         lib.add_rms_norm.argtypes = [ptr, ptr, flag, i64, i64, ptr, ctypes.c_float, ptr]
         self._add_rms_norm = lib.add_rms_norm
         lib.silu_mul.restype = ctypes.c_int
-        lib.silu_mul.argtypes = [ptr, ptr, i64, flag, ptr]
+        lib.silu_mul.argtypes = [ptr, ptr, i64, i64, i64, flag, ptr]
         self._silu_mul = lib.silu_mul
         lib.kv_write.restype = ctypes.c_int
-        lib.kv_write.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64]
+        lib.kv_write.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64]
         self._kv_write = lib.kv_write
         lib.run_step.restype = ctypes.c_int
         lib.run_step.argtypes = [ptr, i64]
@@ -223,13 +223,14 @@ class CpuKernels:
     ) -> torch.Tensor:
         """softmax(q K.T * scaling) V for decode queries q (B, H, D), token i against the first
         lengths[i] positions of cache row rows[i] of keys and values (R, H_kv, max_len, D),
-        read in place; float32 inside, returned in q's dtype. `isa` forces an instruction set
+        read in place; float32 inside, returned in q's dtype, contiguous. q's tokens may be
+        rows of a wider tensor (a fused projection's output). `isa` forces an instruction set
         below the machine's (for tests)."""
         level = self._level(isa)
         b, heads, d = q.shape
         _, kv_heads, max_len, _ = keys.shape
         if not (
-            q.is_contiguous()
+            token_rows(q)
             and keys.is_contiguous()
             and values.is_contiguous()
             and q.dtype in DTYPES
@@ -239,9 +240,10 @@ class CpuKernels:
             and heads % kv_heads == 0
         ):
             raise ValueError("decode_attention takes contiguous bf16 or float32 tensors")
-        out = torch.empty_like(q)
+        out = torch.empty((b, heads, d), dtype=q.dtype)
         rc = self._decode_attention(
             q.data_ptr(),
+            q.stride(0),
             int(q.dtype == torch.bfloat16),
             b,
             heads,
@@ -265,22 +267,24 @@ class CpuKernels:
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> None:
         """Rotate q (N, H, D) and k (N, H_kv, D) in place by cos, sin (N, 1, D), as HF's
-        apply_rotary_pos_emb (each product rounded to the dtype, then the sum)."""
+        apply_rotary_pos_emb (each product rounded to the dtype, then the sum). q's and k's
+        tokens may be rows of a wider tensor (a fused projection's output)."""
         n, hq, d = q.shape
         if not (
-            q.is_contiguous()
-            and k.is_contiguous()
+            token_rows(q)
+            and token_rows(k)
             and cos.is_contiguous()
             and sin.is_contiguous()
             and q.dtype in DTYPES
             and q.dtype == k.dtype == cos.dtype == sin.dtype
             and cos.shape[0] == n
         ):
-            raise ValueError("rope_qk takes contiguous tensors of one dtype, bf16 or float32")
+            raise ValueError("rope_qk takes token rows of one dtype, bf16 or float32")
         bf16 = int(q.dtype == torch.bfloat16)
         rc = self._rope_qk(
-            q.data_ptr(), k.data_ptr(), bf16, n, hq, k.shape[1], d, cos.data_ptr(), sin.data_ptr()
-        )
+            q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), bf16, n, hq, k.shape[1], d,
+            cos.data_ptr(), sin.data_ptr(),
+        )  # fmt: skip
         if rc != 0:
             raise ValueError(f"rope_qk takes an even head size up to 1024, not {d}")
 
@@ -313,18 +317,24 @@ class CpuKernels:
         return out
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up, rounded as torch rounds the two ops (the silu, then the product)."""
+        """silu(gate) * up for gate and up (N, W), rounded as torch rounds the two ops (the
+        silu, then the product); returned contiguous. Their rows may be rows of a wider tensor,
+        one stride for both (the halves of a fused gate/up projection's output)."""
+        rows, width = gate.shape
         if not (
-            gate.is_contiguous()
-            and up.is_contiguous()
+            gate.dim() == 2
+            and gate.stride(1) == up.stride(1) == 1
+            and gate.stride(0) == up.stride(0) >= width
             and gate.dtype in DTYPES
             and gate.dtype == up.dtype
             and gate.shape == up.shape
         ):
-            raise ValueError("silu_mul takes two contiguous tensors of one shape and dtype")
-        out = torch.empty_like(gate)
+            raise ValueError("silu_mul takes two (N, W) tensors of one shape, stride and dtype")
+        out = torch.empty((rows, width), dtype=gate.dtype)
         bf16 = int(gate.dtype == torch.bfloat16)
-        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), bf16, out.data_ptr())
+        self._silu_mul(
+            gate.data_ptr(), up.data_ptr(), rows, width, gate.stride(0), bf16, out.data_ptr()
+        )
         return out
 
     def kv_write(
@@ -337,13 +347,14 @@ class CpuKernels:
         positions: torch.Tensor,
     ) -> None:
         """Token t's k and v (N, H_kv, D) into cache row rows[t] at positions[t] of keys and
-        values (R, H_kv, max_len, D): KVCache.write's layer write, without index tensors."""
+        values (R, H_kv, max_len, D): KVCache.write's layer write, without index tensors. k's
+        and v's tokens may be rows of a wider tensor (a fused projection's output)."""
         n, heads, d = k.shape
         if not (
             keys.is_contiguous()
             and values.is_contiguous()
-            and k.is_contiguous()
-            and v.is_contiguous()
+            and token_rows(k)
+            and token_rows(v)
             and k.dtype == v.dtype == keys.dtype == values.dtype
             and v.shape == k.shape
             and keys.shape[1] == heads
@@ -351,10 +362,11 @@ class CpuKernels:
             and rows.dtype == positions.dtype == torch.int64
             and rows.shape[0] == positions.shape[0] == n
         ):
-            raise ValueError("kv_write takes contiguous tensors of one dtype and int64 indices")
+            raise ValueError("kv_write takes token rows of one dtype and int64 indices")
         self._kv_write(
-            k.data_ptr(), v.data_ptr(), keys.data_ptr(), values.data_ptr(), heads,
-            keys.shape[2], d, keys.element_size(), rows.data_ptr(), positions.data_ptr(), n,
+            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), keys.data_ptr(),
+            values.data_ptr(), heads, keys.shape[2], d, keys.element_size(), rows.data_ptr(),
+            positions.data_ptr(), n,
         )  # fmt: skip
 
     def run_step(self, records: torch.Tensor) -> None:
@@ -367,6 +379,14 @@ class CpuKernels:
     def isa_level(self) -> int:
         """The instruction set the kernels run (an index in ISAS), for captured records."""
         return self._isa
+
+
+def token_rows(x: torch.Tensor) -> bool:
+    """Whether x (N, heads, D) holds each token's heads contiguously, tokens at any stride
+    (whole tensors, or a fused projection's q, k or v columns)."""
+    n, heads, d = x.shape
+    heads_contiguous = x.stride(2) == 1 and (x.stride(1) == d or heads == 1)
+    return heads_contiguous and (n <= 1 or x.stride(0) >= heads * d)
 
 
 def load(directory: Path | None) -> CpuKernels | None:

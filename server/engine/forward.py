@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.core.model import dense_weight
-from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels
+from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels, token_rows
 from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
-from loraplex.server.engine.linear import BaseLinears
+from loraplex.server.engine.linear import BaseLinears, Unit
 from loraplex.server.engine.lora import LoraGroup, LoraStacks
 from loraplex.server.engine.lora_ops import LoraPlan, add_lora
 from loraplex.server.engine.step_program import DecodeProgram, capture, replayable
@@ -94,6 +94,16 @@ def lora_layout(model: nn.Module) -> list[dict[str, tuple[int, list[tuple[str, i
     return layout
 
 
+def fused_groups(model: nn.Module) -> list[tuple[nn.Module, ...]]:
+    """The layers that read one input, run as one where their weights allow (BaseLinears):
+    each decoder layer's q/k/v and its gate/up (the LoRA groups that share a shrink)."""
+    groups: list[tuple[nn.Module, ...]] = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups += [(attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)]
+    return groups
+
+
 def cache_shape(model: nn.Module, dtype: torch.dtype) -> CacheShape:
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -156,8 +166,8 @@ def _additive(hidden: torch.Tensor) -> torch.Tensor:
 
 class _LayerParts:
     """One decoder layer as the forward reads it, resolved once: its norms, the kernel of each
-    linear layer (BaseLinears' choice, or a merged copy while an adapter is merged), its KV
-    cache and its LoRA groups."""
+    of its units (q/k/v and gate/up each one call, their outputs side by side; BaseLinears'
+    choice, or a merged copy while an adapter is merged), its KV cache and its LoRA groups."""
 
     def __init__(
         self,
@@ -179,9 +189,19 @@ class _LayerParts:
             "up": mlp.up_proj,
             "down": mlp.down_proj,
         }
-        self.linear: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-            name: linears.kernel(module) for name, module in self.modules.items()
+        m = self.modules
+        self.units: dict[str, Unit] = {
+            "qkv": (m["q"], m["k"], m["v"]),
+            "o": m["o"],
+            "gate_up": (m["gate"], m["up"]),
+            "down": m["down"],
         }
+        self.linear: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            name: linears.kernel(unit) for name, unit in self.units.items()
+        }
+        # the widths of q, k and v in the qkv unit's output; gate's (= up's) in gate_up's
+        self.qkv_split = [int(m[key].out_features) for key in ("q", "k", "v")]
+        self.mlp_width = int(m["gate"].out_features)
         self.act: Callable[[torch.Tensor], torch.Tensor] = mlp.act_fn
         self.silu = type(mlp.act_fn).__name__ in SILU_MODULES
         self.keys, self.values = keys, values
@@ -281,17 +301,19 @@ class DecoderForward:
         self.unmerge()
         self.merged = merged
         for parts in self.layers:
-            for key, module in parts.modules.items():
-                if module in merged:
-                    parts.linear[key] = self.linears.merged(module, merged[module])
+            for key, unit in parts.units.items():
+                members = unit if isinstance(unit, tuple) else (unit,)
+                if any(m in merged for m in members):
+                    weight = torch.cat([merged.get(m, self.dense_weight(m)) for m in members])
+                    parts.linear[key] = self.linears.merged(unit, weight)
         return len(merged)
 
     def unmerge(self) -> None:
         """Back to the untouched base weights (the dense copies are dropped)."""
         self.merged = {}
         for parts in self.layers:
-            for key, module in parts.modules.items():
-                parts.linear[key] = self.linears.kernel(module)
+            for key, unit in parts.units.items():
+                parts.linear[key] = self.linears.kernel(unit)
 
     @torch.inference_mode()
     def __call__(self, batch: StepBatch) -> torch.Tensor:
@@ -364,21 +386,22 @@ class DecoderForward:
         masks: _AttentionMasks,
     ) -> torch.Tensor:
         n, linear, groups = x.shape[0], parts.linear, parts.groups
-        q, k, v = linear["q"](x), linear["k"](x), linear["v"](x)
+        # q, k and v: column ranges of one output (N, q + k + v), rotated and read in place
+        q, k, v = linear["qkv"](x).split(parts.qkv_split, dim=1)
         _add_lora([q, k, v], x, groups["qkv"], batch)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.kv_heads, self.head_dim)
         v = v.view(n, self.kv_heads, self.head_dim)
         native = self.native
-        if native is not None and q.dtype == cos.dtype and q.is_contiguous() and k.is_contiguous():
+        if native is not None and q.dtype == cos.dtype and token_rows(q) and token_rows(k):
             native.rope_qk(q, k, cos, sin)  # in place
         else:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        if native is not None:  # k (rotated) and v are whole rows in the cache's dtype
+        if native is not None:  # k (rotated) and v are token rows in the cache's dtype
             native.kv_write(parts.keys, parts.values, k, v, batch.rows, batch.positions)
         else:
             write_layer(parts.keys, parts.values, batch.cache_index, k, v)
-        out = torch.empty_like(q)  # (N, H, D)
+        out = q.new_empty((n, self.num_heads, self.head_dim))
         if batch.n_decode:
             out[: batch.n_decode] = self._decode_attention(
                 parts, q[: batch.n_decode], batch, masks.decode
@@ -444,7 +467,8 @@ class DecoderForward:
 
     def _mlp(self, parts: _LayerParts, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         linear, groups = parts.linear, parts.groups
-        gate, up = linear["gate"](x), linear["up"](x)
+        width = parts.mlp_width
+        gate, up = linear["gate_up"](x).split([width, width], dim=1)  # (N, I) each, in place
         _add_lora([gate, up], x, groups["gate_up"], batch)
         native = self.native
         if native is not None and parts.silu:

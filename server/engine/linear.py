@@ -31,7 +31,7 @@ import functools
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +159,32 @@ class Nf4Weight:
     def nbytes(self) -> int:
         return self.codes.numel() * 2 + self.absmax.numel() * 4
 
+    @classmethod
+    def fuse(cls, parts: list[Nf4Weight]) -> Nf4Weight | None:
+        """One weight (sum of outs, in) of layers that share their input, its codes and scales
+        the parts' one after the other; each part then reads its own rows of them (views: the
+        4-bit bytes are held once). None where the parts' blocks would straddle two of them
+        (a part whose size is not a whole number of blocks) or their inputs differ."""
+        first = parts[0]
+        if any(
+            p.shape[1] != first.shape[1]
+            or p.blocksize != first.blocksize
+            or math.prod(p.shape) % p.blocksize
+            for p in parts
+        ):
+            return None
+        fused = copy.copy(first)
+        fused.shape = (sum(p.shape[0] for p in parts), first.shape[1])
+        fused.codes = torch.cat([p.codes for p in parts])
+        fused.absmax = torch.cat([p.absmax for p in parts])
+        codes_at = blocks_at = 0
+        for p in parts:
+            n_codes, n_blocks = p.codes.numel(), p.absmax.shape[0]
+            p.codes = fused.codes[codes_at : codes_at + n_codes]
+            p.absmax = fused.absmax[blocks_at : blocks_at + n_blocks]
+            codes_at, blocks_at = codes_at + n_codes, blocks_at + n_blocks
+        return fused
+
     def clone(self) -> Nf4Weight:
         """The same weight in memory of its own."""
         twin = copy.copy(self)
@@ -173,13 +199,35 @@ class Nf4Weight:
         return values.mul_(self.absmax).view(self.shape).to(dtype)
 
 
+Unit = nn.Module | tuple[nn.Module, ...]  # a layer, or layers fused over one input
+
+
+def _width(module: Any) -> int:
+    """A linear layer's output features."""
+    return int(module.out_features)
+
+
+def _bias(modules: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    """The fused bias of layers (zeros for a layer without one), or None when none has one."""
+    biases = [getattr(m, "bias", None) for m in modules]
+    if all(b is None for b in biases):
+        return None
+    ref = next(b for b in biases if b is not None)
+    pairs = zip(biases, modules, strict=True)
+    return torch.cat([b if b is not None else ref.new_zeros(_width(m)) for b, m in pairs])
+
+
 class _Layer:
-    """One 4-bit linear layer and the kernel to use per row bucket."""
+    """One 4-bit linear layer, or several fused over one input (their outputs side by side:
+    q/k/v, gate/up), and the kernel to use per row bucket."""
 
-    __slots__ = ("_run", "choice", "copy", "dense", "module", "native", "nf4")
+    __slots__ = ("_run", "bias", "choice", "copy", "dense", "modules", "native", "nf4")
 
-    def __init__(self, module: nn.Module, nf4: Nf4Weight, native: CpuKernels | None) -> None:
-        self.module = module
+    def __init__(
+        self, modules: tuple[nn.Module, ...], nf4: Nf4Weight, native: CpuKernels | None
+    ) -> None:
+        self.modules = modules
+        self.bias = _bias(modules)
         self.nf4 = nf4
         takes = native is not None and native.supports(nf4.shape, nf4.blocksize)
         self.native = native if takes else None
@@ -200,10 +248,11 @@ class _Layer:
         self._run = tuple(self._kernel(k) for k in choice)
 
     def _kernel(self, kernel: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        module: Any = self.module
-        bias, dense = module.bias, self.dense
-        if kernel == "bitsandbytes":
-            return module
+        modules, bias, dense = self.modules, self.bias, self.dense
+        if kernel == "bitsandbytes":  # the 4-bit modules themselves
+            if len(modules) == 1:
+                return modules[0]
+            return lambda x: torch.cat([m(x) for m in modules], dim=-1)
         if kernel == "lut":
             return lambda x: F.linear(x, self.nf4.dequantize(x.dtype), bias)
         if kernel == "nf4":
@@ -237,7 +286,12 @@ def _call_next(calls: Iterator[Callable[[torch.Tensor], torch.Tensor]], x: torch
 
 class BaseLinears:
     """The model's 4-bit linear layers with their chosen kernels; a layer that is not 4-bit
-    (an unquantized model, the LM head) runs as it is."""
+    (an unquantized model, the LM head) runs as it is.
+
+    `fuse` names groups of layers that read one input (a decoder layer's q/k/v, its gate/up):
+    each 4-bit group becomes one layer at load, its codes and scales side by side (held once:
+    each member's weight is a view of its rows), so a step makes one call, and one copy, for
+    the group; the 4-bit format is unchanged."""
 
     def __init__(
         self,
@@ -247,6 +301,7 @@ class BaseLinears:
         kernel: str = "auto",
         dense_budget_bytes: int = 0,
         cache: TuningCache | None = None,
+        fuse: Sequence[tuple[nn.Module, ...]] = (),
     ) -> None:
         if kernel not in KERNEL_CHOICES:
             raise ValueError(f"base kernel must be one of {', '.join(KERNEL_CHOICES)}")
@@ -269,11 +324,20 @@ class BaseLinears:
         if kernel != "auto" and kernel not in self.kernels:
             raise ValueError(f"base kernel {kernel} is not available on {device} in {dtype}")
         self.native = native  # the native kernel, where it is built (also serves LoRA)
-        self.layers: dict[nn.Module, _Layer] = {}
+        # every 4-bit layer's own weight (a view of its rows of a fused one)
+        self.weights: dict[nn.Module, Nf4Weight] = {}
+        self.layers: dict[Unit, _Layer] = {}  # what runs: layers, and fused groups of them
         if states:
             tables = _Tables.build(next(iter(states.values())).absmax.device)
-            for module in states:
-                self.layers[module] = _Layer(module, Nf4Weight(module, tables), native)
+            self.weights = {module: Nf4Weight(module, tables) for module in states}
+            self._fuse(fuse, native)
+        # the unit each 4-bit layer runs in, and its first output column there
+        self.unit_of: dict[nn.Module, tuple[Unit, int]] = {}
+        for unit in self.layers:
+            at = 0
+            for member in unit if isinstance(unit, tuple) else (unit,):
+                self.unit_of[member] = (unit, at)
+                at += _width(member)
         self.dense_bytes = 0
         self.head_packed = False  # the LM head held packed (`head`)
         self.reason = "no 4-bit layers"
@@ -292,22 +356,44 @@ class BaseLinears:
                 layer.set_choice((fixed,) * len(ROW_BUCKETS))
             self.reason = f"--base-kernel {kernel}"
 
-    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(module)(x)
+    def _fuse(self, groups: Sequence[tuple[nn.Module, ...]], native: CpuKernels | None) -> None:
+        """One layer per group whose members are all 4-bit with blocks that fit (the rest,
+        and every layer in no group, on their own)."""
+        fused: set[nn.Module] = set()
+        for group in groups:
+            if len(group) < 2 or any(m not in self.weights or m in fused for m in group):
+                continue
+            weight = Nf4Weight.fuse([self.weights[m] for m in group])
+            if weight is not None:
+                self.layers[tuple(group)] = _Layer(tuple(group), weight, native)
+                fused.update(group)
+        for module, weight in self.weights.items():
+            if module not in fused:
+                self.layers[module] = _Layer((module,), weight, native)
 
-    def nf4_weight(self, module: nn.Module, rows: int) -> Nf4Weight | None:
-        """`module`'s 4-bit weight where a call of `rows` rows runs the native kernel on it
-        (its measured choice there, no bias), else None."""
-        layer = self.layers.get(module)
-        if layer is None or layer.native is None or getattr(module, "bias", None) is not None:
+    def __call__(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(unit)(x)
+
+    def nf4_weight(self, unit: Unit, rows: int) -> Nf4Weight | None:
+        """The 4-bit weight of a layer or fused group where a call of `rows` rows runs the
+        native kernel on it (its measured choice there, no bias), else None."""
+        layer = self.layers.get(unit)
+        if layer is None or layer.native is None or layer.bias is not None:
             return None
         return layer.nf4 if layer.choice[bucket(rows)] == "nf4" else None
 
-    def kernel(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """What multiplies by `module`'s weight: its 4-bit layer with the chosen kernels, or
-        (not 4-bit: an unquantized model) the module itself."""
-        layer = self.layers.get(module)
-        return module if layer is None else layer
+    def kernel(self, unit: Unit) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What multiplies by a layer's weight, or a group's side by side: its 4-bit layer
+        with the chosen kernels (fused at load where the group could be); a group that is not
+        one layer, each member's kernel with the outputs joined; a layer that is not 4-bit (an
+        unquantized model), the module itself."""
+        layer = self.layers.get(unit)
+        if layer is not None:
+            return layer
+        if isinstance(unit, tuple):
+            kernels = [self.kernel(m) for m in unit]
+            return lambda x: torch.cat([k(x) for k in kernels], dim=-1)
+        return unit
 
     def head(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """What multiplies by the LM head: a 4-bit head as the other 4-bit layers; a dense
@@ -323,20 +409,26 @@ class BaseLinears:
         self.head_packed = True
         return DenseLinear(weight.detach(), module.bias, packed=True)
 
-    def merged(self, module: nn.Module, weight: torch.Tensor) -> DenseLinear:
-        """A dense copy of `module` with an adapter merged in (`weight`, in the compute
-        dtype), packed like the layer's own copy: merged serving keeps the layer's speed."""
-        layer, bias = self.layers.get(module), getattr(module, "bias", None)
-        return DenseLinear(weight, bias, packed=layer is not None and layer.copy == "packed")
+    def merged(self, unit: Unit, weight: torch.Tensor) -> DenseLinear:
+        """A dense copy of a layer or group with an adapter merged in (`weight`, in the
+        compute dtype, the members' rows side by side), packed like the unit's own copy:
+        merged serving keeps the layer's speed."""
+        layer = self.layers.get(unit)
+        if layer is not None:
+            return DenseLinear(weight, layer.bias, packed=layer.copy == "packed")
+        return DenseLinear(weight, _bias(unit if isinstance(unit, tuple) else (unit,)), False)
 
     def weight(self, module: nn.Module) -> torch.Tensor | None:
-        """A 4-bit layer's weight (out, in) dequantized in the compute dtype (None: not 4-bit)."""
-        layer = self.layers.get(module)
-        if layer is None:
+        """A 4-bit layer's weight (out, in) dequantized in the compute dtype (its rows of a
+        dense copy where its unit holds one; None: not 4-bit)."""
+        found = self.unit_of.get(module)
+        if found is None:
             return None
+        unit, at = found
+        layer = self.layers[unit]
         if layer.copy == "dense" and layer.dense is not None:
-            return layer.dense
-        return layer.nf4.dequantize(self.dtype)
+            return layer.dense[at : at + _width(module)]
+        return self.weights[module].dequantize(self.dtype)
 
     def copies_serve(self, rows: int) -> bool:
         """Whether most of the 4-bit weights (by size) run no faster than a dense copy at
@@ -411,7 +503,7 @@ class BaseLinears:
                 for i, layer in enumerate(chosen):
                     # a layer seen again (fewer layers than probes) gets its own codes
                     nf4 = layer.nf4 if i < len(layers) else layer.nf4.clone()
-                    probe = _Layer(layer.module, nf4, layer.native)
+                    probe = _Layer(layer.modules, nf4, layer.native)
                     if kind is not None:
                         probe.hold_copy(kind, self.dtype)
                     probes[kind].append(probe)

@@ -21,6 +21,7 @@ from loraplex.server.engine.forward import (
     StepBatch,
     cache_shape,
     check_supported,
+    fused_groups,
     lora_layout,
 )
 from loraplex.server.engine.kv_cache import KVCache
@@ -98,7 +99,13 @@ class ModelRunner:
                 free_memory_bytes(self.device) // DENSE_MEMORY_SHARE[self.device.type == "cuda"]
             )
         self.linears = BaseLinears(
-            self.model, loaded.dtype, self.device, base_kernel, dense_cache_bytes, tuning
+            self.model,
+            loaded.dtype,
+            self.device,
+            base_kernel,
+            dense_cache_bytes,
+            tuning,
+            fuse=fused_groups(self.model),
         )
         self.forward = DecoderForward(
             self.model, self.cache, self.lora, self.linears, compile=compile

@@ -30,9 +30,9 @@ import struct
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels
+from loraplex.server.engine.linear import Unit
 from loraplex.server.engine.lora import LoraGroup
 
 if TYPE_CHECKING:
@@ -85,10 +85,13 @@ class DecodeProgram:
         self.h, x = buffer(hidden), buffer(hidden)
         q_width = forward.num_heads * d
         kv_width = forward.kv_heads * d
-        q, k, v, attn = buffer(q_width), buffer(kv_width), buffer(kv_width), buffer(q_width)
+        # the fused q/k/v and gate/up outputs, each member a column range of theirs
+        qkv, attn = buffer(q_width + 2 * kv_width), buffer(q_width)
+        q, k, v = qkv.split([q_width, kv_width, kv_width], dim=1)
         o = buffer(hidden)
-        mlp = int(inner.modules["gate"].out_features)
-        gate, up, act, down = buffer(mlp), buffer(mlp), buffer(mlp), buffer(hidden)
+        mlp = inner.mlp_width
+        gate_up, act, down = buffer(2 * mlp), buffer(mlp), buffer(hidden)
+        gate, up = gate_up.split([mlp, mlp], dim=1)
         cos, sin = buffer(d), buffer(d)
         self._keep: list[object] = []  # the LoRA argument blocks the records point into
         bf16 = int(dtype == torch.bfloat16)
@@ -108,8 +111,8 @@ class DecodeProgram:
         level = native.isa_level
         lora = forward.lora.dtype in DTYPES and forward.lora.num_slots > 0
 
-        def nf4(src: torch.Tensor, module: nn.Module, dst: torch.Tensor) -> None:
-            weight = forward.linears.nf4_weight(module, b)
+        def nf4(src: torch.Tensor, unit: Unit, dst: torch.Tensor) -> None:
+            weight = forward.linears.nf4_weight(unit, b)
             assert weight is not None
             out_f, in_f = weight.shape
             rec.append(
@@ -124,7 +127,7 @@ class DecodeProgram:
                 return
             words = [len(outs)]
             for out, bt in zip(outs, group.bt, strict=True):
-                words += [p(out), out.shape[1], p(bt), bt.shape[2]]
+                words += [p(out), out.stride(0), p(bt), bt.shape[2]]
             args = (ctypes.c_int64 * len(words))(*words)
             self._keep.append(args)
             rec.append(
@@ -151,38 +154,31 @@ class DecodeProgram:
                     p(x),
                 ]
             )
-            for name, dst in (("q", q), ("k", k), ("v", v)):
-                nf4(x, parts.modules[name], dst)
+            nf4(x, parts.units["qkv"], qkv)
             add_lora(x, parts.groups["qkv"], [q, k, v])
+            row = qkv.stride(0)  # q's, k's and v's tokens are rows of qkv
             rec.append(
                 [
-                    OP_ROPE,
-                    p(q),
-                    p(k),
-                    bf16,
-                    b,
-                    forward.num_heads,
-                    forward.kv_heads,
-                    d,
-                    p(cos),
-                    p(sin),
+                    OP_ROPE, p(q), row, p(k), row, bf16, b, forward.num_heads, forward.kv_heads,
+                    d, p(cos), p(sin),
                 ]
-            )
+            )  # fmt: skip
             max_len = parts.keys.shape[2]
             rec.append(
                 [
-                    OP_KV_WRITE, p(k), p(v), p(parts.keys), p(parts.values), forward.kv_heads,
-                    max_len, d, parts.keys.element_size(), p(self.rows), p(self.positions), b,
+                    OP_KV_WRITE, p(k), row, p(v), row, p(parts.keys), p(parts.values),
+                    forward.kv_heads, max_len, d, parts.keys.element_size(), p(self.rows),
+                    p(self.positions), b,
                 ]
             )  # fmt: skip
             rec.append(
                 [
-                    OP_ATTEND, p(q), bf16, b, forward.num_heads, forward.kv_heads, d,
+                    OP_ATTEND, p(q), row, bf16, b, forward.num_heads, forward.kv_heads, d,
                     p(parts.keys), p(parts.values), max_len, p(self.rows), p(self.lengths),
                     _bits(forward.scaling), p(attn), level,
                 ]
             )  # fmt: skip
-            nf4(attn, parts.modules["o"], o)
+            nf4(attn, parts.units["o"], o)
             add_lora(attn, parts.groups["o"], [o])
             norm = parts.post_norm
             rec.append(
@@ -198,11 +194,10 @@ class DecodeProgram:
                     p(x),
                 ]
             )
-            nf4(x, parts.modules["gate"], gate)
-            nf4(x, parts.modules["up"], up)
+            nf4(x, parts.units["gate_up"], gate_up)
             add_lora(x, parts.groups["gate_up"], [gate, up])
-            rec.append([OP_SILU_MUL, p(gate), p(up), b * mlp, bf16, p(act)])
-            nf4(act, parts.modules["down"], down)
+            rec.append([OP_SILU_MUL, p(gate), p(up), b, mlp, gate_up.stride(0), bf16, p(act)])
+            nf4(act, parts.units["down"], down)
             add_lora(act, parts.groups["down"], [down])
             delta = p(down)
         rec.append([OP_ADD, p(self.h), delta, b * hidden, bf16])
@@ -210,7 +205,7 @@ class DecodeProgram:
             [words + [0] * (STEP_WORDS - len(words)) for words in rec], dtype=torch.long
         )
         # the tensors the records point into stay alive with the program
-        self._keep += [x, q, k, v, attn, o, gate, up, act, down, cos, sin]
+        self._keep += [x, qkv, attn, o, gate_up, act, down, cos, sin]
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Replay the step for `batch` (its KV cache written); returns the hidden states
@@ -252,8 +247,8 @@ def capture(forward: DecoderForward, tokens: int) -> DecodeProgram | None:
         return None
     linears = forward.linears
     for parts in forward.layers:
-        for module in parts.modules.values():
-            if linears.nf4_weight(module, tokens) is None:
+        for unit in parts.units.values():
+            if linears.nf4_weight(unit, tokens) is None:
                 return None
         if not parts.silu:
             return None

@@ -592,12 +592,13 @@ static void attend_head(const float *q, int64_t g, int64_t d, const void *k, con
 ATTEND_AVX512(4)
 ATTEND_AVX512(8)
 
-/* q, out (b, heads, d) in the compute dtype; keys, values (rows, kv_heads, max_len, d), the
- * layer's cache. Returns 0, or -1 when memory runs out. */
-int decode_attention(const void *q, int q_bf16, int64_t b, int64_t heads, int64_t kv_heads,
-                     int64_t d, const void *keys, const void *values, int cache_bf16,
-                     int64_t max_len, const int64_t *rows, const int64_t *lengths, float scaling,
-                     void *out, int isa) {
+/* q (b, heads, d) in the compute dtype, token i's heads at q + i * q_stride (elements); out
+ * (b, heads, d) contiguous; keys, values (rows, kv_heads, max_len, d), the layer's cache.
+ * Returns 0, or -1 when memory runs out. */
+int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int64_t heads,
+                     int64_t kv_heads, int64_t d, const void *keys, const void *values,
+                     int cache_bf16, int64_t max_len, const int64_t *rows, const int64_t *lengths,
+                     float scaling, void *out, int isa) {
     int64_t g = heads / kv_heads, esize = cache_bf16 ? 2 : 4;
     int failed = 0;
 #pragma omp parallel for collapse(2) schedule(static) reduction(| : failed)
@@ -611,7 +612,8 @@ int decode_attention(const void *q, int q_bf16, int64_t b, int64_t heads, int64_
             }
             float qh[g * d], acc[g * d];
             int64_t first = (i * heads + kvh * g) * d;
-            for (int64_t e = 0; e < g * d; e++) qh[e] = load_any(q, q_bf16, first + e);
+            int64_t from = i * q_stride + kvh * g * d;
+            for (int64_t e = 0; e < g * d; e++) qh[e] = load_any(q, q_bf16, from + e);
             int64_t at = ((rows[i] * kv_heads + kvh) * max_len) * d * esize;
             const char *k = (const char *)keys + at, *v = (const char *)values + at;
             if (isa == 2 && d == 64)
@@ -659,9 +661,10 @@ static void rope_head(float *restrict y, const float *restrict x, const float *r
     }
 }
 
-/* q (n, hq, d) and k (n, hk, d) rotated in place by cos, sin (n, d) */
-int rope_qk(void *q, void *k, int bf16, int64_t n, int64_t hq, int64_t hk, int64_t d,
-            const void *cos, const void *sin) {
+/* q (n, hq, d) and k (n, hk, d) rotated in place by cos, sin (n, d); token t's heads at
+ * q + t * q_stride and k + t * k_stride (elements) */
+int rope_qk(void *q, int64_t q_stride, void *k, int64_t k_stride, int bf16, int64_t n,
+            int64_t hq, int64_t hk, int64_t d, const void *cos, const void *sin) {
     if (d % 2 || d > 1024) return -1;
     int64_t esize = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (n * (hq + hk) * d >= PARALLEL_ELEMENTS)
@@ -671,9 +674,9 @@ int rope_qk(void *q, void *k, int bf16, int64_t n, int64_t hq, int64_t hk, int64
         load_row((const char *)sin + t * d * esize, bf16, d, s);
         for (int64_t which = 0; which < 2; which++) {
             char *base = which ? k : q;
-            int64_t heads = which ? hk : hq;
+            int64_t heads = which ? hk : hq, stride = which ? k_stride : q_stride;
             for (int64_t h = 0; h < heads; h++) {
-                char *at = base + (t * heads + h) * d * esize;
+                char *at = base + (t * stride + h * d) * esize;
                 load_row(at, bf16, d, x);
                 rope_head(y, x, c, s, d, bf16);
                 store_row(at, bf16, d, y);
@@ -771,34 +774,42 @@ static void silu_mul_f32(const float *restrict g, const float *restrict u, int64
     for (int64_t i = 0; i < count; i++) y[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
 }
 
-int silu_mul(const void *gate, const void *up, int64_t count, int bf16, void *out) {
-    int64_t chunk = 1 << 14, chunks = (count + chunk - 1) / chunk;
+/* out (rows, width) = silu(gate) * up for gate and up (rows, width), row r of each at
+ * r * stride elements (gate and up may be the two halves of one fused projection's rows) */
+int silu_mul(const void *gate, const void *up, int64_t rows, int64_t width, int64_t stride,
+             int bf16, void *out) {
+    int64_t per = (1 << 14) / width + 1; /* rows per chunk of work */
+    int64_t chunks = (rows + per - 1) / per, esize = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (chunks > 1)
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t at = c * chunk, n = count - at < chunk ? count - at : chunk;
-        if (bf16)
-            silu_mul_bf16((const uint16_t *)gate + at, (const uint16_t *)up + at, n,
-                          (uint16_t *)out + at);
-        else
-            silu_mul_f32((const float *)gate + at, (const float *)up + at, n, (float *)out + at);
+        int64_t last = (c + 1) * per < rows ? (c + 1) * per : rows;
+        for (int64_t r = c * per; r < last; r++) {
+            const char *g = (const char *)gate + r * stride * esize;
+            const char *u = (const char *)up + r * stride * esize;
+            char *y = (char *)out + r * width * esize;
+            if (bf16)
+                silu_mul_bf16((const uint16_t *)g, (const uint16_t *)u, width, (uint16_t *)y);
+            else
+                silu_mul_f32((const float *)g, (const float *)u, width, (float *)y);
+        }
     }
     return 0;
 }
 
-/* ---- The KV cache write: token t's keys and values (n, heads, d) into cache row rows[t] at
- * position pos[t] of keys and values (rows, heads, max_len, d); esize bytes an element. ---- */
+/* ---- The KV cache write: token t's keys and values (n, heads, d), at t * k_stride and
+ * t * v_stride elements, into cache row rows[t] at position pos[t] of keys and values (rows,
+ * heads, max_len, d); esize bytes an element. ---- */
 
-int kv_write(const void *k, const void *v, void *keys, void *values, int64_t heads,
-             int64_t max_len, int64_t d, int64_t esize, const int64_t *rows, const int64_t *pos,
-             int64_t n) {
+int kv_write(const void *k, int64_t k_stride, const void *v, int64_t v_stride, void *keys,
+             void *values, int64_t heads, int64_t max_len, int64_t d, int64_t esize,
+             const int64_t *rows, const int64_t *pos, int64_t n) {
     size_t bytes = (size_t)(d * esize);
 #pragma omp parallel for schedule(static) if (n * heads * d >= PARALLEL_ELEMENTS)
     for (int64_t t = 0; t < n; t++)
         for (int64_t h = 0; h < heads; h++) {
             int64_t at = ((rows[t] * heads + h) * max_len + pos[t]) * d * esize;
-            int64_t from = (t * heads + h) * d * esize;
-            memcpy((char *)keys + at, (const char *)k + from, bytes);
-            memcpy((char *)values + at, (const char *)v + from, bytes);
+            memcpy((char *)keys + at, (const char *)k + (t * k_stride + h * d) * esize, bytes);
+            memcpy((char *)values + at, (const char *)v + (t * v_stride + h * d) * esize, bytes);
         }
     return 0;
 }
@@ -858,18 +869,20 @@ int run_step(const int64_t *ops, int64_t count) {
             break;
         }
         case OP_ROPE:
-            rc = rope_qk(P(1), P(2), (int)op[3], op[4], op[5], op[6], op[7], P(8), P(9));
+            rc = rope_qk(P(1), op[2], P(3), op[4], (int)op[5], op[6], op[7], op[8], op[9], P(10),
+                         P(11));
             break;
         case OP_KV_WRITE:
-            rc = kv_write(P(1), P(2), P(3), P(4), op[5], op[6], op[7], op[8], P(9), P(10), op[11]);
+            rc = kv_write(P(1), op[2], P(3), op[4], P(5), P(6), op[7], op[8], op[9], op[10], P(11),
+                          P(12), op[13]);
             break;
         case OP_ATTEND:
-            rc = decode_attention(P(1), (int)op[2], op[3], op[4], op[5], op[6], P(7), P(8),
-                                  (int)op[2], op[9], P(10), P(11), bits_f32(op[12]), P(13),
-                                  (int)op[14]);
+            rc = decode_attention(P(1), op[2], (int)op[3], op[4], op[5], op[6], op[7], P(8), P(9),
+                                  (int)op[3], op[10], P(11), P(12), bits_f32(op[13]), P(14),
+                                  (int)op[15]);
             break;
         case OP_SILU_MUL:
-            rc = silu_mul(P(1), P(2), op[3], (int)op[4], P(5));
+            rc = silu_mul(P(1), P(2), op[3], op[4], op[5], (int)op[6], P(7));
             break;
         case OP_ADD: {
             int bf16 = (int)op[4];

@@ -189,3 +189,39 @@ def test_kv_write_puts_each_token_where_the_cache_index_does(library, dtype, n):
     library.kv_write(keys, values, k, v, rows, positions)
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
     assert keys.count_nonzero() == k.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projection_columns_are_read_in_place(library, dtype):
+    """q, k and v as column ranges of one fused output (N, q + k + v), and gate and up as the
+    halves of another: rotary, the cache write, attention and silu * up give what they give
+    on contiguous copies; a tensor whose heads are not contiguous is refused."""
+    generator = torch.Generator().manual_seed(0)
+    n, heads, kv_heads, d, width = 5, 6, 2, 16, 24
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d, generator=generator).to(dtype)
+    q, k, v = (t.view(n, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1))
+    assert not q.is_contiguous()
+    cq, ck, cv = q.contiguous(), k.contiguous(), v.contiguous()
+    cos = torch.rand(n, 1, d, generator=generator).to(dtype)
+    sin = torch.rand(n, 1, d, generator=generator).to(dtype)
+    library.rope_qk(q, k, cos, sin)
+    library.rope_qk(cq, ck, cos, sin)
+    assert torch.equal(q, cq) and torch.equal(k, ck)
+    shape = (n, kv_heads, 8, d)  # rows, kv heads, max_len, head dim
+    keys, values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    want_keys, want_values = keys.clone(), values.clone()
+    rows, positions = torch.arange(n), torch.tensor([0, 3, 7, 1, 2])
+    library.kv_write(keys, values, k, v, rows, positions)
+    library.kv_write(want_keys, want_values, ck, cv, rows, positions)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    lengths = positions + 1
+    got = library.decode_attention(q, keys, values, rows, lengths, d**-0.5)
+    want = library.decode_attention(cq, keys, values, rows, lengths, d**-0.5)
+    assert got.is_contiguous() and torch.equal(got, want)
+    gate_up = torch.randn(n, 2 * width, generator=generator).to(dtype)
+    gate, up = gate_up.split([width, width], dim=1)
+    assert torch.equal(
+        library.silu_mul(gate, up), library.silu_mul(gate.contiguous(), up.contiguous())
+    )
+    with pytest.raises(ValueError):
+        library.rope_qk(cq.transpose(1, 2).contiguous().transpose(1, 2), ck, cos, sin)

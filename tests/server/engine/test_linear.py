@@ -15,6 +15,7 @@ from loraplex.adapters.validate import load_adapter
 from loraplex.core.machine import TuningCache
 from loraplex.core.types import BaseModelSpec
 from loraplex.server.engine import linear as linear_module
+from loraplex.server.engine.forward import fused_groups
 from loraplex.server.engine.linear import (
     KERNELS,
     ROW_BUCKETS,
@@ -77,6 +78,41 @@ def test_every_kernel_computes_the_same_layer(load_tiny, dtype):
             assert (got - want).abs().max() <= tolerance * want.abs().max(), (kernel, rows)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_layers_that_share_an_input_run_as_one_layer(load_tiny, kernel):
+    """q/k/v and gate/up are one layer each: one call gives the members' outputs side by
+    side, their 4-bit codes are held once (each member's weight is a view of its rows of the
+    fused one) and each member's weight is still its own, as bitsandbytes dequantizes it."""
+    loaded = load_tiny(quantization="nf4", dtype="float32")
+    model = loaded.model
+    expected = {
+        m: dequantize_4bit(m.weight.data, m.weight.quant_state) for m in four_bit_modules(model)
+    }
+    groups = fused_groups(model)
+    linears = BaseLinears(model, loaded.dtype, loaded.device, kernel, fuse=groups)
+    alone = [
+        m for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+    ]
+    assert set(linears.layers) == {*groups, *alone}
+    for group in groups:
+        assert group in linears.layers and not any(m in linears.layers for m in group)
+        fused = linears.layers[group].nf4
+        for member in group:
+            codes = linears.weights[member].codes
+            assert codes.untyped_storage().data_ptr() == fused.codes.untyped_storage().data_ptr()
+            assert torch.equal(linears.weight(member), expected[member])
+    generator = torch.Generator().manual_seed(0)
+    for group in (groups[0], groups[1]):
+        for rows in (1, 40):
+            x = torch.randn(rows, group[0].in_features, generator=generator)
+            want = torch.cat([x @ expected[m].T for m in group], dim=1)
+            with torch.inference_mode():
+                got = linears(group, x)
+            tolerance = 2e-2 if kernel == "bitsandbytes" else 1e-5  # its kernel rounds to bf16
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= tolerance * want.abs().max(), (group, rows)
+
+
 @pytest.mark.cpu_isa
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_served_adapters_equal_peft_on_a_4bit_base_with_every_kernel(load_tiny, tmp_path, kernel):
@@ -117,7 +153,7 @@ def test_dense_copies_stay_within_the_budget_and_the_4bit_weights_stay(load_tiny
     for layer in linears.layers.values():
         want = "dense" if layer.dense is not None else "lut"
         assert layer.choice == (want,) * len(ROW_BUCKETS)
-        assert hasattr(layer.module.weight, "quant_state")  # the 4-bit weight is still there
+        assert hasattr(layer.modules[0].weight, "quant_state")  # the 4-bit weight is still there
     described = linears.describe()
     assert "dense" in described and "lut" in described
     none = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut")
