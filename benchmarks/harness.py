@@ -10,12 +10,13 @@ helper imports torch, PEFT, gRPC or the engine where it needs them. The gRPC ben
 process is a load generator whose peak RSS they report, and training compares two processes'
 peak RSS: neither may carry libraries it does not use.
 
-    workload     SENTENCES, bench_prompts, prompt_texts: chat prompts of a token-length range
+    workload     SENTENCES, bench_prompts, prompt_texts, user_message: chat prompts of a
+                 token-length range (ids in process, user messages for servers)
     adapters     WEIGHTS, ADAPTER_PREFIX, RandomAdapters, make_adapters, write_adapters,
                  make_adapters_and_prompts, load_base, load_into_peft
     engine       Job, EngineBench: the engine in this process with a registry of adapters
     server       ServerDied, ServerProcess, serve_command, server_process, register_adapters,
-                 StreamResult, stream_one, summarize_streams, burst_rate
+                 StreamResult, stream_one, summarize_streams, burst_rate, burst_summary
     statistics   percentile, latency_ms
     memory       peak_rss_bytes, peak_rss_mib
     machine      machine_facts: what every result records of the machine it ran on
@@ -92,6 +93,27 @@ def bench_prompts(
     tokenizer: Any, n: int, min_tokens: int = 64, max_tokens: int = 128, seed: int = 0
 ) -> list[list[int]]:
     """n chat prompts (token ids, chat template applied) of min_tokens..max_tokens tokens."""
+    return [ids for _, ids in _chat_prompts(tokenizer, n, min_tokens, max_tokens, seed)]
+
+
+def prompt_texts(tokenizer: Any, n: int, min_tokens: int = 64, max_tokens: int = 128) -> list[str]:
+    """bench_prompts as the user's text, for servers: sent as one user message (user_message,
+    or a peer's chat API), whose chat template makes it bench_prompts' ids again. (As a raw
+    prompt the template's control tokens would be text: loraplex tokenizes raw prompts so.)"""
+    return [text for text, _ in _chat_prompts(tokenizer, n, min_tokens, max_tokens)]
+
+
+def user_message(text: str) -> list[Any]:
+    """A GenerateRequest's `messages` for one user turn."""
+    from loraplex.v1 import inference_pb2
+
+    return [inference_pb2.ChatMessage(role="user", content=text)]
+
+
+def _chat_prompts(
+    tokenizer: Any, n: int, min_tokens: int, max_tokens: int, seed: int = 0
+) -> list[tuple[str, list[int]]]:
+    """n (user text, its chat-templated ids) of min_tokens..max_tokens tokens."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -100,24 +122,19 @@ def bench_prompts(
             f"Summarise the following notes in a short paragraph (request {rng.random():.6f})."
         ]
         ids: list[int] = []
+        text = ""
         while True:
             sentences.append(rng.choice(SENTENCES))
             candidate = _chat_ids(tokenizer, " ".join(sentences))
             if len(candidate) > max_tokens:
                 break
-            ids = candidate
+            ids, text = candidate, " ".join(sentences)
             if len(ids) >= target:
                 break
         if len(ids) < min_tokens:
             raise ValueError(f"cannot build a prompt of {min_tokens}..{max_tokens} tokens")
-        out.append(ids)
+        out.append((text, ids))
     return out
-
-
-def prompt_texts(tokenizer: Any, n: int, min_tokens: int = 64, max_tokens: int = 128) -> list[str]:
-    """bench_prompts as text, for the server: it tokenizes prompt text as is, so the decoded
-    template keeps its special tokens."""
-    return [tokenizer.decode(ids) for ids in bench_prompts(tokenizer, n, min_tokens, max_tokens)]
 
 
 def _chat_ids(tokenizer: Any, text: str) -> list[int]:
@@ -584,6 +601,13 @@ def burst_rate(address: str, prompts: Sequence[str], ids: Sequence[str], new_tok
     """len(prompts) GenerateStream calls sent at once (greedy, end of sequence ignored; request
     i for adapter ids[i % len(ids)], the base without ids); output tokens per second from the
     first send to the last end."""
+    return float(burst_summary(address, prompts, ids, new_tokens)["output_tokens_per_s"])
+
+
+def burst_summary(
+    address: str, prompts: Sequence[str], ids: Sequence[str], new_tokens: int
+) -> dict[str, Any]:
+    """burst_rate's burst, summarized (summarize_streams)."""
     import asyncio
 
     import grpc
@@ -596,7 +620,7 @@ def burst_rate(address: str, prompts: Sequence[str], ids: Sequence[str], new_tok
             requests = [
                 inference_pb2.GenerateRequest(
                     adapter_id=ids[i % len(ids)] if ids else "",
-                    prompt=p,
+                    messages=user_message(p),
                     max_new_tokens=new_tokens,
                     temperature=0.0,
                     ignore_eos=True,
@@ -605,7 +629,7 @@ def burst_rate(address: str, prompts: Sequence[str], ids: Sequence[str], new_tok
             ]
             return await asyncio.gather(*(stream_one(stub, r, 900.0) for r in requests))
 
-    return float(summarize_streams(asyncio.run(burst()))["output_tokens_per_s"])
+    return summarize_streams(asyncio.run(burst()))
 
 
 # -- statistics --------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from harness import (
     setup_logging,
     stream_one,
     summarize_streams,
+    user_message,
     work_dir,
 )
 
@@ -77,7 +78,7 @@ def loraplex_streams(
             requests = [
                 inference_pb2.GenerateRequest(
                     adapter_id=adapter,
-                    prompt=p,
+                    messages=user_message(p),
                     max_new_tokens=new_tokens,
                     temperature=0.0,
                     ignore_eos=True,

@@ -81,6 +81,7 @@ from harness import (
     setup_logging,
     stream_one,
     summarize_streams,
+    user_message,
     work_dir,
 )
 
@@ -214,7 +215,10 @@ async def load_phase(address: str, ids: list[str], prompt: str, args: argparse.N
         async def measure(case: str | None, adapter_id: str) -> None:
             """One request; its TTFT is recorded under `case` (None: a warm-up)."""
             request = inference_pb2.GenerateRequest(
-                adapter_id=adapter_id, prompt=prompt, max_new_tokens=4, temperature=0.0
+                adapter_id=adapter_id,
+                messages=user_message(prompt),
+                max_new_tokens=4,
+                temperature=0.0,
             )
             before = await tier_counters(admin)
             result = await stream_one(infer, request, args.request_timeout)
@@ -309,7 +313,7 @@ async def closed_loop(
             for i, adapter_id in pending:
                 request = inference_pb2.GenerateRequest(
                     adapter_id=adapter_id,
-                    prompt=prompts[i % len(prompts)],
+                    messages=user_message(prompts[i % len(prompts)]),
                     max_new_tokens=CHURN_NEW_TOKENS,
                     temperature=0.0,
                 )
@@ -425,7 +429,7 @@ class HotSwap:
             self.records.append(record)
             request = inference_pb2.GenerateRequest(
                 adapter_id=adapter_id,
-                prompt=self.prompts[len(self.records) % len(self.prompts)],
+                messages=user_message(self.prompts[len(self.records) % len(self.prompts)]),
                 max_new_tokens=CHURN_NEW_TOKENS,
                 temperature=0.0,
             )

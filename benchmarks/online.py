@@ -60,6 +60,7 @@ from harness import (
     setup_logging,
     stream_one,
     summarize_streams,
+    user_message,
     work_dir,
 )
 
@@ -84,7 +85,7 @@ class Workload:
         self.counter += 1
         return inference_pb2.GenerateRequest(
             adapter_id=self.adapter_ids[i % len(self.adapter_ids)],
-            prompt=self.prompts[i % len(self.prompts)],
+            messages=user_message(self.prompts[i % len(self.prompts)]),
             max_new_tokens=max_new_tokens or self.new_tokens,
             temperature=0.0,
         )

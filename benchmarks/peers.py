@@ -8,7 +8,7 @@ sequence ignored (so both do the same work), at K = 0 (the base), and each K of 
     loraplex   `loraplex serve` with its default flags, gRPC GenerateStream
     vLLM       vLLM's OpenAI server (../shared/peers/vllm-cpu: run its setup.sh first), with the
                tcmalloc + Intel OpenMP preloads its CPU docs ask for, --max-loras set to the
-               largest K, /v1/completions with ignore_eos
+               largest K, /v1/chat/completions with ignore_eos
 
 Each figure is output tokens / wall time from the first send to the last end, the median of
 --repeats bursts. vLLM has no bitsandbytes on the CPU: it serves the base in --vllm-dtype
@@ -40,7 +40,7 @@ from harness import (
     ADAPTER_PREFIX,
     add_common_args,
     add_server_args,
-    burst_rate,
+    burst_summary,
     child_pool,
     format_table,
     make_adapters_and_prompts,
@@ -56,33 +56,48 @@ from harness import (
 
 log = logging.getLogger("benchmark")
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "vllm-cpu"
-Burst = Callable[[list[str], list[str], int], float]  # (prompts, adapter ids, new tokens) -> tok/s
+# (prompts, adapter ids, new tokens) -> (output tok/s, mean prompt tokens the server counted)
+Burst = Callable[[list[str], list[str], int], tuple[float, float]]
 VLLM_PYTHON = Path.home() / ".cache" / "loraplex-peers" / "vllm" / "venv" / "bin" / "python"
 
 
-def vllm_burst(port: int, prompts: list[str], ids: list[str], new_tokens: int) -> float:
-    """One burst through vLLM's /v1/completions (one thread per request); tokens per second."""
+def loraplex_burst(
+    address: str, prompts: list[str], ids: list[str], new_tokens: int
+) -> tuple[float, float]:
+    """One burst through loraplex's GenerateStream (harness.burst_summary)."""
+    summary = burst_summary(address, prompts, ids, new_tokens)
+    return float(summary["output_tokens_per_s"]), float(summary["mean_prompt_tokens"])
 
-    def one(i: int) -> int:
+
+def vllm_burst(
+    port: int, prompts: list[str], ids: list[str], new_tokens: int
+) -> tuple[float, float]:
+    """One burst through vLLM's /v1/chat/completions (one thread per request), each prompt one
+    user message as loraplex gets it (the same chat template makes the same ids); tokens per
+    second."""
+
+    def one(i: int) -> tuple[int, int]:
         body = {
             "model": ids[i % len(ids)] if ids else "base",
-            "prompt": prompts[i],
+            "messages": [{"role": "user", "content": prompts[i]}],
             "max_tokens": new_tokens,
             "temperature": 0.0,
             "ignore_eos": True,
         }
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions",
+            f"http://127.0.0.1:{port}/v1/chat/completions",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=900) as reply:
-            return int(json.load(reply)["usage"]["completion_tokens"])
+            usage = json.load(reply)["usage"]
+            return int(usage["completion_tokens"]), int(usage["prompt_tokens"])
 
     start = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
-        tokens = sum(pool.map(one, range(len(prompts))))
-    return tokens / (time.perf_counter() - start)
+        counts = list(pool.map(one, range(len(prompts))))
+    seconds = time.perf_counter() - start
+    return sum(c for c, _ in counts) / seconds, sum(p for _, p in counts) / len(counts)
 
 
 def start_vllm(
@@ -142,13 +157,19 @@ def main() -> int:
     ids = [f"{ADAPTER_PREFIX}{i}" for i in range(most)]
     rows: list[dict] = []
 
-    def measure(
-        system: str, burst: Callable[[list[str], list[str], int], float], ks: list[int]
-    ) -> None:
+    def measure(system: str, burst: Burst, ks: list[int]) -> None:
         for k in ks:
             burst(prompts, ids[:k], args.new_tokens)  # warm-up: loads the adapters
-            rates = [burst(prompts, ids[:k], args.new_tokens) for _ in range(args.repeats)]
-            rows.append({"system": system, "adapters": k, "tokens_per_s": statistics.median(rates)})
+            runs = [burst(prompts, ids[:k], args.new_tokens) for _ in range(args.repeats)]
+            rates = [rate for rate, _ in runs]
+            rows.append(
+                {
+                    "system": system,
+                    "adapters": k,
+                    "tokens_per_s": statistics.median(rates),
+                    "mean_prompt_tokens": runs[0][1],
+                }
+            )
             log.info("%s K=%d: %.1f tok/s (%s)", system, k, rows[-1]["tokens_per_s"], rates)
 
     with work_dir("loraplex-peers-", args.keep_work) as work:
@@ -162,7 +183,7 @@ def main() -> int:
             with LoraplexClient(address, timeout=600) as client:
                 info = client.model_info()
                 register_adapters(client, work / "peft", ids)
-            measure("loraplex", partial(burst_rate, address), counts)
+            measure("loraplex", partial(loraplex_burst, address), counts)
         python = Path(args.vllm_python)
         if python.exists():
             model_dir = Path(args.model) if args.model else home / "models" / EMBEDDED_NAME
@@ -183,13 +204,29 @@ def main() -> int:
     for r in rows:
         peer = rate("vLLM", r["adapters"])
         r["vs_vllm"] = r["tokens_per_s"] / peer if peer else None
-    cols = [("system", 9, ""), ("adapters", 8, ""), ("tok/s", 8, ".1f"), ("x vLLM", 7, ".2f")]
+    cols = [
+        ("system", 9, ""),
+        ("adapters", 8, ""),
+        ("prompt tokens", 13, ".1f"),
+        ("tok/s", 8, ".1f"),
+        ("x vLLM", 7, ".2f"),
+    ]
     lines = [
         f"{args.requests} requests at once x {args.new_tokens} new tokens (EOS ignored), r="
         f"{args.rank} all-linear; loraplex {info.dtype} NF4 ({info.dtype_choice}), default flags "
         f"(max_loras {info.max_loras}); vLLM {args.vllm_dtype}; median of {args.repeats}",
         *format_table(
-            cols, [[r["system"], r["adapters"], r["tokens_per_s"], r["vs_vllm"]] for r in rows]
+            cols,
+            [
+                [
+                    r["system"],
+                    r["adapters"],
+                    r["mean_prompt_tokens"],
+                    r["tokens_per_s"],
+                    r["vs_vllm"],
+                ]
+                for r in rows
+            ],
         ),
     ]
     report = {"rows": rows, "config": vars(args) | {"serve_args": extra}}

@@ -58,6 +58,7 @@ from harness import (
     register_adapters,
     server_process,
     setup_logging,
+    user_message,
     work_dir,
 )
 
@@ -75,7 +76,9 @@ class Run:
 
 
 def generate(client: LoraplexClient, adapter_id: str, prompt: str, new_tokens: int) -> tuple:
-    request = pb.GenerateRequest(adapter_id=adapter_id, prompt=prompt, max_new_tokens=new_tokens)
+    request = pb.GenerateRequest(
+        adapter_id=adapter_id, messages=user_message(prompt), max_new_tokens=new_tokens
+    )
     response, call = client.inference.Generate.with_call(request, timeout=600)
     return response, dict(call.trailing_metadata())
 
