@@ -5,20 +5,24 @@ PEFT adapters (r16, all-linear), the same prompts, N requests at once x M new to
 sequence ignored (so both do the same work), at K = 0 (the base), and each K of --adapters
 (request i uses adapter i mod K):
 
-    loraplex   `loraplex serve` with its default flags, gRPC GenerateStream
+    loraplex   `loraplex serve` with its default flags, gRPC Generate / GenerateStream
     vLLM       vLLM's OpenAI server (../shared/peers/vllm-cpu: run its setup.sh first), with the
                tcmalloc + Intel OpenMP preloads its CPU docs ask for, --max-loras set to the
-               largest K, /v1/chat/completions with ignore_eos
+               largest K, /v1/chat/completions with ignore_eos, whole or streamed (SSE)
 
-Each figure is output tokens / wall time from the first send to the last end, the median of
---repeats bursts. vLLM has no bitsandbytes on the CPU: it serves the base in --vllm-dtype
-(bf16 by default; float32 on CPUs without native bf16), loraplex in NF4.
+each prompt one user message (the same chat template makes the same ids on both; the table
+shows the prompt tokens each server counted), in two modes: `complete` (one answer per
+request) and `stream` (a message per token). Each figure is output tokens / wall time from the
+first send to the last end, the median of --repeats bursts. vLLM has no bitsandbytes on the
+CPU: it serves the base in --vllm-dtype (bf16 by default; float32 on CPUs without native
+bf16), loraplex in NF4.
 
     python benchmarks/peers.py [--requests 64] [--new-tokens 64] [--adapters 8,32]
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -51,46 +55,81 @@ from harness import (
     server_flags,
     server_process,
     setup_logging,
+    user_message,
     work_dir,
 )
 
 log = logging.getLogger("benchmark")
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "vllm-cpu"
-# (prompts, adapter ids, new tokens) -> (output tok/s, mean prompt tokens the server counted)
-Burst = Callable[[list[str], list[str], int], tuple[float, float]]
+MODES = ("complete", "stream")  # one answer per request; a message per token
 VLLM_PYTHON = Path.home() / ".cache" / "loraplex-peers" / "vllm" / "venv" / "bin" / "python"
 
 
 def loraplex_burst(
-    address: str, prompts: list[str], ids: list[str], new_tokens: int
+    address: str, mode: str, prompts: list[str], ids: list[str], new_tokens: int
 ) -> tuple[float, float]:
-    """One burst through loraplex's GenerateStream (harness.burst_summary)."""
-    summary = burst_summary(address, prompts, ids, new_tokens)
-    return float(summary["output_tokens_per_s"]), float(summary["mean_prompt_tokens"])
+    """One burst through loraplex: GenerateStream (harness.burst_summary), or Generate;
+    (output tokens per second, mean prompt tokens)."""
+    if mode == "stream":
+        summary = burst_summary(address, prompts, ids, new_tokens)
+        return float(summary["output_tokens_per_s"]), float(summary["mean_prompt_tokens"])
+    import grpc
+
+    from loraplex.v1 import inference_pb2, inference_pb2_grpc
+
+    async def burst() -> tuple[float, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            requests = [
+                inference_pb2.GenerateRequest(
+                    adapter_id=ids[i % len(ids)] if ids else "",
+                    messages=user_message(p),
+                    max_new_tokens=new_tokens,
+                    temperature=0.0,
+                    ignore_eos=True,
+                )
+                for i, p in enumerate(prompts)
+            ]
+            start = time.perf_counter()
+            replies = await asyncio.gather(*(stub.Generate(r, timeout=900) for r in requests))
+            seconds = time.perf_counter() - start
+        tokens = sum(r.usage.completion_tokens for r in replies)
+        return tokens / seconds, sum(r.usage.prompt_tokens for r in replies) / len(replies)
+
+    return asyncio.run(burst())
 
 
 def vllm_burst(
-    port: int, prompts: list[str], ids: list[str], new_tokens: int
+    port: int, mode: str, prompts: list[str], ids: list[str], new_tokens: int
 ) -> tuple[float, float]:
-    """One burst through vLLM's /v1/chat/completions (one thread per request), each prompt one
-    user message as loraplex gets it (the same chat template makes the same ids); tokens per
-    second."""
+    """One burst through vLLM's /v1/chat/completions (one thread per request), whole or
+    streamed; (output tokens per second, mean prompt tokens)."""
+    stream = mode == "stream"
 
     def one(i: int) -> tuple[int, int]:
-        body = {
+        body: dict[str, Any] = {
             "model": ids[i % len(ids)] if ids else "base",
             "messages": [{"role": "user", "content": prompts[i]}],
             "max_tokens": new_tokens,
             "temperature": 0.0,
             "ignore_eos": True,
         }
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=900) as reply:
-            usage = json.load(reply)["usage"]
+            if not stream:
+                usage = json.load(reply)["usage"]
+            else:  # Server-Sent Events; the last chunk before [DONE] carries the usage
+                usage = {}
+                for line in reply:
+                    data = line.decode().strip().removeprefix("data: ")
+                    if data and data != "[DONE]":
+                        usage = json.loads(data).get("usage") or usage
             return int(usage["completion_tokens"]), int(usage["prompt_tokens"])
 
     start = time.perf_counter()
@@ -157,20 +196,23 @@ def main() -> int:
     ids = [f"{ADAPTER_PREFIX}{i}" for i in range(most)]
     rows: list[dict] = []
 
-    def measure(system: str, burst: Burst, ks: list[int]) -> None:
+    def measure(system: str, burst: Callable[..., tuple[float, float]], ks: list[int]) -> None:
         for k in ks:
-            burst(prompts, ids[:k], args.new_tokens)  # warm-up: loads the adapters
-            runs = [burst(prompts, ids[:k], args.new_tokens) for _ in range(args.repeats)]
-            rates = [rate for rate, _ in runs]
-            rows.append(
-                {
-                    "system": system,
-                    "adapters": k,
-                    "tokens_per_s": statistics.median(rates),
-                    "mean_prompt_tokens": runs[0][1],
-                }
-            )
-            log.info("%s K=%d: %.1f tok/s (%s)", system, k, rows[-1]["tokens_per_s"], rates)
+            burst(MODES[0], prompts, ids[:k], args.new_tokens)  # warm-up: loads the adapters
+            for mode in MODES:
+                runs = [burst(mode, prompts, ids[:k], args.new_tokens) for _ in range(args.repeats)]
+                rates = [rate for rate, _ in runs]
+                rows.append(
+                    {
+                        "system": system,
+                        "adapters": k,
+                        "mode": mode,
+                        "tokens_per_s": statistics.median(rates),
+                        "mean_prompt_tokens": runs[0][1],
+                    }
+                )
+                median = rows[-1]["tokens_per_s"]
+                log.info("%s K=%d %s: %.1f tok/s (%s)", system, k, mode, median, rates)
 
     with work_dir("loraplex-peers-", args.keep_work) as work:
         with child_pool() as pool, server_process(home, work, extra, args.model) as server:
@@ -197,16 +239,18 @@ def main() -> int:
         else:
             log.warning("no vLLM peer at %s (run %s/setup.sh): loraplex only", python, PEER)
 
-    def rate(system: str, k: int) -> float | None:
-        found = [r["tokens_per_s"] for r in rows if (r["system"], r["adapters"]) == (system, k)]
+    def rate(system: str, k: int, mode: str) -> float | None:
+        key = (system, k, mode)
+        found = [r["tokens_per_s"] for r in rows if (r["system"], r["adapters"], r["mode"]) == key]
         return found[0] if found else None
 
     for r in rows:
-        peer = rate("vLLM", r["adapters"])
+        peer = rate("vLLM", r["adapters"], r["mode"])
         r["vs_vllm"] = r["tokens_per_s"] / peer if peer else None
     cols = [
         ("system", 9, ""),
         ("adapters", 8, ""),
+        ("mode", 8, ""),
         ("prompt tokens", 13, ".1f"),
         ("tok/s", 8, ".1f"),
         ("x vLLM", 7, ".2f"),
@@ -218,13 +262,9 @@ def main() -> int:
         *format_table(
             cols,
             [
-                [
-                    r["system"],
-                    r["adapters"],
-                    r["mean_prompt_tokens"],
-                    r["tokens_per_s"],
-                    r["vs_vllm"],
-                ]
+                [r[key] for key in ("system", "adapters", "mode", "mean_prompt_tokens")]
+                + [r["tokens_per_s"]]
+                + [r["vs_vllm"]]
                 for r in rows
             ],
         ),

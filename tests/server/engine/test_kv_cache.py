@@ -68,3 +68,31 @@ def test_write_places_each_token_at_its_row_head_and_position():
             assert torch.equal(cache.keys[1][rows[i], h, positions[i]], k[i, h])
             assert torch.equal(cache.values[1][rows[i], h, positions[i]], k[i, h] + 100)
     assert torch.count_nonzero(cache.keys[0]) == 0  # other layers untouched
+
+
+def test_a_vacated_row_keeps_its_pages_within_its_share_and_hands_back_the_rest():
+    """Rows whose sequences reserved at most keep_len tokens keep their pages (the next
+    sequence writes the same ones); a longer row's are handed back when it is vacated, and
+    before a shorter sequence moves into it (they read as zeros again)."""
+    cache = make(rows=3, max_len=1024, budget_tokens=1536)  # rows of 32 KiB, whole pages
+    assert cache.keep_len == 256
+
+    def fill(row: int) -> None:
+        for layer in range(SHAPE.num_layers):
+            cache.keys[layer][row].fill_(1.0)
+            cache.values[layer][row].fill_(1.0)
+
+    def backed(row: int) -> bool:
+        return bool(cache.keys[0][row, :, 512:].any())
+
+    for tokens in (100, 1024, 100):
+        fill(cache.allocate(tokens))
+    cache.free(2, 100, last_row_length=0)  # within its share: kept
+    assert backed(2)
+    cache.free(1, 1024, last_row_length=0)  # a long row: handed back
+    assert not backed(1) and not bool(cache.values[1][1].any())
+    assert cache.allocate(1024) == 1 and cache.allocate(50) == 2
+    fill(1)
+    cache.free(1, 1024, last_row_length=50)  # row 2's short sequence moves into long row 1
+    assert not backed(1) and bool(cache.keys[0][1, :, :50].all())
+    assert backed(2)  # the vacated short row keeps its pages
