@@ -13,9 +13,10 @@ sequence ignored (so both do the same work), at K = 0 (the base), and each K of 
 each prompt one user message (the same chat template makes the same ids on both; the table
 shows the prompt tokens each server counted), in two modes: `complete` (one answer per
 request) and `stream` (a message per token). Each figure is output tokens / wall time from the
-first send to the last end, the median of --repeats bursts. vLLM has no bitsandbytes on the
-CPU: it serves the base in --vllm-dtype (bf16 by default; float32 on CPUs without native
-bf16), loraplex in NF4.
+first send to the last end, the median of --repeats bursts; both servers run side by side and
+take their bursts in turn (one at a time), so the shared machine's drift falls on both. vLLM
+has no bitsandbytes on the CPU: it serves the base in --vllm-dtype (bf16 by default; float32
+on CPUs without native bf16), loraplex in NF4.
 
     python benchmarks/peers.py [--requests 64] [--new-tokens 64] [--adapters 8,32]
 """
@@ -196,48 +197,62 @@ def main() -> int:
     ids = [f"{ADAPTER_PREFIX}{i}" for i in range(most)]
     rows: list[dict] = []
 
-    def measure(system: str, burst: Callable[..., tuple[float, float]], ks: list[int]) -> None:
-        for k in ks:
+    def measure(k: int, systems: dict[str, Callable[..., tuple[float, float]]]) -> None:
+        """Every system at K adapters, their bursts taken in turn (loraplex, vLLM, loraplex,
+        ...), so that the shared machine's drift falls on all of them alike."""
+        for burst in systems.values():
             burst(MODES[0], prompts, ids[:k], args.new_tokens)  # warm-up: loads the adapters
-            for mode in MODES:
-                runs = [burst(mode, prompts, ids[:k], args.new_tokens) for _ in range(args.repeats)]
-                rates = [rate for rate, _ in runs]
+        for mode in MODES:
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in systems}
+            for _ in range(args.repeats):
+                for name, burst in systems.items():
+                    runs[name].append(burst(mode, prompts, ids[:k], args.new_tokens))
+            for name, got in runs.items():
+                rates = [rate for rate, _ in got]
                 rows.append(
                     {
-                        "system": system,
+                        "system": name,
                         "adapters": k,
                         "mode": mode,
                         "tokens_per_s": statistics.median(rates),
-                        "mean_prompt_tokens": runs[0][1],
+                        "mean_prompt_tokens": got[0][1],
                     }
                 )
                 median = rows[-1]["tokens_per_s"]
-                log.info("%s K=%d %s: %.1f tok/s (%s)", system, k, mode, median, rates)
+                log.info("%s K=%d %s: %.1f tok/s (%s)", name, k, mode, median, rates)
 
-    with work_dir("loraplex-peers-", args.keep_work) as work:
-        with child_pool() as pool, server_process(home, work, extra, args.model) as server:
-            made = pool.apply_async(
-                make_adapters_and_prompts,
-                (str(home), args.model, most, args.rank, args.requests, str(work / "peft")),
-            )
-            address = server.wait_ready(args.startup_timeout)
-            prompts = made.get(args.startup_timeout)
-            with LoraplexClient(address, timeout=600) as client:
-                info = client.model_info()
-                register_adapters(client, work / "peft", ids)
-            measure("loraplex", partial(loraplex_burst, address), counts)
+    with (
+        work_dir("loraplex-peers-", args.keep_work) as work,
+        child_pool() as pool,
+        server_process(home, work, extra, args.model) as server,
+    ):
+        made = pool.apply_async(
+            make_adapters_and_prompts,
+            (str(home), args.model, most, args.rank, args.requests, str(work / "peft")),
+        )
+        address = server.wait_ready(args.startup_timeout)
+        prompts = made.get(args.startup_timeout)
+        with LoraplexClient(address, timeout=600) as client:
+            info = client.model_info()
+            register_adapters(client, work / "peft", ids)
         python = Path(args.vllm_python)
-        if python.exists():
-            model_dir = Path(args.model) if args.model else home / "models" / EMBEDDED_NAME
-            for k in counts:  # one vLLM per K: --max-loras and the adapters it is started with
+        if not python.exists():
+            log.warning("no vLLM peer at %s (run %s/setup.sh): loraplex only", python, PEER)
+        model_dir = Path(args.model) if args.model else home / "models" / EMBEDDED_NAME
+        for k in counts:  # one vLLM per K: --max-loras and the adapters it is started with
+            systems: dict[str, Callable[..., tuple[float, float]]] = {
+                "loraplex": partial(loraplex_burst, address)
+            }
+            proc = None
+            if python.exists():
                 proc, port = start_vllm(python, model_dir, work / "peft", ids[:k], args, work)
-                try:
-                    measure("vLLM", partial(vllm_burst, port), [k])
-                finally:
+                systems["vLLM"] = partial(vllm_burst, port)
+            try:
+                measure(k, systems)
+            finally:
+                if proc is not None:
                     proc.terminate()
                     proc.wait(60)
-        else:
-            log.warning("no vLLM peer at %s (run %s/setup.sh): loraplex only", python, PEER)
 
     def rate(system: str, k: int, mode: str) -> float | None:
         key = (system, k, mode)
