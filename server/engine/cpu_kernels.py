@@ -48,6 +48,7 @@ FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fno-strict-aliasing")
 ISAS = ("portable", "avx2", "avx512")  # nf4_isa()'s answers, in order
 DTYPES = (torch.bfloat16, torch.float32)  # what x and y may be
 NATIVE_ATTENTION_TOKENS = 1024  # decode attention over at most this many row-tokens: native
+NATIVE_ROW_MAX = 16384  # the widest row add_rms_norm takes (ROW_MAX in csrc/cpu_kernels.c)
 
 
 class CpuKernels:
@@ -313,7 +314,9 @@ class CpuKernels:
             out.data_ptr(),
         )
         if rc != 0:
-            raise ValueError(f"add_rms_norm takes rows of up to 16384 values, not {width}")
+            raise ValueError(
+                f"add_rms_norm takes rows of up to {NATIVE_ROW_MAX} values, not {width}"
+            )
         return out
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

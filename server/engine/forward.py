@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.core.model import dense_weight
-from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels, token_rows
+from loraplex.server.engine.cpu_kernels import DTYPES, NATIVE_ROW_MAX, CpuKernels, token_rows
 from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
 from loraplex.server.engine.linear import BaseLinears, Unit
 from loraplex.server.engine.lora import LoraGroup, LoraStacks
@@ -225,7 +225,7 @@ class _Norm:
         """h += delta (the residual add, when given) in place, then the norm of h: one native
         call where the kernels are built."""
         native = self.native
-        if native is not None:
+        if native is not None and h.shape[-1] <= NATIVE_ROW_MAX:
             ready = h.dtype == self.weight.dtype and h.is_contiguous()
             if ready and (delta is None or delta.is_contiguous()):
                 return native.add_rms_norm(h, delta, self.weight, self.eps)
@@ -272,8 +272,8 @@ class DecoderForward:
         ]
         self.final_norm = _Norm(inner.norm)
         self.lm_head = linears.head(model.lm_head)
-        # Layers with an adapter folded in: W + B @ A, dense in the compute dtype (see merge).
-        self.merged: dict[nn.Module, torch.Tensor] = {}
+        # Layers with an adapter folded in (their units run W + B @ A dense: see merge).
+        self.merged: set[nn.Module] = set()
 
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         """A base linear layer's weight (out, in) as the forward computes with it: 4-bit
@@ -299,18 +299,20 @@ class DecoderForward:
             delta = bt.float().T @ a.float()  # (out, in)
             merged[module] = (base.float() + delta).to(base.dtype)
         self.unmerge()
-        self.merged = merged
+        self.merged = set(merged)
         for parts in self.layers:
             for key, unit in parts.units.items():
                 members = unit if isinstance(unit, tuple) else (unit,)
                 if any(m in merged for m in members):
-                    weight = torch.cat([merged.get(m, self.dense_weight(m)) for m in members])
+                    weight = torch.cat(
+                        [merged[m] if m in merged else self.dense_weight(m) for m in members]
+                    )
                     parts.linear[key] = self.linears.merged(unit, weight)
         return len(merged)
 
     def unmerge(self) -> None:
         """Back to the untouched base weights (the dense copies are dropped)."""
-        self.merged = {}
+        self.merged = set()
         for parts in self.layers:
             for key, unit in parts.units.items():
                 parts.linear[key] = self.linears.kernel(unit)

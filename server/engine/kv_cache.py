@@ -16,7 +16,9 @@ sequence moves into it; a row within its share keeps them, since the next sequen
 writes the same pages (handing back every vacated row made 60 calls per finished request,
 3840 for a burst of 64, about 2% of its time, and the pages were faulted in again at once).
 So the resident pool stays within the reserved tokens plus keep_len per row (1.5x the budget
-at most).
+at most). A kept row still holds the previous sequence's keys and values past the new one's
+length; attention reads each sequence's own length only (bounded natively, masked with zero
+weight in torch), so they are never seen.
 What bounds admission is the token budget: every admitted sequence reserves prompt +
 max_new_tokens (capped at max_len) of it, so a running sequence never runs out of cache and
 nothing is ever preempted. On CUDA the pool is allocated for real, sized to the budget.

@@ -339,6 +339,7 @@ class BaseLinears:
                 self.unit_of[member] = (unit, at)
                 at += _width(member)
         self.dense_bytes = 0
+        self.dense_budget = dense_budget_bytes  # copies of the 4-bit layers and the LM head
         self.head_packed = False  # the LM head held packed (`head`)
         self.reason = "no 4-bit layers"
         if not self.layers:
@@ -397,15 +398,19 @@ class BaseLinears:
 
     def head(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """What multiplies by the LM head: a 4-bit head as the other 4-bit layers; a dense
-        one packed in oneDNN's layout where packing works here (a copy beside the weight,
-        which stays the embedding's when tied: 2x faster for one row, 1.2x at 64 in bf16,
-        3x and 1.7x in float32 on AVX2), else the module itself."""
+        one packed in oneDNN's layout where packing works here and the dense budget has room
+        after the layers' copies (a copy beside the weight, which stays the embedding's when
+        tied: 2x faster for one row, 1.2x at 64 in bf16, 3x and 1.7x in float32 on AVX2),
+        else the module itself."""
         weight = getattr(module, "weight", None)
         if module in self.layers or not isinstance(module, nn.Linear) or weight is None:
             return self.kernel(module)
+        size = weight.numel() * weight.element_size()
         if weight.dtype != self.dtype or not packing_available(self.device, self.dtype):
             return module
-        self.dense_bytes += weight.numel() * weight.element_size()
+        if self.dense_bytes + size > self.dense_budget:
+            return module
+        self.dense_bytes += size
         self.head_packed = True
         return DenseLinear(weight.detach(), module.bias, packed=True)
 

@@ -189,11 +189,14 @@ def test_an_unquantized_model_has_no_4bit_layers(load_tiny):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_lm_head_is_held_packed_beside_its_weight(load_tiny, dtype):
-    """The LM head multiplies from a packed copy (counted with the dense copies) and gives
-    the module's logits; the module's weight, tied to the embedding, is untouched."""
+    """The LM head multiplies from a packed copy (within the dense budget, counted with the
+    dense copies) and gives the module's logits; the module's weight, tied to the embedding, is
+    untouched. Without room in the budget it runs as it is."""
     loaded = load_tiny(quantization="nf4", dtype=dtype)
-    linears = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut")
     module = loaded.model.lm_head
+    no_room = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut", 0)
+    assert no_room.head(module) is module and no_room.dense_bytes == 0
+    linears = BaseLinears(loaded.model, loaded.dtype, loaded.device, "lut", 1 << 30)
     before = module.weight.detach().clone()
     head = linears.head(module)
     if not packing_available(loaded.device, loaded.dtype):

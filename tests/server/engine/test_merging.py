@@ -193,7 +193,7 @@ def test_merged_base_serves_every_adapter_as_unmerged(load_tiny, quantization, d
     assert len(runner.forward.merged) == 2 * len(runner.model.model.layers)
     assert (_step(runner, slots, fed) - unmerged).abs().max() <= tolerance * scale
     runner.unmerge()
-    assert runner.forward.merged == {} and runner.merged_slot is None
+    assert runner.forward.merged == set() and runner.merged_slot is None
     assert torch.equal(_step(runner, slots), unmerged)  # the 4-bit weights were never touched
 
 
