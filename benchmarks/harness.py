@@ -16,7 +16,8 @@ peak RSS: neither may carry libraries it does not use.
                  make_adapters_and_prompts, load_base, load_into_peft
     engine       Job, EngineBench: the engine in this process with a registry of adapters
     server       ServerDied, ServerProcess, serve_command, server_process, register_adapters,
-                 StreamResult, stream_one, summarize_streams, burst_rate, burst_summary
+                 StreamResult, stream_one, summarize_streams, burst_rate, burst_summary,
+                 burst_requests
     statistics   percentile, latency_ms
     memory       peak_rss_bytes, peak_rss_mib
     machine      machine_facts: what every result records of the machine it ran on
@@ -612,24 +613,32 @@ def burst_summary(
 
     import grpc
 
-    from loraplex.v1 import inference_pb2, inference_pb2_grpc
+    from loraplex.v1 import inference_pb2_grpc
 
     async def burst() -> list[StreamResult]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            requests = [
-                inference_pb2.GenerateRequest(
-                    adapter_id=ids[i % len(ids)] if ids else "",
-                    messages=user_message(p),
-                    max_new_tokens=new_tokens,
-                    temperature=0.0,
-                    ignore_eos=True,
-                )
-                for i, p in enumerate(prompts)
-            ]
+            requests = burst_requests(prompts, ids, new_tokens)
             return await asyncio.gather(*(stream_one(stub, r, 900.0) for r in requests))
 
     return summarize_streams(asyncio.run(burst()))
+
+
+def burst_requests(prompts: Sequence[str], ids: Sequence[str], new_tokens: int) -> list[Any]:
+    """A burst's GenerateRequests: prompt i as one user message, for adapter ids[i % len(ids)]
+    (the base without ids), greedy, new_tokens each whatever the model says."""
+    from loraplex.v1 import inference_pb2
+
+    return [
+        inference_pb2.GenerateRequest(
+            adapter_id=ids[i % len(ids)] if ids else "",
+            messages=user_message(p),
+            max_new_tokens=new_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+        )
+        for i, p in enumerate(prompts)
+    ]
 
 
 # -- statistics --------------------------------------------------------------------------------

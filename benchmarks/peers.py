@@ -45,6 +45,7 @@ from harness import (
     ADAPTER_PREFIX,
     add_common_args,
     add_server_args,
+    burst_requests,
     burst_summary,
     child_pool,
     format_table,
@@ -56,7 +57,6 @@ from harness import (
     server_flags,
     server_process,
     setup_logging,
-    user_message,
     work_dir,
 )
 
@@ -76,21 +76,12 @@ def loraplex_burst(
         return float(summary["output_tokens_per_s"]), float(summary["mean_prompt_tokens"])
     import grpc
 
-    from loraplex.v1 import inference_pb2, inference_pb2_grpc
+    from loraplex.v1 import inference_pb2_grpc
 
     async def burst() -> tuple[float, float]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            requests = [
-                inference_pb2.GenerateRequest(
-                    adapter_id=ids[i % len(ids)] if ids else "",
-                    messages=user_message(p),
-                    max_new_tokens=new_tokens,
-                    temperature=0.0,
-                    ignore_eos=True,
-                )
-                for i, p in enumerate(prompts)
-            ]
+            requests = burst_requests(prompts, ids, new_tokens)
             start = time.perf_counter()
             replies = await asyncio.gather(*(stub.Generate(r, timeout=900) for r in requests))
             seconds = time.perf_counter() - start

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.core.model import dense_weight
-from loraplex.server.engine.cpu_kernels import DTYPES, NATIVE_ROW_MAX, CpuKernels, token_rows
+from loraplex.server.engine.cpu_kernels import DTYPES, NATIVE_ROW_MAX, CpuKernels
 from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
 from loraplex.server.engine.linear import BaseLinears, Unit
 from loraplex.server.engine.lora import LoraGroup, LoraStacks
@@ -395,7 +395,7 @@ class DecoderForward:
         k = k.view(n, self.kv_heads, self.head_dim)
         v = v.view(n, self.kv_heads, self.head_dim)
         native = self.native
-        if native is not None and q.dtype == cos.dtype and token_rows(q) and token_rows(k):
+        if native is not None and q.dtype == cos.dtype:  # q, k: token rows of the qkv output
             native.rope_qk(q, k, cos, sin)  # in place
         else:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
