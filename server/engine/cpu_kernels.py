@@ -4,7 +4,9 @@ torch's fixed cost per op is most of the time:
     nf4_linear        x @ W.T read straight from the NF4 codes (linear.py's nf4 kernel)
     lora_add          a group's LoRA for tokens of any mix of adapters, each adapter's weights
                       read once for its tokens (lora_ops.py)
-    decode_attention  a few decode tokens' attention over their cache rows, in place (forward.py)
+    decode_attention  the decode tokens' attention over their cache rows, in place: keys and
+                      values in blocks of tokens, prefetched, vectorized per instruction
+                      set (AVX-512 with BF16 dot products, AVX-512, AVX2) (forward.py)
     rope_qk           the rotary embedding of a few tokens' q and k, in place (forward.py)
     add_rms_norm      a residual add and the RMSNorm after it, for a few tokens (forward.py)
     silu_mul          the MLP's silu(gate) * up, for a few tokens (forward.py)
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fno-strict-aliasing")
-ISAS = ("portable", "avx2", "avx512")  # nf4_isa()'s answers, in order
+ISAS = ("portable", "avx2", "avx512", "avx512bf16")  # nf4_isa()'s answers, in order
 DTYPES = (torch.bfloat16, torch.float32)  # what x and y may be
 NATIVE_ATTENTION_TOKENS = 1024  # decode attention over at most this many row-tokens: native
 NATIVE_ROW_MAX = 16384  # the widest row add_rms_norm takes (ROW_MAX in csrc/cpu_kernels.c)
@@ -93,7 +95,7 @@ class CpuKernels:
         self._run_step = lib.run_step
         # The CPU's, capped at what torch was told to use (ATEN_CPU_CAPABILITY=avx2 makes an
         # AVX-512 machine stand in for an AVX2 one).
-        ceiling = {"AVX512": 2, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 2)
+        ceiling = {"AVX512": 3, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 3)
         self._isa = min(lib.nf4_isa(), ceiling)
         self.isa = ISAS[self._isa]
         self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
@@ -108,8 +110,9 @@ class CpuKernels:
     def attention_limit(self, head_dim: int) -> float:
         """The most cached tokens over a step's decode tokens (rows x length) for which the
         native decode attention beats torch's batched matmuls: any number where it has a
-        vector version of its own (AVX-512, heads of 64 or 128), else about a thousand."""
-        return math.inf if self._isa == 2 and head_dim in (64, 128) else NATIVE_ATTENTION_TOKENS
+        vector version of its own (AVX2 or AVX-512, heads of 64 or 128), else about a
+        thousand."""
+        return math.inf if self._isa >= 1 and head_dim in (64, 128) else NATIVE_ATTENTION_TOKENS
 
     def supports(self, shape: tuple[int, int], blocksize: int) -> bool:
         """Whether the kernel takes an (out, in) weight with this block size: blocks that do

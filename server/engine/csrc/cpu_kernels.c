@@ -13,6 +13,7 @@
  * Runtime dispatch: AVX-512 (16 lanes), AVX2 + FMA (8 lanes), else portable C. Output rows are
  * split across the caller's OpenMP threads (the same runtime as torch's, by soname).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -221,10 +222,13 @@ static const rows_fn KERNELS[3][TILE] = {
     {rows_avx512_1, rows_avx512_2, rows_avx512_3, rows_avx512_4},
 };
 
-/* The instruction set this process uses: 2 = AVX-512, 1 = AVX2 + FMA, 0 = portable. */
+/* The instruction set this process uses: 3 = AVX-512 with BF16 dot products (which only the
+ * attention uses: the other kernels run their AVX-512 versions), 2 = AVX-512, 1 = AVX2 + FMA,
+ * 0 = portable. */
 int nf4_isa(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+        return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
 }
@@ -235,7 +239,8 @@ int nf4_linear(const void *x, int x_bf16, int64_t rows, int64_t in, const uint8_
                const float *absmax, int64_t out, int64_t bs, const float *table, void *y,
                int y_bf16, int isa) {
     if (bs <= 0 || bs % 32 || in % bs) return -1;
-    if (isa < 0 || isa > 2) return -1;
+    if (isa < 0 || isa > 3) return -1;
+    isa = isa > 2 ? 2 : isa; /* no BF16 version of its own */
     int64_t g = isa == 2 ? 32 : isa == 1 ? 16 : 2;
     float *xp = malloc((size_t)(rows * in) * sizeof(float));
     if (xp == NULL) return -1;
@@ -473,7 +478,8 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
              float scale, int isa) {
     int64_t k = args[0];
     int64_t kc = k * cap, slot_a = in * kc;
-    if (kc > LORA_MAX_COLUMNS || r > cap || rows < 0 || isa < 0 || isa > 2) return -1;
+    if (kc > LORA_MAX_COLUMNS || r > cap || rows < 0 || isa < 0 || isa > 3) return -1;
+    isa = isa > 2 ? 2 : isa; /* no BF16 version of its own */
     for (int64_t j = 0; j < k; j++)
         if (args[1 + 4 * j + 3] > LORA_MAX_WIDTH) return -1;
     /* work items: runs of one slot, at most LORA_TOKENS rows each */
@@ -554,43 +560,354 @@ static void attend_head(const float *q, int64_t g, int64_t d, const void *k, con
 /* The AVX-512 version for head sizes of NV vectors (64 and 128): each cached key and value row
  * is loaded (and widened) once for the g query heads that share it, the q . k dot products and
  * the weighted sum of values in registers. */
-#define ATTEND_AVX512(NV)                                                                         \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void                \
-        attend_head_avx512_##NV(const float *q, int64_t g, const void *k, const void *v,          \
-                                int bf16, int64_t length, float scaling, float *scores,          \
-                                float *acc) {                                                     \
-        const int64_t d = NV * 16;                                                              \
-        for (int64_t t = 0; t < length; t++) {                                                  \
-            __m512 kt[NV];                                                                      \
-            for (int j = 0; j < NV; j++) kt[j] = load16(k, bf16, t * d + 16 * j);              \
+/* The AVX-512 head, for heads of NV x 16 values, over blocks of ATTEND_BLOCK tokens: each
+ * block's keys (then values) are widened to float32 once and serve every query head of the
+ * group; the 16 dot products of a block are summed across lanes together (hsum16: 15 adds,
+ * instead of 16 separate reductions), and the softmax's exponentials are vectorized (exp16). */
+#define ATTEND_BLOCK 16
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+/* Ask for the cache lines of tokens [from, to) of a head's keys or values (rows of `row`
+ * bytes): a decode step reads every row once, from memory, and the prefetcher alone does not
+ * keep two threads fed across the many short runs of a step's rows and heads. */
+static inline void prefetch_tokens(const void *base, int64_t row, int64_t from, int64_t to) {
+    const char *p = (const char *)base + from * row, *end = (const char *)base + to * row;
+    for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+}
+
+/* lane j = the sum of v[j]'s 16 lanes */
+AVX512 static inline __m512 hsum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* per 128 bits: v2i's and v2i+1's pairs, interleaved */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128 bits: v4i .. v4i+3's sums over those 128 bits */
+        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++) /* halves of the 128-bit lanes added */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* e^x for x <= 0 (softmax's shifted scores): 2^n e^r, |r| <= ln2 / 2, r's series to degree 7
+ * (relative error below 2e-7); very negative x gives 0 */
+AVX512 static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* scores (g, length) = q (g, NV x 16) K.T * scaling, one block of keys widened at a time */
+#define ATTEND_SCORES_AVX512(NV)                                                                  \
+    AVX512 static void attend_scores_avx512_##NV(const float *q, int64_t g, const void *k,        \
+                                                 const void *v, int bf16, int64_t length,         \
+                                                 float scaling, float *scores) {                  \
+        const int64_t d = NV * 16, row = d * (bf16 ? 2 : 4);                                    \
+        __m512 block[ATTEND_BLOCK][NV], part[ATTEND_BLOCK];                                     \
+        prefetch_tokens(k, row, 0, length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK);      \
+        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK) {                                 \
+            int64_t n = length - t0 < ATTEND_BLOCK ? length - t0 : ATTEND_BLOCK;                \
+            int64_t ahead = t0 + 3 * ATTEND_BLOCK < length ? t0 + 3 * ATTEND_BLOCK : length;    \
+            prefetch_tokens(k, row, t0 + 2 * ATTEND_BLOCK < ahead ? t0 + 2 * ATTEND_BLOCK : ahead, ahead); \
+            prefetch_tokens(v, row, t0, t0 + n);                                                \
+            for (int64_t t = 0; t < n; t++)                                                     \
+                for (int j = 0; j < NV; j++) block[t][j] = load16(k, bf16, (t0 + t) * d + 16 * j); \
+            for (int64_t t = n; t < ATTEND_BLOCK; t++) part[t] = _mm512_setzero_ps();           \
             for (int64_t h = 0; h < g; h++) {                                                   \
-                __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q + h * d), kt[0]);                   \
-                for (int j = 1; j < NV; j++)                                                    \
-                    s = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + 16 * j), kt[j], s);        \
-                scores[h * length + t] = _mm512_reduce_add_ps(s) * scaling;                    \
+                const float *qh = q + h * d;                                                    \
+                for (int64_t t = 0; t < n; t++) {                                               \
+                    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qh), block[t][0]);                 \
+                    for (int j = 1; j < NV; j++)                                                \
+                        s = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * j), block[t][j], s);      \
+                    part[t] = s;                                                                \
+                }                                                                               \
+                __m512 sums = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scaling));             \
+                _mm512_mask_storeu_ps(scores + h * length + t0, (__mmask16)((1u << n) - 1), sums); \
             }                                                                                   \
-        }                                                                                       \
-        for (int64_t h = 0; h < g; h++) {                                                       \
-            float *row = scores + h * length, top = row[0], sum = 0.0f;                         \
-            for (int64_t t = 1; t < length; t++) top = row[t] > top ? row[t] : top;             \
-            for (int64_t t = 0; t < length; t++) {                                              \
-                row[t] = __builtin_expf(row[t] - top);                                          \
-                sum += row[t];                                                                  \
-            }                                                                                   \
-            __m512 a[NV];                                                                       \
-            for (int j = 0; j < NV; j++) a[j] = _mm512_setzero_ps();                            \
-            for (int64_t t = 0; t < length; t++) {                                              \
-                __m512 pt = _mm512_set1_ps(row[t]);                                             \
-                for (int j = 0; j < NV; j++)                                                    \
-                    a[j] = _mm512_fmadd_ps(pt, load16(v, bf16, t * d + 16 * j), a[j]);          \
-            }                                                                                   \
-            __m512 inv = _mm512_set1_ps(1.0f / sum);                                            \
-            for (int j = 0; j < NV; j++) _mm512_storeu_ps(acc + h * d + 16 * j, _mm512_mul_ps(a[j], inv)); \
         }                                                                                       \
     }
 
-ATTEND_AVX512(4)
-ATTEND_AVX512(8)
+/* acc (g, NV x 16) = softmax(scores) V, scores (g, length) exponentiated in place */
+#define ATTEND_VALUES_AVX512(NV)                                                                  \
+    AVX512 static void attend_values_avx512_##NV(int64_t g, const void *v, int bf16,              \
+                                                 int64_t length, float *scores, float *acc) {     \
+        const int64_t d = NV * 16;                                                              \
+        __m512 block[ATTEND_BLOCK][NV];                                                         \
+        float inv[g];                                                                           \
+        for (int64_t h = 0; h < g; h++) {                                                       \
+            float *row = scores + h * length, top = row[0];                                     \
+            for (int64_t t = 1; t < length; t++) top = row[t] > top ? row[t] : top;             \
+            __m512 shift = _mm512_set1_ps(top), total = _mm512_setzero_ps();                    \
+            for (int64_t t = 0; t < length; t += 16) {                                          \
+                __mmask16 m = length - t >= 16 ? 0xffff : (__mmask16)((1u << (length - t)) - 1); \
+                __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), shift));      \
+                total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));                        \
+                _mm512_mask_storeu_ps(row + t, m, e);                                           \
+            }                                                                                   \
+            inv[h] = 1.0f / _mm512_reduce_add_ps(total);                                        \
+            for (int j = 0; j < NV; j++) _mm512_storeu_ps(acc + h * d + 16 * j, _mm512_setzero_ps()); \
+        }                                                                                       \
+        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK) {                                 \
+            int64_t n = length - t0 < ATTEND_BLOCK ? length - t0 : ATTEND_BLOCK;                \
+            for (int64_t t = 0; t < n; t++)                                                     \
+                for (int j = 0; j < NV; j++) block[t][j] = load16(v, bf16, (t0 + t) * d + 16 * j); \
+            for (int64_t h = 0; h < g; h++) {                                                   \
+                const float *p = scores + h * length + t0;                                      \
+                __m512 a[NV];                                                                   \
+                for (int j = 0; j < NV; j++) a[j] = _mm512_loadu_ps(acc + h * d + 16 * j);      \
+                for (int64_t t = 0; t < n; t++) {                                               \
+                    __m512 pt = _mm512_set1_ps(p[t]);                                           \
+                    for (int j = 0; j < NV; j++) a[j] = _mm512_fmadd_ps(pt, block[t][j], a[j]); \
+                }                                                                               \
+                for (int j = 0; j < NV; j++) _mm512_storeu_ps(acc + h * d + 16 * j, a[j]);      \
+            }                                                                                   \
+        }                                                                                       \
+        for (int64_t h = 0; h < g; h++) {                                                       \
+            __m512 scale = _mm512_set1_ps(inv[h]);                                              \
+            for (int j = 0; j < NV; j++)                                                        \
+                _mm512_storeu_ps(acc + h * d + 16 * j,                                          \
+                                 _mm512_mul_ps(_mm512_loadu_ps(acc + h * d + 16 * j), scale));  \
+        }                                                                                       \
+    }
+
+ATTEND_SCORES_AVX512(4)
+ATTEND_SCORES_AVX512(8)
+ATTEND_VALUES_AVX512(4)
+ATTEND_VALUES_AVX512(8)
+
+/* attend_scores_avx512 for a bf16 cache and bf16 queries on a CPU with AVX512-BF16: the keys
+ * multiply in place, two values per lane (vdpbf16ps; the products are exact, as widened) */
+#define ATTEND_SCORES_BF16(NV)                                                                    \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) static void      \
+        attend_scores_bf16_##NV(const float *q, int64_t g, const void *k, const void *v,          \
+                                int64_t length, float scaling, float *scores) {                   \
+        const int64_t d = NV * 16;                                                              \
+        prefetch_tokens(k, 2 * d, 0, length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK);    \
+        __m512bh qb[g][NV / 2];                                                                 \
+        for (int64_t h = 0; h < g; h++)                                                         \
+            for (int j = 0; j < NV / 2; j++)                                                    \
+                qb[h][j] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + h * d + 32 * j + 16),        \
+                                               _mm512_loadu_ps(q + h * d + 32 * j));            \
+        const uint16_t *keys = k;                                                               \
+        __m512 part[ATTEND_BLOCK];                                                              \
+        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK) {                                 \
+            int64_t n = length - t0 < ATTEND_BLOCK ? length - t0 : ATTEND_BLOCK;                \
+            int64_t ahead = t0 + 3 * ATTEND_BLOCK < length ? t0 + 3 * ATTEND_BLOCK : length;    \
+            prefetch_tokens(k, 2 * d, t0 + 2 * ATTEND_BLOCK < ahead ? t0 + 2 * ATTEND_BLOCK : ahead, ahead); \
+            prefetch_tokens(v, 2 * d, t0, t0 + n);                                              \
+            for (int64_t t = n; t < ATTEND_BLOCK; t++) part[t] = _mm512_setzero_ps();           \
+            for (int64_t h = 0; h < g; h++) {                                                   \
+                for (int64_t t = 0; t < n; t++) {                                               \
+                    const uint16_t *row = keys + (t0 + t) * d;                                  \
+                    __m512 s = _mm512_setzero_ps();                                             \
+                    for (int j = 0; j < NV / 2; j++)                                            \
+                        s = _mm512_dpbf16_ps(s, qb[h][j], (__m512bh)_mm512_loadu_si512(row + 32 * j)); \
+                    part[t] = s;                                                                \
+                }                                                                               \
+                __m512 sums = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scaling));             \
+                _mm512_mask_storeu_ps(scores + h * length + t0, (__mmask16)((1u << n) - 1), sums); \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+ATTEND_SCORES_BF16(4)
+ATTEND_SCORES_BF16(8)
+
+/* attend_values_avx512 for a bf16 cache on a CPU with AVX512-BF16: the probabilities are
+ * rounded to bf16 (as a bf16 matmul of softmax and V takes them) and two tokens' values
+ * interleaved in a register multiply in place (vdpbf16ps); the sums stay in float32. */
+#define ATTEND_VALUES_BF16(NV)                                                                    \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) static void      \
+        attend_values_bf16_##NV(int64_t g, const void *v, int64_t length, float *scores,          \
+                                float *acc) {                                                     \
+        const int64_t d = NV * 16, pairs = (length + 1) / 2;                                    \
+        const uint16_t *values = v;                                                             \
+        float inv[g];                                                                           \
+        for (int64_t h = 0; h < g; h++) { /* exponentials, rounded to bf16 over the row */      \
+            float *row = scores + h * length;                                                   \
+            uint16_t *probs = (uint16_t *)row;                                                  \
+            __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();                \
+            for (int64_t t = 0; t < length; t += 16) {                                          \
+                __mmask16 m = length - t >= 16 ? 0xffff : (__mmask16)((1u << (length - t)) - 1); \
+                top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, m, row + t));               \
+            }                                                                                   \
+            __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));                           \
+            for (int64_t t = 0; t < length; t += 16) {                                          \
+                __mmask16 m = length - t >= 16 ? 0xffff : (__mmask16)((1u << (length - t)) - 1); \
+                __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), shift));      \
+                e = _mm512_maskz_mov_ps(m, e);                                                  \
+                total = _mm512_add_ps(total, e);                                                \
+                _mm256_mask_storeu_epi16(probs + t, m, (__m256i)_mm512_cvtneps_pbh(e));          \
+            }                                                                                   \
+            inv[h] = 1.0f / _mm512_reduce_add_ps(total);                                        \
+            probs[length] = 0; /* the pair of an odd last token */                              \
+        }                                                                                       \
+        __m512 sums[g][NV];                                                                     \
+        for (int64_t h = 0; h < g; h++)                                                         \
+            for (int j = 0; j < NV; j++) sums[h][j] = _mm512_setzero_ps();                      \
+        __m512i block[ATTEND_BLOCK / 2][NV];                                                    \
+        const __m512i zero = _mm512_setzero_si512();                                            \
+        for (int64_t p0 = 0; p0 < pairs; p0 += ATTEND_BLOCK / 2) {                              \
+            int64_t n = pairs - p0 < ATTEND_BLOCK / 2 ? pairs - p0 : ATTEND_BLOCK / 2;          \
+            for (int64_t i = 0; i < n; i++) {                                                   \
+                int64_t t = 2 * (p0 + i);                                                       \
+                for (int j = 0; j < NV / 2; j++) {                                              \
+                    __m512i r0 = _mm512_loadu_si512(values + t * d + 32 * j);                   \
+                    __m512i r1 = t + 1 < length ? _mm512_loadu_si512(values + (t + 1) * d + 32 * j) \
+                                                : zero;                                         \
+                    block[i][2 * j] = _mm512_unpacklo_epi16(r0, r1);                            \
+                    block[i][2 * j + 1] = _mm512_unpackhi_epi16(r0, r1);                        \
+                }                                                                               \
+            }                                                                                   \
+            for (int64_t h = 0; h < g; h++) {                                                   \
+                const int32_t *pp = (const int32_t *)(scores + h * length) + p0;                \
+                __m512 a[NV];                                                                   \
+                for (int j = 0; j < NV; j++) a[j] = sums[h][j];                                 \
+                for (int64_t i = 0; i < n; i++) {                                               \
+                    __m512bh pt = (__m512bh)_mm512_set1_epi32(pp[i]);                           \
+                    for (int j = 0; j < NV; j++) a[j] = _mm512_dpbf16_ps(a[j], pt, (__m512bh)block[i][j]); \
+                }                                                                               \
+                for (int j = 0; j < NV; j++) sums[h][j] = a[j];                                 \
+            }                                                                                   \
+        }                                                                                       \
+        /* lane 4L + i of the low (high) half of 32 values is value 8L + i (8L + 4 + i) */      \
+        const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0); \
+        const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8); \
+        for (int64_t h = 0; h < g; h++) {                                                       \
+            __m512 scale = _mm512_set1_ps(inv[h]);                                              \
+            for (int j = 0; j < NV / 2; j++) {                                                  \
+                __m512 lo = sums[h][2 * j], hi = sums[h][2 * j + 1];                            \
+                _mm512_storeu_ps(acc + h * d + 32 * j,                                          \
+                                 _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), scale));  \
+                _mm512_storeu_ps(acc + h * d + 32 * j + 16,                                     \
+                                 _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), scale)); \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+ATTEND_VALUES_BF16(4)
+ATTEND_VALUES_BF16(8)
+
+/* The same blocked head on AVX2 (8 lanes, blocks of 8 tokens), float32 or bf16 cache */
+#define AVX2 __attribute__((target("avx2,fma")))
+#define ATTEND_BLOCK8 8
+
+/* lane j = the sum of v[j]'s 8 lanes */
+AVX2 static inline __m256 hsum8(const __m256 *v) {
+    __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3); /* per 128 bits: v0..v3, v4..v7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+/* exp16's e^x on 8 lanes, 2^n built in the exponent bits (x clamped where 2^n stays normal) */
+AVX2 static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+#define ATTEND_AVX2(NV)                                                                           \
+    AVX2 static void attend_head_avx2_##NV(const float *q, int64_t g, const void *k,              \
+                                           const void *v, int bf16, int64_t length,               \
+                                           float scaling, float *scores, float *acc) {            \
+        const int64_t d = NV * 8, row = d * (bf16 ? 2 : 4);                                     \
+        __m256 block[ATTEND_BLOCK8][NV], part[ATTEND_BLOCK8];                                   \
+        prefetch_tokens(k, row, 0, length < 4 * ATTEND_BLOCK8 ? length : 4 * ATTEND_BLOCK8);    \
+        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK8) {                                \
+            int64_t n = length - t0 < ATTEND_BLOCK8 ? length - t0 : ATTEND_BLOCK8;              \
+            int64_t ahead = t0 + 5 * ATTEND_BLOCK8 < length ? t0 + 5 * ATTEND_BLOCK8 : length;  \
+            prefetch_tokens(k, row, t0 + 4 * ATTEND_BLOCK8 < ahead ? t0 + 4 * ATTEND_BLOCK8 : ahead, ahead); \
+            prefetch_tokens(v, row, t0, t0 + n);                                                \
+            for (int64_t t = 0; t < n; t++)                                                     \
+                for (int j = 0; j < NV; j++) block[t][j] = load8(k, bf16, (t0 + t) * d + 8 * j); \
+            for (int64_t t = n; t < ATTEND_BLOCK8; t++) part[t] = _mm256_setzero_ps();          \
+            for (int64_t h = 0; h < g; h++) {                                                   \
+                const float *qh = q + h * d;                                                    \
+                for (int64_t t = 0; t < n; t++) {                                               \
+                    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qh), block[t][0]);                 \
+                    for (int j = 1; j < NV; j++)                                                \
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * j), block[t][j], s);       \
+                    part[t] = s;                                                                \
+                }                                                                               \
+                __m256 sums = _mm256_mul_ps(hsum8(part), _mm256_set1_ps(scaling));              \
+                if (n == ATTEND_BLOCK8)                                                         \
+                    _mm256_storeu_ps(scores + h * length + t0, sums);                           \
+                else {                                                                          \
+                    float tail[ATTEND_BLOCK8];                                                  \
+                    _mm256_storeu_ps(tail, sums);                                               \
+                    memcpy(scores + h * length + t0, tail, (size_t)n * sizeof(float));          \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        float inv[g];                                                                           \
+        for (int64_t h = 0; h < g; h++) {                                                       \
+            float *r = scores + h * length, top = r[0], sum = 0.0f;                             \
+            for (int64_t t = 1; t < length; t++) top = r[t] > top ? r[t] : top;                 \
+            __m256 shift = _mm256_set1_ps(top), total = _mm256_setzero_ps();                    \
+            int64_t t = 0;                                                                      \
+            for (; t + 8 <= length; t += 8) {                                                   \
+                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(r + t), shift));                  \
+                total = _mm256_add_ps(total, e);                                                \
+                _mm256_storeu_ps(r + t, e);                                                     \
+            }                                                                                   \
+            for (; t < length; t++) {                                                           \
+                r[t] = __builtin_expf(r[t] - top);                                              \
+                sum += r[t];                                                                    \
+            }                                                                                   \
+            float lanes[8];                                                                     \
+            _mm256_storeu_ps(lanes, total);                                                     \
+            for (int j = 0; j < 8; j++) sum += lanes[j];                                        \
+            inv[h] = 1.0f / sum;                                                                \
+            for (int j = 0; j < NV; j++) _mm256_storeu_ps(acc + h * d + 8 * j, _mm256_setzero_ps()); \
+        }                                                                                       \
+        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK8) {                                \
+            int64_t n = length - t0 < ATTEND_BLOCK8 ? length - t0 : ATTEND_BLOCK8;              \
+            for (int64_t t = 0; t < n; t++)                                                     \
+                for (int j = 0; j < NV; j++) block[t][j] = load8(v, bf16, (t0 + t) * d + 8 * j); \
+            for (int64_t h = 0; h < g; h++) {                                                   \
+                const float *p = scores + h * length + t0;                                      \
+                __m256 a[NV];                                                                   \
+                for (int j = 0; j < NV; j++) a[j] = _mm256_loadu_ps(acc + h * d + 8 * j);       \
+                for (int64_t t = 0; t < n; t++) {                                               \
+                    __m256 pt = _mm256_set1_ps(p[t]);                                           \
+                    for (int j = 0; j < NV; j++) a[j] = _mm256_fmadd_ps(pt, block[t][j], a[j]); \
+                }                                                                               \
+                for (int j = 0; j < NV; j++) _mm256_storeu_ps(acc + h * d + 8 * j, a[j]);       \
+            }                                                                                   \
+        }                                                                                       \
+        for (int64_t h = 0; h < g; h++)                                                         \
+            for (int64_t e = 0; e < d; e++) acc[h * d + e] *= inv[h];                           \
+    }
+
+ATTEND_AVX2(8)
+ATTEND_AVX2(16)
 
 /* q (b, heads, d) in the compute dtype, token i's heads at q + i * q_stride (elements); out
  * (b, heads, d) contiguous; keys, values (rows, kv_heads, max_len, d), the layer's cache.
@@ -600,6 +917,8 @@ int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int
                      int cache_bf16, int64_t max_len, const int64_t *rows, const int64_t *lengths,
                      float scaling, void *out, int isa) {
     int64_t g = heads / kv_heads, esize = cache_bf16 ? 2 : 4;
+    /* queries in bf16 are exact as bf16: then the keys multiply in place where the CPU can */
+    int bf16_dot = isa == 3 && q_bf16 && cache_bf16;
     int failed = 0;
 #pragma omp parallel for collapse(2) schedule(static) reduction(| : failed)
     for (int64_t i = 0; i < b; i++) {
@@ -616,10 +935,33 @@ int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int
             for (int64_t e = 0; e < g * d; e++) qh[e] = load_any(q, q_bf16, from + e);
             int64_t at = ((rows[i] * kv_heads + kvh) * max_len) * d * esize;
             const char *k = (const char *)keys + at, *v = (const char *)values + at;
-            if (isa == 2 && d == 64)
-                attend_head_avx512_4(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
-            else if (isa == 2 && d == 128)
-                attend_head_avx512_8(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
+            if (kvh + 1 < kv_heads || i + 1 < b) { /* the start of this thread's next head */
+                int64_t i2 = kvh + 1 < kv_heads ? i : i + 1, h2 = kvh + 1 < kv_heads ? kvh + 1 : 0;
+                int64_t ahead = lengths[i2] < 2 * ATTEND_BLOCK ? lengths[i2] : 2 * ATTEND_BLOCK;
+                prefetch_tokens((const char *)keys + ((rows[i2] * kv_heads + h2) * max_len) * d * esize,
+                                d * esize, 0, ahead);
+            }
+            if (isa >= 2 && (d == 64 || d == 128)) {
+                if (bf16_dot && d == 64)
+                    attend_scores_bf16_4(qh, g, k, v, length, scaling, scores);
+                else if (bf16_dot)
+                    attend_scores_bf16_8(qh, g, k, v, length, scaling, scores);
+                else if (d == 64)
+                    attend_scores_avx512_4(qh, g, k, v, cache_bf16, length, scaling, scores);
+                else
+                    attend_scores_avx512_8(qh, g, k, v, cache_bf16, length, scaling, scores);
+                if (bf16_dot && d == 64)
+                    attend_values_bf16_4(g, v, length, scores, acc);
+                else if (bf16_dot)
+                    attend_values_bf16_8(g, v, length, scores, acc);
+                else if (d == 64)
+                    attend_values_avx512_4(g, v, cache_bf16, length, scores, acc);
+                else
+                    attend_values_avx512_8(g, v, cache_bf16, length, scores, acc);
+            } else if (isa == 1 && d == 64)
+                attend_head_avx2_8(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
+            else if (isa == 1 && d == 128)
+                attend_head_avx2_16(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
             else
                 attend_head(qh, g, d, k, v, cache_bf16, length, scaling, scores, acc);
             for (int64_t e = 0; e < g * d; e++) store(out, q_bf16, first + e, acc[e]);
