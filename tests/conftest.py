@@ -35,8 +35,8 @@ TINY_FAMILIES = ("llama", "qwen2", "mistral")
 
 @pytest.fixture(scope="session")
 def tiny_family_dir(tmp_path_factory, tokenizer_dir):
-    """tiny_family_dir(family): a tiny random decoder of that family (2 layers, hidden 64)
-    with the embedded tokenizer, saved once per session: seconds to load."""
+    """tiny_family_dir(family): a tiny random decoder of that family (2 layers, hidden 64,
+    heads of 64) with the embedded tokenizer, saved once per session: seconds to load."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -53,6 +53,7 @@ def tiny_family_dir(tmp_path_factory, tokenizer_dir):
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 num_key_value_heads=2,
+                head_dim=64,  # a real model's: the native attention kernels' vector paths run
                 max_position_embeddings=512,
                 eos_token_id=tokenizer.eos_token_id,
                 bos_token_id=tokenizer.bos_token_id,

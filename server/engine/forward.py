@@ -13,6 +13,7 @@ once; attention reads the KV cache rows:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,13 +133,17 @@ class _DecodeMask:
 
 @dataclass(frozen=True)
 class _AttentionMasks:
-    """A step's attention masks, the same in every layer: built once per step."""
+    """A step's attention masks, the same in every layer: built once per step. Where the
+    native kernel attends every token of the step in one call, no mask: each token's length."""
 
-    decode: _DecodeMask
+    decode: _DecodeMask | None
     chunks: list[torch.Tensor]  # per prompt chunk, (n, T) float32: 0, or -inf for the future
+    lengths: torch.Tensor | None = None  # (N,) keys each token sees: its position + 1
 
     @classmethod
-    def of(cls, batch: StepBatch) -> _AttentionMasks:
+    def of(cls, batch: StepBatch, native: bool) -> _AttentionMasks:
+        if native:
+            return cls(None, [], batch.positions + 1)
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
         device = batch.ids.device
         gathered = 2 * b <= rows
@@ -255,7 +260,8 @@ class DecoderForward:
         self.linears = linears
         self.dtype = linears.dtype
         self.native = linears.native  # the native CPU kernels (None: not built, or a GPU)
-        # decode attention natively up to this many row-tokens (b x L)
+        # decode attention natively up to this many row-tokens (b x L); without a limit, a
+        # step's every token (prompt chunks too: causal, by each token's position) in one call
         self.attention_limit = (
             self.native.attention_limit(self.head_dim) if self.native is not None else 0.0
         )
@@ -352,7 +358,9 @@ class DecoderForward:
         else:
             cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
             cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
-        masks = _AttentionMasks.of(batch)  # the same for every layer: built once per step
+        # the same for every layer: built once per step
+        every_token = self.native is not None and math.isinf(self.attention_limit)
+        masks = _AttentionMasks.of(batch, every_token)
         delta: torch.Tensor | None = None  # the last layer's output, added with the next norm
         for parts in self.layers:
             delta = self.layer(parts, h, delta, cos, sin, batch, masks)
@@ -403,14 +411,21 @@ class DecoderForward:
             native.kv_write(parts.keys, parts.values, k, v, batch.rows, batch.positions)
         else:
             write_layer(parts.keys, parts.values, batch.cache_index, k, v)
-        out = q.new_empty((n, self.num_heads, self.head_dim))
-        if batch.n_decode:
-            out[: batch.n_decode] = self._decode_attention(
-                parts, q[: batch.n_decode], batch, masks.decode
+        if masks.lengths is not None:  # natively, each token against its own row, in place
+            assert native is not None
+            out = native.decode_attention(
+                q, parts.keys, parts.values, batch.rows, masks.lengths, self.scaling
             )
-        for chunk, future in zip(batch.chunks, masks.chunks, strict=True):
-            span = slice(chunk.offset, chunk.offset + chunk.length)
-            out[span] = self._prefill_attention(parts, q[span], chunk, future)
+        else:
+            out = q.new_empty((n, self.num_heads, self.head_dim))
+            if batch.n_decode:
+                assert masks.decode is not None
+                out[: batch.n_decode] = self._decode_attention(
+                    parts, q[: batch.n_decode], batch, masks.decode
+                )
+            for chunk, future in zip(batch.chunks, masks.chunks, strict=True):
+                span = slice(chunk.offset, chunk.offset + chunk.length)
+                out[span] = self._prefill_attention(parts, q[span], chunk, future)
         o_in = out.view(n, -1)
         o = linear["o"](o_in)
         _add_lora([o], o_in, groups["o"], batch)

@@ -920,7 +920,7 @@ int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int
     /* queries in bf16 are exact as bf16: then the keys multiply in place where the CPU can */
     int bf16_dot = isa == 3 && q_bf16 && cache_bf16;
     int failed = 0;
-#pragma omp parallel for collapse(2) schedule(static) reduction(| : failed)
+#pragma omp parallel for collapse(2) schedule(dynamic, kv_heads) reduction(| : failed)
     for (int64_t i = 0; i < b; i++) {
         for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
             int64_t length = lengths[i];

@@ -216,8 +216,9 @@ def test_nf4_tiny_model_serves_adapters(load_tiny, tmp_path, family):
     assert loaded.model.config.model_type == family
     runner = ModelRunner(loaded, num_slots=2, max_rank=8)
     assert "4bit" in type(loaded.model.model.layers[0].self_attn.q_proj).__name__
-    a = torch.randn(4, 64) * 0.5
-    b = torch.randn(64, 4) * 0.5
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    a = torch.randn(4, q_proj.in_features) * 0.5
+    b = torch.randn(q_proj.out_features, 4) * 0.5
     weights = AdapterWeights({"model.layers.0.self_attn.q_proj": (a, b)}, 4, 8.0, ("q_proj",))
     runner.load_adapter(0, weights)
     logits = runner.prefill([PROMPTS[0], PROMPTS[0]], [0, -1])
