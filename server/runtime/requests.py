@@ -27,6 +27,7 @@ from loraplex.core.types import AdapterVersion
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 from loraplex.server.runtime.auth import Principal
+from loraplex.server.runtime.mailbox import LoopMailbox
 from loraplex.server.runtime.quotas import Quotas, Ticket
 from loraplex.server.runtime.resolver import AdapterResolver
 from loraplex.server.runtime.telemetry import Observers, RequestRecord
@@ -118,6 +119,7 @@ class Requests:
         self.default_max_new_tokens = default_max_new_tokens
         self.log_prompts = log_prompts
         self.tokenizer = engine.info.tokenizer
+        self._loop_mailbox: LoopMailbox | None = None
         self._special_tokens = sorted(
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", ())} - {""}
         )
@@ -174,12 +176,12 @@ class Requests:
             ignore_eos=inp.ignore_eos,
         )
         check_context(len(prompt_ids), max_new, self.engine.info.max_context)
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
         def emit(item: RequestOutput | BaseException) -> None:  # called on the engine thread
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                mailbox.post(queue, item)
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 request.cancel()
 
@@ -211,6 +213,14 @@ class Requests:
             outputs=self._outputs(queue, record, end),
             _abandon=lambda: end(False),
         )
+
+    def _mailbox(self) -> LoopMailbox:
+        """The running loop's mailbox: the engine's outputs for every request on this loop
+        reach it through one."""
+        loop = asyncio.get_running_loop()
+        if self._loop_mailbox is None or self._loop_mailbox.loop is not loop:
+            self._loop_mailbox = LoopMailbox(loop)
+        return self._loop_mailbox
 
     async def _outputs(
         self,
