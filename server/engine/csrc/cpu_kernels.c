@@ -515,11 +515,12 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
     return 0;
 }
 
-/* ---- Decode attention: out[i, h] = softmax(q[i, h] . K[row_i, h / g, :L_i] * scaling)
- * . V[row_i, h / g, :L_i], for decode tokens i, each in its own cache row, reading the cache in
- * place (the g query heads of a KV head share its keys), in float32 whatever the cache holds.
- * A few rows' attention over a few hundred cached tokens is a few hundred thousand multiply-
- * adds: torch's matmuls, conversions and softmax cost more in dispatch than that. ---- */
+/* ---- Attention: out[i, h] = softmax(q[i, h] . K[row_i, h / g, :L_i] * scaling)
+ * . V[row_i, h / g, :L_i], for tokens i, each in its own cache row with its own length (a
+ * decode token: all its sequence's keys; a prompt token: those up to its position, which makes
+ * a prompt's attention causal), reading the cache in place (the g query heads of a KV head
+ * share its keys), summed in float32 whatever the cache holds. Torch's masked batched matmuls
+ * compute the whole square and pay a copy and a conversion or two per call. ---- */
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static void attend_head(const float *q, int64_t g, int64_t d, const void *k, const void *v,
@@ -557,9 +558,6 @@ static void attend_head(const float *q, int64_t g, int64_t d, const void *k, con
     }
 }
 
-/* The AVX-512 version for head sizes of NV vectors (64 and 128): each cached key and value row
- * is loaded (and widened) once for the g query heads that share it, the q . k dot products and
- * the weighted sum of values in registers. */
 /* The AVX-512 head, for heads of NV x 16 values, over blocks of ATTEND_BLOCK tokens: each
  * block's keys (then values) are widened to float32 once and serve every query head of the
  * group; the 16 dot products of a block are summed across lanes together (hsum16: 15 adds,
