@@ -4,8 +4,9 @@ torch's fixed cost per op is most of the time:
     nf4_linear        x @ W.T read straight from the NF4 codes (linear.py's nf4 kernel)
     lora_add          a group's LoRA for tokens of any mix of adapters, each adapter's weights
                       read once for its tokens (lora_ops.py)
-    decode_attention  the decode tokens' attention over their cache rows, in place: keys and
-                      values in blocks of tokens, prefetched, vectorized per instruction
+    decode_attention  a step's tokens' attention over their own cache rows, in place, each
+                      up to its own length (decode tokens and prompt chunks alike): keys and
+                      values in blocks of tokens, prefetched, in intrinsics per instruction
                       set (AVX-512 with BF16 dot products, AVX-512, AVX2) (forward.py)
     rope_qk           the rotary embedding of a few tokens' q and k, in place (forward.py)
     add_rms_norm      a residual add and the RMSNorm after it, for a few tokens (forward.py)
@@ -17,8 +18,8 @@ torch's fixed cost per op is most of the time:
 A decode step on a CPU streams every weight once, so at a few rows it is bound by memory, and
 a bf16 copy is 4x the bytes of the NF4 codes. nf4_linear looks the codes up in a vector
 register and accumulates in float32 (AVX-512, AVX2 + FMA, or portable C, chosen at run time);
-the others are plain C loops the compiler vectorizes per instruction set. Work is split over
-torch's OpenMP threads.
+lora_add and decode_attention have vector versions of their own too; the others are plain C
+loops the compiler vectorizes per instruction set. Work is split over torch's OpenMP threads.
 
 They are compiled from source at first use with the system's C compiler (a second or two) into
 the kernel directory beside the tuning files, keyed by the source and the compiler; where there
@@ -107,12 +108,17 @@ class CpuKernels:
             raise ValueError(f"this CPU cannot run the {isa} kernel (it has {self.isa})")
         return level
 
+    def attends_every_token(self, head_dim: int) -> bool:
+        """Whether the native attention serves every token of every step (prompt chunks
+        too): where it has a vector version of its own (AVX2 or AVX-512, heads of 64 or 128),
+        which beats torch's batched matmuls at every size measured."""
+        return self._isa >= 1 and head_dim in (64, 128)
+
     def attention_limit(self, head_dim: int) -> float:
         """The most cached tokens over a step's decode tokens (rows x length) for which the
-        native decode attention beats torch's batched matmuls: any number where it has a
-        vector version of its own (AVX2 or AVX-512, heads of 64 or 128), else about a
-        thousand."""
-        return math.inf if self._isa >= 1 and head_dim in (64, 128) else NATIVE_ATTENTION_TOKENS
+        native attention beats torch's batched matmuls: any number where it attends every
+        token, else (the portable version) about a thousand."""
+        return math.inf if self.attends_every_token(head_dim) else NATIVE_ATTENTION_TOKENS
 
     def supports(self, shape: tuple[int, int], blocksize: int) -> bool:
         """Whether the kernel takes an (out, in) weight with this block size: blocks that do
@@ -225,11 +231,12 @@ class CpuKernels:
         scaling: float,
         isa: str | None = None,
     ) -> torch.Tensor:
-        """softmax(q K.T * scaling) V for decode queries q (B, H, D), token i against the first
-        lengths[i] positions of cache row rows[i] of keys and values (R, H_kv, max_len, D),
-        read in place; float32 inside, returned in q's dtype, contiguous. q's tokens may be
-        rows of a wider tensor (a fused projection's output). `isa` forces an instruction set
-        below the machine's (for tests)."""
+        """softmax(q K.T * scaling) V for queries q (B, H, D), token i against the first
+        lengths[i] (1..max_len) positions of cache row rows[i] of keys and values (R, H_kv,
+        max_len, D), read in place: a decode token's whole sequence, or a prompt token's
+        positions up to its own (causal); float32 inside, returned in q's dtype, contiguous.
+        q's tokens may be rows of a wider tensor (a fused projection's output). `isa` forces
+        an instruction set below the machine's (for tests)."""
         level = self._level(isa)
         b, heads, d = q.shape
         _, kv_heads, max_len, _ = keys.shape
@@ -241,6 +248,9 @@ class CpuKernels:
             and keys.dtype in DTYPES
             and values.dtype == keys.dtype
             and rows.dtype == lengths.dtype == torch.int64
+            and rows.shape == lengths.shape == (b,)
+            and rows.is_contiguous()
+            and lengths.is_contiguous()
             and heads % kv_heads == 0
         ):
             raise ValueError("decode_attention takes contiguous bf16 or float32 tensors")
@@ -263,6 +273,8 @@ class CpuKernels:
             out.data_ptr(),
             level,
         )
+        if rc == -2:
+            raise ValueError(f"decode attention: lengths must be within 1..{max_len}")
         if rc != 0:
             raise MemoryError("decode attention: out of memory")
         return out

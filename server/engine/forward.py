@@ -3,7 +3,9 @@ Mistral, Qwen2), reading the HF model's own modules (4-bit or not) and weights.
 
 A step's N tokens are not padded: the first n_decode are one token per decoding sequence, then
 come prompt chunks, contiguous per sequence. Linear layers (and LoRA) run on all N tokens at
-once; attention reads the KV cache rows:
+once; attention reads the KV cache rows. Where the native kernel has a vector version (a CPU
+with AVX2 or AVX-512, heads of 64 or 128) all N tokens attend in one call, each against its
+own row up to its own position. Elsewhere (a GPU, or no native kernels), torch's ops:
 
     decode   q (n_decode, H, D) against the pool prefix view [:rows, :, :L], one batched matmul
              (grouped-query: the g = H / H_kv query heads of a KV head share its keys, no copy)
@@ -13,7 +15,6 @@ once; attention reads the KV cache rows:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,8 +142,8 @@ class _AttentionMasks:
     lengths: torch.Tensor | None = None  # (N,) keys each token sees: its position + 1
 
     @classmethod
-    def of(cls, batch: StepBatch, native: bool) -> _AttentionMasks:
-        if native:
+    def of(cls, batch: StepBatch, every_token_native: bool) -> _AttentionMasks:
+        if every_token_native:
             return cls(None, [], batch.positions + 1)
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
         device = batch.ids.device
@@ -359,7 +360,8 @@ class DecoderForward:
             cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
             cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
         # the same for every layer: built once per step
-        every_token = self.native is not None and math.isinf(self.attention_limit)
+        native = self.native
+        every_token = native is not None and native.attends_every_token(self.head_dim)
         masks = _AttentionMasks.of(batch, every_token)
         delta: torch.Tensor | None = None  # the last layer's output, added with the next norm
         for parts in self.layers:

@@ -28,7 +28,12 @@ class LoopMailbox:
 
     def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
         """Put `item` into `queue` on the loop, soon. Raises RuntimeError when the loop is
-        closed (nobody is listening any more)."""
+        closed (nobody is listening any more), every time: a delivery scheduled before it
+        closed never runs, and what waits for it is dropped."""
+        if self.loop.is_closed():
+            with self._lock:
+                self._items.clear()
+            raise RuntimeError("the event loop is closed")
         with self._lock:
             self._items.append((queue, item))
             if self._scheduled:
@@ -36,9 +41,10 @@ class LoopMailbox:
             self._scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:
+        except BaseException:
             with self._lock:
                 self._scheduled = False
+                self._items.clear()
             raise
 
     def _deliver(self) -> None:

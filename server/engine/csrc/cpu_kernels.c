@@ -222,13 +222,25 @@ static const rows_fn KERNELS[3][TILE] = {
     {rows_avx512_1, rows_avx512_2, rows_avx512_3, rows_avx512_4},
 };
 
+/* AVX512-BF16 intrinsics need GCC 10 or Clang 9; with an older compiler the BF16 versions are
+ * left out (and never chosen), not the whole library. */
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define HAVE_BF16 1
+#else
+#define HAVE_BF16 0
+#endif
+
 /* The instruction set this process uses: 3 = AVX-512 with BF16 dot products (which only the
  * attention uses: the other kernels run their AVX-512 versions), 2 = AVX-512, 1 = AVX2 + FMA,
  * 0 = portable. */
 int nf4_isa(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
-        return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+#if HAVE_BF16
+        if (__builtin_cpu_supports("avx512bf16")) return 3;
+#endif
+        return 2;
+    }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
 }
@@ -564,7 +576,7 @@ static void attend_head(const float *q, int64_t g, int64_t d, const void *k, con
  * instead of 16 separate reductions), and the softmax's exponentials are vectorized (exp16). */
 #define ATTEND_BLOCK 16
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 /* Ask for the cache lines of tokens [from, to) of a head's keys or values (rows of `row`
  * bytes): a decode step reads every row once, from memory, and the prefetcher alone does not
@@ -575,7 +587,7 @@ static inline void prefetch_tokens(const void *base, int64_t row, int64_t from, 
 }
 
 /* lane j = the sum of v[j]'s 16 lanes */
-AVX512 static inline __m512 hsum16(const __m512 *v) {
+TARGET_AVX512 static inline __m512 hsum16(const __m512 *v) {
     __m512 a[8], b[4], c[2];
     for (int i = 0; i < 8; i++) /* per 128 bits: v2i's and v2i+1's pairs, interleaved */
         a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
@@ -592,7 +604,7 @@ AVX512 static inline __m512 hsum16(const __m512 *v) {
 
 /* e^x for x <= 0 (softmax's shifted scores): 2^n e^r, |r| <= ln2 / 2, r's series to degree 7
  * (relative error below 2e-7); very negative x gives 0 */
-AVX512 static inline __m512 exp16(__m512 x) {
+TARGET_AVX512 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -611,9 +623,9 @@ AVX512 static inline __m512 exp16(__m512 x) {
 
 /* scores (g, length) = q (g, NV x 16) K.T * scaling, one block of keys widened at a time */
 #define ATTEND_SCORES_AVX512(NV)                                                                  \
-    AVX512 static void attend_scores_avx512_##NV(const float *q, int64_t g, const void *k,        \
-                                                 const void *v, int bf16, int64_t length,         \
-                                                 float scaling, float *scores) {                  \
+    TARGET_AVX512 static void attend_scores_avx512_##NV(const float *q, int64_t g, const void *k, \
+                                                        const void *v, int bf16, int64_t length,  \
+                                                        float scaling, float *scores) {           \
         const int64_t d = NV * 16, row = d * (bf16 ? 2 : 4);                                    \
         __m512 block[ATTEND_BLOCK][NV], part[ATTEND_BLOCK];                                     \
         prefetch_tokens(k, row, 0, length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK);      \
@@ -641,8 +653,9 @@ AVX512 static inline __m512 exp16(__m512 x) {
 
 /* acc (g, NV x 16) = softmax(scores) V, scores (g, length) exponentiated in place */
 #define ATTEND_VALUES_AVX512(NV)                                                                  \
-    AVX512 static void attend_values_avx512_##NV(int64_t g, const void *v, int bf16,              \
-                                                 int64_t length, float *scores, float *acc) {     \
+    TARGET_AVX512 static void attend_values_avx512_##NV(int64_t g, const void *v, int bf16,       \
+                                                        int64_t length, float *scores,            \
+                                                        float *acc) {                             \
         const int64_t d = NV * 16;                                                              \
         __m512 block[ATTEND_BLOCK][NV];                                                         \
         float inv[g];                                                                           \
@@ -687,6 +700,7 @@ ATTEND_SCORES_AVX512(8)
 ATTEND_VALUES_AVX512(4)
 ATTEND_VALUES_AVX512(8)
 
+#if HAVE_BF16
 /* attend_scores_avx512 for a bf16 cache and bf16 queries on a CPU with AVX512-BF16: the keys
  * multiply in place, two values per lane (vdpbf16ps; the products are exact, as widened) */
 #define ATTEND_SCORES_BF16(NV)                                                                    \
@@ -725,9 +739,11 @@ ATTEND_VALUES_AVX512(8)
 ATTEND_SCORES_BF16(4)
 ATTEND_SCORES_BF16(8)
 
-/* attend_values_avx512 for a bf16 cache on a CPU with AVX512-BF16: the probabilities are
- * rounded to bf16 (as a bf16 matmul of softmax and V takes them) and two tokens' values
- * interleaved in a register multiply in place (vdpbf16ps); the sums stay in float32. */
+/* attend_values_avx512 for a bf16 cache on a CPU with AVX512-BF16: the exponentials are
+ * rounded to bf16 (an error of the size a bf16 matmul of softmax and V makes: it rounds the
+ * normalized probabilities; here the sum is taken in float32 before rounding and divides at the
+ * end) and two tokens' values interleaved in a register multiply in place (vdpbf16ps); the sums
+ * stay in float32. */
 #define ATTEND_VALUES_BF16(NV)                                                                    \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) static void      \
         attend_values_bf16_##NV(int64_t g, const void *v, int64_t length, float *scores,          \
@@ -799,13 +815,14 @@ ATTEND_SCORES_BF16(8)
 
 ATTEND_VALUES_BF16(4)
 ATTEND_VALUES_BF16(8)
+#endif
 
 /* The same blocked head on AVX2 (8 lanes, blocks of 8 tokens), float32 or bf16 cache */
-#define AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define ATTEND_BLOCK8 8
 
 /* lane j = the sum of v[j]'s 8 lanes */
-AVX2 static inline __m256 hsum8(const __m256 *v) {
+TARGET_AVX2 static inline __m256 hsum8(const __m256 *v) {
     __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
     __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
     __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3); /* per 128 bits: v0..v3, v4..v7 */
@@ -813,7 +830,7 @@ AVX2 static inline __m256 hsum8(const __m256 *v) {
 }
 
 /* exp16's e^x on 8 lanes, 2^n built in the exponent bits (x clamped where 2^n stays normal) */
-AVX2 static inline __m256 exp8(__m256 x) {
+TARGET_AVX2 static inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -832,9 +849,9 @@ AVX2 static inline __m256 exp8(__m256 x) {
 }
 
 #define ATTEND_AVX2(NV)                                                                           \
-    AVX2 static void attend_head_avx2_##NV(const float *q, int64_t g, const void *k,              \
-                                           const void *v, int bf16, int64_t length,               \
-                                           float scaling, float *scores, float *acc) {            \
+    TARGET_AVX2 static void attend_head_avx2_##NV(const float *q, int64_t g, const void *k,       \
+                                                  const void *v, int bf16, int64_t length,        \
+                                                  float scaling, float *scores, float *acc) {     \
         const int64_t d = NV * 8, row = d * (bf16 ? 2 : 4);                                     \
         __m256 block[ATTEND_BLOCK8][NV], part[ATTEND_BLOCK8];                                   \
         prefetch_tokens(k, row, 0, length < 4 * ATTEND_BLOCK8 ? length : 4 * ATTEND_BLOCK8);    \
@@ -908,17 +925,23 @@ ATTEND_AVX2(8)
 ATTEND_AVX2(16)
 
 /* q (b, heads, d) in the compute dtype, token i's heads at q + i * q_stride (elements); out
- * (b, heads, d) contiguous; keys, values (rows, kv_heads, max_len, d), the layer's cache.
- * Returns 0, or -1 when memory runs out. */
+ * (b, heads, d) contiguous; keys, values (rows, kv_heads, max_len, d), the layer's cache; token
+ * i attends the first lengths[i] (1..max_len) positions of row rows[i]. Returns 0, -1 when
+ * memory runs out, -2 for a length or instruction set out of range. */
 int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int64_t heads,
                      int64_t kv_heads, int64_t d, const void *keys, const void *values,
                      int cache_bf16, int64_t max_len, const int64_t *rows, const int64_t *lengths,
                      float scaling, void *out, int isa) {
+    if (isa < 0 || isa > 3) return -2;
+    for (int64_t i = 0; i < b; i++)
+        if (lengths[i] < 1 || lengths[i] > max_len) return -2;
     int64_t g = heads / kv_heads, esize = cache_bf16 ? 2 : 4;
     /* queries in bf16 are exact as bf16: then the keys multiply in place where the CPU can */
-    int bf16_dot = isa == 3 && q_bf16 && cache_bf16;
+    int bf16_dot = HAVE_BF16 && isa == 3 && q_bf16 && cache_bf16;
     int failed = 0;
-#pragma omp parallel for collapse(2) schedule(dynamic, kv_heads) reduction(| : failed)
+    /* one head at a time, handed out as threads free up: a prompt's later tokens see more keys
+     * than its first, and one decode token's heads still spread over the threads */
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) reduction(| : failed)
     for (int64_t i = 0; i < b; i++) {
         for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
             int64_t length = lengths[i];
@@ -933,26 +956,30 @@ int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int
             for (int64_t e = 0; e < g * d; e++) qh[e] = load_any(q, q_bf16, from + e);
             int64_t at = ((rows[i] * kv_heads + kvh) * max_len) * d * esize;
             const char *k = (const char *)keys + at, *v = (const char *)values + at;
-            if (kvh + 1 < kv_heads || i + 1 < b) { /* the start of this thread's next head */
-                int64_t i2 = kvh + 1 < kv_heads ? i : i + 1, h2 = kvh + 1 < kv_heads ? kvh + 1 : 0;
-                int64_t ahead = lengths[i2] < 2 * ATTEND_BLOCK ? lengths[i2] : 2 * ATTEND_BLOCK;
-                prefetch_tokens((const char *)keys + ((rows[i2] * kv_heads + h2) * max_len) * d * esize,
-                                d * esize, 0, ahead);
+            if (kvh + 1 < kv_heads) { /* the start of the token's next head, soon taken */
+                int64_t ahead = length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK;
+                prefetch_tokens(k + max_len * d * esize, d * esize, 0, ahead);
             }
             if (isa >= 2 && (d == 64 || d == 128)) {
+#if HAVE_BF16
                 if (bf16_dot && d == 64)
                     attend_scores_bf16_4(qh, g, k, v, length, scaling, scores);
                 else if (bf16_dot)
                     attend_scores_bf16_8(qh, g, k, v, length, scaling, scores);
-                else if (d == 64)
+                else
+#endif
+                if (d == 64)
                     attend_scores_avx512_4(qh, g, k, v, cache_bf16, length, scaling, scores);
                 else
                     attend_scores_avx512_8(qh, g, k, v, cache_bf16, length, scaling, scores);
+#if HAVE_BF16
                 if (bf16_dot && d == 64)
                     attend_values_bf16_4(g, v, length, scores, acc);
                 else if (bf16_dot)
                     attend_values_bf16_8(g, v, length, scores, acc);
-                else if (d == 64)
+                else
+#endif
+                if (d == 64)
                     attend_values_avx512_4(g, v, cache_bf16, length, scores, acc);
                 else
                     attend_values_avx512_8(g, v, cache_bf16, length, scores, acc);

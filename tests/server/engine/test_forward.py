@@ -92,3 +92,39 @@ def test_rows_in_order_reads_the_cache_in_place_with_the_same_result(load_tiny):
     general = forward_call(replace(batch, rows_in_order=False))
     torch.testing.assert_close(in_place, general, rtol=0, atol=0)
     torch.testing.assert_close(native, general, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_chunks_attend_natively_as_torchs_causal_path(load_tiny):
+    """A step with decode tokens beside prompt chunks (one a later chunk of its prompt: its
+    tokens see the earlier chunk's keys): where the native kernel attends every token, each
+    up to its own position, the logits are those of torch's masked per-chunk path."""
+    from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
+
+    runner = ModelRunner(load_tiny(), num_slots=2, max_rank=8)
+    forward = runner.forward
+    native = forward.native
+    assert native is not None and native.attends_every_token(forward.head_dim)
+    first, second = [5, 6, 7, 8, 9, 10, 11], list(range(20, 60))
+
+    def two_steps() -> list[torch.Tensor]:
+        a, b = runner.cache.allocate(48), runner.cache.allocate(48)
+        return [
+            runner.step(
+                [],
+                [
+                    PrefillWork(row=a, slot=-1, tokens=first, start=0, wants_logits=True),
+                    PrefillWork(row=b, slot=-1, tokens=second[:17], start=0, wants_logits=False),
+                ],
+            ),
+            runner.step(
+                [DecodeWork(row=a, slot=-1, token=3, position=len(first))],
+                [PrefillWork(row=b, slot=-1, tokens=second[17:], start=17, wants_logits=True)],
+            ),
+        ]
+
+    got = two_steps()
+    forward.native = None  # torch's paths: the per-chunk causal mask, the batched decode
+    want = two_steps()
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.shape[0] >= 1
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

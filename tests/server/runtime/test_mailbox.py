@@ -25,12 +25,16 @@ def test_a_batch_posted_from_another_thread_arrives_in_order_with_one_wake_up():
 
         loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
 
-        def engine_step() -> None:  # one step's outputs, while the loop waits for the thread
+        def engine_step() -> None:  # one step's outputs
             for token in range(50):
                 for queue in queues:
                     mailbox.post(queue, token)
 
-        await asyncio.to_thread(engine_step)
+        # The loop is held (joined, not awaited) while the thread posts: no delivery can run
+        # in the middle, whatever the thread scheduling.
+        thread = threading.Thread(target=engine_step)
+        thread.start()
+        thread.join()
         got = [[await asyncio.wait_for(q.get(), 5) for _ in range(50)] for q in queues]
         assert got == [list(range(50))] * 4
         assert wake_ups == 1  # 200 outputs, one delivery
@@ -45,18 +49,20 @@ def test_posting_to_a_closed_loop_raises_every_time():
     loop = asyncio.new_event_loop()
     mailbox = LoopMailbox(loop)
     queue: asyncio.Queue[int] = asyncio.Queue()
+    mailbox.post(queue, 0)  # a delivery scheduled, never run: the loop closes first
     loop.close()
     for _ in range(2):  # not only the first: each emitter learns nobody listens
         with pytest.raises(RuntimeError):
             mailbox.post(queue, 1)
+    assert not mailbox._items  # nothing kept for a loop that is gone
 
 
 def test_posts_racing_with_deliveries_lose_nothing():
     async def main() -> None:
         mailbox = LoopMailbox(asyncio.get_running_loop())
-        queue: asyncio.Queue[int] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         threads = [
-            threading.Thread(target=lambda k=k: [mailbox.post(queue, k) for _ in range(2000)])
+            threading.Thread(target=lambda k=k: [mailbox.post(queue, (k, i)) for i in range(2000)])
             for k in range(3)
         ]
         for t in threads:
@@ -64,6 +70,8 @@ def test_posts_racing_with_deliveries_lose_nothing():
         got = [await asyncio.wait_for(queue.get(), 5) for _ in range(6000)]
         for t in threads:
             t.join()
-        assert sorted(set(got)) == [0, 1, 2] and all(got.count(k) == 2000 for k in range(3))
+        for k in range(3):  # each producer's items, all of them, in the order it posted them
+            assert [i for j, i in got if j == k] == list(range(2000))
+        assert queue.empty()
 
     asyncio.run(main())
