@@ -928,70 +928,96 @@ ATTEND_AVX2(16)
  * (b, heads, d) contiguous; keys, values (rows, kv_heads, max_len, d), the layer's cache; token
  * i attends the first lengths[i] (1..max_len) positions of row rows[i]. Returns 0, -1 when
  * memory runs out, -2 for a length or instruction set out of range. */
+/* One task of decode_attention: token i's query heads of KV head kvh. Returns 0, or -1 when
+ * memory runs out. */
+static int attend_task(const void *q, int64_t q_stride, int q_bf16, int64_t i, int64_t kvh,
+                       int64_t heads, int64_t kv_heads, int64_t d, const void *keys,
+                       const void *values, int cache_bf16, int64_t max_len, int64_t row,
+                       int64_t length, float scaling, void *out, int isa, int bf16_dot) {
+    int64_t g = heads / kv_heads, esize = cache_bf16 ? 2 : 4;
+    float *scores = malloc((size_t)(g * length) * sizeof(float));
+    if (scores == NULL) return -1;
+    float qh[g * d], acc[g * d];
+    int64_t first = (i * heads + kvh * g) * d;
+    int64_t from = i * q_stride + kvh * g * d;
+    for (int64_t e = 0; e < g * d; e++) qh[e] = load_any(q, q_bf16, from + e);
+    int64_t at = ((row * kv_heads + kvh) * max_len) * d * esize;
+    const char *k = (const char *)keys + at, *v = (const char *)values + at;
+    if (kvh + 1 < kv_heads) { /* the start of the token's next head, soon taken */
+        int64_t ahead = length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK;
+        prefetch_tokens(k + max_len * d * esize, d * esize, 0, ahead);
+    }
+    (void)bf16_dot;
+    if (isa >= 2 && (d == 64 || d == 128)) {
+#if HAVE_BF16
+        if (bf16_dot && d == 64)
+            attend_scores_bf16_4(qh, g, k, v, length, scaling, scores);
+        else if (bf16_dot)
+            attend_scores_bf16_8(qh, g, k, v, length, scaling, scores);
+        else
+#endif
+        if (d == 64)
+            attend_scores_avx512_4(qh, g, k, v, cache_bf16, length, scaling, scores);
+        else
+            attend_scores_avx512_8(qh, g, k, v, cache_bf16, length, scaling, scores);
+#if HAVE_BF16
+        if (bf16_dot && d == 64)
+            attend_values_bf16_4(g, v, length, scores, acc);
+        else if (bf16_dot)
+            attend_values_bf16_8(g, v, length, scores, acc);
+        else
+#endif
+        if (d == 64)
+            attend_values_avx512_4(g, v, cache_bf16, length, scores, acc);
+        else
+            attend_values_avx512_8(g, v, cache_bf16, length, scores, acc);
+    } else if (isa == 1 && d == 64)
+        attend_head_avx2_8(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
+    else if (isa == 1 && d == 128)
+        attend_head_avx2_16(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
+    else
+        attend_head(qh, g, d, k, v, cache_bf16, length, scaling, scores, acc);
+    for (int64_t e = 0; e < g * d; e++) store(out, q_bf16, first + e, acc[e]);
+    free(scores);
+    return 0;
+}
+
+/* q (b, heads, d) in the compute dtype, token i's heads at q + i * q_stride (elements); out
+ * (b, heads, d) contiguous; keys, values (rows, kv_heads, max_len, d), the layer's cache; token
+ * i attends the first lengths[i] (1..max_len) positions of row rows[i]. Returns 0, -1 when
+ * memory runs out, -2 for a length or instruction set out of range. */
 int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int64_t heads,
                      int64_t kv_heads, int64_t d, const void *keys, const void *values,
                      int cache_bf16, int64_t max_len, const int64_t *rows, const int64_t *lengths,
                      float scaling, void *out, int isa) {
     if (isa < 0 || isa > 3) return -2;
-    for (int64_t i = 0; i < b; i++)
+    int64_t shortest = max_len, longest = 0;
+    for (int64_t i = 0; i < b; i++) {
         if (lengths[i] < 1 || lengths[i] > max_len) return -2;
-    int64_t g = heads / kv_heads, esize = cache_bf16 ? 2 : 4;
+        shortest = lengths[i] < shortest ? lengths[i] : shortest;
+        longest = lengths[i] > longest ? lengths[i] : longest;
+    }
     /* queries in bf16 are exact as bf16: then the keys multiply in place where the CPU can */
     int bf16_dot = HAVE_BF16 && isa == 3 && q_bf16 && cache_bf16;
     int failed = 0;
-    /* one head at a time, handed out as threads free up: a prompt's later tokens see more keys
-     * than its first, and one decode token's heads still spread over the threads */
+    if (longest > 2 * shortest + ATTEND_BLOCK) {
+        /* uneven work (a prompt's later tokens see more keys than its first): heads handed out
+         * one at a time as threads free up */
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) reduction(| : failed)
-    for (int64_t i = 0; i < b; i++) {
-        for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
-            int64_t length = lengths[i];
-            float *scores = malloc((size_t)(g * length) * sizeof(float));
-            if (scores == NULL) {
-                failed = 1;
-                continue;
-            }
-            float qh[g * d], acc[g * d];
-            int64_t first = (i * heads + kvh * g) * d;
-            int64_t from = i * q_stride + kvh * g * d;
-            for (int64_t e = 0; e < g * d; e++) qh[e] = load_any(q, q_bf16, from + e);
-            int64_t at = ((rows[i] * kv_heads + kvh) * max_len) * d * esize;
-            const char *k = (const char *)keys + at, *v = (const char *)values + at;
-            if (kvh + 1 < kv_heads) { /* the start of the token's next head, soon taken */
-                int64_t ahead = length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK;
-                prefetch_tokens(k + max_len * d * esize, d * esize, 0, ahead);
-            }
-            if (isa >= 2 && (d == 64 || d == 128)) {
-#if HAVE_BF16
-                if (bf16_dot && d == 64)
-                    attend_scores_bf16_4(qh, g, k, v, length, scaling, scores);
-                else if (bf16_dot)
-                    attend_scores_bf16_8(qh, g, k, v, length, scaling, scores);
-                else
-#endif
-                if (d == 64)
-                    attend_scores_avx512_4(qh, g, k, v, cache_bf16, length, scaling, scores);
-                else
-                    attend_scores_avx512_8(qh, g, k, v, cache_bf16, length, scaling, scores);
-#if HAVE_BF16
-                if (bf16_dot && d == 64)
-                    attend_values_bf16_4(g, v, length, scores, acc);
-                else if (bf16_dot)
-                    attend_values_bf16_8(g, v, length, scores, acc);
-                else
-#endif
-                if (d == 64)
-                    attend_values_avx512_4(g, v, cache_bf16, length, scores, acc);
-                else
-                    attend_values_avx512_8(g, v, cache_bf16, length, scores, acc);
-            } else if (isa == 1 && d == 64)
-                attend_head_avx2_8(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
-            else if (isa == 1 && d == 128)
-                attend_head_avx2_16(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
-            else
-                attend_head(qh, g, d, k, v, cache_bf16, length, scaling, scores, acc);
-            for (int64_t e = 0; e < g * d; e++) store(out, q_bf16, first + e, acc[e]);
-            free(scores);
-        }
+        for (int64_t i = 0; i < b; i++)
+            for (int64_t kvh = 0; kvh < kv_heads; kvh++)
+                failed |= attend_task(q, q_stride, q_bf16, i, kvh, heads, kv_heads, d, keys, values,
+                                      cache_bf16, max_len, rows[i], lengths[i], scaling, out, isa,
+                                      bf16_dot) != 0;
+    } else {
+        /* decode tokens of similar lengths: each thread a contiguous run of heads (measured
+         * faster than handing them out, 64 rows x 100 tokens: about 10%) */
+#pragma omp parallel for collapse(2) schedule(static) reduction(| : failed)
+        for (int64_t i = 0; i < b; i++)
+            for (int64_t kvh = 0; kvh < kv_heads; kvh++)
+                failed |= attend_task(q, q_stride, q_bf16, i, kvh, heads, kv_heads, d, keys, values,
+                                      cache_bf16, max_len, rows[i], lengths[i], scaling, out, isa,
+                                      bf16_dot) != 0;
     }
     return failed ? -1 : 0;
 }
