@@ -570,10 +570,11 @@ static void attend_head(const float *q, int64_t g, int64_t d, const void *k, con
     }
 }
 
-/* The AVX-512 head, for heads of NV x 16 values, over blocks of ATTEND_BLOCK tokens: each
- * block's keys (then values) are widened to float32 once and serve every query head of the
- * group; the 16 dot products of a block are summed across lanes together (hsum16: 15 adds,
- * instead of 16 separate reductions), and the softmax's exponentials are vectorized (exp16). */
+/* The vector heads (AVX-512 and AVX2, heads of 64 or 128 values), over blocks of as many tokens
+ * as a vector has lanes: each block's keys (then values) are widened to float32 once and serve
+ * every query head of the group; the block's dot products are summed across lanes together
+ * (hsum16: 15 adds, instead of 16 separate reductions), and the softmax's exponentials are
+ * vectorized (exp16); keys and values are prefetched ahead. */
 #define ATTEND_BLOCK 16
 
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -621,84 +622,149 @@ TARGET_AVX512 static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* scores (g, length) = q (g, NV x 16) K.T * scaling, one block of keys widened at a time */
-#define ATTEND_SCORES_AVX512(NV)                                                                  \
-    TARGET_AVX512 static void attend_scores_avx512_##NV(const float *q, int64_t g, const void *k, \
-                                                        const void *v, int bf16, int64_t length,  \
-                                                        float scaling, float *scores) {           \
-        const int64_t d = NV * 16, row = d * (bf16 ? 2 : 4);                                    \
-        __m512 block[ATTEND_BLOCK][NV], part[ATTEND_BLOCK];                                     \
-        prefetch_tokens(k, row, 0, length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK);      \
-        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK) {                                 \
-            int64_t n = length - t0 < ATTEND_BLOCK ? length - t0 : ATTEND_BLOCK;                \
-            int64_t ahead = t0 + 3 * ATTEND_BLOCK < length ? t0 + 3 * ATTEND_BLOCK : length;    \
-            prefetch_tokens(k, row, t0 + 2 * ATTEND_BLOCK < ahead ? t0 + 2 * ATTEND_BLOCK : ahead, ahead); \
-            prefetch_tokens(v, row, t0, t0 + n);                                                \
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+/* lane j = the sum of v[j]'s 8 lanes */
+TARGET_AVX2 static inline __m256 hsum8(const __m256 *v) {
+    __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3); /* per 128 bits: v0..v3, v4..v7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+/* exp16's e^x on 8 lanes, 2^n built in the exponent bits (x clamped where 2^n stays normal) */
+TARGET_AVX2 static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* the horizontal sum of one vector */
+TARGET_AVX2 static inline float sum8(__m256 v) {
+    float lanes[8], sum = 0.0f;
+    _mm256_storeu_ps(lanes, v);
+    for (int j = 0; j < 8; j++) sum += lanes[j];
+    return sum;
+}
+
+/* Keys and values are asked for this many tokens ahead of the block being computed. */
+#define ATTEND_AHEAD 32
+
+/* The cache lines the block of tokens [t0, t0 + n) leads to: the keys ATTEND_AHEAD tokens on,
+ * and this block's values (read once its scores are in). */
+static inline void prefetch_block(const void *k, const void *v, int64_t row, int64_t t0,
+                                  int64_t n, int64_t length) {
+    int64_t from = t0 + ATTEND_AHEAD < length ? t0 + ATTEND_AHEAD : length;
+    prefetch_tokens(k, row, from, from + n < length ? from + n : length);
+    prefetch_tokens(v, row, t0, t0 + n);
+}
+
+/* One instruction set's vector ops, for the blocked head below: ISA names the functions, a
+ * block is LANES tokens (HSUM sums LANES vectors across lanes at once), a head NV vectors. */
+#define ATTEND_OPS_AVX512 avx512, TARGET_AVX512, __m512, 16, load16, _mm512_loadu_ps, \
+    _mm512_storeu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_mul_ps, \
+    _mm512_sub_ps, _mm512_add_ps, hsum16, exp16, _mm512_reduce_add_ps
+#define ATTEND_OPS_AVX2 avx2, TARGET_AVX2, __m256, 8, load8, _mm256_loadu_ps, _mm256_storeu_ps, \
+    _mm256_set1_ps, _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_sub_ps, \
+    _mm256_add_ps, hsum8, exp8, sum8
+
+/* scores (g, length) = q (g, NV x LANES) K.T * scaling, one block of keys widened at a time */
+#define ATTEND_SCORES(NV, ...) ATTEND_SCORES_(NV, __VA_ARGS__)
+#define ATTEND_SCORES_(NV, ISA, TARGET, VEC, LANES, LOADW, LOADU, STOREU, SET1, ZERO, FMA, MUL,  \
+                       SUB, ADD, HSUM, EXP, RSUM)                                                \
+    TARGET static void attend_scores_##ISA##_##NV(const float *q, int64_t g, const void *k,       \
+                                                  const void *v, int bf16, int64_t length,        \
+                                                  float scaling, float *scores) {                 \
+        const int64_t d = NV * LANES, row = d * (bf16 ? 2 : 4);                                 \
+        VEC block[LANES][NV], part[LANES];                                                      \
+        prefetch_tokens(k, row, 0, length < ATTEND_AHEAD ? length : ATTEND_AHEAD);              \
+        for (int64_t t0 = 0; t0 < length; t0 += LANES) {                                        \
+            int64_t n = length - t0 < LANES ? length - t0 : LANES;                              \
+            prefetch_block(k, v, row, t0, n, length);                                           \
             for (int64_t t = 0; t < n; t++)                                                     \
-                for (int j = 0; j < NV; j++) block[t][j] = load16(k, bf16, (t0 + t) * d + 16 * j); \
-            for (int64_t t = n; t < ATTEND_BLOCK; t++) part[t] = _mm512_setzero_ps();           \
+                for (int j = 0; j < NV; j++) block[t][j] = LOADW(k, bf16, (t0 + t) * d + LANES * j); \
+            for (int64_t t = n; t < LANES; t++) part[t] = ZERO();                               \
             for (int64_t h = 0; h < g; h++) {                                                   \
                 const float *qh = q + h * d;                                                    \
                 for (int64_t t = 0; t < n; t++) {                                               \
-                    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qh), block[t][0]);                 \
-                    for (int j = 1; j < NV; j++)                                                \
-                        s = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * j), block[t][j], s);      \
+                    VEC s = MUL(LOADU(qh), block[t][0]);                                        \
+                    for (int j = 1; j < NV; j++) s = FMA(LOADU(qh + LANES * j), block[t][j], s); \
                     part[t] = s;                                                                \
                 }                                                                               \
-                __m512 sums = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scaling));             \
-                _mm512_mask_storeu_ps(scores + h * length + t0, (__mmask16)((1u << n) - 1), sums); \
+                float sums[LANES];                                                              \
+                STOREU(sums, MUL(HSUM(part), SET1(scaling)));                                   \
+                memcpy(scores + h * length + t0, sums, (size_t)n * sizeof(float));              \
             }                                                                                   \
         }                                                                                       \
     }
 
-/* acc (g, NV x 16) = softmax(scores) V, scores (g, length) exponentiated in place */
-#define ATTEND_VALUES_AVX512(NV)                                                                  \
-    TARGET_AVX512 static void attend_values_avx512_##NV(int64_t g, const void *v, int bf16,       \
-                                                        int64_t length, float *scores,            \
-                                                        float *acc) {                             \
-        const int64_t d = NV * 16;                                                              \
-        __m512 block[ATTEND_BLOCK][NV];                                                         \
+/* acc (g, NV x LANES) = softmax(scores) V, scores (g, length) exponentiated in place */
+#define ATTEND_VALUES(NV, ...) ATTEND_VALUES_(NV, __VA_ARGS__)
+#define ATTEND_VALUES_(NV, ISA, TARGET, VEC, LANES, LOADW, LOADU, STOREU, SET1, ZERO, FMA, MUL,  \
+                       SUB, ADD, HSUM, EXP, RSUM)                                                \
+    TARGET static void attend_values_##ISA##_##NV(int64_t g, const void *v, int bf16,             \
+                                                  int64_t length, float *scores, float *acc) {    \
+        const int64_t d = NV * LANES;                                                           \
+        VEC block[LANES][NV];                                                                   \
         float inv[g];                                                                           \
         for (int64_t h = 0; h < g; h++) {                                                       \
-            float *row = scores + h * length, top = row[0];                                     \
-            for (int64_t t = 1; t < length; t++) top = row[t] > top ? row[t] : top;             \
-            __m512 shift = _mm512_set1_ps(top), total = _mm512_setzero_ps();                    \
-            for (int64_t t = 0; t < length; t += 16) {                                          \
-                __mmask16 m = length - t >= 16 ? 0xffff : (__mmask16)((1u << (length - t)) - 1); \
-                __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), shift));      \
-                total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));                        \
-                _mm512_mask_storeu_ps(row + t, m, e);                                           \
+            float *r = scores + h * length, top = r[0];                                         \
+            for (int64_t t = 1; t < length; t++) top = r[t] > top ? r[t] : top;                 \
+            VEC shift = SET1(top), total = ZERO();                                              \
+            int64_t t = 0;                                                                      \
+            for (; t + LANES <= length; t += LANES) {                                           \
+                VEC e = EXP(SUB(LOADU(r + t), shift));                                          \
+                total = ADD(total, e);                                                          \
+                STOREU(r + t, e);                                                               \
             }                                                                                   \
-            inv[h] = 1.0f / _mm512_reduce_add_ps(total);                                        \
-            for (int j = 0; j < NV; j++) _mm512_storeu_ps(acc + h * d + 16 * j, _mm512_setzero_ps()); \
+            float sum = RSUM(total);                                                            \
+            for (; t < length; t++) {                                                           \
+                r[t] = __builtin_expf(r[t] - top);                                              \
+                sum += r[t];                                                                    \
+            }                                                                                   \
+            inv[h] = 1.0f / sum;                                                                \
+            for (int j = 0; j < NV; j++) STOREU(acc + h * d + LANES * j, ZERO());               \
         }                                                                                       \
-        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK) {                                 \
-            int64_t n = length - t0 < ATTEND_BLOCK ? length - t0 : ATTEND_BLOCK;                \
+        for (int64_t t0 = 0; t0 < length; t0 += LANES) {                                       \
+            int64_t n = length - t0 < LANES ? length - t0 : LANES;                              \
             for (int64_t t = 0; t < n; t++)                                                     \
-                for (int j = 0; j < NV; j++) block[t][j] = load16(v, bf16, (t0 + t) * d + 16 * j); \
+                for (int j = 0; j < NV; j++) block[t][j] = LOADW(v, bf16, (t0 + t) * d + LANES * j); \
             for (int64_t h = 0; h < g; h++) {                                                   \
                 const float *p = scores + h * length + t0;                                      \
-                __m512 a[NV];                                                                   \
-                for (int j = 0; j < NV; j++) a[j] = _mm512_loadu_ps(acc + h * d + 16 * j);      \
+                VEC a[NV];                                                                      \
+                for (int j = 0; j < NV; j++) a[j] = LOADU(acc + h * d + LANES * j);             \
                 for (int64_t t = 0; t < n; t++) {                                               \
-                    __m512 pt = _mm512_set1_ps(p[t]);                                           \
-                    for (int j = 0; j < NV; j++) a[j] = _mm512_fmadd_ps(pt, block[t][j], a[j]); \
+                    VEC pt = SET1(p[t]);                                                        \
+                    for (int j = 0; j < NV; j++) a[j] = FMA(pt, block[t][j], a[j]);             \
                 }                                                                               \
-                for (int j = 0; j < NV; j++) _mm512_storeu_ps(acc + h * d + 16 * j, a[j]);      \
+                for (int j = 0; j < NV; j++) STOREU(acc + h * d + LANES * j, a[j]);             \
             }                                                                                   \
         }                                                                                       \
-        for (int64_t h = 0; h < g; h++) {                                                       \
-            __m512 scale = _mm512_set1_ps(inv[h]);                                              \
+        for (int64_t h = 0; h < g; h++)                                                         \
             for (int j = 0; j < NV; j++)                                                        \
-                _mm512_storeu_ps(acc + h * d + 16 * j,                                          \
-                                 _mm512_mul_ps(_mm512_loadu_ps(acc + h * d + 16 * j), scale));  \
-        }                                                                                       \
+                STOREU(acc + h * d + LANES * j, MUL(LOADU(acc + h * d + LANES * j), SET1(inv[h]))); \
     }
 
-ATTEND_SCORES_AVX512(4)
-ATTEND_SCORES_AVX512(8)
-ATTEND_VALUES_AVX512(4)
-ATTEND_VALUES_AVX512(8)
+ATTEND_SCORES(4, ATTEND_OPS_AVX512)
+ATTEND_SCORES(8, ATTEND_OPS_AVX512)
+ATTEND_VALUES(4, ATTEND_OPS_AVX512)
+ATTEND_VALUES(8, ATTEND_OPS_AVX512)
+ATTEND_SCORES(8, ATTEND_OPS_AVX2)
+ATTEND_SCORES(16, ATTEND_OPS_AVX2)
+ATTEND_VALUES(8, ATTEND_OPS_AVX2)
+ATTEND_VALUES(16, ATTEND_OPS_AVX2)
 
 #if HAVE_BF16
 /* attend_scores_avx512 for a bf16 cache and bf16 queries on a CPU with AVX512-BF16: the keys
@@ -708,7 +774,7 @@ ATTEND_VALUES_AVX512(8)
         attend_scores_bf16_##NV(const float *q, int64_t g, const void *k, const void *v,          \
                                 int64_t length, float scaling, float *scores) {                   \
         const int64_t d = NV * 16;                                                              \
-        prefetch_tokens(k, 2 * d, 0, length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK);    \
+        prefetch_tokens(k, 2 * d, 0, length < ATTEND_AHEAD ? length : ATTEND_AHEAD);            \
         __m512bh qb[g][NV / 2];                                                                 \
         for (int64_t h = 0; h < g; h++)                                                         \
             for (int j = 0; j < NV / 2; j++)                                                    \
@@ -718,9 +784,7 @@ ATTEND_VALUES_AVX512(8)
         __m512 part[ATTEND_BLOCK];                                                              \
         for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK) {                                 \
             int64_t n = length - t0 < ATTEND_BLOCK ? length - t0 : ATTEND_BLOCK;                \
-            int64_t ahead = t0 + 3 * ATTEND_BLOCK < length ? t0 + 3 * ATTEND_BLOCK : length;    \
-            prefetch_tokens(k, 2 * d, t0 + 2 * ATTEND_BLOCK < ahead ? t0 + 2 * ATTEND_BLOCK : ahead, ahead); \
-            prefetch_tokens(v, 2 * d, t0, t0 + n);                                              \
+            prefetch_block(k, v, 2 * d, t0, n, length);                                         \
             for (int64_t t = n; t < ATTEND_BLOCK; t++) part[t] = _mm512_setzero_ps();           \
             for (int64_t h = 0; h < g; h++) {                                                   \
                 for (int64_t t = 0; t < n; t++) {                                               \
@@ -817,112 +881,6 @@ ATTEND_VALUES_BF16(4)
 ATTEND_VALUES_BF16(8)
 #endif
 
-/* The same blocked head on AVX2 (8 lanes, blocks of 8 tokens), float32 or bf16 cache */
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define ATTEND_BLOCK8 8
-
-/* lane j = the sum of v[j]'s 8 lanes */
-TARGET_AVX2 static inline __m256 hsum8(const __m256 *v) {
-    __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
-    __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
-    __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3); /* per 128 bits: v0..v3, v4..v7 */
-    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
-}
-
-/* exp16's e^x on 8 lanes, 2^n built in the exponent bits (x clamped where 2^n stays normal) */
-TARGET_AVX2 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-#define ATTEND_AVX2(NV)                                                                           \
-    TARGET_AVX2 static void attend_head_avx2_##NV(const float *q, int64_t g, const void *k,       \
-                                                  const void *v, int bf16, int64_t length,        \
-                                                  float scaling, float *scores, float *acc) {     \
-        const int64_t d = NV * 8, row = d * (bf16 ? 2 : 4);                                     \
-        __m256 block[ATTEND_BLOCK8][NV], part[ATTEND_BLOCK8];                                   \
-        prefetch_tokens(k, row, 0, length < 4 * ATTEND_BLOCK8 ? length : 4 * ATTEND_BLOCK8);    \
-        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK8) {                                \
-            int64_t n = length - t0 < ATTEND_BLOCK8 ? length - t0 : ATTEND_BLOCK8;              \
-            int64_t ahead = t0 + 5 * ATTEND_BLOCK8 < length ? t0 + 5 * ATTEND_BLOCK8 : length;  \
-            prefetch_tokens(k, row, t0 + 4 * ATTEND_BLOCK8 < ahead ? t0 + 4 * ATTEND_BLOCK8 : ahead, ahead); \
-            prefetch_tokens(v, row, t0, t0 + n);                                                \
-            for (int64_t t = 0; t < n; t++)                                                     \
-                for (int j = 0; j < NV; j++) block[t][j] = load8(k, bf16, (t0 + t) * d + 8 * j); \
-            for (int64_t t = n; t < ATTEND_BLOCK8; t++) part[t] = _mm256_setzero_ps();          \
-            for (int64_t h = 0; h < g; h++) {                                                   \
-                const float *qh = q + h * d;                                                    \
-                for (int64_t t = 0; t < n; t++) {                                               \
-                    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qh), block[t][0]);                 \
-                    for (int j = 1; j < NV; j++)                                                \
-                        s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * j), block[t][j], s);       \
-                    part[t] = s;                                                                \
-                }                                                                               \
-                __m256 sums = _mm256_mul_ps(hsum8(part), _mm256_set1_ps(scaling));              \
-                if (n == ATTEND_BLOCK8)                                                         \
-                    _mm256_storeu_ps(scores + h * length + t0, sums);                           \
-                else {                                                                          \
-                    float tail[ATTEND_BLOCK8];                                                  \
-                    _mm256_storeu_ps(tail, sums);                                               \
-                    memcpy(scores + h * length + t0, tail, (size_t)n * sizeof(float));          \
-                }                                                                               \
-            }                                                                                   \
-        }                                                                                       \
-        float inv[g];                                                                           \
-        for (int64_t h = 0; h < g; h++) {                                                       \
-            float *r = scores + h * length, top = r[0], sum = 0.0f;                             \
-            for (int64_t t = 1; t < length; t++) top = r[t] > top ? r[t] : top;                 \
-            __m256 shift = _mm256_set1_ps(top), total = _mm256_setzero_ps();                    \
-            int64_t t = 0;                                                                      \
-            for (; t + 8 <= length; t += 8) {                                                   \
-                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(r + t), shift));                  \
-                total = _mm256_add_ps(total, e);                                                \
-                _mm256_storeu_ps(r + t, e);                                                     \
-            }                                                                                   \
-            for (; t < length; t++) {                                                           \
-                r[t] = __builtin_expf(r[t] - top);                                              \
-                sum += r[t];                                                                    \
-            }                                                                                   \
-            float lanes[8];                                                                     \
-            _mm256_storeu_ps(lanes, total);                                                     \
-            for (int j = 0; j < 8; j++) sum += lanes[j];                                        \
-            inv[h] = 1.0f / sum;                                                                \
-            for (int j = 0; j < NV; j++) _mm256_storeu_ps(acc + h * d + 8 * j, _mm256_setzero_ps()); \
-        }                                                                                       \
-        for (int64_t t0 = 0; t0 < length; t0 += ATTEND_BLOCK8) {                                \
-            int64_t n = length - t0 < ATTEND_BLOCK8 ? length - t0 : ATTEND_BLOCK8;              \
-            for (int64_t t = 0; t < n; t++)                                                     \
-                for (int j = 0; j < NV; j++) block[t][j] = load8(v, bf16, (t0 + t) * d + 8 * j); \
-            for (int64_t h = 0; h < g; h++) {                                                   \
-                const float *p = scores + h * length + t0;                                      \
-                __m256 a[NV];                                                                   \
-                for (int j = 0; j < NV; j++) a[j] = _mm256_loadu_ps(acc + h * d + 8 * j);       \
-                for (int64_t t = 0; t < n; t++) {                                               \
-                    __m256 pt = _mm256_set1_ps(p[t]);                                           \
-                    for (int j = 0; j < NV; j++) a[j] = _mm256_fmadd_ps(pt, block[t][j], a[j]); \
-                }                                                                               \
-                for (int j = 0; j < NV; j++) _mm256_storeu_ps(acc + h * d + 8 * j, a[j]);       \
-            }                                                                                   \
-        }                                                                                       \
-        for (int64_t h = 0; h < g; h++)                                                         \
-            for (int64_t e = 0; e < d; e++) acc[h * d + e] *= inv[h];                           \
-    }
-
-ATTEND_AVX2(8)
-ATTEND_AVX2(16)
 
 /* q (b, heads, d) in the compute dtype, token i's heads at q + i * q_stride (elements); out
  * (b, heads, d) contiguous; keys, values (rows, kv_heads, max_len, d), the layer's cache; token
@@ -944,7 +902,7 @@ static int attend_task(const void *q, int64_t q_stride, int q_bf16, int64_t i, i
     int64_t at = ((row * kv_heads + kvh) * max_len) * d * esize;
     const char *k = (const char *)keys + at, *v = (const char *)values + at;
     if (kvh + 1 < kv_heads) { /* the start of the token's next head, soon taken */
-        int64_t ahead = length < 2 * ATTEND_BLOCK ? length : 2 * ATTEND_BLOCK;
+        int64_t ahead = length < ATTEND_AHEAD ? length : ATTEND_AHEAD;
         prefetch_tokens(k + max_len * d * esize, d * esize, 0, ahead);
     }
     (void)bf16_dot;
@@ -971,11 +929,13 @@ static int attend_task(const void *q, int64_t q_stride, int q_bf16, int64_t i, i
             attend_values_avx512_4(g, v, cache_bf16, length, scores, acc);
         else
             attend_values_avx512_8(g, v, cache_bf16, length, scores, acc);
-    } else if (isa == 1 && d == 64)
-        attend_head_avx2_8(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
-    else if (isa == 1 && d == 128)
-        attend_head_avx2_16(qh, g, k, v, cache_bf16, length, scaling, scores, acc);
-    else
+    } else if (isa == 1 && d == 64) {
+        attend_scores_avx2_8(qh, g, k, v, cache_bf16, length, scaling, scores);
+        attend_values_avx2_8(g, v, cache_bf16, length, scores, acc);
+    } else if (isa == 1 && d == 128) {
+        attend_scores_avx2_16(qh, g, k, v, cache_bf16, length, scaling, scores);
+        attend_values_avx2_16(g, v, cache_bf16, length, scores, acc);
+    } else
         attend_head(qh, g, d, k, v, cache_bf16, length, scaling, scores, acc);
     for (int64_t e = 0; e < g * d; e++) store(out, q_bf16, first + e, acc[e]);
     free(scores);
