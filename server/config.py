@@ -90,11 +90,13 @@ class EngineConfig:
         default=None, metadata={"parse": parse_auto_int, "metavar": "N|auto", "cli_default": "auto"}
     )
     """Device slots: distinct adapters resident (and batched together) at once; auto = as
-    many as a quarter of the memory available at start holds at the rank of the largest
-    adapter loaded (rounded up to a power of two), at most one per batch row
-    (--max-batch-size): more slots for small adapters, fewer once a large one loads."""
+    many as a quarter of the memory available at start holds, each adapter loaded at its own
+    rank (rounded up to a power of two, at least 8) and each slot more at the largest such
+    rank loaded, at most one per batch row (--max-batch-size): more slots for small adapters,
+    fewer once large ones load."""
     max_lora_rank: int = 64
-    """Largest adapter rank accepted (slots take only the rank their adapters need)."""
+    """Largest adapter rank accepted (a slot takes only its adapter's rank, rounded up to a
+    power of two)."""
     max_prefill_tokens: int = 512
     """Prompt tokens prefilled per step beside the decodes (chunked prefill): a long prompt
     takes several steps, and running decodes wait at most one chunk."""

@@ -26,8 +26,8 @@ from loraplex.core.model import dense_weight
 from loraplex.server.engine.cpu_kernels import DTYPES, NATIVE_ROW_MAX, CpuKernels
 from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
 from loraplex.server.engine.linear import BaseLinears, Unit
-from loraplex.server.engine.lora import LoraGroup, LoraStacks
-from loraplex.server.engine.lora_ops import LoraPlan, add_lora
+from loraplex.server.engine.lora import LoraStacks
+from loraplex.server.engine.lora_ops import PoolPlan, add_step_lora
 from loraplex.server.engine.step_program import DecodeProgram, capture, replayable
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ class StepBatch:
     num_rows: int  # rows in use: decode attention reads rows [0, num_rows)
     chunks: list[PromptChunk]
     logits_index: torch.Tensor  # (M,) tokens whose next-token logits are wanted
-    lora: LoraPlan
+    lora: tuple[PoolPlan, ...]  # each pool's part of the step's LoRA (empty: none)
     # With an adapter merged into the base: its delta, subtracted for every other token.
-    unmerge: LoraPlan | None = None
+    unmerge: tuple[PoolPlan, ...] = ()
     # Decode token i is in cache row i, and every row in use decodes (n_decode == num_rows).
     rows_in_order: bool = False
 
@@ -173,7 +173,8 @@ def _additive(hidden: torch.Tensor) -> torch.Tensor:
 class _LayerParts:
     """One decoder layer as the forward reads it, resolved once: its norms, the kernel of each
     of its units (q/k/v and gate/up each one call, their outputs side by side; BaseLinears'
-    choice, or a merged copy while an adapter is merged), its KV cache and its LoRA groups."""
+    choice, or a merged copy while an adapter is merged), its KV cache and its index (the layer
+    of its LoRA groups in each adapter pool)."""
 
     def __init__(
         self,
@@ -181,7 +182,7 @@ class _LayerParts:
         linears: BaseLinears,
         keys: torch.Tensor,
         values: torch.Tensor,
-        groups: dict[str, LoraGroup],
+        index: int,
     ) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = _Norm(layer.input_layernorm, linears.native)
@@ -211,7 +212,7 @@ class _LayerParts:
         self.act: Callable[[torch.Tensor], torch.Tensor] = mlp.act_fn
         self.silu = type(mlp.act_fn).__name__ in SILU_MODULES
         self.keys, self.values = keys, values
-        self.groups = groups
+        self.index = index
 
 
 class _Norm:
@@ -274,7 +275,7 @@ class DecoderForward:
         self.programs: dict[int, DecodeProgram | None] = {}
         inner = model.model
         self.layers = [
-            _LayerParts(layer, linears, cache.keys[i], cache.values[i], lora.groups[i])
+            _LayerParts(layer, linears, cache.keys[i], cache.values[i], i)
             for i, layer in enumerate(inner.layers)
         ]
         self.final_norm = _Norm(inner.norm)
@@ -296,9 +297,14 @@ class DecoderForward:
         for other adapters then subtract its delta (StepBatch.unmerge)."""
         by_name = dict(self.model.named_modules())
         merged: dict[nn.Module, torch.Tensor] = {}
+        placed = self.lora.locate(slot)
+        if placed is None:  # an adapter of rank 0: nothing to fold in
+            self.unmerge()
+            return 0
+        pool, local = placed
         for name, (layer, gname, member) in self.lora.modules.items():
-            group = self.lora.groups[layer][gname]
-            a, bt = group.a(slot, member), group.bt[member][slot]  # (R, in), (R, out)
+            group = pool.groups[layer][gname]
+            a, bt = group.a(local, member), group.bt[member][local]  # (R, in), (R, out)
             if not bt.any():
                 continue  # not targeted by this adapter
             module = by_name[name]
@@ -397,10 +403,10 @@ class DecoderForward:
         batch: StepBatch,
         masks: _AttentionMasks,
     ) -> torch.Tensor:
-        n, linear, groups = x.shape[0], parts.linear, parts.groups
+        n, linear = x.shape[0], parts.linear
         # q, k and v: column ranges of one output (N, q + k + v), rotated and read in place
         q, k, v = linear["qkv"](x).split(parts.qkv_split, dim=1)
-        _add_lora([q, k, v], x, groups["qkv"], batch)
+        _add_lora([q, k, v], x, parts.index, "qkv", batch)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.kv_heads, self.head_dim)
         v = v.view(n, self.kv_heads, self.head_dim)
@@ -430,7 +436,7 @@ class DecoderForward:
                 out[span] = self._prefill_attention(parts, q[span], chunk, future)
         o_in = out.view(n, -1)
         o = linear["o"](o_in)
-        _add_lora([o], o_in, groups["o"], batch)
+        _add_lora([o], o_in, parts.index, "o", batch)
         return o
 
     def _decode_attention(
@@ -485,17 +491,17 @@ class DecoderForward:
         return out.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
 
     def _mlp(self, parts: _LayerParts, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        linear, groups = parts.linear, parts.groups
+        linear = parts.linear
         width = parts.mlp_width
         gate, up = linear["gate_up"](x).split([width, width], dim=1)  # (N, I) each, in place
-        _add_lora([gate, up], x, groups["gate_up"], batch)
+        _add_lora([gate, up], x, parts.index, "gate_up", batch)
         native = self.native
         if native is not None and parts.silu:
             act = native.silu_mul(gate, up)
         else:
             act = parts.act(gate) * up
         down = linear["down"](act)
-        _add_lora([down], act, groups["down"], batch)
+        _add_lora([down], act, parts.index, "down", batch)
         return down
 
 
@@ -527,12 +533,11 @@ def probs_of(scores: torch.Tensor, bias: torch.Tensor, scaling: float) -> torch.
 
 
 def _add_lora(
-    outputs: list[torch.Tensor], x: torch.Tensor, group: LoraGroup, batch: StepBatch
+    outputs: list[torch.Tensor], x: torch.Tensor, layer: int, group: str, batch: StepBatch
 ) -> None:
     """Each token's adapter delta; with a merged adapter, minus its delta for the others."""
-    add_lora(outputs, x, group, batch.lora)
-    if batch.unmerge is not None:
-        add_lora(outputs, x, group, batch.unmerge, scale=-1.0)
+    add_step_lora(outputs, x, batch.lora, layer, group)
+    add_step_lora(outputs, x, batch.unmerge, layer, group, scale=-1.0)
 
 
 def _rope_table(

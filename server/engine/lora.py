@@ -5,14 +5,16 @@ For one linear layer with base weight W and the adapter in slot s:
     y = x @ W.T + (x @ A[s].T) @ B[s].T          A[s]: (r, in)   B[s]: (out, r)
 
 with PEFT's alpha/r (or alpha/sqrt(r) for rsLoRA) folded into B[s] at load time. Slot -1 means
-"no adapter" (the base model). Ranks may differ per slot: every slot's stacks are zero-padded to
-the table's max rank, and zero rows/columns add nothing, so a batch of mixed ranks runs at the
-largest rank present in it.
+"no adapter" (the base model). Ranks may differ per slot: adapters live in pools by rank bucket
+(LoraStacks), each slot zero-padded to its pool's rank capacity; zero rows/columns add nothing,
+so the tokens of one pool run at the largest rank present among them.
 
 `lora_delta_reference` is the spec; the fast paths (lora_ops.py) are tested equal to it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -126,22 +128,85 @@ def slot_bytes(
     return per_rank * rank * torch.empty((), dtype=dtype).element_size()
 
 
+MIN_POOL_RANK = 8  # the smallest rank bucket: fewer, larger pools (an r4 slot is stored at 8)
+
+
 def rank_bucket(rank: int, max_rank: int) -> int:
-    """The rank capacity that holds `rank`: the next power of two (so that adapters of close
-    ranks share one allocation), at most max_rank; 0 for 0."""
-    return 0 if rank <= 0 else min(max_rank, 1 << (rank - 1).bit_length())
+    """The rank capacity of the pool that holds an adapter of `rank`: the next power of two, at
+    least MIN_POOL_RANK and at most max_rank (so that adapters of close ranks share a pool);
+    0 for 0."""
+    if rank <= 0:
+        return 0
+    return min(max_rank, max(MIN_POOL_RANK, 1 << (rank - 1).bit_length()))
+
+
+class LoraPool:
+    """The stacks of every LoRA group of the model at one rank capacity: groups[layer][group
+    name], with `num_slots` local slots (grown and shrunk by LoraStacks) and each local slot's
+    rank. The LoRA kernels run on one pool at a time."""
+
+    def __init__(
+        self,
+        layout: list[dict[str, tuple[int, list[tuple[str, int]]]]],
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.rank_capacity = rank
+        self.num_slots = 0
+        self.groups: list[dict[str, LoraGroup]] = [
+            {
+                gname: LoraGroup(in_features, [out for _, out in members], 0, rank, dtype, device)
+                for gname, (in_features, members) in groups.items()
+            }
+            for groups in layout
+        ]
+        self.ranks: list[int] = []  # per local slot
+
+    def resize(self, num_slots: int) -> None:
+        """Re-allocate for `num_slots` local slots, keeping the ones below."""
+        for groups in self.groups:
+            for group in groups.values():
+                group.reshape(num_slots, self.rank_capacity)
+        self.ranks = (self.ranks + [0] * num_slots)[:num_slots]
+        self.num_slots = num_slots
+
+    def clear(self, local: int) -> None:
+        for groups in self.groups:
+            for group in groups.values():
+                group.clear_slot(local)
+        self.ranks[local] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy local slot `src` into `dst` and clear `src` (compaction before a shrink)."""
+        for groups in self.groups:
+            for group in groups.values():
+                group.at[dst].copy_(group.at[src])
+                for bt in group.bt:
+                    bt[dst].copy_(bt[src])
+        self.ranks[dst] = self.ranks[src]
+        self.clear(src)
+
+    def nbytes(self) -> int:
+        return sum(
+            g.at.nbytes + sum(bt.nbytes for bt in g.bt) for gs in self.groups for g in gs.values()
+        )
 
 
 class LoraStacks:
-    """Every LoRA group of the model: groups[layer][group name], plus each slot's rank.
+    """Where every slot's adapter lives: pools by rank bucket, each holding its adapters at its
+    own rank capacity, so an r8 adapter takes an eighth of an r64 one's memory and a step's
+    LoRA runs each pool at the largest rank present in it (not every token at the largest rank
+    of the step).
 
-    `modules` maps a PEFT module name (e.g. "model.layers.3.self_attn.k_proj") to its
-    (layer, group name, member) so an adapter's weights can be written where they belong.
+    Slots are the engine's (SlotTable); a slot's adapter sits in local slot `place[slot][1]` of
+    the pool of its rank's bucket. `modules` maps a PEFT module name (e.g.
+    "model.layers.3.self_attn.k_proj") to its (layer, group name, member) in every pool.
 
-    Storage follows the adapters actually loaded, not the limits: the stacks hold as many
-    slots as the highest slot written so far needs (doubling, up to `max_slots`) at the rank
-    bucket of the largest adapter loaded (not --max-lora-rank), and `fit` gives memory back
-    when the adapters that needed it are gone.
+    Storage follows the adapters actually loaded, not the limits: a pool holds as many local
+    slots as its highest one written needs (doubling), and `fit` gives memory back when the
+    adapters that needed it are gone. `generation` is bumped at every re-allocation: what holds
+    the pools' addresses (a captured step) re-reads them.
     """
 
     def __init__(
@@ -153,67 +218,104 @@ class LoraStacks:
         device: torch.device,
     ) -> None:
         """layout[layer][group] = (in_features, [(module name, out_features), ...])."""
+        self.layout = layout
         self.max_slots = max_slots
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
-        self.num_slots = 0  # slots allocated (grows as higher slots are written)
-        self.rank_capacity = 0  # the rank bucket allocated (grows with the largest rank loaded)
-        self.generation = 0  # bumped at every re-allocation: what holds their addresses re-reads
-        self.groups: list[dict[str, LoraGroup]] = []
-        self.modules: dict[str, tuple[int, str, int]] = {}
-        for layer, groups in enumerate(layout):
-            built = {}
-            for gname, (in_features, members) in groups.items():
-                outs = [out for _, out in members]
-                built[gname] = LoraGroup(in_features, outs, 0, 0, dtype, device)
-                for member, (module, _) in enumerate(members):
-                    self.modules[module] = (layer, gname, member)
-            self.groups.append(built)
-        self.ranks: list[int] = []
+        self.generation = 0
+        self.pools: dict[int, LoraPool] = {}  # by rank bucket
+        self.place: dict[int, tuple[int, int]] = {}  # slot -> (rank bucket, local slot)
+        self.ranks: list[int] = [0] * max_slots  # each slot's adapter rank (0: none)
+        self.modules: dict[str, tuple[int, str, int]] = {
+            module: (layer, gname, member)
+            for layer, groups in enumerate(layout)
+            for gname, (_, members) in groups.items()
+            for member, (module, _) in enumerate(members)
+        }
 
     def load(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write an adapter ({module: (A (r, in), B (out, r) scaled)}) into `slot`; modules it
-        does not target get zeros there."""
+        """Write an adapter ({module: (A (r, in), B (out, r) scaled)}) into `slot`, in the pool
+        of its rank; modules it does not target get zeros there."""
         rank = max((a.shape[0] for a, _ in modules.values()), default=0)
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the stacks' max rank {self.max_rank}")
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} is outside 0..{self.max_slots - 1}")
-        if slot >= self.num_slots or rank > self.rank_capacity:
-            slots = self.num_slots
-            if slot >= slots:
-                slots = min(self.max_slots, max(slot + 1, 2 * slots))
-            self.fit(slots, max(self.rank_capacity, rank_bucket(rank, self.max_rank)))
-        self.clear(slot)
+        bucket = rank_bucket(rank, self.max_rank)
+        if self.place.get(slot, (bucket,))[0] != bucket:
+            self.clear(slot)  # it held an adapter of another pool
+        if bucket == 0:
+            self.clear(slot)
+            return
+        pool = self.pools.get(bucket)
+        if pool is None:
+            pool = self.pools[bucket] = LoraPool(self.layout, bucket, self.dtype, self.device)
+        local = self.place.get(slot, (bucket, -1))[1]
+        if local < 0:
+            taken = {loc for b, loc in self.place.values() if b == bucket}
+            local = next(i for i in range(len(taken) + 1) if i not in taken)
+            if local >= pool.num_slots:
+                pool.resize(min(self.max_slots, max(local + 1, 2 * pool.num_slots)))
+                self.generation += 1
+            self.place[slot] = (bucket, local)
+        pool.clear(local)
         for module, (a, b) in modules.items():
             layer, gname, member = self.modules[module]
-            self.groups[layer][gname].set_slot(
-                slot, member, a.to(self.device, self.dtype), b.to(self.device, self.dtype)
+            pool.groups[layer][gname].set_slot(
+                local, member, a.to(self.device, self.dtype), b.to(self.device, self.dtype)
             )
+        pool.ranks[local] = rank
         self.ranks[slot] = rank
 
-    def fit(self, num_slots: int, rank: int) -> None:
-        """Re-allocate for `num_slots` slots at rank capacity `rank`: slots beyond are dropped,
-        ranks beyond are cut (the caller keeps every adapter still wanted within both)."""
-        if (num_slots, rank) == (self.num_slots, self.rank_capacity):
-            return
-        for groups in self.groups:
-            for group in groups.values():
-                group.reshape(num_slots, rank)
-        self.ranks = (self.ranks + [0] * num_slots)[:num_slots]
-        self.num_slots, self.rank_capacity = num_slots, rank
-        self.generation += 1
+    def clear(self, slot: int) -> None:
+        """Forget `slot`'s adapter (its local slot is free; memory is given back by `fit`)."""
+        placed = self.place.pop(slot, None)
+        if placed is not None:
+            bucket, local = placed
+            self.pools[bucket].clear(local)
+        self.ranks[slot] = 0
+
+    def shape(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a target module (a PEFT module name)."""
+        layer, gname, member = self.modules[module]
+        in_features, members = self.layout[layer][gname]
+        return in_features, members[member][1]
+
+    def locate(self, slot: int) -> tuple[LoraPool, int] | None:
+        """The pool and local slot holding `slot`'s adapter (None: nothing loaded there)."""
+        placed = self.place.get(slot)
+        return None if placed is None else (self.pools[placed[0]], placed[1])
+
+    def fit(self, resident: Iterable[int]) -> None:
+        """Give back memory no adapter in `resident` needs: slots not resident are cleared, and
+        a pool whose adapters would fit in half its local slots is compacted and shrunk (only
+        then, so that churn between adapters does not re-allocate at every load), to nothing
+        when it holds none."""
+        keep = set(resident)
+        for slot in [s for s in self.place if s not in keep]:
+            self.clear(slot)
+        for bucket, pool in list(self.pools.items()):
+            mine = sorted((local, slot) for slot, (b, local) in self.place.items() if b == bucket)
+            if len(mine) > pool.num_slots // 2:
+                continue
+            for target, (local, slot) in enumerate(mine):
+                if local != target:
+                    pool.move(local, target)
+                    self.place[slot] = (bucket, target)
+            if mine:
+                pool.resize(len(mine))
+            else:
+                del self.pools[bucket]
+            self.generation += 1
 
     def nbytes(self) -> int:
-        return sum(
-            g.at.nbytes + sum(bt.nbytes for bt in g.bt) for gs in self.groups for g in gs.values()
-        )
+        return sum(pool.nbytes() for pool in self.pools.values())
 
-    def clear(self, slot: int) -> None:
-        if slot >= self.num_slots:
-            return  # never written
-        for groups in self.groups:
-            for group in groups.values():
-                group.clear_slot(slot)
-        self.ranks[slot] = 0
+    def describe(self) -> str:
+        return (
+            ", ".join(
+                f"{pool.num_slots} at rank {bucket}" for bucket, pool in sorted(self.pools.items())
+            )
+            or "none"
+        )

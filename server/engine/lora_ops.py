@@ -14,9 +14,10 @@ registers, where the paths above pay torch's per-op cost and a copy or two per a
 64-token decode: about 2x faster; one stream: about 4x). Longer runs of one adapter (prompts)
 keep the matmuls, which oneDNN blocks better.
 
-`LoraPlan` is built once per step and shared by every layer; the rank used is the largest of the
-slots present (smaller ranks are zero-padded, which adds nothing). Both paths equal
-`lora.lora_delta_reference` (tests/server/engine/test_lora.py).
+`LoraPlan` is built once per step for each pool of adapters (LoraStacks: pools by rank bucket)
+that has tokens in it, over the pool's local slots, and shared by every layer; the rank used is
+the largest of the pool's slots present (smaller ranks are zero-padded, which adds nothing).
+Both paths equal `lora.lora_delta_reference` (tests/server/engine/test_lora.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from loraplex.server.engine.cpu_kernels import CpuKernels
-from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup
+from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup, LoraPool, LoraStacks
 
 NATIVE_RUN_TOKENS = 64  # an adapter's tokens in a step, up to this many: the native kernel
 
@@ -78,6 +79,42 @@ class LoraPlan:
     @property
     def empty(self) -> bool:
         return self.rank == 0
+
+
+class PoolPlan(NamedTuple):
+    """One pool's part of a step's LoRA: the plan of its tokens, over its local slots."""
+
+    pool: LoraPool
+    plan: LoraPlan
+
+
+def plan_step(
+    stacks: LoraStacks,
+    decode_slots: list[int],
+    segments: list[Segment],
+    native: CpuKernels | None = None,
+    num_tokens: int = 0,
+) -> tuple[PoolPlan, ...]:
+    """The step's LoRA pool by pool (arguments as `plan_lora`'s, in the engine's slots): each
+    pool plans the tokens of its adapters, by local slot; to it the others are base tokens."""
+    place = stacks.place
+    used = (*decode_slots, *(g.slot for g in segments))
+    buckets = sorted({place[s][0] for s in used if s in place})
+    plans = []
+    for bucket in buckets:
+        pool = stacks.pools[bucket]
+        local = {s: loc for s, (b, loc) in place.items() if b == bucket}
+        plan = plan_lora(
+            [local.get(s, NO_ADAPTER) for s in decode_slots],
+            [g._replace(slot=local.get(g.slot, NO_ADAPTER)) for g in segments],
+            pool.ranks,
+            stacks.device,
+            native,
+            num_tokens,
+        )
+        if not plan.empty:
+            plans.append(PoolPlan(pool, plan))
+    return tuple(plans)
 
 
 def plan_lora(
@@ -178,6 +215,19 @@ def _join_runs(segments: list[Segment]) -> list[Segment]:
         else:
             out.append(seg)
     return out
+
+
+def add_step_lora(
+    outputs: list[torch.Tensor],
+    x: torch.Tensor,
+    plans: tuple[PoolPlan, ...],
+    layer: int,
+    group: str,
+    scale: float = 1.0,
+) -> None:
+    """outputs[j] += scale * the LoRA delta of member j of `group` in `layer`, every pool's."""
+    for pool, plan in plans:
+        add_lora(outputs, x, pool.groups[layer][group], plan, scale)
 
 
 def add_lora(

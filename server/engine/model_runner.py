@@ -26,15 +26,20 @@ from loraplex.server.engine.forward import (
 )
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.linear import BaseLinears
-from loraplex.server.engine.lora import NO_ADAPTER, LoraStacks, rank_bucket, slot_bytes
-from loraplex.server.engine.lora_ops import LoraPlan, Segment, plan_lora
+from loraplex.server.engine.lora import (
+    MIN_POOL_RANK,
+    NO_ADAPTER,
+    LoraStacks,
+    rank_bucket,
+    slot_bytes,
+)
+from loraplex.server.engine.lora_ops import PoolPlan, Segment, plan_step
 
 log = logging.getLogger(__name__)
 
 SLOT_MEMORY_SHARE = 4  # --max-loras auto: slots fill at most 1/4 of the memory available
 DENSE_MEMORY_SHARE = (2, 4)  # --dense-cache-mb default: 1/2 of free memory on a CPU, 1/4 on CUDA
 MIN_AUTO_SLOTS = 2  # one for the traffic, one to load into (or hold a merge)
-MIN_SLOT_RANK = 8  # --max-loras auto sizes slots at least at this rank (before any is loaded)
 
 
 @dataclass(frozen=True)
@@ -142,32 +147,31 @@ class ModelRunner:
         self.lora.load(slot, weights.modules)
 
     def slot_limit(self) -> tuple[int, str]:
-        """How many adapter slots there are now, and why: --max-loras as given, or (auto) as
-        many as the slot budget holds at the rank the stacks hold now (the smallest bucket
-        before any adapter is loaded), at most one per batch row (one step never uses more),
-        at least MIN_AUTO_SLOTS."""
+        """How many adapter slots there are now, and why: --max-loras as given, or (auto) the
+        adapters loaded (each at its own pool's rank) plus as many more as the rest of the
+        slot budget holds at the largest pool rank loaded (MIN_POOL_RANK before any), at most
+        one per batch row (one step never uses more), at least MIN_AUTO_SLOTS."""
+        lora = self.lora
         if self.slot_budget is None:
-            return self.lora.max_slots, f"--max-loras {self.lora.max_slots}"
-        rank = max(self.lora.rank_capacity, MIN_SLOT_RANK)
+            return lora.max_slots, f"--max-loras {lora.max_slots}"
+        buckets = [rank_bucket(lora.ranks[s], lora.max_rank) for s in lora.place]
+        used = self.rank_bytes * sum(buckets)
+        rank = max([MIN_POOL_RANK, *buckets])
         per_slot = self.rank_bytes * rank
-        fit = self.slot_budget // per_slot
+        fit = len(buckets) + (self.slot_budget - used) // per_slot  # over budget: fewer
         slots = max(MIN_AUTO_SLOTS, min(self.max_rows, fit))
         bound = "one per batch row" if fit >= self.max_rows else f"1/{SLOT_MEMORY_SHARE} of memory"
-        return slots, f"auto: {bound}; {per_slot / 2**20:.1f} MiB per slot at rank {rank}"
+        return slots, (
+            f"auto: {bound}; {len(buckets)} loaded in {used / 2**20:.1f} MiB, "
+            f"{per_slot / 2**20:.1f} MiB per slot more at rank {rank}"
+        )
 
     def fit_lora(self, resident: Iterable[int]) -> None:
-        """Give back adapter memory no resident adapter needs: slots beyond the highest
-        resident one, rank beyond the largest resident rank's bucket (each only once it would
-        halve, so that churn between adapters does not re-allocate every load)."""
-        lora, slots = self.lora, set(resident)
-        need_slots = max((s + 1 for s in slots), default=0)
-        top = max((lora.ranks[s] for s in slots if s < lora.num_slots), default=0)
-        need_rank = rank_bucket(top, lora.max_rank)
-        new_slots = need_slots if need_slots <= lora.num_slots // 2 else lora.num_slots
-        new_rank = need_rank if need_rank <= lora.rank_capacity // 2 else lora.rank_capacity
-        if (new_slots, new_rank) != (lora.num_slots, lora.rank_capacity):
-            lora.fit(new_slots, new_rank)
-            log.debug("adapter stacks: %d slots at rank %d", new_slots, new_rank)
+        """Give back adapter memory no resident adapter needs (LoraStacks.fit)."""
+        generation = self.lora.generation
+        self.lora.fit(resident)
+        if self.lora.generation != generation:
+            log.debug("adapter stacks: %s", self.lora.describe())
 
     def clear_slot(self, slot: int) -> None:
         self.lora.clear(slot)
@@ -186,22 +190,22 @@ class ModelRunner:
 
     def _plans(
         self, decode_slots: list[int], segments: list[Segment]
-    ) -> tuple[LoraPlan, LoraPlan | None]:
+    ) -> tuple[tuple[PoolPlan, ...], tuple[PoolPlan, ...]]:
         """The step's LoRA plan, and with a merged adapter M the plan that takes M's delta
         back out: M's tokens need nothing on top of the merged base, every other token
         (base requests included) needs its own delta minus M's. The engine puts M's decode
         tokens first, so the others are one run: M's delta comes out of them as one matmul
         pair per run (segments), with no gather."""
-        ranks, dev, m = self.lora.ranks, self.device, self.merged_slot
+        stacks, m = self.lora, self.merged_slot
         # the native LoRA kernel takes stacks in bf16 or float32 (an explicit --lora-dtype
         # float16 keeps the torch paths)
         native = self.linears.native if self.lora.dtype in DTYPES else None
         n = max([len(decode_slots), *(g.end for g in segments)])
         if m is None:
-            return plan_lora(decode_slots, segments, ranks, dev, native, n), None
+            return plan_step(stacks, decode_slots, segments, native, n), ()
         own = [NO_ADAPTER if s == m else s for s in decode_slots]
         own_segments = [g._replace(slot=NO_ADAPTER) if g.slot == m else g for g in segments]
-        lora = plan_lora(own, own_segments, ranks, dev, native, n)
+        lora = plan_step(stacks, own, own_segments, native, n)
         runs: list[Segment] = []
         for i, slot in enumerate(decode_slots):
             if slot == m:
@@ -211,8 +215,7 @@ class ModelRunner:
             else:
                 runs.append(Segment(slot=m, start=i, end=i + 1))
         runs += [g._replace(slot=m) for g in segments if g.slot != m]
-        unmerge = plan_lora([], runs, ranks, dev, native, n)
-        return lora, (None if unmerge.empty else unmerge)
+        return lora, plan_step(stacks, [], runs, native, n)
 
     def step(self, decodes: list[DecodeWork], prefills: list[PrefillWork]) -> torch.Tensor:
         """One forward over every decode token and prompt chunk (written into the cache).

@@ -33,7 +33,6 @@ import torch
 
 from loraplex.server.engine.cpu_kernels import DTYPES, CpuKernels
 from loraplex.server.engine.linear import Unit
-from loraplex.server.engine.lora import LoraGroup
 
 if TYPE_CHECKING:
     from loraplex.server.engine.forward import DecoderForward, StepBatch
@@ -79,8 +78,12 @@ class DecodeProgram:
         # the step's inputs, written before each replay
         self.ids, self.positions = buffer(1, torch.long)[:, 0], buffer(1, torch.long)[:, 0]
         self.rows, self.lengths = buffer(1, torch.long)[:, 0], buffer(1, torch.long)[:, 0]
-        self.slots = buffer(1, torch.long)[:, 0]
-        self.rank = torch.zeros(1, dtype=torch.long)
+        # each adapter pool's slot per token and rank for the step (rank 0: none of its tokens)
+        pools = sorted(forward.lora.pools.items()) if forward.lora.dtype in DTYPES else []
+        self.lora_inputs = {
+            bucket: (buffer(1, torch.long)[:, 0], torch.zeros(1, dtype=torch.long))
+            for bucket, _ in pools
+        }
         # the activations, reused by every layer
         self.h, x = buffer(hidden), buffer(hidden)
         q_width = forward.num_heads * d
@@ -109,7 +112,6 @@ class DecodeProgram:
             [OP_GATHER, p(table_sin), d * table_sin.element_size(), p(self.positions), b, p(sin)]
         )
         level = native.isa_level
-        lora = forward.lora.dtype in DTYPES and forward.lora.num_slots > 0
 
         def nf4(src: torch.Tensor, unit: Unit, dst: torch.Tensor) -> None:
             weight = forward.linears.nf4_weight(unit, b)
@@ -122,21 +124,22 @@ class DecodeProgram:
                 ]
             )  # fmt: skip
 
-        def add_lora(src: torch.Tensor, group: LoraGroup, outs: list[torch.Tensor]) -> None:
-            if not lora:
-                return
-            words = [len(outs)]
-            for out, bt in zip(outs, group.bt, strict=True):
-                words += [p(out), out.stride(0), p(bt), bt.shape[2]]
-            args = (ctypes.c_int64 * len(words))(*words)
-            self._keep.append(args)
-            rec.append(
-                [
-                    OP_LORA, p(src), bf16, b, src.shape[1], p(self.slots), p(group.at),
-                    int(group.at.dtype == torch.bfloat16), group.rank_capacity, p(self.rank),
-                    ctypes.addressof(args), _bits(1.0), level,
-                ]
-            )  # fmt: skip
+        def add_lora(src: torch.Tensor, layer: int, name: str, outs: list[torch.Tensor]) -> None:
+            for bucket, pool in pools:
+                group = pool.groups[layer][name]
+                slots, rank = self.lora_inputs[bucket]
+                words = [len(outs)]
+                for out, bt in zip(outs, group.bt, strict=True):
+                    words += [p(out), out.stride(0), p(bt), bt.shape[2]]
+                args = (ctypes.c_int64 * len(words))(*words)
+                self._keep.append(args)
+                rec.append(
+                    [
+                        OP_LORA, p(src), bf16, b, src.shape[1], p(slots), p(group.at),
+                        int(group.at.dtype == torch.bfloat16), group.rank_capacity, p(rank),
+                        ctypes.addressof(args), _bits(1.0), level,
+                    ]
+                )  # fmt: skip
 
         delta = 0  # the previous layer's MLP output, added with the next norm
         for parts in forward.layers:
@@ -155,7 +158,7 @@ class DecodeProgram:
                 ]
             )
             nf4(x, parts.units["qkv"], qkv)
-            add_lora(x, parts.groups["qkv"], [q, k, v])
+            add_lora(x, parts.index, "qkv", [q, k, v])
             row = qkv.stride(0)  # q's, k's and v's tokens are rows of qkv
             rec.append(
                 [
@@ -179,7 +182,7 @@ class DecodeProgram:
                 ]
             )  # fmt: skip
             nf4(attn, parts.units["o"], o)
-            add_lora(attn, parts.groups["o"], [o])
+            add_lora(attn, parts.index, "o", [o])
             norm = parts.post_norm
             rec.append(
                 [
@@ -195,10 +198,10 @@ class DecodeProgram:
                 ]
             )
             nf4(x, parts.units["gate_up"], gate_up)
-            add_lora(x, parts.groups["gate_up"], [gate, up])
+            add_lora(x, parts.index, "gate_up", [gate, up])
             rec.append([OP_SILU_MUL, p(gate), p(up), b, mlp, gate_up.stride(0), bf16, p(act)])
             nf4(act, parts.units["down"], down)
-            add_lora(act, parts.groups["down"], [down])
+            add_lora(act, parts.index, "down", [down])
             delta = p(down)
         rec.append([OP_ADD, p(self.h), delta, b * hidden, bf16])
         self.records = torch.tensor(
@@ -214,12 +217,13 @@ class DecodeProgram:
         self.positions.copy_(batch.positions)
         self.rows.copy_(batch.rows)
         self.lengths.copy_(batch.decode_lengths)
-        plan = batch.lora
-        if plan.native is not None:
-            self.slots.copy_(plan.native.slots)
-            self.rank[0] = plan.rank
-        else:
-            self.rank[0] = 0
+        for _, rank in self.lora_inputs.values():
+            rank[0] = 0
+        for pool, plan in batch.lora:
+            assert plan.native is not None  # (replayable)
+            slots, rank = self.lora_inputs[pool.rank_capacity]
+            slots.copy_(plan.native.slots)
+            rank[0] = plan.rank
         self.native.run_step(self.records)
         return self.h
 
@@ -227,15 +231,17 @@ class DecodeProgram:
 def replayable(forward: DecoderForward, batch: StepBatch) -> bool:
     """Whether the eager path would run this step all in the native kernels a program holds."""
     n = batch.ids.shape[0]
-    plan = batch.lora
     return (
         0 < n <= CAPTURE_TOKENS
         and batch.n_decode == n
         and not batch.chunks
-        and batch.unmerge is None
+        and not batch.unmerge
         and not forward.merged
         and n * batch.max_decode_length <= forward.attention_limit
-        and (plan.empty or (plan.native is not None and plan.decode is None and not plan.segments))
+        and all(
+            plan.native is not None and plan.decode is None and not plan.segments
+            for _, plan in batch.lora
+        )
     )
 
 

@@ -133,37 +133,42 @@ def test_stacks_place_each_module_in_its_group_member():
     stacks = LoraStacks(layout, max_slots=2, max_rank=8, dtype=torch.float32, device="cpu")
     a, b = torch.randn(4, D_IN), torch.randn(OUTS[1], 4)
     stacks.load(1, {"l1.k": (a, b)})
-    assert stacks.ranks == [0, 4]
-    group = stacks.groups[1]["qkv"]
-    torch.testing.assert_close(group.a(1, 1)[:4], a)
-    torch.testing.assert_close(group.bt[1][1, :4], b.T)
+    assert stacks.ranks == [0, 4] and stacks.shape("l1.k") == (D_IN, OUTS[1])
+    located = stacks.locate(1)
+    assert located is not None and stacks.locate(0) is None
+    pool, local = located
+    group = pool.groups[1]["qkv"]
+    torch.testing.assert_close(group.a(local, 1)[:4], a)
+    torch.testing.assert_close(group.bt[1][local, :4], b.T)
     assert (
-        torch.count_nonzero(group.a(1, 0)) == 0
-        and torch.count_nonzero(stacks.groups[0]["qkv"].at) == 0
+        torch.count_nonzero(group.a(local, 0)) == 0
+        and torch.count_nonzero(pool.groups[0]["qkv"].at) == 0
     )
     stacks.clear(1)
     assert stacks.ranks == [0, 0] and torch.count_nonzero(group.at) == 0
+    assert stacks.locate(1) is None
 
 
 @pytest.mark.cpu_isa
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family):
-    """Two PEFT adapters (different ranks and targets) and the base, in one prefill batch, on
-    each supported model family (Qwen2's q/k/v carry biases)."""
+    """Two PEFT adapters (different ranks, so different pools, and targets) and the base, in one
+    prefill batch, on each supported model family (Qwen2's q/k/v carry biases)."""
     loaded = load_tiny(family=family)
     reference = copy.deepcopy(loaded.model)
     configs = {
         "first": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "second": LoraConfig(r=8, lora_alpha=3, use_rslora=True, target_modules="all-linear"),
+        "second": LoraConfig(r=16, lora_alpha=3, use_rslora=True, target_modules="all-linear"),
     }
     for i, (name, config) in enumerate(configs.items()):
         reference = add_peft_adapter(reference, name, config, seed=i, b_std=0.5)
     reference.save_pretrained(tmp_path, selected_adapters=list(configs))
 
-    runner = ModelRunner(loaded, num_slots=3, max_rank=8)
-    spec = BaseModelSpec(runner.target_shapes, max_rank=8, fingerprint="tiny")
+    runner = ModelRunner(loaded, num_slots=3, max_rank=16)
+    spec = BaseModelSpec(runner.target_shapes, max_rank=16, fingerprint="tiny")
     for slot, name in enumerate(configs):
         runner.load_adapter(slot, load_adapter(tmp_path / name, spec))
+    assert sorted(runner.lora.pools) == [8, 16]  # the two adapters run in pools of their own
     prompts = [[5, 17, 300, 42, 7], [9, 8, 7], [100, 200, 300, 400]]
     slots = [0, 1, NO_ADAPTER]
     logits = runner.prefill(prompts, slots)
@@ -177,35 +182,49 @@ def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family
 
 
 def test_rank_buckets_are_powers_of_two_up_to_the_max_rank():
-    assert [rank_bucket(r, 64) for r in (0, 1, 3, 8, 9, 16, 33, 64)] == [0, 1, 4, 8, 16, 16, 64, 64]
-    assert rank_bucket(40, 48) == 48
+    assert [rank_bucket(r, 64) for r in (0, 1, 3, 8, 9, 16, 33, 64)] == [0, 8, 8, 8, 16, 16, 64, 64]
+    assert rank_bucket(40, 48) == 48 and rank_bucket(3, 4) == 4
 
 
-def test_stacks_hold_the_slots_and_rank_loaded_not_the_limits():
+def test_stacks_keep_each_adapter_in_the_pool_of_its_rank_not_the_limits():
+    """Storage follows what is loaded: a pool per rank bucket, as many local slots as its
+    adapters need (whatever the engine's slot numbers), given back once they are gone."""
     layout = [{"qkv": (D_IN, [("l0.q", OUTS[0]), ("l0.k", OUTS[1]), ("l0.v", OUTS[2])])}]
     stacks = LoraStacks(layout, max_slots=16, max_rank=64, dtype=torch.float32, device="cpu")
     assert stacks.nbytes() == 0
+    per_rank = (D_IN * 3 + sum(OUTS)) * 4  # A of three members, B.T of each, float32
     a4, b4 = torch.randn(4, D_IN), torch.randn(OUTS[0], 4)
-    stacks.load(2, {"l0.q": (a4, b4)})
-    assert (stacks.num_slots, stacks.rank_capacity) == (3, 4)
-    per_slot_rank = D_IN * 3 + sum(OUTS)  # A of three members, B.T of each, per unit of rank
-    assert stacks.nbytes() == 3 * 4 * per_slot_rank * 4
+    stacks.load(9, {"l0.q": (a4, b4)})
+    assert {b: p.num_slots for b, p in stacks.pools.items()} == {8: 1}
+    assert stacks.nbytes() == 8 * per_rank  # one slot at rank 8, not 10 slots at rank 64
     a12, b12 = torch.randn(12, D_IN), torch.randn(OUTS[2], 12)
     stacks.load(4, {"l0.v": (a12, b12)})
-    assert (stacks.num_slots, stacks.rank_capacity) == (6, 16)  # doubled; rank bucket 16
-    group = stacks.groups[0]["qkv"]
-    torch.testing.assert_close(group.a(2, 0)[:4], a4)  # kept through the re-allocation
-    torch.testing.assert_close(group.bt[2][4, :12], b12.T)
-    stacks.fit(3, 4)  # slot 4 and the ranks beyond 4 go
-    assert stacks.ranks == [0, 0, 4] and group.at.shape == (3, D_IN, 3, 4)
-    torch.testing.assert_close(group.bt[0][2, :4], b4.T)
+    stacks.load(2, {"l0.q": (a4 * 2, b4)})
+    assert {b: p.num_slots for b, p in stacks.pools.items()} == {8: 2, 16: 1}
+    assert stacks.nbytes() == (2 * 8 + 16) * per_rank
+    pool, local = stacks.locate(4) or (None, -1)
+    assert pool is stacks.pools[16]
+    torch.testing.assert_close(pool.groups[0]["qkv"].bt[2][local, :12], b12.T)
+    generation = stacks.generation
+    stacks.fit({2})  # slots 9 and 4 were evicted: the rank-16 pool goes, slot 2 moves down
+    assert stacks.generation > generation and stacks.ranks[4] == stacks.ranks[9] == 0
+    assert {b: p.num_slots for b, p in stacks.pools.items()} == {8: 1}
+    pool, local = stacks.locate(2) or (None, -1)
+    assert local == 0 and pool is not None
+    torch.testing.assert_close(pool.groups[0]["qkv"].a(0, 0)[:4], a4 * 2)
+    stacks.load(2, {"l0.v": (a12, b12)})  # a larger adapter in the same slot changes pool
+    assert {b: p.num_slots for b, p in stacks.pools.items()} == {8: 1, 16: 1}
+    assert stacks.place[2] == (16, 0) and stacks.ranks[2] == 12
     with pytest.raises(ValueError, match="slot 16"):
         stacks.load(16, {"l0.q": (a4, b4)})
+    with pytest.raises(ValueError, match="rank 65"):
+        stacks.load(0, {"l0.q": (torch.randn(65, D_IN), torch.randn(OUTS[0], 65))})
 
 
-def test_auto_slots_follow_the_rank_loaded_and_give_memory_back(load_tiny, tmp_path):
-    """--max-loras auto: the slot budget holds more slots of small adapters than of large
-    ones, and the stacks shrink back once the large adapter is gone."""
+def test_auto_slots_follow_the_ranks_loaded_and_give_memory_back(load_tiny, tmp_path):
+    """--max-loras auto: each adapter costs its own pool's rank, so the slot budget holds more
+    slots of small adapters than of large ones, and the stacks shrink back once the large
+    adapter is gone."""
     loaded = load_tiny()
     runner = ModelRunner(loaded, num_slots=None, max_rank=32, max_rows=16)
     runner.slot_budget = runner.rank_bytes * 8 * 6  # six slots at rank 8
@@ -221,10 +240,17 @@ def test_auto_slots_follow_the_rank_loaded_and_give_memory_back(load_tiny, tmp_p
     runner.load_adapter(0, weights["small"])
     assert runner.slot_limit()[0] == 6
     runner.load_adapter(1, weights["large"])
-    assert runner.lora.rank_capacity == 32 and runner.slot_limit()[0] == 2  # 6 * 8 // 32 = 1
+    assert sorted(runner.lora.pools) == [8, 32]
+    assert runner.slot_limit()[0] == 2  # 2 loaded in 40 of 48 rank units: none more at 32
     runner.fit_lora({0})  # the large adapter left slot 1
-    assert (runner.lora.num_slots, runner.lora.rank_capacity) == (1, 4)
+    assert {b: p.num_slots for b, p in runner.lora.pools.items()} == {8: 1}
     assert runner.slot_limit()[0] == 6
+    # One large adapter among small ones: 4 slots if each were padded to rank 32, 6 by pools.
+    runner.slot_budget = runner.rank_bytes * 32 * 4
+    for slot, name in enumerate(("large", "small", "small", "small")):
+        runner.load_adapter(slot, weights[name])
+    assert runner.lora.nbytes() == runner.rank_bytes * (32 + 4 * 8)  # pool 8 doubled to 4
+    assert runner.slot_limit()[0] == 4 + (32 * 4 - 32 - 3 * 8) // 32 == 6
     runner.slot_budget = None  # an explicit --max-loras: the limit is the flag
     assert runner.slot_limit()[0] == runner.lora.max_slots == 16
 
@@ -350,11 +376,10 @@ def test_stacks_the_native_kernel_cannot_take_keep_the_torch_paths(load_tiny):
     loaded = load_tiny()
     for dtype, native in ((torch.float32, True), (torch.float16, False)):
         runner = ModelRunner(loaded, num_slots=2, max_rank=8, lora_dtype=dtype)
-        name, (layer, gname, member) = next(iter(runner.lora.modules.items()))
-        group = runner.lora.groups[layer][gname]
-        a = torch.randn(4, group.in_features)
-        b = torch.randn(group.out_features[member], 4)
-        runner.lora.load(0, {name: (a, b)})
-        plan, _ = runner._plans([0], [])
-        assert not plan.empty and (plan.native is not None) == native
+        name = next(iter(runner.lora.modules))
+        fan_in, fan_out = runner.lora.shape(name)
+        runner.lora.load(0, {name: (torch.randn(4, fan_in), torch.randn(fan_out, 4))})
+        (pool_plan,), unmerge = runner._plans([0], [])
+        plan = pool_plan.plan
+        assert not unmerge and not plan.empty and (plan.native is not None) == native
         assert native or plan.segments == [(0, 0, 1)]

@@ -20,16 +20,18 @@ def _runner(load_tiny, dtype: str, compile: bool, family: str = "llama") -> Mode
 
 
 def _load_adapters(runner: ModelRunner) -> None:
-    """Random adapters of ranks 4 and 8 in slots 0 and 1 (the same ones every call)."""
+    """Random adapters of ranks 4 and 16 in slots 0 and 1, so in two pools (the same ones
+    every call)."""
     generator = torch.Generator().manual_seed(1)
-    for slot, rank in ((0, 4), (1, 8)):
+    for slot, rank in ((0, 4), (1, 16)):
         weights = {}
-        for name, (layer, gname, member) in runner.lora.modules.items():
-            group = runner.lora.groups[layer][gname]
-            a = torch.randn(rank, group.in_features, generator=generator) * 0.3
-            b = torch.randn(group.out_features[member], rank, generator=generator) * 0.3
+        for name in runner.lora.modules:
+            fan_in, fan_out = runner.lora.shape(name)
+            a = torch.randn(rank, fan_in, generator=generator) * 0.3
+            b = torch.randn(fan_out, rank, generator=generator) * 0.3
             weights[name] = (a, b)
         runner.lora.load(slot, weights)
+    assert sorted(runner.lora.pools) == [8, 16]
 
 
 def _generate(runner: ModelRunner, slots: list[int], steps: int) -> list[torch.Tensor]:
@@ -103,13 +105,12 @@ def test_a_reallocated_lora_stack_is_captured_again(load_tiny):
     generator = torch.Generator().manual_seed(2)
     weights = {
         name: (
-            torch.randn(16, runner.lora.groups[layer][g].in_features, generator=generator) * 0.2,
-            torch.randn(out, 16, generator=generator) * 0.2,
+            torch.randn(16, runner.lora.shape(name)[0], generator=generator) * 0.2,
+            torch.randn(runner.lora.shape(name)[1], 16, generator=generator) * 0.2,
         )
-        for name, (layer, g, member) in runner.lora.modules.items()
-        for out in [runner.lora.groups[layer][g].out_features[member]]
+        for name in runner.lora.modules
     }
-    runner.lora.load(2, weights)  # rank 16: the stacks are re-allocated at a larger rank
+    runner.lora.load(2, weights)  # rank 16: its pool grows to a second slot
     eager = _runner(load_tiny, "float32", compile=False)
     eager.lora.load(2, weights)
     got, want = _generate(runner, [2, 0, 1, 2], steps=2), _generate(eager, [2, 0, 1, 2], steps=2)
@@ -126,11 +127,11 @@ def test_stacks_reallocated_back_to_the_same_size_are_captured_again(load_tiny):
     _generate(runner, [0, 1, 0, 1], steps=1)
     first = runner.forward.programs[1]
     assert first is not None
-    size = (runner.lora.num_slots, runner.lora.rank_capacity)
-    runner.lora.fit(1, size[1])
-    runner.lora.fit(*size)
+    size = {bucket: pool.num_slots for bucket, pool in runner.lora.pools.items()}
+    runner.lora.fit({0})  # slot 1 evicted: its pool goes
+    assert set(runner.lora.pools) == {8}
     _load_adapters(runner)
-    assert (runner.lora.num_slots, runner.lora.rank_capacity) == size
+    assert {bucket: pool.num_slots for bucket, pool in runner.lora.pools.items()} == size
     got, want = _generate(runner, [0, 1, 0, 1], steps=2), _generate(eager, [0, 1, 0, 1], steps=2)
     assert runner.forward.programs[1] is not first
     for g, w in zip(got, want, strict=True):
