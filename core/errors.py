@@ -33,6 +33,11 @@ class QueueFull(Exhausted):
     """The engine's waiting queue is full."""
 
 
+class Unmeetable(Exhausted):
+    """The request cannot finish before its client's deadline at the pace the server runs now
+    (refused before it runs, or taken out of the queue while it still can be told so)."""
+
+
 class OverQuota(Exhausted):
     """A tenant is over one of its limits (requests in flight, tokens per minute)."""
 

@@ -17,6 +17,8 @@ from loraplex.server.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+CUT_NOTICE_S = 0.5  # how long before the drain ends the requests it will cut are logged
+
 
 class LoraplexServer:
     def __init__(self, config: ServerConfig) -> None:
@@ -105,7 +107,20 @@ class LoraplexServer:
         """Say NOT_SERVING, finish in-flight RPCs within `grace` seconds, then stop the engine."""
         if self._grpc is not None:
             await self._grpc.set_serving(False)
-            await self._grpc.stop(grace)
+            stopping = asyncio.ensure_future(self._grpc.stop(grace))
+            # Just before gRPC cancels what is left: the requests the drain will cut.
+            notice = max(0.0, grace - min(CUT_NOTICE_S, grace / 10))
+            done, _ = await asyncio.wait({stopping}, timeout=notice)
+            if not done and self.runtime is not None:
+                cut = self.runtime.requests.in_flight()
+                if cut:
+                    log.warning(
+                        "the drain of %g s is running out: %d requests still in flight are cut: %s",
+                        grace,
+                        len(cut),
+                        ", ".join(cut),
+                    )
+            await stopping
         if self._load_task is not None:
             await self._load_task
         if self._upkeep_task is not None:

@@ -225,8 +225,10 @@ class ServerConfig(StoreConfig):
     """Count requests per adapter for the first N adapters, the rest as "other"; 0 = none."""
     log_prompts: bool = False
     """Put prompts and outputs in the request log lines (never by default)."""
-    drain_seconds: float = 10.0
-    """At SIGTERM, how long requests in flight may take to finish."""
+    drain_seconds: float = 30.0
+    """At SIGTERM, how long requests in flight may take to finish (Kubernetes' default grace
+    period; the manifests in deploy/ give the container more, to stop cleanly after). Those
+    still running then are cut, and the log names them."""
     preload: bool = True
     """Run with tcmalloc and Intel OpenMP preloaded where they are installed (the server
     re-executes itself once with LD_PRELOAD; faster CPU steps: see docs/operations.md)."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from loraplex.core.errors import NotReady, TooLong
+from loraplex.core.errors import NotReady, TooLong, Unmeetable
 from loraplex.core.machine import machine_key
 from loraplex.core.model import eos_ids_of
 from loraplex.core.types import AdapterVersion, AdapterWeights
@@ -32,9 +32,10 @@ from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.merging import MergeControl, TokenCounts
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.output import OutputProcessor, StepText
+from loraplex.server.engine.pacing import Pacing
 from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
 from loraplex.server.engine.sampling import make_generator, sample
-from loraplex.server.engine.scheduler import Admission, Scheduler
+from loraplex.server.engine.scheduler import QUEUE_RETRY_S, Admission, Scheduler
 from loraplex.server.engine.slot_loader import SlotLoader, WeightsLoader
 from loraplex.server.engine.slots import SlotTable
 from loraplex.server.engine.state import EngineInfo, EngineSnapshot, EngineStats, SlotView
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SNAPSHOT_WAIT_S = 5.0  # how long recent_snapshot waits for the next step boundary
+DEADLINE_CHECK_S = 0.25  # how often queued requests' deadlines are checked
 
 
 class Engine:
@@ -62,7 +64,9 @@ class Engine:
     ) -> None:
         self.config = config
         self._slots = SlotTable(config.max_loras or 1)  # auto: sized once the runner is built
-        self._scheduler = Scheduler(config, self._slots)
+        self._pacing = Pacing(config.max_batch_size, config.max_prefill_tokens)
+        self._scheduler = Scheduler(config, self._slots, self._pacing)
+        self._deadlines_checked = 0.0
         self._stats = EngineStats()
         self._loader = SlotLoader(self._slots, self._model, self._stats, load_weights)
         self._merges = MergeControl(config.merge, self._slots, self._model, self._loader.load)
@@ -209,8 +213,17 @@ class Engine:
             except Exception as exc:  # keep serving: fail only the requests in this batch
                 log.exception("engine step failed; failing %d running requests", len(self._batch))
                 self._fail_all(exc)
+        running = [seq.request for seq in self._batch.seqs]
+        queued = self._scheduler.drain()
+        if running or queued:
+            log.warning(
+                "stopping: %d running and %d queued requests cut: %s",
+                len(running),
+                len(queued),
+                ", ".join(r.request_id for r in running + queued),
+            )
         self._fail_all(NotReady("the engine stopped"))
-        for request in self._scheduler.drain():
+        for request in queued:
             request.emit(NotReady("the engine stopped"))
         with self._calls_lock:
             self._calls_closed = True
@@ -310,6 +323,7 @@ class Engine:
         Prompt chunks ride along with the decodes rather than taking steps of their own: on a
         CPU a forward's fixed cost is a large part of a step, and prefill-only steps measured
         worse for both TTFT and inter-token latency (see the README's benchmark notes)."""
+        started = time.monotonic()
         decodes: list[DecodeWork] = []
         prefills: list[PrefillWork] = []
         decoding: list[Sequence] = []
@@ -359,6 +373,8 @@ class Engine:
             if self._advance(seq, token):
                 self._retire(seq)
         self._scheduler.charge(generated)
+        if decoding:  # a running request's pace: one token a step
+            self._pacing.step(time.monotonic() - started)
 
     def _count_step(self, decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> None:
         stats = self._stats
@@ -432,6 +448,15 @@ class Engine:
         for seq in overdue:
             self._retire(seq)
             overdue_request(seq.request, limit)
+        now = time.monotonic()
+        if now - self._deadlines_checked >= DEADLINE_CHECK_S:
+            self._deadlines_checked = now
+            for request in self._scheduler.remove_unmeetable():
+                request.emit(
+                    Unmeetable(
+                        "the request can no longer finish before its deadline", QUEUE_RETRY_S
+                    )
+                )
 
     def _retire(self, seq: Sequence) -> None:
         """Free a finished (or failed, or cancelled) sequence's cache row and adapter slot."""
@@ -439,6 +464,7 @@ class Engine:
         self._batch.remove(seq)
         self._free_row(seq.row, seq.reserved)
         self._scheduler.finished(seq.request)
+        self._pacing.finished(time.monotonic())
 
     def _free_row(self, row: int, reserved: int) -> None:
         """Give a row back to the cache; the sequence in the last row moves into it."""

@@ -81,6 +81,7 @@ class EngineRequest:
     tenant: str = ""  # whose request it is: admission shares the engine fairly between tenants
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # when its client gives up (time.monotonic), if it said
     admitted: float | None = None  # when it joined the running batch (set by the engine)
 
     def cancel(self) -> None:

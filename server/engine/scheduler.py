@@ -13,14 +13,16 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from loraplex.core.errors import NotReady, QueueFull
+from loraplex.core.errors import NotReady, QueueFull, Unmeetable
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine.fairness import VirtualTokenCounter
 from loraplex.server.engine.lora import NO_ADAPTER
+from loraplex.server.engine.pacing import Pacing
 from loraplex.server.engine.request import EngineRequest
 from loraplex.server.engine.slots import SlotGrant, SlotTable
 
@@ -39,9 +41,12 @@ class Admission:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, slots: SlotTable) -> None:
+    def __init__(
+        self, config: EngineConfig, slots: SlotTable, pacing: Pacing | None = None
+    ) -> None:
         self.config = config
         self.slots = slots
+        self.pacing = pacing or Pacing(config.max_batch_size, config.max_prefill_tokens)
         self.fairness = VirtualTokenCounter()
         self._queues: dict[str, deque[EngineRequest]] = {}  # tenant -> its waiting requests
         self._num_waiting = 0
@@ -77,12 +82,51 @@ class Scheduler:
                     f"at most {self.config.max_queued_tokens})",
                     QUEUE_RETRY_S,
                 )
+            if request.deadline is not None:
+                self._check_deadline(request)
             self.fairness.arrive(request.tenant)
             self._queues.setdefault(request.tenant, deque()).append(request)
             self._order[id(request)] = next(self._arrivals)
             self._num_waiting += 1
             self._queued_tokens += tokens
             self._cond.notify()
+
+    def _check_deadline(self, request: EngineRequest) -> None:
+        """Refuse (Unmeetable) a request that would wait and run past its deadline at the pace
+        measured (under _cond). Admission is fair between tenants, so about as many requests
+        of each active tenant go before it as of its own."""
+        assert request.deadline is not None
+        now = time.monotonic()
+        own = len(self._queues.get(request.tenant, ()))
+        tenants = len(self._queues.keys() | self._running.keys() | {request.tenant})
+        ahead = min(self._num_waiting, (own + 1) * tenants - 1)
+        run = self.pacing.run_s(len(request.prompt_ids), request.params.max_new_tokens)
+        wait = self.pacing.wait_s(now, ahead, sum(self._running.values()), run)
+        left = request.deadline - now
+        if wait + run > left:
+            raise Unmeetable(
+                f"the request cannot finish before its deadline ({left:.3g} s from now): about "
+                f"{wait:.3g} s to wait for a place and {run:.3g} s to run",
+                max(wait, QUEUE_RETRY_S),
+            )
+
+    def remove_unmeetable(self) -> list[EngineRequest]:
+        """Take out the waiting requests that can no longer finish before their deadline even
+        if they started now (their clients are told while they still listen)."""
+        now = time.monotonic()
+        with self._cond:
+            late = [
+                r
+                for queue in self._queues.values()
+                for r in queue
+                if r.deadline is not None
+                and now + self.pacing.run_s(len(r.prompt_ids), r.params.max_new_tokens) > r.deadline
+            ]
+            for r in late:
+                self._queues[r.tenant].remove(r)
+                self._left(r)
+            self._prune()
+        return late
 
     def remove(self, request: EngineRequest) -> bool:
         """Thread-safe: take a (cancelled) request out of the queue at once, so it holds no

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RuntimeGetter = Callable[[], Runtime]  # raises NotReady until the model is served
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+MAX_DEADLINE_S = 365 * 86400.0
 
 
 def _start(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
@@ -41,6 +43,14 @@ def _start(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
     trailing = [(REQUEST_ID_KEY, REQUEST_ID.get())]
     context.set_trailing_metadata(trailing)
     return trailing
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic's clock (None: the client set none)."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > MAX_DEADLINE_S:  # none, or none worth the name
+        return None
+    return time.monotonic() + remaining
 
 
 async def _abort(
@@ -94,7 +104,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext,
     ) -> inference_pb2.GenerateResponse:
         generation = await self._runtime().requests.generate(
-            generate_input(request), REQUEST_ID.get(), PRINCIPAL.get()
+            generate_input(request), REQUEST_ID.get(), PRINCIPAL.get(), deadline_of(context)
         )
         done = await generation.complete()
         return generate_response(
@@ -108,7 +118,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         generation = await self._runtime().requests.generate(
-            generate_input(request), REQUEST_ID.get(), PRINCIPAL.get()
+            generate_input(request), REQUEST_ID.get(), PRINCIPAL.get(), deadline_of(context)
         )
         # Closed however the call ends (a client gone mid-send included): the request is
         # cancelled and what it holds given back at once, not when garbage is collected.

@@ -120,6 +120,7 @@ class Requests:
         self.log_prompts = log_prompts
         self.tokenizer = engine.info.tokenizer
         self._loop_mailbox: LoopMailbox | None = None
+        self._in_flight: dict[int, str] = {}  # id(record) -> request id, submitted and not ended
         self._special_tokens = sorted(
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", ())} - {""}
         )
@@ -129,9 +130,12 @@ class Requests:
         inp: GenerateInput,
         request_id: str | None = None,
         principal: Principal | None = None,
+        deadline: float | None = None,
     ) -> Generation:
         """Validate, admit and submit a request. Errors about the request raise here, before
-        any output; the returned iterator yields outputs until one carries a finish_reason."""
+        any output; the returned iterator yields outputs until one carries a finish_reason.
+        `deadline` (time.monotonic): when the client gives up; a request that cannot finish by
+        then at the pace the engine runs is refused (Unmeetable) rather than queued."""
         tenant = principal.tenant if principal is not None else ""
         record = RequestRecord(
             request_id=request_id or new_request_id(),
@@ -144,7 +148,7 @@ class Requests:
                 [(m.role, m.content) for m in inp.messages], ensure_ascii=False
             )
         try:
-            return await self._submit(inp, record, principal)
+            return await self._submit(inp, record, principal, deadline)
         except BaseException as exc:  # refused: observed now (a started one when it ends)
             record.fail(exc)
             record.finished = time.monotonic()
@@ -152,7 +156,11 @@ class Requests:
             raise
 
     async def _submit(
-        self, inp: GenerateInput, record: RequestRecord, principal: Principal | None
+        self,
+        inp: GenerateInput,
+        record: RequestRecord,
+        principal: Principal | None,
+        deadline: float | None,
     ) -> Generation:
         request_id, tenant = record.request_id, record.tenant
         # Refuse early what would be refused anyway, before tokenizing: under overload the
@@ -199,8 +207,10 @@ class Requests:
                 emit=emit,
                 weights=lease.weights if lease else None,
                 tenant=tenant,
+                deadline=deadline,
             )
             self.engine.submit(request)
+            self._in_flight[id(record)] = request_id
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -259,6 +269,7 @@ class Requests:
             if ended:
                 return
             ended = True
+            self._in_flight.pop(id(record), None)
             if not finished:
                 self.engine.cancel(request)
                 record.code = CANCELLED
@@ -270,6 +281,10 @@ class Requests:
             self.observers.finished(record)
 
         return end
+
+    def in_flight(self) -> list[str]:
+        """The ids of the requests submitted and not ended yet."""
+        return list(self._in_flight.values())
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
         if inp.prompt and inp.messages:

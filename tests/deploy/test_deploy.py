@@ -60,7 +60,7 @@ GAUGES = {
 SCRAPE_SERIES = {"up": set()}
 # Labels Prometheus attaches to every scraped series (static config or the ServiceMonitor).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}
-DRAIN_SECONDS = 10  # `loraplex serve` gives in-flight streams this long after SIGTERM
+DRAIN_SECONDS = 30  # `loraplex serve` gives in-flight streams this long after SIGTERM
 GRPC_PORT = 50051
 METRICS_PORT = 9464
 

@@ -88,3 +88,33 @@ def test_overload_is_refused_fast_and_accepted_work_is_correct(small_server):
     assert state.kv_rows_used == 0
     # Memory is flat: the second and third rounds allocate nothing that stays.
     assert rss[2] - rss[1] < 64 << 20, [r >> 20 for r in rss]
+
+
+def test_requests_that_cannot_finish_before_their_deadline_are_refused_not_left_to_expire(
+    small_server,
+):
+    """The client's deadline against the pace measured: a request too long for its deadline,
+    and one whose queue is too long for it, end RESOURCE_EXHAUSTED with retry advice, never
+    DEADLINE_EXCEEDED after waiting."""
+    long = pb.GenerateRequest(prompt=PROMPTS[0], max_new_tokens=64, ignore_eos=True)
+    with LoraplexClient(small_server.address, timeout=300) as client:
+        start = time.monotonic()
+        client.generate(long)
+        alone = time.monotonic() - start  # also measures the pace
+        client.timeout = alone / 3
+        with pytest.raises(grpc.RpcError) as refused:
+            client.generate(long)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "deadline" in refused.value.details() and "retry in" in refused.value.details()
+        # The batch and the queue full of long requests, then a short one that would fit
+        # alone but not behind them.
+        client.timeout = 300
+        with ThreadPoolExecutor(BATCH + QUEUE) as pool:
+            busy = [pool.submit(client.generate, long) for _ in range(BATCH + QUEUE - 1)]
+            time.sleep(alone / 4)
+            hurried = LoraplexClient(small_server.address, timeout=1.5 * alone)
+            with hurried, pytest.raises(grpc.RpcError) as late:
+                hurried.generate(pb.GenerateRequest(prompt=PROMPTS[1], max_new_tokens=8))
+            assert late.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, late.value.details()
+            assert "deadline" in late.value.details()
+            assert all(len(f.result().token_ids) == 64 for f in busy)
