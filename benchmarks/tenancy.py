@@ -19,12 +19,18 @@ refused (RESOURCE_EXHAUSTED) sleeps the server's retry-after-ms (x1-1.5), then s
                   clients for --overload-seconds, twice. Other errors and lost calls (still
                   open past their deadline, or DEADLINE_EXCEEDED) must be 0; the server's RSS
                   is read before, after round 1 and after round 2 (flat: the difference).
+    3. deadlines  a default server (no engine flags): one burst of --deadline-factors x what it
+                  completes within --deadline-seconds (calibrated by one full batch first)
+                  unary requests at once, each with that client deadline. Every request must
+                  complete or be refused (RESOURCE_EXHAUSTED, at once or while queued):
+                  none may end DEADLINE_EXCEEDED after waiting, none may be lost.
 
 Request counts cover every request sent (A's from its ramp until B's last one ended); tok/s
 counts every tenant's tokens received inside B's window (part 1) or the round (part 2).
 
     python benchmarks/tenancy.py [--phase-seconds 60] [--flood-clients 32] [--a-limit 8]
-        [--overload-seconds 45] [--overload-factor 4]
+        [--overload-seconds 45] [--overload-factor 4] [--deadline-seconds 30]
+        [--parts fairness,overload,deadlines]
 """
 
 from __future__ import annotations
@@ -320,6 +326,90 @@ def run_overload(args: argparse.Namespace, home: Path, work: Path, tenant: Tenan
     }
 
 
+# -- 3. deadlines ------------------------------------------------------------------------------
+REFUSED_AT_ONCE_S = 1.0  # a refusal within this long of sending is "at once"
+
+
+async def unary(
+    stub: inference_pb2_grpc.InferenceStub, tenant: Tenant, new_tokens: int, timeout: float
+) -> Call:
+    """One Generate call with a client deadline; a call still open past it (plus a grace) is
+    LOST."""
+    start, rec = time.perf_counter(), Call()
+    metadata = (("authorization", f"Bearer {tenant.key}"),)
+    req = inference_pb2.GenerateRequest(
+        prompt=B_PROMPT, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True
+    )
+    try:
+        reply = await asyncio.wait_for(
+            stub.Generate(req, timeout=timeout, metadata=metadata), timeout + HANG_GRACE_S
+        )
+        rec.status, rec.tokens = "OK", len(reply.token_ids)
+    except grpc.aio.AioRpcError as exc:
+        rec.status, rec.detail = exc.code().name, exc.details() or ""
+    except TimeoutError:
+        rec.status = "LOST"
+    rec.seconds = time.perf_counter() - start
+    return rec
+
+
+async def burst(address: str, tenant: Tenant, n: int, new_tokens: int, timeout: float) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        start = time.perf_counter()
+        calls = await asyncio.gather(*(unary(stub, tenant, new_tokens, timeout) for _ in range(n)))
+        wall = time.perf_counter() - start
+    refused = [c for c in calls if c.status == "RESOURCE_EXHAUSTED"]
+    known = ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "LOST")
+    other = [c for c in calls if c.status not in known]
+    return {
+        "sent": n,
+        "completed": sum(c.status == "OK" for c in calls),
+        "refused_at_once": sum(c.seconds <= REFUSED_AT_ONCE_S for c in refused),
+        "refused_later": sum(c.seconds > REFUSED_AT_ONCE_S for c in refused),
+        "past_deadline": sum(c.status == "DEADLINE_EXCEEDED" for c in calls),
+        "lost": sum(c.status == "LOST" for c in calls),
+        "other_errors": len(other),
+        "error_samples": sorted({f"{c.status}: {c.detail}" for c in other})[:3],
+        "refusal_ms": latency_ms([c.seconds for c in refused]),
+        "wall_s": wall,
+    }
+
+
+def run_deadlines(args: argparse.Namespace, home: Path, work: Path, tenant: Tenant) -> dict:
+    work.mkdir()
+    write_key_file(work / "keys.toml", [tenant], {tenant.name: 0})
+    flags = ["--auth-keys", str(work / "keys.toml")]
+    with server_process(home, work, flags + args.extra, args.model) as proc:
+        address = proc.wait_ready(args.startup_timeout)
+        with LoraplexClient(address, timeout=60, api_key=tenant.key) as c:
+            batch = c.model_info().max_batch_size
+        log.info("deadlines: calibrating with one batch of %d", batch)
+        wave = asyncio.run(burst(address, tenant, batch, args.deadline_new_tokens, 600.0))
+        per_deadline = batch * args.deadline_seconds / wave["wall_s"]
+        rounds = []
+        for factor in args.deadline_factors:
+            n = max(1, round(factor * per_deadline))
+            log.info(
+                "deadlines: %gx: %d requests at once, %g s deadline",
+                factor,
+                n,
+                args.deadline_seconds,
+            )
+            row = asyncio.run(
+                burst(address, tenant, n, args.deadline_new_tokens, args.deadline_seconds)
+            )
+            row["factor"] = factor
+            rounds.append(row)
+            log.info("deadlines: %s", {k: v for k, v in row.items() if isinstance(v, int)})
+    return {
+        "batch": batch,
+        "wave_s": wave["wall_s"],
+        "per_deadline": per_deadline,
+        "rounds": rounds,
+    }
+
+
 # -- the report --------------------------------------------------------------------------------
 FAIR_COLS = [("phase", 28, "s"), ("B done", 6, "d"), ("TTFT p50", 8, ".0f")]
 FAIR_COLS += [("TTFT p99", 8, ".0f"), ("p99/alone", 9, ".2f"), ("A done", 6, "d")]
@@ -327,6 +417,43 @@ FAIR_COLS += [("A refused", 9, "d"), ("tok/s", 6, ".1f"), ("errors", 6, "d")]
 OVER_COLS = [("round", 5, "d"), ("sent", 6, "d"), ("accepted", 8, "d"), ("completed", 9, "d")]
 OVER_COLS += [("refused", 7, "d"), ("other err", 9, "d"), ("lost", 4, "d")]
 OVER_COLS += [("refusal p50", 11, ".1f"), ("refusal p99", 11, ".1f"), ("tok/s", 6, ".1f")]
+
+
+DEAD_COLS = [("overload", 8, ".0f"), ("sent", 5, "d"), ("completed", 9, "d")]
+DEAD_COLS += [("refused at once", 15, "d"), ("refused later", 13, "d")]
+DEAD_COLS += [("past deadline", 13, "d"), ("lost", 4, "d"), ("other err", 9, "d")]
+DEAD_COLS += [("refusal p50", 11, ".0f"), ("refusal p99", 11, ".0f")]
+
+
+def deadline_lines(dead: dict, cfg: dict) -> list[str]:
+    rows, notes = [], []
+    for row in dead["rounds"]:
+        refusal = row["refusal_ms"] or {}
+        counts = ("sent", "completed", "refused_at_once", "refused_later", "past_deadline")
+        rows.append(
+            [
+                row["factor"],
+                *(row[k] for k in counts),
+                row["lost"],
+                row["other_errors"],
+                refusal.get("p50"),
+                refusal.get("p99"),
+            ]
+        )
+        notes += [f"  error: {e}" for e in row["error_samples"]]
+    ok = all(r["past_deadline"] == 0 and r["lost"] == 0 for r in dead["rounds"])
+    head = (
+        f"3. deadlines, default server (--max-batch-size {dead['batch']}): one batch of "
+        f"{cfg['deadline_new_tokens']} new tokens took {dead['wave_s']:.1f} s, so about "
+        f"{dead['per_deadline']:.0f} requests complete within the {cfg['deadline_seconds']:.0f} s "
+        "client deadline; bursts of a multiple of that sent at once; ms"
+    )
+    return [
+        head,
+        *format_table(DEAD_COLS, rows),
+        *notes,
+        f"  targets 0 past deadline, 0 lost: {'met' if ok else 'MISSED'}",
+    ]
 
 
 def fairness_lines(fair: dict, cfg: dict) -> list[str]:
@@ -405,6 +532,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--overload-factor", type=int, default=4, help="clients = factor x (batch + queue)")
     add("--overload-new-tokens", type=int, default=32)
     add("--request-timeout", type=float, default=120.0, help="each call's deadline")
+    add("--deadline-seconds", type=float, default=30.0, help="the client deadline of part 3")
+    add("--deadline-new-tokens", type=int, default=64)
+    add(
+        "--deadline-factors",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[2.0, 5.0],
+        help="part 3's bursts, as multiples of what completes within the deadline",
+    )
+    add(
+        "--parts",
+        type=lambda s: s.split(","),
+        default=["fairness", "overload", "deadlines"],
+        help="which parts to run, comma-separated",
+    )
     add("--seed", type=int, default=0, help="seed of the back-off jitter")
     add_common_args(parser, "tenancy")
     add_server_args(parser, "extra `loraplex serve` flags, for every server")
@@ -415,6 +556,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.phase_seconds, args.overload_seconds, args.request_timeout) <= 0:
         parser.error("durations must be > 0")
+    unknown = set(args.parts) - {"fairness", "overload", "deadlines"}
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}")
+    if args.deadline_seconds <= 0 or min(args.deadline_factors) <= 0:
+        parser.error("--deadline-seconds and --deadline-factors must be > 0")
     owned = ("--auth-keys", "--max-batch-size", "--max-queue")
     args.extra = server_flags(parser, args.serve_args, owned=owned)
     return args
@@ -427,19 +573,37 @@ def main(argv: list[str] | None = None) -> int:
     tenants = [Tenant(name, new_key()) for name in ("tenant-a", "tenant-b", "tenant-c")]
     start = time.perf_counter()
     with work_dir("loraplex-tenancy-", args.keep_work) as work:
-        fair, info = run_fairness(args, home, work, tenants)
-        over = run_overload(args, home, work / "overload", tenants[2])
+        fair, info = (
+            run_fairness(args, home, work, tenants) if "fairness" in args.parts else ({}, {})
+        )
+        over = (
+            run_overload(args, home, work / "overload", tenants[2])
+            if "overload" in args.parts
+            else {}
+        )
+        dead = (
+            run_deadlines(args, home, work / "deadlines", tenants[2])
+            if "deadlines" in args.parts
+            else {}
+        )
     config = {k: v for k, v in vars(args).items() if k not in ("home", "out", "keep_work", "extra")}
     config.update(serve_args=args.extra, model_info=info, cpus=os.cpu_count())
     report = {
         "config": config,
         "fairness": fair,
         "overload": over,
+        "deadlines": dead,
         "benchmark_client_peak_rss_bytes": peak_rss_bytes(),
         "wall_seconds": time.perf_counter() - start,
     }
     # The machine as a fresh process sees it, as the servers started (this one has no torch).
-    lines = [*fairness_lines(fair, config), "", *overload_lines(over, config)]
+    lines: list[str] = []
+    if fair:
+        lines += [*fairness_lines(fair, config), ""]
+    if over:
+        lines += [*overload_lines(over, config), ""]
+    if dead:
+        lines += deadline_lines(dead, config)
     publish(report, lines, args.out, fresh_process=True)
     log.info("%.0f s in all", report["wall_seconds"])
     return 0
