@@ -15,16 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from loraplex.adapters.compose import COMPOSE_METHODS, MAJORITY_SIGN_METHODS
-from loraplex.core.errors import InvalidRequest
+from loraplex.core.errors import InvalidRequest, shown
 from loraplex.core.types import AdapterVersion
 
 COMPOSED_PREFIX = "composed-"
+COMPOSED_ID = re.compile(r"composed-[0-9a-f]{24}")  # a derived id, fullmatched (see describe)
 MAX_INPUTS = 16
 _USES_DENSITY = ("ties", "dare_linear", "dare_ties")
 _USES_SEED = ("dare_linear", "dare_ties")
@@ -64,7 +66,7 @@ class CompositionRequest:
         if self.method not in COMPOSE_METHODS:
             raise InvalidRequest(
                 "compose.method",
-                f"must be one of {', '.join(COMPOSE_METHODS)}, got {self.method!r}",
+                f"must be one of {', '.join(COMPOSE_METHODS)}, got {shown(self.method)}",
             )
         if self.method in _USES_DENSITY:
             if self.density is None:
@@ -75,7 +77,7 @@ class CompositionRequest:
             raise InvalidRequest(
                 "compose.majority_sign_method",
                 f"must be one of {', '.join(MAJORITY_SIGN_METHODS)}, "
-                f"got {self.majority_sign_method!r}",
+                f"got {shown(self.majority_sign_method)}",
             )
         if not 0 <= self.seed < 1 << 63:
             raise InvalidRequest("compose.seed", f"must be in [0, 2^63), got {self.seed}")

@@ -13,28 +13,59 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from loraplex.adapters.sources import Upload, is_uri, stage_directory, stage_uri
+from loraplex.adapters.compositions import COMPOSED_ID, is_composed_id
+from loraplex.adapters.sources import Upload, is_uri, source_prefix, stage_directory, stage_uri
 from loraplex.adapters.store import AdapterStore, Registered
 from loraplex.adapters.validate import load_adapter
-from loraplex.core.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterId
+from loraplex.core.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterId, shown
 from loraplex.core.types import AdapterVersion, AdapterWeights, BaseModelSpec
 
 log = logging.getLogger(__name__)
 
-ADAPTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ADAPTER_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # fullmatched: no trailing newline
+INVALID_ID = "(invalid id)"  # what logs and metrics show for an id that is not one
 # An unknown id re-reads the store (a replica may have registered it); the same id again
 # within this many seconds does not.
 MISS_REFRESH_S = 2.0
 _MAX_MISSES_KEPT = 10_000
 
 
-def check_adapter_id(adapter_id: str) -> str:
-    if not ADAPTER_ID.match(adapter_id) or ".." in adapter_id:
+def is_valid_id(adapter_id: object, composed: bool = False) -> bool:
+    """Whether `adapter_id` is a registrable id (or, with `composed`, a composition's derived
+    id): short, and of characters that are safe in paths, logs and metric labels."""
+    if not isinstance(adapter_id, str):
+        return False
+    if is_composed_id(adapter_id):  # the prefix is reserved: only the exact derived form
+        return composed and COMPOSED_ID.fullmatch(adapter_id) is not None
+    return ADAPTER_ID.fullmatch(adapter_id) is not None and ".." not in adapter_id
+
+
+def check_adapter_id(adapter_id: str, *, composed: bool = False) -> str:
+    """`adapter_id` if it is valid (see `is_valid_id`); InvalidAdapterId otherwise, echoing a
+    bounded part of it. Every id a caller names passes here before it is looked up, logged or
+    echoed; a composed one (`composed`) must have the exact form of a derived id."""
+    if not is_valid_id(adapter_id, composed):
         raise InvalidAdapterId(
-            f"adapter_id {adapter_id[:80]!r} is not a valid id: use 1-63 characters of "
+            f"adapter_id {shown(adapter_id)} is not a valid id: use 1-63 characters of "
             "a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
         )
     return adapter_id
+
+
+def check_new_adapter_id(adapter_id: str) -> str:
+    """An id to register under: valid, and not of the form reserved for compositions."""
+    if is_composed_id(adapter_id):
+        raise InvalidAdapterId(
+            f"adapter_id {shown(adapter_id)}: ids starting with 'composed-' name compositions; "
+            "register the adapter under another id"
+        )
+    return check_adapter_id(adapter_id)
+
+
+def loggable_id(adapter_id: str) -> str:
+    """`adapter_id` as a log line or a metric may show it: as it is when it is a valid id (of
+    an adapter or a composition), else INVALID_ID (what a client sent is never echoed raw)."""
+    return adapter_id if not adapter_id or is_valid_id(adapter_id, composed=True) else INVALID_ID
 
 
 class AdapterRegistry:
@@ -50,9 +81,9 @@ class AdapterRegistry:
     ) -> None:
         self.store = store
         self.spec = spec
-        # Local roots for directories, URI prefixes for object stores (none: any URI).
+        # Local roots for directories, URI prefixes for object stores (none: no URI at all).
         self.allowed_roots = [Path(r).resolve() for r in allowed_roots if not is_uri(str(r))]
-        self.uri_roots = [str(r) for r in allowed_roots if is_uri(str(r))]
+        self.uri_roots = [source_prefix(str(r)) for r in allowed_roots if is_uri(str(r))]
         self.storage_options = dict(storage_options or {})
         self._lock = threading.Lock()
         self._misses: dict[str, float] = {}  # unknown id -> when it last made us re-read
@@ -62,14 +93,14 @@ class AdapterRegistry:
     ) -> Registered:
         """Stage, validate and keep an adapter from a directory or URI; returns (version,
         created). A failure at any step leaves nothing behind."""
-        check_adapter_id(adapter_id)
+        check_new_adapter_id(adapter_id)
 
         def stage(staging: Path) -> str:
             if is_uri(source):
                 return stage_uri(
                     source, self.uri_roots, self.storage_options, staging, self.spec.max_bytes
                 )
-            return stage_directory(source, self.allowed_roots, staging)
+            return stage_directory(source, self.allowed_roots, staging, self.spec.max_bytes)
 
         return self._register(adapter_id, stage, tenant, shared)
 
@@ -80,7 +111,7 @@ class AdapterRegistry:
         self, adapter_id: str, upload: Upload, tenant: str = "", shared: bool = False
     ) -> Registered:
         """Validate and keep a finished upload (its staging directory is consumed)."""
-        check_adapter_id(adapter_id)
+        check_new_adapter_id(adapter_id)
 
         def staged(staging: Path) -> str:
             upload.finish()

@@ -1,13 +1,24 @@
 """Where a registration's files come from: a directory under an allowed root, an object-store
-URI (s3://...), or an upload streamed by a client. Each lands in a private local staging
-directory first; only that copy is validated and stored, so a source that changes underneath
-cannot slip in bytes that were never checked.
+URI under an allowed prefix, or an upload streamed by a client. Each lands in a private local
+staging directory first; only that copy is validated and stored, so a source that changes
+underneath cannot slip in bytes that were never checked.
+
+Only what an operator allowed is a source: local directories under the allowed roots, and
+object-store URIs (s3:// only) under the allowed prefixes; with no prefix configured, no URI
+at all (never a file://, http:// or other fsspec URL, which would reach local files outside
+the roots or internal addresses). Paths and URIs are normalised before the check; what is
+then read is the normalised location. Every copy counts its bytes and stops at the file's
+limit, whatever the source's listing or a stat said; a local file is checked again once
+opened (a regular file, inside the roots), so a link swapped in after the directory's check
+leads nowhere. Errors echo the caller's own source (cut short), never another directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
+import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -19,32 +30,83 @@ from loraplex.adapters.validate import (
     MAX_CONFIG_BYTES,
     MAX_EXTRA_BYTES,
     check_entries,
+    check_name,
+    file_limit,
 )
-from loraplex.core.errors import AdapterSourceDenied, InvalidAdapter
+from loraplex.core.errors import AdapterSourceDenied, InvalidAdapter, shown
 
 MAX_FILE_NAME = 255
 # Beyond the weights limit: the config and the ignored extras, at their own limits.
 EXTRA_BYTES = MAX_CONFIG_BYTES + len(IGNORED_FILES) * MAX_EXTRA_BYTES
+COPY_CHUNK = 1 << 20
+SOURCE_SCHEMES = ("s3",)  # object stores a source may name, under an allowed prefix
+
+_URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.DOTALL)
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\?#]|::")  # controls, and what fsspec or URLs read
 
 
 def is_uri(source: str) -> bool:
     return "://" in source
 
 
-def stage_directory(path: str, roots: Sequence[Path], staging: Path) -> str:
-    """Copy an adapter directory under one of `roots` into `staging`; returns its resolved
-    path (the registration's recorded source)."""
-    if not path or "\0" in path:
-        raise InvalidAdapter("path must name an adapter directory")
-    source = Path(path).expanduser().resolve()  # follows symlinks: then checked
-    if not any(source.is_relative_to(root) for root in roots):
-        raise AdapterSourceDenied(f"path {path!r} is outside the server's allowed adapter roots")
-    if not source.is_dir():
-        raise InvalidAdapter(f"path {path!r} is not a directory")
-    check_entries(source, roots)  # no pickles, extras, executables or links out of the roots
-    for name in ADAPTER_FILES:
-        shutil.copyfile(source / name, staging / name)
-    return str(source)
+# -- object-store URIs --------------------------------------------------------------------------
+def normalise_uri(uri: str) -> str:
+    """`scheme://bucket/key/prefix` with the scheme lower-cased, empty and `.` segments
+    dropped and `..` applied (never above the bucket): the one spelling that is checked and
+    then read. InvalidAdapter for what is not a plain object-store URI (a query, a fragment,
+    credentials or a port, fsspec's `::` chaining, control characters)."""
+    match = _URI.match(uri)
+    if match is None or _UNSAFE.search(uri):
+        raise InvalidAdapter(f"{shown(uri)} is not a plain object-store URI (scheme://bucket/key)")
+    scheme, rest = match["scheme"].lower(), match["rest"]
+    bucket, _, key = rest.partition("/")
+    if not _BUCKET.match(bucket):
+        raise InvalidAdapter(f"{shown(uri)} does not name a bucket")
+    segments: list[str] = []
+    for segment in key.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if not segments:
+                raise InvalidAdapter(f"{shown(uri)} leads above its bucket")
+            segments.pop()
+        else:
+            segments.append(segment)
+    return "/".join([f"{scheme}://{bucket}", *segments])
+
+
+def source_prefix(root: str) -> str:
+    """An allowed object-store prefix as configured (`--adapter-root s3://bucket/prefix`),
+    normalised; ValueError for a scheme that is not an object store sources may come from."""
+    try:
+        prefix = normalise_uri(root)
+    except InvalidAdapter as exc:
+        raise ValueError(f"adapter root {root!r}: {exc}") from None
+    scheme = prefix.partition("://")[0]
+    if scheme not in SOURCE_SCHEMES:
+        raise ValueError(
+            f"adapter root {root!r}: only {', '.join(s + '://' for s in SOURCE_SCHEMES)} "
+            "prefixes may be adapter sources (local directories are given as paths)"
+        )
+    return prefix
+
+
+def check_uri(uri: str, prefixes: Sequence[str]) -> str:
+    """The normalised `uri` if it lies under one of the allowed `prefixes` (normalised, see
+    `source_prefix`); AdapterSourceDenied otherwise, naming only the caller's URI."""
+    match = _URI.match(uri)
+    scheme = match["scheme"].lower() if match else ""
+    if scheme not in {p.partition("://")[0] for p in prefixes}:
+        kind = f"{scheme}:// sources" if scheme else "such sources"
+        raise AdapterSourceDenied(
+            f"{shown(uri)}: {kind} are not accepted by this server (an operator allows "
+            "object-store prefixes with --adapter-root)"
+        )
+    location = normalise_uri(uri)
+    if not any(location == p or location.startswith(p + "/") for p in prefixes):
+        raise AdapterSourceDenied(f"{shown(uri)} is outside the server's allowed adapter roots")
+    return location
 
 
 def stage_uri(
@@ -54,35 +116,113 @@ def stage_uri(
     staging: Path,
     max_bytes: int,
 ) -> str:
-    """Download an adapter directory from an object store into `staging`; returns the URI."""
-    prefix = uri.rstrip("/")
-    roots = [root.rstrip("/") for root in uri_roots]
-    if roots and not any(prefix == root or prefix.startswith(root + "/") for root in roots):
-        raise AdapterSourceDenied(f"{uri!r} is outside the server's allowed adapter roots")
+    """Download an adapter directory from an object store into `staging`; returns its
+    normalised URI (the registration's recorded source). `uri_roots` are normalised prefixes."""
+    location = check_uri(uri, uri_roots)
     try:
-        fs, path = open_filesystem(prefix, storage_options)
+        fs, path = open_filesystem(location, storage_options)
         entries = fs.ls(path, detail=True)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        raise InvalidAdapter(f"no adapter directory at {uri!r}: {exc}") from None
+    except (FileNotFoundError, ValueError, ImportError):
+        raise InvalidAdapter(f"no adapter directory at {shown(uri)}") from None
     names = []
     for entry in entries:
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry["type"] == "directory":
-            raise InvalidAdapter(f"unexpected directory {name!r} in {uri!r}")
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
         check_file_name(name)
+        if entry["type"] == "directory":
+            raise InvalidAdapter(f"unexpected directory {shown(name)} in {shown(uri)}")
+        check_name(name)  # pickles and extras are refused unread
         names.append(name)
     total = sum(int(e.get("size") or 0) for e in entries)
     if total > max_bytes + EXTRA_BYTES:
-        raise InvalidAdapter(f"{uri!r} holds {total} bytes, over the limit of {max_bytes}")
-    for name in names:  # what check_entries will refuse (pickles, extras) is never opened here
-        if name in ADAPTER_FILES or name in IGNORED_FILES:
-            fs.get_file(f"{path}/{name}", str(staging / name))
-        else:
-            (staging / name).touch()
+        raise InvalidAdapter(f"{shown(uri)} holds {total} bytes, over the limit of {max_bytes}")
+    for name in names:  # each copy stops at its limit, whatever the listing said
+        try:
+            remote = fs.open(f"{path}/{name}", "rb")
+        except FileNotFoundError:
+            raise InvalidAdapter(f"{name} went from {shown(uri)} while it was read") from None
+        with remote:
+            _copy_limited(remote, staging / name, name, file_limit(name, max_bytes))
     check_entries(staging)
-    return uri
+    return location
 
 
+# -- local directories --------------------------------------------------------------------------
+def stage_directory(path: str, roots: Sequence[Path], staging: Path, max_bytes: int) -> str:
+    """Copy an adapter directory under one of `roots` (resolved) into `staging`; returns its
+    resolved path (the registration's recorded source)."""
+    if not path or "\0" in path:
+        raise InvalidAdapter("path must name an adapter directory")
+    try:
+        source = Path(path).expanduser().resolve()  # follows symlinks: then checked
+    except (OSError, RuntimeError, ValueError):
+        raise InvalidAdapter(f"path {shown(path)} cannot be resolved") from None
+    if not _inside(source, roots):
+        raise AdapterSourceDenied(
+            f"path {shown(path)} is outside the server's allowed adapter roots"
+        )
+    if not source.is_dir():
+        raise InvalidAdapter(f"path {shown(path)} is not a directory")
+    check_entries(source, roots)  # no pickles, extras, executables or links out of the roots
+    for name in ADAPTER_FILES:
+        _copy_local(source / name, staging / name, file_limit(name, max_bytes), roots)
+    return str(source)
+
+
+def _copy_local(source: Path, target: Path, limit: int, roots: Sequence[Path]) -> None:
+    """Copy one file of a checked directory, checking again what was opened: the directory
+    may have changed since (a link swapped in, a file grown)."""
+    name = source.name
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(source, flags)  # a FIFO does not block; what was opened is checked below
+    except OSError as exc:
+        raise InvalidAdapter(f"{name} cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidAdapter(f"{name} is not a regular file")
+        if st.st_mode & 0o111:
+            raise InvalidAdapter(f"{name} is executable; adapter files are data")
+        opened = _opened_path(fd, source, st)
+        if opened is None or not _inside(opened, roots):
+            raise InvalidAdapter(f"{name} links outside the allowed roots")
+        if st.st_size > limit:
+            raise InvalidAdapter(
+                f"{name} is {st.st_size} bytes, larger than the limit of {limit} bytes"
+            )
+        _copy_limited(f, target, name, limit)
+
+
+def _opened_path(fd: int, source: Path, st: os.stat_result) -> Path | None:
+    """Where the file open as `fd` lies: the kernel's word for it where /proc has one, else
+    where `source` leads now if that is the same file (None if it is not)."""
+    with contextlib.suppress(OSError):
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    try:
+        real = source.resolve(strict=True)
+        now = real.stat()
+    except (OSError, RuntimeError):
+        return None
+    return real if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) else None
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def _copy_limited(source: IO[bytes], target: Path, name: str, limit: int) -> None:
+    """Copy `source` to a new file `target`, refusing it once it holds more than `limit`
+    bytes (no more than that, plus one byte, is ever read)."""
+    copied = 0
+    with open(target, "xb") as out:
+        while chunk := source.read(min(COPY_CHUNK, limit + 1 - copied)):
+            copied += len(chunk)
+            if copied > limit:
+                raise InvalidAdapter(f"{name} is larger than the limit of {limit} bytes")
+            out.write(chunk)
+
+
+# -- uploads ------------------------------------------------------------------------------------
 def check_file_name(name: str) -> str:
     """A plain file name: no directories, no traversal, no NUL."""
     if (
@@ -91,7 +231,7 @@ def check_file_name(name: str) -> str:
         or len(name) > MAX_FILE_NAME
         or any(c in name for c in "/\\\0")
     ):
-        raise InvalidAdapter(f"file name {name[:80]!r} is not a plain file name")
+        raise InvalidAdapter(f"file name {shown(name)} is not a plain file name")
     return name
 
 
@@ -103,31 +243,45 @@ class FileChunk(NamedTuple):
 
 
 class Upload:
-    """An adapter's files streamed in by a client, written to `staging` as they come, within a
-    byte limit. Not thread-safe: one stream writes it."""
+    """An adapter's files streamed in by a client, written to `staging` as they come. Only the
+    names an adapter may hold are taken (anything else is refused at its first piece), each
+    within its own limit, and at most one file is open at a time however the pieces of
+    different files interleave. Not thread-safe: one stream writes it."""
 
     def __init__(self, staging: Path, max_bytes: int) -> None:
         self.staging = staging
-        self.max_bytes = max_bytes + EXTRA_BYTES
+        self.max_weights_bytes = max_bytes
         self.received = 0
-        self._files: dict[str, IO[bytes]] = {}
+        self._sizes: dict[str, int] = {}  # file name -> bytes written
+        self._open: tuple[str, IO[bytes]] | None = None
 
     def write(self, file_name: str, data: bytes) -> None:
-        f = self._files.get(file_name)
-        if f is None:
+        size = self._sizes.get(file_name)
+        if size is None:
             check_file_name(file_name)
-            f = self._files[file_name] = open(self.staging / file_name, "wb")  # noqa: SIM115
+            check_name(file_name)
+        limit = file_limit(file_name, self.max_weights_bytes)
+        if (size or 0) + len(data) > limit:
+            raise InvalidAdapter(f"{file_name} is larger than the limit of {limit} bytes")
+        self._file(file_name, new=size is None).write(data)
+        self._sizes[file_name] = (size or 0) + len(data)
         self.received += len(data)
-        if self.received > self.max_bytes:
-            raise InvalidAdapter(f"the upload is larger than the limit of {self.max_bytes} bytes")
-        f.write(data)
+
+    def _file(self, name: str, new: bool) -> IO[bytes]:
+        if self._open is not None and self._open[0] == name:
+            return self._open[1]
+        self.close()
+        f = open(self.staging / name, "xb" if new else "ab")  # noqa: SIM115
+        self._open = (name, f)
+        return f
 
     def finish(self) -> None:
         self.close()
-        if not self._files:
+        if not self._sizes:
             raise InvalidAdapter("the upload holds no files")
 
     def close(self) -> None:
-        for f in self._files.values():
+        if self._open is not None:
             with contextlib.suppress(OSError):
-                f.close()
+                self._open[1].close()
+            self._open = None

@@ -8,9 +8,14 @@ Three layers of checks, each failure an `InvalidAdapter` naming the file, tensor
    non-regular files and symlinks (unless they resolve to a file inside an allowed root).
 2. The config (`check_config`): plain LoRA only (no DoRA, patterns, biases or other variants),
    rank within the server's limit, target_modules selecting supported layers of the base.
+   A regex in target_modules / exclude_modules is matched against the base's module names in a
+   bounded child process (patterns.py): a pathological pattern is refused, never run here.
 3. The weights: the safetensors file is parsed here, strictly (header, offsets, sizes, no
    stray bytes), and each tensor must be PEFT's lora_A (r, in) or lora_B (out, r) of a
-   supported layer, F32/F16/BF16 and finite.
+   supported layer, F32/F16/BF16 and finite. The JSON header may be only as large as the
+   base's LoRA tensors need, so parsing it costs milliseconds whatever the file claims.
+
+What a file gives (names, values) is echoed in errors at most `shown`'s length.
 
 No torch compute happens here: validation runs on worker threads while the engine thread runs
 torch, and torch ops on a second thread start a second OpenMP pool that slows the engine. The
@@ -26,7 +31,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,7 +39,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from loraplex.core.errors import InvalidAdapter
+from loraplex.adapters.patterns import fullmatches
+from loraplex.core.errors import SHOWN_CHARS, InvalidAdapter, shown
 from loraplex.core.types import AdapterWeights, BaseModelSpec
 
 CONFIG_FILE = "adapter_config.json"
@@ -45,7 +51,12 @@ PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_EXTRA_BYTES = 1 << 20  # each ignored file
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit, above the spec's own
+# A safetensors header holds at most two entries (lora_A, lora_B) per layer of the base: this
+# much for each (its name and dtype, shape and offsets), and room for __metadata__ and padding.
+HEADER_BYTES_PER_TENSOR = 512
+HEADER_BYTES_EXTRA = 64 << 10
+MAX_TARGET_NAMES = 4096  # entries of a target_modules / exclude_modules list
 
 # PEFT's saved names: base_model.model.<module>.lora_A.weight (no adapter name).
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<kind>[AB])\.weight$")
@@ -98,16 +109,31 @@ def check_entries(adapter_dir: Path, allowed_roots: Sequence[Path] | None = None
             raise InvalidAdapter(f"{name} is missing from {adapter_dir.name!r}")
 
 
+def check_name(name: str, kind: str = "file") -> None:
+    """Refuse, by its name alone, a file an adapter never holds: a pickle (never opened) or
+    anything but the adapter's files and the ignored extras."""
+    if name in PICKLE_FILES or Path(name).suffix.lower() in PICKLE_SUFFIXES:
+        named = name if name.isprintable() and len(name) <= SHOWN_CHARS else shown(name)
+        raise InvalidAdapter(f"{named} is a pickle file and is never loaded; save with safetensors")
+    if name not in ADAPTER_FILES and name not in IGNORED_FILES:
+        raise InvalidAdapter(
+            f"unexpected {kind} {shown(name)}: an adapter holds only {' and '.join(ADAPTER_FILES)}"
+        )
+
+
+def file_limit(name: str, max_weights_bytes: int) -> int:
+    """The most bytes the adapter file `name` may hold (the weights' limit is the spec's)."""
+    if name == WEIGHTS_FILE:
+        return max_weights_bytes
+    return MAX_EXTRA_BYTES if name in IGNORED_FILES else MAX_CONFIG_BYTES
+
+
 def _check_entry(path: Path, roots: list[Path] | None) -> None:
     name = path.name
     if name in PICKLE_FILES or path.suffix.lower() in PICKLE_SUFFIXES:
-        raise InvalidAdapter(f"{name} is a pickle file and is never loaded; save with safetensors")
+        check_name(name)  # refused before any stat
     st = path.lstat()
-    if name not in ADAPTER_FILES and name not in IGNORED_FILES:
-        kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
-        raise InvalidAdapter(
-            f"unexpected {kind} {name!r}: an adapter holds only {' and '.join(ADAPTER_FILES)}"
-        )
+    check_name(name, "directory" if stat.S_ISDIR(st.st_mode) else "file")
     if stat.S_ISLNK(st.st_mode):
         if roots is None:
             raise InvalidAdapter(f"{name} is a symlink; links are not accepted here")
@@ -122,8 +148,8 @@ def _check_entry(path: Path, roots: list[Path] | None) -> None:
         raise InvalidAdapter(f"{name} is not a regular file")
     if st.st_mode & 0o111:
         raise InvalidAdapter(f"{name} is executable; adapter files are data")
-    limit = MAX_EXTRA_BYTES if name in IGNORED_FILES else MAX_CONFIG_BYTES
-    if name != WEIGHTS_FILE and st.st_size > limit:  # the weights' limit is the spec's
+    limit = file_limit(name, max_weights_bytes=st.st_size)  # the weights': the spec's, later
+    if st.st_size > limit:
         raise InvalidAdapter(f"{name} is {st.st_size} bytes, over the limit of {limit}")
 
 
@@ -163,28 +189,38 @@ def read_config(adapter_dir: Path) -> dict[str, Any]:
     return config
 
 
-def check_config(config: dict[str, Any], spec: BaseModelSpec) -> tuple[int, float, float]:
-    """Returns (rank, alpha, scaling) or raises InvalidAdapter naming the problem."""
+class LoraSettings(NamedTuple):
+    """What the config says, checked: rank, alpha, PEFT's scaling, and the layers of the base
+    PEFT would put this adapter's LoRA on."""
+
+    rank: int
+    alpha: float
+    scaling: float
+    modules: frozenset[str]
+
+
+def check_config(config: dict[str, Any], spec: BaseModelSpec) -> LoraSettings:
+    """The config's settings, or InvalidAdapter naming the problem."""
     if config.get("peft_type") != "LORA":
-        raise InvalidAdapter(f"not a LoRA adapter: peft_type is {config.get('peft_type')!r}")
+        raise InvalidAdapter(f"not a LoRA adapter: peft_type is {shown(config.get('peft_type'))}")
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidAdapter(f"r must be a positive integer, got {rank!r}")
+        raise InvalidAdapter(f"r must be a positive integer, got {shown(rank)}")
     if rank > spec.max_rank:
         raise InvalidAdapter(f"rank {rank} exceeds the server's max rank {spec.max_rank}")
     alpha = config.get("lora_alpha", 8)  # PEFT's default
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise InvalidAdapter(f"lora_alpha must be a finite number, got {alpha!r}")
+        raise InvalidAdapter(f"lora_alpha must be a finite number, got {shown(alpha)}")
     for key, message in _UNSUPPORTED.items():
         if _is_set(config.get(key)):
             raise InvalidAdapter(message)
     if not isinstance(config.get("use_rslora", False), bool):
-        raise InvalidAdapter(f"use_rslora must be true or false, got {config['use_rslora']!r}")
+        raise InvalidAdapter(f"use_rslora must be true or false, got {shown(config['use_rslora'])}")
     if config.get("bias", "none") != "none":
-        raise InvalidAdapter(f"bias must be 'none', got {config.get('bias')!r}")
-    _check_targets(config, spec)
+        raise InvalidAdapter(f"bias must be 'none', got {shown(config.get('bias'))}")
+    modules = _check_targets(config, spec)
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return rank, float(alpha), scaling
+    return LoraSettings(rank, float(alpha), scaling, modules)
 
 
 def _is_set(value: object) -> bool:
@@ -192,57 +228,67 @@ def _is_set(value: object) -> bool:
     return value is not None and value is not False and value not in ("", [], {})
 
 
-def _check_targets(config: dict[str, Any], spec: BaseModelSpec) -> None:
-    """target_modules and exclude_modules are PEFT's: a regex fullmatch over module names, or a
-    list of names each equal to or a dotted suffix of a module name."""
-    for key in ("target_modules", "exclude_modules"):
-        value = config.get(key)
-        if isinstance(value, str):
-            _compile(value, key)
-        elif value is not None and (
-            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
-        ):
+def _check_targets(config: dict[str, Any], spec: BaseModelSpec) -> frozenset[str]:
+    """The supported layers of the base PEFT would put a LoRA layer on. target_modules and
+    exclude_modules are PEFT's: a regex fullmatched against module names, or a list of names
+    each equal to or a dotted suffix of a module name. Only the base's own module names are ever
+    matched: a regex in a bounded child process (patterns.py), a list by set lookups."""
+    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
+    for key, value in (("target_modules", targets), ("exclude_modules", excluded)):
+        if isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                raise InvalidAdapter(f"{key} must be a string or a list of strings")
+            if len(value) > MAX_TARGET_NAMES:
+                raise InvalidAdapter(
+                    f"{key} lists {len(value)} names, over the limit of {MAX_TARGET_NAMES}"
+                )
+        elif value is not None and not isinstance(value, str):
             raise InvalidAdapter(f"{key} must be a string or a list of strings")
-    targets = config.get("target_modules")
-    supported = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in spec.linear_shapes}))
-    if isinstance(targets, str) and targets != _ALL_LINEAR:
-        pattern = _compile(targets, "target_modules")
-        if not any(pattern.fullmatch(module) for module in spec.linear_shapes):
+    names = tuple(spec.linear_shapes)
+    patterns = {
+        key: value
+        for key, value in (("target_modules", targets), ("exclude_modules", excluded))
+        if isinstance(value, str) and value != _ALL_LINEAR and (key == "target_modules" or value)
+    }
+    matched = fullmatches(patterns, names) if patterns else {}
+    supported = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in names}))
+    if targets is None or targets == _ALL_LINEAR:
+        selected = frozenset(names)
+    elif isinstance(targets, str):
+        selected = matched["target_modules"]
+        if not selected:
             raise InvalidAdapter(
-                f"target_modules regex {targets!r} matches no supported layer of the base model"
-                f" ({supported})"
+                f"target_modules regex {shown(targets)} matches no supported layer of the base "
+                f"model ({supported})"
             )
-    elif isinstance(targets, list):
+    else:
         if not targets:
             raise InvalidAdapter("target_modules is empty")
+        suffixes = {suffix for module in names for suffix in _suffixes(module)}
         for target in targets:
-            if not any(_selects([target], module) for module in spec.linear_shapes):
+            if target not in suffixes:
                 raise InvalidAdapter(
-                    f"target module {target!r} matches no supported layer of the base model"
-                    f" ({supported})"
+                    f"target module {shown(target)} matches no supported layer of the base "
+                    f"model ({supported})"
                 )
+        selected = _listed(targets, names)
+    if not excluded:  # None, "" or []: PEFT excludes nothing
+        return selected
+    if isinstance(excluded, str):
+        return selected - matched["exclude_modules"]
+    return selected - _listed(excluded, names)
 
 
-def _compile(pattern: str, key: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise InvalidAdapter(f"{key} is not a valid regex: {exc}") from None
+def _suffixes(module: str) -> list[str]:
+    """The names that select `module` in a list: itself and each dotted suffix of it."""
+    parts = module.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
 
 
-def _selects(names: str | list[str], module: str) -> bool:
-    """PEFT's match of target_modules (or exclude_modules) against a module name."""
-    if isinstance(names, str):
-        return re.fullmatch(names, module) is not None
-    return any(module == name or module.endswith(f".{name}") for name in names)
-
-
-def _targeted(config: dict[str, Any], module: str) -> bool:
-    """Whether PEFT would put a LoRA layer on `module`, and so load its tensors."""
-    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
-    if excluded and _selects(excluded, module):
-        return False
-    return targets is None or targets == _ALL_LINEAR or _selects(targets, module)
+def _listed(names: Iterable[str], modules: Iterable[str]) -> frozenset[str]:
+    """The `modules` a list of names selects, as PEFT matches one: equal, or a dotted suffix."""
+    wanted = set(names)
+    return frozenset(m for m in modules if any(s in wanted for s in _suffixes(m)))
 
 
 # -- the weights --------------------------------------------------------------------------------
@@ -250,21 +296,23 @@ def load_adapter(adapter_dir: Path, spec: BaseModelSpec) -> AdapterWeights:
     """Validate a PEFT LoRA directory against `spec` and return its slot-ready weights."""
     check_entries(adapter_dir)
     config = read_config(adapter_dir)
-    rank, alpha, scaling = check_config(config, spec)
+    rank, alpha, scaling, targeted = check_config(config, spec)
     data = _read_file(adapter_dir / WEIGHTS_FILE, spec.max_bytes)
-    header = _parse_header(data)
+    header = _parse_header(data, max_header_bytes(spec))
     pairs: dict[str, dict[str, _Tensor]] = {}
     for name, tensor in header.items():
         match = _TENSOR_NAME.match(name)
         if match is None:
-            raise InvalidAdapter(f"unexpected tensor {name!r}: only LoRA A/B weights are supported")
+            raise InvalidAdapter(
+                f"unexpected tensor {shown(name)}: only LoRA A/B weights are supported"
+            )
         module = match["module"]
         if module not in spec.linear_shapes:
             raise InvalidAdapter(
-                f"tensor {name!r}: target module {module!r} is not a supported layer of the base"
-                " model"
+                f"tensor {shown(name)}: target module {shown(module)} is not a supported layer of "
+                "the base model"
             )
-        if not _targeted(config, module):
+        if module not in targeted:
             raise InvalidAdapter(
                 f"tensor {name!r}: module {module!r} is not selected by target_modules"
                 " (and exclude_modules), so PEFT would not load it"
@@ -295,14 +343,26 @@ def _unreadable(reason: str) -> InvalidAdapter:
     return InvalidAdapter(f"{WEIGHTS_FILE} is not a readable safetensors file: {reason}")
 
 
-def _parse_header(data: bytes) -> dict[str, _Tensor]:
+def max_header_bytes(spec: BaseModelSpec) -> int:
+    """The largest safetensors header an adapter of `spec`'s base can need."""
+    tensors = 2 * len(spec.linear_shapes)
+    return min(MAX_HEADER_BYTES, tensors * HEADER_BYTES_PER_TENSOR + HEADER_BYTES_EXTRA)
+
+
+def _parse_header(data: bytes, limit: int = MAX_HEADER_BYTES) -> dict[str, _Tensor]:
     """The tensors of a safetensors file: u64 LE header length N, N bytes of JSON header, then
-    a data buffer that the tensors cover exactly, without overlaps or gaps."""
+    a data buffer that the tensors cover exactly, without overlaps or gaps. A header over
+    `limit` bytes is refused unparsed."""
     if len(data) < 8:
         raise _unreadable(f"{len(data)} bytes is too short for a header")
     (size,) = struct.unpack("<Q", data[:8])
-    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+    if 8 + size > len(data):
         raise _unreadable(f"header length {size} is invalid for a {len(data)}-byte file")
+    if size > limit:
+        raise _unreadable(
+            f"the header is {size} bytes, over the limit of {limit} for this base model "
+            "(two tensors per supported layer)"
+        )
     try:
         header = json.loads(data[8 : 8 + size].decode("utf-8"), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:
@@ -317,7 +377,7 @@ def _parse_header(data: bytes) -> dict[str, _Tensor]:
     covered = 0  # the buffer up to here belongs to a tensor
     for name, t in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
         if t.start - base < covered:
-            raise _unreadable(f"tensor {name!r} overlaps another tensor")
+            raise _unreadable(f"tensor {shown(name)} overlaps another tensor")
         if t.start - base > covered:
             raise _unreadable(f"data bytes {covered}..{t.start - base} belong to no tensor")
         covered = t.end - base
@@ -329,29 +389,33 @@ def _parse_header(data: bytes) -> dict[str, _Tensor]:
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [key for key, _ in pairs]
     if len(set(keys)) != len(keys):  # a repeated tensor name would hide one of the two
-        raise ValueError(f"duplicate keys in {sorted(keys)[:8]}")
+        raise ValueError(f"duplicate keys in {shown(sorted(keys)[:8], 400)}")
     return dict(pairs)
 
 
 def _header_entry(name: str, entry: object, base: int, buffer_len: int) -> _Tensor:
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
-        raise _unreadable(f"entry {name!r} must have exactly dtype, shape and data_offsets")
+        raise _unreadable(f"entry {shown(name)} must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _DTYPES:
-        raise InvalidAdapter(f"tensor {name!r} has dtype {dtype!r}, expected a float dtype")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise InvalidAdapter(
+            f"tensor {shown(name)} has dtype {shown(dtype)}, expected a float dtype"
+        )
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _unreadable(f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _unreadable(f"tensor {shown(name)} has an invalid shape {shown(shape)}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
-        raise _unreadable(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _unreadable(f"tensor {shown(name)} has invalid data_offsets {shown(offsets)}")
     begin, end = offsets
     if not begin <= end <= buffer_len:
         raise _unreadable(
-            f"tensor {name!r} data_offsets {offsets} are outside the {buffer_len}-byte data"
+            f"tensor {shown(name)} data_offsets {shown(offsets)} are outside the "
+            f"{buffer_len}-byte data"
         )
     expected = math.prod(shape) * _DTYPES[dtype].itemsize
     if end - begin != expected:
         raise _unreadable(
-            f"tensor {name!r} spans {end - begin} bytes; {dtype} {shape} needs {expected}"
+            f"tensor {shown(name)} spans {end - begin} bytes; {dtype} {shown(shape)} needs "
+            f"{expected}"
         )
     return _Tensor(dtype, tuple(shape), base + begin, base + end)
 
@@ -369,10 +433,12 @@ def _check_pair(
     a, b = pair["A"], pair["B"]
     in_features, out_features = shape
     if a.shape != (rank, in_features):
-        raise InvalidAdapter(f"{module}.lora_A has shape {a.shape}, expected {(rank, in_features)}")
+        raise InvalidAdapter(
+            f"{module}.lora_A has shape {shown(a.shape)}, expected {(rank, in_features)}"
+        )
     if b.shape != (out_features, rank):
         raise InvalidAdapter(
-            f"{module}.lora_B has shape {b.shape}, expected {(out_features, rank)}"
+            f"{module}.lora_B has shape {shown(b.shape)}, expected {(out_features, rank)}"
         )
     return a, b
 

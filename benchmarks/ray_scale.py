@@ -35,7 +35,6 @@ from pathlib import Path
 
 import ray
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from loraplex.core.config import ModelConfig
 from loraplex.server.client import LoraplexClient
@@ -43,8 +42,8 @@ from loraplex.server.config import EngineConfig, ServerConfig
 from loraplex.server.ray_serve import (
     LOADS_METADATA,
     REPLICA_METADATA,
-    SERVICER_FUNCTIONS,
     build_app,
+    proxy_options,
 )
 from loraplex.v1 import inference_pb2 as pb
 
@@ -159,7 +158,7 @@ def plain_server(home: Path, work: Path, args) -> Iterator[str]:
 @contextmanager
 def ray_cluster(cpus: int) -> Iterator[None]:
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(grpc_options=gRPCOptions(port=PORT, grpc_servicer_functions=SERVICER_FUNCTIONS))
+    serve.start(**proxy_options(PORT))
     try:
         yield
     finally:
@@ -269,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter_store=work / "store-ray",
             model=ModelConfig(home=home),
             engine=EngineConfig(max_loras=args.max_loras, max_batch_size=args.concurrency),
+            insecure=True,  # no API keys, like the plain server it is compared with
         )
         address = f"127.0.0.1:{PORT}"
         layouts: list[tuple[str, int, float]] = [

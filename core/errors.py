@@ -8,6 +8,17 @@ names, which Google's HTTP mapping also starts from.
 
 from __future__ import annotations
 
+SHOWN_CHARS = 80  # of a value a client or a file gave, echoed in an error or a log line
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """`repr(value)`, cut to about `limit` characters: what a request, a file or a URL gave
+    is echoed in error details and logs only this long, whatever its size."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} long)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class LoraplexError(Exception):
     """Base class of errors a client can act on."""

@@ -202,19 +202,17 @@ def train(args: argparse.Namespace) -> int:
 def serve_ray(args: argparse.Namespace) -> int:
     import ray  # heavy imports only when serving
     from ray import serve as ray_serve
-    from ray.serve.config import gRPCOptions
 
-    from loraplex.server.ray_serve import SERVICER_FUNCTIONS, build_app
+    from loraplex.server.ray_serve import build_app, check_config, proxy_options
 
     config = server_config(args)
     ray_config = build(RayConfig, args)
-    if config.auth_keys is None and not config.insecure:
-        # Ray's proxy listens on every interface: no key file means anyone may call it.
-        raise SystemExit("error: serve-ray needs --auth-keys (or --insecure to serve without)")
+    try:
+        check_config(config)  # before Ray starts: no key file needs --insecure
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     ray.init(address=ray_config.ray_address or None)
-    ray_serve.start(
-        grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=SERVICER_FUNCTIONS)
-    )
+    ray_serve.start(**proxy_options(config.port))
     log.info("loraplex on Ray Serve: %d replicas, gRPC on port %d", ray_config.replicas,
              config.port)  # fmt: skip
     app = build_app(config, ray_config.replicas, ray_config.replica_cpus, build(LogConfig, args))

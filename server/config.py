@@ -252,11 +252,7 @@ class ServerConfig(StoreConfig):
             raise ValueError("metrics_adapter_labels must be >= 0")
         if self.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
-        if self.auth_keys is None and not self.insecure and not is_loopback(self.host):
-            raise ValueError(
-                f"serving {self.host} without authentication: give an API key file "
-                "(--auth-keys) or, knowingly, --insecure"
-            )
+        self.check_authentication(self.host)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and its key")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -266,6 +262,14 @@ class ServerConfig(StoreConfig):
             raise ValueError(
                 f"{len(self.pinned_adapters)} pinned adapters need more than max_loras - 1 "
                 f"({slots - 1}) slots"
+            )
+
+    def check_authentication(self, host: str) -> None:
+        """Serving `host` without an API key file needs --insecure, unless it is loopback."""
+        if self.auth_keys is None and not self.insecure and not is_loopback(host):
+            raise ValueError(
+                f"serving {host} without authentication: give an API key file "
+                "(--auth-keys) or, knowingly, --insecure"
             )
 
     @property

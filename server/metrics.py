@@ -101,7 +101,7 @@ class Metrics:
     # -- request telemetry (a RequestObserver) ------------------------------------------------
     def finished(self, record: RequestRecord) -> None:
         self.requests.labels(record.code, record.finish_reason).inc()
-        if self.adapter_labels and record.adapter_id:
+        if self.adapter_labels and record.adapter_id and record.adapter_version:  # resolved
             self.adapter_requests.labels(self._adapter_label(record.adapter_id)).inc()
         if record.admitted is None:  # refused or failed before it ran
             return

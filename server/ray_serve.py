@@ -16,13 +16,21 @@ request's adapter as its multiplexed model id, and Ray prefers a replica that al
 the replica's own host and device tiers on first use). A client may also send the id as
 `multiplexed_model_id` metadata (e.g. to route compositions).
 
+The ingress admits each call by the gRPC interceptor's own rule (`admit`: a valid API key for
+every RPC, an admin's for the operator RPCs) before it reaches a replica or the store
+generation below; the replica checks the caller again and applies tenancy. Ray's proxy takes
+messages no larger than the plain server's (`PROXY_ENV`, given to the Serve controller, whose
+proxies inherit it).
+
 Replicas share the adapter store (`--adapter-store s3://...` in production; a local directory
 on one machine), so an adapter registered through any replica is servable by all of them. Every
-registration, push or delete bumps a cluster-wide store generation (a small named actor); every
-request carries the generation the ingress saw, and a replica behind it re-reads the store
-before serving, so no replica serves a deleted adapter or an older version once the change
-has been answered. A counter that is lost and started again begins a new epoch, which makes
-every replica re-read the store once.
+registration, push or delete that may have changed the store bumps a cluster-wide store
+generation (a small named actor): one that succeeded or whose outcome is unknown (a lost
+replica, a cancelled call), not one refused before it changed anything. Every request carries
+the generation the ingress saw, and a replica behind it re-reads the store before serving, so
+no replica serves a deleted adapter or an older version once the change has been answered. A
+counter that is lost and started again begins a new epoch, which makes every replica re-read
+the store once.
 """
 
 from __future__ import annotations
@@ -40,14 +48,18 @@ import ray
 import torch
 from google.protobuf.message import Message
 from ray import serve
+from ray.serve.config import ControllerOptions, gRPCOptions
 from ray.serve.deployment import Deployment
 from ray.serve.grpc_util import gRPCInputStream
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from loraplex.adapters.sources import EXTRA_BYTES
+from loraplex.core.errors import AdapterNotFound
+from loraplex.core.types import AdapterVersion
 from loraplex.server.app import LoraplexServer
 from loraplex.server.config import LogConfig, ServerConfig, parse_serve_flags
-from loraplex.server.grpc_api.interceptor import Refusal, authorize
+from loraplex.server.grpc_api.interceptor import REQUEST_ID_KEY, Refusal, admit, request_id_of
+from loraplex.server.grpc_api.server import MAX_MESSAGE_BYTES
 from loraplex.server.logs import configure_logging
 from loraplex.server.runtime.auth import KeyRing
 from loraplex.v1 import adapters_pb2, inference_pb2
@@ -85,8 +97,33 @@ UNARY = {
     "GetMergeState": ("Adapters", adapters_pb2.MergeState),
 }
 # RPCs that change the store: once answered, every replica must see the change.
-STORE_CHANGES = {"RegisterAdapter", "PushAdapter", "DeleteAdapter"}
+STORE_CHANGES = frozenset(
+    f"/loraplex.v1.Adapters/{name}" for name in ("RegisterAdapter", "PushAdapter", "DeleteAdapter")
+)
+# What a server answers a change it refused before changing anything (core/errors.py's codes
+# of a client's mistake or a refusal); any other failure may have come after the change.
+REFUSED = frozenset(
+    code.value[0]
+    for code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    )
+)
 PUSH_PATH = "/loraplex.v1.Adapters/PushAdapter"
+STREAM_PATH = "/loraplex.v1.Inference/GenerateStream"
+# Ray's proxy listens on every interface, whatever --host says.
+PROXY_HOST = "0.0.0.0"
+# Ray's proxy takes messages up to 2 GiB by default: the plain server's limit instead. Ray reads
+# it where the proxy starts; the Serve controller's environment reaches its proxies.
+PROXY_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(MAX_MESSAGE_BYTES)}
 GENERATION_ACTOR = "loraplex-store-generation"
 SERVICER_FUNCTIONS = [
     "loraplex.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
@@ -99,6 +136,9 @@ class Answer(NamedTuple):
 
     payload: bytes  # the serialized response; b"" when the call failed
     status: Status
+    # A store change: the store holds another version (or none) of its adapter since the call
+    # began, whatever the answer says (a registration may fail after its commit, e.g. its pin).
+    changed: bool = False
 
 
 class Generation(NamedTuple):
@@ -205,6 +245,23 @@ class EngineReplica:
     ) -> Answer:
         """A unary call, or a client-streaming one when `payload` is the list of messages."""
         await self._sync(generation)
+        if method not in STORE_CHANGES:
+            return await self._call(method, payload, metadata)
+        adapter_id = serve.get_multiplexed_model_id()  # the adapter the change names
+        held = await asyncio.to_thread(self._held, adapter_id)
+        answer = await self._call(method, payload, metadata)
+        changed = await asyncio.to_thread(self._held, adapter_id) != held
+        return answer._replace(changed=changed)
+
+    def _held(self, adapter_id: str) -> list[AdapterVersion]:
+        """The versions of `adapter_id` this replica's store index holds (on a thread: a commit
+        holds the index's lock while it writes)."""
+        try:
+            return self.runtime.adapters.registry.store.versions(adapter_id)
+        except AdapterNotFound:
+            return []
+
+    async def _call(self, method: str, payload: bytes | list[bytes], metadata: Metadata) -> Answer:
         if isinstance(payload, list):
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
@@ -302,17 +359,27 @@ def _replica_lost(exc: ray.exceptions.RayActorError) -> Status:
     )
 
 
+def _may_have_changed(answer: Answer) -> bool:
+    """Whether a store change answered so may have changed the store: it did, or it succeeded,
+    or it failed in a way that may have come after its commit."""
+    return answer.changed or answer.status.code not in REFUSED
+
+
 def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
     path = f"/loraplex.v1.{service}/{name}"
 
     async def method(self: IngressReplica, request: Any, grpc_context: Any) -> Any:
+        refusal = self._refusal(path, grpc_context)
+        if refusal is not None:
+            _answer(grpc_context, refusal)
+            return response_type()
         adapter_id = _adapter_of(request, grpc_context)
         _take_metadata_adapter(request, adapter_id)
-        payload, status = await self.forward(
+        answer = await self.forward(
             name, path, request.SerializeToString(), grpc_context, adapter_id
         )
-        _answer(grpc_context, status)
-        return response_type.FromString(payload) if payload else response_type()
+        _answer(grpc_context, answer.status)
+        return response_type.FromString(answer.payload) if answer.payload else response_type()
 
     method.__name__ = name
     return method
@@ -320,15 +387,26 @@ def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
 
 class IngressReplica:
     """Ray's gRPC proxy calls the ingress method named after each RPC: the unary ones are
-    added below from UNARY; PushAdapter (client streaming) and GenerateStream are here."""
+    added below from UNARY; PushAdapter (client streaming) and GenerateStream are here. Each
+    first admits the caller (`_refusal`), then forwards."""
 
     def __init__(self, replica: DeploymentHandle, config: ServerConfig) -> None:
         self.replica = replica
         self.generation = _generation_actor()
-        # An upload is gathered here before a replica sees it: only an admin's, and no larger
-        # than a replica would take.
+        # Without keys (--insecure) every caller is admitted, as by the plain server.
         self.keys = KeyRing.from_file(config.auth_keys) if config.auth_keys else None
+        # An upload is gathered here before a replica sees it: no larger than it would take.
         self.max_upload_bytes = config.engine.max_adapter_bytes + EXTRA_BYTES
+
+    def _refusal(self, path: str, grpc_context: Any) -> Status | None:
+        """The interceptor's own answer to a caller who may not call `path`, given before
+        anything of the call reaches a replica or the store generation; None: admitted."""
+        metadata = grpc_context.invocation_metadata()
+        outcome = admit(self.keys, path, metadata)
+        if not isinstance(outcome, Refusal):
+            return None
+        trailing: Metadata = [(REQUEST_ID_KEY, request_id_of(metadata))]
+        return Status(outcome.code.value[0], outcome.message, trailing)
 
     async def _generation(self) -> Generation:
         try:
@@ -355,11 +433,13 @@ class IngressReplica:
         """One unary (or, with a list of messages, client-streaming) call on a replica."""
         handle = self.replica.options(multiplexed_model_id=adapter_id)
         generation = await self._generation()
+        answer = None  # None: the outcome is unknown (a lost replica, a cancelled call)
         try:
-            return cast(
+            answer = cast(
                 Answer,
                 await handle.unary.remote(path, payload, _forwarded(grpc_context), generation),
             )
+            return answer
         except ray.exceptions.RayActorError as exc:
             return Answer(b"", _replica_lost(exc))
         except ray.exceptions.RayTaskError as exc:
@@ -367,27 +447,17 @@ class IngressReplica:
             failed = Status(grpc.StatusCode.INTERNAL.value[0], f"{name} failed on its replica", [])
             return Answer(b"", failed)
         finally:
-            # A change may have reached the store even when its answer did not reach us (a
-            # lost replica, a cancelled call): every attempt counts as a change.
-            if name in STORE_CHANGES:
+            # A change may have reached the store even when its answer did not reach us; one
+            # the replica refused before changing anything did not.
+            if path in STORE_CHANGES and (answer is None or _may_have_changed(answer)):
                 await asyncio.shield(self._bump())
-
-    def _refuse_upload(self, grpc_context: Any) -> Status | None:
-        """The interceptor's own answer to a caller who may not upload, given before the
-        upload is gathered."""
-        if self.keys is None:
-            return None
-        outcome = authorize(self.keys, PUSH_PATH, grpc_context.invocation_metadata())
-        if isinstance(outcome, Refusal):
-            return Status(outcome.code.value[0], outcome.message, [])
-        return None
 
     async def PushAdapter(  # noqa: N802 (the RPC's name)
         self, requests: gRPCInputStream, grpc_context: Any
     ) -> adapters_pb2.RegisterAdapterResponse:
         """The upload is gathered here, then sent to one replica in a single call (Ray handles
         take no streamed arguments)."""
-        refusal = self._refuse_upload(grpc_context)
+        refusal = self._refusal(PUSH_PATH, grpc_context)
         messages, size = [], 0
         if refusal is None:
             async for message in requests:
@@ -406,24 +476,25 @@ class IngressReplica:
             return adapters_pb2.RegisterAdapterResponse()
         first = adapters_pb2.PushAdapterRequest.FromString(messages[0] if messages else b"")
         adapter_id = _adapter_of(first, grpc_context)
-        payload, status = await self.forward(
-            "PushAdapter", PUSH_PATH, messages, grpc_context, adapter_id
-        )
-        _answer(grpc_context, status)
-        return adapters_pb2.RegisterAdapterResponse.FromString(payload)
+        answer = await self.forward("PushAdapter", PUSH_PATH, messages, grpc_context, adapter_id)
+        _answer(grpc_context, answer.status)
+        return adapters_pb2.RegisterAdapterResponse.FromString(answer.payload)
 
     async def GenerateStream(  # noqa: N802 (the RPC's name)
         self, request: inference_pb2.GenerateRequest, grpc_context: Any
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        refusal = self._refusal(STREAM_PATH, grpc_context)
+        if refusal is not None:
+            _answer(grpc_context, refusal)
+            raise StreamFailed(refusal.details)
         adapter_id = _adapter_of(request, grpc_context)
         _take_metadata_adapter(request, adapter_id)
         handle = self.replica.options(multiplexed_model_id=adapter_id, stream=True)
-        path = "/loraplex.v1.Inference/GenerateStream"
         generation = await self._generation()
         items = cast(
             DeploymentResponseGenerator,
             handle.stream.remote(
-                path, request.SerializeToString(), _forwarded(grpc_context), generation
+                STREAM_PATH, request.SerializeToString(), _forwarded(grpc_context), generation
             ),
         )
         # Ray's proxy sends the call's status along with each message (and with nothing else),
@@ -465,6 +536,30 @@ Ingress = serve.deployment(
 )(IngressReplica)
 
 
+def proxy_options(port: int) -> dict[str, Any]:
+    """`serve.start`'s arguments for loraplex: Ray's gRPC proxy on `port` serving the loraplex
+    services, and taking no message larger than the plain server does (`PROXY_ENV`)."""
+    return {
+        "grpc_options": gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+        "controller_options": ControllerOptions(runtime_env={"env_vars": PROXY_ENV}),
+    }
+
+
+def check_config(config: ServerConfig) -> None:
+    """What Ray Serve cannot serve as the plain server would: raises ValueError. Ray's proxy
+    listens on every interface, so no key file needs --insecure (whatever --host says), and it
+    serves plaintext."""
+    try:
+        config.check_authentication(PROXY_HOST)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (Ray Serve's gRPC proxy listens on every interface)") from None
+    if config.tls_cert or config.tls_client_ca:
+        raise ValueError(
+            "Ray Serve's gRPC proxy serves plaintext: terminate TLS in front of it (a load "
+            "balancer or Kubernetes ingress) and leave the --tls-* flags off"
+        )
+
+
 def build_app(
     config: ServerConfig,
     replicas: int | str = 2,
@@ -474,13 +569,9 @@ def build_app(
     """The application: an ingress and `replicas` engine replicas of `replica_cpus` CPUs each
     (Ray gives a replica as many compute threads), or "auto": autoscaled (the deployment's
     `autoscaling_config`, e.g. from deploy/ray/rayservice.yaml); `logs` is the replicas' log
-    (level, format). Run it with `serve.run` after
-    `serve.start(grpc_options=gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS))`."""
-    if config.tls_cert or config.tls_client_ca:
-        raise ValueError(
-            "Ray Serve's gRPC proxy serves plaintext: terminate TLS in front of it (a load "
-            "balancer or Kubernetes ingress) and leave the --tls-* flags off"
-        )
+    (level, format). Run it with `serve.run` after `serve.start(**proxy_options(port))`.
+    Refuses (ValueError) what `check_config` refuses."""
+    check_config(config)
     engine = cast(Deployment, EngineReplica).options(
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}
     )
@@ -489,9 +580,15 @@ def build_app(
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray Serve config files (`serve run` / `serve deploy`, KubeRay's RayService):
-    `args` holds `replicas` (a number, or "auto"), `replica_cpus` and `serve_flags`, the flags
-    `loraplex serve` takes (a list)."""
-    config, logs = parse_serve_flags([str(f) for f in args.get("serve_flags", [])])
+    `args` holds `replicas` (a number, or "auto"), `replica_cpus`, `serve_flags`, the flags
+    `loraplex serve` takes (a list), and `insecure` (true: the same as `--insecure` among
+    them). Without `--auth-keys` or that opt-out it refuses to build (ValueError), as
+    `loraplex serve-ray` does."""
+    flags = [str(f) for f in args.get("serve_flags", [])]
+    insecure = args.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ValueError(f"insecure must be true or false, got {insecure!r}")
+    config, logs = parse_serve_flags([*flags, "--insecure"] if insecure else flags)
     replicas = args.get("replicas", 2)
     cpus = float(args.get("replica_cpus", 1))
     return build_app(config, "auto" if replicas == "auto" else int(replicas), cpus, logs)

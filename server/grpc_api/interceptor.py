@@ -60,20 +60,28 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method  # type: ignore[attr-defined]
         if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
-        principal = None
-        if self.keys is not None:
-            metadata = details.invocation_metadata  # type: ignore[attr-defined]
-            outcome = authorize(self.keys, method, metadata)
-            if isinstance(outcome, Refusal):
-                request_id = request_id_of(metadata)
-                return refusing(handler, outcome.code, outcome.message, request_id)
-            principal = outcome
-        return bound(handler, principal)
+        metadata = details.invocation_metadata  # type: ignore[attr-defined]
+        outcome = admit(self.keys, method, metadata)
+        if isinstance(outcome, Refusal):
+            return refusing(handler, outcome.code, outcome.message, request_id_of(metadata))
+        return bound(handler, outcome)
 
 
 class Refusal(NamedTuple):
     code: grpc.StatusCode
     message: str
+
+
+def admit(
+    keys: KeyRing | None, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
+) -> Principal | Refusal | None:
+    """The rule every front end applies to a call of `method` (a full path) before anything
+    else sees it: this interceptor, and the Ray Serve ingress (server/ray_serve.py). None when
+    the call needs no key (no key file, or a health or reflection method); else the caller, or
+    why it may not call."""
+    if keys is None or method.startswith(EXEMPT_PREFIXES):
+        return None
+    return authorize(keys, method, metadata)
 
 
 def authorize(

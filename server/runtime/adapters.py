@@ -1,7 +1,10 @@
 """Adapter management as the API offers it: register (from a path or URI, or uploaded), look up,
 list, delete, pin, merge into the base, and the cache's view. Looking up and listing follow
 tenancy; everything else needs an admin key (`principal` None: no authentication, or the server
-itself). File work runs off the event loop; validation needs no engine time.
+itself). File work runs off the event loop; validation needs no engine time. Registration's
+work (staging, downloads, uploads, validation) runs on threads of its own, so however long a
+registration takes it never holds a thread that requests need (asyncio's default executor,
+which tokenizes prompts).
 
 Servers may share one store (replicas behind Ray Serve, or several plain servers on S3): what
 this server holds follows the store, whoever changed it. A newer version takes over a pin and
@@ -12,12 +15,16 @@ register and delete go through the same path (`follow_store`) as a re-read does.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from loraplex.adapters.cache import HostCache
 from loraplex.adapters.compositions import is_composed_id
-from loraplex.adapters.registry import AdapterRegistry, check_adapter_id
+from loraplex.adapters.registry import AdapterRegistry, check_adapter_id, check_new_adapter_id
 from loraplex.adapters.sources import FileChunk, Upload
 from loraplex.core.errors import AdapterNotFound, InvalidRequest, NotReady
 from loraplex.core.types import AdapterVersion
@@ -36,6 +43,8 @@ from loraplex.server.runtime.views import (
 )
 
 log = logging.getLogger(__name__)
+REGISTRATION_THREADS = 4
+T = TypeVar("T")
 
 
 class AdapterService:
@@ -54,6 +63,18 @@ class AdapterService:
         self.pins = Pins(engine, cache, resolver)
         self.merge_policy = merge_policy  # for the merge view ("auto" or "off")
         self._merge_pin: str | None = None  # the adapter id an operator merged
+        self._registering = ThreadPoolExecutor(
+            REGISTRATION_THREADS, thread_name_prefix="adapter-registration"
+        )
+
+    def close(self) -> None:
+        self._registering.shutdown(wait=False, cancel_futures=True)
+
+    async def _registration_work(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on the registration threads (with the caller's context: its request id
+        reaches the log lines)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._registering, call)
 
     # -- registration -------------------------------------------------------------------------
     async def register(
@@ -70,7 +91,7 @@ class AdapterService:
         tenant when `shared`)."""
         check_admin(principal, "registering an adapter")
         owner = owner_for(principal, tenant)
-        version, created = await asyncio.to_thread(
+        version, created = await self._registration_work(
             self.registry.register, adapter_id, path, owner, shared
         )
         return await self._registered(version, created, pin)
@@ -88,15 +109,15 @@ class AdapterService:
         """Register an adapter whose files arrive in pieces (as `register` does a path)."""
         check_admin(principal, "uploading an adapter")
         owner = owner_for(principal, tenant)
-        check_adapter_id(adapter_id)
-        upload: Upload = await asyncio.to_thread(self.registry.new_upload)
+        check_new_adapter_id(adapter_id)  # before any byte is taken
+        upload: Upload = await self._registration_work(self.registry.new_upload)
         try:
             async for chunk in chunks:
-                await asyncio.to_thread(upload.write, chunk.file_name, chunk.data)
+                await self._registration_work(upload.write, chunk.file_name, chunk.data)
         except BaseException:
-            await asyncio.to_thread(self.registry.discard_upload, upload)
+            await self._registration_work(self.registry.discard_upload, upload)
             raise
-        version, created = await asyncio.to_thread(
+        version, created = await self._registration_work(
             self.registry.register_upload, adapter_id, upload, owner, shared
         )
         return await self._registered(version, created, pin)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from loraplex.adapters.cache import Lease
 from loraplex.adapters.compositions import CompositionRequest
-from loraplex.core.errors import CANCELLED, InvalidRequest
+from loraplex.adapters.registry import loggable_id
+from loraplex.core.errors import CANCELLED, InvalidRequest, shown
 from loraplex.core.types import AdapterVersion
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
@@ -141,7 +142,7 @@ class Requests:
             request_id=request_id or new_request_id(),
             tenant=tenant,
             arrival=time.monotonic(),
-            adapter_id=inp.adapter_id,
+            adapter_id=loggable_id(inp.adapter_id),  # a client's id is not logged raw
         )
         if self.log_prompts:
             record.prompt = inp.prompt or json.dumps(
@@ -169,7 +170,7 @@ class Requests:
         self.engine.check()
         adapter = await self.resolver.for_request(inp.adapter_id, inp.compose, principal)
         if adapter is not None:
-            record.adapter_version = adapter.version
+            record.adapter_id, record.adapter_version = adapter.key
         check_sizes(inp)
         prompt_ids = await asyncio.to_thread(self._tokenize, inp)
         record.prompt_tokens = len(prompt_ids)
@@ -294,7 +295,7 @@ class Requests:
                 if message.role not in CHAT_ROLES:
                     raise InvalidRequest(
                         f"messages[{i}].role",
-                        f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}",
+                        f"must be one of {', '.join(CHAT_ROLES)}, got {shown(message.role)}",
                     )
                 # A control token in the content would forge turns of the conversation.
                 for token in self._special_tokens:

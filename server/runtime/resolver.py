@@ -98,6 +98,7 @@ class AdapterResolver:
     def composed(self, adapter_id: str, principal: Principal | None) -> AdapterVersion:
         """A composed adapter named by its derived id, while this replica holds it and its
         inputs are still registered; usable by whoever may use every input."""
+        check_adapter_id(adapter_id, composed=True)  # the exact form of a derived id
         composition = self.compositions.get(adapter_id)
         if composition is None or not all(self._registered(v) for v in composition.inputs):
             check_use(principal, adapter_id, None)

@@ -92,6 +92,7 @@ class Runtime:
     def close(self) -> None:
         self.engine.stop()
         self.cache.close()
+        self.adapters.close()
 
     async def _refresh_store(self) -> None:
         await self.adapters.refresh_store()

@@ -14,13 +14,13 @@ from typing import Protocol
 from loraplex.core.errors import CANCELLED, INTERNAL, OK, status_code
 
 request_log = logging.getLogger("loraplex.requests")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatched: no trailing newline
 
 
 def request_id(given: object = None) -> str:
     """The id a caller gave its request (e.g. x-request-id) when it is a sensible one, else a
     new one: it goes into logs and back to the caller."""
-    return given if isinstance(given, str) and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 @dataclass
@@ -28,6 +28,8 @@ class RequestRecord:
     request_id: str
     tenant: str
     arrival: float
+    # The adapter asked for, once valid (see registry.loggable_id); the one served once
+    # resolved, with its version (0: none was, and metrics count it under no adapter).
     adapter_id: str = ""
     adapter_version: int = 0
     prompt_tokens: int = 0

@@ -9,7 +9,7 @@ gets NOT_FOUND for an id: nothing it is allowed to see has that id either).
 
 from __future__ import annotations
 
-from loraplex.core.errors import PermissionDenied
+from loraplex.core.errors import PermissionDenied, shown
 from loraplex.core.types import AdapterVersion
 from loraplex.server.runtime.auth import Principal
 
@@ -27,7 +27,7 @@ def check_use(principal: Principal | None, adapter_id: str, version: AdapterVers
     if not may_use(principal, version):
         assert principal is not None
         raise PermissionDenied(
-            f"adapter {adapter_id!r} is not available to tenant {principal.tenant!r} (only "
+            f"adapter {shown(adapter_id)} is not available to tenant {principal.tenant!r} (only "
             "its own adapters and shared ones are)"
         )
 

@@ -141,10 +141,32 @@ def test_invalid_adapters_are_rejected_with_the_reason(adapter_copy, break_it, m
         load_adapter(path, spec)
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "/etc/passwd", "a/b", "UPPER", "a\0b", "x" * 64, "."])
+@pytest.mark.parametrize(
+    "bad", ["", "../x", "/etc/passwd", "a/b", "UPPER", "a\0b", "x" * 64, ".", "ok\n", "ok\r\nx"]
+)
 def test_adapter_ids_are_identifiers_not_paths(bad):
     with pytest.raises(InvalidAdapterId):
         check_adapter_id(bad)
+
+
+def test_composed_ids_are_checked_as_strictly_and_are_not_registrable(adapter_copy, tmp_path):
+    from loraplex.adapters.registry import INVALID_ID, loggable_id
+
+    derived = "composed-" + "0123456789abcdef" + "01234567"
+    assert check_adapter_id(derived, composed=True) == derived
+    for bad in ("composed-x", "composed-" + "a" * 25, derived + "\n", "composed-" + "z" * 10**5):
+        with pytest.raises(InvalidAdapterId) as err:
+            check_adapter_id(bad, composed=True)
+        assert len(str(err.value)) < 300
+        assert loggable_id(bad) == INVALID_ID
+    with pytest.raises(InvalidAdapterId):
+        check_adapter_id(derived)  # not an id a registration may take
+    path, spec = adapter_copy
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
+    for reserved in ("composed-mine", derived):
+        with pytest.raises(InvalidAdapterId, match="composed"):
+            registry.register(reserved, str(path))
+    assert loggable_id(derived) == derived and loggable_id("tone") == "tone"
 
 
 def test_register_is_idempotent_and_versions_new_content(adapter_copy, tmp_path):
@@ -219,9 +241,10 @@ def test_register_from_s3_into_an_s3_store(adapter_copy, s3_bucket, tmp_path):
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
     for f in path.iterdir():
         fs.put_file(str(f), f"{url}/incoming/support/{f.name}")
-    registry = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, [tmp_path], options)
+    roots = [tmp_path, f"{url}/incoming"]  # S3 sources only under a configured prefix
+    registry = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, roots, options)
     version, created = registry.register("support", f"{url}/incoming/support/")
-    assert created and version.source == f"{url}/incoming/support/"
+    assert created and version.source == f"{url}/incoming/support"  # normalised, as read
     replica = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, [], options)
     assert replica.resolve("support") == version
     local = load_adapter(path, spec)
@@ -230,7 +253,11 @@ def test_register_from_s3_into_an_s3_store(adapter_copy, s3_bucket, tmp_path):
         torch.testing.assert_close(loaded.modules[module][0], a)
         torch.testing.assert_close(loaded.modules[module][1], b)
     with pytest.raises(InvalidAdapter, match="no adapter"):
+        registry.register("missing", f"{url}/incoming/nowhere")
+    with pytest.raises(AdapterSourceDenied):
         registry.register("missing", f"{url}/nowhere")
+    with pytest.raises(AdapterSourceDenied):
+        registry.register("support", f"{url}/incoming/../store/blobs")
     fs.pipe(f"{url}/incoming/support/adapter_model.bin", b"\x80\x04")
     with pytest.raises(InvalidAdapter, match="pickle"):
         registry.register("pickled", f"{url}/incoming/support")
@@ -262,8 +289,8 @@ def test_upload_is_staged_within_limits(adapter_copy, tmp_path):
     upload = registry.new_upload()
     upload.write("adapter_config.json", (path / CONFIG).read_bytes())
     upload.write("adapter_model.safetensors", (path / WEIGHTS).read_bytes())
-    upload.write("run.sh", b"#!/bin/sh")
-    with pytest.raises(InvalidAdapter, match=r"run\.sh"):
-        registry.register_upload("extra", upload)
+    with pytest.raises(InvalidAdapter, match=r"run\.sh"):  # refused at its first piece
+        upload.write("run.sh", b"#!/bin/sh")
+    registry.discard_upload(upload)
     with pytest.raises(AdapterNotFound):
         registry.resolve("extra")

@@ -469,3 +469,164 @@ def test_symlink_to_a_directory_or_nothing_is_rejected(linked):
     (path / "README.md").symlink_to(root / "missing")
     with pytest.raises(InvalidAdapter, match=r"README\.md is a broken symlink"):
         check_entries(path, [root])
+
+
+# -- bounded work whatever the adapter says (issue 20, item 5) ----------------------------------
+class Ticker:
+    """Counts how often another thread gets to run while the block runs: a thread holding the
+    GIL (Python's `re` backtracking) would starve it."""
+
+    def __enter__(self):
+        import threading
+        import time
+
+        self.ticks, self._stop = 0, threading.Event()
+
+        def tick():
+            while not self._stop.is_set():
+                self.ticks += 1
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=tick, daemon=True)
+        self._thread.start()
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        self.elapsed = time.monotonic() - self.started
+        self._stop.set()
+        self._thread.join()
+
+
+# Patterns that backtrack exponentially in `re` on these names (minutes on the old code).
+CATASTROPHIC = [
+    (r"([\w.]+)+X", ("model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj")),
+    (r"model\.(a+)+$", ("model." + "a" * 40 + ".q_proj",)),
+    (r"(.*a){25}", ("model." + "a" * 30 + ".q_proj",)),
+]
+
+
+@pytest.mark.parametrize(("pattern", "modules"), CATASTROPHIC)
+@pytest.mark.parametrize("key", ["target_modules", "exclude_modules"])
+def test_a_catastrophic_regex_is_refused_quickly_without_stalling_other_threads(
+    tmp_path, monkeypatch, pattern, modules, key
+):
+    from loraplex.adapters import patterns
+
+    monkeypatch.setattr(patterns, "_cache", type(patterns._cache)())
+    monkeypatch.setattr(patterns, "MATCH_TIMEOUT_S", 0.5)
+    spec = BaseModelSpec(dict.fromkeys(modules, (HIDDEN, 32)), max_rank=8, fingerprint="slow")
+    changes = {key: pattern} if key == "target_modules" else {key: pattern, "target_modules": None}
+    path = write_adapter(tmp_path / "adapter", {}, **changes)
+    with Ticker() as ticker, pytest.raises(InvalidAdapter, match=f"{key}.*took over"):
+        load_adapter(path, spec)
+    assert ticker.elapsed < patterns.MATCH_TIMEOUT_S + 3
+    assert ticker.ticks > 50  # the other thread ran all along
+
+
+def test_a_catastrophic_regex_fails_a_registration_in_bounded_time(tmp_path):
+    from loraplex.adapters.registry import AdapterRegistry
+    from loraplex.adapters.store import AdapterStore
+
+    pattern, modules = CATASTROPHIC[0]
+    spec = BaseModelSpec(dict.fromkeys(modules, (HIDDEN, 32)), max_rank=8, fingerprint="slow")
+    path = write_adapter(tmp_path / "adapter", {}, target_modules=pattern)
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
+    with Ticker() as ticker, pytest.raises(InvalidAdapter, match="took over"):
+        registry.register("slow", str(path))
+    assert ticker.elapsed < 10 and ticker.ticks > 50
+    assert registry.store.latest_versions() == []
+
+
+def test_regexes_keep_peft_semantics_lookarounds_included(tmp_path):
+    tensors = {k: v for k, v in lora_tensors().items() if "layers.0." in k}
+    path = write_adapter(
+        tmp_path / "adapter", tensors, target_modules=r"^(?!.*layers\.1\.).*\.(q_proj|v_proj)$"
+    )
+    weights = load_adapter(path, SPEC)
+    assert sorted(weights.modules) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
+    path = write_adapter(tmp_path / "excluded", tensors, exclude_modules=r".*layers\.1\..*")
+    assert len(load_adapter(path, SPEC).modules) == 2
+    rejected(write_adapter(tmp_path / "all", exclude_modules=r".*layers\.1\..*"), "not selected")
+
+
+def test_a_regex_is_matched_once_per_base(tmp_path, monkeypatch):
+    from loraplex.adapters import patterns
+
+    runs = []
+    real = patterns._run_child
+    monkeypatch.setattr(patterns, "_cache", type(patterns._cache)())
+    monkeypatch.setattr(patterns, "_run_child", lambda *a: runs.append(a) or real(*a))
+    path = write_adapter(tmp_path / "adapter", target_modules=r".*\.(q|v)_proj")
+    for _ in range(3):  # a stored adapter loaded again costs no child process
+        load_adapter(path, SPEC)
+    assert len(runs) == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"target_modules": "q_proj|" * 200}, "over the limit of 1024"),
+        ({"target_modules": ["q_proj"] * 5000}, "lists 5000 names, over the limit"),
+        ({"exclude_modules": ["x"] * 5000}, "exclude_modules lists 5000 names"),
+        ({"target_modules": "(" * 100}, "target_modules is not a valid regex"),
+        ({"exclude_modules": "[z-a]"}, "exclude_modules is not a valid regex"),
+    ],
+)
+def test_oversized_or_invalid_target_settings_are_refused(tmp_path, changes, fragment):
+    rejected(write_adapter(tmp_path / "adapter", **changes), fragment)
+
+
+def test_long_lists_of_targets_are_matched_by_lookups(tmp_path):
+    import time
+
+    many = [f"model.layers.{i}.self_attn.q_proj" for i in range(4000)]  # layers 0, 1 among them
+    start = time.monotonic()
+    rejected(
+        write_adapter(tmp_path / "excluded", exclude_modules=many),
+        "model.layers.0.self_attn.q_proj' is not selected",
+    )
+    path = write_adapter(tmp_path / "listed", target_modules=["q_proj"] * 4000 + ["v_proj"])
+    assert len(load_adapter(path, SPEC).modules) == 4
+    assert time.monotonic() - start < 2
+
+
+def test_an_oversized_safetensors_header_is_refused_unparsed(q0_adapter, monkeypatch):
+    """A header far beyond what this base's tensors need is never handed to the JSON parser
+    (parsing tens of MB would hold the GIL on a shared thread)."""
+    from loraplex.adapters import validate
+
+    header = {"__metadata__": {"pad": "x" * (16 << 20)}, **q0_header()}
+    raw_weights(q0_adapter, header, ZEROS)
+    parsed = []
+    real = json.loads
+    monkeypatch.setattr(validate.json, "loads", lambda s, **kw: parsed.append(len(s)) or real(s))
+    rejected(q0_adapter, "the header is")
+    rejected(q0_adapter, "over the limit of")
+    assert max(parsed, default=0) < (1 << 20)  # only the config was parsed
+
+
+def test_the_header_limit_fits_every_tensor_of_the_base(tmp_path):
+    """An adapter on every supported layer, with metadata, stays well within the limit."""
+    from loraplex.adapters.validate import max_header_bytes
+
+    names = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(80) for p in "qkvo"]
+    spec = BaseModelSpec(dict.fromkeys(names, (HIDDEN, HIDDEN)), max_rank=8, fingerprint="big")
+    tensors = {}
+    for name in names:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(RANK, HIDDEN)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(HIDDEN, RANK)
+    path = tmp_path / "adapter"
+    path.mkdir()
+    (path / CONFIG_FILE).write_text(
+        json.dumps(peft_config(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    )
+    save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt", "note": "y" * 4096})
+    (size,) = struct.unpack("<Q", (path / WEIGHTS_FILE).read_bytes()[:8])
+    assert size < max_header_bytes(spec) / 2
+    assert len(load_adapter(path, spec).modules) == len(names)

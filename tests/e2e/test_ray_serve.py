@@ -4,7 +4,9 @@ eight adapters in a shared store, API keys of three tenants.
 - Requests are routed by adapter: each adapter's requests land on the replica that loaded it,
   so replicas load far fewer adapters than they serve requests.
 - Registrations, pushes and deletes reach every replica.
-- Auth, tenancy and backpressure are the single server's, answered through the proxy.
+- Auth, tenancy and backpressure are the single server's, answered through the proxy; a call
+  refused there reaches no replica and leaves the store generation where it was, and the
+  proxy takes no message larger than the single server does.
 - A replica killed under load loses only its own requests (UNAVAILABLE, retryable); the
   cluster keeps serving.
 """
@@ -45,9 +47,8 @@ def cluster(model_home, adapter_root, tmp_path_factory, peft_reference):
     replica: tenant limits are each replica's own)."""
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
-    from loraplex.server.ray_serve import SERVICER_FUNCTIONS, build_app
+    from loraplex.server.ray_serve import build_app, proxy_options
 
     tmp = tmp_path_factory.mktemp("ray")
     keys = write_key_file(tmp / "keys.toml", KEYS, "[tenants.capped]\nmax_concurrent = 1\n")
@@ -59,7 +60,7 @@ def cluster(model_home, adapter_root, tmp_path_factory, peft_reference):
         engine=EngineConfig(max_loras=6, max_batch_size=8),
     )
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(grpc_options=gRPCOptions(port=PORT, grpc_servicer_functions=SERVICER_FUNCTIONS))
+    serve.start(**proxy_options(PORT))
     serve.run(build_app(config, replicas=2), name="loraplex")
     yield f"localhost:{PORT}", keys
     serve.shutdown()
@@ -170,9 +171,18 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def store_changes() -> int:
+    """The cluster-wide store generation's count of changes."""
+    from loraplex.server.ray_serve import GENERATION_ACTOR
+
+    counter = ray.get_actor(GENERATION_ACTOR, namespace="loraplex")
+    return ray.get(counter.get.remote(), timeout=30)[1]
+
+
 def test_auth_and_tenancy_hold_through_the_proxy(cluster, registered, peft_reference):
     address, keys = cluster
     source = next(iter(peft_reference[2].values()))  # the dir behind tenant-adapter-0
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
     with (
         LoraplexClient(address, 120) as anonymous,
         LoraplexClient(address, 120, api_key=new_key()) as stranger,
@@ -180,15 +190,25 @@ def test_auth_and_tenancy_hold_through_the_proxy(cluster, registered, peft_refer
         LoraplexClient(address, 120, api_key=keys["globex"]) as globex,
         LoraplexClient(address, 120, api_key=keys["admin"]) as admin,
     ):
+        changes = store_changes()
         for who in (anonymous, stranger):
-            assert code_of(who.model_info) == grpc.StatusCode.UNAUTHENTICATED
-            assert code_of(generate, who, registered[0]) == grpc.StatusCode.UNAUTHENTICATED
-            assert code_of(who.push, "anyone", source) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(who.model_info) == unauthenticated
+            assert code_of(generate, who, registered[0]) == unauthenticated
+            stream = who.generate_stream(
+                pb.GenerateRequest(adapter_id=registered[0], prompt="Hi", max_new_tokens=2)
+            )
+            assert code_of(list, stream) == unauthenticated
+            assert code_of(who.push, "anyone", source) == unauthenticated
+            assert code_of(who.register, "anyone", str(source)) == unauthenticated
+            assert code_of(who.delete, registered[0]) == unauthenticated
         # Operator RPCs are refused to client keys, the streamed upload included.
         denied = grpc.StatusCode.PERMISSION_DENIED
         assert code_of(acme.push, "acme-pushed", source) == denied
         assert code_of(acme.register, "acme-registered", str(source)) == denied
+        assert code_of(acme.delete, registered[0]) == denied
         assert code_of(acme.cache_stats) == denied
+        # No refused change moved the store generation (every replica would re-read the store).
+        assert store_changes() == changes
         # An admin pushes an adapter for tenant acme: acme's clients use it, globex's cannot
         # see it, and it serves what the same weights registered from the directory serve.
         pushed = admin.push("acme-pushed", source, tenant="acme")
@@ -199,6 +219,18 @@ def test_auth_and_tenancy_hold_through_the_proxy(cluster, registered, peft_refer
         assert code_of(globex.get, "acme-pushed") == denied
         assert all("acme-pushed" not in held for held, _ in listings(globex))
         assert all(held.get("acme-pushed") == 1 for held, _ in listings(admin))
+
+
+def test_the_proxy_takes_no_message_larger_than_the_server_does(cluster):
+    from loraplex.server.grpc_api.server import MAX_MESSAGE_BYTES
+
+    address, keys = cluster
+    with LoraplexClient(address, 120, api_key=keys["admin"]) as client:
+        huge = pb.GenerateRequest(prompt="x" * MAX_MESSAGE_BYTES, max_new_tokens=1)
+        with pytest.raises(grpc.RpcError) as err:
+            client.inference.Generate(huge, timeout=60, metadata=client.metadata)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in err.value.details()
 
 
 def test_backpressure_is_resource_exhausted_through_the_proxy(cluster):

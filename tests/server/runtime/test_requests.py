@@ -120,3 +120,39 @@ def test_closing_a_generation_before_reading_it_gives_everything_back(served):
     while (state := runtime.engine.snapshot().result(30)).running and time.monotonic() < deadline:
         time.sleep(0.05)
     assert state.running == 0 and state.waiting == 0
+
+
+def test_ids_a_client_sends_are_validated_before_they_are_echoed_logged_or_counted(served):
+    """Issue 20, item 9: every id a request names (composed- ones too) is checked before it
+    reaches an error detail, the request log or a metric label, and only so much is echoed."""
+    from loraplex.adapters.compositions import CompositionRequest, WeightedAdapter
+    from loraplex.core.errors import InvalidAdapterId
+
+    runtime, loop, adapter_dir = served
+    records = []
+    runtime.observers.observers.append(type("Seen", (), {"finished": records.append})())
+    huge = "composed-" + "x" * 100_000
+    forged = "tone\nINFO forged log line"
+
+    async def scenario():
+        for adapter_id in (huge, "composed-" + "0" * 23 + "\n", forged, "x" * 100_000):
+            with pytest.raises(InvalidAdapterId) as err:
+                await runtime.requests.generate(GenerateInput(adapter_id=adapter_id, prompt="hi"))
+            assert len(str(err.value)) < 300
+            with pytest.raises(InvalidAdapterId) as err:
+                await runtime.adapters.get(adapter_id, ACME)
+            assert len(str(err.value)) < 300
+        with pytest.raises(InvalidRequest) as err:
+            compose = CompositionRequest(
+                adapters=(WeightedAdapter("tone", 1.0), WeightedAdapter("tone", 1.0)),
+                method="m" * 100_000,
+            )
+            await runtime.requests.generate(GenerateInput(prompt="hi", compose=compose))
+        assert len(str(err.value)) < 400
+        with pytest.raises(InvalidAdapterId, match="composed"):  # a reserved form
+            await runtime.adapters.register("composed-abc", str(adapter_dir))
+
+    loop.run_until_complete(scenario())
+    ids = [r.adapter_id for r in records]
+    assert ids[:4] == ["(invalid id)"] * 4 and all(len(i) < 64 for i in ids)
+    assert all(r.adapter_version == 0 for r in records)

@@ -89,3 +89,22 @@ def test_json_lines_logged_during_a_call_carry_its_request_id():
     finally:
         REQUEST_ID.reset(token)
     assert line["request_id"] == "call-9" and line["message"] == "hello x"
+
+
+def test_only_resolved_adapters_get_a_metric_label():
+    """An id no adapter was resolved for (refused, unknown, invalid) takes no label slot."""
+    metrics = Metrics(adapter_labels=2)
+    for adapter in ["made-up-1", "made-up-2", "made-up-3"]:
+        metrics.finished(record(adapter_id=adapter, adapter_version=0))
+    metrics.finished(record(adapter_id="real", adapter_version=1))
+    text = generate_latest(metrics.registry).decode()
+    assert "made-up" not in text
+    assert 'loraplex_adapter_requests_total{adapter="real"} 1.0' in text
+
+
+def test_request_ids_with_line_breaks_are_replaced():
+    from loraplex.server.runtime.telemetry import request_id
+
+    assert request_id("req-1") == "req-1"
+    for given in ("req-1\n", "req\r\nforged", "x" * 129):
+        assert request_id(given) != given and len(request_id(given)) == 32
