@@ -371,6 +371,8 @@ class Engine:
         for seq, token in zip(sampled, tokens, strict=True):
             generated[seq.request.tenant] += 1
             if self._advance(seq, token):
+                if not seq.request.params.ignore_eos:
+                    self._pacing.generated(seq.num_generated)
                 self._retire(seq)
         self._scheduler.charge(generated)
         if decoding:  # a running request's pace: one token a step

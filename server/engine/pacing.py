@@ -2,15 +2,18 @@
 that cannot finish before its client's deadline, instead of queueing work the client will have
 given up on before it is done.
 
-Two figures, both from the engine's recent history: the time of a step (a running request gains
-one token a step) and the rate at which requests finish (a waiting request starts once enough
-running ones have left). From them, a request that finds `ahead` requests waiting before it and
-the batch full starts in about (ahead + 1 - free rows) / finish rate seconds and then runs
-about (its new tokens + its prompt's chunks) steps. The finish rate taken is the larger of the
-one measured (low while the server was not full) and the one of a full batch of requests as long
-as this one (all there is before requests finish, in a burst that arrives at once): a refusal
-must be sure, a request that turns out late is still taken out of the queue while its client
-listens. Nothing is refused before a step was measured.
+Three figures, all from the engine's recent history: the time of a step (a running request
+gains one token a step), the rate at which requests finish (a waiting request starts once
+enough running ones have left) and the tokens requests that may stop early generate. From them,
+a request that finds `ahead` requests waiting before it and the batch full starts in about
+(ahead + 1 - free rows) / finish rate seconds and then runs about (its prompt's chunks + its
+new tokens) steps: its max_new_tokens where it ignores EOS (a fixed length), otherwise no more
+than requests of late have generated on average (a chat request asks for 2000 tokens and
+stops at 50). The finish rate taken is the larger of the one measured (low while the server
+was not full) and the one of a full batch of requests as long as this one (all there is before
+requests finish, in a burst that arrives at once): a refusal must be sure, and a request that
+turns out late is still taken out of the queue while its client listens. Nothing is refused
+before a step was measured.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 from collections import deque
 
 STEP_WEIGHT = 0.1  # the exponential average of the step time: the weight of the newest step
+TOKENS_WEIGHT = 0.1  # ... of the tokens a request generates: the newest one's weight
 FINISH_WINDOW = 64  # the finish rate: over the last this many finishes
 FINISH_MAX_AGE_S = 120.0  # ... that happened within this many seconds
 
@@ -32,6 +36,7 @@ class Pacing:
         self.prefill_tokens = prefill_tokens  # prompt tokens a step takes
         self._lock = threading.Lock()
         self._step_s: float | None = None
+        self._tokens: float | None = None  # tokens a request generates, on average of late
         self._finishes: deque[float] = deque(maxlen=FINISH_WINDOW)
 
     def step(self, seconds: float) -> None:
@@ -39,6 +44,21 @@ class Pacing:
         with self._lock:
             last = self._step_s
             self._step_s = seconds if last is None else last + STEP_WEIGHT * (seconds - last)
+
+    def generated(self, tokens: int) -> None:
+        """A request that could stop early (at EOS or a stop string) finished with `tokens`."""
+        with self._lock:
+            last = self._tokens
+            self._tokens = tokens if last is None else last + TOKENS_WEIGHT * (tokens - last)
+
+    def expected_tokens(self, max_new_tokens: int, ignore_eos: bool) -> int:
+        """The tokens a request will likely generate: all it asks for where it ignores EOS (or
+        before any request finished), else at most the average of late."""
+        with self._lock:
+            typical = self._tokens
+        if ignore_eos or typical is None:
+            return max_new_tokens
+        return min(max_new_tokens, math.ceil(typical))
 
     def finished(self, now: float) -> None:
         """A running request left the batch at `now` (time.monotonic)."""

@@ -100,7 +100,7 @@ class Scheduler:
         own = len(self._queues.get(request.tenant, ()))
         tenants = len(self._queues.keys() | self._running.keys() | {request.tenant})
         ahead = min(self._num_waiting, (own + 1) * tenants - 1)
-        run = self.pacing.run_s(len(request.prompt_ids), request.params.max_new_tokens)
+        run = self._run_s(request)
         wait = self.pacing.wait_s(now, ahead, sum(self._running.values()), run)
         left = request.deadline - now
         if wait + run > left:
@@ -109,6 +109,12 @@ class Scheduler:
                 f"{wait:.3g} s to wait for a place and {run:.3g} s to run",
                 max(wait, QUEUE_RETRY_S),
             )
+
+    def _run_s(self, request: EngineRequest) -> float:
+        """About how long `request` runs once admitted, at the pace measured."""
+        params = request.params
+        tokens = self.pacing.expected_tokens(params.max_new_tokens, params.ignore_eos)
+        return self.pacing.run_s(len(request.prompt_ids), tokens)
 
     def remove_unmeetable(self) -> list[EngineRequest]:
         """Take out the waiting requests that can no longer finish before their deadline even
@@ -119,8 +125,7 @@ class Scheduler:
                 r
                 for queue in self._queues.values()
                 for r in queue
-                if r.deadline is not None
-                and now + self.pacing.run_s(len(r.prompt_ids), r.params.max_new_tokens) > r.deadline
+                if r.deadline is not None and now + self._run_s(r) > r.deadline
             ]
             for r in late:
                 self._queues[r.tenant].remove(r)

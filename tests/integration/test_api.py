@@ -215,7 +215,12 @@ def test_a_client_deadline_stops_generation_on_the_server(server, client):
     generated = server.state().stats.generated_tokens
     with pytest.raises(grpc.RpcError) as err:
         client.inference.Generate(request, timeout=1.0)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Refused at once if the pace measured says it cannot finish in time, else it expires:
+    # either way the server does not go on generating for nobody.
+    assert err.value.code() in (
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
     for _ in range(100):  # the engine drops the sequence at its next step
         if server.state().running == 0:
             break

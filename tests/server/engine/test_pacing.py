@@ -31,6 +31,16 @@ def test_run_time_is_steps_of_the_average_step():
     assert pacing.run_s(8, 1) == pytest.approx(0.2 * 2, rel=1e-3)
 
 
+def test_requests_that_stop_at_eos_are_expected_to_generate_what_requests_of_late_did():
+    pacing = Pacing(rows=4, prefill_tokens=8)
+    assert pacing.expected_tokens(2000, ignore_eos=False) == 2000  # nothing measured
+    for _ in range(100):
+        pacing.generated(50)
+    assert pacing.expected_tokens(2000, ignore_eos=False) == 50
+    assert pacing.expected_tokens(20, ignore_eos=False) == 20
+    assert pacing.expected_tokens(2000, ignore_eos=True) == 2000  # a fixed length
+
+
 def test_wait_is_zero_with_a_free_row_and_follows_the_finish_rate_otherwise():
     pacing = Pacing(rows=4, prefill_tokens=8)
     now = time.monotonic()
