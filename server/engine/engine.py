@@ -453,7 +453,7 @@ class Engine:
         now = time.monotonic()
         if now - self._deadlines_checked >= DEADLINE_CHECK_S:
             self._deadlines_checked = now
-            for request in self._scheduler.remove_unmeetable():
+            for request in self._scheduler.remove_unmeetable(margin=2 * DEADLINE_CHECK_S):
                 request.emit(
                     Unmeetable(
                         "the request can no longer finish before its deadline", QUEUE_RETRY_S

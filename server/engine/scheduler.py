@@ -116,10 +116,11 @@ class Scheduler:
         tokens = self.pacing.expected_tokens(params.max_new_tokens, params.ignore_eos)
         return self.pacing.run_s(len(request.prompt_ids), tokens)
 
-    def remove_unmeetable(self) -> list[EngineRequest]:
+    def remove_unmeetable(self, margin: float = 0.0) -> list[EngineRequest]:
         """Take out the waiting requests that can no longer finish before their deadline even
-        if they started now (their clients are told while they still listen)."""
-        now = time.monotonic()
+        if they started within `margin` seconds (their clients are told while they still
+        listen: the margin covers the time until the next look)."""
+        now = time.monotonic() + margin
         with self._cond:
             late = [
                 r

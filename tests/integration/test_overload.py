@@ -106,11 +106,11 @@ def test_requests_that_cannot_finish_before_their_deadline_are_refused_not_left_
             client.generate(long)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "deadline" in refused.value.details() and "retry in" in refused.value.details()
-        # The batch and the queue full of long requests, then a short one that would fit
-        # alone but not behind them.
+        # Long requests in the batch and the queue, then a short one that would fit alone but
+        # not behind them (refused at once, or taken out of the queue before its deadline).
         client.timeout = 300
-        with ThreadPoolExecutor(BATCH + QUEUE) as pool:
-            busy = [pool.submit(client.generate, long) for _ in range(BATCH + QUEUE - 1)]
+        with ThreadPoolExecutor(QUEUE) as pool:
+            busy = [pool.submit(client.generate, long) for _ in range(QUEUE)]
             time.sleep(alone / 4)
             hurried = LoraplexClient(small_server.address, timeout=1.5 * alone)
             with hurried, pytest.raises(grpc.RpcError) as late:
