@@ -6,8 +6,10 @@ each input (owner, id and content digest) and weight, the method, and only the p
 method reads.
 The same inputs give the same id, and (the build being deterministic, DARE's masks included)
 the same weights. The table of compositions is this replica's, in memory, least recently used
-out beyond `max_entries`; the weights live in the host cache like any adapter's (evictable,
-rebuilt from the inputs when wanted again) and in a device slot while requests use them.
+out beyond `max_entries` in all and `per_tenant` of any one tenant's making (a tenant minting
+compositions pushes out its own, never another's); the weights live in the host cache like any
+adapter's (counted in its budget, evictable, rebuilt from the inputs when wanted again) and in
+a device slot while requests use them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from loraplex.core.types import AdapterVersion
 COMPOSED_PREFIX = "composed-"
 COMPOSED_ID = re.compile(r"composed-[0-9a-f]{24}")  # a derived id, fullmatched (see describe)
 MAX_INPUTS = 16
+MAX_PER_TENANT = 64  # compositions of one tenant's making kept at once
 _USES_DENSITY = ("ties", "dare_linear", "dare_ties")
 _USES_SEED = ("dare_linear", "dare_ties")
 _USES_SIGN = ("ties", "dare_ties")
@@ -169,24 +172,39 @@ def is_composed_id(adapter_id: str) -> bool:
 class Compositions:
     """The compositions this replica knows, by derived id (thread-safe)."""
 
-    def __init__(self, max_entries: int = 4096) -> None:
+    def __init__(self, max_entries: int = 4096, per_tenant: int = MAX_PER_TENANT) -> None:
         self.max_entries = max_entries
+        self.per_tenant = per_tenant
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, Composition] = OrderedDict()
+        self._maker: dict[str, str] = {}  # derived id -> the tenant whose request made it
 
-    def add(self, composition: Composition) -> Composition:
-        """Remember `composition`; the one already known under its id wins (its created_at
-        and version object stay stable for the caches)."""
+    def add(self, composition: Composition, tenant: str = "") -> tuple[Composition, list[str]]:
+        """Remember `composition`, made by a request of `tenant`; the one already known under
+        its id wins (its created_at and version object stay stable for the caches). Returns it
+        and the content digests of the compositions pushed out to make room (the oldest of
+        `tenant`'s own beyond `per_tenant`, the least recently used of all beyond
+        `max_entries`)."""
         key = composition.version.adapter_id
         with self._lock:
             known = self._entries.get(key)
             if known is not None:
                 self._entries.move_to_end(key)
-                return known
+                return known, []
             self._entries[key] = composition
+            self._maker[key] = tenant
+            gone: list[str] = []
+            mine = [k for k in self._entries if self._maker[k] == tenant]  # least recent first
+            for old in mine[: max(0, len(mine) - self.per_tenant)]:
+                gone.append(self._drop(old).version.digest)
             while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-            return composition
+                gone.append(self._drop(next(iter(self._entries))).version.digest)
+            return composition, gone
+
+    def _drop(self, key: str) -> Composition:
+        """Under the lock: forget one composition."""
+        del self._maker[key]
+        return self._entries.pop(key)
 
     def get(self, derived_id: str) -> Composition | None:
         with self._lock:
@@ -204,7 +222,7 @@ class Compositions:
                 if any(v.adapter_id == adapter_id for v in c.inputs)
             ]
             for c in gone:
-                del self._entries[c.version.adapter_id]
+                self._drop(c.version.adapter_id)
             return gone
 
     def input_ids(self) -> set[str]:

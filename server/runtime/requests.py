@@ -199,7 +199,7 @@ class Requests:
         try:
             # The host tier holds the adapter's weights while the request lives: loaded once
             # however many requests want it, and fetched while the batch runs.
-            lease = await self.resolver.lease(adapter) if adapter is not None else None
+            lease = await self.resolver.lease(adapter, tenant) if adapter is not None else None
             request = EngineRequest(
                 request_id=request_id,
                 prompt_ids=prompt_ids,

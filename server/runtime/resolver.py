@@ -3,7 +3,10 @@ resolved to one adapter version the caller may use, and that version's weights a
 host tier while the request needs them (a composed adapter's are built from its inputs', once).
 
 Tenancy is checked here, in one place, before existence: a client naming another tenant's
-adapter hears PERMISSION_DENIED whether or not it exists (see tenancy.py).
+adapter hears PERMISSION_DENIED whether or not it exists (see tenancy.py). A composition is
+checked against the current version of every input at every use (an input re-registered
+unshared, or for another tenant, is no longer usable through compositions made before), and a
+tenant builds at most MAX_BUILDS_PER_TENANT compositions at once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from loraplex.adapters.cache import HostCache, Lease
@@ -24,13 +28,16 @@ from loraplex.adapters.compositions import (
     is_composed_id,
 )
 from loraplex.adapters.registry import MISS_REFRESH_S, AdapterRegistry, check_adapter_id
-from loraplex.core.errors import AdapterNotFound, InvalidRequest
+from loraplex.core.errors import AdapterNotFound, InvalidRequest, OverQuota
 from loraplex.core.types import AdapterVersion, AdapterWeights
 from loraplex.server.engine.engine import Engine
 from loraplex.server.runtime.auth import Principal
 from loraplex.server.runtime.tenancy import check_use, may_use
 
 log = logging.getLogger(__name__)
+
+MAX_BUILDS_PER_TENANT = 2  # compositions one tenant's requests build at once (on the engine)
+BUILD_RETRY_S = 1.0
 
 
 class AdapterResolver:
@@ -50,6 +57,7 @@ class AdapterResolver:
         self._refresh_store = refresh_store  # re-reads the store (another replica's changes)
         self._refreshed_at = -math.inf  # when a client's unknown id last made us re-read
         self._background: set[asyncio.Task[None]] = set()
+        self._building: Counter[str] = Counter()  # tenant -> compositions it is building
 
     async def for_request(
         self, adapter_id: str, compose: CompositionRequest | None, principal: Principal | None
@@ -70,7 +78,11 @@ class AdapterResolver:
             inputs.append(await self.resolve(weighted.adapter_id, principal))
         fingerprint = self.engine.info.fingerprint
         composition = describe(compose, inputs, fingerprint, self.max_rank)
-        return self.compositions.add(composition).version
+        tenant = principal.tenant if principal is not None else ""
+        known, pushed_out = self.compositions.add(composition, tenant)
+        if pushed_out:
+            self.cache.forget(set(pushed_out))
+        return known.version
 
     async def resolve(self, adapter_id: str, principal: Principal | None = None) -> AdapterVersion:
         """The version a new request for `adapter_id` gets, if `principal` may use it."""
@@ -106,8 +118,8 @@ class AdapterResolver:
                 f"composed adapter {adapter_id!r} is not known here (compositions are kept per "
                 "server, and go when an input is deleted): send the composition itself"
             )
-        for v in composition.inputs:
-            check_use(principal, adapter_id, v)
+        for v in composition.inputs:  # as they are now, not as they were when it was made
+            check_use(principal, adapter_id, self.registry.store.latest(v.adapter_id))
         return composition.version
 
     def composition_of(self, adapter_id: str) -> Composition | None:
@@ -119,9 +131,10 @@ class AdapterResolver:
             gone = self.compositions.forget_input(adapter_id)
             self.cache.forget({c.version.digest for c in gone})
 
-    async def lease(self, version: AdapterVersion) -> Lease:
+    async def lease(self, version: AdapterVersion, tenant: str = "") -> Lease:
         """Hold an adapter's weights in the host tier: read from the store, or for a composed
-        adapter built from its inputs' (once; later requests find it cached)."""
+        adapter built from its inputs' (once; later requests find it cached) for a request of
+        `tenant`, which may have MAX_BUILDS_PER_TENANT builds in flight (OverQuota beyond)."""
         if not is_composed_id(version.adapter_id):
             return await self.cache.lease(version)
         composition = self.compositions.get(version.adapter_id)
@@ -132,6 +145,13 @@ class AdapterResolver:
         lease = self.cache.try_lease(version)
         if lease is not None:
             return lease
+        if self._building[tenant] >= MAX_BUILDS_PER_TENANT:
+            raise OverQuota(
+                f"{self._building[tenant]} compositions of this tenant are being built: wait "
+                "for them",
+                BUILD_RETRY_S,
+            )
+        self._building[tenant] += 1
         inputs: dict[str, Lease] = {}
         try:
             for v in composition.inputs:
@@ -145,6 +165,9 @@ class AdapterResolver:
         finally:
             for held in inputs.values():
                 held.release()
+            self._building[tenant] -= 1
+            if not self._building[tenant]:
+                del self._building[tenant]
 
     def _build(
         self, composition: Composition, parts: list[tuple[AdapterWeights, float]]

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
 from peft import LoraConfig
 
+from loraplex.adapters.compositions import CompositionRequest, WeightedAdapter
 from loraplex.core.config import ModelConfig
-from loraplex.core.errors import InvalidRequest, PermissionDenied
+from loraplex.core.errors import InvalidRequest, OverQuota, PermissionDenied
 from loraplex.server.config import EngineConfig, MergeSettings, ServerConfig
 from loraplex.server.runtime.auth import Principal
 from loraplex.server.runtime.requests import ChatMessage, GenerateInput
+from loraplex.server.runtime.resolver import MAX_BUILDS_PER_TENANT
 from loraplex.server.runtime.runtime import Runtime
 from tests.helpers import add_peft_adapter
 
@@ -156,3 +159,120 @@ def test_ids_a_client_sends_are_validated_before_they_are_echoed_logged_or_count
     ids = [r.adapter_id for r in records]
     assert ids[:4] == ["(invalid id)"] * 4 and all(len(i) < 64 for i in ids)
     assert all(r.adapter_version == 0 for r in records)
+
+
+def _second_adapter(tiny_model_dir, root) -> str:
+    """Another rank-4 adapter under the runtime's allowed root (other weights than 'tone')."""
+    from transformers import AutoModelForCausalLM
+
+    where = root / "peft2"
+    if not (where / "other").exists():
+        peft = add_peft_adapter(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            "other",
+            LoraConfig(r=4, target_modules="all-linear"),
+            seed=7,
+            b_std=0.5,
+        )
+        peft.save_pretrained(where, selected_adapters=["other"])
+    return str(where / "other")
+
+
+def _composition(*adapter_ids: str, weight: float = 0.5) -> CompositionRequest:
+    return CompositionRequest(
+        adapters=tuple(WeightedAdapter(a, weight) for a in adapter_ids), method="linear"
+    )
+
+
+def test_a_composition_is_checked_against_its_inputs_as_they_are_now(served, tiny_model_dir):
+    """A shared input re-registered unshared: compositions made while it was shared are no
+    longer usable by other tenants through their derived ids."""
+    runtime, loop, adapter_dir = served
+    other = _second_adapter(tiny_model_dir, adapter_dir.parent.parent)
+
+    async def scenario():
+        await runtime.adapters.register("acme-6", str(adapter_dir), tenant="acme", principal=ADMIN)
+        await runtime.adapters.register(
+            "lent-6", other, tenant="globex", shared=True, principal=ADMIN
+        )
+        ask = GenerateInput(compose=_composition("acme-6", "lent-6"), prompt="hi", max_new_tokens=1)
+        made = await runtime.requests.generate(ask, principal=ACME)
+        await made.complete()
+        assert made.adapter is not None
+        derived = GenerateInput(adapter_id=made.adapter.adapter_id, prompt="hi", max_new_tokens=1)
+        await (await runtime.requests.generate(derived, principal=ACME)).complete()
+        # globex takes its adapter back (a new version, not shared)
+        await runtime.adapters.register(
+            "lent-6", str(adapter_dir), tenant="globex", shared=False, principal=ADMIN
+        )
+        with pytest.raises(PermissionDenied):
+            await runtime.requests.generate(derived, principal=ACME)
+        with pytest.raises(PermissionDenied):
+            await runtime.requests.generate(ask, principal=ACME)
+        await (await runtime.requests.generate(derived, principal=ADMIN)).complete()
+
+    loop.run_until_complete(scenario())
+
+
+def test_one_tenant_builds_few_compositions_at_once_and_keeps_few(served, tiny_model_dir):
+    """A tenant minting compositions: at most MAX_BUILDS_PER_TENANT built at once (the next
+    refused with retry advice, another tenant's still built), and beyond the per-tenant
+    number kept, its own oldest go, not another tenant's."""
+    runtime, loop, adapter_dir = served
+    other = _second_adapter(tiny_model_dir, adapter_dir.parent.parent)
+    resolver = runtime.resolver
+    gate = threading.Event()
+    build = resolver._build
+
+    def held_build(composition, parts):
+        gate.wait(30)
+        return build(composition, parts)
+
+    async def scenario():
+        for adapter_id, path in (("shared-7a", str(adapter_dir)), ("shared-7b", other)):
+            await runtime.adapters.register(
+                adapter_id, path, tenant="ops", shared=True, principal=ADMIN
+            )
+
+        async def version(principal: Principal, weight: float):
+            request = _composition("shared-7a", "shared-7b", weight=weight)
+            return await resolver.for_request("", request, principal)
+
+        acme = [await version(ACME, w) for w in (0.1, 0.2, 0.3)]
+        building = [
+            asyncio.create_task(resolver.lease(v, "acme")) for v in acme[:MAX_BUILDS_PER_TENANT]
+        ]
+        await asyncio.sleep(0.2)
+        with pytest.raises(OverQuota) as refused:
+            await resolver.lease(acme[MAX_BUILDS_PER_TENANT], "acme")
+        assert refused.value.retry_after_s > 0
+        theirs = asyncio.create_task(resolver.lease(await version(GLOBEX, 0.9), "globex"))
+        await asyncio.sleep(0.2)
+        gate.set()
+        for lease in await asyncio.gather(*building, theirs):
+            lease.release()
+
+    resolver._build = held_build
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        resolver._build = build
+
+    compositions = resolver.compositions
+    saved = compositions.per_tenant
+    compositions.per_tenant = 3
+    try:
+        globex_id = next(
+            c for c in list(compositions._entries) if compositions._maker[c] == "globex"
+        )
+
+        async def mint():
+            for w in (1.1, 1.2, 1.3, 1.4, 1.5):
+                request = _composition("shared-7a", "shared-7b", weight=w)
+                await resolver.for_request("", request, ACME)
+
+        loop.run_until_complete(mint())
+        makers = list(compositions._maker.values())
+        assert makers.count("acme") == 3 and globex_id in compositions._entries
+    finally:
+        compositions.per_tenant = saved
