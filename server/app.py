@@ -20,6 +20,15 @@ log = logging.getLogger(__name__)
 CUT_NOTICE_S = 0.5  # how long before the drain ends the requests it will cut are logged
 
 
+def metrics_for(config: ServerConfig) -> Metrics:
+    """The server's metrics: with API keys (tenants), /metrics (which takes no key) names no
+    request's adapter unless --metrics-adapter-ids says so."""
+    return Metrics(
+        config.metrics_adapter_labels,
+        adapter_ids=config.metrics_adapter_ids or config.auth_keys is None,
+    )
+
+
 class LoraplexServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -44,7 +53,7 @@ class LoraplexServer:
                 "authentication is off (no --auth-keys)%s",
                 "" if config.insecure else ": serving loopback only",
             )
-        self.metrics = Metrics(config.metrics_adapter_labels)
+        self.metrics = metrics_for(config)
         self._grpc = GrpcServer(config, self._serving_runtime, keys, self.metrics.registry)
         self.port = await self._grpc.start()
         if config.metrics_port is not None:

@@ -223,6 +223,10 @@ class ServerConfig(StoreConfig):
     """HTTP port of the Prometheus exposition (/metrics), on --host; 0 picks a free one."""
     metrics_adapter_labels: int = field(default=0, metadata={"metavar": "N"})
     """Count requests per adapter for the first N adapters, the rest as "other"; 0 = none."""
+    metrics_adapter_ids: bool = False
+    """Name the adapters of running and waiting requests in loraplex_lora_requests_info (for
+    adapter-affinity routers) although --auth-keys is set: anyone who reaches /metrics then
+    reads every tenant's adapter ids. Without --auth-keys they are always named."""
     log_prompts: bool = False
     """Put prompts and outputs in the request log lines (never by default)."""
     drain_seconds: float = 30.0

@@ -3,8 +3,12 @@
 Names follow Prometheus conventions (base units, `_seconds`, `_total`, prefix `loraplex_`) and
 vLLM's where one exists. Label sets stay bounded: no adapter or tenant id in any histogram;
 per-adapter request counts only behind `--metrics-adapter-labels N`, for the first N adapters
-seen, every other adapter counted as "other". Gauges and the adapter cache counters are read
-from the engine and caches when scraped, so serving requests does no extra work for them.
+seen, every other adapter counted as "other". /metrics has no keys of its own, so with
+--auth-keys (tenants) the adapters of running and waiting requests are not named in
+loraplex_lora_requests_info unless --metrics-adapter-ids says so (a router that routes by
+adapter needs them; bind /metrics where only it can reach it). Gauges and the adapter cache
+counters are read from the engine and caches when scraped, so serving requests does no extra
+work for them.
 """
 
 from __future__ import annotations
@@ -35,8 +39,15 @@ LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 
 class Metrics:
-    def __init__(self, adapter_labels: int = 0, registry: CollectorRegistry | None = None) -> None:
-        """`adapter_labels`: count requests per adapter for this many adapters (0 = none)."""
+    def __init__(
+        self,
+        adapter_labels: int = 0,
+        registry: CollectorRegistry | None = None,
+        adapter_ids: bool = True,
+    ) -> None:
+        """`adapter_labels`: count requests per adapter for this many adapters (0 = none);
+        `adapter_ids`: name the adapters of running and waiting requests."""
+        self.adapter_ids = adapter_ids
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(
@@ -128,7 +139,7 @@ class Metrics:
         """Read the served model's state at every scrape, and time adapter loads."""
         info = runtime.model_info()
         self.build_info.labels(__version__, info.model_id, info.quantization, info.device).set(1)
-        self.registry.register(StateCollector(runtime))
+        self.registry.register(StateCollector(runtime, self.adapter_ids))
         for tier in ("device", "host"):
             runtime.observe_adapter_loads(tier, self.adapter_load.labels(tier).observe)
 
@@ -143,8 +154,9 @@ class Metrics:
 class StateCollector(Collector):
     """Gauges and cache counters read from the engine and caches when Prometheus scrapes."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, adapter_ids: bool = True) -> None:
         self.runtime = runtime
+        self.adapter_ids = adapter_ids  # else the adapters of requests are not named
 
     def collect(self) -> Iterable[Metric]:
         state = self.runtime.engine.recent_snapshot()  # built by the engine thread
@@ -167,10 +179,11 @@ class StateCollector(Collector):
             "value is when it was read (unix seconds).",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
+        named = self.adapter_ids
         info.add_metric(
             [
-                ",".join(state.running_adapters),
-                ",".join(state.waiting_adapters),
+                ",".join(state.running_adapters) if named else "",
+                ",".join(state.waiting_adapters) if named else "",
                 str(state.num_slots),
             ],
             time.time(),

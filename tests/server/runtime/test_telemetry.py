@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from loraplex.core.errors import OverQuota
 from loraplex.server.logs import JsonFormatter
@@ -108,3 +108,45 @@ def test_request_ids_with_line_breaks_are_replaced():
     assert request_id("req-1") == "req-1"
     for given in ("req-1\n", "req\r\nforged", "x" * 129):
         assert request_id(given) != given and len(request_id(given)) == 32
+
+
+def test_adapters_of_requests_are_named_on_metrics_only_where_allowed():
+    """/metrics has no keys: with tenants, the adapters of running and waiting requests are
+    not named in loraplex_lora_requests_info unless the operator says so."""
+    from types import SimpleNamespace
+
+    from loraplex.server.metrics import StateCollector
+
+    state = SimpleNamespace(
+        running=2,
+        waiting=1,
+        kv_cache_usage=0.5,
+        running_adapters=("acme-secret",),
+        waiting_adapters=("globex-plan",),
+        num_slots=4,
+        merge=SimpleNamespace(adapter=None, merges=0, unmerges=0),
+    )
+    runtime = SimpleNamespace(
+        engine=SimpleNamespace(recent_snapshot=lambda: state),
+        adapters=SimpleNamespace(cache_view_of=lambda s: SimpleNamespace(tiers=[])),
+    )
+    texts = {}
+    for named in (True, False):
+        registry = CollectorRegistry()
+        registry.register(StateCollector(runtime, adapter_ids=named))  # type: ignore[arg-type]
+        texts[named] = generate_latest(registry).decode()
+    assert 'running_lora_adapters="acme-secret"' in texts[True]
+    assert 'waiting_lora_adapters="globex-plan"' in texts[True]
+    assert "acme-secret" not in texts[False] and "globex-plan" not in texts[False]
+    assert 'max_lora="4"' in texts[False]
+
+
+def test_servers_with_keys_do_not_name_adapters_on_metrics_unless_told(tmp_path):
+    from loraplex.server.app import metrics_for
+    from loraplex.server.config import ServerConfig
+
+    keys = tmp_path / "keys.toml"
+    common = {"adapter_store": tmp_path / "store"}
+    assert metrics_for(ServerConfig(**common)).adapter_ids
+    assert not metrics_for(ServerConfig(auth_keys=keys, **common)).adapter_ids
+    assert metrics_for(ServerConfig(auth_keys=keys, metrics_adapter_ids=True, **common)).adapter_ids
