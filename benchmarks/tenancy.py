@@ -24,13 +24,17 @@ refused (RESOURCE_EXHAUSTED) sleeps the server's retry-after-ms (x1-1.5), then s
                   unary requests at once, each with that client deadline. Every request must
                   complete or be refused (RESOURCE_EXHAUSTED, at once or while queued):
                   none may end DEADLINE_EXCEEDED after waiting, none may be lost.
+    4. compose    --max-batch-size 16, two shared random r16 adapters: B as in part 1, alone
+                  and while tenant A's --flood-clients clients each ask for a composition of
+                  the two never asked before (a new weight each time: a build on the engine
+                  thread for every request). B's p99 TTFT should stay within 2x of alone.
 
 Request counts cover every request sent (A's from its ramp until B's last one ended); tok/s
 counts every tenant's tokens received inside B's window (part 1) or the round (part 2).
 
     python benchmarks/tenancy.py [--phase-seconds 60] [--flood-clients 32] [--a-limit 8]
         [--overload-seconds 45] [--overload-factor 4] [--deadline-seconds 30]
-        [--parts fairness,overload,deadlines]
+        [--parts fairness,overload,deadlines,compose]
 """
 
 from __future__ import annotations
@@ -38,14 +42,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -60,6 +67,7 @@ from harness import (
     add_server_args,
     cell,
     format_table,
+    in_child,
     latency_ms,
     make_parser,
     peak_rss_bytes,
@@ -69,6 +77,7 @@ from harness import (
     server_process,
     setup_logging,
     work_dir,
+    write_adapters,
 )
 
 log = logging.getLogger("benchmark")
@@ -99,10 +108,12 @@ class Call:
     retry_after_s: float | None = None
 
 
-def write_key_file(path: Path, tenants: list[Tenant], limits: dict[str, int]) -> None:
+def write_key_file(
+    path: Path, tenants: list[Tenant], limits: dict[str, int], admin: Tenant | None = None
+) -> None:
     lines = []
-    for t in tenants:
-        lines += ["[[keys]]", f'name = "{t.name}-key"', f'tenant = "{t.name}"', 'role = "client"']
+    for t, role in [*((t, "client") for t in tenants), *(((admin, "admin"),) if admin else ())]:
+        lines += ["[[keys]]", f'name = "{t.name}-key"', f'tenant = "{t.name}"', f'role = "{role}"']
         lines += [f'sha256 = "{hash_key(t.key)}"', ""]
     for name, limit in limits.items():
         lines += [f"[tenants.{name}]", f"max_concurrent = {limit}", ""]
@@ -121,7 +132,7 @@ class Clients:
 
     channel: grpc.aio.Channel
     tenant: Tenant
-    req: inference_pb2.GenerateRequest
+    req: inference_pb2.GenerateRequest | Callable[[], inference_pb2.GenerateRequest]
     window: list[float]
     args: argparse.Namespace
     calls: list[Call] = field(default_factory=list)
@@ -164,7 +175,7 @@ class Clients:
 
     async def loop(self) -> None:
         while not self.stop.is_set():
-            rec = await self.call(self.req)
+            rec = await self.call(self.req() if callable(self.req) else self.req)
             self.calls.append(rec)
             if rec.status == "RESOURCE_EXHAUSTED":
                 advice = rec.retry_after_s or DEFAULT_RETRY_S
@@ -410,6 +421,73 @@ def run_deadlines(args: argparse.Namespace, home: Path, work: Path, tenant: Tena
     }
 
 
+# -- 4. compositions ---------------------------------------------------------------------------
+def composing(counter: itertools.count) -> Callable[[], inference_pb2.GenerateRequest]:
+    """Requests for compositions of the two shared adapters, each of weights never asked."""
+
+    def make() -> inference_pb2.GenerateRequest:
+        req = request(A_PROMPT, 16)
+        weight = 0.5 + next(counter) * 1e-4
+        req.compose.adapters.add(adapter_id="mix-a", weight=weight)
+        req.compose.adapters.add(adapter_id="mix-b", weight=1 - weight)
+        return req
+
+    return make
+
+
+async def compose_phase(
+    address: str, a: Tenant, b: Tenant, flood: bool, args: argparse.Namespace
+) -> dict:
+    window = [math.inf, math.inf]
+    channels = [grpc.aio.insecure_channel(address) for _ in range(2)]
+    try:
+        bs = Clients(channels[0], b, request(B_PROMPT, args.b_new_tokens), window, args)
+        warm = await bs.call(request(B_PROMPT, 2))
+        if warm.status != "OK":
+            raise RuntimeError(f"warm-up of {b.name}: {warm.status}: {warm.detail}")
+        flooders = Clients(channels[1], a, composing(itertools.count(1)), window, args)
+        background = flooders.start(args.flood_clients) if flood else None
+        if flood:
+            await asyncio.sleep(args.ramp_seconds)
+        window[:] = [time.perf_counter(), time.perf_counter() + args.phase_seconds]
+        asyncio.get_running_loop().call_later(args.phase_seconds, bs.stop.set)
+        await bs.start(args.b_clients)
+        flooders.stop.set()
+        if background is not None:
+            await background
+    finally:
+        for channel in channels:
+            await channel.close()
+    return {
+        "b": summarize(bs.calls, bs.tokens_in_window, args.phase_seconds),
+        "a": summarize(flooders.calls, flooders.tokens_in_window, args.phase_seconds)
+        if flood
+        else None,
+    }
+
+
+def run_compose(args: argparse.Namespace, home: Path, work: Path, tenants: list[Tenant]) -> dict:
+    a, b, _ = tenants
+    admin = Tenant("ops", new_key())
+    work.mkdir()
+    write_key_file(work / "keys.toml", tenants, {}, admin)
+    dirs = in_child(write_adapters, str(home), 2, 16, str(work / "peft"))
+    flags = ["--auth-keys", str(work / "keys.toml"), "--max-batch-size", str(args.batch)]
+    phases: dict[str, Any] = {}
+    with server_process(home, work, flags + args.extra, args.model) as proc:
+        address = proc.wait_ready(args.startup_timeout)
+        with LoraplexClient(address, timeout=300, api_key=admin.key) as ops:
+            for name, directory in zip(("mix-a", "mix-b"), dirs, strict=True):
+                ops.push(name, Path(directory), tenant="ops", shared=True)
+        for name, flood in (("alone", False), ("flood", True)):
+            log.info("compose: B %s", "while A floods compositions" if flood else "alone")
+            phases[name] = asyncio.run(compose_phase(address, a, b, flood, args))
+    alone = (phases["alone"]["b"]["ttft_ms"] or {}).get("p99")
+    flood_p99 = (phases["flood"]["b"]["ttft_ms"] or {}).get("p99")
+    phases["b_ttft_p99_over_alone"] = flood_p99 / alone if flood_p99 and alone else None
+    return phases
+
+
 # -- the report --------------------------------------------------------------------------------
 FAIR_COLS = [("phase", 28, "s"), ("B done", 6, "d"), ("TTFT p50", 8, ".0f")]
 FAIR_COLS += [("TTFT p99", 8, ".0f"), ("p99/alone", 9, ".2f"), ("A done", 6, "d")]
@@ -453,6 +531,43 @@ def deadline_lines(dead: dict, cfg: dict) -> list[str]:
         *format_table(DEAD_COLS, rows),
         *notes,
         f"  targets 0 past deadline, 0 lost: {'met' if ok else 'MISSED'}",
+    ]
+
+
+def compose_lines(comp: dict, cfg: dict) -> list[str]:
+    rows, notes = [], []
+    for key, label in (("alone", "B alone"), ("flood", "A floods compositions + B")):
+        b, a = comp[key]["b"], comp[key]["a"] or {}
+        ttft = b["ttft_ms"] or {}
+        ratio = comp["b_ttft_p99_over_alone"] if key == "flood" else None
+        errors = b["other_errors"] + b["lost"] + a.get("other_errors", 0) + a.get("lost", 0)
+        rows.append(
+            [
+                label,
+                b["completed"],
+                ttft.get("p50"),
+                ttft.get("p99"),
+                ratio,
+                a.get("completed"),
+                a.get("resource_exhausted"),
+                b["tokens_per_s"],
+                errors,
+            ]
+        )
+        notes += [f"  error: {e}" for e in b["error_samples"] + a.get("error_samples", [])]
+    ratio = comp["b_ttft_p99_over_alone"]
+    verdict = "?" if ratio is None else "met" if ratio <= TTFT_TARGET else "MISSED"
+    head = (
+        f"4. compositions, {cfg['phase_seconds']:.0f} s per phase, --max-batch-size "
+        f"{cfg['batch']}: B = {cfg['b_clients']} clients x {cfg['b_new_tokens']} new tokens, A = "
+        f"{cfg['flood_clients']} clients each asking for a new composition of two shared r16 "
+        "adapters (16 new tokens); ms"
+    )
+    return [
+        head,
+        *format_table(FAIR_COLS, rows),
+        *notes,
+        f"  B p99 TTFT {cell(ratio, '.2f', 0)}x alone (target <= {TTFT_TARGET:.0f}x: {verdict})",
     ]
 
 
@@ -543,7 +658,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--parts",
         type=lambda s: s.split(","),
-        default=["fairness", "overload", "deadlines"],
+        default=["fairness", "overload", "deadlines", "compose"],
         help="which parts to run, comma-separated",
     )
     add("--seed", type=int, default=0, help="seed of the back-off jitter")
@@ -556,7 +671,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.phase_seconds, args.overload_seconds, args.request_timeout) <= 0:
         parser.error("durations must be > 0")
-    unknown = set(args.parts) - {"fairness", "overload", "deadlines"}
+    unknown = set(args.parts) - {"fairness", "overload", "deadlines", "compose"}
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}")
     if args.deadline_seconds <= 0 or min(args.deadline_factors) <= 0:
@@ -586,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             if "deadlines" in args.parts
             else {}
         )
+        comp = run_compose(args, home, work / "compose", tenants) if "compose" in args.parts else {}
     config = {k: v for k, v in vars(args).items() if k not in ("home", "out", "keep_work", "extra")}
     config.update(serve_args=args.extra, model_info=info, cpus=os.cpu_count())
     report = {
@@ -593,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         "fairness": fair,
         "overload": over,
         "deadlines": dead,
+        "compose": comp,
         "benchmark_client_peak_rss_bytes": peak_rss_bytes(),
         "wall_seconds": time.perf_counter() - start,
     }
@@ -603,7 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     if over:
         lines += [*overload_lines(over, config), ""]
     if dead:
-        lines += deadline_lines(dead, config)
+        lines += [*deadline_lines(dead, config), ""]
+    if comp:
+        lines += compose_lines(comp, config)
     publish(report, lines, args.out, fresh_process=True)
     log.info("%.0f s in all", report["wall_seconds"])
     return 0

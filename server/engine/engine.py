@@ -198,6 +198,7 @@ class Engine:
             self._loader.fit()
             self._eos_token_ids = eos_ids_of(runner.model, runner.loaded.tokenizer)
             self._info = engine_info(runner)
+            self._time_full_batch(runner)
         except BaseException as exc:
             self._started.set_exception(exc)
             self._scheduler.close()
@@ -229,6 +230,25 @@ class Engine:
             self._calls_closed = True
         self._run_calls()
         log.info("engine stopped")
+
+    def _time_full_batch(self, runner: ModelRunner) -> None:
+        """Time a decode step of a full batch (one cached token per row, base model) for the
+        pacing, which otherwise would judge the first burst by the warm-up's one-row steps."""
+        cache = runner.cache
+        rows: list[int] = []
+        while len(rows) < self.config.max_batch_size and cache.can_admit(1):
+            rows.append(cache.allocate(1))
+        if not rows:
+            return
+        work = [DecodeWork(row=r, slot=NO_ADAPTER, token=0, position=0) for r in rows]
+        try:
+            runner.step(work, [])  # the first of a size pays for one-time work
+            start = time.monotonic()
+            runner.step(work, [])
+            self._pacing.step(time.monotonic() - start, len(rows))
+        finally:
+            for row in reversed(rows):
+                cache.free(row, 1, 0)
 
     def _run_calls(self) -> None:
         while not self._calls.empty():
@@ -376,7 +396,7 @@ class Engine:
                 self._retire(seq)
         self._scheduler.charge(generated)
         if decoding:  # a running request's pace: one token a step
-            self._pacing.step(time.monotonic() - started)
+            self._pacing.step(time.monotonic() - started, len(decoding))
 
     def _count_step(self, decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> None:
         stats = self._stats
@@ -466,7 +486,6 @@ class Engine:
         self._batch.remove(seq)
         self._free_row(seq.row, seq.reserved)
         self._scheduler.finished(seq.request)
-        self._pacing.finished(time.monotonic())
 
     def _free_row(self, row: int, reserved: int) -> None:
         """Give a row back to the cache; the sequence in the last row moves into it."""

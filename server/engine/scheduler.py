@@ -100,8 +100,9 @@ class Scheduler:
         own = len(self._queues.get(request.tenant, ()))
         tenants = len(self._queues.keys() | self._running.keys() | {request.tenant})
         ahead = min(self._num_waiting, (own + 1) * tenants - 1)
-        run = self._run_s(request)
-        wait = self.pacing.wait_s(now, ahead, sum(self._running.values()), run)
+        running = sum(self._running.values())
+        run = self._run_s(request, running + ahead + 1)
+        wait = self.pacing.wait_s(ahead, running, run)
         left = request.deadline - now
         if wait + run > left:
             raise Unmeetable(
@@ -110,11 +111,13 @@ class Scheduler:
                 max(wait, QUEUE_RETRY_S),
             )
 
-    def _run_s(self, request: EngineRequest) -> float:
-        """About how long `request` runs once admitted, at the pace measured."""
+    def _run_s(self, request: EngineRequest, batch: int) -> float:
+        """About how long `request` runs once admitted, among about `batch` sequences (at
+        most a full batch), at the pace measured."""
         params = request.params
         tokens = self.pacing.expected_tokens(params.max_new_tokens, params.ignore_eos)
-        return self.pacing.run_s(len(request.prompt_ids), tokens)
+        batch = min(batch, self.config.max_batch_size)
+        return self.pacing.run_s(len(request.prompt_ids), tokens, batch)
 
     def remove_unmeetable(self, margin: float = 0.0) -> list[EngineRequest]:
         """Take out the waiting requests that can no longer finish before their deadline even
@@ -122,11 +125,12 @@ class Scheduler:
         listen: the margin covers the time until the next look)."""
         now = time.monotonic() + margin
         with self._cond:
+            running = sum(self._running.values()) + 1  # the batch it would join
             late = [
                 r
                 for queue in self._queues.values()
                 for r in queue
-                if r.deadline is not None and now + self._run_s(r) > r.deadline
+                if r.deadline is not None and now + self._run_s(r, running) > r.deadline
             ]
             for r in late:
                 self._queues[r.tenant].remove(r)

@@ -17,18 +17,25 @@ from loraplex.server.engine.slots import SlotTable
 
 def test_nothing_measured_estimates_nothing():
     pacing = Pacing(rows=4, prefill_tokens=8)
-    assert pacing.run_s(100, 50) == 0.0
-    assert pacing.wait_s(time.monotonic(), ahead=100, running=4, run_s=0.0) == 0.0
-    assert pacing.finish_rate(time.monotonic()) is None
+    assert pacing.run_s(100, 50, batch=1) == 0.0 and pacing.step_s(4) is None
+    assert pacing.wait_s(ahead=100, running=4, run_s=0.0) == 0.0
 
 
-def test_run_time_is_steps_of_the_average_step():
-    pacing = Pacing(rows=4, prefill_tokens=8)
-    pacing.step(0.1)
-    assert pacing.run_s(prompt_tokens=17, new_tokens=10) == pytest.approx(0.1 * (3 + 10))
+def test_run_time_is_steps_of_the_average_step_at_the_batch_it_runs_in():
+    pacing = Pacing(rows=64, prefill_tokens=8)
+    pacing.step(0.1, batch=1)
+    assert pacing.run_s(prompt_tokens=17, new_tokens=10, batch=1) == pytest.approx(0.1 * 13)
     for _ in range(200):
-        pacing.step(0.2)
-    assert pacing.run_s(8, 1) == pytest.approx(0.2 * 2, rel=1e-3)
+        pacing.step(0.2, batch=1)
+    assert pacing.step_s(1) == pytest.approx(0.2, rel=1e-3)
+    # one size measured: every batch is judged by it, until another is measured
+    assert pacing.step_s(64) == pytest.approx(0.2, rel=1e-3)
+    pacing.step(0.8, batch=64)
+    assert pacing.step_s(64) == pytest.approx(0.8)
+    assert pacing.step_s(33) == pytest.approx(0.8)  # bucket 64
+    # between two sizes measured: interpolated (bucket 16 between 1 and 64)
+    assert pacing.step_s(16) == pytest.approx(0.2 + (16 - 1) / (64 - 1) * 0.6, rel=1e-3)
+    assert pacing.run_s(8, 1, batch=64) == pytest.approx(0.8 * 2)
 
 
 def test_requests_that_stop_at_eos_are_expected_to_generate_what_requests_of_late_did():
@@ -41,19 +48,12 @@ def test_requests_that_stop_at_eos_are_expected_to_generate_what_requests_of_lat
     assert pacing.expected_tokens(2000, ignore_eos=True) == 2000  # a fixed length
 
 
-def test_wait_is_zero_with_a_free_row_and_follows_the_finish_rate_otherwise():
+def test_wait_is_zero_with_a_free_row_and_rows_free_as_a_batch_of_such_requests_runs():
     pacing = Pacing(rows=4, prefill_tokens=8)
-    now = time.monotonic()
-    for i in range(11):  # 10 finishes a second over the last second
-        pacing.finished(now - 1.0 + i / 10)
-    assert pacing.finish_rate(now) == pytest.approx(10.0)
-    assert pacing.wait_s(now, ahead=0, running=3, run_s=1.0) == 0.0
-    # 20 ahead, none free: 21 must leave first, at 10 a second (a full batch of 1 s requests
-    # would free only 4 a second: the larger rate is taken)
-    assert pacing.wait_s(now, ahead=20, running=4, run_s=1.0) == pytest.approx(2.1)
-    # before any finish: rows free as a full batch of requests like this one would
-    fresh = Pacing(rows=4, prefill_tokens=8)
-    assert fresh.wait_s(now, ahead=7, running=4, run_s=2.0) == pytest.approx(8 / 2.0)
+    assert pacing.wait_s(ahead=0, running=3, run_s=1.0) == 0.0
+    # 20 ahead, none free: 21 must leave first; a full batch of 1 s requests frees 4 a second
+    assert pacing.wait_s(ahead=20, running=4, run_s=1.0) == pytest.approx(21 / 4)
+    assert pacing.wait_s(ahead=7, running=4, run_s=2.0) == pytest.approx(8 * 2.0 / 4)
 
 
 def request(
@@ -74,7 +74,7 @@ def request(
 def busy_scheduler(step_s: float, rows: int = 2) -> Scheduler:
     config = EngineConfig(max_batch_size=rows, max_prefill_tokens=512)
     scheduler = Scheduler(config, SlotTable(2))
-    scheduler.pacing.step(step_s)
+    scheduler.pacing.step(step_s, batch=1)
     return scheduler
 
 
