@@ -156,3 +156,37 @@ def test_ids_a_client_sends_are_validated_before_they_are_echoed_logged_or_count
     ids = [r.adapter_id for r in records]
     assert ids[:4] == ["(invalid id)"] * 4 and all(len(i) < 64 for i in ids)
     assert all(r.adapter_version == 0 for r in records)
+
+
+def test_prompts_far_over_the_context_are_refused_before_tokenizing(served, monkeypatch):
+    """Issue 20, item 11: a text longer than the longest vocabulary entry times the context
+    cannot fit in it, so it is refused untokenized; the bound is tight (the densest text the
+    tokenizer knows, one entry repeated, fits up to it) and no text over it fits."""
+    from loraplex.server.runtime.requests import MAX_TEXT_CHARS
+
+    runtime, loop, _ = served
+    requests, context = runtime.requests, runtime.engine.info.max_context
+    tokenizer = requests.tokenizer
+    limit = requests.max_prompt_chars
+    longest = max(map(len, tokenizer.get_vocab()))
+    assert limit == longest * context < MAX_TEXT_CHARS
+    densest = max((tokenizer.decode([i]) for i in tokenizer.get_vocab().values()), key=len)
+    assert len(densest) == longest
+    for unit in (densest, " ", "#", "é", "\n"):
+        text = unit * (limit // len(unit) + 1)
+        assert len(text) > limit
+        assert len(tokenizer(text, split_special_tokens=True).input_ids) > context, repr(unit)
+    tokenized = []
+    monkeypatch.setattr(requests, "_tokenize", lambda inp: tokenized.append(inp) or [1])
+
+    async def scenario():
+        for inp in (
+            GenerateInput(prompt="x" * (limit + 1)),
+            GenerateInput(messages=(ChatMessage("user", "x" * (limit // 2 + 1)),) * 2),
+        ):
+            with pytest.raises(InvalidRequest, match=f"at most {limit}"):
+                await runtime.requests.generate(inp, principal=ACME)
+
+    loop.run_until_complete(scenario())
+    assert tokenized == []
+    assert runtime.quotas.in_flight("acme") == 0
