@@ -1,6 +1,6 @@
 """The server process: one runtime (the model loads in the background, so health can say
 NOT_SERVING until it is loaded and warmed up), the gRPC front end on it, the Prometheus
-exposition, and the upkeep of the adapter store."""
+exposition, the upkeep of the adapter store, and the API key file's reloads."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import logging
 
 from loraplex.adapters.store import ORPHAN_MIN_AGE_S
 from loraplex.core.errors import NotReady
-from loraplex.server.config import ServerConfig
+from loraplex.server.config import ServerConfig, is_loopback
 from loraplex.server.grpc_api.server import GrpcServer
 from loraplex.server.metrics import Metrics
-from loraplex.server.runtime.auth import KeyRing
+from loraplex.server.runtime.auth import AuthConfigError, KeyRing
 from loraplex.server.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,26 @@ class LoraplexServer:
         self._ready = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
         self._upkeep_task: asyncio.Task[None] | None = None
+        self._keys_task: asyncio.Task[None] | None = None
+        self.keys: KeyRing | None = None
+        self._keys_error: str | None = None  # why the last reload failed (logged once)
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); the model loads in the background."""
         config = self.config
         keys = None
         if config.auth_keys is not None:
-            keys = KeyRing.from_file(config.auth_keys)
+            keys = self.keys = KeyRing.from_file(config.auth_keys)
             log.info("authentication on: %d API keys from %s", len(keys), config.auth_keys)
+            if config.tls_cert is None and not is_loopback(config.host):
+                # Only with --allow-plaintext-keys (the config refuses it otherwise).
+                log.warning(
+                    "API keys over plaintext on %s (--allow-plaintext-keys): TLS must end in "
+                    "front of the server, or clients' keys cross the network readable",
+                    config.host,
+                )
+            if config.auth_keys_reload_s > 0:
+                self._keys_task = asyncio.create_task(self._watch_keys(keys))
         else:
             log.warning(
                 "authentication is off (no --auth-keys)%s",
@@ -61,6 +73,39 @@ class LoraplexServer:
         log.info("listening on %s:%d; loading the model", config.host, self.port)
         self._load_task = asyncio.create_task(self._load())
         return self.port
+
+    async def reload_keys(self) -> bool:
+        """Re-read the API key file (SIGHUP): a key no longer in it is refused from the next
+        call on. False if there are no keys, the file did not change, or it no longer parses
+        (logged; the keys stay as they were)."""
+        if self.keys is None:
+            log.warning("no API key file (--auth-keys) to reload")
+            return False
+        self._keys_error = None  # asked for: say again why it fails, if it does
+        return await self._reload(self.keys)
+
+    async def _reload(self, keys: KeyRing) -> bool:
+        try:
+            changed = await asyncio.to_thread(keys.reload)
+        except AuthConfigError as exc:
+            if str(exc) != self._keys_error:  # once, not at every check
+                log.error("API keys not reloaded, the previous ones stay in force: %s", exc)
+            self._keys_error = str(exc)
+            return False
+        self._keys_error = None
+        if changed:
+            log.info("API keys reloaded: %d keys from %s", len(keys), keys.path)
+        return changed
+
+    async def _watch_keys(self, keys: KeyRing) -> None:
+        """Reload the key file when it changes (checked every --auth-keys-reload-s): a file
+        replaced in place, or a mounted Secret that Kubernetes updated."""
+        while True:
+            await asyncio.sleep(self.config.auth_keys_reload_s)
+            try:
+                await self._reload(keys)
+            except Exception:
+                log.exception("checking the API key file failed; will retry")
 
     def _serving_runtime(self) -> Runtime:
         if self.runtime is not None and self._ready.is_set():
@@ -134,5 +179,7 @@ class LoraplexServer:
             await self._load_task
         if self._upkeep_task is not None:
             self._upkeep_task.cancel()
+        if self._keys_task is not None:
+            self._keys_task.cancel()
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.close)

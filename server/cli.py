@@ -173,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="API keys for the server's key file")
     key_verbs = keys.add_subparsers(dest="verb", required=True)
     new = key_verbs.add_parser(
-        "new", help="make an API key; prints it once, and the [[keys]] entry for the key file"
+        "new",
+        help="make an API key: the key once on stderr (for its client), the [[keys]] entry "
+        "for the key file on stdout",
+        description="loraplex keys new --name N --tenant T >> keys.toml: the entry (the key's "
+        "sha256, never the key) goes to stdout, so into the key file; the key itself goes to "
+        "stderr, for the terminal, and is stored nowhere.",
     )
     new.add_argument("--name", required=True, help="the key's name (shown in logs)")
     new.add_argument("--tenant", required=True)
@@ -231,13 +236,23 @@ def _client_for(address: str) -> LoraplexClient:
 
 
 def keys(args: argparse.Namespace) -> int:
-    from loraplex.server.runtime.auth import hash_key, new_key
+    from loraplex.server.runtime.auth import hash_key, is_identifier, new_key
 
+    for flag, value in (("--name", args.name), ("--tenant", args.tenant)):
+        if not is_identifier(value):
+            raise SystemExit(
+                f"error: {flag} {value!r}: lower-case letters, digits, '.', '_' and '-' only"
+            )
     key = new_key()
+    # The key to the terminal (stderr), the entry to stdout: `>> keys.toml` appends only what
+    # the key file should hold.
+    sys.stderr.write(
+        f"API key {args.name!r} (give it to its client; shown once, stored nowhere):\n{key}\n"
+    )
+    sys.stderr.flush()
     sys.stdout.write(
-        f"# the key (give it to the client; it is not stored anywhere):\n# {key}\n"
         f'[[keys]]\nname = "{args.name}"\ntenant = "{args.tenant}"\nrole = "{args.role}"\n'
-        f'sha256 = "{hash_key(key)}"\n'
+        f'sha256 = "{hash_key(key)}"\n\n'
     )
     return 0
 
@@ -265,6 +280,14 @@ def serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def reload_keys() -> None:  # SIGHUP: re-read the API key file, without a restart
+            task = loop.create_task(server.reload_keys())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_keys)
         waiter = asyncio.create_task(stop.wait())
         ready = asyncio.create_task(server.wait_ready())
         done, _ = await asyncio.wait({waiter, ready}, return_when=asyncio.FIRST_COMPLETED)

@@ -169,6 +169,77 @@ class EngineConfig:
             raise ValueError(f"tenant_max_running must be >= 0, got {self.tenant_max_running}")
 
 
+@dataclass(frozen=True)
+class GrpcLimits:
+    max_concurrent_rpcs: int = field(default=2048, metadata={"metavar": "N"})
+    """RPCs in progress at once, of every kind (streams, health checks and refused calls
+    included); beyond it a new call is RESOURCE_EXHAUSTED at once. Keep it above --max-queue
+    plus --max-batch-size: admission, not this, should refuse generate calls."""
+    max_streams_per_connection: int = field(default=1024, metadata={"metavar": "N"})
+    """Calls one connection may have open at once (HTTP/2 concurrent streams); its client
+    holds any more until one ends."""
+    max_keyless_streams: int = field(default=64, metadata={"metavar": "N"})
+    """Health Watch and reflection streams open at once (they need no API key: anyone who
+    reaches the port can open them); beyond it a new one is RESOURCE_EXHAUSTED."""
+    keepalive_s: float = field(default=60.0, metadata={"metavar": "S"})
+    """Ping a connection that has been silent this long; one that does not answer within
+    --grpc-keepalive-timeout-s is closed (a vanished client frees what it held)."""
+    keepalive_timeout_s: float = field(default=20.0, metadata={"metavar": "S"})
+    """How long a keepalive ping may go unanswered."""
+    min_ping_interval_s: float = field(default=10.0, metadata={"metavar": "S"})
+    """Least time between a client's pings: a client that pings more often (three times) is
+    sent GOAWAY (too_many_pings) and its connection closed."""
+    max_connection_idle_s: float = field(default=1800.0, metadata={"metavar": "S"})
+    """Close a connection that has had no call for this long (its client reconnects when it
+    needs to); 0 = never."""
+    max_connection_age_s: float = field(default=3600.0, metadata={"metavar": "S"})
+    """Ask a connection to close (GOAWAY) after this long, give or take 10%, so clients
+    reconnect (and spread over replicas anew); 0 = never."""
+    max_connection_age_grace_s: float | None = field(default=None, metadata={"metavar": "S"})
+    """How long the calls in flight on a connection past its age may take before it is
+    closed; default: --max-request-seconds (no request is cut short)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent_rpcs", "max_streams_per_connection", "max_keyless_streams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpc {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("keepalive_s", "keepalive_timeout_s", "min_ping_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"grpc {name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_connection_idle_s", "max_connection_age_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"grpc {name} must be >= 0 (0: never), got {getattr(self, name)}")
+        if self.max_connection_age_grace_s is not None and self.max_connection_age_grace_s < 0:
+            raise ValueError("grpc max_connection_age_grace_s must be >= 0")
+
+    def server_options(self, max_request_seconds: float) -> list[tuple[str, int]]:
+        """grpc.aio.server channel arguments (the concurrent RPC limit is its own argument)."""
+        grace = self.max_connection_age_grace_s
+        options = {
+            "grpc.max_concurrent_streams": self.max_streams_per_connection,
+            "grpc.keepalive_time_ms": _ms(self.keepalive_s),
+            "grpc.keepalive_timeout_ms": _ms(self.keepalive_timeout_s),
+            # Enforcement of the client's pings: closer together than this is a strike, and
+            # after max_ping_strikes (2) the connection gets GOAWAY too_many_pings. Pings of
+            # an idle connection are allowed (at that interval): max_connection_idle ends it.
+            "grpc.http2.min_ping_interval_without_data_ms": _ms(self.min_ping_interval_s),
+            "grpc.http2.max_ping_strikes": 2,
+            "grpc.keepalive_permit_without_calls": 1,
+        }
+        if self.max_connection_idle_s:
+            options["grpc.max_connection_idle_ms"] = _ms(self.max_connection_idle_s)
+        if self.max_connection_age_s:
+            options["grpc.max_connection_age_ms"] = _ms(self.max_connection_age_s)
+            options["grpc.max_connection_age_grace_ms"] = _ms(
+                max_request_seconds if grace is None else grace
+            )
+        return list(options.items())
+
+
+def _ms(seconds: float) -> int:
+    return max(1, min(round(seconds * 1000), 2**31 - 1))
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -206,6 +277,14 @@ class ServerConfig(StoreConfig):
     --insecure."""
     insecure: bool = False
     """Serve a non-loopback address without authentication."""
+    allow_plaintext_keys: bool = False
+    """Serve a non-loopback address with API keys but without TLS (--tls-cert), knowingly:
+    where TLS ends in front of the server (a load balancer, an ingress, a service mesh), since
+    otherwise clients' keys cross the network readable."""
+    auth_keys_reload_s: float = field(default=10.0, metadata={"metavar": "S"})
+    """How often the API key file is checked for changes, and reloaded when it changed (a key
+    removed from it stops working without a restart; SIGHUP reloads at once); 0 = only at
+    SIGHUP."""
     tls_cert: Path | None = field(default=None, metadata={"metavar": "PEM"})
     """Serve TLS with this certificate chain (with --tls-key)."""
     tls_key: Path | None = field(default=None, metadata={"metavar": "PEM"})
@@ -246,6 +325,9 @@ class ServerConfig(StoreConfig):
     """The base model: which, where it is cached, and how it computes."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """The engine: the batch, adapter slots, KV cache, queue and per-request limits."""
+    grpc_limits: GrpcLimits = field(default_factory=GrpcLimits, metadata={"prefix": "grpc-"})
+    """What one gRPC server takes at once, and how long connections live: bounds on
+    concurrent calls and streams, keepalive enforcement, connection idle time and age."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -259,6 +341,9 @@ class ServerConfig(StoreConfig):
         self.check_authentication(self.host)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and its key")
+        self.check_plaintext_keys(self.host)
+        if self.auth_keys_reload_s < 0:
+            raise ValueError(f"auth_keys_reload_s must be >= 0, got {self.auth_keys_reload_s}")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("client certificates (mutual TLS) need TLS: give a certificate")
         slots = self.engine.max_loras
@@ -274,6 +359,21 @@ class ServerConfig(StoreConfig):
             raise ValueError(
                 f"serving {host} without authentication: give an API key file "
                 "(--auth-keys) or, knowingly, --insecure"
+            )
+
+    def check_plaintext_keys(self, host: str) -> None:
+        """Serving `host` with API keys over plaintext needs --allow-plaintext-keys, unless it
+        is loopback: the keys would cross the network readable."""
+        if (
+            self.auth_keys is not None
+            and self.tls_cert is None
+            and not self.allow_plaintext_keys
+            and not is_loopback(host)
+        ):
+            raise ValueError(
+                f"serving {host} with API keys over plaintext, where anyone on the path can "
+                "read them: serve TLS (--tls-cert and --tls-key) or, knowingly, where TLS ends "
+                "in front of the server, --allow-plaintext-keys"
             )
 
     @property

@@ -1,9 +1,14 @@
 """What every RPC goes through before its servicer runs: authentication and decoding.
 
-With an API key file, every method needs a valid key except health checks and server
-reflection; the methods that manage adapters or read the server's cache need an admin key. A
-method not listed here is a client method: a new RPC is authenticated by default, never exempt
-by omission. The caller's principal reaches the servicer in the PRINCIPAL context variable.
+With an API key file, every method needs a valid key except health (Check, List, Watch) and
+server reflection, listed one by one in EXEMPT_METHODS. What a client key may call is an
+explicit list, CLIENT_METHODS; every other method, a new RPC included, needs an admin key
+until it is listed there: never exempt, never open to clients, by omission. The caller's
+principal reaches the servicer in the PRINCIPAL context variable.
+
+The methods that need no key are open to anyone who reaches the port, so their streams (health
+Watch, reflection) are capped: beyond `max_keyless_streams` open at once a new one is
+RESOURCE_EXHAUSTED.
 
 Requests are decoded here rather than by gRPC, so that a message that does not parse (e.g. a
 string field holding invalid UTF-8) is INVALID_ARGUMENT instead of an internal error.
@@ -12,6 +17,7 @@ string field holding invalid UTF-8) is INVALID_ARGUMENT instead of an internal e
 from __future__ import annotations
 
 import contextvars
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -21,22 +27,43 @@ from google.protobuf.message import DecodeError
 from loraplex.core.errors import InvalidRequest
 from loraplex.server.runtime.auth import KeyRing, Principal, Unauthenticated
 from loraplex.server.runtime.telemetry import request_id
+from loraplex.v1 import adapters_pb2, inference_pb2
 
-EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-ADMIN_METHODS = frozenset(
-    f"/loraplex.v1.Adapters/{name}"
-    for name in (
-        "RegisterAdapter",
-        "PushAdapter",
-        "DeleteAdapter",
-        "PinAdapter",
-        "UnpinAdapter",
-        "GetCacheStats",
-        "MergeAdapter",
-        "UnmergeAdapter",
-        "GetMergeState",
-    )
+# Need no key: orchestrators probe health without one, and reflection describes the API. Full
+# method paths, not prefixes: a method added to these services later needs a key like any
+# other (an admin key, until it is listed here or in CLIENT_METHODS).
+EXEMPT_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/List",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
 )
+EXEMPT_PREFIXES = tuple(sorted(EXEMPT_METHODS))  # for str.startswith; EXEMPT_METHODS decides
+# What a client key may call: generate, describe the model, see the adapters it may use.
+CLIENT_METHODS = frozenset(
+    {
+        "/loraplex.v1.Inference/Generate",
+        "/loraplex.v1.Inference/GenerateStream",
+        "/loraplex.v1.Inference/ModelInfo",
+        "/loraplex.v1.Adapters/GetAdapter",
+        "/loraplex.v1.Adapters/ListAdapters",
+    }
+)
+# The loraplex methods only an admin key may call: all the others (for tests and docs; the
+# rule is "not in CLIENT_METHODS", which also covers methods of no loraplex service).
+ADMIN_METHODS = (
+    frozenset(
+        f"/{service.full_name}/{method.name}"
+        for module in (inference_pb2, adapters_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    )
+    - CLIENT_METHODS
+)
+DEFAULT_MAX_KEYLESS_STREAMS = 64
 
 
 REQUEST_ID_KEY = "x-request-id"
@@ -48,8 +75,11 @@ Decode = Callable[[bytes], Any]
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: KeyRing | None) -> None:
+    def __init__(
+        self, keys: KeyRing | None, max_keyless_streams: int = DEFAULT_MAX_KEYLESS_STREAMS
+    ) -> None:
         self.keys = keys  # None: no authentication
+        self.keyless_streams = StreamGate(max_keyless_streams)
 
     async def intercept_service(
         self,
@@ -58,8 +88,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method: str = details.method  # type: ignore[attr-defined]
-        if handler is None or method.startswith(EXEMPT_PREFIXES):
+        if handler is None:
             return handler
+        if method in EXEMPT_METHODS:
+            return gated(handler, self.keyless_streams) if handler.response_streaming else handler
         metadata = details.invocation_metadata  # type: ignore[attr-defined]
         outcome = admit(self.keys, method, metadata)
         if isinstance(outcome, Refusal):
@@ -77,9 +109,9 @@ def admit(
 ) -> Principal | Refusal | None:
     """The rule every front end applies to a call of `method` (a full path) before anything
     else sees it: this interceptor, and the Ray Serve ingress (server/ray_serve.py). None when
-    the call needs no key (no key file, or a health or reflection method); else the caller, or
+    the call needs no key (no key file, or a health check or reflection); else the caller, or
     why it may not call."""
-    if keys is None or method.startswith(EXEMPT_PREFIXES):
+    if keys is None or method in EXEMPT_METHODS:
         return None
     return authorize(keys, method, metadata)
 
@@ -87,14 +119,57 @@ def admit(
 def authorize(
     keys: KeyRing, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
 ) -> Principal | Refusal:
-    """The caller of `method` (a full path), or why it may not call it."""
+    """The caller of `method` (a full path), or why it may not call it: a client key may call
+    CLIENT_METHODS, an admin key any method."""
     try:
         principal = keys.authenticate(dict(metadata or ()).get("authorization"))  # type: ignore[arg-type]
     except Unauthenticated as exc:
         return Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-    if method in ADMIN_METHODS and not principal.is_admin:
+    if method not in CLIENT_METHODS and not principal.is_admin:
         return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin key")
     return principal
+
+
+class StreamGate:
+    """At most `limit` streams open at once (on one event loop: no lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def enter(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+
+
+def gated(handler: grpc.RpcMethodHandler, gate: StreamGate) -> grpc.RpcMethodHandler:
+    """`handler` (one that answers a stream), refusing a call with RESOURCE_EXHAUSTED while
+    `gate` has as many streams open as it allows."""
+    inner = behaviour(handler)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if not gate.enter():
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{gate.limit} streams that need no API key are open (health Watch, "
+                "reflection): retry later",
+            )
+        try:
+            responses = inner(request, context)
+            if inspect.isawaitable(responses):  # a handler that writes with context.write
+                await responses
+            else:
+                async for response in responses:
+                    yield response
+        finally:
+            gate.leave()
+
+    return same_kind(handler, streaming, streaming, handler.request_deserializer)
 
 
 def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:

@@ -1,5 +1,7 @@
 """The gRPC front end's server: the loraplex services, health and reflection on grpc.aio, behind
-the metrics and authentication interceptors, on plaintext or TLS."""
+the metrics and authentication interceptors, on plaintext or TLS, within the limits of
+--grpc-* (ServerConfig.grpc_limits): concurrent calls and streams, keepalive enforcement,
+connection idle time and age."""
 
 from __future__ import annotations
 
@@ -51,13 +53,19 @@ class GrpcServer:
         self.config = config
         self.port: int | None = None
         self._health = health.aio.HealthServicer()
+        limits = config.grpc_limits
         self._server = grpc.aio.server(
             # The metrics interceptor first: it sees every call, refused ones included.
-            interceptors=[GrpcMetricsInterceptor(registry), CallInterceptor(keys)],
+            interceptors=[
+                GrpcMetricsInterceptor(registry),
+                CallInterceptor(keys, limits.max_keyless_streams),
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *limits.server_options(config.engine.max_request_seconds),
             ],
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(runtime), self._server)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(runtime), self._server)

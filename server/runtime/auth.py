@@ -7,18 +7,29 @@ enough, as for GitHub or Stripe tokens; the file never holds a usable secret):
     name = "acme-app"          # shown in logs, never the key
     tenant = "acme"
     role = "client"            # client: generate; admin: manage adapters of any tenant
-    sha256 = "9f86d081..."     # `loraplex keys new` prints a key and this line
+    sha256 = "9f86d081..."     # `loraplex keys new` prints this entry (the key on stderr)
 
 Clients send `authorization: Bearer <key>`. A presented key is compared with every stored hash
 in constant time (no early exit), so the time taken says nothing about which key is close.
+
+Reading a key file warns in the log (each warning once a process) about what makes it unsafe:
+text that looks like an API key (a key belongs with its client, never in this file), and
+permissions that let other users write it (anyone who can could add an admin key) or read it.
+`KeyRing.reload` re-reads the file in place: a key removed from it stops working at the next
+call, without a restart (`loraplex serve` reloads at SIGHUP and when the file changes); a file
+that no longer parses leaves the keys as they were.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
 import secrets
+import stat
+import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +40,12 @@ ROLES: tuple[Role, ...] = ("client", "admin")
 KEY_PREFIX = "lpx_"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# What a key looks like (KEY_PREFIX and 43 URL-safe characters), allowing for shorter ones.
+_KEY_LIKE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{16,}")
+
+log = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()  # (file, warning) already logged: each once a process
+_warned_lock = threading.Lock()
 
 
 class AuthConfigError(ValueError):
@@ -63,44 +80,46 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def is_identifier(value: str) -> bool:
+    """Whether `value` may be a key's name or a tenant: lower-case letters, digits, '.', '_'
+    and '-', starting with a letter or digit, at most 63 characters."""
+    return bool(_NAME.match(value))
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 class KeyRing:
-    def __init__(self, keys: list[tuple[str, Principal]]) -> None:
-        """`keys`: (sha256 hex, principal) pairs."""
-        self._keys = [_Key(bytes.fromhex(h), p) for h, p in keys]
+    def __init__(self, keys: list[tuple[str, Principal]], path: Path | None = None) -> None:
+        """`keys`: (sha256 hex, principal) pairs; `path`: the file they came from, if any (what
+        `reload` re-reads)."""
+        self.path = path
+        self._keys = _keys(keys)
+        self._digest: bytes | None = None  # sha256 of the file content the keys came from
+        self._lock = threading.Lock()  # one reload at a time
 
     @classmethod
     def from_file(cls, path: Path) -> KeyRing:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise AuthConfigError(f"cannot read the key file {path}: {exc}") from None
-        entries = data.get("keys")
-        if not isinstance(entries, list) or not entries:
-            raise AuthConfigError(f"{path}: no [[keys]] entries")
-        keys, names, digests = [], set(), set()
-        for i, entry in enumerate(entries):
-            where = f"{path}: keys[{i}]"
-            if not isinstance(entry, dict):
-                raise AuthConfigError(f"{where} is not a table")
-            unknown = set(entry) - {"name", "tenant", "role", "sha256"}
-            if unknown:
-                raise AuthConfigError(f"{where}: unknown fields {sorted(unknown)}")
-            name, tenant = _identifier(where, entry, "name"), _identifier(where, entry, "tenant")
-            role, digest = entry.get("role", "client"), entry.get("sha256")
-            if role not in ROLES:
-                raise AuthConfigError(f"{where}: role must be client or admin, got {role!r}")
-            if not isinstance(digest, str) or not _HEX64.match(digest):
-                raise AuthConfigError(f"{where}: sha256 must be 64 lower-case hex digits")
-            if name in names or digest in digests:
-                raise AuthConfigError(f"{where}: duplicate name or key")
-            names.add(name)
-            digests.add(digest)
-            keys.append((digest, Principal(tenant=tenant, role=role, key_name=name)))
-        return cls(keys)
+        content = _read(path)
+        ring = cls(parse_key_file(path, content), path)
+        ring._digest = hashlib.sha256(content.encode()).digest()
+        return ring
+
+    def reload(self) -> bool:
+        """Re-read the key file: from the next call on, the keys are the file's (a key no longer
+        in it is refused). False if the file did not change. Raises AuthConfigError, keeping
+        the keys as they were, when it cannot be read or parsed."""
+        if self.path is None:
+            raise AuthConfigError("these keys did not come from a file: nothing to reload")
+        with self._lock:
+            content = _read(self.path)
+            digest = hashlib.sha256(content.encode()).digest()
+            if digest == self._digest:
+                return False
+            keys = _keys(parse_key_file(self.path, content))
+            self._keys, self._digest = keys, digest  # one assignment: calls see old or new
+            return True
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an `authorization: Bearer <key>` value."""
@@ -111,7 +130,9 @@ class KeyRing:
             raise Unauthenticated("authorization must be 'Bearer <api key>'")
         presented = hashlib.sha256(key.strip().encode()).digest()
         found: Principal | None = None
-        for stored in self._keys:  # every key, no early exit: constant time in the key
+        # Every key, no early exit: constant time in the key. The list of one moment (a
+        # reload replaces it whole, never changes it).
+        for stored in self._keys:
             if hmac.compare_digest(presented, stored.digest):
                 found = stored.principal
         if found is None:
@@ -125,6 +146,82 @@ class KeyRing:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def parse_key_file(path: Path, content: str) -> list[tuple[str, Principal]]:
+    """The (sha256 hex, principal) pairs of a key file's `content` (`path` names it in errors)."""
+    try:
+        data = tomllib.loads(content)
+    except tomllib.TOMLDecodeError as exc:
+        raise AuthConfigError(f"cannot read the key file {path}: {exc}") from None
+    entries = data.get("keys")
+    if not isinstance(entries, list) or not entries:
+        raise AuthConfigError(f"{path}: no [[keys]] entries")
+    keys, names, digests = [], set(), set()
+    for i, entry in enumerate(entries):
+        where = f"{path}: keys[{i}]"
+        if not isinstance(entry, dict):
+            raise AuthConfigError(f"{where} is not a table")
+        unknown = set(entry) - {"name", "tenant", "role", "sha256"}
+        if unknown:
+            raise AuthConfigError(f"{where}: unknown fields {sorted(unknown)}")
+        name, tenant = _identifier(where, entry, "name"), _identifier(where, entry, "tenant")
+        role, digest = entry.get("role", "client"), entry.get("sha256")
+        if role not in ROLES:
+            raise AuthConfigError(f"{where}: role must be client or admin, got {role!r}")
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            raise AuthConfigError(f"{where}: sha256 must be 64 lower-case hex digits")
+        if name in names or digest in digests:
+            raise AuthConfigError(f"{where}: duplicate name or key")
+        names.add(name)
+        digests.add(digest)
+        keys.append((digest, Principal(tenant=tenant, role=role, key_name=name)))
+    return keys
+
+
+def _keys(keys: list[tuple[str, Principal]]) -> list[_Key]:
+    return [_Key(bytes.fromhex(h), p) for h, p in keys]
+
+
+def _read(path: Path) -> str:
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuthConfigError(f"cannot read the key file {path}: {exc}") from None
+    for warning in key_file_warnings(path, content):
+        with _warned_lock:
+            seen = (str(path), warning) in _warned
+            _warned.add((str(path), warning))
+        if not seen:
+            log.warning("%s", warning)
+    return content
+
+
+def key_file_warnings(path: Path, content: str) -> list[str]:
+    """What makes the key file at `path` (holding `content`) unsafe, in words; never a key."""
+    warnings = []
+    lines = [i for i, line in enumerate(content.splitlines(), 1) if _KEY_LIKE.search(line)]
+    if lines:
+        warnings.append(
+            f"the key file {path} holds what looks like an API key ({KEY_PREFIX}..., line "
+            f"{', '.join(map(str, lines))}): it should hold only sha256 hashes. Give the key "
+            "to its client, delete it from the file, and make a new key if the file was shared"
+        )
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return warnings
+    if os.name == "posix" and mode & (stat.S_IWGRP | stat.S_IWOTH):
+        warnings.append(
+            f"the key file {path} is writable by other users (mode {stat.S_IMODE(mode):o}): "
+            "anyone who can write it can add an admin key. chmod 600 (or 640) it"
+        )
+    elif os.name == "posix" and mode & stat.S_IROTH:
+        warnings.append(
+            f"the key file {path} is readable by every user (mode {stat.S_IMODE(mode):o}): "
+            "chmod 600 (or 640) it"
+        )
+    return warnings
 
 
 def _identifier(where: str, entry: dict[str, object], field: str) -> str:

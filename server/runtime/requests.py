@@ -125,6 +125,7 @@ class Requests:
         self._special_tokens = sorted(
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", ())} - {""}
         )
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, engine.info.max_context)
 
     async def generate(
         self,
@@ -171,7 +172,7 @@ class Requests:
         adapter = await self.resolver.for_request(inp.adapter_id, inp.compose, principal)
         if adapter is not None:
             record.adapter_id, record.adapter_version = adapter.key
-        check_sizes(inp)
+        check_sizes(inp, self.max_prompt_chars)
         prompt_ids = await asyncio.to_thread(self._tokenize, inp)
         record.prompt_tokens = len(prompt_ids)
         max_new = self.default_max_new_tokens if inp.max_new_tokens is None else inp.max_new_tokens
@@ -327,15 +328,33 @@ class Requests:
         await generation.complete()
 
 
-def check_sizes(inp: GenerateInput) -> None:
-    """Bound the text before tokenizing it (tokens are bounded by the context afterwards)."""
-    if len(inp.prompt) > MAX_TEXT_CHARS:
-        raise InvalidRequest("prompt", f"{len(inp.prompt)} characters; at most {MAX_TEXT_CHARS}")
+def check_sizes(inp: GenerateInput, max_chars: int = MAX_TEXT_CHARS) -> None:
+    """Bound the text before tokenizing it (tokens are bounded by the context afterwards):
+    at most `max_chars` characters (`max_prompt_chars`: more cannot fit the context)."""
+    limit = min(max_chars, MAX_TEXT_CHARS)
+    if len(inp.prompt) > limit:
+        raise InvalidRequest("prompt", f"{len(inp.prompt)} characters; at most {limit}")
     if len(inp.messages) > MAX_MESSAGES:
         raise InvalidRequest("messages", f"{len(inp.messages)} messages; at most {MAX_MESSAGES}")
     total = sum(len(m.content) for m in inp.messages)
-    if total > MAX_TEXT_CHARS:
-        raise InvalidRequest("messages", f"{total} characters; at most {MAX_TEXT_CHARS}")
+    if total > limit:
+        raise InvalidRequest("messages", f"{total} characters; at most {limit}")
+
+
+def max_prompt_chars(tokenizer: object, max_context: int) -> int:
+    """Characters beyond which a text cannot fit in `max_context` tokens, so it is refused
+    untokenized: a token stands for at most as many characters as its vocabulary entry has
+    (byte-level BPE spells a byte with one character, SentencePiece a space with one), so a
+    text of more than the longest entry times the context is more tokens than fit. A
+    tokenizer that normalizes text first (composing characters) may shrink it: four times
+    that, for those. Without a vocabulary to measure, MAX_TEXT_CHARS."""
+    try:
+        longest = max(map(len, tokenizer.get_vocab()))  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return MAX_TEXT_CHARS
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizes = backend is None or getattr(backend, "normalizer", None) is not None
+    return min(MAX_TEXT_CHARS, longest * max_context * (4 if normalizes else 1))
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, limit: int) -> None:

@@ -471,7 +471,7 @@ def test_symlink_to_a_directory_or_nothing_is_rejected(linked):
         check_entries(path, [root])
 
 
-# -- bounded work whatever the adapter says (issue 20, item 5) ----------------------------------
+# -- bounded work whatever the adapter says ----------------------------------
 class Ticker:
     """Counts how often another thread gets to run while the block runs: a thread holding the
     GIL (Python's `re` backtracking) would starve it."""

@@ -637,6 +637,23 @@ def test_api_keys_come_from_a_secret_file_and_the_gpu_is_requested():
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
 
 
+def test_the_server_flags_make_a_config_the_server_accepts():
+    """The image's entrypoint (`serve --host 0.0.0.0`) with the Deployment's args: keys over
+    plaintext beyond loopback are refused unless the manifest says TLS ends in front."""
+    from loraplex.server.config import parse_serve_flags
+
+    entrypoint = json.loads(dict(final_stage())["ENTRYPOINT"])
+    assert entrypoint[:2] == ["loraplex", "serve"]
+    args = server_container()["args"]
+    config, _ = parse_serve_flags([*entrypoint[2:], *args], environ={})
+    assert config.host == "0.0.0.0" and config.auth_keys is not None
+    assert config.allow_plaintext_keys or config.tls_cert is not None
+    without = [a for a in args if a != "--allow-plaintext-keys"]
+    if config.tls_cert is None:
+        with pytest.raises(ValueError, match="--allow-plaintext-keys"):
+            parse_serve_flags([*entrypoint[2:], *without], environ={})
+
+
 def matches(selector: dict, labels: dict) -> bool:
     return selector["matchLabels"].items() <= labels.items()
 

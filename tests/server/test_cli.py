@@ -121,3 +121,103 @@ def test_serve_drains_and_exits_0_on_ctrl_c_and_sigterm(sig):
     finally:
         process.kill()
     assert process.returncode == 0 and "stopped, 3 s to drain" in out
+
+
+def test_keys_new_prints_the_key_on_stderr_and_only_its_entry_on_stdout(tmp_path, capsys):
+    """`keys new >> keys.toml` appends the entry alone; the key itself goes
+    to the terminal and is in no file."""
+    from loraplex.server.cli import main
+    from loraplex.server.runtime.auth import KEY_PREFIX, KeyRing
+
+    path = tmp_path / "keys.toml"
+    keys = {}
+    for name, tenant, role in (("app", "acme", "client"), ("ops", "platform", "admin")):
+        assert main(["keys", "new", "--name", name, "--tenant", tenant, "--role", role]) == 0
+        out, err = capsys.readouterr()
+        assert KEY_PREFIX not in out
+        (keys[name],) = [w for w in err.split() if w.startswith(KEY_PREFIX)]
+        with path.open("a") as file:  # what `>> keys.toml` does
+            file.write(out)
+    ring = KeyRing.from_file(path)
+    assert ring.authenticate(f"Bearer {keys['app']}").tenant == "acme"
+    assert ring.authenticate(f"Bearer {keys['ops']}").is_admin
+    assert not any(key in path.read_text() for key in keys.values())
+    with pytest.raises(SystemExit):  # the entry could not be parsed back
+        main(["keys", "new", "--name", 'a"\nrole = "admin', "--tenant", "acme"])
+
+
+# `loraplex serve` with a real gRPC server and key file but no model (its load never starts),
+# for the command's own SIGHUP path.
+SERVE_WITHOUT_A_MODEL = """
+import sys
+from loraplex.server.app import LoraplexServer
+
+async def no_model(self):
+    return None
+
+LoraplexServer._load = no_model
+from loraplex.server.cli import main
+sys.exit(main(["serve", "--port", "0", "--no-metrics", "--no-preload", "--auth-keys",
+               sys.argv[1], "--auth-keys-reload-s", "0"]))
+"""
+
+
+def test_serve_reloads_its_keys_at_sighup_so_a_revoked_key_stops_working(tmp_path):
+    """The key file is re-read at SIGHUP (the file is not watched here):
+    a key taken out is refused from then on, by the same process, which keeps serving."""
+    import queue
+    import re
+    import threading
+    import time
+
+    import grpc
+
+    from loraplex.server.client import LoraplexClient
+    from tests.helpers import write_key_file
+
+    path = tmp_path / "keys.toml"
+    keys = write_key_file(path, {"revoked": ("acme", "client"), "kept": ("acme", "client")})
+    path.chmod(0o600)
+
+    def code(address: str, key: str) -> grpc.StatusCode:
+        with LoraplexClient(address, 10, api_key=key) as client:
+            try:
+                client.model_info()
+            except grpc.RpcError as exc:
+                return exc.code()  # UNAVAILABLE: admitted, the model "loading"
+        return grpc.StatusCode.OK
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVE_WITHOUT_A_MODEL, str(path)], stderr=subprocess.PIPE, text=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in process.stderr], daemon=True).start()
+
+    def wait_for(pattern: str) -> re.Match[str]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if found := re.search(pattern, lines.get(timeout=0.5)):
+                    return found
+            except queue.Empty:
+                assert process.poll() is None, "the server exited"
+        raise AssertionError(f"the server never logged {pattern!r}")
+
+    try:
+        port = wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+        address = f"127.0.0.1:{port}"
+        assert code(address, keys["revoked"]) == grpc.StatusCode.UNAVAILABLE
+        path.write_text(
+            "".join("[[keys]]" + e for e in path.read_text().split("[[keys]]")[1:] if "kept" in e)
+        )
+        assert code(address, keys["revoked"]) == grpc.StatusCode.UNAVAILABLE  # not yet
+        process.send_signal(signal.SIGHUP)
+        wait_for("API keys reloaded")
+        assert code(address, keys["revoked"]) == grpc.StatusCode.UNAUTHENTICATED
+        assert code(address, keys["kept"]) == grpc.StatusCode.UNAVAILABLE
+        assert process.poll() is None  # the same process
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0

@@ -126,7 +126,7 @@ def test_closing_a_generation_before_reading_it_gives_everything_back(served):
 
 
 def test_ids_a_client_sends_are_validated_before_they_are_echoed_logged_or_counted(served):
-    """Issue 20, item 9: every id a request names (composed- ones too) is checked before it
+    """Every id a request names (composed- ones too) is checked before it
     reaches an error detail, the request log or a metric label, and only so much is echoed."""
     from loraplex.adapters.compositions import CompositionRequest, WeightedAdapter
     from loraplex.core.errors import InvalidAdapterId
@@ -276,3 +276,37 @@ def test_one_tenant_builds_few_compositions_at_once_and_keeps_few(served, tiny_m
         assert makers.count("acme") == 3 and globex_id in compositions._entries
     finally:
         compositions.per_tenant = saved
+
+
+def test_prompts_far_over_the_context_are_refused_before_tokenizing(served, monkeypatch):
+    """A text longer than the longest vocabulary entry times the context
+    cannot fit in it, so it is refused untokenized; the bound is tight (the densest text the
+    tokenizer knows, one entry repeated, fits up to it) and no text over it fits."""
+    from loraplex.server.runtime.requests import MAX_TEXT_CHARS
+
+    runtime, loop, _ = served
+    requests, context = runtime.requests, runtime.engine.info.max_context
+    tokenizer = requests.tokenizer
+    limit = requests.max_prompt_chars
+    longest = max(map(len, tokenizer.get_vocab()))
+    assert limit == longest * context < MAX_TEXT_CHARS
+    densest = max((tokenizer.decode([i]) for i in tokenizer.get_vocab().values()), key=len)
+    assert len(densest) == longest
+    for unit in (densest, " ", "#", "é", "\n"):
+        text = unit * (limit // len(unit) + 1)
+        assert len(text) > limit
+        assert len(tokenizer(text, split_special_tokens=True).input_ids) > context, repr(unit)
+    tokenized = []
+    monkeypatch.setattr(requests, "_tokenize", lambda inp: tokenized.append(inp) or [1])
+
+    async def scenario():
+        for inp in (
+            GenerateInput(prompt="x" * (limit + 1)),
+            GenerateInput(messages=(ChatMessage("user", "x" * (limit // 2 + 1)),) * 2),
+        ):
+            with pytest.raises(InvalidRequest, match=f"at most {limit}"):
+                await runtime.requests.generate(inp, principal=ACME)
+
+    loop.run_until_complete(scenario())
+    assert tokenized == []
+    assert runtime.quotas.in_flight("acme") == 0
