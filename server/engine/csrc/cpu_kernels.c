@@ -358,71 +358,104 @@ static inline void store8(void *p, int bf16, int64_t i, __m256 v) {
     _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
 }
 
-/* shrunk (NR, kc) = xr (NR, in) @ at (in, kc), columns [c0, c1) */
-#define LORA_SHRINK(ISA, VEC, LANES, ZERO, SET1, FMA, LOAD, STORE, NR, NB)                         \
+/* shrunk (NR, kc) = xr (NR, in) @ at (in, kc), columns [c0, c0 + NB * LANES). U rows of A.T
+ * at a time into U sets of sums (added at the end): a row or two alone would otherwise wait on
+ * the latency of one chain of multiply-adds per vector. */
+#define LORA_SHRINK(ISA, VEC, LANES, ZERO, SET1, FMA, ADD, LOAD, STORE, NR, NB, U)                 \
     static void shrink_##ISA##_##NR##_##NB(const float *xr, int64_t in, const void *at, int wb,    \
                                           int64_t kc, int64_t c0, float *shrunk) {              \
-        VEC acc[NR][NB];                                                                        \
-        for (int t = 0; t < NR; t++)                                                            \
-            for (int v = 0; v < NB; v++) acc[t][v] = ZERO();                                    \
-        for (int64_t i = 0; i < in; i++) {                                                      \
+        VEC acc[U][NR][NB];                                                                     \
+        for (int u = 0; u < U; u++)                                                             \
+            for (int t = 0; t < NR; t++)                                                        \
+                for (int v = 0; v < NB; v++) acc[u][t][v] = ZERO();                             \
+        int64_t i = 0;                                                                          \
+        for (; i + U <= in; i += U)                                                             \
+            for (int u = 0; u < U; u++) {                                                       \
+                VEC a[NB];                                                                      \
+                for (int v = 0; v < NB; v++) a[v] = LOAD(at, wb, (i + u) * kc + c0 + v * LANES); \
+                for (int t = 0; t < NR; t++) {                                                  \
+                    VEC xv = SET1(xr[t * in + i + u]);                                          \
+                    for (int v = 0; v < NB; v++) acc[u][t][v] = FMA(xv, a[v], acc[u][t][v]);    \
+                }                                                                               \
+            }                                                                                   \
+        for (; i < in; i++) {                                                                   \
             VEC a[NB];                                                                          \
             for (int v = 0; v < NB; v++) a[v] = LOAD(at, wb, i * kc + c0 + v * LANES);          \
             for (int t = 0; t < NR; t++) {                                                      \
                 VEC xv = SET1(xr[t * in + i]);                                                  \
-                for (int v = 0; v < NB; v++) acc[t][v] = FMA(xv, a[v], acc[t][v]);             \
+                for (int v = 0; v < NB; v++) acc[0][t][v] = FMA(xv, a[v], acc[0][t][v]);        \
             }                                                                                   \
         }                                                                                       \
+        for (int u = 1; u < U; u++)                                                             \
+            for (int t = 0; t < NR; t++)                                                        \
+                for (int v = 0; v < NB; v++) acc[0][t][v] = ADD(acc[0][t][v], acc[u][t][v]);    \
         for (int t = 0; t < NR; t++)                                                            \
-            for (int v = 0; v < NB; v++) STORE(shrunk, 0, t * kc + c0 + v * LANES, acc[t][v]);  \
+            for (int v = 0; v < NB; v++) STORE(shrunk, 0, t * kc + c0 + v * LANES, acc[0][t][v]); \
     }
 
 /* out rows t (NR, `stride` apart) += scale * s[t] (r, kc apart) @ bt (r, width), columns
- * [o0, o0 + NB * LANES), each rounded once */
-#define LORA_EXPAND(ISA, VEC, LANES, ZERO, SET1, FMA, LOAD, STORE, NR, NB)                         \
+ * [o0, o0 + NB * LANES), each rounded once; U rows of B.T at a time, as in the shrink */
+#define LORA_EXPAND(ISA, VEC, LANES, ZERO, SET1, FMA, ADD, LOAD, STORE, NR, NB, U)                 \
     static void expand_##ISA##_##NR##_##NB(const float *s, int64_t kc, int64_t r, const void *bt, \
                                           int wb, int64_t width, int64_t o0, float scale,       \
                                           char *out, int64_t stride, int yb) {                  \
-        VEC acc[NR][NB];                                                                        \
-        for (int t = 0; t < NR; t++)                                                            \
-            for (int v = 0; v < NB; v++) acc[t][v] = ZERO();                                    \
-        for (int64_t q = 0; q < r; q++) {                                                       \
+        VEC acc[U][NR][NB];                                                                     \
+        for (int u = 0; u < U; u++)                                                             \
+            for (int t = 0; t < NR; t++)                                                        \
+                for (int v = 0; v < NB; v++) acc[u][t][v] = ZERO();                             \
+        int64_t q = 0;                                                                          \
+        for (; q + U <= r; q += U)                                                              \
+            for (int u = 0; u < U; u++) {                                                       \
+                VEC b[NB];                                                                      \
+                for (int v = 0; v < NB; v++)                                                    \
+                    b[v] = LOAD(bt, wb, (q + u) * width + o0 + v * LANES);                      \
+                for (int t = 0; t < NR; t++) {                                                  \
+                    VEC sv = SET1(s[t * kc + q + u]);                                           \
+                    for (int v = 0; v < NB; v++) acc[u][t][v] = FMA(sv, b[v], acc[u][t][v]);    \
+                }                                                                               \
+            }                                                                                   \
+        for (; q < r; q++) {                                                                    \
             VEC b[NB];                                                                          \
             for (int v = 0; v < NB; v++) b[v] = LOAD(bt, wb, q * width + o0 + v * LANES);       \
             for (int t = 0; t < NR; t++) {                                                      \
                 VEC sv = SET1(s[t * kc + q]);                                                   \
-                for (int v = 0; v < NB; v++) acc[t][v] = FMA(sv, b[v], acc[t][v]);             \
+                for (int v = 0; v < NB; v++) acc[0][t][v] = FMA(sv, b[v], acc[0][t][v]);        \
             }                                                                                   \
         }                                                                                       \
+        for (int u = 1; u < U; u++)                                                             \
+            for (int t = 0; t < NR; t++)                                                        \
+                for (int v = 0; v < NB; v++) acc[0][t][v] = ADD(acc[0][t][v], acc[u][t][v]);    \
         VEC sc = SET1(scale);                                                                   \
         for (int t = 0; t < NR; t++) {                                                          \
             char *row = out + t * stride * (yb ? 2 : 4);                                        \
             for (int v = 0; v < NB; v++) {                                                      \
                 int64_t o = o0 + v * LANES;                                                     \
-                STORE(row, yb, o, FMA(sc, acc[t][v], LOAD(row, yb, o)));                       \
+                STORE(row, yb, o, FMA(sc, acc[0][t][v], LOAD(row, yb, o)));                    \
             }                                                                                   \
         }                                                                                       \
     }
 
-#define LORA_AVX512(NR, NB)                                                                      \
+#define LORA_AVX512(NR, NB, U)                                                                   \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))                           \
-    LORA_SHRINK(avx512, __m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, load16,  \
-                store16, NR, NB)                                                                \
+    LORA_SHRINK(avx512, __m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps,          \
+                _mm512_add_ps, load16, store16, NR, NB, U)                                      \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))                           \
-    LORA_EXPAND(avx512, __m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, load16,  \
-                store16, NR, NB)
-#define LORA_AVX2(NR, NB)                                                                        \
+    LORA_EXPAND(avx512, __m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps,          \
+                _mm512_add_ps, load16, store16, NR, NB, U)
+#define LORA_AVX2(NR, NB, U)                                                                     \
     __attribute__((target("avx2,fma")))                                                         \
-    LORA_SHRINK(avx2, __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, load8,      \
-                store8, NR, NB)                                                                 \
+    LORA_SHRINK(avx2, __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps,             \
+                _mm256_add_ps, load8, store8, NR, NB, U)                                        \
     __attribute__((target("avx2,fma")))                                                         \
-    LORA_EXPAND(avx2, __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, load8,      \
-                store8, NR, NB)
+    LORA_EXPAND(avx2, __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps,             \
+                _mm256_add_ps, load8, store8, NR, NB, U)
 
-LORA_AVX512(1, 4) LORA_AVX512(2, 4) LORA_AVX512(3, 4) LORA_AVX512(4, 4)
-LORA_AVX512(1, 1) LORA_AVX512(2, 1) LORA_AVX512(3, 1) LORA_AVX512(4, 1)
-LORA_AVX2(1, 2) LORA_AVX2(2, 2) LORA_AVX2(3, 2) LORA_AVX2(4, 2)
-LORA_AVX2(1, 1) LORA_AVX2(2, 1) LORA_AVX2(3, 1) LORA_AVX2(4, 1)
+/* U: independent sets of sums for few rows (about 8 chains of multiply-adds in flight), within
+ * the registers (32 vectors on AVX-512, 16 on AVX2) */
+LORA_AVX512(1, 4, 2) LORA_AVX512(2, 4, 1) LORA_AVX512(3, 4, 1) LORA_AVX512(4, 4, 1)
+LORA_AVX512(1, 1, 8) LORA_AVX512(2, 1, 4) LORA_AVX512(3, 1, 2) LORA_AVX512(4, 1, 2)
+LORA_AVX2(1, 2, 4) LORA_AVX2(2, 2, 2) LORA_AVX2(3, 2, 1) LORA_AVX2(4, 2, 1)
+LORA_AVX2(1, 1, 8) LORA_AVX2(2, 1, 4) LORA_AVX2(3, 1, 2) LORA_AVX2(4, 1, 2)
 
 typedef void (*shrink_fn)(const float *, int64_t, const void *, int, int64_t, int64_t, float *);
 typedef void (*expand_fn)(const float *, int64_t, int64_t, const void *, int, int64_t, int64_t,
