@@ -194,9 +194,10 @@ class Compositions:
             self._entries[key] = composition
             self._maker[key] = tenant
             gone: list[str] = []
-            mine = [k for k in self._entries if self._maker[k] == tenant]  # least recent first
-            for old in mine[: max(0, len(mine) - self.per_tenant)]:
-                gone.append(self._drop(old).version.digest)
+            if tenant:  # without API keys every caller is "": the table's own bound is enough
+                mine = [k for k in self._entries if self._maker[k] == tenant]  # least recent first
+                for old in mine[: max(0, len(mine) - self.per_tenant)]:
+                    gone.append(self._drop(old).version.digest)
             while len(self._entries) > self.max_entries:
                 gone.append(self._drop(next(iter(self._entries))).version.digest)
             return composition, gone

@@ -11,6 +11,7 @@ from loraplex.adapters.store import ORPHAN_MIN_AGE_S
 from loraplex.core.errors import NotReady
 from loraplex.server.config import ServerConfig, is_loopback
 from loraplex.server.grpc_api.server import GrpcServer
+from loraplex.server.logs import shown_ids
 from loraplex.server.metrics import Metrics
 from loraplex.server.runtime.auth import AuthConfigError, KeyRing
 from loraplex.server.runtime.runtime import Runtime
@@ -172,7 +173,7 @@ class LoraplexServer:
                         "the drain of %g s is running out: %d requests still in flight are cut: %s",
                         grace,
                         len(cut),
-                        ", ".join(cut),
+                        shown_ids(cut),
                     )
             await stopping
         if self._load_task is not None:

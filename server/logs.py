@@ -42,3 +42,9 @@ def configure_logging(config: LogConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
+
+
+def shown_ids(ids: list[str], limit: int = 20) -> str:
+    """Request ids for a log line: the first `limit`, then how many more."""
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more

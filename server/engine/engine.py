@@ -39,6 +39,7 @@ from loraplex.server.engine.scheduler import QUEUE_RETRY_S, Admission, Scheduler
 from loraplex.server.engine.slot_loader import SlotLoader, WeightsLoader
 from loraplex.server.engine.slots import SlotTable
 from loraplex.server.engine.state import EngineInfo, EngineSnapshot, EngineStats, SlotView
+from loraplex.server.logs import shown_ids
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class Engine:
                 "stopping: %d running and %d queued requests cut: %s",
                 len(running),
                 len(queued),
-                ", ".join(r.request_id for r in running + queued),
+                shown_ids([r.request_id for r in running + queued]),
             )
         self._fail_all(NotReady("the engine stopped"))
         for request in queued:
@@ -395,7 +396,8 @@ class Engine:
                     self._pacing.generated(seq.num_generated)
                 self._retire(seq)
         self._scheduler.charge(generated)
-        if decoding:  # a running request's pace: one token a step
+        if decoding and not chunked:  # a running request's pace: one token a step (prompt
+            # chunks are the pacing's to count apart)
             self._pacing.step(time.monotonic() - started, len(decoding))
 
     def _count_step(self, decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> None:

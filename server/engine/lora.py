@@ -204,9 +204,10 @@ class LoraStacks:
     "model.layers.3.self_attn.k_proj") to its (layer, group name, member) in every pool.
 
     Storage follows the adapters actually loaded, not the limits: a pool holds as many local
-    slots as its highest one written needs (doubling), and `fit` gives memory back when the
-    adapters that needed it are gone. `generation` is bumped at every re-allocation: what holds
-    the pools' addresses (a captured step) re-reads them.
+    slots as its adapters need (grown by a quarter at a time, so that it overshoots little),
+    and `fit` gives memory back when the adapters that needed it are gone. `generation` is
+    bumped at every re-allocation: what holds the pools' addresses (a captured step) re-reads
+    them.
     """
 
     def __init__(
@@ -225,6 +226,7 @@ class LoraStacks:
         self.device = device
         self.generation = 0
         self.pools: dict[int, LoraPool] = {}  # by rank bucket
+        self._empty: set[int] = set()  # buckets whose pool held no adapter at the last fit
         self.place: dict[int, tuple[int, int]] = {}  # slot -> (rank bucket, local slot)
         self.ranks: list[int] = [0] * max_slots  # each slot's adapter rank (0: none)
         self.modules: dict[str, tuple[int, str, int]] = {
@@ -256,7 +258,8 @@ class LoraStacks:
             taken = {loc for b, loc in self.place.values() if b == bucket}
             local = next(i for i in range(len(taken) + 1) if i not in taken)
             if local >= pool.num_slots:
-                pool.resize(min(self.max_slots, max(local + 1, 2 * pool.num_slots)))
+                grown = pool.num_slots + max(1, pool.num_slots // 4)
+                pool.resize(min(self.max_slots, max(local + 1, grown)))
                 self.generation += 1
             self.place[slot] = (bucket, local)
         pool.clear(local)
@@ -291,12 +294,17 @@ class LoraStacks:
         """Give back memory no adapter in `resident` needs: slots not resident are cleared, and
         a pool whose adapters would fit in half its local slots is compacted and shrunk (only
         then, so that churn between adapters does not re-allocate at every load), to nothing
-        when it holds none."""
+        when it held none at the last fit too (adapters of two ranks taking turns in a slot
+        do not re-allocate their pools at every turn)."""
         keep = set(resident)
         for slot in [s for s in self.place if s not in keep]:
             self.clear(slot)
+        empty: set[int] = set()
         for bucket, pool in list(self.pools.items()):
             mine = sorted((local, slot) for slot, (b, local) in self.place.items() if b == bucket)
+            if not mine and bucket not in self._empty:
+                empty.add(bucket)  # gone at the next fit if still empty then
+                continue
             if len(mine) > pool.num_slots // 2:
                 continue
             for target, (local, slot) in enumerate(mine):
@@ -308,6 +316,7 @@ class LoraStacks:
             else:
                 del self.pools[bucket]
             self.generation += 1
+        self._empty = empty
 
     def nbytes(self) -> int:
         return sum(pool.nbytes() for pool in self.pools.values())

@@ -127,7 +127,8 @@ def plan_lora(
 ) -> LoraPlan:
     """decode_slots: the slot of each decode token (tokens 0..n_decode-1); segments: (slot,
     start, end) of each prompt chunk (start >= n_decode). Slots of rank 0 and base tokens are
-    left out. Decode tokens ordered by slot (as the engine orders them) need no reordering.
+    left out. Decode tokens ordered by slot need no reordering (the engine orders them by its
+    slots; a pool's local slots may come in another order, which costs the gather an index).
     With `native` (given for stacks in bf16 or float32 only: its lora_add refuses others), the
     decode tokens (when no adapter has more than NATIVE_RUN_TOKENS of them) and prompt chunks
     of at most NATIVE_RUN_TOKENS go to the native kernel; `num_tokens` is the step's size."""

@@ -148,14 +148,15 @@ class ModelRunner:
 
     def slot_limit(self) -> tuple[int, str]:
         """How many adapter slots there are now, and why: --max-loras as given, or (auto) the
-        adapters loaded (each at its own pool's rank) plus as many more as the rest of the
-        slot budget holds at the largest pool rank loaded (MIN_POOL_RANK before any), at most
-        one per batch row (one step never uses more), at least MIN_AUTO_SLOTS."""
+        adapters loaded plus as many more as the rest of the slot budget (after the pools'
+        allocations, each adapter at its own pool's rank) holds at the largest pool rank loaded
+        (MIN_POOL_RANK before any), at most one per batch row (one step never uses more), at
+        least MIN_AUTO_SLOTS."""
         lora = self.lora
         if self.slot_budget is None:
             return lora.max_slots, f"--max-loras {lora.max_slots}"
         buckets = [rank_bucket(lora.ranks[s], lora.max_rank) for s in lora.place]
-        used = self.rank_bytes * sum(buckets)
+        used = self.rank_bytes * sum(b * pool.num_slots for b, pool in lora.pools.items())
         rank = max([MIN_POOL_RANK, *buckets])
         per_slot = self.rank_bytes * rank
         fit = len(buckets) + (self.slot_budget - used) // per_slot  # over budget: fewer

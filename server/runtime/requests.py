@@ -324,7 +324,9 @@ class Requests:
     async def warmup(self) -> None:
         """One tiny generation through the whole path, so the first client is not the one
         who pays for lazy initialisation."""
-        generation = await self.generate(GenerateInput(prompt="Hello", max_new_tokens=2))
+        # A fixed length: its two tokens say nothing of how long requests run (the pacing).
+        warm = GenerateInput(prompt="Hello", max_new_tokens=2, ignore_eos=True)
+        generation = await self.generate(warm)
         await generation.complete()
 
 

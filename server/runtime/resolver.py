@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -57,7 +58,11 @@ class AdapterResolver:
         self._refresh_store = refresh_store  # re-reads the store (another replica's changes)
         self._refreshed_at = -math.inf  # when a client's unknown id last made us re-read
         self._background: set[asyncio.Task[None]] = set()
-        self._building: Counter[str] = Counter()  # tenant -> compositions it is building
+        # Compositions being built (from the request that starts one until its build ends,
+        # whether or not that request is still waiting): per tenant, and by content digest.
+        self._builds_lock = threading.Lock()
+        self._building: Counter[str] = Counter()
+        self._built_now: set[str] = set()
 
     async def for_request(
         self, adapter_id: str, compose: CompositionRequest | None, principal: Principal | None
@@ -118,7 +123,8 @@ class AdapterResolver:
                 f"composed adapter {adapter_id!r} is not known here (compositions are kept per "
                 "server, and go when an input is deleted): send the composition itself"
             )
-        for v in composition.inputs:  # as they are now, not as they were when it was made
+        for v in composition.inputs:  # as it was made, and as it is now
+            check_use(principal, adapter_id, v)
             check_use(principal, adapter_id, self.registry.store.latest(v.adapter_id))
         return composition.version
 
@@ -134,24 +140,40 @@ class AdapterResolver:
     async def lease(self, version: AdapterVersion, tenant: str = "") -> Lease:
         """Hold an adapter's weights in the host tier: read from the store, or for a composed
         adapter built from its inputs' (once; later requests find it cached) for a request of
-        `tenant`, which may have MAX_BUILDS_PER_TENANT builds in flight (OverQuota beyond)."""
+        `tenant`, which may have MAX_BUILDS_PER_TENANT builds running (OverQuota beyond; a
+        request for a composition being built waits for that build)."""
         if not is_composed_id(version.adapter_id):
             return await self.cache.lease(version)
         composition = self.compositions.get(version.adapter_id)
-        if composition is None or composition.version != version:  # an input was deleted
+        if composition is None or composition.version != version:
             raise AdapterNotFound(
-                f"composed adapter {version.adapter_id!r} is gone: an input was deleted"
+                f"composed adapter {version.adapter_id!r} is gone (an input was deleted, or too "
+                "many compositions came at once): send the composition again"
             )
         lease = self.cache.try_lease(version)
         if lease is not None:
             return lease
-        if self._building[tenant] >= MAX_BUILDS_PER_TENANT:
-            raise OverQuota(
-                f"{self._building[tenant]} compositions of this tenant are being built: wait "
-                "for them",
-                BUILD_RETRY_S,
-            )
-        self._building[tenant] += 1
+        digest = version.digest
+        with self._builds_lock:
+            joins = digest in self._built_now
+            if not joins:
+                if self._building[tenant] >= MAX_BUILDS_PER_TENANT:
+                    raise OverQuota(
+                        f"{self._building[tenant]} compositions of this tenant are being built: "
+                        "wait for them",
+                        BUILD_RETRY_S,
+                    )
+                self._building[tenant] += 1
+                self._built_now.add(digest)
+        started = threading.Event()  # the cache ran our build (it ends the count then)
+
+        def build(parts: list[tuple[AdapterWeights, float]]) -> AdapterWeights:
+            started.set()
+            try:
+                return self._build(composition, parts)
+            finally:
+                self._build_ended(tenant, digest)
+
         inputs: dict[str, Lease] = {}
         try:
             for v in composition.inputs:
@@ -161,12 +183,18 @@ class AdapterResolver:
                 (inputs[v.digest].weights, w)
                 for v, w in zip(composition.inputs, composition.weights, strict=True)
             ]
-            return await self.cache.lease(version, load=lambda: self._build(composition, parts))
+            return await self.cache.lease(version, load=lambda: build(parts))
         finally:
             for held in inputs.values():
                 held.release()
+            if not joins and not started.is_set():
+                self._build_ended(tenant, digest)  # no build of ours ran (nor will)
+
+    def _build_ended(self, tenant: str, digest: str) -> None:
+        with self._builds_lock:
+            self._built_now.discard(digest)
             self._building[tenant] -= 1
-            if not self._building[tenant]:
+            if self._building[tenant] <= 0:
                 del self._building[tenant]
 
     def _build(

@@ -210,6 +210,21 @@ def test_a_composition_is_checked_against_its_inputs_as_they_are_now(served, tin
         with pytest.raises(PermissionDenied):
             await runtime.requests.generate(ask, principal=ACME)
         await (await runtime.requests.generate(derived, principal=ADMIN)).complete()
+        # The other way round: made of globex's private version, which a later version shares;
+        # the composition still holds the private weights, so acme may not use it.
+        await runtime.adapters.register("own-6", other, tenant="globex", principal=ADMIN)
+        theirs = GenerateInput(
+            compose=_composition("own-6", "lent-6"), prompt="hi", max_new_tokens=1
+        )
+        made = await runtime.requests.generate(theirs, principal=GLOBEX)
+        await made.complete()
+        assert made.adapter is not None
+        await runtime.adapters.register(
+            "own-6", str(adapter_dir), tenant="globex", shared=True, principal=ADMIN
+        )
+        private = GenerateInput(adapter_id=made.adapter.adapter_id, prompt="hi", max_new_tokens=1)
+        with pytest.raises(PermissionDenied):
+            await runtime.requests.generate(private, principal=ACME)
 
     loop.run_until_complete(scenario())
 
@@ -246,10 +261,18 @@ def test_one_tenant_builds_few_compositions_at_once_and_keeps_few(served, tiny_m
         with pytest.raises(OverQuota) as refused:
             await resolver.lease(acme[MAX_BUILDS_PER_TENANT], "acme")
         assert refused.value.retry_after_s > 0
+        # A caller that goes away does not end its build: the count holds until it ends.
+        building[0].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await building[0]
+        with pytest.raises(OverQuota):
+            await resolver.lease(acme[MAX_BUILDS_PER_TENANT], "acme")
+        # Another request for a composition being built waits for that build.
+        joining = asyncio.create_task(resolver.lease(acme[1], "acme"))
         theirs = asyncio.create_task(resolver.lease(await version(GLOBEX, 0.9), "globex"))
         await asyncio.sleep(0.2)
         gate.set()
-        for lease in await asyncio.gather(*building, theirs):
+        for lease in await asyncio.gather(*building[1:], joining, theirs):
             lease.release()
 
     resolver._build = held_build
