@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +62,7 @@ from loraplex.server.config import LogConfig, ServerConfig, parse_serve_flags
 from loraplex.server.grpc_api.interceptor import REQUEST_ID_KEY, Refusal, admit, request_id_of
 from loraplex.server.grpc_api.server import MAX_MESSAGE_BYTES
 from loraplex.server.logs import configure_logging
-from loraplex.server.runtime.auth import KeyRing
+from loraplex.server.runtime.auth import AuthConfigError, KeyRing
 from loraplex.v1 import adapters_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
@@ -393,8 +394,13 @@ class IngressReplica:
     def __init__(self, replica: DeploymentHandle, config: ServerConfig) -> None:
         self.replica = replica
         self.generation = _generation_actor()
-        # Without keys (--insecure) every caller is admitted, as by the plain server.
+        # Without keys (--insecure) every caller is admitted, as by the plain server. The key
+        # file is read again when it changed (looked at every --auth-keys-reload-s, on a call):
+        # a revoked key stops working without a redeploy.
         self.keys = KeyRing.from_file(config.auth_keys) if config.auth_keys else None
+        self._reload_s = config.auth_keys_reload_s
+        self._keys_checked = time.monotonic()
+        self._keys_error: str | None = None
         # An upload is gathered here before a replica sees it: no larger than it would take.
         self.max_upload_bytes = config.engine.max_adapter_bytes + EXTRA_BYTES
 
@@ -402,11 +408,29 @@ class IngressReplica:
         """The interceptor's own answer to a caller who may not call `path`, given before
         anything of the call reaches a replica or the store generation; None: admitted."""
         metadata = grpc_context.invocation_metadata()
+        self._reload_keys()
         outcome = admit(self.keys, path, metadata)
         if not isinstance(outcome, Refusal):
             return None
         trailing: Metadata = [(REQUEST_ID_KEY, request_id_of(metadata))]
         return Status(outcome.code.value[0], outcome.message, trailing)
+
+    def _reload_keys(self) -> None:
+        """Re-read the key file if it changed, at most every --auth-keys-reload-s (a small
+        file: read on the call that finds the interval over); a file that no longer parses
+        keeps the keys as they were (said once)."""
+        now = time.monotonic()
+        if self.keys is None or self._reload_s <= 0 or now - self._keys_checked < self._reload_s:
+            return
+        self._keys_checked = now
+        try:
+            if self.keys.reload():
+                log.info("API keys reloaded: %d keys from %s", len(self.keys), self.keys.path)
+            self._keys_error = None
+        except AuthConfigError as exc:
+            if str(exc) != self._keys_error:
+                log.error("API keys not reloaded, the previous ones stay in force: %s", exc)
+            self._keys_error = str(exc)
 
     async def _generation(self) -> Generation:
         try:

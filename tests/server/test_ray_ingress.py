@@ -299,3 +299,24 @@ def test_an_upload_over_the_limit_is_refused_while_it_is_read(ingress, keys):
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "larger than" in context.details
     assert upload.read == 3  # stopped at the piece that went over
     assert (replica.calls, counter.calls) == ([], [])
+
+
+def test_a_revoked_key_stops_working_at_the_ingress_without_a_redeploy(tmp_path, make_ingress):
+    """The key file is read again when it changed (at most every --auth-keys-reload-s): a key
+    taken out of it is refused from then on; a file that no longer parses keeps the keys."""
+    path = tmp_path / "keys.toml"
+    keys = write_key_file(path, {"kept": ("t", "client"), "revoked": ("t", "client")})
+    config = ServerConfig(auth_keys=path, auth_keys_reload_s=0.05)
+    replica_ingress, _, _ = make_ingress(config)
+    rpc = next(r for r in every_rpc() if path_of(r) not in ADMIN_METHODS)
+    assert call(replica_ingress, rpc, bearer(keys["revoked"])).code == grpc.StatusCode.OK
+    lines = path.read_text().split("[[keys]]")
+    path.write_text("[[keys]]" + next(part for part in lines if '"kept-key"' in part))
+    replica_ingress._keys_checked -= 1.0  # the interval is over
+    assert call(replica_ingress, rpc, bearer(keys["revoked"])).code == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert call(replica_ingress, rpc, bearer(keys["kept"])).code == grpc.StatusCode.OK
+    path.write_text("not toml [")
+    replica_ingress._keys_checked -= 1.0
+    assert call(replica_ingress, rpc, bearer(keys["kept"])).code == grpc.StatusCode.OK
