@@ -160,12 +160,8 @@ def gated(handler: grpc.RpcMethodHandler, gate: StreamGate) -> grpc.RpcMethodHan
                 "reflection): retry later",
             )
         try:
-            responses = inner(request, context)
-            if inspect.isawaitable(responses):  # a handler that writes with context.write
-                await responses
-            else:
-                async for response in responses:
-                    yield response
+            async for response in responses_of(inner, request, context):
+                yield response
         finally:
             gate.leave()
 
@@ -204,6 +200,19 @@ def behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     return (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
+
+
+async def responses_of(
+    inner: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    """The responses of a streaming handler's call, whether it yields them or writes them
+    with context.write (then there are none to relay)."""
+    responses = inner(request, context)
+    if inspect.isawaitable(responses):
+        await responses
+        return
+    async for response in responses:
+        yield response
 
 
 def same_kind(

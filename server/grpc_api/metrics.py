@@ -5,7 +5,6 @@ ones included: this interceptor runs first)."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from loraplex.server.grpc_api.interceptor import behaviour, same_kind
+from loraplex.server.grpc_api.interceptor import behaviour, responses_of, same_kind
 from loraplex.server.metrics import E2E_BUCKETS
 
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
@@ -96,12 +95,8 @@ def timed(
         metrics.started.labels(*labels).inc()
         start, failed = time.perf_counter(), None
         try:
-            responses = inner(request, context)
-            if inspect.isawaitable(responses):  # a handler that writes with context.write
-                await responses
-            else:
-                async for response in responses:
-                    yield response
+            async for response in responses_of(inner, request, context):
+                yield response
         except BaseException as exc:
             failed = exc
             raise
