@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import psutil
@@ -124,6 +124,10 @@ def request(prompt: str, new_tokens: int) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(prompt=prompt, max_new_tokens=new_tokens, temperature=0.0)
 
 
+Requests: TypeAlias = inference_pb2.GenerateRequest | Callable[[], inference_pb2.GenerateRequest]
+Group: TypeAlias = tuple[Tenant, Requests, int]  # tenant, its request (or a maker of each), clients
+
+
 @dataclass
 class Clients:
     """One tenant's closed-loop clients on their own channel: each streams `req` back to back
@@ -132,7 +136,7 @@ class Clients:
 
     channel: grpc.aio.Channel
     tenant: Tenant
-    req: inference_pb2.GenerateRequest | Callable[[], inference_pb2.GenerateRequest]
+    req: Requests
     window: list[float]
     args: argparse.Namespace
     calls: list[Call] = field(default_factory=list)
@@ -210,30 +214,28 @@ def summarize(calls: list[Call], tokens: int, seconds: float) -> dict:
     }
 
 
-Group = tuple[Tenant, str, int, int]  # tenant, prompt, max_new_tokens, clients
-
-
 async def closed_loops(
     address: str, groups: list[Group], seconds: float, args: argparse.Namespace
 ) -> list[Clients]:
-    """Each group's clients on its own channel, after one short request each (not counted).
+    """Each group's clients on its own channel, after one short base request each (not
+    counted: it opens the channel and checks the key).
     The first group sends for `seconds`, the window in which tokens are counted; the
     others start --ramp-seconds before it and stop sending when its last request ends."""
     window = [math.inf, math.inf]
     channels = [grpc.aio.insecure_channel(address) for _ in groups]
     try:
         loads = []
-        for channel, (tenant, prompt, new_tokens, _) in zip(channels, groups, strict=True):
-            loads.append(Clients(channel, tenant, request(prompt, new_tokens), window, args))
-            warm = await loads[-1].call(request(prompt, 2))
+        for channel, (tenant, requests, _) in zip(channels, groups, strict=True):
+            loads.append(Clients(channel, tenant, requests, window, args))
+            warm = await loads[-1].call(request(B_PROMPT, 2))
             if warm.status != "OK":
                 raise RuntimeError(f"warm-up of {tenant.name}: {warm.status}: {warm.detail}")
-        background = [load.start(g[3]) for load, g in zip(loads[1:], groups[1:], strict=True)]
+        background = [load.start(g[2]) for load, g in zip(loads[1:], groups[1:], strict=True)]
         if background:
             await asyncio.sleep(args.ramp_seconds)
         window[:] = [time.perf_counter(), time.perf_counter() + seconds]
         asyncio.get_running_loop().call_later(seconds, loads[0].stop.set)
-        await loads[0].start(groups[0][3])
+        await loads[0].start(groups[0][2])
         for load in loads[1:]:
             load.stop.set()
         await asyncio.gather(*background)
@@ -245,13 +247,19 @@ async def closed_loops(
 
 # -- 1. fairness -------------------------------------------------------------------------------
 async def fairness_phase(
-    address: str, a: Tenant, b: Tenant, flood: bool, args: argparse.Namespace
+    address: str,
+    a: Tenant,
+    b: Tenant,
+    flood: bool,
+    args: argparse.Namespace,
+    a_requests: Requests | None = None,
 ) -> dict:
-    """B's clients for --phase-seconds; with `flood`, A's from --ramp-seconds before until B's
-    last request ends."""
-    groups = [(b, B_PROMPT, args.b_new_tokens, args.b_clients)]
+    """B's clients for --phase-seconds; with `flood`, A's (`a_requests`, by default base
+    requests of --a-new-tokens) from --ramp-seconds before until B's last request ends."""
+    groups: list[Group] = [(b, request(B_PROMPT, args.b_new_tokens), args.b_clients)]
     if flood:
-        groups.append((a, A_PROMPT, args.a_new_tokens, args.flood_clients))
+        a_requests = a_requests or request(A_PROMPT, args.a_new_tokens)
+        groups.append((a, a_requests, args.flood_clients))
     window = args.phase_seconds
     loads = await closed_loops(address, groups, window, args)
     result = {
@@ -301,7 +309,7 @@ def run_fairness(
 async def overload_round(
     address: str, tenant: Tenant, clients: int, args: argparse.Namespace
 ) -> dict:
-    group = (tenant, B_PROMPT, args.overload_new_tokens, clients)
+    group = (tenant, request(B_PROMPT, args.overload_new_tokens), clients)
     (load,) = await closed_loops(address, [group], args.overload_seconds, args)
     row = summarize(load.calls, load.tokens_in_window, args.overload_seconds)
     row["attempts_per_s"] = len(load.calls) / args.overload_seconds
@@ -450,37 +458,6 @@ def composing(counter: itertools.count) -> Callable[[], inference_pb2.GenerateRe
     return make
 
 
-async def compose_phase(
-    address: str, a: Tenant, b: Tenant, flood: bool, args: argparse.Namespace
-) -> dict:
-    window = [math.inf, math.inf]
-    channels = [grpc.aio.insecure_channel(address) for _ in range(2)]
-    try:
-        bs = Clients(channels[0], b, request(B_PROMPT, args.b_new_tokens), window, args)
-        warm = await bs.call(request(B_PROMPT, 2))
-        if warm.status != "OK":
-            raise RuntimeError(f"warm-up of {b.name}: {warm.status}: {warm.detail}")
-        flooders = Clients(channels[1], a, composing(itertools.count(1)), window, args)
-        background = flooders.start(args.flood_clients) if flood else None
-        if flood:
-            await asyncio.sleep(args.ramp_seconds)
-        window[:] = [time.perf_counter(), time.perf_counter() + args.phase_seconds]
-        asyncio.get_running_loop().call_later(args.phase_seconds, bs.stop.set)
-        await bs.start(args.b_clients)
-        flooders.stop.set()
-        if background is not None:
-            await background
-    finally:
-        for channel in channels:
-            await channel.close()
-    return {
-        "b": summarize(bs.calls, bs.tokens_in_window, args.phase_seconds),
-        "a": summarize(flooders.calls, flooders.tokens_in_window, args.phase_seconds)
-        if flood
-        else None,
-    }
-
-
 def run_compose(args: argparse.Namespace, home: Path, work: Path, tenants: list[Tenant]) -> dict:
     a, b, _ = tenants
     admin = Tenant("ops", new_key())
@@ -496,7 +473,8 @@ def run_compose(args: argparse.Namespace, home: Path, work: Path, tenants: list[
                 ops.push(name, Path(directory), tenant="ops", shared=True)
         for name, flood in (("alone", False), ("flood", True)):
             log.info("compose: B %s", "while A floods compositions" if flood else "alone")
-            phases[name] = asyncio.run(compose_phase(address, a, b, flood, args))
+            flooding = composing(itertools.count(1))
+            phases[name] = asyncio.run(fairness_phase(address, a, b, flood, args, flooding))
     alone = (phases["alone"]["b"]["ttft_ms"] or {}).get("p99")
     flood_p99 = (phases["flood"]["b"]["ttft_ms"] or {}).get("p99")
     phases["b_ttft_p99_over_alone"] = flood_p99 / alone if flood_p99 and alone else None
@@ -549,27 +527,24 @@ def deadline_lines(dead: dict, cfg: dict) -> list[str]:
     ]
 
 
+def phase_row(label: str, row: dict, ratio: float | None) -> tuple[list, list[str]]:
+    """A fairness-shaped phase (B's figures, A's, both tenants' tok/s) as a FAIR_COLS row, and
+    its error notes."""
+    b, a = row["b"], row["a"] or {}
+    ttft = b["ttft_ms"] or {}
+    errors = b["other_errors"] + b["lost"] + a.get("other_errors", 0) + a.get("lost", 0)
+    cells = [b["completed"], ttft.get("p50"), ttft.get("p99"), ratio, a.get("completed")]
+    notes = [f"  error: {e}" for e in b["error_samples"] + a.get("error_samples", [])]
+    return [label, *cells, a.get("resource_exhausted"), row["tokens_per_s"], errors], notes
+
+
 def compose_lines(comp: dict, cfg: dict) -> list[str]:
     rows, notes = [], []
     for key, label in (("alone", "B alone"), ("flood", "A floods compositions + B")):
-        b, a = comp[key]["b"], comp[key]["a"] or {}
-        ttft = b["ttft_ms"] or {}
         ratio = comp["b_ttft_p99_over_alone"] if key == "flood" else None
-        errors = b["other_errors"] + b["lost"] + a.get("other_errors", 0) + a.get("lost", 0)
-        rows.append(
-            [
-                label,
-                b["completed"],
-                ttft.get("p50"),
-                ttft.get("p99"),
-                ratio,
-                a.get("completed"),
-                a.get("resource_exhausted"),
-                b["tokens_per_s"],
-                errors,
-            ]
-        )
-        notes += [f"  error: {e}" for e in b["error_samples"] + a.get("error_samples", [])]
+        row, row_notes = phase_row(label, comp[key], ratio)
+        rows.append(row)
+        notes += row_notes
     ratio = comp["b_ttft_p99_over_alone"]
     verdict = "?" if ratio is None else "met" if ratio <= TTFT_TARGET else "MISSED"
     head = (
@@ -594,14 +569,9 @@ def fairness_lines(fair: dict, cfg: dict) -> list[str]:
     }
     rows, notes = [], []
     for key, label in names.items():
-        row = fair[key]
-        b, a = row["b"], row["a"] or {}
-        ttft = b["ttft_ms"] or {}
-        errors = b["other_errors"] + b["lost"] + a.get("other_errors", 0) + a.get("lost", 0)
-        ratio, refused = row.get("b_ttft_p99_over_alone"), a.get("resource_exhausted")
-        cells = [b["completed"], ttft.get("p50"), ttft.get("p99"), ratio, a.get("completed")]
-        rows.append([label, *cells, refused, row["tokens_per_s"], errors])
-        notes += [f"  error: {e}" for e in b["error_samples"] + a.get("error_samples", [])]
+        row, row_notes = phase_row(label, fair[key], fair[key].get("b_ttft_p99_over_alone"))
+        rows.append(row)
+        notes += row_notes
     for key in ("capped", "uncapped"):
         ratio = fair[key]["b_ttft_p99_over_alone"]
         verdict = "?" if ratio is None else "met" if ratio <= TTFT_TARGET else "MISSED"
