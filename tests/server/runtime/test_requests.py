@@ -30,17 +30,8 @@ GLOBEX = Principal(tenant="globex", role="client", key_name="globex-key")
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
     """(runtime, its event loop, an adapter directory) on the tiny model."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("runtime")
-    peft = add_peft_adapter(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        "tone",
-        LoraConfig(r=4, target_modules="all-linear"),
-        seed=1,
-        b_std=0.5,
-    )
-    peft.save_pretrained(root / "peft", selected_adapters=["tone"])
+    _write_adapter(tiny_model_dir, root / "peft", "tone", seed=1)
     config = ServerConfig(
         adapter_roots=(root,),
         adapter_store=root / "store",
@@ -57,6 +48,20 @@ def served(tiny_model_dir, tmp_path_factory):
     finally:
         runtime.close()
         loop.close()
+
+
+def _write_adapter(tiny_model_dir, where, name: str, seed: int) -> None:
+    """A random rank-4 all-linear PEFT adapter of the tiny model, saved as where/name."""
+    from transformers import AutoModelForCausalLM
+
+    peft = add_peft_adapter(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        name,
+        LoraConfig(r=4, target_modules="all-linear"),
+        seed=seed,
+        b_std=0.5,
+    )
+    peft.save_pretrained(where, selected_adapters=[name])
 
 
 def test_a_generation_and_an_adapter_without_any_protocol(served):
@@ -163,18 +168,9 @@ def test_ids_a_client_sends_are_validated_before_they_are_echoed_logged_or_count
 
 def _second_adapter(tiny_model_dir, root) -> str:
     """Another rank-4 adapter under the runtime's allowed root (other weights than 'tone')."""
-    from transformers import AutoModelForCausalLM
-
     where = root / "peft2"
     if not (where / "other").exists():
-        peft = add_peft_adapter(
-            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-            "other",
-            LoraConfig(r=4, target_modules="all-linear"),
-            seed=7,
-            b_std=0.5,
-        )
-        peft.save_pretrained(where, selected_adapters=["other"])
+        _write_adapter(tiny_model_dir, where, "other", seed=7)
     return str(where / "other")
 
 
