@@ -228,7 +228,6 @@ class LoraStacks:
         self.pools: dict[int, LoraPool] = {}  # by rank bucket
         self._empty: set[int] = set()  # buckets whose pool held no adapter at the last fit
         self.place: dict[int, tuple[int, int]] = {}  # slot -> (rank bucket, local slot)
-        self.ranks: list[int] = [0] * max_slots  # each slot's adapter rank (0: none)
         self.modules: dict[str, tuple[int, str, int]] = {
             module: (layer, gname, member)
             for layer, groups in enumerate(layout)
@@ -269,7 +268,6 @@ class LoraStacks:
                 local, member, a.to(self.device, self.dtype), b.to(self.device, self.dtype)
             )
         pool.ranks[local] = rank
-        self.ranks[slot] = rank
 
     def clear(self, slot: int) -> None:
         """Forget `slot`'s adapter (its local slot is free; memory is given back by `fit`)."""
@@ -277,7 +275,14 @@ class LoraStacks:
         if placed is not None:
             bucket, local = placed
             self.pools[bucket].clear(local)
-        self.ranks[slot] = 0
+
+    @property
+    def ranks(self) -> list[int]:
+        """Each slot's adapter rank (0: none), from where it is placed."""
+        ranks = [0] * self.max_slots
+        for slot, (bucket, local) in self.place.items():
+            ranks[slot] = self.pools[bucket].ranks[local]
+        return ranks
 
     def shape(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of a target module (a PEFT module name)."""

@@ -30,7 +30,6 @@ from loraplex.server.engine.lora import (
     MIN_POOL_RANK,
     NO_ADAPTER,
     LoraStacks,
-    rank_bucket,
     slot_bytes,
 )
 from loraplex.server.engine.lora_ops import PoolPlan, Segment, plan_step
@@ -155,7 +154,7 @@ class ModelRunner:
         lora = self.lora
         if self.slot_budget is None:
             return lora.max_slots, f"--max-loras {lora.max_slots}"
-        buckets = [rank_bucket(lora.ranks[s], lora.max_rank) for s in lora.place]
+        buckets = [bucket for bucket, _ in lora.place.values()]
         used = self.rank_bytes * sum(b * pool.num_slots for b, pool in lora.pools.items())
         rank = max([MIN_POOL_RANK, *buckets])
         per_slot = self.rank_bytes * rank
