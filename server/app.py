@@ -13,7 +13,7 @@ from loraplex.server.config import ServerConfig, is_loopback
 from loraplex.server.grpc_api.server import GrpcServer
 from loraplex.server.logs import shown_ids
 from loraplex.server.metrics import Metrics
-from loraplex.server.runtime.auth import AuthConfigError, KeyRing
+from loraplex.server.runtime.auth import KeyRing
 from loraplex.server.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ class LoraplexServer:
         self._upkeep_task: asyncio.Task[None] | None = None
         self._keys_task: asyncio.Task[None] | None = None
         self.keys: KeyRing | None = None
-        self._keys_error: str | None = None  # why the last reload failed (logged once)
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); the model loads in the background."""
@@ -82,21 +81,8 @@ class LoraplexServer:
         if self.keys is None:
             log.warning("no API key file (--auth-keys) to reload")
             return False
-        self._keys_error = None  # asked for: say again why it fails, if it does
-        return await self._reload(self.keys)
-
-    async def _reload(self, keys: KeyRing) -> bool:
-        try:
-            changed = await asyncio.to_thread(keys.reload)
-        except AuthConfigError as exc:
-            if str(exc) != self._keys_error:  # once, not at every check
-                log.error("API keys not reloaded, the previous ones stay in force: %s", exc)
-            self._keys_error = str(exc)
-            return False
-        self._keys_error = None
-        if changed:
-            log.info("API keys reloaded: %d keys from %s", len(keys), keys.path)
-        return changed
+        # asked for: say again why it fails, if it does
+        return await asyncio.to_thread(self.keys.refresh, say_again=True)
 
     async def _watch_keys(self, keys: KeyRing) -> None:
         """Reload the key file when it changes (checked every --auth-keys-reload-s): a file
@@ -104,7 +90,7 @@ class LoraplexServer:
         while True:
             await asyncio.sleep(self.config.auth_keys_reload_s)
             try:
-                await self._reload(keys)
+                await asyncio.to_thread(keys.refresh)
             except Exception:
                 log.exception("checking the API key file failed; will retry")
 

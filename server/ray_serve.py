@@ -62,7 +62,7 @@ from loraplex.server.config import LogConfig, ServerConfig, parse_serve_flags
 from loraplex.server.grpc_api.interceptor import REQUEST_ID_KEY, Refusal, admit, request_id_of
 from loraplex.server.grpc_api.server import MAX_MESSAGE_BYTES
 from loraplex.server.logs import configure_logging
-from loraplex.server.runtime.auth import AuthConfigError, KeyRing
+from loraplex.server.runtime.auth import KeyRing
 from loraplex.v1 import adapters_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
@@ -400,7 +400,6 @@ class IngressReplica:
         self.keys = KeyRing.from_file(config.auth_keys) if config.auth_keys else None
         self._reload_s = config.auth_keys_reload_s
         self._keys_checked = time.monotonic()
-        self._keys_error: str | None = None
         # An upload is gathered here before a replica sees it: no larger than it would take.
         self.max_upload_bytes = config.engine.max_adapter_bytes + EXTRA_BYTES
 
@@ -417,20 +416,12 @@ class IngressReplica:
 
     def _reload_keys(self) -> None:
         """Re-read the key file if it changed, at most every --auth-keys-reload-s (a small
-        file: read on the call that finds the interval over); a file that no longer parses
-        keeps the keys as they were (said once)."""
+        file: read on the call that finds the interval over)."""
         now = time.monotonic()
         if self.keys is None or self._reload_s <= 0 or now - self._keys_checked < self._reload_s:
             return
         self._keys_checked = now
-        try:
-            if self.keys.reload():
-                log.info("API keys reloaded: %d keys from %s", len(self.keys), self.keys.path)
-            self._keys_error = None
-        except AuthConfigError as exc:
-            if str(exc) != self._keys_error:
-                log.error("API keys not reloaded, the previous ones stay in force: %s", exc)
-            self._keys_error = str(exc)
+        self.keys.refresh()
 
     async def _generation(self) -> Generation:
         try:

@@ -98,6 +98,7 @@ class KeyRing:
         self._keys = _keys(keys)
         self._digest: bytes | None = None  # sha256 of the file content the keys came from
         self._lock = threading.Lock()  # one reload at a time
+        self._refresh_error: str | None = None  # why the last refresh failed (said once)
 
     @classmethod
     def from_file(cls, path: Path) -> KeyRing:
@@ -120,6 +121,24 @@ class KeyRing:
             keys = _keys(parse_key_file(self.path, content))
             self._keys, self._digest = keys, digest  # one assignment: calls see old or new
             return True
+
+    def refresh(self, say_again: bool = False) -> bool:
+        """`reload`, logged for operators: a change at info, a file that no longer reads or
+        parses at error (once until it changes, unless `say_again`; the keys stay as they
+        were). True if the keys changed."""
+        if say_again:
+            self._refresh_error = None
+        try:
+            changed = self.reload()
+        except AuthConfigError as exc:
+            if str(exc) != self._refresh_error:
+                log.error("API keys not reloaded, the previous ones stay in force: %s", exc)
+            self._refresh_error = str(exc)
+            return False
+        self._refresh_error = None
+        if changed:
+            log.info("API keys reloaded: %d keys from %s", len(self), self.path)
+        return changed
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an `authorization: Bearer <key>` value."""
