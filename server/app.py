@@ -1,6 +1,7 @@
 """The server process: one runtime (the model loads in the background, so health can say
-NOT_SERVING until it is loaded and warmed up), the gRPC front end on it, the Prometheus
-exposition, the upkeep of the adapter store, and the API key file's reloads."""
+NOT_SERVING until it is loaded and warmed up), the gRPC and HTTP front ends on it (one event
+loop), the Prometheus exposition, the upkeep of the adapter store, and the API key file's
+reloads."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from loraplex.adapters.store import ORPHAN_MIN_AGE_S
 from loraplex.core.errors import NotReady
 from loraplex.server.config import ServerConfig, is_loopback
 from loraplex.server.grpc_api.server import GrpcServer
+from loraplex.server.http_api.server import HttpServer
 from loraplex.server.logs import shown_ids
 from loraplex.server.metrics import Metrics
 from loraplex.server.runtime.auth import KeyRing
@@ -36,8 +38,11 @@ class LoraplexServer:
         self.runtime: Runtime | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None  # bound once started, when metrics are on
+        self.http_port: int | None = None  # bound once started, when HTTP is on
         self.load_error: BaseException | None = None
         self._grpc: GrpcServer | None = None
+        self._http: HttpServer | None = None
+        self._draining = False
         self._ready = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
         self._upkeep_task: asyncio.Task[None] | None = None
@@ -68,6 +73,10 @@ class LoraplexServer:
         self.metrics = metrics_for(config)
         self._grpc = GrpcServer(config, self._serving_runtime, keys, self.metrics.registry)
         self.port = await self._grpc.start()
+        if config.http_port is not None:
+            self._http = HttpServer(config, self._serving_runtime, keys, self.metrics.registry)
+            self.http_port = await self._http.start()
+            log.info("HTTP API (OpenAI-compatible) on %s:%d", config.host, self.http_port)
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
         log.info("listening on %s:%d; loading the model", config.host, self.port)
@@ -95,6 +104,8 @@ class LoraplexServer:
                 log.exception("checking the API key file failed; will retry")
 
     def _serving_runtime(self) -> Runtime:
+        if self._draining:
+            raise NotReady("the server is shutting down; retry on another replica")
         if self.runtime is not None and self._ready.is_set():
             return self.runtime
         if self.load_error is not None:
@@ -145,10 +156,13 @@ class LoraplexServer:
             await self._grpc.wait_closed()
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Say NOT_SERVING, finish in-flight RPCs within `grace` seconds, then stop the engine."""
+        """Say NOT_SERVING, finish in-flight calls (gRPC and HTTP) within `grace` seconds, then
+        stop the engine."""
+        self._draining = True
         if self._grpc is not None:
             await self._grpc.set_serving(False)
-            stopping = asyncio.ensure_future(self._grpc.stop(grace))
+            fronts = [self._grpc.stop(grace)] + ([self._http.stop(grace)] if self._http else [])
+            stopping = asyncio.ensure_future(asyncio.gather(*fronts))
             # Just before gRPC cancels what is left: the requests the drain will cut.
             notice = max(0.0, grace - min(CUT_NOTICE_S, grace / 10))
             done, _ = await asyncio.wait({stopping}, timeout=notice)

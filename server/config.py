@@ -21,6 +21,7 @@ from loraplex.core.options import add_options, build
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464  # `loraplex serve`'s /metrics port
+DEFAULT_HTTP_PORT = 8000  # `loraplex serve`'s OpenAI-compatible HTTP API
 MiB = 1 << 20
 MERGE_POLICIES = ("auto", "off")
 LOG_FORMATS = ("text", "json")
@@ -255,6 +256,16 @@ class ServerConfig(StoreConfig):
     """Address to bind; loopback by default."""
     port: int = DEFAULT_PORT
     """gRPC port (0 picks a free one)."""
+    http_port: int | None = field(
+        default=None,
+        metadata={
+            "cli_default": DEFAULT_HTTP_PORT,
+            "off_flag": "--no-http",
+            "off_help": "serve no HTTP API (gRPC only)",
+        },
+    )
+    """Port of the OpenAI-compatible HTTP API, on --host with the same keys and TLS as gRPC;
+    0 picks a free one."""
     adapter_roots: tuple[Path | str, ...] = field(
         default=(), metadata={"flag": "--adapter-root", "parse": path_or_url, "metavar": "DIR"}
     )
@@ -332,8 +343,10 @@ class ServerConfig(StoreConfig):
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in 0..65535, got {value}")
         if self.metrics_adapter_labels < 0:
             raise ValueError("metrics_adapter_labels must be >= 0")
         if self.host_cache_bytes < 0:

@@ -89,8 +89,8 @@ class Metrics:
         )
         self.requests = Counter(
             "loraplex_requests",
-            "Generate requests by final status code and finish reason.",
-            ["code", "finish_reason"],
+            "Generate requests by final status code, finish reason and protocol.",
+            ["code", "finish_reason", "protocol"],
             registry=r,
         )
         self.adapter_requests = Counter(
@@ -111,7 +111,7 @@ class Metrics:
 
     # -- request telemetry (a RequestObserver) ------------------------------------------------
     def finished(self, record: RequestRecord) -> None:
-        self.requests.labels(record.code, record.finish_reason).inc()
+        self.requests.labels(record.code, record.finish_reason, record.protocol).inc()
         if self.adapter_labels and record.adapter_id and record.adapter_version:  # resolved
             self.adapter_requests.labels(self._adapter_label(record.adapter_id)).inc()
         if record.admitted is None:  # refused or failed before it ran

@@ -40,6 +40,11 @@ class ServerThread:
         return f"127.0.0.1:{self.server.port}"
 
     @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (the server's config sets http_port)."""
+        return f"http://127.0.0.1:{self.server.http_port}/v1"
+
+    @property
     def runtime(self):
         return self.server.runtime
 
@@ -73,6 +78,7 @@ def write_key_file(
         )
         + extra
     )
+    path.chmod(0o600)  # as the server wants a key file (it warns about looser modes)
     return keys
 
 

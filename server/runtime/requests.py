@@ -52,6 +52,7 @@ class GenerateInput:
     adapter_id: str = ""  # "" = the base model
     prompt: str = ""
     messages: tuple[ChatMessage, ...] = ()  # the model's chat template is applied
+    prompt_ids: tuple[int, ...] = ()  # a prompt already tokenized (what harnesses send)
     max_new_tokens: int | None = None  # None = the server's default
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -133,17 +134,20 @@ class Requests:
         request_id: str | None = None,
         principal: Principal | None = None,
         deadline: float | None = None,
+        protocol: str = "grpc",
     ) -> Generation:
         """Validate, admit and submit a request. Errors about the request raise here, before
         any output; the returned iterator yields outputs until one carries a finish_reason.
         `deadline` (time.monotonic): when the client gives up; a request that cannot finish by
-        then at the pace the engine runs is refused (Unmeetable) rather than queued."""
+        then at the pace the engine runs is refused (Unmeetable) rather than queued.
+        `protocol`: the front end it came by (a metrics label)."""
         tenant = principal.tenant if principal is not None else ""
         record = RequestRecord(
             request_id=request_id or new_request_id(),
             tenant=tenant,
             arrival=time.monotonic(),
             adapter_id=loggable_id(inp.adapter_id),  # a client's id is not logged raw
+            protocol=protocol,
         )
         if self.log_prompts:
             record.prompt = inp.prompt or json.dumps(
@@ -289,8 +293,10 @@ class Requests:
         return list(self._in_flight.values())
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
-        if inp.prompt and inp.messages:
-            raise InvalidRequest("prompt", "give either prompt or messages, not both")
+        if sum(map(bool, (inp.prompt, inp.messages, inp.prompt_ids))) > 1:
+            raise InvalidRequest("prompt", "give one of prompt, messages or token ids")
+        if inp.prompt_ids:
+            return self._checked_ids(inp.prompt_ids)
         if inp.messages:
             for i, message in enumerate(inp.messages):
                 if message.role not in CHAT_ROLES:
@@ -321,6 +327,13 @@ class Requests:
             raise InvalidRequest("prompt", "tokenizes to no tokens")
         return list(ids)
 
+    def _checked_ids(self, ids: tuple[int, ...]) -> list[int]:
+        vocab = self.engine.info.vocab_size
+        for i, token in enumerate(ids):
+            if not 0 <= token < vocab:
+                raise InvalidRequest(f"prompt[{i}]", f"token id {token} is not in [0, {vocab})")
+        return list(ids)
+
     async def warmup(self) -> None:
         """One tiny generation through the whole path, so the first client is not the one
         who pays for lazy initialisation."""
@@ -341,6 +354,8 @@ def check_sizes(inp: GenerateInput, max_chars: int = MAX_TEXT_CHARS) -> None:
     total = sum(len(m.content) for m in inp.messages)
     if total > limit:
         raise InvalidRequest("messages", f"{total} characters; at most {limit}")
+    if len(inp.prompt_ids) > MAX_TEXT_CHARS:
+        raise InvalidRequest("prompt", f"{len(inp.prompt_ids)} tokens; at most {MAX_TEXT_CHARS}")
 
 
 def max_prompt_chars(tokenizer: object, max_context: int) -> int:

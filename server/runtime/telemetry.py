@@ -42,6 +42,7 @@ class RequestRecord:
     finished: float | None = None
     finish_reason: str = ""  # "stop" | "length" | "" (it did not finish)
     code: str = OK  # the canonical status code it ended with (core/errors.py)
+    protocol: str = "grpc"  # the front end it came by: "grpc" or "http"
     prompt: str = ""  # only when prompts are logged
     text: str = ""  # only when outputs are logged
 

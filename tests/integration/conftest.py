@@ -15,6 +15,7 @@ from tests.helpers import ServerThread
 def server(model_home, adapter_root, tmp_path_factory):
     config = ServerConfig(
         port=0,
+        http_port=0,
         adapter_roots=(adapter_root,),
         adapter_store=tmp_path_factory.mktemp("store"),
         model=ModelConfig(home=model_home),

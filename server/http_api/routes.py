@@ -1,0 +1,305 @@
+"""The HTTP endpoints. They only translate: JSON bodies <-> runtime calls (convert.py), domain
+errors <-> OpenAI errors (errors.py). Who may call which route is in server.py's route table.
+
+A generation's errors about the request are answered before any byte of a stream (the runtime
+raises them from `generate`); a client that goes away, mid-stream or while waiting for a whole
+answer, ends its requests at the next engine step, as a gRPC cancel does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from loraplex.core.errors import InvalidRequest, NotReady
+from loraplex.server.engine.request import RequestOutput, Usage
+from loraplex.server.http_api import convert
+from loraplex.server.http_api.errors import error_event, model_not_found, response_for
+from loraplex.server.runtime.auth import Principal
+from loraplex.server.runtime.requests import Completion, Generation
+from loraplex.server.runtime.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+RuntimeGetter = Callable[[], Runtime]  # raises NotReady until the model is served
+T = TypeVar("T")
+MAX_BODY_BYTES = 16 << 20  # as gRPC's message limit
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP call, authenticated: what every endpoint gets."""
+
+    request: Request
+    request_id: str
+    principal: Principal | None
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+class Endpoints:
+    def __init__(self, runtime: RuntimeGetter, created: int) -> None:
+        self._runtime = runtime
+        self.created = created  # the base model's `created`: when the server started
+
+    # -- probes ----------------------------------------------------------------------------
+    async def health(self, call: Call) -> Response:
+        """Liveness: 200 while the process can serve or is loading; 503 if the model failed."""
+        try:
+            self._runtime()
+        except NotReady as exc:
+            if "failed" in str(exc):
+                raise
+        return PlainTextResponse("ok")
+
+    async def ready(self, call: Call) -> Response:
+        """Readiness: 200 once the model serves; 503 while it loads or the server drains."""
+        self._runtime()
+        return PlainTextResponse("ready")
+
+    # -- models ----------------------------------------------------------------------------
+    async def models(self, call: Call) -> Response:
+        runtime = self._runtime()
+        base = runtime.model_info()
+        views = await runtime.adapters.available(call.principal)
+        cards = [convert.base_card(base, self.created)]
+        cards += [convert.adapter_card(v, base.model_id) for v in views if not v.composition]
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def model(self, call: Call) -> Response:
+        runtime = self._runtime()
+        model_id = call.request.path_params["model_id"]
+        base = runtime.model_info()
+        if model_id == base.model_id:
+            return JSONResponse(convert.base_card(base, self.created))
+        views = await runtime.adapters.available(call.principal)
+        for view in views:
+            if view.version.adapter_id == model_id:
+                return JSONResponse(convert.adapter_card(view, base.model_id))
+        return model_not_found(model_id, call.request_id)
+
+    # -- generation ------------------------------------------------------------------------
+    async def chat(self, call: Call) -> Response:
+        runtime = self._runtime()
+        body = await json_body(call.request)
+        request = convert.chat_request(body, runtime.info.model_id, None)
+        return await self._generate(call, runtime, request, chat=True)
+
+    async def completions(self, call: Call) -> Response:
+        runtime = self._runtime()
+        body = await json_body(call.request)
+        request = convert.completion_request(body, runtime.info.model_id)
+        return await self._generate(call, runtime, request, chat=False)
+
+    async def _generate(
+        self, call: Call, runtime: Runtime, request: convert.HttpGenerate, chat: bool
+    ) -> Response:
+        try:
+            generations = await self._submit(call, runtime, request)
+        except Exception as exc:
+            return response_for(exc, call.request_id, model=request.model)
+        first = generations[0]
+        model = first.adapter.adapter_id if first.adapter is not None else request.model
+        kind, prefix = ("chat.completion", "chatcmpl-") if chat else ("text_completion", "cmpl-")
+        head = convert.envelope(
+            kind,
+            prefix + call.request_id,
+            model,
+            convert.fingerprint(runtime.info.fingerprint, first.adapter),
+        )
+        if request.stream:
+            events = stream_events(generations, head, chat, request.include_usage, call.request_id)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        done = await until_gone(call.request, complete_all(generations))
+        if chat:
+            choices = [convert.chat_choice(i, d.text, d.last) for i, d in enumerate(done)]
+        else:
+            choices = [
+                convert.text_choice(i, d.text, d.last.finish_reason) for i, d in enumerate(done)
+            ]
+        usage = convert.total_usage([d.last.usage for d in done])
+        return JSONResponse(head | {"choices": choices, "usage": usage})
+
+    async def _submit(
+        self, call: Call, runtime: Runtime, request: convert.HttpGenerate
+    ) -> list[Generation]:
+        """Every prompt's generation, or none: if one is refused, those started are closed."""
+        generations: list[Generation] = []
+        try:
+            several = len(request.inputs) > 1
+            for i, inp in enumerate(request.inputs):
+                request_id = f"{call.request_id}-{i}" if several else call.request_id
+                generation = await runtime.requests.generate(
+                    inp, request_id, call.principal, protocol="http"
+                )
+                generations.append(generation)
+        except BaseException:
+            for generation in generations:
+                await generation.aclose()
+            raise
+        return generations
+
+    # -- vLLM's dynamic LoRA loading -------------------------------------------------------
+    async def load_lora_adapter(self, call: Call) -> Response:
+        body = await json_body(call.request)
+        name = convert.text(body, "lora_name")
+        path = convert.text(body, "lora_path")
+        if not name:
+            raise InvalidRequest("lora_name", "required")
+        if not path:
+            raise InvalidRequest("lora_path", "required")
+        registration = await self._runtime().adapters.register(name, path, principal=call.principal)
+        version = registration.adapter.version
+        return PlainTextResponse(
+            f"Success: LoRA adapter '{name}' added successfully (version {version.version})."
+        )
+
+    async def unload_lora_adapter(self, call: Call) -> Response:
+        body = await json_body(call.request)
+        name = convert.text(body, "lora_name")
+        if not name:
+            raise InvalidRequest("lora_name", "required")
+        await self._runtime().adapters.delete(name, call.principal)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, at most MAX_BODY_BYTES."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise InvalidRequest("body", f"{length} bytes; at most {MAX_BODY_BYTES}")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise InvalidRequest("body", f"more than {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("body", "is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", "must be a JSON object")
+    return body
+
+
+async def complete_all(generations: list[Generation]) -> list[Completion]:
+    tasks = [asyncio.ensure_future(g.complete()) for g in generations]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:  # one failed or the client went: the others end too (complete() closes them)
+        for task in tasks:
+            task.cancel()
+        for generation in generations:
+            await generation.aclose()
+
+
+async def until_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result, unless the client disconnects first: then `work` is cancelled (its
+    requests end at the next engine step) and ClientGone raised."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone
+    return task.result()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of several generations as they come, with the index of each one's prompt.
+    Every generation is closed however the iteration ends."""
+    if len(generations) == 1:
+        async with contextlib.aclosing(generations[0]) as outputs:
+            async for out in outputs:
+                yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async with contextlib.aclosing(generation) as outputs:
+                async for out in outputs:
+                    queue.put_nowait((index, out))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for generation in generations:
+            await generation.aclose()
+
+
+async def stream_events(
+    generations: list[Generation],
+    head: dict[str, Any],
+    chat: bool,
+    include_usage: bool,
+    request_id: str,
+) -> AsyncIterator[str]:
+    """Server-Sent Events: a chunk per step that has news, a usage chunk when asked for, and
+    `data: [DONE]`. An error after the stream started ends it with an error event."""
+    head = head | {"object": "chat.completion.chunk"} if chat else head
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    usages: list[Usage | None] = [None] * len(generations)
+    if chat:
+        delta = convert.chat_delta(0, {"role": "assistant", "content": ""}, None)
+        yield sse(head | {"choices": [delta]} | extra)
+    try:
+        async for index, out in merged(generations):
+            if not out.text and out.finish_reason is None:
+                continue
+            if chat:
+                choice = convert.chat_delta(
+                    index, {"content": out.text} if out.text else {}, out.finish_reason
+                )
+            else:
+                choice = convert.text_choice(index, out.text, out.finish_reason)
+            if out.usage is not None:
+                usages[index] = out.usage
+            yield sse(head | {"choices": [choice]} | extra)
+    except Exception as exc:
+        yield sse(error_event(exc, request_id))
+        yield "data: [DONE]\n\n"
+        return
+    if include_usage:
+        yield sse(head | {"choices": [], "usage": convert.total_usage(usages)})
+    yield "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
