@@ -65,6 +65,10 @@ class NotReady(LoraplexError):
     """The model is still loading, or the server is shutting down."""
 
 
+class LoadFailed(NotReady):
+    """The model failed to load: the server will not serve until it is restarted."""
+
+
 class AdapterError(LoraplexError):
     """Base class for adapter problems a client can act on."""
 

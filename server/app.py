@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from loraplex.adapters.store import ORPHAN_MIN_AGE_S
-from loraplex.core.errors import NotReady
+from loraplex.core.errors import LoadFailed, NotReady
 from loraplex.server.config import ServerConfig, is_loopback
 from loraplex.server.grpc_api.server import GrpcServer
 from loraplex.server.http_api.server import HttpServer
@@ -109,7 +109,7 @@ class LoraplexServer:
         if self.runtime is not None and self._ready.is_set():
             return self.runtime
         if self.load_error is not None:
-            raise NotReady("the model failed to load; see the server log")
+            raise LoadFailed("the model failed to load; see the server log")
         raise NotReady("the model is still loading; retry shortly")
 
     async def _load(self) -> None:

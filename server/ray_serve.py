@@ -188,8 +188,10 @@ class EngineReplica:
         self, config: ServerConfig, logs: LogConfig | None = None
     ) -> None:
         configure_logging(logs or LogConfig())  # the replica's own process: as `serve`'s
-        # Loopback only, no metrics port of its own: the replica is reached through Ray.
-        local = dataclasses.replace(config, host="127.0.0.1", port=0, metrics_port=None)
+        # Loopback only, no metrics or HTTP port of its own: the replica is reached through Ray.
+        local = dataclasses.replace(
+            config, host="127.0.0.1", port=0, metrics_port=None, http_port=None
+        )
         self.server = LoraplexServer(local)
         await self.server.start()
         await self.server.wait_ready()

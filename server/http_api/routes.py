@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from loraplex.core.errors import InvalidRequest, NotReady
+from loraplex.core.errors import InvalidRequest, LoadFailed, NotReady
 from loraplex.server.engine.request import RequestOutput, Usage
 from loraplex.server.http_api import convert
 from loraplex.server.http_api.errors import error_event, model_not_found, response_for
@@ -55,12 +55,14 @@ class Endpoints:
 
     # -- probes ----------------------------------------------------------------------------
     async def health(self, call: Call) -> Response:
-        """Liveness: 200 while the process can serve or is loading; 503 if the model failed."""
+        """Liveness: 200 while the process serves, loads or drains; 503 once the model failed
+        to load (a restart is needed)."""
         try:
             self._runtime()
-        except NotReady as exc:
-            if "failed" in str(exc):
-                raise
+        except LoadFailed:
+            raise
+        except NotReady:  # loading or draining: alive
+            pass
         return PlainTextResponse("ok")
 
     async def ready(self, call: Call) -> Response:

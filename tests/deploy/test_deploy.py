@@ -37,7 +37,7 @@ HISTOGRAMS = {
 COUNTERS = {
     "loraplex_prompt_tokens_total": set(),
     "loraplex_generation_tokens_total": set(),
-    "loraplex_requests_total": {"code", "finish_reason"},
+    "loraplex_requests_total": {"code", "finish_reason", "protocol"},
     "loraplex_adapter_cache_hits_total": {"tier"},
     "loraplex_adapter_cache_misses_total": {"tier"},
     "loraplex_adapter_cache_evictions_total": {"tier"},

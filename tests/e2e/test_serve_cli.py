@@ -42,8 +42,9 @@ def served(model_home, adapter_dir, tmp_path_factory):
     log_path = tmp / "server.log"
     with open(log_path, "w") as log_file:
         server = subprocess.Popen(
-            [*CLI, "serve", "--port", "0", "--metrics-port", "0", "--drain-seconds", "60",
-             "--adapter-root", str(adapter_dir.parent), "--adapter-store", str(tmp / "store")],
+            [*CLI, "serve", "--port", "0", "--http-port", "0", "--metrics-port", "0",
+             "--drain-seconds", "60", "--adapter-root", str(adapter_dir.parent),
+             "--adapter-store", str(tmp / "store")],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

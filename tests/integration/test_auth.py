@@ -4,10 +4,14 @@ server offers (found through reflection) refuses a call without a valid key."""
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
+import json
+import ssl
 import time
 
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -18,6 +22,7 @@ from loraplex.core.config import ModelConfig
 from loraplex.server.client import LoraplexClient
 from loraplex.server.config import EngineConfig, ServerConfig
 from loraplex.server.grpc_api.interceptor import ADMIN_METHODS, CLIENT_METHODS, EXEMPT_PREFIXES
+from loraplex.server.http_api.server import ROUTES, Access
 from loraplex.v1 import inference_pb2 as pb
 from tests.helpers import ServerThread, write_key_file
 
@@ -82,6 +87,7 @@ def secured(model_home, tmp_path_factory):
     cert, key = self_signed(tmp)
     config = ServerConfig(
         port=0,
+        http_port=0,
         auth_keys=tmp / "keys.toml",
         tls_cert=cert,
         tls_key=key,
@@ -297,3 +303,107 @@ def test_refusals_carry_the_request_id(secured):
             )
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert dict(err.value.trailing_metadata())["x-request-id"] == "trace-7"
+
+
+# -- the HTTP API: the same keys, roles and tenancy, over the same TLS -----------------------
+
+
+def https(server, ca, method: str, path: str, key: str | None = None, body: object = None):
+    """(status, headers, JSON or text) of one HTTPS call to the server's HTTP API."""
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", server.server.http_port, context=context)
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    conn.request(method, path, body=json.dumps(body or {}).encode(), headers=headers)
+    response = conn.getresponse()
+    raw = response.read()
+    conn.close()
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = raw.decode()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
+
+
+def openai_client(server, ca, key: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"https://127.0.0.1:{server.server.http_port}/v1",
+        api_key=key,
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(verify=str(ca)),
+    )
+
+
+def test_every_http_route_needs_a_key_and_admin_routes_an_admin_key(secured):
+    server, keys, ca = secured
+    for route in ROUTES:
+        path = route.path.replace("{model_id:path}", "anything")
+        if route.access is Access.OPEN:
+            assert https(server, ca, route.method, path)[0] == 200, path
+            continue
+        status, headers, answer = https(server, ca, route.method, path)
+        assert status == 401 and headers["www-authenticate"] == "Bearer", path
+        assert answer["error"]["type"] == "authentication_error"
+        assert https(server, ca, route.method, path, "lpx_not-a-key")[0] == 401
+        status, _, answer = https(server, ca, route.method, path, keys["client"])
+        if route.access is Access.ADMIN:
+            assert status == 403 and answer["error"]["type"] == "permission_error", path
+        else:
+            assert status not in (401, 403), path
+
+
+def test_http_tenancy_matches_grpc(secured, peft_reference):
+    server, keys, ca = secured
+    _, _, dirs = peft_reference
+    with LoraplexClient(server.address, 120, api_key=keys["admin"], tls_ca=ca) as admin:
+        admin.push("acme-own", dirs["attn-r8"], tenant="acme")
+        admin.push("globex-own", dirs["all-r16"], tenant="globex")
+        admin.push("common", dirs["mix-r32"], tenant="globex", shared=True)
+    acme = openai_client(server, ca, keys["client"])
+    models = {m.id: m for m in acme.models.list().data}
+    assert {"acme-own", "common"} <= set(models) and "globex-own" not in models
+    assert models["acme-own"].owned_by == "acme" and models["common"].owned_by == "globex"
+    base = server.runtime.info.model_id
+    assert models["acme-own"].parent == base
+    answer = acme.chat.completions.create(
+        model="acme-own", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert answer.model == "acme-own" and answer.usage.completion_tokens == 2
+
+    def refusal(model: str, path: str = "/v1/chat/completions") -> tuple[int, dict]:
+        body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        if path == "/v1/completions":
+            body = {"model": model, "prompt": "Hi", "max_tokens": 1}
+        status, _, answer = https(server, ca, "POST", path, keys["client"], body)
+        answer["error"]["message"] = answer["error"]["message"].replace(model, "<id>")
+        return status, answer
+
+    # Another tenant's adapter and an id nobody registered: the very same 404.
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert refusal("globex-own", path) == refusal("never-registered", path)
+        assert refusal("globex-own", path)[0] == 404
+    other = https(server, ca, "GET", "/v1/models/globex-own", keys["client"])
+    nobody = https(server, ca, "GET", "/v1/models/never-registered", keys["client"])
+    assert other[0] == nobody[0] == 404
+    assert other[2]["error"]["code"] == nobody[2]["error"]["code"] == "model_not_found"
+    # A client key may not load adapters; an admin key may, as with vLLM.
+    load = {"lora_name": "via-http", "lora_path": str(dirs["attn-r8"])}
+    assert https(server, ca, "POST", "/v1/load_lora_adapter", keys["client"], load)[0] == 403
+
+
+def test_http_tenant_limit_is_429_with_retry_after(secured):
+    server, keys, ca = secured
+    capped = openai_client(server, ca, keys["capped"])
+    base = server.runtime.info.model_id
+    stream = capped.completions.create(
+        model=base, prompt="Count to fifty.", max_tokens=64, stream=True
+    )
+    next(iter(stream))  # in flight: the tenant's one allowed request
+    status, headers, answer = https(
+        server, ca, "POST", "/v1/completions", keys["capped"],
+        {"model": base, "prompt": "Hi", "max_tokens": 1},
+    )  # fmt: skip
+    stream.close()
+    assert status == 429 and int(headers["retry-after"]) >= 1
+    assert answer["error"]["type"] == "rate_limit_error"

@@ -16,6 +16,7 @@ from loraplex.core.config import ModelConfig
 from loraplex.core.options import options
 from loraplex.server.cli import build_parser, options_markdown, server_config
 from loraplex.server.config import (
+    DEFAULT_HTTP_PORT,
     DEFAULT_METRICS_PORT,
     EngineConfig,
     LogConfig,
@@ -46,7 +47,9 @@ def test_every_option_is_documented_by_its_field():
 
 def test_serve_without_flags_runs_the_default_config():
     config, logs = parse_serve_flags([], environ={})
-    assert config == dataclasses.replace(ServerConfig(), metrics_port=DEFAULT_METRICS_PORT)
+    assert config == dataclasses.replace(
+        ServerConfig(), metrics_port=DEFAULT_METRICS_PORT, http_port=DEFAULT_HTTP_PORT
+    )
     assert logs == LogConfig()
 
 
@@ -157,7 +160,7 @@ async def no_model(self):
 
 LoraplexServer._load = no_model
 from loraplex.server.cli import main
-sys.exit(main(["serve", "--port", "0", "--no-metrics", "--no-preload", "--auth-keys",
+sys.exit(main(["serve", "--port", "0", "--no-metrics", "--no-http", "--no-preload", "--auth-keys",
                sys.argv[1], "--auth-keys-reload-s", "0"]))
 """
 

@@ -73,7 +73,10 @@ def test_a_refused_request_is_counted_but_not_timed():
     refused.code = "RESOURCE_EXHAUSTED"
     metrics.finished(refused)
     text = generate_latest(metrics.registry).decode()
-    assert 'loraplex_requests_total{code="RESOURCE_EXHAUSTED",finish_reason=""} 1.0' in text
+    assert (
+        'loraplex_requests_total{code="RESOURCE_EXHAUSTED",finish_reason="",protocol="grpc"} 1.0'
+        in text
+    )
     assert "loraplex_time_to_first_token_seconds_count 0.0" in text
 
 
