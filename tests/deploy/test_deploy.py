@@ -62,6 +62,7 @@ SCRAPE_SERIES = {"up": set()}
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}
 DRAIN_SECONDS = 30  # `loraplex serve` gives in-flight streams this long after SIGTERM
 GRPC_PORT = 50051
+HTTP_PORT = 8000
 METRICS_PORT = 9464
 
 
@@ -429,10 +430,10 @@ def test_dockerfile_generates_the_grpc_stubs():
     assert any("import loraplex.v1.inference_pb2_grpc" in run for run in runs)
 
 
-def test_dockerfile_serves_on_all_interfaces_and_exposes_both_ports():
+def test_dockerfile_serves_on_all_interfaces_and_exposes_every_port():
     stage = dict(final_stage())
     assert json.loads(stage["ENTRYPOINT"]) == ["loraplex", "serve", "--host", "0.0.0.0"]
-    assert set(stage["EXPOSE"].split()) == {str(GRPC_PORT), str(METRICS_PORT)}
+    assert set(stage["EXPOSE"].split()) == {str(GRPC_PORT), str(HTTP_PORT), str(METRICS_PORT)}
 
 
 def test_docker_build_context_holds_what_the_dockerfile_copies():
@@ -583,14 +584,21 @@ def arg(container: dict, flag: str) -> str | None:
     return None
 
 
-def test_probes_use_grpc_health_on_the_serving_port():
+def test_probes_use_the_http_probes_on_the_served_http_port():
     container = server_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT}
     assert int(arg(container, "--port")) == ports["grpc"]
+    assert int(arg(container, "--http-port")) == ports["http"]
     assert int(arg(container, "--metrics-port")) == ports["metrics"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": ports["grpc"]}, probe
+    # Ready (startup, readiness) once the model serves and until the drain; alive unless the
+    # model failed to load.
+    for probe, path in (
+        ("startupProbe", "/ready"),
+        ("readinessProbe", "/ready"),
+        ("livenessProbe", "/health"),
+    ):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
     startup = container["startupProbe"]
     # Loading and warming a model takes minutes: the startup probe allows at least ten.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
