@@ -450,6 +450,14 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def http_port(self) -> int:
+        """The port of the server's OpenAI-compatible HTTP API (once wait_ready returned)."""
+        match = re.search(r"HTTP API \S+ on [^\s]+:(\d+)", self.log_path.read_text("utf-8"))
+        if match is None:
+            raise RuntimeError("the server serves no HTTP API (--no-http?)")
+        return int(match.group(1))
+
     def peak_rss_bytes(self) -> int | None:
         return peak_rss_bytes(self.pid)
 
@@ -479,11 +487,13 @@ def serve_command(
     model: str | None = None,
     store: Path | None = None,
 ) -> list[str]:
-    """`loraplex serve` on free ports (gRPC and metrics), its adapter store `store` (default
-    work/store), adapters registered from under `work`; `flags` last, so they override."""
+    """`loraplex serve` on free ports (gRPC, HTTP and metrics), its adapter store `store`
+    (default work/store), adapters registered from under `work`; `flags` last, so they
+    override."""
     script = Path(sys.executable).parent / "loraplex"
     base = [str(script)] if script.exists() else [sys.executable, "-m", "loraplex.server.cli"]
-    argv = [*base, "serve", "--port", "0", "--metrics-port", "0", "--home", str(home)]
+    argv = [*base, "serve", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
+    argv += ["--home", str(home)]
     argv += ["--adapter-store", str(store or work / "store"), "--adapter-root", str(work)]
     if model:
         argv += ["--model", model]
