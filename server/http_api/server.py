@@ -23,7 +23,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -119,7 +119,7 @@ async def _serve(
     try:
         principal = authorize(keys, route, request.headers.get("authorization"))
         response = await serve(Call(request, request_id, principal))
-    except ClientGone:
+    except (ClientGone, ClientDisconnect):  # gone before its answer: nobody to send it to
         metrics.done(route.method, route.path, CLIENT_CLOSED, time.perf_counter() - start)
         return Response(status_code=CLIENT_CLOSED)
     except Exception as exc:

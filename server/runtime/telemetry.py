@@ -97,6 +97,7 @@ class RequestLog:
         end = record.finished or record.arrival
         fields: dict[str, object] = {
             "request_id": record.request_id,
+            "protocol": record.protocol,
             "tenant": record.tenant,
             "adapter_id": record.adapter_id,
             "adapter_version": record.adapter_version,
