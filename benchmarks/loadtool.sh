@@ -14,14 +14,10 @@
 #   bash benchmarks/loadtool.sh                         # chat, 8 concurrent, 104 requests
 #   ENDPOINT=completions REQUESTS=52 bash benchmarks/loadtool.sh
 #
-# Two settings follow from aiperf 0.13.0 itself, not from loraplex:
-# - HF_HUB_OFFLINE stays unset: with it set, aiperf hands a local --tokenizer directory to
-#   huggingface_hub's snapshot_download as if it were a repo id and fails (HFValidationError);
-#   unset, a path is loaded from disk with no hub call.
-# - --no-server-metrics: aiperf scrapes base_url/metrics, which loraplex does not serve on its
-#   API port (its Prometheus endpoint has a port of its own, --metrics-port), and it probes a
-#   --server-metrics URL with HEAD first, which prometheus_client's server answers with a 405
-#   carrying a body, which aiohttp refuses, so aiperf drops the endpoint.
+# HF_HUB_OFFLINE stays unset, because of aiperf 0.13.0 itself: with it set, aiperf hands a
+# local --tokenizer directory to huggingface_hub's snapshot_download as if it were a repo id
+# and fails (HFValidationError); unset, a path is loaded from disk with no hub call. aiperf
+# scrapes the server's metrics at the API's /metrics, as it does vLLM's.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -99,6 +95,6 @@ mkdir -p "$OUT"
   --output-tokens-mean "$OSL" --output-tokens-stddev 0 --extra-inputs ignore_eos:true \
   --concurrency "$CONCURRENCY" --request-count "$REQUESTS" \
   --warmup-request-count "$(( ADAPTERS + 1 ))" \
-  --random-seed 0 --workers-max 2 --ui none --no-gpu-telemetry --no-server-metrics \
+  --random-seed 0 --workers-max 2 --ui none --no-gpu-telemetry \
   --artifact-dir "$OUT" 2>&1 | tee "$OUT/aiperf.out"
 echo "report: $OUT (profile_export_aiperf.csv/.json, profile_export.jsonl, server.log)"

@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from loraplex.core.errors import InvalidRequest, LoadFailed, NotReady
 from loraplex.server.engine.request import RequestOutput, Usage
 from loraplex.server.http_api import convert
-from loraplex.server.http_api.errors import error_event, model_not_found, response_for
+from loraplex.server.http_api.errors import HttpError, error_event, model_not_found, response_for
 from loraplex.server.runtime.auth import Principal
 from loraplex.server.runtime.requests import Completion, Generation
 from loraplex.server.runtime.runtime import Runtime
@@ -49,9 +50,12 @@ class ClientGone(Exception):
 
 
 class Endpoints:
-    def __init__(self, runtime: RuntimeGetter, created: int) -> None:
+    def __init__(
+        self, runtime: RuntimeGetter, created: int, exposition: Callable[[], bytes] | None = None
+    ) -> None:
         self._runtime = runtime
         self.created = created  # the base model's `created`: when the server started
+        self._exposition = exposition  # the Prometheus text, when metrics are on
 
     # -- probes ----------------------------------------------------------------------------
     async def health(self, call: Call) -> Response:
@@ -69,6 +73,13 @@ class Endpoints:
         """Readiness: 200 once the model serves; 503 while it loads or the server drains."""
         self._runtime()
         return PlainTextResponse("ready")
+
+    async def metrics(self, call: Call) -> Response:
+        """The Prometheus exposition of --metrics-port, also here as vLLM serves it (load
+        tools scrape the API's base URL): the same registry, so the same labels."""
+        if self._exposition is None:
+            raise HttpError("NOT_FOUND", "metrics are off (--no-metrics)")
+        return Response(self._exposition(), media_type=CONTENT_TYPE_LATEST)
 
     # -- models ----------------------------------------------------------------------------
     async def models(self, call: Call) -> Response:

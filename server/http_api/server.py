@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -55,6 +55,7 @@ class HttpRoute:
 ROUTES = (
     HttpRoute("/health", "GET", "health", Access.OPEN),
     HttpRoute("/ready", "GET", "ready", Access.OPEN),
+    HttpRoute("/metrics", "GET", "metrics", Access.OPEN),  # as open as --metrics-port
     HttpRoute("/v1/models", "GET", "models", Access.CLIENT),
     HttpRoute("/v1/models/{model_id:path}", "GET", "model", Access.CLIENT),
     HttpRoute("/v1/chat/completions", "POST", "chat", Access.CLIENT),
@@ -167,7 +168,11 @@ class HttpServer:
         assert config.http_port is not None
         self.config = config
         self.port: int | None = None
-        app = build_app(Endpoints(runtime, int(time.time())), keys, HttpMetrics(registry))
+        exposition = (
+            (lambda: generate_latest(registry)) if config.metrics_port is not None else None
+        )
+        endpoints = Endpoints(runtime, int(time.time()), exposition)
+        app = build_app(endpoints, keys, HttpMetrics(registry))
         ca = config.tls_client_ca
         self._uvicorn = _Uvicorn(
             uvicorn.Config(

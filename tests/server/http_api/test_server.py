@@ -20,11 +20,12 @@ def get(port: int, path: str) -> int:
     return status
 
 
-async def probe(error: NotReady, paths: list[str]) -> list[int]:
+async def probe(error: NotReady, paths: list[str], metrics: bool = False) -> list[int]:
     def runtime():
         raise error
 
-    server = HttpServer(ServerConfig(http_port=0), runtime, None, registry=_registry())
+    config = ServerConfig(http_port=0, metrics_port=0 if metrics else None)
+    server = HttpServer(config, runtime, None, registry=_registry())
     port = await server.start()
     try:
         return [await asyncio.to_thread(get, port, p) for p in paths]
@@ -42,6 +43,11 @@ def test_loading_is_alive_but_not_ready():
     assert asyncio.run(probe(NotReady("loading"), ["/health", "/ready"])) == [200, 503]
 
 
+def test_metrics_are_served_only_when_metrics_are_on():
+    assert asyncio.run(probe(NotReady("loading"), ["/metrics"])) == [404]  # no --metrics-port
+    assert asyncio.run(probe(NotReady("loading"), ["/metrics"], metrics=True)) == [200]
+
+
 def test_a_model_that_failed_to_load_is_not_alive():
     answers = asyncio.run(probe(LoadFailed("the model failed to load"), ["/health"]))
     assert answers == [503]
@@ -50,7 +56,7 @@ def test_a_model_that_failed_to_load_is_not_alive():
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.method} {r.path}")
 def test_only_probes_are_open_and_only_client_routes_take_client_keys(route):
     # The allow-lists are explicit: a new route needs an admin key until it is listed.
-    open_routes = {("GET", "/health"), ("GET", "/ready")}
+    open_routes = {("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")}
     client_routes = {
         ("GET", "/v1/models"),
         ("GET", "/v1/models/{model_id:path}"),
