@@ -25,7 +25,8 @@ from loraplex.server.runtime.views import AdapterView, ModelInfo
 Body = Mapping[str, Any]
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# OpenAI fields served later; until then only their defaults are accepted.
+# Fields of OpenAI's API and vLLM's extensions served later; until then only their defaults
+# are accepted.
 UNSUPPORTED_DEFAULTS: dict[str, tuple[object, ...]] = {
     "n": (None, 1),
     "best_of": (None, 1),
@@ -40,6 +41,18 @@ UNSUPPORTED_DEFAULTS: dict[str, tuple[object, ...]] = {
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
+    # vLLM's sampling extensions
+    "min_tokens": (None, 0),
+    "min_p": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "stop_token_ids": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "prompt_logprobs": (None,),
+    "structured_outputs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
 }
 
 

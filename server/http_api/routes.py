@@ -133,7 +133,7 @@ class Endpoints:
         )
         if request.stream:
             events = stream_events(generations, head, chat, request.include_usage, call.request_id)
-            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+            return ClosingStream(events, generations)
         done = await until_gone(call.request, complete_all(generations))
         if chat:
             choices = [convert.chat_choice(i, d.text, d.last) for i, d in enumerate(done)]
@@ -185,6 +185,23 @@ class Endpoints:
             raise InvalidRequest("lora_name", "required")
         await self._runtime().adapters.delete(name, call.principal)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+class ClosingStream(StreamingResponse):
+    """Server-Sent Events that close their generations however the response ends: finished,
+    failed, or cancelled when the client disconnects (Starlette cancels the stream), even
+    before its first event."""
+
+    def __init__(self, events: AsyncIterator[str], generations: list[Generation]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.generations = generations
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for generation in self.generations:
+                await generation.aclose()
 
 
 async def json_body(request: Request) -> dict[str, Any]:
