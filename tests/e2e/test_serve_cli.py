@@ -36,7 +36,8 @@ def adapter_dir(peft_reference, adapter_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_home, adapter_dir, tmp_path_factory):
-    """(address, process, environment) of a `loraplex serve` subprocess, once it serves."""
+    """(address, process, environment, log path) of a `loraplex serve` subprocess, once it
+    serves."""
     tmp = tmp_path_factory.mktemp("serve")
     env = {**os.environ, "LORAPLEX_HOME": str(model_home)}
     log_path = tmp / "server.log"
@@ -48,7 +49,7 @@ def served(model_home, adapter_dir, tmp_path_factory):
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        yield wait_serving(log_path, server), server, env
+        yield wait_serving(log_path, server), server, env, log_path
     finally:
         if server.poll() is None:
             server.kill()
@@ -84,7 +85,7 @@ def wait_serving(log_path, server) -> str:
 
 
 def test_cli_serve_register_generate(served, adapter_dir):
-    address, _, env = served
+    address, _, env, _ = served
 
     def run(*args: str) -> str:
         done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
@@ -143,8 +144,29 @@ def test_cli_serve_register_generate(served, adapter_dir):
     assert failed.returncode == 1 and "NOT_FOUND" in failed.stderr
 
 
+def test_the_openai_api_is_served_beside_grpc(served):
+    """`loraplex serve` answers OpenAI's client on its HTTP port, from the same engine."""
+    import openai
+
+    address, _, _, log_path = served
+    port = re.search(r"HTTP API \S+ on [^\s]+:(\d+)", log_path.read_text()).group(1)
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    base = api.models.list().data[0].id
+    question = [{"role": "user", "content": "Name three colours."}]
+    answer = api.chat.completions.create(model=base, messages=question, max_tokens=8, temperature=0)
+    with LoraplexClient(address, timeout=120) as client:
+        same = client.generate(
+            pb.GenerateRequest(
+                messages=[pb.ChatMessage(role="user", content="Name three colours.")],
+                max_new_tokens=8,
+            )
+        )
+    assert answer.choices[0].message.content == same.text
+    assert answer.usage.completion_tokens == same.usage.completion_tokens
+
+
 def test_sigterm_drains_streams_refuses_new_rpcs_and_exits_0(served):
-    address, server, _ = served
+    address, server, _, _ = served
     with LoraplexClient(address, timeout=120) as client:
         request = pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=16)
         stream = client.generate_stream(request)
