@@ -23,8 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from loraplex.adapters.store import open_filesystem
-from loraplex.adapters.validate import (
+from loraplex.adapters.entries import (
     ADAPTER_FILES,
     IGNORED_FILES,
     MAX_CONFIG_BYTES,
@@ -33,6 +32,7 @@ from loraplex.adapters.validate import (
     check_name,
     file_limit,
 )
+from loraplex.adapters.store import open_filesystem
 from loraplex.core.errors import AdapterSourceDenied, InvalidAdapter, shown
 
 MAX_FILE_NAME = 255

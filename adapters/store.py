@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from loraplex.adapters.validate import ADAPTER_FILES
+from loraplex.adapters.entries import ADAPTER_FILES
 from loraplex.core.errors import AdapterNotFound, StoreConflict
 from loraplex.core.types import AdapterVersion
 

@@ -2,10 +2,8 @@
 
 Three layers of checks, each failure an `InvalidAdapter` naming the file, tensor or module:
 
-1. The directory (`check_entries`): exactly adapter_config.json and adapter_model.safetensors,
-   plus PEFT's README.md and our trainer's training_manifest.json, which are ignored. Pickle
-   files are refused by name and never opened; so are other files, subdirectories, executables,
-   non-regular files and symlinks (unless they resolve to a file inside an allowed root).
+1. The directory (`check_entries`, entries.py): what it holds, checked before any file of it
+   is read.
 2. The config (`check_config`): plain LoRA only (no DoRA, patterns, biases or other variants),
    rank within the server's limit, target_modules selecting supported layers of the base.
    A regex in target_modules / exclude_modules is matched against the base's module names in a
@@ -27,11 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import stat
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,18 +35,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from loraplex.adapters.entries import (
+    CONFIG_FILE,
+    MAX_CONFIG_BYTES,
+    WEIGHTS_FILE,
+    check_entries,
+    read_file,
+)
 from loraplex.adapters.patterns import fullmatches
-from loraplex.core.errors import SHOWN_CHARS, InvalidAdapter, shown
+from loraplex.core.errors import InvalidAdapter, shown
 from loraplex.core.types import AdapterWeights, BaseModelSpec
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-IGNORED_FILES = ("README.md", "training_manifest.json")  # PEFT's model card, our trainer's log
-PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-MAX_CONFIG_BYTES = 1 << 20
-MAX_EXTRA_BYTES = 1 << 20  # each ignored file
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit, above the spec's own
 # A safetensors header holds at most two entries (lora_A, lora_B) per layer of the base: this
 # much for each (its name and dtype, shape and offsets), and room for __metadata__ and padding.
@@ -90,96 +85,9 @@ _UNSUPPORTED = {
 _ALL_LINEAR = "all-linear"  # PEFT's shorthand; save_pretrained normally expands it to names
 
 
-# -- the directory ------------------------------------------------------------------------------
-def check_entries(adapter_dir: Path, allowed_roots: Sequence[Path] | None = None) -> None:
-    """Refuse anything in `adapter_dir` but the adapter's files and the ignored extras. Symlinks
-    are refused when `allowed_roots` is None, else they must resolve to a file inside one."""
-    try:
-        with os.scandir(adapter_dir) as it:
-            names = sorted(entry.name for entry in it)
-    except OSError as exc:
-        raise InvalidAdapter(
-            f"{adapter_dir.name!r} is not a readable directory: {exc.strerror}"
-        ) from None
-    roots = None if allowed_roots is None else [Path(r).resolve() for r in allowed_roots]
-    for name in names:
-        _check_entry(adapter_dir / name, roots)
-    for name in ADAPTER_FILES:
-        if name not in names:
-            raise InvalidAdapter(f"{name} is missing from {adapter_dir.name!r}")
-
-
-def check_name(name: str, kind: str = "file") -> None:
-    """Refuse, by its name alone, a file an adapter never holds: a pickle (never opened) or
-    anything but the adapter's files and the ignored extras."""
-    if name in PICKLE_FILES or Path(name).suffix.lower() in PICKLE_SUFFIXES:
-        named = name if name.isprintable() and len(name) <= SHOWN_CHARS else shown(name)
-        raise InvalidAdapter(f"{named} is a pickle file and is never loaded; save with safetensors")
-    if name not in ADAPTER_FILES and name not in IGNORED_FILES:
-        raise InvalidAdapter(
-            f"unexpected {kind} {shown(name)}: an adapter holds only {' and '.join(ADAPTER_FILES)}"
-        )
-
-
-def file_limit(name: str, max_weights_bytes: int) -> int:
-    """The most bytes the adapter file `name` may hold (the weights' limit is the spec's)."""
-    if name == WEIGHTS_FILE:
-        return max_weights_bytes
-    return MAX_EXTRA_BYTES if name in IGNORED_FILES else MAX_CONFIG_BYTES
-
-
-def _check_entry(path: Path, roots: list[Path] | None) -> None:
-    name = path.name
-    if name in PICKLE_FILES or path.suffix.lower() in PICKLE_SUFFIXES:
-        check_name(name)  # refused before any stat
-    st = path.lstat()
-    check_name(name, "directory" if stat.S_ISDIR(st.st_mode) else "file")
-    if stat.S_ISLNK(st.st_mode):
-        if roots is None:
-            raise InvalidAdapter(f"{name} is a symlink; links are not accepted here")
-        try:
-            target = path.resolve(strict=True)
-        except (OSError, RuntimeError):  # missing target or a loop (RuntimeError before 3.13)
-            raise InvalidAdapter(f"{name} is a broken symlink") from None
-        if not any(target.is_relative_to(root) for root in roots):
-            raise InvalidAdapter(f"{name} links outside the allowed roots")
-        st = target.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidAdapter(f"{name} is not a regular file")
-    if st.st_mode & 0o111:
-        raise InvalidAdapter(f"{name} is executable; adapter files are data")
-    limit = file_limit(name, max_weights_bytes=st.st_size)  # the weights': the spec's, later
-    if st.st_size > limit:
-        raise InvalidAdapter(f"{name} is {st.st_size} bytes, over the limit of {limit}")
-
-
-def _read_file(path: Path, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; symlinks and FIFOs are refused
-    at open, so what is read is what was checked."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise InvalidAdapter(f"{path.name} is missing from {path.parent.name!r}") from None
-    except OSError as exc:
-        raise InvalidAdapter(f"{path.name} cannot be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidAdapter(f"{path.name} is not a regular file")
-        if st.st_size > limit:
-            raise InvalidAdapter(
-                f"{path.name} is {st.st_size} bytes, larger than the limit of {limit} bytes"
-            )
-        data = f.read(st.st_size)
-        if len(data) != st.st_size or f.read(1):
-            raise InvalidAdapter(f"{path.name} changed while it was read")
-    return data
-
-
 # -- the config ---------------------------------------------------------------------------------
 def read_config(adapter_dir: Path) -> dict[str, Any]:
-    data = _read_file(adapter_dir / CONFIG_FILE, MAX_CONFIG_BYTES)
+    data = read_file(adapter_dir / CONFIG_FILE, MAX_CONFIG_BYTES)
     try:
         config = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -297,7 +205,7 @@ def load_adapter(adapter_dir: Path, spec: BaseModelSpec) -> AdapterWeights:
     check_entries(adapter_dir)
     config = read_config(adapter_dir)
     rank, alpha, scaling, targeted = check_config(config, spec)
-    data = _read_file(adapter_dir / WEIGHTS_FILE, spec.max_bytes)
+    data = read_file(adapter_dir / WEIGHTS_FILE, spec.max_bytes)
     header = _parse_header(data, max_header_bytes(spec))
     pairs: dict[str, dict[str, _Tensor]] = {}
     for name, tensor in header.items():
