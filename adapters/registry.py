@@ -11,11 +11,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from loraplex.adapters.compositions import COMPOSED_ID, is_composed_id
-from loraplex.adapters.sources import Upload, is_uri, source_prefix, stage_directory, stage_uri
-from loraplex.adapters.store import AdapterStore, Registered
+from loraplex.adapters.sources import (
+    Staged,
+    Upload,
+    is_uri,
+    source_prefix,
+    stage_directory,
+    stage_uri,
+)
+from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.validate import load_adapter
 from loraplex.core.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterId, shown
 from loraplex.core.types import AdapterVersion, AdapterWeights, BaseModelSpec
@@ -28,6 +35,16 @@ INVALID_ID = "(invalid id)"  # what logs and metrics show for an id that is not 
 # within this many seconds does not.
 MISS_REFRESH_S = 2.0
 _MAX_MISSES_KEPT = 10_000
+
+
+class SourceRegistration(NamedTuple):
+    """What registering a source did."""
+
+    version: AdapterVersion
+    created: bool  # False: the same content was already the latest version (nothing changed)
+    # The source's entries besides the files registration reads, left unopened (see
+    # entries.py), sorted, as `listed_name` shows them; only the adapter's files are stored.
+    ignored_files: tuple[str, ...]
 
 
 def is_valid_id(adapter_id: object, composed: bool = False) -> bool:
@@ -90,12 +107,12 @@ class AdapterRegistry:
 
     def register(
         self, adapter_id: str, source: str, tenant: str = "", shared: bool = False
-    ) -> Registered:
-        """Stage, validate and keep an adapter from a directory or URI; returns (version,
-        created). A failure at any step leaves nothing behind."""
+    ) -> SourceRegistration:
+        """Stage, validate and keep an adapter from a directory or URI. A failure at any step
+        leaves nothing behind."""
         check_new_adapter_id(adapter_id)
 
-        def stage(staging: Path) -> str:
+        def stage(staging: Path) -> Staged:
             if is_uri(source):
                 return stage_uri(
                     source, self.uri_roots, self.storage_options, staging, self.spec.max_bytes
@@ -109,13 +126,13 @@ class AdapterRegistry:
 
     def register_upload(
         self, adapter_id: str, upload: Upload, tenant: str = "", shared: bool = False
-    ) -> Registered:
+    ) -> SourceRegistration:
         """Validate and keep a finished upload (its staging directory is consumed)."""
         check_new_adapter_id(adapter_id)
 
-        def staged(staging: Path) -> str:
+        def staged(staging: Path) -> Staged:
             upload.finish()
-            return "upload"
+            return Staged("upload", upload.ignored)
 
         try:
             return self._register(adapter_id, staged, tenant, shared, upload.staging)
@@ -162,14 +179,14 @@ class AdapterRegistry:
     def _register(
         self,
         adapter_id: str,
-        stage: Callable[[Path], str],
+        stage: Callable[[Path], Staged],
         tenant: str,
         shared: bool,
         staging: Path | None = None,
-    ) -> Registered:
+    ) -> SourceRegistration:
         staging = staging or self.store.new_staging_dir()
         try:
-            source = stage(staging)
+            staged = stage(staging)
             weights = load_adapter(staging, self.spec)
             version, created = self.store.commit(
                 adapter_id,
@@ -178,19 +195,21 @@ class AdapterRegistry:
                 lora_alpha=weights.lora_alpha,
                 target_modules=weights.target_modules,
                 base_model_fingerprint=self.spec.fingerprint,
-                source=source,
+                source=staged.source,
                 tenant=tenant,
                 shared=shared,
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        ignored = staged.ignored
         log.info(
-            "adapter %s version %d %s (%s, rank %d, %s)",
+            "adapter %s version %d %s (%s, rank %d, %s)%s",
             adapter_id,
             version.version,
             "registered" if created else "already registered",
             version.digest[:19],
             weights.rank,
             ",".join(weights.target_modules),
+            f"; ignored {len(ignored)}: {shown(', '.join(ignored), 400)}" if ignored else "",
         )
-        return Registered(version, created)
+        return SourceRegistration(version, created, ignored)

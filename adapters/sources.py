@@ -1,7 +1,10 @@
 """Where a registration's files come from: a directory under an allowed root, an object-store
 URI under an allowed prefix, or an upload streamed by a client. Each lands in a private local
 staging directory first; only that copy is validated and stored, so a source that changes
-underneath cannot slip in bytes that were never checked.
+underneath cannot slip in bytes that were never checked. Only the files registration reads
+are staged (entries.py): everything else a source holds (tokenizer files, optimizer state, a
+trainer's checkpoints) is ignored unopened, never downloaded, and an upload's pieces of it
+are dropped as they come; each registration says which (`Staged.ignored`).
 
 Only what an operator allowed is a source: local directories under the allowed roots, and
 object-store URIs (s3:// only) under the allowed prefixes; with no prefix configured, no URI
@@ -24,26 +27,40 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from loraplex.adapters.entries import (
-    ADAPTER_FILES,
-    IGNORED_FILES,
     MAX_CONFIG_BYTES,
-    MAX_EXTRA_BYTES,
+    MAX_ENTRIES,
+    MAX_TEMPLATE_BYTES,
+    MAX_TOKENIZER_CONFIG_BYTES,
     check_entries,
-    check_name,
     file_limit,
+    is_staged,
+    listed_name,
 )
 from loraplex.adapters.store import open_filesystem
 from loraplex.core.errors import AdapterSourceDenied, InvalidAdapter, shown
 
 MAX_FILE_NAME = 255
-# Beyond the weights limit: the config and the ignored extras, at their own limits.
-EXTRA_BYTES = MAX_CONFIG_BYTES + len(IGNORED_FILES) * MAX_EXTRA_BYTES
+# The bytes of ignored files an upload may carry (they are dropped as they come). Clients
+# need send none: `loraplex adapters push` sends their names only.
+MAX_IGNORED_UPLOAD_BYTES = 16 << 20
+# Beyond the weights limit, what an upload may hold: the config and the chat template's
+# sources at their own limits, and the ignored files' bytes.
+EXTRA_BYTES = (
+    MAX_CONFIG_BYTES + MAX_TEMPLATE_BYTES + MAX_TOKENIZER_CONFIG_BYTES + MAX_IGNORED_UPLOAD_BYTES
+)
 COPY_CHUNK = 1 << 20
 SOURCE_SCHEMES = ("s3",)  # object stores a source may name, under an allowed prefix
 
 _URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.DOTALL)
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\?#]|::")  # controls, and what fsspec or URLs read
+
+
+class Staged(NamedTuple):
+    """A source staged for registration."""
+
+    source: str  # what the registration records: a resolved path, a normalised URI, "upload"
+    ignored: tuple[str, ...]  # the entries left out unopened, sorted, as `listed_name` shows
 
 
 def is_uri(source: str) -> bool:
@@ -115,24 +132,29 @@ def stage_uri(
     storage_options: dict[str, Any],
     staging: Path,
     max_bytes: int,
-) -> str:
-    """Download an adapter directory from an object store into `staging`; returns its
-    normalised URI (the registration's recorded source). `uri_roots` are normalised prefixes."""
+) -> Staged:
+    """Download an adapter directory's staged files from an object store into `staging`; its
+    source is the normalised URI. `uri_roots` are normalised prefixes."""
     location = check_uri(uri, uri_roots)
     try:
         fs, path = open_filesystem(location, storage_options)
         entries = fs.ls(path, detail=True)
     except (FileNotFoundError, ValueError, ImportError):
         raise InvalidAdapter(f"no adapter directory at {shown(uri)}") from None
-    names = []
+    if len(entries) > MAX_ENTRIES:
+        raise InvalidAdapter(
+            f"{shown(uri)} holds {len(entries)} entries, over the limit of {MAX_ENTRIES}"
+        )
+    names, ignored, total = [], [], 0
     for entry in entries:
         name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-        check_file_name(name)
-        if entry["type"] == "directory":
-            raise InvalidAdapter(f"unexpected directory {shown(name)} in {shown(uri)}")
-        check_name(name)  # pickles and extras are refused unread
-        names.append(name)
-    total = sum(int(e.get("size") or 0) for e in entries)
+        if not is_staged(name):  # pickled weights are refused here, unread
+            ignored.append(listed_name(name) + ("/" if entry["type"] == "directory" else ""))
+        elif entry["type"] == "directory":
+            raise InvalidAdapter(f"{name} in {shown(uri)} is not a regular file")
+        else:
+            names.append(name)
+            total += int(entry.get("size") or 0)
     if total > max_bytes + EXTRA_BYTES:
         raise InvalidAdapter(f"{shown(uri)} holds {total} bytes, over the limit of {max_bytes}")
     for name in names:  # each copy stops at its limit, whatever the listing said
@@ -143,13 +165,13 @@ def stage_uri(
         with remote:
             _copy_limited(remote, staging / name, name, file_limit(name, max_bytes))
     check_entries(staging)
-    return location
+    return Staged(location, tuple(sorted(ignored)))
 
 
 # -- local directories --------------------------------------------------------------------------
-def stage_directory(path: str, roots: Sequence[Path], staging: Path, max_bytes: int) -> str:
-    """Copy an adapter directory under one of `roots` (resolved) into `staging`; returns its
-    resolved path (the registration's recorded source)."""
+def stage_directory(path: str, roots: Sequence[Path], staging: Path, max_bytes: int) -> Staged:
+    """Copy the staged files of an adapter directory under one of `roots` (resolved) into
+    `staging`; its source is the resolved path."""
     if not path or "\0" in path:
         raise InvalidAdapter("path must name an adapter directory")
     try:
@@ -162,10 +184,11 @@ def stage_directory(path: str, roots: Sequence[Path], staging: Path, max_bytes: 
         )
     if not source.is_dir():
         raise InvalidAdapter(f"path {shown(path)} is not a directory")
-    check_entries(source, roots)  # no pickles, extras, executables or links out of the roots
-    for name in ADAPTER_FILES:
+    # Staged files: no executables, links out of the roots or pickled weights; the rest ignored.
+    entries = check_entries(source, roots)
+    for name in entries.staged:
         _copy_local(source / name, staging / name, file_limit(name, max_bytes), roots)
-    return str(source)
+    return Staged(str(source), entries.ignored)
 
 
 def _copy_local(source: Path, target: Path, limit: int, roots: Sequence[Path]) -> None:
@@ -244,28 +267,58 @@ class FileChunk(NamedTuple):
 
 class Upload:
     """An adapter's files streamed in by a client, written to `staging` as they come. Only the
-    names an adapter may hold are taken (anything else is refused at its first piece), each
-    within its own limit, and at most one file is open at a time however the pieces of
-    different files interleave. Not thread-safe: one stream writes it."""
+    files registration reads are written, each within its own limit, and at most one file is
+    open at a time however the pieces of different files interleave. The pieces of any other
+    file (a name ending in "/" names a subdirectory) are dropped as they come, up to
+    MAX_IGNORED_UPLOAD_BYTES in all; pickled weights are refused at their first piece. Not
+    thread-safe: one stream writes it."""
 
     def __init__(self, staging: Path, max_bytes: int) -> None:
         self.staging = staging
         self.max_weights_bytes = max_bytes
         self.received = 0
         self._sizes: dict[str, int] = {}  # file name -> bytes written
+        self._ignored: dict[str, str] = {}  # name whose pieces are dropped -> as listed
+        self._ignored_bytes = 0
         self._open: tuple[str, IO[bytes]] | None = None
 
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """The files left out, as a registration lists them (see `listed_name`), sorted."""
+        return tuple(sorted(self._ignored.values()))
+
     def write(self, file_name: str, data: bytes) -> None:
-        size = self._sizes.get(file_name)
-        if size is None:
-            check_file_name(file_name)
-            check_name(file_name)
-        limit = file_limit(file_name, self.max_weights_bytes)
-        if (size or 0) + len(data) > limit:
-            raise InvalidAdapter(f"{file_name} is larger than the limit of {limit} bytes")
-        self._file(file_name, new=size is None).write(data)
-        self._sizes[file_name] = (size or 0) + len(data)
+        new = file_name not in self._sizes and file_name not in self._ignored
+        if new:
+            self._sort_out(file_name)
         self.received += len(data)
+        if file_name in self._ignored:
+            self._ignored_bytes += len(data)
+            if self._ignored_bytes > MAX_IGNORED_UPLOAD_BYTES:
+                raise InvalidAdapter(
+                    f"the files the server ignores hold over {MAX_IGNORED_UPLOAD_BYTES} bytes: "
+                    "leave them out (`loraplex adapters push` sends their names only)"
+                )
+            return
+        size = self._sizes.get(file_name, 0)
+        limit = file_limit(file_name, self.max_weights_bytes)
+        if size + len(data) > limit:
+            raise InvalidAdapter(f"{file_name} is larger than the limit of {limit} bytes")
+        self._file(file_name, new=new).write(data)
+        self._sizes[file_name] = size + len(data)
+
+    def _sort_out(self, file_name: str) -> None:
+        """Take a new file name: to be written, or ignored."""
+        if len(self._sizes) + len(self._ignored) >= MAX_ENTRIES:
+            raise InvalidAdapter(
+                f"the upload names more than {MAX_ENTRIES} files; an adapter directory holds "
+                "a few files"
+            )
+        subdirectory = file_name.removesuffix("/")
+        if subdirectory != file_name:  # only its name comes: its files are not sent
+            self._ignored[file_name] = listed_name(check_file_name(subdirectory)) + "/"
+        elif not is_staged(check_file_name(file_name)):
+            self._ignored[file_name] = listed_name(file_name)
 
     def _file(self, name: str, new: bool) -> IO[bytes]:
         if self._open is not None and self._open[0] == name:
@@ -277,7 +330,7 @@ class Upload:
 
     def finish(self) -> None:
         self.close()
-        if not self._sizes:
+        if not self._sizes and not self._ignored:
             raise InvalidAdapter("the upload holds no files")
 
     def close(self) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
+from loraplex.adapters.entries import STAGED_FILES
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 PUSH_CHUNK_BYTES = 1 << 20
@@ -15,14 +17,18 @@ PUSH_CHUNK_BYTES = 1 << 20
 def push_requests(
     adapter_id: str, directory: Path, pin: bool = False, tenant: str = "", shared: bool = False
 ) -> Iterator[adapters_pb2.PushAdapterRequest]:
-    """A PushAdapter stream: every file of `directory` in 1 MiB pieces (the server decides
-    which files it accepts). Subdirectories are sent as names so the server can refuse them."""
+    """A PushAdapter stream: the files of `directory` the server reads in 1 MiB pieces, and the
+    name alone of every other entry (a subdirectory's with a trailing "/"): the server decides
+    (it ignores most, refuses pickled weights) and says which it ignored, and tokenizer files
+    or optimizer state are never read here nor sent."""
     yield adapters_pb2.PushAdapterRequest(
         adapter_id=adapter_id, pin=pin, tenant=tenant, shared=shared
     )
     for path in sorted(directory.iterdir()):
-        if not path.is_file():
-            yield adapters_pb2.PushAdapterRequest(file_name=path.name + "/")
+        if path.name not in STAGED_FILES or not path.is_file():
+            # A name that is not UTF-8 (protobuf strings are) goes with its bytes escaped.
+            name = os.fsencode(path.name).decode("utf-8", "backslashreplace")
+            yield adapters_pb2.PushAdapterRequest(file_name=name + ("/" if path.is_dir() else ""))
             continue
         with open(path, "rb") as f:
             while chunk := f.read(PUSH_CHUNK_BYTES):

@@ -1,8 +1,12 @@
 """Fixtures every kind of test shares: the model cache, tiny random models of each supported
-family, the embedded model's PEFT reference with three adapters, and S3 on loopback."""
+family, the embedded model's PEFT reference with three adapters, S3 on loopback, and a record
+of the files a test's code opens."""
 
 from __future__ import annotations
 
+import builtins
+import io
+import os
 from pathlib import Path
 
 import pytest
@@ -154,3 +158,22 @@ def peft_reference(model_home, adapter_root):
     model.save_pretrained(adapter_root / "peft", selected_adapters=list(ADAPTERS))
     dirs = {name: adapter_root / "peft" / name for name in ADAPTERS}
     return model, loaded.tokenizer, dirs
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """The paths every open (os.open, open, Path.open) is asked for while the test runs."""
+    paths: list[str] = []
+
+    def recording(real):
+        def open_(file, *args, **kwargs):
+            if not isinstance(file, int):  # a descriptor is already open
+                paths.append(os.fsdecode(file))
+            return real(file, *args, **kwargs)
+
+        return open_
+
+    monkeypatch.setattr(os, "open", recording(os.open))
+    monkeypatch.setattr(builtins, "open", recording(builtins.open))
+    monkeypatch.setattr(io, "open", recording(io.open))
+    return paths

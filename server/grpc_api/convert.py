@@ -184,7 +184,9 @@ def adapter_info(view: AdapterView) -> adapters_pb2.AdapterInfo:
 
 def registration_message(registration: Registration) -> adapters_pb2.RegisterAdapterResponse:
     return adapters_pb2.RegisterAdapterResponse(
-        adapter=adapter_info(registration.adapter), created=registration.created
+        adapter=adapter_info(registration.adapter),
+        created=registration.created,
+        ignored_files=list(registration.ignored_files),
     )
 
 

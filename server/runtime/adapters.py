@@ -24,7 +24,12 @@ from typing import TypeVar
 
 from loraplex.adapters.cache import HostCache
 from loraplex.adapters.compositions import is_composed_id
-from loraplex.adapters.registry import AdapterRegistry, check_adapter_id, check_new_adapter_id
+from loraplex.adapters.registry import (
+    AdapterRegistry,
+    SourceRegistration,
+    check_adapter_id,
+    check_new_adapter_id,
+)
 from loraplex.adapters.sources import FileChunk, Upload
 from loraplex.core.errors import AdapterNotFound, InvalidRequest, NotReady
 from loraplex.core.types import AdapterVersion
@@ -91,10 +96,10 @@ class AdapterService:
         tenant when `shared`)."""
         check_admin(principal, "registering an adapter")
         owner = owner_for(principal, tenant)
-        version, created = await self._registration_work(
+        registered = await self._registration_work(
             self.registry.register, adapter_id, path, owner, shared
         )
-        return await self._registered(version, created, pin)
+        return await self._registered(registered, pin)
 
     async def push(
         self,
@@ -117,13 +122,14 @@ class AdapterService:
         except BaseException:
             await self._registration_work(self.registry.discard_upload, upload)
             raise
-        version, created = await self._registration_work(
+        registered = await self._registration_work(
             self.registry.register_upload, adapter_id, upload, owner, shared
         )
-        return await self._registered(version, created, pin)
+        return await self._registered(registered, pin)
 
-    async def _registered(self, version: AdapterVersion, created: bool, pin: bool) -> Registration:
+    async def _registered(self, registered: SourceRegistration, pin: bool) -> Registration:
         """A new version of a pinned adapter takes over its pin (and its pinned merge)."""
+        version = registered.version
         pinned = self.pins.version(version.adapter_id)
         if pin or (pinned is not None and pinned != version):
             await self.pins.pin(version.adapter_id)
@@ -133,7 +139,11 @@ class AdapterService:
             except Exception:  # registered all the same; the older version stays merged
                 log.exception("merging %s v%d in place of its older version failed",
                               *version.key)  # fmt: skip
-        return Registration(adapter=await self.get(version.adapter_id), created=created)
+        return Registration(
+            adapter=await self.get(version.adapter_id),
+            created=registered.created,
+            ignored_files=registered.ignored_files,
+        )
 
     # -- lookups ------------------------------------------------------------------------------
     async def get(self, adapter_id: str, principal: Principal | None = None) -> AdapterView:

@@ -25,6 +25,9 @@ class AdapterView:
 class Registration:
     adapter: AdapterView
     created: bool  # False: the same content was registered already (nothing changed)
+    # The source's entries besides the adapter's files and its chat template's source
+    # (tokenizer files, optimizer state, checkpoints...): left unopened, not stored.
+    ignored_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

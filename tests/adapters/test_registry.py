@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from loraplex.core.errors import (
 )
 from loraplex.core.model import lora_target_shapes
 from loraplex.core.types import BaseModelSpec
+from tests.adapters.test_validate import IGNORED, SIDE_FILES, write_side_files
 from tests.helpers import add_peft_adapter
 
 WEIGHTS = "adapter_model.safetensors"
@@ -172,12 +175,12 @@ def test_composed_ids_are_checked_as_strictly_and_are_not_registrable(adapter_co
 def test_register_is_idempotent_and_versions_new_content(adapter_copy, tmp_path):
     path, spec = adapter_copy
     registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
-    v1, created = registry.register("tenant-a.support", str(path))
+    v1, created, _ = registry.register("tenant-a.support", str(path))
     assert created and v1.version == 1 and v1.digest.startswith("sha256:")
-    again, created = registry.register("tenant-a.support", str(path))
+    again, created, _ = registry.register("tenant-a.support", str(path))
     assert not created and again == v1
     edit_tensors(path, lambda t: t.update({k: v * 2 for k, v in t.items()}))
-    v2, created = registry.register("tenant-a.support", str(path))
+    v2, created, _ = registry.register("tenant-a.support", str(path))
     assert created and v2.version == 2 and v2.digest != v1.digest
     assert registry.resolve("tenant-a.support") == v2
     # Each version's blob is what was registered, independent of the source directory.
@@ -191,7 +194,7 @@ def test_registry_persists_across_restarts_and_delete(adapter_copy, tmp_path):
     path, spec = adapter_copy
     store_dir = tmp_path / "store"
     registry = AdapterRegistry(AdapterStore(store_dir), spec, [tmp_path])
-    v1, _ = registry.register("one", str(path))
+    v1, _, _ = registry.register("one", str(path))
     registry.register("two", str(path))  # same content, another id: one shared blob
     reopened = AdapterRegistry(AdapterStore(store_dir), spec, [tmp_path])
     assert [v.adapter_id for v in reopened.store.latest_versions()] == ["one", "two"]
@@ -243,7 +246,7 @@ def test_register_from_s3_into_an_s3_store(adapter_copy, s3_bucket, tmp_path):
         fs.put_file(str(f), f"{url}/incoming/support/{f.name}")
     roots = [tmp_path, f"{url}/incoming"]  # S3 sources only under a configured prefix
     registry = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, roots, options)
-    version, created = registry.register("support", f"{url}/incoming/support/")
+    version, created, _ = registry.register("support", f"{url}/incoming/support/")
     assert created and version.source == f"{url}/incoming/support"  # normalised, as read
     replica = AdapterRegistry(AdapterStore(f"{url}/store", options), spec, [], options)
     assert replica.resolve("support") == version
@@ -274,7 +277,7 @@ def test_upload_is_staged_within_limits(adapter_copy, tmp_path):
         data = f.read_bytes()
         for i in range(0, len(data), 1000):
             upload.write(f.name, data[i : i + 1000])
-    version, created = registry.register_upload("pushed", upload)
+    version, created, _ = registry.register_upload("pushed", upload)
     assert created and version.source == "upload"
     assert not upload.staging.exists()
 
@@ -289,8 +292,55 @@ def test_upload_is_staged_within_limits(adapter_copy, tmp_path):
     upload = registry.new_upload()
     upload.write("adapter_config.json", (path / CONFIG).read_bytes())
     upload.write("adapter_model.safetensors", (path / WEIGHTS).read_bytes())
-    with pytest.raises(InvalidAdapter, match=r"run\.sh"):  # refused at its first piece
-        upload.write("run.sh", b"#!/bin/sh")
+    with pytest.raises(InvalidAdapter, match="pickle"):  # refused by its name, unread
+        upload.write("adapter_model.bin", b"")
     registry.discard_upload(upload)
     with pytest.raises(AdapterNotFound):
         registry.resolve("extra")
+
+
+def upload_pieces(directory):
+    """(name, data) pieces of `directory` as a client that sends every regular file whole would
+    send them; other entries by name (a subdirectory's ending in "/")."""
+    pieces = []
+    for entry in sorted(directory.iterdir()):
+        if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
+            pieces.append((entry.name, b""))
+        elif entry.is_dir():
+            pieces.append((entry.name + "/", b""))
+        else:
+            pieces.append((entry.name, entry.read_bytes()))
+    return pieces
+
+
+@pytest.mark.parametrize("how", ["path", "upload"])
+def test_a_trainers_output_registers_as_the_adapter_alone(
+    adapter_copy, tmp_path, opened, caplog, how
+):
+    """What `trainer.save_model()` leaves around a PEFT adapter (tokenizer files, training
+    arguments, optimizer state, a checkpoint...) registers: the side files are named in the
+    registration and the log, never opened, and none of them reaches the store."""
+    path, spec = adapter_copy
+    write_side_files(path)
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
+    pieces = upload_pieces(path) if how == "upload" else []
+    opened.clear()
+    with caplog.at_level(logging.INFO, logger="loraplex.adapters.registry"):
+        if how == "path":
+            registered = registry.register("trained", str(path))
+        else:
+            upload = registry.new_upload()
+            for name, data in pieces:
+                upload.write(name, data)
+            registered = registry.register_upload("trained", upload)
+    assert registered.created and registered.ignored_files == tuple(IGNORED)
+    side = set(SIDE_FILES) | {"optimizer.pt", "run.sh", "events.fifo", "secret"}
+    assert opened and not [p for p in opened if Path(p).name in side]
+    assert not [
+        p for p in opened if p.startswith(f"{path}/") and Path(p).name not in (CONFIG, WEIGHTS)
+    ]
+    stored = {f.name for f in (tmp_path / "store").rglob("*") if f.is_file()}
+    assert stored == {CONFIG, WEIGHTS, "v00000001.json"}
+    (line,) = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert "trained version 1 registered" in line and "training_args.bin" in line
+    assert len(registry.load_weights(registered.version).modules) == 4

@@ -13,13 +13,20 @@ import pytest
 
 from loraplex.adapters import registry as registry_module
 from loraplex.adapters import sources
+from loraplex.adapters.entries import MAX_ENTRIES
 from loraplex.adapters.registry import AdapterRegistry
-from loraplex.adapters.sources import Upload, check_uri, normalise_uri, source_prefix
+from loraplex.adapters.sources import (
+    MAX_IGNORED_UPLOAD_BYTES,
+    Upload,
+    check_uri,
+    normalise_uri,
+    source_prefix,
+)
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.core.errors import AdapterSourceDenied, InvalidAdapter
 from loraplex.core.types import BaseModelSpec
-from tests.adapters.test_validate import SHAPES, SPEC, write_adapter
+from tests.adapters.test_validate import SHAPES, SIDE_FILES, SPEC, write_adapter
 
 
 @pytest.fixture
@@ -152,8 +159,9 @@ def swapping(monkeypatch, swap):
     real = sources.check_entries
 
     def check_then_swap(directory, *args, **kwargs):
-        real(directory, *args, **kwargs)
+        entries = real(directory, *args, **kwargs)
         swap(directory)
+        return entries
 
     monkeypatch.setattr(sources, "check_entries", check_then_swap)
 
@@ -284,6 +292,39 @@ def test_an_object_larger_than_listed_is_refused_at_the_limit(tmp_path, monkeypa
     assert list(registry.store.staging_dir.iterdir()) == []
 
 
+class TrainerBucket(LyingStore):
+    """A trainer's output in an object store, listed truthfully: the adapter, its side files
+    and a checkpoint "directory"; records the objects opened."""
+
+    def __init__(self, adapter_dir):
+        self.objects = {p.name: p.read_bytes() for p in adapter_dir.iterdir()} | SIDE_FILES
+        self.opened = []
+
+    def ls(self, path, detail=True):
+        files = [
+            {"name": f"{path}/{n}", "type": "file", "size": len(d)} for n, d in self.objects.items()
+        ]
+        return [*files, {"name": f"{path}/checkpoint-10/", "type": "directory", "size": 0}]
+
+    def open(self, path, mode="rb"):
+        self.opened.append(path.rsplit("/", 1)[-1])
+        return io.BytesIO(self.objects[path.rsplit("/", 1)[-1]])
+
+
+def test_an_object_stores_side_files_are_never_downloaded(tmp_path, monkeypatch):
+    bucket = TrainerBucket(write_adapter(tmp_path / "adapter"))
+    monkeypatch.setattr(sources, "open_filesystem", lambda url, options: (bucket, "bucket/a"))
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), SPEC, ["s3://bucket"])
+    registered = registry.register("x", "s3://bucket/a")
+    assert registered.created
+    assert registered.ignored_files == tuple(sorted([*SIDE_FILES, "checkpoint-10/"]))
+    assert sorted(bucket.opened) == [CONFIG_FILE, WEIGHTS_FILE]
+    bucket.objects["adapter_model.bin"] = b"\x80\x04"  # pickled weights: refused unread
+    with pytest.raises(InvalidAdapter, match="pickle"):
+        registry.register("y", "s3://bucket/a")
+    assert "adapter_model.bin" not in bucket.opened
+
+
 # -- item 10: uploads hold one file open and take only an adapter's files ----------------------
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
@@ -292,6 +333,7 @@ def open_descriptors() -> int:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_an_upload_holds_at_most_one_file_open(tmp_path):
     adapter = write_adapter(tmp_path / "adapter")
+    (adapter / "chat_template.jinja").write_text("{{ messages }}")
     (adapter / "README.md").write_text("# card\n")
     (adapter / "training_manifest.json").write_text("{}")
     files = {p.name: p.read_bytes() for p in adapter.iterdir()}
@@ -306,22 +348,43 @@ def test_an_upload_holds_at_most_one_file_open(tmp_path):
                 assert open_descriptors() <= before + 1
     upload.finish()
     assert open_descriptors() == before
-    assert {p.name: p.read_bytes() for p in staging.iterdir()} == files
+    ignored = ("README.md", "training_manifest.json")  # dropped as they came
+    assert {p.name: p.read_bytes() for p in staging.iterdir()} == {
+        n: d for n, d in files.items() if n not in ignored
+    }
+    assert upload.ignored == ignored
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-def test_an_upload_of_many_file_names_is_refused_at_the_first_stray_one(tmp_path):
+def test_an_upload_writes_only_the_files_registration_reads(tmp_path):
     upload = Upload(tmp_path, SPEC.max_bytes)
     before = open_descriptors()
     upload.write(CONFIG_FILE, b"{}")
-    with pytest.raises(InvalidAdapter, match="unexpected file 'f-0'"):
-        upload.write("f-0", b"x")
-    for name in ("adapter_model.bin", "model.pt"):  # pickles: refused by name, never written
-        with pytest.raises(InvalidAdapter, match="pickle"):
-            upload.write(name, b"\x80\x04")
+    for name, data in SIDE_FILES.items():  # an older client sends them whole
+        upload.write(name, data)
+    upload.write("checkpoint-10/", b"")  # a subdirectory, by name
+    with pytest.raises(InvalidAdapter, match=r"adapter_model\.bin is a pickle file"):
+        upload.write("adapter_model.bin", b"\x80\x04")
+    for bad in ("a/b", "../up/", "a/b/", "/"):
+        with pytest.raises(InvalidAdapter, match="plain file name"):
+            upload.write(bad, b"")
     upload.close()
     assert open_descriptors() == before
     assert [p.name for p in tmp_path.iterdir()] == [CONFIG_FILE]
+    assert upload.ignored == tuple(sorted([*SIDE_FILES, "checkpoint-10/"]))
+
+
+def test_an_upload_takes_a_bounded_number_of_names_and_ignored_bytes(tmp_path):
+    upload = Upload(tmp_path, SPEC.max_bytes)
+    for i in range(MAX_ENTRIES):
+        upload.write(f"f-{i}", b"")
+    with pytest.raises(InvalidAdapter, match=f"names more than {MAX_ENTRIES} files"):
+        upload.write("one-more", b"")
+    upload = Upload(tmp_path, SPEC.max_bytes)
+    upload.write("optimizer.pt", bytes(MAX_IGNORED_UPLOAD_BYTES))
+    with pytest.raises(InvalidAdapter, match="leave them out"):
+        upload.write("tokenizer.json", b"x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_each_uploaded_file_is_held_to_its_own_limit(tmp_path):
@@ -329,6 +392,8 @@ def test_each_uploaded_file_is_held_to_its_own_limit(tmp_path):
     upload.write(CONFIG_FILE, b"x" * (1 << 20))
     with pytest.raises(InvalidAdapter, match=r"adapter_config\.json is larger than the limit"):
         upload.write(CONFIG_FILE, b"x")
-    with pytest.raises(InvalidAdapter, match=r"README\.md is larger than the limit"):
-        upload.write("README.md", b"x" * ((1 << 20) + 1))
+    with pytest.raises(InvalidAdapter, match=r"chat_template\.jinja is larger than the limit"):
+        upload.write("chat_template.jinja", b"x" * ((64 << 10) + 1))
+    with pytest.raises(InvalidAdapter, match=r"tokenizer_config\.json is larger than the limit"):
+        upload.write("tokenizer_config.json", b"x" * ((4 << 20) + 1))
     upload.close()

@@ -3,7 +3,6 @@ file parsed without torch. A hand-built spec of a 2-layer base; no model is load
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import struct
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraplex.adapters.entries import MAX_ENTRIES
 from loraplex.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, check_entries, load_adapter
 from loraplex.core.errors import InvalidAdapter
 from loraplex.core.types import BaseModelSpec
@@ -369,40 +369,85 @@ def test_file_too_short_for_a_header_is_rejected(adapter, content):
 
 
 # -- the directory ------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "name",
-    ["adapter_model.bin", "pytorch_model.bin", "model.pt", "model.pth", "x.pkl", "last.ckpt"],
+# What `trainer.save_model()` and PEFT's `save_pretrained` leave beside an adapter. The pickles
+# would fail to unpickle: opening one at all is what the tests catch.
+SIDE_FILES = {
+    "README.md": b"# model card\n",
+    "training_manifest.json": b"{}",
+    "tokenizer.json": b"{}",
+    "special_tokens_map.json": b"{}",
+    "vocab.json": b"{}",
+    "merges.txt": b"#version: 0.2\n",
+    "tokenizer.model": b"\x0a\x0b",
+    "added_tokens.json": b"{}",
+    "generation_config.json": b"{}",
+    "config.json": b"{}",
+    "trainer_state.json": b"{}",
+    "training_args.bin": b"\x80\x05 not a pickle: unpickling this raises",
+    "optimizer.pt": b"\x80\x05 not a pickle",
+    "scheduler.pt": b"\x80\x05 not a pickle",
+    "rng_state.pth": b"\x80\x05 not a pickle",
+    "rng_state_1.pth": b"\x80\x05 not a pickle",
+    "scaler.pt": b"\x80\x05 not a pickle",
+    "notes.txt": b"anything else is ignored too",
+}
+
+
+def write_side_files(path):
+    """A trainer's output around the adapter at `path`: its side files, a checkpoint
+    subdirectory, and entries nothing may open (an executable, a FIFO, a link to a secret,
+    a name that is not UTF-8)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in SIDE_FILES.items():
+        (path / name).write_bytes(data)
+    (path / "checkpoint-10").mkdir()
+    (path / "checkpoint-10" / "optimizer.pt").write_bytes(b"\x80\x05")
+    (path / "run.sh").write_bytes(b"#!/bin/sh\n")
+    (path / "run.sh").chmod(0o755)
+    os.mkfifo(path / "events.fifo")  # opening it would block
+    (path / "secret").symlink_to("/etc/shadow")
+    (path / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"")  # Latin-1, not UTF-8
+    return path
+
+
+IGNORED = sorted(
+    [*SIDE_FILES, "checkpoint-10/", "run.sh", "events.fifo", "secret", repr("caf\udce9.txt")]
 )
-def test_pickle_files_are_refused_unopened(adapter, monkeypatch, name):
-    pickle = adapter / name
-    pickle.write_bytes(b"\x80\x04 this would fail to unpickle")
-    pickle.chmod(0)
-    opened = []
 
-    def recording(real):
-        def open_(file, *args, **kwargs):
-            opened.append(str(file))
-            return real(file, *args, **kwargs)
 
-        return open_
+def test_a_trainers_side_files_are_ignored_unopened(adapter, opened):
+    write_side_files(adapter)
+    opened.clear()
+    entries = check_entries(adapter)
+    assert entries.staged == (CONFIG_FILE, WEIGHTS_FILE)
+    assert list(entries.ignored) == IGNORED
+    assert len(load_adapter(adapter, SPEC).modules) == 4
+    assert opened and not [p for p in opened if os.path.basename(p) not in entries.staged]
 
-    monkeypatch.setattr(os, "open", recording(os.open))
-    monkeypatch.setattr(builtins, "open", recording(builtins.open))
+
+@pytest.mark.parametrize("name", ["adapter_model.bin", "pytorch_model.bin"])
+def test_pickled_weights_are_refused_unopened(adapter, opened, name):
+    (adapter / name).write_bytes(b"\x80\x04 this would fail to unpickle")
+    opened.clear()
+    rejected(adapter, f"{name} is a pickle file and is never loaded; save with safetensors")
+    (adapter / WEIGHTS_FILE).unlink()  # in place of the safetensors, the same
     rejected(adapter, f"{name} is a pickle file and is never loaded")
     assert not [p for p in opened if p.endswith(name)]
 
 
-def test_unexpected_file_is_rejected(adapter):
-    (adapter / "notes.txt").write_text("hello")
-    rejected(adapter, "unexpected file 'notes.txt'")
+def test_a_directory_of_too_many_entries_is_refused(adapter):
+    for i in range(MAX_ENTRIES):
+        (adapter / f"f-{i}").touch()
+    rejected(adapter, f"holds more than {MAX_ENTRIES} entries")
 
 
-def test_subdirectory_is_rejected(adapter):
-    (adapter / "checkpoint-100").mkdir()
-    rejected(adapter, "unexpected directory 'checkpoint-100'")
+def test_without_the_safetensors_side_files_are_no_adapter(tmp_path):
+    path = write_side_files(tmp_path / "adapter")
+    (path / CONFIG_FILE).write_text(json.dumps(peft_config()))
+    rejected(path, f"{WEIGHTS_FILE} is missing from 'adapter'")
 
 
-@pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE, "README.md"])
+@pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE, "chat_template.jinja"])
 def test_executable_files_are_rejected(adapter, name):
     (adapter / name).touch()
     (adapter / name).chmod(0o744)
@@ -410,14 +455,13 @@ def test_executable_files_are_rejected(adapter, name):
 
 
 def test_fifo_is_rejected_without_being_read(adapter):
-    (adapter / "README.md").unlink(missing_ok=True)
-    os.mkfifo(adapter / "README.md")
-    rejected(adapter, "README.md is not a regular file")
+    os.mkfifo(adapter / "tokenizer_config.json")  # read for its chat template
+    rejected(adapter, "tokenizer_config.json is not a regular file")
 
 
-def test_extra_over_the_size_limit_is_rejected(adapter):
-    (adapter / "README.md").write_bytes(b"x" * ((1 << 20) + 1))
-    rejected(adapter, "README.md is 1048577 bytes, over the limit of 1048576")
+def test_a_chat_template_over_the_size_limit_is_rejected(adapter):
+    (adapter / "chat_template.jinja").write_bytes(b"x" * ((64 << 10) + 1))
+    rejected(adapter, "chat_template.jinja is 65537 bytes, over the limit of 65536")
 
 
 @pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE])
@@ -462,13 +506,16 @@ def test_symlink_leaving_the_allowed_roots_is_rejected(linked):
 
 def test_symlink_to_a_directory_or_nothing_is_rejected(linked):
     root, path = linked
-    (path / "README.md").symlink_to(root / "blobs")
-    with pytest.raises(InvalidAdapter, match=r"README\.md is not a regular file"):
+    (path / "chat_template.jinja").symlink_to(root / "blobs")
+    with pytest.raises(InvalidAdapter, match=r"chat_template\.jinja is not a regular file"):
         check_entries(path, [root])
-    (path / "README.md").unlink()
-    (path / "README.md").symlink_to(root / "missing")
-    with pytest.raises(InvalidAdapter, match=r"README\.md is a broken symlink"):
+    (path / "chat_template.jinja").unlink()
+    (path / "chat_template.jinja").symlink_to(root / "missing")
+    with pytest.raises(InvalidAdapter, match=r"chat_template\.jinja is a broken symlink"):
         check_entries(path, [root])
+    (path / "chat_template.jinja").unlink()
+    (path / "README.md").symlink_to(root / "missing")  # ignored: never followed
+    assert check_entries(path, [root]).ignored == ("README.md",)
 
 
 # -- bounded work whatever the adapter says ----------------------------------

@@ -145,8 +145,12 @@ def test_adapter_view_fills_every_adapter_info_field():
     weighted = [(a.adapter_id, round(a.weight, 6)) for a in c.adapters]
     assert weighted == [("support", 0.7), ("tone", 0.3)]
     assert (c.method, c.density, c.seed, c.majority_sign_method) == ("ties", 0.5, 9, "frequency")
-    registered = convert.registration_message(Registration(adapter=view, created=True))
+    ignored = ("checkpoint-10/", "optimizer.pt", "tokenizer.json")
+    registration = Registration(adapter=view, created=True, ignored_files=ignored)
+    registered = convert.registration_message(registration)
+    assert {f.name for f in dataclasses.fields(registration)} == fields_of(registered)
     assert registered.created and registered.adapter == info
+    assert tuple(registered.ignored_files) == ignored
 
 
 def test_every_generate_request_field_reaches_the_runtime():
