@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from loraplex.adapters.chat_template import read_chat_template
 from loraplex.adapters.compositions import COMPOSED_ID, is_composed_id
 from loraplex.adapters.sources import (
     Staged,
@@ -188,6 +189,7 @@ class AdapterRegistry:
         try:
             staged = stage(staging)
             weights = load_adapter(staging, self.spec)
+            template = read_chat_template(staging)
             version, created = self.store.commit(
                 adapter_id,
                 staging,
@@ -198,18 +200,20 @@ class AdapterRegistry:
                 source=staged.source,
                 tenant=tenant,
                 shared=shared,
+                chat_template=template.text,
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        ignored = staged.ignored
+        ignored = tuple(sorted(staged.ignored + template.unused))
         log.info(
-            "adapter %s version %d %s (%s, rank %d, %s)%s",
+            "adapter %s version %d %s (%s, rank %d, %s%s)%s",
             adapter_id,
             version.version,
             "registered" if created else "already registered",
             version.digest[:19],
             weights.rank,
             ",".join(weights.target_modules),
+            f", chat template from {template.source}" if template.text else "",
             f"; ignored {len(ignored)}: {shown(', '.join(ignored), 400)}" if ignored else "",
         )
         return SourceRegistration(version, created, ignored)

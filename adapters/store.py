@@ -7,7 +7,8 @@ Layout under the store's root:
     blobs/<sha256 hex>/adapter_config.json
     blobs/<sha256 hex>/adapter_model.safetensors
     manifests/<name>/v00000003.json     one per version: tenant, digest, rank, targets, bytes,
-                                        base-model fingerprint, source, time
+                                        base-model fingerprint, source, time, and the
+                                        adapter's own chat template if it has one
     manifests/<name>/deleted.json       tombstone: versions <= through_version are gone
 
 Registration writes the blob's files, then the version's manifest in one atomic write (a
@@ -15,6 +16,10 @@ rename on a local disk, a single PUT on S3). The manifest is the commit point: a
 it leaves at most an orphan blob nobody can see (collected later), never a half-registered
 adapter. A delete writes the tombstone first, so versions never come back and are never
 reused. Manifests are immutable, so a refresh only reads the ones it has not seen.
+
+Fields added to the manifest after its first format (chat_template) are written only when
+set, so servers of an earlier version sharing the store still read every adapter that does not
+use them; a field this version does not know is skipped when read.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Set
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -244,20 +249,23 @@ class AdapterStore:
         source: str,
         tenant: str = "",
         shared: bool = False,
+        chat_template: str = "",
     ) -> Registered:
-        """Keep a staged, validated adapter; returns (version, created). The same content and
-        owner under the same id is a no-op; new content (or a new owner or sharing) becomes the
-        next version."""
+        """Keep a staged, validated adapter; returns (version, created). The same content,
+        chat template and owner under the same id is a no-op; new content (or a new template,
+        owner or sharing) becomes the next version."""
         digest = digest_files(staged)
         for _ in range(COMMIT_TRIES):
             with self._lock:
                 versions = self._adapters.get(adapter_id, [])
-                if versions and (versions[-1].digest, versions[-1].tenant, versions[-1].shared) == (
-                    digest,
-                    tenant,
-                    shared,
-                ):
-                    return Registered(versions[-1], created=False)
+                latest = versions[-1] if versions else None
+                if latest is not None and (
+                    latest.digest,
+                    latest.tenant,
+                    latest.shared,
+                    latest.chat_template,
+                ) == (digest, tenant, shared, chat_template):
+                    return Registered(latest, created=False)
                 self._put_blob(staged, digest)
                 record = AdapterVersion(
                     adapter_id=adapter_id,
@@ -272,10 +280,11 @@ class AdapterStore:
                     base_model_fingerprint=base_model_fingerprint,
                     tenant=tenant,
                     shared=shared,
+                    chat_template=chat_template,
                 )
                 path = self._manifest_path(adapter_id, record.version)
                 try:
-                    self._write(path, json.dumps(asdict(record), indent=1).encode(), exclusive=True)
+                    self._write(path, _manifest(record), exclusive=True)
                 except FileExistsError:
                     # Another server sharing the store took this version since this one read
                     # it: read again (outside the lock), then take the next one.
@@ -414,7 +423,7 @@ class AdapterStore:
                 record = AdapterVersion(**{**r, "target_modules": tuple(r["target_modules"])})
                 path = self._manifest_path(record.adapter_id, record.version)
                 if not Path(path).exists():
-                    self._write(path, json.dumps(asdict(record), indent=1).encode())
+                    self._write(path, _manifest(record))
         for name, last in data.get("last_version", {}).items():
             if name not in data["adapters"]:
                 self._write(
@@ -425,10 +434,22 @@ class AdapterStore:
         log.info("migrated %s to per-version manifests", old)
 
 
+_OPTIONAL_FIELDS = ("chat_template",)  # written only when set (see the module docstring)
+_MANIFEST_FIELDS = frozenset(f.name for f in fields(AdapterVersion))
+
+
+def _manifest(record: AdapterVersion) -> bytes:
+    data = asdict(record)
+    for name in _OPTIONAL_FIELDS:
+        if not data[name]:
+            del data[name]
+    return json.dumps(data, indent=1).encode()
+
+
 def _parse_manifest(data: bytes) -> AdapterVersion:
     record = json.loads(data)
     record["target_modules"] = tuple(record["target_modules"])
-    return AdapterVersion(**record)
+    return AdapterVersion(**{k: v for k, v in record.items() if k in _MANIFEST_FIELDS})
 
 
 def _fsync(path: Path) -> None:

@@ -34,6 +34,9 @@ class AdapterVersion:
     base_model_fingerprint: str
     tenant: str = ""  # the tenant that owns it
     shared: bool = False  # every tenant may use it
+    # The adapter's own chat template (Jinja, checked at registration), applied to its chat
+    # requests in place of the base's; "" for none. Not in repr: it may be kilobytes long.
+    chat_template: str = field(default="", repr=False)
 
     @property
     def key(self) -> AdapterKey:

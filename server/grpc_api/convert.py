@@ -175,6 +175,7 @@ def adapter_info(view: AdapterView) -> adapters_pb2.AdapterInfo:
         pinned=view.pinned,
         shared=version.shared,
         merged=view.merged,
+        has_chat_template=bool(version.chat_template),
     )
     if view.composition is not None:
         info.composition.CopyFrom(composition_message(view.composition))

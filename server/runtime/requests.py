@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateError
+
 from loraplex.adapters.cache import Lease
 from loraplex.adapters.compositions import CompositionRequest
 from loraplex.adapters.registry import loggable_id
@@ -51,7 +53,7 @@ class GenerateInput:
 
     adapter_id: str = ""  # "" = the base model
     prompt: str = ""
-    messages: tuple[ChatMessage, ...] = ()  # the model's chat template is applied
+    messages: tuple[ChatMessage, ...] = ()  # the adapter's chat template applied, else the model's
     prompt_ids: tuple[int, ...] = ()  # a prompt already tokenized (what harnesses send)
     max_new_tokens: int | None = None  # None = the server's default
     temperature: float = 0.0  # 0 = greedy
@@ -177,7 +179,8 @@ class Requests:
         if adapter is not None:
             record.adapter_id, record.adapter_version = adapter.key
         check_sizes(inp, self.max_prompt_chars)
-        prompt_ids = await asyncio.to_thread(self._tokenize, inp)
+        template = adapter.chat_template if adapter is not None else ""
+        prompt_ids = await asyncio.to_thread(self._tokenize, inp, template or None)
         record.prompt_tokens = len(prompt_ids)
         max_new = self.default_max_new_tokens if inp.max_new_tokens is None else inp.max_new_tokens
         params = SamplingParams(
@@ -292,7 +295,9 @@ class Requests:
         """The ids of the requests submitted and not ended yet."""
         return list(self._in_flight.values())
 
-    def _tokenize(self, inp: GenerateInput) -> list[int]:
+    def _tokenize(self, inp: GenerateInput, chat_template: str | None = None) -> list[int]:
+        """The prompt's token ids: given, `messages` through `chat_template` (an adapter's own;
+        None: the base model's), or the raw `prompt`."""
         if sum(map(bool, (inp.prompt, inp.messages, inp.prompt_ids))) > 1:
             raise InvalidRequest("prompt", "give one of prompt, messages or token ids")
         if inp.prompt_ids:
@@ -310,13 +315,19 @@ class Requests:
                         raise InvalidRequest(
                             f"messages[{i}].content", f"contains the special token {token!r}"
                         )
-            if not getattr(self.tokenizer, "chat_template", None):
+            if not chat_template and not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidRequest("messages", "the served model has no chat template")
-            text = self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-                [{"role": m.role, "content": m.content} for m in inp.messages],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
+            try:
+                text = self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+                    [{"role": m.role, "content": m.content} for m in inp.messages],
+                    chat_template=chat_template,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            except TemplateError as exc:  # e.g. raise_exception("roles must alternate")
+                raise InvalidRequest(
+                    "messages", f"the chat template refuses them: {shown(str(exc), 200)}"
+                ) from None
             ids = self.tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
         elif inp.prompt:
             # Raw text: special-token strings in it stay text, never control tokens.

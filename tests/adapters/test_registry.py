@@ -344,3 +344,53 @@ def test_a_trainers_output_registers_as_the_adapter_alone(
     (line,) = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert "trained version 1 registered" in line and "training_args.bin" in line
     assert len(registry.load_weights(registered.version).modules) == 4
+
+
+CHAT_TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+
+
+def test_an_adapters_chat_template_is_kept_with_its_version(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    store_dir = tmp_path / "store"
+    registry = AdapterRegistry(AdapterStore(store_dir), spec, [tmp_path])
+    plain, _, _ = registry.register("plain", str(path))
+    assert plain.chat_template == ""
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (path / "tokenizer_config.json").write_text('{"chat_template": "{{ older }}"}')
+    v1, created, ignored = registry.register("chatty", str(path))
+    assert created and v1.chat_template == CHAT_TEMPLATE
+    assert "tokenizer_config.json" in ignored and "chat_template.jinja" not in ignored
+    assert registry.register("chatty", str(path))[:2] == (v1, False)  # the same: a no-op
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE + "{{ '>' }}")
+    v2, created, _ = registry.register("chatty", str(path))  # a new template: a new version
+    assert created and v2.version == 2 and v2.digest == v1.digest
+    reopened = AdapterStore(store_dir)  # kept in the manifests, not in the blobs
+    assert reopened.versions("chatty") == [v1, v2] and reopened.latest("plain") == plain
+    with reopened.open_blob(v1.digest) as blob:
+        assert sorted(p.name for p in blob.iterdir()) == [CONFIG, WEIGHTS]
+    # A version without a template writes no chat_template: servers of an earlier version,
+    # which do not know the field, still read it.
+    manifest = json.loads((store_dir / "manifests" / "plain" / "v00000001.json").read_text())
+    assert "chat_template" not in manifest
+
+
+def test_a_manifest_field_this_version_does_not_know_is_skipped(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    store_dir = tmp_path / "store"
+    version, _, _ = AdapterRegistry(AdapterStore(store_dir), spec, [tmp_path]).register(
+        "later", str(path)
+    )
+    manifest = store_dir / "manifests" / "later" / "v00000001.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "added_later": 1}))
+    assert AdapterStore(store_dir).latest("later") == version
+
+
+def test_a_bad_chat_template_is_refused_at_registration(adapter_copy, tmp_path):
+    path, spec = adapter_copy
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), spec, [tmp_path])
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(InvalidAdapter, match=r"chat_template\.jinja is not a valid Jinja"):
+        registry.register("broken", str(path))
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("broken")
+    assert list((tmp_path / "store" / "blobs").iterdir()) == []

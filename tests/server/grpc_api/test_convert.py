@@ -61,6 +61,7 @@ VERSION = AdapterVersion(
     base_model_fingerprint="sha256:base",
     tenant="acme",
     shared=True,
+    chat_template="{{ messages }}",
 )
 
 
@@ -131,9 +132,14 @@ def test_adapter_view_fills_every_adapter_info_field():
         version=VERSION, versions=(1, 3), pinned=True, merged=True, composition=composition
     )
     info = convert.adapter_info(view)
-    version_fields = {f.name for f in dataclasses.fields(VERSION)}
+    version_fields = {f.name for f in dataclasses.fields(VERSION)} - {"chat_template"}
     view_fields = {"versions", "pinned", "merged", "composition"}
-    assert fields_of(info) == version_fields | view_fields | {"name", "composed_versions"}
+    derived = {"name", "composed_versions", "has_chat_template"}
+    assert fields_of(info) == version_fields | view_fields | derived
+    assert info.has_chat_template  # the template itself stays on the server
+    assert not convert.adapter_info(
+        AdapterView(dataclasses.replace(VERSION, chat_template=""), (3,))
+    ).has_chat_template
     for name in version_fields:
         want, got = getattr(VERSION, name), getattr(info, name)
         if isinstance(want, tuple):

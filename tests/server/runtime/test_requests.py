@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import threading
 import time
 
@@ -328,4 +329,73 @@ def test_prompts_far_over_the_context_are_refused_before_tokenizing(served, monk
 
     loop.run_until_complete(scenario())
     assert tokenized == []
+    assert runtime.quotas.in_flight("acme") == 0
+
+
+def test_an_adapter_with_its_own_chat_template_is_prompted_with_it(served, monkeypatch):
+    """As LoRAX does: chat requests for an adapter that brought a chat template are rendered
+    with it; another adapter and the base keep the base model's. The adapter's directory is
+    as a trainer leaves it: its side files are named in the registration."""
+    runtime, loop, adapter_dir = served
+    requests, tokenizer = runtime.requests, runtime.requests.tokenizer
+    templated = adapter_dir.parent / "templated"
+    shutil.copytree(adapter_dir, templated, dirs_exist_ok=True)
+    template = (
+        "{% for m in messages %}### {{ m.role | upper }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}### ASSISTANT:{% endif %}"
+    )
+    (templated / "chat_template.jinja").write_text(template)
+    (templated / "training_args.bin").write_bytes(b"\x80\x05 not a pickle")
+    (templated / "optimizer.pt").write_bytes(b"\x80\x05 not a pickle")
+    messages = (ChatMessage(role="user", content="hi"),)
+    prompts = {}
+    real = requests._tokenize
+
+    def tokenize(inp, chat_template=None):
+        prompts[inp.adapter_id] = real(inp, chat_template)
+        return prompts[inp.adapter_id]
+
+    monkeypatch.setattr(requests, "_tokenize", tokenize)
+
+    async def scenario():
+        registration = await runtime.adapters.register(
+            "templated", str(templated), tenant="acme", principal=ADMIN
+        )
+        assert registration.ignored_files == ("optimizer.pt", "training_args.bin")
+        await runtime.adapters.register("tone", str(adapter_dir), tenant="acme", principal=ADMIN)
+        view = await runtime.adapters.get("templated", ACME)
+        assert view.version.chat_template == template
+        for adapter_id in ("templated", "tone", ""):
+            ask = GenerateInput(adapter_id=adapter_id, messages=messages, max_new_tokens=2)
+            done = await (await requests.generate(ask, principal=ACME)).complete()
+            assert done.last.usage.prompt_tokens == len(prompts[adapter_id])
+
+    loop.run_until_complete(scenario())
+    own = tokenizer("### USER: hi\n### ASSISTANT:", add_special_tokens=False).input_ids
+    base = tokenizer(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        ),
+        add_special_tokens=False,
+    ).input_ids
+    assert prompts["templated"] == own
+    assert prompts["tone"] == prompts[""] == base != own
+
+
+def test_a_chat_template_that_refuses_the_messages_is_invalid_argument(served):
+    runtime, loop, adapter_dir = served
+    strict = adapter_dir.parent / "strict"
+    shutil.copytree(adapter_dir, strict, dirs_exist_ok=True)
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m.role == 'system' %}"
+        "{{ raise_exception('no system messages') }}{% endif %}{{ m.content }}{% endfor %}"
+    )
+
+    async def scenario():
+        await runtime.adapters.register("strict", str(strict), tenant="acme", principal=ADMIN)
+        ask = GenerateInput(adapter_id="strict", messages=(ChatMessage("system", "be terse"),))
+        with pytest.raises(InvalidRequest, match="no system messages"):
+            await runtime.requests.generate(ask, principal=ACME)
+
+    loop.run_until_complete(scenario())
     assert runtime.quotas.in_flight("acme") == 0
