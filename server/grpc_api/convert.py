@@ -37,6 +37,7 @@ def generate_input(request: inference_pb2.GenerateRequest) -> GenerateInput:
         stop=tuple(request.stop),
         compose=composition_request(request.compose) if request.HasField("compose") else None,
         ignore_eos=request.ignore_eos,
+        prompt_ids=tuple(request.prompt_ids),
     )
 
 

@@ -294,3 +294,15 @@ def test_oversized_text_is_invalid_argument_before_tokenizing(client):
         client.generate(pb.GenerateRequest(prompt="a" * ((1 << 20) + 1), max_new_tokens=1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("prompt:")
+
+
+def test_prompt_token_ids_answer_as_their_text(server, client):
+    text = "The capital of France is"
+    ids = server.runtime.info.tokenizer(text, split_special_tokens=True).input_ids
+    by_text = client.generate(pb.GenerateRequest(prompt=text, max_new_tokens=8))
+    by_ids = client.generate(pb.GenerateRequest(prompt_ids=ids, max_new_tokens=8))
+    assert by_ids.text == by_text.text and by_ids.usage.prompt_tokens == len(ids)
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(pb.GenerateRequest(prompt_ids=[10**8], max_new_tokens=1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("prompt[0]:")

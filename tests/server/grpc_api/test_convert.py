@@ -178,6 +178,7 @@ def test_every_generate_request_field_reaches_the_runtime():
             majority_sign_method="frequency",
         ),
         ignore_eos=True,
+        prompt_ids=[1, 2, 3],
     )
     got = convert.generate_input(request)
     assert {f.name for f in dataclasses.fields(GenerateInput)} == fields_of(request)
@@ -199,6 +200,7 @@ def test_every_generate_request_field_reaches_the_runtime():
             majority_sign_method="frequency",
         ),
         ignore_eos=True,
+        prompt_ids=(1, 2, 3),
     )
     unset = convert.generate_input(inference_pb2.GenerateRequest())
     assert unset == GenerateInput()  # unset optional fields are the runtime's defaults
