@@ -174,8 +174,11 @@ class Endpoints:
             raise InvalidRequest("lora_path", "required")
         registration = await self._runtime().adapters.register(name, path, principal=call.principal)
         version = registration.adapter.version
+        ignored = registration.ignored_files
+        note = f" Ignored (not opened, not stored): {', '.join(ignored)}." if ignored else ""
         return PlainTextResponse(
             f"Success: LoRA adapter '{name}' added successfully (version {version.version})."
+            + note
         )
 
     async def unload_lora_adapter(self, call: Call) -> Response:
