@@ -10,7 +10,8 @@ at once, request i on adapter i mod --adapters (random r16 all-linear PEFT adapt
 
 The protocols take turns, --rounds bursts each (grpc, http, grpc, http, ...), so both see the
 same machine; per protocol the median burst. Output tokens per second (from the usage each
-stream ends with), TTFT p50 / p99, inter-chunk latency p50; HTTP's as a ratio of gRPC's.
+stream ends with), TTFT p50 / p99, inter-chunk latency p50, and where the time goes: CPU
+seconds per 1000 tokens of the server process and of this client; HTTP's as a ratio of gRPC's.
 
     python benchmarks/protocols.py [--requests 64] [--adapters 32] [--new-tokens 64] [--rounds 3]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -115,6 +117,12 @@ def http_burst(
     return summarize_streams(asyncio.run(burst()))
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def median_of(bursts: list[dict[str, Any]], *keys: str) -> float | None:
     values = []
     for burst in bursts:
@@ -160,10 +168,16 @@ def main() -> int:
         burst_summary(address, prompts, names, 8)  # warm: every adapter loaded once
         for round_ in range(args.rounds):
             for protocol in PROTOCOLS:
+                cpu = cpu_seconds(server.pid), cpu_seconds()
                 if protocol == "grpc":
                     summary = burst_summary(address, prompts, names, args.new_tokens)
                 else:
                     summary = http_burst(server.http_port, models, prompts, args.new_tokens)
+                # Where the time goes: the server's CPU (engine and front end) and the
+                # client's own, per 1000 tokens; both share the machine's cores.
+                tokens = summary["completion_tokens"] / 1000
+                summary["server_cpu_s_per_1k_tokens"] = (cpu_seconds(server.pid) - cpu[0]) / tokens
+                summary["client_cpu_s_per_1k_tokens"] = (cpu_seconds() - cpu[1]) / tokens
                 bursts[protocol].append(summary)
                 log.info(
                     "round %d %s: %.1f tok/s, TTFT p50 %.0f ms",
@@ -181,6 +195,8 @@ def main() -> int:
                 "ttft_p50_ms": median_of(bursts[protocol], "ttft_ms", "p50"),
                 "ttft_p99_ms": median_of(bursts[protocol], "ttft_ms", "p99"),
                 "itl_p50_ms": median_of(bursts[protocol], "itl_ms", "p50"),
+                "server_cpu_s_per_1k": median_of(bursts[protocol], "server_cpu_s_per_1k_tokens"),
+                "client_cpu_s_per_1k": median_of(bursts[protocol], "client_cpu_s_per_1k_tokens"),
                 "errors": sum(b["errors"] for b in bursts[protocol]),
             }
         )
@@ -190,12 +206,13 @@ def main() -> int:
         for key in ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms")
     }
     cols = [("protocol", 8, "s"), ("tok/s", 8, ".1f"), ("TTFT p50", 9, ".0f"),
-            ("TTFT p99", 9, ".0f"), ("ITL p50", 8, ".1f"), ("errors", 6, "d")]  # fmt: skip
+            ("TTFT p99", 9, ".0f"), ("ITL p50", 8, ".1f"), ("srv CPU/1k", 10, ".2f"),
+            ("cli CPU/1k", 10, ".2f"), ("errors", 6, "d")]  # fmt: skip
     table = format_table(
         cols,
         [
             [r["protocol"], r["output_tokens_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"],
-             r["itl_p50_ms"], r["errors"]]
+             r["itl_p50_ms"], r["server_cpu_s_per_1k"], r["client_cpu_s_per_1k"], r["errors"]]
             for r in rows
         ],
     )  # fmt: skip
