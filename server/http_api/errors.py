@@ -34,6 +34,10 @@ HTTP_STATUS: dict[str, tuple[int, str]] = {
 }
 
 
+# The runtime's field names that OpenAI's API calls otherwise: an error names the body's field.
+OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "adapter_id": "model", "prompt_ids": "prompt"}
+
+
 class HttpError(Exception):
     """An error of the HTTP layer itself (a body that is not JSON, a missing key, a route that
     needs an admin key), with its canonical code."""
@@ -83,8 +87,11 @@ def response_for(exc: BaseException, request_id: str, model: str | None = None) 
     if code is None:
         log.error("internal error in request %s", request_id, exc_info=exc)
         return error_response("INTERNAL", f"internal error (request id {request_id})", request_id)
-    param = exc.field if isinstance(exc, InvalidRequest) else None
-    return error_response(code, str(exc), request_id, param=param, retry_after_s=retry_after(exc))
+    message, param = str(exc), None
+    if isinstance(exc, InvalidRequest):
+        param = OPENAI_FIELDS.get(exc.field, exc.field)
+        message = param + message[len(exc.field) :]  # "<field>: <why>"
+    return error_response(code, message, request_id, param=param, retry_after_s=retry_after(exc))
 
 
 def error_event(exc: BaseException, request_id: str) -> dict[str, object]:

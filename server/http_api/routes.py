@@ -177,8 +177,7 @@ class Endpoints:
         ignored = registration.ignored_files
         note = f" Ignored (not opened, not stored): {', '.join(ignored)}." if ignored else ""
         return PlainTextResponse(
-            f"Success: LoRA adapter '{name}' added successfully (version {version.version})."
-            + note
+            f"Success: LoRA adapter '{name}' added successfully (version {version.version})." + note
         )
 
     async def unload_lora_adapter(self, call: Call) -> Response:

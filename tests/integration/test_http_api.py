@@ -172,7 +172,8 @@ def test_stream_ends_with_done_as_server_sent_events(server, base_id):
     [
         ({"temperature": -1}, "temperature"),
         ({"top_p": "high"}, "top_p"),
-        ({"max_tokens": 0}, "max_new_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 10**6}, "max_tokens"),
         ({"stop": 3}, "stop"),
         ({"n": 2}, "n"),
         ({"messages": []}, "messages"),

@@ -46,8 +46,10 @@ def test_known_errors_keep_their_message_and_status(exc, status, kind):
     assert headers["x-request-id"] == "req-1"
 
 
-def test_bad_parameter_is_named():
+def test_bad_parameter_is_named_as_openai_names_it():
     assert answer(InvalidRequest("stop", "must be a string"))[2]["param"] == "stop"
+    error = answer(InvalidRequest("max_new_tokens", "must be >= 1, got 0"))[2]
+    assert error["param"] == "max_tokens" and error["message"] == "max_tokens: must be >= 1, got 0"
 
 
 def test_refusals_that_pass_say_when_to_retry():
