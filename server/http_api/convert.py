@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -228,39 +228,34 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def integer(body: Body, name: str, prefix: str = "") -> int | None:
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _field(body: Body, name: str, prefix: str, ok: Callable[[object], bool], what: str) -> Any:
+    """body[name], None when absent or null; InvalidRequest naming it unless ok(value)."""
     value = body.get(name)
-    if value is None:
-        return None
-    if not _is_int(value):
-        raise InvalidRequest(prefix + name, f"must be an integer, got {shown(value)}")
-    return int(value)
-
-
-def number(body: Body, name: str, prefix: str = "") -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequest(prefix + name, f"must be a number, got {shown(value)}")
-    return float(value)
-
-
-def flag(body: Body, name: str, prefix: str = "") -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise InvalidRequest(prefix + name, f"must be true or false, got {shown(value)}")
+    if value is not None and not ok(value):
+        raise InvalidRequest(prefix + name, f"must be {what}, got {shown(value)}")
     return value
 
 
+def integer(body: Body, name: str, prefix: str = "") -> int | None:
+    value = _field(body, name, prefix, _is_int, "an integer")
+    return None if value is None else int(value)
+
+
+def number(body: Body, name: str, prefix: str = "") -> float | None:
+    value = _field(body, name, prefix, _is_number, "a number")
+    return None if value is None else float(value)
+
+
+def flag(body: Body, name: str, prefix: str = "") -> bool:
+    return bool(_field(body, name, prefix, lambda v: isinstance(v, bool), "true or false"))
+
+
 def text(body: Body, name: str, prefix: str = "") -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest(prefix + name, f"must be a string, got {shown(value)}")
+    value: str | None = _field(body, name, prefix, lambda v: isinstance(v, str), "a string")
     return value
 
 
