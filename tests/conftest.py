@@ -10,6 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton kernels run in Triton's interpreter. triton.jit reads this when it
+# decorates a kernel, so it is set before anything (tests.helpers imports the server) can import
+# a kernel module; the test modules pick their device from how the kernels were decorated.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import ADAPTERS, MODEL_HOME, add_peft_adapter
 
