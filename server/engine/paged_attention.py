@@ -92,6 +92,8 @@ def paged_attention_reference(
     n, heads, d = q.shape
     block_size, kv_heads = key_pool.shape[1], key_pool.shape[2]
     group = heads // kv_heads
+    if not n:
+        return q.clone()
     positions = queries.positions.long()
     length = int(positions.max()) + 1
     num_blocks = -(-length // block_size)

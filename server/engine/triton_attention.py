@@ -144,6 +144,8 @@ def paged_attention_triton(
         raise ValueError("tiles need 16 query rows, 16 keys per block and 16 head dims at least")
     out = torch.empty_like(q)
     grid = (queries.tile_starts.shape[0], kv_heads)
+    if not grid[0]:  # no query token: nothing to launch (a grid of 0 programs is an error)
+        return out
     paged_attention_kernel[grid](
         q,
         key_pool,

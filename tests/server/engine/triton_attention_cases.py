@@ -58,6 +58,10 @@ def test_decode_only_steps_and_unused_tiles(device):
     check([40, 1, 15, 16], [1, 1, 1, 1], 8, 2, 16, torch.float32, device, pad_tiles=3)
 
 
+def test_a_step_without_queries_launches_nothing(device):
+    check([5, 9], [0, 0], 4, 2, 16, torch.float32, device)
+
+
 def test_a_head_dim_that_is_not_a_power_of_2(device):
     check([7, 30], [9, 1], 4, 1, 24, torch.float32, device, seed=1)
 
