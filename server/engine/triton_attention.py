@@ -19,6 +19,7 @@ This module imports triton: import it only where the triton kernels are chosen.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
@@ -176,36 +177,38 @@ def paged_attention_triton(
     return out
 
 
-def aot_compile(
-    capability: int, dtype: torch.dtype, group: int, head_dim: int, block_q: int
-) -> object:
-    """The kernel compiled ahead of time for a CUDA target (sm_80: capability 80), as a launch
-    on such a GPU would build it: no GPU needed (ptxas ships with triton). In a process where
-    triton was imported without TRITON_INTERPRET (its own functions are interpreted otherwise).
-    Returns triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    element = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    constexprs = {
-        "GROUP": group,
-        "GROUP_PAD": next_power_of_2(group),
-        "BLOCK_Q": block_q,
-        "BLOCK_SIZE": 16,
-        "HEAD_DIM": head_dim,
-        "HEAD_PAD": next_power_of_2(head_dim),
-        "UPCAST": False,
-        "PRECISION": dot_precision(dtype),
-    }
-    signature = {}
-    for name in paged_attention_kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr"):
-            signature[name] = f"*{element}"
-        elif name.endswith("_ptr"):
-            signature[name] = "*i32"
-        else:
-            signature[name] = "fp32" if name == "scale" else "i32"
-    source = ASTSource(paged_attention_kernel, signature, constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+def aot_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
+    """(kernel, signature, constexprs) of the kernel as the wrapper launches it, for the
+    ahead-of-time build test (tests/server/engine/test_triton_build.py): Llama-3-8B's heads (4
+    query heads per KV head of 128) in bf16, with prompt-chunk tiles and decode tiles, and
+    SmolLM2's (3 per KV head of 64) with a float32 cache."""
+    specs: list[tuple[Any, dict[str, str], dict[str, Any]]] = []
+    variants = [
+        (torch.bfloat16, 4, 128, 16),
+        (torch.bfloat16, 4, 128, 4),
+        (torch.float32, 3, 64, 16),
+    ]
+    for dtype, group, head_dim, block_q in variants:
+        element = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        constexprs = {
+            "GROUP": group,
+            "GROUP_PAD": next_power_of_2(group),
+            "BLOCK_Q": block_q,
+            "BLOCK_SIZE": 16,
+            "HEAD_DIM": head_dim,
+            "HEAD_PAD": next_power_of_2(head_dim),
+            "UPCAST": False,
+            "PRECISION": dot_precision(dtype),
+        }
+        signature = {}
+        for name in paged_attention_kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr"):
+                signature[name] = f"*{element}"
+            elif name.endswith("_ptr"):
+                signature[name] = "*i32"
+            else:
+                signature[name] = "fp32" if name == "scale" else "i32"
+        specs.append((paged_attention_kernel, signature, constexprs))
+    return specs

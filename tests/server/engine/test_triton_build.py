@@ -24,7 +24,11 @@ import pytest
 
 pytest.importorskip("triton", reason="triton comes with the dev extra (Linux only)")
 
-KERNEL_MODULES = ["loraplex.server.engine.triton_lora_kernels"]
+KERNEL_MODULES = [
+    "loraplex.server.engine.triton_lora_kernels",
+    "loraplex.server.engine.triton_attention",
+]
+MAX_SHARED_BYTES = 99 * 1024  # what an sm_80 or sm_90 block may take without opting in
 ARCHS = [80, 90]
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -54,6 +58,7 @@ def build(modules: list[str], archs: list[int]) -> list[dict[str, object]]:
                     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
                     binary = triton.compile(source, target=GPUTarget("cuda", arch, 32))
                     record["cubin_bytes"] = len(binary.asm["cubin"])
+                    record["shared_bytes"] = binary.metadata.shared
                     record["ptx_target"] = f".target sm_{arch}" in binary.asm["ptx"]
                 except Exception as error:  # reported to the test, which fails on it
                     record["error"] = f"{type(error).__name__}: {error}"
@@ -93,3 +98,7 @@ def test_kernels_build_for_cuda(built, name, arch):
     failed = [f"{r['kernel']}: {r['error']}" for r in specs if "error" in r]
     assert not failed, "\n".join(failed)
     assert all(r["cubin_bytes"] and r["ptx_target"] for r in specs)
+    too_big = [
+        f"{r['kernel']}: {r['shared_bytes']}" for r in specs if r["shared_bytes"] > MAX_SHARED_BYTES
+    ]
+    assert not too_big, f"shared memory over {MAX_SHARED_BYTES} bytes: {too_big}"
