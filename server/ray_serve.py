@@ -25,12 +25,12 @@ proxies inherit it).
 Replicas share the adapter store (`--adapter-store s3://...` in production; a local directory
 on one machine), so an adapter registered through any replica is servable by all of them. Every
 registration, push or delete that may have changed the store bumps a cluster-wide store
-generation (a small named actor): one that succeeded or whose outcome is unknown (a lost
-replica, a cancelled call), not one refused before it changed anything. Every request carries
-the generation the ingress saw, and a replica behind it re-reads the store before serving, so
-no replica serves a deleted adapter or an older version once the change has been answered. A
-counter that is lost and started again begins a new epoch, which makes every replica re-read
-the store once.
+generation (a small named actor, server/ray_generation.py): one that succeeded or whose outcome
+is unknown (a lost replica, a cancelled call), not one refused before it changed anything.
+Every request carries the generation the ingress saw, and a replica behind it re-reads the
+store before serving, so no replica serves a deleted adapter or an older version once the
+change has been answered. A counter that is lost and started again begins a new epoch, which
+makes every replica re-read the store once.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, cast
@@ -62,6 +61,8 @@ from loraplex.server.config import LogConfig, ServerConfig, parse_serve_flags
 from loraplex.server.grpc_api.interceptor import REQUEST_ID_KEY, Refusal, admit, request_id_of
 from loraplex.server.grpc_api.server import MAX_MESSAGE_BYTES
 from loraplex.server.logs import configure_logging
+from loraplex.server.ray_generation import GENERATION_ACTOR as GENERATION_ACTOR  # its old home
+from loraplex.server.ray_generation import UNKNOWN, Generation, Generations
 from loraplex.server.runtime.auth import KeyRing
 from loraplex.v1 import adapters_pb2, inference_pb2
 
@@ -125,7 +126,6 @@ PROXY_HOST = "0.0.0.0"
 # Ray's proxy takes messages up to 2 GiB by default: the plain server's limit instead. Ray reads
 # it where the proxy starts; the Serve controller's environment reaches its proxies.
 PROXY_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(MAX_MESSAGE_BYTES)}
-GENERATION_ACTOR = "loraplex-store-generation"
 SERVICER_FUNCTIONS = [
     "loraplex.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
     "loraplex.v1.adapters_pb2_grpc.add_AdaptersServicer_to_server",
@@ -140,37 +140,6 @@ class Answer(NamedTuple):
     # A store change: the store holds another version (or none) of its adapter since the call
     # began, whatever the answer says (a registration may fail after its commit, e.g. its pin).
     changed: bool = False
-
-
-class Generation(NamedTuple):
-    epoch: str  # the counter's incarnation
-    changes: int  # store changes counted in it
-
-
-UNKNOWN = Generation(epoch="", changes=0)  # the counter cannot be reached: re-read every time
-
-
-@ray.remote(num_cpus=0, max_restarts=-1)
-class StoreGeneration:
-    """A counter of store changes, shared by the ingress replicas. A restarted counter starts
-    a new epoch, which makes every replica re-read the store once."""
-
-    def __init__(self) -> None:
-        self.epoch = uuid.uuid4().hex
-        self.value = 0
-
-    def bump(self) -> Generation:
-        self.value += 1
-        return Generation(self.epoch, self.value)
-
-    def get(self) -> Generation:
-        return Generation(self.epoch, self.value)
-
-
-def _generation_actor() -> Any:
-    return StoreGeneration.options(  # type: ignore[attr-defined]
-        name=GENERATION_ACTOR, namespace="loraplex", get_if_exists=True, lifetime="detached"
-    ).remote()
 
 
 # Ray's default of 5 requests in flight per replica would keep an engine from batching (and
@@ -395,7 +364,7 @@ class IngressReplica:
 
     def __init__(self, replica: DeploymentHandle, config: ServerConfig) -> None:
         self.replica = replica
-        self.generation = _generation_actor()
+        self.generations = Generations()
         # Without keys (--insecure) every caller is admitted, as by the plain server. The key
         # file is read again when it changed (looked at every --auth-keys-reload-s, on a call):
         # a revoked key stops working without a redeploy.
@@ -425,31 +394,12 @@ class IngressReplica:
         self._keys_checked = now
         self.keys.refresh()
 
-    async def _generation(self) -> Generation:
-        try:
-            # Whatever the counter hands back (a counter of an older release: a plain tuple).
-            return Generation(*await self.generation.get.remote())
-        except ray.exceptions.RayActorError:  # gone for good: a new counter (a new epoch)
-            log.warning("the store generation counter was lost: starting a new one")
-            self.generation = _generation_actor()
-            try:
-                return Generation(*await self.generation.get.remote())
-            except ray.exceptions.RayActorError:
-                return UNKNOWN
-
-    async def _bump(self) -> None:
-        try:
-            await self.generation.bump.remote()
-        except ray.exceptions.RayActorError:  # the next request starts a new epoch
-            log.warning("the store generation counter was lost: starting a new one")
-            self.generation = _generation_actor()
-
     async def forward(
         self, name: str, path: str, payload: bytes | list[bytes], grpc_context: Any, adapter_id: str
     ) -> Answer:
         """One unary (or, with a list of messages, client-streaming) call on a replica."""
         handle = self.replica.options(multiplexed_model_id=adapter_id)
-        generation = await self._generation()
+        generation = await self.generations.current()
         answer = None  # None: the outcome is unknown (a lost replica, a cancelled call)
         try:
             answer = cast(
@@ -467,7 +417,7 @@ class IngressReplica:
             # A change may have reached the store even when its answer did not reach us; one
             # the replica refused before changing anything did not.
             if path in STORE_CHANGES and (answer is None or _may_have_changed(answer)):
-                await asyncio.shield(self._bump())
+                await asyncio.shield(self.generations.bump())
 
     async def PushAdapter(  # noqa: N802 (the RPC's name)
         self, requests: gRPCInputStream, grpc_context: Any
@@ -507,7 +457,7 @@ class IngressReplica:
         adapter_id = _adapter_of(request, grpc_context)
         _take_metadata_adapter(request, adapter_id)
         handle = self.replica.options(multiplexed_model_id=adapter_id, stream=True)
-        generation = await self._generation()
+        generation = await self.generations.current()
         items = cast(
             DeploymentResponseGenerator,
             handle.stream.remote(

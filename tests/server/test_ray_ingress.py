@@ -127,11 +127,11 @@ def keys(tmp_path) -> dict[str, str]:
 @pytest.fixture
 def make_ingress(tmp_path, monkeypatch):
     """(ingress, its replicas' handle, its store generation counter) for a config."""
-    from loraplex.server import ray_serve
+    from loraplex.server import ray_generation, ray_serve
 
     def make(config: ServerConfig) -> tuple[Any, Replica, Counter]:
         counter, replica = Counter(), Replica()
-        monkeypatch.setattr(ray_serve, "_generation_actor", lambda: counter)  # no Ray cluster
+        monkeypatch.setattr(ray_generation, "generation_actor", lambda: counter)  # no Ray cluster
         return ray_serve.IngressReplica(replica, config), replica, counter
 
     return make
