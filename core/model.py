@@ -149,13 +149,18 @@ def load_model(config: ModelConfig) -> LoadedModel:
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        model_id=config.model or EMBEDDED_NAME,
+        model_id=base_model_id(config),
         device=device,
         dtype=dtype,
         quantization="bnb-nf4-double-quant" if config.quantization == "nf4" else "none",
         fingerprint=fingerprint(source, model.config.to_json_string()),
         dtype_reason=dtype_reason,
     )
+
+
+def base_model_id(config: ModelConfig) -> str:
+    """The id the base model is served under (its `model` in the APIs), known before it loads."""
+    return config.model or EMBEDDED_NAME
 
 
 def dense_weight(module: torch.nn.Module) -> torch.Tensor:

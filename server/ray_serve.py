@@ -14,7 +14,9 @@ reaches the replica Ray picks. Routing is Ray Serve's model multiplexing: the in
 request's adapter as its multiplexed model id, and Ray prefers a replica that already holds it
 (the replica records that it does once it has served it; the weights themselves move through
 the replica's own host and device tiers on first use). A client may also send the id as
-`multiplexed_model_id` metadata (e.g. to route compositions).
+`multiplexed_model_id` metadata (e.g. to route compositions). The same ingress serves the
+OpenAI-compatible HTTP API behind Ray's HTTP proxy, forwarded and routed the same way
+(server/ray_http.py).
 
 The ingress admits each call by the gRPC interceptor's own rule (`admit`: a valid API key for
 every RPC, an admin's for the operator RPCs) before it reaches a replica or the store
@@ -48,14 +50,17 @@ import ray
 import torch
 from google.protobuf.message import Message
 from ray import serve
-from ray.serve.config import ControllerOptions, gRPCOptions
+from ray.serve.config import ControllerOptions, HTTPOptions, gRPCOptions
 from ray.serve.deployment import Deployment
 from ray.serve.grpc_util import gRPCInputStream
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.types import ASGIApp
 
 from loraplex.adapters.sources import EXTRA_BYTES
 from loraplex.core.errors import AdapterNotFound
+from loraplex.core.model import base_model_id
 from loraplex.core.types import AdapterVersion
+from loraplex.server import ray_http
 from loraplex.server.app import LoraplexServer
 from loraplex.server.config import LogConfig, ServerConfig, parse_serve_flags
 from loraplex.server.grpc_api.interceptor import REQUEST_ID_KEY, Refusal, admit, request_id_of
@@ -63,13 +68,14 @@ from loraplex.server.grpc_api.server import MAX_MESSAGE_BYTES
 from loraplex.server.logs import configure_logging
 from loraplex.server.ray_generation import GENERATION_ACTOR as GENERATION_ACTOR  # its old home
 from loraplex.server.ray_generation import UNKNOWN, Generation, Generations
+from loraplex.server.ray_http import HttpCall, HttpPart
 from loraplex.server.runtime.auth import KeyRing
 from loraplex.v1 import adapters_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
 
 ADAPTER_METADATA = "multiplexed_model_id"
-REPLICA_METADATA = "x-loraplex-replica"  # which replica answered (trailing metadata)
+REPLICA_METADATA = "x-loraplex-replica"  # which replica answered (trailing metadata; a header)
 LOADS_METADATA = "x-loraplex-replica-adapter-loads"  # its multiplexed adapter loads so far
 # Metadata Ray's proxy adds or reads itself; everything else is the caller's and goes on.
 _RAY_KEYS = {"application", ADAPTER_METADATA, "request_id", "user-agent"}
@@ -154,8 +160,10 @@ class EngineReplica:
     async constructor: the model loads before the replica takes requests)."""
 
     async def __init__(  # type: ignore[misc]
-        self, config: ServerConfig, logs: LogConfig | None = None
+        self, config: ServerConfig, logs: LogConfig | None = None, created: int | None = None
     ) -> None:
+        """`created`: when the application was built, the base model's `created` in the HTTP
+        API (the same on every replica)."""
         configure_logging(logs or LogConfig())  # the replica's own process: as `serve`'s
         # Loopback only, no metrics or HTTP port of its own: the replica is reached through Ray.
         local = dataclasses.replace(
@@ -167,6 +175,12 @@ class EngineReplica:
         assert self.server.runtime is not None  # ready: the model is loaded
         self.runtime = self.server.runtime
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.http_app = ray_http.replica_app(
+            self.runtime,
+            self.server.keys,
+            self.server.metrics.registry,
+            int(time.time()) if created is None else created,
+        )
         self.blocking_channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         log.info(
@@ -279,6 +293,24 @@ class EngineReplica:
             return
         yield self._status(grpc.StatusCode.OK, "", await call.trailing_metadata())
 
+    async def http(
+        self, call: HttpCall, generation: Generation = UNKNOWN
+    ) -> AsyncIterator[HttpPart]:
+        """An HTTP call on this replica's own HTTP app (server/ray_http.py): its head, its body
+        as the app sends it, then its end."""
+        await self._sync(generation)
+        adapter_id = serve.get_multiplexed_model_id()  # a load or unload: the adapter it names
+        changes = call.endpoint in ray_http.STORE_CHANGES
+        held = await asyncio.to_thread(self._held, adapter_id) if changes else []
+        async for part in ray_http.serve_locally(self.http_app, call):
+            if isinstance(part, ray_http.HttpHead):
+                if 200 <= part.status < 300:
+                    await self._record()
+                replica = (REPLICA_METADATA.encode(), self.replica_id.encode())
+                part = part._replace(headers=[*part.headers, replica])
+            yield part
+        yield ray_http.HttpEnd(changes and await asyncio.to_thread(self._held, adapter_id) != held)
+
     def _status(self, code: grpc.StatusCode, details: str | None, trailing: Any) -> Status:
         pairs: Metadata = [
             (str(k), v if str(k).endswith("-bin") else str(v)) for k, v in (trailing or ())
@@ -360,7 +392,8 @@ def _unary_method(name: str, service: str, response_type: type[Message]) -> Any:
 class IngressReplica:
     """Ray's gRPC proxy calls the ingress method named after each RPC: the unary ones are
     added below from UNARY; PushAdapter (client streaming) and GenerateStream are here. Each
-    first admits the caller (`_refusal`), then forwards."""
+    first admits the caller (`_refusal`), then forwards. Ray's HTTP proxy calls its ASGI app
+    (`__serve_build_asgi_app__`)."""
 
     def __init__(self, replica: DeploymentHandle, config: ServerConfig) -> None:
         self.replica = replica
@@ -373,6 +406,16 @@ class IngressReplica:
         self._keys_checked = time.monotonic()
         # An upload is gathered here before a replica sees it: no larger than it would take.
         self.max_upload_bytes = config.engine.max_adapter_bytes + EXTRA_BYTES
+        self.base_model_id = base_model_id(config.model)
+        self.serves_http = config.http_port is not None
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        """The app Ray's HTTP proxy hands every HTTP call to (Ray Serve asks for it once the
+        ingress is built): the OpenAI-compatible API, forwarded (server/ray_http.py)."""
+        http = None
+        if self.serves_http:
+            http = ray_http.HttpIngress(self.replica, self.generations, self.base_model_id)
+        return ray_http.ingress_app(http, self.keys, self._reload_keys)
 
     def _refusal(self, path: str, grpc_context: Any) -> Status | None:
         """The interceptor's own answer to a caller who may not call `path`, given before
@@ -500,26 +543,33 @@ Ingress = serve.deployment(
     name="Ingress",
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=MAX_ONGOING_REQUESTS,
-)(IngressReplica)
+)(serve.ingress()(IngressReplica))
 
 
-def proxy_options(port: int) -> dict[str, Any]:
+def proxy_options(port: int, http_port: int | None = None) -> dict[str, Any]:
     """`serve.start`'s arguments for loraplex: Ray's gRPC proxy on `port` serving the loraplex
-    services, and taking no message larger than the plain server does (`PROXY_ENV`)."""
-    return {
+    services, and taking no message larger than the plain server does (`PROXY_ENV`); with
+    `http_port`, Ray's HTTP proxy on it, on every interface, for the OpenAI-compatible API
+    (without, it stays where Ray puts it by default: loopback, port 8000)."""
+    options: dict[str, Any] = {
         "grpc_options": gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
         "controller_options": ControllerOptions(runtime_env={"env_vars": PROXY_ENV}),
     }
+    if http_port is not None:
+        options["http_options"] = HTTPOptions(host=PROXY_HOST, port=http_port)
+    return options
 
 
 def check_config(config: ServerConfig) -> None:
-    """What Ray Serve cannot serve as the plain server would: raises ValueError. Ray's proxy
-    listens on every interface, so no key file needs --insecure (whatever --host says), and it
-    serves plaintext."""
+    """What Ray Serve cannot serve as the plain server would: raises ValueError. Ray's proxies
+    listen on every interface, so no key file needs --insecure (whatever --host says), and
+    they serve plaintext."""
     try:
         config.check_authentication(PROXY_HOST)
     except ValueError as exc:
-        raise ValueError(f"{exc} (Ray Serve's gRPC proxy listens on every interface)") from None
+        raise ValueError(
+            f"{exc} (Ray Serve's gRPC and HTTP proxies listen on every interface)"
+        ) from None
     if config.tls_cert or config.tls_client_ca:
         raise ValueError(
             "Ray Serve's gRPC proxy serves plaintext: terminate TLS in front of it (a load "
@@ -536,13 +586,13 @@ def build_app(
     """The application: an ingress and `replicas` engine replicas of `replica_cpus` CPUs each
     (Ray gives a replica as many compute threads), or "auto": autoscaled (the deployment's
     `autoscaling_config`, e.g. from deploy/ray/rayservice.yaml); `logs` is the replicas' log
-    (level, format). Run it with `serve.run` after `serve.start(**proxy_options(port))`.
-    Refuses (ValueError) what `check_config` refuses."""
+    (level, format). Run it with `serve.run` after `serve.start(**proxy_options(port,
+    http_port))`. Refuses (ValueError) what `check_config` refuses."""
     check_config(config)
     engine = cast(Deployment, EngineReplica).options(
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}
     )
-    return Ingress.bind(engine.bind(config, logs), config)
+    return Ingress.bind(engine.bind(config, logs, int(time.time())), config)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

@@ -81,7 +81,11 @@ def authorize(
     return principal
 
 
-def build_app(endpoints: Endpoints, keys: KeyRing | None, metrics: HttpMetrics) -> Starlette:
+def build_app(endpoints: object, keys: KeyRing | None, metrics: HttpMetrics) -> Starlette:
+    """The routes of ROUTES, each served by the `endpoints` method it names (an Endpoints on a
+    runtime, or the Ray ingress's, which forward: server/ray_http.py) once `_serve` admitted
+    the caller."""
+
     def serving(route: HttpRoute) -> Callable[[Request], Awaitable[Response]]:
         serve = getattr(endpoints, route.endpoint)
 
