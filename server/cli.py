@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_options(serve)
     on_ray = sub.add_parser(
         "serve-ray",
-        help="serve on a Ray cluster: engine replicas routed by adapter, behind Ray's gRPC proxy",
-        description="Takes every `serve` flag (--port is the Ray gRPC proxy's port); each "
-        "replica is a whole loraplex server, and replicas share --adapter-store.",
+        help="serve on a Ray cluster: engine replicas routed by adapter, behind Ray's gRPC and "
+        "HTTP proxies",
+        description="Takes every `serve` flag (--port is the Ray gRPC proxy's port, --http-port "
+        "its HTTP proxy's); each replica is a whole loraplex server, and replicas share "
+        "--adapter-store.",
     )
     add_serve_options(on_ray)
     add_options(on_ray, RayConfig)
@@ -217,9 +219,10 @@ def serve_ray(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     ray.init(address=ray_config.ray_address or None)
-    ray_serve.start(**proxy_options(config.port))
-    log.info("loraplex on Ray Serve: %d replicas, gRPC on port %d", ray_config.replicas,
-             config.port)  # fmt: skip
+    ray_serve.start(**proxy_options(config.port, config.http_port))
+    http = "off" if config.http_port is None else f"on port {config.http_port}"
+    log.info("loraplex on Ray Serve: %d replicas, gRPC on port %d, HTTP %s", ray_config.replicas,
+             config.port, http)  # fmt: skip
     app = build_app(config, ray_config.replicas, ray_config.replica_cpus, build(LogConfig, args))
     ray_serve.run(app, name="loraplex", blocking=True)
     return 0

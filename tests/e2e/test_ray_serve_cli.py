@@ -1,14 +1,16 @@
 """`loraplex serve-ray`, the README's one command: two replicas on a local Ray instance of
-this machine's cores, answering the loraplex CLI through Ray's gRPC proxy, and stopping on
-Ctrl-C."""
+this machine's cores, answering the loraplex CLI through Ray's gRPC proxy and the OpenAI API
+through its HTTP proxy, and stopping on Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -20,6 +22,7 @@ pytest.importorskip("ray", reason="Ray Serve is a dev dependency")
 pytestmark = pytest.mark.e2e
 
 PORT = 9619
+HTTP_PORT = 9620
 
 
 def loraplex(*args: str) -> list[str]:
@@ -29,6 +32,7 @@ def loraplex(*args: str) -> list[str]:
 
 def test_serve_ray_serves_the_cli_and_stops_on_ctrl_c(model_home, tmp_path):
     argv = loraplex("serve-ray", "--replicas", "2", "--port", str(PORT), "--insecure")
+    argv += ["--http-port", str(HTTP_PORT)]
     argv += ["--home", str(model_home), "--adapter-store", str(tmp_path / "store")]
     env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray instance of its own
     with open(tmp_path / "serve-ray.log", "wb") as log:
@@ -51,6 +55,8 @@ def test_serve_ray_serves_the_cli_and_stops_on_ctrl_c(model_home, tmp_path):
             timeout=120,
         )
         assert done.returncode == 0 and done.stdout.strip(), done.stderr
+        with urllib.request.urlopen(f"http://localhost:{HTTP_PORT}/v1/models", timeout=60) as r:
+            assert json.load(r)["data"][0]["parent"] is None  # the base model, over HTTP
     finally:
         server.send_signal(signal.SIGINT)
         try:
