@@ -22,6 +22,7 @@ pytest.importorskip("ray", reason="Ray Serve is a dev dependency")
 
 RAY = Path(__file__).resolve().parents[2] / "deploy" / "ray"
 GRPC_PROXY_PORT = 9000
+HTTP_PROXY_PORT = 8000
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, METRICS_PORT, AGENT_PORT = 6379, 8265, 10001, 8080, 52365
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -97,6 +98,7 @@ def test_ray_configs_are_valid_serve_configs():
     (engine,) = app.deployments
     assert engine.name == "EngineReplica" and engine.autoscaling_config["max_replicas"] > 1
     assert embedded["grpc_options"] == plain["grpc_options"]
+    assert embedded["http_options"] == plain["http_options"]
     flags = runnable_flags(app.args["serve_flags"])
     assert app_builder({**app.args, "serve_flags": flags}) is not None  # its flags parse
     with pytest.raises(ValueError, match="terminate TLS in front"):  # Ray's proxy has no TLS
@@ -118,6 +120,25 @@ def test_the_shipped_apps_need_their_key_file(which):
     without_keys = flags[:keys] + flags[keys + 2 :]
     with pytest.raises(ValueError, match="--insecure"):
         app_builder({**app["args"], "serve_flags": without_keys})
+
+
+@pytest.mark.parametrize("which", ["serve_config", "rayservice"])
+def test_the_http_proxy_serves_the_openai_api_on_every_interface(which):
+    """Ray's HTTP proxy listens on loopback unless told otherwise: the configs put it where
+    the gRPC proxy is (every interface, what `proxy_options` gives `serve-ray`), and the
+    application serves the HTTP API there (its flags leave --no-http off)."""
+    from loraplex.server.ray_serve import PROXY_HOST, proxy_options
+
+    config = serve_config() if which == "serve_config" else embedded_serve_config()
+    http = config["http_options"]
+    assert (http["host"], http["port"]) == (PROXY_HOST, HTTP_PROXY_PORT)
+    options = proxy_options(GRPC_PROXY_PORT, HTTP_PROXY_PORT)["http_options"]
+    assert (options.host, options.port) == (http["host"], http["port"])
+    (app,) = config["applications"]
+    assert "--no-http" not in app["args"]["serve_flags"]
+    if which == "rayservice":  # KubeRay's serve Service targets the head's port named "serve"
+        head = pod_templates()["head"]["spec"]["containers"][0]
+        assert {"containerPort": HTTP_PROXY_PORT, "name": "serve"} in head["ports"]
 
 
 @pytest.mark.parametrize("which", ["serve_config", "rayservice"])
@@ -287,9 +308,11 @@ def test_only_the_clusters_ray_pods_reach_the_heads_control_ports():
     assert not any(
         admits(policy, port, operator, True) for port in control if port != DASHBOARD_PORT
     )
-    # Clients reach Ray's gRPC proxy (where loraplex's API keys apply) from anywhere.
-    assert all(admits(policy, GRPC_PROXY_PORT, labels, True) for labels, _ in strangers)
+    # Clients reach Ray's gRPC and HTTP proxies (where loraplex's API keys apply) from anywhere.
+    for port in (GRPC_PROXY_PORT, HTTP_PROXY_PORT):
+        assert all(admits(policy, port, labels, True) for labels, _ in strangers)
     assert embedded_serve_config()["grpc_options"]["port"] == GRPC_PROXY_PORT
+    assert embedded_serve_config()["http_options"]["port"] == HTTP_PROXY_PORT
 
 
 def test_the_network_policy_validates_against_the_kubernetes_schemas():
