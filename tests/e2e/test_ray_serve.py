@@ -9,6 +9,9 @@ eight adapters in a shared store, API keys of three tenants.
   proxy takes no message larger than the single server does.
 - A replica killed under load loses only its own requests (UNAVAILABLE, retryable); the
   cluster keeps serving.
+- The OpenAI-compatible API through Ray's HTTP proxy, with OpenAI's own client: the same keys,
+  routing by model, streams, load/unload reaching every replica, and a client that goes away
+  ending its replica's request.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import openai
 import pytest
 
 from loraplex.core.config import ModelConfig
@@ -32,6 +36,11 @@ ray = pytest.importorskip("ray", reason="Ray Serve is a dev dependency")
 pytestmark = pytest.mark.e2e
 
 PORT = 9613
+HTTP_PORT = 9614
+# How long Ray takes to route by where a new multiplexed id was first served (the replica
+# reports it, the ingress's router hears it); a request sooner may go to another replica,
+# which then holds it too.
+SETTLE_S = 3
 KEYS = {  # name: (tenant, role)
     "admin": ("acme", "admin"),
     "client": ("acme", "client"),
@@ -58,9 +67,10 @@ def cluster(model_home, adapter_root, tmp_path_factory, peft_reference):
         auth_keys=tmp / "keys.toml",
         model=ModelConfig(home=model_home),
         engine=EngineConfig(max_loras=6, max_batch_size=8),
+        http_port=HTTP_PORT,
     )
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(**proxy_options(PORT))
+    serve.start(**proxy_options(PORT, HTTP_PORT))
     serve.run(build_app(config, replicas=2), name="loraplex")
     yield f"localhost:{PORT}", keys
     serve.shutdown()
@@ -281,6 +291,121 @@ def test_backpressure_is_resource_exhausted_through_the_proxy(cluster):
     status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
     info = error_details_pb2.RetryInfo()
     assert status.details[0].Unpack(info) and info.retry_delay.ToMilliseconds() > 0
+
+
+def openai_client(key: str, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://localhost:{HTTP_PORT}/v1",
+        api_key=key,
+        max_retries=0,
+        timeout=120,
+        default_headers=headers or None,
+    )
+
+
+def http_post(path: str, key: str, body: dict) -> int:
+    """The status of a plain POST (vLLM's load/unload endpoints are not in OpenAI's client)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://localhost:{HTTP_PORT}{path}",
+        data=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def model_listings(api: openai.OpenAI) -> list[set[str]]:
+    """GET /v1/models 12 times, from both replicas (it names no adapter: Ray spreads it)."""
+    from loraplex.server.ray_serve import REPLICA_METADATA
+
+    found, replicas = [], set()
+    for _ in range(12):
+        raw = api.models.with_raw_response.list()
+        replicas.add(raw.headers[REPLICA_METADATA])
+        found.append({m.id for m in raw.parse().data})
+    assert len(replicas) == 2, replicas
+    return found
+
+
+def test_the_openai_api_through_the_http_proxy(cluster, registered, peft_reference):
+    from loraplex.server.ray_serve import REPLICA_METADATA
+
+    _, keys = cluster
+    api = openai_client(keys["admin"])
+    models = {m.id: m for m in api.models.list().data}
+    [base] = [m for m in models if models[m].parent is None]
+    assert set(registered) <= set(models)
+    ask = [{"role": "user", "content": "Name three colours."}]
+    for model in (base, registered[0]):
+        chat = api.chat.completions.create(model=model, messages=ask, max_tokens=6, temperature=0)
+        assert chat.model == model and chat.choices[0].message.content
+        chunks = list(
+            api.chat.completions.create(
+                model=model, messages=ask, max_tokens=6, temperature=0, stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            chat.choices[0].message.content
+        )
+    with pytest.raises(openai.AuthenticationError):  # keys on: no valid key, no answer
+        openai_client("not-a-key").chat.completions.create(model=base, messages=ask, max_tokens=1)
+    # vLLM's load: routed by the adapter's name, and every request for it goes where it is.
+    source = str(next(iter(peft_reference[2].values())))
+    load = {"lora_name": "over-http", "lora_path": source}
+    assert http_post("/v1/load_lora_adapter", keys["admin"], load) == 200
+    time.sleep(SETTLE_S)
+    homes = set()
+    for _ in range(4):
+        raw = api.chat.completions.with_raw_response.create(
+            model="over-http", messages=ask, max_tokens=2
+        )
+        homes.add(raw.headers[REPLICA_METADATA])
+    assert len(homes) == 1, homes
+    assert all("over-http" in ids for ids in model_listings(api))
+    # The unload is answered once every replica would serve it no more.
+    assert http_post("/v1/unload_lora_adapter", keys["admin"], {"lora_name": "over-http"}) == 200
+    assert all("over-http" not in ids for ids in model_listings(api))
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="over-http", messages=ask, max_tokens=2)
+
+
+def test_a_client_that_leaves_ends_its_request_through_the_http_proxy(cluster):
+    """Tenant "capped" may run one request at a time per replica; its requests go to one
+    replica (Ray's multiplexing header). A stream its client closes gives the place back long
+    before its 4000 tokens could have run."""
+    from loraplex.server.ray_serve import REPLICA_METADATA
+
+    _, keys = cluster
+    api = openai_client(keys["capped"], serve_multiplexed_model_id="capped-home")
+    [base] = [m.id for m in api.models.list().data if m.parent is None]  # where it goes
+    time.sleep(SETTLE_S)
+
+    def one() -> str:
+        raw = api.completions.with_raw_response.create(model=base, prompt="Hi", max_tokens=1)
+        return raw.headers[REPLICA_METADATA]
+
+    stream = api.completions.create(
+        model=base, prompt="1, 2, 3,", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))  # running
+    with pytest.raises(openai.RateLimitError):
+        one()
+    stream.close()  # the client goes away
+    started = time.monotonic()
+    while True:
+        try:
+            one()
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() - started < 15, "a closed stream kept its place"
+            time.sleep(0.2)
 
 
 def retried(client: LoraplexClient, adapter_id: str, deadline_s: float = 180) -> str:
