@@ -8,10 +8,11 @@
 The ingress serves the plain server's route table (server/http_api's ROUTES, through its
 `build_app`), so every call is admitted by the same rule (`authorize`: a valid key for the
 client routes, an admin's for load/unload) before anything of it is forwarded, and errors
-have the same shape; its endpoints only forward. A forwarded call crosses Ray as an `HttpCall`
-(the caller's headers, with the ingress's request id, and its body, read once and bounded) to
-one replica, whose own HTTP app (the plain server's Endpoints on the replica's runtime) serves
-it in-process as uvicorn would, and the answer comes back in parts: its head (status and
+have the same shape; its endpoints only forward (but /metrics: each replica counts its own,
+so none passes for the cluster's). A forwarded call crosses Ray as an `HttpCall` (the caller's
+headers, with the ingress's request id, and its body, read once and bounded) to one replica,
+whose own HTTP app (the plain server's Endpoints on the replica's runtime) serves it
+in-process as uvicorn would, and the answer comes back in parts: its head (status and
 headers), its body as the app sends it (a stream's events one by one), then its end.
 
 Routing is the gRPC ingress's: a generation's `model`, when it is an adapter, is the request's
@@ -42,7 +43,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.core.errors import NotReady
-from loraplex.server.http_api.errors import error_event
+from loraplex.server.http_api.errors import HttpError, error_event
 from loraplex.server.http_api.metrics import HttpMetrics
 from loraplex.server.http_api.routes import Call, Endpoints, json_body, sse
 from loraplex.server.http_api.server import REQUEST_ID_HEADER, build_app
@@ -203,6 +204,14 @@ class HttpIngress:
 
     async def ready(self, call: Call) -> Response:
         return await self._forward(call, "ready")
+
+    async def metrics(self, call: Call) -> Response:
+        """Not forwarded: one replica's counts would pass for the cluster's."""
+        raise HttpError(
+            "NOT_FOUND",
+            "no /metrics on Ray Serve: each engine replica counts its own (Ray's metrics are "
+            "on Ray's metrics port)",
+        )
 
     async def models(self, call: Call) -> Response:
         return await self._forward(call, "models")

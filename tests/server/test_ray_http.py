@@ -227,7 +227,9 @@ def call_route(app: Any, route: Any, headers: dict[str, str]) -> Reply:
 
 # -- admission ------------------------------------------------------------------------------
 
-KEYED = [r for r in ROUTES if r.access is not Access.OPEN]
+# Every route but /metrics (answered by the ingress: each replica counts its own) is forwarded.
+FORWARDED = [r for r in ROUTES if r.endpoint != "metrics"]
+KEYED = [r for r in FORWARDED if r.access is not Access.OPEN]
 
 
 @pytest.mark.parametrize("route", KEYED, ids=lambda r: f"{r.method} {r.path}")
@@ -251,7 +253,7 @@ def test_a_client_key_reaches_only_the_client_routes(ingress, keys, route):
         assert reply.status == 200 and len(replica.forwarded) == 1
 
 
-@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.method} {r.path}")
+@pytest.mark.parametrize("route", FORWARDED, ids=lambda r: f"{r.method} {r.path}")
 def test_an_admin_key_reaches_every_route_and_probes_need_none(ingress, keys, route):
     app, replica, _ = ingress
     headers = {} if route.access is Access.OPEN else bearer(keys["admin"])
@@ -264,9 +266,9 @@ def test_an_admin_key_reaches_every_route_and_probes_need_none(ingress, keys, ro
 
 def test_without_keys_every_caller_is_admitted(make_ingress):
     app, replica, _ = make_ingress(ServerConfig(insecure=True, http_port=8000))
-    for route in ROUTES:
+    for route in FORWARDED:
         assert call_route(app, route, {}).status == 200, route
-    assert len(replica.forwarded) == len(ROUTES)
+    assert len(replica.forwarded) == len(FORWARDED)
 
 
 def test_a_revoked_key_stops_working_over_http_too(tmp_path, make_ingress):
@@ -293,6 +295,13 @@ def test_an_unknown_route_is_a_404_in_openai_shape(ingress, keys):
     app, replica, _ = ingress
     reply = asyncio.run(call_app(app, "GET", "/v1/nothing", headers=bearer(keys["client"])))
     assert reply.status == 404 and reply.json()["error"]["type"] == "not_found_error"
+    assert replica.forwarded == []
+
+
+def test_metrics_are_not_one_replicas_passed_off_as_the_clusters(ingress):
+    app, replica, _ = ingress
+    reply = asyncio.run(call_app(app, "GET", "/metrics"))
+    assert reply.status == 404 and "each engine replica" in reply.json()["error"]["message"]
     assert replica.forwarded == []
 
 
@@ -428,7 +437,7 @@ def test_the_store_generation_moves_only_for_a_change_that_may_have_happened(ing
 
 def test_generations_and_reads_leave_the_store_generation(ingress, keys):
     app, _, counter = ingress
-    for route in ROUTES:
+    for route in FORWARDED:
         if route.access is not Access.ADMIN:
             assert call_route(app, route, bearer(keys["client"])).status == 200
     assert "bump" not in counter.calls
