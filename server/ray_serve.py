@@ -66,8 +66,9 @@ from loraplex.server.config import LogConfig, ServerConfig, parse_serve_flags
 from loraplex.server.grpc_api.interceptor import REQUEST_ID_KEY, Refusal, admit, request_id_of
 from loraplex.server.grpc_api.server import MAX_MESSAGE_BYTES
 from loraplex.server.logs import configure_logging
-from loraplex.server.ray_generation import GENERATION_ACTOR as GENERATION_ACTOR  # its old home
+from loraplex.server.ray_generation import GENERATION_ACTOR as GENERATION_ACTOR  # first here
 from loraplex.server.ray_generation import UNKNOWN, Generation, Generations
+from loraplex.server.ray_generation import StoreGeneration as StoreGeneration  # first here
 from loraplex.server.ray_http import HttpCall, HttpPart
 from loraplex.server.runtime.auth import KeyRing
 from loraplex.v1 import adapters_pb2, inference_pb2
