@@ -243,12 +243,13 @@ async def until_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
     watch = asyncio.ensure_future(disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # also when this call itself is cancelled: the work goes with it
         watch.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
         raise ClientGone
     return task.result()
 

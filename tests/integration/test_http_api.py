@@ -229,7 +229,7 @@ def send(server, body: dict) -> socket.socket:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_dropped_connection_frees_its_sequence(server, base_id, stream):
+def test_a_dropped_connection_frees_its_sequence(server, registered, stream):
     wait_idle(server)
     cancelled = metric(server, "loraplex_requests_total", code="CANCELLED", protocol="http")
     body = {"model": "attn-r8", "prompt": "Count:", "max_tokens": 4000, "ignore_eos": True,
