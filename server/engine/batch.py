@@ -7,9 +7,8 @@ the last row moves into its row (see KVCache.free).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
-
-import torch
 
 from loraplex.server.engine.output import OutputProcessor
 from loraplex.server.engine.request import EngineRequest
@@ -22,7 +21,7 @@ class Sequence:
     request: EngineRequest
     slot: int  # device slot of its adapter; -1 = base model
     output: OutputProcessor
-    generator: torch.Generator | None  # None = greedy
+    generator: random.Random | None  # None = greedy (see sampling.make_generator)
     row: int  # its KV cache row
     reserved: int  # KV cache tokens reserved for it
     num_cached: int = 0  # tokens whose keys/values are in the cache

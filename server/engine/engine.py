@@ -419,7 +419,7 @@ class Engine:
             request=request,
             slot=admission.slot,
             output=OutputProcessor(self._model().loaded.tokenizer, request.params.stop),
-            generator=make_generator(request.params, self._model().device),
+            generator=make_generator(request.params),
             row=admission.row,
             reserved=self._reservation(request),
         )
