@@ -374,6 +374,36 @@ def test_the_native_kernel_shares_each_adapters_weights_across_its_tokens(native
                 torch.testing.assert_close(g.float(), 1 - w, rtol=8e-3, atol=1e-2, msg=isa)
 
 
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slot", [0, 1])
+def test_a_lone_row_at_real_widths_equals_the_spec(native, dtype, slot):
+    """One stream's token (one row of one adapter) at the embedded model's widths, with a
+    member whose width is no multiple of a vector: the wide passes, single vectors and the
+    scalar tail of one row."""
+    torch.manual_seed(1)
+    d_in, outs, ranks = 576, [576, 200, 192], [16, 7]
+    group = LoraGroup(d_in, outs, len(ranks), 16, dtype, torch.device("cpu"))
+    for s_, r in enumerate(ranks):
+        for member, out in enumerate(outs):
+            group.set_slot(s_, member, torch.randn(r, d_in) / 8, torch.randn(out, r) / 8)
+    x = torch.randn(1, d_in).to(dtype)
+    want = [
+        lora_delta_reference(
+            x.float(), *(w.float() for w in group.reference_stacks(j)), ranks, torch.tensor([slot])
+        )
+        for j in range(len(outs))
+    ]
+    for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
+        got = [torch.ones(1, out, dtype=dtype) for out in outs]
+        native.lora_add(got, x, group.at, group.bt, 16, torch.tensor([slot]), 1.0, isa=isa)
+        for g, w in zip(got, want, strict=True):
+            if dtype == torch.float32:
+                torch.testing.assert_close(g, 1 + w, rtol=1e-5, atol=1e-4, msg=isa)
+            else:
+                torch.testing.assert_close(g.float(), 1 + w, rtol=8e-3, atol=2e-2, msg=isa)
+
+
 def test_stacks_the_native_kernel_cannot_take_keep_the_torch_paths(load_tiny):
     """float16 stacks (an explicit --lora-dtype float16) are planned on torch's paths, so a
     small step still adds its LoRA; bf16/float32 stacks go to the native kernel."""
