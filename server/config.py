@@ -122,6 +122,10 @@ class EngineConfig:
     """Capture decode steps of a few tokens (light load) once per batch size and replay them
     in one native call, without Python between the kernels (CPU, with the native kernels;
     --no-compile: every step op by op)."""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """The LoRA kernels: triton = the Triton shrink and expand (the GPU path; on a CPU through
+    Triton's interpreter, for tests only); torch = torch's ops, and on a CPU loraplex's native
+    kernels; auto = triton on CUDA where triton is installed, else torch."""
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the served LoRA weights and math; auto = the model's compute dtype (as vLLM
     does); float32 = as PEFT computes them."""

@@ -22,6 +22,7 @@ Both paths equal `lora.lora_delta_reference` (tests/server/engine/test_lora.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ import torch
 
 from loraplex.server.engine.cpu_kernels import CpuKernels
 from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup, LoraPool, LoraStacks
+from loraplex.server.engine.triton_lora import LoraTiles, add_lora_triton
 
 NATIVE_RUN_TOKENS = 64  # an adapter's tokens in a step, up to this many: the native kernel
 
@@ -75,6 +77,7 @@ class LoraPlan:
     decode: DecodeLayout | None
     segments: list[Segment]  # token ranges of the prompt part
     native: NativeLora | None = None  # the tokens the native kernel takes (the rest: above)
+    triton: LoraTiles | None = None  # with the Triton kernels: every token, grouped by slot
 
     @property
     def empty(self) -> bool:
@@ -94,9 +97,12 @@ def plan_step(
     segments: list[Segment],
     native: CpuKernels | None = None,
     num_tokens: int = 0,
+    tiles: Callable[[LoraPool, int], LoraTiles] | None = None,
 ) -> tuple[PoolPlan, ...]:
     """The step's LoRA pool by pool (arguments as `plan_lora`'s, in the engine's slots): each
-    pool plans the tokens of its adapters, by local slot; to it the others are base tokens."""
+    pool plans the tokens of its adapters, by local slot; to it the others are base tokens.
+    With `tiles` (the Triton kernels), `tiles(pool, tokens)` is the pool's tile buffer, which
+    takes every token of the step grouped by slot."""
     place = stacks.place
     used = (*decode_slots, *(g.slot for g in segments))
     buckets = sorted({place[s][0] for s in used if s in place})
@@ -104,17 +110,37 @@ def plan_step(
     for bucket in buckets:
         pool = stacks.pools[bucket]
         local = {s: loc for s, (b, loc) in place.items() if b == bucket}
-        plan = plan_lora(
-            [local.get(s, NO_ADAPTER) for s in decode_slots],
-            [g._replace(slot=local.get(g.slot, NO_ADAPTER)) for g in segments],
-            pool.ranks,
-            stacks.device,
-            native,
-            num_tokens,
-        )
+        decode = [local.get(s, NO_ADAPTER) for s in decode_slots]
+        segs = [g._replace(slot=local.get(g.slot, NO_ADAPTER)) for g in segments]
+        if tiles is None:
+            plan = plan_lora(decode, segs, pool.ranks, stacks.device, native, num_tokens)
+        else:
+            plan = _tiled(decode, segs, pool, num_tokens, tiles)
         if not plan.empty:
             plans.append(PoolPlan(pool, plan))
     return tuple(plans)
+
+
+def _tiled(
+    decode_slots: list[int],
+    segments: list[Segment],
+    pool: LoraPool,
+    num_tokens: int,
+    tiles: Callable[[LoraPool, int], LoraTiles],
+) -> LoraPlan:
+    """The plan of one pool's tokens for the Triton kernels: each token's local slot, grouped
+    once into the pool's tile buffer for every layer of the step."""
+    table = [NO_ADAPTER] * max([num_tokens, len(decode_slots), *(g.end for g in segments)])
+    table[: len(decode_slots)] = decode_slots
+    for g in segments:
+        table[g.start : g.end] = [g.slot] * (g.end - g.start)
+    ranks = pool.ranks
+    rank = max((ranks[s] for s in table if s != NO_ADAPTER), default=0)
+    if not rank:
+        return LoraPlan(rank=0, decode=None, segments=[])
+    buffer = tiles(pool, len(table))
+    buffer.update(table, ranks)
+    return LoraPlan(rank=rank, decode=None, segments=[], triton=buffer)
 
 
 def plan_lora(
@@ -241,6 +267,9 @@ def add_lora(
     """outputs[j] (N, out_j) += scale * LoRA delta of member j, in place. x: (N, in).
     (scale -1 takes an adapter merged into the base back out for the tokens of others.)"""
     if plan.empty:
+        return
+    if plan.triton is not None:
+        add_lora_triton(outputs, x, group, plan.triton, scale)
         return
     if plan.native is not None:
         plan.native.library.lora_add(

@@ -5,7 +5,7 @@ work (decode tokens and prompt chunks of running sequences) into a forward pass.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +29,12 @@ from loraplex.server.engine.linear import BaseLinears
 from loraplex.server.engine.lora import (
     MIN_POOL_RANK,
     NO_ADAPTER,
+    LoraPool,
     LoraStacks,
     slot_bytes,
 )
 from loraplex.server.engine.lora_ops import PoolPlan, Segment, plan_step
+from loraplex.server.engine.triton_lora import LoraTiles, resolve_kernels
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class ModelRunner:
         dense_cache_bytes: int | None = None,
         tuning: TuningCache | None = None,
         compile: bool = True,
+        kernels: str = "auto",
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -111,10 +114,20 @@ class ModelRunner:
             tuning,
             fuse=fused_groups(self.model),
         )
+        self.kernels = resolve_kernels(kernels, self.device)
+        # The Triton LoRA's tile buffers, per pool and per plan (0: the step's, 1: taking a
+        # merged adapter back out), grown to the largest step seen.
+        self._tiles: dict[tuple[int, int], LoraTiles] = {}
         self.forward = DecoderForward(
-            self.model, self.cache, self.lora, self.linears, compile=compile
+            self.model,
+            self.cache,
+            self.lora,
+            self.linears,
+            # a captured step replays the native LoRA kernel's calls, not Triton's
+            compile=compile and self.kernels == "torch",
         )
         log.info("base kernels: %s", self.linears.describe())
+        log.info("LoRA kernels: %s (--kernels %s)", self.kernels, kernels)
         self.merged_slot: int | None = None  # the slot whose adapter is folded into the base
 
     @classmethod
@@ -134,6 +147,7 @@ class ModelRunner:
             dense_cache_bytes=config.dense_cache_bytes,
             tuning=tuning,
             compile=config.compile,
+            kernels=config.kernels,
         )
 
     def merge_pays(self, step_tokens: float) -> bool:
@@ -201,11 +215,14 @@ class ModelRunner:
         # float16 keeps the torch paths)
         native = self.linears.native if self.lora.dtype in DTYPES else None
         n = max([len(decode_slots), *(g.end for g in segments)])
+        tiles = (
+            [None, None] if self.kernels == "torch" else [self._tiles_for(0), self._tiles_for(1)]
+        )
         if m is None:
-            return plan_step(stacks, decode_slots, segments, native, n), ()
+            return plan_step(stacks, decode_slots, segments, native, n, tiles[0]), ()
         own = [NO_ADAPTER if s == m else s for s in decode_slots]
         own_segments = [g._replace(slot=NO_ADAPTER) if g.slot == m else g for g in segments]
-        lora = plan_step(stacks, own, own_segments, native, n)
+        lora = plan_step(stacks, own, own_segments, native, n, tiles[0])
         runs: list[Segment] = []
         for i, slot in enumerate(decode_slots):
             if slot == m:
@@ -215,7 +232,21 @@ class ModelRunner:
             else:
                 runs.append(Segment(slot=m, start=i, end=i + 1))
         runs += [g._replace(slot=m) for g in segments if g.slot != m]
-        return lora, plan_step(stacks, [], runs, native, n)
+        return lora, plan_step(stacks, [], runs, native, n, tiles[1])
+
+    def _tiles_for(self, which: int) -> Callable[[LoraPool, int], LoraTiles]:
+        """The tile buffer of a pool for `which` plan, holding at least `tokens` tokens."""
+
+        def tiles(pool: LoraPool, tokens: int) -> LoraTiles:
+            key = (id(pool), which)
+            found = self._tiles.get(key)
+            if found is None or found.max_tokens < tokens or found.max_slots < len(pool.ranks):
+                size = max(tokens, self.max_rows, found.max_tokens if found else 0)
+                found = LoraTiles(size, max(1, len(pool.ranks)), self.device)
+                self._tiles[key] = found
+            return found
+
+        return tiles
 
     def step(self, decodes: list[DecodeWork], prefills: list[PrefillWork]) -> torch.Tensor:
         """One forward over every decode token and prompt chunk (written into the cache).

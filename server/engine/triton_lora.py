@@ -15,6 +15,7 @@ imported at the first launch.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -104,6 +105,19 @@ class LoraTiles:
         self.table.copy_(self._staging, non_blocking=True)
         if self._uploaded is not None:
             self._uploaded.record()
+
+
+def resolve_kernels(choice: str, device: torch.device) -> str:
+    """The LoRA kernels `--kernels` asks for: auto is triton on CUDA where triton is
+    installed, else torch; triton without triton installed is an error."""
+    installed = importlib.util.find_spec("triton") is not None
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and installed else "torch"
+    if choice == "triton" and not installed:
+        raise ValueError("--kernels triton needs triton (pip install 'loraplex[gpu]')")
+    if choice not in ("torch", "triton"):
+        raise ValueError(f"kernels must be auto, torch or triton, got {choice!r}")
+    return choice
 
 
 @functools.cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -19,10 +20,14 @@ from loraplex.server.engine.lora import (
     rank_bucket,
 )
 from loraplex.server.engine.lora_ops import NATIVE_RUN_TOKENS, Segment, add_lora, plan_lora
-from loraplex.server.engine.model_runner import ModelRunner
+from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
+from loraplex.server.engine.triton_lora import resolve_kernels
 from tests.conftest import TINY_FAMILIES
 from tests.helpers import add_peft_adapter, peft_logits
 
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton comes with the dev extra (Linux)"
+)
 D_IN, OUTS = 24, [40, 8, 8]  # a fused q/k/v-like group: three members read one input
 RANKS = [16, 4, 8, 0]  # mixed ranks (zero-padded to 16); slot 3 holds nothing
 
@@ -151,9 +156,10 @@ def test_stacks_place_each_module_in_its_group_member():
 
 @pytest.mark.cpu_isa
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family):
+def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family, kernels="torch"):
     """Two PEFT adapters (different ranks, so different pools, and targets) and the base, in one
-    prefill batch, on each supported model family (Qwen2's q/k/v carry biases)."""
+    prefill batch, on each supported model family (Qwen2's q/k/v carry biases). With the Triton
+    kernels too (test_the_triton_kernels_serve_as_peft_and_as_torchs)."""
     loaded = load_tiny(family=family)
     reference = copy.deepcopy(loaded.model)
     configs = {
@@ -164,11 +170,12 @@ def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family
         reference = add_peft_adapter(reference, name, config, seed=i, b_std=0.5)
     reference.save_pretrained(tmp_path, selected_adapters=list(configs))
 
-    runner = ModelRunner(loaded, num_slots=3, max_rank=16)
+    runner = ModelRunner(loaded, num_slots=3, max_rank=16, kernels=kernels)
     spec = BaseModelSpec(runner.target_shapes, max_rank=16, fingerprint="tiny")
     for slot, name in enumerate(configs):
         runner.load_adapter(slot, load_adapter(tmp_path / name, spec))
     assert sorted(runner.lora.pools) == [8, 16]  # the two adapters run in pools of their own
+    assert runner.kernels == kernels
     prompts = [[5, 17, 300, 42, 7], [9, 8, 7], [100, 200, 300, 400]]
     slots = [0, 1, NO_ADAPTER]
     logits = runner.prefill(prompts, slots)
@@ -179,6 +186,51 @@ def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family
         base = reference(torch.tensor([prompts[0]])).logits[0, -1]
     assert (logits[0] - base).abs().max() > 1e-2  # the adapter really changed the output
     assert isinstance(reference, PeftModel)
+
+
+@needs_triton
+def test_the_triton_kernels_serve_as_peft_and_as_torchs(load_tiny, tmp_path):
+    """--kernels triton (in Triton's interpreter here): PEFT's logits for a mixed prefill of
+    two pools and the base; then decode steps of mixed adapters, with one adapter merged into
+    the base (its delta taken back out of the others' tokens), give torch's greedy tokens."""
+    test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, "llama", "triton")
+    runners = {}
+    for kernels in ("torch", "triton"):
+        runner = ModelRunner(load_tiny(), num_slots=3, max_rank=16, kernels=kernels, compile=False)
+        spec = BaseModelSpec(runner.target_shapes, max_rank=16, fingerprint="tiny")
+        for slot, name in enumerate(("first", "second")):
+            runner.load_adapter(slot, load_adapter(tmp_path / name, spec))
+        runners[kernels] = runner
+    prompts = [[5, 17, 300, 42, 7], [9, 8, 7], [100, 200, 300, 400], [3, 1, 4, 1, 5, 9]]
+    slots = [0, 1, NO_ADAPTER, 1]
+    tokens, logits = {}, {}
+    for kernels, runner in runners.items():
+        runner.merge(1)  # "second" folded into the base: the others' tokens take it back out
+        rows = [runner.cache.allocate(len(p) + 4) for p in prompts]
+        work = [PrefillWork(row=r, slot=s, tokens=p, start=0, wants_logits=True)
+                for r, s, p in zip(rows, slots, prompts, strict=True)]  # fmt: skip
+        logits[kernels] = runner.step([], work)
+        out = [logits[kernels].argmax(-1).tolist()]
+        # the engine's decode order: the merged adapter's tokens first, then by slot
+        order = sorted(range(len(rows)), key=lambda i: (slots[i] != 1, slots[i], rows[i]))
+        for n in range(3):
+            step = [DecodeWork(row=rows[i], slot=slots[i], token=out[-1][i],
+                               position=len(prompts[i]) + n) for i in order]  # fmt: skip
+            sampled = runner.step(step, []).argmax(-1).tolist()
+            out.append([sampled[order.index(i)] for i in range(len(rows))])
+        tokens[kernels] = out
+    torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+    assert tokens["triton"] == tokens["torch"]
+
+
+def test_kernels_auto_is_triton_on_cuda_only():
+    cpu = torch.device("cpu")
+    assert resolve_kernels("auto", cpu) == "torch" and resolve_kernels("torch", cpu) == "torch"
+    with pytest.raises(ValueError):
+        resolve_kernels("cutlass", cpu)
+    if importlib.util.find_spec("triton") is not None:
+        assert resolve_kernels("auto", torch.device("cuda")) == "triton"
+        assert resolve_kernels("triton", cpu) == "triton"  # the interpreter: tests
 
 
 def test_rank_buckets_are_powers_of_two_up_to_the_max_rank():
