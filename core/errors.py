@@ -49,6 +49,11 @@ class Unmeetable(Exhausted):
     (refused before it runs, or taken out of the queue while it still can be told so)."""
 
 
+class DeviceOutOfMemory(Exhausted):
+    """The device ran out of memory in a step: that step's requests end with it, and the
+    server goes on with the next ones."""
+
+
 class OverQuota(Exhausted):
     """A tenant is over one of its limits (requests in flight, tokens per minute)."""
 
@@ -65,8 +70,9 @@ class NotReady(LoraplexError):
     """The model is still loading, or the server is shutting down."""
 
 
-class LoadFailed(NotReady):
-    """The model failed to load: the server will not serve until it is restarted."""
+class Unrecoverable(NotReady):
+    """The model failed to load, or the device failed (a CUDA error that sticks): the server
+    will not serve until it is restarted."""
 
 
 class AdapterError(LoraplexError):

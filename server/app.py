@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from loraplex.adapters.store import ORPHAN_MIN_AGE_S
-from loraplex.core.errors import LoadFailed, NotReady
+from loraplex.core.errors import NotReady, Unrecoverable
 from loraplex.server.config import ServerConfig, is_loopback
 from loraplex.server.grpc_api.server import GrpcServer
 from loraplex.server.http_api.server import HttpServer
@@ -43,6 +43,7 @@ class LoraplexServer:
         self._grpc: GrpcServer | None = None
         self._http: HttpServer | None = None
         self._draining = False
+        self._background: set[asyncio.Future[None]] = set()
         self._ready = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
         self._upkeep_task: asyncio.Task[None] | None = None
@@ -106,10 +107,12 @@ class LoraplexServer:
     def _serving_runtime(self) -> Runtime:
         if self._draining:
             raise NotReady("the server is shutting down; retry on another replica")
+        if self.runtime is not None and self.runtime.engine.failure is not None:
+            raise self.runtime.engine.failure  # the device failed: restart (health says so)
         if self.runtime is not None and self._ready.is_set():
             return self.runtime
         if self.load_error is not None:
-            raise LoadFailed("the model failed to load; see the server log")
+            raise Unrecoverable("the model failed to load; see the server log")
         raise NotReady("the model is still loading; retry shortly")
 
     async def _load(self) -> None:
@@ -125,10 +128,25 @@ class LoraplexServer:
             self._ready.set()
             return
         assert self._grpc is not None
+        self._watch_engine(runtime)
         await self._grpc.set_serving(True)
         log.info("serving %s", runtime.info.model_id)
         self._ready.set()
         self._upkeep_task = asyncio.create_task(self._upkeep(runtime))
+
+    def _watch_engine(self, runtime: Runtime) -> None:
+        loop = asyncio.get_running_loop()
+        runtime.engine.on_failure.append(  # called on the engine thread
+            lambda failure: loop.call_soon_threadsafe(self._device_failed)
+        )
+
+    def _device_failed(self) -> None:
+        """The engine's device failed for good: health says NOT_SERVING (and /health 503), so
+        that the orchestrator restarts the server."""
+        if self._grpc is not None:
+            task = asyncio.ensure_future(self._grpc.set_serving(False))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _upkeep(self, runtime: Runtime) -> None:
         """Re-read the adapter store now and then (other replicas register into it too), and

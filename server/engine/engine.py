@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from loraplex.core.errors import NotReady, TooLong, Unmeetable
+import torch
+
+from loraplex.core.errors import (
+    DeviceOutOfMemory,
+    NotReady,
+    TooLong,
+    Unmeetable,
+    Unrecoverable,
+)
 from loraplex.core.machine import machine_key
 from loraplex.core.model import eos_ids_of
 from loraplex.core.types import AdapterVersion, AdapterWeights
@@ -46,6 +54,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SNAPSHOT_WAIT_S = 5.0  # how long recent_snapshot waits for the next step boundary
 DEADLINE_CHECK_S = 0.25  # how often queued requests' deadlines are checked
+OOM_RETRY_S = 1.0  # the retry advice to the requests of a step that ran out of device memory
 
 
 class Engine:
@@ -83,6 +92,10 @@ class Engine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_snapshot: EngineSnapshot | None = None
+        # Set once the device failed for good (a CUDA error sticks to its context): every
+        # request is refused from then on, and `on_failure` hears it (health NOT_SERVING).
+        self.failure: Unrecoverable | None = None
+        self.on_failure: list[Callable[[Unrecoverable], None]] = []
 
     # -- the public, thread-safe side ---------------------------------------------------------
     def start(self, timeout: float | None = None) -> EngineInfo:
@@ -100,6 +113,8 @@ class Engine:
     def check(self) -> None:
         """Raise QueueFull (or NotReady) if a request would be refused now: a cheap check
         before any work on a request (`submit` decides; this only refuses early)."""
+        if self.failure is not None:
+            raise self.failure
         self._scheduler.check()
 
     def submit(self, request: EngineRequest) -> None:
@@ -212,9 +227,8 @@ class Engine:
             try:
                 self._run_calls()
                 self._step()
-            except Exception as exc:  # keep serving: fail only the requests in this batch
-                log.exception("engine step failed; failing %d running requests", len(self._batch))
-                self._fail_all(exc)
+            except Exception as exc:
+                self._step_failed(exc)
         running = [seq.request for seq in self._batch.seqs]
         queued = self._scheduler.drain()
         if running or queued:
@@ -502,6 +516,30 @@ class Engine:
         if seq.slot != NO_ADAPTER and not seq.released:
             seq.released = True
             self._slots.release(seq.slot)
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step raised. Out of device memory: its requests end RESOURCE_EXHAUSTED and the
+        next steps go on. Another device error (CUDA's stick to the context): every request
+        ends and none is taken again, so that health says NOT_SERVING and the server is
+        restarted. Anything else fails the batch's requests and serving goes on."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            log.error("out of device memory in a step; failing its %d requests", len(self._batch))
+            self._fail_all(DeviceOutOfMemory(f"the device ran out of memory: {exc}", OOM_RETRY_S))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        elif isinstance(exc, torch.AcceleratorError) or "CUDA error" in str(exc):
+            log.critical("the device failed; the server must be restarted", exc_info=exc)
+            failure = Unrecoverable("the device failed; the server must be restarted")
+            self.failure = failure
+            self._scheduler.close()
+            self._fail_all(failure)
+            for request in self._scheduler.drain():
+                request.emit(failure)
+            for observe in self.on_failure:
+                observe(failure)
+        else:  # keep serving: fail only the requests in this batch
+            log.exception("engine step failed; failing %d running requests", len(self._batch))
+            self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         for seq in list(self._batch.seqs):

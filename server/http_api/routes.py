@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from loraplex.core.errors import InvalidRequest, LoadFailed, NotReady
+from loraplex.core.errors import InvalidRequest, NotReady, Unrecoverable
 from loraplex.server.engine.request import RequestOutput, Usage
 from loraplex.server.http_api import convert
 from loraplex.server.http_api.errors import HttpError, error_event, model_not_found, response_for
@@ -63,7 +63,7 @@ class Endpoints:
         to load (a restart is needed)."""
         try:
             self._runtime()
-        except LoadFailed:
+        except Unrecoverable:
             raise
         except NotReady:  # loading or draining: alive
             pass

@@ -351,3 +351,48 @@ def test_the_engine_and_everything_below_the_front_ends_import_without_grpc():
             if name.startswith("loraplex.") and parent in sys.modules:
                 setattr(sys.modules[parent], child, module)
     assert importlib.import_module("loraplex.core").types is sys.modules["loraplex.core.types"]
+
+
+def failing_step(engine, exc: BaseException):
+    """Make the engine's next step raise `exc` (once)."""
+    runner = engine.call(lambda: engine._runner).result(30)
+    step = runner.step
+    state = {"left": 1}
+
+    def once(*args, **kwargs):
+        if state["left"]:
+            state["left"] -= 1
+            raise exc
+        return step(*args, **kwargs)
+
+    runner.step = once
+
+
+def test_out_of_device_memory_fails_only_that_steps_requests(setup):
+    from loraplex.core.errors import DeviceOutOfMemory
+
+    engine, versions = setup()
+    failing_step(engine, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    hit = submit(engine, PROMPTS[0], versions["one"])
+    assert hit.done.wait(30)
+    assert isinstance(hit.error, DeviceOutOfMemory) and hit.error.retry_after_s > 0
+    later = submit(engine, PROMPTS[1], None)  # the server goes on
+    assert later.done.wait(30) and later.error is None
+    engine.check()
+
+
+def test_a_device_error_stops_serving_until_a_restart(setup):
+    from loraplex.core.errors import Unrecoverable
+
+    engine, _ = setup()
+    heard: list[BaseException] = []
+    engine.on_failure.append(heard.append)
+    blocker = submit(engine, PROMPTS[0], None, max_new_tokens=200)
+    assert blocker.first.wait(30)
+    failing_step(engine, torch.AcceleratorError("CUDA error: an illegal memory access"))
+    assert blocker.done.wait(30) and isinstance(blocker.error, Unrecoverable)
+    assert len(heard) == 1 and engine.failure is heard[0]
+    with pytest.raises(Unrecoverable):
+        engine.check()
+    with pytest.raises(NotReady):  # Unrecoverable is a NotReady: UNAVAILABLE, 503
+        engine.submit(EngineRequest("x", [1, 2], SamplingParams(2), None, Collector()))

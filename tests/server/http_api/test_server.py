@@ -7,7 +7,7 @@ import http.client
 
 import pytest
 
-from loraplex.core.errors import LoadFailed, NotReady
+from loraplex.core.errors import NotReady, Unrecoverable
 from loraplex.server.config import ServerConfig
 from loraplex.server.http_api.server import ROUTES, Access, HttpServer
 
@@ -49,7 +49,7 @@ def test_metrics_are_served_only_when_metrics_are_on():
 
 
 def test_a_model_that_failed_to_load_is_not_alive():
-    answers = asyncio.run(probe(LoadFailed("the model failed to load"), ["/health"]))
+    answers = asyncio.run(probe(Unrecoverable("the model failed to load"), ["/health"]))
     assert answers == [503]
 
 
