@@ -72,10 +72,10 @@ class LoraplexServer:
                 "" if config.insecure else ": serving loopback only",
             )
         self.metrics = metrics_for(config)
-        self._grpc = GrpcServer(config, self._serving_runtime, keys, self.metrics.registry)
+        self._grpc = GrpcServer(config, self.serving_runtime, keys, self.metrics.registry)
         self.port = await self._grpc.start()
         if config.http_port is not None:
-            self._http = HttpServer(config, self._serving_runtime, keys, self.metrics.registry)
+            self._http = HttpServer(config, self.serving_runtime, keys, self.metrics.registry)
             self.http_port = await self._http.start()
             log.info("HTTP API (OpenAI-compatible) on %s:%d", config.host, self.http_port)
         if config.metrics_port is not None:
@@ -104,7 +104,9 @@ class LoraplexServer:
             except Exception:
                 log.exception("checking the API key file failed; will retry")
 
-    def _serving_runtime(self) -> Runtime:
+    def serving_runtime(self) -> Runtime:
+        """The runtime, for a call that needs it: NotReady while the model loads or the server
+        drains, Unrecoverable once the model failed to load or the device failed."""
         if self._draining:
             raise NotReady("the server is shutting down; retry on another replica")
         if self.runtime is not None and self.runtime.engine.failure is not None:

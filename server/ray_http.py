@@ -105,11 +105,12 @@ class ReplicaLost(NotReady):
 
 
 def replica_app(
-    runtime: Runtime, keys: KeyRing | None, registry: CollectorRegistry, created: int
+    runtime: Callable[[], Runtime], keys: KeyRing | None, registry: CollectorRegistry, created: int
 ) -> ASGIApp:
-    """The plain server's HTTP app on a replica's runtime (loaded: a replica takes no call
-    before), checking the caller again and applying tenancy as the plain server does."""
-    return build_app(Endpoints(lambda: runtime, created), keys, HttpMetrics(registry))
+    """The plain server's HTTP app on a replica's runtime (`runtime()`: the server's own
+    getter, which refuses once the device failed), checking the caller again and applying
+    tenancy as the plain server does."""
+    return build_app(Endpoints(runtime, created), keys, HttpMetrics(registry))
 
 
 async def serve_locally(app: ASGIApp, call: HttpCall) -> AsyncIterator[HttpHead | bytes]:

@@ -177,7 +177,7 @@ class EngineReplica:
         self.runtime = self.server.runtime
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.http_app = ray_http.replica_app(
-            self.runtime,
+            self.server.serving_runtime,
             self.server.keys,
             self.server.metrics.registry,
             int(time.time()) if created is None else created,
@@ -205,6 +205,12 @@ class EngineReplica:
         # one when the engine would have evicted it too, and routes by what is resident.
         slots = max(1, self.runtime.info.max_loras)
         self._adapter = serve.multiplexed(max_num_models_per_replica=slots)(load)
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica whose device failed for good is
+        replaced (its calls answer UNAVAILABLE meanwhile)."""
+        if self.runtime.engine.failure is not None:
+            raise self.runtime.engine.failure
 
     async def _sync(self, generation: Generation) -> None:
         """Re-read the store if it changed through another replica since this one read it."""
@@ -304,9 +310,10 @@ class EngineReplica:
         changes = call.endpoint in ray_http.STORE_CHANGES
         held = await asyncio.to_thread(self._held, adapter_id) if changes else []
         async for part in ray_http.serve_locally(self.http_app, call):
-            if isinstance(part, ray_http.HttpHead):
-                if 200 <= part.status < 300:
-                    await self._record()
+            if isinstance(part, ray_http.HttpHead) and 200 <= part.status < 300:
+                await self._record()
+                # Only on answers: which replica refused would tell which one holds another
+                # tenant's adapter (Ray routes by the name before tenancy is checked).
                 replica = (REPLICA_METADATA.encode(), self.replica_id.encode())
                 part = part._replace(headers=[*part.headers, replica])
             yield part

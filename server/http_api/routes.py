@@ -78,7 +78,9 @@ class Endpoints:
         """The Prometheus exposition of --metrics-port, also here as vLLM serves it (load
         tools scrape the API's base URL): the same registry, so the same labels."""
         if self._exposition is None:
-            raise HttpError("NOT_FOUND", "metrics are off (--no-metrics)")
+            raise HttpError(
+                "NOT_FOUND", "no metrics here (--no-metrics, or API keys: --metrics-port)"
+            )
         return Response(self._exposition(), media_type=CONTENT_TYPE_LATEST)
 
     # -- models ----------------------------------------------------------------------------
@@ -120,8 +122,9 @@ class Endpoints:
     ) -> Response:
         try:
             generations = await self._submit(call, runtime, request)
-        except Exception as exc:
-            return response_for(exc, call.request_id, model=request.model)
+        except Exception as exc:  # a model the caller cannot use: 404, whoever has it
+            composing = request.inputs[0].compose is not None  # its inputs' errors are its own
+            return response_for(exc, call.request_id, model=None if composing else request.model)
         first = generations[0]
         model = first.adapter.adapter_id if first.adapter is not None else request.model
         kind, prefix = ("chat.completion", "chatcmpl-") if chat else ("text_completion", "cmpl-")
@@ -218,7 +221,7 @@ async def json_body(request: Request) -> dict[str, Any]:
             raise InvalidRequest("body", f"more than {MAX_BODY_BYTES} bytes")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past Python's stack
         raise InvalidRequest("body", "is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
@@ -232,6 +235,7 @@ async def complete_all(generations: list[Generation]) -> list[Completion]:
     finally:  # one failed or the client went: the others end too (complete() closes them)
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # ended before the generators
         for generation in generations:
             await generation.aclose()
 
@@ -293,6 +297,7 @@ async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Requ
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # ended before the generators
         for generation in generations:
             await generation.aclose()
 

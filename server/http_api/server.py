@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import math
 import ssl
 import time
@@ -172,9 +173,11 @@ class HttpServer:
         assert config.http_port is not None
         self.config = config
         self.port: int | None = None
-        exposition = (
-            (lambda: generate_latest(registry)) if config.metrics_port is not None else None
-        )
+        # /metrics here too, as vLLM serves it, when there are no API keys: with tenants it
+        # stays on --metrics-port alone, bound where only operators reach it.
+        exposition = None
+        if config.metrics_port is not None and keys is None:
+            exposition = functools.partial(generate_latest, registry)
         endpoints = Endpoints(runtime, int(time.time()), exposition)
         app = build_app(endpoints, keys, HttpMetrics(registry))
         ca = config.tls_client_ca
@@ -189,7 +192,6 @@ class HttpServer:
                 log_config=None,
                 access_log=False,
                 server_header=False,
-                limit_concurrency=config.grpc_limits.max_concurrent_rpcs,
                 ssl_certfile=config.tls_cert,
                 ssl_keyfile=config.tls_key,
                 ssl_ca_certs=ca,

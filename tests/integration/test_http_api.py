@@ -200,6 +200,9 @@ def test_unknown_model_is_404_and_every_answer_has_a_request_id(server):
     assert status == 404 and headers["x-request-id"] and "error" in json.loads(answer)
     status, headers, _ = raw(server, "POST", "/v1/completions", None)  # no body
     assert status == 400 and headers["x-request-id"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=60)
+    conn.request("POST", "/v1/completions", body=b"[" * 100_000)  # nested past Python's stack
+    assert conn.getresponse().status == 400
 
 
 def test_probes(server):

@@ -10,6 +10,7 @@ import pytest
 from loraplex.core.errors import NotReady, Unrecoverable
 from loraplex.server.config import ServerConfig
 from loraplex.server.http_api.server import ROUTES, Access, HttpServer
+from loraplex.server.runtime.auth import KeyRing
 
 
 def get(port: int, path: str) -> int:
@@ -20,12 +21,14 @@ def get(port: int, path: str) -> int:
     return status
 
 
-async def probe(error: NotReady, paths: list[str], metrics: bool = False) -> list[int]:
+async def probe(
+    error: NotReady, paths: list[str], metrics: bool = False, keys: KeyRing | None = None
+) -> list[int]:
     def runtime():
         raise error
 
     config = ServerConfig(http_port=0, metrics_port=0 if metrics else None)
-    server = HttpServer(config, runtime, None, registry=_registry())
+    server = HttpServer(config, runtime, keys, registry=_registry())
     port = await server.start()
     try:
         return [await asyncio.to_thread(get, port, p) for p in paths]
@@ -46,6 +49,9 @@ def test_loading_is_alive_but_not_ready():
 def test_metrics_are_served_only_when_metrics_are_on():
     assert asyncio.run(probe(NotReady("loading"), ["/metrics"])) == [404]  # no --metrics-port
     assert asyncio.run(probe(NotReady("loading"), ["/metrics"], metrics=True)) == [200]
+    # with API keys (tenants), metrics stay on --metrics-port, where operators bind them
+    keys = KeyRing([])
+    assert asyncio.run(probe(NotReady("loading"), ["/metrics"], metrics=True, keys=keys)) == [404]
 
 
 def test_a_model_that_failed_to_load_is_not_alive():
