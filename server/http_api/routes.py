@@ -175,7 +175,14 @@ class Endpoints:
             raise InvalidRequest("lora_name", "required")
         if not path:
             raise InvalidRequest("lora_path", "required")
-        registration = await self._runtime().adapters.register(name, path, principal=call.principal)
+        registration = await self._runtime().adapters.register(
+            name,
+            path,
+            # loraplex's extensions, as RegisterAdapter's fields: whose it is, and for all
+            tenant=convert.text(body, "tenant") or "",
+            shared=convert.flag(body, "shared"),
+            principal=call.principal,
+        )
         version = registration.adapter.version
         ignored = registration.ignored_files
         note = f" Ignored (not opened, not stored): {', '.join(ignored)}." if ignored else ""

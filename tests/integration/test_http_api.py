@@ -266,10 +266,10 @@ def test_load_and_unload_lora_adapter_as_vllm(server, api, peft_reference, adapt
         server,
         "POST",
         "/v1/load_lora_adapter",
-        {"lora_name": "http-loaded", "lora_path": str(path)},
+        {"lora_name": "http-loaded", "lora_path": str(path), "tenant": "acme", "shared": True},
     )
     assert status == 200, answer
-    assert "http-loaded" in {m.id for m in api.models.list().data}
+    assert {m.id: m.owned_by for m in api.models.list().data}["http-loaded"] == "acme"
     chat = api.chat.completions.create(
         model="http-loaded", messages=[{"role": "user", "content": QUESTION}], max_tokens=8,
         temperature=0,
