@@ -8,6 +8,7 @@ loraplex does not serve yet is refused when it asks for something other than its
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -74,7 +75,7 @@ def chat_request(body: Body, base_id: str, default_max_tokens: int | None) -> Ht
         raise InvalidRequest("messages", "must be a non-empty list of messages")
     inp = generate_input(body, base_id, default_max_tokens)
     chat = tuple(chat_message(i, m) for i, m in enumerate(messages))
-    return _request(body, (replace_input(inp, messages=chat),))
+    return _request(body, (dataclasses.replace(inp, messages=chat),))
 
 
 def completion_request(body: Body, base_id: str) -> HttpGenerate:
@@ -83,7 +84,9 @@ def completion_request(body: Body, base_id: str) -> HttpGenerate:
     inp = generate_input(body, base_id, COMPLETIONS_MAX_TOKENS)
     prompts = prompts_of(body.get("prompt"))
     inputs = tuple(
-        replace_input(inp, prompt=p) if isinstance(p, str) else replace_input(inp, prompt_ids=p)
+        dataclasses.replace(inp, prompt=p)
+        if isinstance(p, str)
+        else dataclasses.replace(inp, prompt_ids=p)
         for p in prompts
     )
     return _request(body, inputs)
@@ -132,11 +135,6 @@ def generate_input(body: Body, base_id: str, default_max_tokens: int | None) -> 
         compose=compose,
         ignore_eos=flag(body, "ignore_eos"),
     )
-
-
-def replace_input(inp: GenerateInput, **changes: Any) -> GenerateInput:
-    fields = {f: getattr(inp, f) for f in GenerateInput.__dataclass_fields__}
-    return GenerateInput(**(fields | changes))
 
 
 def chat_message(index: int, message: object) -> ChatMessage:
