@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, NamedTuple
 
 from starlette.responses import JSONResponse
 
@@ -48,57 +49,65 @@ class HttpError(Exception):
         self.param = param
 
 
-def error_response(
-    code: str,
-    message: str,
-    request_id: str,
-    param: str | None = None,
-    error_code: str | None = None,
-    retry_after_s: float | None = None,
-) -> JSONResponse:
-    status, kind = HTTP_STATUS[code]
-    headers = {"x-request-id": request_id}
-    if retry_after_s is not None:  # whole seconds, as the header takes them
-        headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
-    body = {"error": {"message": message, "type": kind, "param": param, "code": error_code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+class ErrorAnswer(NamedTuple):
+    """What an error tells the client: its canonical code, words and the field it names."""
+
+    code: str
+    message: str
+    param: str | None = None
+    error_code: str | int | None = None
+    retry_after_s: float | None = None
 
 
-def model_not_found(model: str, request_id: str) -> JSONResponse:
-    """The answer for a model the caller cannot use: an unknown one and another tenant's get
-    the same words, so the answer says nothing of other tenants' adapters."""
-    return error_response(
-        "NOT_FOUND",
-        f"The model {shown(model)} does not exist.",
-        request_id,
-        param="model",
-        error_code="model_not_found",
-    )
-
-
-def response_for(exc: BaseException, request_id: str, model: str | None = None) -> JSONResponse:
-    """The HTTP answer for `exc`. With `model` (a request that names one), not finding the
-    model and not being allowed to use it are both 404 model_not_found."""
+def answer_for(exc: BaseException, request_id: str, model: str | None = None) -> ErrorAnswer:
+    """The answer for `exc`. With `model` (a request that names one), not finding the model and
+    not being allowed to use it are both model_not_found, in the same words: the answer says
+    nothing of other tenants' adapters. An unknown error is logged and says only the request
+    id."""
     if model is not None and isinstance(exc, AdapterNotFound | PermissionDenied):
-        return model_not_found(model, request_id)
+        message = f"The model {shown(model)} does not exist."
+        return ErrorAnswer("NOT_FOUND", message, "model", "model_not_found")
     if isinstance(exc, HttpError):
-        return error_response(exc.code, str(exc), request_id, param=exc.param)
+        return ErrorAnswer(exc.code, str(exc), exc.param)
     code = status_code(exc)
     if code is None:
         log.error("internal error in request %s", request_id, exc_info=exc)
-        return error_response("INTERNAL", f"internal error (request id {request_id})", request_id)
+        return ErrorAnswer("INTERNAL", f"internal error (request id {request_id})")
     message, param = str(exc), None
     if isinstance(exc, InvalidRequest):
         param = OPENAI_FIELDS.get(exc.field, exc.field)
         message = param + message[len(exc.field) :]  # "<field>: <why>"
-    return error_response(code, message, request_id, param=param, retry_after_s=retry_after(exc))
+    return ErrorAnswer(code, message, param, retry_after_s=retry_after(exc))
 
 
-def error_event(exc: BaseException, request_id: str) -> dict[str, object]:
-    """The `data:` payload that ends a stream that failed after it started."""
-    code = status_code(exc) or "INTERNAL"
-    status, kind = HTTP_STATUS[code]
-    message = str(exc) if code != "INTERNAL" else f"internal error (request id {request_id})"
-    if code == "INTERNAL":
-        log.error("internal error in request %s", request_id, exc_info=exc)
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+def error_body(answer: ErrorAnswer) -> dict[str, Any]:
+    """OpenAI's error object: the body of an error response, or a failed stream's last event."""
+    _, kind = HTTP_STATUS[answer.code]
+    error = {"message": answer.message, "type": kind, "param": answer.param}
+    return {"error": error | {"code": answer.error_code}}
+
+
+def error_response(answer: ErrorAnswer, request_id: str) -> JSONResponse:
+    status, _ = HTTP_STATUS[answer.code]
+    headers = {"x-request-id": request_id}
+    if answer.retry_after_s is not None:  # whole seconds, as the header takes them
+        headers["retry-after"] = str(max(1, math.ceil(answer.retry_after_s)))
+    return JSONResponse(error_body(answer), status_code=status, headers=headers)
+
+
+def response_for(exc: BaseException, request_id: str, model: str | None = None) -> JSONResponse:
+    """The HTTP answer for `exc` (see answer_for)."""
+    return error_response(answer_for(exc, request_id, model), request_id)
+
+
+def model_not_found(model: str, request_id: str) -> JSONResponse:
+    """The answer for a model the caller cannot use (unknown, or another tenant's)."""
+    return response_for(AdapterNotFound(model), request_id, model)
+
+
+def error_event(exc: BaseException, request_id: str) -> dict[str, Any]:
+    """The `data:` payload that ends a stream that failed after it started: its `code` the
+    HTTP status the error would have had (the stream's own status was sent already)."""
+    answer = answer_for(exc, request_id)
+    status, _ = HTTP_STATUS[answer.code]
+    return error_body(answer._replace(error_code=answer.error_code or status))

@@ -29,7 +29,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from loraplex.server.config import ServerConfig
-from loraplex.server.http_api.errors import HttpError, error_response, response_for
+from loraplex.server.http_api.errors import ErrorAnswer, HttpError, error_response, response_for
 from loraplex.server.http_api.metrics import CLIENT_CLOSED, UNMATCHED_ROUTE, HttpMetrics
 from loraplex.server.http_api.routes import Call, ClientGone, Endpoints, RuntimeGetter
 from loraplex.server.logs import REQUEST_ID
@@ -73,13 +73,11 @@ def authorize(
     on an open route; a client key for CLIENT routes; an admin key for the rest."""
     if keys is None or route.access is Access.OPEN:
         return None
-    try:
-        principal = keys.authenticate(authorization)
+    admin_only = route.access is Access.ADMIN
+    try:  # a client key on an admin route: PermissionDenied, a 403
+        return keys.caller(authorization, admin_only, f"{route.method} {route.path}")
     except Unauthenticated as exc:
         raise HttpError("UNAUTHENTICATED", str(exc)) from None
-    if route.access is Access.ADMIN and not principal.is_admin:
-        raise HttpError("PERMISSION_DENIED", f"{route.method} {route.path} needs an admin key")
-    return principal
 
 
 def build_app(endpoints: object, keys: KeyRing | None, metrics: HttpMetrics) -> Starlette:
@@ -101,9 +99,8 @@ def build_app(endpoints: object, keys: KeyRing | None, metrics: HttpMetrics) -> 
         metrics.start(request.method, UNMATCHED_ROUTE)
         metrics.done(request.method, UNMATCHED_ROUTE, exc.status_code, 0.0)
         code = "NOT_FOUND" if exc.status_code == 404 else "INVALID_ARGUMENT"
-        response = error_response(
-            code, f"{request.method} {request.url.path}: {exc.detail}", request_id
-        )
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        response = error_response(ErrorAnswer(code, message), request_id)
         response.status_code = exc.status_code
         return response
 
