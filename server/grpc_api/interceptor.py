@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import grpc
 from google.protobuf.message import DecodeError
 
-from loraplex.core.errors import InvalidRequest
+from loraplex.core.errors import InvalidRequest, PermissionDenied
 from loraplex.server.runtime.auth import KeyRing, Principal, Unauthenticated
 from loraplex.server.runtime.telemetry import request_id
 from loraplex.v1 import adapters_pb2, inference_pb2
@@ -121,13 +121,13 @@ def authorize(
 ) -> Principal | Refusal:
     """The caller of `method` (a full path), or why it may not call it: a client key may call
     CLIENT_METHODS, an admin key any method."""
+    authorization = dict(metadata or ()).get("authorization")
     try:
-        principal = keys.authenticate(dict(metadata or ()).get("authorization"))  # type: ignore[arg-type]
+        return keys.caller(authorization, method not in CLIENT_METHODS, method)  # type: ignore[arg-type]
     except Unauthenticated as exc:
         return Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-    if method not in CLIENT_METHODS and not principal.is_admin:
-        return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin key")
-    return principal
+    except PermissionDenied as exc:
+        return Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc))
 
 
 class StreamGate:

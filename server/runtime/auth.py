@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from loraplex.core.errors import PermissionDenied
+
 Role = Literal["client", "admin"]
 ROLES: tuple[Role, ...] = ("client", "admin")
 KEY_PREFIX = "lpx_"
@@ -157,6 +159,15 @@ class KeyRing:
         if found is None:
             raise Unauthenticated("invalid api key")
         return found
+
+    def caller(self, authorization: str | None, admin_only: bool, what: str) -> Principal:
+        """The caller of `what` (an RPC, a route), by the one rule every front end applies: a
+        valid key (else Unauthenticated) and, for what only admins may call, an admin key
+        (else PermissionDenied)."""
+        principal = self.authenticate(authorization)
+        if admin_only and not principal.is_admin:
+            raise PermissionDenied(f"{what} needs an admin key")
+        return principal
 
     @property
     def client_tenants(self) -> set[str]:
