@@ -1,8 +1,11 @@
 """The running sequences: each owns one KV cache row from admission to its end.
 
 A sequence first prefills its prompt (in chunks, over as many steps as the prefill budget
-needs), then decodes one token per step. Rows stay compact: when a sequence leaves, the one in
-the last row moves into its row (see KVCache.free).
+needs), then decodes one token per step. A request with `n` samples runs as n sequences, each in
+a row of its own: the first prefills the prompt, and when it is done the others take a copy of
+its keys and values and their first token from its logits (the prompt is computed once).
+Rows stay compact: when a sequence leaves, the one in the last row moves into its row (see
+KVCache.free).
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from loraplex.server.engine.controls import RowControls
 from loraplex.server.engine.output import OutputProcessor
-from loraplex.server.engine.request import EngineRequest
+from loraplex.server.engine.request import EngineRequest, TokenLogprob
 
 
 @dataclass(eq=False)  # identity: two sequences are never the same
@@ -27,7 +31,15 @@ class Sequence:
     num_cached: int = 0  # tokens whose keys/values are in the cache
     last_token: int = -1  # the token fed at the next decode step
     num_generated: int = 0
-    released: bool = False  # its adapter slot reference was dropped
+    index: int = 0  # which of its request's samples
+    # The request's sequences (this one among them) still running: the last one to leave
+    # gives back the adapter slot and ends the request.
+    family: list[Sequence] = field(default_factory=list)
+    # A sample after the first waits for the first one's prompt to copy it.
+    waits_for: Sequence | None = None
+    controls: RowControls | None = None  # penalties, bias, min_tokens (None: none)
+    # The prompt's log-probabilities as its chunks are computed, when the request asks.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def prompt_len(self) -> int:

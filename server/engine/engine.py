@@ -26,6 +26,7 @@ import torch
 
 from loraplex.core.errors import (
     DeviceOutOfMemory,
+    InvalidRequest,
     NotReady,
     TooLong,
     Unmeetable,
@@ -36,12 +37,14 @@ from loraplex.core.model import eos_ids_of
 from loraplex.core.types import AdapterVersion, AdapterWeights
 from loraplex.server.config import EngineConfig, MergeSettings
 from loraplex.server.engine.batch import RunningBatch, Sequence
+from loraplex.server.engine.controls import RowControls, apply_controls
+from loraplex.server.engine.logprobs import token_logprobs
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.merging import MergeControl, TokenCounts
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.pacing import Pacing
-from loraplex.server.engine.request import EngineRequest, RequestOutput, Usage
+from loraplex.server.engine.request import EngineRequest, RequestOutput, TokenLogprob, Usage
 from loraplex.server.engine.sampling import make_generator, sample
 from loraplex.server.engine.scheduler import QUEUE_RETRY_S, Admission, Scheduler
 from loraplex.server.engine.slot_loader import SlotLoader, WeightsLoader
@@ -118,7 +121,22 @@ class Engine:
         self._scheduler.check()
 
     def submit(self, request: EngineRequest) -> None:
-        """Queue a request (raises QueueFull, or NotReady once the engine is stopping)."""
+        """Queue a request (raises QueueFull, or NotReady once the engine is stopping;
+        InvalidRequest when its samples could never run at once)."""
+        n = request.params.n
+        if n > 1:
+            cache = self._model().cache  # its sizes: fixed once built
+            if n > min(self.config.max_batch_size, cache.num_rows):
+                raise InvalidRequest(
+                    "n", f"{n} samples; at most {min(self.config.max_batch_size, cache.num_rows)}"
+                )
+            tokens = min(self._reservation(request), cache.max_len)
+            if n * tokens > cache.token_budget:
+                raise InvalidRequest(
+                    "n",
+                    f"{n} samples of {tokens} tokens each (prompt + max_new_tokens) exceed the "
+                    f"KV cache's {cache.token_budget} tokens",
+                )
         self._scheduler.add(request)
 
     def cancel(self, request: EngineRequest) -> None:
@@ -319,15 +337,17 @@ class Engine:
         """KV cache tokens a request may need: its prompt and every token it may generate."""
         return len(request.prompt_ids) + request.params.max_new_tokens
 
-    def _allocate(self, request: EngineRequest) -> int | None:
+    def _allocate(self, request: EngineRequest) -> tuple[int, ...] | None:
+        """A row for each of the request's samples, or None if they do not all fit."""
         cache = self._model().cache
-        tokens = self._reservation(request)
-        if cache.num_used_rows >= self.config.max_batch_size or not cache.can_admit(tokens):
+        tokens, n = self._reservation(request), request.params.n
+        if cache.num_used_rows + n > self.config.max_batch_size or not cache.can_admit(tokens, n):
             return None
-        return cache.allocate(tokens)
+        return tuple(cache.allocate(tokens) for _ in range(n))
 
-    def _unallocate(self, row: int, request: EngineRequest) -> None:
-        self._model().cache.free(row, self._reservation(request), 0)  # the last row: nothing moves
+    def _unallocate(self, rows: tuple[int, ...], request: EngineRequest) -> None:
+        for row in sorted(rows, reverse=True):  # the last rows: nothing moves
+            self._model().cache.free(row, self._reservation(request), 0)
 
     def _start(self, admitted: list[Admission]) -> None:
         failed = self._loader.load_admitted(admitted)
@@ -336,7 +356,7 @@ class Engine:
             if admission.slot in failed:
                 continue
             try:
-                seq = self._new_sequence(admission)
+                seqs = self._new_sequences(admission)
             except Exception as exc:  # fail this request alone, leaving nothing held
                 log.exception("starting request %s failed", admission.request.request_id)
                 if admission.grant is not None:
@@ -345,9 +365,13 @@ class Engine:
                 dropped.append(admission)
                 continue
             admission.request.admitted = time.monotonic()
-            self._batch.add(seq)
-        for admission in sorted(dropped, key=lambda a: -a.row):
-            self._free_row(admission.row, self._reservation(admission.request))
+            for seq in seqs:
+                self._batch.add(seq)
+        rows = [(row, a.request) for a in dropped for row in a.rows]
+        for row, request in sorted(rows, key=lambda r: -r[0]):  # the highest first: each is
+            # the last row then, or a running sequence moves into it
+            self._free_row(row, self._reservation(request))
+        for admission in dropped:
             self._scheduler.finished(admission.request)
 
     # -- one step: every decode and a budget of prompt chunks in one forward ----------------
@@ -365,6 +389,8 @@ class Engine:
         chunked: list[tuple[Sequence, int]] = []
         budget = self.config.max_prefill_tokens
         for seq in self._batch.seqs:
+            if seq.waits_for is not None:  # a sample waiting for its prompt's first sample
+                continue
             if not seq.prefilling:
                 decoding.append(seq)
             elif budget > 0:
@@ -374,7 +400,12 @@ class Engine:
                 done = start + n == seq.prompt_len
                 prefills.append(
                     PrefillWork(
-                        row=seq.row, slot=seq.slot, tokens=tokens, start=start, wants_logits=done
+                        row=seq.row,
+                        slot=seq.slot,
+                        tokens=tokens,
+                        start=start,
+                        wants_logits=done,
+                        all_logits=seq.prompt_logprobs is not None,
                     )
                 )
                 chunked.append((seq, n))
@@ -393,19 +424,38 @@ class Engine:
         logits = self._model().step(decodes, prefills)
         for seq in decoding:
             seq.num_cached += 1
+        # The logits rows: one per decode, then per prompt chunk all its positions (prompt
+        # log-probabilities) or its last when it ends the prompt, or none.
+        at = [*range(len(decoding))]  # the logits row each sampled sequence reads
         finishing = []
-        for seq, n in chunked:
+        offset = len(decoding)
+        for (seq, n), work in zip(chunked, prefills, strict=True):
+            width = n if work.all_logits else int(work.wants_logits)
+            if seq.prompt_logprobs is not None:
+                self._score_prompt(seq, logits[offset : offset + width])
             seq.num_cached += n
             if not seq.prefilling:
                 finishing.append(seq)
-        sampled = decoding + finishing  # the order of the logits rows
+                at.append(offset + width - 1)
+            offset += width
+        forked = self._fork(finishing, at)
+        sampled = decoding + finishing + forked
+        if at != [*range(logits.shape[0])]:
+            logits = logits.index_select(
+                0, torch.tensor(at, dtype=torch.long, device=logits.device)
+            )
         self._count_step(decoding, chunked)
-        tokens = sample(logits, [s.request.params for s in sampled], [s.generator for s in sampled])
+        params = [s.request.params for s in sampled]
+        chosen = apply_controls(logits, [s.controls for s in sampled])
+        tokens = sample(chosen, params, [s.generator for s in sampled])
+        logprobs = self._logprobs(logits, sampled, tokens)
         self._merges.observe(_token_counts(decoding, chunked))
         generated: Counter[str] = Counter()
-        for seq, token in zip(sampled, tokens, strict=True):
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             generated[seq.request.tenant] += 1
-            if self._advance(seq, token):
+            if seq.controls is not None:
+                seq.controls.accept(token)
+            if self._advance(seq, token, logprob):
                 if not seq.request.params.ignore_eos:
                     self._pacing.generated(seq.num_generated)
                 self._retire(seq)
@@ -413,6 +463,50 @@ class Engine:
         if decoding and not chunked:  # a running request's pace: one token a step (prompt
             # chunks are the pacing's to count apart)
             self._pacing.step(time.monotonic() - started, len(decoding))
+
+    def _fork(self, finishing: list[Sequence], at: list[int]) -> list[Sequence]:
+        """The samples waiting for a prompt that just finished: each takes a copy of the
+        prompt's keys and values, and its first token from the same logits (`at` gets their
+        rows). Returns them, in the order of their rows in `at`."""
+        forked = []
+        cache = self._model().cache
+        rows = at[len(at) - len(finishing) :]
+        for seq, row in zip(finishing, rows, strict=True):
+            for sibling in seq.family:
+                if sibling.waits_for is seq:
+                    cache.copy_prefix(seq.row, sibling.row, seq.prompt_len)
+                    sibling.num_cached = seq.prompt_len
+                    sibling.waits_for = None
+                    forked.append(sibling)
+                    at.append(row)
+        return forked
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Add a prompt chunk's log-probabilities: logits (n, V), one row per chunk position,
+        each scoring the prompt's next token (the last prompt position scores nothing)."""
+        assert seq.prompt_logprobs is not None
+        prompt, start = seq.request.prompt_ids, seq.num_cached
+        count = min(logits.shape[0], len(prompt) - 1 - start)
+        if count > 0:
+            top = seq.request.params.prompt_logprobs or 0
+            seq.prompt_logprobs += token_logprobs(
+                logits[:count], prompt[start + 1 : start + 1 + count], [top] * count
+            )
+
+    def _logprobs(
+        self, logits: torch.Tensor, sampled: list[Sequence], tokens: list[int]
+    ) -> list[TokenLogprob | None]:
+        """Each sampled token's log-probability, for the sequences that ask (else None)."""
+        rows = [i for i, s in enumerate(sampled) if s.request.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(sampled)
+        if not rows:
+            return out
+        index = torch.tensor(rows, device=logits.device)
+        tops = [sampled[i].request.params.logprobs or 0 for i in rows]
+        found = token_logprobs(logits.index_select(0, index), [tokens[i] for i in rows], tops)
+        for i, logprob in zip(rows, found, strict=True):
+            out[i] = logprob
+        return out
 
     def _count_step(self, decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> None:
         stats = self._stats
@@ -427,25 +521,53 @@ class Engine:
             if chunked:
                 stats.mixed_prefill_decode_steps += 1
 
-    def _new_sequence(self, admission: Admission) -> Sequence:
-        request = admission.request
-        return Sequence(
-            request=request,
-            slot=admission.slot,
-            output=OutputProcessor(self._model().loaded.tokenizer, request.params.stop),
-            generator=make_generator(request.params),
-            row=admission.row,
-            reserved=self._reservation(request),
-        )
+    def _new_sequences(self, admission: Admission) -> list[Sequence]:
+        """A sequence for each of the request's samples: the first prefills the prompt, the
+        others wait for it (see batch.py)."""
+        request, params = admission.request, admission.request.params
+        runner = self._model()
+        family: list[Sequence] = []
+        for index, row in enumerate(admission.rows):
+            seq = Sequence(
+                request=request,
+                slot=admission.slot,
+                output=OutputProcessor(
+                    runner.loaded.tokenizer,
+                    params.stop,
+                    params.min_tokens,
+                    params.include_stop_str_in_output,
+                ),
+                generator=make_generator(params, index),
+                row=row,
+                reserved=self._reservation(request),
+                index=index,
+                family=family,
+                waits_for=family[0] if family else None,
+                controls=RowControls.create(
+                    params,
+                    request.prompt_ids,
+                    self._eos_token_ids,
+                    self.info.vocab_size,
+                    runner.device,
+                ),
+            )
+            family.append(seq)
+        if params.prompt_logprobs is not None:
+            family[0].prompt_logprobs = [None]  # the first token has nothing before it
+        return family
 
-    def _advance(self, seq: Sequence, token: int) -> bool:
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Feed one sampled token to a sequence and emit its news; True when it finished."""
         seq.num_generated += 1
         seq.last_token = token
         self._stats.generated_tokens += 1
         finish: str | None = None
-        if token in self._eos_token_ids and not seq.request.params.ignore_eos:
+        params = seq.request.params
+        stop_reason: str | int | None = None
+        if token in self._eos_token_ids and not params.ignore_eos:
             step, finish = seq.output.finish(), "stop"
+        elif token in params.stop_token_ids:
+            step, finish, stop_reason = seq.output.finish(), "stop", token
         else:
             step = seq.output.append(token)
             if step.stop_reason is not None:
@@ -457,19 +579,24 @@ class Engine:
                 rest = seq.output.finish()
                 step = StepText(delta=step.delta + rest.delta, stop_reason=rest.stop_reason)
                 finish = "stop" if rest.stop_reason is not None else "length"
-        text, stop_reason = step.delta, step.stop_reason
         usage = None
         if finish is not None:
             usage = Usage(
                 prompt_tokens=len(seq.request.prompt_ids), completion_tokens=seq.num_generated
             )
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and seq.num_generated == 1:
+            prompt_logprobs = tuple(seq.prompt_logprobs)
         seq.request.emit(
             RequestOutput(
-                text=text,
+                text=step.delta,
                 token_ids=[token],
                 finish_reason=finish,
-                stop_reason=stop_reason,
+                stop_reason=step.stop_reason if stop_reason is None else stop_reason,
                 usage=usage,
+                index=seq.index,
+                logprobs=None if logprob is None else (logprob,),
+                prompt_logprobs=prompt_logprobs,
             )
         )
         return finish is not None
@@ -485,7 +612,8 @@ class Engine:
             overdue_request(request, limit)
         for seq in overdue:
             self._retire(seq)
-            overdue_request(seq.request, limit)
+        for request in _requests_of(overdue):
+            overdue_request(request, limit)
         now = time.monotonic()
         if now - self._deadlines_checked >= DEADLINE_CHECK_S:
             self._deadlines_checked = now
@@ -497,11 +625,15 @@ class Engine:
                 )
 
     def _retire(self, seq: Sequence) -> None:
-        """Free a finished (or failed, or cancelled) sequence's cache row and adapter slot."""
-        self._release(seq)
+        """Free a finished (or failed, or cancelled) sequence's cache row; the last of its
+        request's samples gives back the adapter slot and ends the request."""
         self._batch.remove(seq)
         self._free_row(seq.row, seq.reserved)
-        self._scheduler.finished(seq.request)
+        seq.family.remove(seq)
+        if not seq.family:
+            if seq.slot != NO_ADAPTER:
+                self._slots.release(seq.slot)
+            self._scheduler.finished(seq.request)
 
     def _free_row(self, row: int, reserved: int) -> None:
         """Give a row back to the cache; the sequence in the last row moves into it."""
@@ -510,12 +642,6 @@ class Engine:
         moved = cache.free(row, reserved, last.num_cached if last else 0)
         if moved is not None:
             self._batch.move(moved, row)
-
-    def _release(self, seq: Sequence) -> None:
-        """Drop the sequence's reference to its adapter slot (once, whatever calls it)."""
-        if seq.slot != NO_ADAPTER and not seq.released:
-            seq.released = True
-            self._slots.release(seq.slot)
 
     def _step_failed(self, exc: Exception) -> None:
         """A step raised. Out of device memory: its requests end RESOURCE_EXHAUSTED and the
@@ -542,9 +668,11 @@ class Engine:
             self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for seq in list(self._batch.seqs):
+        seqs = list(self._batch.seqs)
+        for seq in seqs:
             self._retire(seq)
-            seq.request.emit(exc)
+        for request in _requests_of(seqs):
+            request.emit(exc)
 
 
 def _token_counts(decoding: list[Sequence], chunked: list[tuple[Sequence, int]]) -> TokenCounts:
@@ -557,6 +685,11 @@ def _token_counts(decoding: list[Sequence], chunked: list[tuple[Sequence, int]])
         adapter = seq.request.adapter
         counts[adapter.key if adapter is not None else None] += n
     return counts
+
+
+def _requests_of(seqs: list[Sequence]) -> list[EngineRequest]:
+    """The requests of some sequences, each once (a request with `n` samples has n)."""
+    return list({id(s.request): s.request for s in seqs}.values())
 
 
 def overdue_request(request: EngineRequest, limit: float) -> None:

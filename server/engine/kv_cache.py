@@ -99,10 +99,11 @@ class KVCache:
         return torch.frombuffer(region, dtype=self.shape.dtype, count=count).view(size)
 
     # -- admission ----------------------------------------------------------------------------
-    def can_admit(self, tokens: int) -> bool:
+    def can_admit(self, tokens: int, rows: int = 1) -> bool:
+        """Whether `rows` more sequences of `tokens` each fit."""
         return (
-            self.num_used_rows < self.num_rows
-            and self.reserved_tokens + min(tokens, self.max_len) <= self.token_budget
+            self.num_used_rows + rows <= self.num_rows
+            and self.reserved_tokens + rows * min(tokens, self.max_len) <= self.token_budget
         )
 
     def allocate(self, tokens: int) -> int:
@@ -136,6 +137,11 @@ class KVCache:
             self._release_pages(last)
             extent[last] = 0
         return moved
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Give row `dst` the first `length` tokens of row `src` (the samples of one prompt)."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length].copy_(cache[src, :, :length])
 
     def _release_pages(self, row: int) -> None:
         """Hand a free row's memory back to the OS (it reads as zeros afterwards)."""

@@ -58,6 +58,7 @@ class PrefillWork:
     tokens: list[int]  # the chunk
     start: int  # position of its first token
     wants_logits: bool  # the chunk ends the prompt: sample the first new token from it
+    all_logits: bool = False  # every position's logits (the prompt's log-probabilities)
 
 
 class ModelRunner:
@@ -250,8 +251,8 @@ class ModelRunner:
 
     def step(self, decodes: list[DecodeWork], prefills: list[PrefillWork]) -> torch.Tensor:
         """One forward over every decode token and prompt chunk (written into the cache).
-        Returns float32 logits (M, V): one row per decode, then one per prefill that wants
-        logits, in the order given."""
+        Returns float32 logits (M, V): one row per decode, then per prefill one row for each of
+        its tokens if it wants all logits, else one if it wants logits, in the order given."""
         ids: list[int] = [d.token for d in decodes]
         positions: list[int] = [d.position for d in decodes]
         rows: list[int] = [d.row for d in decodes]
@@ -265,7 +266,9 @@ class ModelRunner:
             ids.extend(p.tokens)
             positions.extend(range(p.start, p.start + n))
             rows.extend([p.row] * n)
-            if p.wants_logits:
+            if p.all_logits:
+                logits_index.extend(range(offset, offset + n))
+            elif p.wants_logits:
                 logits_index.append(offset + n - 1)
         dev = self.device
         lora, unmerge = self._plans([d.slot for d in decodes], segments)

@@ -18,9 +18,17 @@ class StepText:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: object, stop: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        tokenizer: object,
+        stop: tuple[str, ...],
+        min_tokens: int = 0,
+        include_stop: bool = False,
+    ) -> None:
         self._tokenizer = tokenizer
         self._stop = stop
+        self._min_tokens = min_tokens  # stop strings count from this many tokens on
+        self._include_stop = include_stop  # the text keeps the stop string that ends it
         self._max_stop = max((len(s) for s in stop), default=0)
         self.token_ids: list[int] = []
         self.text = ""  # all completion text decoded so far (cut at a stop string)
@@ -43,11 +51,11 @@ class OutputProcessor:
     def _extend(self, new_text: str, final: bool) -> StepText:
         start = max(0, len(self.text) - self._max_stop + 1)  # a stop may span old and new text
         self.text += new_text
-        if self._stop:
+        if self._stop and len(self.token_ids) >= self._min_tokens:
             hit = self._find_stop(start)
             if hit is not None:
                 index, stop = hit
-                self.text = self.text[:index]
+                self.text = self.text[: index + (len(stop) if self._include_stop else 0)]
                 return StepText(delta=self._release(len(self.text)), stop_reason=stop)
         held = 0 if final else self._held_back()
         return StepText(delta=self._release(len(self.text) - held), stop_reason=None)

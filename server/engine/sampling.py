@@ -1,7 +1,7 @@
 """Next-token selection for a batch whose rows each have their own sampling parameters.
 
-Greedy rows take the argmax. Sampled rows go through temperature, then top-k, then top-p (the
-order of HF's warpers), all rows at once with their parameters as tensors, and each picks its
+Greedy rows take the argmax. Sampled rows go through temperature, then min-p, then top-k, then
+top-p (vLLM's order), all rows at once with their parameters as tensors, and each picks its
 token by inverse CDF (in vocabulary order) with one uniform drawn from its request's own host RNG.
 So a seeded row's tokens depend on its seed and its logits only, never on what shares its batch,
 and the device never waits on per-row work. The one device-to-host sync of a step is `_to_host`.
@@ -21,11 +21,15 @@ from loraplex.server.engine.request import SamplingParams
 _BELOW_ONE = 1.0 - 2.0**-24
 
 
-def make_generator(params: SamplingParams) -> random.Random | None:
-    """A per-request RNG on the host: one uniform per sampled token, so no device round trip."""
+def make_generator(params: SamplingParams, index: int = 0) -> random.Random | None:
+    """A per-sequence RNG on the host: one uniform per sampled token, so no device round trip.
+    Sample `index` of a seeded request draws from seed + index (as vLLM seeds its `n`), so
+    each sample is reproducible on its own."""
     if params.greedy:
         return None
-    return random.Random(params.seed)  # seed None: seeded from the OS
+    if params.seed is None:
+        return random.Random()  # seeded from the OS
+    return random.Random((params.seed + index) % 2**63)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class SampledRows:
     temperature: torch.Tensor  # (S, 1) float32
     top_k: torch.Tensor  # (S, 1) int64; 0 = no limit
     top_p: torch.Tensor  # (S, 1) float32; 1 = no limit
+    log_min_p: torch.Tensor | None  # (S, 1) float32: log(min_p); None: no row has a min-p
     uniform: torch.Tensor  # (S, 1) float32 in [0, 1): this step's draw from each row's RNG
     # The rows with a top-k or top-p, grouped on the host from their parameters (no sync) so
     # that only the rows with a top-p and no top-k pay for a full sort. Rows in no group sample
@@ -90,8 +95,9 @@ def sampled_rows(
     draws = [min(_draw(generators[row]), _BELOW_ONE) for row in rows]
     temperatures = [p.temperature for p in chosen]
     top_ps = [p.top_p for p in chosen]
+    min_ps = [p.min_p for p in chosen] if any(p.min_p for p in chosen) else []
     # float64 holds row numbers and ks exactly: one host-to-device copy for all of it.
-    fields = [rows, temperatures, ks, top_ps, draws, nucleus, top_k]
+    fields = [rows, temperatures, ks, top_ps, draws, nucleus, top_k, min_ps]
     host = torch.tensor([x for field in fields for x in field], dtype=torch.float64)
     parts = torch.split(_to_device(host, device), [len(field) for field in fields])
     groups = []
@@ -105,6 +111,7 @@ def sampled_rows(
         temperature=parts[1].float().unsqueeze(1),
         top_k=parts[2].long().unsqueeze(1),
         top_p=parts[3].float().unsqueeze(1),
+        log_min_p=parts[7].float().log().unsqueeze(1) if min_ps else None,
         uniform=parts[4].float().unsqueeze(1),
         groups=tuple(groups),
     )
@@ -128,8 +135,12 @@ def sample_rows(logits: torch.Tensor, sampled: SampledRows) -> torch.Tensor:
 
 
 def warp(logits: torch.Tensor, sampled: SampledRows) -> torch.Tensor:
-    """logits: (S, V). Temperature, then top-k, then top-p: (S, V), -inf where a token is out."""
+    """logits: (S, V). Temperature, then min-p, then top-k, then top-p: (S, V), -inf where a
+    token is out."""
     x = logits / sampled.temperature  # (S, V)
+    if sampled.log_min_p is not None:  # p >= min_p * p_max, in logits: x >= x_max + log(min_p)
+        best = x.amax(dim=-1, keepdim=True)
+        x = x.masked_fill(x < best + sampled.log_min_p, float("-inf"))
     if not sampled.groups:
         return x
     floor = torch.full_like(x[:, :1], float("-inf"))  # (S, 1): the smallest logit kept

@@ -33,7 +33,12 @@ QUEUE_RETRY_S = 1.0  # the retry advice when the queue is full
 class Admission:
     request: EngineRequest
     grant: SlotGrant | None  # None for base-model requests
-    row: int  # its KV cache row
+    rows: tuple[int, ...]  # its KV cache rows, one per sample (see batch.py)
+
+    @property
+    def row(self) -> int:
+        """The first sample's row (the one that prefills)."""
+        return self.rows[0]
 
     @property
     def slot(self) -> int:
@@ -243,10 +248,10 @@ class Scheduler:
 
     def admit(
         self,
-        allocate: Callable[[EngineRequest], int | None],
-        unallocate: Callable[[int, EngineRequest], None],
+        allocate: Callable[[EngineRequest], tuple[int, ...] | None],
+        unallocate: Callable[[tuple[int, ...], EngineRequest], None],
     ) -> tuple[list[Admission], list[EngineRequest]]:
-        """Pop the requests that start now while `allocate(request)` finds them a KV cache row
+        """Pop the requests that start now while `allocate(request)` finds them KV cache rows
         (None: no room, and the rest wait); also returns cancelled ones dropped from the queue.
 
         The order: the tenant with the lowest virtual token counter next (admitting a request
@@ -311,8 +316,8 @@ class Scheduler:
     def _try_admit(
         self,
         request: EngineRequest,
-        allocate: Callable[[EngineRequest], int | None],
-        unallocate: Callable[[int, EngineRequest], None],
+        allocate: Callable[[EngineRequest], tuple[int, ...] | None],
+        unallocate: Callable[[tuple[int, ...], EngineRequest], None],
         waited: bool,
         draining: set[int],
         wanting: set[tuple[str, int]],
@@ -326,17 +331,17 @@ class Scheduler:
             if slot is None or slot in draining:  # it needs a slot too: it waits
                 self._drain_for(key, draining, wanting)
                 return "waits"
-        row = allocate(request)
-        if row is None:
+        rows = allocate(request)
+        if rows is None:
             return "full"
         grant = None
         if key is not None:
             grant = self.slots.acquire(key)
             if grant is None:
-                unallocate(row, request)
+                unallocate(rows, request)
                 self._drain_for(key, draining, wanting)
                 return "waits"
-        return Admission(request=request, grant=grant, row=row)
+        return Admission(request=request, grant=grant, rows=rows)
 
     def _drain_for(
         self, key: tuple[str, int], draining: set[int], wanting: set[tuple[str, int]]

@@ -10,8 +10,8 @@ from loraplex.adapters.compositions import Composition, CompositionRequest, Weig
 from loraplex.adapters.sources import FileChunk
 from loraplex.core.errors import InvalidRequest
 from loraplex.core.types import AdapterVersion
-from loraplex.server.engine.request import RequestOutput
-from loraplex.server.runtime.requests import ChatMessage, GenerateInput
+from loraplex.server.engine.request import RequestOutput, TokenLogprob, Usage
+from loraplex.server.runtime.requests import ChatMessage, Completion, GenerateInput
 from loraplex.server.runtime.views import (
     AdapterView,
     CacheView,
@@ -38,6 +38,19 @@ def generate_input(request: inference_pb2.GenerateRequest) -> GenerateInput:
         compose=composition_request(request.compose) if request.HasField("compose") else None,
         ignore_eos=request.ignore_eos,
         prompt_ids=tuple(request.prompt_ids),
+        n=request.n or 1,
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
+        prompt_logprobs=(request.prompt_logprobs if request.HasField("prompt_logprobs") else None),
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=(
+            request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
+        ),
+        min_p=request.min_p,
+        logit_bias=tuple(sorted(request.logit_bias.items())),
+        stop_token_ids=tuple(request.stop_token_ids),
+        min_tokens=request.min_tokens,
+        include_stop_str_in_output=request.include_stop_str_in_output,
     )
 
 
@@ -85,27 +98,85 @@ def generate_response(
     token_ids: list[int],
     adapter: AdapterVersion | None,
     request_id: str,
+    logprobs: tuple[TokenLogprob, ...] | None = None,
 ) -> inference_pb2.GenerateResponse:
-    """One response (a stream chunk, or with the whole text a unary answer) for `out`."""
+    """One response (a stream chunk, or with a sample's whole text a unary answer) for `out`
+    (`logprobs`: the text's, else `out`'s own)."""
     response = inference_pb2.GenerateResponse(
         text=text,
         finish_reason=out.finish_reason or "",
-        stop_reason=out.stop_reason or "",
         token_ids=token_ids,
         adapter_id=adapter.adapter_id if adapter else "",
         adapter_version=adapter.version if adapter else 0,
         request_id=request_id,
+        index=out.index,
+        logprobs=token_logprobs(out.logprobs if logprobs is None else logprobs),
+        prompt_logprobs=token_logprobs(out.prompt_logprobs),
     )
+    _set_stop(response, out)
     if out.usage is not None:
-        u = out.usage
-        response.usage.CopyFrom(
-            inference_pb2.Usage(
-                prompt_tokens=u.prompt_tokens,
-                completion_tokens=u.completion_tokens,
-                total_tokens=u.prompt_tokens + u.completion_tokens,
-            )
-        )
+        response.usage.CopyFrom(usage_message([out.usage]))
     return response
+
+
+def unary_response(
+    done: list[Completion], adapter: AdapterVersion | None, request_id: str
+) -> inference_pb2.GenerateResponse:
+    """A unary answer: sample 0 in the top-level fields, and with n > 1 every sample in
+    `choices`; usage counts every sample's tokens."""
+    first = done[0]
+    response = generate_response(
+        first.last, first.text, first.token_ids, adapter, request_id, first.logprobs or ()
+    )
+    response.prompt_logprobs.extend(token_logprobs(first.prompt_logprobs))
+    response.usage.CopyFrom(usage_message([c.last.usage for c in done]))
+    if len(done) > 1:
+        for c in done:
+            choice = inference_pb2.Choice(
+                index=c.index,
+                text=c.text,
+                finish_reason=c.last.finish_reason or "",
+                token_ids=c.token_ids,
+                logprobs=token_logprobs(c.logprobs),
+            )
+            _set_stop(choice, c.last)
+            response.choices.append(choice)
+    return response
+
+
+def _set_stop(
+    message: inference_pb2.GenerateResponse | inference_pb2.Choice, out: RequestOutput
+) -> None:
+    """stop_reason (a stop string) or stop_token_id (a stop token) of `out`."""
+    if isinstance(out.stop_reason, int):
+        message.stop_token_id = out.stop_reason
+    elif out.stop_reason:
+        message.stop_reason = out.stop_reason
+
+
+def usage_message(usages: list[Usage | None]) -> inference_pb2.Usage:
+    """Usage over a request's samples: the prompt once, every sample's tokens."""
+    found = [u for u in usages if u is not None]
+    prompt = found[0].prompt_tokens if found else 0
+    completion = sum(u.completion_tokens for u in found)
+    return inference_pb2.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def token_logprobs(
+    logprobs: tuple[TokenLogprob | None, ...] | None,
+) -> list[inference_pb2.TokenLogprob]:
+    """Log-probabilities as messages (the first prompt token's, None, has none)."""
+    return [
+        inference_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[inference_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs or ()
+        if lp is not None
+    ]
 
 
 def model_info_message(info: ModelInfo) -> inference_pb2.ModelInfoResponse:

@@ -23,6 +23,7 @@ from loraplex.server.grpc_api.convert import (
     model_info_message,
     push_chunks,
     registration_message,
+    unary_response,
 )
 from loraplex.server.grpc_api.interceptor import PRINCIPAL, REQUEST_ID_KEY, request_id_of
 from loraplex.server.grpc_api.status import retry_metadata, status_for
@@ -107,9 +108,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             generate_input(request), REQUEST_ID.get(), PRINCIPAL.get(), deadline_of(context)
         )
         done = await generation.complete()
-        return generate_response(
-            done.last, done.text, done.token_ids, generation.adapter, generation.request_id
-        )
+        return unary_response(done, generation.adapter, generation.request_id)
 
     @streaming
     async def GenerateStream(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -28,7 +29,12 @@ from loraplex.adapters.registry import loggable_id
 from loraplex.core.errors import CANCELLED, InvalidRequest, shown
 from loraplex.core.types import AdapterVersion
 from loraplex.server.engine.engine import Engine
-from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
+from loraplex.server.engine.request import (
+    EngineRequest,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from loraplex.server.runtime.auth import Principal
 from loraplex.server.runtime.mailbox import LoopMailbox
 from loraplex.server.runtime.quotas import Quotas, Ticket
@@ -63,15 +69,34 @@ class GenerateInput:
     stop: tuple[str, ...] = ()
     compose: CompositionRequest | None = None  # several adapters composed (not adapter_id)
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    # What SamplingParams (engine/request.py) says of each:
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole generation: its text and tokens, and the last output (finish reason, usage)."""
+    """One sample's whole generation: its text and tokens, and its last output (finish
+    reason, usage)."""
 
     text: str
     token_ids: list[int]
     last: RequestOutput
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, if asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # if asked
+
+    @property
+    def index(self) -> int:
+        return self.last.index
 
 
 @dataclass
@@ -85,6 +110,8 @@ class Generation:
     adapter: AdapterVersion | None
     outputs: AsyncGenerator[RequestOutput, None]
     _abandon: Callable[[], None] = field(repr=False)  # ends it if its outputs never started
+    n: int = 1  # samples: the outputs end once each has had its finish reason
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt as the model reads it
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self.outputs
@@ -93,17 +120,34 @@ class Generation:
         await self.outputs.aclose()  # a started iteration ends itself
         self._abandon()  # one never started is ended here (after the above: a no-op)
 
-    async def complete(self) -> Completion:
-        """Read every output (a unary answer); the generation is closed afterwards."""
-        texts: list[str] = []
-        token_ids: list[int] = []
+    async def complete(self) -> list[Completion]:
+        """Read every output (a unary answer): one Completion per sample, by index. The
+        generation is closed afterwards."""
+        texts: list[list[str]] = [[] for _ in range(self.n)]
+        token_ids: list[list[int]] = [[] for _ in range(self.n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
+        prompt_logprobs = None
+        done: dict[int, Completion] = {}
         async with contextlib.aclosing(self):
             async for out in self:
-                texts.append(out.text)
-                token_ids.extend(out.token_ids)
+                i = out.index
+                texts[i].append(out.text)
+                token_ids[i].extend(out.token_ids)
+                logprobs[i].extend(out.logprobs or ())
+                prompt_logprobs = out.prompt_logprobs or prompt_logprobs
                 if out.finish_reason is not None:
-                    return Completion(text="".join(texts), token_ids=token_ids, last=out)
-        raise RuntimeError("generation ended without a finish reason")
+                    done[i] = Completion(
+                        text="".join(texts[i]),
+                        token_ids=token_ids[i],
+                        last=out,
+                        logprobs=tuple(logprobs[i]) if out.logprobs is not None else None,
+                    )
+        if len(done) < self.n:
+            raise RuntimeError("generation ended without a finish reason")
+        ordered = [done[i] for i in range(self.n)]
+        if prompt_logprobs is not None:  # sent once, with the first sample's first output
+            ordered = [dataclasses.replace(c, prompt_logprobs=prompt_logprobs) for c in ordered]
+        return ordered
 
 
 class Requests:
@@ -191,7 +235,19 @@ class Requests:
             seed=inp.seed,
             stop=inp.stop,
             ignore_eos=inp.ignore_eos,
+            n=inp.n,
+            logprobs=inp.logprobs,
+            prompt_logprobs=inp.prompt_logprobs,
+            presence_penalty=inp.presence_penalty,
+            frequency_penalty=inp.frequency_penalty,
+            repetition_penalty=inp.repetition_penalty,
+            min_p=inp.min_p,
+            logit_bias=inp.logit_bias,
+            stop_token_ids=inp.stop_token_ids,
+            min_tokens=inp.min_tokens,
+            include_stop_str_in_output=inp.include_stop_str_in_output,
         )
+        self._check_params(params)
         check_context(len(prompt_ids), max_new, self.engine.info.max_context)
         mailbox = self._mailbox()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -202,7 +258,7 @@ class Requests:
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 request.cancel()
 
-        ticket = self.quotas.admit(tenant, len(prompt_ids) + max_new)
+        ticket = self.quotas.admit(tenant, len(prompt_ids) + params.n * max_new)
         lease = None
         try:
             # The host tier holds the adapter's weights while the request lives: loaded once
@@ -229,8 +285,10 @@ class Requests:
         return Generation(
             request_id=request_id,
             adapter=adapter,
-            outputs=self._outputs(queue, record, end),
+            outputs=self._outputs(queue, record, end, params.n),
             _abandon=lambda: end(False),
+            n=params.n,
+            prompt_ids=prompt_ids,
         )
 
     def _mailbox(self) -> LoopMailbox:
@@ -246,8 +304,10 @@ class Requests:
         queue: asyncio.Queue[RequestOutput | BaseException],
         record: RequestRecord,
         end: Callable[[bool], None],
+        samples: int,
     ) -> AsyncGenerator[RequestOutput, None]:
         finished = False
+        running = samples  # samples without a finish reason yet
         try:
             while not finished:
                 item = await queue.get()
@@ -255,9 +315,11 @@ class Requests:
                     finished = True
                     record.fail(item)
                     raise item
-                finished = item.finish_reason is not None
+                if item.finish_reason is not None:
+                    running -= 1
+                finished = running == 0
                 record.output(time.monotonic(), len(item.token_ids))
-                if self.log_prompts:
+                if self.log_prompts and item.index == 0:
                     record.text += item.text
                 if finished:
                     record.finish_reason = item.finish_reason or ""
@@ -284,7 +346,8 @@ class Requests:
                 record.code = CANCELLED
             if lease is not None:
                 lease.release()
-            ticket.release(request.params.max_new_tokens - record.completion_tokens)
+            params = request.params
+            ticket.release(params.n * params.max_new_tokens - record.completion_tokens)
             record.queued, record.admitted = request.arrival, request.admitted
             record.finished = time.monotonic()
             self.observers.finished(record)
@@ -338,12 +401,17 @@ class Requests:
             raise InvalidRequest("prompt", "tokenizes to no tokens")
         return list(ids)
 
-    def _checked_ids(self, ids: tuple[int, ...]) -> list[int]:
+    def _checked_ids(self, ids: tuple[int, ...], field: str = "prompt") -> list[int]:
         vocab = self.engine.info.vocab_size
         for i, token in enumerate(ids):
             if not 0 <= token < vocab:
-                raise InvalidRequest(f"prompt[{i}]", f"token id {token} is not in [0, {vocab})")
+                raise InvalidRequest(f"{field}[{i}]", f"token id {token} is not in [0, {vocab})")
         return list(ids)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """The token ids the parameters name must be in the vocabulary."""
+        self._checked_ids(tuple(t for t, _ in params.logit_bias), "logit_bias")
+        self._checked_ids(params.stop_token_ids, "stop_token_ids")
 
     async def warmup(self) -> None:
         """One tiny generation through the whole path, so the first client is not the one

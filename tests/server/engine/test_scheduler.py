@@ -30,14 +30,14 @@ class Rows:
     def __init__(self, n: int) -> None:
         self.free = n
 
-    def allocate(self, req: EngineRequest) -> int | None:
+    def allocate(self, req: EngineRequest) -> tuple[int, ...] | None:
         if self.free == 0:
             return None
         self.free -= 1
-        return self.free
+        return (self.free,)
 
-    def unallocate(self, row: int, req: EngineRequest) -> None:
-        self.free += 1
+    def unallocate(self, rows: tuple[int, ...], req: EngineRequest) -> None:
+        self.free += len(rows)
 
 
 def names(admissions) -> list[str]:

@@ -13,9 +13,9 @@ from loraplex.adapters.compositions import Composition, CompositionRequest, Weig
 from loraplex.adapters.sources import FileChunk
 from loraplex.core.errors import InvalidRequest
 from loraplex.core.types import AdapterVersion, TierStats
-from loraplex.server.engine.request import RequestOutput, Usage
+from loraplex.server.engine.request import RequestOutput, TokenLogprob, Usage
 from loraplex.server.grpc_api import convert
-from loraplex.server.runtime.requests import ChatMessage, GenerateInput
+from loraplex.server.runtime.requests import ChatMessage, Completion, GenerateInput
 from loraplex.server.runtime.views import (
     AdapterView,
     CacheView,
@@ -179,6 +179,17 @@ def test_every_generate_request_field_reaches_the_runtime():
         ),
         ignore_eos=True,
         prompt_ids=[1, 2, 3],
+        n=4,
+        logprobs=5,
+        prompt_logprobs=0,
+        presence_penalty=0.25,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.25,
+        min_p=0.125,
+        logit_bias={9: -1.5, 2: 100.0},
+        stop_token_ids=[7, 8],
+        min_tokens=6,
+        include_stop_str_in_output=True,
     )
     got = convert.generate_input(request)
     assert {f.name for f in dataclasses.fields(GenerateInput)} == fields_of(request)
@@ -201,6 +212,17 @@ def test_every_generate_request_field_reaches_the_runtime():
         ),
         ignore_eos=True,
         prompt_ids=(1, 2, 3),
+        n=4,
+        logprobs=5,
+        prompt_logprobs=0,
+        presence_penalty=0.25,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.25,
+        min_p=0.125,
+        logit_bias=((2, 100.0), (9, -1.5)),
+        stop_token_ids=(7, 8),
+        min_tokens=6,
+        include_stop_str_in_output=True,
     )
     unset = convert.generate_input(inference_pb2.GenerateRequest())
     assert unset == GenerateInput()  # unset optional fields are the runtime's defaults
@@ -224,6 +246,43 @@ def test_a_final_output_becomes_a_response_with_usage():
     )
     assert list(response.token_ids) == [1, 5]
     assert (response.usage.prompt_tokens, response.usage.total_tokens) == (3, 7)
+
+
+def test_samples_logprobs_and_stop_tokens_reach_the_response():
+    lp = TokenLogprob(token_id=5, logprob=-0.25, top=((5, -0.25), (6, -2.0)))
+    prompt = (None, TokenLogprob(token_id=3, logprob=-4.0))
+    chunk = RequestOutput(text="x", token_ids=[5], index=2, logprobs=(lp,), prompt_logprobs=prompt)
+    response = convert.generate_response(chunk, chunk.text, chunk.token_ids, None, "r")
+    assert response.index == 2
+    assert [(t.token_id, round(t.logprob, 6)) for t in response.logprobs] == [(5, -0.25)]
+    assert [(t.token_id, t.logprob) for t in response.logprobs[0].top] == [(5, -0.25), (6, -2.0)]
+    # the first prompt token has nothing before it: one entry per later token
+    assert [(t.token_id, t.logprob) for t in response.prompt_logprobs] == [(3, -4.0)]
+    assert not response.HasField("stop_token_id") and not response.stop_reason
+
+    def sample(index: int, text: str, stop: str | int) -> Completion:
+        last = RequestOutput(
+            text="",
+            token_ids=[],
+            finish_reason="stop",
+            stop_reason=stop,
+            usage=Usage(prompt_tokens=3, completion_tokens=2 + index),
+            index=index,
+            logprobs=(lp,),
+        )
+        return Completion(text=text, token_ids=[1, index], last=last, logprobs=(lp, lp))
+
+    done = [sample(0, "a", 7), sample(1, "b", "END")]
+    unary = convert.unary_response(done, VERSION, "r")
+    assert (unary.text, unary.stop_token_id, len(unary.logprobs)) == ("a", 7, 2)
+    assert (unary.usage.prompt_tokens, unary.usage.completion_tokens) == (3, 5)
+    assert [(c.index, c.text, list(c.token_ids)) for c in unary.choices] == [
+        (0, "a", [1, 0]),
+        (1, "b", [1, 1]),
+    ]
+    assert unary.choices[0].stop_token_id == 7 and not unary.choices[0].stop_reason
+    assert unary.choices[1].stop_reason == "END" and not unary.choices[1].HasField("stop_token_id")
+    assert not convert.unary_response(done[:1], None, "r").choices  # n = 1: no choices
 
 
 def test_adapter_requests_name_one_adapter_and_uploads_arrive_as_file_chunks():

@@ -74,12 +74,12 @@ def test_a_generation_and_an_adapter_without_any_protocol(served):
         )
         assert registration.created and registration.adapter.version.tenant == "acme"
         ask = GenerateInput(messages=(ChatMessage(role="user", content="hi"),), max_new_tokens=6)
-        base = await (await runtime.requests.generate(ask, principal=ACME)).complete()
+        (base,) = await (await runtime.requests.generate(ask, principal=ACME)).complete()
         generation = await runtime.requests.generate(
             GenerateInput(adapter_id="tone", messages=ask.messages, max_new_tokens=6),
             principal=ACME,
         )
-        tuned = await generation.complete()
+        (tuned,) = await generation.complete()
         assert generation.adapter is not None and generation.adapter.version == 1
         assert base.last.finish_reason == "length" and len(base.token_ids) == 6
         assert tuned.last.usage is not None and tuned.last.usage.completion_tokens == 6
@@ -367,7 +367,7 @@ def test_an_adapter_with_its_own_chat_template_is_prompted_with_it(served, monke
         assert view.version.chat_template == template
         for adapter_id in ("templated", "tone", ""):
             ask = GenerateInput(adapter_id=adapter_id, messages=messages, max_new_tokens=2)
-            done = await (await requests.generate(ask, principal=ACME)).complete()
+            (done,) = await (await requests.generate(ask, principal=ACME)).complete()
             assert done.last.usage.prompt_tokens == len(prompts[adapter_id])
 
     loop.run_until_complete(scenario())
