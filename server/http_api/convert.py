@@ -1,9 +1,11 @@
 """OpenAI request bodies -> GenerateInput, and the runtime's answers -> OpenAI response bodies.
 
 Field names and defaults are OpenAI's (`temperature` 1, `max_tokens` 16 on /v1/completions),
-extensions vLLM's (`top_k`, `ignore_eos`) and loraplex's `compose`. A field OpenAI defines that
-loraplex does not serve yet is refused when it asks for something other than its default (a
-400 naming it), never silently ignored; fields nobody defines are ignored, as OpenAI does.
+extensions vLLM's (`top_k`, `ignore_eos`, `min_p`, `repetition_penalty`, `stop_token_ids`,
+`min_tokens`, `include_stop_str_in_output`, `prompt_logprobs`) and loraplex's `compose`. A
+field OpenAI defines that loraplex does not serve yet is refused when it asks for something
+other than its default (a 400 naming it), never silently ignored; fields nobody defines are
+ignored, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from loraplex.adapters.compositions import CompositionRequest, WeightedAdapter
 from loraplex.core.errors import InvalidRequest, shown
 from loraplex.core.types import AdapterVersion
-from loraplex.server.engine.request import RequestOutput, Usage
+from loraplex.server.engine.request import RequestOutput, TokenLogprob, Usage
 from loraplex.server.runtime.requests import ChatMessage, GenerateInput
 from loraplex.server.runtime.views import AdapterView, ModelInfo
 
@@ -29,26 +31,13 @@ COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Fields of OpenAI's API and vLLM's extensions served later; until then only their defaults
 # are accepted.
 UNSUPPORTED_DEFAULTS: dict[str, tuple[object, ...]] = {
-    "n": (None, 1),
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
-    # vLLM's sampling extensions
-    "min_tokens": (None, 0),
-    "min_p": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
-    "stop_token_ids": (None, []),
-    "include_stop_str_in_output": (None, False),
-    "prompt_logprobs": (None,),
+    # vLLM's extensions
     "structured_outputs": (None,),
     "guided_json": (None,),
     "guided_regex": (None,),
@@ -66,6 +55,12 @@ class HttpGenerate:
     inputs: tuple[GenerateInput, ...]
     stream: bool
     include_usage: bool
+    echo: bool = False  # /v1/completions: the prompt comes back before its completion
+
+    @property
+    def samples(self) -> int:
+        """Choices per prompt (`n`): choice i * n + j is prompt i's sample j."""
+        return self.inputs[0].n
 
 
 def chat_request(body: Body, base_id: str, default_max_tokens: int | None) -> HttpGenerate:
@@ -75,13 +70,26 @@ def chat_request(body: Body, base_id: str, default_max_tokens: int | None) -> Ht
         raise InvalidRequest("messages", "must be a non-empty list of messages")
     inp = generate_input(body, base_id, default_max_tokens)
     chat = tuple(chat_message(i, m) for i, m in enumerate(messages))
-    return _request(body, (dataclasses.replace(inp, messages=chat),))
+    # OpenAI's chat: `logprobs` true/false, and `top_logprobs` best alternatives (0-20)
+    top = integer(body, "top_logprobs")
+    if top is not None and not flag(body, "logprobs"):
+        raise InvalidRequest("top_logprobs", "needs logprobs: true")
+    logprobs = (top or 0) if flag(body, "logprobs") else None
+    return _request(body, (dataclasses.replace(inp, messages=chat, logprobs=logprobs),))
 
 
 def completion_request(body: Body, base_id: str) -> HttpGenerate:
     """A /v1/completions body: `prompt` a string, a list of strings, token ids (a list of
     ints) or a list of token id lists, as vLLM takes them; one choice per prompt."""
     inp = generate_input(body, base_id, COMPLETIONS_MAX_TOKENS)
+    # The legacy completions' `logprobs`: how many best alternatives (0-20) with each token's;
+    # with `echo`, the prompt's tokens are scored too (how harnesses score loglikelihoods).
+    logprobs = integer(body, "logprobs")
+    echo = flag(body, "echo")
+    if logprobs is not None and echo:
+        prompt_top = max(logprobs, inp.prompt_logprobs or 0)
+        inp = dataclasses.replace(inp, prompt_logprobs=prompt_top)
+    inp = dataclasses.replace(inp, logprobs=logprobs)
     prompts = prompts_of(body.get("prompt"))
     inputs = tuple(
         dataclasses.replace(inp, prompt=p)
@@ -89,16 +97,16 @@ def completion_request(body: Body, base_id: str) -> HttpGenerate:
         else dataclasses.replace(inp, prompt_ids=p)
         for p in prompts
     )
-    return _request(body, inputs)
+    return _request(body, inputs, echo)
 
 
-def _request(body: Body, inputs: tuple[GenerateInput, ...]) -> HttpGenerate:
+def _request(body: Body, inputs: tuple[GenerateInput, ...], echo: bool = False) -> HttpGenerate:
     stream = flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("stream_options", "must be an object")
     include_usage = bool(options and flag(options, "include_usage", "stream_options."))
-    return HttpGenerate(model_of(body), inputs, stream, include_usage)
+    return HttpGenerate(model_of(body), inputs, stream, include_usage, echo)
 
 
 def model_of(body: Body) -> str:
@@ -124,6 +132,7 @@ def generate_input(body: Body, base_id: str, default_max_tokens: int | None) -> 
     seed = integer(body, "seed")
     temperature = number(body, "temperature")
     top_p = number(body, "top_p")
+    repetition_penalty = number(body, "repetition_penalty")
     return GenerateInput(
         adapter_id="" if model == base_id else model,
         max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -134,7 +143,44 @@ def generate_input(body: Body, base_id: str, default_max_tokens: int | None) -> 
         stop=stops(body.get("stop")),
         compose=compose,
         ignore_eos=flag(body, "ignore_eos"),
+        n=integer(body, "n") or 1,
+        prompt_logprobs=integer(body, "prompt_logprobs"),
+        presence_penalty=number(body, "presence_penalty") or 0.0,
+        frequency_penalty=number(body, "frequency_penalty") or 0.0,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        min_p=number(body, "min_p") or 0.0,
+        logit_bias=logit_bias(body.get("logit_bias")),
+        stop_token_ids=token_ids(body, "stop_token_ids"),
+        min_tokens=integer(body, "min_tokens") or 0,
+        include_stop_str_in_output=flag(body, "include_stop_str_in_output"),
     )
+
+
+def logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: an object from token ids (as strings: JSON keys) to a bias."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidRequest("logit_bias", "must be an object of token id -> bias")
+    out = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequest("logit_bias", f"{shown(key)} is not a token id") from None
+        if not _is_number(bias):
+            raise InvalidRequest(f"logit_bias.{key}", f"must be a number, got {shown(bias)}")
+        out.append((token, float(bias)))
+    return tuple(out)
+
+
+def token_ids(body: Body, name: str) -> tuple[int, ...]:
+    value = _field(body, name, "", lambda v: isinstance(v, list), "a list of token ids")
+    if value is None:
+        return ()
+    if not all(_is_int(t) and t >= 0 for t in value):
+        raise InvalidRequest(name, "must be a list of token ids")
+    return tuple(value)
 
 
 def chat_message(index: int, message: object) -> ChatMessage:
@@ -266,8 +312,12 @@ def fingerprint(base_fingerprint: str, adapter: AdapterVersion | None) -> str:
     return base if adapter is None else f"{base}-{adapter.adapter_id}.v{adapter.version}"
 
 
-def usage(u: Usage | None) -> dict[str, int]:
-    prompt, completion = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
+def total_usage(usages: Mapping[tuple[int, int], Usage | None]) -> dict[str, int]:
+    """Usage of a request: each prompt once, every sample's tokens; `usages` by (prompt,
+    sample)."""
+    prompts = {p: u.prompt_tokens for (p, _), u in usages.items() if u is not None}
+    prompt = sum(prompts.values())
+    completion = sum(u.completion_tokens for u in usages.values() if u is not None)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -275,11 +325,85 @@ def usage(u: Usage | None) -> dict[str, int]:
     }
 
 
-def total_usage(usages: Sequence[Usage | None]) -> dict[str, int]:
-    parts = [usage(u) for u in usages]
+class TokenTexts:
+    """Token ids -> their text, as log-probabilities show them (cached: a vocabulary's worth at
+    most)."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.decode([token_id])
+        return text
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids as text (a prompt given as ids, echoed)."""
+        return str(self._tokenizer.decode(list(ids)))  # type: ignore[attr-defined]
+
+
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def chat_logprobs(
+    logprobs: Sequence[TokenLogprob] | None, texts: Callable[[int], str]
+) -> dict[str, Any] | None:
+    """A chat choice's `logprobs`: {"content": [a token, its logprob, bytes, top_logprobs]}."""
+    if logprobs is None:
+        return None
     return {
-        k: sum(p[k] for p in parts) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        "content": [
+            _token(texts(lp.token_id), lp.logprob)
+            | {"top_logprobs": [_token(texts(t), v) for t, v in lp.top]}
+            for lp in logprobs
+        ]
     }
+
+
+def completion_logprobs(
+    logprobs: Sequence[TokenLogprob | None],
+    texts: Callable[[int], str],
+    offset: int = 0,
+    first_token: int | None = None,
+) -> dict[str, Any]:
+    """A completions choice's legacy `logprobs`: tokens, token_logprobs, top_logprobs and
+    text_offset, from `offset` characters on. None entries (the first prompt token's, whose
+    id is `first_token`) have no log-probability."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in logprobs:
+        token_id = lp.token_id if lp is not None else first_token
+        text = texts(token_id) if token_id is not None else ""
+        tokens.append(text)
+        values.append(lp.logprob if lp is not None else None)
+        tops.append({texts(t): v for t, v in lp.top} if lp is not None else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def prompt_logprobs(
+    logprobs: Sequence[TokenLogprob | None] | None, texts: Callable[[int], str]
+) -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id:
+    {"logprob", "decoded_token"}} for the token and its best alternatives."""
+    if logprobs is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for lp in logprobs:
+        if lp is None:
+            out.append(None)
+            continue
+        entries = {**dict(lp.top), lp.token_id: lp.logprob}
+        out.append({str(t): {"logprob": v, "decoded_token": texts(t)} for t, v in entries.items()})
+    return out
 
 
 def envelope(kind: str, response_id: str, model: str, system_fingerprint: str) -> dict[str, Any]:
@@ -292,21 +416,34 @@ def envelope(kind: str, response_id: str, model: str, system_fingerprint: str) -
     }
 
 
-def chat_choice(index: int, text: str, out: RequestOutput) -> dict[str, Any]:
+def chat_choice(
+    index: int, text: str, out: RequestOutput, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "index": index,
         "message": {"role": "assistant", "content": text},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,  # vLLM's: the stop string or token id that ended it
     }
 
 
-def chat_delta(index: int, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_delta(
+    index: int,
+    delta: dict[str, str],
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def text_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def text_choice(
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def model_card(model_id: str, created: int, owned_by: str, parent: str | None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from loraplex.core.errors import InvalidRequest, NotReady, Unrecoverable
-from loraplex.server.engine.request import RequestOutput, Usage
+from loraplex.server.engine.request import RequestOutput, TokenLogprob, Usage
 from loraplex.server.http_api import convert
 from loraplex.server.http_api.errors import HttpError, error_event, model_not_found, response_for
 from loraplex.server.runtime.auth import Principal
@@ -56,6 +56,7 @@ class Endpoints:
         self._runtime = runtime
         self.created = created  # the base model's `created`: when the server started
         self._exposition = exposition  # the Prometheus text, when metrics are on
+        self._token_texts: convert.TokenTexts | None = None  # made with the first answer
 
     # -- probes ----------------------------------------------------------------------------
     async def health(self, call: Call) -> Response:
@@ -134,18 +135,29 @@ class Endpoints:
             model,
             convert.fingerprint(runtime.info.fingerprint, first.adapter),
         )
+        render = Choices(request, generations, self._texts(runtime), chat)
         if request.stream:
-            events = stream_events(generations, head, chat, request.include_usage, call.request_id)
+            events = stream_events(
+                generations, head, render, request.include_usage, call.request_id
+            )
             return ClosingStream(events, generations)
         done = await until_gone(call.request, complete_all(generations))
-        if chat:
-            choices = [convert.chat_choice(i, d.text, d.last) for i, d in enumerate(done)]
-        else:
-            choices = [
-                convert.text_choice(i, d.text, d.last.finish_reason) for i, d in enumerate(done)
-            ]
-        usage = convert.total_usage([d.last.usage for d in done])
-        return JSONResponse(head | {"choices": choices, "usage": usage})
+        choices, usages = [], {}
+        for p, samples in enumerate(done):
+            for c in samples:
+                usages[p, c.index] = c.last.usage
+                choices.append(render.whole(p, c))
+        answer = head | {"choices": choices, "usage": convert.total_usage(usages)}
+        if chat and done[0][0].prompt_logprobs is not None:  # vLLM's, on chat's response
+            answer["prompt_logprobs"] = convert.prompt_logprobs(
+                done[0][0].prompt_logprobs, render.texts
+            )
+        return JSONResponse(answer)
+
+    def _texts(self, runtime: Runtime) -> convert.TokenTexts:
+        if self._token_texts is None:
+            self._token_texts = convert.TokenTexts(runtime.info.tokenizer)
+        return self._token_texts
 
     async def _submit(
         self, call: Call, runtime: Runtime, request: convert.HttpGenerate
@@ -235,7 +247,7 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-async def complete_all(generations: list[Generation]) -> list[Completion]:
+async def complete_all(generations: list[Generation]) -> list[list[Completion]]:
     tasks = [asyncio.ensure_future(g.complete()) for g in generations]
     try:
         return list(await asyncio.gather(*tasks))
@@ -309,34 +321,118 @@ async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Requ
             await generation.aclose()
 
 
+class Choices:
+    """The choices of one answer: choice p * n + j is prompt p's sample j (`n` samples per
+    prompt, as vLLM numbers them), whole or as stream chunks, with the log-probabilities and
+    echoed prompt the request asked for."""
+
+    def __init__(
+        self,
+        request: convert.HttpGenerate,
+        generations: list[Generation],
+        texts: convert.TokenTexts,
+        chat: bool,
+    ) -> None:
+        self.request, self.generations, self.texts, self.chat = request, generations, texts, chat
+        self.logprobs = request.inputs[0].logprobs is not None
+        self._sent: dict[int, int] = {}  # per streamed choice: characters sent so far
+        self._prompt_logprobs: dict[int, tuple[TokenLogprob | None, ...]] = {}  # per prompt
+
+    def index(self, prompt: int, sample: int) -> int:
+        return prompt * self.request.samples + sample
+
+    def prompt_text(self, prompt: int) -> str:
+        inp = self.request.inputs[prompt]
+        if inp.prompt:
+            return inp.prompt
+        return str(self.texts.decode(self.generations[prompt].prompt_ids))
+
+    def whole(self, prompt: int, c: Completion) -> dict[str, Any]:
+        """A choice of a unary answer."""
+        index = self.index(prompt, c.index)
+        if self.chat:
+            logprobs = convert.chat_logprobs(c.logprobs, self.texts)
+            return convert.chat_choice(index, c.text, c.last, logprobs)
+        text, entries = c.text, list(c.logprobs or ())
+        if self.request.echo:
+            text = self.prompt_text(prompt) + text
+            entries = list(c.prompt_logprobs or ()) + entries
+        choice = convert.text_choice(
+            index, text, c.last.finish_reason, self._legacy(prompt, entries, 0)
+        )
+        return self._with_prompt_logprobs(choice, c.prompt_logprobs)
+
+    def chunk(self, prompt: int, out: RequestOutput) -> dict[str, Any] | None:
+        """A stream chunk's choice for `out`, or None when it has nothing to say."""
+        index = self.index(prompt, out.index)
+        if out.prompt_logprobs is not None:
+            self._prompt_logprobs[prompt] = out.prompt_logprobs
+        first = index not in self._sent
+        offset = self._sent.setdefault(index, 0)
+        if self.chat:
+            if not out.text and out.finish_reason is None and not self.logprobs:
+                return None
+            logprobs = convert.chat_logprobs(out.logprobs, self.texts)
+            delta = {"content": out.text} if out.text else {}
+            return convert.chat_delta(index, delta, out.finish_reason, logprobs)
+        text, entries = out.text, list(out.logprobs or ())
+        echoed = None
+        if self.request.echo and first:
+            text = self.prompt_text(prompt) + text
+            echoed = self._prompt_logprobs.get(prompt)
+            entries = list(echoed or ()) + entries
+        if not text and out.finish_reason is None and not self.logprobs:
+            return None
+        self._sent[index] = offset + len(text)
+        choice = convert.text_choice(
+            index, text, out.finish_reason, self._legacy(prompt, entries, offset)
+        )
+        return self._with_prompt_logprobs(choice, echoed if first else None)
+
+    def _legacy(
+        self, prompt: int, entries: list[TokenLogprob | None], offset: int
+    ) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        ids = self.generations[prompt].prompt_ids
+        return convert.completion_logprobs(entries, self.texts, offset, ids[0] if ids else None)
+
+    def _with_prompt_logprobs(
+        self, choice: dict[str, Any], logprobs: tuple[TokenLogprob | None, ...] | None
+    ) -> dict[str, Any]:
+        """vLLM's `prompt_logprobs` on a completions choice, when the request named it."""
+        if self.request.inputs[0].prompt_logprobs is None or logprobs is None:
+            return choice
+        return choice | {"prompt_logprobs": convert.prompt_logprobs(logprobs, self.texts)}
+
+
 async def stream_events(
     generations: list[Generation],
     head: dict[str, Any],
-    chat: bool,
+    render: Choices,
     include_usage: bool,
     request_id: str,
 ) -> AsyncIterator[str]:
     """Server-Sent Events: a chunk per step that has news, a usage chunk when asked for, and
     `data: [DONE]`. An error after the stream started ends it with an error event."""
+    chat = render.chat
     head = head | {"object": "chat.completion.chunk"} if chat else head
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
-    usages: list[Usage | None] = [None] * len(generations)
+    usages: dict[tuple[int, int], Usage | None] = {}
     if chat:
-        delta = convert.chat_delta(0, {"role": "assistant", "content": ""}, None)
-        yield sse(head | {"choices": [delta]} | extra)
+        roles = [
+            convert.chat_delta(render.index(p, j), {"role": "assistant", "content": ""}, None)
+            for p in range(len(generations))
+            for j in range(render.request.samples)
+        ]
+        yield sse(head | {"choices": roles} | extra)
     try:
-        async for index, out in merged(generations):
-            if not out.text and out.finish_reason is None:
-                continue
-            if chat:
-                choice = convert.chat_delta(
-                    index, {"content": out.text} if out.text else {}, out.finish_reason
-                )
-            else:
-                choice = convert.text_choice(index, out.text, out.finish_reason)
+        async for prompt, out in merged(generations):
+            choice = render.chunk(prompt, out)
             if out.usage is not None:
-                usages[index] = out.usage
-            yield sse(head | {"choices": [choice]} | extra)
+                usages[prompt, out.index] = out.usage
+            if choice is not None:
+                yield sse(head | {"choices": [choice]} | extra)
     except Exception as exc:
         yield sse(error_event(exc, request_id))
         yield "data: [DONE]\n\n"

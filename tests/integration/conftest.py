@@ -42,3 +42,20 @@ def registered(server, peft_reference):
 def client(server):
     with LoraplexClient(server.address, timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def peft_float32(model_home, registered):
+    """The exact reference: PEFT in float32 on the same NF4 base (dequantized exactly), holding
+    the adapters the server serves."""
+    from peft import PeftModel
+
+    from loraplex.core.config import ModelConfig
+    from loraplex.core.model import load_model
+
+    model = load_model(ModelConfig(home=model_home, dtype="float32")).model
+    names = list(registered)
+    model = PeftModel.from_pretrained(model, registered[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(registered[name], adapter_name=name)
+    return model.eval()

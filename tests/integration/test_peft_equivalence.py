@@ -132,23 +132,6 @@ def test_mixed_batch_matches_peft(server, peft_reference, registered):
         assert outputs[adapter] != outputs[None], f"{adapter} generates what the base does"
 
 
-@pytest.fixture(scope="module")
-def peft_float32(model_home, registered):
-    """The exact reference: PEFT in float32 on the same NF4 base (dequantized exactly), holding
-    the adapters the server serves."""
-    from peft import PeftModel
-
-    from loraplex.core.config import ModelConfig
-    from loraplex.core.model import load_model
-
-    model = load_model(ModelConfig(home=model_home, dtype="float32")).model
-    names = list(registered)
-    model = PeftModel.from_pretrained(model, registered[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(registered[name], adapter_name=name)
-    return model.eval()
-
-
 def _check_within_noise(cases: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """For each case (ours, PEFT's, exact logits): our bf16 logits are nowhere far from the
     exact ones, and on average as near them as PEFT's bf16 logits are over all the cases (the

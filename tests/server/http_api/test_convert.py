@@ -83,12 +83,15 @@ def test_compose_extension():
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"n": 3}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"n": "3"}, "n"),
+        ({"logprobs": 3}, "logprobs"),  # chat's is true or false
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({"presence_penalty": "some"}, "presence_penalty"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": "big"}}, "logit_bias.5"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"min_tokens": 4}, "min_tokens"),
+        ({"min_tokens": 4.5}, "min_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": True}, "temperature"),
         ({"seed": 1.5}, "seed"),
@@ -105,10 +108,30 @@ def test_refusals_name_the_field(body, field):
 
 
 def test_defaults_of_unserved_fields_are_accepted():
-    chat(
-        n=1,
-        logprobs=False,
-        presence_penalty=0,
-        tool_choice="none",
-        response_format={"type": "text"},
-    )
+    chat(tool_choice="none", suffix="", best_of=1)
+
+
+def test_generation_controls_map_to_the_runtime():
+    (inp,) = chat(n=3, logprobs=True, top_logprobs=4, presence_penalty=0.5,
+                  frequency_penalty=-1, repetition_penalty=1.2, min_p=0.1,
+                  logit_bias={"7": -100, "12": 2.5}, stop_token_ids=[2, 3], min_tokens=4,
+                  include_stop_str_in_output=True, prompt_logprobs=2).inputs  # fmt: skip
+    assert (inp.n, inp.logprobs, inp.prompt_logprobs) == (3, 4, 2)
+    assert (inp.presence_penalty, inp.frequency_penalty, inp.repetition_penalty) == (0.5, -1, 1.2)
+    assert (inp.min_p, inp.logit_bias) == (0.1, ((7, -100.0), (12, 2.5)))
+    assert (inp.stop_token_ids, inp.min_tokens, inp.include_stop_str_in_output) == ((2, 3), 4, True)
+    assert chat(logprobs=True).inputs[0].logprobs == 0  # the chosen token's only
+    assert chat(logprobs=False, top_logprobs=None).inputs[0].logprobs is None
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt():
+    def request(**body):
+        return convert.completion_request({"model": BASE, "prompt": [[1, 2], "x"]} | body, BASE)
+
+    scored = request(echo=True, logprobs=1, max_tokens=1)
+    assert scored.echo and all((i.logprobs, i.prompt_logprobs) == (1, 1) for i in scored.inputs)
+    plain = request(logprobs=2)
+    assert not plain.echo and plain.inputs[0].prompt_logprobs is None
+    assert plain.inputs[0].logprobs == 2
+    echoed = request(echo=True)  # the prompt's text comes back, with no scores to compute
+    assert echoed.echo and echoed.inputs[0].prompt_logprobs is None
