@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from loraplex.server.engine.controls import RowControls
 from loraplex.server.engine.output import OutputProcessor
 from loraplex.server.engine.request import EngineRequest, TokenLogprob
+from loraplex.server.engine.structured import ConstraintMatcher
 
 
 @dataclass(eq=False)  # identity: two sequences are never the same
@@ -38,6 +39,7 @@ class Sequence:
     # A sample after the first waits for the first one's prompt to copy it.
     waits_for: Sequence | None = None
     controls: RowControls | None = None  # penalties, bias, min_tokens (None: none)
+    matcher: ConstraintMatcher | None = None  # its place in its request's constraint, if any
     # The prompt's log-probabilities as its chunks are computed, when the request asks.
     prompt_logprobs: list[TokenLogprob | None] | None = None
 

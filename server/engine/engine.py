@@ -50,6 +50,7 @@ from loraplex.server.engine.scheduler import QUEUE_RETRY_S, Admission, Scheduler
 from loraplex.server.engine.slot_loader import SlotLoader, WeightsLoader
 from loraplex.server.engine.slots import SlotTable
 from loraplex.server.engine.state import EngineInfo, EngineSnapshot, EngineStats, SlotView
+from loraplex.server.engine.structured import allocate_bitmask, apply_masks, fill_masks
 from loraplex.server.logs import shown_ids
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Engine:
         self._info: EngineInfo | None = None
         self._eos_token_ids: set[int] = set()
         self._batch = RunningBatch()
+        self._bitmask: torch.Tensor | None = None  # the constrained rows' token masks
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._calls_lock = threading.Lock()
         self._calls_closed = False  # under _calls_lock: no call is accepted once set
@@ -231,7 +233,7 @@ class Engine:
             runner = self._runner = self._make_runner()
             self._loader.fit()
             self._eos_token_ids = eos_ids_of(runner.model, runner.loaded.tokenizer)
-            self._info = engine_info(runner)
+            self._info = engine_info(runner, self._eos_token_ids)
             self._time_full_batch(runner)
         except BaseException as exc:
             self._started.set_exception(exc)
@@ -446,7 +448,7 @@ class Engine:
             )
         self._count_step(decoding, chunked)
         params = [s.request.params for s in sampled]
-        chosen = apply_controls(logits, [s.controls for s in sampled])
+        chosen = self._constrain(apply_controls(logits, [s.controls for s in sampled]), sampled)
         tokens = sample(chosen, params, [s.generator for s in sampled])
         logprobs = self._logprobs(logits, sampled, tokens)
         self._merges.observe(_token_counts(decoding, chunked))
@@ -455,6 +457,8 @@ class Engine:
             generated[seq.request.tenant] += 1
             if seq.controls is not None:
                 seq.controls.accept(token)
+            if seq.matcher is not None:
+                seq.matcher.accept(token)
             if self._advance(seq, token, logprob):
                 if not seq.request.params.ignore_eos:
                     self._pacing.generated(seq.num_generated)
@@ -480,6 +484,21 @@ class Engine:
                     forked.append(sibling)
                     at.append(row)
         return forked
+
+    def _constrain(self, logits: torch.Tensor, sampled: list[Sequence]) -> torch.Tensor:
+        """logits (S, V) of the sampled sequences with every token their constraints do not
+        allow next at -inf (the rows of unconstrained sequences untouched); a copy, when any
+        row is constrained, so that the raw logits stay for log-probabilities."""
+        rows = [(s.matcher, i) for i, s in enumerate(sampled) if s.matcher is not None]
+        if not rows:
+            return logits
+        if self._bitmask is None or self._bitmask.shape[0] < len(sampled):
+            self._bitmask = allocate_bitmask(max(len(sampled), self.config.max_batch_size),
+                                             logits.shape[-1])  # fmt: skip
+        fill_masks(self._bitmask, rows)
+        out = logits if any(s.controls is not None for s in sampled) else logits.clone()
+        apply_masks(out, [i for _, i in rows], self._bitmask)
+        return out
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Add a prompt chunk's log-probabilities: logits (n, V), one row per chunk position,
@@ -543,6 +562,7 @@ class Engine:
                 index=index,
                 family=family,
                 waits_for=family[0] if family else None,
+                matcher=request.constraint.matcher() if request.constraint else None,
                 controls=RowControls.create(
                     params,
                     request.prompt_ids,
@@ -575,10 +595,13 @@ class Engine:
             elif (
                 seq.num_generated >= seq.request.params.max_new_tokens
                 or seq.num_tokens >= self._model().max_context
+                or (seq.matcher is not None and seq.matcher.is_finished)
             ):
                 rest = seq.output.finish()
                 step = StepText(delta=step.delta + rest.delta, stop_reason=rest.stop_reason)
-                finish = "stop" if rest.stop_reason is not None else "length"
+                # a constraint complete (nothing but EOS may follow) ends as EOS would
+                complete = seq.matcher is not None and seq.matcher.is_finished
+                finish = "stop" if rest.stop_reason is not None or complete else "length"
         usage = None
         if finish is not None:
             usage = Usage(
@@ -700,7 +723,7 @@ def _adapter_ids(requests: Iterable[EngineRequest]) -> tuple[str, ...]:
     return tuple(sorted({r.adapter.adapter_id for r in requests if r.adapter is not None}))
 
 
-def engine_info(runner: ModelRunner) -> EngineInfo:
+def engine_info(runner: ModelRunner, eos_token_ids: set[int]) -> EngineInfo:
     loaded, config = runner.loaded, runner.model.config
     slots, slots_choice = runner.slot_limit()
     return EngineInfo(
@@ -721,4 +744,5 @@ def engine_info(runner: ModelRunner) -> EngineInfo:
         dense_cache_bytes=runner.linears.dense_bytes,
         max_loras=slots,
         max_loras_choice=slots_choice,
+        eos_token_ids=tuple(sorted(eos_token_ids)),
     )

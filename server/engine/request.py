@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from loraplex.core.errors import InvalidRequest
 from loraplex.core.types import AdapterVersion, AdapterWeights
+from loraplex.server.engine.structured import CompiledConstraint
 
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
 MAX_STOP_STRINGS = 16
@@ -155,6 +156,8 @@ class EngineRequest:
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # when its client gives up (time.monotonic), if it said
     admitted: float | None = None  # when it joined the running batch (set by the engine)
+    # What its output must satisfy (structured outputs): each sample gets a matcher of its own.
+    constraint: CompiledConstraint | None = None
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops the request at its next step."""

@@ -31,6 +31,7 @@ class EngineInfo:
     dense_cache_bytes: int = 0  # held by dense copies of 4-bit layers
     max_loras: int = 0  # device slots
     max_loras_choice: str = ""  # why that many (the flag, or what auto found)
+    eos_token_ids: tuple[int, ...] = ()  # the tokens that end a sequence
 
 
 @dataclass

@@ -44,8 +44,10 @@ EOS allowed; `ConstraintMatcher.error` says why). A compile (grammar, first mask
 took longer than `timeout_s` is refused afterwards and remembered as refused: the limits, not
 a timer, are what stop a compile, since the library cannot be interrupted (the slowest input
 found within 64 KiB, 5,900 optional properties, took 1.5 s before the probe refused it). JSON
-whitespace between two tokens is at most 64 characters (`JSON_WHITESPACE`), so a model cannot
-spend its tokens on an endless run of blanks.
+is written compact (", " between items, ": " after keys, no other whitespace),
+so a model cannot spend its tokens on runs of blanks: with whitespace free between tokens (even
+at most 64 characters), the embedded model wrote newlines until max_tokens in 7 of 12 requests,
+compact in 1 of 12 (a runaway number).
 """
 
 from __future__ import annotations
@@ -79,9 +81,6 @@ DEFAULT_TIMEOUT_S: Final = 2.0
 # Tokens a compile walks past the start to see that the grammar stays inside the limits there.
 PROBE_STEPS: Final = 8
 DEFAULT_CACHE_SIZE: Final = 256
-# Flexible whitespace as JSON allows it (space, newline, return, tab), but at most 64 characters
-# between two tokens: room for indented output, none for a model stuck on newlines.
-JSON_WHITESPACE: Final = r"[\x20\x0A\x0D\x09]{0,64}"
 _MESSAGE_CHARS = 600  # of a library error returned to a client: its first lines say it all
 
 _BITS_PER_WORD = 32
@@ -428,9 +427,17 @@ def _grammar(spec: ConstraintSpec) -> str:
 
 
 def _json_grammar(schema: str) -> str:
+    # Compact, with json.dumps' separators and no other whitespace; an unimplemented keyword is
+    # refused, never ignored (lenient off).
     return str(
         llguidance.LLMatcher.grammar_from_json_schema(
-            schema, overrides={"whitespace_pattern": JSON_WHITESPACE, "lenient": False}
+            schema,
+            overrides={
+                "whitespace_flexible": False,
+                "item_separator": ", ",
+                "key_separator": ": ",
+                "lenient": False,
+            },
         )
     )
 

@@ -4,6 +4,7 @@ view reaches its message)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from loraplex.adapters.compositions import Composition, CompositionRequest, WeightedAdapter
@@ -11,6 +12,7 @@ from loraplex.adapters.sources import FileChunk
 from loraplex.core.errors import InvalidRequest
 from loraplex.core.types import AdapterVersion
 from loraplex.server.engine.request import RequestOutput, TokenLogprob, Usage
+from loraplex.server.engine.structured import ConstraintSpec
 from loraplex.server.runtime.requests import ChatMessage, Completion, GenerateInput
 from loraplex.server.runtime.views import (
     AdapterView,
@@ -51,7 +53,32 @@ def generate_input(request: inference_pb2.GenerateRequest) -> GenerateInput:
         stop_token_ids=tuple(request.stop_token_ids),
         min_tokens=request.min_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
+        constraint=(
+            constraint_spec(request.structured_outputs)
+            if request.HasField("structured_outputs")
+            else None
+        ),
     )
+
+
+def constraint_spec(message: inference_pb2.StructuredOutputs) -> ConstraintSpec:
+    """StructuredOutputs: exactly one of its fields."""
+    given = [
+        ConstraintSpec(kind, value, f"structured_outputs.{name}")
+        for name, kind, value in (
+            ("json", "json_schema", message.json),
+            ("regex", "regex", message.regex),
+            ("choice", "choice", json.dumps(list(message.choice)) if message.choice else ""),
+            ("grammar", "grammar", message.grammar),
+            ("json_object", "json_object", "" if message.json_object else None),
+        )
+        if value is not None and (value or name == "json_object")
+    ]
+    if len(given) != 1:
+        raise InvalidRequest(
+            "structured_outputs", "give exactly one of json, regex, choice, grammar, json_object"
+        )
+    return given[0]
 
 
 def composition_request(message: adapters_pb2.AdapterComposition) -> CompositionRequest:

@@ -11,6 +11,7 @@ ignored, as OpenAI does.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,8 @@ from loraplex.adapters.compositions import CompositionRequest, WeightedAdapter
 from loraplex.core.errors import InvalidRequest, shown
 from loraplex.core.types import AdapterVersion
 from loraplex.server.engine.request import RequestOutput, TokenLogprob, Usage
+from loraplex.server.engine.structured import ConstraintSpec
+from loraplex.server.http_api.tools import ToolCalling, tool_request
 from loraplex.server.runtime.requests import ChatMessage, GenerateInput
 from loraplex.server.runtime.views import AdapterView, ModelInfo
 
@@ -33,16 +36,16 @@ COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 UNSUPPORTED_DEFAULTS: dict[str, tuple[object, ...]] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "tools": (None, []),
-    "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-    # vLLM's extensions
-    "structured_outputs": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
+    "functions": (None, []),  # the deprecated form of `tools`
+    "function_call": (None, "none", "auto"),
+}
+# vLLM's structured outputs: each key of `structured_outputs` (also as a `guided_<key>` field,
+# its older name) and the constraint kind it asks for.
+STRUCTURED_KINDS = {
+    "json": "json_schema",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
 }
 
 
@@ -56,6 +59,7 @@ class HttpGenerate:
     stream: bool
     include_usage: bool
     echo: bool = False  # /v1/completions: the prompt comes back before its completion
+    tools: ToolCalling | None = None  # chat: how the output becomes tool calls
 
     @property
     def samples(self) -> int:
@@ -75,7 +79,16 @@ def chat_request(body: Body, base_id: str, default_max_tokens: int | None) -> Ht
     if top is not None and not flag(body, "logprobs"):
         raise InvalidRequest("top_logprobs", "needs logprobs: true")
     logprobs = (top or 0) if flag(body, "logprobs") else None
-    return _request(body, (dataclasses.replace(inp, messages=chat, logprobs=logprobs),))
+    tools = tool_request(body)
+    constraint = inp.constraint
+    if tools.constraint is not None:
+        if constraint is not None:
+            raise InvalidRequest("tool_choice", f"a forced tool call and {constraint.field}")
+        constraint = tools.constraint
+    inp = dataclasses.replace(
+        inp, messages=chat, logprobs=logprobs, tools=tools.shown, constraint=constraint
+    )
+    return _request(body, (inp,), tools=tools.calling)
 
 
 def completion_request(body: Body, base_id: str) -> HttpGenerate:
@@ -100,13 +113,18 @@ def completion_request(body: Body, base_id: str) -> HttpGenerate:
     return _request(body, inputs, echo)
 
 
-def _request(body: Body, inputs: tuple[GenerateInput, ...], echo: bool = False) -> HttpGenerate:
+def _request(
+    body: Body,
+    inputs: tuple[GenerateInput, ...],
+    echo: bool = False,
+    tools: ToolCalling | None = None,
+) -> HttpGenerate:
     stream = flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("stream_options", "must be an object")
     include_usage = bool(options and flag(options, "include_usage", "stream_options."))
-    return HttpGenerate(model_of(body), inputs, stream, include_usage, echo)
+    return HttpGenerate(model_of(body), inputs, stream, include_usage, echo, tools)
 
 
 def model_of(body: Body) -> str:
@@ -153,7 +171,66 @@ def generate_input(body: Body, base_id: str, default_max_tokens: int | None) -> 
         stop_token_ids=token_ids(body, "stop_token_ids"),
         min_tokens=integer(body, "min_tokens") or 0,
         include_stop_str_in_output=flag(body, "include_stop_str_in_output"),
+        constraint=constraint_of(body),
     )
+
+
+def constraint_of(body: Body) -> ConstraintSpec | None:
+    """The output constraint a request asks for, by OpenAI's `response_format` or vLLM's
+    `structured_outputs` (or its older `guided_*` fields): at most one."""
+    found = []
+    if body.get("response_format") is not None:
+        found.append(response_format(body["response_format"]))
+    if body.get("structured_outputs") is not None:
+        found.append(structured_outputs(body["structured_outputs"], "structured_outputs."))
+    guided = {k: body[f"guided_{k}"] for k in STRUCTURED_KINDS if body.get(f"guided_{k}")}
+    if guided:
+        found.append(structured_outputs(guided, "guided_"))
+    specs = [spec for spec in found if spec is not None]
+    if len(specs) > 1:
+        raise InvalidRequest(specs[1].field, f"only one output constraint: {specs[0].field} too")
+    return specs[0] if specs else None
+
+
+def response_format(value: object) -> ConstraintSpec | None:
+    """OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema"}}."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ConstraintSpec("json_object", "", "response_format")
+    if kind == "json_schema" and isinstance(value, dict):
+        wrapper = value.get("json_schema")
+        schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("response_format.json_schema", "must hold a schema object")
+        return ConstraintSpec(
+            "json_schema", json.dumps(schema), "response_format.json_schema.schema"
+        )
+    raise InvalidRequest("response_format", "type must be text, json_object or json_schema")
+
+
+def structured_outputs(value: object, prefix: str) -> ConstraintSpec:
+    """vLLM's {"json" | "regex" | "choice" | "grammar" | "json_object": ...}: exactly one."""
+    if not isinstance(value, dict):
+        raise InvalidRequest(prefix.rstrip("._"), "must be an object")
+    given = {k: v for k, v in value.items() if v is not None and v is not False}
+    if len(given) != 1:
+        raise InvalidRequest(
+            prefix.rstrip("._"), "give exactly one of json, regex, choice, grammar, json_object"
+        )
+    ((key, item),) = given.items()
+    field = prefix + key
+    if key == "json_object" and item is True:
+        return ConstraintSpec("json_object", "", field)
+    if key == "json" and isinstance(item, dict | str):
+        schema = item if isinstance(item, str) else json.dumps(item)
+        return ConstraintSpec("json_schema", schema, field)
+    if key == "choice" and isinstance(item, list) and all(isinstance(c, str) for c in item):
+        return ConstraintSpec("choice", json.dumps(item), field)
+    if key in ("regex", "grammar") and isinstance(item, str):
+        return ConstraintSpec(STRUCTURED_KINDS[key], item, field)
+    raise InvalidRequest(field, f"not a valid {key}: {shown(item)}")
 
 
 def logit_bias(value: object) -> tuple[tuple[int, float], ...]:
@@ -192,7 +269,14 @@ def chat_message(index: int, message: object) -> ChatMessage:
         raise InvalidRequest(f"{where}.role", "required: system, user, assistant or tool")
     if role == "developer":  # OpenAI's newer name for the system role
         role = "system"
-    return ChatMessage(role=role, content=content_text(f"{where}.content", message.get("content")))
+    content = content_text(f"{where}.content", message.get("content"))
+    calls = message.get("tool_calls")
+    if role == "assistant" and isinstance(calls, list) and calls:
+        # An earlier turn's calls, as the model wrote them (a template without tools reads
+        # them as text): a JSON list of {"name", "arguments"}.
+        written = [c.get("function", {}) for c in calls if isinstance(c, dict)]
+        content = (content + "\n" if content else "") + json.dumps(written, ensure_ascii=False)
+    return ChatMessage(role=role, content=content)
 
 
 def content_text(where: str, content: object) -> str:
@@ -430,7 +514,7 @@ def chat_choice(
 
 def chat_delta(
     index: int,
-    delta: dict[str, str],
+    delta: dict[str, Any],
     finish_reason: str | None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 
 from loraplex.core.errors import InvalidRequest, NotReady, Unrecoverable
 from loraplex.server.engine.request import RequestOutput, TokenLogprob, Usage
-from loraplex.server.http_api import convert
+from loraplex.server.http_api import convert, tools
 from loraplex.server.http_api.errors import HttpError, error_event, model_not_found, response_for
 from loraplex.server.runtime.auth import Principal
 from loraplex.server.runtime.requests import Completion, Generation
@@ -336,6 +336,7 @@ class Choices:
         self.request, self.generations, self.texts, self.chat = request, generations, texts, chat
         self.logprobs = request.inputs[0].logprobs is not None
         self._sent: dict[int, int] = {}  # per streamed choice: characters sent so far
+        self._held: dict[int, str] = {}  # per streamed choice with tools: its text so far
         self._prompt_logprobs: dict[int, tuple[TokenLogprob | None, ...]] = {}  # per prompt
 
     def index(self, prompt: int, sample: int) -> int:
@@ -352,7 +353,13 @@ class Choices:
         index = self.index(prompt, c.index)
         if self.chat:
             logprobs = convert.chat_logprobs(c.logprobs, self.texts)
-            return convert.chat_choice(index, c.text, c.last, logprobs)
+            choice = convert.chat_choice(index, c.text, c.last, logprobs)
+            calling = self.request.tools
+            calls = tools.tool_calls(calling, c.text) if calling is not None else None
+            if calling is not None and calls is not None:
+                choice["message"] |= {"content": None, "tool_calls": calls}
+                choice["finish_reason"] = tools.finish_reason(calling, c.last.finish_reason)
+            return choice
         text, entries = c.text, list(c.logprobs or ())
         if self.request.echo:
             text = self.prompt_text(prompt) + text
@@ -370,6 +377,8 @@ class Choices:
         first = index not in self._sent
         offset = self._sent.setdefault(index, 0)
         if self.chat:
+            if self.request.tools is not None:
+                return self._tool_chunk(index, out)
             if not out.text and out.finish_reason is None and not self.logprobs:
                 return None
             logprobs = convert.chat_logprobs(out.logprobs, self.texts)
@@ -388,6 +397,24 @@ class Choices:
             index, text, out.finish_reason, self._legacy(prompt, entries, offset)
         )
         return self._with_prompt_logprobs(choice, echoed if first else None)
+
+    def _tool_chunk(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
+        """With tools, a choice's text is held until it ends: then it is sent as the calls it
+        makes (each whole, in one delta), or as content if it makes none."""
+        calling = self.request.tools
+        assert calling is not None
+        held = self._held.get(index, "") + out.text
+        self._held[index] = held
+        logprobs = convert.chat_logprobs(out.logprobs, self.texts)
+        if out.finish_reason is None:
+            return convert.chat_delta(index, {}, None, logprobs) if self.logprobs else None
+        calls = tools.tool_calls(calling, held)
+        if calls is None:
+            return convert.chat_delta(index, {"content": held}, out.finish_reason, logprobs)
+        delta = {"tool_calls": [{"index": i} | call for i, call in enumerate(calls)]}
+        return convert.chat_delta(
+            index, delta, tools.finish_reason(calling, out.finish_reason), logprobs
+        )
 
     def _legacy(
         self, prompt: int, entries: list[TokenLogprob | None], offset: int

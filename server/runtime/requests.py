@@ -35,6 +35,7 @@ from loraplex.server.engine.request import (
     SamplingParams,
     TokenLogprob,
 )
+from loraplex.server.engine.structured import CompiledConstraint, ConstraintSpec, GrammarCompiler
 from loraplex.server.runtime.auth import Principal
 from loraplex.server.runtime.mailbox import LoopMailbox
 from loraplex.server.runtime.quotas import Quotas, Ticket
@@ -81,6 +82,9 @@ class GenerateInput:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    constraint: ConstraintSpec | None = None  # the output satisfies it (structured outputs)
+    # Function definitions (OpenAI's `tools`, as JSON objects) shown to the chat template.
+    tools: tuple[dict[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,11 @@ class Requests:
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", ())} - {""}
         )
         self.max_prompt_chars = max_prompt_chars(self.tokenizer, engine.info.max_context)
+        # Structured outputs: compiled in a worker thread per request (bounded, cached), never
+        # on the engine thread; the tokenizer's side is built once, here.
+        self.grammars = GrammarCompiler(
+            self.tokenizer, engine.info.vocab_size, eos_token_ids=engine.info.eos_token_ids
+        )
 
     async def generate(
         self,
@@ -249,6 +258,7 @@ class Requests:
         )
         self._check_params(params)
         check_context(len(prompt_ids), max_new, self.engine.info.max_context)
+        constraint = await self._compile(inp.constraint)
         mailbox = self._mailbox()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
@@ -273,6 +283,7 @@ class Requests:
                 weights=lease.weights if lease else None,
                 tenant=tenant,
                 deadline=deadline,
+                constraint=constraint,
             )
             self.engine.submit(request)
             self._in_flight[id(record)] = request_id
@@ -290,6 +301,13 @@ class Requests:
             n=params.n,
             prompt_ids=prompt_ids,
         )
+
+    async def _compile(self, spec: ConstraintSpec | None) -> CompiledConstraint | None:
+        """The request's constraint compiled (InvalidRequest naming its field if it cannot
+        be), off the event loop: a compile is bounded in time, a repeated one cached."""
+        if spec is None:
+            return None
+        return await asyncio.to_thread(self.grammars.compile, spec)
 
     def _mailbox(self) -> LoopMailbox:
         """The running loop's mailbox: the engine's outputs for every request on this loop
@@ -384,6 +402,7 @@ class Requests:
                 text = self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
                     [{"role": m.role, "content": m.content} for m in inp.messages],
                     chat_template=chat_template,
+                    tools=list(inp.tools) or None,
                     tokenize=False,
                     add_generation_prompt=True,
                 )

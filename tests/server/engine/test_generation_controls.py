@@ -277,3 +277,39 @@ def test_stop_strings_wait_for_min_tokens_and_may_stay_in_the_text():
     late = OutputProcessor(Tokens(), ("ab",), min_tokens=4)
     reasons = [late.append(ord(c)).stop_reason for c in "abxab"]
     assert reasons == [None, None, None, None, "ab"] and late.text == "abx"
+
+
+def test_a_constraint_holds_its_rows_and_leaves_its_neighbours_alone(setup):
+    """Constrained sequences (a regex, a choice; two samples of one) share steps with
+    unconstrained ones on other adapters: each constrained output matches, each neighbour's
+    tokens equal what it gets alone (float32: batch shapes do not move logits)."""
+    import re
+
+    from loraplex.server.engine.structured import ConstraintSpec, GrammarCompiler
+
+    engine, versions = setup()
+    info = engine.info
+    grammars = GrammarCompiler(info.tokenizer, info.vocab_size, eos_token_ids=info.eos_token_ids)
+    pattern = r"[a-z]{2,5}-[0-9]{2}"
+    regex = grammars.compile(ConstraintSpec("regex", pattern, "structured_outputs.regex"))
+    choice = grammars.compile(ConstraintSpec("choice", '["alpha", "beta"]', "choice"))
+    alone = [submit(engine, PROMPT, versions["one"]), submit(engine, [9, 8, 7], None)]
+    finished(*alone)
+    constrained = []
+    for i, (compiled, adapter) in enumerate([(regex, versions["two"]), (choice, None)]):
+        c = Samples(2)
+        params = SamplingParams(20, temperature=1.0, seed=i, n=2)
+        engine.submit(EngineRequest(f"c{i}", PROMPT, params, adapter, c, constraint=compiled))
+        constrained.append(c)
+    beside = [submit(engine, PROMPT, versions["one"]), submit(engine, [9, 8, 7], None)]
+    finished(*constrained, *beside)
+    assert [c.tokens for c in beside] == [c.tokens for c in alone]
+    decode = info.tokenizer.decode
+    for c, check in zip(
+        constrained,
+        [lambda t: re.fullmatch(pattern, t), lambda t: t in ("alpha", "beta")],
+        strict=True,
+    ):
+        for sample in by_index(c, 2):
+            assert check(decode(sample, skip_special_tokens=True)), decode(sample)
+        assert all(o.finish_reason == "stop" for o in c.outputs if o.finish_reason)

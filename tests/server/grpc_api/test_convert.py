@@ -14,6 +14,7 @@ from loraplex.adapters.sources import FileChunk
 from loraplex.core.errors import InvalidRequest
 from loraplex.core.types import AdapterVersion, TierStats
 from loraplex.server.engine.request import RequestOutput, TokenLogprob, Usage
+from loraplex.server.engine.structured import ConstraintSpec
 from loraplex.server.grpc_api import convert
 from loraplex.server.runtime.requests import ChatMessage, Completion, GenerateInput
 from loraplex.server.runtime.views import (
@@ -190,9 +191,13 @@ def test_every_generate_request_field_reaches_the_runtime():
         stop_token_ids=[7, 8],
         min_tokens=6,
         include_stop_str_in_output=True,
+        structured_outputs=inference_pb2.StructuredOutputs(regex="a+"),
     )
     got = convert.generate_input(request)
-    assert {f.name for f in dataclasses.fields(GenerateInput)} == fields_of(request)
+    # `tools` are the chat API's (function definitions for a chat template); the constraint
+    # comes as structured_outputs
+    names = {f.name for f in dataclasses.fields(GenerateInput)} - {"tools", "constraint"}
+    assert names | {"structured_outputs"} == fields_of(request)
     assert got == GenerateInput(
         adapter_id="support",
         prompt="hello",
@@ -223,6 +228,7 @@ def test_every_generate_request_field_reaches_the_runtime():
         stop_token_ids=(7, 8),
         min_tokens=6,
         include_stop_str_in_output=True,
+        constraint=ConstraintSpec("regex", "a+", "structured_outputs.regex"),
     )
     unset = convert.generate_input(inference_pb2.GenerateRequest())
     assert unset == GenerateInput()  # unset optional fields are the runtime's defaults
@@ -246,6 +252,21 @@ def test_a_final_output_becomes_a_response_with_usage():
     )
     assert list(response.token_ids) == [1, 5]
     assert (response.usage.prompt_tokens, response.usage.total_tokens) == (3, 7)
+
+
+def test_structured_outputs_take_exactly_one_constraint():
+    def spec(**fields):
+        return convert.constraint_spec(inference_pb2.StructuredOutputs(**fields))
+
+    assert spec(json='{"type": "object"}') == ConstraintSpec(
+        "json_schema", '{"type": "object"}', "structured_outputs.json"
+    )
+    assert spec(choice=["a", "b"]).value == '["a", "b"]'
+    assert spec(grammar="start: x").kind == "grammar"
+    assert spec(json_object=True).kind == "json_object"
+    for bad in ({}, {"regex": "a", "grammar": "b"}, {"json_object": True, "choice": ["a"]}):
+        with pytest.raises(InvalidRequest, match="exactly one"):
+            spec(**bad)
 
 
 def test_samples_logprobs_and_stop_tokens_reach_the_response():

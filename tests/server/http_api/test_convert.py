@@ -90,7 +90,7 @@ def test_compose_extension():
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"logit_bias": {"5": "big"}}, "logit_bias.5"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
         ({"min_tokens": 4.5}, "min_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": True}, "temperature"),
