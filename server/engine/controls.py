@@ -85,7 +85,8 @@ def apply_controls(logits: torch.Tensor, rows: list[RowControls | None]) -> torc
     if held:
         rows_t = torch.tensor([i for i, ends in held for _ in ends], device=device)
         ids_t = torch.tensor([t for _, ends in held for t in ends], device=device)
-        out.index_put_((rows_t, ids_t.clamp(max=vocab - 1)), torch.tensor(float("-inf")))
+        blocked = torch.tensor(float("-inf"), device=device)
+        out.index_put_((rows_t, ids_t.clamp(max=vocab - 1)), blocked)
     biased = [(i, r._bias) for i, r in active if r._bias is not None]
     if biased:
         flat = torch.cat([ids + i * vocab for i, (ids, _) in biased])

@@ -17,13 +17,16 @@ def token_logprobs(logits: torch.Tensor, targets: list[int], tops: list[int]) ->
     """logits: (R, V) the rows' logits; targets: (R,) the token each row scores; tops: (R,)
     how many best alternatives each row reports. Returns one TokenLogprob per row."""
     device = logits.device
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
+    logits = logits.float()
+    # log-softmax read off where needed: x - logsumexp(x), never written out whole (R x V)
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)  # (R, 1)
     target_t = torch.tensor(targets, dtype=torch.long, device=device).unsqueeze(1)
-    chosen = logprobs.gather(1, target_t).squeeze(1)  # (R,)
+    chosen = (logits.gather(1, target_t) - log_total).squeeze(1)  # (R,)
     width = max(tops, default=0)
     if width:
-        best = torch.topk(logprobs, width, dim=-1)  # (R, W) each, most likely first
-        host = torch.cat([chosen.unsqueeze(1), best.values, best.indices.float()], dim=1)
+        best = torch.topk(logits, width, dim=-1)  # (R, W) each, most likely first
+        values = best.values - log_total
+        host = torch.cat([chosen.unsqueeze(1), values, best.indices.float()], dim=1)
         rows = host.tolist()
     else:
         rows = [[value] for value in chosen.tolist()]
