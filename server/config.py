@@ -104,7 +104,17 @@ class EngineConfig:
     max_model_len: int = 4096
     """Longest sequence (prompt + new tokens), capped by the model's own context."""
     kv_cache_bytes: int = field(default=1 << 30, metadata={"flag": "--kv-cache-mb", "scale": MiB})
-    """KV cache budget, in MiB: admission reserves prompt + max_new_tokens of it per request."""
+    """KV cache budget, in MiB: admission reserves prompt + max_new_tokens of it per request
+    (the prefix cache's share comes out of it)."""
+    prefix_cache: bool = True
+    """Reuse the keys and values of prompt prefixes computed before (shared system prompts,
+    earlier chat turns) for requests of the same adapter version, tenant and cache_salt, in
+    blocks of 16 tokens (--no-prefix-cache: compute every prompt whole)."""
+    prefix_cache_bytes: int | None = field(
+        default=None, metadata={"flag": "--prefix-cache-mb", "scale": MiB, "metavar": "MB"}
+    )
+    """The prefix cache's share of --kv-cache-mb, in MiB; default: a quarter of it (least
+    recently used blocks make way for new ones: admission never waits for them)."""
     base_kernel: Literal["auto", "bitsandbytes", "lut", "nf4", "dense", "packed"] = "auto"
     """How the 4-bit base layers multiply: auto = the fastest of the others, measured per layer
     shape and batch size at start (cached per machine); bitsandbytes = its 4-bit kernel; lut =
@@ -168,6 +178,12 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_cache_bytes is not None and not (
+            0 < self.prefix_cache_bytes < self.kv_cache_bytes
+        ):
+            raise ValueError(
+                f"prefix_cache_bytes must be in (0, kv_cache_bytes), got {self.prefix_cache_bytes}"
+            )
         if self.dense_cache_bytes is not None and self.dense_cache_bytes < 0:
             raise ValueError(f"dense_cache_bytes must be >= 0, got {self.dense_cache_bytes}")
         if self.tenant_max_running is not None and self.tenant_max_running < 0:

@@ -40,6 +40,7 @@ class Sequence:
     waits_for: Sequence | None = None
     controls: RowControls | None = None  # penalties, bias, min_tokens (None: none)
     matcher: ConstraintMatcher | None = None  # its place in its request's constraint, if any
+    cached_tokens: int = 0  # of its prompt, copied from the prefix cache
     # The prompt's log-probabilities as its chunks are computed, when the request asks.
     prompt_logprobs: list[TokenLogprob | None] | None = None
 

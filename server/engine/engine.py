@@ -44,12 +44,19 @@ from loraplex.server.engine.merging import MergeControl, TokenCounts
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.pacing import Pacing
+from loraplex.server.engine.prefix_cache import BLOCK_TOKENS, Namespace, PrefixCache
 from loraplex.server.engine.request import EngineRequest, RequestOutput, TokenLogprob, Usage
 from loraplex.server.engine.sampling import make_generator, sample
 from loraplex.server.engine.scheduler import QUEUE_RETRY_S, Admission, Scheduler
 from loraplex.server.engine.slot_loader import SlotLoader, WeightsLoader
 from loraplex.server.engine.slots import SlotTable
-from loraplex.server.engine.state import EngineInfo, EngineSnapshot, EngineStats, SlotView
+from loraplex.server.engine.state import (
+    EngineInfo,
+    EngineSnapshot,
+    EngineStats,
+    PrefixCacheView,
+    SlotView,
+)
 from loraplex.server.engine.structured import allocate_bitmask, apply_masks, fill_masks
 from loraplex.server.logs import shown_ids
 
@@ -331,6 +338,7 @@ class Engine:
             device_tier=dataclasses.replace(slots.stats, load_observers=[]),
             merge=self._merges.state(),
             stats=dataclasses.replace(self._stats),
+            prefix_cache=_prefix_view(self._model().prefix),
         )
         return self._last_snapshot
 
@@ -439,6 +447,7 @@ class Engine:
             if not seq.prefilling:
                 finishing.append(seq)
                 at.append(offset + width - 1)
+                self._keep_prefix(seq, seq.request.prompt_ids)
             offset += width
         forked = self._fork(finishing, at)
         sampled = decoding + finishing + forked
@@ -462,6 +471,9 @@ class Engine:
             if self._advance(seq, token, logprob):
                 if not seq.request.params.ignore_eos:
                     self._pacing.generated(seq.num_generated)
+                # what it computed, for the next turn of its conversation
+                fed = seq.output.token_ids[: seq.num_cached - seq.prompt_len]
+                self._keep_prefix(seq, seq.request.prompt_ids + fed)
                 self._retire(seq)
         self._scheduler.charge(generated)
         if decoding and not chunked:  # a running request's pace: one token a step (prompt
@@ -484,6 +496,21 @@ class Engine:
                     forked.append(sibling)
                     at.append(row)
         return forked
+
+    def _keep_prefix(self, seq: Sequence, tokens: list[int]) -> None:
+        """Cache the whole blocks of `tokens` (in the sequence's row) for later requests."""
+        prefix = self._model().prefix
+        if prefix is not None and seq.prompt_logprobs is None:
+            prefix.store(_namespace(seq.request), tokens, self._model().cache, seq.row)
+
+    def forget_prefixes(self, adapter_id: str) -> Future[int]:
+        """Drop the cached prefixes made with an adapter (a new version or its deletion makes
+        them unreachable): the number of blocks freed."""
+        return self.call(lambda: self._drop_prefixes(adapter_id))
+
+    def _drop_prefixes(self, adapter_id: str) -> int:
+        prefix = self._model().prefix
+        return prefix.drop(adapter_id) if prefix is not None else 0
 
     def _constrain(self, logits: torch.Tensor, sampled: list[Sequence]) -> torch.Tensor:
         """logits (S, V) of the sampled sequences with every token their constraints do not
@@ -574,6 +601,13 @@ class Engine:
             family.append(seq)
         if params.prompt_logprobs is not None:
             family[0].prompt_logprobs = [None]  # the first token has nothing before it
+        elif runner.prefix is not None:  # (prompt log-probabilities need every position)
+            first = family[0]
+            first.num_cached = runner.prefix.load(
+                _namespace(request), request.prompt_ids, runner.cache, first.row
+            )
+            for seq in family:  # the samples share the prompt, its cached part too
+                seq.cached_tokens = first.num_cached
         return family
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
@@ -605,7 +639,9 @@ class Engine:
         usage = None
         if finish is not None:
             usage = Usage(
-                prompt_tokens=len(seq.request.prompt_ids), completion_tokens=seq.num_generated
+                prompt_tokens=len(seq.request.prompt_ids),
+                completion_tokens=seq.num_generated,
+                cached_tokens=seq.cached_tokens,
             )
         prompt_logprobs = None
         if seq.prompt_logprobs is not None and seq.num_generated == 1:
@@ -708,6 +744,23 @@ def _token_counts(decoding: list[Sequence], chunked: list[tuple[Sequence, int]])
         adapter = seq.request.adapter
         counts[adapter.key if adapter is not None else None] += n
     return counts
+
+
+def _prefix_view(prefix: PrefixCache | None) -> PrefixCacheView | None:
+    if prefix is None:
+        return None
+    return PrefixCacheView(
+        queries=prefix.stats.queries,
+        hits=prefix.stats.hits,
+        used_blocks=prefix.used_blocks,
+        blocks=prefix.num_blocks,
+        block_tokens=BLOCK_TOKENS,
+    )
+
+
+def _namespace(request: EngineRequest) -> Namespace:
+    adapter = request.adapter.key if request.adapter is not None else None
+    return Namespace(adapter=adapter, tenant=request.tenant, salt=request.cache_salt)
 
 
 def _requests_of(seqs: list[Sequence]) -> list[EngineRequest]:

@@ -86,17 +86,10 @@ class KVCache:
         return self.reserved_tokens / self.token_budget if self.token_budget else 0.0
 
     def _alloc(self, size: tuple[int, ...]) -> torch.Tensor:
-        if self.device.type != "cpu":
-            return torch.zeros(size, dtype=self.shape.dtype, device=self.device)
-        count = 1
-        for n in size:
-            count *= n
-        # zero pages, backed only once written; private, so that a page handed back is freed
-        # (a shared anonymous mapping's pages survive MADV_DONTNEED, and only lose their map)
-        nbytes = count * self.shape.itemsize
-        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._maps.append(region)
-        return torch.frombuffer(region, dtype=self.shape.dtype, count=count).view(size)
+        tensor, region = zero_pages(size, self.shape.dtype, self.device)
+        if region is not None:
+            self._maps.append(region)
+        return tensor
 
     # -- admission ----------------------------------------------------------------------------
     def can_admit(self, tokens: int, rows: int = 1) -> bool:
@@ -165,6 +158,22 @@ class KVCache:
     def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store N tokens' keys and values, k, v (N, H_kv, D), at `token_index` places."""
         write_layer(self.keys[layer], self.values[layer], index, k, v)
+
+
+def zero_pages(
+    size: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """A zero tensor; on the CPU over an anonymous mapping (returned too: it must outlive the
+    tensor) whose pages the OS backs only once written, private so that a page handed back
+    (MADV_DONTNEED) is freed (a shared mapping's pages survive it, and only lose their map)."""
+    if device.type != "cpu":
+        return torch.zeros(size, dtype=dtype, device=device), None
+    count = 1
+    for n in size:
+        count *= n
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    region = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=dtype, count=count).view(size), region
 
 
 def write_layer(

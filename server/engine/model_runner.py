@@ -34,6 +34,7 @@ from loraplex.server.engine.lora import (
     slot_bytes,
 )
 from loraplex.server.engine.lora_ops import PoolPlan, Segment, plan_step
+from loraplex.server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from loraplex.server.engine.triton_lora import LoraTiles, resolve_kernels
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class ModelRunner:
         tuning: TuningCache | None = None,
         compile: bool = True,
         kernels: str = "auto",
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -84,13 +86,24 @@ class ModelRunner:
         self.target_shapes = lora_target_shapes(self.model)
         model_len = int(getattr(self.model.config, "max_position_embeddings", max_model_len))
         self.max_context = min(model_len, max_model_len)
+        shape = cache_shape(self.model, loaded.dtype)
+        # The prefix cache's blocks come out of the KV budget, leaving the rows at least one
+        # sequence of the whole context.
+        prefix_bytes = max(
+            0, min(prefix_cache_bytes, kv_cache_bytes - self.max_context * shape.bytes_per_token)
+        )
         self.cache = KVCache(
-            cache_shape(self.model, loaded.dtype),
+            shape,
             num_rows=max_rows,
             max_len=self.max_context,
-            budget_bytes=kv_cache_bytes,
+            budget_bytes=kv_cache_bytes - prefix_bytes,
             device=self.device,
         )
+        blocks = prefix_bytes // (shape.bytes_per_token * BLOCK_TOKENS)
+        self.prefix: PrefixCache | None = None
+        if blocks:
+            self.prefix = PrefixCache(shape, blocks, self.device)
+            log.info("prefix cache: %d blocks of %d tokens", blocks, BLOCK_TOKENS)
         layout = lora_layout(self.model)
         lora_dtype = lora_dtype or loaded.dtype
         # --max-loras auto: the slots share this budget at the rank the adapters loaded need.
@@ -149,6 +162,11 @@ class ModelRunner:
             tuning=tuning,
             compile=config.compile,
             kernels=config.kernels,
+            prefix_cache_bytes=(
+                (config.prefix_cache_bytes or config.kv_cache_bytes // 4)
+                if config.prefix_cache
+                else 0
+            ),
         )
 
     def merge_pays(self, step_tokens: float) -> bool:

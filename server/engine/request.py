@@ -121,6 +121,7 @@ class TokenLogprob:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt's, read from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class EngineRequest:
     # reads them through its `load_weights`).
     weights: AdapterWeights | None = None
     tenant: str = ""  # whose request it is: admission shares the engine fairly between tenants
+    cache_salt: str = ""  # only requests with the same salt share cached prefixes (vLLM's)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # when its client gives up (time.monotonic), if it said

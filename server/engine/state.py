@@ -74,6 +74,21 @@ class MergeState:
 
 
 @dataclass(frozen=True)
+class PrefixCacheView:
+    """The prefix cache's counters (tokens, as vLLM counts them) and occupancy."""
+
+    queries: int  # prompt tokens looked up
+    hits: int  # of them, found cached
+    used_blocks: int
+    blocks: int
+    block_tokens: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+@dataclass(frozen=True)
 class EngineSnapshot:
     """The engine's state between two steps."""
 
@@ -89,6 +104,7 @@ class EngineSnapshot:
     device_tier: TierStats  # the device slots' cache counters (a copy)
     merge: MergeState
     stats: EngineStats = field(default_factory=EngineStats)  # a copy
+    prefix_cache: PrefixCacheView | None = None  # None: --no-prefix-cache
 
     def slot_of(self, key: AdapterKey) -> int | None:
         """The slot holding `key`, if it is resident."""

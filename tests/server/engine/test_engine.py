@@ -85,7 +85,7 @@ def test_joining_mixed_batch_equals_each_request_alone(setup):
 def test_long_prompt_is_prefilled_in_chunks_while_others_decode(setup):
     """Chunked prefill: a prompt five times the per-step budget takes several steps, each also
     decoding the running request, and both outputs equal what each gets alone."""
-    engine, versions = setup(max_prefill_tokens=8)
+    engine, versions = setup(max_prefill_tokens=8, prefix_cache=False)
     long_prompt = [(7 * i) % 3000 + 50 for i in range(40)]
     alone_long = submit(engine, long_prompt, versions["two"])
     alone_short = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=30)

@@ -1,0 +1,174 @@
+"""Automatic prefix caching: the keys and values of prompt prefixes computed once, reused by later
+requests that start with the same tokens under the same adapter version, tenant and salt.
+
+Blocks of BLOCK_TOKENS tokens, each named by a chained digest: block i's digest covers the
+request's namespace (adapter version, tenant, cache salt), every token of blocks 0..i, through
+block i-1's digest, keyed with a secret drawn at start (so nobody can forge another tenant's
+names). A lookup walks the prompt's digests while they are cached; a hit's blocks are copied into
+the new sequence's KV cache row (copy-into-row: rows stay what attention reads, see
+kv_cache.py), and its prefill starts after them.
+
+Why copy-into-row and hashed blocks: on this CPU the engine's attention and its captured steps
+read each sequence's row in place; sharing blocks between rows would need a paged attention
+kernel per step, where a copy is paid once per request, and it is small: a block of the
+embedded model is 16 x 23 KiB, copied at memory speed (a 1,000-token prefix in a few
+milliseconds, against about a second to compute it). Hashed blocks (vLLM's design) rather than a
+radix tree (SGLang's): the same matches at block granularity, a flat dictionary to look up,
+and eviction per block. 16 tokens as vLLM's blocks: a finer grain reuses more of a chat's
+previous turns, a coarser one hashes and copies less; at 16 a 1,000-token prompt is 63 digests.
+
+The blocks live in their own pool, carved out of the KV cache's budget (--prefix-cache-mb), so
+admission never waits for cached entries: the least recently used blocks are evicted for new
+ones, deepest first, so a chain is never left without its start. A sequence's blocks are
+copied into its row at once: nothing holds a block while in use. A new version of an adapter
+or its deletion drops its blocks (`drop`), which no request could reach any more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.core.types import AdapterKey
+from loraplex.server.engine.kv_cache import CacheShape, KVCache, zero_pages
+
+BLOCK_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Whose prefixes these are: only requests of the same namespace share them."""
+
+    adapter: AdapterKey | None  # None: the base model
+    tenant: str = ""
+    salt: str = ""  # the request's cache_salt (vLLM's), to keep even one tenant's apart
+
+    def encode(self) -> bytes:
+        adapter = f"{self.adapter.adapter_id}\0{self.adapter.version}" if self.adapter else ""
+        return f"{adapter}\0{self.tenant}\0{self.salt}".encode()
+
+
+@dataclass
+class PrefixStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of them, found cached
+    stored_blocks: int = 0
+    evicted_blocks: int = 0
+
+
+class PrefixCache:
+    def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"a prefix cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        size = (num_blocks, shape.kv_heads, BLOCK_TOKENS, shape.head_dim)
+        # zero pages, backed as blocks are written (a CPU pool costs only what it holds)
+        pools = [zero_pages(size, shape.dtype, device) for _ in range(2 * shape.num_layers)]
+        self._maps = [region for _, region in pools if region is not None]
+        self.keys = [tensor for tensor, _ in pools[: shape.num_layers]]
+        self.values = [tensor for tensor, _ in pools[shape.num_layers :]]
+        self._secret = os.urandom(16)
+        self._index: dict[bytes, int] = {}  # digest -> block
+        self._lru: OrderedDict[int, bytes] = OrderedDict()  # block -> digest, oldest first
+        self._owner: dict[int, str] = {}  # block -> adapter id ("" for the base)
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self.stats = PrefixStats()
+
+    @property
+    def used_blocks(self) -> int:
+        return len(self._index)
+
+    def digests(self, namespace: Namespace, tokens: list[int]) -> list[bytes]:
+        """The chained digest of each whole block of `tokens`."""
+        out = []
+        parent = namespace.encode()
+        for end in range(BLOCK_TOKENS, len(tokens) + 1, BLOCK_TOKENS):
+            block = array("q", tokens[end - BLOCK_TOKENS : end]).tobytes()
+            digest = hashlib.blake2b(parent + block, digest_size=16, key=self._secret).digest()
+            out.append(digest)
+            parent = digest
+        return out
+
+    def load(self, namespace: Namespace, prompt: list[int], cache: KVCache, row: int) -> int:
+        """Copy the longest cached prefix of `prompt` (whole blocks, leaving at least its last
+        token to compute: its logits choose the first new token) into `row`; returns its
+        length in tokens."""
+        self.stats.queries += len(prompt)
+        blocks = []
+        for digest in self.digests(namespace, prompt[: len(prompt) - 1]):
+            block = self._index.get(digest)
+            if block is None:
+                break
+            blocks.append(block)
+        if not blocks:
+            return 0
+        for block in reversed(blocks):  # the chain's start most recent: evicted last
+            self._lru.move_to_end(block)
+        n = len(blocks) * BLOCK_TOKENS
+        index = torch.tensor(blocks, dtype=torch.long, device=self.keys[0].device)
+        for pool, rows in ((self.keys, cache.keys), (self.values, cache.values)):
+            for layer, blocks_t in enumerate(pool):
+                taken = blocks_t.index_select(0, index)  # (n_blocks, H, B, D)
+                rows[layer][row, :, :n].copy_(taken.transpose(0, 1).flatten(1, 2))
+        self.stats.hits += n
+        return n
+
+    def store(self, namespace: Namespace, tokens: list[int], cache: KVCache, row: int) -> None:
+        """Keep the whole blocks of `tokens`, whose keys and values are in `row` (its first
+        len(tokens) positions), that are not cached yet (as many as the pool holds)."""
+        digests = self.digests(namespace, tokens)[: self.num_blocks]
+        missing = [(i, d) for i, d in enumerate(digests) if d not in self._index]
+        chain = {self._index[d] for d in digests if d in self._index}
+        taken: list[int] = []
+        for _ in missing:
+            taken.append(self._take_block(protect=chain | set(taken)))
+        if missing:
+            device = self.keys[0].device
+            index = torch.tensor(taken, dtype=torch.long, device=device)
+            positions = torch.tensor(
+                [i * BLOCK_TOKENS + t for i, _ in missing for t in range(BLOCK_TOKENS)],
+                dtype=torch.long,
+                device=device,
+            )
+            for pool, rows in ((self.keys, cache.keys), (self.values, cache.values)):
+                for layer, blocks_t in enumerate(pool):
+                    source = rows[layer][row].index_select(1, positions)  # (H, n * B, D)
+                    shaped = source.unflatten(1, (len(missing), BLOCK_TOKENS)).transpose(0, 1)
+                    blocks_t.index_copy_(0, index, shaped)
+            owner = namespace.adapter.adapter_id if namespace.adapter else ""
+            for (_, digest), block in zip(missing, taken, strict=True):
+                self._index[digest] = block
+                self._lru[block] = digest
+                self._owner[block] = owner
+            self.stats.stored_blocks += len(missing)
+        for digest in reversed(digests):  # the chain's start most recent: evicted last
+            self._lru.move_to_end(self._index[digest])
+
+    def _take_block(self, protect: set[int]) -> int:
+        if self._free:
+            return self._free.pop()
+        for block in self._lru:  # least recently used first
+            if block not in protect:
+                self._release(block)
+                self.stats.evicted_blocks += 1
+                return self._free.pop()
+        raise RuntimeError("no prefix cache block to take")
+
+    def _release(self, block: int) -> None:
+        digest = self._lru.pop(block)
+        del self._index[digest]
+        del self._owner[block]
+        self._free.append(block)
+
+    def drop(self, adapter_id: str) -> int:
+        """Forget every block made under `adapter_id` (a new version, or it was deleted);
+        returns how many."""
+        blocks = [b for b, owner in self._owner.items() if owner == adapter_id]
+        for block in blocks:
+            self._release(block)
+        return len(blocks)
