@@ -216,6 +216,23 @@ class StateCollector(Collector):
         yield CounterMetricFamily(
             "loraplex_merges", "Adapters folded into the base weights.", merge.merges
         )
+        prefix = state.prefix_cache
+        if prefix is not None:
+            yield CounterMetricFamily(
+                "loraplex_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                prefix.queries,
+            )
+            yield CounterMetricFamily(
+                "loraplex_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache (not computed).",
+                prefix.hits,
+            )
+            yield GaugeMetricFamily(
+                "loraplex_prefix_cache_usage_ratio",
+                "Share of the prefix cache's blocks holding a prefix.",
+                prefix.used_blocks / prefix.blocks,
+            )
         yield CounterMetricFamily(
             "loraplex_unmerges", "Merged adapters taken out of the base weights.", merge.unmerges
         )

@@ -58,6 +58,7 @@ def generate_input(request: inference_pb2.GenerateRequest) -> GenerateInput:
             if request.HasField("structured_outputs")
             else None
         ),
+        cache_salt=request.cache_salt,
     )
 
 
@@ -187,7 +188,10 @@ def usage_message(usages: list[Usage | None]) -> inference_pb2.Usage:
     prompt = found[0].prompt_tokens if found else 0
     completion = sum(u.completion_tokens for u in found)
     return inference_pb2.Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        cached_tokens=found[0].cached_tokens if found else 0,
     )
 
 
@@ -308,9 +312,22 @@ def tier_stats_message(view: TierView) -> adapters_pb2.TierStats:
 
 
 def cache_stats_message(view: CacheView) -> adapters_pb2.CacheStats:
-    return adapters_pb2.CacheStats(
+    message = adapters_pb2.CacheStats(
         tiers=[tier_stats_message(t) for t in view.tiers], pinned=list(view.pinned)
     )
+    prefix = view.prefix_cache
+    if prefix is not None:
+        message.prefix_cache.CopyFrom(
+            adapters_pb2.PrefixCacheStats(
+                queries=prefix.queries,
+                hits=prefix.hits,
+                hit_rate=prefix.hit_rate,
+                used_blocks=prefix.used_blocks,
+                blocks=prefix.blocks,
+                block_tokens=prefix.block_tokens,
+            )
+        )
+    return message
 
 
 def merge_state_message(view: MergeView) -> adapters_pb2.MergeState:

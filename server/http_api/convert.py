@@ -172,6 +172,7 @@ def generate_input(body: Body, base_id: str, default_max_tokens: int | None) -> 
         min_tokens=integer(body, "min_tokens") or 0,
         include_stop_str_in_output=flag(body, "include_stop_str_in_output"),
         constraint=constraint_of(body),
+        cache_salt=text(body, "cache_salt") or "",
     )
 
 
@@ -399,13 +400,14 @@ def fingerprint(base_fingerprint: str, adapter: AdapterVersion | None) -> str:
 def total_usage(usages: Mapping[tuple[int, int], Usage | None]) -> dict[str, int]:
     """Usage of a request: each prompt once, every sample's tokens; `usages` by (prompt,
     sample)."""
-    prompts = {p: u.prompt_tokens for (p, _), u in usages.items() if u is not None}
-    prompt = sum(prompts.values())
+    prompts = {p: u for (p, _), u in usages.items() if u is not None}
+    prompt = sum(u.prompt_tokens for u in prompts.values())
     completion = sum(u.completion_tokens for u in usages.values() if u is not None)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in prompts.values())},
     }
 
 

@@ -128,8 +128,11 @@ class AdapterService:
         return await self._registered(registered, pin)
 
     async def _registered(self, registered: SourceRegistration, pin: bool) -> Registration:
-        """A new version of a pinned adapter takes over its pin (and its pinned merge)."""
+        """A new version of a pinned adapter takes over its pin (and its pinned merge), and
+        its older versions' cached prefixes go."""
         version = registered.version
+        if registered.created:  # the older versions' cached prefixes are unreachable now
+            await asyncio.wrap_future(self.engine.forget_prefixes(version.adapter_id))
         pinned = self.pins.version(version.adapter_id)
         if pin or (pinned is not None and pinned != version):
             await self.pins.pin(version.adapter_id)
@@ -208,7 +211,9 @@ class AdapterService:
             budget_bytes=self.cache.budget_bytes,
             stats=self.cache.stats,
         )
-        return CacheView(tiers=(device, host), pinned=self.pins.ids())
+        return CacheView(
+            tiers=(device, host), pinned=self.pins.ids(), prefix_cache=snapshot.prefix_cache
+        )
 
     # -- removal ------------------------------------------------------------------------------
     async def delete(self, adapter_id: str, principal: Principal | None = None) -> list[int]:
@@ -217,6 +222,7 @@ class AdapterService:
         check_admin(principal, "deleting an adapter")
         versions = await asyncio.to_thread(self.registry.delete, adapter_id)
         await self.follow_store()  # its pin, merge and compositions go
+        await asyncio.wrap_future(self.engine.forget_prefixes(adapter_id))
         digests = {v.digest for v in versions}
         self.cache.forget(digests)
         keep = self.cache.in_use()

@@ -85,6 +85,7 @@ class GenerateInput:
     constraint: ConstraintSpec | None = None  # the output satisfies it (structured outputs)
     # Function definitions (OpenAI's `tools`, as JSON objects) shown to the chat template.
     tools: tuple[dict[str, object], ...] = ()
+    cache_salt: str = ""  # only requests with the same salt share cached prefixes
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ class Requests:
                 tenant=tenant,
                 deadline=deadline,
                 constraint=constraint,
+                cache_salt=inp.cache_salt,
             )
             self.engine.submit(request)
             self._in_flight[id(record)] = request_id

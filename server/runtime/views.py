@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from loraplex.adapters.compositions import Composition
 from loraplex.core.types import AdapterVersion, KernelChoice, TierStats
+from loraplex.server.engine.state import PrefixCacheView
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TierView:
 class CacheView:
     tiers: tuple[TierView, ...]
     pinned: tuple[str, ...]  # pinned adapter ids, sorted
+    prefix_cache: PrefixCacheView | None = None  # None: --no-prefix-cache
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,7 @@ def test_adapters_of_requests_are_named_on_metrics_only_where_allowed():
         waiting_adapters=("globex-plan",),
         num_slots=4,
         merge=SimpleNamespace(adapter=None, merges=0, unmerges=0),
+        prefix_cache=None,
     )
     runtime = SimpleNamespace(
         engine=SimpleNamespace(recent_snapshot=lambda: state),
