@@ -542,6 +542,7 @@ async def stream_one(
     stub: inference_pb2_grpc.InferenceStub,
     request: inference_pb2.GenerateRequest,
     timeout: float,
+    request_id: str | None = None,
 ) -> StreamResult:
     """Stream one request. TTFT is the first chunk carrying tokens; a chunk may carry several
     tokens, so each gets an inter-token latency of (gap since the last chunk) / (its tokens)."""
@@ -551,7 +552,8 @@ async def stream_one(
     result = StreamResult(request.adapter_id, start)
     last: float | None = None
     try:
-        async for chunk in stub.GenerateStream(request, timeout=timeout):
+        metadata = (("x-request-id", request_id),) if request_id else None
+        async for chunk in stub.GenerateStream(request, timeout=timeout, metadata=metadata):
             now = time.perf_counter()
             n = len(chunk.token_ids)
             if n:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import os
@@ -52,6 +53,7 @@ from harness import (
     make_adapters_and_prompts,
     make_parser,
     peak_rss_bytes,
+    percentile,
     publish,
     register_adapters,
     run_main,
@@ -95,8 +97,10 @@ async def run_phases(address: str, work: Workload, args: argparse.Namespace) -> 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
 
-        async def one(request: inference_pb2.GenerateRequest) -> StreamResult:
-            return await stream_one(stub, request, work.timeout)
+        async def one(
+            request: inference_pb2.GenerateRequest, request_id: str | None = None
+        ) -> StreamResult:
+            return await stream_one(stub, request, work.timeout, request_id)
 
         # Warm-up: every adapter once (loaded from the store), then the sequential path.
         log.info("warm-up: %d short requests", len(work.adapter_ids) + 2)
@@ -106,7 +110,9 @@ async def run_phases(address: str, work: Workload, args: argparse.Namespace) -> 
             summarize_streams([await one(work.next_request(2))])
 
         log.info("unloaded: %d requests one at a time", args.unloaded)
-        unloaded = summarize_streams([await one(work.next_request()) for _ in range(args.unloaded)])
+        unloaded = summarize_streams(
+            [await one(work.next_request(), f"unloaded-{i}") for i in range(args.unloaded)]
+        )
         log_phase("unloaded", unloaded)
 
         log.info("burst: %d requests at once", args.burst)
@@ -136,7 +142,8 @@ async def run_phases(address: str, work: Workload, args: argparse.Namespace) -> 
                 delay = t0 + offset - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(work.next_request())))
+                name = f"load{fraction:g}-{len(tasks)}"
+                tasks.append(asyncio.create_task(one(work.next_request(), name)))
             arrivals = time.perf_counter() - t0
             row = summarize_streams(list(await asyncio.gather(*tasks)))
             unloaded_ttft = unloaded["ttft_ms"]["p50"] if unloaded["ttft_ms"] else None
@@ -229,6 +236,14 @@ def table(report: dict) -> str:
             f"p99 TTFT at {TARGET_LOAD} load = {target['ttft_p99_over_unloaded']:.2f}x unloaded "
             f"(target <= {TTFT_TARGET:.0f}x: {'met' if ok else 'MISSED'})"
         )
+    trace = report.get("ttft_trace") or {}
+    if trace:
+        lines.append("where TTFT goes (server request log), ms: p50 / p99 of each part")
+        parts = [p.removesuffix("_s") for p in TRACE_PARTS]
+        lines += format_table(
+            [("phase", 10, "s"), *((p, 13, "s") for p in parts)],
+            [[phase, *(_p50_p99(v.get(p)) for p in TRACE_PARTS)] for phase, v in trace.items()],
+        )
     mem = report["memory"]
 
     def mib(n: int | None) -> str:
@@ -239,6 +254,36 @@ def table(report: dict) -> str:
         f"benchmark client {mib(mem['bench_peak_rss_bytes'])}"
     )
     return "\n".join(lines) + "\n"
+
+
+def _p50_p99(part: dict[str, float] | None) -> str:
+    return f"{part['p50']:.0f} / {part['p99']:.0f}" if part else "-"
+
+
+TRACE_PARTS = ("prepare_s", "queue_s", "load_s", "wait_s", "prefill_s", "deliver_s")
+
+
+def ttft_trace(server_log: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per phase (the request ids' prefix: unloaded, load0.7, ...), p50 and p99 in ms of each
+    part of the TTFT the server's request log gives (runtime/telemetry.ttft_breakdown)."""
+    parts: dict[str, dict[str, list[float]]] = {}
+    for line in server_log.read_text(errors="replace").splitlines():
+        if not line.startswith("{") or '"ttft_breakdown"' not in line:
+            continue
+        entry = json.loads(line)
+        phase = str(entry.get("request_id", "")).rsplit("-", 1)[0]
+        if not (phase == "unloaded" or phase.startswith("load")):
+            continue
+        for name, value in (entry.get("ttft_breakdown") or {}).items():
+            if value is not None:
+                parts.setdefault(phase, {}).setdefault(name, []).append(value * 1e3)
+    return {
+        phase: {
+            name: {"p50": percentile(values, 50), "p99": percentile(values, 99)}
+            for name, values in found.items()
+        }
+        for phase, found in parts.items()
+    }
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -291,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     with (
         work_dir("loraplex-online-", args.keep_work) as work,
         child_pool() as pool,  # leaving it terminates the child
-        server_process(home, work, args.extra, args.model) as server,
+        # JSON logs: the request log's lines carry each request's TTFT breakdown
+        server_process(home, work, [*args.extra, "--log-format", "json"], args.model) as server,
     ):
         # The child makes the adapters while the server loads the model.
         made = pool.apply_async(
@@ -317,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = Workload(prompts, ids or [""], args.new_tokens, args.request_timeout)
         phases = asyncio.run(run_phases(address, workload, args))
         server_rss = server.peak_rss_bytes()
+        phases["ttft_trace"] = ttft_trace(work / "server.log")
     report = {
         "config": {
             "adapters": args.adapters,

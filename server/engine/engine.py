@@ -360,7 +360,9 @@ class Engine:
             self._model().cache.free(row, self._reservation(request), 0)
 
     def _start(self, admitted: list[Admission]) -> None:
+        chosen = time.monotonic()
         failed = self._loader.load_admitted(admitted)
+        loaded = time.monotonic()
         dropped = [a for a in admitted if a.slot in failed]
         for admission in admitted:
             if admission.slot in failed:
@@ -374,7 +376,7 @@ class Engine:
                 admission.request.emit(exc)
                 dropped.append(admission)
                 continue
-            admission.request.admitted = time.monotonic()
+            admission.request.admitted, admission.request.loaded = chosen, loaded
             for seq in seqs:
                 self._batch.add(seq)
         rows = [(row, a.request) for a in dropped for row in a.rows]
@@ -420,6 +422,8 @@ class Engine:
                 )
                 chunked.append((seq, n))
                 budget -= n
+                if seq.request.prefill_started is None:
+                    seq.request.prefill_started = started
         # In slot order: each adapter's decode tokens are then contiguous (see lora_ops); the
         # merged adapter's first, so that everyone else's are one run (ModelRunner._plans);
         # in row order within a slot (base-only steps then read the cache rows in place).
@@ -646,6 +650,8 @@ class Engine:
         prompt_logprobs = None
         if seq.prompt_logprobs is not None and seq.num_generated == 1:
             prompt_logprobs = tuple(seq.prompt_logprobs)
+        if seq.request.first_emitted is None:
+            seq.request.first_emitted = time.monotonic()
         seq.request.emit(
             RequestOutput(
                 text=step.delta,

@@ -157,7 +157,13 @@ class EngineRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # when its client gives up (time.monotonic), if it said
-    admitted: float | None = None  # when it joined the running batch (set by the engine)
+    # Where its time to first token goes, set by the engine (time.monotonic()): admitted
+    # (chosen from the queue), its adapter in a device slot, the first step that carried its
+    # prompt began, its first token emitted.
+    admitted: float | None = None
+    loaded: float | None = None
+    prefill_started: float | None = None
+    first_emitted: float | None = None
     # What its output must satisfy (structured outputs): each sample gets a matcher of its own.
     constraint: CompiledConstraint | None = None
 

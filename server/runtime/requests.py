@@ -369,6 +369,8 @@ class Requests:
             params = request.params
             ticket.release(params.n * params.max_new_tokens - record.completion_tokens)
             record.queued, record.admitted = request.arrival, request.admitted
+            record.loaded, record.prefill_started = request.loaded, request.prefill_started
+            record.first_emitted = request.first_emitted
             record.finished = time.monotonic()
             self.observers.finished(record)
 

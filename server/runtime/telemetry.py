@@ -36,6 +36,9 @@ class RequestRecord:
     completion_tokens: int = 0
     queued: float | None = None  # when it entered the engine's queue
     admitted: float | None = None  # when the engine admitted it (None: it never ran)
+    loaded: float | None = None  # its adapter in a device slot
+    prefill_started: float | None = None  # the first step with its prompt began
+    first_emitted: float | None = None  # the engine emitted its first token
     first_token: float | None = None
     last_token: float | None = None
     token_gaps: list[float] = field(default_factory=list)  # between consecutive outputs
@@ -108,6 +111,7 @@ class RequestLog:
             "queue_s": _seconds(record.admitted, record.queued or record.arrival),
             "ttft_s": _seconds(record.first_token, record.arrival),
             "e2e_s": round(end - record.arrival, 6),
+            "ttft_breakdown": ttft_breakdown(record),
         }
         if self.log_text:
             fields.update(prompt=record.prompt, output=record.text)
@@ -119,6 +123,29 @@ class RequestLog:
             record.completion_tokens,
             extra={"fields": fields},
         )
+
+
+def ttft_breakdown(record: RequestRecord) -> dict[str, float | None]:
+    """Where a request's time to first token went, in seconds (None: it did not get there):
+    prepare (resolve, tokenize, compile its constraint, admit under quotas), queue (waiting
+    for admission), load (its adapter into a device slot), wait (for the engine's next step
+    after that: the step in flight), prefill (the steps that carried its prompt, beside the
+    running decodes, up to its first token), deliver (from the engine thread to the event
+    loop)."""
+    marks = [
+        record.arrival,
+        record.queued,
+        record.admitted,
+        record.loaded,
+        record.prefill_started,
+        record.first_emitted,
+        record.first_token,
+    ]
+    names = ("prepare_s", "queue_s", "load_s", "wait_s", "prefill_s", "deliver_s")
+    return {
+        name: None if start is None or end is None else round(end - start, 6)
+        for name, start, end in zip(names, marks, marks[1:], strict=False)
+    }
 
 
 def _seconds(at: float | None, since: float) -> float | None:

@@ -154,3 +154,24 @@ def test_servers_with_keys_do_not_name_adapters_on_metrics_unless_told(tmp_path)
     assert metrics_for(ServerConfig(**common)).adapter_ids
     assert not metrics_for(ServerConfig(auth_keys=keys, **common)).adapter_ids
     assert metrics_for(ServerConfig(auth_keys=keys, metrics_adapter_ids=True, **common)).adapter_ids
+
+
+def test_the_ttft_breakdown_splits_the_first_token_time(caplog):
+    caplog.set_level(logging.INFO, logger="loraplex.requests")
+    r = record(loaded=10.25, prefill_started=10.3, first_emitted=10.45)
+    RequestLog().finished(r)
+    line = json.loads(JsonFormatter().format(caplog.records[-1]))
+    parts = line["ttft_breakdown"]
+    assert {k: round(v, 6) for k, v in parts.items()} == {
+        "prepare_s": 0.1,
+        "queue_s": 0.1,
+        "load_s": 0.05,
+        "wait_s": 0.05,
+        "prefill_s": 0.15,
+        "deliver_s": 0.05,
+    }
+    assert round(sum(parts.values()), 6) == line["ttft_s"]  # the parts make the whole
+    refused = RequestRecord(request_id="r", tenant="", arrival=1.0)
+    RequestLog().finished(refused)
+    line = json.loads(JsonFormatter().format(caplog.records[-1]))
+    assert set(line["ttft_breakdown"].values()) == {None}
