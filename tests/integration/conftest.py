@@ -21,7 +21,15 @@ def server(model_home, adapter_root, tmp_path_factory):
         model=ModelConfig(home=model_home),
         # Merges only when a test asks (MergeAdapter): an automatic merge in the middle of another
         # test would change its outputs' bf16 rounding (tests/server/engine covers the policy).
-        engine=EngineConfig(max_loras=4, max_batch_size=32, merge=MergeSettings(policy="off")),
+        # No prefix cache either: tests here compare repeated requests token for token, and a
+        # cached prefix leaves the rest of a prompt to a smaller step, whose bf16 rounding can
+        # tip a near tie (test_prefix_cache.py runs a server of its own, with the cache).
+        engine=EngineConfig(
+            max_loras=4,
+            max_batch_size=32,
+            merge=MergeSettings(policy="off"),
+            prefix_cache=False,
+        ),
     )
     thread = ServerThread(config).start()
     yield thread

@@ -1,7 +1,7 @@
-"""The prefix cache on the shared embedded-model server: a repeated system prompt is read from
-the cache (usage's cached tokens over both protocols, the metrics, GetCacheStats), a salt or
-another adapter never shares it, and the answers are those computed without it (up to near
-ties, in bf16)."""
+"""The prefix cache on an embedded-model server of its own, with the default flags: a repeated
+system prompt is read from the cache (usage's cached tokens over both protocols, the metrics,
+GetCacheStats), a salt or another adapter never shares it, and the answers are those computed
+without it (up to near ties, in bf16)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import openai
 import pytest
 from prometheus_client import generate_latest
 
+from loraplex.core.config import ModelConfig
+from loraplex.server.config import EngineConfig, MergeSettings, ServerConfig
 from loraplex.v1 import inference_pb2 as pb
+from tests.helpers import ServerThread
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +28,24 @@ TIE_GAP = 0.5
 LOGPROB_ATOL = 0.5
 QUESTIONS = ["When do you open on Saturday?", "Do you repair brakes?", "Are you open Sunday?",
              "Can I return a helmet?"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(model_home, adapter_root, tmp_path_factory):
+    """A server of this module's own, with the default prefix cache (the shared one runs
+    without: see conftest.py)."""
+    config = ServerConfig(
+        port=0,
+        http_port=0,
+        adapter_roots=(adapter_root,),
+        adapter_store=tmp_path_factory.mktemp("store"),
+        model=ModelConfig(home=model_home),
+        engine=EngineConfig(max_loras=4, max_batch_size=32, merge=MergeSettings(policy="off")),
+    )
+    assert config.engine.prefix_cache  # the default
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
 
 
 @pytest.fixture(scope="module")
