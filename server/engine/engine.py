@@ -451,7 +451,6 @@ class Engine:
             if not seq.prefilling:
                 finishing.append(seq)
                 at.append(offset + width - 1)
-                self._keep_prefix(seq, seq.request.prompt_ids)
             offset += width
         forked = self._fork(finishing, at)
         sampled = decoding + finishing + forked
@@ -466,6 +465,7 @@ class Engine:
         logprobs = self._logprobs(logits, sampled, tokens)
         self._merges.observe(_token_counts(decoding, chunked))
         generated: Counter[str] = Counter()
+        ended = []
         for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             generated[seq.request.tenant] += 1
             if seq.controls is not None:
@@ -475,10 +475,10 @@ class Engine:
             if self._advance(seq, token, logprob):
                 if not seq.request.params.ignore_eos:
                     self._pacing.generated(seq.num_generated)
-                # what it computed, for the next turn of its conversation
-                fed = seq.output.token_ids[: seq.num_cached - seq.prompt_len]
-                self._keep_prefix(seq, seq.request.prompt_ids + fed)
-                self._retire(seq)
+                ended.append(seq)
+        self._keep_prefixes(finishing, ended)
+        for seq in ended:
+            self._retire(seq)
         self._scheduler.charge(generated)
         if decoding and not chunked:  # a running request's pace: one token a step (prompt
             # chunks are the pacing's to count apart)
@@ -501,11 +501,26 @@ class Engine:
                     at.append(row)
         return forked
 
-    def _keep_prefix(self, seq: Sequence, tokens: list[int]) -> None:
-        """Cache the whole blocks of `tokens` (in the sequence's row) for later requests."""
+    def _keep_prefixes(self, prompted: list[Sequence], ended: list[Sequence]) -> None:
+        """Cache, for later requests, the whole blocks of the prompts computed in this step
+        and of the sequences that end in it (prompt and answer: the next turn of their
+        conversation starts with both), all in one copy per layer."""
         prefix = self._model().prefix
-        if prefix is not None and seq.prompt_logprobs is None:
-            prefix.store(_namespace(seq.request), tokens, self._model().cache, seq.row)
+        if prefix is None:
+            return
+        items = []
+        for seq in ended:  # everything fed to it: all but its last token
+            fed = seq.output.token_ids[: seq.num_cached - seq.prompt_len]
+            items.append((seq, seq.request.prompt_ids + fed))
+        items += [(seq, seq.request.prompt_ids) for seq in prompted if seq not in ended]
+        prefix.store_many(
+            [
+                (_namespace(s.request), tokens, s.row)
+                for s, tokens in items
+                if s.prompt_logprobs is None
+            ],
+            self._model().cache,
+        )
 
     def forget_prefixes(self, adapter_id: str) -> Future[int]:
         """Drop the cached prefixes made with an adapter (a new version or its deletion makes

@@ -121,33 +121,63 @@ class PrefixCache:
     def store(self, namespace: Namespace, tokens: list[int], cache: KVCache, row: int) -> None:
         """Keep the whole blocks of `tokens`, whose keys and values are in `row` (its first
         len(tokens) positions), that are not cached yet (as many as the pool holds)."""
-        digests = self.digests(namespace, tokens)[: self.num_blocks]
-        missing = [(i, d) for i, d in enumerate(digests) if d not in self._index]
-        chain = {self._index[d] for d in digests if d in self._index}
+        self.store_many([(namespace, tokens, row)], cache)
+
+    def store_many(self, items: list[tuple[Namespace, list[int], int]], cache: KVCache) -> None:
+        """`store` for several (namespace, tokens, row) at once: one gather and one copy per
+        layer for all their new blocks (a step that ends many sequences pays for one)."""
         taken: list[int] = []
-        for _ in missing:
-            taken.append(self._take_block(protect=chain | set(taken)))
-        if missing:
-            device = self.keys[0].device
-            index = torch.tensor(taken, dtype=torch.long, device=device)
-            positions = torch.tensor(
-                [i * BLOCK_TOKENS + t for i, _ in missing for t in range(BLOCK_TOKENS)],
-                dtype=torch.long,
-                device=device,
-            )
-            for pool, rows in ((self.keys, cache.keys), (self.values, cache.values)):
-                for layer, blocks_t in enumerate(pool):
-                    source = rows[layer][row].index_select(1, positions)  # (H, n * B, D)
-                    shaped = source.unflatten(1, (len(missing), BLOCK_TOKENS)).transpose(0, 1)
-                    blocks_t.index_copy_(0, index, shaped)
+        sources: list[tuple[int, int]] = []  # (row, first position) of each new block
+        named: list[tuple[bytes, str]] = []  # (digest, owner) of each new block
+        chains: list[list[bytes]] = []
+        for namespace, tokens, row in items:
+            digests = self.digests(namespace, tokens)[: self.num_blocks]
+            chains.append(digests)
             owner = namespace.adapter.adapter_id if namespace.adapter else ""
-            for (_, digest), block in zip(missing, taken, strict=True):
+            chain = {self._index[d] for d in digests if d in self._index}
+            pending = {d for d, _ in named}
+            for i, digest in enumerate(digests):
+                if digest in self._index or digest in pending:
+                    continue
+                if len(taken) >= self.num_blocks - len(chain):
+                    break  # the pool is full of this step's own blocks
+                taken.append(self._take_block(protect=chain | set(taken)))
+                sources.append((row, i * BLOCK_TOKENS))
+                named.append((digest, owner))
+        if taken:
+            self._copy_in(taken, sources, cache)
+            for (digest, owner), block in zip(named, taken, strict=True):
                 self._index[digest] = block
                 self._lru[block] = digest
                 self._owner[block] = owner
-            self.stats.stored_blocks += len(missing)
-        for digest in reversed(digests):  # the chain's start most recent: evicted last
-            self._lru.move_to_end(self._index[digest])
+            self.stats.stored_blocks += len(taken)
+        for digests in chains:
+            for digest in reversed(digests):  # the chain's start most recent: evicted last
+                found = self._index.get(digest)
+                if found is not None:
+                    self._lru.move_to_end(found)
+
+    def _copy_in(self, blocks: list[int], sources: list[tuple[int, int]], cache: KVCache) -> None:
+        """Copy each (row, position) block of the KV cache rows into its pool block."""
+        device = self.keys[0].device
+        index = torch.tensor(blocks, dtype=torch.long, device=device)
+        rows = torch.tensor(
+            [row for row, _ in sources for _ in range(BLOCK_TOKENS)],
+            dtype=torch.long,
+            device=device,
+        )
+        positions = torch.tensor(
+            [start + t for _, start in sources for t in range(BLOCK_TOKENS)],
+            dtype=torch.long,
+            device=device,
+        )
+        n = len(blocks)
+        for pool, layers in ((self.keys, cache.keys), (self.values, cache.values)):
+            for layer, blocks_t in enumerate(pool):
+                gathered = layers[layer][rows, :, positions]  # (n * B, H, D)
+                blocks_t.index_copy_(
+                    0, index, gathered.unflatten(0, (n, BLOCK_TOKENS)).transpose(1, 2)
+                )
 
     def _take_block(self, protect: set[int]) -> int:
         if self._free:

@@ -127,3 +127,25 @@ def test_a_conversation_reuses_its_previous_turn(setup):
     assert second.done.wait(60) and second.error is None
     # every whole block the first turn computed: its prompt and all but its last token
     assert second.outputs[-1].usage.cached_tokens == 3 * BLOCK_TOKENS
+
+
+def test_many_rows_are_stored_at_once_and_shared_blocks_once():
+    """store_many: several sequences' blocks in one copy; a block two of them share (the
+    same prompt start) is stored once; each loads back what its own row held."""
+    cache = rows_with(256)
+    prefix = PrefixCache(SHAPE, num_blocks=16, device=CPU)
+    shared = list(range(500, 500 + BLOCK_TOKENS))
+    first = [*shared, *range(600, 600 + BLOCK_TOKENS + 3)]
+    second = [*shared, *range(700, 700 + BLOCK_TOKENS + 3)]
+    for layer in range(SHAPE.num_layers):  # the shared block's values equal in both rows
+        for pool in (cache.keys[layer], cache.values[layer]):
+            pool[1, :, :BLOCK_TOKENS] = pool[0, :, :BLOCK_TOKENS]
+    prefix.store_many([(BASE, first, 0), (BASE, second, 1)], cache)
+    assert prefix.used_blocks == 3 and prefix.stats.stored_blocks == 3
+    for tokens, source in ((first, 0), (second, 1)):
+        assert prefix.load(BASE, [*tokens, 9], cache, row=3) == 2 * BLOCK_TOKENS
+        for layer in range(SHAPE.num_layers):
+            for pool in (cache.keys[layer], cache.values[layer]):
+                assert torch.equal(
+                    pool[3, :, : 2 * BLOCK_TOKENS], pool[source, :, : 2 * BLOCK_TOKENS]
+                )
