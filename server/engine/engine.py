@@ -652,8 +652,13 @@ class Engine:
             ):
                 rest = seq.output.finish()
                 step = StepText(delta=step.delta + rest.delta, stop_reason=rest.stop_reason)
-                # a constraint complete (nothing but EOS may follow) ends as EOS would
-                complete = seq.matcher is not None and seq.matcher.is_finished
+                # a constraint complete (nothing but EOS may follow) ends as EOS would; one
+                # that failed (over the library's limits: logged) ends as cut short
+                complete = (
+                    seq.matcher is not None
+                    and seq.matcher.is_finished
+                    and seq.matcher.error is None
+                )
                 finish = "stop" if rest.stop_reason is not None or complete else "length"
         usage = None
         if finish is not None:

@@ -4,6 +4,7 @@ view reaches its message)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 
@@ -153,10 +154,12 @@ def unary_response(
     """A unary answer: sample 0 in the top-level fields, and with n > 1 every sample in
     `choices`; usage counts every sample's tokens."""
     first = done[0]
+    # the prompt's log-probabilities once, from the completion (its last output may be its
+    # first too, which carries them)
+    last = dataclasses.replace(first.last, prompt_logprobs=first.prompt_logprobs)
     response = generate_response(
-        first.last, first.text, first.token_ids, adapter, request_id, first.logprobs or ()
+        last, first.text, first.token_ids, adapter, request_id, first.logprobs or ()
     )
-    response.prompt_logprobs.extend(token_logprobs(first.prompt_logprobs))
     response.usage.CopyFrom(usage_message([c.last.usage for c in done]))
     if len(done) > 1:
         for c in done:

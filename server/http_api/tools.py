@@ -153,7 +153,7 @@ def _parse_calls(text: str, names: tuple[str, ...]) -> list[tuple[str, Any]] | N
     for part in parts:
         try:
             value = json.loads(part)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             return None
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, dict) or item.get("name") not in names:
@@ -162,7 +162,7 @@ def _parse_calls(text: str, names: tuple[str, ...]) -> list[tuple[str, Any]] | N
             if isinstance(arguments, str):  # some models write them as JSON text
                 try:
                     arguments = json.loads(arguments)
-                except ValueError:
+                except (ValueError, RecursionError):
                     return None
             if not isinstance(arguments, dict):
                 return None

@@ -259,7 +259,6 @@ class Requests:
         )
         self._check_params(params)
         check_context(len(prompt_ids), max_new, self.engine.info.max_context)
-        constraint = await self._compile(inp.constraint)
         mailbox = self._mailbox()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
@@ -274,6 +273,9 @@ class Requests:
         try:
             # The host tier holds the adapter's weights while the request lives: loaded once
             # however many requests want it, and fetched while the batch runs.
+            # Compiled once the request holds its place under the tenant's quotas, so that a
+            # tenant's compiles are bounded by its own limits.
+            constraint = await self._compile(inp.constraint)
             lease = await self.resolver.lease(adapter, tenant) if adapter is not None else None
             request = EngineRequest(
                 request_id=request_id,
@@ -395,11 +397,9 @@ class Requests:
                         f"must be one of {', '.join(CHAT_ROLES)}, got {shown(message.role)}",
                     )
                 # A control token in the content would forge turns of the conversation.
-                for token in self._special_tokens:
-                    if token in message.content:
-                        raise InvalidRequest(
-                            f"messages[{i}].content", f"contains the special token {token!r}"
-                        )
+                self._check_special(f"messages[{i}].content", message.content)
+            if inp.tools:  # rendered by the template too
+                self._check_special("tools", json.dumps(inp.tools, ensure_ascii=False))
             if not chat_template and not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidRequest("messages", "the served model has no chat template")
             try:
@@ -423,6 +423,11 @@ class Requests:
         if not ids:
             raise InvalidRequest("prompt", "tokenizes to no tokens")
         return list(ids)
+
+    def _check_special(self, field: str, text: str) -> None:
+        for token in self._special_tokens:
+            if token in text:
+                raise InvalidRequest(field, f"contains the special token {token!r}")
 
     def _checked_ids(self, ids: tuple[int, ...], field: str = "prompt") -> list[int]:
         vocab = self.engine.info.vocab_size
@@ -456,6 +461,9 @@ def check_sizes(inp: GenerateInput, max_chars: int = MAX_TEXT_CHARS) -> None:
     total = sum(len(m.content) for m in inp.messages)
     if total > limit:
         raise InvalidRequest("messages", f"{total} characters; at most {limit}")
+    tools = len(json.dumps(inp.tools)) if inp.tools else 0
+    if tools + total > limit:
+        raise InvalidRequest("tools", f"{tools} characters with the messages'; at most {limit}")
     if len(inp.prompt_ids) > MAX_TEXT_CHARS:
         raise InvalidRequest("prompt", f"{len(inp.prompt_ids)} tokens; at most {MAX_TEXT_CHARS}")
 

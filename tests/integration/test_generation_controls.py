@@ -200,7 +200,7 @@ def test_a_frequency_penalty_breaks_repetition(api, server):
     def ask(**extra):
         answer = api.completions.create(
             model=server.runtime.info.model_id,
-            prompt="red red red red red red red red",
+            prompt="Repeat after me: go go go go go go",
             max_tokens=16,
             temperature=0,
             logprobs=0,
@@ -209,8 +209,8 @@ def test_a_frequency_penalty_breaks_repetition(api, server):
         tokens = answer.choices[0].logprobs.tokens
         return max(tokens.count(t) for t in tokens)
 
-    repeats = ask()
-    assert repeats >= 3 and ask(frequency_penalty=2.0, presence_penalty=2.0) < repeats
+    # greedy, the model repeats "go" for all 16 tokens; penalized, hardly a token twice
+    assert ask() >= 12 and ask(frequency_penalty=2.0, presence_penalty=2.0) <= 3
 
 
 def test_out_of_range_controls_are_400s(server):

@@ -304,6 +304,13 @@ def test_samples_logprobs_and_stop_tokens_reach_the_response():
     assert unary.choices[0].stop_token_id == 7 and not unary.choices[0].stop_reason
     assert unary.choices[1].stop_reason == "END" and not unary.choices[1].HasField("stop_token_id")
     assert not convert.unary_response(done[:1], None, "r").choices  # n = 1: no choices
+    # one token: its output is the first (with the prompt's) and the last: listed once
+    only = RequestOutput(
+        text="a", token_ids=[5], finish_reason="length", index=0, prompt_logprobs=prompt,
+        usage=Usage(prompt_tokens=2, completion_tokens=1),
+    )  # fmt: skip
+    scored = Completion(text="a", token_ids=[5], last=only, prompt_logprobs=prompt)
+    assert len(convert.unary_response([scored], None, "r").prompt_logprobs) == 1
 
 
 def test_adapter_requests_name_one_adapter_and_uploads_arrive_as_file_chunks():
