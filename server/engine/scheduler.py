@@ -58,7 +58,7 @@ class Scheduler:
         self._queued_tokens = 0  # prompt tokens waiting
         self._arrivals = itertools.count()  # ties between tenants go to the earlier request
         self._order: dict[int, int] = {}  # id(request) -> arrival number
-        self._running: Counter[str] = Counter()  # tenant -> its admitted requests still running
+        self._running: Counter[str] = Counter()  # tenant -> rows its admitted requests hold
         self._cond = threading.Condition()
         self._closed = False  # under _cond: set once, then every add is refused
 
@@ -159,7 +159,7 @@ class Scheduler:
         """Thread-safe: an admitted request left the engine."""
         with self._cond:
             self.fairness.leave(request.tenant)
-            self._running[request.tenant] -= 1
+            self._running[request.tenant] -= request.params.n
             if self._running[request.tenant] <= 0:
                 del self._running[request.tenant]
 
@@ -282,7 +282,10 @@ class Scheduler:
                 request = queue[i]
                 position[tenant] = i + 1
                 limit = self.config.tenant_max_running
-                if limit and self._running[tenant] >= limit and not request.cancelled.is_set():
+                held = self._running[tenant]  # rows: a request with n samples holds n
+                # (a request alone runs, even one larger than the share)
+                over = bool(limit) and held > 0 and held + request.params.n > limit
+                if over and not request.cancelled.is_set():
                     continue  # the tenant holds its share of rows: its requests wait
                 outcome = self._try_admit(request, allocate, unallocate, waited, draining, wanting)
                 if outcome == "full":  # the KV cache is full: wait for sequences to finish
@@ -297,7 +300,7 @@ class Scheduler:
                     admitted.append(outcome)
                     leaving.add(id(request))
                     self._take(request)
-                    self._running[tenant] += 1
+                    self._running[tenant] += request.params.n
                     self.fairness.charge(tenant, prompt_tokens=len(request.prompt_ids))
                 if i + 1 < len(queue):
                     heapq.heappush(turns, self._turn(tenant, i + 1))

@@ -213,3 +213,28 @@ def test_a_cancelled_request_leaves_the_queue_at_once():
     scheduler.add(request("b0", None, "b"))
     admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
     assert names(admitted) == ["b0"]
+
+
+def test_a_tenants_share_counts_the_rows_of_its_samples():
+    """A request with n samples holds n rows of its tenant's share; one larger than the whole
+    share still runs alone."""
+    scheduler = Scheduler(EngineConfig(tenant_max_running=4), SlotTable(1))
+
+    def sampled(name: str, n: int) -> EngineRequest:
+        r = request(name, None, "flood")
+        r.params = SamplingParams(4, n=n)
+        return r
+
+    first, second, big = sampled("a0", 3), sampled("a1", 3), sampled("a2", 6)
+    for r in (first, second):
+        scheduler.add(r)
+    rows = Rows(16)
+    admitted, _ = scheduler.admit(rows.allocate, rows.unallocate)
+    assert names(admitted) == ["a0"]  # 3 + 3 rows would pass the share of 4
+    scheduler.add(request("b0", None, "quiet"))
+    assert names(scheduler.admit(rows.allocate, rows.unallocate)[0]) == ["b0"]
+    scheduler.finished(first)
+    assert names(scheduler.admit(rows.allocate, rows.unallocate)[0]) == ["a1"]
+    scheduler.finished(second)
+    scheduler.add(big)
+    assert names(scheduler.admit(rows.allocate, rows.unallocate)[0]) == ["a2"]  # alone: runs
