@@ -27,7 +27,8 @@ class RowControls:
     counts: torch.Tensor | None = None  # (V,) float32: times each token was generated
     seen: torch.Tensor | None = None  # (V,) bool: in the prompt or generated (repetition)
     generated: int = 0
-    _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # logit_bias as (token ids, values) on the logits' device
+    bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -52,7 +53,7 @@ class RowControls:
             controls.seen = seen
         if params.logit_bias:
             ids, values = zip(*params.logit_bias, strict=True)
-            controls._bias = (
+            controls.bias = (
                 torch.tensor(ids, dtype=torch.long, device=device),
                 torch.tensor(values, dtype=torch.float32, device=device),
             )
@@ -87,7 +88,7 @@ def apply_controls(logits: torch.Tensor, rows: list[RowControls | None]) -> torc
         ids_t = torch.tensor([t for _, ends in held for t in ends], device=device)
         blocked = torch.tensor(float("-inf"), device=device)
         out.index_put_((rows_t, ids_t.clamp(max=vocab - 1)), blocked)
-    biased = [(i, r._bias) for i, r in active if r._bias is not None]
+    biased = [(i, r.bias) for i, r in active if r.bias is not None]
     if biased:
         flat = torch.cat([ids + i * vocab for i, (ids, _) in biased])
         out.view(-1).index_add_(0, flat, torch.cat([values for _, (_, values) in biased]))
