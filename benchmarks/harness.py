@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -457,6 +458,31 @@ class ServerProcess:
         if match is None:
             raise RuntimeError("the server serves no HTTP API (--no-http?)")
         return int(match.group(1))
+
+    @property
+    def metrics_port(self) -> int:
+        """The port of the server's Prometheus /metrics (once wait_ready returned)."""
+        match = re.search(
+            r"metrics on http://[^\s:]+:(\d+)/metrics", self.log_path.read_text("utf-8")
+        )
+        if match is None:
+            raise RuntimeError("the server serves no metrics (--metrics-port?)")
+        return int(match.group(1))
+
+    def gc_pauses(self) -> dict[str, dict[str, float]]:
+        """Per garbage-collector generation ("0", "1", "2"), the collections so far and the
+        seconds they stopped the server for (its loraplex_gc_pause_seconds)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        found: dict[str, dict[str, float]] = {}
+        for name, generation, value in re.findall(
+            r'^loraplex_gc_pause_seconds_(count|sum)\{generation="(\d)"\} (\S+)$', text, re.M
+        ):
+            found.setdefault(generation, {})["collections" if name == "count" else "seconds"] = (
+                float(value)
+            )
+        return found
 
     def peak_rss_bytes(self) -> int | None:
         return peak_rss_bytes(self.pid)

@@ -34,6 +34,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -237,12 +238,32 @@ def table(report: dict) -> str:
             f"(target <= {TTFT_TARGET:.0f}x: {'met' if ok else 'MISSED'})"
         )
     trace = report.get("ttft_trace") or {}
+    parts = [p.removesuffix("_s") for p in TRACE_PARTS]
     if trace:
         lines.append("where TTFT goes (server request log), ms: p50 / p99 of each part")
-        parts = [p.removesuffix("_s") for p in TRACE_PARTS]
         lines += format_table(
             [("phase", 10, "s"), *((p, 13, "s") for p in parts)],
             [[phase, *(_p50_p99(v.get(p)) for p in TRACE_PARTS)] for phase, v in trace.items()],
+        )
+    for phase, slowest in (report.get("ttft_slowest") or {}).items():
+        lines.append(
+            f"slowest first tokens at {phase}, ms: "
+            + "; ".join(
+                f"{r['ttft_ms']:.0f} ("
+                + ", ".join(f"{p} {r[p]:.0f}" for p in parts if r.get(p, 0) >= 1)
+                + ")"
+                for r in slowest
+            )
+        )
+    gc_pauses = report.get("gc_pauses") or {}
+    if gc_pauses:
+        lines.append(
+            "server garbage collections during the phases: "
+            + ", ".join(
+                f"generation {g}: {int(v.get('collections', 0))} "
+                f"({v.get('seconds', 0) * 1e3:.0f} ms in all)"
+                for g, v in sorted(gc_pauses.items())
+            )
         )
     mem = report["memory"]
 
@@ -267,13 +288,7 @@ def ttft_trace(server_log: Path) -> dict[str, dict[str, dict[str, float]]]:
     """Per phase (the request ids' prefix: unloaded, load0.7, ...), p50 and p99 in ms of each
     part of the TTFT the server's request log gives (runtime/telemetry.ttft_breakdown)."""
     parts: dict[str, dict[str, list[float]]] = {}
-    for line in server_log.read_text(errors="replace").splitlines():
-        if not line.startswith("{") or '"ttft_breakdown"' not in line:
-            continue
-        entry = json.loads(line)
-        phase = str(entry.get("request_id", "")).rsplit("-", 1)[0]
-        if not (phase == "unloaded" or phase.startswith("load")):
-            continue
+    for phase, entry in _logged_requests(server_log):
         for name, value in (entry.get("ttft_breakdown") or {}).items():
             if value is not None:
                 parts.setdefault(phase, {}).setdefault(name, []).append(value * 1e3)
@@ -283,6 +298,52 @@ def ttft_trace(server_log: Path) -> dict[str, dict[str, dict[str, float]]]:
             for name, values in found.items()
         }
         for phase, found in parts.items()
+    }
+
+
+def ttft_slowest(server_log: Path, n: int = 3) -> dict[str, list[dict[str, object]]]:
+    """Per load phase, the `n` requests slowest to their first token (as the server saw it),
+    each with its TTFT breakdown in ms: what a p99 is made of."""
+    found: dict[str, list[dict[str, object]]] = {}
+    for phase, entry in _logged_requests(server_log):
+        if phase.startswith("load") and entry.get("ttft_s") is not None:
+            breakdown = entry.get("ttft_breakdown") or {}
+            found.setdefault(phase, []).append(
+                {
+                    "request_id": entry["request_id"],
+                    "ttft_ms": entry["ttft_s"] * 1e3,
+                    **{
+                        k.removesuffix("_s"): v * 1e3 for k, v in breakdown.items() if v is not None
+                    },
+                }
+            )
+    return {
+        phase: sorted(rows, key=lambda r: -float(r["ttft_ms"]))[:n]  # type: ignore[arg-type]
+        for phase, rows in found.items()
+    }
+
+
+def _logged_requests(server_log: Path) -> Iterator[tuple[str, dict]]:
+    """(phase, entry) for each request of a measured phase in the server's JSON request log."""
+    for line in server_log.read_text(errors="replace").splitlines():
+        if not line.startswith("{") or '"ttft_breakdown"' not in line:
+            continue
+        entry = json.loads(line)
+        phase = str(entry.get("request_id", "")).rsplit("-", 1)[0]
+        if phase == "unloaded" or phase.startswith("load"):
+            yield phase, entry
+
+
+def gc_delta(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """The garbage collections (and their seconds) between two reads of the server's
+    loraplex_gc_pause_seconds, per generation."""
+    return {
+        generation: {
+            key: value - before.get(generation, {}).get(key, 0.0) for key, value in now.items()
+        }
+        for generation, now in after.items()
     }
 
 
@@ -361,9 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.adapters,
             )
         workload = Workload(prompts, ids or [""], args.new_tokens, args.request_timeout)
+        gc_before = server.gc_pauses()
         phases = asyncio.run(run_phases(address, workload, args))
+        phases["gc_pauses"] = gc_delta(gc_before, server.gc_pauses())
         server_rss = server.peak_rss_bytes()
         phases["ttft_trace"] = ttft_trace(work / "server.log")
+        phases["ttft_slowest"] = ttft_slowest(work / "server.log")
     report = {
         "config": {
             "adapters": args.adapters,

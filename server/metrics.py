@@ -19,10 +19,16 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from loraplex.core import __version__
+from loraplex.server.runtime.heap import PAUSE_BUCKETS, GcPauses
 from loraplex.server.runtime.telemetry import RequestRecord
 
 if TYPE_CHECKING:
@@ -159,6 +165,7 @@ class StateCollector(Collector):
         self.adapter_ids = adapter_ids  # else the adapters of requests are not named
 
     def collect(self) -> Iterable[Metric]:
+        yield gc_pauses_family(self.runtime.gc_pauses)
         state = self.runtime.engine.recent_snapshot()  # built by the engine thread
         if state is None:
             return
@@ -236,3 +243,21 @@ class StateCollector(Collector):
         yield CounterMetricFamily(
             "loraplex_unmerges", "Merged adapters taken out of the base weights.", merge.unmerges
         )
+
+
+def gc_pauses_family(pauses: GcPauses) -> HistogramMetricFamily:
+    """Python's garbage collections and how long each stopped every thread (runtime/heap.py),
+    per generation."""
+    family = HistogramMetricFamily(
+        "loraplex_gc_pause_seconds",
+        "Python garbage collection pauses (every thread stops), per generation.",
+        labels=["generation"],
+    )
+    for generation, stats in pauses.stats.items():
+        counts = list(stats.counts)  # a copy: a collection may add to it meanwhile
+        cumulative, buckets = 0, []
+        for bound, n in zip([*map(str, PAUSE_BUCKETS), "+Inf"], counts, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        family.add_metric([str(generation)], buckets, sum_value=stats.total_s)
+    return family

@@ -21,6 +21,7 @@ from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.state import EngineInfo
 from loraplex.server.runtime.adapters import AdapterService
 from loraplex.server.runtime.auth import KeyRing
+from loraplex.server.runtime.heap import GcPauses, freeze_heap, unfreeze_heap
 from loraplex.server.runtime.quotas import Quotas, load_tenant_limits
 from loraplex.server.runtime.requests import Requests
 from loraplex.server.runtime.resolver import AdapterResolver
@@ -40,6 +41,9 @@ class Runtime:
         per_tenant = load_tenant_limits(config.auth_keys) if config.auth_keys else {}
         self.quotas = Quotas(config.tenant_limits, per_tenant)
         self.observers = Observers([RequestLog(config.log_prompts)])  # each request, at its end
+        self.gc_pauses = GcPauses()
+        self.gc_pauses.install()
+        self._frozen = False
         self.resolver = AdapterResolver(
             registry,
             self.cache,
@@ -93,15 +97,22 @@ class Runtime:
         self.engine.stop()
         self.cache.close()
         self.adapters.close()
+        self.gc_pauses.uninstall()
+        if self._frozen:
+            unfreeze_heap()
 
     async def _refresh_store(self) -> None:
         await self.adapters.refresh_store()
 
     async def start(self) -> None:
-        """Warm the request path up and pin the adapters the configuration names."""
+        """Warm the request path up, pin the adapters the configuration names, and freeze the
+        heap built so far (see heap.py)."""
         await self.requests.warmup()
         for adapter_id in self.config.pinned_adapters:
             await self.adapters.pins.pin(adapter_id)
+        # What start-up built stays to the end: out of the collector's walks (heap.py).
+        freeze_heap()
+        self._frozen = True
 
     def model_info(self) -> ModelInfo:
         info, ec = self.info, self.config.engine

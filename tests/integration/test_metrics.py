@@ -3,6 +3,7 @@ passes `promtool check metrics`, and a real Prometheus server scrapes and answer
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -139,6 +140,18 @@ def test_metrics_count_real_traffic(metered, peft_reference):
     assert value(after, "loraplex_lora_requests_info", max_lora="2") > 0
     assert value(after, "loraplex_base_merged") == 0  # the policy is off in the test server
     assert value(after, "loraplex_merges_total") == 0
+
+
+def test_the_heap_is_frozen_and_collections_are_timed(metered):
+    """Once started, the server's heap is frozen (runtime/heap.py), and every garbage
+    collection in its process (this one: the server runs on a thread) is on /metrics."""
+    assert gc.get_freeze_count() > 100_000
+    before = samples(scrape(metered))
+    gc.collect()
+    after = samples(scrape(metered))
+    name = "loraplex_gc_pause_seconds_count"
+    assert value(after, name, generation="2") - value(before, name, generation="2") >= 1
+    assert value(after, "loraplex_gc_pause_seconds_sum", generation="2") > 0
 
 
 def test_promtool_accepts_the_exposition(metered):
