@@ -31,6 +31,7 @@ peak RSS: neither may carry libraries it does not use.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -264,6 +265,7 @@ class EngineBench:
         self.work = work
         self._registry: AdapterRegistry | None = None
         self.engine = Engine(self._make_runner, config, self._load_weights)
+        self.longest_gap_s = 0.0  # of the last run: the longest wait of a job between outputs
 
     def start(self) -> EngineInfo:
         """Load the model on the engine thread; then the registry, for its fingerprint."""
@@ -311,6 +313,7 @@ class EngineBench:
         from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 
         outputs: list[list[int]] = [[] for _ in jobs]
+        emitted: list[list[float]] = [[] for _ in jobs]  # when each output came
         remaining = len(jobs)
         done = threading.Event()
         lock = threading.Lock()
@@ -324,6 +327,7 @@ class EngineBench:
                     done.set()
                     return
                 outputs[i].extend(item.token_ids)
+                emitted[i].append(time.perf_counter())
                 if item.finish_reason is not None:
                     with lock:
                         remaining -= 1
@@ -346,7 +350,12 @@ class EngineBench:
             self.engine.submit(request)
         if not done.wait(3600) or errors:
             raise RuntimeError(f"the engine failed: {errors[:1] or 'no answer within an hour'}")
-        return time.perf_counter() - start, outputs
+        seconds = time.perf_counter() - start
+        self.longest_gap_s = max(
+            (b - a for times in emitted for a, b in itertools.pairwise(times)),
+            default=0.0,
+        )
+        return seconds, outputs
 
     def stop(self) -> None:
         self.engine.stop()

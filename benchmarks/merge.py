@@ -10,7 +10,9 @@ Dynamic merge (the engine, offline; N requests x M new tokens, EOS ignored):
     others), each run never merged, merged (adapter 0 pinned into the base first) and under the
     automatic policy (its default settings, starting unmerged); plus base-only (no adapter):
     throughput and its ratio to base-only and to never merging, medians of --repeats, the
-    systems alternating within each repeat because the machine is shared and noisy.
+    systems alternating within each repeat because the machine is shared and noisy; and the
+    longest wait of any request between two of its outputs, over the repeats (a merge that
+    stopped the steps shows there).
     Time to merge and to unmerge. Greedy outputs of 20 prompts on adapter 0, merged vs not.
 
     python benchmarks/merge.py [--requests 32] [--new-tokens 64] [--repeats 3]
@@ -211,6 +213,7 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> tuple[dict, lis
         return jobs
 
     rates: dict[str, list[float]] = {}
+    gaps: dict[str, list[float]] = {}  # the longest wait of a request between two outputs
     merge_s, unmerge_s, auto_merged = [], [], {}
     for repeat in range(args.repeats):
         log.info("dynamic merge, repeat %d of %d", repeat + 1, args.repeats)
@@ -229,6 +232,7 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> tuple[dict, lis
                 before = bench.snapshot().merge.merges
                 seconds, _ = bench.run(jobs, m)
                 rates.setdefault(f"{share:.0%} {system}", []).append(n * m / seconds)
+                gaps.setdefault(f"{share:.0%} {system}", []).append(bench.longest_gap_s)
                 after = bench.snapshot().merge
                 if system == "auto policy":  # merges the policy made in this run (last repeat)
                     auto_merged[f"{share:.0%}"] = after.merges - before
@@ -238,6 +242,7 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> tuple[dict, lis
     engine.configure_merges(MergeSettings(policy="off")).result()
     medians = {k: statistics.median(v) for k, v in rates.items()}
     result["merge_throughput"] = medians
+    result["longest_gap_ms"] = {k: max(v) * 1e3 for k, v in gaps.items()}
     result["merge_seconds"] = statistics.median(merge_s)
     result["unmerge_seconds"] = statistics.median(unmerge_s)
     result["greedy"], result["drift"], drift_line = merged_vs_unmerged(bench, greedy, m)
@@ -254,7 +259,7 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> tuple[dict, lis
         lines.append(f"{name:<16}{rate:>9.1f} tok/s {rate / plain_rate:>6.2f}x plain")
     base = medians["base only"]
     lines += ["", f"Dynamic merge ({n} requests x {m} tokens, median of {args.repeats})"]
-    lines.append(f"{'workload':<24}{'tok/s':>9}{'x base':>8}{'x never':>9}")
+    lines.append(f"{'workload':<24}{'tok/s':>9}{'x base':>8}{'x never':>9}{'longest gap ms':>16}")
     lines.append(f"{'base only':<24}{base:>9.1f}{1.0:>8.2f}")
     for percent in ("100%", "90%", "50%"):
         never = medians[f"{percent} never merged"]
@@ -263,7 +268,10 @@ def measure(args, bench: EngineBench, home: Path, work: Path) -> tuple[dict, lis
             label = f"{percent} {system}"
             if system == "auto policy":
                 label += f" ({auto_merged[percent]} merge)"
-            lines.append(f"{label:<24}{rate:>9.1f}{rate / base:>8.2f}{rate / never:>9.2f}")
+            gap = result["longest_gap_ms"][f"{percent} {system}"]
+            lines.append(
+                f"{label:<24}{rate:>9.1f}{rate / base:>8.2f}{rate / never:>9.2f}{gap:>16.0f}"
+            )
     lines += [
         "",
         f"merge {result['merge_seconds'] * 1e3:.0f} ms, unmerge "

@@ -271,6 +271,7 @@ class Engine:
         with self._calls_lock:
             self._calls_closed = True
         self._run_calls()
+        self._merges.close()
         log.info("engine stopped")
 
     def _time_full_batch(self, runner: ModelRunner) -> None:

@@ -241,6 +241,18 @@ class _Norm:
         return self(h)
 
 
+MergeInputs = dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A, B^T) copies
+
+
+@dataclass(frozen=True)
+class PreparedMerge:
+    """An adapter folded into the base layers it targets, ready to serve (install_merge)."""
+
+    modules: frozenset[nn.Module]  # the base linear layers merged
+    # (layer index, unit key) -> the merged unit's kernel
+    linears: dict[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]]
+
+
 class DecoderForward:
     def __init__(
         self,
@@ -290,38 +302,57 @@ class DecoderForward:
         return weight if weight is not None else dense_weight(module)
 
     def merge(self, slot: int) -> int:
-        """Fold the adapter in `slot` into the base: every layer it targets gets a dense copy
-        W + B @ A (the sum in float32, kept in the compute dtype: the higher-precision copy of
-        a 4-bit base, whose 4-bit weights stay untouched for unmerging), laid out as the
-        layer's own copy (packed where it is). Returns the number of layers merged. Requests
-        for other adapters then subtract its delta (StepBatch.unmerge)."""
-        by_name = dict(self.model.named_modules())
-        merged: dict[nn.Module, torch.Tensor] = {}
+        """Fold the adapter in `slot` into the base, at once (see prepare_merge). Returns the
+        number of layers merged."""
+        return self.install_merge(self.prepare_merge(self.merge_inputs(slot)))
+
+    def merge_inputs(self, slot: int) -> MergeInputs:
+        """A copy of the adapter in `slot`, per layer it targets: (A (R, in), B^T (R, out)).
+        On the engine thread: the stacks may be compacted later, the copy stays as it is."""
         placed = self.lora.locate(slot)
         if placed is None:  # an adapter of rank 0: nothing to fold in
-            self.unmerge()
-            return 0
+            return {}
         pool, local = placed
+        by_name = dict(self.model.named_modules())
+        found: MergeInputs = {}
         for name, (layer, gname, member) in self.lora.modules.items():
             group = pool.groups[layer][gname]
             a, bt = group.a(local, member), group.bt[member][local]  # (R, in), (R, out)
-            if not bt.any():
-                continue  # not targeted by this adapter
-            module = by_name[name]
+            if bt.any():  # else not targeted by this adapter
+                found[by_name[name]] = (a.clone(), bt.clone())
+        return found
+
+    def prepare_merge(self, inputs: MergeInputs) -> PreparedMerge:
+        """The layers with the adapter (`merge_inputs`) folded in: every layer it targets gets
+        a dense copy W + B @ A (the sum in float32, kept in the compute dtype: the
+        higher-precision copy of a 4-bit base, whose 4-bit weights stay untouched for
+        unmerging), laid out as the layer's own copy (packed where it is). It reads only the
+        base's weights, which never change, so it may run on any thread while steps go on."""
+        merged: dict[nn.Module, torch.Tensor] = {}
+        for module, (a, bt) in inputs.items():
             base = self.dense_weight(module)  # in the compute dtype
             delta = bt.float().T @ a.float()  # (out, in)
             merged[module] = (base.float() + delta).to(base.dtype)
-        self.unmerge()
-        self.merged = set(merged)
-        for parts in self.layers:
+        linears = {}
+        for i, parts in enumerate(self.layers):
             for key, unit in parts.units.items():
                 members = unit if isinstance(unit, tuple) else (unit,)
                 if any(m in merged for m in members):
                     weight = torch.cat(
                         [merged[m] if m in merged else self.dense_weight(m) for m in members]
                     )
-                    parts.linear[key] = self.linears.merged(unit, weight)
-        return len(merged)
+                    linears[(i, key)] = self.linears.merged(unit, weight)
+        return PreparedMerge(frozenset(merged), linears)
+
+    def install_merge(self, prepared: PreparedMerge) -> int:
+        """Serve with a prepared merge (engine thread, between steps; no tensor work). Requests
+        for other adapters then subtract its delta (StepBatch.unmerge). Returns the number of
+        layers merged."""
+        self.unmerge()
+        self.merged = set(prepared.modules)
+        for (i, key), linear in prepared.linears.items():
+            self.layers[i].linear[key] = linear
+        return len(prepared.modules)
 
     def unmerge(self) -> None:
         """Back to the untouched base weights (the dense copies are dropped)."""

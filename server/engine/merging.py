@@ -25,15 +25,26 @@ policy off (`--merge-policy off`).
 owns what is merged, asks the policy every MERGE_CHECK_S (idle or not), and carries out an
 operator's pinned merge. A merged adapter holds a reference to its device slot for as long as
 it is merged, and one slot always stays for the rest of the traffic.
+
+The policy's merges are prepared off the engine thread: computing the dense copies of every
+layer an adapter targets takes 0.2-0.9 s on a CPU, and done between two steps it stopped every
+running request for that long (seen at the end of bursts, when the last requests standing
+share one adapter). The engine thread copies the adapter's weights (milliseconds), a worker
+thread computes the merged layers from them and the base's weights (which never change), and
+the engine thread swaps them in between two steps once they are ready; steps go on meanwhile.
+An operator's pinned merge (the MergeAdapter RPC) is done at once: its caller waits for it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import statistics
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +56,7 @@ from loraplex.server.engine.slots import SlotTable
 from loraplex.server.engine.state import MergeState
 
 if TYPE_CHECKING:
+    from loraplex.server.engine.forward import PreparedMerge
     from loraplex.server.engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -175,8 +187,28 @@ class MergePolicy:
         self._changed_at = self._clock()
 
 
+def _lowest_priority() -> None:
+    """The calling thread, and the threads it starts (torch's intra-op threads inherit it), at
+    the lowest CPU priority: the steps' threads get the cores first, the merge the rest."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not where threads have priorities of their own
+        log.debug("the merge worker runs at the normal priority")
+
+
+@dataclass
+class _Pending:
+    """A policy's merge being prepared on the worker thread."""
+
+    key: AdapterKey
+    slot: int  # its reference is held from the start
+    started: float  # perf_counter
+    prepared: Future[PreparedMerge]
+
+
 class MergeControl:
-    """What is merged into the base, and every change to it (engine thread only)."""
+    """What is merged into the base, and every change to it (engine thread only; the merged
+    layers of a policy's merge are computed on a worker thread, see the module's docstring)."""
 
     def __init__(
         self,
@@ -200,6 +232,14 @@ class MergeControl:
             leader=None, leader_share=0.0, merged_share=0.0
         )  # at the policy's last look
         self._next_check = 0.0
+        self._pending: _Pending | None = None
+        self._worker: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the worker thread (a merge being prepared is abandoned)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
 
     def configure(self, settings: MergeSettings) -> None:
         """A new policy (its window starts empty); what is merged stays until it decides."""
@@ -215,6 +255,9 @@ class MergeControl:
         """Ask the policy (every MERGE_CHECK_S) and merge or unmerge as it says; unmerge at
         once when a queued request (`peek(n)`: the first n in line) needs the merged slot."""
         now = time.monotonic()
+        if self._pending is not None:
+            self._settle()  # nothing else is decided while a merge is prepared
+            return
         if self.pinned or now < self._next_check:
             return
         self._next_check = now + MERGE_CHECK_S
@@ -236,16 +279,55 @@ class MergeControl:
         # Resident (it leads the traffic, so it normally is), and a slot stays for the rest.
         if want is not None and slot is not None and slots.reserved() < slots.num_slots - 1:
             slots.acquire(want)
-            try:
-                self._merge_slot(want, slot)
-            except Exception:
-                log.exception("merging adapter %s v%d failed; serving it unmerged", *want)
-                slots.release(slot)
+            self._prepare(want, slot)
         self.policy.changed()
+
+    def _prepare(self, key: AdapterKey, slot: int) -> None:
+        """Start preparing the merge of the adapter in `slot` (its reference taken) on the
+        worker thread; `consider` installs it once ready."""
+        runner = self._runner()
+        try:
+            inputs = runner.merge_inputs(slot)
+        except Exception:
+            log.exception("merging adapter %s v%d failed; serving it unmerged", *key)
+            self._slots.release(slot)
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(
+                1, thread_name_prefix="loraplex-merge", initializer=_lowest_priority
+            )
+        future = self._worker.submit(runner.prepare_merge, inputs)
+        self._pending = _Pending(key, slot, time.perf_counter(), future)
+
+    def _settle(self, wait: bool = False) -> None:
+        """Install the merge being prepared once it is ready (at once with `wait`), or give
+        its slot back if it failed."""
+        pending = self._pending
+        if pending is None or not (wait or pending.prepared.done()):
+            return
+        self._pending = None
+        try:
+            prepared = pending.prepared.result()
+        except Exception:
+            log.exception("merging adapter %s v%d failed; serving it unmerged", *pending.key)
+            self._slots.release(pending.slot)
+            return
+        start = time.perf_counter()
+        layers = self._runner().install_merge(pending.slot, prepared)
+        self._merged(pending.key, pending.slot, time.perf_counter() - pending.started)
+        log.info(
+            "adapter %s v%d merged into the base (%d layers, prepared in %.0f ms beside the "
+            "steps, installed between two in %.1f ms)",
+            *pending.key,
+            layers,
+            (start - pending.started) * 1e3,
+            (time.perf_counter() - start) * 1e3,
+        )
 
     def merge_pinned(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
         """Merge `adapter` into the base and keep it merged until `unmerge_pinned`. What was
         merged before stays merged when no slot can be had or the adapter fails to load."""
+        self._settle(wait=True)  # a policy's merge being prepared: in place first
         key, slots = adapter.key, self._slots
         if self.key == key:
             self.pinned = True
@@ -274,6 +356,7 @@ class MergeControl:
 
     def unmerge_pinned(self) -> None:
         """Undo the merge, pinned or not; the policy decides again after its minimum interval."""
+        self._settle(wait=True)
         if self.key is not None:
             self._unmerge()
             self.policy.changed()
@@ -292,16 +375,20 @@ class MergeControl:
         )
 
     def _merge_slot(self, key: AdapterKey, slot: int) -> None:
-        """Fold the adapter in `slot` (the caller took a reference to it) into the base."""
+        """Fold the adapter in `slot` (the caller took a reference to it) into the base, at
+        once."""
         start = time.perf_counter()
         layers = self._runner().merge(slot)
         seconds = time.perf_counter() - start
+        self._merged(key, slot, seconds)
+        log.info("adapter %s v%d merged into the base (%d layers, %.0f ms)", *key, layers,
+                 seconds * 1e3)  # fmt: skip
+
+    def _merged(self, key: AdapterKey, slot: int, seconds: float) -> None:
         self.key, self.slot = key, slot
         self._slots.held = {slot}
         self.merges += 1
         self.last_merge_s = seconds
-        log.info("adapter %s v%d merged into the base (%d layers, %.0f ms)", *key, layers,
-                 seconds * 1e3)  # fmt: skip
 
     def _unmerge(self) -> None:
         assert self.key is not None and self.slot is not None

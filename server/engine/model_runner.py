@@ -17,6 +17,8 @@ from loraplex.server.config import EngineConfig
 from loraplex.server.engine.cpu_kernels import DTYPES
 from loraplex.server.engine.forward import (
     DecoderForward,
+    MergeInputs,
+    PreparedMerge,
     PromptChunk,
     StepBatch,
     cache_shape,
@@ -210,10 +212,25 @@ class ModelRunner:
         self.lora.clear(slot)
 
     def merge(self, slot: int) -> int:
-        """Fold the adapter in `slot` into the base (the slot must stay loaded and unchanged
-        while merged: the caller holds a reference to it). Returns the layers merged."""
+        """Fold the adapter in `slot` into the base, at once (the slot must stay loaded and
+        unchanged while merged: the caller holds a reference to it). Returns the layers
+        merged."""
+        return self.install_merge(slot, self.prepare_merge(self.merge_inputs(slot)))
+
+    def merge_inputs(self, slot: int) -> MergeInputs:
+        """What prepare_merge needs of the adapter in `slot`, copied (engine thread)."""
+        return self.forward.merge_inputs(slot)
+
+    def prepare_merge(self, inputs: MergeInputs) -> PreparedMerge:
+        """The merged layers, computed from the base's weights and `inputs` alone: any thread
+        may run it while steps go on (DecoderForward.prepare_merge)."""
+        return self.forward.prepare_merge(inputs)
+
+    def install_merge(self, slot: int, prepared: PreparedMerge) -> int:
+        """Serve with `prepared`, the adapter in `slot` merged (engine thread, between steps).
+        Returns the layers merged."""
         self.unmerge()
-        layers = self.forward.merge(slot)
+        layers = self.forward.install_merge(prepared)
         self.merged_slot = slot
         return layers
 

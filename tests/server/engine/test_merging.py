@@ -4,6 +4,7 @@ unmerged (exactly on a float32 model, to bf16 rounding on the 4-bit one)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -265,10 +266,11 @@ def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch):
     engine, versions = setup()
     one = versions["one"]
 
-    def fail(runner: ModelRunner, slot: int) -> int:
+    def fail(runner: ModelRunner, _: object) -> int:
         raise MemoryError("no room for the dense copies")
 
-    monkeypatch.setattr(ModelRunner, "merge", fail)
+    monkeypatch.setattr(ModelRunner, "merge", fail)  # an operator's merge
+    monkeypatch.setattr(ModelRunner, "prepare_merge", fail)  # the policy's, on the worker
     with pytest.raises(MemoryError):
         engine.merge(one).result(30)
     state = engine.snapshot().result(30)
@@ -281,6 +283,41 @@ def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch):
     state = engine.snapshot().result(30)  # built on the engine thread, between its steps
     assert all(s.refcount == 0 for s in state.slots)
     assert state.merge.adapter is None
+
+
+def test_steps_go_on_while_the_policys_merge_is_prepared(setup, monkeypatch):
+    """The policy's merge is computed on a worker thread: while it is (held here until
+    released), requests keep running to the end; once ready it is installed between steps."""
+    engine, versions = setup()
+    one = versions["one"]
+    started, release = threading.Event(), threading.Event()
+    prepare = ModelRunner.prepare_merge
+
+    def held(runner: ModelRunner, inputs):
+        started.set()
+        assert release.wait(60)
+        return prepare(runner, inputs)
+
+    monkeypatch.setattr(ModelRunner, "prepare_merge", held)
+    engine.configure_merges(MergeSettings(window_tokens=16, min_interval_s=0.0)).result(30)
+    first = submit(engine, PROMPTS[0], one, max_new_tokens=30)
+    assert first.done.wait(30) and first.error is None
+    assert started.wait(10)  # the policy chose to merge "one" and the worker is at it
+    during = [submit(engine, p, a) for p, a in zip(PROMPTS, [one, None], strict=False)]
+    for c in during:
+        assert c.done.wait(30) and c.error is None
+    assert merge_of(engine).adapter is None  # not yet installed
+    release.set()
+    deadline = time.monotonic() + 10
+    while merge_of(engine).adapter != one.key and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = engine.snapshot().result(30)
+    assert state.merge.adapter == one.key and state.merge.merges == 1
+    engine.configure_merges(MergeSettings(policy="off")).result(30)
+    after = submit(engine, PROMPTS[0], one)
+    alone = submit(engine, PROMPTS[0], one)
+    assert after.done.wait(30) and alone.done.wait(30)
+    assert after.tokens == during[0].tokens == alone.tokens
 
 
 def merge_of(engine: Engine) -> MergeState:
