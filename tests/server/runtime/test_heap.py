@@ -60,7 +60,8 @@ def test_a_frozen_heap_is_out_of_the_collectors_walks_until_unfrozen():
     before = gc.get_freeze_count()
     try:
         frozen = freeze_heap()
-        assert frozen == gc.get_freeze_count() > before
+        # (a frozen object may still be freed by reference counting meanwhile)
+        assert frozen > before and gc.get_freeze_count() > before
         # A full collection now walks next to nothing: what was there is frozen.
         assert len(gc.get_objects(generation=2)) < frozen // 100
     finally:

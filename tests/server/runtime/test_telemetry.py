@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from loraplex.core.errors import OverQuota
 from loraplex.server.logs import JsonFormatter
 from loraplex.server.metrics import OTHER, Metrics
+from loraplex.server.runtime.heap import GcPauses
 from loraplex.server.runtime.telemetry import RequestLog, RequestRecord, code_name
 
 
@@ -133,6 +134,7 @@ def test_adapters_of_requests_are_named_on_metrics_only_where_allowed():
     runtime = SimpleNamespace(
         engine=SimpleNamespace(recent_snapshot=lambda: state),
         adapters=SimpleNamespace(cache_view_of=lambda s: SimpleNamespace(tiers=[])),
+        gc_pauses=GcPauses(),
     )
     texts = {}
     for named in (True, False):
