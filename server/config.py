@@ -196,6 +196,13 @@ class GrpcLimits:
     """RPCs in progress at once, of every kind (streams, health checks and refused calls
     included); beyond it a new call is RESOURCE_EXHAUSTED at once. Keep it above --max-queue
     plus --max-batch-size: admission, not this, should refuse generate calls."""
+    max_pending_calls: int = field(default=16384, metadata={"metavar": "N"})
+    """Calls received and not yet taken up by the server's event loop (a burst arrives faster
+    than the loop picks calls up: thousands at once take it a fraction of a second). Beyond
+    it gRPC itself cancels a new call before loraplex sees it (status CANCELLED, which
+    clients do not retry, nothing logged or counted); gRPC's own default starts doing so at
+    1000, at random. Below it every call reaches admission, which refuses what it cannot
+    serve with RESOURCE_EXHAUSTED and retry advice."""
     max_streams_per_connection: int = field(default=1024, metadata={"metavar": "N"})
     """Calls one connection may have open at once (HTTP/2 concurrent streams); its client
     holds any more until one ends."""
@@ -221,7 +228,12 @@ class GrpcLimits:
     closed; default: --max-request-seconds (no request is cut short)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_rpcs", "max_streams_per_connection", "max_keyless_streams"):
+        for name in (
+            "max_concurrent_rpcs",
+            "max_pending_calls",
+            "max_streams_per_connection",
+            "max_keyless_streams",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"grpc {name} must be >= 1, got {getattr(self, name)}")
         for name in ("keepalive_s", "keepalive_timeout_s", "min_ping_interval_s"):
@@ -246,6 +258,10 @@ class GrpcLimits:
             "grpc.http2.min_ping_interval_without_data_ms": _ms(self.min_ping_interval_s),
             "grpc.http2.max_ping_strikes": 2,
             "grpc.keepalive_permit_without_calls": 1,
+            # gRPC's backlog of calls the loop has not taken up yet: soft = hard, no random
+            # early rejection below the limit
+            "grpc.server.max_pending_requests": self.max_pending_calls,
+            "grpc.server.max_pending_requests_hard_limit": self.max_pending_calls,
         }
         if self.max_connection_idle_s:
             options["grpc.max_connection_idle_ms"] = _ms(self.max_connection_idle_s)

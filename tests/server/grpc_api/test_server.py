@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -243,3 +244,39 @@ def test_the_defaults_bound_every_limit():
     for bad in ({"max_concurrent_rpcs": 0}, {"keepalive_s": 0}, {"max_connection_age_s": -1}):
         with pytest.raises(ValueError):
             GrpcLimits(**bad)
+
+
+def test_a_burst_of_calls_reaches_the_server_none_cancelled_by_grpc():
+    """Thousands of calls at once arrive faster than the server's loop takes them up; gRPC
+    holds them (--grpc-max-pending-calls) instead of cancelling some before the server sees
+    them (its own default starts at 1000, at random): every call gets the server's answer
+    (here UNAVAILABLE, the model still loading), none a bare CANCELLED."""
+    burst = 4000
+
+    async def scenario(server: GrpcServer, address: str) -> None:
+        own = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
+        channels = [grpc.aio.insecure_channel(address, options=own) for _ in range(8)]
+        try:
+            calls = [
+                channels[i % len(channels)].unary_unary(
+                    "/loraplex.v1.Inference/Generate",
+                    request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+                    response_deserializer=inference_pb2.GenerateResponse.FromString,
+                )(inference_pb2.GenerateRequest(prompt="Hi"), timeout=60)
+                for i in range(burst)
+            ]
+            codes = await asyncio.gather(*(code_of_unary(c) for c in calls))
+        finally:
+            for channel in channels:
+                await channel.close()
+        assert Counter(codes) == {grpc.StatusCode.UNAVAILABLE: burst}
+
+    serve(scenario)
+
+
+async def code_of_unary(call: Any) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
