@@ -480,8 +480,12 @@ class ServerProcess:
 
     def gc_pauses(self) -> dict[str, dict[str, float]]:
         """Per garbage-collector generation ("0", "1", "2"), the collections so far and the
-        seconds they stopped the server for (its loraplex_gc_pause_seconds)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        seconds they stopped the server for (its loraplex_gc_pause_seconds; {} when it serves
+        no metrics)."""
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        except RuntimeError:
+            return {}
         with urllib.request.urlopen(url, timeout=10) as reply:
             text = reply.read().decode()
         found: dict[str, dict[str, float]] = {}

@@ -271,7 +271,6 @@ class Engine:
         with self._calls_lock:
             self._calls_closed = True
         self._run_calls()
-        self._merges.close()
         log.info("engine stopped")
 
     def _time_full_batch(self, runner: ModelRunner) -> None:
@@ -310,7 +309,7 @@ class Engine:
         if admitted:
             self._start(admitted)
         self._loader.prefetch(self._scheduler.peek(self._slots.num_slots))
-        self._merges.consider(self._scheduler.peek)
+        self._merges.consider(self._scheduler.peek, idle=not self._batch.seqs)
         if not self._batch.seqs:
             self._scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
             return

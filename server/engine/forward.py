@@ -15,7 +15,7 @@ own row up to its own position. Elsewhere (a GPU, or no native kernels), torch's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -323,26 +323,41 @@ class DecoderForward:
         return found
 
     def prepare_merge(self, inputs: MergeInputs) -> PreparedMerge:
-        """The layers with the adapter (`merge_inputs`) folded in: every layer it targets gets
-        a dense copy W + B @ A (the sum in float32, kept in the compute dtype: the
-        higher-precision copy of a 4-bit base, whose 4-bit weights stay untouched for
-        unmerging), laid out as the layer's own copy (packed where it is). It reads only the
-        base's weights, which never change, so it may run on any thread while steps go on."""
-        merged: dict[nn.Module, torch.Tensor] = {}
-        for module, (a, bt) in inputs.items():
-            base = self.dense_weight(module)  # in the compute dtype
-            delta = bt.float().T @ a.float()  # (out, in)
-            merged[module] = (base.float() + delta).to(base.dtype)
+        """The layers with the adapter (`merge_inputs`) folded in, at once (merge_steps)."""
+        steps = self.merge_steps(inputs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    def merge_steps(self, inputs: MergeInputs) -> Generator[None, None, PreparedMerge]:
+        """The layers with the adapter (`merge_inputs`) folded in, one unit (a projection, or
+        the projections fused over one input) per step: the generator yields after each and
+        returns them. Every layer the adapter targets gets a dense copy W + B @ A (the sum in
+        float32, kept in the compute dtype: the higher-precision copy of a 4-bit base, whose
+        4-bit weights stay untouched for unmerging), laid out as the layer's own copy (packed
+        where it is). It reads only the base's weights and `inputs`, which do not change, so
+        the engine may run steps between two of its steps."""
         linears = {}
+        modules = set()
         for i, parts in enumerate(self.layers):
             for key, unit in parts.units.items():
                 members = unit if isinstance(unit, tuple) else (unit,)
-                if any(m in merged for m in members):
-                    weight = torch.cat(
-                        [merged[m] if m in merged else self.dense_weight(m) for m in members]
-                    )
-                    linears[(i, key)] = self.linears.merged(unit, weight)
-        return PreparedMerge(frozenset(merged), linears)
+                if not any(m in inputs for m in members):
+                    continue
+                weights = []
+                for m in members:
+                    base = self.dense_weight(m)  # in the compute dtype
+                    if m in inputs:
+                        a, bt = inputs[m]
+                        delta = bt.float().T @ a.float()  # (out, in)
+                        base = (base.float() + delta).to(base.dtype)
+                        modules.add(m)
+                    weights.append(base)
+                linears[(i, key)] = self.linears.merged(unit, torch.cat(weights))
+                yield
+        return PreparedMerge(frozenset(modules), linears)
 
     def install_merge(self, prepared: PreparedMerge) -> int:
         """Serve with a prepared merge (engine thread, between steps; no tensor work). Requests

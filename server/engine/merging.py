@@ -26,25 +26,23 @@ owns what is merged, asks the policy every MERGE_CHECK_S (idle or not), and carr
 operator's pinned merge. A merged adapter holds a reference to its device slot for as long as
 it is merged, and one slot always stays for the rest of the traffic.
 
-The policy's merges are prepared off the engine thread: computing the dense copies of every
-layer an adapter targets takes 0.2-0.9 s on a CPU, and done between two steps it stopped every
-running request for that long (seen at the end of bursts, when the last requests standing
-share one adapter). The engine thread copies the adapter's weights (milliseconds), a worker
-thread computes the merged layers from them and the base's weights (which never change), and
-the engine thread swaps them in between two steps once they are ready; steps go on meanwhile.
-An operator's pinned merge (the MergeAdapter RPC) is done at once: its caller waits for it.
+The policy's merges are prepared a slice at a time: computing the dense copies of every layer
+an adapter targets takes about 0.3 s of the engine's time on a CPU, and done at once between
+two steps it stopped every running request for that long (seen at the end of bursts, when the
+last requests standing share one adapter). The engine thread copies the adapter's weights
+(milliseconds), then computes the merged layers one unit at a time, at most MERGE_SLICE_S of
+that work before each step, and swaps them in between two steps once all are ready; an idle
+engine finishes at once. (The engine's one thread runs every tensor op: see engine.py.) An
+operator's pinned merge (the MergeAdapter RPC) is done at once: its caller waits for it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import statistics
-import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,6 +61,7 @@ log = logging.getLogger(__name__)
 
 TokenCounts = Counter[AdapterKey | None]  # None: the base model's tokens
 MERGE_CHECK_S = 0.25  # how often the merge policy is asked
+MERGE_SLICE_S = 0.01  # the most merge work done before one step, while a merge is prepared
 MERGE_QUEUE_LOOKAHEAD = 64  # queued requests counted in the merge policy's token shares
 SLOT_RETRY_S = 1.0  # the retry advice when no slot can hold the adapter to merge
 LoadSlot = Callable[[int, AdapterVersion, AdapterWeights | None], None]
@@ -187,28 +186,19 @@ class MergePolicy:
         self._changed_at = self._clock()
 
 
-def _lowest_priority() -> None:
-    """The calling thread, and the threads it starts (torch's intra-op threads inherit it), at
-    the lowest CPU priority: the steps' threads get the cores first, the merge the rest."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not where threads have priorities of their own
-        log.debug("the merge worker runs at the normal priority")
-
-
 @dataclass
 class _Pending:
-    """A policy's merge being prepared on the worker thread."""
+    """A policy's merge being prepared, a slice before each step."""
 
     key: AdapterKey
-    slot: int  # its reference is held from the start
-    started: float  # perf_counter
-    prepared: Future[PreparedMerge]
+    slot: int  # its reference is held, and the slot held, from the start
+    steps: Generator[None, None, PreparedMerge]
+    spent_s: float = 0.0  # the engine's time spent on it so far
+    slices: int = 0
 
 
 class MergeControl:
-    """What is merged into the base, and every change to it (engine thread only; the merged
-    layers of a policy's merge are computed on a worker thread, see the module's docstring)."""
+    """What is merged into the base, and every change to it (engine thread only)."""
 
     def __init__(
         self,
@@ -233,13 +223,6 @@ class MergeControl:
         )  # at the policy's last look
         self._next_check = 0.0
         self._pending: _Pending | None = None
-        self._worker: ThreadPoolExecutor | None = None
-
-    def close(self) -> None:
-        """Stop the worker thread (a merge being prepared is abandoned)."""
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
-            self._worker = None
 
     def configure(self, settings: MergeSettings) -> None:
         """A new policy (its window starts empty); what is merged stays until it decides."""
@@ -251,13 +234,14 @@ class MergeControl:
     def observe(self, step: TokenCounts) -> None:
         self.policy.observe(step)
 
-    def consider(self, peek: Callable[[int], list[EngineRequest]]) -> None:
+    def consider(self, peek: Callable[[int], list[EngineRequest]], idle: bool = False) -> None:
         """Ask the policy (every MERGE_CHECK_S) and merge or unmerge as it says; unmerge at
-        once when a queued request (`peek(n)`: the first n in line) needs the merged slot."""
+        once when a queued request (`peek(n)`: the first n in line) needs the merged slot.
+        A merge being prepared gets its slice of work (all of it when the engine is `idle`)
+        and is installed once ready, or abandoned when the policy no longer wants it."""
         now = time.monotonic()
         if self._pending is not None:
-            self._settle()  # nothing else is decided while a merge is prepared
-            return
+            self._advance(None if idle else MERGE_SLICE_S)
         if self.pinned or now < self._next_check:
             return
         self._next_check = now + MERGE_CHECK_S
@@ -268,12 +252,16 @@ class MergeControl:
             key = request.adapter.key if request.adapter is not None else None
             queued[key] += len(request.prompt_ids) + request.params.max_new_tokens
             starved |= key is not None and slots.lookup(key) is None
-        starved = starved and self.key is not None and not slots.has_room()
-        self._shares = self.policy.shares(self.key, queued)
-        want = None if starved else self.policy.decide(self.key, queued)
-        if want == self.key:
+        pending = self._pending
+        current = pending.key if pending is not None else self.key  # as the policy sees it
+        starved = starved and current is not None and not slots.has_room()
+        self._shares = self.policy.shares(current, queued)
+        want = None if starved else self.policy.decide(current, queued)
+        if want == current:
             return
-        if self.key is not None:
+        if pending is not None:
+            self._abandon()
+        elif self.key is not None:
             self._unmerge()
         slot = slots.lookup(want) if want is not None else None
         # Resident (it leads the traffic, so it normally is), and a slot stays for the rest.
@@ -283,52 +271,78 @@ class MergeControl:
         self.policy.changed()
 
     def _prepare(self, key: AdapterKey, slot: int) -> None:
-        """Start preparing the merge of the adapter in `slot` (its reference taken) on the
-        worker thread; `consider` installs it once ready."""
+        """Start preparing the merge of the adapter in `slot` (its reference taken): from
+        now on the slot is held for it (never drained, counted as reserved)."""
         runner = self._runner()
         try:
-            inputs = runner.merge_inputs(slot)
+            steps = runner.merge_steps(runner.merge_inputs(slot))
         except Exception:
             log.exception("merging adapter %s v%d failed; serving it unmerged", *key)
             self._slots.release(slot)
             return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(
-                1, thread_name_prefix="loraplex-merge", initializer=_lowest_priority
-            )
-        future = self._worker.submit(runner.prepare_merge, inputs)
-        self._pending = _Pending(key, slot, time.perf_counter(), future)
+        self._slots.held = {slot}
+        self._pending = _Pending(key, slot, steps)
 
-    def _settle(self, wait: bool = False) -> None:
-        """Install the merge being prepared once it is ready (at once with `wait`), or give
-        its slot back if it failed."""
+    def _advance(self, budget: float | None) -> None:
+        """Prepare the pending merge for up to `budget` seconds (None: to the end); install
+        it once ready."""
         pending = self._pending
-        if pending is None or not (wait or pending.prepared.done()):
+        assert pending is not None
+        start = time.perf_counter()
+        prepared = None
+        try:
+            while prepared is None:
+                try:
+                    next(pending.steps)
+                except StopIteration as done:
+                    prepared = done.value
+                if budget is not None and time.perf_counter() - start >= budget:
+                    break
+        except Exception:
+            log.exception("merging adapter %s v%d failed; serving it unmerged", *pending.key)
+            self._abandon()
+            return
+        pending.spent_s += time.perf_counter() - start
+        pending.slices += 1
+        if prepared is None:
             return
         self._pending = None
         try:
-            prepared = pending.prepared.result()
+            layers = self._runner().install_merge(pending.slot, prepared)
         except Exception:
             log.exception("merging adapter %s v%d failed; serving it unmerged", *pending.key)
+            self._runner().unmerge()
+            self._slots.held = set()
             self._slots.release(pending.slot)
             return
-        start = time.perf_counter()
-        layers = self._runner().install_merge(pending.slot, prepared)
-        self._merged(pending.key, pending.slot, time.perf_counter() - pending.started)
+        self._merged(pending.key, pending.slot, pending.spent_s)
         log.info(
-            "adapter %s v%d merged into the base (%d layers, prepared in %.0f ms beside the "
-            "steps, installed between two in %.1f ms)",
+            "adapter %s v%d merged into the base (%d layers, %.0f ms of work in %d slices "
+            "between steps)",
             *pending.key,
             layers,
-            (start - pending.started) * 1e3,
-            (time.perf_counter() - start) * 1e3,
+            pending.spent_s * 1e3,
+            pending.slices,
         )
+
+    def _abandon(self) -> None:
+        """Drop the merge being prepared and give its slot back."""
+        pending = self._pending
+        assert pending is not None
+        self._pending = None
+        pending.steps.close()
+        self._slots.held = set()
+        self._slots.release(pending.slot)
 
     def merge_pinned(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
         """Merge `adapter` into the base and keep it merged until `unmerge_pinned`. What was
         merged before stays merged when no slot can be had or the adapter fails to load."""
-        self._settle(wait=True)  # a policy's merge being prepared: in place first
         key, slots = adapter.key, self._slots
+        if self._pending is not None:  # the policy's merge being prepared
+            if self._pending.key == key:
+                self._advance(None)  # finish it: the same merge
+            else:
+                self._abandon()
         if self.key == key:
             self.pinned = True
             return
@@ -356,7 +370,8 @@ class MergeControl:
 
     def unmerge_pinned(self) -> None:
         """Undo the merge, pinned or not; the policy decides again after its minimum interval."""
-        self._settle(wait=True)
+        if self._pending is not None:
+            self._abandon()
         if self.key is not None:
             self._unmerge()
             self.policy.changed()

@@ -5,7 +5,7 @@ work (decode tokens and prompt chunks of running sequences) into a forward pass.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -218,13 +218,18 @@ class ModelRunner:
         return self.install_merge(slot, self.prepare_merge(self.merge_inputs(slot)))
 
     def merge_inputs(self, slot: int) -> MergeInputs:
-        """What prepare_merge needs of the adapter in `slot`, copied (engine thread)."""
+        """What a merge needs of the adapter in `slot`, copied (the stacks may be compacted
+        while a merge is prepared step by step)."""
         return self.forward.merge_inputs(slot)
 
     def prepare_merge(self, inputs: MergeInputs) -> PreparedMerge:
-        """The merged layers, computed from the base's weights and `inputs` alone: any thread
-        may run it while steps go on (DecoderForward.prepare_merge)."""
+        """The merged layers, at once (DecoderForward.prepare_merge)."""
         return self.forward.prepare_merge(inputs)
+
+    def merge_steps(self, inputs: MergeInputs) -> Generator[None, None, PreparedMerge]:
+        """The merged layers, one unit per step, for the engine to run between its own
+        (DecoderForward.merge_steps)."""
+        return self.forward.merge_steps(inputs)
 
     def install_merge(self, slot: int, prepared: PreparedMerge) -> int:
         """Serve with `prepared`, the adapter in `slot` merged (engine thread, between steps).

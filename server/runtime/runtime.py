@@ -41,9 +41,6 @@ class Runtime:
         per_tenant = load_tenant_limits(config.auth_keys) if config.auth_keys else {}
         self.quotas = Quotas(config.tenant_limits, per_tenant)
         self.observers = Observers([RequestLog(config.log_prompts)])  # each request, at its end
-        self.gc_pauses = GcPauses()
-        self.gc_pauses.install()
-        self._frozen = False
         self.resolver = AdapterResolver(
             registry,
             self.cache,
@@ -62,6 +59,9 @@ class Runtime:
             default_max_new_tokens=config.engine.default_max_new_tokens,
             log_prompts=config.log_prompts,
         )
+        self.gc_pauses = GcPauses()  # last: nothing after it may fail and leave it installed
+        self.gc_pauses.install()
+        self._frozen = False
 
     @classmethod
     def create(cls, config: ServerConfig) -> Runtime:
@@ -100,6 +100,7 @@ class Runtime:
         self.gc_pauses.uninstall()
         if self._frozen:
             unfreeze_heap()
+            self._frozen = False
 
     async def _refresh_store(self) -> None:
         await self.adapters.refresh_store()

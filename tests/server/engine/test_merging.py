@@ -14,6 +14,7 @@ import torch
 from loraplex.core.errors import Exhausted
 from loraplex.core.types import AdapterWeights
 from loraplex.server.config import MergeSettings
+from loraplex.server.engine import merging
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.linear import ROW_BUCKETS, BaseLinears
 from loraplex.server.engine.merging import MergePolicy, TokenWindow
@@ -265,12 +266,18 @@ def test_the_last_free_slot_is_never_merged_away(setup):
 def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch):
     engine, versions = setup()
     one = versions["one"]
+    tried = threading.Event()
 
     def fail(runner: ModelRunner, _: object) -> int:
         raise MemoryError("no room for the dense copies")
 
+    def failing_steps(runner: ModelRunner, _: object):
+        tried.set()
+        yield  # a first unit, then the failure, as a merge that runs out of memory midway
+        raise MemoryError("no room for the dense copies")
+
     monkeypatch.setattr(ModelRunner, "merge", fail)  # an operator's merge
-    monkeypatch.setattr(ModelRunner, "prepare_merge", fail)  # the policy's, on the worker
+    monkeypatch.setattr(ModelRunner, "merge_steps", failing_steps)  # the policy's
     with pytest.raises(MemoryError):
         engine.merge(one).result(30)
     state = engine.snapshot().result(30)
@@ -280,44 +287,69 @@ def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch):
     engine.configure_merges(MergeSettings(window_tokens=8, min_interval_s=0.0)).result(30)
     c = submit(engine, PROMPTS[0], one, max_new_tokens=30)
     assert c.done.wait(30) and c.error is None
-    state = engine.snapshot().result(30)  # built on the engine thread, between its steps
-    assert all(s.refcount == 0 for s in state.slots)
+    assert tried.wait(10)  # the policy did try
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state = engine.snapshot().result(30)  # built on the engine thread, between its steps
+        if all(s.refcount == 0 for s in state.slots) and not engine_held(engine):
+            break
+        time.sleep(0.05)
+    assert all(s.refcount == 0 for s in state.slots) and not engine_held(engine)
     assert state.merge.adapter is None
 
 
+def engine_held(engine: Engine) -> set[int]:
+    return engine.call(lambda: set(engine._slots.held)).result(30)
+
+
 def test_steps_go_on_while_the_policys_merge_is_prepared(setup, monkeypatch):
-    """The policy's merge is computed on a worker thread: while it is (held here until
-    released), requests keep running to the end; once ready it is installed between steps."""
+    """The policy's merge is prepared a slice before each step (here one unit a slice):
+    steps run between its slices, its slot is held from the start, and once every unit is
+    ready it is installed; outputs stay those of the unmerged adapter."""
     engine, versions = setup()
     one = versions["one"]
-    started, release = threading.Event(), threading.Event()
-    prepare = ModelRunner.prepare_merge
+    long = 200  # steps enough for the policy to decide (it looks every 0.25 s) and prepare
+    alone = submit(engine, PROMPTS[0], one, max_new_tokens=long)
+    assert alone.done.wait(30) and alone.error is None
+    monkeypatch.setattr(merging, "MERGE_SLICE_S", 0.0)
+    steps_run: list[int] = []  # ModelRunner.step calls so far, at each unit prepared
+    calls = [0]
+    step, merge_steps = ModelRunner.step, ModelRunner.merge_steps
 
-    def held(runner: ModelRunner, inputs):
-        started.set()
-        assert release.wait(60)
-        return prepare(runner, inputs)
+    def counted_step(runner: ModelRunner, *args, **kwargs):
+        calls[0] += 1
+        return step(runner, *args, **kwargs)
 
-    monkeypatch.setattr(ModelRunner, "prepare_merge", held)
+    held: list[set[int]] = []
+
+    def recorded(runner: ModelRunner, inputs):
+        held.append(set(engine._slots.held))  # runs on the engine thread, at the first slice
+        units = merge_steps(runner, inputs)
+        while True:
+            steps_run.append(calls[0])
+            try:
+                next(units)
+            except StopIteration as done:
+                return done.value
+            yield
+
+    monkeypatch.setattr(ModelRunner, "step", counted_step)
+    monkeypatch.setattr(ModelRunner, "merge_steps", recorded)
     engine.configure_merges(MergeSettings(window_tokens=16, min_interval_s=0.0)).result(30)
-    first = submit(engine, PROMPTS[0], one, max_new_tokens=30)
-    assert first.done.wait(30) and first.error is None
-    assert started.wait(10)  # the policy chose to merge "one" and the worker is at it
-    during = [submit(engine, p, a) for p, a in zip(PROMPTS, [one, None], strict=False)]
-    for c in during:
-        assert c.done.wait(30) and c.error is None
-    assert merge_of(engine).adapter is None  # not yet installed
-    release.set()
+    during = submit(engine, PROMPTS[0], one, max_new_tokens=long)
+    assert during.done.wait(30) and during.error is None
     deadline = time.monotonic() + 10
     while merge_of(engine).adapter != one.key and time.monotonic() < deadline:
         time.sleep(0.05)
-    state = engine.snapshot().result(30)
-    assert state.merge.adapter == one.key and state.merge.merges == 1
+    assert merge_of(engine).adapter == one.key
+    assert held and held[0]  # the slot was held from the start
+    units = 4 * len(engine._model().model.model.layers)  # q/k/v, o, gate/up, down
+    assert len(steps_run) == units + 1  # a unit at a time
+    assert steps_run[-1] >= steps_run[0] + units  # a step between every two
+    assert during.tokens == alone.tokens
     engine.configure_merges(MergeSettings(policy="off")).result(30)
-    after = submit(engine, PROMPTS[0], one)
-    alone = submit(engine, PROMPTS[0], one)
-    assert after.done.wait(30) and alone.done.wait(30)
-    assert after.tokens == during[0].tokens == alone.tokens
+    merged = submit(engine, PROMPTS[0], one, max_new_tokens=long)
+    assert merged.done.wait(30) and merged.tokens == alone.tokens
 
 
 def merge_of(engine: Engine) -> MergeState:
