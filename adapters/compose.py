@@ -92,8 +92,8 @@ def compose_steps(
 ) -> Generator[None, None, AdapterWeights]:
     """Compose `components` ((adapter, weight) in request order) into one adapter by `method`,
     one module per step: the generator yields after each, and returns the adapter. (The server
-    runs each step between two engine steps: ties and DARE take seconds on a large model,
-    which would otherwise stall every request for as long.)
+    runs a few milliseconds of steps between two engine steps: ties and DARE take seconds on a
+    large model, which would otherwise stall every request for as long.)
 
     `density` (in (0, 1]) is required for ties and the DARE methods and ignored otherwise;
     `seed` seeds the DARE masks; `module_order` lists the base's modules in named_modules order

@@ -293,7 +293,10 @@ class Engine:
                 cache.free(row, 1, 0)
 
     def _run_calls(self) -> None:
-        while not self._calls.empty():
+        """Run the calls queued now, not those queued while they run: a caller that chains
+        calls (a composition's build, a slice at a time) gets one between two steps, instead
+        of holding the steps back for as long as it keeps the queue filled."""
+        for _ in range(self._calls.qsize()):
             fn, future = self._calls.get()
             if future.set_running_or_notify_cancel():
                 try:

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 MAX_BUILDS_PER_TENANT = 2  # compositions one tenant's requests build at once (on the engine)
 BUILD_RETRY_S = 1.0
+# A build's work between two engine steps: modules until this much time is spent (a linear
+# composition of two r16 adapters takes a few slices; ties and DARE take seconds in all)
+COMPOSE_SLICE_S = 0.001
 
 
 class AdapterResolver:
@@ -200,9 +203,10 @@ class AdapterResolver:
     def _build(
         self, composition: Composition, parts: list[tuple[AdapterWeights, float]]
     ) -> AdapterWeights:
-        """Compose on the engine thread (the one thread that runs torch), one module between
-        two engine steps, so that a slow method (ties, DARE) delays steps a little instead of
-        stalling them all; called on a host cache worker, which waits for it."""
+        """Compose on the engine thread (the one thread that runs torch), a slice of modules
+        (COMPOSE_SLICE_S) between two engine steps, so that a slow method (ties, DARE) delays
+        steps a little instead of stalling them all; called on a host cache worker, which
+        waits for it."""
         start = time.perf_counter()
         steps = compose_steps(
             parts,
@@ -215,10 +219,12 @@ class AdapterResolver:
         )
 
         def advance() -> AdapterWeights | None:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+            start = time.perf_counter()
+            while time.perf_counter() - start < COMPOSE_SLICE_S:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
             return None
 
         try:
