@@ -571,13 +571,20 @@ def proxy_options(port: int, http_port: int | None = None) -> dict[str, Any]:
 def check_config(config: ServerConfig) -> None:
     """What Ray Serve cannot serve as the plain server would: raises ValueError. Ray's proxies
     listen on every interface, so no key file needs --insecure (whatever --host says), and
-    they serve plaintext."""
+    they serve plaintext, so a key file needs --allow-plaintext-keys: TLS must end in front
+    of them."""
     try:
         config.check_authentication(PROXY_HOST)
     except ValueError as exc:
         raise ValueError(
             f"{exc} (Ray Serve's gRPC and HTTP proxies listen on every interface)"
         ) from None
+    if config.auth_keys is not None and not config.allow_plaintext_keys:
+        raise ValueError(
+            "Ray Serve's gRPC and HTTP proxies listen on every interface and serve plaintext, "
+            "where anyone on the path can read the API keys: terminate TLS in front of them "
+            "(a load balancer or Kubernetes ingress) and say so with --allow-plaintext-keys"
+        )
     if config.tls_cert or config.tls_client_ca:
         raise ValueError(
             "Ray Serve's gRPC proxy serves plaintext: terminate TLS in front of it (a load "

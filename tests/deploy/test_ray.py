@@ -115,6 +115,7 @@ def test_the_shipped_apps_need_their_key_file(which):
     (app,) = config["applications"]
     flags = runnable_flags(app["args"]["serve_flags"])
     assert "--auth-keys" in flags and "--insecure" not in flags
+    assert "--allow-plaintext-keys" in flags  # TLS ends in front of Ray's proxies
     assert "insecure" not in app["args"]
     keys = flags.index("--auth-keys")
     without_keys = flags[:keys] + flags[keys + 2 :]

@@ -65,6 +65,7 @@ def cluster(model_home, adapter_root, tmp_path_factory, peft_reference):
         adapter_roots=(adapter_root,),
         adapter_store=tmp / "shared-store",
         auth_keys=tmp / "keys.toml",
+        allow_plaintext_keys=True,  # loopback here; Ray's proxies serve plaintext
         model=ModelConfig(home=model_home),
         engine=EngineConfig(max_loras=6, max_batch_size=8),
         http_port=HTTP_PORT,

@@ -39,7 +39,7 @@ def test_a_serve_config_builds_with_keys_or_the_explicit_opt_out(key_file):
     from loraplex.server.ray_serve import app_builder
 
     for args in (
-        {"serve_flags": ["--auth-keys", key_file]},
+        {"serve_flags": ["--auth-keys", key_file, "--allow-plaintext-keys"]},
         {"serve_flags": ["--insecure"]},  # the plain server's flag
         {"insecure": True},  # the same, as an arg of the config
     ):
@@ -61,7 +61,19 @@ def test_build_app_refuses_a_config_without_keys(key_file):
     with pytest.raises(ValueError, match="--insecure"):
         build_app(ServerConfig())  # loopback host, no keys: fine for `serve`, not for Ray
     assert build_app(ServerConfig(insecure=True)) is not None
-    assert build_app(ServerConfig(auth_keys=key_file)) is not None
+    assert build_app(ServerConfig(auth_keys=key_file, allow_plaintext_keys=True)) is not None
+
+
+def test_keys_over_rays_plaintext_proxies_need_the_explicit_opt_in(key_file):
+    """Ray's proxies serve plaintext on every interface: a key file alone is refused, as the
+    plain server refuses keys over plaintext off loopback, until --allow-plaintext-keys says
+    TLS ends in front of them."""
+    from loraplex.server.ray_serve import app_builder, build_app
+
+    with pytest.raises(ValueError, match="--allow-plaintext-keys"):
+        build_app(ServerConfig(auth_keys=key_file))
+    with pytest.raises(ValueError, match="--allow-plaintext-keys"):
+        app_builder({"serve_flags": ["--auth-keys", key_file]})
 
 
 def test_serve_ray_without_keys_exits_before_ray_starts(monkeypatch, capsys):
