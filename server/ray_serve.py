@@ -579,16 +579,16 @@ def check_config(config: ServerConfig) -> None:
         raise ValueError(
             f"{exc} (Ray Serve's gRPC and HTTP proxies listen on every interface)"
         ) from None
+    if config.tls_cert or config.tls_client_ca:
+        raise ValueError(
+            "Ray Serve's gRPC proxy serves plaintext: terminate TLS in front of it (a load "
+            "balancer or Kubernetes ingress) and leave the --tls-* flags off"
+        )
     if config.auth_keys is not None and not config.allow_plaintext_keys:
         raise ValueError(
             "Ray Serve's gRPC and HTTP proxies listen on every interface and serve plaintext, "
             "where anyone on the path can read the API keys: terminate TLS in front of them "
             "(a load balancer or Kubernetes ingress) and say so with --allow-plaintext-keys"
-        )
-    if config.tls_cert or config.tls_client_ca:
-        raise ValueError(
-            "Ray Serve's gRPC proxy serves plaintext: terminate TLS in front of it (a load "
-            "balancer or Kubernetes ingress) and leave the --tls-* flags off"
         )
 
 
@@ -614,8 +614,9 @@ def app_builder(args: dict[str, Any]) -> Any:
     """For Ray Serve config files (`serve run` / `serve deploy`, KubeRay's RayService):
     `args` holds `replicas` (a number, or "auto"), `replica_cpus`, `serve_flags`, the flags
     `loraplex serve` takes (a list), and `insecure` (true: the same as `--insecure` among
-    them). Without `--auth-keys` or that opt-out it refuses to build (ValueError), as
-    `loraplex serve-ray` does."""
+    them). Without `--auth-keys` or that opt-out, or with keys but without
+    `--allow-plaintext-keys` (Ray's proxies serve plaintext: TLS ends in front of them), it
+    refuses to build (ValueError), as `loraplex serve-ray` does."""
     flags = [str(f) for f in args.get("serve_flags", [])]
     insecure = args.get("insecure", False)
     if not isinstance(insecure, bool):

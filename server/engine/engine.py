@@ -312,7 +312,11 @@ class Engine:
         if admitted:
             self._start(admitted)
         self._loader.prefetch(self._scheduler.peek(self._slots.num_slots))
-        self._merges.consider(self._scheduler.peek, idle=not self._batch.seqs)
+        self._merges.consider(
+            self._scheduler.peek,
+            idle=not self._batch.seqs,
+            wanted=lambda: self._scheduler.num_waiting() > 0 or not self._calls.empty(),
+        )
         if not self._batch.seqs:
             self._scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
             return

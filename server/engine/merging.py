@@ -30,10 +30,11 @@ The policy's merges are prepared a slice at a time: computing the dense copies o
 an adapter targets takes about 0.3 s of the engine's time on a CPU, and done at once between
 two steps it stopped every running request for that long (seen at the end of bursts, when the
 last requests standing share one adapter). The engine thread copies the adapter's weights
-(milliseconds), then computes the merged layers one unit at a time, at most MERGE_SLICE_S of
-that work before each step, and swaps them in between two steps once all are ready; an idle
-engine finishes at once. (The engine's one thread runs every tensor op: see engine.py.) An
-operator's pinned merge (the MergeAdapter RPC) is done at once: its caller waits for it.
+(milliseconds), then computes the merged layers one unit at a time, about MERGE_SLICE_S of
+that work before each step (a unit is never split), and swaps them in between two steps once
+all are ready; an idle engine goes on until done or until a request or call comes. (The
+engine's one thread runs every tensor op: see engine.py.) An operator's pinned merge (the
+MergeAdapter RPC) is done at once: its caller waits for it.
 """
 
 from __future__ import annotations
@@ -225,7 +226,10 @@ class MergeControl:
         self._pending: _Pending | None = None
 
     def configure(self, settings: MergeSettings) -> None:
-        """A new policy (its window starts empty); what is merged stays until it decides."""
+        """A new policy (its window starts empty); what is merged stays until it decides, and
+        a merge the old one was preparing is dropped."""
+        if self._pending is not None:
+            self._abandon()
         self.policy = MergePolicy(settings, pays=self._pays)
 
     def _pays(self, step_tokens: float) -> bool:
@@ -234,14 +238,20 @@ class MergeControl:
     def observe(self, step: TokenCounts) -> None:
         self.policy.observe(step)
 
-    def consider(self, peek: Callable[[int], list[EngineRequest]], idle: bool = False) -> None:
+    def consider(
+        self,
+        peek: Callable[[int], list[EngineRequest]],
+        idle: bool = False,
+        wanted: Callable[[], bool] = lambda: False,
+    ) -> None:
         """Ask the policy (every MERGE_CHECK_S) and merge or unmerge as it says; unmerge at
         once when a queued request (`peek(n)`: the first n in line) needs the merged slot.
-        A merge being prepared gets its slice of work (all of it when the engine is `idle`)
-        and is installed once ready, or abandoned when the policy no longer wants it."""
+        A merge being prepared gets its slice of work (when the engine is `idle`: until it is
+        done or the engine is `wanted`, a request or call waiting) and is installed once
+        ready, or abandoned when the policy no longer wants it."""
         now = time.monotonic()
         if self._pending is not None:
-            self._advance(None if idle else MERGE_SLICE_S)
+            self._advance(None, wanted) if idle else self._advance(MERGE_SLICE_S)
         if self.pinned or now < self._next_check:
             return
         self._next_check = now + MERGE_CHECK_S
@@ -283,9 +293,10 @@ class MergeControl:
         self._slots.held = {slot}
         self._pending = _Pending(key, slot, steps)
 
-    def _advance(self, budget: float | None) -> None:
-        """Prepare the pending merge for up to `budget` seconds (None: to the end); install
-        it once ready."""
+    def _advance(self, budget: float | None, stop: Callable[[], bool] = lambda: False) -> None:
+        """Prepare the pending merge for up to `budget` seconds (None: to the end, unless
+        `stop()` says so between two units; a unit is never split, and on a GPU the time is
+        that of queueing its kernels); install it once ready."""
         pending = self._pending
         assert pending is not None
         start = time.perf_counter()
@@ -297,6 +308,8 @@ class MergeControl:
                 except StopIteration as done:
                     prepared = done.value
                 if budget is not None and time.perf_counter() - start >= budget:
+                    break
+                if prepared is None and stop():
                     break
         except Exception:
             log.exception("merging adapter %s v%d failed; serving it unmerged", *pending.key)
@@ -372,6 +385,7 @@ class MergeControl:
         """Undo the merge, pinned or not; the policy decides again after its minimum interval."""
         if self._pending is not None:
             self._abandon()
+            self.policy.changed()
         if self.key is not None:
             self._unmerge()
             self.policy.changed()

@@ -394,3 +394,35 @@ def test_copies_serve_unless_the_native_kernel_reads_most_weights(load_tiny):
     linears._assign(times, budget=1 << 30)  # type: ignore[arg-type]
     assert not linears.copies_serve(1) and not linears.copies_serve(3)
     assert linears.copies_serve(8) and linears.copies_serve(64)
+
+
+def test_a_pending_merge_is_dropped_by_a_new_policy_and_an_operators_unmerge(setup, monkeypatch):
+    """A merge being prepared holds its slot; configuring a new policy, or an operator's
+    unmerge, drops it and gives the slot back (it is not installed under a policy that did
+    not decide it)."""
+    engine, versions = setup()
+    one = versions["one"]
+    ready = threading.Event()
+    merge_steps = ModelRunner.merge_steps
+
+    def endless(runner: ModelRunner, inputs):
+        ready.set()
+        yield from merge_steps(runner, inputs)
+        while True:  # never done: stays pending
+            yield
+
+    monkeypatch.setattr(ModelRunner, "merge_steps", endless)
+    for drop in (
+        lambda: engine.configure_merges(MergeSettings(policy="off")).result(30),
+        lambda: engine.unmerge().result(30),
+    ):
+        ready.clear()
+        engine.configure_merges(MergeSettings(window_tokens=16, min_interval_s=0.0)).result(30)
+        c = submit(engine, PROMPTS[0], one, max_new_tokens=200)
+        assert c.done.wait(30) and c.error is None
+        assert ready.wait(10) and engine_held(engine)  # pending, its slot held
+        drop()
+        engine.configure_merges(MergeSettings(policy="off")).result(30)
+        state = engine.snapshot().result(30)
+        assert state.merge.adapter is None and not engine_held(engine)
+        assert all(s.refcount == 0 for s in state.slots)
