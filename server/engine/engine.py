@@ -312,15 +312,16 @@ class Engine:
         if admitted:
             self._start(admitted)
         self._loader.prefetch(self._scheduler.peek(self._slots.num_slots))
-        self._merges.consider(
-            self._scheduler.peek,
-            idle=not self._batch.seqs,
-            wanted=lambda: self._scheduler.num_waiting() > 0 or not self._calls.empty(),
-        )
+        self._merges.consider(self._scheduler.peek, not self._batch.seqs, self._wanted)
         if not self._batch.seqs:
             self._scheduler.wait(timeout=0.5, unless=lambda: not self._calls.empty())
             return
         self._run_step()
+
+    def _wanted(self) -> bool:
+        """Whether a request or a call waits for the engine (an idle engine's side work,
+        preparing a merge, gives way)."""
+        return self._scheduler.num_waiting() > 0 or not self._calls.empty()
 
     def _snapshot(self) -> EngineSnapshot:
         cache, slots = self._model().cache, self._slots

@@ -302,9 +302,14 @@ class DecoderForward:
         return weight if weight is not None else dense_weight(module)
 
     def merge(self, slot: int) -> int:
-        """Fold the adapter in `slot` into the base, at once (see prepare_merge). Returns the
+        """Fold the adapter in `slot` into the base, at once (see merge_steps). Returns the
         number of layers merged."""
-        return self.install_merge(self.prepare_merge(self.merge_inputs(slot)))
+        steps = self.merge_steps(self.merge_inputs(slot))
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return self.install_merge(done.value)
 
     def merge_inputs(self, slot: int) -> MergeInputs:
         """A copy of the adapter in `slot`, per layer it targets: (A (R, in), B^T (R, out)).
@@ -321,15 +326,6 @@ class DecoderForward:
             if bt.any():  # else not targeted by this adapter
                 found[by_name[name]] = (a.clone(), bt.clone())
         return found
-
-    def prepare_merge(self, inputs: MergeInputs) -> PreparedMerge:
-        """The layers with the adapter (`merge_inputs`) folded in, at once (merge_steps)."""
-        steps = self.merge_steps(inputs)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
 
     def merge_steps(self, inputs: MergeInputs) -> Generator[None, None, PreparedMerge]:
         """The layers with the adapter (`merge_inputs`) folded in, one unit (a projection, or

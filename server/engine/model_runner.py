@@ -215,16 +215,15 @@ class ModelRunner:
         """Fold the adapter in `slot` into the base, at once (the slot must stay loaded and
         unchanged while merged: the caller holds a reference to it). Returns the layers
         merged."""
-        return self.install_merge(slot, self.prepare_merge(self.merge_inputs(slot)))
+        self.unmerge()
+        layers = self.forward.merge(slot)
+        self.merged_slot = slot
+        return layers
 
     def merge_inputs(self, slot: int) -> MergeInputs:
         """What a merge needs of the adapter in `slot`, copied (the stacks may be compacted
         while a merge is prepared step by step)."""
         return self.forward.merge_inputs(slot)
-
-    def prepare_merge(self, inputs: MergeInputs) -> PreparedMerge:
-        """The merged layers, at once (DecoderForward.prepare_merge)."""
-        return self.forward.prepare_merge(inputs)
 
     def merge_steps(self, inputs: MergeInputs) -> Generator[None, None, PreparedMerge]:
         """The merged layers, one unit per step, for the engine to run between its own
