@@ -319,15 +319,14 @@ class MergeControl:
         pending.slices += 1
         if prepared is None:
             return
-        self._pending = None
         try:
             layers = self._runner().install_merge(pending.slot, prepared)
         except Exception:
             log.exception("merging adapter %s v%d failed; serving it unmerged", *pending.key)
             self._runner().unmerge()
-            self._slots.held = set()
-            self._slots.release(pending.slot)
+            self._abandon()
             return
+        self._pending = None
         self._merged(pending.key, pending.slot, pending.spent_s)
         log.info(
             "adapter %s v%d merged into the base (%d layers, %.0f ms of work in %d slices "

@@ -263,7 +263,8 @@ def test_the_last_free_slot_is_never_merged_away(setup):
     assert other.done.wait(30) and other.error is None
 
 
-def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch):
+@pytest.mark.parametrize("fails_at", ["preparing", "installing"])
+def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch, fails_at):
     engine, versions = setup()
     one = versions["one"]
     tried = threading.Event()
@@ -276,8 +277,15 @@ def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch):
         yield  # a first unit, then the failure, as a merge that runs out of memory midway
         raise MemoryError("no room for the dense copies")
 
+    def failing_install(runner: ModelRunner, slot: int, prepared: object) -> int:
+        tried.set()
+        raise MemoryError("no room for the dense copies")
+
     monkeypatch.setattr(ModelRunner, "merge", fail)  # an operator's merge
-    monkeypatch.setattr(ModelRunner, "merge_steps", failing_steps)  # the policy's
+    if fails_at == "preparing":  # the policy's
+        monkeypatch.setattr(ModelRunner, "merge_steps", failing_steps)
+    else:
+        monkeypatch.setattr(ModelRunner, "install_merge", failing_install)
     with pytest.raises(MemoryError):
         engine.merge(one).result(30)
     state = engine.snapshot().result(30)
