@@ -306,9 +306,10 @@ class EngineBench:
         return self.engine.snapshot().result()
 
     def run(
-        self, jobs: Sequence[Job], new_tokens: int, ignore_eos: bool = True
+        self, jobs: Sequence[Job], new_tokens: int, ignore_eos: bool = True, salt: str = ""
     ) -> tuple[float, list[list[int]]]:
-        """Submit every job at once; (seconds until the last one finished, each job's tokens).
+        """Submit every job at once, with `salt` as their cache_salt (a fresh one: no prefix
+        cached by earlier runs is read); (seconds until the last one finished, each job's tokens).
         ignore_eos: every job generates new_tokens (the same work whatever the model says)."""
         from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 
@@ -346,6 +347,7 @@ class EngineBench:
                 adapter=job.adapter,
                 emit=emitter(i),
                 weights=job.weights,
+                cache_salt=salt,
             )
             self.engine.submit(request)
         if not done.wait(3600) or errors:
@@ -649,15 +651,18 @@ def summarize_streams(results: list[StreamResult]) -> dict[str, Any]:
     }
 
 
-def burst_rate(address: str, prompts: Sequence[str], ids: Sequence[str], new_tokens: int) -> float:
+def burst_rate(
+    address: str, prompts: Sequence[str], ids: Sequence[str], new_tokens: int, salt: str = ""
+) -> float:
     """len(prompts) GenerateStream calls sent at once (greedy, end of sequence ignored; request
     i for adapter ids[i % len(ids)], the base without ids); output tokens per second from the
-    first send to the last end."""
-    return float(burst_summary(address, prompts, ids, new_tokens)["output_tokens_per_s"])
+    first send to the last end. A fresh `salt` (the requests' cache_salt) keeps the burst from
+    reading prefixes that earlier bursts cached."""
+    return float(burst_summary(address, prompts, ids, new_tokens, salt)["output_tokens_per_s"])
 
 
 def burst_summary(
-    address: str, prompts: Sequence[str], ids: Sequence[str], new_tokens: int
+    address: str, prompts: Sequence[str], ids: Sequence[str], new_tokens: int, salt: str = ""
 ) -> dict[str, Any]:
     """burst_rate's burst, summarized (summarize_streams)."""
     import asyncio
@@ -669,15 +674,18 @@ def burst_summary(
     async def burst() -> list[StreamResult]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            requests = burst_requests(prompts, ids, new_tokens)
+            requests = burst_requests(prompts, ids, new_tokens, salt)
             return await asyncio.gather(*(stream_one(stub, r, 900.0) for r in requests))
 
     return summarize_streams(asyncio.run(burst()))
 
 
-def burst_requests(prompts: Sequence[str], ids: Sequence[str], new_tokens: int) -> list[Any]:
+def burst_requests(
+    prompts: Sequence[str], ids: Sequence[str], new_tokens: int, salt: str = ""
+) -> list[Any]:
     """A burst's GenerateRequests: prompt i as one user message, for adapter ids[i % len(ids)]
-    (the base without ids), greedy, new_tokens each whatever the model says."""
+    (the base without ids), greedy, new_tokens each whatever the model says, with `salt` as
+    their cache_salt."""
     from loraplex.v1 import inference_pb2
 
     return [
@@ -687,6 +695,7 @@ def burst_requests(prompts: Sequence[str], ids: Sequence[str], new_tokens: int) 
             max_new_tokens=new_tokens,
             temperature=0.0,
             ignore_eos=True,
+            cache_salt=salt,
         )
         for i, p in enumerate(prompts)
     ]

@@ -16,6 +16,10 @@ used across repeats, at most N at once):
 flags (plus --serve-args), all N requests sent at once over gRPC (GenerateStream), tokens per
 second from the first send to the last end. --via engine drives the engine in this process
 with the same workload (no protocol, no server defaults: --base-kernel, --lora-dtype apply).
+Either way every measured burst carries a cache_salt of its own, so no system is measured on
+prompts it cached in an earlier burst (the warm-up sends the base the same prompts; HF and
+PEFT cache nothing across calls); within a burst, requests of one adapter (or of the base)
+share the chat template's system prompt, as they would in service.
 
 The machine is shared and noisy: each figure is the median of --repeats runs, and the table
 gives ratios to loraplex base-only, to HF generate and to the PEFT mixed batch from the same run.
@@ -29,6 +33,7 @@ adapter files are written by a child process) and this process's at the end.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import statistics
 import sys
@@ -205,7 +210,11 @@ def via_server(
         address = server.wait_ready(args.startup_timeout)
         with LoraplexClient(address, timeout=600) as client:
             register_adapters(client, work / "peft", ids)
-        burst = partial(burst_rate, address, prompts)
+        salts = (f"burst-{i}" for i in itertools.count())  # a fresh cache_salt per burst
+
+        def burst(adapters: list[str], tokens: int) -> float:
+            return burst_rate(address, prompts, adapters, tokens, next(salts))
+
         burst([], 2)  # warm-up
         for i in range(0, len(ids), n):  # load every adapter once (from the store)
             burst(ids[i : i + n], 1)
@@ -258,14 +267,17 @@ def via_engine(
         bench.run([Job(batch[0])], 2)  # warm-up
         for i in range(0, max(counts), n):  # load every adapter into its slot once
             bench.run([Job(batch[0], v) for v in versions[i : i + n]], 1)
+        salts = (f"burst-{i}" for i in itertools.count())  # as via_server's
         seconds = statistics.median(
-            bench.run([Job(p) for p in batch], m)[0] for _ in range(args.repeats)
+            bench.run([Job(p) for p in batch], m, salt=next(salts))[0] for _ in range(args.repeats)
         )
         rows.append(row("loraplex base", 0, n * m / seconds, n * m))
         for k in counts:
             times = [
                 bench.run(
-                    [Job(p, v) for p, v in zip(batch, rotation(versions, k, n, j), strict=True)], m
+                    [Job(p, v) for p, v in zip(batch, rotation(versions, k, n, j), strict=True)],
+                    m,
+                    salt=next(salts),
                 )[0]
                 for j in range(args.repeats)
             ]
