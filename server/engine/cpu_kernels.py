@@ -50,6 +50,8 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fno-strict-aliasing")
 ISAS = ("portable", "avx2", "avx512", "avx512bf16")  # nf4_isa()'s answers, in order
 DTYPES = (torch.bfloat16, torch.float32)  # what x and y may be
+LORA_RUN_TOKENS = 64  # lora_add's runs of one adapter, at most (float32 sums: LORA_DOT_RUN)
+LORA_DOT_RUN_TOKENS = 256  # the same with BF16 dot products
 NATIVE_ATTENTION_TOKENS = 1024  # decode attention over at most this many row-tokens: native
 NATIVE_ROW_MAX = 16384  # the widest row add_rms_norm takes (ROW_MAX in csrc/cpu_kernels.c)
 
@@ -119,6 +121,17 @@ class CpuKernels:
         native attention beats torch's batched matmuls: any number where it attends every
         token, else (the portable version) about a thousand."""
         return math.inf if self.attends_every_token(head_dim) else NATIVE_ATTENTION_TOKENS
+
+    def lora_run_tokens(self, weights: torch.dtype, rows: torch.dtype) -> int:
+        """The longest run of one adapter's tokens in a step that `lora_add` should take; longer
+        runs (prompts) go to torch's matmuls, which oneDNN blocks better. With AVX512-BF16 and
+        bf16 rows and weights the kernel takes runs of more than LORA_RUN_TOKENS with BF16 dot
+        products, two values per lane (the shrunk values rounded to bf16 in between, as those
+        matmuls round them), and keeps up with oneDNN up to about 256 tokens of one adapter (at
+        512 oneDNN is 1.3x faster); its float32 sums, which shorter runs keep, fall behind
+        sooner."""
+        dot = self._isa == 3 and weights == rows == torch.bfloat16
+        return LORA_DOT_RUN_TOKENS if dot else LORA_RUN_TOKENS
 
     def supports(self, shape: tuple[int, int], blocksize: int) -> bool:
         """Whether the kernel takes an (out, in) weight with this block size: blocks that do

@@ -8,7 +8,8 @@
                            one matmul pair per (adapter, run of tokens).
 
 On a CPU with the native kernel (cpu_kernels.py), tokens whose adapter has at most
-NATIVE_RUN_TOKENS of them in the step (decode tokens, short prompt chunks) instead take one call
+`run_tokens` of them in the step (decode tokens, prompt chunks up to CpuKernels.lora_run_tokens:
+64, or 256 with BF16 dot products) instead take one call
 per group, whatever the adapters: it reads each adapter's weights once for its tokens and sums in
 registers, where the paths above pay torch's per-op cost and a copy or two per adapter (a mixed
 64-token decode: about 2x faster; one stream: about 4x). Longer runs of one adapter (prompts)
@@ -28,11 +29,9 @@ from typing import NamedTuple
 
 import torch
 
-from loraplex.server.engine.cpu_kernels import CpuKernels
+from loraplex.server.engine.cpu_kernels import LORA_RUN_TOKENS, CpuKernels
 from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup, LoraPool, LoraStacks
 from loraplex.server.engine.triton_lora import LoraTiles, add_lora_triton
-
-NATIVE_RUN_TOKENS = 64  # an adapter's tokens in a step, up to this many: the native kernel
 
 
 @dataclass(frozen=True)
@@ -98,6 +97,7 @@ def plan_step(
     native: CpuKernels | None = None,
     num_tokens: int = 0,
     tiles: Callable[[LoraPool, int], LoraTiles] | None = None,
+    run_tokens: int = LORA_RUN_TOKENS,
 ) -> tuple[PoolPlan, ...]:
     """The step's LoRA pool by pool (arguments as `plan_lora`'s, in the engine's slots): each
     pool plans the tokens of its adapters, by local slot; to it the others are base tokens.
@@ -113,7 +113,9 @@ def plan_step(
         decode = [local.get(s, NO_ADAPTER) for s in decode_slots]
         segs = [g._replace(slot=local.get(g.slot, NO_ADAPTER)) for g in segments]
         if tiles is None:
-            plan = plan_lora(decode, segs, pool.ranks, stacks.device, native, num_tokens)
+            plan = plan_lora(
+                decode, segs, pool.ranks, stacks.device, native, num_tokens, run_tokens
+            )
         else:
             plan = _tiled(decode, segs, pool, num_tokens, tiles)
         if not plan.empty:
@@ -150,14 +152,15 @@ def plan_lora(
     device: torch.device,
     native: CpuKernels | None = None,
     num_tokens: int = 0,
+    run_tokens: int = LORA_RUN_TOKENS,
 ) -> LoraPlan:
     """decode_slots: the slot of each decode token (tokens 0..n_decode-1); segments: (slot,
     start, end) of each prompt chunk (start >= n_decode). Slots of rank 0 and base tokens are
     left out. Decode tokens ordered by slot need no reordering (the engine orders them by its
     slots; a pool's local slots may come in another order, which costs the gather an index).
     With `native` (given for stacks in bf16 or float32 only: its lora_add refuses others), the
-    decode tokens (when no adapter has more than NATIVE_RUN_TOKENS of them) and prompt chunks
-    of at most NATIVE_RUN_TOKENS go to the native kernel; `num_tokens` is the step's size."""
+    decode tokens (when no adapter has more than `run_tokens` of them) and prompt chunks of at
+    most `run_tokens` go to the native kernel; `num_tokens` is the step's size."""
     live = {s for s in decode_slots if s != NO_ADAPTER and ranks[s] > 0}
     segs = [g for g in segments if g.slot != NO_ADAPTER and ranks[g.slot] > 0 and g.end > g.start]
     live.update(s for s, _, _ in segs)
@@ -169,13 +172,13 @@ def plan_lora(
         for s in decode_slots:
             if s in live:
                 counts[s] = counts.get(s, 0) + 1
-        if max(counts.values(), default=0) <= NATIVE_RUN_TOKENS:
+        if max(counts.values(), default=0) <= run_tokens:
             for i, s in enumerate(decode_slots):
                 table[i] = s if s in live else NO_ADAPTER
             decode_slots = []
         long_segs = []
         for g in segs:
-            if g.end - g.start <= NATIVE_RUN_TOKENS:
+            if g.end - g.start <= run_tokens:
                 table[g.start : g.end] = [g.slot] * (g.end - g.start)
             else:
                 long_segs.append(g)

@@ -131,6 +131,11 @@ class ModelRunner:
             fuse=fused_groups(self.model),
         )
         self.kernels = resolve_kernels(kernels, self.device)
+        # The native LoRA kernel takes stacks in bf16 or float32 (an explicit --lora-dtype
+        # float16 keeps the torch paths), runs of one adapter up to lora_run_tokens long.
+        native = self.linears.native if self.lora.dtype in DTYPES else None
+        self._lora_native = native
+        self._lora_run = native.lora_run_tokens(self.lora.dtype, loaded.dtype) if native else 0
         # The Triton LoRA's tile buffers, per pool and per plan (0: the step's, 1: taking a
         # merged adapter back out), grown to the largest step seen.
         self._tiles: dict[tuple[int, int], LoraTiles] = {}
@@ -251,18 +256,16 @@ class ModelRunner:
         tokens first, so the others are one run: M's delta comes out of them as one matmul
         pair per run (segments), with no gather."""
         stacks, m = self.lora, self.merged_slot
-        # the native LoRA kernel takes stacks in bf16 or float32 (an explicit --lora-dtype
-        # float16 keeps the torch paths)
-        native = self.linears.native if self.lora.dtype in DTYPES else None
+        native, run = self._lora_native, self._lora_run
         n = max([len(decode_slots), *(g.end for g in segments)])
         tiles = (
             [None, None] if self.kernels == "torch" else [self._tiles_for(0), self._tiles_for(1)]
         )
         if m is None:
-            return plan_step(stacks, decode_slots, segments, native, n, tiles[0]), ()
+            return plan_step(stacks, decode_slots, segments, native, n, tiles[0], run), ()
         own = [NO_ADAPTER if s == m else s for s in decode_slots]
         own_segments = [g._replace(slot=NO_ADAPTER) if g.slot == m else g for g in segments]
-        lora = plan_step(stacks, own, own_segments, native, n, tiles[0])
+        lora = plan_step(stacks, own, own_segments, native, n, tiles[0], run)
         runs: list[Segment] = []
         for i, slot in enumerate(decode_slots):
             if slot == m:
@@ -272,7 +275,7 @@ class ModelRunner:
             else:
                 runs.append(Segment(slot=m, start=i, end=i + 1))
         runs += [g._replace(slot=m) for g in segments if g.slot != m]
-        return lora, plan_step(stacks, [], runs, native, n, tiles[1])
+        return lora, plan_step(stacks, [], runs, native, n, tiles[1], run)
 
     def _tiles_for(self, which: int) -> Callable[[LoraPool, int], LoraTiles]:
         """The tile buffer of a pool for `which` plan, holding at least `tokens` tokens."""

@@ -19,7 +19,7 @@ from loraplex.server.engine.lora import (
     lora_delta_reference,
     rank_bucket,
 )
-from loraplex.server.engine.lora_ops import NATIVE_RUN_TOKENS, Segment, add_lora, plan_lora
+from loraplex.server.engine.lora_ops import Segment, add_lora, plan_lora
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.triton_lora import resolve_kernels
 from tests.conftest import TINY_FAMILIES
@@ -380,20 +380,66 @@ def test_a_few_tokens_take_the_native_kernel_and_equal_the_spec(
 
 
 def test_long_runs_of_one_adapter_keep_the_matmuls(native):
-    """Decode tokens go to the native kernel unless one adapter has more than
-    NATIVE_RUN_TOKENS of them; prompt chunks that long keep the matmul path, shorter ones join
-    the native kernel's tokens."""
-    cpu, n = torch.device("cpu"), NATIVE_RUN_TOKENS
-    mixed = [0] * n + [1] * n
-    plan = plan_lora(mixed, [Segment(2, 2 * n, 3 * n + 1)], RANKS, cpu, native, 3 * n + 1)
-    assert plan.native is not None and plan.decode is None
-    assert plan.native.slots.tolist() == mixed + [NO_ADAPTER] * (n + 1)
-    assert plan.segments == [(2, 2 * n, 3 * n + 1)]
-    crowd = plan_lora([0] * (n + 1) + [1], [Segment(1, n + 2, n + 5)], RANKS, cpu, native, n + 5)
-    assert crowd.decode is not None and crowd.native is not None
-    assert crowd.native.slots.tolist() == [NO_ADAPTER] * (n + 2) + [1] * 3
+    """Decode tokens go to the native kernel unless one adapter has more than `run_tokens`
+    of them; prompt chunks that long keep the matmul path, shorter ones join the native
+    kernel's tokens. The kernel takes longer runs where it multiplies bf16 in place."""
+    cpu = torch.device("cpu")
+    for n in (cpu_kernels.LORA_RUN_TOKENS, cpu_kernels.LORA_DOT_RUN_TOKENS):
+        mixed = [0] * n + [1] * n
+        segment = [Segment(2, 2 * n, 3 * n + 1)]
+        plan = plan_lora(mixed, segment, RANKS, cpu, native, 3 * n + 1, n)
+        assert plan.native is not None and plan.decode is None
+        assert plan.native.slots.tolist() == mixed + [NO_ADAPTER] * (n + 1)
+        assert plan.segments == [(2, 2 * n, 3 * n + 1)]
+        crowd = plan_lora(
+            [0] * (n + 1) + [1], [Segment(1, n + 2, n + 5)], RANKS, cpu, native, n + 5, n
+        )
+        assert crowd.decode is not None and crowd.native is not None
+        assert crowd.native.slots.tolist() == [NO_ADAPTER] * (n + 2) + [1] * 3
     base_only = plan_lora([NO_ADAPTER], [], RANKS, cpu, native, 1)
     assert base_only.empty and base_only.native is None
+    dot = native.isa == "avx512bf16"
+    assert native.lora_run_tokens(torch.bfloat16, torch.bfloat16) == (
+        cpu_kernels.LORA_DOT_RUN_TOKENS if dot else cpu_kernels.LORA_RUN_TOKENS
+    )
+    for weights, rows in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+        assert native.lora_run_tokens(weights, rows) == cpu_kernels.LORA_RUN_TOKENS
+
+
+def rounded_rows(isa: str, dtype: torch.dtype, slots: list[int]) -> set[int]:
+    """The rows whose shrunk values lora_add rounds to bf16: those of runs of one adapter longer
+    than LORA_RUN_TOKENS, which it takes with BF16 dot products (AVX512-BF16, bf16 rows and
+    weights)."""
+    if isa != "avx512bf16" or dtype != torch.bfloat16:
+        return set()
+    rows: set[int] = set()
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            if slots[start] != NO_ADAPTER and i - start > cpu_kernels.LORA_RUN_TOKENS:
+                rows.update(range(start, i))
+            start = i
+    return rows
+
+
+def spec(x, group, ranks, slots, rounded=frozenset()):
+    """Each member's delta in float32 from the (rounded) weights; for the rows in `rounded`
+    the shrunk values rounded to bf16 in between, as a bf16 matmul pair (and the kernel's
+    dot-product passes) round them."""
+    at, bts = group.at.float(), [b.float() for b in group.bt]
+    out = []
+    for j, bt in enumerate(bts):
+        delta = torch.zeros(len(slots), bt.shape[2])
+        for i, s in enumerate(slots):
+            if s == NO_ADAPTER:
+                continue
+            r = ranks[s]
+            shrunk = x[i : i + 1].float() @ at[s, :, j, :r]
+            if i in rounded:
+                shrunk = shrunk.to(torch.bfloat16).float()
+            delta[i] = (shrunk @ bt[s, :r])[0]
+        out.append(delta)
+    return out
 
 
 @pytest.mark.cpu_isa
@@ -410,13 +456,8 @@ def test_the_native_kernel_shares_each_adapters_weights_across_its_tokens(native
             group.set_slot(slot, member, torch.randn(r, d_in) / 4, torch.randn(out, r) / 4)
     slots = [0] * 7 + [1] * 2 + [NO_ADAPTER] + [1] * 3 + [2] * 5 + [0]
     x = torch.randn(len(slots), d_in).to(dtype)
-    want = [  # the float32 spec of the same (rounded) weights
-        lora_delta_reference(
-            x.float(), *(w.float() for w in group.reference_stacks(j)), ranks, torch.tensor(slots)
-        )
-        for j in range(len(outs))
-    ]
     for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
+        want = spec(x, group, ranks, slots, rounded_rows(isa, dtype, slots))
         got = [torch.ones(len(slots), out, dtype=dtype) for out in outs]
         native.lora_add(got, x, group.at, group.bt, 32, torch.tensor(slots), -1.0, isa=isa)
         for g, w in zip(got, want, strict=True):
@@ -424,6 +465,36 @@ def test_the_native_kernel_shares_each_adapters_weights_across_its_tokens(native
                 torch.testing.assert_close(g, 1 - w, rtol=1e-5, atol=1e-4, msg=isa)
             else:  # the sums are float32, each output rounded once to bf16
                 torch.testing.assert_close(g.float(), 1 - w, rtol=8e-3, atol=1e-2, msg=isa)
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("outs", [[40], [112, 24, 41]])
+def test_odd_sizes_and_narrow_pools_equal_the_spec(native, dtype, outs):
+    """The edges of every pass: an odd input width and odd ranks (a last row with no pair), a
+    pool of rank capacity 8 (fewer columns than a vector: one member's shrink is all tail, three
+    members' is one vector and a tail), and widths that end in three vectors, two, or a few
+    columns; a prompt-long run of one adapter (the BF16 passes where the CPU has them) beside
+    short ones (the float32 sums)."""
+    torch.manual_seed(2)
+    d_in, ranks = 37, [8, 3, 5]
+    group = LoraGroup(d_in, outs, len(ranks), 8, dtype, torch.device("cpu"))
+    for slot, r in enumerate(ranks):
+        for member, out in enumerate(outs):
+            group.set_slot(slot, member, torch.randn(r, d_in) / 4, torch.randn(out, r) / 4)
+    slots = [1] * (cpu_kernels.LORA_RUN_TOKENS + 6) + [0] * 2 + [NO_ADAPTER] + [2] * 3
+    x = torch.randn(len(slots), d_in).to(dtype)
+    for rank in (8, 5):  # the step's rank: all of the capacity, or an odd part of it
+        used = [min(r, rank) for r in ranks]
+        for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
+            want = spec(x, group, used, slots, rounded_rows(isa, dtype, slots))
+            got = [torch.ones(len(slots), out, dtype=dtype) for out in outs]
+            native.lora_add(got, x, group.at, group.bt, rank, torch.tensor(slots), 0.5, isa=isa)
+            for g, w in zip(got, want, strict=True):
+                if dtype == torch.float32:
+                    torch.testing.assert_close(g, 1 + w / 2, rtol=1e-5, atol=1e-4, msg=isa)
+                else:
+                    torch.testing.assert_close(g.float(), 1 + w / 2, rtol=8e-3, atol=1e-2, msg=isa)
 
 
 @pytest.mark.cpu_isa
@@ -440,13 +511,8 @@ def test_a_lone_row_at_real_widths_equals_the_spec(native, dtype, slot):
         for member, out in enumerate(outs):
             group.set_slot(s_, member, torch.randn(r, d_in) / 8, torch.randn(out, r) / 8)
     x = torch.randn(1, d_in).to(dtype)
-    want = [
-        lora_delta_reference(
-            x.float(), *(w.float() for w in group.reference_stacks(j)), ranks, torch.tensor([slot])
-        )
-        for j in range(len(outs))
-    ]
     for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
+        want = spec(x, group, ranks, [slot])
         got = [torch.ones(1, out, dtype=dtype) for out in outs]
         native.lora_add(got, x, group.at, group.bt, 16, torch.tensor([slot]), 1.0, isa=isa)
         for g, w in zip(got, want, strict=True):
@@ -454,6 +520,32 @@ def test_a_lone_row_at_real_widths_equals_the_spec(native, dtype, slot):
                 torch.testing.assert_close(g, 1 + w, rtol=1e-5, atol=1e-4, msg=isa)
             else:
                 torch.testing.assert_close(g.float(), 1 + w, rtol=8e-3, atol=2e-2, msg=isa)
+
+
+def test_prompt_runs_go_to_the_native_kernel_as_long_as_it_says(load_tiny):
+    """The runner plans a prompt chunk of one adapter for the native kernel up to the length
+    `lora_run_tokens` gives for its dtypes (longer with BF16 dot products, bf16 everywhere),
+    and for the matmuls past it."""
+    for dtype in ("float32", "bfloat16"):
+        loaded = load_tiny(dtype=dtype)
+        runner = ModelRunner(loaded, num_slots=2, max_rank=8)
+        native = runner.linears.native
+        if native is None:
+            pytest.skip("no native kernels on this machine")
+        name = next(iter(runner.lora.modules))
+        fan_in, fan_out = runner.lora.shape(name)
+        runner.lora.load(0, {name: (torch.randn(4, fan_in), torch.randn(fan_out, 4))})
+        limit = native.lora_run_tokens(runner.lora.dtype, loaded.dtype)
+        assert limit == (
+            cpu_kernels.LORA_DOT_RUN_TOKENS
+            if native.isa == "avx512bf16" and dtype == "bfloat16"
+            else cpu_kernels.LORA_RUN_TOKENS
+        )
+        for length, natively in ((limit, True), (limit + 1, False)):
+            (pool_plan,), _ = runner._plans([], [Segment(0, 0, length)])
+            plan = pool_plan.plan
+            assert (plan.native is not None) == natively, (dtype, length)
+            assert plan.segments == ([] if natively else [(0, 0, length)])
 
 
 def test_stacks_the_native_kernel_cannot_take_keep_the_torch_paths(load_tiny):
