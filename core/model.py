@@ -42,6 +42,7 @@ class LoadedModel:
     quantization: str
     fingerprint: str
     dtype_reason: str = "--dtype"  # why this compute dtype (auto: what was measured)
+    dtype_measured: bool = False  # --dtype auto chose it
 
 
 def embedded_gguf() -> Path:
@@ -155,6 +156,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         quantization="bnb-nf4-double-quant" if config.quantization == "nf4" else "none",
         fingerprint=fingerprint(source, model.config.to_json_string()),
         dtype_reason=dtype_reason,
+        dtype_measured=config.dtype == "auto",
     )
 
 

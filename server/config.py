@@ -137,8 +137,10 @@ class EngineConfig:
     Triton's interpreter, for tests only); torch = torch's ops, and on a CPU loraplex's native
     kernels; auto = triton on CUDA where triton is installed, else torch."""
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """dtype of the served LoRA weights and math; auto = the model's compute dtype (as vLLM
-    does); float32 = as PEFT computes them."""
+    """dtype of the served LoRA weights (the math in it, or in float32 where the compute dtype
+    is float32); auto = the model's compute dtype (as vLLM does), but bfloat16 weights where
+    --dtype auto chose float32 on a CPU (half the bytes a LoRA step reads); float32 = as PEFT
+    computes them."""
     max_queue: int = 1024
     """Requests waiting for admission; beyond it new requests are refused
     (RESOURCE_EXHAUSTED)."""

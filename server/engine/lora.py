@@ -28,19 +28,29 @@ def lora_delta_reference(
     ranks: list[int],
     token_slots: torch.Tensor,
 ) -> torch.Tensor:
-    """The spec: per-token LoRA delta, one token at a time, in the adapter weights' dtype.
+    """The spec: per-token LoRA delta, one token at a time, in the wider of x's and the
+    adapter weights' dtypes (`lora_math_dtype`).
 
     x: (N, in); lora_a: (S, R, in); lora_b: (S, out, R), scaled; ranks: S ints;
-    token_slots: (N,) with -1 for base tokens. Returns (N, out) in lora_a's dtype.
+    token_slots: (N,) with -1 for base tokens. Returns (N, out) in that dtype.
     """
-    out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=lora_a.dtype, device=x.device)
+    math = lora_math_dtype(x.dtype, lora_a.dtype)
+    out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=math, device=x.device)
     for i, slot in enumerate(token_slots.tolist()):
         if slot == NO_ADAPTER or ranks[slot] == 0:
             continue
         r = ranks[slot]
-        xi = x[i : i + 1].to(lora_a.dtype)
-        out[i] = ((xi @ lora_a[slot, :r].T) @ lora_b[slot, :, :r].T)[0]
+        xi = x[i : i + 1].to(math)
+        out[i] = ((xi @ lora_a[slot, :r].T.to(math)) @ lora_b[slot, :, :r].T.to(math))[0]
     return out
+
+
+def lora_math_dtype(rows: torch.dtype, weights: torch.dtype) -> torch.dtype:
+    """The dtype LoRA computes in: the weights' own, or float32 where either side is float32
+    (float32 LoRA on bf16 activations computes as PEFT does; bf16 weights on float32
+    activations, `--lora-dtype auto` where the compute dtype is float32 on a CPU, are read as
+    stored and widened, not the activations rounded down to them)."""
+    return torch.float32 if torch.float32 in (rows, weights) else weights
 
 
 class LoraGroup:

@@ -30,7 +30,13 @@ from typing import NamedTuple
 import torch
 
 from loraplex.server.engine.cpu_kernels import LORA_RUN_TOKENS, CpuKernels
-from loraplex.server.engine.lora import NO_ADAPTER, LoraGroup, LoraPool, LoraStacks
+from loraplex.server.engine.lora import (
+    NO_ADAPTER,
+    LoraGroup,
+    LoraPool,
+    LoraStacks,
+    lora_math_dtype,
+)
 from loraplex.server.engine.triton_lora import LoraTiles, add_lora_triton
 
 
@@ -293,7 +299,7 @@ def _add_decode(
     scale: float,
 ) -> None:
     u, g, cap = lay.num_blocks, lay.group_size, group.rank_capacity
-    dtype = group.at.dtype
+    dtype = lora_math_dtype(x.dtype, group.at.dtype)
     first = lay.start
     xs = x.index_select(0, lay.src) if lay.src is not None else x[first : first + lay.count]
     xs = xs.to(dtype)  # (M, in)
@@ -303,10 +309,10 @@ def _add_decode(
         xs = padded
     # All k members at the full rank capacity C (a column slice of the rank would make the
     # bmm copy its operand); columns beyond a slot's rank are zeros.
-    at = _stack(group.at, lay).flatten(2)  # (U, in, k*C): a view for a range of slots
+    at = _stack(group.at, lay).flatten(2).to(dtype)  # (U, in, k*C): a view for a range of slots
     shrunk = torch.bmm(xs.view(u, g, -1), at)  # (U, G, k*C)
     for j, out in enumerate(outputs):
-        bt = _stack(group.bt[j], lay)[:, :r]  # (U, R, out_j)
+        bt = _stack(group.bt[j], lay)[:, :r].to(dtype)  # (U, R, out_j)
         s_j = shrunk[:, :, j * cap : j * cap + r]  # (U, G, R)
         if lay.src is None and lay.dst is None and out.dtype == dtype:
             # Tokens already in block order: accumulate in place, no temporary.
@@ -340,11 +346,13 @@ def _add_segment(
     end: int,
     scale: float,
 ) -> None:
-    xs = x[start:end].to(group.at.dtype)  # (n, in)
+    dtype = lora_math_dtype(x.dtype, group.at.dtype)
+    xs = x[start:end].to(dtype)  # (n, in)
     cap = group.rank_capacity
-    shrunk = xs @ group.at[slot].flatten(1)  # (n, k*C), as in _add_decode
+    shrunk = xs @ group.at[slot].flatten(1).to(dtype)  # (n, k*C), as in _add_decode
     for j, out in enumerate(outputs):
-        s_j, bt = shrunk[:, j * cap : j * cap + r], group.bt[j][slot, :r]  # (n, R), (R, out_j)
+        s_j = shrunk[:, j * cap : j * cap + r]  # (n, R)
+        bt = group.bt[j][slot, :r].to(dtype)  # (R, out_j)
         if out.dtype == shrunk.dtype:
             out[start:end].addmm_(s_j, bt, alpha=scale)  # in place, no temporary
         else:  # float32 LoRA on bf16 activations: rounded once, as it is added

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 
 import pytest
@@ -20,7 +21,12 @@ from loraplex.server.engine.lora import (
     rank_bucket,
 )
 from loraplex.server.engine.lora_ops import Segment, add_lora, plan_lora
-from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
+from loraplex.server.engine.model_runner import (
+    DecodeWork,
+    ModelRunner,
+    PrefillWork,
+    auto_lora_dtype,
+)
 from loraplex.server.engine.triton_lora import resolve_kernels
 from tests.conftest import TINY_FAMILIES
 from tests.helpers import add_peft_adapter, peft_logits
@@ -325,6 +331,49 @@ def test_float32_adapters_add_into_bf16_activations(decode_slots):
     for o, b, w in zip(outs, base, want, strict=True):
         assert o.dtype == torch.bfloat16
         torch.testing.assert_close(o.float(), b.float() + w, rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.cpu_isa
+def test_bf16_adapters_on_float32_activations_compute_in_float32(native):
+    """`--lora-dtype auto` where the compute dtype is float32 on a CPU: bf16 weights, read as
+    stored and widened, on float32 rows; every path (the gather, the segments, the native
+    kernel at each instruction set) equals the float32 spec of those weights, not a bf16 one."""
+    torch.manual_seed(0)
+    group = random_group(torch.bfloat16)
+    decode = [2, 0, NO_ADAPTER, 0]
+    segments = [Segment(1, 4, 9)]
+    token_slots = decode + [1] * 5
+    x = torch.randn(len(token_slots), D_IN)
+    want = reference(x, group, RANKS, token_slots)
+    assert all(w.dtype == torch.float32 for w in want)
+    n = len(token_slots)
+    plans = {"torch": plan_lora(decode, segments, RANKS, x.device)}
+    assert plans["torch"].decode is not None and plans["torch"].segments
+    for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
+        plans[isa] = plan_lora(decode, segments, RANKS, x.device, native, n)
+    for name, plan in plans.items():
+        outs = [torch.zeros(n, out) for out in OUTS]
+        if name == "torch":
+            add_lora(outs, x, group, plan)
+        else:
+            native.lora_add(outs, x, group.at, group.bt, 16, torch.tensor(token_slots), isa=name)
+        for o, w in zip(outs, want, strict=True):
+            torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_lora_dtype_auto_keeps_bf16_weights_where_auto_chose_float32(load_tiny):
+    """A float32 compute dtype that --dtype auto measured on a CPU: bf16 LoRA weights; one
+    asked for explicitly, or any other dtype: the compute dtype's."""
+    loaded = load_tiny()
+    assert loaded.dtype == torch.float32 and auto_lora_dtype(loaded) == torch.float32
+    measured = dataclasses.replace(loaded, dtype_measured=True)
+    assert auto_lora_dtype(measured) == torch.bfloat16
+    runner = ModelRunner(measured, num_slots=2, max_rank=8, compile=False)
+    assert runner.lora.dtype == torch.bfloat16
+    as_bf16 = dataclasses.replace(measured, dtype=torch.bfloat16)
+    assert auto_lora_dtype(as_bf16) == torch.bfloat16
+    on_cuda = dataclasses.replace(measured, device=torch.device("cuda"))
+    assert auto_lora_dtype(on_cuda) == torch.float32
 
 
 def test_one_adapters_run_of_decode_tokens_is_planned_as_a_segment():
