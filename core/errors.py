@@ -54,6 +54,11 @@ class DeviceOutOfMemory(Exhausted):
     server goes on with the next ones."""
 
 
+class OverMemoryBudget(LoraplexError):
+    """Dense copies (a merged adapter's layers) would pass the memory budget they share with
+    the base's own copies (--dense-cache-mb): the adapter is served unmerged."""
+
+
 class OverQuota(Exhausted):
     """A tenant is over one of its limits (requests in flight, tokens per minute)."""
 
@@ -112,6 +117,7 @@ _CODES: tuple[tuple[type[Exception], str], ...] = (
     (StoreConflict, "ABORTED"),
     (PermissionDenied, "PERMISSION_DENIED"),
     (Exhausted, "RESOURCE_EXHAUSTED"),
+    (OverMemoryBudget, "RESOURCE_EXHAUSTED"),
     (TooLong, "DEADLINE_EXCEEDED"),
     (NotReady, "UNAVAILABLE"),
 )

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.core.errors import OverMemoryBudget
 from loraplex.core.model import dense_weight
 from loraplex.server.engine.cpu_kernels import DTYPES, NATIVE_ROW_MAX, CpuKernels
 from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
@@ -251,6 +252,7 @@ class PreparedMerge:
     modules: frozenset[nn.Module]  # the base linear layers merged
     # (layer index, unit key) -> the merged unit's kernel
     linears: dict[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]]
+    nbytes: int = 0  # the dense copies' size (BaseLinears.merged_bytes while served)
 
 
 class DecoderForward:
@@ -334,26 +336,46 @@ class DecoderForward:
         float32, kept in the compute dtype: the higher-precision copy of a 4-bit base, whose
         4-bit weights stay untouched for unmerging), laid out as the layer's own copy (packed
         where it is). It reads only the base's weights and `inputs`, which do not change, so
-        the engine may run steps between two of its steps."""
+        the engine may run steps between two of its steps. The copies count against the
+        dense budget (`BaseLinears.merge_room`): a merge that would pass it raises
+        OverMemoryBudget here, before any copy is made."""
+        units = [
+            (i, key, unit, unit if isinstance(unit, tuple) else (unit,))
+            for i, parts in enumerate(self.layers)
+            for key, unit in parts.units.items()
+        ]
+        units = [u for u in units if any(m in inputs for m in u[3])]
+        element = torch.empty((), dtype=self.linears.dtype).element_size()
+        nbytes = sum(m.in_features * m.out_features for *_, ms in units for m in ms) * element
+        if nbytes > self.linears.merge_room():
+            raise OverMemoryBudget(
+                f"merging needs {nbytes / 2**20:.1f} MiB of dense copies and the dense "
+                f"budget has {self.linears.merge_room() / 2**20:.1f} MiB left (--dense-cache-mb)"
+            )
+        return self._merge_units(inputs, units, nbytes)
+
+    def _merge_units(
+        self,
+        inputs: MergeInputs,
+        units: list[tuple[int, str, Unit, tuple[nn.Module, ...]]],
+        nbytes: int,
+    ) -> Generator[None, None, PreparedMerge]:
+        """merge_steps' generator: one unit per step."""
         linears = {}
         modules = set()
-        for i, parts in enumerate(self.layers):
-            for key, unit in parts.units.items():
-                members = unit if isinstance(unit, tuple) else (unit,)
-                if not any(m in inputs for m in members):
-                    continue
-                weights = []
-                for m in members:
-                    base = self.dense_weight(m)  # in the compute dtype
-                    if m in inputs:
-                        a, bt = inputs[m]
-                        delta = bt.float().T @ a.float()  # (out, in)
-                        base = (base.float() + delta).to(base.dtype)
-                        modules.add(m)
-                    weights.append(base)
-                linears[(i, key)] = self.linears.merged(unit, torch.cat(weights))
-                yield
-        return PreparedMerge(frozenset(modules), linears)
+        for i, key, unit, members in units:
+            weights = []
+            for m in members:
+                base = self.dense_weight(m)  # in the compute dtype
+                if m in inputs:
+                    a, bt = inputs[m]
+                    delta = bt.float().T @ a.float()  # (out, in)
+                    base = (base.float() + delta).to(base.dtype)
+                    modules.add(m)
+                weights.append(base)
+            linears[(i, key)] = self.linears.merged(unit, torch.cat(weights))
+            yield
+        return PreparedMerge(frozenset(modules), linears, nbytes)
 
     def install_merge(self, prepared: PreparedMerge) -> int:
         """Serve with a prepared merge (engine thread, between steps; no tensor work). Requests
@@ -361,6 +383,7 @@ class DecoderForward:
         layers merged."""
         self.unmerge()
         self.merged = set(prepared.modules)
+        self.linears.merged_bytes = prepared.nbytes
         for (i, key), linear in prepared.linears.items():
             self.layers[i].linear[key] = linear
         return len(prepared.modules)
@@ -368,6 +391,7 @@ class DecoderForward:
     def unmerge(self) -> None:
         """Back to the untouched base weights (the dense copies are dropped)."""
         self.merged = set()
+        self.linears.merged_bytes = 0
         for parts in self.layers:
             for key, unit in parts.units.items():
                 parts.linear[key] = self.linears.kernel(unit)

@@ -340,6 +340,7 @@ class BaseLinears:
                 at += _width(member)
         self.dense_bytes = 0
         self.dense_budget = dense_budget_bytes  # copies of the 4-bit layers and the LM head
+        self.merged_bytes = 0  # a merged adapter's dense copies, held in the same budget
         self.head_packed = False  # the LM head held packed (`head`)
         self.reason = "no 4-bit layers"
         if not self.layers:
@@ -413,6 +414,11 @@ class BaseLinears:
         self.dense_bytes += size
         self.head_packed = True
         return DenseLinear(weight.detach(), module.bias, packed=True)
+
+    def merge_room(self) -> int:
+        """Bytes of the dense budget left for a merge's copies (the copies of a merge being
+        served count until it is replaced: both are held while the next one is prepared)."""
+        return max(0, self.dense_budget - self.dense_bytes - self.merged_bytes)
 
     def merged(self, unit: Unit, weight: torch.Tensor) -> DenseLinear:
         """A dense copy of a layer or group with an adapter merged in (`weight`, in the

@@ -47,7 +47,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loraplex.core.errors import Exhausted
+from loraplex.core.errors import Exhausted, OverMemoryBudget
 from loraplex.core.types import AdapterKey, AdapterVersion, AdapterWeights
 from loraplex.server.config import MergeSettings
 from loraplex.server.engine.request import EngineRequest
@@ -224,6 +224,9 @@ class MergeControl:
         )  # at the policy's last look
         self._next_check = 0.0
         self._pending: _Pending | None = None
+        # adapters the policy's merge was refused for (their dense copies over the budget):
+        # not tried again until an unmerge gives room back
+        self._over_budget: set[AdapterKey] = set()
 
     def configure(self, settings: MergeSettings) -> None:
         """A new policy (its window starts empty); what is merged stays until it decides, and
@@ -267,7 +270,7 @@ class MergeControl:
         starved = starved and current is not None and not slots.has_room()
         self._shares = self.policy.shares(current, queued)
         want = None if starved else self.policy.decide(current, queued)
-        if want == current:
+        if want == current or want in self._over_budget:
             return
         if pending is not None:
             self._abandon()
@@ -286,6 +289,11 @@ class MergeControl:
         runner = self._runner()
         try:
             steps = runner.merge_steps(runner.merge_inputs(slot))
+        except OverMemoryBudget as exc:
+            log.warning("adapter %s v%d not merged, served unmerged: %s", *key, exc)
+            self._over_budget.add(key)
+            self._slots.release(slot)
+            return
         except Exception:
             log.exception("merging adapter %s v%d failed; serving it unmerged", *key)
             self._slots.release(slot)
@@ -422,6 +430,7 @@ class MergeControl:
         assert self.key is not None and self.slot is not None
         start = time.perf_counter()
         self._runner().unmerge()
+        self._over_budget.clear()
         self._slots.held = set()
         self._slots.release(self.slot)
         seconds = time.perf_counter() - start

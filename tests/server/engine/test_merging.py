@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from loraplex.core.errors import Exhausted
+from loraplex.core.errors import Exhausted, OverMemoryBudget, status_code
 from loraplex.core.types import AdapterWeights
 from loraplex.server.config import MergeSettings
 from loraplex.server.engine import merging
@@ -304,6 +304,57 @@ def test_a_failed_merge_gives_its_slot_back(setup, monkeypatch, fails_at):
         time.sleep(0.05)
     assert all(s.refcount == 0 for s in state.slots) and not engine_held(engine)
     assert state.merge.adapter is None
+
+
+def test_a_merge_past_the_dense_budget_is_refused_and_served_unmerged(setup, caplog):
+    """A merged adapter's dense copies count against --dense-cache-mb: with no room, an
+    operator's merge fails with OverMemoryBudget (RESOURCE_EXHAUSTED) and nothing is held; the
+    policy tries once (not at every check) and requests are served unmerged."""
+    engine, versions = setup(dense_cache_bytes=1)
+    one = versions["one"]
+    with pytest.raises(OverMemoryBudget, match="dense budget"):
+        engine.merge(one).result(30)
+    assert status_code(OverMemoryBudget("x")) == "RESOURCE_EXHAUSTED"
+    state = engine.snapshot().result(30)
+    assert state.merge.adapter is None and all(s.refcount == 0 for s in state.slots)
+    engine.configure_merges(MergeSettings(window_tokens=8, min_interval_s=0.0)).result(30)
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "not merged" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="loraplex.server.engine.merging"):
+        c = submit(engine, PROMPTS[0], one, max_new_tokens=30)
+        assert c.done.wait(30) and c.error is None
+        deadline = time.monotonic() + 10
+        while not refusals() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c = submit(engine, PROMPTS[1], one, max_new_tokens=30)  # the policy asked again
+        assert c.done.wait(30) and c.error is None
+        time.sleep(4 * merging.MERGE_CHECK_S)
+    assert len(refusals()) == 1 and "dense budget" in refusals()[0]
+    state = engine.snapshot().result(30)
+    assert state.merge.adapter is None and not engine_held(engine)
+
+
+def test_merged_copies_are_counted_while_served(setup):
+    """The bytes of the merged copies are held in the dense budget while the merge is served,
+    and given back when it is undone."""
+    engine, versions = setup()
+    runner = engine.call(lambda: engine._runner).result(30)
+    assert runner.linears.merged_bytes == 0
+    room = runner.linears.merge_room()
+    engine.merge(versions["one"]).result(30)
+    held = engine.call(lambda: runner.linears.merged_bytes).result(30)
+    # "one" targets every linear layer of the tiny model: a float32 copy of each
+    linear_params = sum(
+        m.weight.numel()
+        for name, m in runner.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+    )
+    assert held == linear_params * 4
+    assert engine.call(runner.linears.merge_room).result(30) == room - held
+    engine.unmerge().result(30)
+    assert engine.call(lambda: runner.linears.merged_bytes).result(30) == 0
 
 
 def engine_held(engine: Engine) -> set[int]:
