@@ -17,7 +17,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TUNING_VERSION = 2  # bump when what is measured (or how) changes: old entries are ignored
 DTYPE_ROWS = (8, 128)  # rows the compute dtypes are compared at: decoding, and a prompt chunk
+DTYPE_ROUNDS = 9  # timed calls of each dtype, taking turns
 BF16_SLOWDOWN_OK = 1.25  # bf16 is kept unless float32 is this much faster (it halves memory)
 
 
@@ -119,6 +120,26 @@ def median_seconds(
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: Sequence[Callable[[], object]], device: torch.device, rounds: int = DTYPE_ROUNDS
+) -> list[float]:
+    """Each fn's median time over `rounds` calls, after a warm-up call each, the fns taking
+    turns: a burst of other work on the machine (a process starting beside the server) slows
+    them alike instead of one of them, so their ratio holds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns:
+        fn()
+    sync()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            sync()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
+
+
 def last_level_cache_bytes() -> int:
     """The largest CPU cache's size (Linux sysfs; 32 MiB where it cannot be read)."""
     sizes = []
@@ -153,20 +174,26 @@ def choose_dtype(
         if torch.cuda.is_bf16_supported():
             return DtypeChoice("bfloat16", "CUDA with bf16")
         return DtypeChoice("float16", "CUDA without bf16")
-    key = {"machine": machine_key(device), "widths": list(widths)}
+    # probe 2: the dtypes timed taking turns (a choice cached by the earlier probe, which
+    # timed one dtype after the other, is measured again)
+    key = {"machine": machine_key(device), "widths": list(widths), "probe": 2}
     saved = (cache or TuningCache(None)).get("dtype", key)
     if saved is not None:
         return DtypeChoice(saved["dtype"], saved["reason"] + " (cached)")
-    times: dict[torch.dtype, float] = {}
     generator = torch.Generator().manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float32):
-        weight = torch.randn(widths[1], widths[0], generator=generator).to(dtype)
-        total = 0.0
-        for rows in DTYPE_ROWS:
-            x = torch.randn(rows, widths[0], generator=generator).to(dtype)
-            total += median_seconds(functools.partial(F.linear, x, weight), device)
-        times[dtype] = total
-    ratio = times[torch.bfloat16] / times[torch.float32]
+    weight = torch.randn(widths[1], widths[0], generator=generator)
+    bf16_s = f32_s = 0.0
+    for rows in DTYPE_ROWS:
+        x = torch.randn(rows, widths[0], generator=generator)
+        bf16, f32 = interleaved_medians(
+            [
+                functools.partial(F.linear, x.bfloat16(), weight.bfloat16()),
+                functools.partial(F.linear, x, weight),
+            ],
+            device,
+        )
+        bf16_s, f32_s = bf16_s + bf16, f32_s + f32
+    ratio = bf16_s / f32_s
     name = "float32" if ratio > BF16_SLOWDOWN_OK else "bfloat16"
     reason = f"bf16 matmuls take {ratio:.2f}x float32's on {capability(device)}"
     if cache is not None:
