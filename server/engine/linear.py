@@ -42,9 +42,9 @@ from torch import nn
 
 from loraplex.core.machine import (
     TuningCache,
-    interleaved_medians,
     last_level_cache_bytes,
     machine_key,
+    median_seconds,
 )
 from loraplex.core.types import KernelChoice
 from loraplex.server.engine import cpu_kernels
@@ -57,7 +57,6 @@ COPIES = ("dense", "packed")  # the kernels that keep a copy of the weight (unde
 KERNEL_CHOICES = ("auto", *KERNELS)
 PACK_ROWS = 64  # the row count oneDNN blocks a packed weight for (any count runs)
 ROW_BUCKETS = (1, 4, 8, 32, 128, 512)  # rows measured; a call uses the nearest (log scale)
-KERNEL_ROUNDS = 3  # timed calls of each kernel per shape and bucket, the kernels taking turns
 MAX_PROBES = 64  # most weights of one shape a measurement cycles through (to keep them cold)
 _BOUNDS = [math.sqrt(a * b) for a, b in itertools.pairwise(ROW_BUCKETS)]
 
@@ -501,7 +500,6 @@ class BaseLinears:
             "buckets": list(ROW_BUCKETS),
             "kernels": list(self.kernels),
             "cold": cold,
-            "probe": 2,  # kernels timed taking turns (earlier choices are measured again)
         }
         saved = cache.get("kernels", key) if cache is not None else None
         if saved is not None:
@@ -525,17 +523,16 @@ class BaseLinears:
             rows_times = []
             for rows in ROW_BUCKETS:
                 x = torch.randn(rows, shape[1], generator=generator).to(self.device, self.dtype)
-                calls = [
-                    functools.partial(
-                        _call_next,
-                        itertools.cycle([p._kernel(k) for p in probes[k if k in COPIES else None]]),
-                        x,
+                measured = {}
+                for kernel in offered:
+                    calls = itertools.cycle(
+                        [p._kernel(kernel) for p in probes[kernel if kernel in COPIES else None]]
                     )
-                    for k in offered
-                ]
-                with torch.inference_mode():  # taking turns, as the dtype probe's
-                    seconds = interleaved_medians(calls, self.device, KERNEL_ROUNDS)
-                rows_times.append(dict(zip(offered, seconds, strict=True)))
+                    with torch.inference_mode():
+                        measured[kernel] = median_seconds(
+                            functools.partial(_call_next, calls, x), self.device
+                        )
+                rows_times.append(measured)
             del probes
             times[shape] = rows_times
         if cache is not None:

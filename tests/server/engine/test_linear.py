@@ -170,7 +170,7 @@ def test_measurements_are_cached_per_machine(load_tiny, tmp_path, monkeypatch):
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(linear_module, "interleaved_medians", no_measuring)
+    monkeypatch.setattr(linear_module, "median_seconds", no_measuring)
     fresh = load_tiny(quantization="nf4", dtype="bfloat16")  # (the first may have been repacked)
     second = BaseLinears(fresh.model, fresh.dtype, fresh.device, "auto", 1 << 30, cache)
     assert second.choices() == first.choices()
