@@ -126,9 +126,9 @@ class EngineConfig:
         default=None, metadata={"flag": "--dense-cache-mb", "scale": MiB, "metavar": "MB"}
     )
     """Memory for dense copies of 4-bit base layers where they are faster, and for a merged
-    adapter's copies, in MiB (the 4-bit weights stay loaded: merges and exports read them);
-    0 = none; default: half the memory available at start (a quarter of a GPU's free
-    memory)."""
+    adapter's copies (what the base's leave), in MiB (the 4-bit weights stay loaded: merges
+    and exports read them); 0 = none, and no merges; default: half the memory available at
+    start (a quarter of a GPU's free memory)."""
     compile: bool = True
     """Capture decode steps of a few tokens (light load) once per batch size and replay them
     in one native call, without Python between the kernels (CPU, with the native kernels;

@@ -337,8 +337,16 @@ class DecoderForward:
         4-bit weights stay untouched for unmerging), laid out as the layer's own copy (packed
         where it is). It reads only the base's weights and `inputs`, which do not change, so
         the engine may run steps between two of its steps. The copies count against the
-        dense budget (`BaseLinears.merge_room`): a merge that would pass it raises
-        OverMemoryBudget here, before any copy is made."""
+        dense budget: a merge that would pass it raises OverMemoryBudget here (check_merge),
+        before any copy is made."""
+        units, nbytes = self.check_merge(inputs)
+        return self._merge_units(inputs, units, nbytes)
+
+    def check_merge(
+        self, inputs: MergeInputs
+    ) -> tuple[list[tuple[int, str, Unit, tuple[nn.Module, ...]]], int]:
+        """The units a merge of `inputs` copies and the copies' bytes; OverMemoryBudget where
+        they do not fit the dense budget (`BaseLinears.merge_room`)."""
         units = [
             (i, key, unit, unit if isinstance(unit, tuple) else (unit,))
             for i, parts in enumerate(self.layers)
@@ -347,12 +355,13 @@ class DecoderForward:
         units = [u for u in units if any(m in inputs for m in u[3])]
         element = torch.empty((), dtype=self.linears.dtype).element_size()
         nbytes = sum(m.in_features * m.out_features for *_, ms in units for m in ms) * element
-        if nbytes > self.linears.merge_room():
+        room = self.linears.merge_room()
+        if nbytes > room:
             raise OverMemoryBudget(
-                f"merging needs {nbytes / 2**20:.1f} MiB of dense copies and the dense "
-                f"budget has {self.linears.merge_room() / 2**20:.1f} MiB left (--dense-cache-mb)"
+                f"merging needs {nbytes / 2**20:.1f} MiB of dense copies and the dense budget "
+                f"has {room / 2**20:.1f} MiB beside the base's copies (--dense-cache-mb)"
             )
-        return self._merge_units(inputs, units, nbytes)
+        return units, nbytes
 
     def _merge_units(
         self,

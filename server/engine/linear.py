@@ -416,9 +416,9 @@ class BaseLinears:
         return DenseLinear(weight.detach(), module.bias, packed=True)
 
     def merge_room(self) -> int:
-        """Bytes of the dense budget left for a merge's copies (the copies of a merge being
-        served count until it is replaced: both are held while the next one is prepared)."""
-        return max(0, self.dense_budget - self.dense_bytes - self.merged_bytes)
+        """Bytes of the dense budget a merge's copies may take: what the base's own copies
+        leave (a merge replaces the one served, whose copies are dropped before it is made)."""
+        return max(0, self.dense_budget - self.dense_bytes)
 
     def merged(self, unit: Unit, weight: torch.Tensor) -> DenseLinear:
         """A dense copy of a layer or group with an adapter merged in (`weight`, in the

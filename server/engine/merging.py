@@ -224,8 +224,8 @@ class MergeControl:
         )  # at the policy's last look
         self._next_check = 0.0
         self._pending: _Pending | None = None
-        # adapters the policy's merge was refused for (their dense copies over the budget):
-        # not tried again until an unmerge gives room back
+        # adapters whose dense copies do not fit the budget (which does not change once the
+        # base's copies are made): the policy leaves them unmerged, saying so once
         self._over_budget: set[AdapterKey] = set()
 
     def configure(self, settings: MergeSettings) -> None:
@@ -270,7 +270,9 @@ class MergeControl:
         starved = starved and current is not None and not slots.has_room()
         self._shares = self.policy.shares(current, queued)
         want = None if starved else self.policy.decide(current, queued)
-        if want == current or want in self._over_budget:
+        if want is not None and want != current and not self._fits(want):
+            want = None  # it leads but stays unmerged, and what is merged no longer leads
+        if want == current:
             return
         if pending is not None:
             self._abandon()
@@ -282,6 +284,22 @@ class MergeControl:
             slots.acquire(want)
             self._prepare(want, slot)
         self.policy.changed()
+
+    def _fits(self, key: AdapterKey) -> bool:
+        """Whether the policy may merge `key`: False (said once) where its dense copies
+        would pass the budget; a key not resident is checked once it is (in _prepare)."""
+        if key in self._over_budget:
+            return False
+        slot = self._slots.lookup(key)
+        if slot is None:
+            return True
+        try:
+            self._runner().check_merge(slot)
+        except OverMemoryBudget as exc:
+            log.warning("adapter %s v%d not merged, served unmerged: %s", *key, exc)
+            self._over_budget.add(key)
+            return False
+        return True
 
     def _prepare(self, key: AdapterKey, slot: int) -> None:
         """Start preparing the merge of the adapter in `slot` (its reference taken): from
@@ -356,7 +374,8 @@ class MergeControl:
 
     def merge_pinned(self, adapter: AdapterVersion, weights: AdapterWeights | None = None) -> None:
         """Merge `adapter` into the base and keep it merged until `unmerge_pinned`. What was
-        merged before stays merged when no slot can be had or the adapter fails to load."""
+        merged before stays merged when no slot can be had, the adapter fails to load or its
+        dense copies would pass the budget."""
         key, slots = adapter.key, self._slots
         if self._pending is not None:  # the policy's merge being prepared
             if self._pending.key == key:
@@ -377,6 +396,7 @@ class MergeControl:
         try:
             if grant.needs_load:
                 self._load_slot(grant.slot, adapter, weights)
+            self._runner().check_merge(grant.slot)  # before what is merged is undone
             if self.key is not None:
                 self._unmerge()
             self._merge_slot(key, grant.slot)
@@ -430,7 +450,6 @@ class MergeControl:
         assert self.key is not None and self.slot is not None
         start = time.perf_counter()
         self._runner().unmerge()
-        self._over_budget.clear()
         self._slots.held = set()
         self._slots.release(self.slot)
         seconds = time.perf_counter() - start

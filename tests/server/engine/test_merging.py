@@ -352,9 +352,24 @@ def test_merged_copies_are_counted_while_served(setup):
         if isinstance(m, torch.nn.Linear) and "lm_head" not in name
     )
     assert held == linear_params * 4
-    assert engine.call(runner.linears.merge_room).result(30) == room - held
+    # the room is what the base's copies leave: a merge replaces the one served
+    assert engine.call(runner.linears.merge_room).result(30) == room
     engine.unmerge().result(30)
     assert engine.call(lambda: runner.linears.merged_bytes).result(30) == 0
+
+
+def test_a_refused_merge_leaves_what_is_merged(setup):
+    """A budget that holds the copies of "two" (q/k/v: 0.25 MiB) but not those of "one"
+    (every layer: 0.56 MiB): merging "one" over "two" is refused before "two" is undone."""
+    engine, versions = setup(dense_cache_bytes=300_000)
+    engine.merge(versions["two"]).result(30)
+    with pytest.raises(OverMemoryBudget):
+        engine.merge(versions["one"]).result(30)
+    state = engine.snapshot().result(30)
+    assert state.merge.adapter == versions["two"].key and state.merge.pinned
+    assert sum(s.refcount for s in state.slots) == 1  # only the merged adapter's slot is held
+    c = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=8)  # served, unmerged
+    assert c.done.wait(30) and c.error is None
 
 
 def engine_held(engine: Engine) -> set[int]:
