@@ -14,6 +14,7 @@ from loraplex.core.machine import TuningCache, free_memory_bytes
 from loraplex.core.model import LoadedModel, lora_target_shapes
 from loraplex.core.types import AdapterWeights
 from loraplex.server.config import EngineConfig
+from loraplex.server.engine import cpu_kernels
 from loraplex.server.engine.cpu_kernels import DTYPES
 from loraplex.server.engine.forward import (
     DecoderForward,
@@ -64,14 +65,16 @@ class PrefillWork:
     all_logits: bool = False  # every position's logits (the prompt's log-probabilities)
 
 
-def auto_lora_dtype(loaded: LoadedModel) -> torch.dtype:
+def auto_lora_dtype(loaded: LoadedModel, widens: bool) -> torch.dtype:
     """`--lora-dtype auto`: the compute dtype, except on a CPU where `--dtype auto` measured
-    float32 faster (no fast bf16 matmuls there): the adapters' weights are then kept in bf16
-    and widened as they are read, float32 math as before (`lora_math_dtype`), which halves the
-    bytes a LoRA step reads and bounds it (bf16 rounding of the weights is far inside a 4-bit
-    base's noise). An explicit `--dtype float32` keeps float32 weights too."""
+    float32 faster (no fast bf16 matmuls there) and the LoRA runs in loraplex's native kernel
+    (`widens`), which reads bf16 weights into float32 sums: the adapters' weights are then
+    kept in bf16, float32 math as before (`lora_math_dtype`), which halves the bytes a LoRA
+    step reads and bounds it (bf16 rounding of the weights is far inside a 4-bit base's
+    noise). An explicit `--dtype float32` keeps float32 weights too, as do the torch ops and
+    the Triton kernels (which would convert the weights, or round the rows, at every step)."""
     on_cpu = loaded.device.type == "cpu"
-    if on_cpu and loaded.dtype == torch.float32 and loaded.dtype_measured:
+    if on_cpu and widens and loaded.dtype == torch.float32 and loaded.dtype_measured:
         return torch.bfloat16
     return loaded.dtype
 
@@ -119,7 +122,13 @@ class ModelRunner:
             self.prefix = PrefixCache(shape, blocks, self.device)
             log.info("prefix cache: %d blocks of %d tokens", blocks, BLOCK_TOKENS)
         layout = lora_layout(self.model)
-        lora_dtype = lora_dtype or auto_lora_dtype(loaded)
+        self.kernels = resolve_kernels(kernels, self.device)
+        # the native kernels (built once per machine: BaseLinears gets the same library)
+        native = None
+        if self.device.type == "cpu" and loaded.dtype in DTYPES:
+            native = cpu_kernels.load(tuning.build_dir if tuning is not None else None)
+        widens = native is not None and self.kernels == "torch"
+        lora_dtype = lora_dtype or auto_lora_dtype(loaded, widens)
         log.info("LoRA weights in %s", str(lora_dtype).removeprefix("torch."))
         # --max-loras auto: the slots share this budget at the rank the adapters loaded need.
         self.max_rows = max_rows
@@ -143,7 +152,6 @@ class ModelRunner:
             tuning,
             fuse=fused_groups(self.model),
         )
-        self.kernels = resolve_kernels(kernels, self.device)
         # The native LoRA kernel takes stacks in bf16 or float32 (an explicit --lora-dtype
         # float16 keeps the torch paths), runs of one adapter up to lora_run_tokens long.
         native = self.linears.native if self.lora.dtype in DTYPES else None
@@ -242,6 +250,11 @@ class ModelRunner:
         """What a merge needs of the adapter in `slot`, copied (the stacks may be compacted
         while a merge is prepared step by step)."""
         return self.forward.merge_inputs(slot)
+
+    def check_merge(self, slot: int) -> None:
+        """OverMemoryBudget where merging the adapter in `slot` would pass the dense budget
+        (nothing else is checked; nothing changes)."""
+        self.forward.check_merge(self.forward.merge_inputs(slot))
 
     def merge_steps(self, inputs: MergeInputs) -> Generator[None, None, PreparedMerge]:
         """The merged layers, one unit per step, for the engine to run between its own

@@ -365,15 +365,19 @@ def test_lora_dtype_auto_keeps_bf16_weights_where_auto_chose_float32(load_tiny):
     """A float32 compute dtype that --dtype auto measured on a CPU: bf16 LoRA weights; one
     asked for explicitly, or any other dtype: the compute dtype's."""
     loaded = load_tiny()
-    assert loaded.dtype == torch.float32 and auto_lora_dtype(loaded) == torch.float32
+    assert loaded.dtype == torch.float32 and auto_lora_dtype(loaded, True) == torch.float32
     measured = dataclasses.replace(loaded, dtype_measured=True)
-    assert auto_lora_dtype(measured) == torch.bfloat16
+    assert auto_lora_dtype(measured, True) == torch.bfloat16
+    assert auto_lora_dtype(measured, False) == torch.float32  # no native kernel to widen them
     runner = ModelRunner(measured, num_slots=2, max_rank=8, compile=False)
-    assert runner.lora.dtype == torch.bfloat16
+    assert runner.linears.native is not None and runner.lora.dtype == torch.bfloat16
+    if importlib.util.find_spec("triton") is not None:
+        runner = ModelRunner(measured, num_slots=2, max_rank=8, compile=False, kernels="triton")
+        assert runner.lora.dtype == torch.float32  # Triton's kernels take float32 weights
     as_bf16 = dataclasses.replace(measured, dtype=torch.bfloat16)
-    assert auto_lora_dtype(as_bf16) == torch.bfloat16
+    assert auto_lora_dtype(as_bf16, True) == torch.bfloat16
     on_cuda = dataclasses.replace(measured, device=torch.device("cuda"))
-    assert auto_lora_dtype(on_cuda) == torch.float32
+    assert auto_lora_dtype(on_cuda, True) == torch.float32
 
 
 def test_one_adapters_run_of_decode_tokens_is_planned_as_a_segment():
