@@ -14,7 +14,8 @@ layers) as each backend runs it:
     triton       the same with the Triton LoRA kernels (--kernels triton; here in Triton's
                  interpreter, whose own tensor copies inside a launch are not counted)
 
-Counts, not times: they hold on any machine.
+Counts, not times: the machine's load does not move them, but its measured choices do (the
+compute dtype, and which 4-bit kernel or dense copy each layer runs on the CPU path).
 
     python benchmarks/op_count.py [--batch 8] [--adapters 4] [--layers 4]
 """
@@ -24,8 +25,10 @@ from __future__ import annotations
 import os
 import sys
 
-if "--no-triton" not in sys.argv and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-    # Triton's interpreter must be chosen before any kernel is imported (a CPU-only machine)
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter, chosen before any kernel is imported (a CPU-only machine)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import logging
@@ -36,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from loraplex.core.model import LoadedModel

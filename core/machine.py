@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-TUNING_VERSION = 2  # bump when what is measured (or how) changes: old entries are ignored
+TUNING_VERSION = 3  # bump when what is measured (or how) changes: old entries are ignored
 DTYPE_ROWS = (8, 128)  # rows the compute dtypes are compared at: decoding, and a prompt chunk
 DTYPE_ROUNDS = 9  # timed calls of each dtype, taking turns
 BF16_SLOWDOWN_OK = 1.25  # bf16 is kept unless float32 is this much faster (it halves memory)
@@ -121,7 +121,10 @@ def median_seconds(
 
 
 def interleaved_medians(
-    fns: Sequence[Callable[[], object]], device: torch.device, rounds: int = DTYPE_ROUNDS
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    rounds: int = DTYPE_ROUNDS,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Each fn's median time over `rounds` calls, after a warm-up call each, the fns taking
     turns: a burst of other work on the machine (a process starting beside the server) slows
@@ -133,10 +136,10 @@ def interleaved_medians(
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for fn, spent in zip(fns, times, strict=True):
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync()
-            spent.append(time.perf_counter() - start)
+            spent.append(clock() - start)
     return [statistics.median(spent) for spent in times]
 
 
@@ -174,9 +177,7 @@ def choose_dtype(
         if torch.cuda.is_bf16_supported():
             return DtypeChoice("bfloat16", "CUDA with bf16")
         return DtypeChoice("float16", "CUDA without bf16")
-    # probe 2: the dtypes timed taking turns (a choice cached by the earlier probe, which
-    # timed one dtype after the other, is measured again)
-    key = {"machine": machine_key(device), "widths": list(widths), "probe": 2}
+    key = {"machine": machine_key(device), "widths": list(widths)}
     saved = (cache or TuningCache(None)).get("dtype", key)
     if saved is not None:
         return DtypeChoice(saved["dtype"], saved["reason"] + " (cached)")

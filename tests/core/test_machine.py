@@ -3,8 +3,6 @@ work on the machine."""
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from loraplex.core import machine
@@ -12,22 +10,27 @@ from loraplex.core.machine import TuningCache, choose_dtype, interleaved_medians
 
 
 def test_timed_calls_take_turns_so_a_burst_slows_both_alike():
-    """Two calls of 1 and 2 ms; the first 8 calls made (warm-ups included) run 10 ms longer,
-    as when another process starts beside the server. Taking turns, each has fewer than half
-    its timed calls in the burst: the ratio stays 2 (one after the other, the first fn would
-    have most of its calls in it)."""
+    """Two calls of 1 and 2 time units on a clock of their own; the first 8 calls made
+    (warm-ups included) take 10 units longer, as when another process starts beside the
+    server. Taking turns, each has fewer than half its timed calls in the burst: the medians
+    are 1 and 2 (one after the other, the first fn would have most of its calls in it)."""
+    now = 0.0
     calls = 0
 
-    def sleeper(ms: float):
+    def clock() -> float:
+        return now
+
+    def work(units: float):
         def run() -> None:
-            nonlocal calls
+            nonlocal now, calls
             calls += 1
-            time.sleep((ms + (10 if calls <= 8 else 0)) / 1000)
+            now += units + (10 if calls <= 8 else 0)
 
         return run
 
-    fast, slow = interleaved_medians([sleeper(1), sleeper(2)], torch.device("cpu"), rounds=9)
-    assert 1.5 < slow / fast < 2.8, (fast, slow)
+    got = interleaved_medians([work(1), work(2)], torch.device("cpu"), rounds=9, clock=clock)
+    assert got == [1.0, 2.0]
+    assert calls == 2 + 2 * 9
 
 
 def test_the_dtype_choice_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
