@@ -15,8 +15,9 @@ own row up to its own position. Elsewhere (a GPU, or no native kernels), torch's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -252,7 +253,15 @@ class PreparedMerge:
     modules: frozenset[nn.Module]  # the base linear layers merged
     # (layer index, unit key) -> the merged unit's kernel
     linears: dict[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]]
-    nbytes: int = 0  # the dense copies' size (BaseLinears.merged_bytes while served)
+
+
+class MergeUnit(NamedTuple):
+    """A unit of the base a merge copies: layer index, unit key, the unit, its members."""
+
+    layer: int
+    key: str
+    unit: Unit
+    members: tuple[nn.Module, ...]
 
 
 class DecoderForward:
@@ -316,18 +325,25 @@ class DecoderForward:
     def merge_inputs(self, slot: int) -> MergeInputs:
         """A copy of the adapter in `slot`, per layer it targets: (A (R, in), B^T (R, out)).
         On the engine thread: the stacks may be compacted later, the copy stays as it is."""
+        return {m: (a.clone(), bt.clone()) for m, a, bt in self._adapter_layers(slot)}
+
+    def merge_targets(self, slot: int) -> set[nn.Module]:
+        """The base layers the adapter in `slot` targets (what check_merge needs; no copy)."""
+        return {m for m, _, _ in self._adapter_layers(slot)}
+
+    def _adapter_layers(self, slot: int) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        """Each layer the adapter in `slot` targets, with views of its A (R, in) and B^T
+        (R, out) in the stacks."""
         placed = self.lora.locate(slot)
         if placed is None:  # an adapter of rank 0: nothing to fold in
-            return {}
+            return
         pool, local = placed
         by_name = dict(self.model.named_modules())
-        found: MergeInputs = {}
         for name, (layer, gname, member) in self.lora.modules.items():
             group = pool.groups[layer][gname]
-            a, bt = group.a(local, member), group.bt[member][local]  # (R, in), (R, out)
+            a, bt = group.a(local, member), group.bt[member][local]
             if bt.any():  # else not targeted by this adapter
-                found[by_name[name]] = (a.clone(), bt.clone())
-        return found
+                yield by_name[name], a, bt
 
     def merge_steps(self, inputs: MergeInputs) -> Generator[None, None, PreparedMerge]:
         """The layers with the adapter (`merge_inputs`) folded in, one unit (a projection, or
@@ -339,35 +355,33 @@ class DecoderForward:
         the engine may run steps between two of its steps. The copies count against the
         dense budget: a merge that would pass it raises OverMemoryBudget here (check_merge),
         before any copy is made."""
-        units, nbytes = self.check_merge(inputs)
-        return self._merge_units(inputs, units, nbytes)
+        return self._merge_units(inputs, self.check_merge(inputs.keys()))
 
-    def check_merge(
-        self, inputs: MergeInputs
-    ) -> tuple[list[tuple[int, str, Unit, tuple[nn.Module, ...]]], int]:
-        """The units a merge of `inputs` copies and the copies' bytes; OverMemoryBudget where
-        they do not fit the dense budget (`BaseLinears.merge_room`)."""
+    def check_merge(self, targets: Collection[nn.Module]) -> list[MergeUnit]:
+        """The units a merge of an adapter targeting `targets` copies (`merge_copy_bytes`);
+        OverMemoryBudget where the copies do not fit the dense budget
+        (`BaseLinears.merge_room`)."""
         units = [
-            (i, key, unit, unit if isinstance(unit, tuple) else (unit,))
+            MergeUnit(i, key, unit, unit if isinstance(unit, tuple) else (unit,))
             for i, parts in enumerate(self.layers)
             for key, unit in parts.units.items()
         ]
-        units = [u for u in units if any(m in inputs for m in u[3])]
-        element = torch.empty((), dtype=self.linears.dtype).element_size()
-        nbytes = sum(m.in_features * m.out_features for *_, ms in units for m in ms) * element
-        room = self.linears.merge_room()
+        units = [u for u in units if any(m in targets for m in u.members)]
+        nbytes, room = self.merge_copy_bytes(units), self.linears.merge_room()
         if nbytes > room:
             raise OverMemoryBudget(
                 f"merging needs {nbytes / 2**20:.1f} MiB of dense copies and the dense budget "
                 f"has {room / 2**20:.1f} MiB beside the base's copies (--dense-cache-mb)"
             )
-        return units, nbytes
+        return units
+
+    def merge_copy_bytes(self, units: Iterable[MergeUnit]) -> int:
+        """The bytes of the dense copies of `units`, in the compute dtype."""
+        element = torch.empty((), dtype=self.linears.dtype).element_size()
+        return sum(m.in_features * m.out_features for u in units for m in u.members) * element
 
     def _merge_units(
-        self,
-        inputs: MergeInputs,
-        units: list[tuple[int, str, Unit, tuple[nn.Module, ...]]],
-        nbytes: int,
+        self, inputs: MergeInputs, units: list[MergeUnit]
     ) -> Generator[None, None, PreparedMerge]:
         """merge_steps' generator: one unit per step."""
         linears = {}
@@ -384,7 +398,7 @@ class DecoderForward:
                 weights.append(base)
             linears[(i, key)] = self.linears.merged(unit, torch.cat(weights))
             yield
-        return PreparedMerge(frozenset(modules), linears, nbytes)
+        return PreparedMerge(frozenset(modules), linears)
 
     def install_merge(self, prepared: PreparedMerge) -> int:
         """Serve with a prepared merge (engine thread, between steps; no tensor work). Requests
@@ -392,7 +406,6 @@ class DecoderForward:
         layers merged."""
         self.unmerge()
         self.merged = set(prepared.modules)
-        self.linears.merged_bytes = prepared.nbytes
         for (i, key), linear in prepared.linears.items():
             self.layers[i].linear[key] = linear
         return len(prepared.modules)
@@ -400,7 +413,6 @@ class DecoderForward:
     def unmerge(self) -> None:
         """Back to the untouched base weights (the dense copies are dropped)."""
         self.merged = set()
-        self.linears.merged_bytes = 0
         for parts in self.layers:
             for key, unit in parts.units.items():
                 parts.linear[key] = self.linears.kernel(unit)

@@ -340,7 +340,6 @@ class BaseLinears:
                 at += _width(member)
         self.dense_bytes = 0
         self.dense_budget = dense_budget_bytes  # copies of the 4-bit layers and the LM head
-        self.merged_bytes = 0  # a merged adapter's dense copies, held in the same budget
         self.head_packed = False  # the LM head held packed (`head`)
         self.reason = "no 4-bit layers"
         if not self.layers:

@@ -302,17 +302,17 @@ def _add_decode(
     dtype = lora_math_dtype(x.dtype, group.at.dtype)
     first = lay.start
     xs = x.index_select(0, lay.src) if lay.src is not None else x[first : first + lay.count]
-    xs = xs.to(dtype)  # (M, in)
+    xs = _as(xs, dtype)  # (M, in)
     if lay.dst is not None:  # pad each adapter's tokens to G rows
         padded = xs.new_zeros(u * g, x.shape[1])
         padded.index_copy_(0, lay.dst, xs)
         xs = padded
     # All k members at the full rank capacity C (a column slice of the rank would make the
     # bmm copy its operand); columns beyond a slot's rank are zeros.
-    at = _stack(group.at, lay).flatten(2).to(dtype)  # (U, in, k*C): a view for a range of slots
+    at = _as(_stack(group.at, lay).flatten(2), dtype)  # (U, in, k*C): a view for a range of slots
     shrunk = torch.bmm(xs.view(u, g, -1), at)  # (U, G, k*C)
     for j, out in enumerate(outputs):
-        bt = _stack(group.bt[j], lay)[:, :r].to(dtype)  # (U, R, out_j)
+        bt = _as(_stack(group.bt[j], lay)[:, :r], dtype)  # (U, R, out_j)
         s_j = shrunk[:, :, j * cap : j * cap + r]  # (U, G, R)
         if lay.src is None and lay.dst is None and out.dtype == dtype:
             # Tokens already in block order: accumulate in place, no temporary.
@@ -327,6 +327,12 @@ def _add_decode(
             out[first : first + delta.shape[0]].add_(delta)
         else:
             out.index_add_(0, lay.src, delta.to(out.dtype))
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`: itself where it is (no op issued: this runs per group and layer, every
+    step), else a converted copy (bf16 weights widened for float32 math)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _stack(stack: torch.Tensor, lay: DecodeLayout) -> torch.Tensor:
@@ -347,12 +353,12 @@ def _add_segment(
     scale: float,
 ) -> None:
     dtype = lora_math_dtype(x.dtype, group.at.dtype)
-    xs = x[start:end].to(dtype)  # (n, in)
+    xs = _as(x[start:end], dtype)  # (n, in)
     cap = group.rank_capacity
-    shrunk = xs @ group.at[slot].flatten(1).to(dtype)  # (n, k*C), as in _add_decode
+    shrunk = xs @ _as(group.at[slot].flatten(1), dtype)  # (n, k*C), as in _add_decode
     for j, out in enumerate(outputs):
         s_j = shrunk[:, j * cap : j * cap + r]  # (n, R)
-        bt = group.bt[j][slot, :r].to(dtype)  # (R, out_j)
+        bt = _as(group.bt[j][slot, :r], dtype)  # (R, out_j)
         if out.dtype == shrunk.dtype:
             out[start:end].addmm_(s_j, bt, alpha=scale)  # in place, no temporary
         else:  # float32 LoRA on bf16 activations: rounded once, as it is added

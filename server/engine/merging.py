@@ -287,7 +287,7 @@ class MergeControl:
 
     def _fits(self, key: AdapterKey) -> bool:
         """Whether the policy may merge `key`: False (said once) where its dense copies
-        would pass the budget; a key not resident is checked once it is (in _prepare)."""
+        would pass the budget (a key not resident is not merged now: checked once it is)."""
         if key in self._over_budget:
             return False
         slot = self._slots.lookup(key)
@@ -307,11 +307,6 @@ class MergeControl:
         runner = self._runner()
         try:
             steps = runner.merge_steps(runner.merge_inputs(slot))
-        except OverMemoryBudget as exc:
-            log.warning("adapter %s v%d not merged, served unmerged: %s", *key, exc)
-            self._over_budget.add(key)
-            self._slots.release(slot)
-            return
         except Exception:
             log.exception("merging adapter %s v%d failed; serving it unmerged", *key)
             self._slots.release(slot)

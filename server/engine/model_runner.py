@@ -254,7 +254,7 @@ class ModelRunner:
     def check_merge(self, slot: int) -> None:
         """OverMemoryBudget where merging the adapter in `slot` would pass the dense budget
         (nothing else is checked; nothing changes)."""
-        self.forward.check_merge(self.forward.merge_inputs(slot))
+        self.forward.check_merge(self.forward.merge_targets(slot))
 
     def merge_steps(self, inputs: MergeInputs) -> Generator[None, None, PreparedMerge]:
         """The merged layers, one unit per step, for the engine to run between its own

@@ -336,26 +336,26 @@ def test_a_merge_past_the_dense_budget_is_refused_and_served_unmerged(setup, cap
     assert state.merge.adapter is None and not engine_held(engine)
 
 
-def test_merged_copies_are_counted_while_served(setup):
-    """The bytes of the merged copies are held in the dense budget while the merge is served,
-    and given back when it is undone."""
+def test_a_merges_copies_are_counted_from_the_layers_it_targets(setup):
+    """What a merge is checked against the budget for: a dense copy of every layer (and fused
+    group) the adapter targets, in the compute dtype; the room is what the base's copies leave,
+    the same while a merge is served (a merge replaces the one served)."""
     engine, versions = setup()
     runner = engine.call(lambda: engine._runner).result(30)
-    assert runner.linears.merged_bytes == 0
-    room = runner.linears.merge_room()
     engine.merge(versions["one"]).result(30)
-    held = engine.call(lambda: runner.linears.merged_bytes).result(30)
+    forward = runner.forward
+    units = engine.call(lambda: forward.check_merge(forward.merge_targets(runner.merged_slot)))
     # "one" targets every linear layer of the tiny model: a float32 copy of each
     linear_params = sum(
         m.weight.numel()
         for name, m in runner.model.named_modules()
         if isinstance(m, torch.nn.Linear) and "lm_head" not in name
     )
-    assert held == linear_params * 4
-    # the room is what the base's copies leave: a merge replaces the one served
+    assert forward.merge_copy_bytes(units.result(30)) == linear_params * 4
+    room = runner.linears.dense_budget - runner.linears.dense_bytes
     assert engine.call(runner.linears.merge_room).result(30) == room
     engine.unmerge().result(30)
-    assert engine.call(lambda: runner.linears.merged_bytes).result(30) == 0
+    assert engine.call(runner.linears.merge_room).result(30) == room
 
 
 def test_a_refused_merge_leaves_what_is_merged(setup):
