@@ -7,15 +7,16 @@ ops that reach the dispatcher (TorchDispatchMode; a custom op such as bitsandbyt
 matmul counts once) and the Triton launches, on the embedded model (NF4, its first --layers
 layers) as each backend runs it:
 
-    cpu          the engine on a CPU: loraplex's native kernels, the step eager
+    cpu          the engine on a CPU: loraplex's native kernels (every 4-bit layer on its
+                 native kernel, not a measured choice), the step eager
     cpu program  the same with the decode step replayed as a captured program (the default)
     torch        torch's ops and bitsandbytes' 4-bit matmul (no native kernels): the CUDA path
                  with --kernels torch
     triton       the same with the Triton LoRA kernels (--kernels triton; here in Triton's
                  interpreter, whose own tensor copies inside a launch are not counted)
 
-Counts, not times: the machine's load does not move them, but its measured choices do (the
-compute dtype, and which 4-bit kernel or dense copy each layer runs on the CPU path).
+Counts, not times: the machine's load does not move them, but its measured compute dtype
+does (`--dtype auto`).
 
     python benchmarks/op_count.py [--batch 8] [--adapters 4] [--layers 4]
 """
@@ -163,7 +164,7 @@ def count_decode_step(
             max_rows=batch,
             compile=path == "cpu program",
             kernels=kernels,
-            base_kernel="auto" if native else "bitsandbytes",
+            base_kernel="nf4" if native else "bitsandbytes",
             dense_cache_bytes=None if native else 0,
         )
     finally:
