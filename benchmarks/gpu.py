@@ -106,7 +106,7 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def lora_kernels(device: torch.device, hidden: int, repeats: int) -> list[dict[str, Any]]:
     from loraplex.server.engine.lora import LoraGroup
-    from loraplex.server.engine.lora_ops import add_lora, plan_lora
+    from loraplex.server.engine.lora_ops import Segment, add_lora, plan_lora
     from loraplex.server.engine.triton_lora import LoraTiles, add_lora_triton
 
     dtype = torch.bfloat16 if CUDA else torch.float32  # the interpreter's bf16 dot is wrong
@@ -125,11 +125,11 @@ def lora_kernels(device: torch.device, hidden: int, repeats: int) -> list[dict[s
         n = len(slots)
         x = torch.randn(n, hidden, device=device, dtype=dtype)
         y = [torch.zeros(n, out, device=device, dtype=dtype) for out in outs]
-        decode = slots if n == 64 else []
-        segments = [] if n == 64 else [(3, 0, n)]
-        from loraplex.server.engine.lora_ops import Segment
-
-        plan = plan_lora(decode, [Segment(*s) for s in segments], ranks, device)
+        prompt = len(set(slots)) == 1  # one adapter's prompt run, else decode tokens
+        if prompt:
+            plan = plan_lora([], [Segment(slots[0], 0, n)], ranks, device)
+        else:
+            plan = plan_lora(slots, [], ranks, device)
         tiles = LoraTiles(n, slots_n, device)
         tiles.update(slots, ranks)
         torch_ms = median_ms(lambda: add_lora(y, x, group, plan), repeats)  # noqa: B023
