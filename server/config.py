@@ -137,6 +137,16 @@ class EngineConfig:
     """The LoRA kernels: triton = the Triton shrink and expand (the GPU path; on a CPU through
     Triton's interpreter, for tests only); torch = torch's ops, and on a CPU loraplex's native
     kernels; auto = triton on CUDA where triton is installed, else torch."""
+    kv_layout: Literal["auto", "rows", "paged"] = "auto"
+    """How the KV cache holds sequences: paged = blocks of 16 tokens taken as a sequence
+    grows (a GPU's memory goes to the tokens there are; attention reads blocks: the Triton
+    kernel, or torch's ops); rows = one row of --max-model-len tokens per sequence (on a CPU
+    its memory is backed only as written, and the native kernels read rows in place); auto =
+    paged on CUDA and with --kernels triton, else rows."""
+    gpu_memory_utilization: float = 0.9
+    """Share of the GPU's memory the server may use (vLLM's flag): the paged KV cache gets
+    what the model, the adapter slots, the dense budget and a profiling step leave of it
+    (CUDA only; on a CPU, --kv-cache-mb sizes the cache)."""
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the served LoRA weights (the math in it, or in float32 where the compute dtype
     is float32); auto = the model's compute dtype (as vLLM does), but bfloat16 weights where
@@ -189,6 +199,10 @@ class EngineConfig:
             )
         if self.dense_cache_bytes is not None and self.dense_cache_bytes < 0:
             raise ValueError(f"dense_cache_bytes must be >= 0, got {self.dense_cache_bytes}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if self.tenant_max_running is not None and self.tenant_max_running < 0:
             raise ValueError(f"tenant_max_running must be >= 0, got {self.tenant_max_running}")
 

@@ -177,9 +177,20 @@ class StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "loraplex_kv_cache_usage_ratio",
-            "Share of the KV cache's token budget reserved by running requests.",
+            "Share of the KV cache's token budget (paged: its blocks) reserved by running "
+            "requests.",
             state.kv_cache_usage,
         )
+        if state.kv_blocks is not None:
+            total, used = state.kv_blocks
+            yield GaugeMetricFamily(
+                "loraplex_kv_cache_blocks_total", "Blocks of the paged KV cache.", total
+            )
+            yield GaugeMetricFamily(
+                "loraplex_kv_cache_blocks_used",
+                "Blocks of the paged KV cache holding tokens of running requests.",
+                used,
+            )
         info = GaugeMetricFamily(
             "loraplex_lora_requests_info",
             "Adapters of running and waiting requests (vLLM's lora_requests_info shape); the "

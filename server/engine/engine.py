@@ -44,6 +44,7 @@ from loraplex.server.engine.merging import MergeControl, TokenCounts
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
 from loraplex.server.engine.output import OutputProcessor, StepText
 from loraplex.server.engine.pacing import Pacing
+from loraplex.server.engine.paged_kv import PagedKVCache
 from loraplex.server.engine.prefix_cache import BLOCK_TOKENS, Namespace, PrefixCache
 from loraplex.server.engine.request import EngineRequest, RequestOutput, TokenLogprob, Usage
 from loraplex.server.engine.sampling import make_generator, sample
@@ -140,7 +141,7 @@ class Engine:
                     "n", f"{n} samples; at most {min(self.config.max_batch_size, cache.num_rows)}"
                 )
             tokens = min(self._reservation(request), cache.max_len)
-            if n * tokens > cache.token_budget:
+            if not cache.holds(tokens, n):
                 raise InvalidRequest(
                     "n",
                     f"{n} samples of {tokens} tokens each (prompt + max_new_tokens) exceed the "
@@ -336,6 +337,11 @@ class Engine:
             waiting_adapters=_adapter_ids(waiting),
             kv_cache_usage=cache.usage,
             kv_rows_used=cache.num_used_rows,
+            kv_blocks=(
+                (cache.num_blocks, cache.allocator.num_used)
+                if isinstance(cache, PagedKVCache)
+                else None
+            ),
             num_slots=slots.num_slots,
             slots=tuple(
                 SlotView(

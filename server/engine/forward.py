@@ -10,10 +10,14 @@ own row up to its own position. Elsewhere (a GPU, or no native kernels), torch's
     decode   q (n_decode, H, D) against the pool prefix view [:rows, :, :L], one batched matmul
              (grouped-query: the g = H / H_kv query heads of a KV head share its keys, no copy)
     prefill  per chunk, q (n, H, D) against its row's first start + n tokens, causal
+
+With the paged cache (paged_kv.py: a GPU's) the Triton kernel attends every token of the step
+in one launch (triton_attention.py), or torch's ops read the same blocks gathered per step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,10 +30,12 @@ from torch import nn
 from loraplex.core.errors import OverMemoryBudget
 from loraplex.core.model import dense_weight
 from loraplex.server.engine.cpu_kernels import DTYPES, NATIVE_ROW_MAX, CpuKernels
-from loraplex.server.engine.kv_cache import CacheShape, KVCache, write_layer
+from loraplex.server.engine.kv_cache import CacheShape, write_layer
 from loraplex.server.engine.linear import BaseLinears, Unit
 from loraplex.server.engine.lora import LoraStacks
 from loraplex.server.engine.lora_ops import PoolPlan, add_step_lora
+from loraplex.server.engine.paged_attention import PagedQueries
+from loraplex.server.engine.paged_kv import KVStore, PagedKVCache, write_blocks
 from loraplex.server.engine.step_program import DecodeProgram, capture, replayable
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,10 @@ class StepBatch:
     unmerge: tuple[PoolPlan, ...] = ()
     # Decode token i is in cache row i, and every row in use decodes (n_decode == num_rows).
     rows_in_order: bool = False
+    # The paged cache's block tables (max_seqs, max_blocks) and, for the Triton kernel, the
+    # step's query tiles (None: torch's ops over blocks gathered per step).
+    block_tables: torch.Tensor | None = None
+    paged: PagedQueries | None = None
 
 
 def lora_layout(model: nn.Module) -> list[dict[str, tuple[int, list[tuple[str, int]]]]]:
@@ -144,12 +154,17 @@ class _AttentionMasks:
     lengths: torch.Tensor | None = None  # (N,) keys each token sees: its position + 1
 
     @classmethod
-    def of(cls, batch: StepBatch, every_token_native: bool) -> _AttentionMasks:
+    def of(
+        cls, batch: StepBatch, every_token_native: bool, gathered: bool | None = None
+    ) -> _AttentionMasks:
+        """`gathered`: decode attention reads copies of the decoding rows (None: where they
+        are at most half the rows in use)."""
         if every_token_native:
             return cls(None, [], batch.positions + 1)
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
         device = batch.ids.device
-        gathered = 2 * b <= rows
+        if gathered is None:
+            gathered = 2 * b <= rows
         if gathered:
             lengths = batch.decode_lengths
         else:  # every row of the pool's view; rows not decoding see their first key only
@@ -268,7 +283,7 @@ class DecoderForward:
     def __init__(
         self,
         model: nn.Module,
-        cache: KVCache,
+        cache: KVStore,
         lora: LoraStacks,
         linears: BaseLinears,
         compile: bool = True,
@@ -285,26 +300,35 @@ class DecoderForward:
         self.linears = linears
         self.dtype = linears.dtype
         self.native = linears.native  # the native CPU kernels (None: not built, or a GPU)
+        # paged: attention reads blocks (the Triton kernel, or torch's ops); the native
+        # kernels read rows
+        self.paged = isinstance(cache, PagedKVCache)
+        self.native_attention = None if self.paged else self.native
         # decode attention natively up to this many row-tokens (b x L); without a limit, a
         # step's every token (prompt chunks too: causal, by each token's position) in one call
-        self.attention_limit = (
-            self.native.attention_limit(self.head_dim) if self.native is not None else 0.0
-        )
+        native = self.native_attention
+        self.attention_limit = native.attention_limit(self.head_dim) if native is not None else 0.0
         # cos and sin (max_len, D) of every position, computed once by the model's own rotary
         # module (None for rotary types that change with the length: computed per step)
         self.rope_table = _rope_table(model, cache.max_len, linears.dtype, cache.device)
         # captured decode steps by token count (step_program.py); --no-compile: none
-        self.compile = compile and self.native is not None
+        self.compile = compile and self.native_attention is not None
         self.programs: dict[int, DecodeProgram | None] = {}
         inner = model.model
         self.layers = [
             _LayerParts(layer, linears, cache.keys[i], cache.values[i], i)
             for i, layer in enumerate(inner.layers)
         ]
+        self.block_size = cache.block_size if isinstance(cache, PagedKVCache) else 0
         self.final_norm = _Norm(inner.norm)
         self.lm_head = linears.head(model.lm_head)
         # Layers with an adapter folded in (their units run W + B @ A dense: see merge).
         self.merged: set[nn.Module] = set()
+
+    def rebind_cache(self) -> None:
+        """Read the cache's pools again (the paged cache re-allocates them when resized)."""
+        for i, parts in enumerate(self.layers):
+            parts.keys, parts.values = self.cache.keys[i], self.cache.values[i]
 
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         """A base linear layer's weight (out, in) as the forward computes with it: 4-bit
@@ -453,9 +477,12 @@ class DecoderForward:
             cos, sin = inner.rotary_emb(h.unsqueeze(0), batch.positions.unsqueeze(0))  # (1, N, D)
             cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
         # the same for every layer: built once per step
-        native = self.native
-        every_token = native is not None and native.attends_every_token(self.head_dim)
-        masks = _AttentionMasks.of(batch, every_token)
+        native = self.native_attention
+        if batch.paged is not None:  # the Triton kernel masks by position
+            masks = _AttentionMasks(None, [])
+        else:
+            every_token = native is not None and native.attends_every_token(self.head_dim)
+            masks = _AttentionMasks.of(batch, every_token, gathered=self.paged or None)
         delta: torch.Tensor | None = None  # the last layer's output, added with the next norm
         for parts in self.layers:
             delta = self.layer(parts, h, delta, cos, sin, batch, masks)
@@ -502,11 +529,19 @@ class DecoderForward:
             native.rope_qk(q, k, cos, sin)  # in place
         else:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        if native is not None:  # k (rotated) and v are token rows in the cache's dtype
+        native = self.native_attention
+        if self.paged:
+            write_blocks(parts.keys, parts.values, batch.cache_index, k, v)
+        elif native is not None:  # k (rotated) and v are token rows in the cache's dtype
             native.kv_write(parts.keys, parts.values, k, v, batch.rows, batch.positions)
         else:
             write_layer(parts.keys, parts.values, batch.cache_index, k, v)
-        if masks.lengths is not None:  # natively, each token against its own row, in place
+        if batch.paged is not None:  # every token in one launch
+            assert batch.block_tables is not None
+            out = _triton_attention()(
+                q, parts.keys, parts.values, batch.block_tables, batch.paged, self.scaling
+            )
+        elif masks.lengths is not None:  # natively, each token against its own row, in place
             assert native is not None
             out = native.decode_attention(
                 q, parts.keys, parts.values, batch.rows, masks.lengths, self.scaling
@@ -520,7 +555,8 @@ class DecoderForward:
                 )
             for chunk, future in zip(batch.chunks, masks.chunks, strict=True):
                 span = slice(chunk.offset, chunk.offset + chunk.length)
-                out[span] = self._prefill_attention(parts, q[span], chunk, future)
+                keys, values = self._chunk_keys(parts, chunk, batch)
+                out[span] = self._prefill_attention(q[span], keys, values, future)
         o_in = out.view(n, -1)
         o = linear["o"](o_in)
         _add_lora([o], o_in, parts.index, "o", batch)
@@ -532,11 +568,17 @@ class DecoderForward:
         """q (B, H, D) of the decode tokens, sequence i in row rows[i]; returns (B, H, D)."""
         b, rows, length = batch.n_decode, batch.num_rows, batch.max_decode_length
         decode_rows = batch.rows[:b]
-        if self.native is not None and b * length <= self.attention_limit:
+        native = self.native_attention
+        if native is not None and b * length <= self.attention_limit:
             # each token's own row and length, read in place: no copy, no mask
-            return self.native.decode_attention(
+            return native.decode_attention(
                 q, parts.keys, parts.values, decode_rows, batch.decode_lengths, self.scaling
             )
+        if self.paged:  # the decoding rows' blocks, gathered
+            keys, values = self._gather_blocks(parts, decode_rows, length, batch)
+            qg = q.view(b, self.kv_heads, self.group, self.head_dim)
+            out = attend(qg, keys, values, mask.bias, self.scaling)
+            return out.view(b, self.num_heads, self.head_dim)
         if mask.gathered:  # few rows decode (a prefill step): read only theirs
             return self._decode_attention_gathered(parts, q, batch, mask)
         keys = parts.keys[:rows, :, :length]  # (rows, H_kv, L, D), a view
@@ -563,14 +605,36 @@ class DecoderForward:
         out = attend(qg, keys, values, mask.bias, self.scaling)
         return out.view(b, self.num_heads, self.head_dim)
 
+    def _gather_blocks(
+        self, parts: _LayerParts, rows: torch.Tensor, length: int, batch: StepBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` keys and values of each of `rows` (R,), copied out of their
+        blocks: (R, H_kv, L, D) each."""
+        assert batch.block_tables is not None
+        blocks = batch.block_tables[rows, : -(-length // self.block_size)].long()  # (R, nb)
+        keys = parts.keys[blocks].flatten(1, 2)[:, :length].transpose(1, 2)
+        return keys, parts.values[blocks].flatten(1, 2)[:, :length].transpose(1, 2)
+
+    def _chunk_keys(
+        self, parts: _LayerParts, chunk: PromptChunk, batch: StepBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a prompt chunk sees, its row's first start + n: (H_kv, 1, T,
+        D) each, a view of the row (copies of the blocks where paged)."""
+        total = chunk.start + chunk.length
+        if self.paged:
+            row = batch.rows[chunk.offset : chunk.offset + 1]
+            keys, values = self._gather_blocks(parts, row, total, batch)  # (1, H_kv, T, D)
+            return keys.transpose(0, 1), values.transpose(0, 1)
+        keys = parts.keys[chunk.row, :, :total].unsqueeze(1)
+        return keys, parts.values[chunk.row, :, :total].unsqueeze(1)
+
     def _prefill_attention(
-        self, parts: _LayerParts, q: torch.Tensor, chunk: PromptChunk, future: torch.Tensor
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, future: torch.Tensor
     ) -> torch.Tensor:
-        """q (n, H, D) of one prompt chunk; causal over the row's first start + n tokens
-        (`future`: the chunk's (n, T) additive mask)."""
-        n, total = chunk.length, chunk.start + chunk.length
-        keys = parts.keys[chunk.row, :, :total].unsqueeze(1)  # (H_kv, 1, T, D)
-        values = parts.values[chunk.row, :, :total].unsqueeze(1)
+        """q (n, H, D) of one prompt chunk; causal over the keys and values (H_kv, 1, T, D)
+        of its row's first T = start + n tokens (`future`: the chunk's (n, T) additive
+        mask)."""
+        n = q.shape[0]
         qg = q.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(qg, keys.transpose(-1, -2))  # (H_kv, g, n, T)
         probs = probs_of(scores, future, self.scaling).to(values.dtype)
@@ -590,6 +654,14 @@ class DecoderForward:
         down = linear["down"](act)
         _add_lora([down], act, parts.index, "down", batch)
         return down
+
+
+@functools.cache
+def _triton_attention() -> Callable[..., torch.Tensor]:
+    """paged_attention_triton, imported at first use (its module imports triton)."""
+    from loraplex.server.engine.triton_attention import paged_attention_triton
+
+    return paged_attention_triton
 
 
 def attend(

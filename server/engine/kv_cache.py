@@ -27,6 +27,7 @@ nothing is ever preempted. On CUDA the pool is allocated for real, sized to the 
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,10 @@ class KVCache:
             and self.reserved_tokens + rows * min(tokens, self.max_len) <= self.token_budget
         )
 
+    def holds(self, tokens: int, rows: int) -> bool:
+        """Whether `rows` sequences of `tokens` tokens each fit in the empty cache."""
+        return rows <= self.num_rows and rows * min(tokens, self.max_len) <= self.token_budget
+
     def allocate(self, tokens: int) -> int:
         """Reserve `tokens` (capped at max_len) and return a free row."""
         if not self.can_admit(tokens):
@@ -155,9 +160,19 @@ class KVCache:
         base = (rows * heads).unsqueeze(1) + torch.arange(heads, device=rows.device)  # (N, H_kv)
         return (base * self.max_len + positions.unsqueeze(1)).view(-1)
 
+    def grow(self, rows: Sequence[int], ends: Sequence[int]) -> None:
+        """Nothing to do: a row holds max_len tokens from the start (the paged cache takes
+        blocks here)."""
+
     def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store N tokens' keys and values, k, v (N, H_kv, D), at `token_index` places."""
         write_layer(self.keys[layer], self.values[layer], index, k, v)
+
+    def read(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (N, H_kv, D) at `token_index` places (copies)."""
+        heads, d = self.shape.kv_heads, self.shape.head_dim
+        keys = self.keys[layer].view(-1, d).index_select(0, index).view(-1, heads, d)
+        return keys, self.values[layer].view(-1, d).index_select(0, index).view(-1, heads, d)
 
 
 def zero_pages(

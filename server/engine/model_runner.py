@@ -37,6 +37,8 @@ from loraplex.server.engine.lora import (
     slot_bytes,
 )
 from loraplex.server.engine.lora_ops import PoolPlan, Segment, plan_step
+from loraplex.server.engine.paged_attention import PagedQueries
+from loraplex.server.engine.paged_kv import KVStore, PagedKVCache, block_bytes, blocks_for_memory
 from loraplex.server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from loraplex.server.engine.triton_lora import LoraTiles, resolve_kernels
 
@@ -45,6 +47,39 @@ log = logging.getLogger(__name__)
 SLOT_MEMORY_SHARE = 4  # --max-loras auto: slots fill at most 1/4 of the memory available
 DENSE_MEMORY_SHARE = (2, 4)  # --dense-cache-mb default: 1/2 of free memory on a CPU, 1/4 on CUDA
 MIN_AUTO_SLOTS = 2  # one for the traffic, one to load into (or hold a merge)
+
+
+def resolve_kv_layout(choice: str, device: torch.device, kernels: str) -> str:
+    """The KV cache `--kv-layout` asks for: auto is paged on CUDA (a row there is max_len
+    tokens of real memory) and with the Triton kernels (whose attention reads blocks), rows
+    on a CPU (the native kernels read rows; an unwritten row costs no memory there)."""
+    if choice == "auto":
+        return "paged" if device.type == "cuda" or kernels == "triton" else "rows"
+    if choice not in ("rows", "paged"):
+        raise ValueError(f"kv_layout must be auto, rows or paged, got {choice!r}")
+    return choice
+
+
+def profile_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Device memory `fn` needs at its peak beyond what was allocated before it (0 off
+    CUDA: a CPU's KV cache is sized by --kv-cache-mb)."""
+    if device.type != "cuda":
+        fn()
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()  # what the step cached is free again for cudaMemGetInfo
+    return int(peak)
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a GPU (cudaMemGetInfo: other processes' use counts as used)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
 
 
 @dataclass(frozen=True)
@@ -95,6 +130,9 @@ class ModelRunner:
         compile: bool = True,
         kernels: str = "auto",
         prefix_cache_bytes: int = 0,
+        kv_layout: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+        max_prefill_tokens: int = 512,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -109,20 +147,35 @@ class ModelRunner:
         prefix_bytes = max(
             0, min(prefix_cache_bytes, kv_cache_bytes - self.max_context * shape.bytes_per_token)
         )
-        self.cache = KVCache(
-            shape,
-            num_rows=max_rows,
-            max_len=self.max_context,
-            budget_bytes=kv_cache_bytes - prefix_bytes,
-            device=self.device,
-        )
+        self.kernels = resolve_kernels(kernels, self.device)
+        self.kv_layout = resolve_kv_layout(kv_layout, self.device, self.kernels)
+        self.cache: KVStore
+        if self.kv_layout == "paged":
+            # on CUDA a pool for one sequence first: sized to the device after the model, the
+            # adapters' memory and a profiling step (fit_paged_cache)
+            on_cuda = self.device.type == "cuda"
+            budget = (kv_cache_bytes - prefix_bytes) // block_bytes(shape)
+            self.cache = PagedKVCache(
+                shape,
+                num_blocks=-(-self.max_context // BLOCK_TOKENS) if on_cuda else budget,
+                max_seqs=max_rows,
+                max_len=self.max_context,
+                device=self.device,
+            )
+        else:
+            self.cache = KVCache(
+                shape,
+                num_rows=max_rows,
+                max_len=self.max_context,
+                budget_bytes=kv_cache_bytes - prefix_bytes,
+                device=self.device,
+            )
         blocks = prefix_bytes // (shape.bytes_per_token * BLOCK_TOKENS)
         self.prefix: PrefixCache | None = None
         if blocks:
             self.prefix = PrefixCache(shape, blocks, self.device)
             log.info("prefix cache: %d blocks of %d tokens", blocks, BLOCK_TOKENS)
         layout = lora_layout(self.model)
-        self.kernels = resolve_kernels(kernels, self.device)
         # the native kernels (built once per machine: BaseLinears gets the same library)
         native = None
         if self.device.type == "cpu" and loaded.dtype in DTYPES:
@@ -171,6 +224,46 @@ class ModelRunner:
         log.info("base kernels: %s", self.linears.describe())
         log.info("LoRA kernels: %s (--kernels %s)", self.kernels, kernels)
         self.merged_slot: int | None = None  # the slot whose adapter is folded into the base
+        if self.kv_layout == "paged" and self.device.type == "cuda":
+            self.fit_paged_cache(gpu_memory_utilization, max_prefill_tokens)
+
+    def fit_paged_cache(self, utilization: float, profile_tokens: int) -> int:
+        """Size the paged cache's pools to the device, as vLLM's --gpu-memory-utilization
+        does: the process may use `utilization` of the device's memory; the KV blocks get
+        what the model, the adapter stacks and the prefix cache leave, less the peak of a
+        profiling step (a prompt chunk of `profile_tokens`), the adapter slots --max-loras
+        auto may still allocate and the dense budget merges may still fill. Returns the
+        number of blocks."""
+        cache = self.cache
+        assert isinstance(cache, PagedKVCache)
+        tokens = max(1, min(profile_tokens, self.max_context))
+        peak = profile_peak_bytes(lambda: self.prefill([[0] * tokens], [NO_ADAPTER]), self.device)
+        free, total = device_memory(self.device)
+        per_block = block_bytes(cache.shape, cache.block_size)
+        free += cache.num_blocks * per_block  # the first pool, freed by the resize
+        later = self.linears.merge_room()
+        if self.slot_budget is not None:
+            held = self.rank_bytes * sum(b * p.num_slots for b, p in self.lora.pools.items())
+            later += max(0, self.slot_budget - held)
+        blocks = blocks_for_memory(
+            free_bytes=free,
+            total_bytes=total,
+            utilization=utilization,
+            bytes_per_block=per_block,
+            activation_bytes=peak + later,
+        )
+        cache.resize(blocks)
+        self.forward.rebind_cache()
+        log.info(
+            "KV cache sized for --gpu-memory-utilization %.2f: %d blocks; a profiling step of "
+            "%d tokens peaked at %.1f MiB, %.1f MiB kept for adapters and merges",
+            utilization,
+            blocks,
+            tokens,
+            peak / 2**20,
+            later / 2**20,
+        )
+        return blocks
 
     @classmethod
     def from_config(
@@ -190,6 +283,9 @@ class ModelRunner:
             tuning=tuning,
             compile=config.compile,
             kernels=config.kernels,
+            kv_layout=config.kv_layout,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_prefill_tokens=config.max_prefill_tokens,
             prefix_cache_bytes=(
                 (config.prefix_cache_bytes or config.kv_cache_bytes // 4)
                 if config.prefix_cache
@@ -341,8 +437,15 @@ class ModelRunner:
         dev = self.device
         lora, unmerge = self._plans([d.slot for d in decodes], segments)
         decode_lengths = [d.position + 1 for d in decodes]
+        cache = self.cache
+        cache.grow(rows, [p + 1 for p in positions])  # blocks for the step's tokens (paged)
         row_t = torch.tensor(rows, dtype=torch.long, device=dev)
         position_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        tables, queries = None, None
+        if isinstance(cache, PagedKVCache):
+            tables = cache.tables()
+            if self.kernels == "triton":
+                queries = PagedQueries.build(rows, positions, self.forward.group, dev)
         batch = StepBatch(
             ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=position_t,
@@ -360,6 +463,8 @@ class ModelRunner:
                 len(decodes) == self.cache.num_used_rows
                 and all(d.row == i for i, d in enumerate(decodes))
             ),
+            block_tables=tables,
+            paged=queries,
         )
         return self.forward(batch)
 

@@ -13,10 +13,13 @@ Layout, per layer: keys and values (num_blocks, block_size, H_kv, D). A step wri
 step); the attention kernel reads a block of one KV head as block_size rows of D contiguous
 values (strided by H_kv * D), which loads coalesced for D of 64 or 128.
 
-Host state lives in numpy arrays indexed by the sequence's index (its row of the block table),
-so a step's bookkeeping is a few vectorised ops whatever the batch; the block table the kernels
-read is a fixed-capacity int32 tensor (max_seqs, max_blocks_per_seq) on the device, the same
-storage every step, so a CUDA graph can read it.
+The engine holds it as it holds the row cache (PagedKVCache has its interface): a sequence's
+row is its row of the block table, rows stay compact (the last moves into a freed one: a host
+copy of its table entries, no keys move), and `grow` takes the blocks a step's tokens need
+before their keys are written. Host state lives in numpy arrays indexed by row, so a step's
+bookkeeping is a few vectorised ops whatever the batch; the block table the kernels read is a
+fixed-capacity int32 tensor (max_seqs, max_blocks_per_seq) on the device, the same storage
+every step, so a CUDA graph can read it.
 
 Admission is in blocks, as the row cache's is in tokens: a sequence admitted for T tokens
 (prompt + max_new_tokens, capped at max_len) commits ceil(T / block_size) blocks, minus the
@@ -32,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from loraplex.server.engine.kv_cache import CacheShape
+from loraplex.server.engine.kv_cache import CacheShape, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,10 @@ class BlockAllocator:
 
 
 class PagedKVCache:
+    """The row cache's interface (kv_cache.py: rows kept compact, admission per request, the
+    last row moved into a freed one) over blocks: a row is a block-table row, so moving one
+    is a host copy of its table entries, never of keys or values."""
+
     def __init__(
         self,
         shape: CacheShape,
@@ -133,52 +140,64 @@ class PagedKVCache:
         self.shape = shape
         self.block_size = block_size
         self.max_len = max_len
-        self.max_seqs = max_seqs
+        self.num_rows = max_seqs
         self.device = device
         self.max_blocks_per_seq = -(-max_len // block_size)
-        if num_blocks < self.max_blocks_per_seq:
-            raise ValueError(
-                f"{num_blocks} blocks of {block_size} tokens cannot hold one sequence of "
-                f"max_len {max_len}"
-            )
-        self.allocator = BlockAllocator(num_blocks)
-        per_layer = (num_blocks, block_size, shape.kv_heads, shape.head_dim)
-        # zeros, not empty: a block's unwritten slots are read (with zero weight) by attention,
-        # and 0 * NaN from uninitialized memory would be NaN
-        self.keys = [
-            torch.zeros(per_layer, dtype=shape.dtype, device=device)
-            for _ in range(shape.num_layers)
-        ]
-        self.values = [
-            torch.zeros(per_layer, dtype=shape.dtype, device=device)
-            for _ in range(shape.num_layers)
-        ]
-        # per sequence index (max_seqs,): tokens held, blocks held, tokens it may grow to,
-        # blocks it may still take; the table's host copy (max_seqs, max_blocks_per_seq)
+        # per row (max_seqs,): tokens held, blocks held, tokens it may grow to, blocks it may
+        # still take; the table's host copy (max_seqs, max_blocks_per_seq)
         self._lengths = np.zeros(max_seqs, dtype=np.int64)
         self._num_blocks = np.zeros(max_seqs, dtype=np.int64)
         self._capacity = np.zeros(max_seqs, dtype=np.int64)
         self._reserved = np.zeros(max_seqs, dtype=np.int64)
-        self._reserved_total = 0
         self._table = np.zeros((max_seqs, self.max_blocks_per_seq), dtype=np.int32)
-        self._free_seqs = list(range(max_seqs - 1, -1, -1))
         # on the CPU the kernels read the host table itself; elsewhere a device copy
         host = torch.from_numpy(self._table)
         self.block_tables = host if device.type == "cpu" else host.to(device)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.num_used_rows = 0
+        self.resize(num_blocks)
+
+    def resize(self, num_blocks: int) -> None:
+        """(Re)allocate the pools with `num_blocks` blocks, while no row is in use (CUDA
+        sizes them after a profiling step run on a small first pool)."""
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"{num_blocks} blocks of {self.block_size} tokens cannot hold one sequence of "
+                f"max_len {self.max_len}"
+            )
+        if self.keys and self.num_used_rows:
+            raise RuntimeError("the KV cache is resized only while empty")
+        self.keys = self.values = []  # the old pools go before the new ones are allocated
+        self.allocator = BlockAllocator(num_blocks)
+        self.num_used_rows = 0
+        self._reserved_total = 0
         self._tables_dirty = False
+        per_layer = (num_blocks, self.block_size, self.shape.kv_heads, self.shape.head_dim)
+        # zeros, not empty: a block's unwritten slots are read (with zero weight) by attention,
+        # and 0 * NaN from uninitialized memory would be NaN
+        dtype, layers = self.shape.dtype, self.shape.num_layers
+        self.keys = [torch.zeros(per_layer, dtype=dtype, device=self.device) for _ in range(layers)]
+        self.values = [
+            torch.zeros(per_layer, dtype=dtype, device=self.device) for _ in range(layers)
+        ]
         log.info(
             "paged KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), up to %d sequences",
             num_blocks,
-            block_size,
-            num_blocks * block_size,
-            num_blocks * block_bytes(shape, block_size) / 2**20,
-            max_seqs,
+            self.block_size,
+            num_blocks * self.block_size,
+            num_blocks * block_bytes(self.shape, self.block_size) / 2**20,
+            self.num_rows,
         )
 
     # -- admission ----------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
+
+    @property
+    def token_budget(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
     def committed_blocks(self) -> int:
@@ -190,64 +209,109 @@ class PagedKVCache:
         """Share of the pool's blocks committed to the running sequences (the usage metric)."""
         return self.committed_blocks / self.num_blocks
 
-    @property
-    def num_seqs(self) -> int:
-        return self.max_seqs - len(self._free_seqs)
-
     def blocks_for(self, tokens: int) -> int:
         return -(-min(tokens, self.max_len) // self.block_size)
 
-    def can_admit(self, tokens: int, num_shared: int = 0) -> bool:
-        """Whether a sequence of up to `tokens` tokens, starting with `num_shared` shared
-        blocks, fits now."""
-        need = self.blocks_for(tokens) - num_shared
-        return bool(self._free_seqs) and self.committed_blocks + need <= self.num_blocks
+    def can_admit(self, tokens: int, rows: int = 1, num_shared: int = 0) -> bool:
+        """Whether `rows` more sequences of up to `tokens` tokens each fit now, the first
+        starting with `num_shared` shared blocks."""
+        need = rows * self.blocks_for(tokens) - num_shared
+        return (
+            self.num_used_rows + rows <= self.num_rows
+            and self.committed_blocks + need <= self.num_blocks
+        )
 
-    def admit(self, tokens: int, shared_blocks: Sequence[int] = ()) -> int:
-        """A new sequence that may grow to `tokens` tokens (capped at max_len); returns its
-        index. It starts with `shared_blocks` (full blocks of other sequences, in order: its
-        first len * block_size tokens), one more reference each."""
+    def holds(self, tokens: int, rows: int) -> bool:
+        """Whether `rows` sequences of `tokens` tokens each fit in the empty cache."""
+        return rows <= self.num_rows and rows * self.blocks_for(tokens) <= self.num_blocks
+
+    def allocate(self, tokens: int, shared_blocks: Sequence[int] = ()) -> int:
+        """A new row for a sequence that may grow to `tokens` tokens (capped at max_len). It
+        starts with `shared_blocks` (full blocks of other sequences, in order: its first
+        len * block_size tokens), one more reference each."""
         shared = np.asarray(shared_blocks, dtype=np.int32)
         num_shared = len(shared)
         capacity = min(tokens, self.max_len)
         if num_shared * self.block_size > capacity:
             raise ValueError(f"{num_shared} shared blocks exceed a sequence of {capacity} tokens")
-        if not self.can_admit(tokens, num_shared):
+        if not self.can_admit(tokens, 1, num_shared):
             raise RuntimeError("the KV cache is full")
+        row = self.num_used_rows
+        self.num_used_rows += 1
+        self._capacity[row] = capacity
+        self._reserved[row] = self.blocks_for(tokens)
+        self._reserved_total += int(self._reserved[row])
         if num_shared:
-            self.allocator.share(shared)
-        seq = self._free_seqs.pop()
-        self._table[seq, :num_shared] = shared
-        self._tables_dirty = True
-        self._lengths[seq] = num_shared * self.block_size
-        self._num_blocks[seq] = num_shared
-        self._capacity[seq] = capacity
-        self._reserved[seq] = self.blocks_for(tokens) - num_shared
-        self._reserved_total += int(self._reserved[seq])
-        return seq
+            self._share(row, shared)
+        return row
 
-    def free(self, seq: int) -> np.ndarray:
-        """The sequence ends: its reservation is dropped and its blocks released; returns the
-        blocks now free (a shared one stays in use until its last sequence frees it)."""
-        freed = self.allocator.release(self._table[seq, : self._num_blocks[seq]])
-        self._reserved_total -= int(self._reserved[seq])
-        self._lengths[seq] = self._num_blocks[seq] = self._capacity[seq] = 0
-        self._reserved[seq] = 0
-        self._free_seqs.append(seq)
-        return freed
+    def _share(self, row: int, shared: np.ndarray) -> None:
+        """An empty row starts with `shared`, full blocks: taken from its reservation."""
+        self.allocator.share(shared)
+        n = len(shared)
+        self._table[row, :n] = shared
+        self._tables_dirty = True
+        self._lengths[row] = n * self.block_size
+        self._num_blocks[row] = n
+        self._reserved[row] -= n
+        self._reserved_total -= n
+
+    def free(self, row: int, tokens: int = 0, last_row_length: int = 0) -> int | None:
+        """The sequence in `row` ends: its reservation is dropped and its blocks released (a
+        shared one stays in use until its last sequence frees it). The last row moves into
+        it; returns that moved row's old index, or None. (`tokens` and `last_row_length`:
+        the row cache's arguments; blocks know both.)"""
+        self.allocator.release(self._table[row, : self._num_blocks[row]])
+        self._reserved_total -= int(self._reserved[row])
+        last = self.num_used_rows - 1
+        moved = None
+        if row != last:
+            for column in (self._lengths, self._num_blocks, self._capacity, self._reserved):
+                column[row] = column[last]
+            self._table[row] = self._table[last]
+            self._tables_dirty = True
+            moved = last
+        self._lengths[last] = self._num_blocks[last] = 0
+        self._capacity[last] = self._reserved[last] = 0
+        self.num_used_rows -= 1
+        return moved
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Give the empty row `dst` the first `length` tokens of row `src` (the samples of one
+        prompt): its full blocks shared, the rest copied into a block of its own."""
+        if self._lengths[dst]:
+            raise ValueError("a prefix is copied into an empty row only")
+        full = length // self.block_size
+        self._share(dst, self._table[src, :full].copy())
+        if length > full * self.block_size:
+            self.grow([dst], [length])
+            positions = torch.arange(full * self.block_size, length, device=self.device)
+            taken = self.token_index(torch.full_like(positions, src), positions)
+            given = self.token_index(torch.full_like(positions, dst), positions)
+            for layer in range(self.shape.num_layers):
+                self.write(layer, given, *self.read(layer, taken))
 
     # -- growth -------------------------------------------------------------------------------
-    def length(self, seq: int) -> int:
-        return int(self._lengths[seq])
+    def length(self, row: int) -> int:
+        return int(self._lengths[row])
 
-    def blocks(self, seq: int) -> np.ndarray:
-        """The blocks of a sequence, in token order (a copy)."""
-        return self._table[seq, : self._num_blocks[seq]].copy()
+    def blocks(self, row: int) -> np.ndarray:
+        """The blocks of a row, in token order (a copy)."""
+        return self._table[row, : self._num_blocks[row]].copy()
 
-    def extend(self, seqs: Sequence[int] | np.ndarray, counts: Sequence[int] | np.ndarray) -> None:
-        """A step adds counts[i] tokens to sequence seqs[i] (each sequence at most once):
-        blocks are taken where their last fills up. Vectorised over the step's sequences."""
-        seqs = np.asarray(seqs, dtype=np.int64)
+    def grow(self, rows: Sequence[int], ends: Sequence[int]) -> None:
+        """Rows rows[i] will hold at least ends[i] tokens (a step's tokens, before their
+        keys and values are written): blocks are taken where a row's last fills up. A row
+        may appear more than once; vectorised over the step."""
+        rows_a = np.asarray(rows, dtype=np.int64)
+        target = self._lengths.copy()
+        np.maximum.at(target, rows_a, np.asarray(ends, dtype=np.int64))
+        touched = np.flatnonzero(target != self._lengths)
+        self.extend(touched, target[touched] - self._lengths[touched])
+
+    def extend(self, rows: Sequence[int] | np.ndarray, counts: Sequence[int] | np.ndarray) -> None:
+        """A step adds counts[i] tokens to row rows[i] (each row at most once)."""
+        seqs = np.asarray(rows, dtype=np.int64)
         counts = np.asarray(counts, dtype=np.int64)
         if len(np.unique(seqs)) != len(seqs):
             raise ValueError("a sequence appears twice in one step")
@@ -258,10 +322,10 @@ class PagedKVCache:
         total = int(need.sum())
         if total:
             new = self.allocator.allocate(total)
-            # sequence s's new blocks go to table columns num_blocks[s], num_blocks[s] + 1, ...
-            rows = np.repeat(seqs, need)
+            # row s's new blocks go to table columns num_blocks[s], num_blocks[s] + 1, ...
+            where = np.repeat(seqs, need)
             first = np.repeat(self._num_blocks[seqs] - (np.cumsum(need) - need), need)
-            self._table[rows, first + np.arange(total)] = new
+            self._table[where, first + np.arange(total)] = new
             self._num_blocks[seqs] += need
             self._reserved[seqs] -= need
             self._reserved_total -= total
@@ -278,23 +342,32 @@ class PagedKVCache:
         return self.block_tables
 
     # -- device side --------------------------------------------------------------------------
-    def slot_mapping(self, seq_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 slot (block * block_size + offset) of each token, from its sequence
-        seq_ids (N,) and position (N,) (within the sequence's length: extend first)."""
+    def token_index(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 slot (block * block_size + offset) of each token, from its row (N,) and
+        position (N,), within the row's length (`grow` first)."""
         tables = self.tables()
-        blocks = tables[seq_ids, torch.div(positions, self.block_size, rounding_mode="floor")]
+        blocks = tables[rows, torch.div(positions, self.block_size, rounding_mode="floor")]
         return blocks.long() * self.block_size + positions % self.block_size
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store N tokens' keys and values k, v (N, H_kv, D) at their slots (N,)."""
         write_blocks(self.keys[layer], self.values[layer], slots, k, v)
 
-    def gather(self, layer: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sequence's keys and values (length, H_kv, D), copied out of its blocks."""
-        blocks = torch.from_numpy(self.blocks(seq)).to(self.device).long()
-        n = self.length(seq)
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (N, H_kv, D) at `slots` (N,) (copies)."""
+        heads, d = self.shape.kv_heads, self.shape.head_dim
+        keys = self.keys[layer].view(-1, heads, d).index_select(0, slots)
+        return keys, self.values[layer].view(-1, heads, d).index_select(0, slots)
+
+    def gather(self, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's keys and values (length, H_kv, D), copied out of its blocks."""
+        blocks = torch.from_numpy(self.blocks(row)).to(self.device).long()
+        n = self.length(row)
         keys = self.keys[layer][blocks].flatten(0, 1)[:n]
         return keys, self.values[layer][blocks].flatten(0, 1)[:n]
+
+
+KVStore = KVCache | PagedKVCache  # what the engine and the forward hold: rows or blocks
 
 
 def write_blocks(

@@ -6,7 +6,7 @@ request's namespace (adapter version, tenant, cache salt), every token of blocks
 block i-1's digest, keyed with a secret drawn at start (so nobody can forge another tenant's
 names). A lookup walks the prompt's digests while they are cached; a hit's blocks are copied into
 the new sequence's KV cache row (copy-into-row: rows stay what attention reads, see
-kv_cache.py), and its prefill starts after them.
+kv_cache.py; with the paged cache, into the row's blocks), and its prefill starts after them.
 
 Why copy-into-row and hashed blocks: on this CPU the engine's attention and its captured steps
 read each sequence's row in place; sharing blocks between rows would need a paged attention
@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.core.types import AdapterKey
-from loraplex.server.engine.kv_cache import CacheShape, KVCache, zero_pages
+from loraplex.server.engine.kv_cache import CacheShape, zero_pages
+from loraplex.server.engine.paged_kv import KVStore
 
 BLOCK_TOKENS = 16
 
@@ -94,7 +95,7 @@ class PrefixCache:
             parent = digest
         return out
 
-    def load(self, namespace: Namespace, prompt: list[int], cache: KVCache, row: int) -> int:
+    def load(self, namespace: Namespace, prompt: list[int], cache: KVStore, row: int) -> int:
         """Copy the longest cached prefix of `prompt` (whole blocks, leaving at least its last
         token to compute: its logits choose the first new token) into `row`; returns its
         length in tokens."""
@@ -110,20 +111,26 @@ class PrefixCache:
         for block in reversed(blocks):  # the chain's start most recent: evicted last
             self._lru.move_to_end(block)
         n = len(blocks) * BLOCK_TOKENS
-        index = torch.tensor(blocks, dtype=torch.long, device=self.keys[0].device)
-        for pool, rows in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer, blocks_t in enumerate(pool):
-                taken = blocks_t.index_select(0, index)  # (n_blocks, H, B, D)
-                rows[layer][row, :, :n].copy_(taken.transpose(0, 1).flatten(1, 2))
+        cache.grow([row], [n])
+        positions = torch.arange(n, device=self.keys[0].device)
+        places = cache.token_index(torch.full_like(positions, row), positions)
+        index = torch.tensor(blocks, dtype=torch.long, device=positions.device)
+        for layer in range(len(self.keys)):
+            # (n_blocks, H, B, D) -> the tokens' (n, H, D)
+            k, v = (
+                pool[layer].index_select(0, index).transpose(1, 2).flatten(0, 1)
+                for pool in (self.keys, self.values)
+            )
+            cache.write(layer, places, k, v)
         self.stats.hits += n
         return n
 
-    def store(self, namespace: Namespace, tokens: list[int], cache: KVCache, row: int) -> None:
+    def store(self, namespace: Namespace, tokens: list[int], cache: KVStore, row: int) -> None:
         """Keep the whole blocks of `tokens`, whose keys and values are in `row` (its first
         len(tokens) positions), that are not cached yet (as many as the pool holds)."""
         self.store_many([(namespace, tokens, row)], cache)
 
-    def store_many(self, items: list[tuple[Namespace, list[int], int]], cache: KVCache) -> None:
+    def store_many(self, items: list[tuple[Namespace, list[int], int]], cache: KVStore) -> None:
         """`store` for several (namespace, tokens, row) at once: one gather and one copy per
         layer for all their new blocks (a step that ends many sequences pays for one)."""
         taken: list[int] = []
@@ -157,7 +164,7 @@ class PrefixCache:
                 if found is not None:
                     self._lru.move_to_end(found)
 
-    def _copy_in(self, blocks: list[int], sources: list[tuple[int, int]], cache: KVCache) -> None:
+    def _copy_in(self, blocks: list[int], sources: list[tuple[int, int]], cache: KVStore) -> None:
         """Copy each (row, position) block of the KV cache rows into its pool block."""
         device = self.keys[0].device
         index = torch.tensor(blocks, dtype=torch.long, device=device)
@@ -171,13 +178,13 @@ class PrefixCache:
             dtype=torch.long,
             device=device,
         )
+        places = cache.token_index(rows, positions)
         n = len(blocks)
-        for pool, layers in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer, blocks_t in enumerate(pool):
-                gathered = layers[layer][rows, :, positions]  # (n * B, H, D)
-                blocks_t.index_copy_(
-                    0, index, gathered.unflatten(0, (n, BLOCK_TOKENS)).transpose(1, 2)
-                )
+        for layer in range(len(self.keys)):
+            taken = cache.read(layer, places)  # the tokens' (n * B, H, D) each
+            for pool, tokens in zip((self.keys, self.values), taken, strict=True):
+                blocks_t = tokens.unflatten(0, (n, BLOCK_TOKENS)).transpose(1, 2)  # (n, H, B, D)
+                pool[layer].index_copy_(0, index, blocks_t)
 
     def _take_block(self, protect: set[int]) -> int:
         if self._free:

@@ -97,7 +97,7 @@ class EngineSnapshot:
     queued_tokens: int  # their prompt tokens
     running_adapters: tuple[str, ...]  # ids of the adapters running requests use, sorted
     waiting_adapters: tuple[str, ...]  # ids of the adapters queued requests name, sorted
-    kv_cache_usage: float  # share of the KV cache's token budget reserved
+    kv_cache_usage: float  # share of the KV cache's token budget (paged: blocks) reserved
     kv_rows_used: int
     num_slots: int
     slots: tuple[SlotView, ...]  # occupied device slots, by slot
@@ -105,6 +105,7 @@ class EngineSnapshot:
     merge: MergeState
     stats: EngineStats = field(default_factory=EngineStats)  # a copy
     prefix_cache: PrefixCacheView | None = None  # None: --no-prefix-cache
+    kv_blocks: tuple[int, int] | None = None  # the paged cache's (blocks, in use); None: rows
 
     def slot_of(self, key: AdapterKey) -> int | None:
         """The slot holding `key`, if it is resident."""

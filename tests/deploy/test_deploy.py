@@ -49,6 +49,8 @@ GAUGES = {
     "loraplex_num_requests_waiting": set(),
     "loraplex_adapters_resident": {"tier"},
     "loraplex_kv_cache_usage_ratio": set(),
+    "loraplex_kv_cache_blocks_total": set(),  # the paged cache's (CUDA)
+    "loraplex_kv_cache_blocks_used": set(),
     "loraplex_build_info": {"version", "model", "quantization", "device"},
     "loraplex_lora_requests_info": {
         "running_lora_adapters",

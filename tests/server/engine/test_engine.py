@@ -7,6 +7,7 @@ import importlib
 import random
 import sys
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.request import EngineRequest, RequestOutput, SamplingParams
 from loraplex.server.engine.state import EngineSnapshot
+from loraplex.server.metrics import StateCollector
+from loraplex.server.runtime.heap import GcPauses
 
 
 class Collector:
@@ -396,3 +399,103 @@ def test_a_device_error_stops_serving_until_a_restart(setup):
         engine.check()
     with pytest.raises(NotReady):  # Unrecoverable is a NotReady: UNAVAILABLE, 503
         engine.submit(EngineRequest("x", [1, 2], SamplingParams(2), None, Collector()))
+
+
+class AllSamples(Collector):
+    """Collects a request with n samples: done once each has finished."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __call__(self, item: RequestOutput | BaseException) -> None:
+        super().__call__(item)
+        if not isinstance(item, BaseException):
+            finished = sum(o.finish_reason is not None for o in self.outputs)
+            (self.done.set if finished == self.n else self.done.clear)()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for i in range(self.n) for o in self.outputs if o.index == i for t in o.token_ids]
+
+
+def layouts_workload(engine, versions) -> list[list[int]]:
+    """Greedy tokens of a workload that crosses blocks every way: prompts shorter and longer
+    than a block, chunks that start mid-block (8 tokens a step) beside decodes, two samples
+    of one prompt (the second shares the first's blocks), and a repeated prompt (the prefix
+    cache's blocks copied in)."""
+    long_prompt = [(7 * i) % 3000 + 50 for i in range(37)]
+    first = [
+        submit(engine, long_prompt, versions["two"], max_new_tokens=20),
+        submit(engine, PROMPTS[0], versions["one"], max_new_tokens=24),
+        AllSamples(2),
+        submit(engine, PROMPTS[1], versions["one"], max_new_tokens=18),
+    ]
+    params = SamplingParams(20, ignore_eos=True, n=2)
+    engine.submit(EngineRequest("samples", PROMPTS[2] * 3, params, None, first[2]))
+    for c in first:
+        assert c.done.wait(120) and c.error is None
+    again = submit(engine, long_prompt, versions["two"], max_new_tokens=20)
+    assert again.done.wait(120) and again.error is None
+    return [c.tokens for c in (*first, again)]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_the_paged_cache_serves_the_tokens_of_the_row_cache(setup, kernels):
+    """--kv-layout paged (torch's ops over gathered blocks; with --kernels triton, the Triton
+    LoRA and paged-attention kernels, in Triton's interpreter here) gives the row cache's
+    greedy tokens; every block is back in the pool afterwards."""
+    if kernels == "triton":
+        pytest.importorskip("triton", reason="triton comes with the dev extra (Linux)")
+    settings = {"max_prefill_tokens": 8, "max_batch_size": 6}
+    engine, versions = setup(kv_layout="rows", kernels="torch", **settings)
+    want = layouts_workload(engine, versions)
+    engine.stop()
+    engine, versions = setup(kv_layout="paged", kernels=kernels, **settings)
+    got = layouts_workload(engine, versions)
+    assert got == want
+    assert want[4] == want[0]  # the prefix cache's copy served the same tokens
+    state = engine.snapshot().result(30)
+    assert state.kv_blocks is not None and state.kv_blocks[1] == 0
+    assert state.kv_cache_usage == 0 and state.kv_rows_used == 0
+    assert state.prefix_cache is not None and state.prefix_cache.hits > 0
+    # the block gauges, as Prometheus scrapes them
+    runtime = SimpleNamespace(gc_pauses=GcPauses(), engine=engine)
+    scraped = {}
+    for family in StateCollector(runtime).collect():  # the engine's gauges come first
+        scraped[family.name] = family.samples[0].value if family.samples else None
+        if "loraplex_kv_cache_blocks_used" in scraped:
+            break
+    assert scraped["loraplex_kv_cache_blocks_total"] == state.kv_blocks[0] > 0
+    assert scraped["loraplex_kv_cache_blocks_used"] == 0
+
+
+def test_a_paged_cache_is_sized_to_the_device_after_a_profiling_step(load_tiny, monkeypatch):
+    """fit_paged_cache (run at start on CUDA, here with the device's memory faked): the
+    blocks fill the utilization's share of the device less the profiling step's peak, and the
+    forward reads the new pools."""
+    from loraplex.server.engine import model_runner
+    from loraplex.server.engine.paged_kv import block_bytes
+
+    runner = ModelRunner(
+        load_tiny(), num_slots=2, max_rank=8, kv_layout="paged", dense_cache_bytes=1 << 20
+    )
+    per_block = block_bytes(runner.cache.shape)
+    profiled = []
+
+    def peak(fn, device):
+        fn()
+        profiled.append(device)
+        return 10 * per_block
+
+    monkeypatch.setattr(model_runner, "profile_peak_bytes", peak)
+    first = runner.cache.num_blocks * per_block  # freed by the resize
+    monkeypatch.setattr(
+        model_runner, "device_memory", lambda device: (1000 * per_block - first, 1000 * per_block)
+    )
+    room = runner.linears.merge_room()
+    blocks = runner.fit_paged_cache(0.5, profile_tokens=16)
+    assert profiled and blocks == runner.cache.num_blocks
+    assert blocks == (500 * per_block - 10 * per_block - room) // per_block
+    assert runner.forward.layers[0].keys is runner.cache.keys[0]
+    assert runner.prefill([[5, 17, 300]], [-1]).shape[0] == 1

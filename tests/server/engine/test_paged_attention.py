@@ -65,7 +65,7 @@ def filled_step(
         max_len=max_len,
         device=device,
     )
-    seqs = [cache.admit(t) for t in total]
+    seqs = [cache.allocate(t) for t in total]
     for upto in range(16, max_len + 16, 16):  # a block each in turn
         counts = [max(0, min(t, upto) - cache.length(s)) for s, t in zip(seqs, total, strict=True)]
         cache.extend(seqs, counts)
@@ -73,7 +73,7 @@ def filled_step(
     positions = torch.cat([torch.arange(t) for t in total])
     k = torch.randn(len(seq_ids), kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(len(seq_ids), kv_heads, head_dim, generator=gen).to(dtype)
-    slots = cache.slot_mapping(seq_ids.to(device), positions.to(device))
+    slots = cache.token_index(seq_ids.to(device), positions.to(device))
     cache.write(0, slots, k.to(device), v.to(device))
     query_seqs, query_pos, spans = [], [], {}
     for s, b, n in zip(seqs, before, step, strict=True):
