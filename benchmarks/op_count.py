@@ -10,10 +10,11 @@ layers) as each backend runs it:
     cpu          the engine on a CPU: loraplex's native kernels (every 4-bit layer on its
                  native kernel, not a measured choice), the step eager
     cpu program  the same with the decode step replayed as a captured program (the default)
-    torch        torch's ops and bitsandbytes' 4-bit matmul (no native kernels): the CUDA path
-                 with --kernels torch
-    triton       the same with the Triton LoRA kernels (--kernels triton; here in Triton's
-                 interpreter, whose own tensor copies inside a launch are not counted)
+    torch        torch's ops and bitsandbytes' 4-bit matmul (no native kernels) over the paged
+                 KV cache: the CUDA path with --kernels torch
+    triton       the same with the Triton LoRA and paged-attention kernels (--kernels triton;
+                 here in Triton's interpreter, whose own tensor copies inside a launch are not
+                 counted)
 
 Counts, not times: the machine's load does not move them, but its measured compute dtype
 does (`--dtype auto`).
@@ -166,6 +167,7 @@ def count_decode_step(
             kernels=kernels,
             base_kernel="nf4" if native else "bitsandbytes",
             dense_cache_bytes=None if native else 0,
+            kv_layout="rows" if native else "paged",  # the CUDA paths read blocks
         )
     finally:
         cpu_kernels.load = load

@@ -470,7 +470,9 @@ class DecoderForward:
         layer, before the final norm."""
         inner = self.model.model
         h = inner.embed_tokens(batch.ids)  # (N, hidden)
-        if self.rope_table is not None:
+        if self._fused_rope(batch):  # the Triton kernel reads the table at each position
+            cos, sin = self.rope_table
+        elif self.rope_table is not None:
             cos = self.rope_table[0].index_select(0, batch.positions).unsqueeze(1)  # (N, 1, D)
             sin = self.rope_table[1].index_select(0, batch.positions).unsqueeze(1)
         else:
@@ -524,18 +526,13 @@ class DecoderForward:
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.kv_heads, self.head_dim)
         v = v.view(n, self.kv_heads, self.head_dim)
-        native = self.native
-        if native is not None and q.dtype == cos.dtype:  # q, k: token rows of the qkv output
-            native.rope_qk(q, k, cos, sin)  # in place
+        if self._fused_rope(batch):  # rotated, and k and v stored in the blocks: one launch
+            _triton_rope_cache()(
+                q, k, v, cos, sin, batch.positions, batch.cache_index, parts.keys, parts.values
+            )
         else:
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q = self._rope_and_write(parts, q, k, v, cos, sin, batch)
         native = self.native_attention
-        if self.paged:
-            write_blocks(parts.keys, parts.values, batch.cache_index, k, v)
-        elif native is not None:  # k (rotated) and v are token rows in the cache's dtype
-            native.kv_write(parts.keys, parts.values, k, v, batch.rows, batch.positions)
-        else:
-            write_layer(parts.keys, parts.values, batch.cache_index, k, v)
         if batch.paged is not None:  # every token in one launch
             assert batch.block_tables is not None
             out = _triton_attention()(
@@ -605,6 +602,37 @@ class DecoderForward:
         out = attend(qg, keys, values, mask.bias, self.scaling)
         return out.view(b, self.num_heads, self.head_dim)
 
+    def _rope_and_write(
+        self,
+        parts: _LayerParts,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """q and k rotated (q returned: in place where native), k and v written into the
+        cache at the step's places."""
+        native = self.native
+        if native is not None and q.dtype == cos.dtype:  # q, k: token rows of the qkv output
+            native.rope_qk(q, k, cos, sin)  # in place
+        else:
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        native = self.native_attention
+        if self.paged:
+            write_blocks(parts.keys, parts.values, batch.cache_index, k, v)
+        elif native is not None:  # k (rotated) and v are token rows in the cache's dtype
+            native.kv_write(parts.keys, parts.values, k, v, batch.rows, batch.positions)
+        else:
+            write_layer(parts.keys, parts.values, batch.cache_index, k, v)
+        return q
+
+    def _fused_rope(self, batch: StepBatch) -> bool:
+        """Whether the step's rotary embedding and cache writes run in one Triton launch per
+        layer (the Triton path, with the model's table of every position)."""
+        return batch.paged is not None and self.rope_table is not None
+
     def _gather_blocks(
         self, parts: _LayerParts, rows: torch.Tensor, length: int, batch: StepBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -654,6 +682,14 @@ class DecoderForward:
         down = linear["down"](act)
         _add_lora([down], act, parts.index, "down", batch)
         return down
+
+
+@functools.cache
+def _triton_rope_cache() -> Callable[..., None]:
+    """rope_and_cache, imported at first use (its module imports triton)."""
+    from loraplex.server.engine.triton_attention import rope_and_cache
+
+    return rope_and_cache
 
 
 @functools.cache

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from loraplex.server.engine.kv_cache import CacheShape, KVCache
+from loraplex.server.engine.kv_cache import CacheShape, KVCache, zero_pages
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,14 @@ class PagedKVCache:
         per_layer = (num_blocks, self.block_size, self.shape.kv_heads, self.shape.head_dim)
         # zeros, not empty: a block's unwritten slots are read (with zero weight) by attention,
         # and 0 * NaN from uninitialized memory would be NaN
-        dtype, layers = self.shape.dtype, self.shape.num_layers
-        self.keys = [torch.zeros(per_layer, dtype=dtype, device=self.device) for _ in range(layers)]
-        self.values = [
-            torch.zeros(per_layer, dtype=dtype, device=self.device) for _ in range(layers)
+        # (on a CPU, pages the OS backs only as blocks are written, as the row cache's)
+        pools = [
+            zero_pages(per_layer, self.shape.dtype, self.device)
+            for _ in range(2 * self.shape.num_layers)
         ]
+        self._maps = [region for _, region in pools if region is not None]
+        self.keys = [tensor for tensor, _ in pools[: self.shape.num_layers]]
+        self.values = [tensor for tensor, _ in pools[self.shape.num_layers :]]
         log.info(
             "paged KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), up to %d sequences",
             num_blocks,

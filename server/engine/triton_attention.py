@@ -1,6 +1,7 @@
 """Paged attention in Triton: a step's decode tokens and prompt chunks in one launch, each query
 token against its own sequence's cached keys up to its position (paged_attention.py says what
-the metadata means; paged_attention_reference is the spec this equals).
+the metadata means; paged_attention_reference is the spec this equals). And its input side in
+one launch too: the rotary embedding of q and k, with k and v stored into the blocks.
 
 One program per (query tile, KV head). Its rows are the tile's tokens x the group of query heads
 that share that KV head (grouped-query attention: the keys are read once for the group), padded
@@ -111,6 +112,96 @@ def paged_attention_kernel(
     tl.store(o_at + dims[None, :], out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
+@triton.jit
+def rope_cache_kernel(
+    q_ptr,  # (N, H, D) rotated in place (a column view of the q/k/v output)
+    k_ptr,  # (N, H_kv, D)
+    v_ptr,  # (N, H_kv, D)
+    cos_ptr,  # (max_len, D)
+    sin_ptr,  # (max_len, D)
+    positions_ptr,  # (N,) int64
+    slots_ptr,  # (N,) int64: block * BLOCK_SIZE + offset of each token in the pools
+    kc_ptr,  # (num_blocks * BLOCK_SIZE, H_kv, D)
+    vc_ptr,  # (num_blocks * BLOCK_SIZE, H_kv, D)
+    stride_qt,
+    stride_kt,
+    stride_vt,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,  # max(HEADS, KV_HEADS) rounded up to a power of 2
+    HEAD_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,  # HEAD_DIM // 2 rounded up to a power of 2
+):
+    """One token: q and k rotated (HF's rotate_half: the halves of each head are the pairs),
+    q in place, k and v stored at the token's slot of the pools. In float32, one rounding."""
+    t = tl.program_id(0)
+    pos = tl.load(positions_ptr + t)
+    slot = tl.load(slots_ptr + t)
+    heads = tl.arange(0, HEADS_PAD)[:, None]  # (HEADS_PAD, 1)
+    half = tl.arange(0, HALF_PAD)[None, :]  # (1, HALF_PAD)
+    dim_ok = half < HEAD_DIM // 2
+    c1 = tl.load(cos_ptr + pos * HEAD_DIM + half, mask=dim_ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * HEAD_DIM + HEAD_DIM // 2 + half, mask=dim_ok, other=0.0)
+    s1 = tl.load(sin_ptr + pos * HEAD_DIM + half, mask=dim_ok, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + pos * HEAD_DIM + HEAD_DIM // 2 + half, mask=dim_ok, other=0.0)
+    c2 = c2.to(tl.float32)
+    s2 = s2.to(tl.float32)
+    # q, in place
+    at = q_ptr + t.to(tl.int64) * stride_qt + heads * HEAD_DIM + half
+    ok = (heads < HEADS) & dim_ok
+    x1 = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(at + HEAD_DIM // 2, mask=ok, other=0.0).to(tl.float32)
+    tl.store(at, (x1 * c1 - x2 * s1).to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(at + HEAD_DIM // 2, (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty), mask=ok)
+    # k, rotated into the key pool; v copied into the value pool
+    ok = (heads < KV_HEADS) & dim_ok
+    at = k_ptr + t.to(tl.int64) * stride_kt + heads * HEAD_DIM + half
+    x1 = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(at + HEAD_DIM // 2, mask=ok, other=0.0).to(tl.float32)
+    to = kc_ptr + slot * (KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + half
+    tl.store(to, (x1 * c1 - x2 * s1).to(kc_ptr.dtype.element_ty), mask=ok)
+    tl.store(to + HEAD_DIM // 2, (x2 * c2 + x1 * s2).to(kc_ptr.dtype.element_ty), mask=ok)
+    at = v_ptr + t.to(tl.int64) * stride_vt + heads * HEAD_DIM + half
+    to = vc_ptr + slot * (KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + half
+    tl.store(to, tl.load(at, mask=ok, other=0.0), mask=ok)
+    tl.store(to + HEAD_DIM // 2, tl.load(at + HEAD_DIM // 2, mask=ok, other=0.0), mask=ok)
+
+
+def rope_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+) -> None:
+    """The rotary embedding of q (N, H, D), in place, and of k (N, H_kv, D), stored with v
+    at each token's slot (N,) of the pools (num_blocks, block_size, H_kv, D): forward.py's
+    rope and write_blocks in one launch. cos and sin (max_len, D) are the model's table,
+    read at positions (N,). Heads must be contiguous within a token (q/k/v column views)."""
+    n, heads, d = q.shape
+    kv_heads = k.shape[1]
+    for x in (q, k, v):
+        if x.stride(2) != 1 or x.stride(1) != d:
+            raise ValueError("a token's heads must be contiguous")
+    if d % 2 or not (key_pool.is_contiguous() and value_pool.is_contiguous()):
+        raise ValueError("an even head dim and contiguous pools are needed")
+    if not n:
+        return
+    rope_cache_kernel[(n,)](
+        q, k, v, cos, sin, positions, slots, key_pool, value_pool,
+        q.stride(0), k.stride(0), v.stride(0),
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        HEADS_PAD=next_power_of_2(max(heads, kv_heads)),
+        HEAD_DIM=d,
+        HALF_PAD=next_power_of_2(d // 2),
+    )  # fmt: skip
+
+
 def interpreting() -> bool:
     """Whether the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
     return isinstance(paged_attention_kernel, InterpretedFunction)
@@ -211,4 +302,29 @@ def aot_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"
         specs.append((paged_attention_kernel, signature, constexprs))
+    # rope_and_cache: Llama-3-8B's 32 query and 8 KV heads of 128 in bf16, SmolLM2's 9 and 3
+    # of 64 in float32
+    for dtype, heads, kv_heads, head_dim in (
+        (torch.bfloat16, 32, 8, 128),
+        (torch.float32, 9, 3, 64),
+    ):
+        element = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        constexprs = {
+            "HEADS": heads,
+            "KV_HEADS": kv_heads,
+            "HEADS_PAD": next_power_of_2(heads),
+            "HEAD_DIM": head_dim,
+            "HALF_PAD": next_power_of_2(head_dim // 2),
+        }
+        signature = {}
+        for name in rope_cache_kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in ("positions_ptr", "slots_ptr"):
+                signature[name] = "*i64"
+            elif name.endswith("_ptr"):
+                signature[name] = f"*{element}"
+            else:
+                signature[name] = "i32"
+        specs.append((rope_cache_kernel, signature, constexprs))
     return specs

@@ -62,16 +62,21 @@ class LoraTiles:
         self._staging = torch.zeros(size, dtype=torch.int32, pin_memory=on_gpu)
         self._uploaded = torch.cuda.Event() if on_gpu else None
         self.num_tiles = 0  # tiles of the current step (host side, for logs and tests)
+        # views made once (every launch reads them: no op per launch)
+        self.tiles = self.table[: 4 * self.capacity].view(4, self.capacity)  # (4, capacity)
+        self.order = self.table[4 * self.capacity :]  # (max_tokens,) the grouped order
+        # the shrink's float32 output per width (k * C), reused by every layer and group of
+        # that width: launches on one stream run in order, so the expand has read it before
+        # the next shrink writes it
+        self._shrunk: dict[int, torch.Tensor] = {}
 
-    @property
-    def tiles(self) -> torch.Tensor:
-        """(4, capacity) int32: the tile table, a view."""
-        return self.table[: 4 * self.capacity].view(4, self.capacity)
-
-    @property
-    def order(self) -> torch.Tensor:
-        """(max_tokens,) int32: the grouped order, a view."""
-        return self.table[4 * self.capacity :]
+    def shrunk(self, width: int, zero: bool) -> torch.Tensor:
+        """The shrink's output buffer (max_tokens, width) float32; zeroed where `zero`."""
+        y = self._shrunk.get(width)
+        if y is None:
+            y = torch.empty(self.max_tokens, width, dtype=torch.float32, device=self.table.device)
+            self._shrunk[width] = y
+        return y.zero_() if zero else y
 
     def update(self, token_slots: Sequence[int] | torch.Tensor, ranks: Sequence[int]) -> None:
         """Group the step's tokens: token_slots (N,) the pool's local slot of each token (-1: not
@@ -140,15 +145,15 @@ def _dot_options(dtype: torch.dtype) -> dict[str, object]:
 def lora_shrink(
     x: torch.Tensor, at: torch.Tensor, tiles: LoraTiles, split_k: int = 1
 ) -> torch.Tensor:
-    """Y (max_tokens, k*C) float32, row p = grouped position: x (N, in) @ at[slot] (in, k*C)
+    """Y (max_tokens, k*C) float32 (the tiles' buffer for that width: read it before the next
+    shrink of that width), row p = grouped position: x (N, in) @ at[slot] (in, k*C)
     of each token's slot, up to the slot's rank (columns beyond it and rows of no tile are
     unset, or zero with split_k > 1). split_k > 1 cuts the input features in that many parts
     added atomically: more programs for a step of few tokens, in a nondeterministic order."""
     _, fan_in, k, cap = at.shape
     if x.shape[1] != fan_in or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} does not feed stacks of input width {fan_in}")
-    alloc = torch.zeros if split_k > 1 else torch.empty
-    y = alloc(tiles.max_tokens, k * cap, dtype=torch.float32, device=x.device)
+    y = tiles.shrunk(k * cap, zero=split_k > 1)
     grid = (tiles.capacity, k * -(-cap // BLOCK_R), split_k)
     _kernels().lora_shrink_kernel[grid](
         x, x.stride(0),

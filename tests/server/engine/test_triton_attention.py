@@ -1,4 +1,4 @@
-"""The Triton paged-attention kernel: its cases (triton_attention_cases.py) in Triton's
+"""The Triton paged-attention and rope-and-cache kernels: their cases (triton_attention_cases.py) in Triton's
 interpreter on every run, and on CUDA where a GPU is; compiled ahead of time for sm_80 and
 sm_90 on every run, so a kernel that would not build fails here.
 
@@ -44,11 +44,11 @@ def run_cases(interpret: bool, cache_dir: Path) -> str:
 
 def test_the_kernel_equals_the_reference_in_the_interpreter(tmp_path):
     out = run_cases(interpret=True, cache_dir=tmp_path)
-    assert "9 passed, 1 skipped" in out  # the Llama-shaped case: on a GPU only
+    assert "15 passed, 1 skipped" in out  # the Llama-shaped case: on a GPU only
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_kernel_equals_the_reference_on_cuda(tmp_path):
     out = run_cases(interpret=False, cache_dir=tmp_path)
-    assert "10 passed" in out
+    assert "16 passed" in out

@@ -10,8 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraplex.server.engine.forward import _rope
 from loraplex.server.engine.paged_attention import PagedQueries, paged_attention_reference
-from loraplex.server.engine.triton_attention import interpreting, paged_attention_triton
+from loraplex.server.engine.paged_kv import write_blocks
+from loraplex.server.engine.triton_attention import (
+    interpreting,
+    paged_attention_triton,
+    rope_and_cache,
+)
 from tests.server.engine.test_paged_attention import filled_step
 
 
@@ -76,3 +82,36 @@ def test_llama_shaped_step_equals_the_reference(device):
     before = [700] + [37 + 83 * i for i in range(24)]
     step = [300] + [1] * 24
     check(before, step, 32, 8, 128, torch.bfloat16, device, sharp=4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 16), (9, 3, 64), (6, 6, 24)])
+def test_rope_and_cache_equal_the_torch_rope_and_block_write(
+    heads, kv_heads, head_dim, dtype, device
+):
+    """The rotary embedding of q in place and of k, with k and v at their slots, in one
+    launch: as forward.py's _rope and write_blocks do it, on column views of one q/k/v output
+    (the layout the forward hands over)."""
+    gen = torch.Generator().manual_seed(head_dim)
+    n, max_len, blocks, block = 7, 64, 6, 16
+    widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    qkv = torch.randn(n, sum(widths), generator=gen).to(dtype).to(device)
+    q, k, v = (x.view(n, -1, head_dim) for x in qkv.split(widths, dim=1))
+    angles = torch.arange(max_len)[:, None] * 0.1 / (1 + torch.arange(head_dim // 2))[None, :]
+    angles = torch.cat([angles, angles], dim=1)
+    cos, sin = angles.cos().to(dtype).to(device), angles.sin().to(dtype).to(device)
+    positions = torch.tensor([0, 5, 17, 18, 33, 63, 40], device=device)
+    slots = torch.randperm(blocks * block, generator=gen)[:n].to(device)
+    pools = [torch.zeros(blocks, block, kv_heads, head_dim, dtype=dtype, device=device)
+             for _ in range(4)]  # fmt: skip
+    want_q = _rope(q, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+    want_k = _rope(k, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+    write_blocks(pools[2], pools[3], slots, want_k, v)
+    rope_and_cache(q, k, v, cos, sin, positions, slots, pools[0], pools[1])
+    tolerance = (
+        {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    )
+    torch.testing.assert_close(q.float(), want_q.float(), **tolerance)  # in place
+    torch.testing.assert_close(pools[0].float(), pools[2].float(), **tolerance)
+    assert torch.equal(pools[1], pools[3])  # v copied as it is
+    assert pools[0].abs().sum() > 0
