@@ -30,6 +30,7 @@ import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -163,6 +164,12 @@ class KVCache:
     def grow(self, rows: Sequence[int], ends: Sequence[int]) -> None:
         """Nothing to do: a row holds max_len tokens from the start (the paged cache takes
         blocks here)."""
+
+    def host_index(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """`token_index` on the host (int64 arrays in and out), for a step's one upload."""
+        heads = self.shape.kv_heads
+        base = (rows * heads)[:, None] + np.arange(heads)  # (N, H_kv)
+        return (base * self.max_len + positions[:, None]).reshape(-1)
 
     def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store N tokens' keys and values, k, v (N, H_kv, D), at `token_index` places."""

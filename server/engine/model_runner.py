@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loraplex.core.machine import TuningCache, free_memory_bytes
@@ -41,6 +42,7 @@ from loraplex.server.engine.paged_attention import PagedQueries
 from loraplex.server.engine.paged_kv import KVStore, PagedKVCache, block_bytes, blocks_for_memory
 from loraplex.server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from loraplex.server.engine.triton_lora import LoraTiles, resolve_kernels
+from loraplex.server.engine.uploads import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,8 @@ class ModelRunner:
         log.info("base kernels: %s", self.linears.describe())
         log.info("LoRA kernels: %s (--kernels %s)", self.kernels, kernels)
         self.merged_slot: int | None = None  # the slot whose adapter is folded into the base
+        # a GPU's step inputs in one asynchronous copy per dtype (None: made in place)
+        self.uploads = Uploader(self.device) if self.device.type == "cuda" else None
         if self.kv_layout == "paged" and self.device.type == "cuda":
             self.fit_paged_cache(gpu_memory_utilization, max_prefill_tokens)
 
@@ -439,24 +443,35 @@ class ModelRunner:
         decode_lengths = [d.position + 1 for d in decodes]
         cache = self.cache
         cache.grow(rows, [p + 1 for p in positions])  # blocks for the step's tokens (paged)
-        row_t = torch.tensor(rows, dtype=torch.long, device=dev)
-        position_t = torch.tensor(positions, dtype=torch.long, device=dev)
         tables, queries = None, None
+        upload = self.uploads.put if self.uploads is not None else None
         if isinstance(cache, PagedKVCache):
             tables = cache.tables()
             if self.kernels == "triton":
-                queries = PagedQueries.build(rows, positions, self.forward.group, dev)
+                queries = PagedQueries.build(rows, positions, self.forward.group, dev, upload)
+        if upload is not None:  # one copy for every int64 input of the step
+            rows_a, positions_a = np.asarray(rows, np.int64), np.asarray(positions, np.int64)
+            index = cache.host_index(rows_a, positions_a)
+            inputs = [ids, positions_a, rows_a, index, decode_lengths, logits_index]
+            id_t, position_t, row_t, index_t, length_t, logits_t = upload(torch.long, inputs)
+        else:  # a CPU's tensors are made in place: no copy to save
+            id_t = torch.tensor(ids, dtype=torch.long, device=dev)
+            row_t = torch.tensor(rows, dtype=torch.long, device=dev)
+            position_t = torch.tensor(positions, dtype=torch.long, device=dev)
+            index_t = cache.token_index(row_t, position_t)
+            length_t = torch.tensor(decode_lengths, dtype=torch.long, device=dev)
+            logits_t = torch.tensor(logits_index, dtype=torch.long, device=dev)
         batch = StepBatch(
-            ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            ids=id_t,
             positions=position_t,
             rows=row_t,
-            cache_index=self.cache.token_index(row_t, position_t),
+            cache_index=index_t,
             n_decode=len(decodes),
-            decode_lengths=torch.tensor(decode_lengths, dtype=torch.long, device=dev),
+            decode_lengths=length_t,
             max_decode_length=max(decode_lengths, default=0),
             num_rows=self.cache.num_used_rows,
             chunks=chunks,
-            logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
+            logits_index=logits_t,
             lora=lora,
             unmerge=unmerge,
             rows_in_order=(

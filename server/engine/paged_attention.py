@@ -14,11 +14,14 @@ tile of its own. The tiles are planned on the host, where the scheduler's metada
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# uploads.Uploader.put: int arrays to the device in one copy
+Upload = Callable[[torch.dtype, Sequence[Sequence[int] | np.ndarray]], list[torch.Tensor]]
 
 TILE_ROWS = 64  # query rows (tokens x query heads of a KV head) per tile with prompt chunks
 DECODE_TILE_ROWS = 16  # ... with decode tokens only (the smallest tl.dot tile)
@@ -59,21 +62,24 @@ class PagedQueries:
         positions: Sequence[int] | np.ndarray,
         group: int,
         device: torch.device,
+        upload: Upload | None = None,
     ) -> PagedQueries:
         """From the host's per-token sequence indices and positions; `group` query heads
         share a KV head. A tile holds block_q tokens x the group's heads (padded to a power
-        of 2) as rows: 64 rows where a prompt chunk is, 16 for decode tokens alone."""
+        of 2) as rows: 64 rows where a prompt chunk is, 16 for decode tokens alone. `upload`
+        (uploads.Uploader.put) moves the four arrays in one copy; else one copy each."""
         seqs = np.asarray(seq_ids, dtype=np.int32)
         pos = np.asarray(positions, dtype=np.int32)
         decode_only = len(np.unique(seqs)) == len(seqs)
         rows = DECODE_TILE_ROWS if decode_only else TILE_ROWS
         block_q = max(1, rows // next_power_of_2(group))
         starts, lengths = plan_tiles(seqs, block_q)
-
-        def on_device(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(device)
-
-        return cls(on_device(seqs), on_device(pos), on_device(starts), on_device(lengths), block_q)
+        arrays = [seqs, pos, starts, lengths]
+        if upload is not None:
+            seq_t, pos_t, starts_t, lengths_t = upload(torch.int32, arrays)
+        else:
+            seq_t, pos_t, starts_t, lengths_t = (torch.from_numpy(a).to(device) for a in arrays)
+        return cls(seq_t, pos_t, starts_t, lengths_t, block_q)
 
 
 def paged_attention_reference(

@@ -352,6 +352,11 @@ class PagedKVCache:
         blocks = tables[rows, torch.div(positions, self.block_size, rounding_mode="floor")]
         return blocks.long() * self.block_size + positions % self.block_size
 
+    def host_index(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """`token_index` on the host (int64 arrays in and out), for a step's one upload."""
+        blocks = self._table[rows, positions // self.block_size].astype(np.int64)
+        return blocks * self.block_size + positions % self.block_size
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store N tokens' keys and values k, v (N, H_kv, D) at their slots (N,)."""
         write_blocks(self.keys[layer], self.values[layer], slots, k, v)

@@ -1,6 +1,6 @@
-"""The Triton paged-attention and rope-and-cache kernels: their cases (triton_attention_cases.py) in Triton's
-interpreter on every run, and on CUDA where a GPU is; compiled ahead of time for sm_80 and
-sm_90 on every run, so a kernel that would not build fails here.
+"""The Triton paged-attention and rope-and-cache kernels: their cases (triton_attention_cases.py)
+in Triton's interpreter on every run, and on CUDA where a GPU is; compiled ahead of time for
+sm_80 and sm_90 on every run, so a kernel that would not build fails here.
 
 Each in a process of its own: triton decides at its first import whether it interprets (its own
 library functions included), and this process has imported it already (transformers imports
