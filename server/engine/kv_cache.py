@@ -175,6 +175,13 @@ class KVCache:
         """Store N tokens' keys and values, k, v (N, H_kv, D), at `token_index` places."""
         write_layer(self.keys[layer], self.values[layer], index, k, v)
 
+    def write_prefix(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a row's first n tokens' keys and values k, v (n, H_kv, D) (a prefix cache
+        hit): one strided copy each."""
+        n = k.shape[0]
+        self.keys[layer][row, :, :n].copy_(k.transpose(0, 1))
+        self.values[layer][row, :, :n].copy_(v.transpose(0, 1))
+
     def read(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (N, H_kv, D) at `token_index` places (copies)."""
         heads, d = self.shape.kv_heads, self.shape.head_dim

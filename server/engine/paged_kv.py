@@ -361,6 +361,14 @@ class PagedKVCache:
         """Store N tokens' keys and values k, v (N, H_kv, D) at their slots (N,)."""
         write_blocks(self.keys[layer], self.values[layer], slots, k, v)
 
+    def write_prefix(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a row's first n tokens' keys and values k, v (n, H_kv, D) (a prefix cache
+        hit), taking the blocks they need."""
+        n = k.shape[0]
+        self.grow([row], [n])
+        positions = torch.arange(n, device=self.device)
+        self.write(layer, self.token_index(torch.full_like(positions, row), positions), k, v)
+
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (N, H_kv, D) at `slots` (N,) (copies)."""
         heads, d = self.shape.kv_heads, self.shape.head_dim

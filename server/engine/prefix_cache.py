@@ -67,7 +67,8 @@ class PrefixCache:
         if num_blocks < 1:
             raise ValueError(f"a prefix cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        size = (num_blocks, shape.kv_heads, BLOCK_TOKENS, shape.head_dim)
+        # a block's tokens (BLOCK_TOKENS, H_kv, D), as the paged cache lays them out
+        size = (num_blocks, BLOCK_TOKENS, shape.kv_heads, shape.head_dim)
         # zero pages, backed as blocks are written (a CPU pool costs only what it holds)
         pools = [zero_pages(size, shape.dtype, device) for _ in range(2 * shape.num_layers)]
         self._maps = [region for _, region in pools if region is not None]
@@ -111,17 +112,13 @@ class PrefixCache:
         for block in reversed(blocks):  # the chain's start most recent: evicted last
             self._lru.move_to_end(block)
         n = len(blocks) * BLOCK_TOKENS
-        cache.grow([row], [n])
-        positions = torch.arange(n, device=self.keys[0].device)
-        places = cache.token_index(torch.full_like(positions, row), positions)
-        index = torch.tensor(blocks, dtype=torch.long, device=positions.device)
+        index = torch.tensor(blocks, dtype=torch.long, device=self.keys[0].device)
         for layer in range(len(self.keys)):
-            # (n_blocks, H, B, D) -> the tokens' (n, H, D)
-            k, v = (
-                pool[layer].index_select(0, index).transpose(1, 2).flatten(0, 1)
+            k, v = (  # the tokens' (n, H, D)
+                pool[layer].index_select(0, index).flatten(0, 1)
                 for pool in (self.keys, self.values)
             )
-            cache.write(layer, places, k, v)
+            cache.write_prefix(layer, row, k, v)
         self.stats.hits += n
         return n
 
@@ -183,8 +180,7 @@ class PrefixCache:
         for layer in range(len(self.keys)):
             taken = cache.read(layer, places)  # the tokens' (n * B, H, D) each
             for pool, tokens in zip((self.keys, self.values), taken, strict=True):
-                blocks_t = tokens.unflatten(0, (n, BLOCK_TOKENS)).transpose(1, 2)  # (n, H, B, D)
-                pool[layer].index_copy_(0, index, blocks_t)
+                pool[layer].index_copy_(0, index, tokens.unflatten(0, (n, BLOCK_TOKENS)))
 
     def _take_block(self, protect: set[int]) -> int:
         if self._free:
