@@ -160,6 +160,38 @@ def test_stacks_place_each_module_in_its_group_member():
     assert stacks.locate(1) is None
 
 
+def test_a_staged_load_writes_what_a_copy_per_module_writes():
+    """On CUDA an adapter reaches the device in one pinned, non-blocking copy (LoraStacks
+    staged, on a side stream): the stacks hold the same weights, in the stacks' dtype."""
+    layout = [
+        {"qkv": (D_IN, [("l0.q", OUTS[0]), ("l0.k", OUTS[1]), ("l0.v", OUTS[2])])},
+        {"o": (D_IN, [("l1.o", OUTS[0])])},
+    ]
+    gen = torch.Generator().manual_seed(3)
+    modules = {
+        "l0.q": (torch.randn(4, D_IN, generator=gen), torch.randn(OUTS[0], 4, generator=gen)),
+        "l0.v": (torch.randn(4, D_IN, generator=gen), torch.randn(OUTS[2], 4, generator=gen)),
+        "l1.o": (torch.randn(4, D_IN, generator=gen), torch.randn(OUTS[0], 4, generator=gen)),
+    }
+    stacks = {}
+    for staged in (False, True):
+        stacks[staged] = LoraStacks(
+            layout, max_slots=2, max_rank=8, dtype=torch.bfloat16, device="cpu", staged=staged
+        )
+        stacks[staged].load(1, modules)
+        stacks[staged].load(0, {})  # an adapter of rank 0: nothing to copy
+    assert stacks[True].staged and not stacks[False].staged
+    for (pool, _), (want, _) in zip(
+        stacks[True].pools.items(), stacks[False].pools.items(), strict=True
+    ):
+        for layer, groups in enumerate(stacks[True].pools[pool].groups):
+            for name, group in groups.items():
+                other = stacks[False].pools[want].groups[layer][name]
+                assert torch.equal(group.at, other.at) and group.at.dtype == torch.bfloat16
+                assert all(torch.equal(x, y) for x, y in zip(group.bt, other.bt, strict=True))
+    assert stacks[True].pools[8].groups[0]["qkv"].at.any()
+
+
 @pytest.mark.cpu_isa
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_served_adapters_equal_peft_in_a_mixed_batch(load_tiny, tmp_path, family, kernels="torch"):
