@@ -152,6 +152,10 @@ class EngineConfig:
     is float32); auto = the model's compute dtype (as vLLM does), but bfloat16 weights where
     --dtype auto chose float32 on a CPU (half the bytes a LoRA step reads); float32 = as PEFT
     computes them."""
+    async_output: Literal["auto", "on", "off"] = "auto"
+    """Render the text of outputs (detokenize) and hand them to the front ends on a thread of
+    their own, while the engine runs its next step; auto = on with a GPU (the host works while
+    the device computes), off on a CPU (whose cores the step itself uses)."""
     max_queue: int = 1024
     """Requests waiting for admission; beyond it new requests are refused
     (RESOURCE_EXHAUSTED)."""

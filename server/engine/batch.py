@@ -43,6 +43,9 @@ class Sequence:
     cached_tokens: int = 0  # of its prompt, copied from the prefix cache
     # The prompt's log-probabilities as its chunks are computed, when the request asks.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Its generated tokens that are fed back (not an end-of-sequence or stop token), kept on
+    # the engine thread (the text may be rendered on the output thread: emitter.py).
+    generated: list[int] = field(default_factory=list)
 
     @property
     def prompt_len(self) -> int:

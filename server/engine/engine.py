@@ -38,6 +38,7 @@ from loraplex.core.types import AdapterVersion, AdapterWeights
 from loraplex.server.config import EngineConfig, MergeSettings
 from loraplex.server.engine.batch import RunningBatch, Sequence
 from loraplex.server.engine.controls import RowControls, apply_controls
+from loraplex.server.engine.emitter import OutputThread, QueuedEmit
 from loraplex.server.engine.logprobs import token_logprobs
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.merging import MergeControl, TokenCounts
@@ -109,13 +110,18 @@ class Engine:
         # request is refused from then on, and `on_failure` hears it (health NOT_SERVING).
         self.failure: Unrecoverable | None = None
         self.on_failure: list[Callable[[Unrecoverable], None]] = []
+        # outputs rendered and emitted off the engine thread (--async-output), or None
+        self._outputs: OutputThread | None = None
 
     # -- the public, thread-safe side ---------------------------------------------------------
     def start(self, timeout: float | None = None) -> EngineInfo:
         """Start the engine thread; returns once it loaded the model (or raises why not)."""
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._thread.start()
-        return self._started.result(timeout)
+        info = self._started.result(timeout)
+        if self._outputs is not None:
+            self._outputs.start()
+        return info
 
     @property
     def info(self) -> EngineInfo:
@@ -147,6 +153,8 @@ class Engine:
                     f"{n} samples of {tokens} tokens each (prompt + max_new_tokens) exceed the "
                     f"KV cache's {cache.token_budget} tokens",
                 )
+        if self._outputs is not None:
+            self._outputs.adopt(request)
         self._scheduler.add(request)
 
     def cancel(self, request: EngineRequest) -> None:
@@ -243,6 +251,8 @@ class Engine:
             self._eos_token_ids = eos_ids_of(runner.model, runner.loaded.tokenizer)
             self._info = engine_info(runner, self._eos_token_ids)
             self._time_full_batch(runner)
+            if async_output(self.config.async_output, runner.device):
+                self._outputs = OutputThread()
         except BaseException as exc:
             self._started.set_exception(exc)
             self._scheduler.close()
@@ -272,6 +282,8 @@ class Engine:
         with self._calls_lock:
             self._calls_closed = True
         self._run_calls()
+        if self._outputs is not None:
+            self._outputs.stop()  # everything queued is emitted
         log.info("engine stopped")
 
     def _time_full_batch(self, runner: ModelRunner) -> None:
@@ -524,7 +536,7 @@ class Engine:
             return
         items = []
         for seq in ended:  # everything fed to it: all but its last token
-            fed = seq.output.token_ids[: seq.num_cached - seq.prompt_len]
+            fed = seq.generated[: seq.num_cached - seq.prompt_len]
             items.append((seq, seq.request.prompt_ids + fed))
         items += [(seq, seq.request.prompt_ids) for seq in prompted if seq not in ended]
         prefix.store_many(
@@ -648,32 +660,33 @@ class Engine:
         seq.num_generated += 1
         seq.last_token = token
         self._stats.generated_tokens += 1
-        finish: str | None = None
         params = seq.request.params
-        stop_reason: str | int | None = None
+        stop_token: int | None = None  # the stop token id that ends it
         if token in self._eos_token_ids and not params.ignore_eos:
-            step, finish = seq.output.finish(), "stop"
-        elif token in params.stop_token_ids:
-            step, finish, stop_reason = seq.output.finish(), "stop", token
+            ends = True
         else:
-            step = seq.output.append(token)
-            if step.stop_reason is not None:
-                finish = "stop"
-            elif (
-                seq.num_generated >= seq.request.params.max_new_tokens
-                or seq.num_tokens >= self._model().max_context
-                or (seq.matcher is not None and seq.matcher.is_finished)
-            ):
-                rest = seq.output.finish()
-                step = StepText(delta=step.delta + rest.delta, stop_reason=rest.stop_reason)
-                # a constraint complete (nothing but EOS may follow) ends as EOS would; one
-                # that failed (over the library's limits: logged) ends as cut short
-                complete = (
-                    seq.matcher is not None
-                    and seq.matcher.is_finished
-                    and seq.matcher.error is None
-                )
-                finish = "stop" if rest.stop_reason is not None or complete else "length"
+            ends = token in params.stop_token_ids
+            stop_token = token if ends else None
+        if not ends:  # fed at the next step: part of the text and of the cached tokens
+            seq.generated.append(token)
+        at_limit = not ends and (
+            seq.num_generated >= params.max_new_tokens
+            or seq.num_tokens >= self._model().max_context
+            or (seq.matcher is not None and seq.matcher.is_finished)
+        )
+        emit = seq.request.emit
+        step: StepText | None = None  # the text, where rendered here
+        if not (isinstance(emit, QueuedEmit) and not params.stop):
+            step = render_text(seq.output, token, ends, at_limit)
+        finish: str | None = None
+        if ends or (step is not None and step.stop_reason is not None):
+            finish = "stop"
+        elif at_limit:
+            # a constraint complete (nothing but EOS may follow) ends as EOS would; one that
+            # failed (over the library's limits: logged) ends as cut short
+            matcher = seq.matcher
+            complete = matcher is not None and matcher.is_finished and matcher.error is None
+            finish = "stop" if complete else "length"
         usage = None
         if finish is not None:
             usage = Usage(
@@ -686,18 +699,25 @@ class Engine:
             prompt_logprobs = tuple(seq.prompt_logprobs)
         if seq.request.first_emitted is None:
             seq.request.first_emitted = time.monotonic()
-        seq.request.emit(
-            RequestOutput(
+
+        def output(step: StepText) -> RequestOutput:
+            return RequestOutput(
                 text=step.delta,
                 token_ids=[token],
                 finish_reason=finish,
-                stop_reason=step.stop_reason if stop_reason is None else stop_reason,
+                stop_reason=step.stop_reason if stop_token is None else stop_token,
                 usage=usage,
                 index=seq.index,
                 logprobs=None if logprob is None else (logprob,),
                 prompt_logprobs=prompt_logprobs,
             )
-        )
+
+        if step is not None:
+            emit(output(step))
+        else:  # the text rendered on the output thread: it decides nothing here
+            assert isinstance(emit, QueuedEmit)
+            text = seq.output
+            emit.later(lambda: output(render_text(text, token, ends, at_limit)))
         return finish is not None
 
     def _drop_cancelled(self) -> None:
@@ -814,6 +834,25 @@ def overdue_request(request: EngineRequest, limit: float) -> None:
 
 def _adapter_ids(requests: Iterable[EngineRequest]) -> tuple[str, ...]:
     return tuple(sorted({r.adapter.adapter_id for r in requests if r.adapter is not None}))
+
+
+def async_output(choice: str, device: torch.device) -> bool:
+    """`--async-output`: auto is on with a GPU (the host renders text while the device
+    computes the next step), off on a CPU (whose cores the step itself uses)."""
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
+def render_text(output: OutputProcessor, token: int, ends: bool, at_limit: bool) -> StepText:
+    """A token's text: none of its own where it ends the sequence (end-of-sequence or a stop
+    token: the text held back is released), else its decoded text, and all that is held back
+    where the sequence reaches its limit (unless a stop string ended it first)."""
+    if ends:
+        return output.finish()
+    step = output.append(token)
+    if step.stop_reason is not None or not at_limit:
+        return step
+    rest = output.finish()
+    return StepText(delta=step.delta + rest.delta, stop_reason=rest.stop_reason)
 
 
 def engine_info(runner: ModelRunner, eos_token_ids: set[int]) -> EngineInfo:

@@ -499,3 +499,64 @@ def test_a_paged_cache_is_sized_to_the_device_after_a_profiling_step(load_tiny, 
     assert blocks == (500 * per_block - 10 * per_block - room) // per_block
     assert runner.forward.layers[0].keys is runner.cache.keys[0]
     assert runner.prefill([[5, 17, 300]], [-1]).shape[0] == 1
+
+
+class Recorder(AllSamples):
+    """AllSamples that also records the thread each output reached it on."""
+
+    def __init__(self, n: int = 1) -> None:
+        super().__init__(n)
+        self.threads: set[str] = set()
+
+    def __call__(self, item: RequestOutput | BaseException) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().__call__(item)
+
+
+def outputs_workload(engine, versions) -> tuple[list[list[tuple]], set[str]]:
+    """Every output (sample, text, tokens, finish, stop reason, usage, logprobs) of a mix:
+    requests without stop strings (their text rendered off the engine thread when outputs
+    are asynchronous), with stop strings (rendered on it), with a stop token, two samples
+    with log-probabilities, and the end of a stopping engine."""
+    cases = [
+        (PROMPTS[0], versions["one"], SamplingParams(16, ignore_eos=True)),
+        (PROMPTS[1], None, SamplingParams(24, ignore_eos=True, stop=("e", "th"))),
+        (PROMPTS[2], versions["two"], SamplingParams(12, ignore_eos=True, n=2, logprobs=2)),
+        (PROMPTS[3], None, SamplingParams(20, ignore_eos=True, stop_token_ids=(17, 300))),
+    ]
+    recorders = []
+    for i, (prompt, adapter, params) in enumerate(cases):
+        recorder = Recorder(params.n)
+        engine.submit(EngineRequest(f"o{i}", prompt, params, adapter, recorder))
+        recorders.append(recorder)
+    for recorder in recorders:
+        assert recorder.done.wait(60) and recorder.error is None
+    cut = Recorder()  # still running when the engine stops: it hears NotReady, after its tokens
+    engine.submit(EngineRequest("cut", PROMPTS[0], SamplingParams(400, ignore_eos=True), None, cut))
+    assert cut.first.wait(60)
+    engine.stop()
+    assert isinstance(cut.error, NotReady) and cut.outputs
+    seen = [
+        [
+            (o.index, o.text, o.token_ids, o.finish_reason, o.stop_reason, o.usage, o.logprobs)
+            for o in recorder.outputs
+        ]
+        for recorder in recorders
+    ]
+    return seen, set().union(*(r.threads for r in (*recorders, cut)))
+
+
+def test_outputs_emitted_off_the_engine_thread_are_the_same_and_in_order(setup):
+    """--async-output on: the same outputs, text and ends as on the engine thread, every one
+    of them (an error that ends a request included) emitted from the output thread."""
+    results = {}
+    for mode in ("off", "on"):
+        engine, versions = setup(async_output=mode)
+        results[mode] = outputs_workload(engine, versions)
+    (want, on_engine), (got, off_engine) = results["off"], results["on"]
+    assert got == want
+    assert on_engine == {"loraplex-engine"} and off_engine == {"loraplex-output"}
+    stopped = want[1][-1]
+    assert stopped[3] == "stop" and stopped[4] in ("e", "th")  # a stop string ended it
+    assert any(o[4] in (17, 300) for o in want[3]) or want[3][-1][3] == "length"
+    assert sum(o[3] is not None for o in want[2]) == 2  # both samples ended

@@ -130,6 +130,7 @@ def test_adapters_of_requests_are_named_on_metrics_only_where_allowed():
         num_slots=4,
         merge=SimpleNamespace(adapter=None, merges=0, unmerges=0),
         prefix_cache=None,
+        kv_blocks=None,
     )
     runtime = SimpleNamespace(
         engine=SimpleNamespace(recent_snapshot=lambda: state),
