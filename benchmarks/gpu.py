@@ -14,8 +14,8 @@ torch's ops, and serving with both LoRA backends on a Llama-3-8B-shaped NF4 mode
                  quantized to NF4 as it is built (no download), in the engine (EngineBench):
                  --batches requests at once of 128 prompt tokens x --new-tokens each, on 0, 8
                  and 32 adapters (r16 all-linear, request i on adapter i mod K), --kernels torch
-                 and triton: output tokens/s, and the time until every request of a batch
-                 has its first token (TTFT, the last of them)
+                 and triton, and triton with --cuda-graphs: output tokens/s, and the time
+                 until every request of a batch has its first token (TTFT, the last of them)
 
 vLLM beside it (`--enable-lora`, the same model and workload) is not measured by this version:
 the table says whether it is installed on the machine.
@@ -277,7 +277,7 @@ class ServeRow:
 
 
 def serve(args: Any, device: torch.device, shape: dict[str, int], kernels: str,
-          work: Path) -> list[ServeRow]:  # fmt: skip
+          work: Path, graphs: bool = False) -> list[ServeRow]:  # fmt: skip
     batches = [int(b) for b in args.batches.split(",")]
     counts = [int(k) for k in args.adapters.split(",")]
     length = PROMPT_TOKENS + args.new_tokens
@@ -289,7 +289,9 @@ def serve(args: Any, device: torch.device, shape: dict[str, int], kernels: str,
         kv_cache_bytes=(max(batches) + 1) * length * kv_bytes_per_token(shape),
         kernels=kernels,
         prefix_cache=False,
+        cuda_graphs=graphs,
     )
+    label = kernels + ("+graphs" if graphs else "")
     home = Path(args.home)
     bench = RandomModelBench(config, home, work, lambda: random_nf4_llama(shape, device, home))
     rows = []
@@ -315,8 +317,8 @@ def serve(args: Any, device: torch.device, shape: dict[str, int], kernels: str,
                 first, _ = bench.run(jobs, 1)  # time to every request's first token
                 seconds, outputs = bench.run(jobs, args.new_tokens)
                 tokens = sum(len(o) for o in outputs)
-                rows.append(ServeRow(kernels, batch, k, tokens / seconds, first * 1e3))
-                log.info("%s: batch %d, %d adapters: %.1f tok/s, TTFT %.0f ms", kernels, batch,
+                rows.append(ServeRow(label, batch, k, tokens / seconds, first * 1e3))
+                log.info("%s: batch %d, %d adapters: %.1f tok/s, TTFT %.0f ms", label, batch,
                          k, tokens / seconds, first * 1e3)  # fmt: skip
     return rows
 
@@ -361,10 +363,12 @@ def main() -> int:
     with work_dir("loraplex-gpu-", args.keep_work) as work:
         for backend in ("torch", "triton"):
             rows += serve(args, device, shape, backend, work / backend)
+        if CUDA:  # decode steps replayed as CUDA graphs (--cuda-graphs)
+            rows += serve(args, device, shape, "triton", work / "graphs", graphs=True)
     report["serving"] = [vars(r) for r in rows]
-    lines.append(f"{'kernels':>8} {'batch':>6} {'adapters':>9} {'tok/s':>9} {'last TTFT ms':>13}")
+    lines.append(f"{'kernels':>14} {'batch':>6} {'adapters':>9} {'tok/s':>9} {'last TTFT ms':>13}")
     lines += [
-        f"{r.kernels:>8} {r.batch:>6} {r.adapters:>9} {r.tokens_per_s:>9.1f} {r.ttft_ms:>13.0f}"
+        f"{r.kernels:>14} {r.batch:>6} {r.adapters:>9} {r.tokens_per_s:>9.1f} {r.ttft_ms:>13.0f}"
         for r in rows
     ]
     vllm = importlib.util.find_spec("vllm") is not None

@@ -152,6 +152,10 @@ class EngineConfig:
     is float32); auto = the model's compute dtype (as vLLM does), but bfloat16 weights where
     --dtype auto chose float32 on a CPU (half the bytes a LoRA step reads); float32 = as PEFT
     computes them."""
+    cuda_graphs: bool = False
+    """Replay decode steps as CUDA graphs, one per batch-size bucket, captured at first use
+    (the Triton path on CUDA: one launch a step instead of every op of every layer); off by
+    default until measured on a GPU (benchmarks/gpu.py runs both)."""
     async_output: Literal["auto", "on", "off"] = "auto"
     """Render the text of outputs (detokenize) and hand them to the front ends on a thread of
     their own, while the engine runs its next step; auto = on with a GPU (the host works while

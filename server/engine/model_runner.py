@@ -17,6 +17,7 @@ from loraplex.core.types import AdapterWeights
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine import cpu_kernels
 from loraplex.server.engine.cpu_kernels import DTYPES
+from loraplex.server.engine.decode_graphs import DecodeGraphs, cuda_capture
 from loraplex.server.engine.forward import (
     DecoderForward,
     MergeInputs,
@@ -135,6 +136,7 @@ class ModelRunner:
         kv_layout: str = "auto",
         gpu_memory_utilization: float = 0.9,
         max_prefill_tokens: int = 512,
+        cuda_graphs: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -230,6 +232,11 @@ class ModelRunner:
         self.uploads = Uploader(self.device) if self.device.type == "cuda" else None
         if self.kv_layout == "paged" and self.device.type == "cuda":
             self.fit_paged_cache(gpu_memory_utilization, max_prefill_tokens)
+        # decode steps replayed as CUDA graphs (--cuda-graphs: the Triton path on CUDA)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda" and self.kernels == "triton":
+            pool = torch.cuda.graph_pool_handle()
+            self.graphs = DecodeGraphs(self, cuda_capture(pool), max_rows)
 
     def fit_paged_cache(self, utilization: float, profile_tokens: int) -> int:
         """Size the paged cache's pools to the device, as vLLM's --gpu-memory-utilization
@@ -244,8 +251,8 @@ class ModelRunner:
         peak = profile_peak_bytes(lambda: self.prefill([[0] * tokens], [NO_ADAPTER]), self.device)
         free, total = device_memory(self.device)
         per_block = block_bytes(cache.shape, cache.block_size)
-        free += cache.num_blocks * per_block  # the first pool, freed by the resize
-        later = self.linears.merge_room()
+        free += (cache.num_blocks + 1) * per_block  # the first pool, freed by the resize
+        later = max(0, self.linears.merge_room())
         if self.slot_budget is not None:
             held = self.rank_bytes * sum(b * p.num_slots for b, p in self.lora.pools.items())
             later += max(0, self.slot_budget - held)
@@ -256,6 +263,7 @@ class ModelRunner:
             bytes_per_block=per_block,
             activation_bytes=peak + later,
         )
+        blocks -= 1  # the pools hold a scratch block beside the allocator's (paged_kv.py)
         cache.resize(blocks)
         self.forward.rebind_cache()
         log.info(
@@ -290,6 +298,7 @@ class ModelRunner:
             kv_layout=config.kv_layout,
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_prefill_tokens=config.max_prefill_tokens,
+            cuda_graphs=config.cuda_graphs,
             prefix_cache_bytes=(
                 (config.prefix_cache_bytes or config.kv_cache_bytes // 4)
                 if config.prefix_cache
@@ -373,7 +382,7 @@ class ModelRunner:
         self.forward.unmerge()
         self.merged_slot = None
 
-    def _plans(
+    def lora_plans(
         self, decode_slots: list[int], segments: list[Segment]
     ) -> tuple[tuple[PoolPlan, ...], tuple[PoolPlan, ...]]:
         """The step's LoRA plan, and with a merged adapter M the plan that takes M's delta
@@ -421,6 +430,10 @@ class ModelRunner:
         """One forward over every decode token and prompt chunk (written into the cache).
         Returns float32 logits (M, V): one row per decode, then per prefill one row for each of
         its tokens if it wants all logits, else one if it wants logits, in the order given."""
+        if self.graphs is not None and not prefills:
+            logits = self.graphs.run(decodes)
+            if logits is not None:
+                return logits
         ids: list[int] = [d.token for d in decodes]
         positions: list[int] = [d.position for d in decodes]
         rows: list[int] = [d.row for d in decodes]
@@ -439,7 +452,7 @@ class ModelRunner:
             elif p.wants_logits:
                 logits_index.append(offset + n - 1)
         dev = self.device
-        lora, unmerge = self._plans([d.slot for d in decodes], segments)
+        lora, unmerge = self.lora_plans([d.slot for d in decodes], segments)
         decode_lengths = [d.position + 1 for d in decodes]
         cache = self.cache
         cache.grow(rows, [p + 1 for p in positions])  # blocks for the step's tokens (paged)

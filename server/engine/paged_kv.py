@@ -173,7 +173,10 @@ class PagedKVCache:
         self.num_used_rows = 0
         self._reserved_total = 0
         self._tables_dirty = False
-        per_layer = (num_blocks, self.block_size, self.shape.kv_heads, self.shape.head_dim)
+        # one block more than the allocator hands out: the scratch block, owned by no
+        # sequence, where the pad tokens of a captured decode step write (decode_graphs.py)
+        self.scratch_slot = num_blocks * self.block_size
+        per_layer = (num_blocks + 1, self.block_size, self.shape.kv_heads, self.shape.head_dim)
         # zeros, not empty: a block's unwritten slots are read (with zero weight) by attention,
         # and 0 * NaN from uninitialized memory would be NaN
         # (on a CPU, pages the OS backs only as blocks are written, as the row cache's)

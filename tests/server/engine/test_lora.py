@@ -627,7 +627,7 @@ def test_prompt_runs_go_to_the_native_kernel_as_long_as_it_says(load_tiny):
             else cpu_kernels.LORA_RUN_TOKENS
         )
         for length, natively in ((limit, True), (limit + 1, False)):
-            (pool_plan,), _ = runner._plans([], [Segment(0, 0, length)])
+            (pool_plan,), _ = runner.lora_plans([], [Segment(0, 0, length)])
             plan = pool_plan.plan
             assert (plan.native is not None) == natively, (dtype, length)
             assert plan.segments == ([] if natively else [(0, 0, length)])
@@ -642,7 +642,7 @@ def test_stacks_the_native_kernel_cannot_take_keep_the_torch_paths(load_tiny):
         name = next(iter(runner.lora.modules))
         fan_in, fan_out = runner.lora.shape(name)
         runner.lora.load(0, {name: (torch.randn(4, fan_in), torch.randn(fan_out, 4))})
-        (pool_plan,), unmerge = runner._plans([0], [])
+        (pool_plan,), unmerge = runner.lora_plans([0], [])
         plan = pool_plan.plan
         assert not unmerge and not plan.empty and (plan.native is not None) == native
         assert native or plan.segments == [(0, 0, 1)]
