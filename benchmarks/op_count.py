@@ -127,7 +127,7 @@ def embedded_layers(home: str, layers: int) -> LoadedModel:
     from loraplex.core.config import ModelConfig
     from loraplex.core.model import load_model
 
-    loaded = load_model(ModelConfig(home=Path(home)))
+    loaded = load_model(ModelConfig(home=Path(home).expanduser()))
     inner = loaded.model.model
     inner.layers = inner.layers[:layers]
     loaded.model.config.num_hidden_layers = layers

@@ -135,6 +135,8 @@ class DecodeGraphs:
         )
         replay = self._graphs.get(key)
         if replay is None:
+            generation = runner.lora.generation  # older graphs read re-allocated pools: gone
+            self._graphs = {k: g for k, g in self._graphs.items() if k[1] == generation}
             batch = dataclasses.replace(bucket.batch, lora=lora)
             forward = runner.forward
             forward(batch)  # once eagerly first: kernels compiled, buffers allocated

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from loraplex.server.engine.request import EngineRequest, RequestOutput
@@ -40,6 +41,15 @@ class QueuedEmit:
     def later(self, make: Callable[[], RequestOutput]) -> None:
         """Emit what `make` returns, made on the output thread (a token's text)."""
         self.outputs.put(lambda: self.direct(make()))
+
+    def delivered(self, request: EngineRequest) -> None:
+        """Stamp the request's first output when the front end gets it, not when queued."""
+
+        def stamp() -> None:
+            if request.first_emitted is None:
+                request.first_emitted = time.monotonic()
+
+        self.outputs.put(stamp)
 
 
 class OutputThread:

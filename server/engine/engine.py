@@ -118,10 +118,7 @@ class Engine:
         """Start the engine thread; returns once it loaded the model (or raises why not)."""
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._thread.start()
-        info = self._started.result(timeout)
-        if self._outputs is not None:
-            self._outputs.start()
-        return info
+        return self._started.result(timeout)
 
     @property
     def info(self) -> EngineInfo:
@@ -253,6 +250,7 @@ class Engine:
             self._time_full_batch(runner)
             if async_output(self.config.async_output, runner.device):
                 self._outputs = OutputThread()
+                self._outputs.start()
         except BaseException as exc:
             self._started.set_exception(exc)
             self._scheduler.close()
@@ -697,7 +695,10 @@ class Engine:
         prompt_logprobs = None
         if seq.prompt_logprobs is not None and seq.num_generated == 1:
             prompt_logprobs = tuple(seq.prompt_logprobs)
-        if seq.request.first_emitted is None:
+        if isinstance(emit, QueuedEmit):
+            if seq.num_generated == 1 and seq.index == 0:
+                emit.delivered(seq.request)  # queued right before its first output
+        elif seq.request.first_emitted is None:
             seq.request.first_emitted = time.monotonic()
 
         def output(step: StepText) -> RequestOutput:

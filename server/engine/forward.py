@@ -325,6 +325,12 @@ class DecoderForward:
         # Layers with an adapter folded in (their units run W + B @ A dense: see merge).
         self.merged: set[nn.Module] = set()
 
+    def release_cache(self) -> None:
+        """Let go of the cache's pools (before the paged cache re-allocates them: the old
+        ones are freed first); rebind_cache reads the new ones."""
+        for parts in self.layers:
+            parts.keys = parts.values = torch.empty(0)
+
     def rebind_cache(self) -> None:
         """Read the cache's pools again (the paged cache re-allocates them when resized)."""
         for i, parts in enumerate(self.layers):

@@ -242,13 +242,24 @@ class ModelRunner:
         """Size the paged cache's pools to the device, as vLLM's --gpu-memory-utilization
         does: the process may use `utilization` of the device's memory; the KV blocks get
         what the model, the adapter stacks and the prefix cache leave, less the peak of a
-        profiling step (a prompt chunk of `profile_tokens`), the adapter slots --max-loras
-        auto may still allocate and the dense budget merges may still fill. Returns the
-        number of blocks."""
+        profiling step (a prompt chunk of `profile_tokens` beside a token per row, every
+        position's logits), the adapter slots --max-loras auto may still allocate and the
+        dense budget merges may still fill. Returns the number of blocks. (Captured decode
+        graphs, --cuda-graphs, take theirs from what is left.)"""
         cache = self.cache
         assert isinstance(cache, PagedKVCache)
-        tokens = max(1, min(profile_tokens, self.max_context))
-        peak = profile_peak_bytes(lambda: self.prefill([[0] * tokens], [NO_ADAPTER]), self.device)
+        # the largest step: a prompt chunk beside a decode token per row, with every
+        # position's logits (prompt log-probabilities)
+        tokens = max(1, min(profile_tokens + self.max_rows, self.max_context))
+
+        def largest_step() -> None:
+            row = cache.allocate(tokens)
+            try:
+                self.step([], [PrefillWork(row, NO_ADAPTER, [0] * tokens, 0, True, True)])
+            finally:
+                cache.free(row)
+
+        peak = profile_peak_bytes(largest_step, self.device)
         free, total = device_memory(self.device)
         per_block = block_bytes(cache.shape, cache.block_size)
         free += (cache.num_blocks + 1) * per_block  # the first pool, freed by the resize
@@ -264,6 +275,7 @@ class ModelRunner:
             activation_bytes=peak + later,
         )
         blocks -= 1  # the pools hold a scratch block beside the allocator's (paged_kv.py)
+        self.forward.release_cache()
         cache.resize(blocks)
         self.forward.rebind_cache()
         log.info(

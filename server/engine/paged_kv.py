@@ -153,6 +153,11 @@ class PagedKVCache:
         # on the CPU the kernels read the host table itself; elsewhere a device copy
         host = torch.from_numpy(self._table)
         self.block_tables = host if device.type == "cpu" else host.to(device)
+        # elsewhere the tables reach the device through a pinned copy of the host's, without
+        # blocking; `_uploaded` says when that copy has been read
+        on_gpu = device.type == "cuda"
+        self._staging = torch.empty_like(host, pin_memory=on_gpu) if on_gpu else host
+        self._uploaded = torch.cuda.Event() if on_gpu else None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.num_used_rows = 0
@@ -168,7 +173,12 @@ class PagedKVCache:
             )
         if self.keys and self.num_used_rows:
             raise RuntimeError("the KV cache is resized only while empty")
-        self.keys = self.values = []  # the old pools go before the new ones are allocated
+        # the old pools go before the new ones are allocated (whoever else holds them, the
+        # forward, lets go first: DecoderForward.release_cache)
+        self.keys = self.values = []
+        self._maps = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.allocator = BlockAllocator(num_blocks)
         self.num_used_rows = 0
         self._reserved_total = 0
@@ -340,10 +350,13 @@ class PagedKVCache:
 
     def tables(self) -> torch.Tensor:
         """The block tables (max_seqs, max_blocks_per_seq) int32 on the device, up to date
-        (the same tensor every step). A synchronous copy from pageable memory: the host copy
-        may change as soon as this returns."""
-        if self._tables_dirty and self.device.type != "cpu":
-            self.block_tables.copy_(torch.from_numpy(self._table))
+        (the same tensor every step). Off the CPU, through a pinned staging copy and a copy
+        that does not block: the host's table may change as soon as this returns."""
+        if self._tables_dirty and self._uploaded is not None:
+            self._uploaded.synchronize()  # the last upload has read the staging copy
+            self._staging.copy_(torch.from_numpy(self._table))
+            self.block_tables.copy_(self._staging, non_blocking=True)
+            self._uploaded.record()
         self._tables_dirty = False
         return self.block_tables
 

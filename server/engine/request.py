@@ -146,8 +146,9 @@ class EngineRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterVersion | None  # None = the base model
-    # Called on the engine thread with each output, or with an exception that ends the
-    # request; it must not block (the front end hands it to its event loop).
+    # Called on the engine thread (the output thread with --async-output: emitter.py) with
+    # each output, or with an exception that ends the request; it must not block (the front
+    # end hands it to its event loop).
     emit: Callable[[RequestOutput | BaseException], None]
     # The adapter's weights, held in the host cache while the request lives (None: the engine
     # reads them through its `load_weights`).

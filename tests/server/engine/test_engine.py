@@ -558,5 +558,4 @@ def test_outputs_emitted_off_the_engine_thread_are_the_same_and_in_order(setup):
     assert on_engine == {"loraplex-engine"} and off_engine == {"loraplex-output"}
     stopped = want[1][-1]
     assert stopped[3] == "stop" and stopped[4] in ("e", "th")  # a stop string ended it
-    assert any(o[4] in (17, 300) for o in want[3]) or want[3][-1][3] == "length"
     assert sum(o[3] is not None for o in want[2]) == 2  # both samples ended
