@@ -17,8 +17,12 @@ torch's ops, and serving with both LoRA backends on a Llama-3-8B-shaped NF4 mode
                  and triton, and triton with --cuda-graphs: output tokens/s, and the time
                  until every request of a batch has its first token (TTFT, the last of them)
 
-vLLM beside it (`--enable-lora`, the same model and workload) is not measured by this version:
-the table says whether it is installed on the machine.
+    4. vLLM      where it is installed (and CUDA is there): the same random model saved as an
+                 HF checkpoint with its NF4 weights dequantized to bf16 (vLLM 0.32 has no
+                 bitsandbytes: its fastest configuration), the same adapters as PEFT
+                 directories, its OpenAI server with --enable-lora, the same batches and
+                 adapters (/v1/completions on the prompt ids, streamed): tokens/s and TTFT,
+                 and loraplex's ratio to it at the largest batch on the most adapters
 Without CUDA the same program runs the kernels in Triton's interpreter on small shapes and
 serves a 2-layer model on the CPU: a check that it runs, not figures.
 
@@ -323,6 +327,150 @@ def serve(args: Any, device: torch.device, shape: dict[str, int], kernels: str,
     return rows
 
 
+# -- 4. vLLM beside it ----------------------------------------------------------------------------
+def save_for_vllm(loaded: LoadedModel, adapters: list[Job], out: Path) -> tuple[Path, list[str]]:
+    """The random model as an HF checkpoint vLLM loads (its NF4 weights dequantized to bf16:
+    vLLM 0.32 has no bitsandbytes, so the same function in its fastest configuration) and the
+    adapters as PEFT directories; returns the model directory and the adapters' names."""
+    import json
+
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import save_file
+
+    model = loaded.model
+    model_dir = out / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    index: dict[str, str] = {}
+    count = 0
+
+    def flush() -> None:
+        nonlocal shard, count
+        if shard:
+            name = f"model-{count:05d}.safetensors"
+            save_file(shard, str(model_dir / name))
+            index.update(dict.fromkeys(shard, name))
+            shard, count = {}, count + 1
+
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):  # the model, its containers, the rotary
+            continue
+        if hasattr(weight, "quant_state") and weight.quant_state is not None:
+            dense = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(torch.bfloat16)
+        else:
+            dense = weight.detach().to(torch.bfloat16)
+        shard[f"{name}.weight"] = dense.cpu().contiguous()
+        if sum(t.numel() for t in shard.values()) * 2 > 2 << 30:  # 2 GiB shards
+            flush()
+    flush()
+    (model_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": index})
+    )
+    model.config.torch_dtype = "bfloat16"
+    model.config.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    names = []
+    for job in adapters:
+        assert job.adapter is not None and job.weights is not None
+        name = job.adapter.adapter_id
+        adapter_dir = out / "adapters" / name
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for module, (a, b) in job.weights.modules.items():
+            # the weights' B is scaled (alpha / r) already: alpha = r keeps PEFT's scale at 1
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(torch.bfloat16)
+        save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
+        (adapter_dir / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": RANK,
+            "target_modules": sorted(job.weights.target_modules), "bias": "none",
+            "base_model_name_or_path": str(model_dir),
+        }))  # fmt: skip
+        names.append(name)
+    return model_dir, names
+
+
+def vllm_serve(args: Any, model_dir: Path, names: list[str], work: Path,
+               prompts: list[list[int]]) -> list[ServeRow]:  # fmt: skip
+    """vLLM's OpenAI server on the GPU (--enable-lora, the largest K of --adapters), the same
+    batches and adapters as loraplex's rows: output tokens/s, and the last first token of a
+    batch (streamed) as TTFT."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [int(b) for b in args.batches.split(",")]
+    counts = [int(k) for k in args.adapters.split(",")]
+    port = 8124
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    argv += ["--served-model-name", "base", "--dtype", "bfloat16", "--port", str(port)]
+    argv += ["--max-model-len", str(PROMPT_TOKENS + args.new_tokens + 16)]
+    argv += ["--max-num-seqs", str(max(batches)), "--host", "127.0.0.1"]
+    if max(counts):
+        argv += ["--enable-lora", "--max-loras", str(max(counts)), "--max-lora-rank", str(RANK)]
+        argv += ["--lora-modules", *(f"{n}={work / 'adapters' / n}" for n in names)]
+    with open(work / "vllm.log", "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited:\n{(work / 'vllm.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("vLLM did not start in 10 minutes") from None
+                time.sleep(2)
+
+        def one(prompt: list[int], model: str, start: float) -> tuple[int, float]:
+            body = {"model": model, "prompt": prompt, "max_tokens": args.new_tokens,
+                    "temperature": 0.0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )  # fmt: skip
+            first, tokens = 0.0, 0
+            with urllib.request.urlopen(request, timeout=900) as reply:
+                for line in reply:
+                    data = line.decode().strip().removeprefix("data: ")
+                    if not data or data == "[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    if not first and chunk.get("choices"):
+                        first = time.perf_counter() - start
+                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+            return tokens, first
+
+        def burst(batch: int, k: int) -> tuple[float, float]:
+            models = [names[i % k] if k else "base" for i in range(batch)]
+            start = time.perf_counter()
+            with ThreadPoolExecutor(batch) as pool:
+                done = list(pool.map(lambda i: one(prompts[i], models[i], start), range(batch)))
+            seconds = time.perf_counter() - start
+            return sum(t for t, _ in done) / seconds, max(f for _, f in done) * 1e3
+
+        rows = []
+        burst(1, 0)  # warm-up
+        for k in counts:
+            for batch in batches:
+                burst(batch, k)  # adapters loaded, graphs captured for this size
+                tokens_per_s, ttft = burst(batch, k)
+                rows.append(ServeRow("vLLM bf16", batch, k, tokens_per_s, ttft))
+                log.info("vLLM: batch %d, %d adapters: %.1f tok/s, TTFT %.0f ms", batch, k,
+                         tokens_per_s, ttft)  # fmt: skip
+        return rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def kv_bytes_per_token(shape: dict[str, int]) -> int:
     head_dim = shape["hidden"] // shape["heads"]
     return 2 * shape["layers"] * shape["kv_heads"] * head_dim * 2  # keys and values, bf16
@@ -372,7 +520,44 @@ def main() -> int:
         for r in rows
     ]
     vllm = importlib.util.find_spec("vllm") is not None
-    report["vllm"] = "installed: not run by this version" if vllm else "not installed"
+    report["vllm"] = "not installed" if not vllm else "no CUDA: not run"
+    if vllm and CUDA:
+        from loraplex.core.model import lora_target_shapes
+
+        with work_dir("loraplex-gpu-vllm-", args.keep_work) as vwork:
+            loaded = random_nf4_llama(shape, device, Path(args.home))
+            counts = [int(k) for k in args.adapters.split(",")]
+            adapters = random_adapters(lora_target_shapes(loaded.model), max(counts))
+            model_dir, names = save_for_vllm(loaded, adapters, vwork)
+            del loaded
+            torch.cuda.empty_cache()  # the GPU is vLLM's now
+            generator = torch.Generator().manual_seed(2)
+            largest = max(int(b) for b in args.batches.split(","))
+            prompts = [
+                torch.randint(100, 49152 - 100, (PROMPT_TOKENS,), generator=generator).tolist()
+                for _ in range(largest)
+            ]
+            vllm_rows = vllm_serve(args, model_dir, names, vwork, prompts)
+        report["vllm"] = "bf16 weights (vLLM 0.32 has no bitsandbytes), --enable-lora"
+        report["serving"] += [vars(r) for r in vllm_rows]
+        lines += [
+            f"{r.kernels:>14} {r.batch:>6} {r.adapters:>9} {r.tokens_per_s:>9.1f} "
+            f"{r.ttft_ms:>13.0f}"
+            for r in vllm_rows
+        ]
+        ours = {(r.kernels, r.batch, r.adapters): r.tokens_per_s for r in rows}
+        for r in vllm_rows:
+            for label in ("triton", "triton+graphs"):
+                mine = ours.get((label, r.batch, r.adapters))
+                if (
+                    mine
+                    and r.adapters == max(counts)
+                    and r.batch == max(int(b) for b in args.batches.split(","))
+                ):
+                    lines.append(
+                        f"loraplex {label} / vLLM, {r.adapters} adapters at batch {r.batch}: "
+                        f"{mine / r.tokens_per_s:.2f}x"
+                    )
     lines.append(f"vLLM: {report['vllm']}")
     publish(report, lines, args.out)
     return 0
