@@ -31,6 +31,7 @@ serves a 2-layer model on the CPU: a check that it runs, not figures.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -530,7 +531,8 @@ def main() -> int:
             adapters = random_adapters(lora_target_shapes(loaded.model), max(counts))
             model_dir, names = save_for_vllm(loaded, adapters, vwork)
             del loaded
-            torch.cuda.empty_cache()  # the GPU is vLLM's now
+            gc.collect()  # the engines' cycles too: the GPU is vLLM's now
+            torch.cuda.empty_cache()
             generator = torch.Generator().manual_seed(2)
             largest = max(int(b) for b in args.batches.split(","))
             prompts = [
