@@ -113,6 +113,7 @@ class DecodeGraphs:
         self.scratch = cache.scratch_slot  # where pad tokens write their keys and values
         self._inputs: dict[int, _Bucket] = {}
         self._graphs: dict[tuple[object, ...], Replay] = {}
+        self._failed: set[tuple[object, ...]] = set()  # keys whose capture failed: eager
         self.replays = 0  # steps served by a graph (for tests and logs)
 
     def run(self, decodes: Sequence[DecodeWork]) -> torch.Tensor | None:
@@ -133,6 +134,8 @@ class DecodeGraphs:
             runner.lora.generation,
             tuple((id(p.pool), id(p.plan.triton)) for p in lora),
         )
+        if key in self._failed:
+            return None
         replay = self._graphs.get(key)
         if replay is None:
             generation = runner.lora.generation  # older graphs read re-allocated pools: gone
@@ -140,7 +143,13 @@ class DecodeGraphs:
             batch = dataclasses.replace(bucket.batch, lora=lora)
             forward = runner.forward
             forward(batch)  # once eagerly first: kernels compiled, buffers allocated
-            replay = self.capture(lambda: forward(batch))
+            try:
+                replay = self.capture(lambda: forward(batch))
+            except Exception:  # what cannot be captured runs eagerly, as it did
+                log.warning("a decode step of %d tokens could not be captured; eager", size,
+                            exc_info=True)  # fmt: skip
+                self._failed.add(key)
+                return None
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = replay

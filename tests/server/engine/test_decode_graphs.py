@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 from loraplex.adapters.validate import load_adapter
-from loraplex.core.types import BaseModelSpec
+from loraplex.core.types import AdapterWeights, BaseModelSpec
 from loraplex.server.engine.decode_graphs import DecodeGraphs
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.model_runner import DecodeWork, ModelRunner, PrefillWork
@@ -93,6 +93,14 @@ def test_steps_a_graph_cannot_take_run_eagerly(load_tiny, tmp_path):
     assert graphs.run([DecodeWork(rows[0], 0, 9, 3)]) is None  # a merged adapter
     runner.unmerge()
     assert graphs.run([DecodeWork(rows[0], 0, 9, 3)]) is not None
+
+    def refuse(step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    runner.graphs = graphs = DecodeGraphs(runner, refuse, max_tokens=2)
+    step = [DecodeWork(rows[0], 0, 9, 4)]
+    assert graphs.run(step) is None and graphs.run(step) is None  # eager, captured once
+    assert runner.step(step, []).shape[0] == 1 and graphs.replays == 0
     with pytest.raises(ValueError, match="Triton kernels over the paged"):
         DecodeGraphs(ModelRunner(load_tiny(), num_slots=2, max_rank=8), EagerCapture(), 4)
 
@@ -121,15 +129,29 @@ def test_cuda_graphs_replay_the_eager_steps_on_a_gpu(tiny_model_dir):
         for graphs, share in ((False, 0.3), (True, 0.6))
     ]
     assert runners[0].graphs is None and runners[1].graphs is not None
+    gen = torch.Generator().manual_seed(0)
+    shapes = runners[0].target_shapes
+    adapter = AdapterWeights(
+        {
+            name: (torch.randn(8, d_in, generator=gen) * 0.1, torch.randn(d_out, 8, generator=gen))
+            for name, (d_in, d_out) in shapes.items()
+        },
+        rank=8,
+        lora_alpha=8.0,
+        target_modules=tuple(sorted({name.rsplit(".", 1)[-1] for name in shapes})),
+    )
+    for runner in runners:
+        runner.load_adapter(0, adapter)
     prompts = [[5, 17, 300, 42, 7] * 5, [9, 8, 7], [100, 200, 300, 400]]
+    slots = [0, NO_ADAPTER, 0]  # an adapter beside the base: the LoRA tiles under capture
     outs: list[list[torch.Tensor]] = [[], []]
     for runner, out in zip(runners, outs, strict=True):
         rows = [runner.cache.allocate(len(p) + 8) for p in prompts]
-        work = [PrefillWork(r, NO_ADAPTER, p, 0, True) for r, p in zip(rows, prompts, strict=True)]
+        work = [PrefillWork(r, s, p, 0, True) for r, s, p in zip(rows, slots, prompts, strict=True)]
         tokens = runner.step([], work).argmax(-1).tolist()
         for n in range(6):
             live = range(len(rows)) if n < 3 else range(2)
-            step = [DecodeWork(rows[i], NO_ADAPTER, tokens[i], len(prompts[i]) + n) for i in live]
+            step = [DecodeWork(rows[i], slots[i], tokens[i], len(prompts[i]) + n) for i in live]
             logits = runner.step(step, [])
             out.append(logits.clone())
             tokens = logits.argmax(-1).tolist() + tokens[len(step) :]
