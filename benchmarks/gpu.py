@@ -18,15 +18,21 @@ torch's ops, and serving with both LoRA backends on a Llama-3-8B-shaped NF4 mode
                  until every request of a batch has its first token (TTFT, the last of them)
 
     4. vLLM      where it is installed (and CUDA is there): the same random model saved as an
-                 HF checkpoint with its NF4 weights dequantized to bf16 (vLLM 0.32 has no
-                 bitsandbytes: its fastest configuration), the same adapters as PEFT
-                 directories, its OpenAI server with --enable-lora, the same batches and
-                 adapters (/v1/completions on the prompt ids, streamed): tokens/s and TTFT,
-                 and loraplex's ratio to it at the largest batch on the most adapters
+                 HF checkpoint with its NF4 weights dequantized to bf16 (vLLM's fastest
+                 configuration), the same adapters as PEFT directories, its OpenAI server
+                 with --enable-lora and no prefix caching (loraplex runs without), the same
+                 batches and adapters (/v1/completions on the prompt ids, streamed): tokens/s
+                 and the last first token of a batch (inside the timed burst, where
+                 loraplex's TTFT is a burst of its own), and loraplex's ratio to it at the
+                 largest batch on the most adapters. loraplex's rows are written before vLLM
+                 starts; vLLM's failure is reported, not raised (--skip-vllm: none of it)
 Without CUDA the same program runs the kernels in Triton's interpreter on small shapes and
 serves a 2-layer model on the CPU: a check that it runs, not figures.
 
     python benchmarks/gpu.py [--batches 1,8,32,64] [--adapters 0,8,32] [--new-tokens 32]
+
+Where one command may run 10 minutes at most, run `--skip-vllm`, then `--vllm-only` (vLLM's
+rows alone: its start and the 16 GB checkpoint take a few minutes of their own).
 """
 
 from __future__ import annotations
@@ -331,8 +337,8 @@ def serve(args: Any, device: torch.device, shape: dict[str, int], kernels: str,
 # -- 4. vLLM beside it ----------------------------------------------------------------------------
 def save_for_vllm(loaded: LoadedModel, adapters: list[Job], out: Path) -> tuple[Path, list[str]]:
     """The random model as an HF checkpoint vLLM loads (its NF4 weights dequantized to bf16:
-    vLLM 0.32 has no bitsandbytes, so the same function in its fastest configuration) and the
-    adapters as PEFT directories; returns the model directory and the adapters' names."""
+    the same function in vLLM's fastest configuration) and the adapters as PEFT directories;
+    returns the model directory and the adapters' names."""
     import json
 
     import bitsandbytes.functional as bnbf
@@ -369,6 +375,7 @@ def save_for_vllm(loaded: LoadedModel, adapters: list[Job], out: Path) -> tuple[
         json.dumps({"metadata": {}, "weight_map": index})
     )
     model.config.torch_dtype = "bfloat16"
+    model.config.architectures = ["LlamaForCausalLM"]  # what vLLM reads to pick the model
     model.config.save_pretrained(model_dir)
     loaded.tokenizer.save_pretrained(model_dir)
     names = []
@@ -408,13 +415,21 @@ def vllm_serve(args: Any, model_dir: Path, names: list[str], work: Path,
     argv += ["--served-model-name", "base", "--dtype", "bfloat16", "--port", str(port)]
     argv += ["--max-model-len", str(PROMPT_TOKENS + args.new_tokens + 16)]
     argv += ["--max-num-seqs", str(max(batches)), "--host", "127.0.0.1"]
+    argv += ["--no-enable-prefix-caching"]  # the bursts repeat prompts; loraplex's cache is off
+    free, total = torch.cuda.mem_get_info()
+    share = min(0.9, free / total - 0.02)  # what this process leaves (its context among it)
+    log.info("vLLM gets %.2f of the GPU (%.1f of %.1f GiB free)", share, free / 2**30,
+             total / 2**30)  # fmt: skip
+    argv += ["--gpu-memory-utilization", f"{share:.2f}"]
     if max(counts):
         argv += ["--enable-lora", "--max-loras", str(max(counts)), "--max-lora-rank", str(RANK)]
         argv += ["--lora-modules", *(f"{n}={work / 'adapters' / n}" for n in names)]
     with open(work / "vllm.log", "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )  # its own process group: its engine's process goes with it
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"vLLM exited:\n{(work / 'vllm.log').read_text()[-3000:]}")
@@ -423,7 +438,7 @@ def vllm_serve(args: Any, model_dir: Path, names: list[str], work: Path,
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("vLLM did not start in 10 minutes") from None
+                    raise TimeoutError("vLLM did not start in 5 minutes") from None
                 time.sleep(2)
 
         def one(prompt: list[int], model: str, start: float) -> tuple[int, float]:
@@ -435,16 +450,18 @@ def vllm_serve(args: Any, model_dir: Path, names: list[str], work: Path,
                 headers={"Content-Type": "application/json"},
             )  # fmt: skip
             first, tokens = 0.0, 0
-            with urllib.request.urlopen(request, timeout=900) as reply:
+            chunks = 0
+            with urllib.request.urlopen(request, timeout=180) as reply:
                 for line in reply:
                     data = line.decode().strip().removeprefix("data: ")
                     if not data or data == "[DONE]":
                         continue
                     chunk = json.loads(data)
-                    if not first and chunk.get("choices"):
-                        first = time.perf_counter() - start
+                    if chunk.get("choices"):
+                        chunks += 1
+                        first = first or time.perf_counter() - start
                     tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
-            return tokens, first
+            return tokens or chunks, first  # without a usage chunk: one token a chunk
 
         def burst(batch: int, k: int) -> tuple[float, float]:
             models = [names[i % k] if k else "base" for i in range(batch)]
@@ -465,11 +482,11 @@ def vllm_serve(args: Any, model_dir: Path, names: list[str], work: Path,
                          tokens_per_s, ttft)  # fmt: skip
         return rows
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, 15)  # SIGTERM to the group
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, 9)
 
 
 def kv_bytes_per_token(shape: dict[str, int]) -> int:
@@ -484,6 +501,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--keep-work", action="store_true")
+    parser.add_argument("--skip-vllm", action="store_true", help="no vLLM rows")
+    parser.add_argument(
+        "--vllm-only", action="store_true", help="vLLM's rows alone (a second command)"
+    )
     add_common_args(parser, "gpu")
     args = parser.parse_args()
     setup_logging()
@@ -494,13 +515,16 @@ def main() -> int:
         args.batches, args.adapters, args.new_tokens = "1,4", "0,2", 4
     report: dict[str, Any] = {"config": vars(args), "device": str(device), "shape": shape}
     lines = [f"on {torch.cuda.get_device_name() if CUDA else 'CPU (smoke run)'}"]
+    if args.vllm_only:
+        args.skip_tests = True
     if not args.skip_tests:
         report["tests"] = gpu_tests()
         lines.append(f"gpu tests: {report['tests']}")
     repeats = 20 if CUDA else 2
-    kernels = lora_kernels(device, shape["hidden"], repeats)
-    kernels.append(attention_kernel(device, shape, 64 if CUDA else 4, 1024 if CUDA else 64,
-                                    repeats))  # fmt: skip
+    kernels = [] if args.vllm_only else lora_kernels(device, shape["hidden"], repeats)
+    if not args.vllm_only:
+        kernels.append(attention_kernel(device, shape, 64 if CUDA else 4,
+                                        1024 if CUDA else 64, repeats))  # fmt: skip
     report["kernels"] = kernels
     lines.append(f"{'kernel':<52} {'torch ms':>9} {'triton ms':>10} {'x':>6}")
     lines += [
@@ -510,9 +534,9 @@ def main() -> int:
     ]
     rows: list[ServeRow] = []
     with work_dir("loraplex-gpu-", args.keep_work) as work:
-        for backend in ("torch", "triton"):
+        for backend in ("torch", "triton") if not args.vllm_only else ():
             rows += serve(args, device, shape, backend, work / backend)
-        if CUDA:  # decode steps replayed as CUDA graphs (--cuda-graphs)
+        if CUDA and not args.vllm_only:  # decode steps replayed as CUDA graphs
             rows += serve(args, device, shape, "triton", work / "graphs", graphs=True)
     report["serving"] = [vars(r) for r in rows]
     lines.append(f"{'kernels':>14} {'batch':>6} {'adapters':>9} {'tok/s':>9} {'last TTFT ms':>13}")
@@ -522,47 +546,68 @@ def main() -> int:
     ]
     vllm = importlib.util.find_spec("vllm") is not None
     report["vllm"] = "not installed" if not vllm else "no CUDA: not run"
-    if vllm and CUDA:
-        from loraplex.core.model import lora_target_shapes
-
-        with work_dir("loraplex-gpu-vllm-", args.keep_work) as vwork:
-            loaded = random_nf4_llama(shape, device, Path(args.home))
-            counts = [int(k) for k in args.adapters.split(",")]
-            adapters = random_adapters(lora_target_shapes(loaded.model), max(counts))
-            model_dir, names = save_for_vllm(loaded, adapters, vwork)
-            del loaded
-            gc.collect()  # the engines' cycles too: the GPU is vLLM's now
-            torch.cuda.empty_cache()
-            generator = torch.Generator().manual_seed(2)
-            largest = max(int(b) for b in args.batches.split(","))
-            prompts = [
-                torch.randint(100, 49152 - 100, (PROMPT_TOKENS,), generator=generator).tolist()
-                for _ in range(largest)
-            ]
-            vllm_rows = vllm_serve(args, model_dir, names, vwork, prompts)
-        report["vllm"] = "bf16 weights (vLLM 0.32 has no bitsandbytes), --enable-lora"
-        report["serving"] += [vars(r) for r in vllm_rows]
-        lines += [
-            f"{r.kernels:>14} {r.batch:>6} {r.adapters:>9} {r.tokens_per_s:>9.1f} "
-            f"{r.ttft_ms:>13.0f}"
-            for r in vllm_rows
-        ]
-        ours = {(r.kernels, r.batch, r.adapters): r.tokens_per_s for r in rows}
-        for r in vllm_rows:
-            for label in ("triton", "triton+graphs"):
-                mine = ours.get((label, r.batch, r.adapters))
-                if (
-                    mine
-                    and r.adapters == max(counts)
-                    and r.batch == max(int(b) for b in args.batches.split(","))
-                ):
-                    lines.append(
-                        f"loraplex {label} / vLLM, {r.adapters} adapters at batch {r.batch}: "
-                        f"{mine / r.tokens_per_s:.2f}x"
-                    )
+    if args.skip_vllm:
+        report["vllm"] = "skipped (--skip-vllm)"
+    if vllm and CUDA and not args.skip_vllm:
+        publish(report, lines, args.out)  # loraplex's rows kept, whatever vLLM does
+        try:
+            vllm_rows = run_vllm(args, shape, device)
+        except Exception as exc:  # reported, not raised: the rows above stand
+            log.exception("vLLM failed")
+            report["vllm"] = f"failed: {type(exc).__name__}: {exc}"[:2000]
+            vllm_rows = []
+        lines += vllm_lines(args, rows, vllm_rows)
+        if vllm_rows:
+            report["vllm"] = "bf16 weights (vLLM's fastest), --enable-lora, no prefix caching"
+            report["serving"] += [vars(r) for r in vllm_rows]
     lines.append(f"vLLM: {report['vllm']}")
     publish(report, lines, args.out)
     return 0
+
+
+def run_vllm(args: Any, shape: dict[str, int], device: torch.device) -> list[ServeRow]:
+    """The model and adapters saved for vLLM (the model built again, then freed), and its
+    rows."""
+    from loraplex.core.model import lora_target_shapes
+
+    with work_dir("loraplex-gpu-vllm-", args.keep_work) as work:
+        loaded = random_nf4_llama(shape, device, Path(args.home))
+        counts = [int(k) for k in args.adapters.split(",")]
+        adapters = random_adapters(lora_target_shapes(loaded.model), max(counts))
+        model_dir, names = save_for_vllm(loaded, adapters, work)
+        del loaded, adapters
+        gc.collect()  # the engines' cycles too: the GPU is vLLM's now
+        torch.cuda.empty_cache()
+        generator = torch.Generator().manual_seed(2)
+        largest = max(int(b) for b in args.batches.split(","))
+        prompts = [
+            torch.randint(100, 49152 - 100, (PROMPT_TOKENS,), generator=generator).tolist()
+            for _ in range(largest)
+        ]
+        return vllm_serve(args, model_dir, names, work, prompts)
+
+
+def vllm_lines(args: Any, rows: list[ServeRow], vllm_rows: list[ServeRow]) -> list[str]:
+    """vLLM's rows as the table shows them, and loraplex's ratio at the largest batch on
+    the most adapters."""
+    lines = [
+        f"{r.kernels:>14} {r.batch:>6} {r.adapters:>9} {r.tokens_per_s:>9.1f} {r.ttft_ms:>13.0f}"
+        for r in vllm_rows
+    ]
+    largest = max(int(b) for b in args.batches.split(","))
+    most = max(int(k) for k in args.adapters.split(","))
+    ours = {(r.kernels, r.batch, r.adapters): r.tokens_per_s for r in rows}
+    for r in vllm_rows:
+        if (r.batch, r.adapters) != (largest, most) or not r.tokens_per_s:
+            continue
+        for label in ("triton", "triton+graphs"):
+            mine = ours.get((label, largest, most))
+            if mine:
+                lines.append(
+                    f"loraplex {label} / vLLM, {most} adapters at batch {largest}: "
+                    f"{mine / r.tokens_per_s:.2f}x"
+                )
+    return lines
 
 
 if __name__ == "__main__":
