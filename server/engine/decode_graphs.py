@@ -33,6 +33,7 @@ from loraplex.server.engine.forward import StepBatch
 from loraplex.server.engine.lora import NO_ADAPTER
 from loraplex.server.engine.paged_attention import DECODE_TILE_ROWS, PagedQueries, next_power_of_2
 from loraplex.server.engine.paged_kv import PagedKVCache
+from loraplex.server.engine.uploads import Uploader
 
 if TYPE_CHECKING:
     from loraplex.server.engine.model_runner import DecodeWork, ModelRunner
@@ -111,6 +112,7 @@ class DecodeGraphs:
         self.capture = capture
         self.buckets = [b for b in BUCKETS if b < max_tokens] + [max_tokens]
         self.scratch = cache.scratch_slot  # where pad tokens write their keys and values
+        self.uploads = runner.uploads or Uploader(runner.device)  # the inputs' one copy
         self._inputs: dict[int, _Bucket] = {}
         self._graphs: dict[tuple[object, ...], Replay] = {}
         self._failed: set[tuple[object, ...]] = set()  # keys whose capture failed: eager
@@ -180,15 +182,7 @@ class DecodeGraphs:
             ]
         ).astype(np.int32)
         cache.tables()  # the block tables up to date (the same tensor)
-        upload = runner.uploads.put if runner.uploads is not None else _in_place(runner.device)
-        (long_view,) = upload(torch.long, [longs])
-        (int_view,) = upload(torch.int32, [ints])
+        (long_view,) = self.uploads.put(torch.long, [longs])
+        (int_view,) = self.uploads.put(torch.int32, [ints])
         bucket.longs.copy_(long_view)
         bucket.ints.copy_(int_view)
-
-
-def _in_place(device: torch.device) -> Callable[..., list[torch.Tensor]]:
-    def put(dtype: torch.dtype, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        return [torch.as_tensor(a, dtype=dtype, device=device) for a in arrays]
-
-    return put

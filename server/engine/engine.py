@@ -675,7 +675,7 @@ class Engine:
         emit = seq.request.emit
         step: StepText | None = None  # the text, where rendered here
         if not (isinstance(emit, QueuedEmit) and not params.stop):
-            step = render_text(seq.output, token, ends, at_limit)
+            step = seq.output.render(token, ends, at_limit)
         finish: str | None = None
         if ends or (step is not None and step.stop_reason is not None):
             finish = "stop"
@@ -718,7 +718,7 @@ class Engine:
         else:  # the text rendered on the output thread: it decides nothing here
             assert isinstance(emit, QueuedEmit)
             text = seq.output
-            emit.later(lambda: output(render_text(text, token, ends, at_limit)))
+            emit.later(lambda: output(text.render(token, ends, at_limit)))
         return finish is not None
 
     def _drop_cancelled(self) -> None:
@@ -841,19 +841,6 @@ def async_output(choice: str, device: torch.device) -> bool:
     """`--async-output`: auto is on with a GPU (the host renders text while the device
     computes the next step), off on a CPU (whose cores the step itself uses)."""
     return choice == "on" or (choice == "auto" and device.type == "cuda")
-
-
-def render_text(output: OutputProcessor, token: int, ends: bool, at_limit: bool) -> StepText:
-    """A token's text: none of its own where it ends the sequence (end-of-sequence or a stop
-    token: the text held back is released), else its decoded text, and all that is held back
-    where the sequence reaches its limit (unless a stop string ended it first)."""
-    if ends:
-        return output.finish()
-    step = output.append(token)
-    if step.stop_reason is not None or not at_limit:
-        return step
-    rest = output.finish()
-    return StepText(delta=step.delta + rest.delta, stop_reason=rest.stop_reason)
 
 
 def engine_info(runner: ModelRunner, eos_token_ids: set[int]) -> EngineInfo:

@@ -577,12 +577,7 @@ class DecoderForward:
             return native.decode_attention(
                 q, parts.keys, parts.values, decode_rows, batch.decode_lengths, self.scaling
             )
-        if self.paged:  # the decoding rows' blocks, gathered
-            keys, values = self._gather_blocks(parts, decode_rows, length, batch)
-            qg = q.view(b, self.kv_heads, self.group, self.head_dim)
-            out = attend(qg, keys, values, mask.bias, self.scaling)
-            return out.view(b, self.num_heads, self.head_dim)
-        if mask.gathered:  # few rows decode (a prefill step): read only theirs
+        if mask.gathered:  # few rows decode (a prefill step), or blocks: read only theirs
             return self._decode_attention_gathered(parts, q, batch, mask)
         keys = parts.keys[:rows, :, :length]  # (rows, H_kv, L, D), a view
         values = parts.values[:rows, :, :length]
@@ -599,11 +594,15 @@ class DecoderForward:
         self, parts: _LayerParts, q: torch.Tensor, batch: StepBatch, mask: _DecodeMask
     ) -> torch.Tensor:
         """_decode_attention over copies of the decoding rows only: cheaper than the whole
-        pool's view (which the batched matmul copies anyway) when they are at most half."""
+        pool's view (which the batched matmul copies anyway) when they are at most half, and
+        the paged cache's way (its masks are always gathered)."""
         b, length = batch.n_decode, batch.max_decode_length
         decode_rows = batch.rows[:b]
-        keys = parts.keys[:, :, :length].index_select(0, decode_rows)  # (B, H_kv, L, D)
-        values = parts.values[:, :, :length].index_select(0, decode_rows)
+        if self.paged:  # (B, H_kv, L, D) each
+            keys, values = self._gather_blocks(parts, decode_rows, length, batch)
+        else:
+            keys = parts.keys[:, :, :length].index_select(0, decode_rows)
+            values = parts.values[:, :, :length].index_select(0, decode_rows)
         qg = q.view(b, self.kv_heads, self.group, self.head_dim)
         out = attend(qg, keys, values, mask.bias, self.scaling)
         return out.view(b, self.num_heads, self.head_dim)

@@ -467,10 +467,10 @@ class ModelRunner:
         lora, unmerge = self.lora_plans([d.slot for d in decodes], segments)
         decode_lengths = [d.position + 1 for d in decodes]
         cache = self.cache
-        cache.grow(rows, [p + 1 for p in positions])  # blocks for the step's tokens (paged)
         tables, queries = None, None
         upload = self.uploads.put if self.uploads is not None else None
         if isinstance(cache, PagedKVCache):
+            cache.grow(rows, [p + 1 for p in positions])  # blocks for the step's tokens
             tables = cache.tables()
             if self.kernels == "triton":
                 queries = PagedQueries.build(rows, positions, self.forward.group, dev, upload)

@@ -43,6 +43,19 @@ class OutputProcessor:
         self.token_ids.append(token_id)
         return self._extend(self._decode_new(final=False), final=False)
 
+    def render(self, token_id: int, ends: bool, at_limit: bool) -> StepText:
+        """A sampled token's text: none of its own where it ends the sequence (end-of-sequence
+        or a stop token: the text held back is released), else its decoded text, and all that
+        is held back where the sequence reaches its limit (unless a stop string ended it
+        first)."""
+        if ends:
+            return self.finish()
+        step = self.append(token_id)
+        if step.stop_reason is not None or not at_limit:
+            return step
+        rest = self.finish()
+        return StepText(delta=step.delta + rest.delta, stop_reason=rest.stop_reason)
+
     def finish(self) -> StepText:
         """Release everything still held back (the sequence ends for another reason); a stop
         string completed by that last text still cuts it."""

@@ -156,7 +156,7 @@ class PagedKVCache:
         # elsewhere the tables reach the device through a pinned copy of the host's, without
         # blocking; `_uploaded` says when that copy has been read
         on_gpu = device.type == "cuda"
-        self._staging = torch.empty_like(host, pin_memory=on_gpu) if on_gpu else host
+        self._staging = torch.empty_like(host, pin_memory=True) if on_gpu else host
         self._uploaded = torch.cuda.Event() if on_gpu else None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []

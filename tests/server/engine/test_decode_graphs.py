@@ -31,6 +31,24 @@ class EagerCapture:
         return step
 
 
+def decode_logits(
+    runner: ModelRunner, prompts: list[list[int]], slots: list[int], fewer: int
+) -> list[torch.Tensor]:
+    """Prefill the prompts, then six greedy decode steps: all of them, then the first
+    `fewer`; each step's logits (copies)."""
+    rows = [runner.cache.allocate(len(p) + 8) for p in prompts]
+    work = [PrefillWork(r, s, p, 0, True) for r, s, p in zip(rows, slots, prompts, strict=True)]
+    tokens = runner.step([], work).argmax(-1).tolist()
+    out = []
+    for n in range(6):
+        live = range(len(rows)) if n < 3 else range(fewer)
+        step = [DecodeWork(rows[i], slots[i], tokens[i], len(prompts[i]) + n) for i in live]
+        logits = runner.step(step, [])
+        out.append(logits.clone())
+        tokens = logits.argmax(-1).tolist() + tokens[len(step) :]
+    return out
+
+
 def runner_with_adapters(load_tiny, tmp_path) -> ModelRunner:
     runner = ModelRunner(load_tiny(), num_slots=3, max_rank=16, kernels="triton", max_rows=8)
     spec = BaseModelSpec(runner.target_shapes, max_rank=16, fingerprint="tiny")
@@ -54,17 +72,8 @@ def test_replayed_decode_steps_equal_eager_ones(load_tiny, tmp_path):
     assert graphs.buckets == [1, 2, 4, 8]
     prompts = [[5, 17, 300, 42, 7] * 4, [9, 8, 7], [100, 200, 300, 400], [3, 1, 4, 1, 5, 9]]
     slots = [0, 1, NO_ADAPTER, 1]
-    outs: list[list[torch.Tensor]] = [[], []]
-    for runner, out in zip(runners, outs, strict=True):
-        rows = [runner.cache.allocate(len(p) + 8) for p in prompts]
-        work = [PrefillWork(r, s, p, 0, True) for r, s, p in zip(rows, slots, prompts, strict=True)]
-        tokens = runner.step([], work).argmax(-1).tolist()
-        for n in range(6):
-            live = range(len(rows)) if n < 3 else range(3)  # 4 tokens (a bucket), then 3
-            step = [DecodeWork(rows[i], slots[i], tokens[i], len(prompts[i]) + n) for i in live]
-            logits = runner.step(step, [])
-            out.append(logits)
-            tokens = logits.argmax(-1).tolist() + tokens[len(step) :]
+    # 4 tokens (a bucket), then 3
+    outs = [decode_logits(runner, prompts, slots, fewer=3) for runner in runners]
     assert graphs.replays == 6 and capture.captured == 1  # 4 tokens, then 3 padded to 4
     for eager, replayed in zip(*outs, strict=True):
         assert replayed.shape == eager.shape
@@ -144,17 +153,7 @@ def test_cuda_graphs_replay_the_eager_steps_on_a_gpu(tiny_model_dir):
         runner.load_adapter(0, adapter)
     prompts = [[5, 17, 300, 42, 7] * 5, [9, 8, 7], [100, 200, 300, 400]]
     slots = [0, NO_ADAPTER, 0]  # an adapter beside the base: the LoRA tiles under capture
-    outs: list[list[torch.Tensor]] = [[], []]
-    for runner, out in zip(runners, outs, strict=True):
-        rows = [runner.cache.allocate(len(p) + 8) for p in prompts]
-        work = [PrefillWork(r, s, p, 0, True) for r, s, p in zip(rows, slots, prompts, strict=True)]
-        tokens = runner.step([], work).argmax(-1).tolist()
-        for n in range(6):
-            live = range(len(rows)) if n < 3 else range(2)
-            step = [DecodeWork(rows[i], slots[i], tokens[i], len(prompts[i]) + n) for i in live]
-            logits = runner.step(step, [])
-            out.append(logits.clone())
-            tokens = logits.argmax(-1).tolist() + tokens[len(step) :]
+    outs = [decode_logits(runner, prompts, slots, fewer=2) for runner in runners]
     assert runners[1].graphs.replays == 6
     for eager, replayed in zip(*outs, strict=True):
         torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)
