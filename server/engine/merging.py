@@ -234,6 +234,7 @@ class MergeControl:
         if self._pending is not None:
             self._abandon()
         self.policy = MergePolicy(settings, pays=self._pays)
+        self._next_check = 0.0  # asked at the next step
 
     def _pays(self, step_tokens: float) -> bool:
         return self._runner().merge_pays(step_tokens)

@@ -382,10 +382,11 @@ def test_steps_go_on_while_the_policys_merge_is_prepared(setup, monkeypatch):
     ready it is installed; outputs stay those of the unmerged adapter."""
     engine, versions = setup()
     one = versions["one"]
-    long = 200  # steps enough for the policy to decide (it looks every 0.25 s) and prepare
+    long = 200  # steps enough for the policy to decide (asked every step here) and prepare
     alone = submit(engine, PROMPTS[0], one, max_new_tokens=long)
     assert alone.done.wait(30) and alone.error is None
     monkeypatch.setattr(merging, "MERGE_SLICE_S", 0.0)
+    monkeypatch.setattr(merging, "MERGE_CHECK_S", 0.0)  # however fast the steps run
     steps_run: list[int] = []  # ModelRunner.step calls so far, at each unit prepared
     calls = [0]
     step, merge_steps = ModelRunner.step, ModelRunner.merge_steps
