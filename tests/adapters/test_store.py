@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+import loraplex.adapters.registry as registry_module
 from loraplex.adapters.store import AdapterStore, digest_files
 from loraplex.core.errors import AdapterNotFound
 
@@ -217,8 +218,9 @@ def test_refreshes_never_block_lookups(tmp_path, monkeypatch):
     assert len(scans) == 1
 
 
-def test_an_unknown_id_rereads_the_store_once_per_interval(adapter_free_registry):
+def test_an_unknown_id_rereads_the_store_once_per_interval(adapter_free_registry, monkeypatch):
     registry, store = adapter_free_registry
+    monkeypatch.setattr(registry_module, "MISS_REFRESH_S", 3600.0)  # however slow the reads
     reads = []
     real = store.refresh
     store.refresh = lambda: (reads.append(1), real())[1]

@@ -91,12 +91,13 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(setup):
     engine, versions = setup(max_prefill_tokens=8, prefix_cache=False)
     long_prompt = [(7 * i) % 3000 + 50 for i in range(40)]
     alone_long = submit(engine, long_prompt, versions["two"])
-    alone_short = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=30)
+    # long enough that the joining prompt's chunks run beside it however fast the steps are
+    alone_short = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=200)
     for c in (alone_long, alone_short):
         assert c.done.wait(60) and c.error is None
     stats = engine.snapshot().result(30).stats
     before = (stats.prefill_steps, stats.mixed_prefill_decode_steps)
-    running = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=30)
+    running = submit(engine, PROMPTS[0], versions["one"], max_new_tokens=200)
     assert running.first.wait(30)
     joining = submit(engine, long_prompt, versions["two"])
     for c in (running, joining):

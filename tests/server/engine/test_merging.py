@@ -380,7 +380,7 @@ def test_steps_go_on_while_the_policys_merge_is_prepared(setup, monkeypatch):
     """The policy's merge is prepared a slice before each step (here one unit a slice):
     steps run between its slices, its slot is held from the start, and once every unit is
     ready it is installed; outputs stay those of the unmerged adapter."""
-    engine, versions = setup()
+    engine, versions = setup(merge=MergeSettings(policy="off"))  # nothing merged before
     one = versions["one"]
     long = 200  # steps enough for the policy to decide (asked every step here) and prepare
     alone = submit(engine, PROMPTS[0], one, max_new_tokens=long)

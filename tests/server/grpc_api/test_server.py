@@ -163,8 +163,15 @@ def test_concurrent_rpcs_are_capped():
                 await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             held[0].cancel()
-            await asyncio.sleep(0.2)
-            await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            deadline = time.monotonic() + 30  # the cancel reaches the server, then frees it
+            while True:
+                try:
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "the cancelled RPC's place never freed"
+                    await asyncio.sleep(0.05)
 
     serve(scenario, max_concurrent_rpcs=3, max_keyless_streams=10)
 

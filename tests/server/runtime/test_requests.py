@@ -234,9 +234,11 @@ def test_one_tenant_builds_few_compositions_at_once_and_keeps_few(served, tiny_m
     other = _second_adapter(tiny_model_dir, adapter_dir.parent.parent)
     resolver = runtime.resolver
     gate = threading.Event()
+    entered = threading.Semaphore(0)  # a build has started (past the point of being given back)
     build = resolver._build
 
     def held_build(composition, parts):
+        entered.release()
         gate.wait(30)
         return build(composition, parts)
 
@@ -254,7 +256,8 @@ def test_one_tenant_builds_few_compositions_at_once_and_keeps_few(served, tiny_m
         building = [
             asyncio.create_task(resolver.lease(v, "acme")) for v in acme[:MAX_BUILDS_PER_TENANT]
         ]
-        await asyncio.sleep(0.2)
+        for _ in building:
+            assert await asyncio.to_thread(entered.acquire, True, 30)
         with pytest.raises(OverQuota) as refused:
             await resolver.lease(acme[MAX_BUILDS_PER_TENANT], "acme")
         assert refused.value.retry_after_s > 0
