@@ -9,7 +9,7 @@
 
 On a CPU with the native kernel (cpu_kernels.py), tokens whose adapter has at most
 `run_tokens` of them in the step (decode tokens, prompt chunks up to CpuKernels.lora_run_tokens:
-64, or 256 with BF16 dot products) instead take one call
+64 on bf16 rows, 256 with BF16 dot products, 512 on float32 rows) instead take one call
 per group, whatever the adapters: it reads each adapter's weights once for its tokens and sums in
 registers, where the paths above pay torch's per-op cost and a copy or two per adapter (a mixed
 64-token decode: about 2x faster; one stream: about 4x). Longer runs of one adapter (prompts)
