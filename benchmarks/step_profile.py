@@ -61,17 +61,18 @@ UNPROFILED_S = 3.0  # the steps' time measured before sampling, for comparison
 ATTENTION = "attention (rope, KV write, attention)"
 PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("waiting for work", ("Scheduler.wait (",)),
-    ("waiting for the GIL", ("take_gil",)),
+    ("merge policy, merge preparation", ("merging.py",)),
     ("sampling", ("sampling.py", "logprobs.py", "controls.py", "structured.py")),
     ("output emission", ("output.py", "emitter.py", "Engine._advance (", "Engine._retire (")),
     ("LM head, final norm", ("DecoderForward.__call__",)),
     ("LoRA", ("lora_add", "lora_shrink", "lora_expand", "lora_ops.py", "triton_lora",
-              "._add_lora (")),
+              ";_add_lora (")),
     (ATTENTION, ("decode_attention", "attend_", "rope_qk", "kv_write", "paged_attention",
-                 "triton_attention")),
+                 "triton_attention", "_prefill_attention")),
     ("base linears", ("nf4_linear", "rows_", "gemm", "dnnl", "linear.py", "bitsandbytes")),
-    (ATTENTION, ("._attention (", "_decode_attention", "_prefill_attention", "_rope_and_write")),
-    ("norms, silu * up", ("add_rms_norm", "silu_mul", "norm.py", "._mlp (")),
+    (ATTENTION, ("._attention (", "_decode_attention", "_rope_and_write")),
+    ("norms, silu * up", ("add_rms_norm", "silu_mul", "_Norm.", "._mlp (")),
+    ("captured program's own loops", ("run_step (",)),
     ("step inputs, embedding", ("model_runner.py", "forward.py", "step_program.py")),
     ("scheduling, bookkeeping", ("engine.py",)),
 ]  # fmt: skip
@@ -133,6 +134,7 @@ async def profile_streams(
     from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
     new_tokens = min(3000, STREAM_TOKENS // len(prompts))
+    span = max(1, round(seconds))  # py-spy takes whole seconds
     times: list[list[float]] = [[] for _ in prompts]
     started = [asyncio.Event() for _ in prompts]
     errors: list[BaseException] = []
@@ -167,14 +169,15 @@ async def profile_streams(
         b = time.perf_counter()
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         argv = [spy, "record", "--native", "--idle", "--threads", "--format", "raw", "-r",
-                str(rate), "-d", str(int(seconds)), "-o", str(out), "--pid", str(pid)]  # fmt: skip
-        t0 = time.perf_counter()
+                str(rate), "-d", str(span), "-o", str(out), "--pid", str(pid)]  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         _, err = await proc.communicate()
+        # py-spy samples for `seconds` once it has attached (reading symbols takes a while):
+        # the window is the last `seconds` before it exits
         t1 = time.perf_counter()
-        log.info("sampled %.1f s", t1 - t0)
+        t0 = t1 - span
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -258,13 +261,13 @@ def main() -> int:
                 log.info("%s C=%d: %.0f steps in %.1f s, %.2f ms a step (%.2f unprofiled), "
                          "%d samples", on, c, steps, window, step_ms, plain, total)  # fmt: skip
                 rows.append(row)
-    names = [*dict.fromkeys(p for p, _ in PARTS), OTHER]
+    part_names = [*dict.fromkeys(p for p, _ in PARTS), OTHER]
     cols = [("part of the step", 38, "")] + [
         (f"{r['on']} C={r['concurrency']} ms", 18, ".2f") for r in rows
     ]
     body = [
         [name] + [r["parts"].get(name, {}).get("ms_per_step") for r in rows]
-        for name in names
+        for name in part_names
         if any(name in r["parts"] for r in rows)
     ]
     body.append(["step (window / steps)"] + [r["step_ms"] for r in rows])

@@ -52,7 +52,7 @@ ISAS = ("portable", "avx2", "avx512", "avx512bf16")  # nf4_isa()'s answers, in o
 DTYPES = (torch.bfloat16, torch.float32)  # what x and y may be
 LORA_RUN_TOKENS = 64  # lora_add's runs of one adapter, at most (float32 sums on bf16 rows)
 LORA_DOT_RUN_TOKENS = 256  # the same with BF16 dot products
-LORA_FLOAT32_RUN_TOKENS = 512  # the same on float32 rows (a step's prompt budget, by default)
+LORA_FLOAT32_RUN_TOKENS = 512  # on float32 rows, bf16 weights (a step's prompt budget)
 NATIVE_ATTENTION_TOKENS = 1024  # decode attention over at most this many row-tokens: native
 NATIVE_ROW_MAX = 16384  # the widest row add_rms_norm takes (ROW_MAX in csrc/cpu_kernels.c)
 
@@ -130,11 +130,12 @@ class CpuKernels:
         products, two values per lane (the shrunk values rounded to bf16 in between, as those
         matmuls round them), and keeps up with oneDNN up to about 256 tokens of one adapter (at
         512 oneDNN is 1.3x faster); its float32 sums on bf16 rows fall behind sooner. On
-        float32 rows (`--dtype auto` on a CPU without AVX512-BF16) torch's float32 matmuls
-        are slower than the kernel up to 512 tokens and beyond (one layer's four groups, r16,
-        bf16 weights, AVX2: 0.32 against 0.59 ms at 100 tokens, 1.7 against 2.1 at 512; on
-        AVX-512 1.5 against 1.7 at 512)."""
-        if rows == torch.float32:
+        float32 rows with bf16 weights (`--dtype auto` on a CPU without AVX512-BF16, whose
+        `--lora-dtype auto` keeps the weights in bf16) torch's float32 matmuls, the weights
+        widened at each call, are slower than the kernel up to 512 tokens and beyond (one
+        layer's four groups, r16, AVX2: 0.32 against 0.59 ms at 100 tokens, 1.7 against 2.1
+        at 512; on AVX-512 1.5 against 1.7 at 512)."""
+        if rows == torch.float32 and weights == torch.bfloat16:  # --lora-dtype auto's
             return LORA_FLOAT32_RUN_TOKENS
         dot = self._isa == 3 and weights == rows == torch.bfloat16
         return LORA_DOT_RUN_TOKENS if dot else LORA_RUN_TOKENS

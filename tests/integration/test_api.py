@@ -211,8 +211,9 @@ def test_cancelled_stream_stops_generation(server, client):
 
 
 def test_a_client_deadline_stops_generation_on_the_server(server, client):
-    # no EOS: it cannot finish early, whatever the machine's speed
-    request = pb.GenerateRequest(messages=PROMPT, max_new_tokens=2000, ignore_eos=True)
+    # min_tokens: it cannot end early at EOS, whatever the machine's speed, and (unlike
+    # ignore_eos) the pacing still expects a usual length, so it is admitted and expires
+    request = pb.GenerateRequest(messages=PROMPT, max_new_tokens=2000, min_tokens=2000)
     generated = server.state().stats.generated_tokens
     with pytest.raises(grpc.RpcError) as err:
         client.inference.Generate(request, timeout=1.0)

@@ -487,11 +487,12 @@ def test_long_runs_of_one_adapter_keep_the_matmuls(native):
     assert native.lora_run_tokens(torch.bfloat16, torch.bfloat16) == (
         cpu_kernels.LORA_DOT_RUN_TOKENS if dot else cpu_kernels.LORA_RUN_TOKENS
     )
-    assert native.lora_run_tokens(torch.float32, torch.bfloat16) == cpu_kernels.LORA_RUN_TOKENS
-    for weights in (torch.float32, torch.bfloat16):  # float32 rows: its sums beat the matmuls
-        assert native.lora_run_tokens(weights, torch.float32) == (
-            cpu_kernels.LORA_FLOAT32_RUN_TOKENS
-        )
+    for weights, rows in ((torch.float32, torch.bfloat16), (torch.float32, torch.float32)):
+        assert native.lora_run_tokens(weights, rows) == cpu_kernels.LORA_RUN_TOKENS
+    # float32 rows, bf16 weights (widened by torch at each matmul): the kernel, to 512 tokens
+    assert native.lora_run_tokens(torch.bfloat16, torch.float32) == (
+        cpu_kernels.LORA_FLOAT32_RUN_TOKENS
+    )
 
 
 def rounded_rows(isa: str, dtype: torch.dtype, slots: list[int]) -> set[int]:
@@ -613,10 +614,11 @@ def test_a_lone_row_at_real_widths_equals_the_spec(native, dtype, slot):
 def test_prompt_runs_go_to_the_native_kernel_as_long_as_it_says(load_tiny):
     """The runner plans a prompt chunk of one adapter for the native kernel up to the length
     `lora_run_tokens` gives for its dtypes (longer with BF16 dot products, bf16 everywhere,
-    and longer still on float32 rows), and for the matmuls past it."""
-    for dtype in ("float32", "bfloat16"):
+    and longer still on float32 rows with bf16 weights), and for the matmuls past it."""
+    cases = [("float32", torch.float32), ("float32", torch.bfloat16), ("bfloat16", None)]
+    for dtype, lora_dtype in cases:
         loaded = load_tiny(dtype=dtype)
-        runner = ModelRunner(loaded, num_slots=2, max_rank=8)
+        runner = ModelRunner(loaded, num_slots=2, max_rank=8, lora_dtype=lora_dtype)
         native = runner.linears.native
         if native is None:
             pytest.skip("no native kernels on this machine")
@@ -624,7 +626,9 @@ def test_prompt_runs_go_to_the_native_kernel_as_long_as_it_says(load_tiny):
         fan_in, fan_out = runner.lora.shape(name)
         runner.lora.load(0, {name: (torch.randn(4, fan_in), torch.randn(fan_out, 4))})
         limit = native.lora_run_tokens(runner.lora.dtype, loaded.dtype)
-        if dtype == "float32":
+        if lora_dtype == torch.float32:
+            assert limit == cpu_kernels.LORA_RUN_TOKENS
+        elif lora_dtype == torch.bfloat16:
             assert limit == cpu_kernels.LORA_FLOAT32_RUN_TOKENS
         else:
             assert limit == (
@@ -635,7 +639,7 @@ def test_prompt_runs_go_to_the_native_kernel_as_long_as_it_says(load_tiny):
         for length, natively in ((limit, True), (limit + 1, False)):
             (pool_plan,), _ = runner.lora_plans([], [Segment(0, 0, length)])
             plan = pool_plan.plan
-            assert (plan.native is not None) == natively, (dtype, length)
+            assert (plan.native is not None) == natively, (dtype, lora_dtype, length)
             assert plan.segments == ([] if natively else [(0, 0, length)])
 
 
