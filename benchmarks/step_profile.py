@@ -56,43 +56,39 @@ ENGINE_THREAD = "loraplex-engine"
 # enough that every stream is admitted at once (C x this within the KV cache's budget)
 STREAM_TOKENS = 9_000
 UNPROFILED_S = 3.0  # the steps' time measured before sampling, for comparison
-# (part, substrings of a stack: any one matches). Native frames are the C kernels' own names
-# (server/engine/csrc/cpu_kernels.c), MKL's / oneDNN's / bitsandbytes' for the base's matmuls.
+# (part, substrings of a stack: any one matches, unless one of the last ones is there too).
+# Native frames are the C kernels' own names (server/engine/csrc/cpu_kernels.c), MKL's /
+# oneDNN's / bitsandbytes' for the base's matmuls. The forward's own parts are matched below
+# DecoderForward.__call__: the LM head is called from it directly, the layers under its
+# program's run or its eager path.
 ATTENTION = "attention (rope, KV write, attention)"
-PARTS: list[tuple[str, tuple[str, ...]]] = [
-    ("waiting for work", ("Scheduler.wait (",)),
-    ("merge policy, merge preparation", ("merging.py",)),
-    ("sampling", ("sampling.py", "logprobs.py", "controls.py", "structured.py")),
-    ("output emission", ("output.py", "emitter.py", "Engine._advance (", "Engine._retire (")),
-    ("LM head, final norm", ("DecoderForward.__call__",)),
+PARTS: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
+    ("waiting for work", ("Scheduler.wait (",), ()),
+    ("merge policy, merge preparation", ("merging.py",), ()),
+    ("sampling", ("sampling.py", "logprobs.py", "controls.py", "structured.py"), ()),
+    ("output emission", ("output.py", "emitter.py", "Engine._advance (", "Engine._retire ("),
+     ()),
+    ("LM head, final norm", ("DecoderForward.__call__",),
+     ("DecodeProgram.run", "DecoderForward.eager")),
     ("LoRA", ("lora_add", "lora_shrink", "lora_expand", "lora_ops.py", "triton_lora",
-              ";_add_lora (")),
+              ";_add_lora ("), ()),
     (ATTENTION, ("decode_attention", "attend_", "rope_qk", "kv_write", "paged_attention",
-                 "triton_attention", "_prefill_attention")),
-    ("base linears", ("nf4_linear", "rows_", "gemm", "dnnl", "linear.py", "bitsandbytes")),
-    (ATTENTION, ("._attention (", "_decode_attention", "_rope_and_write")),
-    ("norms, silu * up", ("add_rms_norm", "silu_mul", "_Norm.", "._mlp (")),
-    ("captured program's own loops", ("run_step (",)),
-    ("step inputs, embedding", ("model_runner.py", "forward.py", "step_program.py")),
-    ("scheduling, bookkeeping", ("engine.py",)),
+                 "triton_attention", "_prefill_attention"), ()),
+    ("base linears", ("nf4_linear", "rows_", "gemm", "dnnl", "linear.py", "bitsandbytes"), ()),
+    (ATTENTION, ("._attention (", "_decode_attention", "_rope_and_write"), ()),
+    ("norms, silu * up", ("add_rms_norm", "silu_mul", "_Norm.", "._mlp ("), ()),
+    ("captured program's own loops", ("run_step (",), ()),
+    ("step inputs, embedding", ("model_runner.py", "forward.py", "step_program.py"), ()),
+    ("scheduling, bookkeeping", ("engine.py",), ()),
 ]  # fmt: skip
 OTHER = "other"
 
 
 def classify(stack: str) -> str:
-    """The part of a step one engine-thread stack belongs to. The forward's own parts are
-    matched on the stack below DecoderForward.__call__, so that the LM head (called from it
-    directly) is told apart from the layers (under its program's run or its eager path)."""
-    for part, needles in PARTS:
-        if part == "LM head, final norm":
-            if (
-                needles[0] in stack
-                and "DecodeProgram.run" not in stack
-                and ("DecoderForward.eager" not in stack)
-            ):
-                return part
-            continue
-        if any(n in stack for n in needles):
+    """The part of a step one engine-thread stack belongs to: the first rule of PARTS that
+    matches it."""
+    for part, needles, unless in PARTS:
+        if any(n in stack for n in needles) and not any(u in stack for u in unless):
             return part
     return OTHER
 
@@ -261,7 +257,7 @@ def main() -> int:
                 log.info("%s C=%d: %.0f steps in %.1f s, %.2f ms a step (%.2f unprofiled), "
                          "%d samples", on, c, steps, window, step_ms, plain, total)  # fmt: skip
                 rows.append(row)
-    part_names = [*dict.fromkeys(p for p, _ in PARTS), OTHER]
+    part_names = [*dict.fromkeys(p for p, _, _ in PARTS), OTHER]
     cols = [("part of the step", 38, "")] + [
         (f"{r['on']} C={r['concurrency']} ms", 18, ".2f") for r in rows
     ]
