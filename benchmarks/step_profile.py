@@ -54,7 +54,7 @@ log = logging.getLogger("benchmark")
 ENGINE_THREAD = "loraplex-engine"
 # new tokens a request: more than a window holds (the streams are cancelled after it), few
 # enough that every stream is admitted at once (C x this within the KV cache's budget)
-STREAM_TOKENS = 9_000
+STREAM_TOKENS = 24_000
 UNPROFILED_S = 3.0  # the steps' time measured before sampling, for comparison
 # (part, substrings of a stack: any one matches, unless one of the last ones is there too).
 # Native frames are the C kernels' own names (server/engine/csrc/cpu_kernels.c), MKL's /
