@@ -12,11 +12,15 @@ used across repeats, at most N at once):
     PEFT mixed batch     PEFT generate(adapter_names=...) on one batch
     PEFT one at a time   set_adapter + generate per request (a sample, extrapolated)
 
-Every adapter is loaded once before the first burst, and where K <= N a one-token burst of the
-K adapters comes just before K's bursts, so they run resident, as K adapters in steady service
-are (else K's figure would carry the loads of adapters that a larger set before it evicted);
-with K > N each repeat brings adapters the one before evicted, and its figure carries those
-loads (the drop reported for K > N).
+Every adapter is loaded once before the first burst. loraplex's bursts are taken in --repeats
+rounds, each a burst of the base and then one of every K in turn, so that the drift of a
+shared machine over the run's minutes touches every figure alike (measured one figure after
+another, the base's bursts once ran minutes before the 32 adapters' and the ratio between them
+moved with the machine). Where K <= N a one-token burst of the K adapters comes just before
+each of K's bursts, so they run resident, as K adapters in steady service are (else K's figure
+would carry the loads of adapters that a larger set before it evicted); with K > N each round
+brings adapters the one before evicted, and its figure carries those loads (the drop reported
+for K > N).
 
 --via server (the default) measures loraplex as users see it: `loraplex serve` with its default
 flags (plus --serve-args), all N requests sent at once over gRPC (GenerateStream), tokens per
@@ -27,7 +31,8 @@ prompts it cached in an earlier burst (the warm-up sends the base the same promp
 PEFT cache nothing across calls); within a burst, requests of one adapter (or of the base)
 share the chat template's system prompt, as they would in service.
 
-The machine is shared and noisy: each figure is the median of --repeats runs, and the table
+The machine is shared and noisy: each figure is the median of its rounds (each round's rate is
+logged, and kept in the JSON as runs_tokens_per_s), and the table
 gives ratios to loraplex base-only, to HF generate and to the PEFT mixed batch from the same run.
 Peak RSS is loraplex's (the server process, or this one before any baseline model is loaded;
 adapter files are written by a child process) and this process's at the end.
@@ -44,7 +49,7 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -187,15 +192,51 @@ class LoraplexRun:
     facts: dict[str, Any]
 
 
-def row(system: str, k: int, tokens_per_s: float, tokens: int, note: str = "") -> dict:
-    log.info("%-22s K=%-3d %8.1f tok/s %s", system, k, tokens_per_s, note)
+def row(
+    system: str,
+    k: int,
+    tokens_per_s: float,
+    tokens: int,
+    note: str = "",
+    runs: Sequence[float] = (),
+) -> dict:
+    spread = f" (runs {', '.join(f'{r:.1f}' for r in runs)})" if len(runs) > 1 else ""
+    log.info("%-22s K=%-3d %8.1f tok/s %s%s", system, k, tokens_per_s, note, spread)
     return {
         "system": system,
         "adapters": k,
         "seconds": tokens / tokens_per_s,
         "tokens_per_s": tokens_per_s,
         "note": note,
+        "runs_tokens_per_s": list(runs),
     }
+
+
+def in_rounds(
+    counts: list[int],
+    args: Any,
+    measure: Callable[[int, int], float],
+    warm: Callable[[int], None],
+) -> list[dict]:
+    """loraplex's rows: --repeats rounds, each a burst of the base and then one of every K in
+    turn (K <= N after warm(K), so its adapters run resident), so that the drift of a shared
+    machine over the minutes of a run touches every figure alike rather than the ones measured
+    last; each figure is the median of its rounds. measure(K, round) gives tok/s (K=0: base)."""
+    n, m = args.requests, args.new_tokens
+    rates: dict[int, list[float]] = {k: [] for k in (0, *counts)}
+    for j in range(args.repeats):
+        for k in rates:
+            if 0 < k <= n:
+                warm(k)
+            rates[k].append(measure(k, j))
+            log.info("round %d/%d: K=%d %.1f tok/s", j + 1, args.repeats, k, rates[k][-1])
+    rows = [row("loraplex base", 0, statistics.median(rates[0]), n * m, runs=rates[0])]
+    for k in counts:
+        note = f"{min(k, n)} distinct per batch"
+        rows.append(
+            row("loraplex mixed", k, statistics.median(rates[k]), n * m, note, runs=rates[k])
+        )
+    return rows
 
 
 def rotation(items: list[Any], k: int, n: int, repeat: int) -> list[Any]:
@@ -211,7 +252,6 @@ def via_server(
     n, m = args.requests, args.new_tokens
     ids = [f"{ADAPTER_PREFIX}{i}" for i in range(max(counts))]
     prompts = in_child(prompt_texts_for, str(home), args.model, n)
-    rows = []
     with server_process(home, work, extra, args.model) as server:
         address = server.wait_ready(args.startup_timeout)
         with LoraplexClient(address, timeout=600) as client:
@@ -224,14 +264,14 @@ def via_server(
         burst([], 2)  # warm-up
         for i in range(0, len(ids), n):  # load every adapter once (from the store)
             burst(ids[i : i + n], 1)
-        rates = [burst([], m) for _ in range(args.repeats)]
-        rows.append(row("loraplex base", 0, statistics.median(rates), n * m))
-        for k in counts:
-            if k <= n:  # resident, as K adapters in steady service are (see the docstring)
-                burst(rotation(ids, k, n, 0), 1)
-            rates = [burst(rotation(ids, k, n, j), m) for j in range(args.repeats)]
-            note = f"{min(k, n)} distinct per batch"
-            rows.append(row("loraplex mixed", k, statistics.median(rates), n * m, note))
+
+        def measure(k: int, j: int) -> float:
+            return burst(rotation(ids, k, n, j) if k else [], m)
+
+        def warm(k: int) -> None:
+            burst(rotation(ids, k, n, 0), 1)
+
+        rows = in_rounds(counts, args, measure, warm)
         with LoraplexClient(address, timeout=600) as client:
             info = client.model_info()  # after the loads: the slot count for their rank
         rss = (server.peak_rss_bytes() or 0) / 2**20
@@ -266,7 +306,6 @@ def via_engine(
         lora_dtype=args.lora_dtype,
         base_kernel=args.base_kernel,
     )
-    rows = []
     # Every system runs its tensor work on the engine's thread (one torch thread: see Engine).
     with EngineBench(config, home, work) as bench:
         info = bench.start()
@@ -276,24 +315,19 @@ def via_engine(
         for i in range(0, max(counts), n):  # load every adapter into its slot once
             bench.run([Job(batch[0], v) for v in versions[i : i + n]], 1)
         salts = (f"burst-{i}" for i in itertools.count())  # as via_server's
-        seconds = statistics.median(
-            bench.run([Job(p) for p in batch], m, salt=next(salts))[0] for _ in range(args.repeats)
-        )
-        rows.append(row("loraplex base", 0, n * m / seconds, n * m))
-        for k in counts:
-            if k <= n:  # resident before they are measured, as via_server's
-                warm = rotation(versions, k, n, 0)
-                bench.run([Job(p, v) for p, v in zip(batch, warm, strict=True)], 1)
-            times = [
-                bench.run(
-                    [Job(p, v) for p, v in zip(batch, rotation(versions, k, n, j), strict=True)],
-                    m,
-                    salt=next(salts),
-                )[0]
-                for j in range(args.repeats)
-            ]
-            note = f"{min(k, n)} distinct per batch"
-            rows.append(row("loraplex mixed", k, n * m / statistics.median(times), n * m, note))
+
+        def jobs(k: int, j: int) -> list[Job]:
+            if k == 0:
+                return [Job(p) for p in batch]
+            return [Job(p, v) for p, v in zip(batch, rotation(versions, k, n, j), strict=True)]
+
+        def measure(k: int, j: int) -> float:
+            return n * m / bench.run(jobs(k, j), m, salt=next(salts))[0]
+
+        def warm(k: int) -> None:
+            bench.run(jobs(k, 0), 1)
+
+        rows = in_rounds(counts, args, measure, warm)
         stats = bench.snapshot().stats
     log.info("engine: %s", stats)
     setup = (
