@@ -144,7 +144,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--adapters", default="1,8,32,128", help="distinct adapter counts")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per loraplex figure")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of loraplex bursts")
     parser.add_argument(
         "--baseline-repeats", type=int, default=1, help="runs per HF/PEFT figure (slow)"
     )
@@ -218,10 +218,8 @@ def in_rounds(
     measure: Callable[[int, int], float],
     warm: Callable[[int], None],
 ) -> list[dict]:
-    """loraplex's rows: --repeats rounds, each a burst of the base and then one of every K in
-    turn (K <= N after warm(K), so its adapters run resident), so that the drift of a shared
-    machine over the minutes of a run touches every figure alike rather than the ones measured
-    last; each figure is the median of its rounds. measure(K, round) gives tok/s (K=0: base)."""
+    """loraplex's rows, taken in rounds as the module's docstring says: measure(K, round) gives
+    tok/s (K=0: the base), warm(K) comes before each of K's bursts where K <= N."""
     n, m = args.requests, args.new_tokens
     rates: dict[int, list[float]] = {k: [] for k in (0, *counts)}
     for j in range(args.repeats):
