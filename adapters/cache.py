@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[[AdapterVersion], AdapterWeights]
 
+# The default budget: this share of the memory available at start (the slots take a quarter of
+# it, the dense copies up to half), or a fixed size where the system cannot say.
+MEMORY_SHARE = 8
+FALLBACK_BUDGET_BYTES = 2 << 30
+
+
+def default_budget(available_bytes: int) -> int:
+    """The host tier's budget when none is configured, from the memory available at start."""
+    return available_bytes // MEMORY_SHARE if available_bytes > 0 else FALLBACK_BUDGET_BYTES
+
 
 @dataclass
 class _Entry:

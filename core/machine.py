@@ -209,16 +209,58 @@ def free_memory_bytes(device: torch.device) -> int:
     return available_memory_bytes()
 
 
-def available_memory_bytes() -> int:
-    """Memory the system can still give (MemAvailable on Linux), or 0 where it cannot say."""
+def available_memory_bytes(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Memory the system can still give (MemAvailable on Linux), no more than the container's
+    memory limit leaves (cgroup v2 or v1), or 0 where it cannot say."""
+    available = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    if not available:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 0
+    headroom = cgroup_headroom_bytes(cgroup_root)
+    if headroom is None:
+        return available
+    return min(available, headroom) if available else headroom
+
+
+# (limit, usage, the memory.stat key of reclaimable page cache) for cgroup v2, then v1
+_CGROUP_FILES = (
+    ("memory.max", "memory.current", "inactive_file"),
+    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"),
+)
+_NO_LIMIT = 1 << 60  # v1 writes "no limit" as a number near 2**63
+
+
+def cgroup_headroom_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What this process's memory cgroup (a container's limit, as Kubernetes sets it) still
+    allows: its limit less its usage, page cache the kernel would reclaim first not counted as
+    used; None where no limit is set or none can be read. /proc/meminfo shows the whole host's
+    memory inside a container, so budgets sized from it alone would overrun the limit."""
+    for limit_name, usage_name, cache_key in _CGROUP_FILES:
+        try:
+            limit_text = (root / limit_name).read_text().strip()
+            usage = int((root / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= _NO_LIMIT:
+            return None
+        dir_of = (root / usage_name).parent
+        try:
+            for line in (dir_of / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    usage -= min(int(value), usage)
+                    break
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit_text) - usage)
+    return None

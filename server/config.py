@@ -333,10 +333,11 @@ class ServerConfig(StoreConfig):
     """Directory adapters may be registered from, or an object-store prefix (s3://...) that
     URIs must start with (repeatable); none given = the working directory (unless it is /),
     the temp directory and the loraplex home."""
-    host_cache_bytes: int = field(
-        default=2 << 30, metadata={"flag": "--host-cache-mb", "scale": MiB}
+    host_cache_bytes: int | None = field(
+        default=None, metadata={"flag": "--host-cache-mb", "scale": MiB, "metavar": "MB"}
     )
-    """Host-memory tier of the adapter cache (validated weights, LRU), in MiB."""
+    """Host-memory tier of the adapter cache (validated float32 weights, LRU), in MiB; default:
+    an eighth of the memory available at start (2048 where the system cannot say)."""
     pinned_adapters: tuple[str, ...] = field(
         default=(), metadata={"flag": "--pin", "metavar": "ID"}
     )
@@ -410,7 +411,7 @@ class ServerConfig(StoreConfig):
                 raise ValueError(f"{name} must be in 0..65535, got {value}")
         if self.metrics_adapter_labels < 0:
             raise ValueError("metrics_adapter_labels must be >= 0")
-        if self.host_cache_bytes < 0:
+        if self.host_cache_bytes is not None and self.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
         self.check_authentication(self.host)
         if (self.tls_cert is None) != (self.tls_key is None):

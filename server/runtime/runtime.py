@@ -8,11 +8,11 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from loraplex.adapters.cache import HostCache
+from loraplex.adapters.cache import MEMORY_SHARE, HostCache, default_budget
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.store import AdapterStore
 from loraplex.core import __version__
-from loraplex.core.machine import TuningCache
+from loraplex.core.machine import TuningCache, available_memory_bytes
 from loraplex.core.model import LORA_TARGETS, load_model
 from loraplex.core.types import BaseModelSpec
 from loraplex.server.config import ServerConfig
@@ -37,7 +37,7 @@ class Runtime:
         self.registry = registry
         self.config = config
         self.info: EngineInfo = engine.info
-        self.cache = HostCache(registry.load_weights, config.host_cache_bytes)
+        self.cache = HostCache(registry.load_weights, host_cache_budget(config.host_cache_bytes))
         per_tenant = load_tenant_limits(config.auth_keys) if config.auth_keys else {}
         self.quotas = Quotas(config.tenant_limits, per_tenant)
         self.observers = Observers([RequestLog(config.log_prompts)])  # each request, at its end
@@ -148,3 +148,17 @@ class Runtime:
             self.engine.observe_adapter_loads(observer)
         else:
             self.cache.stats.load_observers.append(observer)
+
+
+def host_cache_budget(configured: int | None) -> int:
+    """--host-cache-mb in bytes, or by default a share of the memory available now (logged)."""
+    if configured is not None:
+        log.info("host tier of the adapter cache: %d MiB (--host-cache-mb)", configured >> 20)
+        return configured
+    budget = default_budget(available_memory_bytes())
+    log.info(
+        "host tier of the adapter cache: %d MiB (auto: 1/%d of the memory available)",
+        budget >> 20,
+        MEMORY_SHARE,
+    )
+    return budget

@@ -9,7 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from loraplex.adapters.cache import HostCache
+from loraplex.adapters.cache import (
+    FALLBACK_BUDGET_BYTES,
+    MEMORY_SHARE,
+    HostCache,
+    default_budget,
+)
 from loraplex.core.types import AdapterVersion, AdapterWeights
 
 
@@ -129,3 +134,8 @@ def test_a_cancelled_lease_gives_its_reference_back():
     asyncio.run(run())
     assert loader.calls == ["a"]
     assert cache.in_use() == set()
+
+
+def test_the_default_budget_is_a_share_of_the_available_memory():
+    assert default_budget(24 << 30) == (24 << 30) // MEMORY_SHARE
+    assert default_budget(0) == FALLBACK_BUDGET_BYTES  # the system cannot say

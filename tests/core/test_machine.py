@@ -44,3 +44,28 @@ def test_the_dtype_choice_is_measured_once_per_machine_and_cached(tmp_path, monk
     monkeypatch.setattr(machine, "interleaved_medians", no_measuring)
     again = choose_dtype(torch.device("cpu"), (64, 128), cache)
     assert again.dtype == first.dtype and again.reason.endswith("(cached)")
+
+
+def test_a_containers_memory_limit_caps_what_is_available(tmp_path):
+    """Inside a container /proc/meminfo shows the host; the cgroup's limit less its usage (the
+    reclaimable page cache not counted) is what the budgets may take."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{4 << 30}\n")
+    (v2 / "memory.current").write_text(f"{3 << 30}\n")
+    (v2 / "memory.stat").write_text(f"anon 123\ninactive_file {1 << 30}\n")
+    assert machine.cgroup_headroom_bytes(v2) == 2 << 30
+    assert machine.available_memory_bytes(v2) == min(2 << 30, machine.available_memory_bytes())
+
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{8 << 30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{7 << 30}\n")
+    (v1 / "memory.stat").write_text(f"total_inactive_file {1 << 29}\n")
+    assert machine.cgroup_headroom_bytes(tmp_path / "v1") == (1 << 30) + (1 << 29)
+
+    (v2 / "memory.max").write_text("max\n")  # no limit: the system's figure stands
+    assert machine.cgroup_headroom_bytes(v2) is None
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert machine.cgroup_headroom_bytes(tmp_path / "v1") is None
+    assert machine.cgroup_headroom_bytes(tmp_path / "none") is None
