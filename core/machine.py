@@ -209,7 +209,11 @@ def free_memory_bytes(device: torch.device) -> int:
     return available_memory_bytes()
 
 
-def available_memory_bytes(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+OWN_CGROUPS = Path("/proc/self/cgroup")  # this process's group in each hierarchy
+
+
+def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT, listing: Path = OWN_CGROUPS) -> int:
     """Memory the system can still give (MemAvailable on Linux), no more than the container's
     memory limit leaves (cgroup v2 or v1), or 0 where it cannot say."""
     available = 0
@@ -226,41 +230,78 @@ def available_memory_bytes(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             available = 0
-    headroom = cgroup_headroom_bytes(cgroup_root)
+    headroom = cgroup_headroom_bytes(cgroup_root, listing)
     if headroom is None:
         return available
     return min(available, headroom) if available else headroom
 
 
-# (limit, usage, the memory.stat key of reclaimable page cache) for cgroup v2, then v1
+# (controller directory, limit, usage, the memory.stat key of reclaimable page cache): cgroup v2,
+# then v1
 _CGROUP_FILES = (
-    ("memory.max", "memory.current", "inactive_file"),
-    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"),
+    ("", "memory.max", "memory.current", "inactive_file"),
+    ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
 )
 _NO_LIMIT = 1 << 60  # v1 writes "no limit" as a number near 2**63
 
 
-def cgroup_headroom_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """What this process's memory cgroup (a container's limit, as Kubernetes sets it) still
-    allows: its limit less its usage, page cache the kernel would reclaim first not counted as
-    used; None where no limit is set or none can be read. /proc/meminfo shows the whole host's
-    memory inside a container, so budgets sized from it alone would overrun the limit."""
-    for limit_name, usage_name, cache_key in _CGROUP_FILES:
-        try:
-            limit_text = (root / limit_name).read_text().strip()
-            usage = int((root / usage_name).read_text())
-        except (OSError, ValueError):
+def _own_cgroups(listing: Path) -> dict[str, str]:
+    """This process's cgroup paths from /proc/self/cgroup: "" for v2's unified hierarchy,
+    "memory" for v1's memory controller."""
+    paths = {}
+    try:
+        for line in listing.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                paths[""] = path
+            elif "memory" in controllers.split(","):
+                paths["memory"] = path
+    except (OSError, ValueError):
+        pass
+    return paths
+
+
+def cgroup_headroom_bytes(root: Path = CGROUP_ROOT, listing: Path = OWN_CGROUPS) -> int | None:
+    """What this process's memory cgroups (a container's limit, as Kubernetes sets it, or a
+    systemd unit's MemoryMax) still allow: the least, over its group and the groups above it,
+    of a limit less its usage (page cache the kernel would reclaim first not counted as used);
+    None where no limit is set or none can be read. /proc/meminfo shows the whole host's memory
+    inside a container, so budgets sized from it alone would overrun the limit. (Inside a
+    container with its own cgroup namespace, its group is the hierarchy's root.)"""
+    own = _own_cgroups(listing)
+    for controller, limit_name, usage_name, cache_key in _CGROUP_FILES:
+        mount = root / controller
+        group = mount / own.get(controller, "/").lstrip("/")
+        if not (group / usage_name).exists():
+            group = mount  # the listing names a group this view of the hierarchy lacks
+        if not (group / usage_name).exists():
             continue
-        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= _NO_LIMIT:
-            return None
-        dir_of = (root / usage_name).parent
-        try:
-            for line in (dir_of / "memory.stat").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == cache_key:
-                    usage -= min(int(value), usage)
-                    break
-        except (OSError, ValueError):
-            pass
-        return max(0, int(limit_text) - usage)
+        headrooms = []
+        for level in [group, *group.parents]:
+            headroom = _group_headroom(level, limit_name, usage_name, cache_key)
+            if headroom is not None:
+                headrooms.append(headroom)
+            if level == mount:
+                break
+        return min(headrooms) if headrooms else None
     return None
+
+
+def _group_headroom(group: Path, limit_name: str, usage_name: str, cache_key: str) -> int | None:
+    """One cgroup's limit less its usage (reclaimable page cache aside); None without a limit."""
+    try:
+        limit_text = (group / limit_name).read_text().strip()
+        usage = int((group / usage_name).read_text())
+    except (OSError, ValueError):
+        return None
+    if not limit_text.isdigit() or int(limit_text) >= _NO_LIMIT:  # "max" or v1's no limit
+        return None
+    try:
+        for line in (group / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == cache_key:
+                usage -= min(int(value), usage)
+                break
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit_text) - usage)

@@ -49,23 +49,46 @@ def test_the_dtype_choice_is_measured_once_per_machine_and_cached(tmp_path, monk
 def test_a_containers_memory_limit_caps_what_is_available(tmp_path):
     """Inside a container /proc/meminfo shows the host; the cgroup's limit less its usage (the
     reclaimable page cache not counted) is what the budgets may take."""
+    none = tmp_path / "no-listing"  # as inside a cgroup namespace: the group is the root
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "memory.max").write_text(f"{4 << 30}\n")
     (v2 / "memory.current").write_text(f"{3 << 30}\n")
     (v2 / "memory.stat").write_text(f"anon 123\ninactive_file {1 << 30}\n")
-    assert machine.cgroup_headroom_bytes(v2) == 2 << 30
-    assert machine.available_memory_bytes(v2) == min(2 << 30, machine.available_memory_bytes())
+    assert machine.cgroup_headroom_bytes(v2, none) == 2 << 30
+    system = machine.available_memory_bytes(tmp_path / "none", none)
+    assert machine.available_memory_bytes(v2, none) == min(2 << 30, system)
 
     v1 = tmp_path / "v1" / "memory"
     v1.mkdir(parents=True)
     (v1 / "memory.limit_in_bytes").write_text(f"{8 << 30}\n")
     (v1 / "memory.usage_in_bytes").write_text(f"{7 << 30}\n")
     (v1 / "memory.stat").write_text(f"total_inactive_file {1 << 29}\n")
-    assert machine.cgroup_headroom_bytes(tmp_path / "v1") == (1 << 30) + (1 << 29)
+    assert machine.cgroup_headroom_bytes(tmp_path / "v1", none) == (1 << 30) + (1 << 29)
 
     (v2 / "memory.max").write_text("max\n")  # no limit: the system's figure stands
-    assert machine.cgroup_headroom_bytes(v2) is None
+    assert machine.cgroup_headroom_bytes(v2, none) is None
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    assert machine.cgroup_headroom_bytes(tmp_path / "v1") is None
-    assert machine.cgroup_headroom_bytes(tmp_path / "none") is None
+    assert machine.cgroup_headroom_bytes(tmp_path / "v1", none) is None
+    assert machine.cgroup_headroom_bytes(tmp_path / "none", none) is None
+
+
+def test_the_process_own_group_and_those_above_it_bound_the_headroom(tmp_path):
+    """A systemd service's group under an unlimited root: its own limit counts, and a tighter
+    one above it wins."""
+    listing = tmp_path / "cgroup"
+    listing.write_text("0::/system.slice/loraplex.service\n")
+    root = tmp_path / "fs"
+    service = root / "system.slice" / "loraplex.service"
+    service.mkdir(parents=True)
+    groups = [
+        (root, "max", 9 << 30),
+        (root / "system.slice", f"{6 << 30}", 5 << 30),
+        (service, f"{4 << 30}", 1 << 30),
+    ]
+    for group, limit, usage in groups:
+        (group / "memory.max").write_text(limit)
+        (group / "memory.current").write_text(str(usage))
+    assert machine.cgroup_headroom_bytes(root, listing) == 1 << 30  # the slice's 6 - 5 GiB
+    (root / "system.slice" / "memory.max").write_text("max")
+    assert machine.cgroup_headroom_bytes(root, listing) == 3 << 30  # the service's 4 - 1 GiB
