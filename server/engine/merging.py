@@ -30,11 +30,13 @@ The policy's merges are prepared a slice at a time: computing the dense copies o
 an adapter targets takes about 0.3 s of the engine's time on a CPU, and done at once between
 two steps it stopped every running request for that long (seen at the end of bursts, when the
 last requests standing share one adapter). The engine thread copies the adapter's weights
-(milliseconds), then computes the merged layers one unit at a time, about MERGE_SLICE_S of
-that work before each step (a unit is never split), and swaps them in between two steps once
-all are ready; an idle engine goes on until done or until a request or call comes. (The
-engine's one thread runs every tensor op: see engine.py.) An operator's pinned merge (the
-MergeAdapter RPC) is done at once: its caller waits for it.
+(milliseconds), then computes the merged layers one unit at a time before each step, about a
+fifth of the engine's time (MERGE_SLICE_SHARE of the time since the last slice: 10 ms before
+the 40 ms steps of light load, 25 ms before the 100 ms steps of 64 rows; a unit is never
+split), and swaps them in between two steps once all are ready; an idle engine goes on until
+done or until a request or call comes. (The engine's one thread runs every tensor op: see
+engine.py.) An operator's pinned merge (the MergeAdapter RPC) is done at once: its caller
+waits for it.
 """
 
 from __future__ import annotations
@@ -62,7 +64,13 @@ log = logging.getLogger(__name__)
 
 TokenCounts = Counter[AdapterKey | None]  # None: the base model's tokens
 MERGE_CHECK_S = 0.25  # how often the merge policy is asked
-MERGE_SLICE_S = 0.01  # the most merge work done before one step, while a merge is prepared
+# While a merge is prepared, the work done before one step: this share of the time since the
+# last slice (the step between them and that slice), within these bounds. A fixed 10 ms spread
+# a merge of the embedded model (0.5-0.9 s of work) over 10 s of 64-row steps, most of a burst
+# of one adapter's traffic served unmerged with the merge's work added to every step.
+MERGE_SLICE_SHARE = 0.2
+MERGE_SLICE_S = 0.01  # at least
+MERGE_SLICE_MAX_S = 0.05  # at most
 MERGE_QUEUE_LOOKAHEAD = 64  # queued requests counted in the merge policy's token shares
 SLOT_RETRY_S = 1.0  # the retry advice when no slot can hold the adapter to merge
 LoadSlot = Callable[[int, AdapterVersion, AdapterWeights | None], None]
@@ -223,6 +231,7 @@ class MergeControl:
             leader=None, leader_share=0.0, merged_share=0.0
         )  # at the policy's last look
         self._next_check = 0.0
+        self._considered_at = time.monotonic()  # the last `consider` (once a step)
         self._pending: _Pending | None = None
         # adapters whose dense copies do not fit the budget (which does not change once the
         # base's copies are made): the policy leaves them unmerged, saying so once
@@ -254,8 +263,13 @@ class MergeControl:
         done or the engine is `wanted`, a request or call waiting) and is installed once
         ready, or abandoned when the policy no longer wants it."""
         now = time.monotonic()
+        since, self._considered_at = now - self._considered_at, now
         if self._pending is not None:
-            self._advance(None, wanted) if idle else self._advance(MERGE_SLICE_S)
+            if idle:
+                self._advance(None, wanted)
+            else:
+                share = MERGE_SLICE_SHARE * since
+                self._advance(min(MERGE_SLICE_MAX_S, max(MERGE_SLICE_S, share)))
         if self.pinned or now < self._next_check:
             return
         self._next_check = now + MERGE_CHECK_S

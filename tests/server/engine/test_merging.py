@@ -386,6 +386,7 @@ def test_steps_go_on_while_the_policys_merge_is_prepared(setup, monkeypatch):
     alone = submit(engine, PROMPTS[0], one, max_new_tokens=long)
     assert alone.done.wait(30) and alone.error is None
     monkeypatch.setattr(merging, "MERGE_SLICE_S", 0.0)
+    monkeypatch.setattr(merging, "MERGE_SLICE_SHARE", 0.0)
     monkeypatch.setattr(merging, "MERGE_CHECK_S", 0.0)  # however fast the steps run
     steps_run: list[int] = []  # ModelRunner.step calls so far, at each unit prepared
     calls = [0]
