@@ -41,6 +41,9 @@ class Sequence:
     controls: RowControls | None = None  # penalties, bias, min_tokens (None: none)
     matcher: ConstraintMatcher | None = None  # its place in its request's constraint, if any
     cached_tokens: int = 0  # of its prompt, copied from the prefix cache
+    # Its prompt is looked up in the prefix cache just before its first chunk (Engine.
+    # _load_prefix), so that it finds what the prompts prefilled before it left there.
+    prefix_pending: bool = False
     # The prompt's log-probabilities as its chunks are computed, when the request asks.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # Its generated tokens that are fed back (not an end-of-sequence or stop token), kept on

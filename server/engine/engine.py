@@ -430,6 +430,8 @@ class Engine:
             if not seq.prefilling:
                 decoding.append(seq)
             elif budget > 0:
+                if seq.prefix_pending:
+                    self._load_prefix(seq)
                 n = min(budget, seq.prompt_len - seq.num_cached)
                 start = seq.num_cached
                 tokens = seq.request.prompt_ids[start : start + n]
@@ -500,7 +502,7 @@ class Engine:
                 if not seq.request.params.ignore_eos:
                     self._pacing.generated(seq.num_generated)
                 ended.append(seq)
-        self._keep_prefixes(finishing, ended)
+        self._keep_prefixes([seq for seq, _ in chunked], ended)
         for seq in ended:
             self._retire(seq)
         self._scheduler.charge(generated)
@@ -526,9 +528,11 @@ class Engine:
         return forked
 
     def _keep_prefixes(self, prompted: list[Sequence], ended: list[Sequence]) -> None:
-        """Cache, for later requests, the whole blocks of the prompts computed in this step
-        and of the sequences that end in it (prompt and answer: the next turn of their
-        conversation starts with both), all in one copy per layer."""
+        """Cache, for later requests, the whole blocks of the prompts chunked in this step,
+        as far as they are computed (a long prompt's first chunks serve the requests that
+        start after them, before it ends), and of the sequences that end in it (prompt and
+        answer: the next turn of their conversation starts with both), all in one copy per
+        layer."""
         prefix = self._model().prefix
         if prefix is None:
             return
@@ -536,7 +540,9 @@ class Engine:
         for seq in ended:  # everything fed to it: all but its last token
             fed = seq.generated[: seq.num_cached - seq.prompt_len]
             items.append((seq, seq.request.prompt_ids + fed))
-        items += [(seq, seq.request.prompt_ids) for seq in prompted if seq not in ended]
+        items += [
+            (seq, seq.request.prompt_ids[: seq.num_cached]) for seq in prompted if seq not in ended
+        ]
         prefix.store_many(
             [
                 (_namespace(s.request), tokens, s.row)
@@ -644,14 +650,23 @@ class Engine:
             family.append(seq)
         if params.prompt_logprobs is not None:
             family[0].prompt_logprobs = [None]  # the first token has nothing before it
-        elif runner.prefix is not None:  # (prompt log-probabilities need every position)
-            first = family[0]
-            first.num_cached = runner.prefix.load(
-                _namespace(request), request.prompt_ids, runner.cache, first.row
-            )
-            for seq in family:  # the samples share the prompt, its cached part too
-                seq.cached_tokens = first.num_cached
+        else:  # (prompt log-probabilities need every position)
+            family[0].prefix_pending = runner.prefix is not None
         return family
+
+    def _load_prefix(self, first: Sequence) -> None:
+        """Copy the cached part of a prompt into its row, just before its first chunk: looked
+        up then rather than at admission, a request admitted with others that share its
+        start (a system prompt) finds the blocks of those prefilled before it."""
+        first.prefix_pending = False
+        runner = self._model()
+        assert runner.prefix is not None
+        request = first.request
+        first.num_cached = runner.prefix.load(
+            _namespace(request), request.prompt_ids, runner.cache, first.row
+        )
+        for seq in first.family:  # the samples share the prompt, its cached part too
+            seq.cached_tokens = first.num_cached
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Feed one sampled token to a sequence and emit its news; True when it finished."""

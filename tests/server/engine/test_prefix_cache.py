@@ -149,3 +149,51 @@ def test_many_rows_are_stored_at_once_and_shared_blocks_once():
                 assert torch.equal(
                     pool[3, :, : 2 * BLOCK_TOKENS], pool[source, :, : 2 * BLOCK_TOKENS]
                 )
+
+
+def _submit_together(engine, prompts, adapter, **params):
+    """Submit every prompt between two steps (on the engine thread), so that one admission
+    takes them all."""
+    return engine.call(lambda: [submit(engine, p, adapter, **params) for p in prompts]).result(30)
+
+
+def test_requests_admitted_together_find_the_blocks_of_those_prefilled_before_them(setup):
+    """A burst sharing a system prompt, admitted in one step, one prompt prefilled a step: the
+    first computes the shared blocks, each later one finds them when its own prefill starts
+    (not when it was admitted, with nothing cached yet), with the same tokens as without."""
+    system = [(11 * i) % 3000 + 40 for i in range(2 * BLOCK_TOKENS)]
+    prompts = [[*system, 7 + q, 8, 9, 10] for q in range(4)]
+    budget = len(prompts[0])  # one whole prompt a step
+    with_cache, versions = setup(max_prefill_tokens=budget)
+    without, _ = setup(max_prefill_tokens=budget, prefix_cache=False)
+    for adapter in (None, versions["one"]):
+        runs = {}
+        for name, engine in (("cache", with_cache), ("none", without)):
+            collectors = _submit_together(engine, prompts, adapter, max_new_tokens=4)
+            for c in collectors:
+                assert c.done.wait(60) and c.error is None
+            runs[name] = collectors
+        assert [c.tokens for c in runs["cache"]] == [c.tokens for c in runs["none"]]
+        cached = [c.outputs[-1].usage.cached_tokens for c in runs["cache"]]
+        assert cached == [0] + [2 * BLOCK_TOKENS] * 3  # (each adapter's blocks its own)
+
+
+def test_a_long_prompt_leaves_its_first_chunks_for_others_before_it_ends(setup):
+    """A prompt prefilled over three steps stores its whole blocks chunk by chunk: a request
+    admitted with it, starting the step its last chunk runs, finds the five blocks already
+    computed, with the tokens it gets without the cache."""
+    long_prompt = [(7 * i) % 3000 + 50 for i in range(5 * BLOCK_TOKENS + 3)]
+    sharing = [*long_prompt[: 5 * BLOCK_TOKENS], 1, 2, 3, 4]
+    budget = 2 * BLOCK_TOKENS + 8
+    with_cache, _ = setup(max_prefill_tokens=budget)
+    without, _ = setup(max_prefill_tokens=budget, prefix_cache=False)
+    outcome = {}
+    for name, engine in (("cache", with_cache), ("none", without)):
+        first, second = _submit_together(engine, [long_prompt, sharing], None, max_new_tokens=4)
+        for c in (first, second):
+            assert c.done.wait(60) and c.error is None
+        outcome[name] = (first, second)
+    first, second = outcome["cache"]
+    assert first.outputs[-1].usage.cached_tokens == 0
+    assert second.outputs[-1].usage.cached_tokens == 5 * BLOCK_TOKENS
+    assert [c.tokens for c in outcome["cache"]] == [c.tokens for c in outcome["none"]]
