@@ -7,6 +7,11 @@ OpenAI HTTP API, --adapters random r16 all-linear adapters.
                   ttft    one request at a time, streamed: time to the first chunk, median
                   burst   --requests requests at once (request i on adapter i mod --adapters),
                           --new-tokens each (EOS ignored): output tokens per second
+                  cold    the same burst under a fresh cache_salt each round, so nothing it
+                          asks for is cached when it arrives: output tokens per second, and
+                          the prompt tokens its later requests found that its earlier ones
+                          computed (each adapter's system prompt computed once, not once a
+                          request)
     chat        --conversations conversations of --turns turns (each on its own adapter): the
                 next turn's messages are the previous ones, its answer (--turn-tokens new
                 tokens) and a new question; prompt tokens computed = prompt tokens - cached
@@ -131,10 +136,18 @@ def ttft(port: int, models: list[str], system: str) -> float:
     return statistics.median(run_async(run()))
 
 
-def burst(port: int, models: list[str], system: str, requests: int, new_tokens: int) -> float:
-    """Output tokens per second of `requests` requests sent at once."""
+def burst(
+    port: int,
+    models: list[str],
+    system: str,
+    requests: int,
+    new_tokens: int,
+    salt: str | None = None,
+) -> tuple[float, int]:
+    """Output tokens per second of `requests` requests sent at once (under `salt`, their
+    cache_salt, if given), and the prompt tokens they found cached."""
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         async with session() as s:
             bodies = [
@@ -145,15 +158,20 @@ def burst(port: int, models: list[str], system: str, requests: int, new_tokens: 
                         {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" ({i})"},
                     ],
                     new_tokens,
+                    **({"cache_salt": salt} if salt is not None else {}),
                 )
                 for i in range(requests)
             ]
             answers = await asyncio.gather(*(post(s, url, b) for b in bodies))
-            return sum(a["usage"]["completion_tokens"] for a in answers)
+            usage = [a["usage"] for a in answers]
+            return (
+                sum(u["completion_tokens"] for u in usage),
+                sum(u.get("prompt_tokens_details", {}).get("cached_tokens", 0) for u in usage),
+            )
 
     start = time.perf_counter()
-    tokens = run_async(run())
-    return tokens / (time.perf_counter() - start)
+    tokens, cached = run_async(run())
+    return tokens / (time.perf_counter() - start), cached
 
 
 def conversations(
@@ -238,28 +256,42 @@ def main() -> int:
                 port = server.http_port
                 entry = results[name]
                 entry.setdefault("ttft_s", []).append(ttft(port, models, system))
-                entry.setdefault("tok_s", []).append(
-                    burst(port, models, system, args.requests, args.new_tokens)
-                )
+                rate, _ = burst(port, models, system, args.requests, args.new_tokens)
+                entry.setdefault("tok_s", []).append(rate)
                 log.info(
                     "round %d cache %s: TTFT %.0f ms, %.1f tok/s",
                     round_ + 1,
                     name,
                     entry["ttft_s"][-1] * 1e3,
-                    entry["tok_s"][-1],
+                    rate,
                 )
+        # after the warm rounds: a cold burst's blocks push the warm ones out of the pool
+        for round_ in range(args.rounds):
+            for name, server in servers.items():
+                salt = f"cold-{round_}"
+                rate, cached = burst(
+                    server.http_port, models, system, args.requests, args.new_tokens, salt
+                )
+                results[name].setdefault("cold_tok_s", []).append(rate)
+                results[name].setdefault("cold_cached", []).append(cached)
+                log.info(
+                    "cold round %d cache %s: %.1f tok/s, %d tokens cached", round_ + 1, name,
+                    rate, cached,
+                )  # fmt: skip
         for name, server in servers.items():
             chats[name] = conversations(
                 server.http_port, models, openings, args.turns, args.turn_tokens
             )
             log.info("chat, cache %s: %s", name, chats[name])
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in ("on", "off"):
         rows.append(
             {
                 "prefix_cache": name,
                 "ttft_ms": statistics.median(results[name]["ttft_s"]) * 1e3,
                 "tok_s": statistics.median(results[name]["tok_s"]),
+                "cold_tok_s": statistics.median(results[name]["cold_tok_s"]),
+                "cold_cached": statistics.median(results[name]["cold_cached"]),
                 **chats[name],
             }
         )
@@ -267,21 +299,24 @@ def main() -> int:
     ratios = {
         "ttft_on_over_off": on_row["ttft_ms"] / off_row["ttft_ms"],
         "throughput_on_over_off": on_row["tok_s"] / off_row["tok_s"],
+        "cold_throughput_on_over_off": on_row["cold_tok_s"] / off_row["cold_tok_s"],
         "chat_computed_off_over_on": off_row["computed_tokens"] / max(1, on_row["computed_tokens"]),
     }
     cols = [("cache", 6, "s"), ("TTFT ms", 8, ".0f"), ("tok/s", 7, ".1f"),
+            ("cold tok/s", 10, ".1f"), ("cold cached", 11, ".0f"),
             ("chat prompt", 11, "d"), ("cached", 7, "d"), ("computed", 8, "d")]  # fmt: skip
     table = format_table(
         cols,
         [
-            [r["prefix_cache"], r["ttft_ms"], r["tok_s"], r["prompt_tokens"],
-             r["cached_tokens"], r["computed_tokens"]]
+            [r["prefix_cache"], r["ttft_ms"], r["tok_s"], r["cold_tok_s"], r["cold_cached"],
+             r["prompt_tokens"], r["cached_tokens"], r["computed_tokens"]]
             for r in rows
         ],
     )  # fmt: skip
     table.append(
         f"TTFT on/off {ratios['ttft_on_over_off']:.3f}x (target <= 0.2x), throughput on/off "
-        f"{ratios['throughput_on_over_off']:.2f}x (>= 2x), chat prompt tokens computed off/on "
+        f"{ratios['throughput_on_over_off']:.2f}x (>= 2x), cold burst on/off "
+        f"{ratios['cold_throughput_on_over_off']:.2f}x, chat prompt tokens computed off/on "
         f"{ratios['chat_computed_off_over_on']:.2f}x (>= 4x); system prompt ~{args.system_tokens}"
         f" tokens, {args.adapters} adapters, median of {args.rounds} rounds"
     )
