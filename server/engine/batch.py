@@ -44,6 +44,8 @@ class Sequence:
     # Its prompt is looked up in the prefix cache just before its first chunk (Engine.
     # _load_prefix), so that it finds what the prompts prefilled before it left there.
     prefix_pending: bool = False
+    # The prefix cache's digests of its whole blocks stored so far (extended as it grows).
+    prefix_chain: list[bytes] = field(default_factory=list)
     # The prompt's log-probabilities as its chunks are computed, when the request asks.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # Its generated tokens that are fed back (not an end-of-sequence or stop token), kept on

@@ -543,14 +543,13 @@ class Engine:
         items += [
             (seq, seq.request.prompt_ids[: seq.num_cached]) for seq in prompted if seq not in ended
         ]
-        prefix.store_many(
-            [
-                (_namespace(s.request), tokens, s.row)
-                for s, tokens in items
-                if s.prompt_logprobs is None
-            ],
-            self._model().cache,
-        )
+        stored = []
+        for seq, tokens in items:
+            if seq.prompt_logprobs is None:
+                namespace = _namespace(seq.request)
+                seq.prefix_chain = prefix.digests(namespace, tokens, seq.prefix_chain)
+                stored.append((namespace, seq.prefix_chain, seq.row))
+        prefix.store_many(stored, self._model().cache)
 
     def forget_prefixes(self, adapter_id: str) -> Future[int]:
         """Drop the cached prefixes made with an adapter (a new version or its deletion makes

@@ -87,11 +87,14 @@ class PrefixCache:
     def used_blocks(self) -> int:
         return len(self._index)
 
-    def digests(self, namespace: Namespace, tokens: list[int]) -> list[bytes]:
-        """The chained digest of each whole block of `tokens`."""
-        out = []
-        parent = namespace.encode()
-        for end in range(BLOCK_TOKENS, len(tokens) + 1, BLOCK_TOKENS):
+    def digests(
+        self, namespace: Namespace, tokens: list[int], known: list[bytes] | None = None
+    ) -> list[bytes]:
+        """The chained digest of each whole block of `tokens`; `known`: those of its first
+        blocks, computed before (a sequence's chain grows with it, each block hashed once)."""
+        out = list(known or ())
+        parent = out[-1] if out else namespace.encode()
+        for end in range(BLOCK_TOKENS * (len(out) + 1), len(tokens) + 1, BLOCK_TOKENS):
             block = array("q", tokens[end - BLOCK_TOKENS : end]).tobytes()
             digest = hashlib.blake2b(parent + block, digest_size=16, key=self._secret).digest()
             out.append(digest)
@@ -127,17 +130,18 @@ class PrefixCache:
     def store(self, namespace: Namespace, tokens: list[int], cache: KVStore, row: int) -> None:
         """Keep the whole blocks of `tokens`, whose keys and values are in `row` (its first
         len(tokens) positions), that are not cached yet (as many as the pool holds)."""
-        self.store_many([(namespace, tokens, row)], cache)
+        self.store_many([(namespace, self.digests(namespace, tokens), row)], cache)
 
-    def store_many(self, items: list[tuple[Namespace, list[int], int]], cache: KVStore) -> None:
-        """`store` for several (namespace, tokens, row) at once: one gather and one copy per
-        layer for all their new blocks (a step that ends many sequences pays for one)."""
+    def store_many(self, items: list[tuple[Namespace, list[bytes], int]], cache: KVStore) -> None:
+        """`store` for several (namespace, the tokens' `digests`, row) at once: one gather and
+        one copy per layer for all their new blocks (a step that ends many sequences pays for
+        one)."""
         taken: list[int] = []
         sources: list[tuple[int, int]] = []  # (row, first position) of each new block
         named: list[tuple[bytes, str]] = []  # (digest, owner) of each new block
         chains: list[list[bytes]] = []
-        for namespace, tokens, row in items:
-            digests = self.digests(namespace, tokens)[: self.num_blocks]
+        for namespace, named_blocks, row in items:
+            digests = named_blocks[: self.num_blocks]
             chains.append(digests)
             owner = namespace.adapter.adapter_id if namespace.adapter else ""
             chain = {self._index[d] for d in digests if d in self._index}

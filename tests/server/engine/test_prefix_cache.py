@@ -44,6 +44,18 @@ def test_a_stored_prefix_is_loaded_into_another_row_block_by_block():
     assert prefix.stats.queries == len(prompt) + 3 * BLOCK_TOKENS + len(tokens) + 3
 
 
+def test_a_chain_extended_block_by_block_equals_it_hashed_whole():
+    """A sequence's digests grow with it (each block hashed once): extending those of its
+    first blocks gives what hashing all its tokens gives."""
+    prefix = PrefixCache(SHAPE, num_blocks=4, device=CPU)
+    tokens = list(range(300, 300 + 5 * BLOCK_TOKENS + 7))
+    whole = prefix.digests(BASE, tokens)
+    known = prefix.digests(BASE, tokens[: 2 * BLOCK_TOKENS + 3])
+    assert len(whole) == 5 and len(known) == 2
+    assert prefix.digests(BASE, tokens, known) == whole
+    assert known == whole[:2]  # (not extended in place)
+
+
 def test_namespaces_never_share_and_a_dropped_adapter_is_gone():
     cache = rows_with(256)
     prefix = PrefixCache(SHAPE, num_blocks=16, device=CPU)
@@ -140,7 +152,9 @@ def test_many_rows_are_stored_at_once_and_shared_blocks_once():
     for layer in range(SHAPE.num_layers):  # the shared block's values equal in both rows
         for pool in (cache.keys[layer], cache.values[layer]):
             pool[1, :, :BLOCK_TOKENS] = pool[0, :, :BLOCK_TOKENS]
-    prefix.store_many([(BASE, first, 0), (BASE, second, 1)], cache)
+    prefix.store_many(
+        [(BASE, prefix.digests(BASE, first), 0), (BASE, prefix.digests(BASE, second), 1)], cache
+    )
     assert prefix.used_blocks == 3 and prefix.stats.stored_blocks == 3
     for tokens, source in ((first, 0), (second, 1)):
         assert prefix.load(BASE, [*tokens, 9], cache, row=3) == 2 * BLOCK_TOKENS
