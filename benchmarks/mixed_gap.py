@@ -70,8 +70,8 @@ BANDWIDTH_FLOATS = 80_000_000  # 320 MB: far past the caches
 
 
 class StepTimer:
-    """Each step's (prompt tokens it computed, sequences, seconds, LoRA kernel seconds), taken
-    by wrapping the engine's step and the kernel's entry point in this process."""
+    """Each step's (whether it computed prompt tokens, sequences, seconds, LoRA kernel seconds),
+    taken by wrapping the engine's step and the kernel's entry point in this process."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[bool, int, float, float]] = []
@@ -145,6 +145,8 @@ def main() -> int:
     )
     add_common_args(parser, "mixed_gap")
     args = parser.parse_args()
+    if args.adapters < 1 or args.requests < 1 or args.repeats < 1:
+        parser.error("--adapters, --requests and --repeats take 1 or more")
     setup_logging()
     home = Path(args.home).expanduser()
     n, m, k = args.requests, args.new_tokens, args.adapters
