@@ -47,7 +47,7 @@ import torch
 
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine import cpu_kernels, engine
-from loraplex.server.engine.lora import rank_bucket, slot_bytes
+from loraplex.server.engine.lora import rank_bucket
 
 from harness import (
     EngineBench,
@@ -98,8 +98,9 @@ class StepTimer:
         cpu_kernels.CpuKernels.lora_add = timed_lora  # type: ignore[method-assign]
 
     def burst(self, rows: int) -> dict[str, float]:
-        """The split of the steps since the last call (see the module's docstring)."""
-        steps, self.steps = self.steps, []
+        """The split of the steps recorded since `steps` was last cleared (see the module's
+        docstring)."""
+        steps = self.steps
         prefill = [s for s in steps if s[0]]
         decode = [s for s in steps if not s[0] and s[1] == rows]
         return {
@@ -128,9 +129,7 @@ def read_bandwidth() -> float:
 def adapter_bytes(bench: EngineBench, rank: int) -> int:
     """The bytes one adapter of `rank` holds in the LoRA stacks (A and B of every group, at its
     pool's rank capacity, in the stacks' dtype): what a decode step reads for it."""
-    stacks = bench.engine._model().forward.lora
-    capacity = rank_bucket(rank, stacks.max_rank)
-    return slot_bytes(stacks.layout, capacity, stacks.dtype)
+    return bench.engine._model().rank_bytes * rank_bucket(rank, bench.config.max_lora_rank)
 
 
 def main() -> int:
