@@ -91,8 +91,9 @@ class PrefixCache:
         self, namespace: Namespace, tokens: list[int], known: list[bytes] | None = None
     ) -> list[bytes]:
         """The chained digest of each whole block of `tokens`; `known`: those of its first
-        blocks, computed before (a sequence's chain grows with it, each block hashed once)."""
-        out = list(known or ())
+        blocks, computed before (a sequence's chain grows with it, each block hashed once; a
+        longer `known` is cut to the blocks `tokens` has)."""
+        out = list(known or ())[: len(tokens) // BLOCK_TOKENS]
         parent = out[-1] if out else namespace.encode()
         for end in range(BLOCK_TOKENS * (len(out) + 1), len(tokens) + 1, BLOCK_TOKENS):
             block = array("q", tokens[end - BLOCK_TOKENS : end]).tobytes()

@@ -54,6 +54,8 @@ def test_a_chain_extended_block_by_block_equals_it_hashed_whole():
     assert len(whole) == 5 and len(known) == 2
     assert prefix.digests(BASE, tokens, known) == whole
     assert known == whole[:2]  # (not extended in place)
+    # a chain never names blocks the tokens lack (their rows would not hold them yet)
+    assert prefix.digests(BASE, tokens[: 3 * BLOCK_TOKENS + 1], whole) == whole[:3]
 
 
 def test_namespaces_never_share_and_a_dropped_adapter_is_gone():
