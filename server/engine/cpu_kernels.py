@@ -40,9 +40,13 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from bitsandbytes.functional import get_4bit_type
+
+if TYPE_CHECKING:
+    from loraplex.server.engine.lora import LoraGroup
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,8 @@ class CpuKernels:
         lib.lora_add.restype = ctypes.c_int
         lib.lora_add.argtypes = [
             *(ptr, flag, i64, i64, ptr),  # x, bf16, rows, in, slots
-            *(ptr, flag, i64, i64, ptr, flag, ctypes.c_float),  # at, bf16, C, r, args, bf16, scale
+            *(ptr, flag, i64, i64, i64),  # at, bf16, C, r, slot stride
+            *(ptr, flag, ctypes.c_float),  # args, bf16, scale
             flag,  # instruction set
         ]
         self._lora_add = lib.lora_add
@@ -199,30 +204,29 @@ class CpuKernels:
         self,
         outputs: list[torch.Tensor],
         x: torch.Tensor,
-        at: torch.Tensor,
-        bts: list[torch.Tensor],
+        group: LoraGroup,
         rank: int,
         slots: torch.Tensor,
         scale: float = 1.0,
         isa: str | None = None,
     ) -> None:
         """outputs[j][i] += scale * (x[i] @ A[slots[i]].T) @ B_j[slots[i]].T in place, for the
-        rows i whose slot is not -1 (LoraGroup's stacks: `at` (S, in, k, C), `bts[j]`
-        (S, C, out_j); the first `rank` ranks used). x (N, in) and the outputs (N, out_j) rows
-        of unit stride, all in one dtype; the stacks in bf16 or float32; slots int64 (N,).
-        Rows of one slot next to each other share each read of its weights. `isa` forces an
-        instruction set below the machine's (for tests)."""
+        rows i whose slot is not -1, from a blocked LoraGroup's stacks (the first `rank` ranks
+        used). x (N, in) and the outputs (N, out_j) rows of unit stride, all in one dtype; the
+        stacks in bf16 or float32; slots int64 (N,). Rows of one slot next to each other share
+        each read of its weights. `isa` forces an instruction set below the machine's (for
+        tests)."""
         level = self._level(isa)
+        at = group.at
         dtype, w_dtype = x.dtype, at.dtype
-        ok = x.is_contiguous() and at.is_contiguous() and slots.dtype == torch.int64
+        ok = group.blocked and x.is_contiguous() and slots.dtype == torch.int64
         ok = ok and dtype in DTYPES and w_dtype in DTYPES
         args: list[int] = [len(outputs)]
-        for out, bt in zip(outputs, bts, strict=True):
+        for out, blocks, width in zip(outputs, group.blocks, group.out_features, strict=True):
             ok = ok and out.dtype == dtype and out.stride(1) == 1
-            ok = ok and bt.dtype == w_dtype and bt.is_contiguous()
-            args += (out.data_ptr(), out.stride(0), bt.data_ptr(), bt.shape[2])
+            args += (out.data_ptr(), out.stride(0), blocks.data_ptr(), width)
         if not ok:
-            raise ValueError("lora_add takes contiguous rows in bf16 or float32")
+            raise ValueError("lora_add takes contiguous rows in bf16 or float32, blocked stacks")
         rc = self._lora_add(
             x.data_ptr(),
             int(dtype == torch.bfloat16),
@@ -233,6 +237,7 @@ class CpuKernels:
             int(at.dtype == torch.bfloat16),
             at.shape[3],
             rank,
+            group.slot_stride,
             (ctypes.c_int64 * len(args))(*args),
             int(dtype == torch.bfloat16),
             scale,

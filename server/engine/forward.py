@@ -32,7 +32,7 @@ from loraplex.core.model import dense_weight
 from loraplex.server.engine.cpu_kernels import DTYPES, NATIVE_ROW_MAX, CpuKernels
 from loraplex.server.engine.kv_cache import CacheShape, write_layer
 from loraplex.server.engine.linear import BaseLinears, Unit
-from loraplex.server.engine.lora import LoraStacks
+from loraplex.server.engine.lora import LoraGroup, LoraStacks
 from loraplex.server.engine.lora_ops import PoolPlan, add_step_lora
 from loraplex.server.engine.paged_attention import PagedQueries
 from loraplex.server.engine.paged_kv import KVStore, PagedKVCache, write_blocks
@@ -355,15 +355,18 @@ class DecoderForward:
     def merge_inputs(self, slot: int) -> MergeInputs:
         """A copy of the adapter in `slot`, per layer it targets: (A (R, in), B^T (R, out)).
         On the engine thread: the stacks may be compacted later, the copy stays as it is."""
-        return {m: (a.clone(), bt.clone()) for m, a, bt in self._adapter_layers(slot)}
+        return {
+            m: (group.a(local, member).clone(), group.bt(member, local).clone())
+            for m, group, local, member in self._adapter_layers(slot)
+        }
 
     def merge_targets(self, slot: int) -> set[nn.Module]:
         """The base layers the adapter in `slot` targets (what check_merge needs; no copy)."""
-        return {m for m, _, _ in self._adapter_layers(slot)}
+        return {m for m, _, _, _ in self._adapter_layers(slot)}
 
-    def _adapter_layers(self, slot: int) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-        """Each layer the adapter in `slot` targets, with views of its A (R, in) and B^T
-        (R, out) in the stacks."""
+    def _adapter_layers(self, slot: int) -> Iterator[tuple[nn.Module, LoraGroup, int, int]]:
+        """Each layer the adapter in `slot` targets, with the group that holds it, its local
+        slot there and its member."""
         placed = self.lora.locate(slot)
         if placed is None:  # an adapter of rank 0: nothing to fold in
             return
@@ -371,9 +374,8 @@ class DecoderForward:
         by_name = dict(self.model.named_modules())
         for name, (layer, gname, member) in self.lora.modules.items():
             group = pool.groups[layer][gname]
-            a, bt = group.a(local, member), group.bt[member][local]
-            if bt.any():  # else not targeted by this adapter
-                yield by_name[name], a, bt
+            if group.blocks[member][local].any():  # else not targeted by this adapter
+                yield by_name[name], group, local, member
 
     def merge_steps(self, inputs: MergeInputs) -> Generator[None, None, PreparedMerge]:
         """The layers with the adapter (`merge_inputs`) folded in, one unit (a projection, or

@@ -54,16 +54,33 @@ def lora_math_dtype(rows: torch.dtype, weights: torch.dtype) -> torch.dtype:
     return torch.float32 if torch.float32 in (rows, weights) else weights
 
 
+CPU_BLOCK = 64  # columns of B.T to a block in a CPU stack (the native kernel's widest pass)
+
+
+def stored_width(out_features: int, blocked: bool) -> int:
+    """The columns one member's B.T takes in a stack: whole blocks of CPU_BLOCK in a blocked
+    (CPU) stack, zeros past out_features."""
+    return -(-out_features // CPU_BLOCK) * CPU_BLOCK if blocked else out_features
+
+
 class LoraGroup:
     """The LoRA stacks of k linear layers that read the same input (q/k/v, or gate/up), so that
     one shrink serves all k of them:
 
-        at:    (S, in, k, R)     A.T of every slot and member, columns beyond a slot's rank are
-                                 0; transposed so that a slot's shrink is one (in, k*R) matrix
-                                 with unit stride along it (the CPU bmm then runs ~1.5x faster
-                                 than on A's transposed view)
-        bt[j]: (S, R, out_j)     B.T of member j, scaled; stored transposed so that slicing the
-                                 rank is a view of whole rows
+        at: (S, in, k, R)     A.T of every slot and member, columns beyond a slot's rank are
+                              0; transposed so that a slot's shrink is one (in, k*R) matrix
+                              with unit stride along it (the CPU bmm then runs ~1.5x faster
+                              than on A's transposed view)
+        B.T of member j       (R, out_j) a slot, scaled; read with `bt(j, slots)`
+
+    On a GPU B.T of member j is its own stack (S, R, out_j) (`blocks[j]`), so that slicing the
+    rank is a view of whole rows. Blocked (the default on a CPU, where the native kernel reads
+    the stacks), a slot's weights are one run of memory, read in the
+    order the native kernel reads them: A.T, then each member's B.T in blocks of CPU_BLOCK
+    columns, (out_j / CPU_BLOCK, R, CPU_BLOCK), each block whole; `at` and `blocks[j]` are
+    views of `storage` (S, slot elements), one slot after another. A decode step reads every
+    present adapter's weights once, and read as one stream they cost a quarter to a third less
+    than as (S, R, out_j) rows (benchmarks/README.md, "The adapters' weights as one stream").
 
     One group per fused projection per decoder layer; a member an adapter does not target has
     zeros in its slot (it adds nothing).
@@ -77,62 +94,123 @@ class LoraGroup:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        blocked: bool | None = None,
     ) -> None:
         self.in_features = in_features
         self.out_features = out_features
-        k = len(out_features)
-        self.at = torch.zeros(num_slots, in_features, k, max_rank, dtype=dtype, device=device)
-        self.bt = [
-            torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device)
-            for out in out_features
-        ]
+        self.device = torch.device(device)
+        self.blocked = self.device.type == "cpu" if blocked is None else blocked
+        self._allocate(num_slots, max_rank, dtype)
+
+    def _allocate(self, num_slots: int, rank: int, dtype: torch.dtype) -> None:
+        k, fan_in = len(self.out_features), self.in_features
+        self.storage: torch.Tensor | None = None
+        if not self.blocked:
+            self.at = torch.zeros(num_slots, fan_in, k, rank, dtype=dtype, device=self.device)
+            self.blocks = [
+                torch.zeros(num_slots, rank, out, dtype=dtype, device=self.device)
+                for out in self.out_features
+            ]
+            return
+        widths = [stored_width(out, True) for out in self.out_features]
+        size_a = fan_in * k * rank
+        storage = self.storage = torch.zeros(
+            num_slots, size_a + rank * sum(widths), dtype=dtype, device=self.device
+        )
+        self.at = storage[:, :size_a].view(num_slots, fan_in, k, rank)
+        self.blocks = []
+        start = size_a
+        for width in widths:
+            part = storage[:, start : start + rank * width]
+            self.blocks.append(part.view(num_slots, width // CPU_BLOCK, rank, CPU_BLOCK))
+            start += rank * width
 
     @property
     def rank_capacity(self) -> int:
         return self.at.shape[3]
 
+    @property
+    def slot_stride(self) -> int:
+        """Elements from one slot's weights to the next's, in `at` and in every `blocks[j]`
+        (a CPU stack's, for the native kernel)."""
+        return self.at.stride(0)
+
     def a(self, slot: int, member: int) -> torch.Tensor:
         """A (R, in) of one slot and member, a view."""
         return self.at[slot, :, member].T
+
+    def bt(self, member: int, slots: int | slice | torch.Tensor) -> torch.Tensor:
+        """B.T (R, out_j) of one slot, or (U, R, out_j) of a range or an index of slots: a view
+        on a GPU, a copy out of the blocks on a CPU."""
+        stack = self.blocks[member]
+        picked = stack.index_select(0, slots) if isinstance(slots, torch.Tensor) else stack[slots]
+        if not self.blocked:
+            return picked
+        rows = picked.transpose(-3, -2).flatten(-2)  # (..., R, blocks * CPU_BLOCK), a copy
+        return rows[..., : self.out_features[member]]
 
     def reshape(self, num_slots: int, rank: int) -> None:
         """Re-allocate the stacks for `num_slots` slots at rank capacity `rank`, keeping what
         the slots and ranks that remain hold."""
         s, r = min(num_slots, self.at.shape[0]), min(rank, self.rank_capacity)
-        _, fan_in, k, _ = self.at.shape
-        at = self.at.new_zeros(num_slots, fan_in, k, rank)
-        at[:s, :, :, :r] = self.at[:s, :, :, :r]
-        self.at = at
-        for j, bt in enumerate(self.bt):
-            kept = bt.new_zeros(num_slots, rank, bt.shape[2])
-            kept[:s, :r] = bt[:s, :r]
-            self.bt[j] = kept
+        at, blocks = self.at, self.blocks
+        self._allocate(num_slots, rank, at.dtype)
+        self.at[:s, :, :, :r] = at[:s, :, :, :r]
+        for kept, old in zip(self.blocks, blocks, strict=True):
+            if self.blocked:
+                kept[:s, :, :r] = old[:s, :, :r]
+            else:
+                kept[:s, :r] = old[:s, :r]
 
     def set_slot(self, slot: int, member: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one member's A (r, in) and scaled B (out, r) into `slot`."""
         r = a.shape[0]
         self.at[slot, :, member].zero_()
-        self.bt[member][slot].zero_()
+        self.blocks[member][slot].zero_()
         self.at[slot, :, member, :r].copy_(a.T)
-        self.bt[member][slot, :r].copy_(b.T)
+        if not self.blocked:
+            self.blocks[member][slot, :r].copy_(b.T)
+            return
+        blocks = self.blocks[member][slot]  # (out_j / CPU_BLOCK, R, CPU_BLOCK)
+        rows = b.new_zeros(r, blocks.shape[0] * CPU_BLOCK)
+        rows[:, : b.shape[0]] = b.T
+        blocks[:, :r].copy_(rows.view(r, -1, CPU_BLOCK).transpose(0, 1))
 
     def clear_slot(self, slot: int) -> None:
         self.at[slot].zero_()
-        for bt in self.bt:
-            bt[slot].zero_()
+        for blocks in self.blocks:
+            blocks[slot].zero_()
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s weights into `dst`."""
+        if self.storage is not None:
+            self.storage[dst].copy_(self.storage[src])
+            return
+        self.at[dst].copy_(self.at[src])
+        for blocks in self.blocks:
+            blocks[dst].copy_(blocks[src])
+
+    def nbytes(self) -> int:
+        if self.storage is not None:
+            return self.storage.nbytes
+        return self.at.nbytes + sum(blocks.nbytes for blocks in self.blocks)
 
     def reference_stacks(self, member: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (S, R, in), B (S, out, R)) of one member, in the layout `lora_delta_reference`
         takes."""
-        return self.at[:, :, member].transpose(1, 2), self.bt[member].transpose(1, 2)
+        return self.at[:, :, member].transpose(1, 2), self.bt(member, slice(None)).transpose(1, 2)
 
 
 def slot_bytes(
-    layout: list[dict[str, tuple[int, list[tuple[str, int]]]]], rank: int, dtype: torch.dtype
+    layout: list[dict[str, tuple[int, list[tuple[str, int]]]]],
+    rank: int,
+    dtype: torch.dtype,
+    blocked: bool = False,
 ) -> int:
-    """Device memory one slot takes in LoraStacks at `rank` (A and B of every group member)."""
+    """Device memory one slot takes in LoraStacks at `rank` (A and B of every group member,
+    B.T's columns as a `blocked` stack stores them)."""
     per_rank = sum(
-        len(members) * in_features + sum(out for _, out in members)
+        len(members) * in_features + sum(stored_width(out, blocked) for _, out in members)
         for groups in layout
         for in_features, members in groups.values()
     )
@@ -162,12 +240,15 @@ class LoraPool:
         rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        blocked: bool | None = None,
     ) -> None:
         self.rank_capacity = rank
         self.num_slots = 0
         self.groups: list[dict[str, LoraGroup]] = [
             {
-                gname: LoraGroup(in_features, [out for _, out in members], 0, rank, dtype, device)
+                gname: LoraGroup(
+                    in_features, [out for _, out in members], 0, rank, dtype, device, blocked
+                )
                 for gname, (in_features, members) in groups.items()
             }
             for groups in layout
@@ -192,16 +273,12 @@ class LoraPool:
         """Copy local slot `src` into `dst` and clear `src` (compaction before a shrink)."""
         for groups in self.groups:
             for group in groups.values():
-                group.at[dst].copy_(group.at[src])
-                for bt in group.bt:
-                    bt[dst].copy_(bt[src])
+                group.move_slot(src, dst)
         self.ranks[dst] = self.ranks[src]
         self.clear(src)
 
     def nbytes(self) -> int:
-        return sum(
-            g.at.nbytes + sum(bt.nbytes for bt in g.bt) for gs in self.groups for g in gs.values()
-        )
+        return sum(g.nbytes() for gs in self.groups for g in gs.values())
 
 
 class LoraStacks:
@@ -229,11 +306,14 @@ class LoraStacks:
         dtype: torch.dtype,
         device: torch.device,
         staged: bool | None = None,
+        blocked: bool | None = None,
     ) -> None:
         """layout[layer][group] = (in_features, [(module name, out_features), ...]).
         `staged` (default: on CUDA): an adapter's weights reach the device in one copy
-        (`_staged`), on a side stream where there is one."""
+        (`_staged`), on a side stream where there is one. `blocked` (default: on a CPU): the
+        stacks in the native kernel's layout (LoraGroup)."""
         device = torch.device(device)
+        self.blocked = device.type == "cpu" if blocked is None else blocked
         self.layout = layout
         self.staged = device.type == "cuda" if staged is None else staged
         self._copies = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -268,7 +348,9 @@ class LoraStacks:
             return
         pool = self.pools.get(bucket)
         if pool is None:
-            pool = self.pools[bucket] = LoraPool(self.layout, bucket, self.dtype, self.device)
+            pool = self.pools[bucket] = LoraPool(
+                self.layout, bucket, self.dtype, self.device, self.blocked
+            )
         local = self.place.get(slot, (bucket, -1))[1]
         if local < 0:
             taken = {loc for b, loc in self.place.values() if b == bucket}

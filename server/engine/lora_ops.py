@@ -281,9 +281,7 @@ def add_lora(
         add_lora_triton(outputs, x, group, plan.triton, scale)
         return
     if plan.native is not None:
-        plan.native.library.lora_add(
-            outputs, x, group.at, group.bt, plan.rank, plan.native.slots, scale
-        )
+        plan.native.library.lora_add(outputs, x, group, plan.rank, plan.native.slots, scale)
     if plan.decode is not None:
         _add_decode(outputs, x, group, plan.rank, plan.decode, scale)
     for slot, start, end in plan.segments:
@@ -312,7 +310,7 @@ def _add_decode(
     at = _as(_stack(group.at, lay).flatten(2), dtype)  # (U, in, k*C): a view for a range of slots
     shrunk = torch.bmm(xs.view(u, g, -1), at)  # (U, G, k*C)
     for j, out in enumerate(outputs):
-        bt = _as(_stack(group.bt[j], lay)[:, :r], dtype)  # (U, R, out_j)
+        bt = _as(group.bt(j, _slots(lay))[:, :r], dtype)  # (U, R, out_j)
         s_j = shrunk[:, :, j * cap : j * cap + r]  # (U, G, R)
         if lay.src is None and lay.dst is None and out.dtype == dtype:
             # Tokens already in block order: accumulate in place, no temporary.
@@ -335,11 +333,15 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _slots(lay: DecodeLayout) -> slice | torch.Tensor:
+    """The slots of the block: a range, or an index."""
+    return slice(lay.first, lay.first + lay.num_blocks) if lay.slots is None else lay.slots
+
+
 def _stack(stack: torch.Tensor, lay: DecodeLayout) -> torch.Tensor:
     """The slots of the block: a view of a range, or a gather."""
-    if lay.slots is None:
-        return stack[lay.first : lay.first + lay.num_blocks]
-    return stack.index_select(0, lay.slots)
+    slots = _slots(lay)
+    return stack.index_select(0, slots) if isinstance(slots, torch.Tensor) else stack[slots]
 
 
 def _add_segment(
@@ -358,7 +360,7 @@ def _add_segment(
     shrunk = xs @ _as(group.at[slot].flatten(1), dtype)  # (n, k*C), as in _add_decode
     for j, out in enumerate(outputs):
         s_j = shrunk[:, j * cap : j * cap + r]  # (n, R)
-        bt = _as(group.bt[j][slot, :r], dtype)  # (R, out_j)
+        bt = _as(group.bt(j, slot)[:r], dtype)  # (R, out_j)
         if out.dtype == shrunk.dtype:
             out[start:end].addmm_(s_j, bt, alpha=scale)  # in place, no temporary
         else:  # float32 LoRA on bf16 activations: rounded once, as it is added

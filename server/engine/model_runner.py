@@ -190,11 +190,18 @@ class ModelRunner:
         # --max-loras auto: the slots share this budget at the rank the adapters loaded need.
         self.max_rows = max_rows
         self.slot_budget: int | None = None
-        self.rank_bytes = slot_bytes(layout, 1, lora_dtype)  # one slot at rank 1
+        # The stacks in the native kernel's layout on a CPU (the Triton kernels read GPU's).
+        blocked = self.device.type == "cpu" and self.kernels != "triton"
+        self.rank_bytes = slot_bytes(layout, 1, lora_dtype, blocked)  # a slot at rank 1
         if num_slots is None:
             self.slot_budget = free_memory_bytes(self.device) // SLOT_MEMORY_SHARE
         self.lora = LoraStacks(
-            layout, num_slots or max(max_rows, MIN_AUTO_SLOTS), max_rank, lora_dtype, self.device
+            layout,
+            num_slots or max(max_rows, MIN_AUTO_SLOTS),
+            max_rank,
+            lora_dtype,
+            self.device,
+            blocked=blocked,
         )
         if dense_cache_bytes is None:  # half the free memory (a quarter of a GPU's)
             dense_cache_bytes = (

@@ -129,15 +129,15 @@ class DecodeProgram:
                 group = pool.groups[layer][name]
                 slots, rank = self.lora_inputs[bucket]
                 words = [len(outs)]
-                for out, bt in zip(outs, group.bt, strict=True):
-                    words += [p(out), out.stride(0), p(bt), bt.shape[2]]
+                for out, blocks, width in zip(outs, group.blocks, group.out_features, strict=True):
+                    words += [p(out), out.stride(0), p(blocks), width]
                 args = (ctypes.c_int64 * len(words))(*words)
                 self._keep.append(args)
                 rec.append(
                     [
                         OP_LORA, p(src), bf16, b, src.shape[1], p(slots), p(group.at),
                         int(group.at.dtype == torch.bfloat16), group.rank_capacity, p(rank),
-                        ctypes.addressof(args), _bits(1.0), level,
+                        ctypes.addressof(args), _bits(1.0), level, group.slot_stride,
                     ]
                 )  # fmt: skip
 

@@ -211,8 +211,9 @@ def add_lora_triton(
 ) -> None:
     """outputs[j] (N, out_j) += scale * LoRA delta of member j, in place, for the tokens
     `tiles` grouped (lora_ops.add_lora's semantics): two launches whatever the adapters."""
+    assert not group.blocked, "the Triton kernels read unblocked stacks"
     y = lora_shrink(x, group.at, tiles, split_k)
-    lora_expand(outputs, y, group.bt, tiles, scale)
+    lora_expand(outputs, y, group.blocks, tiles, scale)
 
 
 def lora_delta_triton(

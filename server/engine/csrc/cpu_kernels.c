@@ -19,6 +19,14 @@
 #include <string.h>
 
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_COUNT() omp_get_num_threads()
+#define THREAD_INDEX() omp_get_thread_num()
+#else
+#define THREAD_COUNT() 1
+#define THREAD_INDEX() 0
+#endif
 
 #define TILE 4
 
@@ -277,14 +285,26 @@ int nf4_linear(const void *x, int x_bf16, int64_t rows, int64_t in, const uint8_
 /* ---- LoRA: out_j[i] += scale * (x[i] @ A[s_i].T) @ B_j[s_i].T for each row i whose slot s_i is
  * not -1, for the k members j of a group that share one input (one shrink serves them all).
  *
- * The stacks are LoraGroup's: at (S, in, k, C) holds A.T of every slot and member, bt_j
- * (S, C, out_j) holds B.T; C is the rank capacity, r <= C the rank the step uses. Weights and
+ * The stacks are LoraGroup's, blocked: a slot's A.T (in, k, C) of every member, then each
+ * member's B.T (C, out_j) in blocks of LORA_BLOCK columns, slot_stride elements a slot; C is the
+ * rank capacity, r <= C the rank the step uses. Weights and
  * activations in bf16 or float32, sums in float32, each output rounded once. A few rows' LoRA
  * is a few hundred thousand multiply-adds: as torch ops it costs more in dispatch than in
  * arithmetic. The loops are plain C, vectorized by the compiler for each instruction set. ---- */
 
 #define LORA_MAX_COLUMNS 8192 /* k * C */
 #define LORA_MAX_WIDTH 65536  /* out_j */
+/* B.T of a slot and member is stored in blocks of LORA_BLOCK columns, each (C, LORA_BLOCK)
+ * whole, after the slot's A.T (lora.py's LoraGroup): a slot's weights are one run of memory,
+ * read in order, and a pass over a block's columns reads one run of it. */
+#define LORA_BLOCK 64
+#define LORA_COLD_ROWS 8 /* what reading an item's weights from memory costs, in rows computed */
+
+/* Column o of B.T's first row, in blocks of LORA_BLOCK columns of `cap` rows each; a pass of up
+ * to LORA_BLOCK columns from a multiple of its width stays in one block, rows LORA_BLOCK apart */
+static inline const void *block_at(const void *bt, int64_t o, int64_t cap, int64_t esize) {
+    return (const char *)bt + ((o / LORA_BLOCK) * LORA_BLOCK * cap + o % LORA_BLOCK) * esize;
+}
 
 static inline float load_any(const void *p, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -403,11 +423,12 @@ static inline void store8(void *p, int bf16, int64_t i, __m256 v) {
             for (int v = 0; v < NB; v++) STORE(shrunk, 0, t * kc + c0 + v * LANES, acc[0][t][v]); \
     }
 
-/* out rows t (NR, `stride` apart) += scale * s[t] (r, kc apart) @ bt (r, width), columns
- * [o0, o0 + NB * LANES), each rounded once; U rows of B.T at a time, as in the shrink */
+/* out rows t (NR, `stride` apart) += scale * s[t] (r, kc apart) @ bt (r rows `ld` apart, NB
+ * vectors: B.T at column o0), columns [o0, o0 + NB * LANES), each rounded once; U rows of B.T
+ * at a time, as in the shrink */
 #define LORA_EXPAND(ISA, VEC, LANES, ZERO, SET1, FMA, ADD, LOAD, STORE, NR, NB, U)                 \
     static void expand_##ISA##_##NR##_##NB(const float *s, int64_t kc, int64_t r, const void *bt, \
-                                          int wb, int64_t width, int64_t o0, float scale,       \
+                                          int wb, int64_t ld, int64_t o0, float scale,          \
                                           char *out, int64_t stride, int yb) {                  \
         VEC acc[U][NR][NB];                                                                     \
         for (int u = 0; u < U; u++)                                                             \
@@ -418,7 +439,7 @@ static inline void store8(void *p, int bf16, int64_t i, __m256 v) {
             for (int u = 0; u < U; u++) {                                                       \
                 VEC b[NB];                                                                      \
                 for (int v = 0; v < NB; v++)                                                    \
-                    b[v] = LOAD(bt, wb, (q + u) * width + o0 + v * LANES);                      \
+                    b[v] = LOAD(bt, wb, (q + u) * ld + v * LANES);                              \
                 for (int t = 0; t < NR; t++) {                                                  \
                     VEC sv = SET1(s[t * kc + q + u]);                                           \
                     for (int v = 0; v < NB; v++) acc[u][t][v] = FMA(sv, b[v], acc[u][t][v]);    \
@@ -426,7 +447,7 @@ static inline void store8(void *p, int bf16, int64_t i, __m256 v) {
             }                                                                                   \
         for (; q < r; q++) {                                                                    \
             VEC b[NB];                                                                          \
-            for (int v = 0; v < NB; v++) b[v] = LOAD(bt, wb, q * width + o0 + v * LANES);       \
+            for (int v = 0; v < NB; v++) b[v] = LOAD(bt, wb, q * ld + v * LANES);               \
             for (int t = 0; t < NR; t++) {                                                      \
                 VEC sv = SET1(s[t * kc + q]);                                                   \
                 for (int v = 0; v < NB; v++) acc[0][t][v] = FMA(sv, b[v], acc[0][t][v]);        \
@@ -569,10 +590,10 @@ static inline int32_t value_pair(const uint16_t *v, int64_t i, int64_t n) {
     }                                                                                           \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) static void     \
         expand_bf16_##NR##_##NB(const uint16_t *sb, int64_t kc, int64_t r, const uint16_t *bt,  \
-                                int64_t width, int64_t o0, float scale, char *out,              \
+                                int64_t cap, int64_t o0, float scale, char *out,                \
                                 int64_t stride) {                                               \
         __m512 sums[NR][NB];                                                                    \
-        pair_sums_##NR##_##NB(bt + o0, width, r, sb, kc, 16 * NB, sums);                        \
+        pair_sums_##NR##_##NB(bt, LORA_BLOCK, r, sb, kc, LORA_BLOCK * cap, sums);               \
         __m512 sc = _mm512_set1_ps(scale);                                                      \
         for (int t = 0; t < NR; t++) {                                                          \
             char *row = out + t * stride * 2;                                                   \
@@ -650,20 +671,23 @@ static void lora_shrink_bf16(const uint16_t *xb, int64_t n, int64_t in, const ui
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-static void lora_expand_bf16(const uint16_t *sb, int64_t n, int64_t kc, int64_t r,
+static void lora_expand_bf16(const uint16_t *sb, int64_t n, int64_t kc, int64_t r, int64_t cap,
                              const uint16_t *bt, int64_t width, float scale, char *out,
                              int64_t stride) {
     int64_t o = 0;
-    for (; o + 64 <= width; o += 64) EXPAND_BF16[3][n - 1](sb, kc, r, bt, width, o, scale, out, stride);
+#define BLOCK_AT(o) ((const uint16_t *)block_at(bt, (o), cap, 2))
+    for (; o + 64 <= width; o += 64)
+        EXPAND_BF16[3][n - 1](sb, kc, r, BLOCK_AT(o), cap, o, scale, out, stride);
     if (width - o >= 16) {
         int64_t nb = (width - o) / 16;
-        EXPAND_BF16[nb - 1][n - 1](sb, kc, r, bt, width, o, scale, out, stride);
+        EXPAND_BF16[nb - 1][n - 1](sb, kc, r, BLOCK_AT(o), cap, o, scale, out, stride);
         o += 16 * nb;
     }
     if (o < width) { /* y += scale * sums, rounded once, in a masked vector */
         const __mmask16 m = (__mmask16)((1u << (width - o)) - 1);
         __m512 sums[LORA_TOKENS], sc = _mm512_set1_ps(scale);
-        pair_sums_tail(bt + o, width, r, width - o, sb, kc, n, sums);
+        pair_sums_tail(BLOCK_AT(o), LORA_BLOCK, r, width - o, sb, kc, n, sums);
+#undef BLOCK_AT
         for (int64_t t = 0; t < n; t++) {
             uint16_t *row = (uint16_t *)out + t * stride + o;
             __m512 y = widen16(_mm256_maskz_loadu_epi16(m, row));
@@ -690,40 +714,59 @@ static void lora_shrink(const float *xr, int64_t n, int64_t in, const void *at, 
         }
 }
 
-/* out rows t (n of them, `stride` apart) += scale * s[t] (r, kc apart) @ bt (r, width), each
- * rounded once: each row of B.T read once for the n rows. */
-static void lora_expand(const float *s, int64_t n, int64_t kc, int64_t r, const void *bt,
-                        int w_bf16, int64_t width, float scale, char *out, int64_t stride,
-                        int y_bf16, int isa) {
-    int64_t o = 0;
+/* out rows t (n of them, `stride` apart) += scale * s[t] (r, kc apart) @ bt (r of its cap rows,
+ * width columns, blocked), each rounded once: each row of B.T read once for the n rows. */
+static void lora_expand(const float *s, int64_t n, int64_t kc, int64_t r, int64_t cap,
+                        const void *bt, int w_bf16, int64_t width, float scale, char *out,
+                        int64_t stride, int y_bf16, int isa) {
+    int64_t o = 0, esize = w_bf16 ? 2 : 4;
     if (isa > 0) {
         int64_t lanes = LANES[isa], wide = WIDE[isa] * lanes;
         for (; o + wide <= width; o += wide)
-            EXPAND[isa - 1][1][n - 1](s, kc, r, bt, w_bf16, width, o, scale, out, stride, y_bf16);
+            EXPAND[isa - 1][1][n - 1](s, kc, r, block_at(bt, o, cap, esize), w_bf16, LORA_BLOCK, o,
+                                      scale, out, stride, y_bf16);
         for (; o + lanes <= width; o += lanes)
-            EXPAND[isa - 1][0][n - 1](s, kc, r, bt, w_bf16, width, o, scale, out, stride, y_bf16);
+            EXPAND[isa - 1][0][n - 1](s, kc, r, block_at(bt, o, cap, esize), w_bf16, LORA_BLOCK, o,
+                                      scale, out, stride, y_bf16);
     }
     int64_t ysize = y_bf16 ? 2 : 4;
     for (int64_t t = 0; t < n; t++)
         for (int64_t j = o; j < width; j++) {
             float acc = 0.0f;
-            for (int64_t q = 0; q < r; q++) acc += s[t * kc + q] * load_any(bt, w_bf16, q * width + j);
+            const void *col = block_at(bt, j, cap, esize);
+            for (int64_t q = 0; q < r; q++) acc += s[t * kc + q] * load_any(col, w_bf16, q * LORA_BLOCK);
             char *row = out + t * stride * ysize;
             store(row, y_bf16, j, load_any(row, y_bf16, j) + scale * acc);
         }
 }
 
-/* args: k, then per member j: out pointer, out row stride (elements), bt pointer, width out_j.
+/* The first item of share `share` of `shares`: where the items' cost before it reaches that
+ * share's part of the whole (cost: `items` + 1 running sums) */
+static int64_t share_start(const int64_t *cost, int64_t items, int64_t share, int64_t shares) {
+    if (share >= shares) return items;
+    int64_t target = cost[items] * share / shares, lo = 0, hi = items;
+    while (lo < hi) { /* the first it with cost[it] >= target */
+        int64_t mid = (lo + hi) / 2;
+        if (cost[mid] < target) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* A slot's weights start slot_stride elements after the previous slot's, in `at` and in each
+ * member's B.T (whose pointer is slot 0's).
+ * args: k, then per member j: out pointer, out row stride (elements), bt pointer, width out_j.
  * Rows with one slot next to each other (the engine orders a step's tokens by adapter) are
  * taken LORA_TOKENS at a time, reading that slot's weights once for them all: the weights of
  * the adapters present are most of the bytes a mixed step's LoRA moves. Returns 0, or -1 for
  * sizes past the buffers. */
 int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t *slots,
-             const void *at, int w_bf16, int64_t cap, int64_t r, const int64_t *args, int y_bf16,
-             float scale, int isa) {
+             const void *at, int w_bf16, int64_t cap, int64_t r, int64_t slot_stride,
+             const int64_t *args, int y_bf16, float scale, int isa) {
     int64_t k = args[0];
     int64_t kc = k * cap, slot_a = in * kc;
-    if (kc > LORA_MAX_COLUMNS || r > cap || rows < 0 || isa < 0 || isa > 3) return -1;
+    if (kc > LORA_MAX_COLUMNS || r > cap || rows < 0 || isa < 0 || isa > 3 || slot_stride < slot_a)
+        return -1;
     int dot = HAVE_BF16 && isa == 3 && x_bf16 && w_bf16 && y_bf16; /* the BF16 passes */
     (void)dot;
     isa = isa > 2 ? 2 : isa;
@@ -732,9 +775,10 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
     /* work items: runs of one slot, at most LORA_TOKENS rows each; in_long[it]: whether item
      * it is part of a run of more than LORA_DOT_RUN rows (a prompt chunk), which the BF16
      * passes take */
-    int64_t *item = malloc((size_t)(rows + 1) * (sizeof(int64_t) + 1));
+    int64_t *item = malloc((size_t)(rows + 2) * (2 * sizeof(int64_t) + 1));
     if (item == NULL) return -1;
-    char *in_long = (char *)(item + rows + 1);
+    int64_t *cost = item + rows + 1; /* cost[it]: the items' before it */
+    char *in_long = (char *)(cost + rows + 2);
     int64_t items = 0, run_item = 0, run_start = 0;
     for (int64_t i = 0; i <= rows; i++) {
         int starts = i == rows || slots[i] < 0 || i == 0 || slots[i - 1] != slots[i];
@@ -747,40 +791,58 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
         int64_t first = items ? item[items - 1] : -1;
         if (starts || i - first >= LORA_TOKENS) item[items++] = i;
     }
+    /* The items go in contiguous shares of about equal cost, one a thread: a thread reads a
+     * slot's weights from memory once for all of its items of that slot, and the slots in
+     * order. (Handed out one at a time, a run's items went to both threads, each pulling the
+     * weights into its own cache: prompt chunks took a third longer.) An item costs its rows,
+     * the first of its slot's LORA_COLD_ROWS more for the weights' read from memory. */
+    cost[0] = 0;
+    for (int64_t it = 0; it < items; it++) {
+        int64_t i0 = item[it], n = 1;
+        while (n < LORA_TOKENS && i0 + n < rows && slots[i0 + n] == slots[i0]) n++;
+        int cold = it == 0 || slots[item[it - 1]] != slots[i0];
+        cost[it + 1] = cost[it] + n + (cold ? LORA_COLD_ROWS : 0);
+    }
     int64_t work = rows * (slot_a + r * kc);
     int64_t esize = w_bf16 ? 2 : 4, xsize = x_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(dynamic, 1) if (work > (1 << 18) && items > 1)
-    for (int64_t it = 0; it < items; it++) {
-        int64_t i0 = item[it], slot = slots[i0], n = 1;
-        while (n < LORA_TOKENS && i0 + n < rows && slots[i0 + n] == slot) n++;
-        float shrunk[n * kc];
+#pragma omp parallel if (work > (1 << 18) && items > 1)
+    {
+        int64_t shares = THREAD_COUNT(), share = THREAD_INDEX();
+        int64_t first = share_start(cost, items, share, shares);
+        int64_t last = share_start(cost, items, share + 1, shares);
+        for (int64_t it = first; it < last; it++) {
+            int64_t i0 = item[it], slot = slots[i0], n = 1;
+            while (n < LORA_TOKENS && i0 + n < rows && slots[i0 + n] == slot) n++;
+            float shrunk[n * kc];
 #if HAVE_BF16
-        if (dot && in_long[it]) {
-            uint16_t sb[n * kc];
-            lora_shrink_bf16((const uint16_t *)x + i0 * in, n, in, (const uint16_t *)at + slot * slot_a,
-                             kc, shrunk);
-            store_row(sb, 1, n * kc, shrunk);
+            if (dot && in_long[it]) {
+                uint16_t sb[n * kc];
+                lora_shrink_bf16((const uint16_t *)x + i0 * in, n, in,
+                                 (const uint16_t *)at + slot * slot_stride, kc, shrunk);
+                store_row(sb, 1, n * kc, shrunk);
+                for (int64_t j = 0; j < k; j++) {
+                    const int64_t *m = args + 1 + 4 * j;
+                    int64_t stride = m[1], width = m[3];
+                    const uint16_t *bt = (const uint16_t *)m[2] + slot * slot_stride;
+                    lora_expand_bf16(sb + j * cap, n, kc, r, cap, bt, width, scale,
+                                     (char *)m[0] + i0 * stride * 2, stride);
+                }
+                continue;
+            }
+#endif
+            float xr[n * in];
+            for (int64_t t = 0; t < n; t++)
+                load_row((const char *)x + (i0 + t) * in * xsize, x_bf16, in, xr + t * in);
+            lora_shrink(xr, n, in, (const char *)at + slot * slot_stride * esize, w_bf16, kc,
+                        shrunk, isa);
             for (int64_t j = 0; j < k; j++) {
                 const int64_t *m = args + 1 + 4 * j;
                 int64_t stride = m[1], width = m[3];
-                const uint16_t *bt = (const uint16_t *)m[2] + slot * cap * width;
-                lora_expand_bf16(sb + j * cap, n, kc, r, bt, width, scale,
-                                 (char *)m[0] + i0 * stride * 2, stride);
+                const char *bt = (const char *)m[2] + slot * slot_stride * esize;
+                char *out = (char *)m[0] + i0 * stride * (y_bf16 ? 2 : 4);
+                lora_expand(shrunk + j * cap, n, kc, r, cap, bt, w_bf16, width, scale, out, stride,
+                            y_bf16, isa);
             }
-            continue;
-        }
-#endif
-        float xr[n * in];
-        for (int64_t t = 0; t < n; t++)
-            load_row((const char *)x + (i0 + t) * in * xsize, x_bf16, in, xr + t * in);
-        lora_shrink(xr, n, in, (const char *)at + slot * slot_a * esize, w_bf16, kc, shrunk, isa);
-        for (int64_t j = 0; j < k; j++) {
-            const int64_t *m = args + 1 + 4 * j;
-            int64_t stride = m[1], width = m[3];
-            const char *bt = (const char *)m[2] + slot * cap * width * esize;
-            char *out = (char *)m[0] + i0 * stride * (y_bf16 ? 2 : 4);
-            lora_expand(shrunk + j * cap, n, kc, r, bt, w_bf16, width, scale, out, stride,
-                        y_bf16, isa);
         }
     }
     free(item);
@@ -1438,7 +1500,8 @@ enum {
     OP_GATHER = 1,   /* src, row bytes, index (int64), n, dst: dst[t] = src[index[t]] */
     OP_ADD_NORM,     /* add_rms_norm's arguments */
     OP_NF4,          /* nf4_linear's arguments */
-    OP_LORA,         /* lora_add's, with the rank read from a cell (0: nothing to add) */
+    OP_LORA,         /* lora_add's, with the rank read from a cell (0: nothing to add) and the
+                        slot stride last */
     OP_ROPE,         /* rope_qk's */
     OP_KV_WRITE,     /* kv_write's */
     OP_ATTEND,       /* decode_attention's */
@@ -1478,7 +1541,7 @@ int run_step(const int64_t *ops, int64_t count) {
             int64_t rank = *(const int64_t *)P(9);
             if (rank > 0)
                 rc = lora_add(P(1), (int)op[2], op[3], op[4], P(5), P(6), (int)op[7], op[8], rank,
-                              P(10), (int)op[2], bits_f32(op[11]), (int)op[12]);
+                              op[13], P(10), (int)op[2], bits_f32(op[11]), (int)op[12]);
             break;
         }
         case OP_ROPE:

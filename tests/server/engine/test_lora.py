@@ -14,11 +14,14 @@ from loraplex.adapters.validate import load_adapter
 from loraplex.core.types import BaseModelSpec
 from loraplex.server.engine import cpu_kernels
 from loraplex.server.engine.lora import (
+    CPU_BLOCK,
     NO_ADAPTER,
     LoraGroup,
     LoraStacks,
     lora_delta_reference,
     rank_bucket,
+    slot_bytes,
+    stored_width,
 )
 from loraplex.server.engine.lora_ops import Segment, add_lora, plan_lora
 from loraplex.server.engine.model_runner import (
@@ -125,7 +128,7 @@ def test_bf16_weights_stay_close_to_the_float32_spec():
     group32 = random_group()
     group16 = LoraGroup(D_IN, OUTS, len(RANKS), 16, torch.bfloat16, torch.device("cpu"))
     group16.at.copy_(group32.at)
-    for b16, b32 in zip(group16.bt, group32.bt, strict=True):
+    for b16, b32 in zip(group16.blocks, group32.blocks, strict=True):
         b16.copy_(b32)
     decode = [2, 0, 1, 0]
     x = torch.randn(4, D_IN, dtype=torch.bfloat16)
@@ -150,7 +153,7 @@ def test_stacks_place_each_module_in_its_group_member():
     pool, local = located
     group = pool.groups[1]["qkv"]
     torch.testing.assert_close(group.a(local, 1)[:4], a)
-    torch.testing.assert_close(group.bt[1][local, :4], b.T)
+    torch.testing.assert_close(group.bt(1, local)[:4], b.T)
     assert (
         torch.count_nonzero(group.a(local, 0)) == 0
         and torch.count_nonzero(pool.groups[0]["qkv"].at) == 0
@@ -188,7 +191,9 @@ def test_a_staged_load_writes_what_a_copy_per_module_writes():
             for name, group in groups.items():
                 other = stacks[False].pools[want].groups[layer][name]
                 assert torch.equal(group.at, other.at) and group.at.dtype == torch.bfloat16
-                assert all(torch.equal(x, y) for x, y in zip(group.bt, other.bt, strict=True))
+                assert all(
+                    torch.equal(x, y) for x, y in zip(group.blocks, other.blocks, strict=True)
+                )
     assert stacks[True].pools[8].groups[0]["qkv"].at.any()
 
 
@@ -276,13 +281,48 @@ def test_rank_buckets_are_powers_of_two_up_to_the_max_rank():
     assert rank_bucket(40, 48) == 48 and rank_bucket(3, 4) == 4
 
 
+def test_a_cpu_stack_holds_each_slot_in_one_run_and_reads_back_what_was_written():
+    """Blocked (a CPU's stacks, the native kernel's layout): a slot's A.T, then each member's
+    B.T in blocks of CPU_BLOCK columns, zeros past its width, in one run of memory, the next
+    slot's after it; what was written reads back as from an unblocked stack, through a
+    re-allocation, a move and a clear."""
+    torch.manual_seed(3)
+    outs = [70, 8]
+    groups = {
+        b: LoraGroup(D_IN, outs, 2, 8, torch.float32, torch.device("cpu"), blocked=b)
+        for b in (True, False)
+    }
+    a, b = torch.randn(5, D_IN), torch.randn(70, 5)
+    for group in groups.values():
+        group.set_slot(1, 0, a, b)
+    blocked = groups[True]
+    assert blocked.storage is not None
+    assert blocked.slot_stride == D_IN * 2 * 8 + 8 * (2 * CPU_BLOCK + CPU_BLOCK)
+    start = blocked.storage[1].data_ptr()
+    assert blocked.at[1].data_ptr() == start
+    assert blocked.blocks[0][1].data_ptr() == start + D_IN * 2 * 8 * 4
+    assert blocked.blocks[1][1].data_ptr() == start + (D_IN * 2 * 8 + 8 * 2 * CPU_BLOCK) * 4
+    for group in groups.values():
+        group.reshape(3, 16)
+        group.move_slot(1, 2)
+        group.clear_slot(1)
+        torch.testing.assert_close(group.bt(0, 2)[:5], b.T)
+        torch.testing.assert_close(group.a(2, 0)[:5], a)
+        assert not group.bt(0, 1).any() and not group.bt(0, 2)[5:].any()
+    index = torch.tensor([2, 0])
+    assert torch.equal(blocked.bt(0, index), groups[False].bt(0, index))
+    assert not blocked.blocks[0][2, 1, :, 70 - CPU_BLOCK :].any()  # the columns past 70
+
+
 def test_stacks_keep_each_adapter_in_the_pool_of_its_rank_not_the_limits():
     """Storage follows what is loaded: a pool per rank bucket, as many local slots as its
     adapters need (whatever the engine's slot numbers), given back once they are gone."""
     layout = [{"qkv": (D_IN, [("l0.q", OUTS[0]), ("l0.k", OUTS[1]), ("l0.v", OUTS[2])])}]
     stacks = LoraStacks(layout, max_slots=16, max_rank=64, dtype=torch.float32, device="cpu")
     assert stacks.nbytes() == 0
-    per_rank = (D_IN * 3 + sum(OUTS)) * 4  # A of three members, B.T of each, float32
+    # A of three members, B.T of each in whole blocks of columns (a CPU's stacks), float32
+    per_rank = (D_IN * 3 + sum(stored_width(out, True) for out in OUTS)) * 4
+    assert per_rank == slot_bytes(layout, 1, torch.float32, blocked=True)
     a4, b4 = torch.randn(4, D_IN), torch.randn(OUTS[0], 4)
     stacks.load(9, {"l0.q": (a4, b4)})
     assert {b: p.num_slots for b, p in stacks.pools.items()} == {8: 1}
@@ -294,7 +334,7 @@ def test_stacks_keep_each_adapter_in_the_pool_of_its_rank_not_the_limits():
     assert stacks.nbytes() == (2 * 8 + 16) * per_rank
     pool, local = stacks.locate(4) or (None, -1)
     assert pool is stacks.pools[16]
-    torch.testing.assert_close(pool.groups[0]["qkv"].bt[2][local, :12], b12.T)
+    torch.testing.assert_close(pool.groups[0]["qkv"].bt(2, local)[:12], b12.T)
     generation = stacks.generation
     stacks.fit({2})  # slots 9 and 4 were evicted: slot 2 moves down, the rank-16 pool stays
     assert stacks.generation > generation and stacks.ranks[4] == stacks.ranks[9] == 0
@@ -388,7 +428,7 @@ def test_bf16_adapters_on_float32_activations_compute_in_float32(native):
         if name == "torch":
             add_lora(outs, x, group, plan)
         else:
-            native.lora_add(outs, x, group.at, group.bt, 16, torch.tensor(token_slots), isa=name)
+            native.lora_add(outs, x, group, 16, torch.tensor(token_slots), isa=name)
         for o, w in zip(outs, want, strict=True):
             torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-4, msg=name)
 
@@ -515,7 +555,8 @@ def spec(x, group, ranks, slots, rounded=frozenset()):
     """Each member's delta in float32 from the (rounded) weights; for the rows in `rounded`
     the shrunk values rounded to bf16 in between, as a bf16 matmul pair (and the kernel's
     dot-product passes) round them."""
-    at, bts = group.at.float(), [b.float() for b in group.bt]
+    at = group.at.float()
+    bts = [group.bt(j, slice(None)).float() for j in range(len(group.out_features))]
     out = []
     for j, bt in enumerate(bts):
         delta = torch.zeros(len(slots), bt.shape[2])
@@ -548,12 +589,41 @@ def test_the_native_kernel_shares_each_adapters_weights_across_its_tokens(native
     for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
         want = spec(x, group, ranks, slots, rounded_rows(isa, dtype, slots))
         got = [torch.ones(len(slots), out, dtype=dtype) for out in outs]
-        native.lora_add(got, x, group.at, group.bt, 32, torch.tensor(slots), -1.0, isa=isa)
+        native.lora_add(got, x, group, 32, torch.tensor(slots), -1.0, isa=isa)
         for g, w in zip(got, want, strict=True):
             if dtype == torch.float32:
                 torch.testing.assert_close(g, 1 - w, rtol=1e-5, atol=1e-4, msg=isa)
             else:  # the sums are float32, each output rounded once to bf16
                 torch.testing.assert_close(g.float(), 1 - w, rtol=8e-3, atol=1e-2, msg=isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_threads_shares_of_a_step_add_up_to_the_spec(native, dtype):
+    """A step large enough to be split between threads (contiguous shares of its work items,
+    by cost): prompt runs, decode tokens of many adapters and base tokens, the same sums on one
+    thread and on several, and equal to the spec."""
+    torch.manual_seed(4)
+    d_in, outs, ranks = 256, [320, 64], [16] * 12
+    group = LoraGroup(d_in, outs, len(ranks), 16, dtype, torch.device("cpu"))
+    for slot, r in enumerate(ranks):
+        for member, out in enumerate(outs):
+            group.set_slot(slot, member, torch.randn(r, d_in) / 8, torch.randn(out, r) / 8)
+    slots = [3] * 70 + [NO_ADAPTER] * 3 + [s for s in range(12) for _ in range(2)] + [5] * 9
+    x = torch.randn(len(slots), d_in).to(dtype)
+    got = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = [torch.ones(len(slots), out, dtype=dtype) for out in outs]
+            native.lora_add(got[n], x, group, 16, torch.tensor(slots), 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    want = spec(x, group, ranks, slots, rounded_rows(native.isa, dtype, slots))
+    for one, two, w in zip(got[1], got[2], want, strict=True):
+        assert torch.equal(one, two)
+        tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-2}
+        torch.testing.assert_close(two.float(), 1 + w / 2, **tol)
 
 
 @pytest.mark.cpu_isa
@@ -578,7 +648,7 @@ def test_odd_sizes_and_narrow_pools_equal_the_spec(native, dtype, outs):
         for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
             want = spec(x, group, used, slots, rounded_rows(isa, dtype, slots))
             got = [torch.ones(len(slots), out, dtype=dtype) for out in outs]
-            native.lora_add(got, x, group.at, group.bt, rank, torch.tensor(slots), 0.5, isa=isa)
+            native.lora_add(got, x, group, rank, torch.tensor(slots), 0.5, isa=isa)
             for g, w in zip(got, want, strict=True):
                 if dtype == torch.float32:
                     torch.testing.assert_close(g, 1 + w / 2, rtol=1e-5, atol=1e-4, msg=isa)
@@ -603,7 +673,7 @@ def test_a_lone_row_at_real_widths_equals_the_spec(native, dtype, slot):
     for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
         want = spec(x, group, ranks, [slot])
         got = [torch.ones(1, out, dtype=dtype) for out in outs]
-        native.lora_add(got, x, group.at, group.bt, 16, torch.tensor([slot]), 1.0, isa=isa)
+        native.lora_add(got, x, group, 16, torch.tensor([slot]), 1.0, isa=isa)
         for g, w in zip(got, want, strict=True):
             if dtype == torch.float32:
                 torch.testing.assert_close(g, 1 + w, rtol=1e-5, atol=1e-4, msg=isa)

@@ -30,7 +30,7 @@ def random_group(
 ) -> LoraGroup:
     """Stacks with each slot's own rank; slot 2 does not target member 1 (zeros there). A is
     scaled so that x @ A.T is about 1 whatever the width (bf16 keeps 8 bits of it)."""
-    group = LoraGroup(d_in, outs, len(ranks), capacity, dtype, DEVICE)
+    group = LoraGroup(d_in, outs, len(ranks), capacity, dtype, DEVICE, blocked=False)
     for slot, r in enumerate(ranks):
         for member, out in enumerate(outs):
             if r and not (slot == 2 and member == 1):
@@ -98,7 +98,7 @@ def test_reads_only_each_slots_rank():
     torch.manual_seed(8)
     group = random_group(QKV, MIXED, 16, torch.float32)
     group.at.copy_(torch.randn_like(group.at))
-    for bt in group.bt:
+    for bt in group.blocks:
         bt.copy_(torch.randn_like(bt))
     slots = [0, 1, 2, 3, 4, -1, 1, 3]
     got, want = run_both(group, MIXED, slots, torch.float32)
