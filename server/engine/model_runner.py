@@ -190,8 +190,9 @@ class ModelRunner:
         # --max-loras auto: the slots share this budget at the rank the adapters loaded need.
         self.max_rows = max_rows
         self.slot_budget: int | None = None
-        # The stacks in the native kernel's layout on a CPU (the Triton kernels read GPU's).
-        blocked = self.device.type == "cpu" and self.kernels != "triton"
+        # The stacks in the native kernel's layout where it runs (the torch ops and the Triton
+        # kernels read (S, R, out) rows).
+        blocked = native is not None and self.kernels != "triton"
         self.rank_bytes = slot_bytes(layout, 1, lora_dtype, blocked)  # a slot at rank 1
         if num_slots is None:
             self.slot_budget = free_memory_bytes(self.device) // SLOT_MEMORY_SHARE
