@@ -183,16 +183,11 @@ class LoraGroup:
 
     def move_slot(self, src: int, dst: int) -> None:
         """Copy slot `src`'s weights into `dst`."""
-        if self.storage is not None:
-            self.storage[dst].copy_(self.storage[src])
-            return
         self.at[dst].copy_(self.at[src])
         for blocks in self.blocks:
             blocks[dst].copy_(blocks[src])
 
     def nbytes(self) -> int:
-        if self.storage is not None:
-            return self.storage.nbytes
         return self.at.nbytes + sum(blocks.nbytes for blocks in self.blocks)
 
     def reference_stacks(self, member: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +235,7 @@ class LoraPool:
         rank: int,
         dtype: torch.dtype,
         device: torch.device,
-        blocked: bool | None = None,
+        blocked: bool,
     ) -> None:
         self.rank_capacity = rank
         self.num_slots = 0
