@@ -85,7 +85,7 @@ def wait_serving(log_path, server) -> str:
 
 
 def test_cli_serve_register_generate(served, adapter_dir):
-    address, _, env, _ = served
+    address, _, env, log_path = served
 
     def run(*args: str) -> str:
         done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
@@ -111,10 +111,15 @@ def test_cli_serve_register_generate(served, adapter_dir):
         "8",
         "Name three colours.",
     ]
+    first = json.loads(run(*ask, "--json"))
+    assert first["adapter_id"] == "cli-adapter" and first["usage"]["completion_tokens"] > 0
+    # The first request prefills the whole prompt; the next ones find its blocks in the prefix
+    # cache and prefill the rest, at another row count, where another kernel may round
+    # differently and flip a greedy near-tie. So the stream is compared with a request that
+    # took its path.
     out = json.loads(run(*ask, "--json"))
-    assert out["adapter_id"] == "cli-adapter" and out["usage"]["completion_tokens"] > 0
     streamed = run(*ask, "--stream")
-    assert streamed.rstrip("\n") == out["text"]
+    assert streamed.rstrip("\n") == out["text"], log_path.read_text()[-4000:]
     # `register DIR --name ID` is the same content under a second id; `register DIR` names
     # the adapter after its directory.
     named = json.loads(
@@ -153,14 +158,15 @@ def test_the_openai_api_is_served_beside_grpc(served):
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     base = api.models.list().data[0].id
     question = [{"role": "user", "content": "Name three colours."}]
-    answer = api.chat.completions.create(model=base, messages=question, max_tokens=8, temperature=0)
+    asked = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content="Name three colours.")], max_new_tokens=8
+    )
     with LoraplexClient(address, timeout=120) as client:
-        same = client.generate(
-            pb.GenerateRequest(
-                messages=[pb.ChatMessage(role="user", content="Name three colours.")],
-                max_new_tokens=8,
-            )
+        client.generate(asked)  # the prompt's blocks cached: both answers below take one path
+        answer = api.chat.completions.create(
+            model=base, messages=question, max_tokens=8, temperature=0
         )
+        same = client.generate(asked)
     assert answer.choices[0].message.content == same.text
     assert answer.usage.completion_tokens == same.usage.completion_tokens
 
