@@ -75,7 +75,7 @@ class CpuKernels:
         lib.lora_add.restype = ctypes.c_int
         lib.lora_add.argtypes = [
             *(ptr, flag, i64, i64, ptr),  # x, bf16, rows, in, slots
-            *(ptr, flag, i64, i64, i64),  # at, bf16, C, r, slot stride
+            *(ptr, flag, i64, i64, i64, i64),  # at, bf16, C, r, slot stride, slots
             *(ptr, flag, ctypes.c_float),  # args, bf16, scale
             flag,  # instruction set
         ]
@@ -238,11 +238,14 @@ class CpuKernels:
             at.shape[3],
             rank,
             group.slot_stride,
+            at.shape[0],
             (ctypes.c_int64 * len(args))(*args),
             int(dtype == torch.bfloat16),
             scale,
             level,
         )
+        if rc == -2:
+            raise IndexError(f"a LoRA slot index is past the stacks' {at.shape[0]} slots")
         if rc != 0:
             raise RuntimeError("the native LoRA kernel refused these sizes")
 

@@ -138,6 +138,7 @@ class DecodeProgram:
                         OP_LORA, p(src), bf16, b, src.shape[1], p(slots), p(group.at),
                         int(group.at.dtype == torch.bfloat16), group.rank_capacity, p(rank),
                         ctypes.addressof(args), _bits(1.0), level, group.slot_stride,
+                        group.at.shape[0],
                     ]
                 )  # fmt: skip
 

@@ -754,19 +754,22 @@ static int64_t share_start(const int64_t *cost, int64_t items, int64_t share, in
 }
 
 /* A slot's weights start slot_stride elements after the previous slot's, in `at` and in each
- * member's B.T (whose pointer is slot 0's).
+ * member's B.T (whose pointer is slot 0's); the stacks hold num_slots slots.
  * args: k, then per member j: out pointer, out row stride (elements), bt pointer, width out_j.
  * Rows with one slot next to each other (the engine orders a step's tokens by adapter) are
  * taken LORA_TOKENS at a time, reading that slot's weights once for them all: the weights of
- * the adapters present are most of the bytes a mixed step's LoRA moves. Returns 0, or -1 for
- * sizes past the buffers. */
+ * the adapters present are most of the bytes a mixed step's LoRA moves. Returns 0, -1 for
+ * sizes past the buffers, -2 for a row's slot past the stacks (nothing is added then: a slot
+ * read out of bounds would be another tenant's adapter, or no adapter's memory at all). */
 int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t *slots,
              const void *at, int w_bf16, int64_t cap, int64_t r, int64_t slot_stride,
-             const int64_t *args, int y_bf16, float scale, int isa) {
+             int64_t num_slots, const int64_t *args, int y_bf16, float scale, int isa) {
     int64_t k = args[0];
     int64_t kc = k * cap, slot_a = in * kc;
     if (kc > LORA_MAX_COLUMNS || r > cap || rows < 0 || isa < 0 || isa > 3 || slot_stride < slot_a)
         return -1;
+    for (int64_t i = 0; i < rows; i++)
+        if (slots[i] >= num_slots) return -2;
     int dot = HAVE_BF16 && isa == 3 && x_bf16 && w_bf16 && y_bf16; /* the BF16 passes */
     (void)dot;
     isa = isa > 2 ? 2 : isa;
@@ -1500,8 +1503,8 @@ enum {
     OP_GATHER = 1,   /* src, row bytes, index (int64), n, dst: dst[t] = src[index[t]] */
     OP_ADD_NORM,     /* add_rms_norm's arguments */
     OP_NF4,          /* nf4_linear's arguments */
-    OP_LORA,         /* lora_add's, with the rank read from a cell (0: nothing to add) and the
-                        slot stride last */
+    OP_LORA,         /* lora_add's, with the rank read from a cell (0: nothing to add), the
+                        slot stride and the slot count last */
     OP_ROPE,         /* rope_qk's */
     OP_KV_WRITE,     /* kv_write's */
     OP_ATTEND,       /* decode_attention's */
@@ -1541,7 +1544,7 @@ int run_step(const int64_t *ops, int64_t count) {
             int64_t rank = *(const int64_t *)P(9);
             if (rank > 0)
                 rc = lora_add(P(1), (int)op[2], op[3], op[4], P(5), P(6), (int)op[7], op[8], rank,
-                              op[13], P(10), (int)op[2], bits_f32(op[11]), (int)op[12]);
+                              op[13], op[14], P(10), (int)op[2], bits_f32(op[11]), (int)op[12]);
             break;
         }
         case OP_ROPE:

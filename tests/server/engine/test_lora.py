@@ -681,6 +681,21 @@ def test_a_lone_row_at_real_widths_equals_the_spec(native, dtype, slot):
                 torch.testing.assert_close(g.float(), 1 + w, rtol=8e-3, atol=2e-2, msg=isa)
 
 
+def test_a_slot_past_the_stacks_is_refused_with_nothing_added(native):
+    """A row's slot index past the stacks' slots (a bug upstream) would read another
+    adapter's weights or memory outside them: the kernel refuses the call and adds nothing."""
+    group = LoraGroup(64, [64, 32], 2, 8, torch.float32, torch.device("cpu"))
+    for member, out in enumerate([64, 32]):
+        group.set_slot(1, member, torch.randn(8, 64), torch.randn(out, 8))
+    x = torch.randn(3, 64)
+    got = [torch.ones(3, 64), torch.ones(3, 32)]
+    with pytest.raises(IndexError, match="past the stacks' 2 slots"):
+        native.lora_add(got, x, group, 8, torch.tensor([1, 1, 2]))
+    assert all(bool((g == 1).all()) for g in got)
+    native.lora_add(got, x, group, 8, torch.tensor([1, -1, 1]))  # -1: no adapter
+    assert not bool((got[0][0] == 1).all()) and bool((got[0][1] == 1).all())
+
+
 def test_prompt_runs_go_to_the_native_kernel_as_long_as_it_says(load_tiny):
     """The runner plans a prompt chunk of one adapter for the native kernel up to the length
     `lora_run_tokens` gives for its dtypes (longer with BF16 dot products, bf16 everywhere,
