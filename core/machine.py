@@ -5,7 +5,9 @@ bf16 matmul is as fast as float32 and bitsandbytes has a packed 4-bit kernel; wh
 AVX2, bf16 matmuls are emulated (about 10x slower than float32) and bitsandbytes dequantizes
 the whole weight on every call. So the choices that depend on it (the compute dtype here, the
 base layers' kernels in server/engine/linear.py) are measured at start and cached under the
-loraplex home, keyed by what decides them: the device's capability and the thread count.
+loraplex home, keyed by what decides them: the device's capability (with AMX, which makes
+oneDNN's bf16 matmuls several times faster than AVX512-BF16 alone), the CPU's model, torch's
+version and the thread count, so that a home carried to another kind of machine measures anew.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ BF16_SLOWDOWN_OK = 1.25  # bf16 is kept unless float32 is this much faster (it h
 
 
 def capability(device: torch.device) -> str:
-    """What decides the fast paths: e.g. "cpu-AVX512-bf16", "cpu-AVX2", "cuda-sm90"."""
+    """What decides the fast paths: e.g. "cpu-AVX512-amx-bf16", "cpu-AVX2", "cuda-sm90"."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda-sm{major}{minor}"
-    name = f"cpu-{torch.backends.cpu.get_cpu_capability()}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    name = f"cpu-{isa}"
+    if isa == "AVX512" and torch.cpu._is_amx_tile_supported():  # under an AVX2 cap it goes unused
+        name += "-amx"
     try:
         from bitsandbytes.functional import has_avx512bf16
 
@@ -50,8 +55,26 @@ def capability(device: torch.device) -> str:
 
 
 def machine_key(device: torch.device) -> str:
-    """The capability, torch's version and the threads a measurement ran with."""
-    return f"{capability(device)}-torch{torch.__version__}-t{torch.get_num_threads()}"
+    """The capability, the device's model, torch's version and the threads a measurement ran
+    with."""
+    model = hashlib.sha256(device_model(device).encode()).hexdigest()[:8]
+    return f"{capability(device)}-{model}-torch{torch.__version__}-t{torch.get_num_threads()}"
+
+
+@functools.cache
+def device_model(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The GPU's name, or the CPU's model name (Linux; "" where it cannot be read): two CPUs of
+    one capability (a Zen 4 and a Sapphire Rapids both report AVX512) time kernels apart."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
 
 
 class TuningCache:

@@ -46,6 +46,29 @@ def test_the_dtype_choice_is_measured_once_per_machine_and_cached(tmp_path, monk
     assert again.dtype == first.dtype and again.reason.endswith("(cached)")
 
 
+def test_a_home_carried_to_another_cpu_model_or_one_with_amx_measures_anew(monkeypatch):
+    """Choices cached on one machine are not reused on another kind with the same torch
+    capability: its model name and AMX are part of the key."""
+    cpu = torch.device("cpu")
+    key = machine.machine_key(cpu)
+    monkeypatch.setattr(machine, "device_model", lambda device: "Some Other CPU")
+    assert machine.machine_key(cpu) != key
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    without = machine.capability(cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert machine.capability(cpu) == without.replace("cpu-AVX512", "cpu-AVX512-amx")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "amx" not in machine.capability(cpu)  # capped at AVX2, oneDNN leaves AMX unused
+
+
+def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Xeon Thing 9000\n")
+    assert machine.device_model.__wrapped__(torch.device("cpu"), info) == "Xeon Thing 9000"
+    assert machine.device_model.__wrapped__(torch.device("cpu"), tmp_path / "none") == ""
+
+
 def test_a_containers_memory_limit_caps_what_is_available(tmp_path):
     """Inside a container /proc/meminfo shows the host; the cgroup's limit less its usage (the
     reclaimable page cache not counted) is what the budgets may take."""
