@@ -765,11 +765,13 @@ def machine_facts(fresh_process: bool = False) -> dict[str, Any]:
         return json.loads(done.stdout.strip().splitlines()[-1])
     import torch
 
+    from loraplex.core.machine import cpu_model
+
     affinity = getattr(os, "sched_getaffinity", None)
     return {
         "cpus": os.cpu_count(),
         "usable_cpus": len(affinity(0)) if affinity else os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -778,15 +780,6 @@ def machine_facts(fresh_process: bool = False) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    return match.group(1).strip() if match else platform.processor()
 
 
 # -- running a benchmark -----------------------------------------------------------------------

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -61,12 +62,16 @@ def machine_key(device: torch.device) -> str:
     return f"{capability(device)}-{model}-torch{torch.__version__}-t{torch.get_num_threads()}"
 
 
-@functools.cache
-def device_model(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The GPU's name, or the CPU's model name (Linux; "" where it cannot be read): two CPUs of
-    one capability (a Zen 4 and a Sapphire Rapids both report AVX512) time kernels apart."""
+def device_model(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model: two CPUs of one capability (a Zen 4 and a Sapphire
+    Rapids both report AVX512) time kernels apart."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux's cpuinfo; else what `platform` says, maybe "")."""
     try:
         with open(cpuinfo) as f:
             for line in f:
@@ -74,7 +79,7 @@ def device_model(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) ->
                     return line.partition(":")[2].strip()
     except OSError:
         pass
-    return ""
+    return platform.processor()
 
 
 class TuningCache:
