@@ -13,6 +13,7 @@
  * Runtime dispatch: AVX-512 (16 lanes), AVX2 + FMA (8 lanes), else portable C. Output rows are
  * split across the caller's OpenMP threads (the same runtime as torch's, by soname).
  */
+#define _GNU_SOURCE /* syscall, for the AMX permission */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -237,15 +238,26 @@ static const rows_fn KERNELS[3][TILE] = {
 #else
 #define HAVE_BF16 0
 #endif
+/* AMX tiles: the compilers' intrinsics, and Linux's permission to use them */
+#if HAVE_BF16 && defined(__linux__) && defined(__x86_64__) &&                                   \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define HAVE_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static int amx_usable(void);
+#else
+#define HAVE_AMX 0
+#endif
 
-/* The instruction set this process uses: 3 = AVX-512 with BF16 dot products (which the
- * attention and the LoRA use: the other kernels run their AVX-512 versions), 2 = AVX-512, 1 =
- * AVX2 + FMA, 0 = portable. */
+/* The instruction set this process uses: 4 = 3 with AMX tiles (which the LoRA's prompt runs
+ * use), 3 = AVX-512 with BF16 dot products (which the attention and the LoRA use: the other
+ * kernels run their AVX-512 versions), 2 = AVX-512, 1 = AVX2 + FMA, 0 = portable. */
 int nf4_isa(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
 #if HAVE_BF16
-        if (__builtin_cpu_supports("avx512bf16")) return 3;
+        if (__builtin_cpu_supports("avx512bf16")) return HAVE_AMX && amx_usable() ? 4 : 3;
 #endif
         return 2;
     }
@@ -259,7 +271,7 @@ int nf4_linear(const void *x, int x_bf16, int64_t rows, int64_t in, const uint8_
                const float *absmax, int64_t out, int64_t bs, const float *table, void *y,
                int y_bf16, int isa) {
     if (bs <= 0 || bs % 32 || in % bs) return -1;
-    if (isa < 0 || isa > 3) return -1;
+    if (isa < 0 || isa > 4) return -1;
     isa = isa > 2 ? 2 : isa; /* no BF16 version of its own */
     int64_t g = isa == 2 ? 32 : isa == 1 ? 16 : 2;
     float *xp = malloc((size_t)(rows * in) * sizeof(float));
@@ -546,6 +558,7 @@ weight_pairs(const uint16_t *row0, const uint16_t *row1, __m512i order) {
  * chunks) keep the float32 sums, and so their results: the passes gained them nothing
  * measurable, and their rounding moved the logits further from float32's. */
 #define LORA_DOT_RUN 64
+#define LORA_AMX_ROWS 32 /* rows of one run an item takes on AMX tiles (below) */
 
 /* lanes 2j, 2j + 1: value j of the first row and of the second (32 + j: the second operand) */
 #define PAIR_ORDER                                                                              \
@@ -714,6 +727,250 @@ static void lora_expand_bf16(const uint16_t *sb, int64_t n, int64_t kc, int64_t 
 }
 #endif
 
+#if HAVE_AMX
+/* ---- The BF16 passes on AMX (Xeons since Sapphire Rapids): a prompt run's shrink and expand
+ * as tile products, 16 rows x 16 columns x 32 (16 for the expand's rank) pairs of bf16 per
+ * instruction, the sums in float32. The vector passes above multiply at about 100 GFLOPS on
+ * two cores; a prompt's LoRA is about 10 MFLOP a token on the embedded model, most of a mixed
+ * burst's prompt time beside the base's matmuls, which oneDNN already runs on these tiles.
+ *
+ * A tile's second operand is stored in pairs of rows (row p: column c's values of rows 2p and
+ * 2p + 1 side by side), so a thread packs a slot's A.T and each member's B.T that way, zero
+ * padded to whole tiles, once for its items of that slot (items of LORA_AMX_ROWS rows of one
+ * run, a thread's share of a run taken in order). Rows are taken 16 at a time, a last partial
+ * tile of rows (or rows of a width no multiple of 32) copied into a zero-padded one. The shrunk
+ * values are rounded to bf16 for the expand, as the passes above round them; only the order of
+ * the float32 sums differs from theirs. */
+#define AMX_TARGET                                                                              \
+    __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define XFEATURE_XTILEDATA 18
+#define ARCH_REQ_XCOMP_PERM 0x1023
+
+/* Whether this process may use the tiles: the CPU has AMX-TILE and AMX-BF16, the OS saves their
+ * state (XCR0), and Linux grants the process their use (which it asks for once, as oneDNN does) */
+static int amx_usable(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22)))
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* tiles 0, 1: sums (16 x 16 float32); 2: 16 rows of x, 32 values; 3, 4: 16 pairs of A.T rows,
+ * 16 columns; 5: 16 rows of shrunk values, 16 values; 6, 7: 8 pairs of B.T rows, 16 columns */
+AMX_TARGET static void amx_configure(void) {
+    struct tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = t >= 6 ? 8 : 16;
+        cfg.colsb[t] = t == 5 ? 32 : 64;
+    }
+    __asm__ volatile("" ::: "memory"); /* the tile instructions' asm names no memory they read */
+    _tile_loadconfig(&cfg);
+}
+
+AMX_TARGET static void amx_release(void) { _tile_release(); }
+
+/* dst (pad_rows / 2 rows, dst_ld elements apart) = rows 2p and 2p + 1 of w (rows of it, ld
+ * apart, `cols` columns) interleaved, zeros past them up to pad_rows rows and pad_cols columns */
+AMX_TARGET static void pack_pairs(const uint16_t *w, int64_t ld, int64_t rows, int64_t cols,
+                                  int64_t pad_rows, int64_t pad_cols, uint16_t *dst,
+                                  int64_t dst_ld) {
+    const __m512i order = PAIR_ORDER;
+    for (int64_t p = 0; 2 * p < pad_rows; p++) {
+        uint16_t *d = dst + p * dst_ld;
+        for (int64_t c = 0; c < pad_cols; c += 16) {
+            int64_t left = cols - c;
+            __mmask16 m = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+            if (2 * p < rows) a = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, w + 2 * p * ld + c));
+            if (2 * p + 1 < rows)
+                b = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, w + (2 * p + 1) * ld + c));
+            _mm512_storeu_si512(d + 2 * c, _mm512_permutex2var_epi16(a, order, b));
+        }
+    }
+}
+
+/* shrunk (16, kcp) = 16 rows of x (xld apart, inp values) @ A.T packed (inp / 2, 2 kcp) */
+AMX_TARGET static void amx_shrink(const uint16_t *xs, int64_t xld, int64_t inp, const uint16_t *wv,
+                                  int64_t kcp, float *shrunk) {
+    __asm__ volatile("" ::: "memory"); /* x's padded copy and the packed weights written first */
+    for (int64_t c = 0; c < kcp; c += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t k = 0; k < inp; k += 32) {
+            const uint16_t *b = wv + (k / 2) * 2 * kcp + 2 * c;
+            _tile_loadd(2, xs + k, xld * 2);
+            _tile_loadd(3, b, kcp * 4);
+            _tile_loadd(4, b + 32, kcp * 4);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_dpbf16ps(1, 2, 4);
+        }
+        _tile_stored(0, shrunk + c, kcp * 4);
+        _tile_stored(1, shrunk + c + 16, kcp * 4);
+    }
+}
+
+/* out's n rows (stride apart, width columns) += scale * sb (16, kp) @ B.T packed (kp / 2,
+ * 2 widthp), each rounded once: the products for all columns first (acc, 16 x widthp), then
+ * the rows updated one after another, each read in order */
+AMX_TARGET static void amx_expand(const uint16_t *sb, int64_t kp, const uint16_t *wb,
+                                  int64_t widthp, int64_t width, int64_t n, float scale,
+                                  float *acc, uint16_t *out, int64_t stride) {
+    __asm__ volatile("" ::: "memory"); /* the shrunk values and the packed weights written first */
+    int64_t o = 0;
+    for (; o + 64 <= widthp; o += 64) { /* four sets of sums in flight (tiles 2, 3 as sums) */
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < kp; k += 16) {
+            const uint16_t *b = wb + (k / 2) * 2 * widthp + 2 * o;
+            _tile_loadd(5, sb + k, kp * 2);
+            _tile_loadd(6, b, widthp * 4);
+            _tile_loadd(7, b + 32, widthp * 4);
+            _tile_dpbf16ps(0, 5, 6);
+            _tile_dpbf16ps(1, 5, 7);
+            _tile_loadd(6, b + 64, widthp * 4);
+            _tile_loadd(7, b + 96, widthp * 4);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, acc + o, widthp * 4);
+        _tile_stored(1, acc + o + 16, widthp * 4);
+        _tile_stored(2, acc + o + 32, widthp * 4);
+        _tile_stored(3, acc + o + 48, widthp * 4);
+    }
+    if (o < widthp) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t k = 0; k < kp; k += 16) {
+            const uint16_t *b = wb + (k / 2) * 2 * widthp + 2 * o;
+            _tile_loadd(5, sb + k, kp * 2);
+            _tile_loadd(6, b, widthp * 4);
+            _tile_loadd(7, b + 32, widthp * 4);
+            _tile_dpbf16ps(0, 5, 6);
+            _tile_dpbf16ps(1, 5, 7);
+        }
+        _tile_stored(0, acc + o, widthp * 4);
+        _tile_stored(1, acc + o + 16, widthp * 4);
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t t = 0; t < n; t++) {
+        uint16_t *row = out + t * stride;
+        const float *a = acc + t * widthp;
+        o = 0;
+        for (; o + 16 <= width; o += 16) {
+            __m512 y = widen16(_mm256_loadu_si256((const __m256i *)(row + o)));
+            _mm256_storeu_si256((__m256i *)(row + o), narrow16(_mm512_fmadd_ps(sc, _mm512_loadu_ps(a + o), y)));
+        }
+        if (o < width) {
+            __mmask16 m = (__mmask16)((1u << (width - o)) - 1);
+            __m512 y = widen16(_mm256_maskz_loadu_epi16(m, row + o));
+            _mm256_mask_storeu_epi16(row + o, m, narrow16(_mm512_fmadd_ps(sc, _mm512_loadu_ps(a + o), y)));
+        }
+    }
+}
+
+static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+/* A thread's buffers for the tile passes: the packed weights of one slot (`slot`: which) */
+struct amx_scratch {
+    int64_t slot;
+    uint16_t *wv, *wb, *xpad, *sb;
+    float *shrunk, *acc;
+};
+
+static void *aligned_buffer(int64_t bytes) { return aligned_alloc(64, (size_t)round_up(bytes, 64)); }
+
+static int amx_scratch_init(struct amx_scratch *s, int64_t in, int64_t kc, int64_t r, int64_t k,
+                            const int64_t *args) {
+    int64_t inp = round_up(in, 32), kcp = round_up(kc, 32), kp = round_up(r, 16), wide = 0, widest = 0;
+    for (int64_t j = 0; j < k; j++) {
+        int64_t widthp = round_up(args[1 + 4 * j + 3], 32);
+        wide += widthp;
+        widest = widthp > widest ? widthp : widest;
+    }
+    s->slot = -1;
+    s->wv = aligned_buffer(inp * kcp * 2);
+    s->wb = aligned_buffer(kp * wide * 2);
+    s->xpad = aligned_buffer(16 * inp * 2);
+    s->sb = aligned_buffer(16 * kp * 2);
+    s->shrunk = aligned_buffer(16 * kcp * 4);
+    s->acc = aligned_buffer(16 * widest * 4);
+    return s->wv && s->wb && s->xpad && s->sb && s->shrunk && s->acc;
+}
+
+static void amx_scratch_free(struct amx_scratch *s) {
+    free(s->wv);
+    free(s->wb);
+    free(s->xpad);
+    free(s->sb);
+    free(s->shrunk);
+    free(s->acc);
+}
+
+/* lora_add's item: rows i0 .. i0 + n of one slot, whose A.T starts at `at` and whose members'
+ * B.T at each member's pointer + slot_off */
+AMX_TARGET static void lora_amx_item(struct amx_scratch *s, const uint16_t *x, int64_t i0,
+                                     int64_t n, int64_t in, int64_t slot, const uint16_t *at,
+                                     int64_t slot_off, int64_t kc, int64_t cap, int64_t r,
+                                     const int64_t *args, float scale) {
+    int64_t k = args[0], inp = round_up(in, 32), kcp = round_up(kc, 32), kp = round_up(r, 16);
+    if (s->slot != slot) {
+        pack_pairs(at, kc, in, kc, inp, kcp, s->wv, 2 * kcp);
+        uint16_t *wb = s->wb;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t *m = args + 1 + 4 * j;
+            int64_t width = m[3], widthp = round_up(width, 32);
+            const uint16_t *bt = (const uint16_t *)m[2] + slot_off;
+            for (int64_t o = 0; o < widthp; o += LORA_BLOCK) {
+                int64_t cols = width - o < LORA_BLOCK ? width - o : LORA_BLOCK;
+                int64_t pad = widthp - o < LORA_BLOCK ? widthp - o : LORA_BLOCK;
+                pack_pairs((const uint16_t *)block_at(bt, o, cap, 2), LORA_BLOCK, r, cols, kp, pad,
+                           wb + 2 * o, 2 * widthp);
+            }
+            wb += kp * widthp;
+        }
+        s->slot = slot;
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        int64_t m16 = n - t0 < 16 ? n - t0 : 16;
+        const uint16_t *xs = x + (i0 + t0) * in;
+        int64_t xld = in;
+        if (m16 < 16 || in % 32) {
+            memset(s->xpad, 0, (size_t)(16 * inp * 2));
+            for (int64_t t = 0; t < m16; t++) memcpy(s->xpad + t * inp, xs + t * in, (size_t)(in * 2));
+            xs = s->xpad;
+            xld = inp;
+        }
+        amx_shrink(xs, xld, inp, s->wv, kcp, s->shrunk);
+        const uint16_t *wb = s->wb;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t *m = args + 1 + 4 * j;
+            int64_t stride = m[1], width = m[3], widthp = round_up(width, 32);
+            for (int64_t t = 0; t < 16; t++) {
+                store_row(s->sb + t * kp, 1, r, s->shrunk + t * kcp + j * cap);
+                memset(s->sb + t * kp + r, 0, (size_t)((kp - r) * 2));
+            }
+            amx_expand(s->sb, kp, wb, widthp, width, m16, scale, s->acc,
+                       (uint16_t *)m[0] + (i0 + t0) * stride, stride);
+            wb += kp * widthp;
+        }
+    }
+}
+#endif
+
 /* shrunk (n, kc) = xr (n, in) @ at (in, kc): each row of A.T read once for the n rows. */
 static void lora_shrink(const float *xr, int64_t n, int64_t in, const void *at, int w_bf16,
                         int64_t kc, float *shrunk, int isa) {
@@ -783,59 +1040,88 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
              int64_t num_slots, const int64_t *args, int y_bf16, float scale, int isa) {
     int64_t k = args[0];
     int64_t kc = k * cap, slot_a = in * kc;
-    if (kc > LORA_MAX_COLUMNS || r > cap || rows < 0 || isa < 0 || isa > 3 || slot_stride < slot_a)
+    if (kc > LORA_MAX_COLUMNS || r > cap || rows < 0 || isa < 0 || isa > 4 || slot_stride < slot_a)
         return -1;
     for (int64_t i = 0; i < rows; i++)
         if (slots[i] >= num_slots) return -2;
-    int dot = HAVE_BF16 && isa == 3 && x_bf16 && w_bf16 && y_bf16; /* the BF16 passes */
-    (void)dot;
+    /* the BF16 passes, and whether on tiles */
+    int dot = HAVE_BF16 && isa >= 3 && x_bf16 && w_bf16 && y_bf16;
+    int tiles = HAVE_AMX && dot && isa == 4;
     isa = isa > 2 ? 2 : isa;
     for (int64_t j = 0; j < k; j++)
         if (args[1 + 4 * j + 3] > LORA_MAX_WIDTH) return -1;
-    /* work items: runs of one slot, at most LORA_TOKENS rows each; in_long[it]: whether item
-     * it is part of a run of more than LORA_DOT_RUN rows (a prompt chunk), which the BF16
-     * passes take */
-    int64_t *item = malloc((size_t)(rows + 2) * (2 * sizeof(int64_t) + 1));
+    /* work items: runs of one slot, at most LORA_TOKENS rows each (LORA_AMX_ROWS on tiles);
+     * pass[it]: 0 the float32 sums, 1 the BF16 passes (an item of a run of more than
+     * LORA_DOT_RUN rows: a prompt chunk), 2 those on tiles */
+    int64_t *item = malloc((size_t)(rows + 2) * (3 * sizeof(int64_t) + 1));
     if (item == NULL) return -1;
-    int64_t *cost = item + rows + 1; /* cost[it]: the items' before it */
-    char *in_long = (char *)(cost + rows + 2);
-    int64_t items = 0, run_item = 0, run_start = 0;
-    for (int64_t i = 0; i <= rows; i++) {
-        int starts = i == rows || slots[i] < 0 || i == 0 || slots[i - 1] != slots[i];
-        if (starts) { /* the run before ends at i */
-            for (int64_t it = run_item; it < items; it++) in_long[it] = i - run_start > LORA_DOT_RUN;
-            run_item = items;
-            run_start = i;
+    int64_t *count = item + rows + 1, *cost = count + rows + 1; /* cost[it]: the items' before it */
+    char *pass = (char *)(cost + rows + 2);
+    int64_t items = 0;
+    for (int64_t i = 0; i < rows;) {
+        int64_t end = i + 1;
+        while (end < rows && slots[end] == slots[i]) end++;
+        if (slots[i] >= 0) {
+            char kind = (char)(dot && end - i > LORA_DOT_RUN ? 1 + tiles : 0);
+            int64_t size = kind == 2 ? LORA_AMX_ROWS : LORA_TOKENS;
+            for (int64_t s = i; s < end; s += size) {
+                item[items] = s;
+                count[items] = end - s < size ? end - s : size;
+                pass[items++] = kind;
+            }
         }
-        if (i == rows || slots[i] < 0) continue;
-        int64_t first = items ? item[items - 1] : -1;
-        if (starts || i - first >= LORA_TOKENS) item[items++] = i;
+        i = end;
     }
     /* The items go in contiguous shares of about equal cost, one a thread: a thread reads a
      * slot's weights from memory once for all of its items of that slot, and the slots in
      * order. (Handed out one at a time, a run's items went to both threads, each pulling the
-     * weights into its own cache: prompt chunks took a third longer.) An item costs its rows,
-     * the first of its slot's LORA_COLD_ROWS more for the weights' read from memory. */
+     * weights into its own cache: prompt chunks took a third longer.) An item costs its rows
+     * (on tiles, a row costs an eighth), the first of its slot's LORA_COLD_ROWS more for the
+     * weights' read from memory. */
     cost[0] = 0;
     for (int64_t it = 0; it < items; it++) {
-        int64_t i0 = item[it], n = 1;
-        while (n < LORA_TOKENS && i0 + n < rows && slots[i0 + n] == slots[i0]) n++;
-        int cold = it == 0 || slots[item[it - 1]] != slots[i0];
+        int cold = it == 0 || slots[item[it - 1]] != slots[item[it]];
+        int64_t n = pass[it] == 2 ? (count[it] + 7) / 8 : count[it];
         cost[it + 1] = cost[it] + n + (cold ? LORA_COLD_ROWS : 0);
     }
     int64_t work = rows * (slot_a + r * kc);
     int64_t esize = w_bf16 ? 2 : 4, xsize = x_bf16 ? 2 : 4;
+    int failed = 0;
 #pragma omp parallel if (work > (1 << 18) && items > 1)
     {
         int64_t shares = THREAD_COUNT(), share = THREAD_INDEX();
         int64_t first = share_start(cost, items, share, shares);
         int64_t last = share_start(cost, items, share + 1, shares);
+#if HAVE_AMX
+        /* a thread with items on tiles: its buffers, or (where one is refused) no thread adds
+         * anything */
+        struct amx_scratch scratch = {0};
+        int on_tiles = 0;
+        for (int64_t it = first; it < last && !on_tiles; it++) on_tiles = pass[it] == 2;
+        if (on_tiles && !amx_scratch_init(&scratch, in, kc, r, k, args)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int refused;
+#pragma omp atomic read
+        refused = failed;
+        if (refused) first = last;
+        else if (on_tiles) amx_configure();
+#endif
         for (int64_t it = first; it < last; it++) {
-            int64_t i0 = item[it], slot = slots[i0], n = 1;
-            while (n < LORA_TOKENS && i0 + n < rows && slots[i0 + n] == slot) n++;
+            int64_t i0 = item[it], slot = slots[i0], n = count[it];
+#if HAVE_AMX
+            if (pass[it] == 2) {
+                lora_amx_item(&scratch, (const uint16_t *)x, i0, n, in, slot,
+                              (const uint16_t *)at + slot * slot_stride, slot * slot_stride, kc,
+                              cap, r, args, scale);
+                continue;
+            }
+#endif
             float shrunk[n * kc];
 #if HAVE_BF16
-            if (dot && in_long[it]) {
+            if (pass[it] == 1) {
                 uint16_t sb[n * kc];
                 lora_shrink_bf16((const uint16_t *)x + i0 * in, n, in,
                                  (const uint16_t *)at + slot * slot_stride, kc, shrunk);
@@ -864,9 +1150,13 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
                             y_bf16, isa);
             }
         }
+#if HAVE_AMX
+        if (on_tiles && !refused) amx_release();
+        amx_scratch_free(&scratch);
+#endif
     }
     free(item);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* ---- Attention: out[i, h] = softmax(q[i, h] . K[row_i, h / g, :L_i] * scaling)
@@ -1292,7 +1582,7 @@ int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int
                      int64_t kv_heads, int64_t d, const void *keys, const void *values,
                      int cache_bf16, int64_t max_len, const int64_t *rows, const int64_t *lengths,
                      float scaling, void *out, int isa) {
-    if (isa < 0 || isa > 3) return -2;
+    if (isa < 0 || isa > 4) return -2;
     int64_t shortest = max_len, longest = 0;
     for (int64_t i = 0; i < b; i++) {
         if (lengths[i] < 1 || lengths[i] > max_len) return -2;
@@ -1300,7 +1590,7 @@ int decode_attention(const void *q, int64_t q_stride, int q_bf16, int64_t b, int
         longest = lengths[i] > longest ? lengths[i] : longest;
     }
     /* queries in bf16 are exact as bf16: then the keys multiply in place where the CPU can */
-    int bf16_dot = HAVE_BF16 && isa == 3 && q_bf16 && cache_bf16;
+    int bf16_dot = HAVE_BF16 && isa >= 3 && q_bf16 && cache_bf16;
     int failed = 0;
     if (longest > 2 * shortest + ATTEND_BLOCK) {
         /* uneven work (a prompt's later tokens see more keys than its first): heads handed out

@@ -38,8 +38,8 @@ def _nf4_table() -> torch.Tensor:
 @pytest.mark.cpu_isa
 def test_the_kernel_uses_the_instruction_set_torch_sees(library):
     """torch's "AVX512" needs AVX-512 F/BW/DQ/VL, more than the kernel asks (BF16 dot products
-    are the CPU's own answer); "AVX2" has FMA."""
-    want = {"AVX512": ("avx512", "avx512bf16"), "AVX2": ("avx2",)}
+    and AMX tiles are the CPU's own answer); "AVX2" has FMA."""
+    want = {"AVX512": ("avx512", "avx512bf16", "amx"), "AVX2": ("avx2",)}
     assert library.isa in want.get(torch.backends.cpu.get_cpu_capability(), ISAS)
 
 

@@ -523,10 +523,7 @@ def test_long_runs_of_one_adapter_keep_the_matmuls(native):
         assert crowd.native.slots.tolist() == [NO_ADAPTER] * (n + 2) + [1] * 3
     base_only = plan_lora([NO_ADAPTER], [], RANKS, cpu, native, 1)
     assert base_only.empty and base_only.native is None
-    dot = native.isa == "avx512bf16"
-    assert native.lora_run_tokens(torch.bfloat16, torch.bfloat16) == (
-        cpu_kernels.LORA_DOT_RUN_TOKENS if dot else cpu_kernels.LORA_RUN_TOKENS
-    )
+    assert native.lora_run_tokens(torch.bfloat16, torch.bfloat16) == bf16_run_tokens(native.isa)
     for weights, rows in ((torch.float32, torch.bfloat16), (torch.float32, torch.float32)):
         assert native.lora_run_tokens(weights, rows) == cpu_kernels.LORA_RUN_TOKENS
     # float32 rows, bf16 weights (widened by torch at each matmul): the kernel, to 512 tokens
@@ -535,11 +532,19 @@ def test_long_runs_of_one_adapter_keep_the_matmuls(native):
     )
 
 
+def bf16_run_tokens(isa: str) -> int:
+    """The longest run of one adapter the kernel takes in bf16 at this instruction set."""
+    return {
+        "avx512bf16": cpu_kernels.LORA_DOT_RUN_TOKENS,
+        "amx": cpu_kernels.LORA_AMX_RUN_TOKENS,
+    }.get(isa, cpu_kernels.LORA_RUN_TOKENS)
+
+
 def rounded_rows(isa: str, dtype: torch.dtype, slots: list[int]) -> set[int]:
     """The rows whose shrunk values lora_add rounds to bf16: those of runs of one adapter longer
-    than LORA_RUN_TOKENS, which it takes with BF16 dot products (AVX512-BF16, bf16 rows and
-    weights)."""
-    if isa != "avx512bf16" or dtype != torch.bfloat16:
+    than LORA_RUN_TOKENS, which it takes with BF16 dot products (AVX512-BF16, on AMX tiles
+    where the CPU has them; bf16 rows and weights)."""
+    if isa not in ("avx512bf16", "amx") or dtype != torch.bfloat16:
         return set()
     rows: set[int] = set()
     start = 0
@@ -681,6 +686,31 @@ def test_a_lone_row_at_real_widths_equals_the_spec(native, dtype, slot):
                 torch.testing.assert_close(g.float(), 1 + w, rtol=8e-3, atol=2e-2, msg=isa)
 
 
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize(("d_in", "outs"), [(576, [576, 192, 192]), (1536, [576])])
+def test_prompt_runs_at_real_widths_equal_the_spec(native, d_in, outs):
+    """Prompt chunks of one adapter at the embedded model's widths (the fused q/k/v group and
+    the MLP's down projection), bf16: the BF16 passes, on AMX tiles where the CPU has them
+    (whole tiles of rows and a partial one, a rank that fills its capacity and an odd one,
+    columns padded to whole tiles), equal the spec with the shrunk values rounded to bf16;
+    every lower instruction set equals its own spec."""
+    torch.manual_seed(3)
+    ranks = [16, 7]
+    group = LoraGroup(d_in, outs, len(ranks), 16, torch.bfloat16, torch.device("cpu"))
+    for slot, r in enumerate(ranks):
+        for member, out in enumerate(outs):
+            group.set_slot(slot, member, torch.randn(r, d_in) / 8, torch.randn(out, r) / 8)
+    slots = [0] * 100 + [1] * 70 + [NO_ADAPTER] * 2 + [0] * 3
+    x = torch.randn(len(slots), d_in).to(torch.bfloat16)
+    for isa in cpu_kernels.ISAS[: cpu_kernels.ISAS.index(native.isa) + 1]:
+        want = spec(x, group, ranks, slots, rounded_rows(isa, torch.bfloat16, slots))
+        got = [torch.ones(len(slots), out, dtype=torch.bfloat16) for out in outs]
+        native.lora_add(got, x, group, 16, torch.tensor(slots), 0.5, isa=isa)
+        for g, w in zip(got, want, strict=True):
+            assert bool((g[170:172] == 1).all()), isa  # base tokens: nothing added
+            torch.testing.assert_close(g.float(), 1 + w / 2, rtol=8e-3, atol=2e-2, msg=isa)
+
+
 def test_a_slot_past_the_stacks_is_refused_with_nothing_added(native):
     """A row's slot index past the stacks' slots (a bug upstream) would read another
     adapter's weights or memory outside them: the kernel refuses the call and adds nothing."""
@@ -716,11 +746,7 @@ def test_prompt_runs_go_to_the_native_kernel_as_long_as_it_says(load_tiny):
         elif lora_dtype == torch.bfloat16:
             assert limit == cpu_kernels.LORA_FLOAT32_RUN_TOKENS
         else:
-            assert limit == (
-                cpu_kernels.LORA_DOT_RUN_TOKENS
-                if native.isa == "avx512bf16"
-                else cpu_kernels.LORA_RUN_TOKENS
-            )
+            assert limit == bf16_run_tokens(native.isa)
         for length, natively in ((limit, True), (limit + 1, False)):
             (pool_plan,), _ = runner.lora_plans([], [Segment(0, 0, length)])
             plan = pool_plan.plan
