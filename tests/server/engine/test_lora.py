@@ -711,6 +711,33 @@ def test_prompt_runs_at_real_widths_equal_the_spec(native, d_in, outs):
             torch.testing.assert_close(g.float(), 1 + w / 2, rtol=8e-3, atol=2e-2, msg=isa)
 
 
+@pytest.mark.parametrize("rank", [16, 7])
+def test_decode_rows_on_amx_tiles_keep_the_float32_sums(native, rank):
+    """Runs of one adapter long enough for the tiles but no prompt chunk (one tenant's decode
+    rows in a batch of many streams): the shrunk values reach the expand as two bf16 parts, so
+    the outputs are those of the float32 passes but for the order of the sums (a few in a
+    thousand off by one bf16 step), where rounding them once moved about one in five."""
+    if native.isa != "amx":
+        pytest.skip("this CPU has no AMX tiles (or Linux did not grant them)")
+    torch.manual_seed(3)
+    d_in, outs = 576, [576, 192, 192]
+    group = LoraGroup(d_in, outs, 2, 16, torch.bfloat16, torch.device("cpu"))
+    for slot in (0, 1):
+        for member, out in enumerate(outs):
+            group.set_slot(slot, member, torch.randn(rank, d_in) / 8, torch.randn(out, rank) / 8)
+    slots = torch.tensor([0] * 40 + [1] * 33)  # two runs of tiles, each with a partial one
+    x = torch.randn(len(slots), d_in).to(torch.bfloat16)
+    got = {}
+    for isa in ("avx512bf16", "amx"):
+        got[isa] = [torch.ones(len(slots), out, dtype=torch.bfloat16) for out in outs]
+        native.lora_add(got[isa], x, group, rank, slots, 0.5, isa=isa)
+    for sums, tiles in zip(got["avx512bf16"], got["amx"], strict=True):
+        assert not bool((tiles == 1).all())
+        differ = (sums.float() - tiles.float()).abs() > 0
+        assert differ.float().mean().item() < 0.01
+        torch.testing.assert_close(tiles.float(), sums.float(), rtol=8e-3, atol=1e-2)
+
+
 def test_a_slot_past_the_stacks_is_refused_with_nothing_added(native):
     """A row's slot index past the stacks' slots (a bug upstream) would read another
     adapter's weights or memory outside them: the kernel refuses the call and adds nothing."""
