@@ -833,30 +833,7 @@ AMX_TARGET static void amx_expand(const uint16_t *sb, int64_t kp, const uint16_t
                                   int64_t widthp, int64_t width, int64_t n, float scale,
                                   float *acc, uint16_t *out, int64_t stride) {
     __asm__ volatile("" ::: "memory"); /* the shrunk values and the packed weights written first */
-    int64_t o = 0;
-    for (; o + 64 <= widthp; o += 64) { /* four sets of sums in flight (tiles 2, 3 as sums) */
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t k = 0; k < kp; k += 16) {
-            const uint16_t *b = wb + (k / 2) * 2 * widthp + 2 * o;
-            _tile_loadd(5, sb + k, kp * 2);
-            _tile_loadd(6, b, widthp * 4);
-            _tile_loadd(7, b + 32, widthp * 4);
-            _tile_dpbf16ps(0, 5, 6);
-            _tile_dpbf16ps(1, 5, 7);
-            _tile_loadd(6, b + 64, widthp * 4);
-            _tile_loadd(7, b + 96, widthp * 4);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, acc + o, widthp * 4);
-        _tile_stored(1, acc + o + 16, widthp * 4);
-        _tile_stored(2, acc + o + 32, widthp * 4);
-        _tile_stored(3, acc + o + 48, widthp * 4);
-    }
-    if (o < widthp) {
+    for (int64_t o = 0; o < widthp; o += 32) {
         _tile_zero(0);
         _tile_zero(1);
         for (int64_t k = 0; k < kp; k += 16) {
@@ -874,7 +851,7 @@ AMX_TARGET static void amx_expand(const uint16_t *sb, int64_t kp, const uint16_t
     for (int64_t t = 0; t < n; t++) {
         uint16_t *row = out + t * stride;
         const float *a = acc + t * widthp;
-        o = 0;
+        int64_t o = 0;
         for (; o + 16 <= width; o += 16) {
             __m512 y = widen16(_mm256_loadu_si256((const __m256i *)(row + o)));
             _mm256_storeu_si256((__m256i *)(row + o), narrow16(_mm512_fmadd_ps(sc, _mm512_loadu_ps(a + o), y)));
