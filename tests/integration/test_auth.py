@@ -260,7 +260,7 @@ def test_tenant_limits_refuse_at_once_with_retry_advice(secured):
     server, keys, ca = secured
     with LoraplexClient(server.address, 120, api_key=keys["capped"], tls_ca=ca) as client:
         stream = client.generate_stream(
-            pb.GenerateRequest(prompt="Count to fifty.", max_new_tokens=64)
+            pb.GenerateRequest(prompt="Count to fifty.", max_new_tokens=64, ignore_eos=True)
         )
         next(stream)  # in flight: the tenant's one allowed request
         with pytest.raises(grpc.RpcError) as err:
@@ -397,7 +397,11 @@ def test_http_tenant_limit_is_429_with_retry_after(secured):
     capped = openai_client(server, ca, keys["capped"])
     base = server.runtime.info.model_id
     stream = capped.completions.create(
-        model=base, prompt="Count to fifty.", max_tokens=64, stream=True
+        model=base,
+        prompt="Count to fifty.",
+        max_tokens=64,
+        stream=True,
+        extra_body={"ignore_eos": True},  # a sampled end of text would end it at once
     )
     next(iter(stream))  # in flight: the tenant's one allowed request
     status, headers, answer = https(
