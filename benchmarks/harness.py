@@ -794,9 +794,12 @@ def make_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
-    """--home (the model cache) and --out (benchmarks/results/<name>.json)."""
+    """--home (the model cache) and --out (benchmarks/results/<name>.json, wherever the
+    benchmark is run from)."""
     parser.add_argument("--home", default=os.environ.get(HOME_ENV, str(DEFAULT_HOME)))
-    parser.add_argument("--out", default=f"benchmarks/results/{name}.json")
+    parser.add_argument(
+        "--out", default=str(Path(__file__).resolve().parent / "results" / f"{name}.json")
+    )
 
 
 def add_server_args(
