@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("benchmark")
+RESULTS = Path(__file__).resolve().parent / "results"  # where results go, from any cwd
 T = TypeVar("T")
 
 # -- the workload ------------------------------------------------------------------------------
@@ -797,9 +798,7 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
     """--home (the model cache) and --out (benchmarks/results/<name>.json, wherever the
     benchmark is run from)."""
     parser.add_argument("--home", default=os.environ.get(HOME_ENV, str(DEFAULT_HOME)))
-    parser.add_argument(
-        "--out", default=str(Path(__file__).resolve().parent / "results" / f"{name}.json")
-    )
+    parser.add_argument("--out", default=str(RESULTS / f"{name}.json"))
 
 
 def add_server_args(

@@ -22,7 +22,7 @@ from typing import Any
 
 import matplotlib
 
-from harness import make_parser, prepare_output, setup_logging
+from harness import RESULTS, make_parser, prepare_output, setup_logging
 
 matplotlib.use("Agg")  # before pyplot: no display needed
 
@@ -217,9 +217,9 @@ def machine_caption(data: dict[str, Any]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
-    parser.add_argument("--throughput", default="benchmarks/results/throughput.json")
-    parser.add_argument("--online", default="benchmarks/results/online.json")
-    parser.add_argument("--out", default="benchmarks/results/benchmark.png")
+    parser.add_argument("--throughput", default=str(RESULTS / "throughput.json"))
+    parser.add_argument("--online", default=str(RESULTS / "online.json"))
+    parser.add_argument("--out", default=str(RESULTS / "benchmark.png"))
     parser.add_argument("--dpi", type=int, default=120)
     args = parser.parse_args(argv)
     setup_logging()
