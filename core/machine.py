@@ -55,11 +55,18 @@ def capability(device: torch.device) -> str:
     return name
 
 
+# Variables that hold a math library below the CPU's instruction set (oneDNN for torch's bf16
+# matmuls, MKL for its float32 ones): what was measured under one does not hold without it.
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_key(device: torch.device) -> str:
-    """The capability, the device's model, torch's version and the threads a measurement ran
-    with."""
+    """The capability, the device's model, torch's version, the threads a measurement ran
+    with, and the math libraries' instruction caps where any is set."""
     model = hashlib.sha256(device_model(device).encode()).hexdigest()[:8]
-    return f"{capability(device)}-{model}-torch{torch.__version__}-t{torch.get_num_threads()}"
+    key = f"{capability(device)}-{model}-torch{torch.__version__}-t{torch.get_num_threads()}"
+    caps = [os.environ[name].lower() for name in ISA_CAPS if os.environ.get(name)]
+    return "-".join([key, *caps])
 
 
 def device_model(device: torch.device) -> str:

@@ -1,8 +1,11 @@
 """Speed as on a CPU without AVX-512 (for the AVX2 columns of the benchmarks; emulated, not
 exact). With this folder on PYTHONPATH and ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2,
-torch and oneDNN use their AVX2 code (bf16 matmuls become slow, as there), and bitsandbytes is
-told that the CPU lacks AVX512-BF16, so it neither repacks its weights nor uses its packed
-kernel. Its own native code still uses whatever the CPU has: that part is not reproduced.
+torch and oneDNN use their AVX2 code (bf16 matmuls become slow, as there), MKL, which torch's
+float32 matmuls call, is held to AVX2 as well (MKL_ENABLE_INSTRUCTIONS, set here: MKL asks the
+CPU itself and otherwise runs its AVX-512 code, about 1.8x AVX2's rate on 2 cores), and
+bitsandbytes is told that the CPU lacks AVX512-BF16, so it neither repacks its weights nor uses
+its packed kernel. Its own native code still uses whatever the CPU has: that part is not
+reproduced.
 
     PYTHONPATH=benchmarks/avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python ...
 """
@@ -11,8 +14,12 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 from types import ModuleType
+
+# read by MKL when it first runs, and inherited by the processes this one starts (the server)
+os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
 
 TARGET = "bitsandbytes.cextension"
 

@@ -64,6 +64,19 @@ def test_a_home_carried_to_another_cpu_model_or_one_with_amx_measures_anew(monke
     assert "amx" not in machine.capability(cpu)  # capped at AVX2, oneDNN leaves AMX unused
 
 
+def test_a_math_library_held_to_a_lower_instruction_set_measures_anew(monkeypatch):
+    """MKL and oneDNN can be capped below the CPU (as the AVX2 emulation does): their speed,
+    and so the choices, differ under a cap."""
+    cpu = torch.device("cpu")
+    for name in machine.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    uncapped = machine.machine_key(cpu)
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    mkl_capped = machine.machine_key(cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert len({uncapped, mkl_capped, machine.machine_key(cpu)}) == 3
+
+
 def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Xeon Thing 9000\n")
