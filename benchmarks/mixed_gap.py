@@ -22,6 +22,13 @@ takes `floor` ms a step, whatever the kernel. `at floor` is the mixed burst's ra
 decode steps' LoRA at that floor, the rest as measured: the most a faster decode kernel could
 give here; then also with the prompt steps' LoRA free.
 
+And the compute roofline: each burst's arithmetic (the base's linears over every token it
+computed, prompt and decode, the LM head over every row it samples, the attention's products
+over each token's context, and the LoRA's over every token on an adapter) at the best rate this
+machine's matmuls reach in the compute dtype (torch's, on the model's linear shapes at 64 and
+512 rows and a 2048-square product, median of 5 each, the fastest): the fastest each burst
+could possibly be here, however good every kernel, and how close each comes to it.
+
     python benchmarks/mixed_gap.py [--requests 64] [--new-tokens 64] [--adapters 32]
         [--repeats 3] [--no-prefix-cache]
 """
@@ -126,6 +133,56 @@ def read_bandwidth() -> float:
     return x.numel() * x.element_size() / statistics.median(times[1:])
 
 
+def matmul_rate(shapes: list[tuple[int, int]], dtype: torch.dtype) -> float:
+    """The most FLOP a second torch's matmuls reached in `dtype`: each (in, out) shape at 64
+    and 512 rows, and a 2048-square product (median of 5 timed calls each)."""
+    cases = [(rows, i, o) for i, o in shapes for rows in (64, 512)] + [(2048, 2048, 2048)]
+    best = 0.0
+    for rows, fan_in, fan_out in cases:
+        x, w = torch.randn(rows, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
+        torch.nn.functional.linear(x, w)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * rows * fan_in * fan_out / statistics.median(times))
+    return best
+
+
+class Arithmetic:
+    """The FLOP of a burst's matmuls and attention products, from the model's shapes."""
+
+    def __init__(self, bench: EngineBench, rank: int) -> None:
+        runner = bench.engine._model()
+        config = runner.model.config
+        shapes = list(runner.target_shapes.values())
+        self.shapes = sorted(set(shapes))
+        self.dtype = runner.loaded.dtype
+        self.linear = sum(i * o for i, o in shapes)  # multiply-adds a token, every layer
+        self.lora = sum(rank * (i + o) for i, o in shapes)
+        self.head = config.vocab_size * config.hidden_size
+        # q.k and p.v: every query head over each context token, every layer
+        self.attend = 2 * config.num_hidden_layers * config.hidden_size
+
+    def burst(self, n: int, m: int, computed: int, cached: int, on_adapter: bool) -> float:
+        """n requests of new m tokens each; `computed` prompt tokens computed, `cached` served
+        from the prefix cache (the prompts' mean length is their sum / n)."""
+        prompt = (computed + cached) / n
+        decoded = n * (m - 1)  # the first token comes from the prompt's step
+        tokens = computed + decoded
+        # context: a prompt's computed tokens see about half the prompt on average, decoded
+        # token j (1..m-1) sees prompt + j
+        context = computed * prompt / 2 + n * ((m - 1) * prompt + m * (m - 1) / 2)
+        macs = (
+            tokens * self.linear
+            + (decoded + n) * self.head
+            + context * self.attend
+            + (tokens * self.lora if on_adapter else 0)
+        )
+        return 2 * macs
+
+
 def adapter_bytes(bench: EngineBench, rank: int) -> int:
     """The bytes one adapter of `rank` holds in the LoRA stacks (A and B of every group, at its
     pool's rank capacity, in the stacks' dtype): what a decode step reads for it."""
@@ -160,6 +217,7 @@ def main() -> int:
             info = bench.start()
             prompts = bench_prompts(info.tokenizer, n)
             versions = bench.register(dirs)
+            arithmetic = Arithmetic(bench, args.rank)
             bench.run([Job(p, v) for p, v in zip(prompts, versions, strict=False)], 1)
             salts = (f"gap-{i}" for i in itertools.count())
             runs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
@@ -168,20 +226,28 @@ def main() -> int:
                     ("base", [Job(p) for p in prompts]),
                     (f"{k} mixed", [Job(p, versions[i % k]) for i, p in enumerate(prompts)]),
                 ):
-                    before = bench.snapshot().prefix_cache
+                    first = bench.snapshot()
+                    before = first.prefix_cache
                     timer.steps.clear()
                     seconds, _ = bench.run(jobs, m, salt=next(salts))
-                    after = bench.snapshot().prefix_cache
+                    last = bench.snapshot()
+                    after = last.prefix_cache
                     split = timer.burst(n)
+                    split["computed"] = last.stats.prefill_tokens - first.stats.prefill_tokens
                     split["tokens_per_s"] = n * m / seconds
                     split["seconds"] = seconds
                     split["cached"] = after.hits - before.hits if after and before else 0
+                    split["flop"] = arithmetic.burst(
+                        n, m, int(split["computed"]), int(split["cached"]), name != "base"
+                    )
                     runs[name].append(split)
                     log.info("round %d %s: %s", j + 1, name, split)
             weights = min(k, n) * adapter_bytes(bench, args.rank)
         bandwidths.append(read_bandwidth())
     log.info("read bandwidth before and after: %s GB/s", [round(b / 1e9, 1) for b in bandwidths])
-    return report(args, runs, weights, max(bandwidths), preloaded)
+    rate = matmul_rate(arithmetic.shapes, arithmetic.dtype)
+    log.info("best matmul rate in %s: %.1f GFLOPS", arithmetic.dtype, rate / 1e9)
+    return report(args, runs, weights, max(bandwidths), preloaded, rate, str(arithmetic.dtype))
 
 
 def report(
@@ -190,6 +256,8 @@ def report(
     weights: int,
     bandwidth: float,
     preloaded: str,
+    rate: float,
+    dtype: str,
 ) -> int:
     med = {
         name: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
@@ -239,6 +307,13 @@ def report(
         f"{args.adapters} mixed at that floor: {at_floor:.1f} tok/s, "
         f"{at_floor / base['tokens_per_s']:.3f}x base; with the prompt LoRA free as well: "
         f"{no_lora:.1f} tok/s, {no_lora / base['tokens_per_s']:.3f}x base",
+        f"compute roofline at {rate / 1e9:.1f} GFLOPS (the best {dtype} matmul measured):",
+        *(
+            f"  {name}: {r['flop'] / 1e12:.3f} TFLOP a burst, at most "
+            f"{tokens * rate / r['flop']:.1f} tok/s; measured "
+            f"{r['tokens_per_s'] * r['flop'] / (tokens * rate):.0%} of it"
+            for name, r in med.items()
+        ),
     ]
     result = {
         "requests": args.requests,
@@ -254,6 +329,9 @@ def report(
         "at_floor_prompt_lora_free_tokens_per_s": no_lora,
         "prefix_cache": not args.no_prefix_cache,
         "preloaded": preloaded,
+        "matmul_flop_per_s": rate,
+        "compute_dtype": dtype,
+        "roofline_tokens_per_s": {name: tokens * rate / r["flop"] for name, r in med.items()},
     }
     publish(result, lines, args.out)
     return 0
