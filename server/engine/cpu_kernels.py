@@ -30,6 +30,7 @@ torch paths serve.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -39,7 +40,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,7 +110,24 @@ class CpuKernels:
         ceiling = {"AVX512": 4, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 4)
         self._isa = min(lib.nf4_isa(), ceiling)
         self.isa = ISAS[self._isa]
+        # the plain vectorized loops (rope, the norms, silu * up) under the same cap
+        lib.set_isa_cap.restype = ctypes.c_int
+        lib.set_isa_cap.argtypes = [ctypes.c_int]
+        self._set_isa_cap = lib.set_isa_cap
+        self._set_isa_cap(self._isa)
         self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
+
+    @contextlib.contextmanager
+    def vector_isa(self, isa: str) -> Iterator[int]:
+        """(tests) Inside the block, the plain vectorized loops (rope, the norms, silu * up,
+        the attention's portable path) run at `isa`, at most the process's; the kernels that
+        take an `isa` argument are unaffected. Yields the loops' level: 2 AVX-512, 1 AVX2, 0
+        neither."""
+        level = self._set_isa_cap(self._level(isa))
+        try:
+            yield int(level)
+        finally:
+            self._set_isa_cap(self._isa)
 
     def _level(self, isa: str | None) -> int:
         """The instruction set to run: the machine's, or (tests) one below it."""

@@ -265,6 +265,41 @@ int nf4_isa(void) {
     return 0;
 }
 
+/* Plain loops the compiler vectorizes (the attention's fallback, rope, the norms, silu * up) are
+ * built three times, for AVX-512, AVX2 and neither (VECTOR_CLONES), and run at the level this
+ * process allows: the CPU's, capped by set_isa_cap (an AVX2 cap on an AVX-512 machine stands
+ * in for an AVX2 one, as the other kernels' `isa` does). target_clones would ask the CPU alone.
+ * 2 = AVX-512F, 1 = AVX2, 0 = neither; set before any kernel runs. */
+static int cpu_vector_level, vector_level;
+
+__attribute__((constructor)) static void init_vector_level(void) {
+    __builtin_cpu_init();
+    cpu_vector_level = __builtin_cpu_supports("avx512f") ? 2
+                       : __builtin_cpu_supports("avx2")  ? 1
+                                                          : 0;
+    vector_level = cpu_vector_level;
+}
+
+/* isa: nf4_isa()'s scale; the loops run at most at its vector level */
+int set_isa_cap(int isa) {
+    int cap = isa >= 2 ? 2 : (isa < 0 ? 0 : isa);
+    vector_level = cap < cpu_vector_level ? cap : cpu_vector_level;
+    return vector_level;
+}
+
+/* name(params) calling name##_any(args), an always_inline body, built for each level */
+#define VECTOR_CLONES(name, params, args)                                                      \
+    __attribute__((target("avx512f"))) static void name##_avx512 params { name##_any args; }  \
+    __attribute__((target("avx2"))) static void name##_avx2 params { name##_any args; }       \
+    static void name params {                                                                \
+        if (vector_level == 2)                                                               \
+            name##_avx512 args;                                                              \
+        else if (vector_level == 1)                                                          \
+            name##_avx2 args;                                                                \
+        else                                                                                 \
+            name##_any args;                                                                 \
+    }
+
 /* y (rows, out) = x (rows, in) @ W.T. Returns 0, or -1 when the shape is not supported
  * (in a multiple of the block size, the block size a multiple of 32) or memory runs out. */
 int nf4_linear(const void *x, int x_bf16, int64_t rows, int64_t in, const uint8_t *codes,
@@ -1169,10 +1204,9 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
  * share its keys), summed in float32 whatever the cache holds. Torch's masked batched matmuls
  * compute the whole square and pay a copy and a conversion or two per call. ---- */
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void attend_head(const float *q, int64_t g, int64_t d, const void *k, const void *v,
-                        int cache_bf16, int64_t length, float scaling, float *scores,
-                        float *acc) {
+static inline __attribute__((always_inline)) void
+attend_head_any(const float *q, int64_t g, int64_t d, const void *k, const void *v, int cache_bf16,
+                int64_t length, float scaling, float *scores, float *acc) {
     /* scores (g, length); acc (g, d) */
     for (int64_t t = 0; t < length; t++) {
         float kt[d];
@@ -1204,6 +1238,10 @@ static void attend_head(const float *q, int64_t g, int64_t d, const void *k, con
         }
     }
 }
+VECTOR_CLONES(attend_head,
+              (const float *q, int64_t g, int64_t d, const void *k, const void *v, int cache_bf16,
+               int64_t length, float scaling, float *scores, float *acc),
+              (q, g, d, k, v, cache_bf16, length, scaling, scores, acc))
 
 /* The vector heads (AVX-512 and AVX2, heads of 64 or 128 values), over blocks of as many tokens
  * as a vector has lanes: each block's keys (then values) are widened to float32 once and serve
@@ -1632,9 +1670,9 @@ static inline float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
 /* one head of d values x rotated by c, s (d each): x * c + rotate_half(x) * s, with
  * rotate_half(x) = (-x[d/2:], x[:d/2]); in bf16 each product is rounded, then the sum */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void rope_head(float *restrict y, const float *restrict x, const float *restrict c,
-                      const float *restrict s, int64_t d, int bf16) {
+static inline __attribute__((always_inline)) void
+rope_head_any(float *restrict y, const float *restrict x, const float *restrict c,
+              const float *restrict s, int64_t d, int bf16) {
     int64_t half = d / 2;
     if (bf16) {
         for (int64_t e = 0; e < half; e++) {
@@ -1648,6 +1686,10 @@ static void rope_head(float *restrict y, const float *restrict x, const float *r
         }
     }
 }
+VECTOR_CLONES(rope_head,
+              (float *restrict y, const float *restrict x, const float *restrict c,
+               const float *restrict s, int64_t d, int bf16),
+              (y, x, c, s, d, bf16))
 
 /* q (n, hq, d) and k (n, hk, d) rotated in place by cos, sin (n, d); token t's heads at
  * q + t * q_stride and k + t * k_stride (elements) */
@@ -1676,9 +1718,9 @@ int rope_qk(void *q, int64_t q_stride, void *k, int64_t k_stride, int bf16, int6
 
 /* one row: v += delta (rounded in bf16), and out = weight * round(v * r) for r = rsqrt(mean(v^2)
  * + eps), the mean in float32; returns nothing, v keeps the sum */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void add_norm_row(float *restrict v, const float *restrict delta, const float *restrict w,
-                         int64_t width, float eps, int bf16, float *restrict y) {
+static inline __attribute__((always_inline)) void
+add_norm_row_any(float *restrict v, const float *restrict delta, const float *restrict w,
+                 int64_t width, float eps, int bf16, float *restrict y) {
     if (delta != NULL) {
         if (bf16)
             for (int64_t e = 0; e < width; e++) v[e] = bf16_round(v[e] + delta[e]);
@@ -1694,6 +1736,10 @@ static void add_norm_row(float *restrict v, const float *restrict delta, const f
     else
         for (int64_t e = 0; e < width; e++) y[e] = w[e] * (v[e] * r);
 }
+VECTOR_CLONES(add_norm_row,
+              (float *restrict v, const float *restrict delta, const float *restrict w,
+               int64_t width, float eps, int bf16, float *restrict y),
+              (v, delta, w, width, eps, bf16, y))
 
 /* h (n, width) += delta (when not NULL), rounded; then out = HF's RMSNorm of h with weight */
 int add_rms_norm(void *h, const void *delta, int bf16, int64_t n, int64_t width,
@@ -1740,9 +1786,9 @@ static inline float exp_poly(float x) {
 }
 
 /* bf16: widened a block at a time, the float32 loop, then rounded (each loop vectorizes) */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void silu_mul_bf16(const uint16_t *restrict g, const uint16_t *restrict u, int64_t count,
-                          uint16_t *restrict y) {
+static inline __attribute__((always_inline)) void
+silu_mul_bf16_any(const uint16_t *restrict g, const uint16_t *restrict u, int64_t count,
+                  uint16_t *restrict y) {
     float a[256], b[256];
     for (int64_t at = 0; at < count; at += 256) {
         int64_t n = count - at < 256 ? count - at : 256;
@@ -1755,12 +1801,19 @@ static void silu_mul_bf16(const uint16_t *restrict g, const uint16_t *restrict u
         store_row(y + at, 1, n, a);
     }
 }
+VECTOR_CLONES(silu_mul_bf16,
+              (const uint16_t *restrict g, const uint16_t *restrict u, int64_t count,
+               uint16_t *restrict y),
+              (g, u, count, y))
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void silu_mul_f32(const float *restrict g, const float *restrict u, int64_t count,
-                         float *restrict y) {
+static inline __attribute__((always_inline)) void
+silu_mul_f32_any(const float *restrict g, const float *restrict u, int64_t count,
+                 float *restrict y) {
     for (int64_t i = 0; i < count; i++) y[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
 }
+VECTOR_CLONES(silu_mul_f32,
+              (const float *restrict g, const float *restrict u, int64_t count, float *restrict y),
+              (g, u, count, y))
 
 /* out (rows, width) = silu(gate) * up for gate and up (rows, width), row r of each at
  * r * stride elements (gate and up may be the two halves of one fused projection's rows) */

@@ -116,7 +116,14 @@ def test_decode_attention_reads_each_tokens_row_and_length(library, dtype, d):
 def test_rotary_and_add_norm_round_as_hf_does(library, dtype, n):
     """Rotary in place equals HF's apply_rotary_pos_emb (bit for bit in bf16, where each
     product and the sum are rounded as torch rounds them); the residual add and RMSNorm equal
-    HF's LlamaRMSNorm of the rounded sum, to one rounding of the output."""
+    HF's LlamaRMSNorm of the rounded sum, to one rounding of the output; with their loops built
+    for each instruction set this CPU has."""
+    for isa in ISAS[: ISAS.index(library.isa) + 1]:
+        with library.vector_isa(isa):
+            _rotary_and_add_norm_round_as_hf_does(library, dtype, n)
+
+
+def _rotary_and_add_norm_round_as_hf_does(library, dtype, n):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
     generator = torch.Generator().manual_seed(0)
@@ -156,18 +163,22 @@ def test_rotary_and_add_norm_round_as_hf_does(library, dtype, n):
 def test_silu_mul_rounds_as_torch_does(library, dtype):
     """silu(gate) * up as the MLP computes it in torch (the silu rounded to the dtype, then the
     product), within one rounding of the exp: over a range that covers the saturated tails,
-    and a length that leaves a partial vector and spans blocks."""
+    and a length that leaves a partial vector and spans blocks; built for each instruction set
+    this CPU has."""
     generator = torch.Generator().manual_seed(0)
     gate = (torch.randn(3, 700, generator=generator) * 6).to(dtype)
     gate[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).to(dtype)
     up = torch.randn(3, 700, generator=generator).to(dtype)
-    got = library.silu_mul(gate, up)
     want = torch.nn.functional.silu(gate) * up
-    assert got.dtype == dtype and got.shape == gate.shape
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    else:  # a one-unit difference in the silu's float32 value can move one bf16 rounding
-        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3)
+    for isa in ISAS[: ISAS.index(library.isa) + 1]:
+        with library.vector_isa(isa) as level:
+            got = library.silu_mul(gate, up)
+        assert level == min(ISAS.index(isa), 2)  # the loops' build for that instruction set
+        assert got.dtype == dtype and got.shape == gate.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=isa)
+        else:  # a one-unit difference in the silu's float32 value can move one bf16 rounding
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3, msg=isa)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
