@@ -36,6 +36,7 @@ could possibly be here, however good every kernel, and how close each comes to i
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -52,6 +53,7 @@ if __name__ == "__main__":  # before torch: the allocator and OpenMP the server 
 
 import torch
 
+from loraplex.core.machine import interleaved_medians
 from loraplex.server.config import EngineConfig
 from loraplex.server.engine import cpu_kernels, engine
 from loraplex.server.engine.lora import rank_bucket
@@ -135,19 +137,18 @@ def read_bandwidth() -> float:
 
 def matmul_rate(shapes: list[tuple[int, int]], dtype: torch.dtype) -> float:
     """The most FLOP a second torch's matmuls reached in `dtype`: each (in, out) shape at 64
-    and 512 rows, and a 2048-square product (median of 5 timed calls each)."""
+    and 512 rows, and a 2048-square product (median of 5 timed calls each, taking turns)."""
     cases = [(rows, i, o) for i, o in shapes for rows in (64, 512)] + [(2048, 2048, 2048)]
-    best = 0.0
-    for rows, fan_in, fan_out in cases:
-        x, w = torch.randn(rows, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
-        torch.nn.functional.linear(x, w)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - start)
-        best = max(best, 2 * rows * fan_in * fan_out / statistics.median(times))
-    return best
+    calls = [
+        functools.partial(
+            torch.nn.functional.linear,
+            torch.randn(rows, fan_in, dtype=dtype),
+            torch.randn(fan_out, fan_in, dtype=dtype),
+        )
+        for rows, fan_in, fan_out in cases
+    ]
+    times = interleaved_medians(calls, torch.device("cpu"), rounds=5)
+    return max(2 * r * i * o / t for (r, i, o), t in zip(cases, times, strict=True))
 
 
 class Arithmetic:

@@ -110,11 +110,11 @@ class CpuKernels:
         ceiling = {"AVX512": 4, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 4)
         self._isa = min(lib.nf4_isa(), ceiling)
         self.isa = ISAS[self._isa]
-        # the plain vectorized loops (rope, the norms, silu * up) under the same cap
-        lib.set_isa_cap.restype = ctypes.c_int
-        lib.set_isa_cap.argtypes = [ctypes.c_int]
-        self._set_isa_cap = lib.set_isa_cap
-        self._set_isa_cap(self._isa)
+        # the plain vectorized loops (rope, the norms, silu * up) at the same instruction set
+        lib.set_vector_isa.restype = ctypes.c_int
+        lib.set_vector_isa.argtypes = [ctypes.c_int]
+        self._set_vector_isa = lib.set_vector_isa
+        self._set_vector_isa(self._isa)
         self.table = get_4bit_type("nf4", device="cpu").float().contiguous()
 
     @contextlib.contextmanager
@@ -123,11 +123,11 @@ class CpuKernels:
         the attention's portable path) run at `isa`, at most the process's; the kernels that
         take an `isa` argument are unaffected. Yields the loops' level: 2 AVX-512, 1 AVX2, 0
         neither."""
-        level = self._set_isa_cap(self._level(isa))
+        level = self._set_vector_isa(self._level(isa))
         try:
             yield int(level)
         finally:
-            self._set_isa_cap(self._isa)
+            self._set_vector_isa(self._isa)
 
     def _level(self, isa: str | None) -> int:
         """The instruction set to run: the machine's, or (tests) one below it."""

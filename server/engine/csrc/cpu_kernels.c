@@ -266,24 +266,16 @@ int nf4_isa(void) {
 }
 
 /* Plain loops the compiler vectorizes (the attention's fallback, rope, the norms, silu * up) are
- * built three times, for AVX-512, AVX2 and neither (VECTOR_CLONES), and run at the level this
- * process allows: the CPU's, capped by set_isa_cap (an AVX2 cap on an AVX-512 machine stands
- * in for an AVX2 one, as the other kernels' `isa` does). target_clones would ask the CPU alone.
- * 2 = AVX-512F, 1 = AVX2, 0 = neither; set before any kernel runs. */
-static int cpu_vector_level, vector_level;
+ * built three times, for AVX-512, AVX2 and neither (VECTOR_CLONES), and run at the level
+ * set_vector_isa gives: the process's instruction set as the other kernels take it in `isa` (the
+ * CPU's, or below it where torch was capped, so that an AVX-512 machine stands in for an AVX2
+ * one). target_clones would ask the CPU alone. 2 = AVX-512F, 1 = AVX2, 0 = neither; set once
+ * the library is loaded, before any kernel runs. */
+static int vector_level;
 
-__attribute__((constructor)) static void init_vector_level(void) {
-    __builtin_cpu_init();
-    cpu_vector_level = __builtin_cpu_supports("avx512f") ? 2
-                       : __builtin_cpu_supports("avx2")  ? 1
-                                                          : 0;
-    vector_level = cpu_vector_level;
-}
-
-/* isa: nf4_isa()'s scale; the loops run at most at its vector level */
-int set_isa_cap(int isa) {
-    int cap = isa >= 2 ? 2 : (isa < 0 ? 0 : isa);
-    vector_level = cap < cpu_vector_level ? cap : cpu_vector_level;
+/* isa: nf4_isa()'s scale, at most its answer; returns the loops' level */
+int set_vector_isa(int isa) {
+    vector_level = isa >= 2 ? 2 : (isa < 0 ? 0 : isa);
     return vector_level;
 }
 
