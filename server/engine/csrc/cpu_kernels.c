@@ -1758,8 +1758,14 @@ int add_rms_norm(void *h, const void *delta, int bf16, int64_t n, int64_t width,
  * about one unit in the last place), in plain float arithmetic the compiler vectorizes; a libm
  * call per element would cost ten times the rest. */
 
+/* exp's input range, read from memory rather than written as constants: with constants GCC folds
+ * exp of each limit, which leaves the polynomial on a branch of its own; AVX-512 vectorizes that
+ * with masks, but AVX2 has no masked arithmetic and the loop stayed scalar (6x slower) */
+float exp_poly_limits[2] = {-87.0f, 88.0f};
+
 static inline float exp_poly(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float lo = exp_poly_limits[0], hi = exp_poly_limits[1];
+    x = x < lo ? lo : (x > hi ? hi : x);
     /* k = round(x / ln2), by adding 1.5 * 2^23: the sum's low bits are k */
     float shifted = x * 1.44269504088896341f + 12582912.0f;
     float k = shifted - 12582912.0f;
