@@ -1,17 +1,16 @@
 """Where a decode step goes, through the real server: py-spy samples of its engine thread.
 
-`loraplex serve` with its default flags (extra ones in --serve-args); at each concurrency C of
---concurrency, C streams at once (greedy, end of sequence ignored), on the base, then on one
-adapter (a random r16 all-linear PEFT adapter), and with --mixed K on K adapters at once
-(stream i on adapter i mod K). Once every stream has its first token, the steps' time is taken
-unprofiled for a few seconds, then py-spy (native frames, idle time included) samples the
-server for --seconds, and the streams are cancelled. The engine thread's samples are sorted
-into the parts of a step by the frames on their stacks (the first rule that matches, in the
-order of PARTS), and each part is given as its share of the engine's time and in ms per decode
-step (share x the window / the steps the streams saw in it). Each sample pauses the server to
-read its native stacks, which slows its steps (at 100 samples a second a one-row step took
-18 ms against 7.7 unprofiled, the weights read cold after every pause): keep the rate low and
-compare shares.
+`loraplex serve` with its default flags but a larger KV cache (extra ones in --serve-args); at each
+concurrency C of --concurrency, C streams at once (greedy, end of sequence ignored), on the base,
+then on one adapter (a random r16 all-linear PEFT adapter), and with --mixed K on K adapters at
+once (stream i on adapter i mod K). Once every stream has its first token, the steps' time is taken
+unprofiled for a few seconds, then py-spy (native frames, idle time included) samples the server
+for --seconds, and the streams are cancelled. The engine thread's samples are sorted into the parts
+of a step by the frames on their stacks (the first rule that matches, in the order of PARTS), and
+each part is given as its share of the engine's time and in ms per decode step (share x the window
+/ the steps the streams saw in it). Each sample pauses the server to read its native stacks, which
+slows its steps (at 100 samples a second a one-row step took 18 ms against 7.7 unprofiled, the
+weights read cold after every pause): keep the rate low and compare shares.
 
     python benchmarks/step_profile.py [--concurrency 1,16] [--seconds 10] [--mixed 32]
 """
@@ -52,9 +51,13 @@ from harness import (
 log = logging.getLogger("benchmark")
 
 ENGINE_THREAD = "loraplex-engine"
+# The KV cache the server is given: larger than the default, so that a window's streams fit on
+# a slow CPU (its size changes where the cache's rows sit, not what a step computes).
+KV_CACHE_MB = 4096
 # new tokens a request: more than a window holds (the streams are cancelled after it), few
-# enough that every stream is admitted at once (C x this within the KV cache's budget)
-STREAM_TOKENS = 24_000
+# enough that every stream is admitted at once (C x this within the KV cache's budget, whose
+# entries take the compute dtype's bytes: half as many tokens fit in float32)
+STREAM_TOKENS = {"bfloat16": 96_000, "float16": 96_000, "float32": 48_000}
 UNPROFILED_S = 3.0  # the steps' time measured before sampling, for comparison
 # (part, substrings of a stack: any one matches, unless one of the last ones is there too).
 # Native frames are the C kernels' own names (server/engine/csrc/cpu_kernels.c), MKL's /
@@ -119,17 +122,18 @@ async def profile_streams(
     seconds: float,
     rate: int,
     out: Path,
+    stream_tokens: int,
 ) -> tuple[float, list[int], float]:
     """len(prompts) streams at once, stream i on adapters[i % len(adapters)] ("" for the
     base); once each has a token, py-spy samples the
     server (pid) for `seconds` into `out`; then the streams are cancelled. Returns (the
     sampling window's seconds, the tokens each stream received inside it, the ms a step took
-    in the UNPROFILED_S before it)."""
+    in the UNPROFILED_S before it). The streams share `stream_tokens` new tokens."""
     import grpc
 
     from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
-    new_tokens = min(3000, STREAM_TOKENS // len(prompts))
+    new_tokens = min(3000, stream_tokens // len(prompts))
     span = max(1, round(seconds))  # py-spy takes whole seconds
     times: list[list[float]] = [[] for _ in prompts]
     started = [asyncio.Event() for _ in prompts]
@@ -200,7 +204,8 @@ def main() -> int:
     add_server_args(parser, "extra `loraplex serve` flags (default: none)")
     add_common_args(parser, "step_profile")
     args = parser.parse_args()
-    extra = server_flags(parser, args.serve_args, [])
+    # a --kv-cache-mb in --serve-args comes later and wins
+    extra = ["--kv-cache-mb", str(KV_CACHE_MB), *server_flags(parser, args.serve_args, [])]
     setup_logging()
     home = Path(args.home).expanduser()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -222,13 +227,14 @@ def main() -> int:
         prompts = made.get(args.startup_timeout)
         with LoraplexClient(address, timeout=600) as client:
             register_adapters(client, work / "peft", names)
+            stream_tokens = STREAM_TOKENS[client.model_info().dtype]
         for on, adapters in cases:
             for c in levels:
                 raw = work / f"spy-{on}-{c}.txt"
                 window, inside, plain = asyncio.run(
                     profile_streams(
                         address, prompts[:c], adapters, server.pid, args.seconds,
-                        args.rate, raw,
+                        args.rate, raw, stream_tokens,
                     )
                 )  # fmt: skip
                 parts, leaves = parse_raw(raw.read_text(), ENGINE_THREAD)
