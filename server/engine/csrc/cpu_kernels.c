@@ -378,7 +378,7 @@ static inline void store_row(void *dst, int bf16, int64_t n, const float *src) {
  * slot, the next slot's after it): on an AMX Xeon a decode step's LoRA over 32 adapters took
  * 18 ms against 22 (1 KiB ahead into L1; 512: 20, 2048: 19, 4096: 20). Into L2 (hint T1) they
  * go further: a core has only a dozen or so lines in flight to L1, several dozen to L2, and
- * 4 KiB ahead took the same LoRA (in the kernel alone) from 18.7-19.0 ms to 17.5-17.7 with
+ * 4 KiB ahead took the same LoRA (in the kernel alone) from 18.7-19.0 ms to 17.5-18.0 with
  * bf16 rows, 20.2 to 19.1 with float32 rows (AVX2's passes: 22.2 to 21.5). */
 #define LORA_PREFETCH 4096
 
@@ -1763,8 +1763,10 @@ int add_rms_norm(void *h, const void *delta, int bf16, int64_t n, int64_t width,
 
 /* exp's input range, read from memory rather than written as constants: with constants GCC folds
  * exp of each limit, which leaves the polynomial on a branch of its own; AVX-512 vectorizes that
- * with masks, but AVX2 has no masked arithmetic and the loop stayed scalar (6x slower) */
-float exp_poly_limits[2] = {-87.0f, 88.0f};
+ * with masks, but the AVX2 and portable builds stayed scalar (silu * up about 5x slower). Not
+ * static, so the compiler cannot take its values as known; hidden, so the library does not
+ * export it. */
+__attribute__((visibility("hidden"))) float exp_poly_limits[2] = {-87.0f, 88.0f};
 
 static inline float exp_poly(float x) {
     float lo = exp_poly_limits[0], hi = exp_poly_limits[1];
