@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import re
 
+import peft
 import pytest
 import torch
+from packaging.version import Version
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -182,12 +184,14 @@ def test_one_adapter_is_scaled_linearly_whatever_the_method(inputs, peft_model):
 
 
 def test_rslora_first_input_is_not_overscaled_like_peft(inputs, peft_model):
-    """PEFT 0.21 copies use_rslora from the first input, so its result scales by sqrt(r)
-    (huggingface/peft#3449); ours keeps scaling 1, PEFT's intended result."""
+    """PEFT before 0.22 copied use_rslora from the first input, so its result scaled by sqrt(r)
+    (huggingface/peft#3449); ours keeps scaling 1, PEFT's intended result (and 0.22's)."""
     names, weights = ["second", "first"], [1.0, 1.0]
     want, scaling = peft_compose(peft_model, names, weights, "linear")
     got = ours_compose(inputs, names, weights, "linear")
-    assert scaling == pytest.approx(math.sqrt(8)) and got.scaling == 1.0
+    peft_fixed = Version(peft.__version__) >= Version("0.22")
+    assert scaling == pytest.approx(1.0 if peft_fixed else math.sqrt(8))
+    assert got.scaling == 1.0
     for name, (a, b) in got.modules.items():
         want_a, want_b = want[name]
         assert_close_to_magnitude(b @ a * scaling, want_b @ want_a)
