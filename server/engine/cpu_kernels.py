@@ -5,6 +5,8 @@ torch's fixed cost per op is most of the time:
     lora_add          a group's LoRA for tokens of any mix of adapters, each adapter's weights
                       read once for its tokens; prompt runs as AMX tile products where the
                       CPU has them (lora_ops.py)
+    lora_set_slot     an adapter's A and B written into a slot of those stacks, in their layout
+                      and dtype (an adapter's load into a slot, lora.py)
     decode_attention  a step's tokens' attention over their own cache rows, in place, each
                       up to its own length (decode tokens and prompt chunks alike): keys and
                       values in blocks of tokens, prefetched, in intrinsics per instruction
@@ -40,7 +42,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,6 +85,9 @@ class CpuKernels:
             flag,  # instruction set
         ]
         self._lora_add = lib.lora_add
+        lib.lora_set_slot.restype = ctypes.c_int
+        lib.lora_set_slot.argtypes = [ptr, i64, flag]  # members (LORA_SET_WORDS each), n, bf16
+        self._lora_set_slot = lib.lora_set_slot
         lib.decode_attention.restype = ctypes.c_int
         lib.decode_attention.argtypes = [
             *(ptr, i64, flag, i64, i64, i64, i64),  # q, stride, bf16, tokens, heads, kv, dim
@@ -272,6 +277,48 @@ class CpuKernels:
             raise IndexError(f"a LoRA slot index is past the stacks' {at.shape[0]} slots")
         if rc != 0:
             raise RuntimeError("the native LoRA kernel refused these sizes")
+
+    def lora_set_slot(
+        self, members: Sequence[tuple[LoraGroup, int, int, torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Write an adapter's members, each (group, slot, member, A (r, in), scaled B (out, r)),
+        A and B in bf16 or float32 on the CPU, into slots of blocked LoraGroups of one dtype,
+        in it: what LoraGroup.set_slot writes (ranks past r zeroed), in one call for them
+        all, spread over the threads."""
+        words: list[int] = []
+        kept: list[torch.Tensor] = []  # contiguous A and B, alive through the call
+        dtype = members[0][0].at.dtype if members else torch.float32
+        for group, slot, member, a, b in members:
+            at, r, out = group.at, a.shape[0], group.out_features[member]
+            ok = group.blocked and at.dtype == dtype and a.dtype in DTYPES and b.dtype == a.dtype
+            ok = ok and a.device.type == b.device.type == at.device.type == "cpu"
+            ok = ok and a.shape == (r, group.in_features) and b.shape == (out, r)
+            if not (ok and 0 <= slot < at.shape[0] and 0 <= member < at.shape[2]):
+                raise ValueError("lora_set_slot takes blocked groups' slots and CPU A, B")
+            a, b = a.contiguous(), b.contiguous()
+            kept += (a, b)
+            words += (
+                at.data_ptr() + slot * group.slot_stride * at.element_size(),
+                group.member_offsets[member],
+                group.in_features,
+                at.shape[2],
+                member,
+                at.shape[3],
+                out,
+                a.data_ptr(),
+                b.data_ptr(),
+                r,
+                int(a.dtype == torch.bfloat16),
+            )
+        if not members or dtype not in DTYPES:
+            if members:
+                raise ValueError("lora_set_slot takes stacks in bf16 or float32")
+            return
+        rc = self._lora_set_slot(
+            (ctypes.c_int64 * len(words))(*words), len(members), int(dtype == torch.bfloat16)
+        )
+        if rc != 0:
+            raise ValueError("an adapter's rank is past its stacks' rank capacity")
 
     def decode_attention(
         self,

@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from loraplex.server.engine.cpu_kernels import CpuKernels
 
 NO_ADAPTER = -1
+NATIVE_DTYPES = (torch.bfloat16, torch.float32)  # what the native kernels read
 
 
 def lora_delta_reference(
@@ -114,6 +120,7 @@ class LoraGroup:
             return
         widths = [stored_width(out, True) for out in self.out_features]
         size_a = fan_in * k * rank
+        self.member_offsets: list[int] = []  # elements from a slot's start to each B.T
         storage = self.storage = torch.zeros(
             num_slots, size_a + rank * sum(widths), dtype=dtype, device=self.device
         )
@@ -121,6 +128,7 @@ class LoraGroup:
         self.blocks = []
         start = size_a
         for width in widths:
+            self.member_offsets.append(start)
             part = storage[:, start : start + rank * width]
             self.blocks.append(part.view(num_slots, width // CPU_BLOCK, rank, CPU_BLOCK))
             start += rank * width
@@ -163,18 +171,30 @@ class LoraGroup:
                 kept[:s, :r] = old[:s, :r]
 
     def set_slot(self, slot: int, member: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Write one member's A (r, in) and scaled B (out, r) into `slot`."""
-        r = a.shape[0]
+        """Write one member's A (r, in) and scaled B (out, r) into `slot`: all of the member's
+        part of it, ranks past r zeroed, one copy per matrix (which converts the dtype too).
+        (CpuKernels.lora_set_slot writes a blocked stack's the same, a whole adapter at once.)"""
+        r, capacity = a.shape[0], self.rank_capacity
+        at = self.at[slot, :, member]  # (in, R)
+        at[:, :r].copy_(a.T)
+        if r < capacity:
+            at[:, r:].zero_()
+        blocks = self.blocks[member][slot]  # (R, out), blocked: (out / CPU_BLOCK, R, CPU_BLOCK)
+        if not self.blocked:
+            blocks[:r].copy_(b.T)
+            if r < capacity:
+                blocks[r:].zero_()
+            return
+        pad = blocks.shape[0] * CPU_BLOCK - b.shape[0]
+        if pad:  # the last block's columns past out_j are zero
+            b = F.pad(b, (0, 0, 0, pad))
+        blocks[:, :r].copy_(b.reshape(-1, CPU_BLOCK, r).transpose(1, 2))
+        if r < capacity:
+            blocks[:, r:].zero_()
+
+    def clear_member(self, slot: int, member: int) -> None:
         self.at[slot, :, member].zero_()
         self.blocks[member][slot].zero_()
-        self.at[slot, :, member, :r].copy_(a.T)
-        if not self.blocked:
-            self.blocks[member][slot, :r].copy_(b.T)
-            return
-        blocks = self.blocks[member][slot]  # (out_j / CPU_BLOCK, R, CPU_BLOCK)
-        rows = b.new_zeros(r, blocks.shape[0] * CPU_BLOCK)
-        rows[:, : b.shape[0]] = b.T
-        blocks[:, :r].copy_(rows.view(r, -1, CPU_BLOCK).transpose(0, 1))
 
     def clear_slot(self, slot: int) -> None:
         self.at[slot].zero_()
@@ -302,15 +322,18 @@ class LoraStacks:
         device: torch.device,
         staged: bool | None = None,
         blocked: bool | None = None,
+        native: CpuKernels | None = None,
     ) -> None:
         """layout[layer][group] = (in_features, [(module name, out_features), ...]).
         `staged` (default: on CUDA): an adapter's weights reach the device in one copy
         (`_staged`), on a side stream where there is one. `blocked` (default: on a CPU): the
-        stacks in the native kernel's layout (LoraGroup)."""
+        stacks in the native kernel's layout (LoraGroup), which `native` (the CPU kernels)
+        then writes an adapter's weights into."""
         device = torch.device(device)
         self.blocked = device.type == "cpu" if blocked is None else blocked
         self.layout = layout
         self.staged = device.type == "cuda" if staged is None else staged
+        self.native = native if self.blocked and dtype in NATIVE_DTYPES else None
         self._copies = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.max_slots = max_slots
         self.max_rank = max_rank
@@ -360,12 +383,22 @@ class LoraStacks:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             on_device = self._staged(modules) if self.staged else modules
-            pool.clear(local)
-            for module, (a, b) in on_device.items():
+            if self.native is not None and all(
+                a.dtype in NATIVE_DTYPES and b.dtype == a.dtype for a, b in modules.values()
+            ):
+                members = []
+                for module, (a, b) in modules.items():
+                    layer, gname, member = self.modules[module]
+                    members.append((pool.groups[layer][gname], local, member, a, b))
+                self.native.lora_set_slot(members)  # one call (some 200 members)
+            else:
+                for module, (a, b) in on_device.items():
+                    layer, gname, member = self.modules[module]
+                    group = pool.groups[layer][gname]
+                    group.set_slot(local, member, a.to(self.device), b.to(self.device))
+            for module in self.modules.keys() - on_device.keys():  # what it does not target
                 layer, gname, member = self.modules[module]
-                pool.groups[layer][gname].set_slot(
-                    local, member, a.to(self.device, self.dtype), b.to(self.device, self.dtype)
-                )
+                pool.groups[layer][gname].clear_member(local, member)
         if stream is not None:  # the steps' stream waits for the copy, not the engine thread
             torch.cuda.current_stream(self.device).wait_stream(stream)
         pool.ranks[local] = rank

@@ -203,6 +203,7 @@ class ModelRunner:
             lora_dtype,
             self.device,
             blocked=blocked,
+            native=native,
         )
         if dense_cache_bytes is None:  # half the free memory (a quarter of a GPU's)
             dense_cache_bytes = (

@@ -1206,6 +1206,70 @@ int lora_add(const void *x, int x_bf16, int64_t rows, int64_t in, const int64_t 
     return failed ? -1 : 0;
 }
 
+/* One member's A (r, in) and scaled B (out, r), row-major in bf16 or float32, into a blocked
+ * LoRA group's slot, in the stacks' dtype (rounded to nearest even; bf16 to bf16 copied as is):
+ * A.T as column block `member` of the slot's (in, k, cap), B.T as the member's
+ * (ceil(out / LORA_BLOCK), cap, LORA_BLOCK) blocks; ranks past r and columns past out are zero.
+ * Every element of the member's part of the slot is written, in the order it lies in memory.
+ * (As torch ops, transposed copies that convert the dtype, an adapter's load took 12-17 ms on
+ * the embedded model, on the engine thread.) The loops are instantiated per pair of dtypes. */
+static inline __attribute__((always_inline)) void
+set_member_as(char *at, char *bt, int wb, int64_t in, int64_t k, int64_t member, int64_t cap,
+              int64_t out, const char *a, const char *b, int sb, int64_t r) {
+    int64_t ws = wb ? 2 : 4, ss = sb ? 2 : 4;
+#define SET_ELEMENT(dst, di, src, si)                                                             \
+    do {                                                                                        \
+        if (wb && sb) ((uint16_t *)(dst))[di] = ((const uint16_t *)(src))[si];                  \
+        else if (wb) ((uint16_t *)(dst))[di] = f32_to_bf16(((const float *)(src))[si]);        \
+        else if (sb) ((float *)(dst))[di] = bf16_to_f32(((const uint16_t *)(src))[si]);        \
+        else ((float *)(dst))[di] = ((const float *)(src))[si];                                \
+    } while (0)
+    for (int64_t i = 0; i < in; i++) {
+        char *row = at + (i * k + member) * cap * ws;
+        for (int64_t q = 0; q < r; q++) SET_ELEMENT(row, q, a, q * in + i);
+        memset(row + r * ws, 0, (size_t)((cap - r) * ws));
+    }
+    int64_t blocks = (out + LORA_BLOCK - 1) / LORA_BLOCK;
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t width = out - blk * LORA_BLOCK < LORA_BLOCK ? out - blk * LORA_BLOCK : LORA_BLOCK;
+        const char *src = b + blk * LORA_BLOCK * r * ss; /* rows blk * LORA_BLOCK on */
+        for (int64_t q = 0; q < r; q++) {
+            char *row = bt + (blk * cap + q) * LORA_BLOCK * ws;
+            for (int64_t c = 0; c < width; c++) SET_ELEMENT(row, c, src, c * r + q);
+            memset(row + width * ws, 0, (size_t)((LORA_BLOCK - width) * ws));
+        }
+        memset(bt + (blk * cap + r) * LORA_BLOCK * ws, 0, (size_t)((cap - r) * LORA_BLOCK * ws));
+    }
+#undef SET_ELEMENT
+}
+
+#define LORA_SET_WORDS 11 /* int64 words per member written by lora_set_slot */
+
+/* An adapter's members into their groups' slots, one call for the adapter (a member at a time
+ * from Python cost more in the calls than in the copies). members: n rows of LORA_SET_WORDS:
+ * the slot's first element in its group's storage (a pointer), the member's B.T from there
+ * (elements), in, k, member, cap, out, A, B (pointers), r, A and B in bf16. w_bf16: the stacks'
+ * dtype. Returns 0, or -1 (nothing written) for sizes that do not fit. */
+int lora_set_slot(const int64_t *members, int64_t n, int w_bf16) {
+    for (int64_t m = 0; m < n; m++) {
+        const int64_t *e = members + m * LORA_SET_WORDS;
+        int64_t in = e[2], k = e[3], member = e[4], cap = e[5], out = e[6], r = e[9];
+        if (r < 0 || r > cap || member < 0 || member >= k || in < 0 || out < 0) return -1;
+    }
+#pragma omp parallel for schedule(dynamic) if (n > 1)
+    for (int64_t m = 0; m < n; m++) {
+        const int64_t *e = members + m * LORA_SET_WORDS;
+        char *at = (char *)e[0], *bt = at + e[1] * (w_bf16 ? 2 : 4);
+        const char *a = (const char *)e[7], *b = (const char *)e[8];
+        int64_t in = e[2], k = e[3], member = e[4], cap = e[5], out = e[6], r = e[9];
+        if (w_bf16 && e[10]) set_member_as(at, bt, 1, in, k, member, cap, out, a, b, 1, r);
+        else if (w_bf16) set_member_as(at, bt, 1, in, k, member, cap, out, a, b, 0, r);
+        else if (e[10]) set_member_as(at, bt, 0, in, k, member, cap, out, a, b, 1, r);
+        else set_member_as(at, bt, 0, in, k, member, cap, out, a, b, 0, r);
+    }
+    return 0;
+}
+
 /* ---- Attention: out[i, h] = softmax(q[i, h] . K[row_i, h / g, :L_i] * scaling)
  * . V[row_i, h / g, :L_i], for tokens i, each in its own cache row with its own length (a
  * decode token: all its sequence's keys; a prompt token: those up to its position, which makes

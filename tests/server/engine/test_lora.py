@@ -314,6 +314,63 @@ def test_a_cpu_stack_holds_each_slot_in_one_run_and_reads_back_what_was_written(
     assert not blocked.blocks[0][2, 1, :, 70 - CPU_BLOCK :].any()  # the columns past 70
 
 
+@pytest.mark.parametrize("stack_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_the_native_kernel_writes_an_adapters_slot_as_the_copies_per_module_do(
+    native, stack_dtype, source_dtype
+):
+    """An adapter's load into a CPU's stacks is one native call (lora_set_slot): the same
+    stacks, bit for bit, as one torch copy per module, through ranks under the capacity, widths
+    that end inside a block, and a smaller adapter written over a larger one (what it does not
+    target is cleared)."""
+    layout = [
+        {"qkv": (D_IN, [("l0.q", OUTS[0]), ("l0.k", OUTS[1]), ("l0.v", OUTS[2])])},
+        {"o": (D_IN, [("l1.o", 70)]), "down": (40, [("l1.down", D_IN)])},
+    ]
+    gen = torch.Generator().manual_seed(5)
+
+    def adapter(r, modules):
+        shapes = {"l0.q": (D_IN, OUTS[0]), "l0.k": (D_IN, OUTS[1]), "l0.v": (D_IN, OUTS[2])}
+        shapes |= {"l1.o": (D_IN, 70), "l1.down": (40, D_IN)}
+        return {
+            m: (
+                torch.randn(r, shapes[m][0], generator=gen).to(source_dtype),
+                torch.randn(shapes[m][1], r, generator=gen).to(source_dtype),
+            )
+            for m in modules
+        }
+
+    whole = adapter(7, ["l0.q", "l0.k", "l0.v", "l1.o", "l1.down"])
+    part = adapter(5, ["l0.k", "l1.down"])  # the same pool (rank bucket 8), fewer modules
+    stacks = {
+        kernel: LoraStacks(layout, 3, 8, stack_dtype, torch.device("cpu"), native=kernel)
+        for kernel in (None, native)
+    }
+    for kernel, stack in stacks.items():
+        assert stack.blocked and stack.native is kernel
+        stack.load(0, whole)
+        stack.load(2, whole)
+        stack.load(2, part)
+    assert stacks[native].ranks == stacks[None].ranks == [7, 0, 5]
+    (pool,) = stacks[native].pools.values()
+    (copies,) = stacks[None].pools.values()
+    for layer, groups in enumerate(pool.groups):
+        for name, group in groups.items():
+            assert group.storage is not None and group.storage.dtype == stack_dtype
+            assert torch.equal(group.storage, copies.groups[layer][name].storage)
+    located = stacks[native].locate(2)
+    assert located is not None
+    local, down = located[1], pool.groups[1]["down"]
+    a, b = part["l1.down"]
+    assert torch.equal(down.a(local, 0)[:5], a.to(stack_dtype))
+    assert torch.equal(down.bt(0, local)[:5], b.T.to(stack_dtype))
+    assert not pool.groups[0]["qkv"].a(local, 0).any()  # l0.q: the whole adapter's, cleared
+    before = down.storage.clone()
+    with pytest.raises(ValueError):  # rank 9 in a pool of rank 8
+        native.lora_set_slot([(down, local, 0, torch.randn(9, 40), torch.randn(D_IN, 9))])
+    assert torch.equal(down.storage, before)  # nothing written
+
+
 def test_stacks_keep_each_adapter_in_the_pool_of_its_rank_not_the_limits():
     """Storage follows what is loaded: a pool per rank bucket, as many local slots as its
     adapters need (whatever the engine's slot numbers), given back once they are gone."""
