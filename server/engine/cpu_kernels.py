@@ -285,9 +285,13 @@ class CpuKernels:
         A and B in bf16 or float32 on the CPU, into slots of blocked LoraGroups of one dtype,
         in it: what LoraGroup.set_slot writes (ranks past r zeroed), in one call for them
         all, spread over the threads."""
+        if not members:
+            return
+        dtype = members[0][0].at.dtype
+        if dtype not in DTYPES:
+            raise ValueError("lora_set_slot takes stacks in bf16 or float32")
         words: list[int] = []
         kept: list[torch.Tensor] = []  # contiguous A and B, alive through the call
-        dtype = members[0][0].at.dtype if members else torch.float32
         for group, slot, member, a, b in members:
             at, r, out = group.at, a.shape[0], group.out_features[member]
             ok = group.blocked and at.dtype == dtype and a.dtype in DTYPES and b.dtype == a.dtype
@@ -297,9 +301,10 @@ class CpuKernels:
                 raise ValueError("lora_set_slot takes blocked groups' slots and CPU A, B")
             a, b = a.contiguous(), b.contiguous()
             kept += (a, b)
+            offset = slot * group.slot_stride * at.element_size()  # the slot's, in every stack
             words += (
-                at.data_ptr() + slot * group.slot_stride * at.element_size(),
-                group.member_offsets[member],
+                at.data_ptr() + offset,
+                group.blocks[member].data_ptr() + offset,
                 group.in_features,
                 at.shape[2],
                 member,
@@ -310,10 +315,6 @@ class CpuKernels:
                 r,
                 int(a.dtype == torch.bfloat16),
             )
-        if not members or dtype not in DTYPES:
-            if members:
-                raise ValueError("lora_set_slot takes stacks in bf16 or float32")
-            return
         rc = self._lora_set_slot(
             (ctypes.c_int64 * len(words))(*words), len(members), int(dtype == torch.bfloat16)
         )

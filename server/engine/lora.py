@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from loraplex.server.engine.cpu_kernels import DTYPES as NATIVE_DTYPES
+
 if TYPE_CHECKING:
     from loraplex.server.engine.cpu_kernels import CpuKernels
 
 NO_ADAPTER = -1
-NATIVE_DTYPES = (torch.bfloat16, torch.float32)  # what the native kernels read
 
 
 def lora_delta_reference(
@@ -120,7 +121,6 @@ class LoraGroup:
             return
         widths = [stored_width(out, True) for out in self.out_features]
         size_a = fan_in * k * rank
-        self.member_offsets: list[int] = []  # elements from a slot's start to each B.T
         storage = self.storage = torch.zeros(
             num_slots, size_a + rank * sum(widths), dtype=dtype, device=self.device
         )
@@ -128,7 +128,6 @@ class LoraGroup:
         self.blocks = []
         start = size_a
         for width in widths:
-            self.member_offsets.append(start)
             part = storage[:, start : start + rank * width]
             self.blocks.append(part.view(num_slots, width // CPU_BLOCK, rank, CPU_BLOCK))
             start += rank * width

@@ -1247,9 +1247,8 @@ set_member_as(char *at, char *bt, int wb, int64_t in, int64_t k, int64_t member,
 
 /* An adapter's members into their groups' slots, one call for the adapter (a member at a time
  * from Python cost more in the calls than in the copies). members: n rows of LORA_SET_WORDS:
- * the slot's first element in its group's storage (a pointer), the member's B.T from there
- * (elements), in, k, member, cap, out, A, B (pointers), r, A and B in bf16. w_bf16: the stacks'
- * dtype. Returns 0, or -1 (nothing written) for sizes that do not fit. */
+ * the slot's A.T and the member's B.T blocks (pointers), in, k, member, cap, out, A, B
+ * (pointers), r, A and B in bf16. w_bf16: the stacks' dtype. Returns 0, or -1 (nothing written) for sizes that do not fit. */
 int lora_set_slot(const int64_t *members, int64_t n, int w_bf16) {
     for (int64_t m = 0; m < n; m++) {
         const int64_t *e = members + m * LORA_SET_WORDS;
@@ -1259,7 +1258,7 @@ int lora_set_slot(const int64_t *members, int64_t n, int w_bf16) {
 #pragma omp parallel for schedule(dynamic) if (n > 1)
     for (int64_t m = 0; m < n; m++) {
         const int64_t *e = members + m * LORA_SET_WORDS;
-        char *at = (char *)e[0], *bt = at + e[1] * (w_bf16 ? 2 : 4);
+        char *at = (char *)e[0], *bt = (char *)e[1];
         const char *a = (const char *)e[7], *b = (const char *)e[8];
         int64_t in = e[2], k = e[3], member = e[4], cap = e[5], out = e[6], r = e[9];
         if (w_bf16 && e[10]) set_member_as(at, bt, 1, in, k, member, cap, out, a, b, 1, r);
